@@ -1,0 +1,145 @@
+"""GGUF reading: the real model's config, tensor views, and a clear error for every kind of bad file."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from dllp2p.formats import ModelFileError, QType, load_model
+from dllp2p.formats.synthetic import SyntheticSpec, write_random_llama
+
+
+@pytest.fixture(scope="module")
+def small_gguf(tmp_path_factory):
+    return write_random_llama(tmp_path_factory.mktemp("m") / "small.gguf", SyntheticSpec(n_layers=1))
+
+
+def test_real_model_config(real_model):
+    c = real_model.config
+    assert (c.arch, c.dim, c.n_layers, c.n_heads, c.n_kv_heads, c.head_dim) == ("llama", 576, 30, 9, 3, 64)
+    assert (c.ffn_dim, c.vocab_size, c.context_length, c.rope_dim) == (1536, 49152, 8192, 64)
+    assert c.rope_base == 100000.0 and c.tied_output and abs(c.norm_eps - 1e-5) < 1e-9
+    emb = real_model.tensor("token_embd.weight")
+    assert emb.qtype == QType.Q8_0 and emb.shape == (49152, 576) and emb.data.shape == (49152, 612)
+    q = real_model.tensor("blk.0.attn_q.weight")
+    assert q.qtype == QType.Q4_1 and q.shape == (576, 576)
+
+
+def test_tensors_are_memory_mapped_not_copied(real_model):
+    data = real_model.tensor("blk.3.ffn_down.weight").data
+    base = data
+    while isinstance(base, np.ndarray) and base.base is not None:
+        base = base.base
+    assert isinstance(base, np.memmap) or not isinstance(base, np.ndarray)
+
+
+def test_row_slices_dequantize_like_the_whole(real_model):
+    t = real_model.tensor("blk.1.attn_k.weight")
+    np.testing.assert_array_equal(t.rows(64, 128).dequantize(), t.dequantize()[64:128])
+
+
+def test_synthetic_model_loads_and_says_it_is_random(small_gguf):
+    m = load_model(small_gguf)
+    assert m.config.n_kv_heads == 8 and not m.config.tied_output
+    assert "random weights" in m.metadata["general.name"]
+
+
+def _expect(path, fragment):
+    with pytest.raises(ModelFileError) as info:
+        load_model(path)
+    msg = str(info.value)
+    assert str(path) in msg and fragment in msg, msg
+    assert "\n" not in msg
+
+
+def test_missing_file(tmp_path):
+    _expect(tmp_path / "nope.gguf", "cannot open")
+
+
+def test_empty_file(tmp_path):
+    p = tmp_path / "empty.gguf"
+    p.write_bytes(b"")
+    _expect(p, "truncated")
+
+
+def test_wrong_magic(tmp_path, small_gguf):
+    p = tmp_path / "bad_magic.gguf"
+    p.write_bytes(b"GGML" + small_gguf.read_bytes()[4:])
+    _expect(p, "not a GGUF file")
+
+
+def test_wrong_version(tmp_path, small_gguf):
+    raw = bytearray(small_gguf.read_bytes())
+    raw[4:8] = (99).to_bytes(4, "little")
+    p = tmp_path / "v99.gguf"
+    p.write_bytes(bytes(raw))
+    _expect(p, "unsupported GGUF version 99")
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.9, 0.999])
+def test_truncated_file(tmp_path, small_gguf, keep):
+    raw = small_gguf.read_bytes()
+    p = tmp_path / f"cut{keep}.gguf"
+    p.write_bytes(raw[: int(len(raw) * keep)])
+    _expect(p, "truncated")
+
+
+def test_truncated_inside_header(tmp_path, small_gguf):
+    p = tmp_path / "cut_header.gguf"
+    p.write_bytes(small_gguf.read_bytes()[:300])
+    _expect(p, "truncated")
+
+
+def test_corrupted_header_counts(tmp_path, small_gguf):
+    raw = bytearray(small_gguf.read_bytes())
+    raw[8:16] = (2**40).to_bytes(8, "little")  # absurd tensor count
+    p = tmp_path / "count.gguf"
+    p.write_bytes(bytes(raw))
+    _expect(p, "corrupted")
+
+
+def _rewrite(src, dst, *, arch="llama", drop=(), retype=None):
+    """Copy a GGUF with changes, through the gguf package's writer."""
+    import gguf
+
+    r = gguf.GGUFReader(src)
+    w = gguf.GGUFWriter(dst, arch)
+    for key, field in r.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture":
+            continue
+        name = key.replace("llama.", f"{arch}.", 1)
+        vtype = field.types[0]
+        if vtype == gguf.GGUFValueType.ARRAY:
+            w.add_key_value(name, field.contents(), vtype, sub_type=field.types[-1])
+        else:
+            w.add_key_value(name, field.contents(), vtype)
+    for t in r.tensors:
+        if t.name in drop:
+            continue
+        shape = [int(x) for x in reversed(list(t.shape))]
+        if retype and t.name == retype:
+            values = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type).reshape(shape)
+            raw = gguf.quants.quantize(values, gguf.GGMLQuantizationType.Q5_0)
+            w.add_tensor(t.name, raw, raw_shape=raw.shape, raw_dtype=gguf.GGMLQuantizationType.Q5_0)
+        else:
+            w.add_tensor(t.name, np.asarray(t.data), raw_shape=np.asarray(t.data).shape, raw_dtype=t.tensor_type)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return dst
+
+
+def test_unsupported_tensor_type(tmp_path, small_gguf):
+    p = _rewrite(small_gguf, tmp_path / "q5.gguf", retype="blk.0.ffn_up.weight")
+    _expect(p, "unsupported type Q5_0")
+
+
+def test_missing_tensor(tmp_path, small_gguf):
+    p = _rewrite(small_gguf, tmp_path / "missing.gguf", drop=("blk.0.attn_v.weight",))
+    _expect(p, "missing tensor 'blk.0.attn_v.weight'")
+
+
+def test_unsupported_architecture(tmp_path, small_gguf):
+    p = _rewrite(small_gguf, tmp_path / "arch.gguf", arch="mamba")
+    _expect(p, "unsupported architecture 'mamba'")
