@@ -5,9 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
-from jinja2 import TemplateError
-from jinja2.sandbox import ImmutableSandboxedEnvironment
-
 
 class ChatTemplateError(Exception):
     """The model's chat template is missing or fails to render."""
@@ -34,6 +31,10 @@ def render_chat(
     """The prompt text for `messages`, ending where the assistant's reply begins."""
     if not template:
         raise ChatTemplateError("the model has no chat template (tokenizer.chat_template); run without --chat")
+    # imported here, not at the top: jinja2 costs ~40 ms and only --chat needs it
+    from jinja2 import TemplateError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
     env.globals["raise_exception"] = _raise
     try:

@@ -67,15 +67,40 @@ class KVCache:
         self.ctx = ctx
 
 
-class ReferenceEngine:
-    """Engine protocol over numpy float32. Slow and obvious on purpose."""
+def q8_roundtrip(x: np.ndarray) -> np.ndarray:
+    """f32[..., K] -> f32: each block of 32 quantized to 8 bits (scale max|x|/127, round half away from
+    zero) and back, as the JIT engine quantizes the input of every product with block-quantized weights."""
+    blocks = x.reshape(*x.shape[:-1], -1, 32).astype(np.float32)
+    d = np.abs(blocks).max(axis=-1, keepdims=True) / np.float32(127)
+    inv = np.divide(np.float32(1), d, out=np.zeros_like(d), where=d != 0)
+    a = np.abs(blocks * inv)
+    q = np.copysign(np.where(a - np.floor(a) >= 0.5, np.floor(a) + 1, np.floor(a)), blocks)
+    return (q * d).reshape(x.shape).astype(np.float32)
 
-    def __init__(self, model: GGUFModel, ctx: int, *, keep_weights: bool = False):
+
+class ReferenceEngine:
+    """Engine protocol over numpy float32. Slow and obvious on purpose.
+
+    numerics="f32": every value in float32 (the oracle for HF transformers' float32 forward).
+    numerics="jit": the JIT engine's two deliberate roundings, so it can be checked tightly: inputs of
+    block-quantized products quantized to 8-bit blocks (q8_roundtrip), and a float16 KV cache.
+    """
+
+    def __init__(self, model: GGUFModel, ctx: int, *, keep_weights: bool = False, numerics: str = "f32"):
+        if numerics not in ("f32", "jit"):
+            raise ValueError(f"unknown numerics {numerics!r}")
         self.model = model
         self.config = model.config
         self.ctx = min(ctx, model.config.context_length)
         self.cache = KVCache(self.config, self.ctx)
         self._kept: dict[str, np.ndarray] | None = {} if keep_weights else None
+        self.numerics = numerics
+
+    def product(self, x: np.ndarray, name: str) -> np.ndarray:
+        """x f32[..., cols] @ W.T for the named weight W f32[rows, cols]."""
+        if self.numerics == "jit" and self.model.tensor(name).qtype.name in ("Q4_0", "Q4_1", "Q8_0"):
+            x = q8_roundtrip(x)
+        return x @ self.weight(name).T
 
     def weight(self, name: str) -> np.ndarray:
         """A tensor as f32 in its logical shape (rows, cols)."""
@@ -105,27 +130,29 @@ class ReferenceEngine:
             x = self._layer(layer, x, positions, cos, sin)
         h = rmsnorm(x[-1], self.weight("output_norm.weight"), c.norm_eps)
         out_name = "token_embd.weight" if c.tied_output else "output.weight"
-        return (self.weight(out_name) @ h).astype(np.float32)  # (vocab,)
+        return self.product(h, out_name).astype(np.float32)  # (vocab,)
 
     def _layer(self, layer: int, x: np.ndarray, positions: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
         c = self.config
         p = f"blk.{layer}."
         n = len(positions)
         h = rmsnorm(x, self.weight(p + "attn_norm.weight"), c.norm_eps)
-        q = (h @ self.weight(p + "attn_q.weight").T).reshape(n, c.n_heads, c.head_dim)
-        k = (h @ self.weight(p + "attn_k.weight").T).reshape(n, c.n_kv_heads, c.head_dim)
-        v = (h @ self.weight(p + "attn_v.weight").T).reshape(n, c.n_kv_heads, c.head_dim)
+        q = self.product(h, p + "attn_q.weight").reshape(n, c.n_heads, c.head_dim)
+        k = self.product(h, p + "attn_k.weight").reshape(n, c.n_kv_heads, c.head_dim)
+        v = self.product(h, p + "attn_v.weight").reshape(n, c.n_kv_heads, c.head_dim)
         q = apply_rope(q, cos, sin, c.rope_dim)
         k = apply_rope(k, cos, sin, c.rope_dim)
         start, end = int(positions[0]), int(positions[-1]) + 1
+        if self.numerics == "jit":
+            k, v = k.astype(np.float16), v.astype(np.float16)
         self.cache.k[layer, start:end] = k
         self.cache.v[layer, start:end] = v
         att = self._attention(layer, q, positions)  # (T, n_heads * hd)
-        x = x + att @ self.weight(p + "attn_output.weight").T
+        x = x + self.product(att, p + "attn_output.weight")
         h = rmsnorm(x, self.weight(p + "ffn_norm.weight"), c.norm_eps)
-        gate = h @ self.weight(p + "ffn_gate.weight").T
-        up = h @ self.weight(p + "ffn_up.weight").T
-        return x + (silu(gate) * up) @ self.weight(p + "ffn_down.weight").T
+        gate = self.product(h, p + "ffn_gate.weight")
+        up = self.product(h, p + "ffn_up.weight")
+        return x + self.product(silu(gate) * up, p + "ffn_down.weight")
 
     def _attention(self, layer: int, q: np.ndarray, positions: np.ndarray) -> np.ndarray:
         """q: f32[T, n_heads, hd] -> f32[T, n_heads * hd], causal over the cache."""

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import random
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -143,3 +147,71 @@ def test_missing_tensor(tmp_path, small_gguf):
 def test_unsupported_architecture(tmp_path, small_gguf):
     p = _rewrite(small_gguf, tmp_path / "arch.gguf", arch="mamba")
     _expect(p, "unsupported architecture 'mamba'")
+
+
+# --- string arrays: the vectorized fast path must agree with the plain loop, or step aside ---
+
+
+def _string_array(strings: list[bytes]) -> bytes:
+    return b"".join(len(s).to_bytes(8, "little") + s for s in strings)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_string_arrays_parse_the_same_fast_or_slow(seed):
+    from dllp2p.formats.gguf_model import _Reader, _strings_vectorized
+
+    rng = random.Random(seed)
+    pieces = ["a", "Ġ", "the", "日本", "😀", " ", "<|im_end|>", "\n"]
+    strings = ["".join(rng.choices(pieces, k=rng.randint(1, 6))) for _ in range(3000)]
+    tricky = ["", "\0", "x\0\0\0\0\0\0\0\0y", "z" * 300, "\0" * 20, "é" * 200]
+    if seed % 2:  # odd seeds: sprinkle strings that the fast path must notice it cannot handle
+        for s in rng.sample(tricky, 2):
+            strings.insert(rng.randrange(len(strings)), s)
+    raw = _string_array([s.encode() for s in strings]) + bytes(rng.randrange(256) for _ in range(64))
+    end = len(raw) - 64
+    reader = _Reader(raw)
+    assert reader.strings(len(strings)) == strings and reader.pos == end
+    fast = _strings_vectorized(raw, 0, len(strings))
+    if seed % 2 == 0:
+        assert fast is not None  # plain vocabularies do take the fast path
+    assert fast is None or fast == (strings, end)
+
+
+def test_bad_utf8_in_a_long_string_array_is_a_bad_value():
+    from dllp2p.formats.gguf_model import _BadValue, _Reader
+
+    raw = _string_array([b"ok"] * 2000 + [b"\xff\xfe"] + [b"ok"] * 10)
+    with pytest.raises(_BadValue):
+        _Reader(raw).strings(2011)
+
+
+def test_loading_does_not_import_the_gguf_package(model_path):
+    """gguf's reader (and its import) cost seconds per start: load_model parses the file itself."""
+    code = (
+        "import sys; from dllp2p.formats import load_model; "
+        f"m = load_model({str(model_path)!r}); "
+        "assert len(m.metadata['tokenizer.ggml.tokens']) == 49152; "
+        "assert 'gguf' not in sys.modules, 'gguf imported'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_own_parser_agrees_with_gguf_package(model_path):
+    """load_model parses GGUF itself (the gguf package's reader took ~4 s on SmolLM2's 49k-token
+    vocabulary); the package stays the oracle: same metadata values, same tensor bytes and shapes."""
+    import gguf
+
+    from dllp2p.formats import load_model
+
+    ours = load_model(model_path)
+    theirs = gguf.GGUFReader(model_path)
+    keys = [k for k in theirs.fields if not k.startswith("GGUF.")]
+    assert list(ours.metadata) == keys
+    for key in keys:
+        value = theirs.fields[key].contents()
+        assert ours.metadata[key] == value, key
+    assert len(ours.tensors) == len(theirs.tensors)
+    for t in theirs.tensors:
+        mine = ours.tensors[t.name]
+        assert mine.shape == tuple(int(x) for x in reversed(list(t.shape)))
+        assert np.array_equal(np.asarray(mine.data).view(np.uint8).reshape(-1), np.asarray(t.data).view(np.uint8).reshape(-1)), t.name

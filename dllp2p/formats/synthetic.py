@@ -39,22 +39,12 @@ class SyntheticSpec:
         return self.dim // self.n_heads
 
 
-def byte_symbols() -> list[str]:
-    """GPT-2's printable stand-in for each byte value 0..255 (byte-level BPE's alphabet)."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
-    symbols: dict[int, str] = {b: chr(b) for b in printable}
-    extra = 0
-    for b in range(256):
-        if b not in symbols:
-            symbols[b] = chr(256 + extra)
-            extra += 1
-    return [symbols[b] for b in range(256)]
-
-
 def _tokenizer_fields(vocab_size: int) -> tuple[list[str], list[int]]:
     if vocab_size < 259:
         raise ValueError("a synthetic vocabulary needs at least 259 tokens (256 bytes, BOS, EOS, one merge)")
-    tokens = byte_symbols() + ["<s>", "</s>", "\u0120\u0120"]  # the last: two spaces, from the one merge
+    from ..tokenizer import BYTE_TO_CHAR
+
+    tokens = [BYTE_TO_CHAR[b] for b in range(256)] + ["<s>", "</s>", "\u0120\u0120"]  # the last: two spaces, from the one merge
     types = [1] * 256 + [3, 3, 1]
     tokens += [f"<unused{i}>" for i in range(vocab_size - len(tokens))]
     types += [5] * (vocab_size - len(types))

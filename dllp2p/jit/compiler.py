@@ -1,0 +1,177 @@
+"""Compile an llvmlite IR module to machine code for this CPU, in explicit stages, with a disk cache.
+
+    ir.Module --str--> IR text --parse--> verify --optimize (new pass builder, O3)--> MCJIT codegen
+                                                                                     for the host CPU
+The object code is cached on disk, keyed by a hash of (IR text, triple, CPU name, CPU features,
+llvmlite version, pipeline version): a second process start with the same cache dir parses the IR
+but neither optimizes nor generates code (llvmlite's `set_object_cache` hooks hand MCJIT the stored
+object). One process-wide lock serializes all LLVM work; LLVM's global init happens once under it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+import os
+import tempfile
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import llvmlite
+import llvmlite.binding as llvm
+import llvmlite.ir as ir
+
+PIPELINE_VERSION = 1  # bump when the optimization pipeline changes what the same IR compiles to
+DEFAULT_CACHE_DIR = Path("~/.cache/dllp2p/jit")
+
+_LOCK = threading.Lock()  # every LLVM call in this process goes through this lock
+_initialized = False
+
+
+def _init_llvm() -> None:
+    global _initialized
+    if not _initialized:
+        llvm.initialize_native_target()
+        llvm.initialize_native_asmprinter()
+        _initialized = True
+
+
+@dataclass(frozen=True)
+class Target:
+    """A code-generation target: normally the host; other CPUs only to inspect their assembly."""
+
+    triple: str
+    cpu: str
+    features: str  # LLVM feature string, e.g. "+avx2,+fma,-avx512f"
+
+    def has(self, feature: str) -> bool:
+        return f"+{feature}" in self.features.split(",")
+
+    @property
+    def is_x86(self) -> bool:
+        return self.triple.startswith(("x86_64", "i686", "i386"))
+
+    @property
+    def dot_isa(self) -> str:
+        """How an u8 x s8 -> s32 dot of 4-byte groups is emitted: 'avx512vnni', 'avxvnni', 'avx2'
+        (vpmaddubsw + vpmaddwd) or 'generic' (plain IR, which LLVM vectorizes as it can)."""
+        if self.is_x86 and self.has("avx512vnni") and self.has("avx512bw"):
+            return "avx512vnni"
+        if self.is_x86 and self.has("avxvnni"):
+            return "avxvnni"
+        if self.is_x86 and self.has("avx2"):
+            return "avx2"
+        return "generic"
+
+    def machine(self) -> llvm.TargetMachine:
+        with _LOCK:
+            _init_llvm()
+            target = llvm.Target.from_triple(self.triple)
+            return target.create_target_machine(cpu=self.cpu, features=self.features, opt=3, codemodel="jitdefault")
+
+
+def host_target() -> Target:
+    with _LOCK:
+        _init_llvm()
+        return Target(llvm.get_process_triple(), llvm.get_host_cpu_name(), llvm.get_host_cpu_features().flatten())
+
+
+@dataclass
+class CompileStats:
+    key: str
+    from_cache: bool  # True: no optimization and no code generation happened in this process
+    seconds: float
+
+
+@dataclass
+class CompiledModule:
+    """Machine code loaded into this process. Function addresses stay valid while this object lives."""
+
+    engine: llvm.ExecutionEngine
+    stats: CompileStats
+    _keep: list = field(default_factory=list)  # module, target machine: owned by the engine's lifetime
+
+    def address(self, name: str) -> int:
+        addr = self.engine.get_function_address(name)
+        if not addr:
+            raise KeyError(f"no function {name!r} in the compiled module")
+        return addr
+
+
+class ObjectCache:
+    """Object files on disk, one per key: `<dir>/<key>.o`, written atomically."""
+
+    def __init__(self, directory: os.PathLike | str):
+        self.dir = Path(directory).expanduser()
+
+    def path(self, key: str) -> Path:
+        return self.dir / f"{key}.o"
+
+    def load(self, key: str) -> bytes | None:
+        try:
+            return self.path(key).read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def store(self, key: str, data: bytes) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.dir, suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.replace(tmp, self.path(key))
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+
+def cache_key(ir_text: str, target: Target) -> str:
+    h = hashlib.sha256()
+    for part in (ir_text, target.triple, target.cpu, target.features, llvmlite.__version__, str(PIPELINE_VERSION)):
+        h.update(part.encode())
+        h.update(b"\0")
+    return h.hexdigest()[:32]
+
+
+def optimize(module_ref: llvm.ModuleRef, tm: llvm.TargetMachine) -> None:
+    """Verify, then the new pass manager's O3 pipeline, in place."""
+    module_ref.verify()
+    pto = llvm.create_pipeline_tuning_options(speed_level=3)
+    pb = llvm.create_pass_builder(tm, pto)
+    pb.getModulePassManager().run(module_ref, pb)
+
+
+def emit_assembly(module: ir.Module, target: Target) -> str:
+    """The optimized assembly text of `module` for `target` (for tests and inspection)."""
+    tm = target.machine()
+    with _LOCK:
+        ref = llvm.parse_assembly(str(module))
+        optimize(ref, tm)
+        return tm.emit_assembly(ref)
+
+
+def compile_module(module: ir.Module, target: Target, cache: ObjectCache | None) -> CompiledModule:
+    """IR -> verify -> optimize -> machine code, or the cached object code for the same key."""
+    t0 = time.perf_counter()
+    text = str(module)
+    key = cache_key(text, target)
+    cached = cache.load(key) if cache is not None else None
+    tm = target.machine()
+    with _LOCK:
+        ref = llvm.parse_assembly(text)
+        if cached is None:
+            optimize(ref, tm)
+        engine = llvm.create_mcjit_compiler(ref, tm)
+
+        def notify(_module, data: bytes) -> None:
+            if cache is not None:
+                cache.store(key, data)
+
+        def getbuffer(_module) -> bytes | None:
+            return cached
+
+        engine.set_object_cache(notify, getbuffer)
+        engine.finalize_object()
+    stats = CompileStats(key, cached is not None, time.perf_counter() - t0)
+    return CompiledModule(engine, stats, [tm])

@@ -1,0 +1,216 @@
+"""The JIT engine: packed weights + the compiled forward (program.py) + persistent native threads.
+
+    engine = JITEngine(model, ctx=2048, threads=2)
+    logits = engine.forward(prompt_ids, 0)        # prefill, in chunks of ProgramSpec.max_chunk
+    logits = engine.forward([next_id], len(prompt_ids))
+
+Per forward call Python writes the chunk's tokens and position into the table and makes one ctypes
+call (`step`, GIL released); worker threads sit inside the native `worker` loop the whole time.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import llvmlite.binding as llvm
+import llvmlite.ir as ir
+import numpy as np
+
+from ..engine import ContextFull
+from ..formats import GGUFModel, QType
+from .compiler import DEFAULT_CACHE_DIR, ObjectCache, compile_module, host_target
+from .layout import PackedMatrix, aligned_empty, aligned_zeros, pack_weights, rope_table
+from .library import build_module
+from .program import LAYER_MATRICES, ProgramSpec, Slots, build_program, private_sizes
+
+
+def default_threads() -> int:
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
+
+
+def _kernel_type(qtype: QType) -> QType:
+    """The type a tensor is packed as: BF16 is widened to F32 (exactly); the rest stay as they are."""
+    return QType.F32 if qtype == QType.BF16 else qtype
+
+
+def _as_kernel_input(tensor) -> tuple[np.ndarray, QType]:
+    if tensor.qtype == QType.BF16:
+        return tensor.dequantize().astype(np.float32), QType.F32
+    return tensor.data, tensor.qtype
+
+
+def program_spec(model: GGUFModel, max_chunk: int = 64) -> ProgramSpec:
+    c = model.config
+    layer_types = tuple(
+        tuple(_kernel_type(model.tensor(f"blk.{i}.{name}.weight").qtype) for name in LAYER_MATRICES)
+        for i in range(c.n_layers)
+    )
+    return ProgramSpec(c, layer_types, _kernel_type(model.tensor("token_embd.weight").qtype),
+                       _kernel_type(model.output_tensor().qtype), max_chunk)
+
+
+@dataclass
+class PackedModel:
+    """Every weight the engine reads, in kernel layouts; `nbytes_per_token`: what one decode step streams."""
+
+    matrices: dict[str, PackedMatrix]
+    norms: dict[str, np.ndarray]
+    bytes_per_token: int
+
+
+def pack_model(model: GGUFModel) -> PackedModel:
+    c = model.config
+    matrices: dict[str, PackedMatrix] = {}
+    norms: dict[str, np.ndarray] = {}
+    per_token = 0
+    for name, tensor in model.tensors.items():
+        if tensor.qtype == QType.F32 and len(tensor.shape) == 1:
+            arr = aligned_empty(tensor.shape, np.float32)
+            arr[...] = tensor.data
+            norms[name] = arr
+            continue
+        data, qtype = _as_kernel_input(tensor)
+        matrices[name] = pack_weights(data, qtype, tensor.shape)
+        if name.startswith("blk."):
+            per_token += matrices[name].nbytes
+    out = matrices["output.weight" if not c.tied_output else "token_embd.weight"]
+    per_token += out.nbytes + sum(n.nbytes for n in norms.values())
+    return PackedModel(matrices, norms, per_token)
+
+
+class JITEngine:
+    """Engine protocol (see dllp2p/engine.py) over JIT-compiled code and `threads` native threads."""
+
+    def __init__(self, model: GGUFModel, ctx: int, threads: int | None = None, *,
+                 cache_dir: os.PathLike | str | None = DEFAULT_CACHE_DIR, max_chunk: int = 64):
+        t0 = time.perf_counter()
+        self.config = c = model.config
+        self.ctx = min(ctx, c.context_length)
+        self.threads = threads or default_threads()
+        if self.threads < 1:
+            raise ValueError("threads must be at least 1")
+        self.spec = program_spec(model, max_chunk)
+        self.packed = pack_model(model)
+        self.weight_bytes_per_token = self.packed.bytes_per_token
+        t1 = time.perf_counter()
+        self._compiled = _compile(self.spec, cache_dir)
+        t2 = time.perf_counter()
+        self._bufs = self._allocate()
+        self._table = self._fill_table()
+        self._table_addr = self._table.ctypes.data
+        slots = Slots(c.n_layers)
+        self._pos_slot, self._n_slot, self._quit_slot = slots["pos"], slots["n"], slots["quit"]
+        proto = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
+        self._step = proto(self._compiled.address("step"))
+        self._kick = proto(self._compiled.address("kick"))
+        worker = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_int64)(self._compiled.address("worker"))
+        self._workers = [threading.Thread(target=worker, args=(self._table_addr, tid), daemon=True,
+                                          name=f"dllp2p-jit-{tid}") for tid in range(1, self.threads)]
+        for t in self._workers:
+            t.start()
+        self._closed = False
+        self.timings = {"pack_s": t1 - t0, "compile_s": t2 - t1, "from_cache": self._compiled.stats.from_cache,
+                        "total_s": time.perf_counter() - t0}
+
+    # --- buffers ---------------------------------------------------------------------------------------
+
+    def _allocate(self) -> dict[str, np.ndarray]:
+        c, s, T = self.config, self.spec, self.threads
+        mc = s.max_chunk
+        priv = private_sizes(s)
+        bufs = {
+            "barrier": aligned_zeros(16, np.int64),
+            "tokens": aligned_zeros(mc, np.int64),
+            "rope": rope_table(self.ctx, c.rope_dim, c.rope_base),
+            "logits": aligned_zeros(c.vocab_size, np.float32),
+            "x_t": aligned_zeros(T * priv["x_t"], np.uint8),
+            "h_t": aligned_zeros(T * priv["h_t"], np.uint8),
+            "xq_t": aligned_zeros(T * priv["xq_t"], np.uint8),
+            "scratch_t": aligned_zeros(T * priv["scratch_t"] * self.ctx, np.uint8),
+        }
+        for name, width in (("q", c.q_dim), ("k", c.kv_dim), ("v", c.kv_dim), ("att", c.q_dim), ("o", c.dim),
+                            ("g", c.ffn_dim), ("u", c.ffn_dim), ("s", c.ffn_dim), ("d", c.dim)):
+            bufs[name] = aligned_zeros((mc, width), np.float32)
+        for layer in range(c.n_layers):
+            # np.zeros: pages come from the OS on first touch, so an unused context costs no memory
+            bufs[f"{layer}.k_cache"] = np.zeros((self.ctx, c.n_kv_heads, c.head_dim), np.float16)
+            bufs[f"{layer}.v_cache"] = np.zeros((self.ctx, c.n_kv_heads, c.head_dim), np.float16)
+        return bufs
+
+    def _fill_table(self) -> np.ndarray:
+        c, slots = self.config, Slots(self.config.n_layers)
+        table = aligned_zeros(len(slots) + 8, np.int64)
+        table[slots["n_threads"]] = self.threads
+        table[slots["ctx"]] = self.ctx
+        addr = lambda a: a.ctypes.data if isinstance(a, np.ndarray) else a.data.ctypes.data  # noqa: E731
+        for name, buf in self._bufs.items():
+            table[slots[name]] = addr(buf)
+        m, norms = self.packed.matrices, self.packed.norms
+        table[slots["embed"]] = addr(m["token_embd.weight"])
+        table[slots["output"]] = addr(m["token_embd.weight" if c.tied_output else "output.weight"])
+        table[slots["output_norm"]] = addr(norms["output_norm.weight"])
+        for layer in range(c.n_layers):
+            p = f"blk.{layer}."
+            for name in LAYER_MATRICES:
+                table[slots[f"{layer}.{name}"]] = addr(m[p + name + ".weight"])
+            for name in ("attn_norm", "ffn_norm"):
+                table[slots[f"{layer}.{name}"]] = addr(norms[p + name + ".weight"])
+        return table
+
+    # --- the Engine protocol ---------------------------------------------------------------------------
+
+    def forward(self, tokens: Sequence[int], start_pos: int) -> np.ndarray:
+        if self._closed:
+            raise RuntimeError("engine is closed")
+        n = len(tokens)
+        if n == 0:
+            raise ValueError("forward needs at least one token")
+        if start_pos < 0 or start_pos + n > self.ctx:
+            raise ContextFull(f"positions {start_pos}..{start_pos + n - 1} do not fit a context of {self.ctx}")
+        ids = np.asarray(tokens, dtype=np.int64)
+        if ids.min() < 0 or ids.max() >= self.config.vocab_size:
+            raise ValueError(f"token id outside the vocabulary of {self.config.vocab_size}")
+        table, mc = self._table, self.spec.max_chunk
+        toks = self._bufs["tokens"]
+        for lo in range(0, n, mc):
+            chunk = ids[lo : lo + mc]
+            toks[: len(chunk)] = chunk
+            table[self._pos_slot] = start_pos + lo
+            table[self._n_slot] = len(chunk)
+            self._step(self._table_addr)
+        return self._bufs["logits"].copy()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._table[self._quit_slot] = 1
+        self._kick(self._table_addr)
+        for t in self._workers:
+            t.join()
+
+    def __del__(self) -> None:  # threads hold no Python objects, but must not spin forever
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+def _usleep_address() -> int:
+    libc = ctypes.CDLL(None)
+    return ctypes.cast(libc.usleep, ctypes.c_void_p).value
+
+
+def _compile(spec: ProgramSpec, cache_dir):
+    target = host_target()
+    module = build_module(spec.kernel_specs(), target)
+    build_program(module, spec)
+    llvm.add_symbol("usleep", _usleep_address())
+    cache = ObjectCache(Path(cache_dir)) if cache_dir is not None else None
+    return compile_module(module, target, cache)

@@ -1,0 +1,324 @@
+"""A node's whole forward step as one compiled function: the IR of `forward(table, tid)`.
+
+Every thread of the node runs the same `forward`: it embeds the chunk's tokens, then, per layer,
+
+    private  h = rmsnorm(x_t); hq = quantize(h)             each thread keeps its own residual x_t
+    split    q, k, v = Wq hq, Wk hq, Wv hq                  16-row groups shared out among threads
+    barrier
+    split    rope(k), k, v -> f16 KV cache at pos + i        by chunk row
+    barrier
+    split    rope(q[i, h]); att[i, h] = attention(...)      by (row, head) pair, strided
+    barrier
+    private  aq = quantize(att)
+    split    o = Wo aq
+    barrier
+    private  x_t += o; h = rmsnorm(x_t); hq = quantize(h)
+    split    g, u = Wg hq, Wu hq; s = silu(g) * u            each thread on its own rows of g and u
+    barrier
+    private  sq = quantize(s)
+    split    d = Wd sq
+    barrier
+    private  x_t += d
+
+and finally, for the chunk's last row, h = rmsnorm(x_t) and logits = Wout hq split by vocabulary rows,
+then a barrier so the caller sees every thread's logits. Work that is cheap (norms, quantization of a
+vector, residual adds) is repeated by every thread on private buffers instead of paying a barrier.
+
+The function reads everything through `table`, an i64 array of scalars and buffer addresses whose
+slots are fixed by `Slots`: the IR depends only on the model's shapes and tensor types, never on
+addresses, the thread count or the context length, so its compiled code is cached on disk and reused.
+
+Threads: `worker(table, tid)` spins (then sleeps) until the go-counter moves, runs `forward`, and
+loops until `quit` is set; `step(table)` bumps the counter and runs `forward(table, 0)` on the caller's
+thread, returning when all threads have finished the token: one ctypes call per forward step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import llvmlite.ir as ir
+
+from ..formats import ModelConfig, QType
+from .irutil import I32, I64, PTR, VOID, for_range, gep, i64, intrinsic
+from .layout import G, act_bytes
+from .specs import QUANT_WEIGHTS, KernelSpec, Op
+
+SPIN_BEFORE_SLEEP = 200_000  # pause-loop iterations (~10 ms) before an idle worker starts to sleep
+SLEEP_US = 100
+
+LAYER_MATRICES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+
+
+@dataclass(frozen=True)
+class ProgramSpec:
+    """Everything the compiled forward depends on: shapes, tensor types, the largest chunk."""
+
+    config: ModelConfig
+    layer_types: tuple[tuple[QType, ...], ...]  # per layer, the types of LAYER_MATRICES in order
+    embed_type: QType
+    output_type: QType
+    max_chunk: int = 64  # tokens per forward call (prefill chunk)
+    matmul_tile: int = 4
+
+    def kernel_specs(self) -> tuple[KernelSpec, ...]:
+        types = {t for lt in self.layer_types for t in lt} | {self.output_type}
+        specs = [KernelSpec(Op.QUANTIZE), KernelSpec(Op.EMBED, self.embed_type)]
+        for t in sorted(types, key=lambda t: t.value):
+            specs.append(KernelSpec(Op.MATVEC, t))
+            if t in QUANT_WEIGHTS:
+                specs.append(KernelSpec(Op.MATMUL, t, self.matmul_tile))
+        for op in (Op.RMSNORM, Op.ROPE, Op.ATTENTION, Op.TO_F16, Op.SILU_MUL, Op.ADD, Op.BARRIER):
+            specs.append(KernelSpec(op))
+        return tuple(specs)
+
+
+class Slots:
+    """Names -> indices in the i64 table. Scalars first, then buffers, then per-layer tensors."""
+
+    SCALARS = ("go", "quit", "pos", "n", "n_threads", "ctx")
+    BUFFERS = (
+        "barrier", "tokens", "rope", "logits",
+        # private, one region per thread (stride in the *_stride scalar or a constant)
+        "x_t", "h_t", "xq_t", "scratch_t",
+        # shared between threads
+        "q", "k", "v", "att", "o", "g", "u", "s", "d",
+        "embed", "output", "output_norm",
+    )
+    PER_LAYER = ("attn_norm", "ffn_norm", "k_cache", "v_cache") + LAYER_MATRICES
+
+    def __init__(self, n_layers: int):
+        names = list(self.SCALARS) + list(self.BUFFERS)
+        for layer in range(n_layers):
+            names += [f"{layer}.{name}" for name in self.PER_LAYER]
+        self.index = {name: i for i, name in enumerate(names)}
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, name: str) -> int:
+        return self.index[name]
+
+
+def private_sizes(spec: ProgramSpec) -> dict[str, int]:
+    """Bytes of each thread's region of the private buffers (scratch_t: per context position)."""
+    c = spec.config
+    widest = max(c.dim, c.q_dim, c.ffn_dim)
+    return {
+        "x_t": spec.max_chunk * c.dim * 4,
+        "h_t": spec.max_chunk * c.dim * 4,
+        "xq_t": spec.max_chunk * act_bytes(widest),
+        "scratch_t": c.n_heads * 4,  # x ctx
+    }
+
+
+def build_program(module: ir.Module, spec: ProgramSpec) -> None:
+    """Add forward, worker and step to a module that already holds spec.kernel_specs()."""
+    _Forward(module, spec).emit()
+    _emit_worker(module)
+    _emit_step(module)
+
+
+class _Forward:
+    """Emits `void forward(i64* table, i64 tid)`; see the module docstring for what it computes."""
+
+    def __init__(self, module: ir.Module, spec: ProgramSpec):
+        self.m, self.spec, self.c = module, spec, spec.config
+        self.slots = Slots(spec.config.n_layers)
+        self.fn = ir.Function(module, ir.FunctionType(VOID, [PTR, I64]), "forward")
+        self.fn.attributes.add("nounwind")
+        self.table, self.tid = self.fn.args
+        self.b = ir.IRBuilder(self.fn.append_basic_block("entry"))
+        self.k = {s.op if s.op not in (Op.MATVEC, Op.MATMUL, Op.EMBED) else (s.op, s.qtype): module.globals[s.name]
+                  for s in spec.kernel_specs()}
+
+    # --- table access --------------------------------------------------------------------------------
+
+    def scalar(self, name: str) -> ir.Value:
+        return self.b.load(gep(self.b, self.table, i64(self.slots[name]), I64), typ=I64)
+
+    def ptr(self, name: str) -> ir.Value:
+        return self.b.inttoptr(self.scalar(name), PTR)
+
+    def private(self, name: str) -> ir.Value:
+        return gep(self.b, self.ptr(name), self.b.mul(self.tid, i64(private_sizes(self.spec)[name])))
+
+    def call(self, op, *args) -> None:
+        conv = [a if isinstance(a, ir.Value) else (ir.Constant(ir.FloatType(), a) if isinstance(a, float) else i64(a))
+                for a in args]
+        self.b.call(self.k[op], conv)
+
+    def barrier(self) -> None:
+        self.call(Op.BARRIER, self.ptr("barrier"), self.nt)
+
+    def row(self, base: ir.Value, i: ir.Value, row_bytes: int) -> ir.Value:
+        return gep(self.b, base, self.b.mul(i, i64(row_bytes)))
+
+    def split(self, total: ir.Value | int) -> tuple[ir.Value, ir.Value]:
+        """This thread's share [lo, hi) of range(total), contiguous."""
+        b, total = self.b, (i64(total) if isinstance(total, int) else total)
+        lo = b.sdiv(b.mul(self.tid, total), self.nt)
+        hi = b.sdiv(b.mul(b.add(self.tid, i64(1)), total), self.nt)
+        return lo, hi
+
+    # --- the step --------------------------------------------------------------------------------------
+
+    def emit(self) -> None:
+        b, c = self.b, self.c
+        self.nt, self.pos, self.n, self.ctx = (self.scalar(s) for s in ("n_threads", "pos", "n", "ctx"))
+        x_t, h_t, xq_t = self.private("x_t"), self.private("h_t"), self.private("xq_t")
+        scratch = gep(b, self.ptr("scratch_t"), b.mul(b.mul(self.tid, self.ctx), i64(c.n_heads * 4)))
+        self.x_t, self.h_t, self.xq_t, self.scratch = x_t, h_t, xq_t, scratch
+
+        tokens = self.ptr("tokens")
+        with for_range(b, i64(0), self.n, name="e") as i:
+            tok = b.load(gep(b, tokens, i, I64), typ=I64)
+            self.call((Op.EMBED, self.spec.embed_type), self.ptr("embed"), tok, self.row(x_t, i, c.dim * 4), c.dim)
+        for layer in range(c.n_layers):
+            self.layer(layer)
+        self.logits()
+        b.ret_void()
+
+    def norm_quantize(self, norm: ir.Value, rows_from: ir.Value, rows_to: ir.Value) -> None:
+        """h_t = rmsnorm(x_t) * norm; xq_t = quantize(h_t), for chunk rows [rows_from, rows_to)."""
+        b, c = self.b, self.c
+        with for_range(b, rows_from, rows_to, name="nrm") as i:
+            self.call(Op.RMSNORM, self.row(self.x_t, i, c.dim * 4), norm, self.row(self.h_t, i, c.dim * 4), c.dim, float(c.norm_eps))
+        rows = b.sub(rows_to, rows_from)
+        self.call(Op.QUANTIZE, self.row(self.h_t, rows_from, c.dim * 4), self.row(self.xq_t, rows_from, act_bytes(c.dim)), c.dim, rows)
+
+    def product(self, qtype: QType, w: ir.Value, xf: ir.Value, xq: ir.Value, y: ir.Value, rows: int, k: int,
+                n: ir.Value, ldy: int) -> None:
+        """y[i, r] = W[r] . x[i] for i < n, this thread's 16-row groups of r; x as f32 rows xf (stride k)
+        for float weights, as Q8S rows xq (stride act_bytes(k)) for block weights."""
+        b = self.b
+        g0, g1 = self.split((rows + G - 1) // G)
+        r0 = b.mul(g0, i64(G))
+        r1 = b.select(b.icmp_signed("<", b.mul(g1, i64(G)), i64(rows)), b.mul(g1, i64(G)), i64(rows))
+        if qtype in QUANT_WEIGHTS:
+            self.call((Op.MATMUL, qtype), w, xq, y, k, r0, r1, n, ldy)
+        else:
+            with for_range(b, i64(0), n, name="fr") as i:
+                self.call((Op.MATVEC, qtype), w, self.row(xf, i, k * 4), self.row(y, i, ldy * 4), k, r0, r1)
+        return r0, r1
+
+    def layer(self, layer: int) -> None:
+        b, c, spec = self.b, self.c, self.spec
+        t = dict(zip(LAYER_MATRICES, spec.layer_types[layer]))
+        L = lambda name: self.ptr(f"{layer}.{name}")  # noqa: E731
+        zero, n = i64(0), self.n
+        hd, kvd, qd = c.head_dim, c.kv_dim, c.q_dim
+
+        # attention block
+        self.norm_quantize(L("attn_norm"), zero, n)
+        q, k, v, att = self.ptr("q"), self.ptr("k"), self.ptr("v"), self.ptr("att")
+        for name, y, rows in (("attn_q", q, qd), ("attn_k", k, kvd), ("attn_v", v, kvd)):
+            self.product(t[name], L(name), self.h_t, self.xq_t, y, rows, c.dim, n, rows)
+        self.barrier()
+
+        rope = self.ptr("rope")
+        kc, vc = L("k_cache"), L("v_cache")
+        with for_range(b, self.tid, n, self.nt, name="kv") as i:
+            p = b.add(self.pos, i)
+            krow = self.row(k, i, kvd * 4)
+            self.call(Op.ROPE, krow, rope, p, c.n_kv_heads, hd, c.rope_dim)
+            self.call(Op.TO_F16, krow, self.row(kc, p, kvd * 2), kvd)
+            self.call(Op.TO_F16, self.row(v, i, kvd * 4), self.row(vc, p, kvd * 2), kvd)
+        self.barrier()
+
+        with for_range(b, self.tid, b.mul(n, i64(c.n_heads)), self.nt, name="att") as item:
+            i, h = b.sdiv(item, i64(c.n_heads)), b.srem(item, i64(c.n_heads))
+            qrow = self.row(q, i, qd * 4)
+            self.call(Op.ROPE, gep(b, qrow, b.mul(h, i64(hd * 4))), rope, b.add(self.pos, i), 1, hd, c.rope_dim)
+            self.call(Op.ATTENTION, qrow, kc, vc, self.row(att, i, qd * 4), self.scratch, b.add(self.pos, i),
+                      c.n_heads, c.n_kv_heads, hd, self.ctx, h, b.add(h, i64(1)))
+        self.barrier()
+
+        self.call(Op.QUANTIZE, att, self.xq_t, qd, n)
+        o = self.ptr("o")
+        self.product(t["attn_output"], L("attn_output"), att, self.xq_t, o, c.dim, qd, n, c.dim)
+        self.barrier()
+
+        # feed-forward block
+        self.call(Op.ADD, self.x_t, o, b.mul(n, i64(c.dim)))
+        self.norm_quantize(L("ffn_norm"), zero, n)
+        g, u, s = self.ptr("g"), self.ptr("u"), self.ptr("s")
+        f = c.ffn_dim
+        self.product(t["ffn_gate"], L("ffn_gate"), self.h_t, self.xq_t, g, f, c.dim, n, f)
+        r0, r1 = self.product(t["ffn_up"], L("ffn_up"), self.h_t, self.xq_t, u, f, c.dim, n, f)
+        with for_range(b, zero, n, name="silu") as i:
+            off = b.add(b.mul(i, i64(f)), r0)
+            self.call(Op.SILU_MUL, gep(b, g, off, ir.FloatType()), gep(b, u, off, ir.FloatType()),
+                      gep(b, s, off, ir.FloatType()), b.sub(r1, r0))
+        self.barrier()
+
+        self.call(Op.QUANTIZE, s, self.xq_t, f, n)
+        d = self.ptr("d")
+        self.product(t["ffn_down"], L("ffn_down"), s, self.xq_t, d, c.dim, f, n, c.dim)
+        self.barrier()
+        self.call(Op.ADD, self.x_t, d, b.mul(n, i64(c.dim)))
+
+    def logits(self) -> None:
+        b, c = self.b, self.c
+        last = b.sub(self.n, i64(1))
+        self.norm_quantize(self.ptr("output_norm"), last, self.n)
+        xf, xq = self.row(self.h_t, last, c.dim * 4), self.row(self.xq_t, last, act_bytes(c.dim))
+        self.product(self.spec.output_type, self.ptr("output"), xf, xq, self.ptr("logits"), c.vocab_size, c.dim,
+                     i64(1), c.vocab_size)
+        self.barrier()
+
+
+def _emit_worker(module: ir.Module) -> None:
+    """void worker(i64* table, i64 tid): run `forward` each time `go` moves, until `quit` is set."""
+    forward = module.globals["forward"]
+    usleep = intrinsic(module, "usleep", I32, [I32])
+    pause = intrinsic(module, "llvm.x86.sse2.pause", VOID, []) if module.triple.startswith("x86") else None
+    fn = ir.Function(module, ir.FunctionType(VOID, [PTR, I64]), "worker")
+    table, tid = fn.args
+    b = ir.IRBuilder(fn.append_basic_block("entry"))
+    go, quit_ = gep(b, table, i64(Slots.SCALARS.index("go")), I64), gep(b, table, i64(Slots.SCALARS.index("quit")), I64)
+    seen = b.alloca(I64)
+    spins = b.alloca(I64)
+    b.store(i64(0), seen)
+    wait, spin, nap, run, done = (fn.append_basic_block(s) for s in ("wait", "spin", "nap", "run", "done"))
+    b.store(i64(0), spins)
+    b.branch(wait)
+
+    b.position_at_end(wait)
+    now = b.load_atomic(go, "acquire", 8, typ=I64)
+    b.cbranch(b.icmp_signed("==", now, b.load(seen, typ=I64)), spin, run)
+
+    b.position_at_end(spin)
+    if pause is not None:
+        b.call(pause, [])
+    count = b.add(b.load(spins, typ=I64), i64(1))
+    b.store(count, spins)
+    b.cbranch(b.icmp_signed(">", count, i64(SPIN_BEFORE_SLEEP)), nap, wait)
+
+    b.position_at_end(nap)
+    b.call(usleep, [ir.Constant(I32, SLEEP_US)])
+    b.branch(wait)
+
+    b.position_at_end(run)
+    b.store(now, seen)
+    b.store(i64(0), spins)
+    stop = b.load_atomic(quit_, "acquire", 8, typ=I64)
+    with b.if_then(b.icmp_signed("==", stop, i64(0))):
+        b.call(forward, [table, tid])
+    b.cbranch(b.icmp_signed("==", stop, i64(0)), wait, done)
+
+    b.position_at_end(done)
+    b.ret_void()
+
+
+def _emit_step(module: ir.Module) -> None:
+    """void step(i64* table): wake the workers, run forward as thread 0; void kick(i64* table): wake only."""
+    forward = module.globals["forward"]
+    for name, runs in (("step", True), ("kick", False)):
+        fn = ir.Function(module, ir.FunctionType(VOID, [PTR]), name)
+        (table,) = fn.args
+        b = ir.IRBuilder(fn.append_basic_block("entry"))
+        b.atomic_rmw("add", gep(b, table, i64(Slots.SCALARS.index("go")), I64), i64(1), "seq_cst")
+        if runs:
+            b.call(forward, [table, i64(0)])
+        b.ret_void()

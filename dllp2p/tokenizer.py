@@ -1,0 +1,523 @@
+"""Text <-> token ids, built only from a GGUF file's `tokenizer.*` metadata.
+
+Two vocabulary kinds are supported, named by `tokenizer.ggml.model`:
+
+* ``gpt2``  - byte-level BPE (GPT-2, SmolLM, Llama 3, Qwen2 ...). Text is first cut into words by the
+  pre-tokenizer regexes of `tokenizer.ggml.pre`, each word's UTF-8 bytes are spelled with GPT-2's
+  byte->printable-character alphabet, and `tokenizer.ggml.merges` are applied lowest rank first.
+* ``llama`` - SentencePiece-style BPE (Llama 2, Mistral ...). Spaces become '▁', an optional space is
+  prefixed, adjacent pieces are merged highest `tokenizer.ggml.scores` first, and characters missing
+  from the vocabulary fall back to the byte tokens ``<0xXX>``.
+
+Special tokens are matched in the text before either of those: user-defined tokens always, control
+tokens (``<|im_start|>``, ``<s>``) only when ``parse_special`` is set. Decoding maps every token back to
+its bytes; `StreamDecoder` does it one token at a time without ever splitting a UTF-8 character.
+"""
+
+from __future__ import annotations
+
+import codecs
+import functools
+import heapq
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from enum import IntEnum
+from itertools import repeat
+from typing import Any
+
+import regex
+
+
+class TokenizerError(ValueError):
+    """The GGUF metadata does not describe a tokenizer we can build, or a token id is out of range."""
+
+
+class TokenType(IntEnum):
+    """`tokenizer.ggml.token_type` values (llama.cpp's llama_token_type)."""
+
+    NORMAL = 1
+    UNKNOWN = 2
+    CONTROL = 3
+    USER_DEFINED = 4
+    UNUSED = 5
+    BYTE = 6
+
+
+# --- pre-tokenizers (byte-level BPE): regexes applied in turn, each splitting the pieces of the last ---
+
+_GPT2 = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+_LLAMA3 = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"""
+    r"""| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
+_QWEN2 = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"""
+    r"""| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
+_EACH_DIGIT = r"\p{N}"
+
+_PRE_TOKENIZERS: dict[str, tuple[str, ...]] = {
+    **dict.fromkeys(("default", "gpt2", "gpt-2", "mpt", "olmo", "jais"), (_GPT2,)),
+    # SmolLM's own tokenizer.json isolates every digit before the GPT-2 regex (HF `Digits` pre-tokenizer)
+    **dict.fromkeys(
+        ("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva"), (_EACH_DIGIT, _GPT2)
+    ),
+    **dict.fromkeys(("llama-bpe", "llama3", "llama-v3", "dbrx", "smaug-bpe"), (_LLAMA3,)),
+    **dict.fromkeys(("qwen2", "stablelm2", "deepseek-r1-qwen"), (_QWEN2,)),
+}
+# Llama 3 style vocabularies take a whole word that is itself a token without merging (HF `ignore_merges`).
+_WORD_AS_TOKEN_FIRST = frozenset(("llama-bpe", "llama3", "llama-v3", "dbrx", "smaug-bpe"))
+
+# Chat templates close a turn with one of these; generation must stop there too.
+_END_OF_TURN_MARKERS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>")
+
+_WORD_CACHE_SIZE = 1 << 16
+
+
+def _gpt2_byte_alphabet() -> list[str]:
+    """GPT-2's byte -> character table: printable Latin-1 bytes stand for themselves, the rest are
+    moved up to U+0100.. so that every byte has a visible, non-space character."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    alphabet: dict[int, str] = {b: chr(b) for b in printable}
+    shifted = 0
+    for b in range(256):
+        if b not in alphabet:
+            alphabet[b] = chr(256 + shifted)
+            shifted += 1
+    return [alphabet[b] for b in range(256)]
+
+
+BYTE_TO_CHAR: list[str] = _gpt2_byte_alphabet()
+CHAR_TO_BYTE: dict[str, int] = {c: b for b, c in enumerate(BYTE_TO_CHAR)}
+
+
+# --- metadata -> validated fields ---
+
+
+def _required(md: Mapping[str, Any], key: str) -> Any:
+    if key not in md:
+        raise TokenizerError(f"GGUF metadata has no tokenizer: missing {key!r}")
+    return md[key]
+
+
+def _optional_id(md: Mapping[str, Any], key: str, vocab_size: int) -> int | None:
+    value = md.get(key)
+    if value is None:
+        return None
+    value = int(value)
+    if not 0 <= value < vocab_size:
+        raise TokenizerError(f"{key} = {value} is outside the vocabulary (size {vocab_size})")
+    return value
+
+
+def _token_types(md: Mapping[str, Any], vocab_size: int) -> list[int]:
+    types = md.get("tokenizer.ggml.token_type")
+    if types is None:
+        return [TokenType.NORMAL] * vocab_size
+    types = list(map(int, types))
+    if len(types) != vocab_size:
+        raise TokenizerError(f"tokenizer.ggml.token_type has {len(types)} entries for {vocab_size} tokens")
+    return types
+
+
+def _scores(md: Mapping[str, Any], vocab_size: int) -> list[float]:
+    scores = list(map(float, _required(md, "tokenizer.ggml.scores")))
+    if len(scores) != vocab_size:
+        raise TokenizerError(f"tokenizer.ggml.scores has {len(scores)} entries for {vocab_size} tokens")
+    return scores
+
+
+def _merge_ranks(md: Mapping[str, Any]) -> dict[str, int]:
+    """'left right' -> rank (lower merges first). Byte-level tokens never hold a real space.
+
+    Built with C-level loops only (start-up cost): the space count of every merge at once, and the
+    dict from the last merge to the first, so that a repeated merge keeps its first (lowest) rank.
+    """
+    merges = list(_required(md, "tokenizer.ggml.merges"))
+    spaces = list(map(str.count, merges, repeat(" ")))
+    if spaces.count(1) != len(merges):
+        rank = next(r for r, n in enumerate(spaces) if n != 1)
+        raise TokenizerError(f"tokenizer.ggml.merges[{rank}] = {merges[rank]!r} is not 'left right'")
+    return dict(zip(reversed(merges), range(len(merges) - 1, -1, -1)))
+
+
+def _first_ids(tokens: Sequence[str]) -> dict[str, int]:
+    """Spelling -> id; a spelling listed twice keeps its first id (built from the end, as above)."""
+    return dict(zip(reversed(tokens), range(len(tokens) - 1, -1, -1)))
+
+
+def _ids_of(tokens: list[str], spelling: str) -> Iterator[int]:
+    """Every id spelled `spelling`, found by list.index (a C loop) rather than a Python scan."""
+    start = 0
+    while True:
+        try:
+            start = tokens.index(spelling, start) + 1
+        except ValueError:
+            return
+        yield start - 1
+
+
+def _pre_tokenizer(md: Mapping[str, Any]) -> str:
+    pre = str(md.get("tokenizer.ggml.pre") or "default")
+    if pre not in _PRE_TOKENIZERS:
+        raise TokenizerError(
+            f"unsupported tokenizer pre-type {pre!r} (supported: {', '.join(sorted(_PRE_TOKENIZERS))})"
+        )
+    return pre
+
+
+def _end_of_generation_ids(md: Mapping[str, Any], tokens: list[str], types: Sequence[int]) -> frozenset[int]:
+    """eos, eot and eom ids, plus the control token the chat template ends each turn with."""
+    size = len(tokens)
+    ids = {_optional_id(md, f"tokenizer.ggml.{name}_token_id", size) for name in ("eos", "eot", "eom")}
+    template = md.get("tokenizer.chat_template") or ""
+    for marker in _END_OF_TURN_MARKERS:
+        if marker in template:
+            ids.update(i for i in _ids_of(tokens, marker) if types[i] == TokenType.CONTROL)
+    ids.discard(None)
+    return frozenset(ids)  # type: ignore[arg-type]
+
+
+# --- merging: one priority-queue BPE for both ranks (byte-level) and scores (SentencePiece) ---
+
+
+def _merge_symbols(symbols: list[str], pair_rank: Callable[[str, str], float | None]) -> list[str]:
+    """Repeatedly join the adjacent pair with the lowest rank (leftmost on ties) until none has one.
+
+    A linked list over the symbols plus a heap of candidate pairs keeps long words O(n log n). Heap
+    entries go stale when a neighbour changes; an entry is live only while its right symbol is still the
+    left one's successor with the same length (symbols only ever grow).
+    """
+    n = len(symbols)
+    if n < 2:
+        return symbols
+    text: list[str | None] = list(symbols)
+    succ = list(range(1, n + 1))
+    pred = list(range(-1, n - 1))
+    heap: list[tuple[float, int, int, int]] = []
+
+    def candidate(left: int, right: int) -> None:
+        rank = pair_rank(text[left], text[right])  # type: ignore[arg-type]
+        if rank is not None:
+            heapq.heappush(heap, (rank, left, right, len(text[right])))  # type: ignore[arg-type]
+
+    for i in range(n - 1):
+        candidate(i, i + 1)
+    while heap:
+        _, left, right, right_len = heapq.heappop(heap)
+        right_text = text[right]
+        if text[left] is None or succ[left] != right or right_text is None or len(right_text) != right_len:
+            continue
+        text[left] += right_text  # type: ignore[operator]
+        text[right] = None
+        after = succ[right]
+        succ[left] = after
+        if after < n:
+            pred[after] = left
+            candidate(left, after)
+        if pred[left] >= 0:
+            candidate(pred[left], left)
+    return [t for t in text if t is not None]
+
+
+def _split_by(pieces: Iterable[str], pattern: regex.Pattern[str]) -> Iterator[str]:
+    """Cut each piece at the pattern's matches, keeping both the matches and the text between them."""
+    for piece in pieces:
+        pos = 0
+        for match in pattern.finditer(piece):
+            if match.start() > pos:
+                yield piece[pos : match.start()]
+            yield match.group()
+            pos = match.end()
+        if pos < len(piece):
+            yield piece[pos:]
+
+
+class Tokenizer:
+    """A GGUF vocabulary: `encode` text to ids, `decode` ids to text. Build with `from_metadata`."""
+
+    def __init__(
+        self,
+        *,
+        model: str,
+        tokens: Sequence[str],
+        token_types: Sequence[int],
+        bos_id: int | None,
+        eos_id: int | None,
+        unknown_id: int | None,
+        eos_ids: frozenset[int],
+        add_bos: bool,
+        add_eos: bool,
+        add_space_prefix: bool = False,
+        pre: str = "default",
+        merge_ranks: Mapping[str, int] | None = None,
+        scores: Sequence[float] | None = None,
+    ) -> None:
+        self.model = model
+        self.vocab_size = len(tokens)
+        self.bos_id = bos_id
+        self.eos_id = eos_id
+        self.unknown_id = unknown_id
+        self.eos_ids = eos_ids
+        self.add_bos = add_bos
+        self.add_eos = add_eos
+        self.add_space_prefix = add_space_prefix
+        self.pre = pre
+        self._tokens = list(tokens)
+        self._types = list(token_types)
+        self._ids = _first_ids(self._tokens)
+        self._bytes: list[bytes | None] = [None] * self.vocab_size  # filled on first use: see token_bytes
+        self._always_special, self._parse_special = self._special_patterns()
+        if model == "gpt2":
+            self._ranks = dict(merge_ranks or {})
+            self._pre_patterns = [regex.compile(p) for p in _PRE_TOKENIZERS[pre]]
+            self._word_as_token_first = pre in _WORD_AS_TOKEN_FIRST
+            self._encode_word = functools.lru_cache(maxsize=_WORD_CACHE_SIZE)(self._encode_word_uncached)
+        else:
+            self._scores = list(scores or [])
+            self._byte_ids = self._byte_token_ids()
+            self._mergeable = {
+                t: i for t, i in self._ids.items() if self._types[i] in (TokenType.NORMAL, TokenType.USER_DEFINED)
+            }
+
+    @classmethod
+    def from_metadata(cls, md: Mapping[str, Any]) -> Tokenizer:
+        """Build from `load_metadata(path)`; raises TokenizerError naming what is missing or unsupported."""
+        model = str(_required(md, "tokenizer.ggml.model"))
+        if model not in ("gpt2", "llama"):
+            raise TokenizerError(f"unsupported tokenizer model {model!r} (supported: gpt2, llama)")
+        tokens = list(map(str, _required(md, "tokenizer.ggml.tokens")))
+        if not tokens:
+            raise TokenizerError("tokenizer.ggml.tokens is empty")
+        size = len(tokens)
+        types = _token_types(md, size)
+        bos_id = _optional_id(md, "tokenizer.ggml.bos_token_id", size)
+        add_bos = bool(md.get("tokenizer.ggml.add_bos_token", model == "llama"))
+        if add_bos and bos_id is None:
+            raise TokenizerError("tokenizer.ggml.add_bos_token is set but tokenizer.ggml.bos_token_id is missing")
+        eos_id = _optional_id(md, "tokenizer.ggml.eos_token_id", size)
+        add_eos = bool(md.get("tokenizer.ggml.add_eos_token", False))
+        if add_eos and eos_id is None:
+            raise TokenizerError("tokenizer.ggml.add_eos_token is set but tokenizer.ggml.eos_token_id is missing")
+        common = dict(
+            model=model,
+            tokens=tokens,
+            token_types=types,
+            bos_id=bos_id,
+            eos_id=eos_id,
+            unknown_id=_optional_id(md, "tokenizer.ggml.unknown_token_id", size),
+            eos_ids=_end_of_generation_ids(md, tokens, types),
+            add_bos=add_bos,
+            add_eos=add_eos,
+        )
+        if model == "gpt2":
+            return cls(**common, pre=_pre_tokenizer(md), merge_ranks=_merge_ranks(md))
+        add_space_prefix = bool(md.get("tokenizer.ggml.add_space_prefix", True))
+        return cls(**common, add_space_prefix=add_space_prefix, scores=_scores(md, size))
+
+    # --- vocabulary look-ups ---
+
+    def token_text(self, token_id: int | None) -> str:
+        """The vocabulary entry as stored in the GGUF ('' for None, handy for optional bos/eos)."""
+        return "" if token_id is None else self._tokens[self._checked(token_id)]
+
+    def token_id(self, text: str) -> int | None:
+        """The id of the vocabulary entry spelled exactly `text`, if any."""
+        return self._ids.get(text)
+
+    def token_type(self, token_id: int) -> TokenType:
+        return TokenType(self._types[self._checked(token_id)])
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes this token stands for in text (control tokens: their own spelling).
+
+        Worked out on first use and kept: a start-up would otherwise spend most of the tokenizer's
+        build time spelling out 49k tokens, of which a run decodes a few hundred."""
+        piece = self._bytes[self._checked(token_id)]
+        if piece is None:
+            piece = self._bytes[token_id] = self._piece_bytes(token_id)
+        return piece
+
+    def _checked(self, token_id: int) -> int:
+        if not 0 <= token_id < self.vocab_size:
+            raise TokenizerError(f"token id {token_id} is outside the vocabulary (size {self.vocab_size})")
+        return token_id
+
+    def _piece_bytes(self, token_id: int) -> bytes:
+        text, kind = self._tokens[token_id], self._types[token_id]
+        if kind in (TokenType.CONTROL, TokenType.USER_DEFINED, TokenType.UNKNOWN, TokenType.UNUSED):
+            return text.encode()
+        if self.model == "gpt2":
+            if all(c in CHAR_TO_BYTE for c in text):
+                return bytes(CHAR_TO_BYTE[c] for c in text)
+            return text.encode()  # not byte-level spelled: take it literally
+        if kind == TokenType.BYTE and len(text) == 6 and text.startswith("<0x") and text.endswith(">"):
+            return bytes([int(text[3:5], 16)])
+        return text.replace("▁", " ").encode()
+
+    # --- encoding ---
+
+    def encode(
+        self,
+        text: str,
+        *,
+        add_bos: bool | None = None,
+        add_eos: bool | None = None,
+        parse_special: bool = True,
+    ) -> list[int]:
+        """Token ids for `text`. add_bos/add_eos None: as the GGUF says. parse_special: control-token
+        spellings in the text (e.g. '<|im_start|>') become those tokens; otherwise they are plain text.
+        User-defined tokens are always matched whole, as in llama.cpp and HF."""
+        ids: list[int] = []
+        if self.add_bos if add_bos is None else add_bos:
+            if self.bos_id is None:
+                raise TokenizerError("cannot add BOS: the vocabulary has no tokenizer.ggml.bos_token_id")
+            ids.append(self.bos_id)
+        encode_text = self._encode_bpe_text if self.model == "gpt2" else self._encode_spm_text
+        after_special = True
+        for fragment in self._split_special(text, parse_special):
+            if isinstance(fragment, int):
+                ids.append(fragment)
+                after_special = True
+            else:
+                ids.extend(encode_text(fragment, after_special))
+                after_special = False
+        if self.add_eos if add_eos is None else add_eos:
+            if self.eos_id is None:
+                raise TokenizerError("cannot add EOS: the vocabulary has no tokenizer.ggml.eos_token_id")
+            ids.append(self.eos_id)
+        return ids
+
+    def _special_patterns(self) -> tuple[regex.Pattern[str] | None, regex.Pattern[str] | None]:
+        """Alternations of special-token spellings, longest first: (user-defined only, + control)."""
+
+        normal = int(TokenType.NORMAL)  # a plain int: comparing with the enum member is much slower
+        special = [i for i, k in enumerate(self._types) if k != normal]  # a short list
+
+        def alternation(kinds: tuple[int, ...]) -> regex.Pattern[str] | None:
+            spellings = {self._tokens[i] for i in special if self._types[i] in kinds and self._tokens[i]}
+            if not spellings:
+                return None
+            ordered = sorted(spellings, key=lambda s: (-len(s), s))
+            return regex.compile("(" + "|".join(regex.escape(s) for s in ordered) + ")")
+
+        return alternation((TokenType.USER_DEFINED,)), alternation((TokenType.USER_DEFINED, TokenType.CONTROL))
+
+    def _split_special(self, text: str, parse_special: bool) -> Iterator[str | int]:
+        """The text as plain-text fragments (str) and special tokens (their id), in order."""
+        pattern = self._parse_special if parse_special else self._always_special
+        if pattern is None:
+            if text:
+                yield text
+            return
+        for i, part in enumerate(pattern.split(text)):
+            if i % 2:
+                yield self._ids[part]
+            elif part:
+                yield part
+
+    def _encode_bpe_text(self, text: str, after_special: bool) -> list[int]:
+        ids: list[int] = []
+        for word in self.pre_tokenize(text):
+            ids.extend(self._encode_word(word))
+        return ids
+
+    def pre_tokenize(self, text: str) -> list[str]:
+        """Byte-level BPE only: the words merges run within, as plain text."""
+        pieces: Iterable[str] = (text,)
+        for pattern in self._pre_patterns:
+            pieces = _split_by(pieces, pattern)
+        return list(pieces)
+
+    def _encode_word_uncached(self, word: str) -> tuple[int, ...]:
+        spelled = "".join(BYTE_TO_CHAR[b] for b in word.encode())
+        if self._word_as_token_first and spelled in self._ids:
+            return (self._ids[spelled],)
+        ranks = self._ranks
+        symbols = _merge_symbols(list(spelled), lambda a, b: ranks.get(a + " " + b))
+        ids: list[int] = []
+        for symbol in symbols:
+            token_id = self._ids.get(symbol)
+            if token_id is not None:
+                ids.append(token_id)
+            else:  # only a lone byte can be missing (e.g. SmolLM has no 0x04): dropped, as HF and llama.cpp do
+                ids.extend(self._ids[c] for c in symbol if c in self._ids)
+        return tuple(ids)
+
+    def _encode_spm_text(self, text: str, after_special: bool) -> list[int]:
+        if self.add_space_prefix and after_special:
+            text = " " + text
+        mergeable, scores = self._mergeable, self._scores
+
+        def rank(a: str, b: str) -> float | None:
+            token_id = mergeable.get(a + b)
+            return None if token_id is None else -scores[token_id]
+
+        ids: list[int] = []
+        for symbol in _merge_symbols(list(text.replace(" ", "▁")), rank):
+            token_id = mergeable.get(symbol)
+            if token_id is not None:
+                ids.append(token_id)
+            else:
+                ids.extend(self._byte_fallback(symbol))
+        return ids
+
+    def _byte_token_ids(self) -> dict[int, int]:
+        """byte value -> id of its '<0xXX>' token (SentencePiece byte fallback)."""
+        found: dict[int, int] = {}
+        for i, kind in enumerate(self._types):
+            if kind == TokenType.BYTE and len(piece := self.token_bytes(i)) == 1:
+                found.setdefault(piece[0], i)
+        return found
+
+    def _byte_fallback(self, symbol: str) -> list[int]:
+        raw = symbol.encode()
+        if all(b in self._byte_ids for b in raw):
+            return [self._byte_ids[b] for b in raw]
+        return [self._unknown()]
+
+    def _unknown(self) -> int:
+        if self.unknown_id is None:
+            raise TokenizerError("text needs the unknown token but the vocabulary has no unknown_token_id")
+        return self.unknown_id
+
+    # --- decoding ---
+
+    def decode(self, ids: Iterable[int], *, skip_special: bool = True) -> str:
+        """The text for `ids`; invalid UTF-8 becomes U+FFFD. skip_special drops control tokens."""
+        decoder = StreamDecoder(self, skip_special=skip_special)
+        return "".join(decoder.push(i) for i in ids) + decoder.flush()
+
+    def _strips_leading_space(self) -> bool:
+        """SentencePiece decoding drops the space that add_space_prefix put in front of the text."""
+        return self.model == "llama" and self.add_space_prefix
+
+
+class StreamDecoder:
+    """Token ids in, text out as it becomes complete: a character split across tokens is held back
+    until its last byte arrives, so no chunk ever carries half a character (or a U+FFFD for one)."""
+
+    def __init__(self, tokenizer: Tokenizer, *, skip_special: bool = True) -> None:
+        self._tokenizer = tokenizer
+        self._skip_special = skip_special
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._strip_space = tokenizer._strips_leading_space()
+        self._started = False
+
+    def push(self, token_id: int) -> str:
+        """The text that `token_id` completes (often '', or more than the token when it ends a character)."""
+        kind = self._tokenizer.token_type(token_id)
+        if self._skip_special and kind == TokenType.CONTROL:
+            return ""
+        piece = self._tokenizer.token_bytes(token_id)
+        if not self._started and piece:
+            self._started = True
+            if self._strip_space and kind == TokenType.NORMAL and piece.startswith(b" "):
+                piece = piece[1:]
+        return self._utf8.decode(piece)
+
+    def flush(self) -> str:
+        """Whatever is still held back (an unfinished character shows as U+FFFD); ready for reuse."""
+        tail = self._utf8.decode(b"", final=True)
+        self._utf8.reset()
+        self._started = False
+        return tail

@@ -1,0 +1,582 @@
+"""The llvmlite-JIT kernels (dllp2p/jit) against their numpy twins (dllp2p/jit/reference.py).
+
+Every kernel of specs.all_specs() runs on random inputs over many shapes, edge sizes included, and is
+compared with its twin. Tolerances are stated per kernel and derived from the f32 rounding of the
+operations the kernel performs (U = 2^-24, the f32 unit roundoff), never fitted to observed errors:
+
+  * quantize_f32_q8s, embed_*, add_f32, to_f16, barrier_demo, pack/unpack: bit-exact.
+  * quantized matvec/matmul: the twin is exact (integer dots, f64 scales); the kernel adds, per row,
+    `terms` f32 products (one per block, two for Q4_1) each rounded ~2 times, so
+    |y - exact| <= (terms + 3) * U * bound, bound = reference.matvec_q_q8s_bound (sum of |terms|).
+  * float matvec: 16 lanes of k/16 fused terms, then a 4-level horizontal sum:
+    |y - exact| <= (k/16 + 6) * U * sum|w x|.
+  * rmsnorm, rope, silu_mul, attention: first-order error bounds spelled out at each test.
+
+The library is compiled once per module (no disk cache); a few extra builds check the generic
+(non-VNNI) dot path, the assembly and the disk cache.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from dllp2p.formats.quant import BLOCK_DTYPES, QK, QType, quantize
+from dllp2p.jit import reference as ref
+from dllp2p.jit.compiler import ObjectCache, Target, compile_module, emit_assembly, host_target
+from dllp2p.jit.layout import (
+    G, PACKED_TYPES, act_bytes, aligned_empty, aligned_zeros, kv_cache, pack_weights, rope_table, unpack_weights,
+)
+from dllp2p.jit.library import build_module, compile_kernels
+from dllp2p.jit.specs import FLOAT_WEIGHTS, QUANT_WEIGHTS, KernelSpec, Op, all_specs
+
+U = 2.0**-24  # f32 unit roundoff
+TINY = float(np.finfo(np.float32).tiny)
+SENTINEL = np.float32(-12345.5)  # written around every output: a kernel must not touch it
+EXTRA_TILES = (1, 3, 8)  # matmul tiles besides all_specs()'s default 4
+SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+seeds = st.integers(0, 2**32 - 1)
+
+
+@pytest.fixture(scope="module")
+def lib():
+    extra = tuple(KernelSpec(Op.MATMUL, q, t) for q in QUANT_WEIGHTS for t in EXTRA_TILES)
+    return compile_kernels(all_specs() + extra, cache_dir=None)
+
+
+def P(a: np.ndarray) -> int:
+    return a.ctypes.data
+
+
+def round_up(n: int, m: int = G) -> int:
+    return (n + m - 1) // m * m
+
+
+# --- random inputs ------------------------------------------------------------------------------------
+
+def random_raw(rng: np.random.Generator, qtype: QType, rows: int, k: int) -> np.ndarray:
+    """ggml-layout u8[rows, row_bytes]: either a quantized Gaussian, or arbitrary blocks (every nibble,
+    Q8_0's -128 included, scales over decades, some zero) to reach the corners of the integer dots."""
+    if qtype in FLOAT_WEIGHTS:
+        return quantize(rng.standard_normal((rows, k)).astype(np.float32), qtype)
+    if rng.random() < 0.3:
+        return quantize((rng.standard_normal((rows, k)) * rng.uniform(0.01, 3)).astype(np.float32), qtype)
+    nb = k // QK
+    blocks = np.zeros((rows, nb), BLOCK_DTYPES[qtype])
+    d = rng.uniform(-1, 1, (rows, nb)) * 10.0 ** rng.integers(-4, 1, (rows, nb))
+    d[rng.random((rows, nb)) < 0.05] = 0
+    blocks["d"] = d.astype(np.float16)
+    if qtype == QType.Q4_1:
+        blocks["m"] = (rng.standard_normal((rows, nb)) * 0.1).astype(np.float16)
+    if qtype == QType.Q8_0:
+        blocks["qs"] = rng.integers(-128, 128, (rows, nb, QK), dtype=np.int8)
+    else:
+        blocks["qs"] = rng.integers(0, 256, (rows, nb, QK // 2), dtype=np.uint8)
+    return blocks.view(np.uint8).reshape(rows, -1)
+
+
+def random_acts(rng: np.random.Generator, n: int, k: int) -> np.ndarray:
+    """f32[n, k] with per-block scales over decades, zero blocks, and blocks whose scaled values are exact
+    halves (d = 1 or d = 0.5 exactly), where round-half-away-from-zero decides."""
+    x = rng.standard_normal((n, k // QK, QK)) * 10.0 ** rng.integers(-3, 3, (n, k // QK, 1))
+    kind = rng.integers(0, 8, (n, k // QK))
+    x[kind == 0] = 0
+    halves = rng.integers(-254, 255, (n, k // QK, QK)) / 2.0  # multiples of 0.5 in [-127, 127]
+    halves[..., 0] = 127.0 * rng.choice([-1, 1], (n, k // QK))  # |max| = 127: d = 1, x / d = x
+    x = np.where((kind == 1)[..., None], halves, x)
+    x = np.where((kind == 2)[..., None], halves / 2, x)  # |max| = 63.5: d = 0.5, x / d = 2x
+    x[kind == 3] *= 1e-20  # tiny but normal scales
+    return x.reshape(n, k).astype(np.float32)
+
+
+def q8s(lib, x: np.ndarray) -> np.ndarray:
+    """Q8S rows of f32[n, k], by the kernel (checked bit-exact with the twin below)."""
+    n, k = x.shape
+    out = aligned_zeros((n, act_bytes(k)), np.uint8)
+    lib["quantize_f32_q8s"](P(np.ascontiguousarray(x)), P(out), k, n)
+    return out
+
+
+def draw_range(data, rows: int, whole: float = 0.3) -> tuple[int, int]:
+    """A row range [r0, r1) with r0 % 16 == 0, r1 <= rows; often the whole range."""
+    if data.draw(st.floats(0, 1)) < whole:
+        return 0, rows
+    r0 = data.draw(st.integers(0, (rows - 1) // G)) * G
+    return r0, data.draw(st.integers(r0 + 1, rows))
+
+
+def q_tol(qtype: QType, k: int, bound: np.ndarray) -> np.ndarray:
+    terms = k // QK * (2 if qtype == QType.Q4_1 else 1)
+    return (terms + 3) * U * bound + TINY
+
+
+def assert_within(got, want, tol, what=""):
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    err = np.abs(got - want)
+    bad = ~(err <= tol)
+    if bad.any():
+        i = np.flatnonzero(bad.reshape(-1))[:5]
+        raise AssertionError(f"{what}: {bad.sum()} of {bad.size} outside tolerance; at flat {i}: got "
+                             f"{got.reshape(-1)[i]}, want {want.reshape(-1)[i]}, tol {np.broadcast_to(tol, err.shape).reshape(-1)[i]}")
+
+
+# --- layout -------------------------------------------------------------------------------------------
+
+@SETTINGS
+@given(qtype=st.sampled_from(PACKED_TYPES), rows=st.integers(1, 40), nb=st.integers(1, 8), seed=seeds)
+def test_pack_unpack_round_trip(qtype, rows, nb, seed):
+    rng = np.random.default_rng(seed)
+    k = nb * QK
+    raw = rng.integers(0, 256, (rows, k // QK * BLOCK_DTYPES[qtype].itemsize), dtype=np.uint8)  # any bytes, NaNs too
+    m = pack_weights(raw, qtype, (rows, k))
+    assert m.data.ctypes.data % 64 == 0
+    assert m.padded_rows == round_up(rows) and m.nbytes == m.padded_rows * raw.shape[1]
+    np.testing.assert_array_equal(unpack_weights(m), raw)
+
+
+@pytest.mark.parametrize("qtype", FLOAT_WEIGHTS)
+def test_pack_unpack_float(qtype):
+    raw = quantize(np.random.default_rng(1).standard_normal((7, 64)).astype(np.float32), qtype)
+    m = pack_weights(raw, qtype, (7, 64))
+    assert m.padded_rows == 7
+    np.testing.assert_array_equal(unpack_weights(m), raw)
+
+
+def test_kv_cache_is_f16():
+    c = kv_cache(8192, 3, 64)
+    assert c.dtype == np.float16 and c.shape == (8192, 3, 64) and not c.any() and c.ctypes.data % 64 == 0
+
+
+# --- activation quantization --------------------------------------------------------------------------
+
+def test_round_half_away_reference():
+    v = np.array([0.5, 1.5, 2.5, -0.5, -2.5, 0.49999997, 126.5, -126.5, 3.0, 0.0], np.float32)
+    np.testing.assert_array_equal(ref.round_half_away(v), [1, 2, 3, -1, -3, 0, 127, -127, 3, 0])
+
+
+@SETTINGS
+@given(n=st.integers(1, 6), nb=st.integers(1, 40), seed=seeds)
+def test_quantize_bit_exact(lib, n, nb, seed):
+    k = nb * QK
+    x = random_acts(np.random.default_rng(seed), n, k)
+    out = np.full(n * act_bytes(k) + 64, 0xA5, np.uint8)
+    lib["quantize_f32_q8s"](P(x), P(out), k, n)
+    want = ref.quantize_f32_q8s(x)
+    np.testing.assert_array_equal(out[: n * act_bytes(k)].reshape(n, -1), want)
+    assert (out[n * act_bytes(k):] == 0xA5).all()
+    q, d, s = ref.split_q8s(want[0], k)  # the twin's own invariants: exact sums, |q| <= 127
+    assert (s == q.reshape(-1, QK).astype(np.int32).sum(1)).all() and np.abs(q.astype(np.int32)).max() <= 127
+
+
+def test_quantize_ties_round_away_from_zero(lib):
+    x = np.zeros((1, 64), np.float32)
+    x[0, :6] = [127, 2.5, -2.5, 0.5, -0.5, 126.5]  # d = 1: q = x rounded
+    x[0, 32:36] = [-63.5, 1.25, -1.25, 0.25]  # d = 0.5: q = 2x rounded
+    q, d, s = ref.split_q8s(q8s(lib, x)[0], 64)
+    np.testing.assert_array_equal(q[:6], [127, 3, -3, 1, -1, 127])
+    np.testing.assert_array_equal(q[32:36], [-127, 3, -3, 1])
+    np.testing.assert_array_equal(d, [1.0, 0.5])
+    np.testing.assert_array_equal(s, [q[:32].sum(), q[32:].sum()])
+
+
+# --- quantized products -------------------------------------------------------------------------------
+
+def run_matvec_q(lib, qtype, raw, rows, k, x, r0, r1, padded_out=False):
+    m = pack_weights(raw, qtype, (rows, k))
+    a = q8s(lib, x[None])[0]
+    y = np.full(m.padded_rows + 16, SENTINEL, np.float32)
+    lib[KernelSpec(Op.MATVEC, qtype).name](P(m.data), P(a), P(y), k, r0, r1)
+    exact = ref.matvec_q_q8s(raw, qtype, a, k)
+    assert_within(y[r0:min(r1, rows)], exact[r0:r1], q_tol(qtype, k, ref.matvec_q_q8s_bound(raw, qtype, a, k)[r0:r1]),
+                  f"{qtype.name} rows={rows} k={k} [{r0},{r1})")
+    assert (y[:r0] == SENTINEL).all() and (y[r1:] == SENTINEL).all()
+    if padded_out:
+        assert (y[rows:r1] == 0).all()  # the zero rows padding the last group
+
+
+@SETTINGS
+@given(qtype=st.sampled_from(QUANT_WEIGHTS), rows=st.integers(1, 70), nb=st.integers(1, 24), data=st.data(), seed=seeds)
+def test_matvec_q(lib, qtype, rows, nb, data, seed):
+    rng = np.random.default_rng(seed)
+    k = nb * QK
+    r0, r1 = draw_range(data, rows)
+    run_matvec_q(lib, qtype, random_raw(rng, qtype, rows, k), rows, k, random_acts(rng, 1, k)[0], r0, r1)
+
+
+@pytest.mark.parametrize("qtype", QUANT_WEIGHTS)
+@pytest.mark.parametrize("rows,k,r0,r1", [(1, 32, 0, 1), (16, 32, 0, 16), (17, 32, 16, 17), (33, 64, 16, 32),
+                                           (48, 4096, 16, 48), (40, 8192, 0, 40), (21, 14336, 16, 21)])
+def test_matvec_q_edges(lib, qtype, rows, k, r0, r1):
+    rng = np.random.default_rng(rows * k)
+    run_matvec_q(lib, qtype, random_raw(rng, qtype, rows, k), rows, k, random_acts(rng, 1, k)[0], r0, r1)
+
+
+@pytest.mark.parametrize("qtype", QUANT_WEIGHTS)
+def test_matvec_q_padding_rows_give_zero(lib, qtype):
+    rng = np.random.default_rng(5)
+    run_matvec_q(lib, qtype, random_raw(rng, qtype, 21, 64), 21, 64, random_acts(rng, 1, 64)[0], 16, 32, padded_out=True)
+
+
+@SETTINGS
+@given(qtype=st.sampled_from(QUANT_WEIGHTS), tile=st.sampled_from((4,) + EXTRA_TILES), n=st.integers(1, 11),
+       rows=st.integers(1, 50), nb=st.integers(1, 12), data=st.data(), seed=seeds)
+def test_matmul_q(lib, qtype, tile, n, rows, nb, data, seed):
+    rng = np.random.default_rng(seed)
+    k = nb * QK
+    r0, r1 = draw_range(data, rows)
+    ldy = r1 + data.draw(st.integers(0, 20))
+    raw = random_raw(rng, qtype, rows, k)
+    m = pack_weights(raw, qtype, (rows, k))
+    acts = q8s(lib, random_acts(rng, n, k))
+    y = np.full((n + 1, ldy), SENTINEL, np.float32)
+    lib[KernelSpec(Op.MATMUL, qtype, tile).name](P(m.data), P(acts), P(y), k, r0, r1, n, ldy)
+    exact = ref.matmul_q_q8s(raw, qtype, acts, k)
+    for c in range(n):
+        bound = ref.matvec_q_q8s_bound(raw, qtype, acts[c], k)
+        assert_within(y[c, r0:r1], exact[c, r0:r1], q_tol(qtype, k, bound[r0:r1]), f"row {c}")
+    mask = np.ones(y.shape, bool)
+    mask[:n, r0:r1] = False
+    assert (y[mask] == SENTINEL).all()
+
+
+# --- float products -----------------------------------------------------------------------------------
+
+@SETTINGS
+@given(qtype=st.sampled_from(FLOAT_WEIGHTS), rows=st.integers(1, 40), k16=st.integers(1, 64), data=st.data(), seed=seeds)
+def test_matvec_float(lib, qtype, rows, k16, data, seed):
+    rng = np.random.default_rng(seed)
+    k = 16 * k16
+    r0 = data.draw(st.integers(0, rows - 1))
+    r1 = data.draw(st.integers(r0 + 1, rows))
+    raw = random_raw(rng, qtype, rows, k)
+    w = pack_weights(raw, qtype, (rows, k)).data
+    x = rng.standard_normal(k).astype(np.float32)
+    y = np.full(rows + 1, SENTINEL, np.float32)
+    lib[KernelSpec(Op.MATVEC, qtype).name](P(w), P(x), P(y), k, r0, r1)
+    twin = ref.matvec_f32_f32 if qtype == QType.F32 else ref.matvec_f16_f32
+    bound = np.abs(raw.astype(np.float64)) @ np.abs(x.astype(np.float64))
+    assert_within(y[r0:r1], twin(raw, x)[r0:r1], (k // 16 + 6) * U * bound[r0:r1] + TINY)
+    assert (y[:r0] == SENTINEL).all() and (y[r1:] == SENTINEL).all()
+
+
+# --- embedding ----------------------------------------------------------------------------------------
+
+@SETTINGS
+@given(qtype=st.sampled_from(QUANT_WEIGHTS + FLOAT_WEIGHTS), rows=st.integers(1, 40), nb=st.integers(1, 10),
+       data=st.data(), seed=seeds)
+def test_embed_bit_exact(lib, qtype, rows, nb, data, seed):
+    rng = np.random.default_rng(seed)
+    k = nb * QK
+    raw = random_raw(rng, qtype, rows, k)
+    m = pack_weights(raw, qtype, (rows, k))
+    for token in {0, rows - 1, data.draw(st.integers(0, rows - 1))}:
+        out = np.full(k + 16, SENTINEL, np.float32)
+        lib[KernelSpec(Op.EMBED, qtype).name](P(m.data), token, P(out), k)
+        np.testing.assert_array_equal(out[:k], ref.embed(raw, qtype, (rows, k), token))
+        assert (out[k:] == SENTINEL).all()
+
+
+# --- elementwise and normalization --------------------------------------------------------------------
+
+@SETTINGS
+@given(n=st.integers(1, 300), eps=st.sampled_from([1e-5, 1e-6]), scale=st.sampled_from([1e-3, 1.0, 30.0]), seed=seeds)
+def test_rmsnorm(lib, n, eps, scale, seed):
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal(n) * scale).astype(np.float32)
+    w = rng.standard_normal(n).astype(np.float32)
+    out = np.full(n + 16, SENTINEL, np.float32)
+    lib["rmsnorm_f32"](P(x), P(w), P(out), n, eps)
+    # sum of squares: <= n/16 + 4 (lanes, tree) + 15 (tail) + 1 roundings, relative (all terms >= 0);
+    # mean, + eps, sqrt (halves the relative error), 1 /, two products: a few more.
+    want = ref.rmsnorm_f32(x, w, np.float32(eps))
+    assert_within(out[:n], want, ((n // 16 + 20) / 2 + 6) * U * np.abs(want) + TINY)
+    assert (out[n:] == SENTINEL).all()
+
+
+@SETTINGS
+@given(n=st.integers(1, 100), seed=seeds)
+def test_silu_mul(lib, n, seed):
+    rng = np.random.default_rng(seed)
+    g = (rng.standard_normal(n) * rng.choice([1.0, 10.0, 40.0])).astype(np.float32)
+    g[: n // 10] = rng.uniform(-100, 100, n // 10)  # exp overflow / underflow territory
+    up = rng.standard_normal(n).astype(np.float32)
+    out = np.full(n + 16, SENTINEL, np.float32)
+    lib["silu_mul_f32"](P(g), P(up), P(out), n)
+    # expf (< 1 ulp, 2U), 1 + e, 1 / (.), g * sig, * up: <= 7U relative. Below -88.7 exp(-g) overflows to inf,
+    # so sigmoid -> 0 where it is < 1e-38: the output there is < 1e-35 in magnitude, hence the absolute term.
+    want = ref.silu_mul_f32(g, up)
+    assert_within(out[:n], want, 8 * U * np.abs(want) + 1e-34)
+    assert (out[n:] == SENTINEL).all()
+
+
+@SETTINGS
+@given(n=st.integers(1, 100), seed=seeds)
+def test_add_bit_exact(lib, n, seed):
+    rng = np.random.default_rng(seed)
+    x = np.full(n + 16, SENTINEL, np.float32)
+    x[:n] = rng.standard_normal(n) * 10.0 ** rng.integers(-5, 5, n)
+    y = rng.standard_normal(n + 16).astype(np.float32)
+    # the f64 sum rounded to f32 is the correctly rounded f32 sum (53 >= 2 * 24 + 2: double rounding is innocuous)
+    want = ref.add_f32(x[:n], y[:n]).astype(np.float32)
+    lib["add_f32"](P(x), P(y), n)
+    np.testing.assert_array_equal(x[:n], want)
+    assert (x[n:] == SENTINEL).all()
+
+
+def _f16_specials(rng: np.random.Generator, n: int) -> np.ndarray:
+    """f32 values that make f32 -> f16 rounding interesting: ties between neighbouring f16 values,
+    subnormal f16 range, the overflow edge (65504, 65520), infinities, NaN, and arbitrary bit patterns."""
+    h = rng.integers(0, 0x7C00, n, dtype=np.uint16).view(np.float16)
+    nxt = np.nextafter(h, np.float16(np.inf))
+    mid = (h.astype(np.float32) + nxt.astype(np.float32)) / 2  # exact in f32: a tie
+    anybits = rng.integers(0, 2**32, n, dtype=np.uint64).astype(np.uint32).view(np.float32)
+    pick = rng.integers(0, 5, n)
+    x = np.where(pick == 0, mid, anybits)
+    x = np.where(pick == 1, rng.standard_normal(n) * 1e-5, x)
+    x = np.where(pick == 2, np.nextafter(mid, np.float32(np.inf)), x)
+    x = np.where(pick == 3, rng.choice(np.array([65504, 65519.996, 65520, -65520, np.inf, -np.inf, np.nan, 0.0, -0.0,
+                                                 6.1e-5, 5.96e-8, 2.98e-8, 2.99e-8], np.float32), n), x)
+    return (x * rng.choice([-1, 1], n)).astype(np.float32)
+
+
+@SETTINGS
+@given(n=st.integers(1, 100), seed=seeds)
+def test_to_f16_bit_exact(lib, n, seed):
+    x = _f16_specials(np.random.default_rng(seed), n)
+    out = np.full(n + 16, 0x5A5A, np.uint16)
+    lib["to_f16"](P(x), P(out), n)
+    want = ref.to_f16(x)
+    got = out[:n].view(np.float16)
+    nan = np.isnan(want)
+    np.testing.assert_array_equal(np.isnan(got), nan)
+    np.testing.assert_array_equal(out[:n][~nan], want.view(np.uint16)[~nan])
+    assert (out[n:] == 0x5A5A).all()
+
+
+# --- rope ---------------------------------------------------------------------------------------------
+
+@SETTINGS
+@given(n_heads=st.integers(1, 8), half_hd=st.integers(1, 64), data=st.data(), ctx=st.integers(1, 64), seed=seeds)
+def test_rope(lib, n_heads, half_hd, data, ctx, seed):
+    rng = np.random.default_rng(seed)
+    head_dim = 2 * half_hd
+    rope_dim = 2 * data.draw(st.integers(1, half_hd))
+    pos = data.draw(st.sampled_from([0, ctx - 1, int(rng.integers(0, ctx))]))
+    table = rope_table(ctx, rope_dim, 10000.0)
+    x = np.full((n_heads + 1, head_dim), SENTINEL, np.float32)
+    x[:n_heads] = rng.standard_normal((n_heads, head_dim))
+    x0 = x[:n_heads].copy()
+    lib["rope_f32"](P(x), P(table), pos, n_heads, head_dim, rope_dim)
+    want = ref.rope_f32(x0, table, pos, rope_dim)
+    # each output is a0 c -/+ a1 s: two products and one sum, <= 2U (|a0 c| + |a1 s|)
+    c, s = np.abs(table[pos, :, 0]).astype(np.float64), np.abs(table[pos, :, 1]).astype(np.float64)
+    a0, a1 = np.abs(x0[:, 0:rope_dim:2]).astype(np.float64), np.abs(x0[:, 1:rope_dim:2]).astype(np.float64)
+    tol = np.zeros_like(want)
+    tol[:, 0:rope_dim:2] = tol[:, 1:rope_dim:2] = 2 * U * (a0 * c + a1 * s + a0 * s + a1 * c)
+    assert_within(x[:n_heads], want, tol + TINY)
+    np.testing.assert_array_equal(x[:n_heads, rope_dim:], x0[:, rope_dim:])  # past rope_dim: untouched
+    assert (x[n_heads] == SENTINEL).all()
+    if pos == 0:
+        np.testing.assert_array_equal(x[:n_heads], x0)  # cos 0 = 1, sin 0 = 0: exact
+
+
+# --- attention ----------------------------------------------------------------------------------------
+
+def attention_tol(q, kc, vc, pos):
+    """Per-element bound on |kernel - exact| (first order), f64[n_heads, hd].
+
+    Scores: hd/16 + 4 roundings of a dot (plus the 1/sqrt(hd) scale): e_t <= (hd/16 + 6) U sum|q k_t| / sqrt(hd).
+    Each weight p_t = exp(s_t - max) then carries a relative error <= d = max_t(e_t) + e_max + U |s_t - max| + 2U
+    (subtraction, expf < 1 ulp). out = sum p_t v_t / sum p_t moves by <= 2 d sum w_t |v_t| (w = softmax), and
+    the f32 sums over n_pos positions (two of them) and the final 1 / and * add (2 n_pos + 4) U sum w_t |v_t|."""
+    n_heads, hd = q.shape
+    group = n_heads // kc.shape[1]
+    n_pos = pos + 1
+    tol = np.empty((n_heads, hd))
+    for h in range(n_heads):
+        k = kc[:n_pos, h // group].astype(np.float64)
+        v = vc[:n_pos, h // group].astype(np.float64)
+        qh = q[h].astype(np.float64)
+        s = k @ qh / np.sqrt(hd)
+        e = (hd / 16 + 6) * U * (np.abs(k) @ np.abs(qh)) / np.sqrt(hd)
+        d = (e + e.max() + U * np.abs(s - s.max()) + 2 * U).max()
+        w = np.exp(s - s.max())
+        w /= w.sum()
+        tol[h] = (2 * d + (2 * n_pos + 4) * U) * (w @ np.abs(v))
+    return tol + TINY
+
+
+def run_attention(lib, rng, n_kv, group, hd, ctx, pos, h0, h1, q_scale=1.0):
+    n_heads = n_kv * group
+    q = (rng.standard_normal((n_heads, hd)) * q_scale).astype(np.float32)
+    kc, vc = kv_cache(ctx, n_kv, hd), kv_cache(ctx, n_kv, hd)
+    kc[: pos + 1] = rng.standard_normal((pos + 1, n_kv, hd))
+    vc[: pos + 1] = rng.standard_normal((pos + 1, n_kv, hd))
+    kc[pos + 1:] = vc[pos + 1:] = np.nan  # positions past pos must not be read
+    out = np.full((n_heads + 1, hd), SENTINEL, np.float32)
+    scratch = aligned_zeros((n_heads, ctx), np.float32)
+    lib["attention_f16kv"](P(q), P(kc), P(vc), P(out), P(scratch), pos, n_heads, n_kv, hd, ctx, h0, h1)
+    want = ref.attention_f16kv(q, kc, vc, pos)
+    assert_within(out[h0:h1], want[h0:h1], attention_tol(q, kc, vc, pos)[h0:h1],
+                  f"n_kv={n_kv} group={group} hd={hd} ctx={ctx} pos={pos} heads [{h0},{h1})")
+    mask = np.ones(out.shape, bool)
+    mask[h0:h1] = False
+    assert (out[mask] == SENTINEL).all()
+
+
+@SETTINGS
+@given(n_kv=st.integers(1, 4), group=st.integers(1, 4), hd16=st.sampled_from([1, 2, 3, 4, 8]), ctx=st.integers(1, 40),
+       q_scale=st.sampled_from([0.1, 1.0, 4.0]), data=st.data(), seed=seeds)
+def test_attention_f16kv(lib, n_kv, group, hd16, ctx, q_scale, data, seed):
+    n_heads = n_kv * group
+    pos = data.draw(st.sampled_from([0, ctx - 1, data.draw(st.integers(0, ctx - 1))]))
+    h0 = data.draw(st.integers(0, n_heads - 1))
+    h1 = data.draw(st.integers(h0 + 1, n_heads))
+    run_attention(lib, np.random.default_rng(seed), n_kv, group, 16 * hd16, ctx, pos, h0, h1, q_scale)
+
+
+@pytest.mark.parametrize("n_kv,group,hd,ctx,pos", [(1, 1, 16, 1, 0), (3, 3, 64, 300, 299), (2, 4, 128, 64, 0),
+                                                   (8, 1, 64, 513, 400), (1, 32, 32, 2048, 2047)])
+def test_attention_f16kv_edges(lib, n_kv, group, hd, ctx, pos):
+    run_attention(lib, np.random.default_rng(ctx), n_kv, group, hd, ctx, pos, 0, n_kv * group)
+
+
+# --- barrier ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("n_threads", [1, 2, 3])
+def test_barrier_demo_threads(lib, n_threads):
+    """Python threads each run barrier_demo (ctypes drops the GIL): every phase reads all the previous phase's
+    writes. The same state is reused across rounds (the generation keeps counting)."""
+    n_phases = 50
+    state = aligned_zeros(2, np.int64)
+    fn = lib["barrier_demo"]
+    for _ in range(3):
+        buf = np.full((n_phases, n_threads), -1, np.int64)
+        threads = [threading.Thread(target=fn, args=(P(state), P(buf), n_threads, t, n_phases), daemon=True)
+                   for t in range(n_threads)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert not any(t.is_alive() for t in threads), "barrier deadlock"
+        np.testing.assert_array_equal(buf, ref.barrier_demo(n_threads, n_phases))
+        assert state[0] == 0  # nobody left counted in
+
+
+# --- code generation: instruction set, generic path, disk cache ---------------------------------------
+
+def _matvec_module(target: Target):
+    return build_module([KernelSpec(Op.MATVEC, q) for q in QUANT_WEIGHTS], target)
+
+
+def test_host_uses_vnni_dot_instruction():
+    t = host_target()
+    if t.dot_isa not in ("avx512vnni", "avxvnni"):
+        pytest.skip(f"host CPU {t.cpu} has no AVX512-VNNI / AVX-VNNI (dot_isa = {t.dot_isa})")
+    assert "vpdpbusd" in emit_assembly(_matvec_module(t), t)
+
+
+@pytest.mark.parametrize("cpu,features,isa", [
+    ("sapphirerapids", "+avx512f,+avx512bw,+avx512vl,+avx512dq,+avx512vnni,+avx2,+fma,+f16c", "avx512vnni"),
+    ("alderlake", "+avxvnni,+avx2,+fma,+f16c", "avxvnni"),
+])
+def test_vnni_targets_emit_vpdpbusd(cpu, features, isa):
+    """Assembly only (the host need not run it): the VNNI paths type-check in LLVM and select vpdpbusd."""
+    t = Target("x86_64-unknown-linux-gnu", cpu, features)
+    assert t.dot_isa == isa
+    asm = emit_assembly(_matvec_module(t), t)
+    assert "vpdpbusd" in asm and ("zmm" in asm) == (isa == "avx512vnni")
+
+
+# Features to switch off, per dot path, to make the host compile that path (x86; elsewhere only 'generic').
+_PATH_OFF = {"avx2": ("avx512vnni", "avxvnni"), "generic": ("avx512vnni", "avxvnni", "avx2")}
+
+
+@pytest.mark.parametrize("isa", ["avx2", "generic"])
+def test_fallback_dot_paths(lib, isa):
+    """The host CPU with its dot-product features switched off compiles the AVX2 (vpmaddubsw) and the
+    portable u8 x s8 dot (plain IR), runs them, and they agree with the twin and with the host build."""
+    h = host_target()
+    if isa == "avx2" and not (h.is_x86 and h.has("avx2")):
+        pytest.skip(f"host CPU {h.cpu} cannot run AVX2 code")
+    off = _PATH_OFF[isa] if h.is_x86 else ()
+    feats = [f for f in h.features.split(",") if f and f[1:] not in off] + [f"-{f}" for f in off]
+    t = Target(h.triple, h.cpu, ",".join(feats))
+    assert t.dot_isa == isa
+    specs = [KernelSpec(Op.MATVEC, q) for q in QUANT_WEIGHTS] + [KernelSpec(Op.MATMUL, q, 3) for q in QUANT_WEIGHTS]
+    plib = compile_kernels(specs, cache_dir=None, target=t)
+    if h.is_x86:
+        asm = emit_assembly(_matvec_module(t), t)
+        assert "vpdpbusd" not in asm and ("vpmaddubsw" in asm) == (isa == "avx2")
+    rng = np.random.default_rng(11)
+    for qtype in QUANT_WEIGHTS:
+        rows, k, n = 37, 256, 5
+        raw = random_raw(rng, qtype, rows, k)
+        raw[:, -QK // 2 * (2 if qtype == QType.Q8_0 else 1):] = 0xFF if qtype != QType.Q8_0 else 0x80  # extremes
+        m = pack_weights(raw, qtype, (rows, k))
+        x = random_acts(rng, n, k)
+        x[:, -QK:] = 127.0 * np.sign(rng.standard_normal(QK))  # |q| = 127 everywhere: the largest products
+        acts = q8s(lib, x)
+        y = np.full((n, rows), SENTINEL, np.float32)
+        plib[KernelSpec(Op.MATMUL, qtype, 3).name](P(m.data), P(acts), P(y), k, 0, rows, n, rows)
+        y1 = np.full(rows, SENTINEL, np.float32)
+        plib[KernelSpec(Op.MATVEC, qtype).name](P(m.data), P(acts[0]), P(y1), k, 16, rows)
+        y2 = np.full(rows, SENTINEL, np.float32)
+        lib[KernelSpec(Op.MATVEC, qtype).name](P(m.data), P(acts[0]), P(y2), k, 16, rows)
+        for c in range(n):
+            bound = ref.matvec_q_q8s_bound(raw, qtype, acts[c], k)
+            assert_within(y[c], ref.matvec_q_q8s(raw, qtype, acts[c], k), q_tol(qtype, k, bound), f"{isa} {qtype.name}")
+        bound = ref.matvec_q_q8s_bound(raw, qtype, acts[0], k)[16:]
+        assert_within(y1[16:], y2[16:], 2 * q_tol(qtype, k, bound), f"{isa} vs host")
+        assert (y1[:16] == SENTINEL).all()
+
+
+def test_disk_cache(tmp_path):
+    specs = [KernelSpec(Op.QUANTIZE), KernelSpec(Op.MATVEC, QType.Q4_1), KernelSpec(Op.ADD)]
+    first = compile_kernels(specs, cache_dir=tmp_path)
+    assert not first.compiled.stats.from_cache
+    key = first.compiled.stats.key
+    assert ObjectCache(tmp_path).path(key).stat().st_size > 0
+    assert [p.name for p in tmp_path.iterdir()] == [f"{key}.o"]  # no temp files left behind
+
+    target = host_target()
+    again = compile_module(build_module(specs, target), target, ObjectCache(tmp_path))  # a fresh cache object
+    assert again.stats.from_cache and again.stats.key == key
+    second = compile_kernels(specs, cache_dir=tmp_path)
+    assert second.compiled.stats.from_cache
+
+    rng = np.random.default_rng(3)
+    rows, k = 50, 128
+    raw = random_raw(rng, QType.Q4_1, rows, k)
+    m = pack_weights(raw, QType.Q4_1, (rows, k))
+    x = random_acts(rng, 1, k)
+    results = []
+    for lb in (first, second):
+        a = aligned_zeros(act_bytes(k), np.uint8)
+        lb["quantize_f32_q8s"](P(x), P(a), k, 1)
+        y = np.zeros(rows, np.float32)
+        lb["matvec_q4_1_q8s"](P(m.data), P(a), P(y), k, 0, rows)
+        results.append((a, y))
+    np.testing.assert_array_equal(results[0][0], results[1][0])
+    np.testing.assert_array_equal(results[0][1], results[1][1])
+    assert first.address("matvec_q4_1_q8s") != second.address("matvec_q4_1_q8s")  # two loaded copies
+
+    other = compile_kernels([KernelSpec(Op.ADD)], cache_dir=tmp_path)  # other IR: another key, compiled
+    assert not other.compiled.stats.from_cache and other.compiled.stats.key != key
+
+
+def test_all_specs_names_and_signatures():
+    names = {s.name: s.signature for s in all_specs()}
+    assert "attention_f32" not in names
+    assert [a for a, _ in names["attention_f16kv"].args] == [
+        "q", "kc", "vc", "out", "scratch", "pos", "n_heads", "n_kv", "hd", "ctx", "h0", "h1"]
+    assert names["to_f16"].args == (("x", "p"), ("out", "p"), ("n", "i"))
+    for n in ("quantize_f32_q8s", "matvec_q4_0_q8s", "matvec_q4_1_q8s", "matvec_q8_0_q8s", "matvec_f32_f32",
+              "matvec_f16_f32", "matmul_q4_1_q8s_x4", "embed_q8_0", "embed_f16", "rmsnorm_f32", "rope_f32",
+              "silu_mul_f32", "add_f32", "barrier_wait", "barrier_demo"):
+        assert n in names
+    assert aligned_empty((3, 5), np.float32).ctypes.data % 64 == 0
