@@ -68,21 +68,21 @@ def _default_threads() -> int:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", help="GGUF model path (default: the installed SmolLM2-135M-Instruct)")
+    parser.add_argument("--model", metavar="PATH", help="GGUF model path (default: the installed SmolLM2-135M-Instruct)")
     parser.add_argument("--engine", choices=ENGINES, default="jit", help="engine to measure (default jit)")
     parser.add_argument(
-        "--threads", type=int, default=_default_threads(), help="threads for our engine, llama.cpp and the bandwidth "
+        "--threads", type=int, metavar="N", default=_default_threads(), help="threads for our engine, llama.cpp and the bandwidth "
         "measurement (default: every core this process may use)"
     )
     parser.add_argument(
-        "--prompt-tokens", type=int, default=DEFAULT_PROMPT_TOKENS,
+        "--prompt-tokens", type=int, metavar="N", default=DEFAULT_PROMPT_TOKENS,
         help=f"prompt length of the prefill benchmark (default {DEFAULT_PROMPT_TOKENS})",
     )
     parser.add_argument(
-        "--tokens", type=int, default=DEFAULT_TOKENS, help=f"greedy decode steps per run (default {DEFAULT_TOKENS})"
+        "--tokens", type=int, metavar="N", default=DEFAULT_TOKENS, help=f"greedy decode steps per run (default {DEFAULT_TOKENS})"
     )
     parser.add_argument(
-        "--repeats", type=int, default=DEFAULT_REPEATS, help=f"runs per engine; speeds are medians (default {DEFAULT_REPEATS})"
+        "--repeats", type=int, metavar="R", default=DEFAULT_REPEATS, help=f"runs per engine; speeds are medians (default {DEFAULT_REPEATS})"
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     parser.add_argument(
@@ -90,7 +90,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="compare with llama.cpp: auto = when llama-cpp-python is installed (default), on = required, off = never",
     )
     parser.add_argument(
-        "--bandwidth-mib", type=int, default=DEFAULT_BANDWIDTH_MIB,
+        "--bandwidth-mib", type=int, metavar="MIB", default=DEFAULT_BANDWIDTH_MIB,
         help=f"buffer of the memory-bandwidth measurement in MiB; 0 skips it (default {DEFAULT_BANDWIDTH_MIB})",
     )
 
@@ -340,7 +340,11 @@ def run_bench(cfg: BenchConfig, llama_factory: Callable[[str, int, int], Contend
         )
     engine = make_engine(cfg.engine, model, cfg.ctx, cfg.threads)
     init_s = time.perf_counter() - t_start - load_s
-    engine.forward([0], 0)  # the first logits
+    try:
+        engine.forward([0], 0)  # the first logits
+    except BaseException:
+        engine.close()
+        raise
     startup_s = time.perf_counter() - t_start
     process_s = _process_age_s()
     ours = Contender(f"dllp2p-{cfg.engine}", engine, startup_s)
@@ -351,8 +355,14 @@ def run_bench(cfg: BenchConfig, llama_factory: Callable[[str, int, int], Contend
             llama_factory = None
         elif llama_factory is None and (cfg.llama_cpp == "on" or llama_cpp_available()):
             llama_factory = start_llama_cpp
+        llama_error = None
         if llama_factory is not None:
-            contenders.append(llama_factory(str(path), cfg.ctx, cfg.threads))
+            try:
+                contenders.append(llama_factory(str(path), cfg.ctx, cfg.threads))
+            except Exception as e:  # auto: report it and measure ours alone; on: the user asked for it
+                if cfg.llama_cpp == "on":
+                    raise ValueError(f"llama.cpp could not run {path}: {e}") from None
+                llama_error = f"{type(e).__name__}: {e}"
 
         prompt = prompt_ids(model, cfg.prompt_tokens)
         for c in contenders:  # one untimed warm-up run each: the full prefill, a few decode steps
@@ -380,6 +390,7 @@ def run_bench(cfg: BenchConfig, llama_factory: Callable[[str, int, int], Contend
         "prompt_tokens": cfg.prompt_tokens,
         "tokens": cfg.tokens,
         "repeats": cfg.repeats,
+        "statistic": "median",  # of *_runs, for every speed below
         **ours.summary(cfg.prompt_tokens),
         "startup_process_s": process_s,
         **ours.extra,
@@ -388,6 +399,8 @@ def run_bench(cfg: BenchConfig, llama_factory: Callable[[str, int, int], Contend
     }
     report.update(_bandwidth(cfg, report["decode_tok_s"], int(bytes_per_token)))
     report["llama_cpp"] = None
+    if llama_error:
+        report["llama_cpp_error"] = llama_error
     if len(contenders) > 1:
         other = contenders[1]
         theirs = {"version": other.version, **other.summary(cfg.prompt_tokens)}
@@ -459,6 +472,8 @@ def format_report(r: dict[str, Any]) -> str:
             f"ratio      ours / llama.cpp: prefill {r['prefill_ratio']:.2f}x, decode {r['decode_ratio']:.2f}x "
             f"(greedy tokens agree for {r['greedy_agree_tokens']} of {r['tokens'] + 1})"
         )
+    elif r.get("llama_cpp_error"):
+        lines.append(f"llama.cpp  failed to start: {r['llama_cpp_error']}")
     else:
         lines.append("llama.cpp  not run (install with: pip install -e '.[bench]')")
     return "\n".join(lines)

@@ -151,3 +151,21 @@ def test_membw_small_buffer():
     bw = measure_bandwidth(threads=2, nbytes=4 << 20, runs=3)
     assert bw.gb_s > 0 and len(bw.runs_gb_s) == 3 and bw.threads == 2
     assert bw.nbytes % STEP == 0 and bw.checksum == bw.nbytes // 8  # every word was read
+
+
+def test_jit_engine_reports_its_own_bytes(tiny_path):
+    pytest.importorskip("dllp2p.jit.engine")
+    rc, out, err = run_main(["--model", str(tiny_path), *FAST, "--engine", "jit", "--bandwidth-mib", "0", "--json"])
+    assert rc == 0, err
+    r = json.loads(out)
+    assert r["engine"] == "jit" and r["bytes_per_token_source"] == "engine" and r["decode_tok_s"] > 0
+
+
+def test_llama_cpp_failure_is_reported_not_fatal_in_auto_mode(tiny_path):
+    def broken(path, ctx, threads):
+        raise ValueError("Failed to load model from file")
+
+    cfg = bench.bench_config(parse(["--model", str(tiny_path), *FAST[:-2], "--bandwidth-mib", "0"]))
+    r = bench.run_bench(cfg, broken)
+    assert r["llama_cpp"] is None and "Failed to load model" in r["llama_cpp_error"] and r["decode_tok_s"] > 0
+    assert "llama.cpp  failed to start" in bench.format_report(r)

@@ -151,27 +151,49 @@ def emit_assembly(module: ir.Module, target: Target) -> str:
         return tm.emit_assembly(ref)
 
 
+def llvm_version() -> str:
+    return f"llvmlite {llvmlite.__version__} llvm {'.'.join(map(str, llvm.llvm_version_info))} pipeline {PIPELINE_VERSION}"
+
+
+def load_object(data: bytes, target: Target, key: str, t0: float | None = None) -> CompiledModule | None:
+    """Link cached object code into a fresh engine (no IR parsed, nothing optimized); None if unreadable."""
+    t0 = time.perf_counter() if t0 is None else t0
+    tm = target.machine()
+    with _LOCK:
+        try:
+            empty = llvm.parse_assembly(f'target triple = "{target.triple}"')
+            engine = llvm.create_mcjit_compiler(empty, tm)
+            engine.add_object_file(llvm.ObjectFileRef.from_data(data))
+            engine.finalize_object()
+        except Exception:  # a damaged cache entry: the caller compiles afresh and overwrites it
+            return None
+    return CompiledModule(engine, CompileStats(key, True, time.perf_counter() - t0), [tm])
+
+
 def compile_module(module: ir.Module, target: Target, cache: ObjectCache | None) -> CompiledModule:
-    """IR -> verify -> optimize -> machine code, or the cached object code for the same key."""
+    """IR -> verify -> optimize -> machine code, or the cached object code for the same key.
+
+    On a cache hit the IR is not even parsed: the object file is linked into an empty engine (the
+    IR text is still built, to compute the key: ~10 ms for a whole model's program)."""
     t0 = time.perf_counter()
     text = str(module)
     key = cache_key(text, target)
     cached = cache.load(key) if cache is not None else None
     tm = target.machine()
+    if cached is not None:
+        compiled = load_object(cached, target, key, t0)
+        if compiled is not None:
+            return compiled
     with _LOCK:
         ref = llvm.parse_assembly(text)
-        if cached is None:
-            optimize(ref, tm)
+        optimize(ref, tm)
         engine = llvm.create_mcjit_compiler(ref, tm)
 
         def notify(_module, data: bytes) -> None:
             if cache is not None:
                 cache.store(key, data)
 
-        def getbuffer(_module) -> bytes | None:
-            return cached
-
-        engine.set_object_cache(notify, getbuffer)
+        engine.set_object_cache(notify, lambda _module: None)
         engine.finalize_object()
-    stats = CompileStats(key, cached is not None, time.perf_counter() - t0)
+    stats = CompileStats(key, False, time.perf_counter() - t0)
     return CompiledModule(engine, stats, [tm])

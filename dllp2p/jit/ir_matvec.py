@@ -24,6 +24,7 @@ V16I32, V64I8, V16F32 = vec(I32, 16), vec(I8, 64), vec(F32, 16)
 # Software prefetch this many bytes ahead in the weight stream: the hardware prefetchers alone leave
 # a single core well short of memory bandwidth on a linear stream (measured: ~+10-40%).
 PREFETCH_AHEAD = 4096
+PAIR_GROUPS = 1  # row groups walked side by side when decoding; 2 measured no faster on Zen 3 (AVX2)
 _TILE_SIG = Signature(tuple((n, k) for n, k in (("w", "p"), ("x", "p"), ("xs", "i"), ("y", "p"), ("ldy", "i"),
                                                  ("k", "i"), ("r0", "i"), ("r1", "i"))))
 
@@ -103,15 +104,16 @@ def _avx2_halves(b: ir.IRBuilder, v: ir.Value) -> list[ir.Value]:
     return [b.shuffle_vector(v, v, mask(range(h * 32, h * 32 + 32))) for h in range(2)]
 
 
-def _avx2_block_dots(b: ir.IRBuilder, qtype: QType, wc: ir.Value, xq: ir.Value) -> ir.Value:
+def _avx2_block_dots(b: ir.IRBuilder, qtype: QType, wc: ir.Value, xq: ir.Value, signed_q8: bool = False) -> ir.Value:
     """AVX2 has no u8 x s8 -> s32 dot; `vpmaddubsw` gives s16 sums of byte pairs (saturating), and
     `vpmaddwd` by ones folds pairs of s16 into s32.
 
     4-bit weights (u8 0..15): a pair sum is at most 2 * 15 * 127 = 3810, so the 8 products of a block
     (4 steps x low/high nibbles) are summed in s16 (<= 30480) and widened once per block.
     Q8_0 (stored as u8 q + 128): products are made signed-safe the usual way, |w| * (x * sign(w)),
-    widened per step (a pair sum reaches 2 * 128 * 127), and the u8 bias 128 * sum(x) is added back so the
-    result means what the other paths return.
+    widened per step (a pair sum reaches 2 * 128 * 127); that signed dot is returned as it is with
+    signed_q8 (the matvec tile's way), else the u8 bias 128 * sum(x) is added so it means what the other
+    paths return.
     """
     v32i8, v16i16, v8i32 = vec(I8, 32), vec(ir.IntType(16), 16), vec(I32, 8)
     mod = b.module
@@ -131,6 +133,8 @@ def _avx2_block_dots(b: ir.IRBuilder, qtype: QType, wc: ir.Value, xq: ir.Value) 
                 prod = b.call(maddubs, [b.call(absb, [ws, ir.Constant(ir.IntType(1), 0)]), b.call(psign, [x[h], ws])])
                 acc[h] = b.add(acc[h], b.call(maddwd, [prod, ones]))
         dot = b.shuffle_vector(acc[0], acc[1], mask(range(16)))
+        if signed_q8:
+            return dot
         sx = b.call(intrinsic(mod, "llvm.vector.reduce.add.v32i32", I32, [vec(I32, 32)]),
                     [b.sext(load(b, xq, vec(I8, 32)), vec(I32, 32))])
         return b.add(dot, splat(b, b.mul(sx, i32(128)), 16))
@@ -146,10 +150,11 @@ def _avx2_block_dots(b: ir.IRBuilder, qtype: QType, wc: ir.Value, xq: ir.Value) 
     return b.shuffle_vector(wide[0], wide[1], mask(range(16)))
 
 
-def _block_dots(b, target, qtype, wc, xq) -> ir.Value:
-    """<16 x i32> integer dots of one packed block chunk `wc` with the 32 activation bytes at xq (raw u8 sums)."""
+def _block_dots(b, target, qtype, wc, xq, biased: bool = True) -> ir.Value:
+    """<16 x i32> integer dots of one packed block chunk `wc` with the 32 activation bytes at xq: raw u8
+    sums, or for Q8_0 on AVX2 with biased=False the signed dot itself."""
     if target.dot_isa == "avx2":
-        return _avx2_block_dots(b, qtype, wc, xq)
+        return _avx2_block_dots(b, qtype, wc, xq, signed_q8=not biased)
     zero = ir.Constant(V16I32, None)
     acc = [zero, zero]
     if qtype == QType.Q8_0:
@@ -165,7 +170,10 @@ def _block_dots(b, target, qtype, wc, xq) -> ir.Value:
 
 
 def _emit_tile(module: ir.Module, qtype: QType, tile: int, target: Target) -> ir.Function:
-    """Internal f(w, x, xs, y, ldy, k, r0, r1): y[t, r0:r1] = W[r0:r1] . x[t] for t < tile; x rows xs bytes apart."""
+    """Internal f(w, x, xs, y, ldy, k, r0, r1): y[t, r0:r1] = W[r0:r1] . x[t] for t < tile; x rows xs bytes apart.
+
+    With one activation row (decode), two row groups are walked side by side: they share the
+    activation loads and scale arithmetic, and two weight streams keep more loads in flight."""
     fn, b = define(module, f"_tile_{qtype.name.lower()}_q8s_x{tile}", _TILE_SIG, internal=True)
     w, x, xs, y, ldy, k, r0, r1 = fn.args
     cb = chunk_bytes(qtype)
@@ -173,30 +181,45 @@ def _emit_tile(module: ir.Module, qtype: QType, tile: int, target: Target) -> ir
     nb = b.lshr(k, i64(5))
     d_off, s_off = k, b.add(k, b.shl(nb, i64(2)))
     offset = {QType.Q4_0: 8, QType.Q8_0: 128}.get(qtype)  # the u8 bias folded into sum(q * xq)
-    accs = [entry_alloca(b, V16F32, name=f"acc{t}") for t in range(tile)]
-    with for_range(b, r0, r1, G, name="r") as r:
-        wg = gep(b, w, b.mul(b.mul(b.lshr(r, i64(4)), nb), i64(cb)))
-        for a in accs:
-            b.store(ir.Constant(V16F32, None), a)
+    if qtype == QType.Q8_0 and target.dot_isa == "avx2":
+        offset = None  # the AVX2 Q8_0 dot is signed already (_avx2_block_dots(..., signed=True))
+    per_iter = PAIR_GROUPS if tile == 1 else 1
+    accs = [[entry_alloca(b, V16F32, name=f"acc{g}_{t}") for t in range(tile)] for g in range(per_iter)]
+
+    def groups(rs: list[ir.Value]) -> None:
+        """y rows of the groups starting at each r in rs, over all blocks."""
+        wgs = [gep(b, w, b.mul(b.mul(b.lshr(r, i64(4)), nb), i64(cb))) for r in rs]
+        for g in range(len(rs)):
+            for a in accs[g]:
+                b.store(ir.Constant(V16F32, None), a)
         with for_range(b, i64(0), nb, name="blk") as blk:
-            wc = gep(b, wg, b.mul(blk, i64(cb)))
-            _prefetch(b, wc, cb)
-            dw = b.fpext(load(b, wc, vec(F16, G), i64(qbytes)), V16F32)
-            mw = b.fpext(load(b, wc, vec(F16, G), i64(qbytes + 2 * G)), V16F32) if qtype == QType.Q4_1 else None
-            for t, a in enumerate(accs):
-                xt = gep(b, x, b.mul(xs, i64(t)))
-                dot = _block_dots(b, target, qtype, wc, gep(b, xt, b.shl(blk, i64(5))))
-                dx = load(b, gep(b, xt, d_off), F32, blk, F32)
-                sx = load(b, gep(b, xt, s_off), I32, blk, I32)
-                if offset is not None:
-                    dot = b.sub(dot, splat(b, b.mul(sx, i32(offset)), 16))
-                acc = b.load(a, typ=V16F32)
-                if mw is not None:  # + m_w * (d_x * s_x)
-                    acc = _fmuladd(b, mw, splat(b, b.fmul(dx, b.sitofp(sx, F32)), 16), acc)
-                acc = _fmuladd(b, dw, b.fmul(splat(b, dx, 16), b.sitofp(dot, V16F32)), acc)
-                b.store(acc, a)
-        for t, a in enumerate(accs):
-            _store_rows(b, b.load(a, typ=V16F32), gep(b, y, b.mul(ldy, i64(t)), F32), r, r1)
+            for g, wg in enumerate(wgs):
+                wc = gep(b, wg, b.mul(blk, i64(cb)))
+                _prefetch(b, wc, cb)
+                dw = b.fpext(load(b, wc, vec(F16, G), i64(qbytes)), V16F32)
+                mw = b.fpext(load(b, wc, vec(F16, G), i64(qbytes + 2 * G)), V16F32) if qtype == QType.Q4_1 else None
+                for t, a in enumerate(accs[g]):
+                    xt = gep(b, x, b.mul(xs, i64(t)))
+                    dot = _block_dots(b, target, qtype, wc, gep(b, xt, b.shl(blk, i64(5))), biased=offset is not None)
+                    dx = load(b, gep(b, xt, d_off), F32, blk, F32)
+                    sx = load(b, gep(b, xt, s_off), I32, blk, I32)
+                    if offset is not None:
+                        dot = b.sub(dot, splat(b, b.mul(sx, i32(offset)), 16))
+                    acc = b.load(a, typ=V16F32)
+                    if mw is not None:  # + m_w * (d_x * s_x)
+                        acc = _fmuladd(b, mw, splat(b, b.fmul(dx, b.sitofp(sx, F32)), 16), acc)
+                    acc = _fmuladd(b, dw, b.fmul(splat(b, dx, 16), b.sitofp(dot, V16F32)), acc)
+                    b.store(acc, a)
+        for g, r in enumerate(rs):
+            for t, a in enumerate(accs[g]):
+                _store_rows(b, b.load(a, typ=V16F32), gep(b, y, b.mul(ldy, i64(t)), F32), r, r1)
+
+    n_groups = b.sdiv(b.add(b.sub(r1, r0), i64(G - 1)), i64(G))
+    paired_end = b.add(r0, b.mul(b.sdiv(n_groups, i64(per_iter)), i64(per_iter * G)))
+    with for_range(b, r0, paired_end, per_iter * G, name="r") as r:
+        groups([b.add(r, i64(g * G)) for g in range(per_iter)])
+    with for_range(b, paired_end, r1, G, name="rt") as r:
+        groups([r])
     b.ret_void()
     return fn
 

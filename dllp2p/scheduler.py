@@ -1,0 +1,296 @@
+"""Pure scheduling: (model config, peers with capacities) -> a frozen Plan of who computes which slice.
+
+Slicing is Megatron-style, along the layer's natural seams:
+
+    attn_q        rows    q heads  [kv0 * group, kv1 * group) * head_dim   (a node owns whole KV groups)
+    attn_k/v      rows    kv heads [kv0, kv1) * head_dim
+    attn_output   columns the node's q rows, so its partial output sums with the others'
+    ffn_gate/up   rows    [f0, f1)                f0 a multiple of 32 (whole blocks of down's rows)
+    ffn_down      columns [f0, f1)
+    output        rows    [v0, v1)                v0 a multiple of 32; logits are concatenated
+
+Each node computes partial (dim,) outputs of attention and FFN; summing them over the nodes (the two
+exchanges per layer) gives the full layer's output. Norms and the embedding are whole on every node.
+
+Policies:
+    "pow2"      the largest 2^n <= min(#peers, n_kv_heads) nodes, equal slices (as equal as whole KV heads
+                and 32-row blocks allow: SmolLM2's 3 KV heads on 2 nodes are 2 + 1).
+    "weighted"  up to n_kv_heads nodes, slices proportional to each node's capacity.
+
+Either way the first peer is the root and always takes part; the others are taken by capacity (then
+node id), so the plan does not depend on the order peers were discovered in. Every share is rounded by
+largest remainder with at least one unit per node (a KV head, a block of 32 FFN or vocabulary rows).
+
+A Plan validates itself when built (every head and row covered exactly once, in order, aligned), so a
+Plan decoded off the wire is as trustworthy as one built here. Errors: PlanError (a ValueError).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import astuple, dataclass
+from fractions import Fraction
+from typing import Sequence
+
+from .formats import ModelConfig
+
+BLOCK_ROWS = 32  # FFN and vocabulary ranges start on multiples of this (a ggml block of down's columns)
+POLICIES = ("pow2", "weighted")
+
+
+class PlanError(ValueError):
+    """No valid plan for these peers and this model, or a plan that is not valid."""
+
+
+@dataclass(frozen=True)
+class Peer:
+    node_id: str  # unique, stable across restarts
+    address: str  # "host:port" the node listens on ("" for a root that is not listening)
+    threads: int  # compute threads the node will use
+    capacity: float  # relative speed (e.g. measured memory GB/s); finite, > 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.node_id, str) or not self.node_id:
+            raise PlanError(f"peer node id must be a non-empty string, got {self.node_id!r}")
+        if not isinstance(self.threads, int) or isinstance(self.threads, bool) or self.threads < 1:
+            raise PlanError(f"peer {self.node_id}: threads must be an int >= 1, got {self.threads!r}")
+        cap = self.capacity
+        if isinstance(cap, bool) or not isinstance(cap, (int, float)) or not math.isfinite(cap) or cap <= 0:
+            raise PlanError(f"peer {self.node_id}: capacity must be a finite number > 0, got {cap!r}")
+
+
+@dataclass(frozen=True)
+class NodeSlice:
+    """What node `index` of a plan holds and computes. Ranges are half-open [start, stop)."""
+
+    index: int  # 0 is the root
+    node_id: str
+    address: str
+    threads: int
+    head_dim: int
+    kv_heads: tuple[int, int]  # its K/V heads
+    q_heads: tuple[int, int]  # its query heads: kv_heads * group_size
+    ffn_rows: tuple[int, int]  # rows of gate/up, columns of down
+    vocab_rows: tuple[int, int]  # rows of the output projection (its slice of the logits)
+
+    @property
+    def q_rows(self) -> tuple[int, int]:
+        """Rows of attn_q, columns of attn_output."""
+        return self.q_heads[0] * self.head_dim, self.q_heads[1] * self.head_dim
+
+    @property
+    def kv_rows(self) -> tuple[int, int]:
+        """Rows of attn_k and attn_v."""
+        return self.kv_heads[0] * self.head_dim, self.kv_heads[1] * self.head_dim
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Who computes what, for one epoch. Valid by construction (see validate_plan)."""
+
+    epoch: int  # grows with every re-plan; every message of the epoch carries it
+    model: str  # model fingerprint: root and workers must agree on it
+    policy: str
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    ffn_dim: int
+    vocab_size: int
+    nodes: tuple[NodeSlice, ...]
+
+    def __post_init__(self) -> None:
+        validate_plan(self)
+
+    @property
+    def n_nodes(self) -> int:
+        return len(self.nodes)
+
+    @property
+    def group_size(self) -> int:
+        return self.n_heads // self.n_kv_heads
+
+    def node(self, node_id: str) -> NodeSlice:
+        for n in self.nodes:
+            if n.node_id == node_id:
+                return n
+        raise PlanError(f"node {node_id!r} is not in the plan of epoch {self.epoch}")
+
+
+def model_fingerprint(config: ModelConfig) -> str:
+    """A short stable id of the model's shape: 16 hex digits of sha256 over the config's fields."""
+    return hashlib.sha256(repr(astuple(config)).encode()).hexdigest()[:16]
+
+
+def plan(
+    config: ModelConfig,
+    peers: Sequence[Peer],
+    epoch: int,
+    policy: str = "pow2",
+    *,
+    max_nodes: int | None = None,
+    model: str | None = None,
+) -> Plan:
+    """peers[0] is the root. Returns the plan for `epoch`; same inputs, same plan.
+
+    max_nodes caps the node count further; model overrides the fingerprint (e.g. a hash of the file).
+    Raises PlanError: no peers, duplicate node ids, unknown policy, a model that cannot be split.
+    """
+    if policy not in POLICIES:
+        raise PlanError(f"unknown scheduling policy {policy!r} (known: {', '.join(POLICIES)})")
+    if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0:
+        raise PlanError(f"epoch must be an int >= 0, got {epoch!r}")
+    if not peers:
+        raise PlanError("cannot plan without peers (the root itself is the first peer)")
+    ids = [p.node_id for p in peers]
+    if len(set(ids)) != len(ids):
+        dup = sorted({i for i in ids if ids.count(i) > 1})
+        raise PlanError(f"duplicate node ids: {', '.join(dup)}")
+    _check_config(config)
+    if max_nodes is not None and max_nodes < 1:
+        raise PlanError(f"max_nodes must be >= 1, got {max_nodes}")
+
+    limit = min(len(peers), config.n_kv_heads, max_nodes or len(peers))
+    n = 1 << (limit.bit_length() - 1) if policy == "pow2" else limit
+    chosen = _choose(peers, n)
+    weights = [Fraction(1)] * n if policy == "pow2" else [Fraction(p.capacity) for p in chosen]
+
+    kv = apportion(config.n_kv_heads, weights)
+    ffn = _block_split(config.ffn_dim, weights, "FFN rows")
+    vocab = _block_split(config.vocab_size, weights, "vocabulary rows")
+    g = config.group_size
+    nodes = []
+    kv0 = 0
+    for i, peer in enumerate(chosen):
+        kv1 = kv0 + kv[i]
+        nodes.append(
+            NodeSlice(
+                index=i,
+                node_id=peer.node_id,
+                address=peer.address,
+                threads=peer.threads,
+                head_dim=config.head_dim,
+                kv_heads=(kv0, kv1),
+                q_heads=(kv0 * g, kv1 * g),
+                ffn_rows=ffn[i],
+                vocab_rows=vocab[i],
+            )
+        )
+        kv0 = kv1
+    return Plan(
+        epoch=epoch,
+        model=model if model is not None else model_fingerprint(config),
+        policy=policy,
+        n_heads=config.n_heads,
+        n_kv_heads=config.n_kv_heads,
+        head_dim=config.head_dim,
+        ffn_dim=config.ffn_dim,
+        vocab_size=config.vocab_size,
+        nodes=tuple(nodes),
+    )
+
+
+def apportion(total: int, weights: Sequence[Fraction]) -> tuple[int, ...]:
+    """Split `total` units in proportion to `weights`, every share >= 1, summing to `total`.
+
+    Largest remainder (Hamilton): floors of the exact quotas, leftover units to the largest remainders
+    (ties to the lower index); then any zero share takes a unit from the share furthest above its quota
+    (ties to the higher index). Exact rational arithmetic, so the result is the same on every machine.
+    """
+    n = len(weights)
+    if total < n:
+        raise PlanError(f"cannot give {n} nodes at least one of {total} units each")
+    w_sum = sum(weights, Fraction(0))
+    quotas = [total * w / w_sum for w in weights]
+    shares = [math.floor(q) for q in quotas]
+    by_remainder = sorted(range(n), key=lambda i: (-(quotas[i] - shares[i]), i))
+    for i in by_remainder[: total - sum(shares)]:
+        shares[i] += 1
+    for i in range(n):
+        if shares[i] == 0:
+            donor = max((j for j in range(n) if shares[j] > 1), key=lambda j: (shares[j] - quotas[j], j))
+            shares[donor] -= 1
+            shares[i] = 1
+    return tuple(shares)
+
+
+def validate_plan(p: Plan) -> None:
+    """Raises PlanError unless the plan covers every head and row exactly once, in node order, aligned."""
+    where = f"plan of epoch {p.epoch}"
+    for name in ("epoch", "n_heads", "n_kv_heads", "head_dim", "ffn_dim", "vocab_size"):
+        v = getattr(p, name)
+        if not isinstance(v, int) or isinstance(v, bool) or v < (0 if name == "epoch" else 1):
+            raise PlanError(f"{where}: {name} must be a positive int, got {v!r}")
+    if p.policy not in POLICIES:
+        raise PlanError(f"{where}: unknown policy {p.policy!r}")
+    if p.n_heads % p.n_kv_heads:
+        raise PlanError(f"{where}: {p.n_heads} heads are not a multiple of {p.n_kv_heads} KV heads")
+    if not p.nodes:
+        raise PlanError(f"{where}: no nodes")
+    if len({n.node_id for n in p.nodes}) != len(p.nodes):
+        raise PlanError(f"{where}: duplicate node ids")
+    g = p.n_heads // p.n_kv_heads
+    ends = {"kv_heads": 0, "ffn_rows": 0, "vocab_rows": 0}
+    for i, node in enumerate(p.nodes):
+        if not isinstance(node, NodeSlice):
+            raise PlanError(f"{where}: node {i} is a {type(node).__name__}, not a NodeSlice")
+        at = f"{where}, node {i} ({node.node_id})"
+        if node.index != i:
+            raise PlanError(f"{at}: index is {node.index}")
+        if node.threads < 1:
+            raise PlanError(f"{at}: threads {node.threads} < 1")
+        if node.head_dim != p.head_dim:
+            raise PlanError(f"{at}: head_dim {node.head_dim}, the plan's is {p.head_dim}")
+        for field in ("kv_heads", "ffn_rows", "vocab_rows"):
+            start, stop = _range(getattr(node, field), f"{at}: {field}")
+            if start != ends[field] or stop <= start:
+                raise PlanError(f"{at}: {field} [{start}, {stop}) does not follow [.., {ends[field]}) or is empty")
+            if field != "kv_heads" and start % BLOCK_ROWS:
+                raise PlanError(f"{at}: {field} start {start} is not a multiple of {BLOCK_ROWS}")
+            ends[field] = stop
+        if _range(node.q_heads, f"{at}: q_heads") != (node.kv_heads[0] * g, node.kv_heads[1] * g):
+            raise PlanError(f"{at}: q_heads {node.q_heads} are not kv_heads {node.kv_heads} x group {g}")
+    for field, total in (("kv_heads", p.n_kv_heads), ("ffn_rows", p.ffn_dim), ("vocab_rows", p.vocab_size)):
+        if ends[field] != total:
+            raise PlanError(f"{where}: {field} end at {ends[field]}, expected {total}")
+
+
+def check_plan_fits(p: Plan, config: ModelConfig, model: str | None = None) -> None:
+    """Raises PlanError unless the plan was made for this model's shape (and fingerprint)."""
+    want = (config.n_heads, config.n_kv_heads, config.head_dim, config.ffn_dim, config.vocab_size)
+    have = (p.n_heads, p.n_kv_heads, p.head_dim, p.ffn_dim, p.vocab_size)
+    if want != have:
+        raise PlanError(f"plan of epoch {p.epoch} is for (heads, kv, hd, ffn, vocab) {have}, the model is {want}")
+    expected = model if model is not None else model_fingerprint(config)
+    if p.model != expected:
+        raise PlanError(f"plan of epoch {p.epoch} is for model {p.model}, this one is {expected}")
+
+
+def _check_config(config: ModelConfig) -> None:
+    if config.n_kv_heads < 1 or config.n_heads % config.n_kv_heads:
+        raise PlanError(f"{config.n_heads} heads cannot be grouped over {config.n_kv_heads} KV heads")
+
+
+def _choose(peers: Sequence[Peer], n: int) -> list[Peer]:
+    """The root, then the n - 1 other peers of highest capacity (ties: node id)."""
+    others = sorted(peers[1:], key=lambda p: (-p.capacity, p.node_id))
+    return [peers[0], *others[: n - 1]]
+
+
+def _block_split(total: int, weights: Sequence[Fraction], what: str) -> list[tuple[int, int]]:
+    """[0, total) in len(weights) ranges starting on multiples of BLOCK_ROWS (the last may be partial)."""
+    units = -(-total // BLOCK_ROWS)
+    if units < len(weights):
+        raise PlanError(f"{total} {what} cannot give {len(weights)} nodes a block of {BLOCK_ROWS} each")
+    out, start = [], 0
+    for share in apportion(units, weights):
+        stop = min(start + share * BLOCK_ROWS, total)
+        out.append((start, stop))
+        start = stop
+    return out
+
+
+def _range(r: object, what: str) -> tuple[int, int]:
+    if not (isinstance(r, tuple) and len(r) == 2 and all(isinstance(v, int) and not isinstance(v, bool) for v in r)):
+        raise PlanError(f"{what} must be a pair of ints, got {r!r}")
+    return r  # type: ignore[return-value]
