@@ -73,6 +73,7 @@ class NodeSlice:
     q_heads: tuple[int, int]  # its query heads: kv_heads * group_size
     ffn_rows: tuple[int, int]  # rows of gate/up, columns of down
     vocab_rows: tuple[int, int]  # rows of the output projection (its slice of the logits)
+    dim_rows: tuple[int, int]  # rows of attn_output and ffn_down when those are split by rows (tp.py)
 
     @property
     def q_rows(self) -> tuple[int, int]:
@@ -97,6 +98,7 @@ class Plan:
     head_dim: int
     ffn_dim: int
     vocab_size: int
+    dim: int
     nodes: tuple[NodeSlice, ...]
 
     def __post_init__(self) -> None:
@@ -158,6 +160,7 @@ def plan(
     kv = apportion(config.n_kv_heads, weights)
     ffn = _block_split(config.ffn_dim, weights, "FFN rows")
     vocab = _block_split(config.vocab_size, weights, "vocabulary rows")
+    dim = _block_split(config.dim, weights, "model dimension rows")
     g = config.group_size
     nodes = []
     kv0 = 0
@@ -174,6 +177,7 @@ def plan(
                 q_heads=(kv0 * g, kv1 * g),
                 ffn_rows=ffn[i],
                 vocab_rows=vocab[i],
+                dim_rows=dim[i],
             )
         )
         kv0 = kv1
@@ -186,6 +190,7 @@ def plan(
         head_dim=config.head_dim,
         ffn_dim=config.ffn_dim,
         vocab_size=config.vocab_size,
+        dim=config.dim,
         nodes=tuple(nodes),
     )
 
@@ -217,7 +222,7 @@ def apportion(total: int, weights: Sequence[Fraction]) -> tuple[int, ...]:
 def validate_plan(p: Plan) -> None:
     """Raises PlanError unless the plan covers every head and row exactly once, in node order, aligned."""
     where = f"plan of epoch {p.epoch}"
-    for name in ("epoch", "n_heads", "n_kv_heads", "head_dim", "ffn_dim", "vocab_size"):
+    for name in ("epoch", "n_heads", "n_kv_heads", "head_dim", "ffn_dim", "vocab_size", "dim"):
         v = getattr(p, name)
         if not isinstance(v, int) or isinstance(v, bool) or v < (0 if name == "epoch" else 1):
             raise PlanError(f"{where}: {name} must be a positive int, got {v!r}")
@@ -230,7 +235,7 @@ def validate_plan(p: Plan) -> None:
     if len({n.node_id for n in p.nodes}) != len(p.nodes):
         raise PlanError(f"{where}: duplicate node ids")
     g = p.n_heads // p.n_kv_heads
-    ends = {"kv_heads": 0, "ffn_rows": 0, "vocab_rows": 0}
+    ends = {"kv_heads": 0, "ffn_rows": 0, "vocab_rows": 0, "dim_rows": 0}
     for i, node in enumerate(p.nodes):
         if not isinstance(node, NodeSlice):
             raise PlanError(f"{where}: node {i} is a {type(node).__name__}, not a NodeSlice")
@@ -241,7 +246,7 @@ def validate_plan(p: Plan) -> None:
             raise PlanError(f"{at}: threads {node.threads} < 1")
         if node.head_dim != p.head_dim:
             raise PlanError(f"{at}: head_dim {node.head_dim}, the plan's is {p.head_dim}")
-        for field in ("kv_heads", "ffn_rows", "vocab_rows"):
+        for field in ("kv_heads", "ffn_rows", "vocab_rows", "dim_rows"):
             start, stop = _range(getattr(node, field), f"{at}: {field}")
             if start != ends[field] or stop <= start:
                 raise PlanError(f"{at}: {field} [{start}, {stop}) does not follow [.., {ends[field]}) or is empty")
@@ -250,17 +255,17 @@ def validate_plan(p: Plan) -> None:
             ends[field] = stop
         if _range(node.q_heads, f"{at}: q_heads") != (node.kv_heads[0] * g, node.kv_heads[1] * g):
             raise PlanError(f"{at}: q_heads {node.q_heads} are not kv_heads {node.kv_heads} x group {g}")
-    for field, total in (("kv_heads", p.n_kv_heads), ("ffn_rows", p.ffn_dim), ("vocab_rows", p.vocab_size)):
+    for field, total in (("kv_heads", p.n_kv_heads), ("ffn_rows", p.ffn_dim), ("vocab_rows", p.vocab_size), ("dim_rows", p.dim)):
         if ends[field] != total:
             raise PlanError(f"{where}: {field} end at {ends[field]}, expected {total}")
 
 
 def check_plan_fits(p: Plan, config: ModelConfig, model: str | None = None) -> None:
     """Raises PlanError unless the plan was made for this model's shape (and fingerprint)."""
-    want = (config.n_heads, config.n_kv_heads, config.head_dim, config.ffn_dim, config.vocab_size)
-    have = (p.n_heads, p.n_kv_heads, p.head_dim, p.ffn_dim, p.vocab_size)
+    want = (config.n_heads, config.n_kv_heads, config.head_dim, config.ffn_dim, config.vocab_size, config.dim)
+    have = (p.n_heads, p.n_kv_heads, p.head_dim, p.ffn_dim, p.vocab_size, p.dim)
     if want != have:
-        raise PlanError(f"plan of epoch {p.epoch} is for (heads, kv, hd, ffn, vocab) {have}, the model is {want}")
+        raise PlanError(f"plan of epoch {p.epoch} is for (heads, kv, hd, ffn, vocab, dim) {have}, the model is {want}")
     expected = model if model is not None else model_fingerprint(config)
     if p.model != expected:
         raise PlanError(f"plan of epoch {p.epoch} is for model {p.model}, this one is {expected}")

@@ -10,6 +10,7 @@ object). One process-wide lock serializes all LLVM work; LLVM's global init happ
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import time
 import os
@@ -23,10 +24,17 @@ import llvmlite.binding as llvm
 import llvmlite.ir as ir
 
 PIPELINE_VERSION = 1  # bump when the optimization pipeline changes what the same IR compiles to
-DEFAULT_CACHE_DIR = Path("~/.cache/dllp2p/jit")
+# Compiled code and packed weights live here; DLLP2P_CACHE_DIR (or XDG_CACHE_HOME) moves it.
+DEFAULT_CACHE_DIR = Path(
+    os.environ.get("DLLP2P_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache") / "dllp2p"
+) / "jit"
 
 _LOCK = threading.Lock()  # every LLVM call in this process goes through this lock
 _initialized = False
+
+
+# C library functions generated code may call (sleeping, yielding, socket I/O, the clock)
+LIBC_SYMBOLS = ("usleep", "sched_yield", "send", "recv", "clock_gettime")
 
 
 def _init_llvm() -> None:
@@ -34,6 +42,9 @@ def _init_llvm() -> None:
     if not _initialized:
         llvm.initialize_native_target()
         llvm.initialize_native_asmprinter()
+        libc = ctypes.CDLL(None)
+        for name in LIBC_SYMBOLS:  # resolved for the JIT linker by address, so the IR names no library
+            llvm.add_symbol(name, ctypes.cast(getattr(libc, name), ctypes.c_void_p).value)
         _initialized = True
 
 

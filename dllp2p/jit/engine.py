@@ -24,11 +24,11 @@ import numpy as np
 
 from ..engine import ContextFull
 from ..formats import GGUFModel, QType
-from .compiler import DEFAULT_CACHE_DIR, ObjectCache, compile_module, host_target, llvm_version, load_object
+from .compiler import DEFAULT_CACHE_DIR, CompiledModule, ObjectCache, compile_module, host_target, llvm_version, load_object
 from .layout import aligned_zeros, rope_table
 from .library import build_module
 from .program import LAYER_MATRICES, ProgramSpec, Slots, build_program, private_sizes
-from .weights import load_packed
+from .weights import load_packed, thread_layout
 
 
 def default_threads() -> int:
@@ -56,21 +56,46 @@ class JITEngine:
     def __init__(self, model: GGUFModel, ctx: int, threads: int | None = None, *,
                  cache_dir: os.PathLike | str | None = DEFAULT_CACHE_DIR, max_chunk: int = 64):
         t0 = time.perf_counter()
-        self.config = c = model.config
+        spec = program_spec(model, max_chunk)
+        packed = load_packed(model, None if cache_dir is None else Path(cache_dir).expanduser() / "weights")
+        self._start(model.config, ctx, threads, spec, packed, cache_dir, t0)
+
+    # --- what a subclass (the tensor-parallel node) changes --------------------------------------------
+
+    slots_class = Slots
+    n_kv_local: int  # KV heads in this engine's cache
+
+    def _program_key(self) -> str:
+        return ""
+
+    def _build_program(self, module) -> None:
+        build_program(module, self.spec)
+
+    def _extra_buffers(self) -> dict[str, np.ndarray]:
+        return {}
+
+    # --- start-up --------------------------------------------------------------------------------------
+
+    def _start(self, config, ctx: int, threads: int | None, spec: ProgramSpec, packed, cache_dir, t0: float) -> None:
+        self.config = c = config
         self.ctx = min(ctx, c.context_length)
         self.threads = threads or default_threads()
         if self.threads < 1:
             raise ValueError("threads must be at least 1")
-        self.spec = program_spec(model, max_chunk)
-        self.packed = load_packed(model, None if cache_dir is None else Path(cache_dir).expanduser() / "weights")
-        self.weight_bytes_per_token = self.packed.bytes_per_token
+        if not hasattr(self, "n_kv_local"):
+            self.n_kv_local = c.n_kv_heads
+        self.spec, self.packed = spec, packed
+        self.weight_bytes_per_token = packed.bytes_per_token
         t1 = time.perf_counter()
-        self._compiled = _compile(self.spec, None if cache_dir is None else Path(cache_dir).expanduser() / "code")
+        code_dir = None if cache_dir is None else Path(cache_dir).expanduser() / "code"
+        self._compiled = _compile(spec, code_dir, self._program_key(), self._build_program)
         t2 = time.perf_counter()
         self._bufs = self._allocate()
+        self._bufs.update(self._extra_buffers())
         self._table = self._fill_table()
         self._table_addr = self._table.ctypes.data
-        slots = Slots(c.n_layers)
+        slots = self.slots_class(c.n_layers)
+        self._slots = slots
         self._pos_slot, self._n_slot, self._quit_slot = slots["pos"], slots["n"], slots["quit"]
         proto = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
         self._step = proto(self._compiled.address("step"))
@@ -105,12 +130,12 @@ class JITEngine:
             bufs[name] = aligned_zeros((mc, width), np.float32)
         for layer in range(c.n_layers):
             # np.zeros: pages come from the OS on first touch, so an unused context costs no memory
-            bufs[f"{layer}.k_cache"] = np.zeros((self.ctx, c.n_kv_heads, c.head_dim), np.float16)
-            bufs[f"{layer}.v_cache"] = np.zeros((self.ctx, c.n_kv_heads, c.head_dim), np.float16)
+            bufs[f"{layer}.k_cache"] = np.zeros((self.ctx, self.n_kv_local, c.head_dim), np.float16)
+            bufs[f"{layer}.v_cache"] = np.zeros((self.ctx, self.n_kv_local, c.head_dim), np.float16)
         return bufs
 
     def _fill_table(self) -> np.ndarray:
-        c, slots = self.config, Slots(self.config.n_layers)
+        c, slots = self.config, self.slots_class(self.config.n_layers)
         table = aligned_zeros(len(slots) + 8, np.int64)
         table[slots["n_threads"]] = self.threads
         table[slots["ctx"]] = self.ctx
@@ -118,13 +143,17 @@ class JITEngine:
         for name, buf in self._bufs.items():
             table[slots[name]] = addr(buf)
         m, norms = self.packed.matrices, self.packed.norms
-        table[slots["embed"]] = addr(m["token_embd.weight"])
-        table[slots["output"]] = addr(m["token_embd.weight" if c.tied_output else "output.weight"])
+        out_name = "token_embd.weight" if c.tied_output else "output.weight"
+        order = [f"blk.{i}.{n}.weight" for i in range(c.n_layers) for n in LAYER_MATRICES] + [out_name]
+        self._layout = thread_layout(self.packed, order, self.threads)
+        bases = self._layout.bases
+        table[slots["embed"]] = addr(m["token_embd.weight"])  # looked up by token: the whole matrix
+        table[slots["output"]] = addr(bases[out_name])
         table[slots["output_norm"]] = addr(norms["output_norm.weight"])
         for layer in range(c.n_layers):
             p = f"blk.{layer}."
             for name in LAYER_MATRICES:
-                table[slots[f"{layer}.{name}"]] = addr(m[p + name + ".weight"])
+                table[slots[f"{layer}.{name}"]] = addr(bases[p + name + ".weight"])
             for name in ("attn_norm", "ffn_norm"):
                 table[slots[f"{layer}.{name}"]] = addr(norms[p + name + ".weight"])
         return table
@@ -150,6 +179,13 @@ class JITEngine:
             table[self._pos_slot] = start_pos + lo
             table[self._n_slot] = len(chunk)
             self._step(self._table_addr)
+            self._after_step()
+        return self._result()
+
+    def _after_step(self) -> None:
+        pass
+
+    def _result(self) -> np.ndarray | None:
         return self._bufs["logits"].copy()
 
     def close(self) -> None:
@@ -168,11 +204,6 @@ class JITEngine:
             pass
 
 
-def _usleep_address() -> int:
-    libc = ctypes.CDLL(None)
-    return ctypes.cast(libc.usleep, ctypes.c_void_p).value
-
-
 def _sources_digest() -> str:
     """What the generated code depends on besides the spec: this package's source files."""
     h = hashlib.sha256()
@@ -181,21 +212,21 @@ def _sources_digest() -> str:
     return h.hexdigest()
 
 
-def _compile(spec: ProgramSpec, cache_dir):
-    """The program's machine code. A second start finds it by a key over (spec, target, sources) and
-    builds no IR at all (building the IR of a 30-layer program costs ~0.2 s of Python)."""
+def _compile(spec: ProgramSpec, cache_dir, extra_key: str, build) -> CompiledModule:
+    """The program's machine code. A second start finds it by a key over (spec, extra_key, target,
+    sources) and builds no IR at all (building the IR of a 30-layer program costs ~0.2 s of Python)."""
     target = host_target()
-    llvm.add_symbol("usleep", _usleep_address())
     cache = ObjectCache(Path(cache_dir)) if cache_dir is not None else None
     spec_key = "spec-" + hashlib.sha256(
-        "|".join((repr(spec), target.triple, target.cpu, target.features, llvm_version(), _sources_digest())).encode()
+        "|".join((repr(spec), extra_key, target.triple, target.cpu, target.features, llvm_version(),
+                  _sources_digest())).encode()
     ).hexdigest()[:32]
     if cache is not None and (obj := cache.load(spec_key)) is not None:
         compiled = load_object(obj, target, spec_key)
         if compiled is not None:
             return compiled
     module = build_module(spec.kernel_specs(), target)
-    build_program(module, spec)
+    build(module)
     compiled = compile_module(module, target, cache)
     if cache is not None and (obj := cache.load(compiled.stats.key)) is not None:
         cache.store(spec_key, obj)

@@ -5,6 +5,7 @@ itself in; the last to arrive resets the count and bumps the generation; the oth
 CPU's pause hint) until the generation changes. All read-modify-writes are seq_cst `atomicrmw`
 (`store atomic` is avoided: it crashed llvmlite with opaque pointers); the spin reads are
 `load atomic acquire`. Writes a thread made before the barrier are visible to all after it.
+A waiter that has spun ~1 ms starts calling sched_yield, so oversubscribed cores still make progress.
 """
 
 from __future__ import annotations
@@ -14,6 +15,9 @@ import llvmlite.ir as ir
 from .compiler import Target
 from .irutil import I64, VOID, define, entry_alloca, for_range, gep, i64, intrinsic, load, store
 from .specs import KernelSpec, Op
+
+
+SPINS_BEFORE_YIELD = 20_000  # ~1 ms of pause instructions; then each spin also yields the CPU
 
 
 def _pause(b: ir.IRBuilder, target: Target) -> None:
@@ -35,11 +39,21 @@ def emit_barrier(module: ir.Module, spec: KernelSpec, target: Target) -> ir.Func
             b.atomic_rmw("xchg", count, i64(0), "seq_cst")
             b.atomic_rmw("add", gen, i64(1), "seq_cst")
         with otherwise:
+            spins = entry_alloca(b, I64, i64(0), "spins")
             spin = b.append_basic_block("spin")
+            backoff = b.append_basic_block("backoff")
+            check = b.append_basic_block("check")
             done = b.append_basic_block("released")
             b.branch(spin)
             b.position_at_end(spin)
             _pause(b, target)
+            count = b.add(b.load(spins, typ=I64), i64(1))
+            b.store(count, spins)
+            b.cbranch(b.icmp_signed(">", count, i64(SPINS_BEFORE_YIELD)), backoff, check)
+            b.position_at_end(backoff)  # more threads than free cores: let the one we wait for run
+            b.call(intrinsic(b.module, "sched_yield", ir.IntType(32), []), [])
+            b.branch(check)
+            b.position_at_end(check)
             same = b.icmp_signed("==", b.load_atomic(gen, "acquire", 8, typ=I64), g)
             b.cbranch(same, spin, done)
             b.position_at_end(done)

@@ -140,6 +140,12 @@ class _Forward:
     def ptr(self, name: str) -> ir.Value:
         return self.b.inttoptr(self.scalar(name), PTR)
 
+    def thread_ptr(self, name: str) -> ir.Value:
+        """A weight matrix's base address for this thread: the slot holds the address of an i64[n_threads]
+        array, because each thread's rows of every matrix are laid out contiguously (weights.thread_layout)."""
+        per_thread = self.ptr(name)
+        return self.b.inttoptr(self.b.load(gep(self.b, per_thread, self.tid, I64), typ=I64), PTR)
+
     def private(self, name: str) -> ir.Value:
         return gep(self.b, self.ptr(name), self.b.mul(self.tid, i64(private_sizes(self.spec)[name])))
 
@@ -206,6 +212,7 @@ class _Forward:
         b, c, spec = self.b, self.c, self.spec
         t = dict(zip(LAYER_MATRICES, spec.layer_types[layer]))
         L = lambda name: self.ptr(f"{layer}.{name}")  # noqa: E731
+        W = lambda name: self.thread_ptr(f"{layer}.{name}")  # noqa: E731
         zero, n = i64(0), self.n
         hd, kvd, qd = c.head_dim, c.kv_dim, c.q_dim
 
@@ -213,7 +220,7 @@ class _Forward:
         self.norm_quantize(L("attn_norm"), zero, n)
         q, k, v, att = self.ptr("q"), self.ptr("k"), self.ptr("v"), self.ptr("att")
         for name, y, rows in (("attn_q", q, qd), ("attn_k", k, kvd), ("attn_v", v, kvd)):
-            self.product(t[name], L(name), self.h_t, self.xq_t, y, rows, c.dim, n, rows)
+            self.product(t[name], W(name), self.h_t, self.xq_t, y, rows, c.dim, n, rows)
         self.barrier()
 
         rope = self.ptr("rope")
@@ -236,7 +243,7 @@ class _Forward:
 
         self.call(Op.QUANTIZE, att, self.xq_t, qd, n)
         o = self.ptr("o")
-        self.product(t["attn_output"], L("attn_output"), att, self.xq_t, o, c.dim, qd, n, c.dim)
+        self.product(t["attn_output"], W("attn_output"), att, self.xq_t, o, c.dim, qd, n, c.dim)
         self.barrier()
 
         # feed-forward block
@@ -244,8 +251,8 @@ class _Forward:
         self.norm_quantize(L("ffn_norm"), zero, n)
         g, u, s = self.ptr("g"), self.ptr("u"), self.ptr("s")
         f = c.ffn_dim
-        self.product(t["ffn_gate"], L("ffn_gate"), self.h_t, self.xq_t, g, f, c.dim, n, f)
-        r0, r1 = self.product(t["ffn_up"], L("ffn_up"), self.h_t, self.xq_t, u, f, c.dim, n, f)
+        self.product(t["ffn_gate"], W("ffn_gate"), self.h_t, self.xq_t, g, f, c.dim, n, f)
+        r0, r1 = self.product(t["ffn_up"], W("ffn_up"), self.h_t, self.xq_t, u, f, c.dim, n, f)
         with for_range(b, zero, n, name="silu") as i:
             off = b.add(b.mul(i, i64(f)), r0)
             self.call(Op.SILU_MUL, gep(b, g, off, ir.FloatType()), gep(b, u, off, ir.FloatType()),
@@ -254,7 +261,7 @@ class _Forward:
 
         self.call(Op.QUANTIZE, s, self.xq_t, f, n)
         d = self.ptr("d")
-        self.product(t["ffn_down"], L("ffn_down"), s, self.xq_t, d, c.dim, f, n, c.dim)
+        self.product(t["ffn_down"], W("ffn_down"), s, self.xq_t, d, c.dim, f, n, c.dim)
         self.barrier()
         self.call(Op.ADD, self.x_t, d, b.mul(n, i64(c.dim)))
 
@@ -263,7 +270,7 @@ class _Forward:
         last = b.sub(self.n, i64(1))
         self.norm_quantize(self.ptr("output_norm"), last, self.n)
         xf, xq = self.row(self.h_t, last, c.dim * 4), self.row(self.xq_t, last, act_bytes(c.dim))
-        self.product(self.spec.output_type, self.ptr("output"), xf, xq, self.ptr("logits"), c.vocab_size, c.dim,
+        self.product(self.spec.output_type, self.thread_ptr("output"), xf, xq, self.ptr("logits"), c.vocab_size, c.dim,
                      i64(1), c.vocab_size)
         self.barrier()
 

@@ -1,0 +1,214 @@
+"""Tensor parallelism, compute side: a node's weight slices and the engine that runs its share.
+
+    tensors = node_tensors(model, plan, i)        # root: what node i holds (row slices of the GGUF)
+    node = TPNode(config, plan, i, tensors, peers, ctx, threads)
+    logits = node.forward(tokens, start_pos)     # on every node, same arguments; node 0 gets the logits
+
+Every matrix is split by rows (jit/tp_program.py says why): Q/K/V by KV-head group, attn_output and
+ffn_down by model-dimension rows, gate/up by FFN rows, the output projection by vocabulary rows. The
+norms and the token embedding are whole on every node (each node embeds the tokens itself).
+The cluster's logits are bit-identical to the single-node JIT engine's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import struct
+import time
+from dataclasses import dataclass, replace
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from .formats import GGUFModel, ModelConfig, QType
+from .jit.compiler import DEFAULT_CACHE_DIR
+from .jit.engine import JITEngine, _kernel_type
+from .jit.layout import aligned_empty, aligned_zeros, pack_weights
+from .jit.program import LAYER_MATRICES, ProgramSpec
+from .jit.specs import QUANT_WEIGHTS
+from .jit.tp_program import Partition, TPSlots, build_tp_program, bytes_per_step, tp_buffer_sizes
+from .jit.weights import PackedModel
+from .scheduler import Plan
+
+
+class PeerLost(Exception):
+    """A peer's connection failed (closed, reset or timed out) during a step."""
+
+    def __init__(self, node: int, reason: str):
+        super().__init__(f"node {node}: {reason}")
+        self.node = node
+
+
+@dataclass(frozen=True)
+class NodeTensor:
+    name: str
+    qtype: QType
+    shape: tuple[int, ...]  # of the slice
+    data: np.ndarray  # ggml storage of the slice: u8[rows, row_bytes] for block types, f32/f16/u16 otherwise
+    sha256: str
+
+
+def partition_of(plan: Plan, index: int) -> Partition:
+    nodes = plan.nodes
+    return Partition(index, tuple(n.kv_heads for n in nodes), tuple(n.ffn_rows for n in nodes),
+                     tuple(n.dim_rows for n in nodes), tuple(n.vocab_rows for n in nodes))
+
+
+def row_ranges(config: ModelConfig, part: Partition) -> dict[str, tuple[int, int]]:
+    """Rows of each layer matrix (and the output projection) that node part.index holds."""
+    c, me = config, part.index
+    kv0, kv1 = part.kv_heads[me]
+    g, hd = c.group_size, c.head_dim
+    return {
+        "attn_q": (kv0 * g * hd, kv1 * g * hd),
+        "attn_k": (kv0 * hd, kv1 * hd),
+        "attn_v": (kv0 * hd, kv1 * hd),
+        "attn_output": part.dim_rows[me],
+        "ffn_gate": part.ffn_rows[me],
+        "ffn_up": part.ffn_rows[me],
+        "ffn_down": part.dim_rows[me],
+        "output": part.vocab_rows[me],
+    }
+
+
+def _digest(data: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(data).view(np.uint8).reshape(-1)).hexdigest()
+
+
+def node_tensors(model: GGUFModel, plan: Plan, index: int) -> dict[str, NodeTensor]:
+    """What node `index` of `plan` holds: row slices (views of the memory map) with their sha256."""
+    c = model.config
+    rows = row_ranges(c, partition_of(plan, index))
+    out: dict[str, NodeTensor] = {}
+
+    def add(name: str, source: str, r: tuple[int, int] | None) -> None:
+        t = model.tensor(source)
+        if r is not None:
+            t = t.rows(*r)
+        out[name] = NodeTensor(name, t.qtype, tuple(t.shape), t.data, _digest(t.data))
+
+    add("token_embd.weight", "token_embd.weight", None)
+    add("output_norm.weight", "output_norm.weight", None)
+    add("output.weight", "token_embd.weight" if c.tied_output else "output.weight", rows["output"])
+    for i in range(c.n_layers):
+        for norm in ("attn_norm", "ffn_norm"):
+            add(f"blk.{i}.{norm}.weight", f"blk.{i}.{norm}.weight", None)
+        for name in LAYER_MATRICES:
+            t = model.tensor(f"blk.{i}.{name}.weight")
+            if t.qtype not in QUANT_WEIGHTS:
+                raise ValueError(f"tensor parallelism needs block-quantized layer weights; {t.name} is {t.qtype.name}")
+            add(f"blk.{i}.{name}.weight", f"blk.{i}.{name}.weight", rows[name])
+    return out
+
+
+def _pack_node(config: ModelConfig, tensors: Mapping[str, NodeTensor]) -> PackedModel:
+    matrices, norms = {}, {}
+    for name, t in tensors.items():
+        if len(t.shape) == 1:
+            arr = aligned_empty(t.shape, np.float32)
+            arr[...] = np.asarray(t.data).view(np.float32) if t.qtype == QType.F32 else t.data
+            norms[name] = arr
+        else:
+            data = t.data
+            qtype = t.qtype
+            if qtype == QType.BF16:
+                data = (np.asarray(data, np.uint16).astype(np.uint32) << 16).view(np.float32).reshape(t.shape)
+                qtype = QType.F32
+            matrices[name] = pack_weights(data, qtype, t.shape)
+    per_token = sum(m.nbytes for n, m in matrices.items() if n != "token_embd.weight")
+    return PackedModel(matrices, norms, per_token + sum(a.nbytes for a in norms.values()))
+
+
+PEER_TIMEOUT_S = 30.0
+
+
+def prepare_peer_socket(sock: socket.socket, timeout: float = PEER_TIMEOUT_S) -> None:
+    """What the native exchange needs of a peer socket: blocking at the fd level (Python's own timeouts
+    make the fd non-blocking, which the compiled code would see as a failure), a kernel-level send and
+    receive timeout so a dead peer fails the step instead of hanging it, no Nagle delay, big buffers."""
+    sock.settimeout(None)
+    tv = struct.pack("ll", int(timeout), int((timeout % 1) * 1e6))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
+    for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+        sock.setsockopt(socket.SOL_SOCKET, opt, 1 << 20)
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+class TPNode(JITEngine):
+    """One node's engine. peers[j]: a connected blocking socket to node j (None at this node's index)."""
+
+    slots_class = TPSlots
+
+    def __init__(self, config: ModelConfig, plan: Plan, index: int, tensors: Mapping[str, NodeTensor],
+                 peers: Sequence[socket.socket | None], ctx: int, threads: int | None = None, *,
+                 cache_dir: os.PathLike | str | None = DEFAULT_CACHE_DIR, max_chunk: int = 64,
+                 timeout: float = PEER_TIMEOUT_S):
+        t0 = time.perf_counter()
+        self.part = part = partition_of(plan, index)
+        if len(peers) != part.n_nodes or (peers[index] is not None):
+            raise ValueError(f"need one socket per other node of the plan ({part.n_nodes - 1}), None at {index}")
+        self.index, self.plan = index, plan
+        self.n_kv_local = part.kv_heads[index][1] - part.kv_heads[index][0]
+        self._peers = list(peers)
+        for sock in self._peers:
+            if sock is not None:
+                prepare_peer_socket(sock, timeout)
+        layer_types = tuple(tuple(_kernel_type(tensors[f"blk.{i}.{n}.weight"].qtype) for n in LAYER_MATRICES)
+                            for i in range(config.n_layers))
+        # the program sees the output projection as "output.weight", sliced, even when tied
+        spec = ProgramSpec(config, layer_types, _kernel_type(tensors["token_embd.weight"].qtype),
+                           _kernel_type(tensors["output.weight"].qtype), max_chunk)
+        packed = _pack_node(config, tensors)
+        self._start(config, ctx, threads, spec, packed, cache_dir, t0)
+        self.bytes_sent, self.bytes_received = bytes_per_step(spec, part)
+        self.stats: dict[str, float] = {}
+
+    def _program_key(self) -> str:
+        return repr(self.part)
+
+    def _build_program(self, module) -> None:
+        build_tp_program(module, self.spec, self.part)
+
+    def _extra_buffers(self) -> dict[str, np.ndarray]:
+        sizes = tp_buffer_sizes(self.spec, self.part)
+        bufs = {name: aligned_zeros(n, np.uint8) for name, n in sizes.items()}
+        fds = aligned_zeros(max(1, self.part.n_nodes), np.int64)
+        for j, sock in enumerate(self._peers):
+            fds[j] = -1 if sock is None else sock.fileno()
+        bufs["fds"] = fds
+        return bufs
+
+    def _fill_table(self) -> np.ndarray:
+        # a node always holds its own "output.weight" slice, even when the model ties it to the embedding
+        config = self.config
+        self.config = replace(config, tied_output=False)
+        try:
+            return super()._fill_table()
+        finally:
+            self.config = config
+
+    def forward(self, tokens: Sequence[int], start_pos: int) -> np.ndarray | None:
+        t = self._table
+        t[self._slots["sync_ns"]] = 0
+        t0 = time.perf_counter()
+        result = super().forward(tokens, start_pos)
+        total = time.perf_counter() - t0
+        sync = t[self._slots["sync_ns"]] / 1e9
+        n = len(tokens)
+        sent, received = bytes_per_step(self.spec, self.part, 1)
+        self.stats = {"step_ms": total * 1e3, "sync_ms": sync * 1e3, "compute_ms": (total - sync) * 1e3,
+                      "bytes_sent": sent * n, "bytes_received": received * n, "tokens": n}
+        return result
+
+    def _after_step(self) -> None:
+        err = int(self._table[self._slots["error"]])
+        if err:
+            self._table[self._slots["error"]] = 0
+            raise PeerLost(err - 1, "connection closed, reset or timed out during a step")
+
+    def _result(self) -> np.ndarray | None:
+        return self._bufs["logits_full"].view(np.float32).copy() if self.index == 0 else None

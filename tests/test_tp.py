@@ -1,0 +1,157 @@
+"""Tensor-parallel nodes against the single-node JIT engine: the logits must be bit-identical.
+
+Nodes run in one process here (each forward in its own thread; ctypes releases the GIL), connected by
+socket pairs: exactly the blocking stream sockets the daemon hands a node, without the daemon.
+The daemon/root plumbing is tested over real TCP in test_daemon.py and test_cluster.py.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+
+import numpy as np
+import pytest
+
+from dllp2p.formats import QType, load_model
+from dllp2p.formats.synthetic import SyntheticSpec, write_random_llama
+from dllp2p.jit.engine import JITEngine
+from dllp2p.scheduler import Peer, plan
+from dllp2p.tp import PeerLost, TPNode, node_tensors
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("tp-cache")
+
+
+@pytest.fixture(scope="module")
+def kv8_model(tmp_path_factory):
+    spec = SyntheticSpec(dim=512, n_layers=2, n_heads=16, n_kv_heads=8, ffn_dim=1024, vocab_size=1024,
+                         qtype=QType.Q4_0, embed_qtype=QType.Q8_0)
+    return load_model(write_random_llama(tmp_path_factory.mktemp("m") / "random-kv8.gguf", spec))
+
+
+def mesh(n: int, timeout: float = 20.0) -> list[list[socket.socket | None]]:
+    socks: list[list[socket.socket | None]] = [[None] * n for _ in range(n)]
+    for i in range(n):
+        for j in range(i + 1, n):
+            a, b = socket.socketpair()
+            for s in (a, b):
+                s.settimeout(timeout)  # TPNode turns this into fd-level SO_RCVTIMEO / SO_SNDTIMEO
+            socks[i][j], socks[j][i] = a, b
+    return socks
+
+
+class Cluster:
+    def __init__(self, model, n_nodes: int, policy: str, cache_dir, threads: int = 1, ctx: int = 128):
+        peers = [Peer(f"node{i}", f"127.0.0.1:{7000 + i}", threads, 1.0) for i in range(n_nodes)]
+        self.plan = plan(model.config, peers, epoch=1, policy=policy)
+        assert self.plan.n_nodes == n_nodes
+        self.socks = mesh(n_nodes)
+        self.nodes = [TPNode(model.config, self.plan, i, node_tensors(model, self.plan, i), self.socks[i], ctx,
+                             threads, cache_dir=cache_dir) for i in range(n_nodes)]
+
+    def forward(self, tokens, pos):
+        out, errors = [None] * len(self.nodes), []
+
+        def run(i):
+            try:
+                out[i] = self.nodes[i].forward(tokens, pos)
+            except Exception as e:  # noqa: BLE001 - collected and re-raised by the test
+                errors.append(e)
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(1, len(self.nodes))]
+        for t in threads:
+            t.start()
+        run(0)
+        for t in threads:
+            t.join(timeout=60)
+        if errors:
+            raise errors[0]
+        assert all(o is None for o in out[1:])
+        return out[0]
+
+    def close(self):
+        for node in self.nodes:
+            node.close()
+        for row in self.socks:
+            for s in row:
+                if s is not None:
+                    s.close()
+
+
+def greedy_identical(cluster: Cluster, single: JITEngine, prompt: list[int], steps: int) -> list[int]:
+    got, want = cluster.forward(prompt, 0), single.forward(prompt, 0)
+    assert np.array_equal(got, want)
+    tokens = []
+    for i in range(steps):
+        tokens.append(int(np.argmax(want)))
+        got = cluster.forward([tokens[-1]], len(prompt) + i)
+        want = single.forward([tokens[-1]], len(prompt) + i)
+        assert np.array_equal(got, want), f"step {i}"
+    return tokens
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("n_nodes,policy", [(1, "pow2"), (2, "pow2"), (3, "weighted")])
+def test_smollm2_bit_identical_to_one_node(real_model, cache_dir, n_nodes, policy):
+    single = JITEngine(real_model, 128, threads=1, cache_dir=cache_dir)
+    cluster = Cluster(real_model, n_nodes, policy, cache_dir)
+    try:
+        prompt = [1, 504, 3575, 282, 4649, 314]  # "<s>The capital of France is"-like ids
+        tokens = greedy_identical(cluster, single, prompt, 64)
+        assert tokens[0] == 7042  # " Paris"
+    finally:
+        cluster.close()
+        single.close()
+
+
+@pytest.mark.parametrize("n_nodes", [1, 2, 4, 8])
+def test_eight_kv_heads_bit_identical(kv8_model, cache_dir, n_nodes):
+    single = JITEngine(kv8_model, 128, threads=1, cache_dir=cache_dir, max_chunk=16)
+    cluster = Cluster(kv8_model, n_nodes, "pow2", cache_dir)
+    try:
+        prompt = list(np.random.default_rng(3).integers(0, kv8_model.config.vocab_size, 21))
+        greedy_identical(cluster, single, prompt, 64)
+    finally:
+        cluster.close()
+        single.close()
+
+
+def test_two_threads_per_node(kv8_model, cache_dir):
+    single = JITEngine(kv8_model, 64, threads=1, cache_dir=cache_dir)
+    cluster = Cluster(kv8_model, 2, "pow2", cache_dir, threads=2, ctx=64)
+    try:
+        greedy_identical(cluster, single, [5, 6, 7], 8)
+    finally:
+        cluster.close()
+        single.close()
+
+
+def test_lost_peer_raises_and_names_it(kv8_model, cache_dir):
+    cluster = Cluster(kv8_model, 2, "pow2", cache_dir)
+    try:
+        cluster.forward([1, 2], 0)
+        cluster.socks[1][0].close()  # node 1 vanishes
+        with pytest.raises(PeerLost, match="node 1"):
+            cluster.nodes[0].forward([3], 2)
+    finally:
+        cluster.socks[1][0] = None
+        cluster.close()
+
+
+def test_bytes_per_token_match_traffic(kv8_model, cache_dir):
+    cluster = Cluster(kv8_model, 2, "pow2", cache_dir)
+    try:
+        cluster.forward([1], 0)
+        stats = cluster.nodes[0].stats
+        c = kv8_model.config
+        # per layer: half the quantized attention output, half of o, half the quantized FFN, half of d
+        act = lambda k: k + 8 * (k // 32)  # noqa: E731
+        sent = c.n_layers * (act(c.q_dim // 2) + c.dim * 2 + act(c.ffn_dim // 2) + c.dim * 2)
+        assert stats["bytes_sent"] == sent
+        assert stats["bytes_received"] == sent + c.vocab_size // 2 * 4  # + node 1's logits
+        assert 0 <= stats["sync_ms"] <= stats["step_ms"]
+    finally:
+        cluster.close()
