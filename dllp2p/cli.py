@@ -25,6 +25,9 @@ class RunConfig:
     engine: str
     sampler: SamplerConfig
     threads: int | None = None  # None: one per CPU this process may run on
+    workers: tuple[str, ...] = ()  # "host:port" of worker daemons: this process becomes their root
+    plan: str = "pow2"  # scheduler policy with --workers
+    stats: bool = False  # print per-token cluster statistics at the end
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,6 +55,19 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--min-p", type=float, default=0.05, help="0 = off (default 0.05)")
     run.add_argument("--repeat-penalty", type=float, default=1.0, help="1 = off (default 1.0)")
     run.add_argument("--seed", type=int, help="random seed: the same seed gives the same text")
+    run.add_argument("--workers", nargs="+", metavar="HOST:PORT", default=[],
+                     help="worker daemons (dllp2p daemon) to split the model across; this process is the root")
+    run.add_argument("--plan", choices=["pow2", "weighted"], default="pow2",
+                     help="with --workers: pow2 = 2^n nodes, equal slices (default); weighted = every node the "
+                          "model's KV heads allow, slices by capacity")
+    run.add_argument("--stats", action="store_true",
+                     help="with --workers: print per-token inference ms, sync ms and bytes sent/received")
+
+    daemon = sub.add_parser("daemon", help="serve as a worker node for roots on the LAN (dllp2p run --workers)")
+    daemon.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0: all IPv4)")
+    daemon.add_argument("--port", type=int, default=7340, help="TCP port (default 7340; 0 = any free port)")
+    daemon.add_argument("--threads", type=int, help="compute threads (default: one per CPU core)")
+    daemon.add_argument("--state-dir", help="node id and weight cache (default ~/.local/state/dllp2p)")
     return parser
 
 
@@ -70,7 +86,27 @@ def run_config(ns: argparse.Namespace) -> RunConfig:
     )
     if ns.threads is not None and ns.threads < 1:
         raise ValueError("--threads must be at least 1")
-    return RunConfig(ns.model, ns.prompt, ns.steps, ns.ctx, ns.chat, ns.system, ns.engine, sampler, ns.threads)
+    from .link import parse_address
+
+    for address in ns.workers:
+        parse_address(address)
+    return RunConfig(ns.model, ns.prompt, ns.steps, ns.ctx, ns.chat, ns.system, ns.engine, sampler, ns.threads,
+                     tuple(ns.workers), ns.plan, ns.stats)
+
+
+def daemon_config(ns: argparse.Namespace):  # -> daemon.DaemonConfig (imported lazily)
+    import os
+    from pathlib import Path
+
+    from .daemon import DaemonConfig
+    from .jit.engine import default_threads
+
+    if not 0 <= ns.port < 65536:
+        raise ValueError("--port must be in 0..65535")
+    if ns.threads is not None and ns.threads < 1:
+        raise ValueError("--threads must be at least 1")
+    state = ns.state_dir or Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state") / "dllp2p"
+    return DaemonConfig(ns.host, ns.port, ns.threads or default_threads(), Path(state).expanduser())
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -87,6 +123,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             from . import bench
 
             return bench.main(ns)
+        if ns.command == "daemon":
+            import logging
+
+            from . import daemon
+
+            logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="dllp2p daemon: %(message)s")
+            return daemon.main(daemon_config(ns))
     except user_facing_errors() as e:
         print(f"dllp2p: error: {e}", file=sys.stderr)
         return EXIT_FAILED

@@ -13,6 +13,12 @@ Messages are frozen dataclasses; each checks its own invariants when built, so a
 as trustworthy as a local one. Field types on the wire: int, float, str, bytes (msgpack bin), bool,
 tuples (msgpack arrays) and nested dataclasses (maps), e.g. the scheduler's Plan and its NodeSlices.
 
+A session between a root and a worker (daemon.py and cluster.py run it): Hello both ways; Session
+(plan, model config, ctx, the worker's slice list) -> Need (the sha256s its cache lacks) -> exactly those
+as WeightChunks -> WeightsReady; Mesh -> node-to-node connections, each opened by a MeshHello both
+ways -> Ready; then Step after Step; Stop. A wrong message at a given point is an UnexpectedMessage;
+Error.code names the problem (error_code).
+
 Activations travel as ggml Q8_0 blocks (34 bytes per 32 values: f16 scale + 32 i8), about a quarter of f32;
 logits travel as f32, since greedy decoding must match the single-node engine exactly.
 
@@ -39,6 +45,7 @@ from typing import Any, Iterator, Union
 import msgpack
 import numpy as np
 
+from .formats import ModelConfig
 from .formats.quant import QK, TRAITS, QType, dequantize, quantize
 from .scheduler import NodeSlice, Peer, Plan
 
@@ -92,6 +99,27 @@ class SliceHashMismatch(ChunkError):
     """A reassembled weight slice whose sha256 is not the one announced."""
 
 
+class UnexpectedMessage(ProtocolError):
+    """A valid message at the wrong time (a Step before any plan, a chunk nobody asked for)."""
+
+
+_ERROR_CODES: tuple[tuple[type, str], ...] = (
+    (BadMagic, "bad_magic"),
+    (ProtocolVersionError, "version"),
+    (FrameTooLarge, "too_large"),
+    (UnknownMessageType, "unknown_type"),
+    (MalformedFrame, "malformed_frame"),
+    (SliceHashMismatch, "slice_hash"),
+    (ChunkError, "chunk"),
+    (UnexpectedMessage, "unexpected"),
+)
+
+
+def error_code(e: ProtocolError) -> str:
+    """The Error.code that tells a peer about e."""
+    return next((code for cls, code in _ERROR_CODES if isinstance(e, cls)), "protocol")
+
+
 # --- messages -------------------------------------------------------------------------------------
 
 
@@ -105,6 +133,11 @@ class MsgType(IntEnum):
     LOGITS = 7
     STOP = 8
     ERROR = 9
+    SESSION = 10
+    NEED = 11
+    MESH = 12
+    MESH_HELLO = 13
+    READY = 14
 
 
 def _need(ok: bool, problem: str) -> None:
@@ -255,7 +288,108 @@ class Error:
         _need(bool(self.code), "error code is empty")
 
 
-Message = Union[Hello, Plan, WeightChunk, WeightsReady, Step, Activations, Logits, Stop, Error]
+@dataclass(frozen=True)
+class SliceInfo:
+    """One tensor a node will hold: what WeightChunks of it carry, without the bytes."""
+
+    tensor: str
+    slice_id: str
+    qtype: int
+    shape: tuple[int, ...]
+    sha256: str
+
+    def __post_init__(self) -> None:
+        _need(bool(self.tensor), "tensor name is empty")
+        _need(self.qtype in QType._value2member_map_, f"{self.tensor}: unknown tensor type {self.qtype}")
+        _need(len(self.shape) >= 1 and all(d >= 1 for d in self.shape), f"{self.tensor}: bad shape {self.shape}")
+        slice_nbytes(QType(self.qtype), self.shape)  # rows of whole blocks
+        _need(bool(_SHA256.fullmatch(self.sha256)), f"{self.tensor}: sha256 must be 64 lowercase hex digits")
+
+    @property
+    def nbytes(self) -> int:
+        return slice_nbytes(QType(self.qtype), self.shape)
+
+
+@dataclass(frozen=True)
+class Session:
+    """Root -> worker: the epoch's plan, the model's shape (workers have no model file), the KV cache
+    size and the tensors this worker will hold. The worker answers Need."""
+
+    plan: Plan
+    config: ModelConfig
+    ctx: int  # KV cache positions
+    slices: tuple[SliceInfo, ...]
+
+    def __post_init__(self) -> None:
+        c = self.config
+        ints = ("dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim", "vocab_size", "context_length")
+        _need(all(getattr(c, f) >= 1 for f in ints), f"model config has a size < 1: {c}")
+        _need(bool(c.arch), "model architecture is empty")
+        _need(0 < c.rope_dim <= c.head_dim and c.rope_dim % 2 == 0, f"rope_dim {c.rope_dim} does not fit head_dim {c.head_dim}")
+        _need(math.isfinite(c.rope_base) and c.rope_base > 0 and math.isfinite(c.norm_eps) and c.norm_eps > 0,
+              "rope_base and norm_eps must be finite and > 0")
+        _need(1 <= self.ctx <= c.context_length, f"ctx {self.ctx} is not in 1..{c.context_length}")
+        _need(len(self.slices) >= 1, "a session without tensors")
+        names = [s.tensor for s in self.slices]
+        _need(len(set(names)) == len(names), "a tensor is listed twice")
+
+    @property
+    def epoch(self) -> int:
+        return self.plan.epoch
+
+
+@dataclass(frozen=True)
+class Need:
+    """Worker -> root: the slices (sha256) of the Session it does not hold; the root sends exactly these."""
+
+    epoch: int
+    sha256s: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        _need(self.epoch >= 0, f"epoch {self.epoch} < 0")
+        _need(all(_SHA256.fullmatch(h) for h in self.sha256s), "sha256s must be lowercase hex sha256")
+        _need(len(set(self.sha256s)) == len(self.sha256s), "a slice is asked for twice")
+
+
+@dataclass(frozen=True)
+class Mesh:
+    """Root -> worker: every node holds its weights; connect to the plan's other nodes."""
+
+    epoch: int
+
+    def __post_init__(self) -> None:
+        _need(self.epoch >= 0, f"epoch {self.epoch} < 0")
+
+
+@dataclass(frozen=True)
+class MeshHello:
+    """First frame of a node-to-node connection (src dials dst), echoed back with src and dst swapped."""
+
+    epoch: int
+    node_id: str  # the sender's
+    src: int  # the sender's index in the plan
+    dst: int
+
+    def __post_init__(self) -> None:
+        _need(min(self.epoch, self.src, self.dst) >= 0, "negative epoch or index")
+        _need(self.src != self.dst, f"a node cannot connect to itself (index {self.src})")
+        _need(bool(self.node_id), "node_id is empty")
+
+
+@dataclass(frozen=True)
+class Ready:
+    """Worker -> root: the node's engine is built and its mesh connected; it waits for Steps."""
+
+    epoch: int
+    node_id: str
+
+    def __post_init__(self) -> None:
+        _need(self.epoch >= 0, f"epoch {self.epoch} < 0")
+        _need(bool(self.node_id), "node_id is empty")
+
+
+Message = Union[Hello, Plan, WeightChunk, WeightsReady, Step, Activations, Logits, Stop, Error,
+                Session, Need, Mesh, MeshHello, Ready]
 
 MESSAGE_TYPES: dict[MsgType, type] = {
     MsgType.HELLO: Hello,
@@ -267,6 +401,11 @@ MESSAGE_TYPES: dict[MsgType, type] = {
     MsgType.LOGITS: Logits,
     MsgType.STOP: Stop,
     MsgType.ERROR: Error,
+    MsgType.SESSION: Session,
+    MsgType.NEED: Need,
+    MsgType.MESH: Mesh,
+    MsgType.MESH_HELLO: MeshHello,
+    MsgType.READY: Ready,
 }
 _TYPE_OF: dict[type, MsgType] = {cls: t for t, cls in MESSAGE_TYPES.items()}
 
@@ -283,7 +422,7 @@ def _fields(cls: type) -> tuple[tuple[str, Any], ...]:
     return _FIELDS[cls]
 
 
-for _cls in (*MESSAGE_TYPES.values(), NodeSlice):
+for _cls in (*MESSAGE_TYPES.values(), NodeSlice, SliceInfo, ModelConfig):
     _fields(_cls)  # resolve every schema at import: a bad annotation fails here, not mid-stream
 del _cls
 

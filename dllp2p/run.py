@@ -27,7 +27,7 @@ def prompt_tokens(tokenizer: Tokenizer, model: GGUFModel, prompt: str, chat: boo
     return tokenizer.encode(text, add_bos=False, parse_special=True)
 
 
-def make_engine(kind: str, model: GGUFModel, ctx: int, threads: int | None = None) -> Engine:
+def make_engine(kind: str, model: GGUFModel, ctx: int, threads: int | None = None, cluster=None) -> Engine:
     if kind == "reference":
         from .reference import ReferenceEngine
 
@@ -36,6 +36,10 @@ def make_engine(kind: str, model: GGUFModel, ctx: int, threads: int | None = Non
         from .jit.engine import JITEngine
 
         return JITEngine(model, ctx, threads)
+    if kind == "cluster":  # cluster: a cluster.ClusterOptions
+        from .cluster import ClusterEngine
+
+        return ClusterEngine.connect(model, cluster, ctx, threads)
     raise ValueError(f"unknown engine {kind!r}")
 
 
@@ -43,7 +47,12 @@ def run_local(cfg, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
     model = load_model(resolve_model(cfg.model))
     tokenizer = Tokenizer.from_metadata(model.metadata)
     ids = prompt_tokens(tokenizer, model, cfg.prompt, cfg.chat, cfg.system)
-    engine = make_engine(cfg.engine, model, cfg.ctx, cfg.threads)
+    cluster = None
+    if cfg.workers:
+        from .cluster import ClusterOptions
+
+        cluster = ClusterOptions(cfg.workers, cfg.plan)
+    engine = make_engine("cluster" if cluster else cfg.engine, model, cfg.ctx, cfg.threads, cluster)
     stats = GenerationStats()
     decoder = StreamDecoder(tokenizer)
     try:
@@ -55,4 +64,7 @@ def run_local(cfg, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
     finally:
         engine.close()
     print(f"dllp2p: {stats.summary()}", file=err)
+    if cfg.stats and hasattr(engine, "stats_summary"):
+        for line in engine.stats_summary():
+            print(f"dllp2p: {line}", file=err)
     return 0

@@ -18,19 +18,23 @@ The library is compiled once per module (no disk cache); a few extra builds chec
 
 from __future__ import annotations
 
+import ctypes
 import threading
 
+import llvmlite.ir as ir
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dllp2p.formats.quant import BLOCK_DTYPES, QK, QType, quantize
+from dllp2p.jit import ir_ops
 from dllp2p.jit import reference as ref
 from dllp2p.jit.compiler import ObjectCache, Target, compile_module, emit_assembly, host_target
 from dllp2p.jit.layout import (
     G, PACKED_TYPES, act_bytes, aligned_empty, aligned_zeros, kv_cache, pack_weights, rope_table, unpack_weights,
 )
+from dllp2p.jit.irutil import F16, F32, Signature, define, for_range, i64, load, store, vec
 from dllp2p.jit.library import build_module, compile_kernels
 from dllp2p.jit.specs import FLOAT_WEIGHTS, QUANT_WEIGHTS, KernelSpec, Op, all_specs
 
@@ -389,10 +393,12 @@ def test_rope(lib, n_heads, half_hd, data, ctx, seed):
 def attention_tol(q, kc, vc, pos):
     """Per-element bound on |kernel - exact| (first order), f64[n_heads, hd].
 
-    Scores: hd/16 + 4 roundings of a dot (plus the 1/sqrt(hd) scale): e_t <= (hd/16 + 6) U sum|q k_t| / sqrt(hd).
-    Each weight p_t = exp(s_t - max) then carries a relative error <= d = max_t(e_t) + e_max + U |s_t - max| + 2U
-    (subtraction, expf < 1 ulp). out = sum p_t v_t / sum p_t moves by <= 2 d sum w_t |v_t| (w = softmax), and
-    the f32 sums over n_pos positions (two of them) and the final 1 / and * add (2 n_pos + 4) U sum w_t |v_t|."""
+    Scores: a chain of hd/8 fused multiply-adds per lane, a 3-level tree, then the 1/sqrt(hd) scale (itself
+    rounded twice): e_t <= (hd/8 + 6) U sum|q k_t| / sqrt(hd). Each weight p_t = exp(s_t - max) then carries a
+    relative error <= d = max_t(e_t) + e_max + U |s_t - max| + 2U (subtraction; vexp < 2U, see test_vexp).
+    out = sum p_t v_t / sum p_t moves by <= 2 d sum w_t |v_t| (w = softmax), and the f32 sums over n_pos
+    positions (two of them: one chain per lane each) and the 1 / sum and p_t * (1 / sum) add
+    (2 n_pos + 4) U sum w_t |v_t|."""
     n_heads, hd = q.shape
     group = n_heads // kc.shape[1]
     n_pos = pos + 1
@@ -402,7 +408,7 @@ def attention_tol(q, kc, vc, pos):
         v = vc[:n_pos, h // group].astype(np.float64)
         qh = q[h].astype(np.float64)
         s = k @ qh / np.sqrt(hd)
-        e = (hd / 16 + 6) * U * (np.abs(k) @ np.abs(qh)) / np.sqrt(hd)
+        e = (hd / 8 + 6) * U * (np.abs(k) @ np.abs(qh)) / np.sqrt(hd)
         d = (e + e.max() + U * np.abs(s - s.max()) + 2 * U).max()
         w = np.exp(s - s.max())
         w /= w.sum()
@@ -440,9 +446,102 @@ def test_attention_f16kv(lib, n_kv, group, hd16, ctx, q_scale, data, seed):
 
 
 @pytest.mark.parametrize("n_kv,group,hd,ctx,pos", [(1, 1, 16, 1, 0), (3, 3, 64, 300, 299), (2, 4, 128, 64, 0),
-                                                   (8, 1, 64, 513, 400), (1, 32, 32, 2048, 2047)])
+                                                   (8, 1, 64, 513, 400), (1, 32, 32, 2048, 2047),
+                                                   (2, 3, 256, 140, 133), (1, 7, 48, 200, 197), (1, 5, 80, 70, 66)])
 def test_attention_f16kv_edges(lib, n_kv, group, hd, ctx, pos):
+    """Many position blocks (64) with ragged ends, groups of 3 heads plus 1 or 2, both kernel copies (hd = 64, and
+    the generic one: 16/32/48-lane tails, hd = 256)."""
     run_attention(lib, np.random.default_rng(ctx), n_kv, group, hd, ctx, pos, 0, n_kv * group)
+
+
+@pytest.mark.parametrize("n_kv,group,hd,pos,h0,h1", [(3, 3, 64, 1000, 0, 1), (3, 3, 64, 1000, 4, 5),
+                                                     (2, 5, 128, 300, 3, 9), (1, 7, 48, 129, 2, 7),
+                                                     (2, 4, 32, 77, 1, 7)])
+def test_attention_f16kv_head_ranges(lib, n_kv, group, hd, pos, h0, h1):
+    """One head (as the engine calls it), and ranges that cut groups: each group's share of [h0, h1) in chunks."""
+    run_attention(lib, np.random.default_rng(pos + h0), n_kv, group, hd, pos + 1, pos, h0, h1)
+
+
+@pytest.mark.parametrize("q_scale", [8.0, 30.0])
+def test_attention_f16kv_peaked(lib, q_scale):
+    """Scores spread over hundreds: most exp(s - max) underflow (vexp's clamp, subnormal and zero results)."""
+    run_attention(lib, np.random.default_rng(5), 2, 3, 64, 150, 149, 0, 6, q_scale)
+
+
+def _elementwise_module(name: str, width: int, emit_one, in_type) -> ir.Module:
+    """A module with name(x, out, n): out[i] = emit_one(b, <width x in_type> at x[i]) for i in 0..n step width
+    (n a multiple of width)."""
+    t = host_target()
+    m = ir.Module(name="test_" + name)
+    m.triple = t.triple
+    fn, b = define(m, name, Signature((("x", "p"), ("out", "p"), ("n", "i"))))
+    x, out, n = fn.args
+    with for_range(b, i64(0), n, width, name="i") as i:
+        store(b, emit_one(b, load(b, x, vec(in_type, width), i, in_type)), out, i, F32)
+    b.ret_void()
+    return m
+
+
+def _run_elementwise(m: ir.Module, name: str, x: np.ndarray) -> np.ndarray:
+    assert len(x) % 8 == 0
+    compiled = compile_module(m, host_target(), None)
+    fn = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64)(compiled.address(name))
+    out = np.full(len(x), SENTINEL, np.float32)
+    fn(P(x), P(out), len(x))
+    return out
+
+
+@pytest.mark.parametrize("width", [8, 1])
+def test_vexp(width):
+    """ir_ops.vexp (attention's exp): relative error <= 2U wherever exp(x) is a normal f32 (measured: 1.4U),
+    <= 2U relative + 2^-149 absolute in the subnormal range, 0 below; clamped at EXP_HI; exp(0) = 1 exactly."""
+    m = _elementwise_module("vexp", width, ir_ops.vexp, F32)
+    rng = np.random.default_rng(9)
+    specials = [0.0, -0.0, -1e-30, 1e-30, 1e-7, -1e-7, -87.3, -87.4, -103.9, -149 * np.log(2), -150 * np.log(2),
+                -105, -1e30, -np.inf, 89, 1e30]
+    x = np.concatenate([np.linspace(ir_ops.EXP_LO, ir_ops.EXP_HI, 1 << 20), rng.uniform(-1, 1, 1 << 16),
+                        rng.uniform(-110, -80, 1 << 14), specials]).astype(np.float32)
+    got = _run_elementwise(m, "vexp", x).astype(np.float64)
+    with np.errstate(over="ignore"):
+        want = np.exp(x.astype(np.float64))
+    normal = (want >= TINY) & (x <= ir_ops.EXP_HI)
+    assert_within(got[normal], want[normal], 2 * U * want[normal], "normal results")
+    small = want < TINY
+    assert_within(got[small], want[small], 2 * U * want[small] + 2.0**-149, "subnormal results")
+    assert (got[x < ir_ops.EXP_LO] <= 2.0**-149).all() and got[x == -np.inf][0] == 0.0
+    assert (got[x == 0] == 1.0).all()
+    assert (got[x > ir_ops.EXP_HI] == got[x == np.float32(ir_ops.EXP_HI)][0]).all()  # clamped, finite
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_widen_f16_every_value(native):
+    """f16 -> f32 as attention widens K/V rows, for all 65536 bit patterns: bit-exact with numpy (NaN: a NaN),
+    by fpext (F16C) and by the integer path used where the target has no f16 conversion instruction."""
+    if native and not ir_ops.has_native_f16(host_target()):
+        pytest.skip("host has no f16 conversion instruction")
+    m = _elementwise_module("widen", 8, lambda b, v: ir_ops.widen_f16(b, v, native), F16)
+    h = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
+    got = _run_elementwise(m, "widen", h.view(np.float16))
+    want = h.view(np.float16).astype(np.float32)
+    nan = np.isnan(want)
+    np.testing.assert_array_equal(np.isnan(got), nan)
+    np.testing.assert_array_equal(got[~nan].view(np.uint32), want[~nan].view(np.uint32))
+
+
+def test_attention_generic_target():
+    """attention_f16kv built for the host with AVX, AVX2, FMA, F16C (and AVX-512) switched off: SSE2 code with
+    the integer f16 widening (no __extendhfsf2 call), still within the tolerance, one head or all."""
+    h = host_target()
+    off = ("avx", "avx2", "fma", "f16c", "avx512f") if h.is_x86 else ()
+    t = Target(h.triple, h.cpu, ",".join([f for f in h.features.split(",") if f and f[1:] not in off] +
+                                         [f"-{f}" for f in off]))
+    if h.is_x86:
+        asm = emit_assembly(build_module([KernelSpec(Op.ATTENTION)], t), t)
+        assert "ymm" not in asm and "vcvtph2ps" not in asm and "__extendhfsf2" not in asm
+    glib = compile_kernels([KernelSpec(Op.ATTENTION)], cache_dir=None, target=t)
+    rng = np.random.default_rng(4)
+    for n_kv, group, hd, pos, h0, h1 in [(3, 3, 64, 200, 0, 9), (3, 3, 64, 200, 4, 5), (2, 5, 48, 70, 1, 10)]:
+        run_attention(glib, rng, n_kv, group, hd, pos + 2, pos, h0, h1)
 
 
 # --- barrier ------------------------------------------------------------------------------------------

@@ -233,12 +233,14 @@ class _Forward:
             self.call(Op.TO_F16, self.row(v, i, kvd * 4), self.row(vc, p, kvd * 2), kvd)
         self.barrier()
 
-        with for_range(b, self.tid, b.mul(n, i64(c.n_heads)), self.nt, name="att") as item:
-            i, h = b.sdiv(item, i64(c.n_heads)), b.srem(item, i64(c.n_heads))
+        with for_range(b, self.tid, b.mul(n, i64(c.n_kv_heads)), self.nt, name="att") as item:
+            # one (row, KV group) per item: the group's query heads share each K/V row the kernel converts
+            i, grp = b.sdiv(item, i64(c.n_kv_heads)), b.srem(item, i64(c.n_kv_heads))
+            h0 = b.mul(grp, i64(c.group_size))
             qrow = self.row(q, i, qd * 4)
-            self.call(Op.ROPE, gep(b, qrow, b.mul(h, i64(hd * 4))), rope, b.add(self.pos, i), 1, hd, c.rope_dim)
+            self.call(Op.ROPE, gep(b, qrow, b.mul(h0, i64(hd * 4))), rope, b.add(self.pos, i), c.group_size, hd, c.rope_dim)
             self.call(Op.ATTENTION, qrow, kc, vc, self.row(att, i, qd * 4), self.scratch, b.add(self.pos, i),
-                      c.n_heads, c.n_kv_heads, hd, self.ctx, h, b.add(h, i64(1)))
+                      c.n_heads, c.n_kv_heads, hd, self.ctx, h0, b.add(h0, i64(c.group_size)))
         self.barrier()
 
         self.call(Op.QUANTIZE, att, self.xq_t, qd, n)

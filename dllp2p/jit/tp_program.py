@@ -230,12 +230,14 @@ class _TPForward(_Forward):
             self.call(Op.TO_F16, self.row(v, i, kvl * 4), self.row(vc, p, kvl * 2), kvl)
         self.barrier()
 
-        with for_range(b, self.tid, b.mul(n, i64(self.nq)), self.nt, name="att") as item:
-            i, h = b.sdiv(item, i64(self.nq)), b.srem(item, i64(self.nq))
+        with for_range(b, self.tid, b.mul(n, i64(self.nkv)), self.nt, name="att") as item:
+            # one (row, KV group) per item: the group's query heads share each K/V row the kernel converts
+            i, grp = b.sdiv(item, i64(self.nkv)), b.srem(item, i64(self.nkv))
+            h0 = b.mul(grp, i64(c.group_size))
             qrow = self.row(q, i, ql * 4)
-            self.call(Op.ROPE, gep(b, qrow, b.mul(h, i64(hd * 4))), rope, b.add(self.pos, i), 1, hd, c.rope_dim)
+            self.call(Op.ROPE, gep(b, qrow, b.mul(h0, i64(hd * 4))), rope, b.add(self.pos, i), c.group_size, hd, c.rope_dim)
             self.call(Op.ATTENTION, qrow, kc, vc, self.row(att, i, ql * 4), self.scratch, b.add(self.pos, i),
-                      self.nq, self.nkv, hd, self.ctx, h, b.add(h, i64(1)))
+                      self.nq, self.nkv, hd, self.ctx, h0, b.add(h0, i64(c.group_size)))
         self.barrier()
 
         # A: the quantized attention output of every head, on every node

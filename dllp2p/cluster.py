@@ -1,0 +1,413 @@
+"""`dllp2p run --workers HOST:PORT ...`: this process becomes node 0, the root, of a tensor-parallel cluster.
+
+    connect   Hello both ways with every worker (protocol version, node id, threads, capacity)
+    plan      scheduler.plan over [root] + workers; workers the plan leaves out are let go
+    push      Session to each worker (plan, model config, ctx, its slice list); it answers Need, the
+              slices its cache lacks; exactly those go as WeightChunks, under a progress bar; it
+              answers WeightsReady
+    mesh      Mesh to each worker; the root dials every worker, worker j dials workers k > j
+    build     every node builds its engine (TPNode) at the same time; workers answer Ready
+    generate  ClusterEngine.forward: a Step to every worker on its control socket, then the root's own
+              TPNode.forward, whose exchanges happen natively over the mesh sockets
+
+Set-up runs on trio (workers in parallel); the per-token path is blocking sockets on the calling
+thread, so run.py's generation loop drives a ClusterEngine as it drives any engine.
+
+Error handling: every failure that involves a worker is a ClusterError (a ConnectionError, so the CLI
+shows it as one line) naming it, "worker HOST:PORT (node ID)". A failure mid-generation closes
+everything: the workers see Stop or a closed connection and go back to idle.
+"""
+
+from __future__ import annotations
+
+import secrets
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from types import ModuleType
+from typing import Any, Awaitable, Callable, Sequence, TextIO
+
+import numpy as np
+import trio
+
+from .daemon import Timeouts
+from .engine import ContextFull
+from .formats import ModelConfig
+from .link import (
+    LinkClosed,
+    LinkTimeout,
+    MeshRefused,
+    TrioLink,
+    dial_mesh,
+    first_error,
+    open_link,
+    run_in_thread,
+    shutdown,
+)
+from .protocol import (
+    PROTOCOL_VERSION,
+    Error,
+    Hello,
+    Mesh,
+    MeshHello,
+    Need,
+    ProtocolError,
+    Ready,
+    Session,
+    SliceInfo,
+    Step,
+    Stop,
+    WeightsReady,
+    encode,
+    weight_chunks,
+)
+from .scheduler import Plan, plan
+
+ROOT_EPOCH = 0  # a re-plan after a lost node will take the next one
+
+
+class ClusterError(ConnectionError):
+    """A worker refused, failed or was lost; the message names it."""
+
+
+@dataclass(frozen=True)
+class ClusterOptions:
+    workers: tuple[str, ...]  # "host:port" of each worker's daemon
+    policy: str = "pow2"  # scheduler policy: "pow2" or "weighted"
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    progress: bool = True  # a progress bar on stderr while pushing weights
+
+
+@dataclass
+class Worker:
+    address: str
+    hello: Hello
+    link: Any  # TrioLink during set-up, BlockingLink after
+    index: int = -1  # in the plan; -1: left out
+    received_bytes: int = 0  # weight bytes pushed to it
+    cached: int = 0  # slices it had already
+
+    @property
+    def name(self) -> str:
+        return f"worker {self.address} (node {self.hello.node_id})"
+
+
+@dataclass(frozen=True)
+class StepStats:
+    tokens: int
+    step_ms: float  # wall time of the root's forward (the whole cluster's step)
+    sync_ms: float  # of which waiting for and moving activations
+    bytes_sent: int  # by the root, this step
+    bytes_received: int
+
+
+@dataclass
+class ClusterStats:
+    nodes: int = 0
+    policy: str = ""
+    pushed_bytes: int = 0
+    cached_slices: int = 0
+    setup_s: float = 0.0
+    steps: list[StepStats] = field(default_factory=list)
+
+    def summary(self) -> list[str]:
+        """Lines like distributed-llama's: per token inference ms, sync ms, bytes sent and received."""
+        lines = [f"cluster of {self.nodes} nodes ({self.policy} plan): weights pushed {self.pushed_bytes / 1e6:.1f} MB, "
+                 f"{self.cached_slices} slices cached; set-up {self.setup_s:.2f} s"]
+        prefill = [s for s in self.steps if s.tokens > 1]
+        decode = [s for s in self.steps if s.tokens == 1]
+        for label, steps in (("prefill", prefill), ("decode", decode)):
+            n = sum(s.tokens for s in steps)
+            if not n:
+                continue
+            ms = sum(s.step_ms for s in steps) / n
+            sync = sum(s.sync_ms for s in steps) / n
+            sent = sum(s.bytes_sent for s in steps) / n / 1e3
+            recv = sum(s.bytes_received for s in steps) / n / 1e3
+            lines.append(f"{label} per token ({n} tokens): {ms:.2f} ms, inference {ms - sync:.2f} ms, "
+                         f"sync {sync:.2f} ms; sent {sent:.1f} kB, received {recv:.1f} kB")
+        return lines
+
+
+class ClusterEngine:
+    """Engine protocol (dllp2p/engine.py) over a root TPNode and its workers. Build with connect()."""
+
+    def __init__(self, config: ModelConfig, ctx: int, plan_: Plan, node: Any, peers: list[socket.socket | None],
+                 workers: list[Worker], tp: Any, stats: ClusterStats):
+        self.config = config
+        self.ctx = ctx
+        self.plan = plan_
+        self.stats = stats
+        self._node = node
+        self._peers = peers
+        self._workers = workers  # in plan order, links blocking
+        self._tp = tp
+        self._seq = 0
+        self._closed = False
+
+    @classmethod
+    def connect(cls, model: Any, options: ClusterOptions, ctx: int, threads: int | None = None, *,
+                tp: ModuleType | Any | None = None, err: TextIO = sys.stderr) -> ClusterEngine:
+        """Set up the cluster (see the module docstring). Raises ClusterError, PlanError."""
+        if tp is None:
+            from . import tp
+        if threads is None:
+            from .jit.engine import default_threads
+
+            threads = default_threads()
+        return trio.run(partial(_start, model, options, ctx, threads, tp, err))
+
+    def forward(self, tokens: Sequence[int], start_pos: int) -> np.ndarray:
+        if self._closed:
+            raise ClusterError("the cluster engine is closed")
+        tokens = tuple(int(t) for t in tokens)
+        if start_pos + len(tokens) > self.ctx:
+            raise ContextFull(f"positions {start_pos}..{start_pos + len(tokens) - 1} do not fit the context of {self.ctx}")
+        frame = encode(Step(self.plan.epoch, self._seq, tokens, start_pos))
+        self._seq += 1
+        for w in self._workers:
+            try:
+                w.link.send_frame(frame)
+            except (LinkClosed, LinkTimeout) as e:
+                raise self._lost(w, str(e)) from None
+        try:
+            logits = self._node.forward(tokens, start_pos)
+        except self._tp.PeerLost as e:
+            w = next((w for w in self._workers if w.index == e.node), None)
+            raise self._lost(w, str(e).removeprefix(f"node {e.node}: ")) from None
+        s = self._node.stats
+        self.stats.steps.append(StepStats(len(tokens), s.get("step_ms", 0.0), s.get("sync_ms", 0.0),
+                                          int(s.get("bytes_sent", 0)), int(s.get("bytes_received", 0))))
+        return logits
+
+    def stats_summary(self) -> list[str]:
+        return self.stats.summary()
+
+    def close(self) -> None:
+        """Stop the workers (they go back to idle) and free everything. Safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        for w in self._workers:
+            try:
+                w.link.send(Stop(self.plan.epoch, "done"))
+            except (LinkClosed, LinkTimeout):
+                pass
+        self._release()
+
+    def _release(self) -> None:
+        self._closed = True
+        try:
+            if self._node is not None:
+                self._node.close()
+        finally:
+            self._node = None
+            for sock in self._peers:
+                if sock is not None:
+                    sock.close()
+            for w in self._workers:
+                w.link.close()
+
+    def _lost(self, suspect: Worker | None, reason: str) -> ClusterError:
+        """Name the failed worker: one whose connection closed without a word, else the suspect."""
+        words: list[str] = []
+        silent_dead: list[Worker] = []
+        for w in self._workers:
+            try:
+                msg = w.link.poll(0.2)
+            except (LinkClosed, ProtocolError):
+                silent_dead.append(w)
+                continue
+            if isinstance(msg, Error):
+                words.append(msg.message)
+        self._release()
+        culprit = suspect if suspect in silent_dead or not silent_dead else silent_dead[0]
+        who = culprit.name if culprit else "a node"
+        said = f"; the other nodes said: {'; '.join(words)}" if words else ""
+        return ClusterError(f"{who} was lost during generation ({reason}){said}")
+
+
+# --- set-up (trio) --------------------------------------------------------------------------------
+
+
+async def _start(model: Any, options: ClusterOptions, ctx: int, threads: int, tp: Any, err: TextIO) -> ClusterEngine:
+    t0 = time.perf_counter()
+    t = options.timeouts
+    config: ModelConfig = model.config
+    ctx = min(ctx, config.context_length)
+    root = Hello(PROTOCOL_VERSION, f"root-{secrets.token_hex(4)}", "root", threads, float(threads))
+    workers: list[Worker] = []
+    peers: list[socket.socket | None] = []
+    node = None
+    try:
+        workers = await _gather([partial(_hello, a, root, t) for a in options.workers])
+        the_plan = plan(config, [root.peer("")] + [w.hello.peer(w.address) for w in workers], ROOT_EPOCH,
+                        options.policy)
+        for w in workers:
+            w.index = next((n.index for n in the_plan.nodes if n.node_id == w.hello.node_id), -1)
+        for w in [w for w in workers if w.index < 0]:
+            print(f"dllp2p: {w.name} is not needed by the {options.policy} plan of {the_plan.n_nodes} nodes",
+                  file=err)
+            await w.link.aclose()
+        workers = sorted((w for w in workers if w.index > 0), key=lambda w: w.index)
+
+        own = await trio.to_thread.run_sync(tp.node_tensors, model, the_plan, 0)
+        with _progress(err, options.progress) as bar:
+            await _gather([partial(_push, w, model, the_plan, ctx, t, tp, bar) for w in workers])
+
+        for w in workers:
+            await w.link.send(Mesh(the_plan.epoch))
+        socks = await _gather([partial(_dial, w, the_plan, root.node_id, t) for w in workers])
+        peers = [None, *socks]
+
+        async def build() -> Any:
+            return await run_in_thread(lambda: tp.TPNode(config, the_plan, 0, own, peers, ctx, threads),
+                                       lambda: [shutdown(s) for s in peers])
+
+        built = await _gather([build, *(partial(_expect, w, Ready, t.build) for w in workers)])
+        node = built[0]
+        for w in workers:
+            blocking = w.link.blocking(t.socket)
+            await w.link.aclose()
+            w.link = blocking
+    except BaseException:
+        if node is not None:
+            node.close()
+        for sock in peers:
+            if sock is not None:
+                sock.close()
+        for w in workers:
+            if isinstance(w.link, TrioLink):
+                await w.link.aclose()
+            else:
+                w.link.close()
+        raise
+    stats = ClusterStats(the_plan.n_nodes, the_plan.policy, sum(w.received_bytes for w in workers),
+                         sum(w.cached for w in workers), time.perf_counter() - t0)
+    return ClusterEngine(config, ctx, the_plan, node, peers, workers, tp, stats)
+
+
+async def _gather(fns: Sequence[Callable[[], Awaitable[Any]]]) -> list[Any]:
+    """Run fns concurrently; -> their results in order. The first failure cancels the rest and is raised."""
+    results: list[Any] = [None] * len(fns)
+
+    async def one(i: int) -> None:
+        results[i] = await fns[i]()
+
+    try:
+        async with trio.open_nursery() as nursery:
+            for i in range(len(fns)):
+                nursery.start_soon(one, i)
+    except BaseExceptionGroup as group:
+        raise first_error(group) from None
+    return results
+
+
+async def _hello(address: str, root: Hello, t: Timeouts) -> Worker:
+    try:
+        link = await open_link(address, t.hello)
+    except (LinkClosed, LinkTimeout) as e:
+        raise ClusterError(f"worker {address}: {_said(address, e)}") from None
+    try:
+        await link.send(root)
+        reply = await link.receive(t.hello)
+        if isinstance(reply, Error):
+            raise ClusterError(f"worker {address} refused: {reply.message}")
+        if not isinstance(reply, Hello) or reply.role != "worker":
+            raise ClusterError(f"worker {address} answered {type(reply).__name__} {getattr(reply, 'role', '')}, "
+                               f"not a worker's Hello")
+    except (LinkClosed, LinkTimeout, ProtocolError) as e:
+        await link.aclose()
+        raise ClusterError(f"worker {address}: {_said(address, e)}") from None
+    except BaseException:
+        await link.aclose()
+        raise
+    return Worker(address, reply, link)
+
+
+async def _expect(w: Worker, cls: type, timeout: float) -> Any:
+    try:
+        msg = await w.link.receive(timeout)
+    except (LinkClosed, LinkTimeout, ProtocolError) as e:
+        raise ClusterError(f"{w.name}: {_said(w.address, e)}") from None
+    if isinstance(msg, Error):
+        raise ClusterError(f"{w.name}: {msg.message}")
+    if not isinstance(msg, cls):
+        raise ClusterError(f"{w.name} sent {type(msg).__name__} where {cls.__name__} was expected")
+    return msg
+
+
+async def _push(w: Worker, model: Any, the_plan: Plan, ctx: int, t: Timeouts, tp: Any, bar: _Bar) -> None:
+    """Session -> Need -> the missing slices -> WeightsReady."""
+    tensors = await trio.to_thread.run_sync(tp.node_tensors, model, the_plan, w.index)
+    slices = tuple(SliceInfo(name, name, int(x.qtype), tuple(x.shape), x.sha256) for name, x in tensors.items())
+    try:
+        await w.link.send(Session(the_plan, model.config, ctx, slices))
+        need: Need = await _expect(w, Need, t.transfer)
+        by_hash = {x.sha256: x for x in tensors.values()}
+        unknown = [h for h in need.sha256s if h not in by_hash]
+        if unknown:
+            raise ClusterError(f"{w.name} asked for a slice it was not given ({unknown[0][:16]}..)")
+        task = bar.add(w.address, sum(by_hash[h].data.nbytes for h in need.sha256s))
+        for h in need.sha256s:
+            x = by_hash[h]
+            data = np.ascontiguousarray(x.data)
+            for chunk in weight_chunks(the_plan.epoch, x.name, x.name, x.qtype, tuple(x.shape), data, h):
+                await w.link.send(chunk)
+                bar.advance(task, len(chunk.data))
+        ready: WeightsReady = await _expect(w, WeightsReady, t.transfer)
+    except (LinkClosed, LinkTimeout) as e:
+        raise ClusterError(f"{w.name}: {_said(w.address, e)}") from None
+    w.received_bytes, w.cached = ready.received_bytes, ready.cached
+
+
+async def _dial(w: Worker, the_plan: Plan, root_id: str, t: Timeouts) -> socket.socket:
+    hello = MeshHello(the_plan.epoch, root_id, 0, w.index)
+    try:
+        return await dial_mesh(w.address, hello, t.mesh, t.socket)
+    except (LinkClosed, LinkTimeout, MeshRefused, ProtocolError) as e:
+        raise ClusterError(f"{w.name}: mesh connection failed: {_said(w.address, e)}") from None
+
+
+def _said(address: str, e: BaseException) -> str:
+    """e's message without the address it starts with (the worker is named already)."""
+    return str(e).removeprefix(f"{address}: ").removeprefix(f"{address} ")
+
+
+class _Bar:
+    """A rich progress bar on stderr (bytes, MB/s), one row per worker that needs weights."""
+
+    def __init__(self, err: TextIO, enabled: bool):
+        self.progress = None
+        if enabled:
+            from rich.console import Console
+            from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
+                                       TransferSpeedColumn)
+
+            self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(),
+                                     TransferSpeedColumn(), TimeRemainingColumn(),
+                                     console=Console(file=err), transient=False)
+
+    def add(self, name: str, total: int) -> Any:
+        if self.progress is None or total == 0:
+            return None
+        if not self.progress.live.is_started:
+            self.progress.start()
+        return self.progress.add_task(f"weights → {name}", total=total)
+
+    def advance(self, task: Any, n: int) -> None:
+        if self.progress is not None and task is not None:
+            self.progress.advance(task, n)
+
+    def __enter__(self) -> _Bar:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.progress is not None and self.progress.live.is_started:
+            self.progress.stop()
+
+
+def _progress(err: TextIO, enabled: bool) -> _Bar:
+    return _Bar(err, enabled)

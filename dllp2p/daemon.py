@@ -1,0 +1,547 @@
+"""`dllp2p daemon`: the long-running worker every device runs. It serves one root's session at a time.
+
+One TCP port takes two kinds of connection, told apart by their first frame:
+
+    Hello      a root's control connection (both sides send Hello: version, node id, threads, capacity)
+    MeshHello  a peer node's connection for the activation exchange of a session (see below)
+
+A control connection then carries sessions, one after another:
+
+    root -> Session(plan, model config, ctx, slice list)   checked against the scheduler's rules
+    worker -> Need(sha256s)                                the slices its cache (state dir) lacks
+    root -> WeightChunk ...                                exactly those; each slice is verified
+    worker -> WeightsReady(received bytes, cached slices)
+    root -> Mesh                                           dial nodes k > own index, take i < own index
+    worker -> Ready                                        the engine (TPNode) is built
+    root -> Step ... Step                                  node.forward(tokens, start_pos) each
+    root -> Stop                                           free everything, idle, ready for a Session
+
+Threads: everything up to the mesh runs on trio. Then one call to trio.to_thread.run_sync runs the
+whole rest of the session in one thread: it builds the TPNode, and for every Step reads the frame off
+the control socket itself (a blocking dup of the fd, sharing the trio link's decoder) and calls
+node.forward, whose exchanges with the other nodes happen natively on the mesh sockets. So a token
+costs no hand-off between trio and a thread: one hand-off per session. If trio cancels the session
+(daemon shutting down), the sockets are shut down, which wakes the thread, and its return is awaited.
+
+Weight cache: `<state dir>/slices/<sha256>`, each file one slice's raw ggml bytes, written atomically
+(temporary file, fsync, rename), verified again when read; a file that fails is deleted and asked for.
+The node id is `<state dir>/node_id`, made once.
+
+Error handling: whatever a peer sends, the daemon stays up. A bad frame (ProtocolError: bad magic,
+another protocol version, oversized, malformed, unexpected) gets an Error frame when the connection
+still allows one, then the connection is closed. A plan that does not fit, a busy node or a slice with
+a wrong hash get an Error frame and the connection goes on (the worker stays ready). A root that
+disconnects or falls silent past a timeout, a lost peer or a failing engine end the session: the
+worker frees it and is idle again. Anything else a connection raises (a bug) is logged with its
+traceback and closes that connection only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import secrets
+import socket
+import tempfile
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+import trio
+
+from .formats import QType
+from .formats.quant import TRAITS
+from .link import (
+    BlockingLink,
+    LinkClosed,
+    LinkTimeout,
+    MeshRefused,
+    TrioLink,
+    dial_mesh,
+    first_error,
+    format_address,
+    mesh_socket,
+    receive_one_frame,
+    run_in_thread,
+    shutdown,
+)
+from .protocol import (
+    PROTOCOL_VERSION,
+    AssembledSlice,
+    ChunkError,
+    Error,
+    Hello,
+    Mesh,
+    MeshHello,
+    Need,
+    ProtocolError,
+    Ready,
+    Session,
+    SliceAssembler,
+    SliceInfo,
+    Step,
+    Stop,
+    UnexpectedMessage,
+    WeightChunk,
+    WeightsReady,
+    encode,
+    error_code,
+)
+from .scheduler import Plan, PlanError, check_plan_fits
+
+log = logging.getLogger("dllp2p.daemon")
+
+DEFAULT_PORT = 7340
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """Seconds. Every wait of the daemon and of the root has one."""
+
+    hello: float = 10.0  # the first frame of a connection; connecting
+    idle: float = 600.0  # a control connection with nothing to do: between sessions, between Steps
+    transfer: float = 60.0  # between frames of a weight push; the answers around it
+    mesh: float = 30.0  # connecting the mesh
+    build: float = 600.0  # every node building its engine (JIT compile) until Ready
+    socket: float = 30.0  # SO_RCVTIMEO / SO_SNDTIMEO of mesh sockets: a silent peer fails a step after this
+    slot: float = 10.0  # a new session waiting for the previous one to wind down
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    host: str
+    port: int
+    threads: int
+    state_dir: Path
+    capacity: float | None = None  # relative speed for the scheduler; None: the thread count
+    timeouts: Timeouts = field(default_factory=Timeouts)
+
+
+# --- state dir: node id and slice cache -----------------------------------------------------------
+
+
+def node_id(state_dir: Path) -> str:
+    """This node's stable id: read from state_dir/node_id, made (hostname + random) the first time."""
+    path = state_dir / "node_id"
+    if path.is_file():
+        text = path.read_text().strip()
+        if re.fullmatch(r"[A-Za-z0-9._-]{1,64}", text):
+            return text
+        log.warning("%s holds no valid node id; making a new one", path)
+    host = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:40].strip("-") or "node"
+    ident = f"{host}-{secrets.token_hex(4)}"
+    _write_atomically(path, ident.encode() + b"\n")
+    return ident
+
+
+class SliceCache:
+    """Weight slices on disk, content-addressed: <directory>/<sha256> holds the slice's raw bytes."""
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+        directory.mkdir(parents=True, exist_ok=True)
+
+    def path(self, sha256: str) -> Path:
+        return self.directory / sha256
+
+    def load(self, sha256: str, nbytes: int) -> bytes | None:
+        """The slice's bytes, or None if absent or damaged (a damaged file is deleted)."""
+        path = self.path(sha256)
+        try:
+            if path.stat().st_size != nbytes:
+                raise ValueError(f"{path.stat().st_size} bytes, expected {nbytes}")
+            data = path.read_bytes()
+            if hashlib.sha256(data).hexdigest() != sha256:
+                raise ValueError("content does not match its hash")
+            return data
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as e:
+            log.warning("cache file %s is damaged (%s); dropping it", path, e)
+            path.unlink(missing_ok=True)
+            return None
+
+    def store(self, sha256: str, data: bytes) -> None:
+        _write_atomically(self.path(sha256), data)
+
+    def keys(self) -> list[str]:
+        return sorted(p.name for p in self.directory.iterdir() if re.fullmatch(r"[0-9a-f]{64}", p.name))
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def storage_array(qtype: QType, shape: tuple[int, ...], data: bytes) -> np.ndarray:
+    """A slice's raw bytes -> its ggml storage array: u8[..., row_bytes] for block types, else f32/f16/u16."""
+    if TRAITS[qtype].block_values > 1:
+        return np.frombuffer(data, np.uint8).reshape(*shape[:-1], TRAITS[qtype].row_bytes(shape[-1]))
+    dtype = {QType.F32: np.float32, QType.F16: np.float16, QType.BF16: np.uint16}[qtype]
+    return np.frombuffer(data, dtype).reshape(shape)
+
+
+# --- the daemon -----------------------------------------------------------------------------------
+
+
+@dataclass
+class _Active:
+    """The session in progress: what incoming mesh connections are checked against and handed to."""
+
+    session: Session
+    index: int
+    incoming_send: trio.MemorySendChannel
+    incoming_recv: trio.MemoryReceiveChannel
+
+    @property
+    def plan(self) -> Plan:
+        return self.session.plan
+
+    def close(self) -> None:
+        self.incoming_send.close()
+        while True:
+            try:
+                _, sock = self.incoming_recv.receive_nowait()
+            except (trio.WouldBlock, trio.EndOfChannel):
+                break
+            sock.close()
+        self.incoming_recv.close()
+
+
+class Daemon:
+    """A worker node. `tp`: the compute module (dllp2p.tp by default; tests pass a stand-in)."""
+
+    def __init__(self, config: DaemonConfig, tp: ModuleType | Any | None = None):
+        self.config = config
+        self.t = config.timeouts
+        self.tp = tp
+        self.node_id = node_id(config.state_dir)
+        self.cache = SliceCache(config.state_dir / "slices")
+        self.capacity = float(config.capacity or config.threads)
+        self.address = ""
+        self.sessions = 0  # sessions ended, however they ended
+        self._slot = trio.Lock()
+        self._active: _Active | None = None
+
+    def _tp(self) -> Any:
+        if self.tp is None:
+            from . import tp
+
+            self.tp = tp
+        return self.tp
+
+    async def serve(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
+        """Listen until cancelled; task_status gets the bound "host:port"."""
+        async with trio.open_nursery() as nursery:
+            listeners = await nursery.start(
+                partial(trio.serve_tcp, self._connection, self.config.port, host=self.config.host or None)
+            )
+            host, port = listeners[0].socket.getsockname()[:2]
+            self.address = format_address(host, port)
+            log.info("node %s listening on %s (%d threads, state in %s)", self.node_id, self.address,
+                     self.config.threads, self.config.state_dir)
+            task_status.started(self.address)
+
+    # --- one connection ---
+
+    async def _connection(self, stream: trio.SocketStream) -> None:
+        peer = _peer_name(stream)
+        try:
+            first = await receive_one_frame(stream, peer, self.t.hello)
+            if isinstance(first, Hello):
+                await self._control(TrioLink(stream, peer), first)
+            elif isinstance(first, MeshHello):
+                await self._mesh_accept(stream, peer, first)
+            else:
+                raise UnexpectedMessage(f"a connection must start with Hello or MeshHello, not {type(first).__name__}")
+        except ProtocolError as e:
+            log.warning("%s: %s; closing the connection", peer, e)
+            await _send_quietly(stream, Error(error_code(e), f"node {self.node_id}: {e}"))
+        except (LinkClosed, LinkTimeout) as e:
+            log.info("%s", e)
+        except Exception:
+            log.exception("%s: unexpected failure; closing the connection", peer)
+
+    async def _control(self, link: TrioLink, hello: Hello) -> None:
+        if hello.role != "root":
+            raise UnexpectedMessage(f"a control connection comes from a root, this Hello is from a {hello.role}")
+        await link.send(Hello(PROTOCOL_VERSION, self.node_id, "worker", self.config.threads, self.capacity))
+        log.info("root %s (node %s) connected", link.peer, hello.node_id)
+        while True:
+            try:
+                msg = await link.receive(self.t.idle)
+            except LinkClosed:
+                log.info("root %s disconnected", link.peer)
+                return
+            if isinstance(msg, Session):
+                if not await self._session(link, msg):
+                    return
+            elif not isinstance(msg, Stop):  # a Stop while idle is harmless
+                raise UnexpectedMessage(f"{type(msg).__name__} while no session is running")
+
+    # --- a session ---
+
+    async def _session(self, link: TrioLink, s: Session) -> bool:
+        """Serve one session; -> whether the control connection goes on (False: close it)."""
+        try:
+            check_plan_fits(s.plan, s.config)
+            index = s.plan.node(self.node_id).index
+            if index == 0:
+                raise PlanError(f"node {self.node_id} is the root of this plan, not a worker")
+            _check_slices(s.slices)
+        except (PlanError, ValueError) as e:
+            log.warning("refused the plan of epoch %d: %s", s.epoch, e)
+            await link.send(Error("plan", f"node {self.node_id}: {e}"))
+            return True
+        with trio.move_on_after(self.t.slot) as waited:
+            await self._slot.acquire()
+        if waited.cancelled_caught:
+            await link.send(Error("busy", f"node {self.node_id} is serving another root"))
+            return True
+        send, recv = trio.open_memory_channel(max(1, index))
+        active = _Active(s, index, send, recv)
+        self._active = active
+        try:
+            log.info("session of epoch %d: node %d of %d", s.epoch, index, s.plan.n_nodes)
+            tensors = await self._weights(link, s)
+            if tensors is None:
+                return True
+            msg = await link.receive(self.t.transfer)
+            if isinstance(msg, Stop):
+                return True
+            if not isinstance(msg, Mesh) or msg.epoch != s.epoch:
+                raise UnexpectedMessage(f"expected Mesh of epoch {s.epoch}, got {type(msg).__name__}")
+            try:
+                peers = await self._mesh(active)
+            except (LinkClosed, LinkTimeout, MeshRefused, ProtocolError) as e:
+                log.warning("mesh of epoch %d failed: %s", s.epoch, e)
+                await link.send(Error("mesh", f"node {self.node_id}: {e}"))
+                return False
+            return await self._steps(link, s, index, tensors, peers)
+        finally:
+            self._active = None
+            active.close()
+            self._slot.release()
+            self.sessions += 1
+
+    async def _weights(self, link: TrioLink, s: Session) -> dict[str, Any] | None:
+        """Need -> WeightChunks -> WeightsReady. -> the node's tensors, or None if the root stopped."""
+        sizes = {si.sha256: si.nbytes for si in s.slices}
+        have: dict[str, bytes] = await trio.to_thread.run_sync(self._lookup, sizes)
+        cached = len(have)
+        want = set(sizes) - set(have)
+        await link.send(Need(s.epoch, tuple(sorted(want))))
+        assembler = SliceAssembler()
+        while want:
+            msg = await link.receive(self.t.transfer)
+            if isinstance(msg, Stop):
+                return None
+            if not isinstance(msg, WeightChunk) or msg.epoch != s.epoch or msg.sha256 not in want:
+                raise UnexpectedMessage(f"expected a WeightChunk of a needed slice, got {_describe(msg)}")
+            try:
+                done = await trio.to_thread.run_sync(self._take_chunk, assembler, msg, sizes[msg.sha256])
+            except ChunkError as e:  # SliceHashMismatch included: the slice is dropped, may come again
+                log.warning("dropped a weight slice: %s", e)
+                await link.send(Error(error_code(e), f"node {self.node_id}: {e}"))
+                continue
+            if done is not None:
+                have[done.sha256] = done.data
+                want.discard(done.sha256)
+        log.info("weights of epoch %d: %d bytes received, %d slices from the cache",
+                 s.epoch, assembler.received_bytes, cached)
+        await link.send(WeightsReady(s.epoch, assembler.received_bytes, cached))
+        tp = self._tp()
+        return {
+            si.tensor: tp.NodeTensor(si.tensor, QType(si.qtype), si.shape,
+                                     storage_array(QType(si.qtype), si.shape, have[si.sha256]), si.sha256)
+            for si in s.slices
+        }
+
+    def _lookup(self, sizes: dict[str, int]) -> dict[str, bytes]:
+        out = {}
+        for sha, nbytes in sizes.items():
+            data = self.cache.load(sha, nbytes)
+            if data is not None:
+                out[sha] = data
+        return out
+
+    def _take_chunk(self, assembler: SliceAssembler, chunk: WeightChunk, nbytes: int) -> AssembledSlice | None:
+        """(thread) Add a chunk; a finished slice is verified and stored. -> the slice when finished."""
+        if chunk.total != nbytes:
+            raise ChunkError(f"{chunk.tensor}: {chunk.total} bytes announced, the session says {nbytes}")
+        part = assembler.add(chunk)
+        if part is not None:
+            self.cache.store(part.sha256, part.data)
+        return part
+
+    async def _mesh(self, active: _Active) -> list[socket.socket | None]:
+        """Connections to every other node of the plan: dial k > index, take i < index (incoming)."""
+        plan, me = active.plan, active.index
+        peers: list[socket.socket | None] = [None] * plan.n_nodes
+
+        async def dial(k: int) -> None:
+            hello = MeshHello(plan.epoch, self.node_id, me, k)
+            peers[k] = await dial_mesh(plan.nodes[k].address, hello, self.t.mesh, self.t.socket)
+
+        try:
+            with trio.move_on_after(self.t.mesh) as scope:
+                try:
+                    async with trio.open_nursery() as nursery:
+                        for k in range(me + 1, plan.n_nodes):
+                            nursery.start_soon(dial, k)
+                        while any(peers[i] is None for i in range(me)):
+                            src, sock = await active.incoming_recv.receive()
+                            if peers[src] is not None:
+                                sock.close()
+                            else:
+                                peers[src] = sock
+                except BaseExceptionGroup as group:
+                    raise first_error(group) from None
+            if scope.cancelled_caught:
+                missing = [plan.nodes[i].node_id for i, p in enumerate(peers) if p is None and i != me]
+                raise LinkTimeout(f"mesh not connected within {self.t.mesh:g} s (missing: {', '.join(missing)})")
+        except BaseException:
+            for sock in peers:
+                if sock is not None:
+                    sock.close()
+            raise
+        return peers
+
+    async def _mesh_accept(self, stream: trio.SocketStream, peer: str, hello: MeshHello) -> None:
+        a = self._active
+        problem = None
+        if a is None:
+            problem = "no session is running"
+        elif hello.epoch != a.plan.epoch:
+            problem = f"epoch {hello.epoch}, the session's is {a.plan.epoch}"
+        elif hello.dst != a.index or not 0 <= hello.src < a.index:
+            problem = f"node {hello.src} does not dial node {hello.dst} (this node is {a.index})"
+        elif a.plan.nodes[hello.src].node_id != hello.node_id:
+            problem = f"node {hello.src} of the plan is {a.plan.nodes[hello.src].node_id}, not {hello.node_id}"
+        if a is None or problem is not None:
+            raise UnexpectedMessage(f"refused a mesh connection from {peer}: {problem}")
+        await TrioLink(stream, peer).send(MeshHello(a.plan.epoch, self.node_id, a.index, hello.src))
+        sock = mesh_socket(stream, self.t.socket)
+        try:
+            a.incoming_send.send_nowait((hello.src, sock))
+        except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
+            sock.close()
+            log.warning("%s: mesh connection from node %d came too late or twice; closed", peer, hello.src)
+
+    async def _steps(self, link: TrioLink, s: Session, index: int, tensors: dict[str, Any],
+                     peers: list[socket.socket | None]) -> bool:
+        """Build the engine and serve Steps, in one thread. -> whether the control connection goes on."""
+        ctl = link.blocking(self.t.idle)
+
+        def interrupt() -> None:
+            ctl.shutdown()
+            for sock in peers:
+                shutdown(sock)
+
+        try:
+            keep, why = await run_in_thread(partial(self._serve_steps, ctl, s, index, tensors, peers), interrupt)
+        finally:
+            ctl.close()
+            for sock in peers:
+                if sock is not None:
+                    sock.close()
+        log.info("session of epoch %d ended: %s", s.epoch, why)
+        return keep
+
+    def _serve_steps(self, ctl: BlockingLink, s: Session, index: int, tensors: dict[str, Any],
+                     peers: list[socket.socket | None]) -> tuple[bool, str]:
+        """(thread) The rest of the session. -> (keep the control connection, why it ended)."""
+        tp = self._tp()
+        node = None
+        try:
+            node = tp.TPNode(s.config, s.plan, index, tensors, peers, s.ctx, self.config.threads)
+            tensors.clear()  # the engine holds its own packed copy
+            ctl.send(Ready(s.epoch, self.node_id))
+            seq = 0
+            while True:
+                msg = ctl.receive(self.t.idle)
+                if isinstance(msg, Stop):
+                    return True, f"stopped by the root ({msg.reason})"
+                if not isinstance(msg, Step) or msg.epoch != s.epoch or msg.seq != seq:
+                    raise UnexpectedMessage(f"expected Step {seq} of epoch {s.epoch}, got {_describe(msg)}")
+                if msg.start_pos + len(msg.tokens) > s.ctx or max(msg.tokens) >= s.config.vocab_size:
+                    raise UnexpectedMessage(f"Step {seq} does not fit the context ({s.ctx}) or vocabulary")
+                node.forward(msg.tokens, msg.start_pos)
+                seq += 1
+        except tp.PeerLost as e:
+            lost = s.plan.nodes[e.node] if 0 <= e.node < s.plan.n_nodes else None
+            who = f"node {e.node} ({lost.node_id}, {lost.address or 'root'})" if lost else f"node {e.node}"
+            _send_blocking_quietly(ctl, Error("peer_lost", f"node {self.node_id} lost {who}: {e}"))
+            return False, f"lost {who}"
+        except (LinkClosed, LinkTimeout) as e:
+            return False, str(e)
+        except ProtocolError as e:
+            _send_blocking_quietly(ctl, Error(error_code(e), f"node {self.node_id}: {e}"))
+            return False, str(e)
+        except Exception as e:  # the engine failed: tell the root, stay up
+            log.exception("the engine failed")
+            _send_blocking_quietly(ctl, Error("engine", f"node {self.node_id}: {type(e).__name__}: {e}"))
+            return False, f"engine failure: {e}"
+        finally:
+            if node is not None:
+                node.close()
+
+
+def _check_slices(slices: tuple[SliceInfo, ...]) -> None:
+    sizes: dict[str, int] = {}
+    for si in slices:
+        if sizes.setdefault(si.sha256, si.nbytes) != si.nbytes:
+            raise ValueError(f"{si.tensor}: one sha256 for slices of different sizes")
+
+
+def _describe(msg: object) -> str:
+    if isinstance(msg, (Step, WeightChunk, Mesh, Stop)):
+        return f"{type(msg).__name__} of epoch {msg.epoch}"
+    return type(msg).__name__
+
+
+def _peer_name(stream: trio.SocketStream) -> str:
+    try:
+        host, port = stream.socket.getpeername()[:2]
+        return format_address(host, port)
+    except OSError:
+        return "a peer"
+
+
+async def _send_quietly(stream: trio.SocketStream, msg: Error) -> None:
+    """Best effort: the connection is about to be closed anyway."""
+    with trio.move_on_after(2.0):
+        try:
+            await stream.send_all(encode(msg))
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass
+
+
+def _send_blocking_quietly(link: BlockingLink, msg: Error) -> None:
+    try:
+        link.send(msg)
+    except (LinkClosed, LinkTimeout):
+        pass
+
+
+def main(config: DaemonConfig) -> int:
+    """Run the daemon until interrupted (KeyboardInterrupt comes out as itself, not in a group)."""
+    try:
+        trio.run(Daemon(config).serve)
+    except BaseExceptionGroup as group:
+        raise first_error(group) from None
+    return 0

@@ -1,0 +1,294 @@
+"""Protocol frames over connections: a trio link for set-up, a blocking twin for the per-token path,
+and the node-to-node mesh sockets handed to the compute engine.
+
+    TrioLink       one trio SocketStream: send(msg) under one write lock, receive(timeout) -> message
+    BlockingLink   the same connection as a blocking-with-timeout socket (a dup of the fd), for code
+                   that runs in one thread per session; both share one FrameDecoder, so no byte is
+                   lost when a connection moves from trio to a thread and back
+    dial_mesh /    a node-to-node connection: MeshHello both ways, read exactly (no byte past the
+    mesh_socket    frame), then the fd becomes a plain blocking socket.socket with TCP_NODELAY, 1 MiB
+                   buffers and SO_RCVTIMEO / SO_SNDTIMEO, which the JIT engine reads and writes natively
+
+File descriptors: a trio socket's fd is non-blocking; O_NONBLOCK is shared by every dup of it. A
+control connection's dup stays non-blocking (Python's own timeouts poll), so trio can take it back. A
+mesh socket is switched to blocking, so its trio stream is closed right away and never used again.
+
+Error handling: a closed or broken connection is LinkClosed (a ConnectionError); a wait past its
+timeout is LinkTimeout (a TimeoutError); bad bytes are protocol.ProtocolError. Each names the peer.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+from collections.abc import Callable
+
+import trio
+
+from .protocol import HEADER, HEADER_SIZE, Error, FrameDecoder, Message, MeshHello, encode
+
+RECV_BYTES = 1 << 16
+MESH_BUFFER = 1 << 20  # SO_SNDBUF / SO_RCVBUF of mesh sockets
+
+
+class LinkClosed(ConnectionError):
+    """The peer closed the connection, or it broke."""
+
+
+class LinkTimeout(TimeoutError):
+    """Nothing (or not enough) arrived in time."""
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    """'host:port' or '[v6]:port' -> (host, port). Raises ValueError."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"address {address!r} is not HOST:PORT")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return host, int(port)
+
+
+def format_address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+# --- trio side ------------------------------------------------------------------------------------
+
+
+class TrioLink:
+    """Messages over one trio stream. Sends are serialized by one lock; one task receives at a time."""
+
+    def __init__(self, stream: trio.SocketStream, peer: str, decoder: FrameDecoder | None = None):
+        self.stream = stream
+        self.peer = peer  # "host:port", for messages
+        self.decoder = decoder or FrameDecoder()
+        self._write_lock = trio.StrictFIFOLock()
+
+    async def send(self, msg: Message) -> None:
+        await self.send_frame(encode(msg))
+
+    async def send_frame(self, frame: bytes | bytearray | memoryview) -> None:
+        async with self._write_lock:
+            try:
+                await self.stream.send_all(frame)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
+                raise LinkClosed(f"{self.peer}: connection lost while sending ({e})") from None
+
+    async def receive(self, timeout: float) -> Message:
+        """The next message. Raises LinkClosed (EOF included), LinkTimeout, ProtocolError."""
+        with trio.move_on_after(timeout) as scope:
+            while (msg := self.decoder.next_message()) is None:
+                data = await self._receive_some()
+                if not data:
+                    self.decoder.eof()
+                    raise LinkClosed(f"{self.peer} closed the connection")
+                self.decoder.receive(data)
+            return msg
+        assert scope.cancelled_caught
+        raise LinkTimeout(f"{self.peer}: nothing received for {timeout:g} s")
+
+    async def _receive_some(self) -> bytes:
+        try:
+            return await self.stream.receive_some(RECV_BYTES)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
+            raise LinkClosed(f"{self.peer}: connection lost ({e})") from None
+
+    def blocking(self, timeout: float) -> BlockingLink:
+        """A blocking twin on a dup of the fd, sharing the decoder; close it before using this link again."""
+        sock = _dup(self.stream)
+        sock.settimeout(timeout)  # Python's timeouts keep the fd non-blocking: trio can take it back
+        return BlockingLink(sock, self.peer, self.decoder)
+
+    async def aclose(self) -> None:
+        await trio.aclose_forcefully(self.stream)
+
+
+async def receive_one_frame(stream: trio.SocketStream, peer: str, timeout: float) -> Message:
+    """Exactly one frame off the stream, not a byte more. A bad header byte raises as soon as it arrives.
+
+    Raises LinkClosed, LinkTimeout, ProtocolError."""
+    decoder = FrameDecoder()
+    header = bytearray()
+    read = 0
+    with trio.move_on_after(timeout):
+        while (msg := decoder.next_message()) is None:
+            end = HEADER_SIZE if read < HEADER_SIZE else HEADER_SIZE + HEADER.unpack(header)[3]
+            try:
+                data = await stream.receive_some(end - read)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
+                raise LinkClosed(f"{peer}: connection lost ({e})") from None
+            if not data:
+                raise LinkClosed(f"{peer} closed the connection" + (" inside a frame" if read else ""))
+            if read < HEADER_SIZE:
+                header += data
+            read += len(data)
+            decoder.receive(data)
+        return msg
+    raise LinkTimeout(f"{peer}: no whole frame within {timeout:g} s")
+
+
+async def open_link(address: str, timeout: float) -> TrioLink:
+    """Connect to 'host:port'. Raises LinkClosed (refused, unreachable), LinkTimeout."""
+    host, port = parse_address(address)
+    with trio.move_on_after(timeout):
+        try:
+            stream = await trio.open_tcp_stream(host, port)
+        except OSError as e:
+            raise LinkClosed(f"cannot connect to {address}: {e.strerror or e}") from None
+        stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return TrioLink(stream, address)
+    raise LinkTimeout(f"cannot connect to {address}: no answer within {timeout:g} s")
+
+
+# --- blocking side --------------------------------------------------------------------------------
+
+
+class BlockingLink:
+    """Messages over a socket with a timeout, for one thread. The twin of TrioLink."""
+
+    def __init__(self, sock: socket.socket, peer: str, decoder: FrameDecoder | None = None):
+        self.sock = sock
+        self.peer = peer
+        self.decoder = decoder or FrameDecoder()
+
+    def send(self, msg: Message) -> None:
+        self.send_frame(encode(msg))
+
+    def send_frame(self, frame: bytes | bytearray | memoryview) -> None:
+        try:
+            self.sock.sendall(frame)
+        except TimeoutError:
+            raise LinkTimeout(f"{self.peer}: could not send for {self.sock.gettimeout():g} s") from None
+        except OSError as e:
+            raise LinkClosed(f"{self.peer}: connection lost while sending ({e.strerror or e})") from None
+
+    def receive(self, timeout: float) -> Message:
+        """The next message. Raises LinkClosed (EOF included), LinkTimeout, ProtocolError."""
+        msg = self.poll(timeout)
+        if msg is None:
+            raise LinkTimeout(f"{self.peer}: nothing received for {timeout:g} s")
+        return msg
+
+    def poll(self, timeout: float) -> Message | None:
+        """The next message, or None if none is whole within `timeout` seconds of silence."""
+        before = self.sock.gettimeout()  # the one sends use
+        self.sock.settimeout(timeout)
+        try:
+            while (msg := self.decoder.next_message()) is None:
+                try:
+                    data = self.sock.recv(RECV_BYTES)
+                except TimeoutError:
+                    return None
+                except OSError as e:
+                    raise LinkClosed(f"{self.peer}: connection lost ({e.strerror or e})") from None
+                if not data:
+                    self.decoder.eof()
+                    raise LinkClosed(f"{self.peer} closed the connection")
+                self.decoder.receive(data)
+            return msg
+        finally:
+            self.sock.settimeout(before)
+
+    def shutdown(self) -> None:
+        """Wake a thread blocked on this socket (it sees the connection closed). Safe from any thread."""
+        shutdown(self.sock)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def shutdown(sock: socket.socket | None) -> None:
+    if sock is not None:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+
+def _dup(stream: trio.SocketStream) -> socket.socket:
+    return socket.socket(fileno=os.dup(stream.socket.fileno()))
+
+
+# --- mesh sockets ---------------------------------------------------------------------------------
+
+
+def mesh_socket(stream: trio.SocketStream, timeout: float) -> socket.socket:
+    """The stream's connection as a blocking socket for native I/O. The stream must not be used after."""
+    sock = _dup(stream)
+    try:
+        sock.setblocking(True)  # clears O_NONBLOCK for the stream's fd too
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+            sock.setsockopt(socket.SOL_SOCKET, opt, MESH_BUFFER)
+        tv = struct.pack("@ll", int(timeout), int((timeout % 1) * 1e6))
+        for opt in (socket.SO_RCVTIMEO, socket.SO_SNDTIMEO):
+            sock.setsockopt(socket.SOL_SOCKET, opt, tv)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+async def dial_mesh(address: str, hello: MeshHello, timeout: float, socket_timeout: float) -> socket.socket:
+    """Connect to node hello.dst at address for the mesh: MeshHello both ways -> a blocking socket.
+
+    Raises LinkClosed, LinkTimeout, ProtocolError, MeshRefused (the other side answered an Error)."""
+    link = await open_link(address, timeout)
+    try:
+        await link.send(hello)
+        reply = await receive_one_frame(link.stream, address, timeout)
+        if isinstance(reply, Error):
+            raise MeshRefused(f"{address} refused the mesh connection: {reply.message}")
+        want = (hello.epoch, hello.dst, hello.src)
+        if not isinstance(reply, MeshHello) or (reply.epoch, reply.src, reply.dst) != want:
+            raise MeshRefused(f"{address} answered {type(reply).__name__} {reply}, not the MeshHello {want}")
+        return mesh_socket(link.stream, socket_timeout)
+    finally:
+        await link.aclose()
+
+
+class MeshRefused(ConnectionError):
+    """A node would not take a mesh connection (wrong epoch or index, or no session)."""
+
+
+def first_error(group: BaseExceptionGroup) -> BaseException:
+    """The error to report from a nursery's group: a KeyboardInterrupt, else the first that is not a
+    cancellation; a group of cancellations only is returned as it is (its cancel scope catches it)."""
+    leaves: list[BaseException] = []
+
+    def walk(e: BaseException) -> None:
+        if isinstance(e, BaseExceptionGroup):
+            for sub in e.exceptions:
+                walk(sub)
+        else:
+            leaves.append(e)
+
+    walk(group)
+    for kind in (KeyboardInterrupt, Exception):
+        for e in leaves:
+            if isinstance(e, kind):
+                return e
+    return group
+
+
+async def run_in_thread(fn: Callable[[], object], interrupt: Callable[[], None]) -> object:
+    """fn() in one worker thread. If this task is cancelled meanwhile, interrupt() (from the trio thread:
+    shut down the sockets fn blocks on) makes fn return early; the cancellation goes on after it has."""
+    done = False
+    async with trio.open_nursery() as nursery:
+
+        async def watch() -> None:
+            try:
+                await trio.sleep_forever()
+            finally:
+                if not done:
+                    interrupt()
+
+        nursery.start_soon(watch)
+        try:
+            return await trio.to_thread.run_sync(fn)
+        finally:
+            done = True
+            nursery.cancel_scope.cancel()

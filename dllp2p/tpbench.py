@@ -1,0 +1,124 @@
+"""Tensor-parallel benchmark on loopback: N nodes in this process, one thread each per node's forward,
+meshed by real TCP connections on 127.0.0.1 (the sockets a daemon would hand its node).
+
+    python -m dllp2p.tpbench [--model PATH] [--layout N:T ...] [--tokens N] [--json]
+
+Without --model it writes (once, under /tmp) a random-weight model shaped like distributed-llama's
+benchmark: dim 2048, 16 layers, 32 heads, 8 KV heads, FFN 5632, vocab 32000, Q4_0 — noise, for speed
+only. Every layout gets the same prompt and greedy steps; the first node's logits are checked to be
+bit-identical to the single-node engine's on the first step. Reported per layout: ms/token (median),
+sync ms/token (time thread 0 of the root spends in exchanges), bytes sent and received by the root.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import statistics
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .formats import QType, load_model
+from .formats.synthetic import SyntheticSpec, write_random_llama
+from .scheduler import Peer, plan
+from .tp import TPNode, node_tensors
+
+DLLAMA_SHAPE = SyntheticSpec(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, ffn_dim=5632, vocab_size=32000,
+                             context_length=4096, qtype=QType.Q4_0, embed_qtype=QType.Q4_0, tied_output=False)
+
+
+def random_model_path() -> Path:
+    path = Path("/tmp/dllp2p-bench/random-dllama-shape-q4_0.gguf")
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        write_random_llama(tmp, DLLAMA_SHAPE)
+        tmp.rename(path)
+    return path
+
+
+def tcp_mesh(n: int) -> list[list[socket.socket | None]]:
+    socks: list[list[socket.socket | None]] = [[None] * n for _ in range(n)]
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        port = server.getsockname()[1]
+        for i in range(n):
+            for j in range(i + 1, n):
+                a = socket.create_connection(("127.0.0.1", port))
+                b, _ = server.accept()
+                socks[i][j], socks[j][i] = a, b
+    return socks
+
+
+def run_layout(model, n_nodes: int, threads: int, prompt: list[int], tokens: int) -> dict:
+    peers = [Peer(f"bench{i}", f"127.0.0.1:{i}", threads, 1.0) for i in range(n_nodes)]
+    p = plan(model.config, peers, epoch=1, policy="weighted" if n_nodes & (n_nodes - 1) else "pow2")
+    socks = tcp_mesh(n_nodes)
+    nodes = [TPNode(model.config, p, i, node_tensors(model, p, i), socks[i], len(prompt) + tokens + 1, threads)
+             for i in range(n_nodes)]
+    try:
+        def step(toks, pos):
+            out = [None] * n_nodes
+            def go(i):
+                out[i] = nodes[i].forward(toks, pos)
+            ts = [threading.Thread(target=go, args=(i,)) for i in range(1, n_nodes)]
+            for t in ts:
+                t.start()
+            go(0)
+            for t in ts:
+                t.join()
+            return out[0]
+
+        logits = step(prompt, 0)
+        first = logits.copy()
+        ms, sync = [], []
+        for i in range(tokens):
+            t0 = time.perf_counter()
+            logits = step([int(np.argmax(logits))], len(prompt) + i)
+            ms.append((time.perf_counter() - t0) * 1e3)
+            sync.append(nodes[0].stats["sync_ms"])
+        s = nodes[0].stats
+        return {"nodes": n_nodes, "threads_per_node": threads, "ms_per_token": statistics.median(ms),
+                "sync_ms_per_token": statistics.median(sync), "root_bytes_sent": s["bytes_sent"],
+                "root_bytes_received": s["bytes_received"], "first_logits": first}
+    finally:
+        for node in nodes:
+            node.close()
+        for row in socks:
+            for sock in row:
+                if sock is not None:
+                    sock.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m dllp2p.tpbench", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", help="GGUF (default: a random model of distributed-llama's benchmark shape)")
+    ap.add_argument("--layout", nargs="+", default=["1:2", "2:1", "4:1"], help="NODES:THREADS_PER_NODE ...")
+    ap.add_argument("--prompt-tokens", type=int, default=16)
+    ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+    model = load_model(args.model or random_model_path())
+    prompt = [int(t) for t in np.random.default_rng(0).integers(0, model.config.vocab_size, args.prompt_tokens)]
+    results, reference = [], None
+    for spec in args.layout:
+        n, t = (int(v) for v in spec.split(":"))
+        r = run_layout(model, n, t, prompt, args.tokens)
+        first = r.pop("first_logits")
+        reference = first if reference is None else reference
+        r["identical_to_first_layout"] = bool(np.array_equal(first, reference))
+        results.append(r)
+        if not args.json:
+            print(f"{n} node(s) x {t} thread(s): {r['ms_per_token']:.1f} ms/token, sync {r['sync_ms_per_token']:.2f} ms/token, "
+                  f"root sends {r['root_bytes_sent'] / 1e3:.1f} kB, receives {r['root_bytes_received'] / 1e3:.1f} kB per token, "
+                  f"logits identical: {r['identical_to_first_layout']}", flush=True)
+    if args.json:
+        print(json.dumps({"model": str(args.model or "random dllama-shape Q4_0"), "results": results}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
