@@ -63,12 +63,51 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--stats", action="store_true",
                      help="with --workers: print per-token inference ms, sync ms and bytes sent/received")
 
-    daemon = sub.add_parser("daemon", help="serve as a worker node for roots on the LAN (dllp2p run --workers)")
-    daemon.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0: all IPv4)")
-    daemon.add_argument("--port", type=int, default=7340, help="TCP port (default 7340; 0 = any free port)")
-    daemon.add_argument("--threads", type=int, help="compute threads (default: one per CPU core)")
-    daemon.add_argument("--state-dir", help="node id and weight cache (default ~/.local/state/dllp2p)")
+    daemon = sub.add_parser("daemon", help="serve as a node of the LAN cluster (found by mDNS, or --peer)",
+                            description="Settings come from /etc/dllp2p/config.toml ([daemon] table), then "
+                                        "DLLP2P_* environment variables, then these flags.")
+    daemon.add_argument("--config", help="config file (default /etc/dllp2p/config.toml, or $DLLP2P_CONFIG)")
+    daemon.add_argument("--host", default="0.0.0.0", action=_Given,
+                        help="address to listen on (default 0.0.0.0: all IPv4)")
+    daemon.add_argument("--port", type=int, default=7340, action=_Given,
+                        help="TCP port (default 7340; 0 = any free port)")
+    daemon.add_argument("--threads", type=int, action=_Given, help="compute threads (default: one per CPU core)")
+    daemon.add_argument("--state-dir", action=_Given, help="node id and weight cache (default ~/.local/state/dllp2p)")
+    daemon.add_argument("--cluster", action=_Given, help="cluster name: only daemons of the same name join "
+                                                         "(default 'default')")
+    daemon.add_argument("--peer", dest="peers", nargs="+", metavar="HOST:PORT", action=_Given,
+                        help="daemons to poll directly, where multicast (mDNS) does not get through")
+    daemon.add_argument("--interface", dest="interfaces", nargs="+", metavar="IP", action=_Given,
+                        help="use mDNS only on the interfaces with these IPv4 addresses (default: all; with "
+                             "--host ADDRESS: that one)")
+    daemon.add_argument("--no-discovery", dest="discovery", action=_GivenFalse, default=True,
+                        help="no mDNS: neither advertise nor browse (--peer still works)")
+    daemon.add_argument("--log-level", choices=["debug", "info", "warning", "error"], action=_Given,
+                        help="default info")
+
+    status = sub.add_parser("status", help="show the cluster as a daemon sees it (live, or --json once)")
+    status.add_argument("--host", default="127.0.0.1", help="the daemon to ask (default 127.0.0.1)")
+    status.add_argument("--port", type=int, default=7340, help="its port (default 7340)")
+    status.add_argument("--json", action="store_true", help='print {"nodes": [...]} once, for scripts')
+    status.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes (default 1)")
+    status.add_argument("--timeout", type=float, default=2.0, help="seconds to wait for the daemon (default 2)")
     return parser
+
+
+class _Given(argparse.Action):
+    """Stores the value and notes that the flag was given: only given flags override the config file."""
+
+    def __call__(self, parser, namespace, values, option_string=None):  # noqa: ANN001
+        setattr(namespace, self.dest, values)
+        namespace.given = getattr(namespace, "given", frozenset()) | {self.dest}
+
+
+class _GivenFalse(_Given):
+    def __init__(self, *args, **kwargs):  # noqa: ANN002, ANN003
+        super().__init__(*args, nargs=0, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):  # noqa: ANN001
+        super().__call__(parser, namespace, False, option_string)
 
 
 def run_config(ns: argparse.Namespace) -> RunConfig:
@@ -94,19 +133,51 @@ def run_config(ns: argparse.Namespace) -> RunConfig:
                      tuple(ns.workers), ns.plan, ns.stats)
 
 
-def daemon_config(ns: argparse.Namespace):  # -> daemon.DaemonConfig (imported lazily)
+def daemon_settings(ns: argparse.Namespace, environ=None) -> dict:  # noqa: ANN001
+    """Config file < DLLP2P_* environment < the flags given (see dllp2p/config.py)."""
+    from .config import daemon_settings
+
+    given = getattr(ns, "given", frozenset())
+    flags = {key: getattr(ns, key) for key in given}
+    return daemon_settings(flags, ns.config, environ)
+
+
+def daemon_config(ns: argparse.Namespace, environ=None):  # noqa: ANN001 -> daemon.DaemonConfig (lazily)
     import os
+
+    environ = os.environ if environ is None else environ
+    return config_of_settings(daemon_settings(ns, environ), environ)
+
+
+def config_of_settings(s: dict, environ):  # noqa: ANN001 -> daemon.DaemonConfig
     from pathlib import Path
 
     from .daemon import DaemonConfig
     from .jit.engine import default_threads
 
-    if not 0 <= ns.port < 65536:
+    if not 0 <= s["port"] < 65536:
         raise ValueError("--port must be in 0..65535")
-    if ns.threads is not None and ns.threads < 1:
+    if s["threads"] is not None and s["threads"] < 1:
         raise ValueError("--threads must be at least 1")
-    state = ns.state_dir or Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state") / "dllp2p"
-    return DaemonConfig(ns.host, ns.port, ns.threads or default_threads(), Path(state).expanduser())
+    state = s["state_dir"] or Path(environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state") / "dllp2p"
+    return DaemonConfig(s["host"], s["port"], s["threads"] or default_threads(), Path(state).expanduser(),
+                        cluster=s["cluster"], discovery=s["discovery"], interfaces=tuple(s["interfaces"]),
+                        peers=tuple(s["peers"]))
+
+
+def status_main(ns: argparse.Namespace) -> int:
+    import json
+
+    from . import status
+    from .link import format_address
+
+    address = format_address(ns.host, ns.port)
+    if ns.interval <= 0 or ns.timeout <= 0:
+        raise ValueError("--interval and --timeout must be > 0")
+    if ns.json:
+        print(json.dumps(status.to_json(status.survey(address, ns.timeout)), indent=2))
+        return 0
+    return status.watch(address, ns.interval, ns.timeout)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -128,8 +199,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             from . import daemon
 
-            logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="dllp2p daemon: %(message)s")
-            return daemon.main(daemon_config(ns))
+            import os
+
+            settings = daemon_settings(ns)
+            config = config_of_settings(settings, os.environ)
+            level = settings["log_level"].upper()
+            logging.basicConfig(stream=sys.stderr, level=level, format="dllp2p daemon: %(levelname)s %(message)s")
+            return daemon.main(config)
+        if ns.command == "status":
+            return status_main(ns)
     except user_facing_errors() as e:
         print(f"dllp2p: error: {e}", file=sys.stderr)
         return EXIT_FAILED

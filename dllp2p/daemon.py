@@ -1,9 +1,15 @@
 """`dllp2p daemon`: the long-running worker every device runs. It serves one root's session at a time.
 
-One TCP port takes two kinds of connection, told apart by their first frame:
+One TCP port takes three kinds of connection, told apart by their first frame:
 
     Hello      a root's control connection (both sides send Hello: version, node id, threads, capacity)
     MeshHello  a peer node's connection for the activation exchange of a session (see below)
+    Status     anyone asking what this daemon knows: StatusReply, again for every further Status
+
+Membership: the daemon knows itself, the daemons mDNS finds (discovery.run_mdns, unless disabled) and
+the --peer daemons it polls with Status (discovery.poll_static). Their events go through one bounded
+channel to one task that applies them (election.apply) and logs every change of root or of who is
+excluded (another protocol version or cluster name never joins). Roles are election.elect of that table.
 
 A control connection then carries sessions, one after another:
 
@@ -45,7 +51,8 @@ import re
 import secrets
 import socket
 import tempfile
-from dataclasses import dataclass, field
+import time
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from types import ModuleType
@@ -54,6 +61,9 @@ from typing import Any
 import numpy as np
 import trio
 
+from . import election
+from .discovery import DEFAULT_CLUSTER, MdnsOptions, StaticOptions, advertised_addresses, local_facts, poll_static, run_mdns
+from .election import Member, Seen
 from .formats import QType
 from .formats.quant import TRAITS
 from .link import (
@@ -66,6 +76,8 @@ from .link import (
     first_error,
     format_address,
     mesh_socket,
+    open_link,
+    parse_address,
     receive_one_frame,
     run_in_thread,
     shutdown,
@@ -79,12 +91,16 @@ from .protocol import (
     Mesh,
     MeshHello,
     Need,
+    NodeStatus,
     ProtocolError,
     Ready,
     Session,
     SliceAssembler,
     SliceInfo,
+    Status,
+    StatusReply,
     Step,
+    StepStatus,
     Stop,
     UnexpectedMessage,
     WeightChunk,
@@ -120,6 +136,17 @@ class DaemonConfig:
     state_dir: Path
     capacity: float | None = None  # relative speed for the scheduler; None: the thread count
     timeouts: Timeouts = field(default_factory=Timeouts)
+    cluster: str = DEFAULT_CLUSTER  # only daemons of the same cluster name join
+    discovery: bool = False  # advertise and browse with mDNS (the CLI turns it on)
+    interfaces: tuple[str, ...] = ()  # IPv4 addresses of the interfaces mDNS uses; () = all
+    peers: tuple[str, ...] = ()  # "host:port" of daemons polled with Status (where multicast is blocked)
+    static: StaticOptions = field(default_factory=StaticOptions)
+
+    def __post_init__(self) -> None:
+        if not election.CLUSTER.fullmatch(self.cluster):
+            raise ValueError(f"cluster name {self.cluster!r} is not 1-63 of letters, digits, '.', '_', '-'")
+        for address in self.peers:
+            parse_address(address)
 
 
 # --- state dir: node id and slice cache -----------------------------------------------------------
@@ -234,6 +261,10 @@ class Daemon:
         self.capacity = float(config.capacity or config.threads)
         self.address = ""
         self.sessions = 0  # sessions ended, however they ended
+        self.started_at = time.time()
+        self.me: Member | None = None  # once listening
+        self.members: dict[str, election.Entry] = {}  # node id -> entry, this node included
+        self.last_step: StepStatus | None = None  # written by the session thread, read by Status
         self._slot = trio.Lock()
         self._active: _Active | None = None
 
@@ -254,7 +285,79 @@ class Daemon:
             self.address = format_address(host, port)
             log.info("node %s listening on %s (%d threads, state in %s)", self.node_id, self.address,
                      self.config.threads, self.config.state_dir)
+            await self._start_membership(nursery, host, port)
             task_status.started(self.address)
+
+    # --- membership ---
+
+    async def _start_membership(self, nursery: trio.Nursery, host: str, port: int) -> None:
+        """This node in the table; mDNS and static peers feeding it (their tasks in nursery)."""
+        c = self.config
+        cores, ram, features = local_facts()
+        shown = advertised_addresses(host, c.interfaces)[0] if host in ("0.0.0.0", "::", "") else host
+        self.me = Member(self.node_id, format_address(shown, port), self.started_at, PROTOCOL_VERSION, c.cluster,
+                         cores, ram, features)
+        self.members = election.apply({}, Seen(self.me, "self", time.time()))
+        send, recv = trio.open_memory_channel[election.Event](64)
+        nursery.start_soon(self._membership, recv)
+        if c.discovery:
+            # mDNS where the daemon listens: the chosen interfaces, else a specific listening address's
+            interfaces = c.interfaces or (() if host in ("0.0.0.0", "::", "") else (host,))
+            from zeroconf import Error as ZeroconfError
+
+            try:
+                await nursery.start(run_mdns, self.me, host, port, send.clone(), MdnsOptions(interfaces))
+            except (OSError, ZeroconfError) as e:  # no usable multicast interface: static peers still work
+                log.warning("mDNS discovery is off: %s: %s", type(e).__name__, e)
+        for address in c.peers:
+            nursery.start_soon(poll_static, address, self._fetch_member, send.clone(), c.static)
+        send.close()
+
+    async def _membership(self, events: trio.MemoryReceiveChannel) -> None:
+        """The one task that changes the membership table; logs changes of root and of the excluded."""
+        root, excluded = self.node_id, frozenset[str]()
+        async with events:
+            async for event in events:
+                self.members = election.apply(self.members, event)
+                e = self.election()
+                if e.root is not None and e.root.node_id != root:
+                    root = e.root.node_id
+                    log.info("root is now %s (%s); this node is %s", root, e.root.address, e.role(self.node_id))
+                now = frozenset(m.node_id for m, _ in e.excluded)
+                for m, why in e.excluded:
+                    if m.node_id not in excluded:
+                        log.warning("node %s at %s does not join: %s", m.node_id, m.address, why)
+                excluded = now
+
+    def election(self) -> election.Election:
+        return election.elect(election.members(self.members), version=PROTOCOL_VERSION, cluster=self.config.cluster)
+
+    def status(self, seq: int) -> StatusReply:
+        """What this daemon knows now: compatible members in succession order, root first."""
+        e = self.election()
+        nodes = tuple(NodeStatus(m, e.role(m.node_id), tuple(sorted(self.members[m.node_id].sources)),
+                                 self.members[m.node_id].last_seen) for m in e.succession)
+        active = self._active
+        return StatusReply(seq, self.node_id, nodes, active.plan if active else None, self.last_step, self.sessions)
+
+    async def _fetch_member(self, address: str) -> Member:
+        """A --peer daemon's own record, with the address it was reached at."""
+        reply = await ask_status(address, self.config.static.timeout)
+        me = next((n.member for n in reply.nodes if n.member.node_id == reply.node_id), None)
+        if me is None:
+            raise UnexpectedMessage(f"{address}: its StatusReply does not list node {reply.node_id} itself")
+        return replace(me, address=address)
+
+    async def _status(self, link: TrioLink, first: Status) -> None:
+        msg: object = first
+        while True:
+            if not isinstance(msg, Status):
+                raise UnexpectedMessage(f"{type(msg).__name__} on a status connection")
+            await link.send(self.status(msg.seq))
+            try:
+                msg = await link.receive(self.t.idle)
+            except LinkClosed:
+                return
 
     # --- one connection ---
 
@@ -266,8 +369,11 @@ class Daemon:
                 await self._control(TrioLink(stream, peer), first)
             elif isinstance(first, MeshHello):
                 await self._mesh_accept(stream, peer, first)
+            elif isinstance(first, Status):
+                await self._status(TrioLink(stream, peer), first)
             else:
-                raise UnexpectedMessage(f"a connection must start with Hello or MeshHello, not {type(first).__name__}")
+                raise UnexpectedMessage(
+                    f"a connection must start with Hello, MeshHello or Status, not {type(first).__name__}")
         except ProtocolError as e:
             log.warning("%s: %s; closing the connection", peer, e)
             await _send_quietly(stream, Error(error_code(e), f"node {self.node_id}: {e}"))
@@ -480,7 +586,11 @@ class Daemon:
                     raise UnexpectedMessage(f"expected Step {seq} of epoch {s.epoch}, got {_describe(msg)}")
                 if msg.start_pos + len(msg.tokens) > s.ctx or max(msg.tokens) >= s.config.vocab_size:
                     raise UnexpectedMessage(f"Step {seq} does not fit the context ({s.ctx}) or vocabulary")
+                t0 = time.perf_counter()
                 node.forward(msg.tokens, msg.start_pos)
+                stats = getattr(node, "stats", None) or {}
+                self.last_step = StepStatus(len(msg.tokens), stats.get("step_ms", (time.perf_counter() - t0) * 1e3),
+                                            stats.get("sync_ms", 0.0), time.time())
                 seq += 1
         except tp.PeerLost as e:
             lost = s.plan.nodes[e.node] if 0 <= e.node < s.plan.n_nodes else None
@@ -538,10 +648,38 @@ def _send_blocking_quietly(link: BlockingLink, msg: Error) -> None:
         pass
 
 
-def main(config: DaemonConfig) -> int:
-    """Run the daemon until interrupted (KeyboardInterrupt comes out as itself, not in a group)."""
+async def ask_status(address: str, timeout: float, seq: int = 0) -> StatusReply:
+    """One Status -> StatusReply exchange with the daemon at address. Raises LinkClosed, LinkTimeout,
+    ProtocolError (an Error answer, or anything else, is UnexpectedMessage)."""
+    link = await open_link(address, timeout)
     try:
-        trio.run(Daemon(config).serve)
+        await link.send(Status(seq))
+        reply = await link.receive(timeout)
+    finally:
+        await link.aclose()
+    if not isinstance(reply, StatusReply):
+        detail = reply.message if isinstance(reply, Error) else type(reply).__name__
+        raise UnexpectedMessage(f"{address} answered Status with {detail}")
+    return reply
+
+
+def main(config: DaemonConfig) -> int:
+    """Run the daemon until interrupted (KeyboardInterrupt comes out as itself, not in a group) or sent
+    SIGTERM (systemctl stop): then it shuts down cleanly (mDNS goodbye included) and returns 0."""
+
+    async def serve_until_sigterm() -> None:
+        import signal
+
+        async with trio.open_nursery() as nursery:
+            await nursery.start(Daemon(config).serve)
+            with trio.open_signal_receiver(signal.SIGTERM) as signals:
+                async for _ in signals:
+                    log.info("SIGTERM: shutting down")
+                    nursery.cancel_scope.cancel()
+                    break
+
+    try:
+        trio.run(serve_until_sigterm)
     except BaseExceptionGroup as group:
         raise first_error(group) from None
     return 0

@@ -19,6 +19,9 @@ as WeightChunks -> WeightsReady; Mesh -> node-to-node connections, each opened b
 ways -> Ready; then Step after Step; Stop. A wrong message at a given point is an UnexpectedMessage;
 Error.code names the problem (error_code).
 
+Anyone may ask a daemon what it knows: Status -> StatusReply (its membership, roles, session plan, last
+step), as often as it likes on one connection (`dllp2p status`, and daemons polling their --peer list).
+
 Activations travel as ggml Q8_0 blocks (34 bytes per 32 values: f16 scale + 32 i8), about a quarter of f32;
 logits travel as f32, since greedy decoding must match the single-node engine exactly.
 
@@ -45,6 +48,7 @@ from typing import Any, Iterator, Union
 import msgpack
 import numpy as np
 
+from .election import Member
 from .formats import ModelConfig
 from .formats.quant import QK, TRAITS, QType, dequantize, quantize
 from .scheduler import NodeSlice, Peer, Plan
@@ -138,6 +142,8 @@ class MsgType(IntEnum):
     MESH = 12
     MESH_HELLO = 13
     READY = 14
+    STATUS = 15
+    STATUS_REPLY = 16
 
 
 def _need(ok: bool, problem: str) -> None:
@@ -388,8 +394,71 @@ class Ready:
         _need(bool(self.node_id), "node_id is empty")
 
 
+@dataclass(frozen=True)
+class Status:
+    """Anyone -> a daemon: what do you know? The first frame of a status connection, or any frame after a
+    StatusReply on it (`dllp2p status` asks once a second on one connection)."""
+
+    seq: int
+
+    def __post_init__(self) -> None:
+        _need(self.seq >= 0, f"seq {self.seq} < 0")
+
+
+@dataclass(frozen=True)
+class NodeStatus:
+    """One member of the answering daemon's membership, as it sees it."""
+
+    member: Member
+    role: str  # "root" | "worker", by the answering daemon's election
+    sources: tuple[str, ...]  # how it knows the member: "self", "mdns", "static"
+    last_seen: float  # unix seconds of the latest news of it
+
+    def __post_init__(self) -> None:
+        _need(self.role in ROLES, f"role {self.role!r} is not one of {ROLES}")
+        _need(len(self.sources) >= 1, "a member known from nowhere")
+
+
+@dataclass(frozen=True)
+class StepStatus:
+    """The last Step the answering daemon computed."""
+
+    tokens: int
+    step_ms: float  # wall time of the node's forward
+    sync_ms: float  # of which waiting for and moving activations
+    at: float  # unix seconds when it ended
+
+    def __post_init__(self) -> None:
+        _need(self.tokens >= 1, f"tokens {self.tokens} < 1")
+        _need(all(math.isfinite(x) and x >= 0 for x in (self.step_ms, self.sync_ms, self.at)),
+              "step times must be finite and >= 0")
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.step_ms * 1e3 if self.step_ms > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class StatusReply:
+    """Daemon -> asker: its membership with roles (root first, then the succession), the plan of its
+    session if one runs (every node's slice), its last step."""
+
+    seq: int
+    node_id: str  # the answering daemon
+    nodes: tuple[NodeStatus, ...]
+    plan: Plan | None
+    last_step: StepStatus | None
+    sessions: int  # sessions ended since it started
+
+    def __post_init__(self) -> None:
+        _need(self.seq >= 0 and self.sessions >= 0, "negative seq or session count")
+        ids = [n.member.node_id for n in self.nodes]
+        _need(len(set(ids)) == len(ids), "a node is listed twice")
+        _need(sum(n.role == "root" for n in self.nodes) <= 1, "more than one root")
+
+
 Message = Union[Hello, Plan, WeightChunk, WeightsReady, Step, Activations, Logits, Stop, Error,
-                Session, Need, Mesh, MeshHello, Ready]
+                Session, Need, Mesh, MeshHello, Ready, Status, StatusReply]
 
 MESSAGE_TYPES: dict[MsgType, type] = {
     MsgType.HELLO: Hello,
@@ -406,6 +475,8 @@ MESSAGE_TYPES: dict[MsgType, type] = {
     MsgType.MESH: Mesh,
     MsgType.MESH_HELLO: MeshHello,
     MsgType.READY: Ready,
+    MsgType.STATUS: Status,
+    MsgType.STATUS_REPLY: StatusReply,
 }
 _TYPE_OF: dict[type, MsgType] = {cls: t for t, cls in MESSAGE_TYPES.items()}
 
@@ -422,7 +493,7 @@ def _fields(cls: type) -> tuple[tuple[str, Any], ...]:
     return _FIELDS[cls]
 
 
-for _cls in (*MESSAGE_TYPES.values(), NodeSlice, SliceInfo, ModelConfig):
+for _cls in (*MESSAGE_TYPES.values(), NodeSlice, SliceInfo, ModelConfig, Member, NodeStatus, StepStatus):
     _fields(_cls)  # resolve every schema at import: a bad annotation fails here, not mid-stream
 del _cls
 

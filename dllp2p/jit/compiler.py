@@ -34,7 +34,7 @@ _initialized = False
 
 
 # C library functions generated code may call (sleeping, yielding, socket I/O, the clock)
-LIBC_SYMBOLS = ("usleep", "sched_yield", "send", "recv", "clock_gettime")
+LIBC_SYMBOLS = ("usleep", "sched_yield", "send", "recv", "clock_gettime", "__errno_location")
 
 
 def _init_llvm() -> None:
