@@ -12,6 +12,7 @@ from .sampler import SamplerConfig
 
 EXIT_USAGE = 2
 EXIT_FAILED = 1
+DEFAULT_DAEMON = "127.0.0.1:7340"
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,7 @@ class RunConfig:
     workers: tuple[str, ...] = ()  # "host:port" of worker daemons: this process becomes their root
     plan: str = "pow2"  # scheduler policy with --workers
     stats: bool = False  # print per-token cluster statistics at the end
+    daemon: str | None = None  # "host:port" of the daemon to send the prompt to; None: in-process only
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,6 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
                           "model's KV heads allow, slices by capacity")
     run.add_argument("--stats", action="store_true",
                      help="with --workers: print per-token inference ms, sync ms and bytes sent/received")
+    run.add_argument("--daemon", metavar="HOST:PORT",
+                     help="the daemon to send the prompt to (default 127.0.0.1:7340; if none answers there, "
+                          "the prompt runs in this process)")
+    run.add_argument("--local", action="store_true", help="run in this process, never through a daemon")
 
     daemon = sub.add_parser("daemon", help="serve as a node of the LAN cluster (found by mDNS, or --peer)",
                             description="Settings come from /etc/dllp2p/config.toml ([daemon] table), then "
@@ -84,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="no mDNS: neither advertise nor browse (--peer still works)")
     daemon.add_argument("--log-level", choices=["debug", "info", "warning", "error"], action=_Given,
                         help="default info")
+    daemon.add_argument("--model", action=_Given,
+                        help="GGUF model served when this daemon is root (default: the installed SmolLM2)")
 
     status = sub.add_parser("status", help="show the cluster as a daemon sees it (live, or --json once)")
     status.add_argument("--host", default="127.0.0.1", help="the daemon to ask (default 127.0.0.1)")
@@ -129,8 +137,16 @@ def run_config(ns: argparse.Namespace) -> RunConfig:
 
     for address in ns.workers:
         parse_address(address)
+    if ns.daemon is not None:
+        parse_address(ns.daemon)
+    if ns.local and ns.daemon:
+        raise ValueError("--local and --daemon exclude each other")
+    # through a daemon unless told otherwise, or asked for what only this process does (--workers, the
+    # reference engine, a model file of its own without naming a daemon)
+    own = ns.local or ns.workers or ns.engine != "jit" or (ns.model and not ns.daemon)
+    daemon = None if own else ns.daemon or DEFAULT_DAEMON
     return RunConfig(ns.model, ns.prompt, ns.steps, ns.ctx, ns.chat, ns.system, ns.engine, sampler, ns.threads,
-                     tuple(ns.workers), ns.plan, ns.stats)
+                     tuple(ns.workers), ns.plan, ns.stats, daemon)
 
 
 def daemon_settings(ns: argparse.Namespace, environ=None) -> dict:  # noqa: ANN001
@@ -160,9 +176,19 @@ def config_of_settings(s: dict, environ):  # noqa: ANN001 -> daemon.DaemonConfig
     if s["threads"] is not None and s["threads"] < 1:
         raise ValueError("--threads must be at least 1")
     state = s["state_dir"] or Path(environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state") / "dllp2p"
+    model = Path(s["model"]).expanduser() if s.get("model") else _installed_model()
     return DaemonConfig(s["host"], s["port"], s["threads"] or default_threads(), Path(state).expanduser(),
                         cluster=s["cluster"], discovery=s["discovery"], interfaces=tuple(s["interfaces"]),
-                        peers=tuple(s["peers"]))
+                        peers=tuple(s["peers"]), model=model)
+
+
+def _installed_model():  # -> Path | None
+    from .models import NoModel, default_model_path
+
+    try:
+        return default_model_path()
+    except NoModel:
+        return None
 
 
 def status_main(ns: argparse.Namespace) -> int:
@@ -187,9 +213,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         if ns.command == "run":
-            from .run import run_local
+            from .run import run
 
-            return run_local(run_config(ns))
+            return run(run_config(ns))
         if ns.command == "bench":
             from . import bench
 

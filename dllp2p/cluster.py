@@ -157,7 +157,7 @@ class ClusterEngine:
             from .jit.engine import default_threads
 
             threads = default_threads()
-        return trio.run(partial(_start, model, options, ctx, threads, tp, err))
+        return trio.run(partial(start, model, options, ctx, threads, tp, err))
 
     def forward(self, tokens: Sequence[int], start_pos: int) -> np.ndarray:
         if self._closed:
@@ -232,18 +232,21 @@ class ClusterEngine:
 # --- set-up (trio) --------------------------------------------------------------------------------
 
 
-async def _start(model: Any, options: ClusterOptions, ctx: int, threads: int, tp: Any, err: TextIO) -> ClusterEngine:
+async def start(model: Any, options: ClusterOptions, ctx: int, threads: int, tp: Any, err: TextIO, *,
+                node_id: str | None = None, epoch: int = ROOT_EPOCH) -> ClusterEngine:
+    """The set-up on the caller's trio loop (ClusterEngine.connect runs it in a trio.run of its own; a
+    root daemon on its loop, with its own node id and the request's number as the plan's epoch)."""
     t0 = time.perf_counter()
     t = options.timeouts
     config: ModelConfig = model.config
     ctx = min(ctx, config.context_length)
-    root = Hello(PROTOCOL_VERSION, f"root-{secrets.token_hex(4)}", "root", threads, float(threads))
+    root = Hello(PROTOCOL_VERSION, node_id or f"root-{secrets.token_hex(4)}", "root", threads, float(threads))
     workers: list[Worker] = []
     peers: list[socket.socket | None] = []
     node = None
     try:
         workers = await _gather([partial(_hello, a, root, t) for a in options.workers])
-        the_plan = plan(config, [root.peer("")] + [w.hello.peer(w.address) for w in workers], ROOT_EPOCH,
+        the_plan = plan(config, [root.peer("")] + [w.hello.peer(w.address) for w in workers], epoch,
                         options.policy)
         for w in workers:
             w.index = next((n.index for n in the_plan.nodes if n.node_id == w.hello.node_id), -1)

@@ -13,10 +13,11 @@ File: /etc/dllp2p/config.toml (DLLP2P_CONFIG or --config name another), a [daemo
     interfaces = ["192.168.1.20"]          # mDNS on these interfaces only (their IPv4 addresses)
     peers = ["192.168.1.21:7340"]          # static peers, where multicast is blocked
     log_level = "info"          # debug, info, warning, error
+    model = "/srv/models/m.gguf"           # served when this daemon is root (default: the installed SmolLM2)
 
 Environment: DLLP2P_HOST, DLLP2P_PORT, DLLP2P_THREADS, DLLP2P_STATE_DIR, DLLP2P_CLUSTER, DLLP2P_DISCOVERY
 (1/0, true/false, yes/no, on/off), DLLP2P_INTERFACES and DLLP2P_PEERS (separated by commas or spaces),
-DLLP2P_LOG_LEVEL.
+DLLP2P_LOG_LEVEL, DLLP2P_MODEL.
 
 Error handling: a file that is not TOML, an unknown key, a value of the wrong type: ConfigError (a
 ValueError) naming the file or variable and the key. A missing default file is no error.
@@ -43,6 +44,7 @@ DAEMON_KEYS: dict[str, type] = {
     "interfaces": list,
     "peers": list,
     "log_level": str,
+    "model": str,
 }
 DEFAULTS: dict[str, Any] = {
     "host": "0.0.0.0",
@@ -54,6 +56,7 @@ DEFAULTS: dict[str, Any] = {
     "interfaces": [],
     "peers": [],
     "log_level": "info",
+    "model": None,  # the installed SmolLM2, if any
 }
 
 

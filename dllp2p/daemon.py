@@ -1,13 +1,16 @@
 """`dllp2p daemon`: the long-running worker every device runs. It serves one root's session at a time.
 
-One TCP port takes three kinds of connection, told apart by their first frame:
+One TCP port takes four kinds of connection, told apart by their first frame:
 
     Hello      a root's control connection (both sides send Hello: version, node id, threads, capacity)
     MeshHello  a peer node's connection for the activation exchange of a session (see below)
     Status     anyone asking what this daemon knows: StatusReply, again for every further Status
+    Generate   a prompt (`dllp2p run`): the root serves it as the cluster's root, any other daemon
+               forwards it to the root and relays the tokens back (serve.py)
 
 Membership: the daemon knows itself, the daemons mDNS finds (discovery.run_mdns, unless disabled) and
-the --peer daemons it polls with Status (discovery.poll_static). Their events go through one bounded
+the --peer daemons it polls with Status (discovery.poll_static; mDNS-found members are polled the same
+way while they answer, so one killed without a goodbye leaves in seconds). Their events go through one bounded
 channel to one task that applies them (election.apply) and logs every change of root or of who is
 excluded (another protocol version or cluster name never joins). Roles are election.elect of that table.
 
@@ -87,6 +90,7 @@ from .protocol import (
     AssembledSlice,
     ChunkError,
     Error,
+    Generate,
     Hello,
     Mesh,
     MeshHello,
@@ -141,6 +145,8 @@ class DaemonConfig:
     interfaces: tuple[str, ...] = ()  # IPv4 addresses of the interfaces mDNS uses; () = all
     peers: tuple[str, ...] = ()  # "host:port" of daemons polled with Status (where multicast is blocked)
     static: StaticOptions = field(default_factory=StaticOptions)
+    model: Path | None = None  # the GGUF this daemon serves prompts with when it is root
+    policy: str = "pow2"  # scheduler policy of the plans it makes as root
 
     def __post_init__(self) -> None:
         if not election.CLUSTER.fullmatch(self.cluster):
@@ -267,6 +273,9 @@ class Daemon:
         self.last_step: StepStatus | None = None  # written by the session thread, read by Status
         self._slot = trio.Lock()
         self._active: _Active | None = None
+        from .serve import RootService
+
+        self.root_service = RootService(config.model, self.node_id, config.threads, config.policy, self.t, self._tp)
 
     def _tp(self) -> Any:
         if self.tp is None:
@@ -299,7 +308,7 @@ class Daemon:
                          cores, ram, features)
         self.members = election.apply({}, Seen(self.me, "self", time.time()))
         send, recv = trio.open_memory_channel[election.Event](64)
-        nursery.start_soon(self._membership, recv)
+        nursery.start_soon(self._membership, recv, (nursery, send.clone()) if c.discovery else None)
         if c.discovery:
             # mDNS where the daemon listens: the chosen interfaces, else a specific listening address's
             interfaces = c.interfaces or (() if host in ("0.0.0.0", "::", "") else (host,))
@@ -313,11 +322,30 @@ class Daemon:
             nursery.start_soon(poll_static, address, self._fetch_member, send.clone(), c.static)
         send.close()
 
-    async def _membership(self, events: trio.MemoryReceiveChannel) -> None:
-        """The one task that changes the membership table; logs changes of root and of the excluded."""
+    async def _membership(self, events: trio.MemoryReceiveChannel,
+                          probes: tuple[trio.Nursery, trio.MemorySendChannel] | None = None) -> None:
+        """The one task that changes the membership table; logs changes of root and of the excluded.
+
+        With `probes` (nursery, events), every member mDNS announces is also polled with Status while it
+        answers (discovery.poll_static, source "mdns", until_gone): a daemon killed without an mDNS goodbye
+        leaves the table after StaticOptions.misses failed polls, not when its record expires."""
         root, excluded = self.node_id, frozenset[str]()
+        probed: set[str] = set()
+
+        async def probe(member: Member) -> None:
+            try:
+                async with probes[1].clone() as send:
+                    await poll_static(member.address, self._fetch_member, send, self.config.static,
+                                      source="mdns", until_gone=True)
+            finally:
+                probed.discard(member.node_id)
+
         async with events:
             async for event in events:
+                if (probes is not None and isinstance(event, Seen) and event.source == "mdns"
+                        and event.member.node_id not in probed and event.member.node_id != self.node_id):
+                    probed.add(event.member.node_id)
+                    probes[0].start_soon(probe, event.member)
                 self.members = election.apply(self.members, event)
                 e = self.election()
                 if e.root is not None and e.root.node_id != root:
@@ -338,7 +366,8 @@ class Daemon:
         nodes = tuple(NodeStatus(m, e.role(m.node_id), tuple(sorted(self.members[m.node_id].sources)),
                                  self.members[m.node_id].last_seen) for m in e.succession)
         active = self._active
-        return StatusReply(seq, self.node_id, nodes, active.plan if active else None, self.last_step, self.sessions)
+        the_plan = active.plan if active else self.root_service.last_plan
+        return StatusReply(seq, self.node_id, nodes, the_plan, self.last_step, self.sessions)
 
     async def _fetch_member(self, address: str) -> Member:
         """A --peer daemon's own record, with the address it was reached at."""
@@ -371,9 +400,11 @@ class Daemon:
                 await self._mesh_accept(stream, peer, first)
             elif isinstance(first, Status):
                 await self._status(TrioLink(stream, peer), first)
+            elif isinstance(first, Generate):
+                await self._generate(TrioLink(stream, peer), first)
             else:
                 raise UnexpectedMessage(
-                    f"a connection must start with Hello, MeshHello or Status, not {type(first).__name__}")
+                    f"a connection must start with Hello, MeshHello, Status or Generate, not {type(first).__name__}")
         except ProtocolError as e:
             log.warning("%s: %s; closing the connection", peer, e)
             await _send_quietly(stream, Error(error_code(e), f"node {self.node_id}: {e}"))
@@ -381,6 +412,26 @@ class Daemon:
             log.info("%s", e)
         except Exception:
             log.exception("%s: unexpected failure; closing the connection", peer)
+
+    async def _generate(self, link: TrioLink, g: Generate) -> None:
+        """A prompt: served here if this node is root (one request or session at a time), else forwarded."""
+        from . import serve
+
+        e = self.election()
+        if e.root is not None and e.root.node_id != self.node_id:
+            log.info("request from %s: forwarded to the root %s (%s)", link.peer, e.root.node_id, e.root.address)
+            await serve.forward(link, g, e.root.address, self.node_id, self.t)
+            return
+        with trio.move_on_after(self.t.idle) as waited:
+            await self._slot.acquire()
+        if waited.cancelled_caught:
+            await link.send(Error("busy", f"node {self.node_id} is busy"))
+            return
+        try:
+            workers = [m.address for m in e.succession if m.node_id != self.node_id]
+            await self.root_service.serve(link, g, workers)
+        finally:
+            self._slot.release()
 
     async def _control(self, link: TrioLink, hello: Hello) -> None:
         if hello.role != "root":

@@ -264,8 +264,12 @@ class StaticOptions:
 
 
 async def poll_static(address: str, fetch: Fetch, events: trio.MemorySendChannel,
-                      options: StaticOptions = StaticOptions()) -> None:
+                      options: StaticOptions = StaticOptions(), *, source: str = "static",
+                      until_gone: bool = False) -> None:
     """Ask the daemon at address who it is, forever: Seen each time it answers, Gone after `misses` failures.
+    The events carry `source`; with until_gone the polling ends at the first Gone (the daemon's liveness
+    probe of a member mDNS announced: a daemon that died without a goodbye is dropped after `misses`
+    polls instead of when its mDNS record expires, which takes minutes).
 
     fetch(address) -> its Member, raising OSError / ValueError (ProtocolError) / TimeoutError on failure."""
     node: str | None = None
@@ -281,14 +285,16 @@ async def poll_static(address: str, fetch: Fetch, events: trio.MemorySendChannel
         if member is None:
             misses += 1
             if node is not None and misses >= options.misses:
-                log.info("static peer %s (node %s) stopped answering", address, node)
-                await events.send(Gone(node, "static"))
+                log.info("%s peer %s (node %s) stopped answering", source, address, node)
+                await events.send(Gone(node, source))
                 node = None
+                if until_gone:
+                    return
         else:
             if member.node_id != node:
                 if node is not None:
-                    await events.send(Gone(node, "static"))
-                log.info("static peer %s is node %s", address, member.node_id)
+                    await events.send(Gone(node, source))
+                log.info("%s peer %s is node %s", source, address, member.node_id)
             node, misses = member.node_id, 0
-            await events.send(Seen(member, "static", time.time()))
+            await events.send(Seen(member, source, time.time()))
         await trio.sleep(options.interval)

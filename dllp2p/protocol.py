@@ -22,6 +22,9 @@ Error.code names the problem (error_code).
 Anyone may ask a daemon what it knows: Status -> StatusReply (its membership, roles, session plan, last
 step), as often as it likes on one connection (`dllp2p status`, and daemons polling their --peer list).
 
+A prompt: Generate (`dllp2p run` -> its local daemon, forwarded to the root with hops + 1) -> TokenChunk
+... TokenChunk -> Done, or Error at any point; one request per connection.
+
 Activations travel as ggml Q8_0 blocks (34 bytes per 32 values: f16 scale + 32 i8), about a quarter of f32;
 logits travel as f32, since greedy decoding must match the single-node engine exactly.
 
@@ -144,6 +147,9 @@ class MsgType(IntEnum):
     READY = 14
     STATUS = 15
     STATUS_REPLY = 16
+    GENERATE = 17
+    TOKEN_CHUNK = 18
+    DONE = 19
 
 
 def _need(ok: bool, problem: str) -> None:
@@ -441,7 +447,8 @@ class StepStatus:
 @dataclass(frozen=True)
 class StatusReply:
     """Daemon -> asker: its membership with roles (root first, then the succession), the plan of its
-    session if one runs (every node's slice), its last step."""
+    session if one runs, else (on the root) of the latest prompt it served (every node's slice), its
+    last step."""
 
     seq: int
     node_id: str  # the answering daemon
@@ -457,8 +464,59 @@ class StatusReply:
         _need(sum(n.role == "root" for n in self.nodes) <= 1, "more than one root")
 
 
+@dataclass(frozen=True)
+class Generate:
+    """A prompt for the cluster: `dllp2p run` -> its local daemon -> (forwarded, hops + 1) -> the root,
+    which generates and answers TokenChunk ... TokenChunk, then Done or Error, on the same connection.
+    The prompt is text (tokenized by the root, with the chat template when `chat`) or, if `tokens` is
+    not empty, token ids used as they are. Sampling fields are sampler.SamplerConfig's."""
+
+    prompt: str
+    tokens: tuple[int, ...]
+    chat: bool
+    system: str | None
+    steps: int
+    ctx: int
+    temperature: float
+    top_k: int
+    top_p: float
+    min_p: float
+    repeat_penalty: float
+    seed: int | None
+    hops: int = 0  # daemons this request has passed through; a forward past MAX_HOPS is refused
+
+    def __post_init__(self) -> None:
+        _need(self.steps >= 1 and self.ctx >= 2, f"steps {self.steps} < 1 or ctx {self.ctx} < 2")
+        _need(all(t >= 0 for t in self.tokens), "a negative token id")
+        _need(bool(self.prompt) or bool(self.tokens), "an empty prompt")
+        _need(0 <= self.hops <= MAX_HOPS, f"hops {self.hops} not in 0..{MAX_HOPS}")
+
+
+MAX_HOPS = 4
+
+
+@dataclass(frozen=True)
+class TokenChunk:
+    """Root -> asker: the next piece of generated text (whole UTF-8 characters)."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class Done:
+    """Root -> asker: generation ended; what the root's run would print on stderr."""
+
+    prompt_tokens: int
+    generated_tokens: int
+    prefill_tok_s: float
+    decode_tok_s: float
+    nodes: int  # of the plan that served the request (1: the root alone)
+    root: str  # the root's node id
+    stats: tuple[str, ...]  # the cluster's per-token statistics lines (empty on one node)
+
+
 Message = Union[Hello, Plan, WeightChunk, WeightsReady, Step, Activations, Logits, Stop, Error,
-                Session, Need, Mesh, MeshHello, Ready, Status, StatusReply]
+                Session, Need, Mesh, MeshHello, Ready, Status, StatusReply, Generate, TokenChunk, Done]
 
 MESSAGE_TYPES: dict[MsgType, type] = {
     MsgType.HELLO: Hello,
@@ -477,6 +535,9 @@ MESSAGE_TYPES: dict[MsgType, type] = {
     MsgType.READY: Ready,
     MsgType.STATUS: Status,
     MsgType.STATUS_REPLY: StatusReply,
+    MsgType.GENERATE: Generate,
+    MsgType.TOKEN_CHUNK: TokenChunk,
+    MsgType.DONE: Done,
 }
 _TYPE_OF: dict[type, MsgType] = {cls: t for t, cls in MESSAGE_TYPES.items()}
 

@@ -1,4 +1,6 @@
-"""`dllp2p run` on this machine: model -> tokens -> engine -> streamed text on stdout, stats on stderr."""
+"""`dllp2p run`: through the local daemon if one answers (it hands the prompt to the cluster's root and
+streams the text back), else on this machine: model -> tokens -> engine -> streamed text on stdout,
+stats on stderr."""
 
 from __future__ import annotations
 
@@ -41,6 +43,69 @@ def make_engine(kind: str, model: GGUFModel, ctx: int, threads: int | None = Non
 
         return ClusterEngine.connect(model, cluster, ctx, threads)
     raise ValueError(f"unknown engine {kind!r}")
+
+
+class DaemonError(ConnectionError):
+    """The daemon took the prompt and then failed; the message is the daemon's (or the lost link's)."""
+
+
+CONNECT_TIMEOUT = 1.0  # seconds to find out whether a daemon listens
+ANSWER_TIMEOUT = 900.0  # seconds of silence from a daemon that took the prompt (set-up, weight push)
+
+
+def run(cfg, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
+    """Through cfg.daemon if it is set and answers, else in this process."""
+    if cfg.daemon is not None:
+        status = run_via_daemon(cfg, cfg.daemon, out, err)
+        if status is not None:
+            return status
+    return run_local(cfg, out, err)
+
+
+def run_via_daemon(cfg, address: str, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int | None:
+    """Send the prompt to the daemon at address and print what comes back. -> None if nothing listens
+    there (the caller runs the prompt itself). Raises DaemonError once the daemon has the prompt."""
+    import socket
+
+    from .link import BlockingLink, LinkClosed, LinkTimeout, parse_address
+    from .protocol import Done, Error, Generate, ProtocolError, TokenChunk
+
+    host, port = parse_address(address)
+    try:
+        sock = socket.create_connection((host, port), timeout=CONNECT_TIMEOUT)
+    except OSError:
+        return None
+    s = cfg.sampler
+    g = Generate(cfg.prompt, (), cfg.chat, cfg.system, cfg.steps, cfg.ctx, float(s.temperature), s.top_k,
+                 float(s.top_p), float(s.min_p), float(s.repeat_penalty), s.seed)
+    link = BlockingLink(sock, address)
+    try:
+        sock.settimeout(ANSWER_TIMEOUT)
+        link.send(g)
+        while True:
+            msg = link.receive(ANSWER_TIMEOUT)
+            if isinstance(msg, TokenChunk):
+                out.write(msg.text)
+                out.flush()
+            elif isinstance(msg, Done):
+                break
+            elif isinstance(msg, Error):
+                raise DaemonError(f"daemon {address}: {msg.message}")
+            else:
+                raise DaemonError(f"daemon {address} answered the prompt with {type(msg).__name__}")
+    except (LinkClosed, LinkTimeout, ProtocolError) as e:
+        raise DaemonError(f"daemon {address}: {e}") from None
+    finally:
+        link.close()
+    out.write("\n")
+    out.flush()
+    tok_s = f"prefill {msg.prefill_tok_s:.1f} tok/s, decode {msg.decode_tok_s:.1f} tok/s"
+    print(f"dllp2p: prompt {msg.prompt_tokens} tokens, generated {msg.generated_tokens} tokens; {tok_s} "
+          f"(root {msg.root}, {msg.nodes} node{'s' if msg.nodes != 1 else ''})", file=err)
+    if cfg.stats:
+        for line in msg.stats:
+            print(f"dllp2p: {line}", file=err)
+    return 0
 
 
 def run_local(cfg, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:

@@ -116,6 +116,26 @@ def test_static_peer_seen_then_gone():
     assert got[0].member == ME and got[0].source == "static" and got[-1] == Gone(ME.node_id, "static")
 
 
+def test_liveness_probe_of_an_mdns_member_ends_at_its_gone():
+    answers = [ME, OSError("refused"), OSError("refused")]
+
+    async def fetch(address: str) -> Member:
+        a = answers.pop(0) if answers else ME  # it would answer again: the probe has ended by then
+        if isinstance(a, Exception):
+            raise a
+        return a
+
+    async def main() -> list:
+        send, recv = trio.open_memory_channel(10)
+        with trio.fail_after(5):
+            async with send:
+                await poll_static("10.0.0.7:7340", fetch, send, StaticOptions(0.001, 1, 2), source="mdns",
+                                  until_gone=True)
+            return [ev async for ev in recv]
+
+    assert trio.run(main) == [Seen(ME, "mdns", pytest.approx(time.time(), abs=5)), Gone(ME.node_id, "mdns")]
+
+
 def test_static_peer_that_hangs_times_out():
     async def fetch(address: str) -> Member:
         await trio.sleep_forever()

@@ -1,0 +1,201 @@
+"""A prompt sent to a daemon (protocol.Generate): the root generates it, any other daemon forwards it.
+
+    root      the model (loaded once, memory-mapped) -> prompt tokens -> an engine over the compatible
+              members as they are at this moment (cluster.start: Hello, plan, weight push, mesh; the
+              JIT engine when the root is alone) -> the generation loop in one worker thread ->
+              TokenChunks through a bounded channel -> Done
+    forward   a connection to the root; the Generate passed on (hops + 1); every answer relayed back
+
+Re-planning: every request plans anew over the membership of that moment (epoch = the request's
+number), so a daemon that joined since the last request takes part in this one as far as the
+scheduler's policy allows, and one that left is not in it. Workers keep their slices in their
+content-addressed cache, so only slices a worker lacks are pushed. The daemon runs one request at a
+time (its slot), so a plan never changes in the middle of a request.
+
+Error handling: whatever fails while serving a request (a bad prompt, no model, a worker lost, the
+root unreachable) is answered with one Error frame naming it; the daemon serves on. A client that
+goes away ends the generation at its next token.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import trio
+
+from .link import LinkClosed, LinkTimeout, TrioLink, open_link
+from .protocol import MAX_HOPS, Done, Error, Generate, ProtocolError, TokenChunk, UnexpectedMessage
+from .scheduler import Peer, Plan, plan
+
+log = logging.getLogger("dllp2p.daemon")
+
+CHANNEL = 16  # text pieces between the generation thread and the connection
+
+
+@dataclass
+class _Loaded:
+    model: Any  # formats.GGUFModel
+    tokenizer: Any  # tokenizer.Tokenizer
+
+
+class RootService:
+    """What a daemon needs to serve requests as the root. `tp`: the compute module getter."""
+
+    def __init__(self, model_path: Path | None, node_id: str, threads: int, policy: str, timeouts: Any,
+                 tp: Callable[[], Any]):
+        self.model_path = model_path
+        self.node_id = node_id
+        self.threads = threads
+        self.policy = policy
+        self.timeouts = timeouts
+        self._tp = tp
+        self._loaded: _Loaded | None = None
+        self._lock = threading.Lock()
+        self.requests = 0  # served or failed
+        self.last_plan: Plan | None = None  # of the latest request (Status shows it)
+
+    def _load(self) -> _Loaded:
+        """(thread) The model and tokenizer, loaded by the first request."""
+        from .formats import load_model
+        from .tokenizer import Tokenizer
+
+        with self._lock:
+            if self._loaded is None:
+                if self.model_path is None:
+                    raise ValueError(f"root {self.node_id} has no model (start its daemon with --model PATH)")
+                model = load_model(self.model_path)
+                self._loaded = _Loaded(model, Tokenizer.from_metadata(model.metadata))
+            return self._loaded
+
+    async def serve(self, link: TrioLink, g: Generate, workers: list[str]) -> None:
+        """Generate g over this root and `workers` ("host:port" of the compatible members), answering on link."""
+        from .errors import user_facing_errors
+
+        self.requests += 1
+        epoch = self.requests
+        try:
+            await self._serve(link, g, workers, epoch)
+        except user_facing_errors() as e:  # ClusterError and PlanError included
+            log.warning("request %d failed: %s", epoch, e)
+            await _send_error(link, Error("generate", f"root {self.node_id}: {e}"))
+
+    async def _serve(self, link: TrioLink, g: Generate, workers: list[str], epoch: int) -> None:
+        from .generate import GenerationStats
+        from .sampler import SamplerConfig
+
+        sampler = SamplerConfig(g.temperature, g.top_k, g.top_p, g.min_p, g.repeat_penalty, seed=g.seed)
+        loaded = await trio.to_thread.run_sync(self._load)
+        ids = list(g.tokens) or await trio.to_thread.run_sync(self._tokens, loaded, g)
+        engine, the_plan = await self._engine(loaded.model, g.ctx, workers, epoch)
+        self.last_plan = the_plan
+        log.info("request %d: %d prompt tokens on %d nodes", epoch, len(ids), the_plan.n_nodes)
+        stats = GenerationStats()
+        try:
+            send, recv = trio.open_memory_channel[str](CHANNEL)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._produce, engine, loaded, ids, sampler, g.steps, stats, send)
+                async with recv:
+                    async for piece in recv:
+                        await link.send(TokenChunk(piece))
+        finally:
+            await trio.to_thread.run_sync(engine.close)
+        lines = tuple(engine.stats_summary()) if hasattr(engine, "stats_summary") else ()
+        await link.send(Done(stats.prompt_tokens, stats.generated_tokens, stats.prefill_tok_s, stats.decode_tok_s,
+                             the_plan.n_nodes, self.node_id, lines))
+
+    @staticmethod
+    def _tokens(loaded: _Loaded, g: Generate) -> list[int]:
+        from .run import prompt_tokens
+
+        return prompt_tokens(loaded.tokenizer, loaded.model, g.prompt, g.chat, g.system)
+
+    async def _engine(self, model: Any, ctx: int, workers: list[str], epoch: int) -> tuple[Any, Plan]:
+        """A ClusterEngine over this root and the workers, or a JIT engine when there are none."""
+        if workers:
+            from .cluster import ClusterOptions, start
+
+            options = ClusterOptions(tuple(workers), self.policy, self.timeouts, progress=False)
+            engine = await start(model, options, ctx, self.threads, self._tp(), _LogWriter(),
+                                 node_id=self.node_id, epoch=epoch)
+            return engine, engine.plan
+        from .jit.engine import JITEngine
+
+        alone = plan(model.config, [Peer(self.node_id, "", self.threads, float(self.threads))], epoch, self.policy)
+        return await trio.to_thread.run_sync(JITEngine, model, ctx, self.threads), alone
+
+    @staticmethod
+    async def _produce(engine: Any, loaded: _Loaded, ids: list[int], sampler_config: Any, steps: int, stats: Any,
+                       send: trio.MemorySendChannel) -> None:
+        """The generation loop in one worker thread; each text piece goes through `send` (blocking when
+        the connection lags). Ends early when the receiving side is closed."""
+        from .generate import generate
+        from .sampler import Sampler
+        from .tokenizer import StreamDecoder
+
+        def loop() -> None:
+            decoder = StreamDecoder(loaded.tokenizer)
+            try:
+                for token in generate(engine, ids, Sampler(sampler_config), steps, loaded.tokenizer.eos_ids, stats):
+                    piece = decoder.push(token)
+                    if piece:
+                        trio.from_thread.run(send.send, piece)
+                tail = decoder.flush()
+                if tail:
+                    trio.from_thread.run(send.send, tail)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, trio.Cancelled, trio.RunFinishedError):
+                pass  # nobody listens any more
+
+        async with send:
+            await trio.to_thread.run_sync(loop)
+
+
+async def forward(link: TrioLink, g: Generate, root: str, node_id: str, timeouts: Any) -> None:
+    """Pass g on to the root daemon at `root` and relay its answers until Done or Error."""
+    if g.hops >= MAX_HOPS:
+        await _send_error(link, Error("generate", f"node {node_id}: the request was forwarded {g.hops} times; "
+                                                  "the daemons do not agree on a root"))
+        return
+    try:
+        up = await open_link(root, timeouts.hello)
+    except (LinkClosed, LinkTimeout) as e:
+        await _send_error(link, Error("generate", f"node {node_id}: the root is unreachable: {e}"))
+        return
+    try:
+        await up.send(replace(g, hops=g.hops + 1))
+        while True:
+            try:
+                msg = await up.receive(timeouts.build)
+                if not isinstance(msg, (TokenChunk, Done, Error)):
+                    raise UnexpectedMessage(f"{root} answered a Generate with {type(msg).__name__}")
+            except (LinkClosed, LinkTimeout, ProtocolError) as e:
+                await _send_error(link, Error("generate", f"node {node_id}: root {root} failed: {e}"))
+                return
+            await link.send(msg)  # LinkClosed: the client went away; closing `up` stops the root
+            if not isinstance(msg, TokenChunk):
+                return
+    finally:
+        await up.aclose()
+
+
+async def _send_error(link: TrioLink, msg: Error) -> None:
+    try:
+        await link.send(msg)
+    except LinkClosed:
+        pass
+
+
+class _LogWriter:
+    """A text stream for cluster.start's messages to a person: each line goes to the log."""
+
+    def write(self, text: str) -> int:
+        for line in text.splitlines():
+            if line.strip():
+                log.info("%s", line.removeprefix("dllp2p: "))
+        return len(text)
+
+    def flush(self) -> None:
+        pass

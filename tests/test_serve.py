@@ -1,0 +1,224 @@
+"""Prompts through the daemons: `dllp2p run` -> its daemon -> the root -> tokens back; the root re-plans
+between requests as daemons join and leave. Real `dllp2p daemon` processes on loopback, static --peer
+lists (no mDNS), the real engines.
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import trio
+
+from dllp2p import protocol as P
+from dllp2p.cli import build_parser, run_config
+from dllp2p.daemon import ask_status
+from dllp2p.formats.synthetic import SyntheticSpec, write_random_llama
+
+ROOT_DIR = Path(__file__).parent.parent
+CLI = [sys.executable, "-m", "dllp2p.cli"]
+SPEC_8KV = SyntheticSpec(dim=256, n_layers=2, n_heads=8, n_kv_heads=8, ffn_dim=512, vocab_size=300, seed=5)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Daemons:
+    """`dllp2p daemon` processes on 127.0.0.1, each polling all the others' ports (--peer)."""
+
+    def __init__(self, tmp_path: Path, count: int, model: Path | None = None):
+        self.tmp_path = tmp_path
+        self.model = model
+        self.ports = [free_port() for _ in range(count)]
+        self.procs: list[subprocess.Popen | None] = [None] * count
+        self.logs: list[list[str]] = [[] for _ in range(count)]
+
+    def address(self, i: int) -> str:
+        return f"127.0.0.1:{self.ports[i]}"
+
+    def start(self, i: int) -> str:
+        peers = [self.address(k) for k in range(len(self.ports)) if k != i]
+        cmd = [*CLI, "daemon", "--host", "127.0.0.1", "--port", str(self.ports[i]), "--threads", "1",
+               "--state-dir", str(self.tmp_path / f"d{i}"), "--no-discovery", *(["--peer", *peers] if peers else [])]
+        if self.model is not None:
+            cmd += ["--model", str(self.model)]
+        p = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, cwd=ROOT_DIR)
+        line = p.stderr.readline()
+        if "listening on" not in line:
+            p.kill()
+            pytest.fail(f"daemon {i} did not start: {line}{p.stderr.read()}")
+        self.logs[i].append(line)
+        threading.Thread(target=lambda: self.logs[i].extend(p.stderr), daemon=True).start()
+        self.procs[i] = p
+        return self.address(i)
+
+    def kill(self, i: int) -> None:
+        p = self.procs[i]
+        if p is not None and p.poll() is None:
+            p.kill()
+            p.wait(5)
+
+    def stop_all(self) -> None:
+        for p in self.procs:
+            if p is not None and p.poll() is None:
+                p.send_signal(signal.SIGINT)
+        for p in self.procs:
+            if p is not None:
+                try:
+                    p.wait(10)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait(5)
+
+
+def status(address: str) -> P.StatusReply:
+    return trio.run(ask_status, address, 5.0)
+
+
+def wait_members(address: str, count: int, limit: float = 20.0) -> P.StatusReply:
+    """Until the daemon at address counts `count` compatible members."""
+    deadline = time.monotonic() + limit
+    while True:
+        reply = status(address)
+        if len(reply.nodes) == count:
+            return reply
+        assert time.monotonic() < deadline, f"{address} sees {len(reply.nodes)} members, not {count}"
+        time.sleep(0.3)
+
+
+def dllp2p_run(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    p = subprocess.run([*CLI, "run", "--temperature", "0", "--steps", "16", "--threads", "1", *args],
+                       capture_output=True, text=True, timeout=timeout, cwd=ROOT_DIR)
+    assert p.returncode == 0, p.stderr
+    return p
+
+
+# --- fast ---
+
+
+def test_run_goes_to_a_daemon_unless_told_otherwise():
+    parse = build_parser().parse_args
+    assert run_config(parse(["run", "--prompt", "x"])).daemon == "127.0.0.1:7340"
+    assert run_config(parse(["run", "--prompt", "x", "--daemon", "10.0.0.2:7"])).daemon == "10.0.0.2:7"
+    for own in (["--local"], ["--workers", "10.0.0.2:7"], ["--engine", "reference"], ["--model", "m.gguf"]):
+        assert run_config(parse(["run", "--prompt", "x", *own])).daemon is None, own
+    with pytest.raises(ValueError, match="exclude"):
+        run_config(parse(["run", "--prompt", "x", "--local", "--daemon", "10.0.0.2:7"]))
+
+
+def test_generate_messages_round_trip_and_are_checked():
+    g = P.Generate("hi", (), True, None, 16, 64, 0.0, 40, 0.95, 0.05, 1.0, 7, 1)
+    for msg in (g, P.TokenChunk(" Paris"), P.Done(6, 16, 100.0, 50.0, 2, "a-1", ("line",))):
+        assert P.FrameDecoder().feed(P.encode(msg)) == [msg]
+    for bad in (dict(steps=0), dict(prompt=""), dict(hops=P.MAX_HOPS + 1), dict(tokens=(-1,))):
+        fields = {**g.__dict__, **bad}
+        with pytest.raises(ValueError):
+            P.Generate(**fields)
+
+
+def test_a_rootless_daemon_without_a_model_says_so(tmp_path):
+    d = Daemons(tmp_path, 1, model=tmp_path / "missing.gguf")
+    try:
+        address = d.start(0)
+        p = subprocess.run([*CLI, "run", "--prompt", "x", "--daemon", address], capture_output=True, text=True,
+                           timeout=60, cwd=ROOT_DIR)
+        assert p.returncode == 1 and p.stderr.startswith(f"dllp2p: error: daemon {address}: root "), p.stderr
+        assert "missing.gguf" in p.stderr
+        assert status(address).nodes[0].role == "root"  # and it serves on
+    finally:
+        d.stop_all()
+
+
+# --- real engines ---
+
+
+@pytest.mark.slow
+def test_prompt_through_a_non_root_daemon_matches_local(tmp_path):
+    """Two daemons (the first started is root and has SmolLM2); `dllp2p run` against the other one."""
+    d = Daemons(tmp_path, 2)
+    try:
+        root = d.start(0)
+        time.sleep(0.05)
+        other = d.start(1)
+        wait_members(root, 2)
+        reply = wait_members(other, 2)
+        assert reply.nodes[0].member.address == root and reply.nodes[0].role == "root"
+        prompt = ["--prompt", "The capital of France is"]
+        local = dllp2p_run(*prompt, "--local")
+        remote = dllp2p_run(*prompt, "--daemon", other)
+        assert remote.stdout == local.stdout and remote.stdout.startswith(" Paris.")
+        assert re.search(r"generated 16 tokens; .*\(root \S+, 2 nodes\)", remote.stderr), remote.stderr
+        assert status(root).plan.n_nodes == 2
+    finally:
+        d.stop_all()
+
+
+@pytest.mark.slow
+def test_root_replans_as_daemons_join_and_leave(tmp_path):
+    """An 8-KV-head random model: 2 daemons -> a plan of 2; a 3rd (pow2: still 2), a 4th -> a plan of 4;
+    the 4th killed -> 2 again. Every answer equals the single-node engine's."""
+    model = write_random_llama(tmp_path / "kv8.gguf", SPEC_8KV)
+    d = Daemons(tmp_path, 4, model=model)
+    prompt = ["--prompt", "hello there"]
+    try:
+        want = dllp2p_run(*prompt, "--local", "--model", str(model)).stdout
+        root = d.start(0)
+        time.sleep(0.05)
+        d.start(1)
+        wait_members(root, 2)
+
+        def ask(via: str, nodes: int) -> None:
+            got = dllp2p_run(*prompt, "--daemon", via)
+            assert got.stdout == want
+            assert f", {nodes} nodes)" in got.stderr, got.stderr
+            plan = status(root).plan
+            assert plan is not None and plan.n_nodes == nodes
+
+        ask(d.address(1), 2)
+        again = dllp2p_run(*prompt, "--daemon", d.address(1), "--stats")
+        assert again.stdout == want and "weights pushed 0.0 MB" in again.stderr, again.stderr  # cached
+        epoch = status(root).plan.epoch
+        d.start(2)
+        wait_members(root, 3)
+        ask(d.address(2), 2)
+        d.start(3)
+        wait_members(root, 4)
+        ask(d.address(3), 4)
+        assert status(root).plan.epoch > epoch
+        assert {n.address for n in status(root).plan.nodes[1:]} == {d.address(i) for i in (1, 2, 3)}
+        d.kill(3)
+        wait_members(root, 3)
+        ask(d.address(1), 2)
+        assert d.address(3) not in {n.address for n in status(root).plan.nodes}
+    finally:
+        d.stop_all()
+
+
+@pytest.mark.slow
+def test_a_client_that_goes_away_stops_its_request_and_the_root_serves_on(tmp_path):
+    from dllp2p.link import BlockingLink
+
+    model = write_random_llama(tmp_path / "kv8.gguf", SPEC_8KV)
+    d = Daemons(tmp_path, 1, model=model)
+    try:
+        address = d.start(0)
+        g = P.Generate("", (1, 5, 9), False, None, 2000, 2048, 0.0, 40, 0.95, 0.05, 1.0, None)
+        link = BlockingLink(socket.create_connection(("127.0.0.1", d.ports[0]), timeout=60), address)
+        link.send(g)
+        assert isinstance(link.receive(60), P.TokenChunk)
+        link.close()  # mid-generation
+        got = dllp2p_run("--prompt", "hello there", "--daemon", address)
+        assert ", 1 node)" in got.stderr and got.stdout == dllp2p_run("--prompt", "hello there", "--model",
+                                                                        str(model)).stdout
+    finally:
+        d.stop_all()
