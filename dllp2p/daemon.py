@@ -4,7 +4,9 @@ One TCP port takes four kinds of connection, told apart by their first frame:
 
     Hello      a root's control connection (both sides send Hello: version, node id, threads, capacity)
     MeshHello  a peer node's connection for the activation exchange of a session (see below)
-    Status     anyone asking what this daemon knows: StatusReply, again for every further Status
+    Status     anyone asking what this daemon knows: StatusReply, again for every further Status (with
+               its RSS, RAM and load average read when it answers, the round-trip of its latest
+               Status poll of every member it polls, and its latest session's weight-push progress)
     Generate   a prompt (`dllp2p run`): the root serves it as the cluster's root, any other daemon
                forwards it to the root and relays the tokens back (serve.py)
 
@@ -92,12 +94,15 @@ from .protocol import (
     Error,
     Generate,
     Hello,
+    LinkRtt,
     Mesh,
     MeshHello,
     Need,
     NodeStatus,
     ProtocolError,
+    PushStatus,
     Ready,
+    Resources,
     Session,
     SliceAssembler,
     SliceInfo,
@@ -271,6 +276,8 @@ class Daemon:
         self.me: Member | None = None  # once listening
         self.members: dict[str, election.Entry] = {}  # node id -> entry, this node included
         self.last_step: StepStatus | None = None  # written by the session thread, read by Status
+        self.link_rtt: dict[str, LinkRtt] = {}  # node id -> the latest Status poll's round-trip to it
+        self.push: PushStatus | None = None  # the weight push of the latest session
         self._slot = trio.Lock()
         self._active: _Active | None = None
         from .serve import RootService
@@ -367,14 +374,19 @@ class Daemon:
                                  self.members[m.node_id].last_seen) for m in e.succession)
         active = self._active
         the_plan = active.plan if active else self.root_service.last_plan
-        return StatusReply(seq, self.node_id, nodes, the_plan, self.last_step, self.sessions)
+        listed = {n.member.node_id for n in nodes}
+        links = tuple(self.link_rtt[n] for n in sorted(self.link_rtt) if n in listed)
+        return StatusReply(seq, self.node_id, nodes, the_plan, self.last_step, self.sessions,
+                           resources(self.me.cores if self.me else 1, self.me.ram if self.me else 0), links, self.push)
 
     async def _fetch_member(self, address: str) -> Member:
-        """A --peer daemon's own record, with the address it was reached at."""
-        reply = await ask_status(address, self.config.static.timeout)
+        """A --peer daemon's own record, with the address it was reached at; the round-trip is kept."""
+        reply, rtt = await ask_status_timed(address, self.config.static.timeout)
         me = next((n.member for n in reply.nodes if n.member.node_id == reply.node_id), None)
         if me is None:
             raise UnexpectedMessage(f"{address}: its StatusReply does not list node {reply.node_id} itself")
+        if reply.node_id != self.node_id:
+            self.link_rtt[reply.node_id] = LinkRtt(reply.node_id, rtt * 1e3, time.time())
         return replace(me, address=address)
 
     async def _status(self, link: TrioLink, first: Status) -> None:
@@ -501,6 +513,9 @@ class Daemon:
         have: dict[str, bytes] = await trio.to_thread.run_sync(self._lookup, sizes)
         cached = len(have)
         want = set(sizes) - set(have)
+        total = sum(sizes[sha] for sha in want)
+        done, partial = 0, dict[str, int]()  # bytes of finished slices; of unfinished ones, by sha256
+        self.push = PushStatus(s.epoch, 0, total, time.time(), not want)
         await link.send(Need(s.epoch, tuple(sorted(want))))
         assembler = SliceAssembler()
         while want:
@@ -510,14 +525,21 @@ class Daemon:
             if not isinstance(msg, WeightChunk) or msg.epoch != s.epoch or msg.sha256 not in want:
                 raise UnexpectedMessage(f"expected a WeightChunk of a needed slice, got {_describe(msg)}")
             try:
-                done = await trio.to_thread.run_sync(self._take_chunk, assembler, msg, sizes[msg.sha256])
+                part = await trio.to_thread.run_sync(self._take_chunk, assembler, msg, sizes[msg.sha256])
             except ChunkError as e:  # SliceHashMismatch included: the slice is dropped, may come again
                 log.warning("dropped a weight slice: %s", e)
+                partial.pop(msg.sha256, None)
+                self.push = replace(self.push, done=min(total, done + sum(partial.values())))
                 await link.send(Error(error_code(e), f"node {self.node_id}: {e}"))
                 continue
-            if done is not None:
-                have[done.sha256] = done.data
-                want.discard(done.sha256)
+            if part is not None:
+                have[part.sha256] = part.data
+                want.discard(part.sha256)
+                partial.pop(part.sha256, None)
+                done += sizes[part.sha256]
+            else:
+                partial[msg.sha256] = msg.offset + len(msg.data)
+            self.push = replace(self.push, done=min(total, done + sum(partial.values())), finished=not want)
         log.info("weights of epoch %d: %d bytes received, %d slices from the cache",
                  s.epoch, assembler.received_bytes, cached)
         await link.send(WeightsReady(s.epoch, assembler.received_bytes, cached))
@@ -702,16 +724,47 @@ def _send_blocking_quietly(link: BlockingLink, msg: Error) -> None:
 async def ask_status(address: str, timeout: float, seq: int = 0) -> StatusReply:
     """One Status -> StatusReply exchange with the daemon at address. Raises LinkClosed, LinkTimeout,
     ProtocolError (an Error answer, or anything else, is UnexpectedMessage)."""
+    return (await ask_status_timed(address, timeout, seq))[0]
+
+
+async def ask_status_timed(address: str, timeout: float, seq: int = 0) -> tuple[StatusReply, float]:
+    """ask_status, and its round-trip in seconds: Status sent -> StatusReply received (connecting not
+    included)."""
     link = await open_link(address, timeout)
     try:
+        t0 = time.perf_counter()
         await link.send(Status(seq))
         reply = await link.receive(timeout)
+        rtt = time.perf_counter() - t0
     finally:
         await link.aclose()
     if not isinstance(reply, StatusReply):
         detail = reply.message if isinstance(reply, Error) else type(reply).__name__
         raise UnexpectedMessage(f"{address} answered Status with {detail}")
-    return reply
+    return reply, rtt
+
+
+def resources(cores: int, ram: int) -> Resources:
+    """This process's RSS and the machine's available RAM and load, now (0 where /proc cannot tell)."""
+    rss = available = 0
+    try:
+        with open("/proc/self/statm") as f:
+            rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        import resource
+
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # the peak, where /proc is missing
+    try:
+        with open("/proc/meminfo") as f:
+            m = re.search(r"^MemAvailable:\s+(\d+) kB", f.read(), re.M)
+            available = int(m.group(1)) * 1024 if m else 0
+    except OSError:
+        pass
+    try:
+        load = max(0.0, os.getloadavg()[0])
+    except OSError:
+        load = 0.0
+    return Resources(max(0, rss), max(0, ram), available, load, max(1, cores))
 
 
 def main(config: DaemonConfig) -> int:

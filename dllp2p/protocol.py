@@ -20,7 +20,10 @@ ways -> Ready; then Step after Step; Stop. A wrong message at a given point is a
 Error.code names the problem (error_code).
 
 Anyone may ask a daemon what it knows: Status -> StatusReply (its membership, roles, session plan, last
-step), as often as it likes on one connection (`dllp2p status`, and daemons polling their --peer list).
+step; since added: its memory and load, its measured round-trips to the members it polls, its weight-push
+progress), as often as it likes on one connection (`dllp2p status`, and daemons polling their --peer list).
+Fields added to a message later are `wire_optional` (WIRE_OPTIONAL metadata): a body without them (from
+an older daemon) decodes with their defaults; every other field must be present.
 
 A prompt: Generate (`dllp2p run` -> its local daemon, forwarded to the root with hops + 1) -> TokenChunk
 ... TokenChunk -> Done, or Error at any point; one request per connection.
@@ -445,6 +448,61 @@ class StepStatus:
 
 
 @dataclass(frozen=True)
+class Resources:
+    """The answering daemon's machine and process, measured when it answers."""
+
+    rss: int  # bytes resident of the daemon process
+    ram: int  # bytes of RAM of the machine (0: unknown)
+    ram_available: int  # bytes the machine can still give (MemAvailable; 0: unknown)
+    load1: float  # 1-minute load average (runnable tasks, all cores together)
+    cores: int  # cores the daemon may run on
+
+    def __post_init__(self) -> None:
+        _need(min(self.rss, self.ram, self.ram_available) >= 0, "negative memory size")
+        _need(math.isfinite(self.load1) and self.load1 >= 0, "load must be finite and >= 0")
+        _need(self.cores >= 1, f"cores {self.cores} < 1")
+
+
+@dataclass(frozen=True)
+class LinkRtt:
+    """The answering daemon's latest Status round-trip to a member it polls (static --peer, mDNS probe)."""
+
+    node_id: str
+    rtt_ms: float  # Status sent -> StatusReply received, on an open connection
+    at: float  # unix seconds of that poll
+
+    def __post_init__(self) -> None:
+        _need(bool(self.node_id), "node_id is empty")
+        _need(math.isfinite(self.rtt_ms) and self.rtt_ms >= 0 and math.isfinite(self.at) and self.at >= 0,
+              "link round-trip and time must be finite and >= 0")
+
+
+@dataclass(frozen=True)
+class PushStatus:
+    """The weight push of the answering worker's latest session: bytes of the slices it needed (its cache
+    lacked) received and verified so far, of their total."""
+
+    epoch: int
+    done: int
+    total: int
+    started_at: float  # unix seconds of the Need
+    finished: bool  # every needed slice arrived (WeightsReady sent)
+
+    def __post_init__(self) -> None:
+        _need(self.epoch >= 0, f"epoch {self.epoch} < 0")
+        _need(0 <= self.done <= self.total, f"push progress {self.done} of {self.total} bytes")
+        _need(not self.finished or self.done == self.total, "a finished push with bytes missing")
+        _need(math.isfinite(self.started_at) and self.started_at >= 0, "start time must be finite and >= 0")
+
+    @property
+    def fraction(self) -> float:
+        return self.done / self.total if self.total else 1.0
+
+
+WIRE_OPTIONAL = {"wire_optional": True}  # field metadata: may be absent from a body (decoded as its default)
+
+
+@dataclass(frozen=True)
 class StatusReply:
     """Daemon -> asker: its membership with roles (root first, then the succession), the plan of its
     session if one runs, else (on the root) of the latest prompt it served (every node's slice), its
@@ -456,11 +514,16 @@ class StatusReply:
     plan: Plan | None
     last_step: StepStatus | None
     sessions: int  # sessions ended since it started
+    resources: Resources | None = dataclasses.field(default=None, metadata=WIRE_OPTIONAL)
+    links: tuple[LinkRtt, ...] = dataclasses.field(default=(), metadata=WIRE_OPTIONAL)  # by node id
+    push: PushStatus | None = dataclasses.field(default=None, metadata=WIRE_OPTIONAL)  # of its latest session
 
     def __post_init__(self) -> None:
         _need(self.seq >= 0 and self.sessions >= 0, "negative seq or session count")
         ids = [n.member.node_id for n in self.nodes]
         _need(len(set(ids)) == len(ids), "a node is listed twice")
+        linked = [link.node_id for link in self.links]
+        _need(len(set(linked)) == len(linked), "a link is listed twice")
         _need(sum(n.role == "root" for n in self.nodes) <= 1, "more than one root")
 
 
@@ -554,9 +617,20 @@ def _fields(cls: type) -> tuple[tuple[str, Any], ...]:
     return _FIELDS[cls]
 
 
-for _cls in (*MESSAGE_TYPES.values(), NodeSlice, SliceInfo, ModelConfig, Member, NodeStatus, StepStatus):
+for _cls in (*MESSAGE_TYPES.values(), NodeSlice, SliceInfo, ModelConfig, Member, NodeStatus, StepStatus, Resources,
+             LinkRtt, PushStatus):
     _fields(_cls)  # resolve every schema at import: a bad annotation fails here, not mid-stream
 del _cls
+
+
+_OPTIONAL: dict[type, frozenset[str]] = {}
+
+
+def _optional(cls: type) -> frozenset[str]:
+    """cls's wire_optional fields."""
+    if cls not in _OPTIONAL:
+        _OPTIONAL[cls] = frozenset(f.name for f in dataclasses.fields(cls) if f.metadata.get("wire_optional"))
+    return _OPTIONAL[cls]
 
 
 def _bad(where: str, expected: str, value: object) -> MalformedFrame:
@@ -599,13 +673,14 @@ def _dataclass_from_wire(cls: type, value: Any, where: str) -> Any:
         raise _bad(where, f"a {cls.__name__} map", value)
     fields = _fields(cls)
     names = {name for name, _ in fields}
-    missing = [n for n, _ in fields if n not in value]
+    optional = _optional(cls)
+    missing = [n for n, _ in fields if n not in value and n not in optional]
     if missing:
         raise MalformedFrame(f"{where}: missing field {missing[0]!r}")
     extra = sorted(str(k) for k in value if k not in names)
     if extra:
         raise MalformedFrame(f"{where}: unexpected field {extra[0]!r}")
-    kwargs = {n: _from_wire(value[n], tp, f"{where}.{n}") for n, tp in fields}
+    kwargs = {n: _from_wire(value[n], tp, f"{where}.{n}") for n, tp in fields if n in value}
     try:
         return cls(**kwargs)
     except ValueError as e:  # the dataclass's own invariants (PlanError included)

@@ -1,9 +1,36 @@
 """`dllp2p status`: what the cluster looks like from one daemon (the local one by default).
 
     survey     Status to the daemon asked; then Status to every other node it lists (short timeout),
-               for what only that node knows: its last step, its session's plan
+               for what only that node knows: its last step, its session's plan, its memory and load,
+               its weight push; the round-trip of each of these exchanges is kept
     to_json    the survey as {"node": id asked, "nodes": [{"id", "address", "role", "version", ...}]}
     table      the survey as a rich Table; `watch` redraws it every second until Ctrl-C
+
+`dllp2p status --json` prints to_json:
+
+    node        the id of the daemon asked
+    plan        null, or {"epoch", "policy", "nodes"}: the session in progress (latest epoch any node reports)
+    push        null, or {"epoch", "done", "total", "fraction", "nodes"}: the weight push of that plan's
+                epoch summed over the workers that report one (the root's side of it: what it sent)
+    nodes       one entry per member the daemon asked lists, root first, then the succession:
+      id, address, role ("root" | "worker"), version (protocol, int), started_at (unix s, float),
+      cluster, cores (int), ram (bytes of RAM, int), features (list of str), known_from (list of
+      "self" | "mdns" | "static"), last_seen (unix s), reachable (bool: the node answered its own Status)
+      slice       null, or {"index", "kv_heads", "q_heads", "ffn_rows", "vocab_rows"} ([start, end) pairs)
+      last_step   null, or {"tokens", "step_ms", "sync_ms", "compute_ms", "tokens_per_s", "at"}
+      rss         bytes resident of the node's daemon process (int), null when unreachable (or too old)
+      ram_available  bytes of RAM the node can still give (int, 0: unknown), null likewise
+      load        the node's 1-minute load average (float), null likewise
+      load_per_core  load / cores (float), null likewise
+      rtt_ms      round-trip (ms, float) of the latest Status poll between the daemon asked and this node
+                  (the asked daemon's poll of it, else its poll of the asked daemon); null for the daemon
+                  asked itself and where neither polls the other
+      status_rtt_ms  this command's own Status round-trip to the node's daemon (ms, float), null when
+                  unreachable
+      links       {node id: ms}: the node's own latest poll round-trips to the members it polls
+      push        null, or {"epoch", "done", "total", "fraction", "finished", "started_at"}: the weight
+                  push of the node's latest session (bytes of the slices it needed, received and verified
+                  so far / their total; fraction 1.0 when it needed nothing)
 
 Blocking sockets only (a CLI asking a few daemons once a second needs no event loop).
 
@@ -20,7 +47,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .link import BlockingLink, LinkClosed, LinkTimeout, parse_address
-from .protocol import Error, ProtocolError, Status, StatusReply
+from .protocol import Error, ProtocolError, PushStatus, Status, StatusReply
 from .scheduler import NodeSlice, Plan
 
 DEFAULT_ADDRESS = "127.0.0.1:7340"
@@ -32,6 +59,11 @@ class StatusError(ConnectionError):
 
 def ask(address: str, timeout: float, seq: int = 0) -> StatusReply:
     """One Status -> StatusReply exchange. Raises StatusError."""
+    return ask_timed(address, timeout, seq)[0]
+
+
+def ask_timed(address: str, timeout: float, seq: int = 0) -> tuple[StatusReply, float]:
+    """ask, and its round-trip in ms (Status sent -> StatusReply received; connecting not included)."""
     host, port = parse_address(address)
     try:
         sock = socket.create_connection((host, port), timeout=timeout)
@@ -39,8 +71,10 @@ def ask(address: str, timeout: float, seq: int = 0) -> StatusReply:
         raise StatusError(f"no dllp2p daemon answers at {address} ({e.strerror or e}); is `dllp2p daemon` running?") from None
     link = BlockingLink(sock, address)
     try:
+        t0 = time.perf_counter()
         link.send(Status(seq))
         reply = link.receive(timeout)
+        rtt_ms = (time.perf_counter() - t0) * 1e3
     except (LinkClosed, LinkTimeout, ProtocolError) as e:
         raise StatusError(f"{address}: {e}") from None
     finally:
@@ -48,7 +82,7 @@ def ask(address: str, timeout: float, seq: int = 0) -> StatusReply:
     if not isinstance(reply, StatusReply):
         detail = reply.message if isinstance(reply, Error) else type(reply).__name__
         raise StatusError(f"{address} answered Status with {detail}")
-    return reply
+    return reply, rtt_ms
 
 
 @dataclass(frozen=True)
@@ -56,6 +90,7 @@ class Survey:
     asked: str  # address asked
     reply: StatusReply
     others: dict[str, StatusReply | None] = field(default_factory=dict)  # node id -> its own reply (None: no answer)
+    rtt_ms: dict[str, float] = field(default_factory=dict)  # node id -> this client's Status round-trip to it
 
     def own(self, node_id: str) -> StatusReply | None:
         return self.reply if node_id == self.reply.node_id else self.others.get(node_id)
@@ -67,16 +102,17 @@ class Survey:
 
 
 def survey(address: str, timeout: float = 2.0, others_timeout: float = 0.5) -> Survey:
-    reply = ask(address, timeout)
+    reply, rtt = ask_timed(address, timeout)
     others: dict[str, StatusReply | None] = {}
+    rtts = {reply.node_id: rtt}
     for n in reply.nodes:
         if n.member.node_id == reply.node_id:
             continue
         try:
-            others[n.member.node_id] = ask(n.member.address, others_timeout)
+            others[n.member.node_id], rtts[n.member.node_id] = ask_timed(n.member.address, others_timeout)
         except StatusError:
             others[n.member.node_id] = None
-    return Survey(address, reply, others)
+    return Survey(address, reply, others, rtts)
 
 
 def _slice(plan: Plan | None, node_id: str) -> NodeSlice | None:
@@ -85,12 +121,32 @@ def _slice(plan: Plan | None, node_id: str) -> NodeSlice | None:
     return next((s for s in plan.nodes if s.node_id == node_id), None)
 
 
+def _link_rtt(s: Survey, node_id: str) -> float | None:
+    """The asked daemon's latest poll round-trip to node_id, else node_id's to the asked daemon."""
+    if node_id == s.reply.node_id:
+        return None
+    for reply, peer in ((s.reply, node_id), (s.others.get(node_id), s.reply.node_id)):
+        if reply is not None:
+            for link in reply.links:
+                if link.node_id == peer:
+                    return link.rtt_ms
+    return None
+
+
+def _push(p: PushStatus | None) -> dict[str, Any] | None:
+    if p is None:
+        return None
+    return {"epoch": p.epoch, "done": p.done, "total": p.total, "fraction": p.fraction, "finished": p.finished,
+            "started_at": p.started_at}
+
+
 def to_json(s: Survey) -> dict[str, Any]:
     plan = s.plan()
     nodes = []
     for n in s.reply.nodes:
         m, own, sl = n.member, s.own(n.member.node_id), _slice(plan, n.member.node_id)
         step = own.last_step if own is not None else None
+        res = own.resources if own is not None else None
         nodes.append({
             "id": m.node_id,
             "address": m.address,
@@ -110,9 +166,24 @@ def to_json(s: Survey) -> dict[str, Any]:
             "last_step": None if step is None else {
                 "tokens": step.tokens, "step_ms": step.step_ms, "sync_ms": step.sync_ms,
                 "compute_ms": step.step_ms - step.sync_ms, "tokens_per_s": step.tokens_per_s, "at": step.at},
+            "rss": None if res is None else res.rss,
+            "ram_available": None if res is None else res.ram_available,
+            "load": None if res is None else res.load1,
+            "load_per_core": None if res is None else res.load1 / res.cores,
+            "rtt_ms": _link_rtt(s, m.node_id),
+            "status_rtt_ms": s.rtt_ms.get(m.node_id) if own is not None else None,
+            "links": {} if own is None else {link.node_id: link.rtt_ms for link in own.links},
+            "push": _push(own.push if own is not None else None),
         })
     out: dict[str, Any] = {"node": s.reply.node_id, "nodes": nodes}
     out["plan"] = None if plan is None else {"epoch": plan.epoch, "policy": plan.policy, "nodes": plan.n_nodes}
+    pushes = [row["push"] for row in nodes if row["push"] is not None and plan is not None
+              and row["push"]["epoch"] == plan.epoch]
+    out["push"] = None
+    if pushes:
+        done, total = sum(p["done"] for p in pushes), sum(p["total"] for p in pushes)
+        out["push"] = {"epoch": plan.epoch, "done": done, "total": total,
+                       "fraction": done / total if total else 1.0, "nodes": len(pushes)}
     return out
 
 
@@ -126,13 +197,18 @@ def table(s: Survey | None, error: str | None = None, now: float | None = None):
     now = time.time() if now is None else now
     t = Table(title="dllp2p cluster", caption=error or (f"asked {s.asked} (node {s.reply.node_id}) at "
                                                          f"{time.strftime('%H:%M:%S', time.localtime(now))}" if s else ""))
-    for col in ("node", "role", "address", "version", "started", "slice", "cores / RAM", "last tok/s"):
+    for col in ("node", "role", "address", "version", "started", "slice", "cores / RAM", "rss", "load",
+                "rtt", "weights", "last tok/s"):
         t.add_column(col, no_wrap=col in ("node", "role", "address"))
     if s is None:
         return t
     plan = s.plan()
-    for row in to_json(s)["nodes"]:
+    j = to_json(s)
+    for row in j["nodes"]:
         sl, step = row["slice"], row["last_step"]
+        push = row["push"]
+        if sl is not None and sl["index"] == 0 and j["push"] is not None:  # the plan's root: what it sent
+            push = {**j["push"], "sent": True}
         t.add_row(
             row["id"] + ("" if row["reachable"] else " (unreachable)"),
             "[bold]root[/bold]" if row["role"] == "root" else row["role"],
@@ -142,10 +218,36 @@ def table(s: Survey | None, error: str | None = None, now: float | None = None):
             "-" if sl is None else (f"{sl['index']}/{plan.n_nodes if plan else '?'} kv {_r(sl['kv_heads'])} "
                                     f"ffn {_r(sl['ffn_rows'])} vocab {_r(sl['vocab_rows'])}"),
             f"{row['cores']} / {row['ram'] / 2**30:.1f} GiB",
+            "-" if row["rss"] is None else _bytes(row["rss"]),
+            "-" if row["load"] is None else f"{row['load']:.2f} ({100 * row['load_per_core']:.0f}%)",
+            _rtt(row),
+            _weights(push),
             "-" if step is None else (f"{step['tokens_per_s']:.1f} (compute {step['compute_ms']:.1f} ms, "
                                       f"sync {step['sync_ms']:.1f} ms)"),
         )
     return t
+
+
+def _bytes(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
+
+
+def _rtt(row: dict[str, Any]) -> str:
+    """The asked daemon's poll round-trip to the node, and this command's ("you")."""
+    parts = [] if row["rtt_ms"] is None else [f"{row['rtt_ms']:.1f} ms"]
+    if row["status_rtt_ms"] is not None:
+        parts.append(f"you {row['status_rtt_ms']:.1f} ms")
+    return ", ".join(parts) or "-"
+
+
+def _weights(p: dict[str, Any] | None) -> str:
+    if p is None:
+        return "-"
+    if p.get("sent"):
+        return f"sent {p['done'] / 1e6:.1f}/{p['total'] / 1e6:.1f} MB ({100 * p['fraction']:.0f}%)"
+    if p["finished"]:
+        return f"done ({p['total'] / 1e6:.1f} MB)" if p["total"] else "cached"
+    return f"{p['done'] / 1e6:.1f}/{p['total'] / 1e6:.1f} MB ({100 * p['fraction']:.0f}%)"
 
 
 def _r(r: list[int]) -> str:

@@ -28,7 +28,7 @@ from .jit.engine import JITEngine, _kernel_type
 from .jit.layout import aligned_empty, aligned_zeros, pack_weights
 from .jit.program import LAYER_MATRICES, ProgramSpec
 from .jit.specs import QUANT_WEIGHTS
-from .jit.tp_program import Partition, TPSlots, build_tp_program, bytes_per_step, tp_buffer_sizes
+from .jit.tp_program import RECV_SPINS, Partition, TPSlots, build_tp_program, bytes_per_step, tp_buffer_sizes
 from .jit.weights import PackedModel
 from .scheduler import Plan
 
@@ -146,7 +146,7 @@ class TPNode(JITEngine):
     def __init__(self, config: ModelConfig, plan: Plan, index: int, tensors: Mapping[str, NodeTensor],
                  peers: Sequence[socket.socket | None], ctx: int, threads: int | None = None, *,
                  cache_dir: os.PathLike | str | None = DEFAULT_CACHE_DIR, max_chunk: int = 64,
-                 timeout: float = PEER_TIMEOUT_S):
+                 timeout: float = PEER_TIMEOUT_S, recv_spins: int = RECV_SPINS):
         t0 = time.perf_counter()
         self.part = part = partition_of(plan, index)
         if len(peers) != part.n_nodes or (peers[index] is not None):
@@ -164,6 +164,7 @@ class TPNode(JITEngine):
                            _kernel_type(tensors["output.weight"].qtype), max_chunk)
         packed = _pack_node(config, tensors)
         self._start(config, ctx, threads, spec, packed, cache_dir, t0)
+        self._table[self._slots["recv_spins"]] = recv_spins
         self.bytes_sent, self.bytes_received = bytes_per_step(spec, part)
         self.stats: dict[str, float] = {}
 

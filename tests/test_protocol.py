@@ -436,3 +436,49 @@ def test_hello_gives_a_scheduler_peer():
 
 def test_header_layout_is_fixed():
     assert P.HEADER_SIZE == 10 and struct.calcsize(">4sBBI") == 10
+
+
+# --- StatusReply's later fields: memory and load, link round-trips, weight-push progress ---
+
+STATUS = P.StatusReply(
+    4, "pi-1", (), None, None, 0,
+    resources=P.Resources(50 << 20, 8 << 30, 6 << 30, 0.75, 4),
+    links=(P.LinkRtt("pi-2", 0.42, 1000.0), P.LinkRtt("pi-3", 1.5, 1001.0)),
+    push=P.PushStatus(9, 300, 1200, 999.5, False),
+)
+
+
+def test_status_reply_new_fields_round_trip():
+    (back,) = P.FrameDecoder().feed(P.encode(STATUS))
+    assert back == STATUS and back.push.fraction == 0.25 and back.links[0].rtt_ms == pytest.approx(0.42)
+    assert P.PushStatus(0, 0, 0, 1.0, True).fraction == 1.0  # nothing needed: done
+
+
+def test_status_reply_from_an_older_daemon_decodes_with_defaults():
+    body = _body(STATUS)
+    for name in ("resources", "links", "push"):
+        del body[name]
+    back = P.decode_body(P.MsgType.STATUS_REPLY, _pack(body))
+    assert (back.resources, back.links, back.push) == (None, (), None) and back.seq == 4
+    del body["sessions"]  # the fields every version sends are still required
+    with pytest.raises(P.MalformedFrame, match="missing field 'sessions'"):
+        P.decode_body(P.MsgType.STATUS_REPLY, _pack(body))
+
+
+@pytest.mark.parametrize("mutate, match", [
+    (lambda b: b["push"].update(done=1201), "push progress 1201 of 1200"),
+    (lambda b: b["push"].update(finished=True), "finished push with bytes missing"),
+    (lambda b: b["push"].pop("total"), "missing field 'total'"),
+    (lambda b: b["resources"].update(rss=-1), "negative memory"),
+    (lambda b: b["resources"].update(load1=float("nan")), "load must be finite"),
+    (lambda b: b["resources"].update(cores=0), "cores 0"),
+    (lambda b: b["links"][0].update(rtt_ms=-0.1), "round-trip"),
+    (lambda b: b["links"][1].update(node_id="pi-2"), "link is listed twice"),
+    (lambda b: b.update(links={}), "expected array"),
+    (lambda b: b.update(extra=1), "unexpected field 'extra'"),
+])
+def test_bad_status_reply_new_fields_are_malformed(mutate, match):
+    body = _body(STATUS)
+    mutate(body)
+    with pytest.raises(P.MalformedFrame, match=match):
+        P.decode_body(P.MsgType.STATUS_REPLY, _pack(body))

@@ -49,7 +49,9 @@ def test_status_messages_round_trip():
     from test_daemon import session_for
 
     plan = session_for("pi-2")[0].plan
-    for msg in (P.Status(0), reply(), reply(plan=plan, last_step=None)):
+    full = reply(resources=P.Resources(1 << 26, 8 << 30, 1 << 30, 0.5, 4), links=(P.LinkRtt("pi-2", 0.3, 98.0),),
+                 push=P.PushStatus(plan.epoch, 10, 20, 97.0, False))
+    for msg in (P.Status(0), reply(), reply(plan=plan, last_step=None), full):
         [back] = P.FrameDecoder().feed(P.encode(msg))
         assert back == msg
     assert reply().last_step.tokens_per_s == pytest.approx(80.0)
@@ -88,8 +90,13 @@ def test_static_peers_membership_and_roles(tmp_path, caplog):
     async def body(daemons, addresses):
         a, b, lab = daemons
         await wait_for(lambda: len(b.members) == 3 and "does not join" in caplog.text)
+        await wait_for(lambda: a.node_id in b.link_rtt)
         r = await ask_status(addresses[1], 2, seq=7)
         assert r.seq == 7 and r.node_id == b.node_id
+        # b's polls of a are timed; of the other cluster's daemon too, but only members are listed
+        assert [link.node_id for link in r.links] == [a.node_id] and 0 < r.links[0].rtt_ms < 1000
+        assert r.links[0].at <= time.time() and lab.node_id in b.link_rtt
+        assert r.resources.rss > 0 and r.resources.cores >= 1 and r.resources.load1 >= 0 and r.push is None
         assert [(n.member.node_id, n.role) for n in r.nodes] == [(a.node_id, "root"), (b.node_id, "worker")]
         assert r.nodes[0].sources == ("static",) and r.nodes[1].sources == ("self",)
         assert r.nodes[0].member.address == addresses[0]  # as it was reached
@@ -148,13 +155,57 @@ def test_status_shows_the_session_plan_and_last_step(tmp_path):
         generate(e, fake_tp.model(), steps=3)
         r = status.ask(d.address, 2)
         assert r.plan == e.plan and r.last_step is not None and r.last_step.tokens == 1
-        j = status.to_json(status.Survey(d.address, r))
+        # the worker's weight push of this session: every needed byte arrived
+        assert r.push.epoch == e.plan.epoch and r.push.finished and r.push.done == r.push.total > 0
+        j = status.to_json(status.survey(d.address, 2))
         me = j["nodes"][0]
         assert me["slice"]["index"] == e.plan.node(d.daemon.node_id).index
         assert me["last_step"]["tokens_per_s"] > 0 and j["plan"]["nodes"] == e.plan.n_nodes
+        assert me["push"] == {"epoch": e.plan.epoch, "done": r.push.total, "total": r.push.total, "fraction": 1.0,
+                              "finished": True, "started_at": r.push.started_at}
+        assert j["push"] == {"epoch": e.plan.epoch, "done": r.push.total, "total": r.push.total, "fraction": 1.0,
+                             "nodes": 1}
+        assert isinstance(me["status_rtt_ms"], float) and me["status_rtt_ms"] > 0 and me["rss"] > 0
+        assert "sent" in status._weights({**j["push"], "sent": True}) and "done" in status._weights(me["push"])
         e.close()
     finally:
         d.stop()
+
+
+def test_push_progress_during_a_session(tmp_path):
+    """A worker between two slices of its weight push reports the bytes so far; then all of them."""
+    from test_daemon import control, push, session_for
+    from test_daemon import serve as serve_daemon
+
+    async def body(d, address):
+        link, _ = await control(address)
+        s, tensors = session_for(d.node_id, address)
+        await link.send(s)
+        need = await link.receive(2)
+        assert isinstance(need, P.Need) and len(need.sha256s) >= 2
+        by_hash = {t.sha256: t for t in tensors.values()}
+        total = sum(si.nbytes for si in s.slices if si.sha256 in need.sha256s and si.tensor == by_hash[si.sha256].name)
+        r = await ask_status(address, 2)
+        assert r.push == P.PushStatus(s.epoch, 0, total, r.push.started_at, False)
+        first = by_hash[need.sha256s[0]]
+        await push(link, s.epoch, first)
+        await wait_for(lambda: d.push.done == first.data.nbytes)  # chunks are taken one at a time
+        r = await ask_status(address, 2)
+        assert (r.push.done, r.push.total, r.push.finished) == (first.data.nbytes, total, False)
+        assert 0 < r.push.fraction < 1
+        j = status.to_json(status.Survey(address, r))
+        assert j["nodes"][0]["push"]["done"] == first.data.nbytes and j["plan"]["epoch"] == s.epoch
+        assert (j["push"]["done"], j["push"]["total"], j["push"]["nodes"]) == (first.data.nbytes, total, 1)
+        assert "%)" in status._weights(j["nodes"][0]["push"])
+        for h in need.sha256s[1:]:
+            await push(link, s.epoch, by_hash[h])
+        assert isinstance(await link.receive(5), P.WeightsReady)
+        r = await ask_status(address, 2)
+        assert r.push.finished and r.push.done == r.push.total == total
+        await link.send(P.Stop(s.epoch, "test"))
+        await link.aclose()
+
+    serve_daemon(tmp_path / "w", body)
 
 
 def test_status_of_no_daemon_is_one_clear_error():
@@ -238,7 +289,18 @@ def test_status_json(two_daemons):
         assert isinstance(n["started_at"], float) and abs(n["started_at"] - time.time()) < 300
         assert n["cluster"] == "default" and n["cores"] >= 1 and n["ram"] >= 0
         assert n["reachable"] is True and n["slice"] is None and n["last_step"] is None
+        # memory, load, round-trips, weight push
+        assert isinstance(n["rss"], int) and 0 < n["rss"] < n["ram"]
+        assert isinstance(n["ram_available"], int) and 0 <= n["ram_available"] <= n["ram"]
+        assert isinstance(n["load"], float) and n["load"] >= 0
+        assert n["load_per_core"] == pytest.approx(n["load"] / n["cores"])
+        assert isinstance(n["status_rtt_ms"], float) and 0 < n["status_rtt_ms"] < 30000
+        assert n["push"] is None
+    assert out["plan"] is None and out["push"] is None
     assert nodes[0]["started_at"] < nodes[1]["started_at"]
+    # b polls a (--peer): b's round-trip to a, measured by b; a polls nobody
+    assert nodes[1]["rtt_ms"] is None and isinstance(nodes[0]["rtt_ms"], float) and 0 < nodes[0]["rtt_ms"] < 30000
+    assert list(nodes[1]["links"]) == [nodes[0]["id"]] and nodes[0]["links"] == {}
 
 
 @pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed")
@@ -263,6 +325,8 @@ def test_status_live_view_in_a_terminal(two_daemons, tmp_path):
         assert set(rows) == {a, b}, screen
         assert "root" in rows[a] and "worker" in rows[b], screen
         assert re.search(r"\d+ / \d+\.\d GiB", rows[a]), screen
+        assert re.search(r"\d+ MiB", rows[a]) and re.search(r"\d\.\d\d \(\d+%\)", rows[a]), screen  # rss, load
+        assert re.search(r"\d+\.\d ms, you \d+\.\d ms", rows[a]) and "you " in rows[b], screen  # rtt
         # Ctrl-C ends it cleanly
         subprocess.run([*tmux, "send-keys", "-t", session, "C-c"], check=True, timeout=10)
         deadline = time.monotonic() + 10

@@ -7,6 +7,7 @@ The daemon/root plumbing is tested over real TCP in test_daemon.py and test_clus
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
 
@@ -17,6 +18,7 @@ from dllp2p.formats import QType, load_model
 from dllp2p.formats.synthetic import SyntheticSpec, write_random_llama
 from dllp2p.jit.engine import JITEngine
 from dllp2p.scheduler import Peer, plan
+from dllp2p.jit.tp_program import RECV_SPINS
 from dllp2p.tp import PeerLost, TPNode, node_tensors
 
 
@@ -49,8 +51,10 @@ class Cluster:
         self.plan = plan(model.config, peers, epoch=1, policy=policy)
         assert self.plan.n_nodes == n_nodes
         self.socks = mesh(n_nodes)
+        # all nodes share this machine's cores: polling receives would starve the node being waited for
+        spins = 0 if n_nodes * threads > (os.cpu_count() or 1) else RECV_SPINS
         self.nodes = [TPNode(model.config, self.plan, i, node_tensors(model, self.plan, i), self.socks[i], ctx,
-                             threads, cache_dir=cache_dir) for i in range(n_nodes)]
+                             threads, cache_dir=cache_dir, recv_spins=spins) for i in range(n_nodes)]
 
     def forward(self, tokens, pos):
         out, errors = [None] * len(self.nodes), []

@@ -62,7 +62,7 @@ class Partition:
 
 
 class TPSlots(Slots):
-    SCALARS = Slots.SCALARS + ("error", "sync_ns", "exchanges")
+    SCALARS = Slots.SCALARS + ("error", "sync_ns", "exchanges", "recv_spins")
     BUFFERS = Slots.BUFFERS + ("fds", "staging", "att_q", "o_full", "s_q", "d_full", "logits_full", "clock")
 
 
@@ -127,9 +127,11 @@ class _TPForward(_Forward):
     def transfer(self, fn: ir.Function, peer: int, buf: ir.Value, nbytes: ir.Value, flags: int) -> None:
         """Send or receive exactly nbytes with peer; on failure set error = peer + 1 and stop.
 
-        Receives first poll without blocking (MSG_DONTWAIT) for up to RECV_SPINS tries: the peer is
-        normally microseconds away, and waking a thread blocked in recv costs more than that. Then
-        they block (the socket's receive timeout still bounds the wait)."""
+        Receives first poll without blocking (MSG_DONTWAIT) for up to `recv_spins` tries (a table
+        scalar; RECV_SPINS by default): the peer is normally microseconds away, and waking a thread
+        blocked in recv costs more than that. Then they block (the socket's receive timeout still
+        bounds the wait). Nodes sharing too few cores (tests) set it to 0: spinning would take the
+        core from the node being waited for."""
         b = self.b
         err_slot = gep(b, self.table, i64(self.slots["error"]), I64)
         fd = b.trunc(b.load(gep(b, self.ptr("fds"), i64(peer), I64), typ=I64), I32)
@@ -147,7 +149,7 @@ class _TPForward(_Forward):
         b.position_at_end(body)
         if polling:
             tried = b.load(spins, typ=I64)
-            poll = b.icmp_signed("<", tried, i64(RECV_SPINS))
+            poll = b.icmp_signed("<", tried, self.scalar("recv_spins"))
             call_flags = b.select(poll, ir.Constant(I32, MSG_DONTWAIT), ir.Constant(I32, flags))
         else:
             poll, call_flags = None, ir.Constant(I32, flags)
@@ -167,17 +169,27 @@ class _TPForward(_Forward):
         b.branch(loop)
         b.position_at_end(out)
 
-    def allgather(self, local: ir.Value, local_bytes: list[int], place) -> None:
-        """Thread 0: send `local` (n rows of local_bytes[me] bytes) to every peer; place(node, src) copies a
-        node's n rows from src into the full buffer; peers' rows arrive in `staging`. Barrier after."""
-        b = self.b
-        with b.if_then(b.icmp_signed("==", self.tid, i64(0))):
+    def allgather(self, name: str, local: ir.Value, local_bytes: list[int], make_place) -> None:
+        """Thread 0: send `local` (n rows of local_bytes[me] bytes) to every peer; make_place() returns
+        place(node, src), which copies a node's n rows from src into the full buffer; peers' rows arrive
+        in `staging`. Then a barrier. The exchange is its own function, emitted once per kind and called
+        from every layer: inlined 30 times it made LLVM's optimizer take ~25 s instead of ~3."""
+        fn = self.m.globals.get(f"_xchg_{name}")
+        if fn is None:
+            fn = ir.Function(self.m, ir.FunctionType(VOID, [PTR, I64, PTR]), f"_xchg_{name}")
+            fn.attributes.add("noinline")
+            fn.linkage = "internal"
+            saved = (self.b, self.table, self.n, self._slot_done, self._slot_spins)
+            self.table, self.n, loc = fn.args
+            self.b = b = ir.IRBuilder(fn.append_basic_block("entry"))
+            self._slot_done, self._slot_spins = b.alloca(I64), b.alloca(I64)
+            place = make_place()
             t0 = self.now_ns()
             mine = b.mul(self.n, i64(local_bytes[self.me]))
             for peer in range(self.part.n_nodes):
                 if peer != self.me:
-                    self.transfer(self.send, peer, local, mine, MSG_NOSIGNAL)
-            place(self.me, local)
+                    self.transfer(self.send, peer, loc, mine, MSG_NOSIGNAL)
+            place(self.me, loc)
             staging = self.ptr("staging")
             for peer in range(self.part.n_nodes):
                 if peer != self.me:
@@ -187,6 +199,10 @@ class _TPForward(_Forward):
             b.store(b.add(b.load(slot, typ=I64), b.sub(self.now_ns(), t0)), slot)
             ex = gep(b, self.table, i64(self.slots["exchanges"]), I64)
             b.store(b.add(b.load(ex, typ=I64), i64(1)), ex)
+            b.ret_void()
+            self.b, self.table, self.n, self._slot_done, self._slot_spins = saved
+        with self.b.if_then(self.b.icmp_signed("==", self.tid, i64(0))):
+            self.b.call(fn, [self.table, self.n, local])
         self.barrier()
 
     def place_q8s(self, full: ir.Value, k_full: int, cols: list[tuple[int, int]]):
@@ -268,13 +284,15 @@ class _TPForward(_Forward):
         att_q, local = self.ptr("att_q"), self.xq_t  # thread 0's private buffer is free until the next norm
         with b.if_then(b.icmp_signed("==", self.tid, i64(0))):
             self.call(Op.QUANTIZE, att, local, ql, n)
-        self.allgather(local, [act_bytes(b_ - a) for a, b_ in qcols], self.place_q8s(att_q, c.q_dim, qcols))
+        self.allgather("att", local, [act_bytes(b_ - a) for a, b_ in qcols],
+                       lambda: self.place_q8s(self.ptr("att_q"), c.q_dim, qcols))
 
         # B: o rows of this node, then all of o
         o, o_full = self.ptr("o"), self.ptr("o_full")
         self.product(t["attn_output"], W("attn_output"), att, att_q, o, dl, c.q_dim, n, dl)
         self.barrier()
-        self.allgather(o, [(b_ - a) * 4 for a, b_ in part.dim_rows], self.place_f32(o_full, c.dim, list(part.dim_rows)))
+        self.allgather("o", o, [(b_ - a) * 4 for a, b_ in part.dim_rows],
+                       lambda: self.place_f32(self.ptr("o_full"), c.dim, list(part.dim_rows)))
 
         # feed-forward on this node's rows
         self.call(Op.ADD, self.x_t, o_full, b.mul(n, i64(c.dim)))
@@ -292,13 +310,15 @@ class _TPForward(_Forward):
         s_q = self.ptr("s_q")
         with b.if_then(b.icmp_signed("==", self.tid, i64(0))):
             self.call(Op.QUANTIZE, s, local, fl, n)
-        self.allgather(local, [act_bytes(b_ - a) for a, b_ in part.ffn_rows], self.place_q8s(s_q, c.ffn_dim, list(part.ffn_rows)))
+        self.allgather("s", local, [act_bytes(b_ - a) for a, b_ in part.ffn_rows],
+                       lambda: self.place_q8s(self.ptr("s_q"), c.ffn_dim, list(part.ffn_rows)))
 
         # D: d rows of this node, then all of d
         d, d_full = self.ptr("d"), self.ptr("d_full")
         self.product(t["ffn_down"], W("ffn_down"), s, s_q, d, dl, c.ffn_dim, n, dl)
         self.barrier()
-        self.allgather(d, [(b_ - a) * 4 for a, b_ in part.dim_rows], self.place_f32(d_full, c.dim, list(part.dim_rows)))
+        self.allgather("d", d, [(b_ - a) * 4 for a, b_ in part.dim_rows],
+                       lambda: self.place_f32(self.ptr("d_full"), c.dim, list(part.dim_rows)))
         self.call(Op.ADD, self.x_t, d_full, b.mul(n, i64(c.dim)))
 
     def logits(self) -> None:
