@@ -19,7 +19,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..formats import load_model
-from ..formats.quant import QType
 from .compiler import DEFAULT_CACHE_DIR
 from .layout import G, PACKED_TYPES, PackedMatrix, act_bytes, aligned_zeros, pack_weights
 from .library import compile_kernels

@@ -18,8 +18,6 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-import llvmlite.binding as llvm
-import llvmlite.ir as ir
 import numpy as np
 
 from ..engine import ContextFull

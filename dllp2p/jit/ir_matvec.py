@@ -33,7 +33,6 @@ _TILE_SIG = Signature(tuple((n, k) for n, k in (("w", "p"), ("x", "p"), ("xs", "
 
 def dot4(b: ir.IRBuilder, target: Target, acc: ir.Value, u: ir.Value, s: ir.Value) -> ir.Value:
     """acc <16 x i32> + per lane i: sum_{j<4} u8 u[4i+j] * s8 s[4i+j]  (u, s: <64 x i8>)."""
-    mod = b.module
     if target.dot_isa == "avx512vnni":
         return _vpdpbusd(b, 16, acc, u, s)
     if target.dot_isa == "avxvnni":
