@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import socket
 import statistics
 import threading
@@ -25,6 +26,7 @@ import numpy as np
 from .formats import QType, load_model
 from .formats.synthetic import SyntheticSpec, write_random_llama
 from .scheduler import Peer, plan
+from .jit.tp_program import RECV_SPINS
 from .tp import TPNode, node_tensors
 
 DLLAMA_SHAPE = SyntheticSpec(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, ffn_dim=5632, vocab_size=32000,
@@ -57,8 +59,10 @@ def run_layout(model, n_nodes: int, threads: int, prompt: list[int], tokens: int
     peers = [Peer(f"bench{i}", f"127.0.0.1:{i}", threads, 1.0) for i in range(n_nodes)]
     p = plan(model.config, peers, epoch=1, policy="weighted" if n_nodes & (n_nodes - 1) else "pow2")
     socks = tcp_mesh(n_nodes)
-    nodes = [TPNode(model.config, p, i, node_tensors(model, p, i), socks[i], len(prompt) + tokens + 1, threads)
-             for i in range(n_nodes)]
+    # nodes sharing too few cores must not spin on receives (it takes the core from the node awaited)
+    spins = 0 if n_nodes * threads > (os.cpu_count() or 1) else RECV_SPINS
+    nodes = [TPNode(model.config, p, i, node_tensors(model, p, i), socks[i], len(prompt) + tokens + 1, threads,
+                    recv_spins=spins) for i in range(n_nodes)]
     try:
         def step(toks, pos):
             out = [None] * n_nodes
