@@ -165,7 +165,6 @@ class TPNode(JITEngine):
         packed = _pack_node(config, tensors)
         self._start(config, ctx, threads, spec, packed, cache_dir, t0)
         self._table[self._slots["recv_spins"]] = recv_spins
-        self.bytes_sent, self.bytes_received = bytes_per_step(spec, part)
         self.stats: dict[str, float] = {}
 
     def _program_key(self) -> str:
@@ -200,9 +199,9 @@ class TPNode(JITEngine):
         total = time.perf_counter() - t0
         sync = t[self._slots["sync_ns"]] / 1e9
         n = len(tokens)
-        sent, received = bytes_per_step(self.spec, self.part, 1)
+        sent, received = bytes_per_step(self.spec, self.part, n)  # the logits go once, for the last token
         self.stats = {"step_ms": total * 1e3, "sync_ms": sync * 1e3, "compute_ms": (total - sync) * 1e3,
-                      "bytes_sent": sent * n, "bytes_received": received * n, "tokens": n}
+                      "bytes_sent": sent, "bytes_received": received, "tokens": n}
         return result
 
     def _after_step(self) -> None:

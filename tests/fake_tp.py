@@ -16,7 +16,6 @@ import socket
 import struct
 import sys
 import time
-from dataclasses import dataclass
 from types import SimpleNamespace
 
 import numpy as np
@@ -24,6 +23,7 @@ import numpy as np
 from dllp2p.formats import ModelConfig, QType
 from dllp2p.formats.quant import TRAITS
 from dllp2p.scheduler import Plan
+from dllp2p.tp import NodeTensor, PeerLost  # the real types: the fake stands in for the compute only
 
 # 4 KV heads; dim, FFN and vocabulary of 4+ blocks of 32: plans of 1 to 4 nodes
 CONFIG = ModelConfig("llama", 128, 2, 4, 4, 32, 256, 256, 64, 10000.0, 32, 1e-5, True)
@@ -33,21 +33,6 @@ PART = struct.Struct("<5q")
 def model(big: bool = False) -> SimpleNamespace:
     """What node_tensors needs of a model. big: one slice over a WeightChunk (4 MiB), to test chunking."""
     return SimpleNamespace(config=CONFIG, big=big)
-
-
-class PeerLost(Exception):
-    def __init__(self, node: int, reason: str):
-        super().__init__(f"node {node}: {reason}")
-        self.node = node
-
-
-@dataclass(frozen=True)
-class NodeTensor:
-    name: str
-    qtype: QType
-    shape: tuple[int, ...]
-    data: np.ndarray
-    sha256: str
 
 
 def _tensor(name: str, qtype: QType, shape: tuple[int, ...], seed: tuple[int, ...]) -> NodeTensor:

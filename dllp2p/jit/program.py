@@ -208,19 +208,16 @@ class _Forward:
                 self.call((Op.MATVEC, qtype), w, self.row(xf, i, k * 4), self.row(y, i, ldy * 4), k, r0, r1)
         return r0, r1
 
-    def layer(self, layer: int) -> None:
-        b, c, spec = self.b, self.c, self.spec
-        t = dict(zip(LAYER_MATRICES, spec.layer_types[layer]))
+    def attention(self, layer: int, t: dict, nq: int, nkv: int) -> ir.Value:
+        """Q/K/V for nq query and nkv KV heads from hq (xq_t), RoPE, K/V into the f16 cache at pos + i, then
+        attention; returns `att` f32[n, nq * head_dim]. Ends with a barrier. Shared with tp_program."""
+        b, c, n = self.b, self.c, self.n
+        hd = c.head_dim
+        qd, kvd = nq * hd, nkv * hd
         L = lambda name: self.ptr(f"{layer}.{name}")  # noqa: E731
-        W = lambda name: self.thread_ptr(f"{layer}.{name}")  # noqa: E731
-        zero, n = i64(0), self.n
-        hd, kvd, qd = c.head_dim, c.kv_dim, c.q_dim
-
-        # attention block
-        self.norm_quantize(L("attn_norm"), zero, n)
         q, k, v, att = self.ptr("q"), self.ptr("k"), self.ptr("v"), self.ptr("att")
         for name, y, rows in (("attn_q", q, qd), ("attn_k", k, kvd), ("attn_v", v, kvd)):
-            self.product(t[name], W(name), self.h_t, self.xq_t, y, rows, c.dim, n, rows)
+            self.product(t[name], self.thread_ptr(f"{layer}.{name}"), self.h_t, self.xq_t, y, rows, c.dim, n, rows)
         self.barrier()
 
         rope = self.ptr("rope")
@@ -228,21 +225,33 @@ class _Forward:
         with for_range(b, self.tid, n, self.nt, name="kv") as i:
             p = b.add(self.pos, i)
             krow = self.row(k, i, kvd * 4)
-            self.call(Op.ROPE, krow, rope, p, c.n_kv_heads, hd, c.rope_dim)
+            self.call(Op.ROPE, krow, rope, p, nkv, hd, c.rope_dim)
             self.call(Op.TO_F16, krow, self.row(kc, p, kvd * 2), kvd)
             self.call(Op.TO_F16, self.row(v, i, kvd * 4), self.row(vc, p, kvd * 2), kvd)
         self.barrier()
 
-        with for_range(b, self.tid, b.mul(n, i64(c.n_kv_heads)), self.nt, name="att") as item:
+        with for_range(b, self.tid, b.mul(n, i64(nkv)), self.nt, name="att") as item:
             # one (row, KV group) per item: the group's query heads share each K/V row the kernel converts
-            i, grp = b.sdiv(item, i64(c.n_kv_heads)), b.srem(item, i64(c.n_kv_heads))
+            i, grp = b.sdiv(item, i64(nkv)), b.srem(item, i64(nkv))
             h0 = b.mul(grp, i64(c.group_size))
             qrow = self.row(q, i, qd * 4)
             self.call(Op.ROPE, gep(b, qrow, b.mul(h0, i64(hd * 4))), rope, b.add(self.pos, i), c.group_size, hd, c.rope_dim)
             self.call(Op.ATTENTION, qrow, kc, vc, self.row(att, i, qd * 4), self.scratch, b.add(self.pos, i),
-                      c.n_heads, c.n_kv_heads, hd, self.ctx, h0, b.add(h0, i64(c.group_size)))
+                      nq, nkv, hd, self.ctx, h0, b.add(h0, i64(c.group_size)))
         self.barrier()
+        return att
 
+    def layer(self, layer: int) -> None:
+        b, c, spec = self.b, self.c, self.spec
+        t = dict(zip(LAYER_MATRICES, spec.layer_types[layer]))
+        L = lambda name: self.ptr(f"{layer}.{name}")  # noqa: E731
+        W = lambda name: self.thread_ptr(f"{layer}.{name}")  # noqa: E731
+        zero, n = i64(0), self.n
+        qd = c.q_dim
+
+        # attention block
+        self.norm_quantize(L("attn_norm"), zero, n)
+        att = self.attention(layer, t, c.n_heads, c.n_kv_heads)
         self.call(Op.QUANTIZE, att, self.xq_t, qd, n)
         o = self.ptr("o")
         self.product(t["attn_output"], W("attn_output"), att, self.xq_t, o, c.dim, qd, n, c.dim)

@@ -249,36 +249,13 @@ class _TPForward(_Forward):
         W = lambda name: self.thread_ptr(f"{layer}.{name}")  # noqa: E731
         zero, n = i64(0), self.n
         hd, g = c.head_dim, c.group_size
-        ql, kvl = self.nq * hd, self.nkv * hd
+        ql = self.nq * hd
         dl, fl = self.d1 - self.d0, self.f1 - self.f0
         qcols = [(a * g * hd, b_ * g * hd) for a, b_ in part.kv_heads]
 
         # attention on this node's heads
         self.norm_quantize(L("attn_norm"), zero, n)
-        q, k, v, att = self.ptr("q"), self.ptr("k"), self.ptr("v"), self.ptr("att")
-        for name, y, rows in (("attn_q", q, ql), ("attn_k", k, kvl), ("attn_v", v, kvl)):
-            self.product(t[name], W(name), self.h_t, self.xq_t, y, rows, c.dim, n, rows)
-        self.barrier()
-
-        rope = self.ptr("rope")
-        kc, vc = L("k_cache"), L("v_cache")
-        with for_range(b, self.tid, n, self.nt, name="kv") as i:
-            p = b.add(self.pos, i)
-            krow = self.row(k, i, kvl * 4)
-            self.call(Op.ROPE, krow, rope, p, self.nkv, hd, c.rope_dim)
-            self.call(Op.TO_F16, krow, self.row(kc, p, kvl * 2), kvl)
-            self.call(Op.TO_F16, self.row(v, i, kvl * 4), self.row(vc, p, kvl * 2), kvl)
-        self.barrier()
-
-        with for_range(b, self.tid, b.mul(n, i64(self.nkv)), self.nt, name="att") as item:
-            # one (row, KV group) per item: the group's query heads share each K/V row the kernel converts
-            i, grp = b.sdiv(item, i64(self.nkv)), b.srem(item, i64(self.nkv))
-            h0 = b.mul(grp, i64(c.group_size))
-            qrow = self.row(q, i, ql * 4)
-            self.call(Op.ROPE, gep(b, qrow, b.mul(h0, i64(hd * 4))), rope, b.add(self.pos, i), c.group_size, hd, c.rope_dim)
-            self.call(Op.ATTENTION, qrow, kc, vc, self.row(att, i, ql * 4), self.scratch, b.add(self.pos, i),
-                      self.nq, self.nkv, hd, self.ctx, h0, b.add(h0, i64(c.group_size)))
-        self.barrier()
+        att = self.attention(layer, t, self.nq, self.nkv)
 
         # A: the quantized attention output of every head, on every node
         att_q, local = self.ptr("att_q"), self.xq_t  # thread 0's private buffer is free until the next norm
