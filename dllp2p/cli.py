@@ -28,6 +28,7 @@ class RunConfig:
     threads: int | None = None  # None: one per CPU this process may run on
     workers: tuple[str, ...] = ()  # "host:port" of worker daemons: this process becomes their root
     plan: str = "pow2"  # scheduler policy with --workers
+    exchange: str = "exact"  # how the nodes combine their shares with --workers (scheduler.EXCHANGES)
     stats: bool = False  # print per-token cluster statistics at the end
     daemon: str | None = None  # "host:port" of the daemon to send the prompt to; None: in-process only
 
@@ -62,6 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--plan", choices=["pow2", "weighted"], default="pow2",
                      help="with --workers: pow2 = 2^n nodes, equal slices (default); weighted = every node the "
                           "model's KV heads allow, slices by capacity")
+    run.add_argument("--exchange", choices=["exact", "q8"], default="exact",
+                     help="with --workers: exact = output bit-identical to one node, 4 exchanges per layer "
+                          "(default); q8 = Megatron partial sums in Q8_0, 2 exchanges per layer, a third of "
+                          "the bytes, output within quantization noise of one node's")
     run.add_argument("--stats", action="store_true",
                      help="with --workers: print per-token inference ms, sync ms and bytes sent/received")
     run.add_argument("--daemon", metavar="HOST:PORT",
@@ -90,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="no mDNS: neither advertise nor browse (--peer still works)")
     daemon.add_argument("--log-level", choices=["debug", "info", "warning", "error"], action=_Given,
                         help="default info")
+    daemon.add_argument("--exchange", choices=["exact", "q8"], action=_Given,
+                        help="as root: exact (default, bit-identical to one node) or q8 (fewer bytes; see run)")
     daemon.add_argument("--model", action=_Given,
                         help="GGUF model served when this daemon is root (default: the installed SmolLM2)")
 
@@ -146,7 +153,7 @@ def run_config(ns: argparse.Namespace) -> RunConfig:
     own = ns.local or ns.workers or ns.engine != "jit" or (ns.model and not ns.daemon)
     daemon = None if own else ns.daemon or DEFAULT_DAEMON
     return RunConfig(ns.model, ns.prompt, ns.steps, ns.ctx, ns.chat, ns.system, ns.engine, sampler, ns.threads,
-                     tuple(ns.workers), ns.plan, ns.stats, daemon)
+                     tuple(ns.workers), ns.plan, ns.exchange, ns.stats, daemon)
 
 
 def daemon_settings(ns: argparse.Namespace, environ=None) -> dict:  # noqa: ANN001
@@ -179,7 +186,7 @@ def config_of_settings(s: dict, environ):  # noqa: ANN001 -> daemon.DaemonConfig
     model = Path(s["model"]).expanduser() if s.get("model") else _installed_model()
     return DaemonConfig(s["host"], s["port"], s["threads"] or default_threads(), Path(state).expanduser(),
                         cluster=s["cluster"], discovery=s["discovery"], interfaces=tuple(s["interfaces"]),
-                        peers=tuple(s["peers"]), model=model)
+                        peers=tuple(s["peers"]), model=model, exchange=s["exchange"])
 
 
 def _installed_model():  # -> Path | None

@@ -78,6 +78,7 @@ class ClusterOptions:
     policy: str = "pow2"  # scheduler policy: "pow2" or "weighted"
     timeouts: Timeouts = field(default_factory=Timeouts)
     progress: bool = True  # a progress bar on stderr while pushing weights
+    exchange: str = "exact"  # scheduler.EXCHANGES
 
 
 @dataclass
@@ -107,6 +108,7 @@ class StepStats:
 class ClusterStats:
     nodes: int = 0
     policy: str = ""
+    exchange: str = ""
     pushed_bytes: int = 0
     cached_slices: int = 0
     setup_s: float = 0.0
@@ -114,7 +116,7 @@ class ClusterStats:
 
     def summary(self) -> list[str]:
         """Lines like distributed-llama's: per token inference ms, sync ms, bytes sent and received."""
-        lines = [f"cluster of {self.nodes} nodes ({self.policy} plan): weights pushed {self.pushed_bytes / 1e6:.1f} MB, "
+        lines = [f"cluster of {self.nodes} nodes ({self.policy} plan, {self.exchange} exchange): weights pushed {self.pushed_bytes / 1e6:.1f} MB, "
                  f"{self.cached_slices} slices cached; set-up {self.setup_s:.2f} s"]
         prefill = [s for s in self.steps if s.tokens > 1]
         decode = [s for s in self.steps if s.tokens == 1]
@@ -247,7 +249,7 @@ async def start(model: Any, options: ClusterOptions, ctx: int, threads: int, tp:
     try:
         workers = await _gather([partial(_hello, a, root, t) for a in options.workers])
         the_plan = plan(config, [root.peer("")] + [w.hello.peer(w.address) for w in workers], epoch,
-                        options.policy)
+                        options.policy, exchange=options.exchange)
         for w in workers:
             w.index = next((n.index for n in the_plan.nodes if n.node_id == w.hello.node_id), -1)
         for w in [w for w in workers if w.index < 0]:
@@ -287,7 +289,7 @@ async def start(model: Any, options: ClusterOptions, ctx: int, threads: int, tp:
             else:
                 w.link.close()
         raise
-    stats = ClusterStats(the_plan.n_nodes, the_plan.policy, sum(w.received_bytes for w in workers),
+    stats = ClusterStats(the_plan.n_nodes, the_plan.policy, the_plan.exchange, sum(w.received_bytes for w in workers),
                          sum(w.cached for w in workers), time.perf_counter() - t0)
     return ClusterEngine(config, ctx, the_plan, node, peers, workers, tp, stats)
 

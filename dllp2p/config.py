@@ -14,10 +14,11 @@ File: /etc/dllp2p/config.toml (DLLP2P_CONFIG or --config name another), a [daemo
     peers = ["192.168.1.21:7340"]          # static peers, where multicast is blocked
     log_level = "info"          # debug, info, warning, error
     model = "/srv/models/m.gguf"           # served when this daemon is root (default: the installed SmolLM2)
+    exchange = "exact"          # as root: "exact" (bit-identical to one node) or "q8" (fewer bytes, 2 exchanges/layer)
 
 Environment: DLLP2P_HOST, DLLP2P_PORT, DLLP2P_THREADS, DLLP2P_STATE_DIR, DLLP2P_CLUSTER, DLLP2P_DISCOVERY
 (1/0, true/false, yes/no, on/off), DLLP2P_INTERFACES and DLLP2P_PEERS (separated by commas or spaces),
-DLLP2P_LOG_LEVEL, DLLP2P_MODEL.
+DLLP2P_LOG_LEVEL, DLLP2P_MODEL, DLLP2P_EXCHANGE.
 
 Error handling: a file that is not TOML, an unknown key, a value of the wrong type: ConfigError (a
 ValueError) naming the file or variable and the key. A missing default file is no error.
@@ -45,6 +46,7 @@ DAEMON_KEYS: dict[str, type] = {
     "peers": list,
     "log_level": str,
     "model": str,
+    "exchange": str,
 }
 DEFAULTS: dict[str, Any] = {
     "host": "0.0.0.0",
@@ -57,7 +59,9 @@ DEFAULTS: dict[str, Any] = {
     "peers": [],
     "log_level": "info",
     "model": None,  # the installed SmolLM2, if any
+    "exchange": "exact",
 }
+EXCHANGES = ("exact", "q8")  # scheduler.EXCHANGES (not imported: this module stays dependency-free)
 
 
 class ConfigError(ValueError):
@@ -104,6 +108,8 @@ def check(settings: Mapping[str, Any], where: str) -> dict[str, Any]:
             raise ConfigError(f"{where}: {key} must be {want}, got {value!r}")
         if key == "log_level" and value.lower() not in LOG_LEVELS:
             raise ConfigError(f"{where}: log_level {value!r} is not one of {', '.join(LOG_LEVELS)}")
+        if key == "exchange" and value not in EXCHANGES:
+            raise ConfigError(f"{where}: exchange {value!r} is not one of {', '.join(EXCHANGES)}")
         out[key] = value
     return out
 

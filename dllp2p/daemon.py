@@ -152,6 +152,7 @@ class DaemonConfig:
     static: StaticOptions = field(default_factory=StaticOptions)
     model: Path | None = None  # the GGUF this daemon serves prompts with when it is root
     policy: str = "pow2"  # scheduler policy of the plans it makes as root
+    exchange: str = "exact"  # and their exchange (scheduler.EXCHANGES)
 
     def __post_init__(self) -> None:
         if not election.CLUSTER.fullmatch(self.cluster):
@@ -282,7 +283,8 @@ class Daemon:
         self._active: _Active | None = None
         from .serve import RootService
 
-        self.root_service = RootService(config.model, self.node_id, config.threads, config.policy, self.t, self._tp)
+        self.root_service = RootService(config.model, self.node_id, config.threads, config.policy, self.t, self._tp,
+                                        exchange=config.exchange)
 
     def _tp(self) -> Any:
         if self.tp is None:

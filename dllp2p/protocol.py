@@ -60,7 +60,7 @@ from .formats.quant import QK, TRAITS, QType, dequantize, quantize
 from .scheduler import NodeSlice, Peer, Plan
 
 MAGIC = b"DLP2"
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: Plan.exchange
 HEADER = struct.Struct(">4sBBI")  # magic, version, type, body length
 HEADER_SIZE = HEADER.size  # 10
 MAX_FRAME = 64 << 20  # body bytes

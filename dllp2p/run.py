@@ -116,7 +116,7 @@ def run_local(cfg, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
     if cfg.workers:
         from .cluster import ClusterOptions
 
-        cluster = ClusterOptions(cfg.workers, cfg.plan)
+        cluster = ClusterOptions(cfg.workers, cfg.plan, exchange=cfg.exchange)
     engine = make_engine("cluster" if cluster else cfg.engine, model, cfg.ctx, cfg.threads, cluster)
     stats = GenerationStats()
     decoder = StreamDecoder(tokenizer)

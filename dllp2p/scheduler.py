@@ -10,7 +10,9 @@ Slicing is Megatron-style, along the layer's natural seams:
     output        rows    [v0, v1)                v0 a multiple of 32; logits are concatenated
 
 Each node computes partial (dim,) outputs of attention and FFN; summing them over the nodes (the two
-exchanges per layer) gives the full layer's output. Norms and the embedding are whole on every node.
+exchanges per layer) gives the full layer's output: the plan's exchange "q8". With exchange "exact"
+(the default) attn_output and ffn_down are split by `dim_rows` instead, and the nodes all-gather exact
+results, four exchanges per layer (jit/tp_program.py). Norms and the embedding are whole on every node.
 
 Policies:
     "pow2"      the largest 2^n <= min(#peers, n_kv_heads) nodes, equal slices (as equal as whole KV heads
@@ -37,6 +39,8 @@ from .formats import ModelConfig
 
 BLOCK_ROWS = 32  # FFN and vocabulary ranges start on multiples of this (a ggml block of down's columns)
 POLICIES = ("pow2", "weighted")
+EXCHANGES = ("exact", "q8")  # how nodes combine their shares of a layer (jit/tp_program.py)
+DEFAULT_EXCHANGE = "exact"
 
 
 class PlanError(ValueError):
@@ -100,6 +104,7 @@ class Plan:
     vocab_size: int
     dim: int
     nodes: tuple[NodeSlice, ...]
+    exchange: str = DEFAULT_EXCHANGE  # "q8": Megatron partial sums in Q8_0; "exact": row split, bit-exact
 
     def __post_init__(self) -> None:
         validate_plan(self)
@@ -132,11 +137,13 @@ def plan(
     *,
     max_nodes: int | None = None,
     model: str | None = None,
+    exchange: str = DEFAULT_EXCHANGE,
 ) -> Plan:
     """peers[0] is the root. Returns the plan for `epoch`; same inputs, same plan.
 
-    max_nodes caps the node count further; model overrides the fingerprint (e.g. a hash of the file).
-    Raises PlanError: no peers, duplicate node ids, unknown policy, a model that cannot be split.
+    max_nodes caps the node count further; model overrides the fingerprint (e.g. a hash of the file);
+    exchange picks how nodes combine their shares (EXCHANGES).
+    Raises PlanError: no peers, duplicate node ids, unknown policy or exchange, a model that cannot be split.
     """
     if policy not in POLICIES:
         raise PlanError(f"unknown scheduling policy {policy!r} (known: {', '.join(POLICIES)})")
@@ -192,6 +199,7 @@ def plan(
         vocab_size=config.vocab_size,
         dim=config.dim,
         nodes=tuple(nodes),
+        exchange=exchange,
     )
 
 
@@ -228,6 +236,8 @@ def validate_plan(p: Plan) -> None:
             raise PlanError(f"{where}: {name} must be a positive int, got {v!r}")
     if p.policy not in POLICIES:
         raise PlanError(f"{where}: unknown policy {p.policy!r}")
+    if p.exchange not in EXCHANGES:
+        raise PlanError(f"{where}: unknown exchange {p.exchange!r} (known: {', '.join(EXCHANGES)})")
     if p.n_heads % p.n_kv_heads:
         raise PlanError(f"{where}: {p.n_heads} heads are not a multiple of {p.n_kv_heads} KV heads")
     if not p.nodes:

@@ -46,11 +46,12 @@ class RootService:
     """What a daemon needs to serve requests as the root. `tp`: the compute module getter."""
 
     def __init__(self, model_path: Path | None, node_id: str, threads: int, policy: str, timeouts: Any,
-                 tp: Callable[[], Any]):
+                 tp: Callable[[], Any], exchange: str = "exact"):
         self.model_path = model_path
         self.node_id = node_id
         self.threads = threads
         self.policy = policy
+        self.exchange = exchange
         self.timeouts = timeouts
         self._tp = tp
         self._loaded: _Loaded | None = None
@@ -118,13 +119,15 @@ class RootService:
         if workers:
             from .cluster import ClusterOptions, start
 
-            options = ClusterOptions(tuple(workers), self.policy, self.timeouts, progress=False)
+            options = ClusterOptions(tuple(workers), self.policy, self.timeouts, progress=False,
+                                     exchange=self.exchange)
             engine = await start(model, options, ctx, self.threads, self._tp(), _LogWriter(),
                                  node_id=self.node_id, epoch=epoch)
             return engine, engine.plan
         from .jit.engine import JITEngine
 
-        alone = plan(model.config, [Peer(self.node_id, "", self.threads, float(self.threads))], epoch, self.policy)
+        alone = plan(model.config, [Peer(self.node_id, "", self.threads, float(self.threads))], epoch, self.policy,
+                     exchange=self.exchange)
         return await trio.to_thread.run_sync(JITEngine, model, ctx, self.threads), alone
 
     @staticmethod

@@ -1,13 +1,15 @@
 """Tensor parallelism, compute side: a node's weight slices and the engine that runs its share.
 
-    tensors = node_tensors(model, plan, i)        # root: what node i holds (row slices of the GGUF)
+    tensors = node_tensors(model, plan, i)        # root: what node i holds (slices of the GGUF)
     node = TPNode(config, plan, i, tensors, peers, ctx, threads)
     logits = node.forward(tokens, start_pos)     # on every node, same arguments; node 0 gets the logits
 
-Every matrix is split by rows (jit/tp_program.py says why): Q/K/V by KV-head group, attn_output and
-ffn_down by model-dimension rows, gate/up by FFN rows, the output projection by vocabulary rows. The
+Q/K/V are split by KV-head group, gate/up by FFN rows, the output projection by vocabulary rows; the
 norms and the token embedding are whole on every node (each node embeds the tokens itself).
-The cluster's logits are bit-identical to the single-node JIT engine's.
+attn_output and ffn_down depend on the plan's exchange (jit/tp_program.py): by model-dimension rows for
+"exact" (the cluster's logits are bit-identical to the single-node JIT engine's), by the node's heads
+and FFN rows as columns for "q8" (Megatron partial sums in Q8_0: fewer bytes and exchanges, logits
+within quantization noise of one node's).
 """
 
 from __future__ import annotations
@@ -53,23 +55,27 @@ class NodeTensor:
 def partition_of(plan: Plan, index: int) -> Partition:
     nodes = plan.nodes
     return Partition(index, tuple(n.kv_heads for n in nodes), tuple(n.ffn_rows for n in nodes),
-                     tuple(n.dim_rows for n in nodes), tuple(n.vocab_rows for n in nodes))
+                     tuple(n.dim_rows for n in nodes), tuple(n.vocab_rows for n in nodes), plan.exchange)
 
 
-def row_ranges(config: ModelConfig, part: Partition) -> dict[str, tuple[int, int]]:
-    """Rows of each layer matrix (and the output projection) that node part.index holds."""
+def slice_ranges(config: ModelConfig, part: Partition) -> dict[str, tuple[str, tuple[int, int]]]:
+    """What node part.index holds of each layer matrix (and the output projection): ("rows" or
+    "columns", (start, stop)). attn_output and ffn_down are cut by rows in the exact exchange, by
+    columns (the node's heads, its FFN rows: Megatron) in the q8 exchange."""
     c, me = config, part.index
     kv0, kv1 = part.kv_heads[me]
     g, hd = c.group_size, c.head_dim
+    q_rows = (kv0 * g * hd, kv1 * g * hd)
+    megatron = part.exchange == "q8"
     return {
-        "attn_q": (kv0 * g * hd, kv1 * g * hd),
-        "attn_k": (kv0 * hd, kv1 * hd),
-        "attn_v": (kv0 * hd, kv1 * hd),
-        "attn_output": part.dim_rows[me],
-        "ffn_gate": part.ffn_rows[me],
-        "ffn_up": part.ffn_rows[me],
-        "ffn_down": part.dim_rows[me],
-        "output": part.vocab_rows[me],
+        "attn_q": ("rows", q_rows),
+        "attn_k": ("rows", (kv0 * hd, kv1 * hd)),
+        "attn_v": ("rows", (kv0 * hd, kv1 * hd)),
+        "attn_output": ("columns", q_rows) if megatron else ("rows", part.dim_rows[me]),
+        "ffn_gate": ("rows", part.ffn_rows[me]),
+        "ffn_up": ("rows", part.ffn_rows[me]),
+        "ffn_down": ("columns", part.ffn_rows[me]) if megatron else ("rows", part.dim_rows[me]),
+        "output": ("rows", part.vocab_rows[me]),
     }
 
 
@@ -78,20 +84,21 @@ def _digest(data: np.ndarray) -> str:
 
 
 def node_tensors(model: GGUFModel, plan: Plan, index: int) -> dict[str, NodeTensor]:
-    """What node `index` of `plan` holds: row slices (views of the memory map) with their sha256."""
+    """What node `index` of `plan` holds: row slices (views of the memory map) and column slices (copies),
+    with their sha256."""
     c = model.config
-    rows = row_ranges(c, partition_of(plan, index))
+    cuts = slice_ranges(c, partition_of(plan, index))
     out: dict[str, NodeTensor] = {}
 
-    def add(name: str, source: str, r: tuple[int, int] | None) -> None:
+    def add(name: str, source: str, cut: tuple[str, tuple[int, int]] | None) -> None:
         t = model.tensor(source)
-        if r is not None:
-            t = t.rows(*r)
+        if cut is not None:
+            t = t.rows(*cut[1]) if cut[0] == "rows" else t.columns(*cut[1])
         out[name] = NodeTensor(name, t.qtype, tuple(t.shape), t.data, _digest(t.data))
 
     add("token_embd.weight", "token_embd.weight", None)
     add("output_norm.weight", "output_norm.weight", None)
-    add("output.weight", "token_embd.weight" if c.tied_output else "output.weight", rows["output"])
+    add("output.weight", "token_embd.weight" if c.tied_output else "output.weight", cuts["output"])
     for i in range(c.n_layers):
         for norm in ("attn_norm", "ffn_norm"):
             add(f"blk.{i}.{norm}.weight", f"blk.{i}.{norm}.weight", None)
@@ -99,7 +106,7 @@ def node_tensors(model: GGUFModel, plan: Plan, index: int) -> dict[str, NodeTens
             t = model.tensor(f"blk.{i}.{name}.weight")
             if t.qtype not in QUANT_WEIGHTS:
                 raise ValueError(f"tensor parallelism needs block-quantized layer weights; {t.name} is {t.qtype.name}")
-            add(f"blk.{i}.{name}.weight", f"blk.{i}.{name}.weight", rows[name])
+            add(f"blk.{i}.{name}.weight", f"blk.{i}.{name}.weight", cuts[name])
     return out
 
 

@@ -1,12 +1,13 @@
 """Tensor-parallel benchmark on loopback: N nodes in this process, one thread each per node's forward,
 meshed by real TCP connections on 127.0.0.1 (the sockets a daemon would hand its node).
 
-    python -m dllp2p.tpbench [--model PATH] [--layout N:T ...] [--tokens N] [--json]
+    python -m dllp2p.tpbench [--model PATH] [--layout N:T ...] [--exchange exact q8] [--tokens N] [--json]
 
 Without --model it writes (once, under /tmp) a random-weight model shaped like distributed-llama's
 benchmark: dim 2048, 16 layers, 32 heads, 8 KV heads, FFN 5632, vocab 32000, Q4_0 — noise, for speed
-only. Every layout gets the same prompt and greedy steps; the first node's logits are checked to be
-bit-identical to the single-node engine's on the first step. Reported per layout: ms/token (median),
+only. Every layout gets the same prompt and greedy steps, once per exchange (scheduler.EXCHANGES: "exact"
+row-split, bit-identical to one node; "q8" Megatron partial sums in Q8_0); the root's first logits are
+compared with the first layout's (max |difference|: 0 for exact). Reported per layout: ms/token (median),
 sync ms/token (time thread 0 of the root spends in exchanges), bytes sent and received by the root.
 """
 
@@ -25,7 +26,7 @@ import numpy as np
 
 from .formats import QType, load_model
 from .formats.synthetic import SyntheticSpec, write_random_llama
-from .scheduler import Peer, plan
+from .scheduler import EXCHANGES, Peer, plan
 from .jit.tp_program import RECV_SPINS
 from .tp import TPNode, node_tensors
 
@@ -55,9 +56,9 @@ def tcp_mesh(n: int) -> list[list[socket.socket | None]]:
     return socks
 
 
-def run_layout(model, n_nodes: int, threads: int, prompt: list[int], tokens: int) -> dict:
+def run_layout(model, n_nodes: int, threads: int, prompt: list[int], tokens: int, exchange: str) -> dict:
     peers = [Peer(f"bench{i}", f"127.0.0.1:{i}", threads, 1.0) for i in range(n_nodes)]
-    p = plan(model.config, peers, epoch=1, policy="weighted" if n_nodes & (n_nodes - 1) else "pow2")
+    p = plan(model.config, peers, epoch=1, policy="weighted" if n_nodes & (n_nodes - 1) else "pow2", exchange=exchange)
     socks = tcp_mesh(n_nodes)
     # nodes sharing too few cores must not spin on receives (it takes the core from the node awaited)
     spins = 0 if n_nodes * threads > (os.cpu_count() or 1) else RECV_SPINS
@@ -85,7 +86,7 @@ def run_layout(model, n_nodes: int, threads: int, prompt: list[int], tokens: int
             ms.append((time.perf_counter() - t0) * 1e3)
             sync.append(nodes[0].stats["sync_ms"])
         s = nodes[0].stats
-        return {"nodes": n_nodes, "threads_per_node": threads, "ms_per_token": statistics.median(ms),
+        return {"nodes": n_nodes, "threads_per_node": threads, "exchange": exchange, "ms_per_token": statistics.median(ms),
                 "sync_ms_per_token": statistics.median(sync), "root_bytes_sent": s["bytes_sent"],
                 "root_bytes_received": s["bytes_received"], "first_logits": first}
     finally:
@@ -103,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--layout", nargs="+", default=["1:2", "2:1", "4:1"], help="NODES:THREADS_PER_NODE ...")
     ap.add_argument("--prompt-tokens", type=int, default=16)
     ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--exchange", nargs="+", choices=EXCHANGES, default=list(EXCHANGES),
+                    help="exchanges to measure multi-node layouts with (default: all)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     model = load_model(args.model or random_model_path())
@@ -110,15 +113,19 @@ def main(argv: list[str] | None = None) -> int:
     results, reference = [], None
     for spec in args.layout:
         n, t = (int(v) for v in spec.split(":"))
-        r = run_layout(model, n, t, prompt, args.tokens)
-        first = r.pop("first_logits")
-        reference = first if reference is None else reference
-        r["identical_to_first_layout"] = bool(np.array_equal(first, reference))
-        results.append(r)
-        if not args.json:
-            print(f"{n} node(s) x {t} thread(s): {r['ms_per_token']:.1f} ms/token, sync {r['sync_ms_per_token']:.2f} ms/token, "
-                  f"root sends {r['root_bytes_sent'] / 1e3:.1f} kB, receives {r['root_bytes_received'] / 1e3:.1f} kB per token, "
-                  f"logits identical: {r['identical_to_first_layout']}", flush=True)
+        for exchange in args.exchange if n > 1 else ["exact"]:
+            r = run_layout(model, n, t, prompt, args.tokens, exchange)
+            first = r.pop("first_logits")
+            reference = first if reference is None else reference
+            r["identical_to_first_layout"] = bool(np.array_equal(first, reference))
+            r["max_abs_logit_diff"] = float(np.abs(first - reference).max())
+            results.append(r)
+            if not args.json:
+                sent, received = r["root_bytes_sent"], r["root_bytes_received"]
+                print(f"{n} node(s) x {t} thread(s), {exchange} exchange: {r['ms_per_token']:.1f} ms/token, "
+                      f"sync {r['sync_ms_per_token']:.2f} ms/token, root sends {sent / 1e3:.1f} kB "
+                      f"({sent / 1024:.1f} KiB), receives {received / 1e3:.1f} kB ({received / 1024:.1f} KiB) per token, "
+                      f"first logits vs the first layout: max |diff| {r['max_abs_logit_diff']:.3g}", flush=True)
     if args.json:
         print(json.dumps({"model": str(args.model or "random dllama-shape Q4_0"), "results": results}))
     return 0

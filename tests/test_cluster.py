@@ -113,7 +113,7 @@ def test_pow2_and_weighted_plans_over_two_workers(daemons):
     e.close()
     assert e.stats.nodes == 3 and len(e.stats.steps) == 10
     lines = e.stats_summary()
-    assert lines[0].startswith("cluster of 3 nodes (weighted plan)")
+    assert lines[0].startswith("cluster of 3 nodes (weighted plan, exact exchange)")
     assert re.search(r"decode per token \(9 tokens\): [\d.]+ ms, inference [\d.]+ ms, sync [\d.]+ ms; "
                      r"sent 0\.1 kB, received 0\.1 kB", lines[2]), lines
     with pytest.raises(ClusterError, match="closed"):
@@ -176,14 +176,14 @@ def test_worker_of_another_protocol_version_is_named():
         conn, _ = server.accept()
         with conn:
             conn.recv(1 << 16)
-            conn.sendall(P.HEADER.pack(P.MAGIC, 2, P.MsgType.HELLO, 0))
+            conn.sendall(P.HEADER.pack(P.MAGIC, P.PROTOCOL_VERSION + 1, P.MsgType.HELLO, 0))
             conn.recv(1 << 16)
 
     t = threading.Thread(target=answer, daemon=True)
     t.start()
     try:
-        with pytest.raises(ClusterError, match=f"worker 127.0.0.1:{port}: peer speaks dllp2p protocol version 2, "
-                                               f"this node speaks version 1"):
+        with pytest.raises(ClusterError, match=f"worker 127.0.0.1:{port}: peer speaks dllp2p protocol version "
+                                               f"{P.PROTOCOL_VERSION + 1}, this node speaks version {P.PROTOCOL_VERSION}"):
             connect([f"127.0.0.1:{port}"])
     finally:
         t.join(5)
@@ -255,7 +255,8 @@ def test_cli_run_options():
     ns = build_parser().parse_args(["run", "--prompt", "x", "--workers", "10.0.0.2:7340", "[::1]:7", "--plan",
                                     "weighted", "--stats"])
     cfg = run_config(ns)
-    assert (cfg.workers, cfg.plan, cfg.stats) == (("10.0.0.2:7340", "[::1]:7"), "weighted", True)
+    assert (cfg.workers, cfg.plan, cfg.stats, cfg.exchange) == (("10.0.0.2:7340", "[::1]:7"), "weighted", True, "exact")
+    assert run_config(build_parser().parse_args(["run", "--prompt", "x", "--exchange", "q8"])).exchange == "q8"
     with pytest.raises(ValueError, match="is not HOST:PORT"):
         run_config(build_parser().parse_args(["run", "--prompt", "x", "--workers", "10.0.0.2"]))
     ns = build_parser().parse_args(["daemon", "--port", "0", "--threads", "2", "--state-dir", "/tmp/x"])
@@ -303,6 +304,12 @@ def test_smollm2_on_two_daemons_matches_the_single_node_engine(tmp_path, real_mo
         assert remote.stdout == local.stdout and remote.stdout.startswith(" Paris.")
         assert "weights pushed 0.0 MB" in remote.stderr  # the daemon's cache is warm from the first session
         assert re.search(r"decode per token \(15 tokens\): .* sent [\d.]+ kB, received [\d.]+ kB", remote.stderr)
+        q8 = subprocess.run([*cli, *run, "--workers", address, "--stats", "--exchange", "q8"], capture_output=True,
+                            text=True, timeout=300)
+        assert q8.returncode == 0, q8.stderr
+        assert q8.stdout.startswith(" Paris.") and "(pow2 plan, q8 exchange)" in q8.stderr
+        # two all-reduces per layer of one Q8_0 row of 576 values (612 bytes), 30 layers: 36.7 kB per token
+        assert re.search(r"decode per token \(15 tokens\): .* sent 36\.7 kB", q8.stderr), q8.stderr
 
         e = ClusterEngine.connect(real_model, ClusterOptions((address,)), 64, 1, err=io.StringIO())
         e.forward(prompt, 0)

@@ -43,6 +43,9 @@ def test_precedence_file_env_flags(tmp_path):
     assert (c.port, c.peers, c.discovery, c.cluster, c.interfaces) == (7200, ("10.0.0.5:5",), False, "lab", ("10.0.0.1",))
     # a flag given with its default value still wins over the file
     assert config(tmp_path, ["--port", "7340"], {}).port == 7340
+    assert config(tmp_path, [], {}).exchange == "exact"
+    assert config(tmp_path, [], {"DLLP2P_EXCHANGE": "q8"}).exchange == "q8"
+    assert config(tmp_path, ["--exchange", "exact"], {"DLLP2P_EXCHANGE": "q8"}).exchange == "exact"
 
 
 def test_missing_default_file_is_fine_a_named_one_is_not(tmp_path):
@@ -76,6 +79,7 @@ def test_bad_files(tmp_path, text, match):
     ({"DLLP2P_PORT": "x"}, "DLLP2P_PORT='x' is not a whole number"),
     ({"DLLP2P_DISCOVERY": "maybe"}, "DLLP2P_DISCOVERY='maybe'"),
     ({"DLLP2P_LOG_LEVEL": "loud"}, "log_level 'loud'"),
+    ({"DLLP2P_EXCHANGE": "f16"}, "exchange 'f16' is not one of exact, q8"),
 ])
 def test_bad_environment(env, match):
     with pytest.raises(ConfigError, match=match):

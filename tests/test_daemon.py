@@ -170,15 +170,18 @@ def _hello_body(**changes) -> bytes:
     return msgpack.packb(body, use_bin_type=True)
 
 
+V = P.PROTOCOL_VERSION
+
+
 @pytest.mark.parametrize("name, data, code, match", [
-    ("other version in the header", P.HEADER.pack(P.MAGIC, 2, P.MsgType.HELLO, 50) + _hello_body(protocol_version=2)[:50],
-     "version", "protocol version 2, this node speaks version 1"),
-    ("other version in the Hello", P.HEADER.pack(P.MAGIC, 1, P.MsgType.HELLO, len(_hello_body(protocol_version=7)))
+    ("other version in the header", P.HEADER.pack(P.MAGIC, V + 1, P.MsgType.HELLO, 50) + _hello_body(protocol_version=V + 1)[:50],
+     "version", f"protocol version {V + 1}, this node speaks version {V}"),
+    ("other version in the Hello", P.HEADER.pack(P.MAGIC, V, P.MsgType.HELLO, len(_hello_body(protocol_version=7)))
      + _hello_body(protocol_version=7), "version", "version 7"),
-    ("malformed body", P.HEADER.pack(P.MAGIC, 1, P.MsgType.HELLO, 3) + b"\xc1\xc1\xc1", "malformed_frame", "msgpack"),
-    ("oversized frame", P.HEADER.pack(P.MAGIC, 1, P.MsgType.HELLO, P.MAX_FRAME + 1), "too_large", "over the"),
+    ("malformed body", P.HEADER.pack(P.MAGIC, V, P.MsgType.HELLO, 3) + b"\xc1\xc1\xc1", "malformed_frame", "msgpack"),
+    ("oversized frame", P.HEADER.pack(P.MAGIC, V, P.MsgType.HELLO, P.MAX_FRAME + 1), "too_large", "over the"),
     ("not dllp2p", b"GET / HTTP/1.1\r\n\r\n", "bad_magic", "not a dllp2p frame"),
-    ("unknown type", P.HEADER.pack(P.MAGIC, 1, 99, 1) + b"\x80", "unknown_type", "unknown message type 99"),
+    ("unknown type", P.HEADER.pack(P.MAGIC, V, 99, 1) + b"\x80", "unknown_type", "unknown message type 99"),
     ("wrong first message", P.encode(P.Step(0, 0, (1,), 0)), "unexpected", "must start with Hello"),
 ])
 def test_bad_input_gets_an_error_and_the_daemon_serves_on(tmp_path, name, data, code, match):

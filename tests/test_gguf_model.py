@@ -42,6 +42,20 @@ def test_row_slices_dequantize_like_the_whole(real_model):
     np.testing.assert_array_equal(t.rows(64, 128).dequantize(), t.dequantize()[64:128])
 
 
+def test_column_slices_dequantize_like_the_whole(real_model):
+    t = real_model.tensor("blk.1.attn_output.weight")  # block type: whole blocks of 32 columns
+    part = t.columns(64, 192)
+    assert part.shape == (t.shape[0], 128) and part.data.flags.c_contiguous
+    np.testing.assert_array_equal(part.dequantize(), t.dequantize()[:, 64:192])
+    with pytest.raises(ValueError, match="columns \\[64, 100\\) cut"):
+        t.columns(64, 100)
+    with pytest.raises(ValueError, match="not a range"):
+        t.columns(0, t.shape[1] + 32)
+    norm = real_model.tensor("blk.1.attn_norm.weight")
+    with pytest.raises(ValueError, match="not a range"):
+        norm.columns(0, 32)
+
+
 def test_synthetic_model_loads_and_says_it_is_random(small_gguf):
     m = load_model(small_gguf)
     assert m.config.n_kv_heads == 8 and not m.config.tied_output

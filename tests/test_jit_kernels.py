@@ -4,7 +4,7 @@ Every kernel of specs.all_specs() runs on random inputs over many shapes, edge s
 compared with its twin. Tolerances are stated per kernel and derived from the f32 rounding of the
 operations the kernel performs (U = 2^-24, the f32 unit roundoff), never fitted to observed errors:
 
-  * quantize_f32_q8s, embed_*, add_f32, to_f16, barrier_demo, pack/unpack: bit-exact.
+  * quantize_f32_q8s, quantize_f32_q8_0, add_q8_0_f32, embed_*, add_f32, to_f16, barrier_demo, pack/unpack: bit-exact.
   * quantized matvec/matmul: the twin is exact (integer dots, f64 scales); the kernel adds, per row,
     `terms` f32 products (one per block, two for Q4_1) each rounded ~2 times, so
     |y - exact| <= (terms + 3) * U * bound, bound = reference.matvec_q_q8s_bound (sum of |terms|).
@@ -27,12 +27,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dllp2p.formats.quant import BLOCK_DTYPES, QK, QType, quantize
+from dllp2p.formats.quant import BLOCK_DTYPES, QK, QType, dequantize, quantize
 from dllp2p.jit import ir_ops
 from dllp2p.jit import reference as ref
 from dllp2p.jit.compiler import ObjectCache, Target, compile_module, emit_assembly, host_target
 from dllp2p.jit.layout import (
-    G, PACKED_TYPES, act_bytes, aligned_empty, aligned_zeros, kv_cache, pack_weights, rope_table, unpack_weights,
+    G, PACKED_TYPES, act_bytes, q8_0_bytes, aligned_empty, aligned_zeros, kv_cache, pack_weights, rope_table, unpack_weights,
 )
 from dllp2p.jit.irutil import F16, F32, Signature, define, for_range, i64, load, store, vec
 from dllp2p.jit.library import build_module, compile_kernels
@@ -185,6 +185,35 @@ def test_quantize_ties_round_away_from_zero(lib):
     np.testing.assert_array_equal(q[32:36], [-127, 3, -3, 1])
     np.testing.assert_array_equal(d, [1.0, 0.5])
     np.testing.assert_array_equal(s, [q[:32].sum(), q[32:].sum()])
+
+
+# --- Q8_0: the wire format of tensor-parallel partial sums -------------------------------------------
+
+@SETTINGS
+@given(n=st.integers(1, 5), nb=st.integers(1, 70), seed=seeds)
+def test_quantize_q8_0_bit_exact(lib, n, nb, seed):
+    k = nb * QK
+    x = random_acts(np.random.default_rng(seed), n, k)
+    x[0, :QK] = 0  # an all-zero block: d = 0, q = 0
+    out = np.full(n * q8_0_bytes(k) + 64, 0xA5, np.uint8)
+    lib["quantize_f32_q8_0"](P(x), P(out), k, n)
+    np.testing.assert_array_equal(out[: n * q8_0_bytes(k)], quantize(x, QType.Q8_0).reshape(-1))
+    assert (out[n * q8_0_bytes(k):] == 0xA5).all()
+
+
+@SETTINGS
+@given(n=st.integers(1, 5), nb=st.integers(1, 70), seed=seeds)
+def test_add_q8_0_bit_exact(lib, n, nb, seed):
+    """x += dequantize(q): f32(d) * q is exact in f32, so the twin's one f32 add is the kernel's result."""
+    rng = np.random.default_rng(seed)
+    k = nb * QK
+    q = quantize(random_acts(rng, n, k), QType.Q8_0).reshape(n, -1)
+    x = random_acts(rng, n, k)
+    want = (x + dequantize(q, QType.Q8_0, (n, k))).astype(np.float32)
+    padded = np.concatenate([x.reshape(-1), np.full(16, SENTINEL, np.float32)])
+    lib["add_q8_0_f32"](P(padded), P(np.ascontiguousarray(q)), k, n)
+    np.testing.assert_array_equal(padded[: n * k].reshape(n, k), want)
+    assert (padded[n * k:] == SENTINEL).all()
 
 
 # --- quantized products -------------------------------------------------------------------------------

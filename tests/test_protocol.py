@@ -58,7 +58,7 @@ def _pack(d: dict) -> bytes:
 def test_every_message_round_trips(msg):
     frame = P.encode(msg)
     magic, version, msg_type, length = P.HEADER.unpack_from(frame)
-    assert (magic, version, length) == (b"DLP2", 1, len(frame) - 10)
+    assert (magic, version, length) == (b"DLP2", P.PROTOCOL_VERSION, len(frame) - 10)
     assert P.MESSAGE_TYPES[msg_type] is type(msg)
     (back,) = P.FrameDecoder().feed(frame)
     assert back == msg and type(back) is type(msg)
@@ -159,20 +159,22 @@ def test_http_request_is_bad_magic():
 
 
 def test_other_protocol_version_names_both():
-    frame = _frame(P.MsgType.HELLO, _pack({}), version=2)
-    with pytest.raises(P.ProtocolVersionError, match="peer speaks dllp2p protocol version 2, this node speaks version 1"):
+    v = P.PROTOCOL_VERSION
+    frame = _frame(P.MsgType.HELLO, _pack({}), version=v + 1)
+    with pytest.raises(P.ProtocolVersionError, match=f"peer speaks dllp2p protocol version {v + 1}, this node speaks version {v}"):
         P.FrameDecoder().feed(frame[:5])  # caught as soon as the version byte arrives
 
 
 def test_hello_claiming_another_version_is_a_version_error():
-    body = _body(P.Hello(1, "a", "worker", 1, 1.0)) | {"protocol_version": 3}
-    with pytest.raises(P.ProtocolVersionError, match="version 3, this node speaks version 1"):
+    v = P.PROTOCOL_VERSION
+    body = _body(P.Hello(v, "a", "worker", 1, 1.0)) | {"protocol_version": v + 2}
+    with pytest.raises(P.ProtocolVersionError, match=f"version {v + 2}, this node speaks version {v}"):
         P.FrameDecoder().feed(_frame(P.MsgType.HELLO, _pack(body)))
 
 
 def test_oversized_frame_is_refused_before_its_body_is_buffered():
     dec = P.FrameDecoder()
-    header = P.HEADER.pack(P.MAGIC, 1, P.MsgType.WEIGHT_CHUNK, P.MAX_FRAME + 1)
+    header = P.HEADER.pack(P.MAGIC, P.PROTOCOL_VERSION, P.MsgType.WEIGHT_CHUNK, P.MAX_FRAME + 1)
     with pytest.raises(P.FrameTooLarge, match=f"frame of {P.MAX_FRAME + 1} bytes is over the {P.MAX_FRAME}-byte limit"):
         dec.feed(header)
     with pytest.raises(P.FrameTooLarge):  # still fatal, and nothing more is kept

@@ -139,6 +139,10 @@ def test_duplicate_ids_unknown_policy_bad_epoch_bad_max_nodes():
         plan(SMOLLM2, _peers(1), epoch=-1)
     with pytest.raises(PlanError, match="max_nodes"):
         plan(SMOLLM2, _peers(1), epoch=0, max_nodes=0)
+    with pytest.raises(PlanError, match="unknown exchange 'f16' \\(known: exact, q8\\)"):
+        plan(SMOLLM2, _peers(1), epoch=0, exchange="f16")
+    assert plan(SMOLLM2, _peers(1), epoch=0).exchange == "exact"  # bit-identical to one node unless asked
+    assert plan(SMOLLM2, _peers(1), epoch=0, exchange="q8").exchange == "q8"
 
 
 def test_models_that_cannot_be_split():

@@ -1,4 +1,6 @@
-"""Tensor-parallel nodes against the single-node JIT engine: the logits must be bit-identical.
+"""Tensor-parallel nodes against the single-node JIT engine: with the exact exchange the logits must be
+bit-identical; with the q8 exchange (Megatron partial sums in Q8_0) within a stated tolerance, and the
+greedy choice the same wherever the single node's choice is not a near tie.
 
 Nodes run in one process here (each forward in its own thread; ctypes releases the GIL), connected by
 socket pairs: exactly the blocking stream sockets the daemon hands a node, without the daemon.
@@ -46,9 +48,10 @@ def mesh(n: int, timeout: float = 20.0) -> list[list[socket.socket | None]]:
 
 
 class Cluster:
-    def __init__(self, model, n_nodes: int, policy: str, cache_dir, threads: int = 1, ctx: int = 128):
+    def __init__(self, model, n_nodes: int, policy: str, cache_dir, threads: int = 1, ctx: int = 128,
+                 exchange: str = "exact"):
         peers = [Peer(f"node{i}", f"127.0.0.1:{7000 + i}", threads, 1.0) for i in range(n_nodes)]
-        self.plan = plan(model.config, peers, epoch=1, policy=policy)
+        self.plan = plan(model.config, peers, epoch=1, policy=policy, exchange=exchange)
         assert self.plan.n_nodes == n_nodes
         self.socks = mesh(n_nodes)
         # all nodes share this machine's cores: polling receives would starve the node being waited for
@@ -157,5 +160,73 @@ def test_bytes_per_token_match_traffic(kv8_model, cache_dir):
         assert stats["bytes_sent"] == sent
         assert stats["bytes_received"] == sent + c.vocab_size // 2 * 4  # + node 1's logits
         assert 0 <= stats["sync_ms"] <= stats["step_ms"]
+    finally:
+        cluster.close()
+
+
+# --- the q8 exchange: Megatron partial sums in Q8_0 --------------------------------------------------------
+#
+# Not bit-identical, and it cannot be: the nodes' partial sums are rounded to 8 bits, and even exact f32
+# partial sums change the summation order, which flips the rounding of some 8-bit activations downstream
+# (measured on SmolLM2: f32 partial sums gave max |dlogit| 1.5 over 64 steps, Q8_0 ones 2.3-3.3, mean
+# 0.3; the JIT engine itself is ~0.9 from the float32 reference). Tolerance stated here, over 64
+# teacher-forced steps (both fed the single node's greedy token): max |dlogit| <= 4, mean |dlogit| <= 0.5,
+# and the same greedy choice on at least 85% of the steps (measured 89-98%; the others are near ties).
+
+Q8_MAX, Q8_MEAN, Q8_AGREE = 4.0, 0.5, 0.85
+
+
+def q8_within_tolerance(cluster: Cluster, single: JITEngine, prompt: list[int], steps: int) -> tuple[float, float]:
+    """-> (max |dlogit|, share of steps with the same argmax); asserts the stated tolerance."""
+    got, want = cluster.forward(prompt, 0), single.forward(prompt, 0)
+    worst, means, agree = 0.0, [], 0
+    for i in range(steps):
+        diff = np.abs(got - want)
+        worst, agree = max(worst, float(diff.max())), agree + (int(np.argmax(got)) == int(np.argmax(want)))
+        means.append(float(diff.mean()))
+        token = int(np.argmax(want))
+        got, want = cluster.forward([token], len(prompt) + i), single.forward([token], len(prompt) + i)
+    print(f"q8 exchange: max |dlogit| {worst:.3f}, mean {np.mean(means):.3f}, same argmax {agree}/{steps}")
+    assert worst <= Q8_MAX and np.mean(means) <= Q8_MEAN and agree >= Q8_AGREE * steps
+    return worst, agree / steps
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("n_nodes,policy", [(2, "pow2"), (3, "weighted")])
+def test_smollm2_q8_exchange_within_tolerance(real_model, cache_dir, n_nodes, policy):
+    single = JITEngine(real_model, 128, threads=1, cache_dir=cache_dir)
+    cluster = Cluster(real_model, n_nodes, policy, cache_dir, exchange="q8")
+    try:
+        worst, _ = q8_within_tolerance(cluster, single, [1, 504, 3575, 282, 4649, 314], 64)
+        assert worst > 0  # 8-bit partial sums: bit-identity here would mean the exchange was skipped
+    finally:
+        cluster.close()
+        single.close()
+
+
+@pytest.mark.parametrize("n_nodes", [1, 2, 4])
+def test_eight_kv_heads_q8_exchange(kv8_model, cache_dir, n_nodes):
+    single = JITEngine(kv8_model, 128, threads=1, cache_dir=cache_dir, max_chunk=16)
+    cluster = Cluster(kv8_model, n_nodes, "pow2", cache_dir, exchange="q8", threads=2 if n_nodes == 2 else 1)
+    try:
+        prompt = list(np.random.default_rng(4).integers(0, kv8_model.config.vocab_size, 21))
+        if n_nodes == 1:  # alone, a node adds its whole output exactly: the single-node engine's numerics
+            greedy_identical(cluster, single, prompt, 16)
+        else:
+            worst, _ = q8_within_tolerance(cluster, single, prompt, 32)
+            assert 0 < worst
+    finally:
+        cluster.close()
+        single.close()
+
+
+def test_q8_bytes_per_token(kv8_model, cache_dir):
+    cluster = Cluster(kv8_model, 2, "pow2", cache_dir, exchange="q8")
+    try:
+        cluster.forward([1, 2, 3], 0)
+        stats = cluster.nodes[0].stats
+        c = kv8_model.config
+        sent = 3 * c.n_layers * 2 * (c.dim // 32 * 34)  # two all-reduces per layer, one Q8_0 row per token
+        assert (stats["bytes_sent"], stats["bytes_received"]) == (sent, sent + c.vocab_size // 2 * 4)
     finally:
         cluster.close()

@@ -97,6 +97,18 @@ class Tensor:
         """Rows [start, stop) as a view: the unit of tensor-parallel slicing."""
         return Tensor(self.name, self.qtype, (stop - start, *self.shape[1:]), self.data[start:stop])
 
+    def columns(self, start: int, stop: int) -> "Tensor":
+        """Columns [start, stop) of a matrix as a copy; block types keep whole blocks, so start and stop
+        must be multiples of the block size (ValueError otherwise)."""
+        traits = TRAITS[self.qtype]
+        if len(self.shape) != 2 or not 0 <= start < stop <= self.shape[1]:
+            raise ValueError(f"{self.name}: columns [{start}, {stop}) are not a range of a {self.shape} matrix")
+        if start % traits.block_values or stop % traits.block_values:
+            raise ValueError(f"{self.name}: columns [{start}, {stop}) cut {self.qtype.name} blocks of {traits.block_values}")
+        per = traits.block_bytes if traits.block_values > 1 else 1
+        lo, hi = start // traits.block_values * per, stop // traits.block_values * per
+        return Tensor(self.name, self.qtype, (self.shape[0], stop - start), np.ascontiguousarray(self.data[:, lo:hi]))
+
 
 @dataclass(frozen=True)
 class GGUFModel:

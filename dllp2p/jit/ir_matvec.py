@@ -17,7 +17,7 @@ from .irutil import (
     F16, F32, I8, I32, PTR, VOID, Signature, define, entry_alloca, for_range, gep, hmax, hsum, i32, i64,
     intrinsic, load, mask, splat, splat_const, store, vec,
 )
-from .layout import G, chunk_bytes
+from .layout import Q8_0_BLOCK, G, chunk_bytes
 from .specs import KernelSpec
 
 V16I32, V64I8, V16F32 = vec(I32, 16), vec(I8, 64), vec(F32, 16)
@@ -93,6 +93,28 @@ def emit_quantize(module: ir.Module, spec: KernelSpec, target: Target) -> None:
             store(b, q, orow, b.shl(blk, i64(5)))
             store(b, d, gep(b, orow, k), blk, F32)
             store(b, hsum(b, b.sext(q, vec(I32, QK))), gep(b, orow, b.add(k, b.shl(nb, i64(2)))), blk, I32)
+    b.ret_void()
+
+
+def emit_quantize_q8_0(module: ir.Module, spec: KernelSpec, target: Target) -> None:
+    """ggml's Q8_0 (per 32 values: f16 d, then 32 i8), as formats.quant.quantize_q8_0: the wire format of
+    the partial sums that tensor-parallel nodes add up (tp_program.py)."""
+    fn, b = define(module, spec.name, spec.signature)
+    x, out, k, n = fn.args
+    v32f, v32i8 = vec(F32, QK), vec(I8, QK)
+    fabs = intrinsic(module, "llvm.fabs.v32f32", v32f, [v32f])
+    rnd = intrinsic(module, "llvm.round.v32f32", v32f, [v32f])
+    nb = b.lshr(k, i64(5))
+    with for_range(b, i64(0), n, name="row") as row:
+        xr = gep(b, x, b.mul(row, k), F32)
+        orow = gep(b, out, b.mul(row, b.mul(nb, i64(Q8_0_BLOCK))))
+        with for_range(b, i64(0), nb, name="blk") as blk:
+            v = load(b, xr, v32f, b.shl(blk, i64(5)), F32)
+            d = b.fdiv(hmax(b, module, b.call(fabs, [v])), ir.Constant(F32, 127.0))
+            inv = b.select(b.fcmp_ordered("!=", d, ir.Constant(F32, 0.0)), b.fdiv(ir.Constant(F32, 1.0), d), ir.Constant(F32, 0.0))
+            at = b.mul(blk, i64(Q8_0_BLOCK))
+            store(b, b.fptrunc(d, F16), orow, at)
+            store(b, b.fptosi(b.call(rnd, [b.fmul(v, splat(b, inv, QK))]), v32i8), orow, b.add(at, i64(2)))
     b.ret_void()
 
 

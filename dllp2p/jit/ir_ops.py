@@ -11,7 +11,7 @@ from .irutil import (
     F16, F32, I8, I32, PTR, define, entry_alloca, for_range, gep, hmax, hsum, i32, i64, intrinsic, load, mask, splat,
     store, vec, vector_loop,
 )
-from .layout import G, chunk_bytes
+from .layout import Q8_0_BLOCK, G, chunk_bytes
 from .specs import KernelSpec
 
 V16F32 = vec(F32, 16)
@@ -415,6 +415,24 @@ def emit_add(module: ir.Module, spec: KernelSpec, target: Target) -> None:
         store(b, b.fadd(load(b, x, _fvec(width), i, F32), load(b, y, _fvec(width), i, F32)), x, i, F32)
 
     vector_loop(b, n, 16, body)
+    b.ret_void()
+
+
+def emit_add_q8_0(module: ir.Module, spec: KernelSpec, target: Target) -> None:
+    """x f32[n, k] += dequantized Q8_0 rows q (f32(d) * i8: exact in f32, so no rounding before the add)."""
+    fn, b = define(module, spec.name, spec.signature)
+    x, q, k, n = fn.args
+    v32f = vec(F32, QK)
+    nb = b.lshr(k, i64(5))
+    with for_range(b, i64(0), n, name="row") as row:
+        xr = gep(b, x, b.mul(row, k), F32)
+        qr = gep(b, q, b.mul(row, b.mul(nb, i64(Q8_0_BLOCK))))
+        with for_range(b, i64(0), nb, name="blk") as blk:
+            at = b.mul(blk, i64(Q8_0_BLOCK))
+            d = b.fpext(load(b, qr, F16, at), F32)
+            v = b.fmul(b.sitofp(load(b, qr, vec(I8, QK), b.add(at, i64(2))), v32f), splat(b, d, QK))
+            off = b.shl(blk, i64(5))
+            store(b, b.fadd(load(b, xr, v32f, off, F32), v), xr, off, F32)
     b.ret_void()
 
 

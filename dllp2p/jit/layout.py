@@ -37,6 +37,16 @@ ALIGN = 64  # bytes; every buffer built here starts on a cache line
 PACKED_TYPES = (QType.Q4_0, QType.Q4_1, QType.Q8_0)
 
 
+Q8_0_BLOCK = 34  # ggml Q8_0: f16 scale + 32 i8, the wire format of tensor-parallel partial sums
+
+
+def q8_0_bytes(k: int) -> int:
+    """Bytes of one Q8_0 row of k values."""
+    if k % QK:
+        raise ValueError(f"row length {k} is not a multiple of {QK}")
+    return k // QK * Q8_0_BLOCK
+
+
 def act_bytes(k: int) -> int:
     """Bytes of one Q8S activation row of k values."""
     if k % QK:

@@ -63,7 +63,8 @@ class ProgramSpec:
 
     def kernel_specs(self) -> tuple[KernelSpec, ...]:
         types = {t for lt in self.layer_types for t in lt} | {self.output_type}
-        specs = [KernelSpec(Op.QUANTIZE), KernelSpec(Op.EMBED, self.embed_type)]
+        specs = [KernelSpec(Op.QUANTIZE), KernelSpec(Op.QUANTIZE_Q8_0), KernelSpec(Op.ADD_Q8_0),
+                 KernelSpec(Op.EMBED, self.embed_type)]
         for t in sorted(types, key=lambda t: t.value):
             specs.append(KernelSpec(Op.MATVEC, t))
             if t in QUANT_WEIGHTS:

@@ -4,6 +4,8 @@ Buffer shapes per kernel (k % 32 == 0 for quantized kernels; rows as in layout.P
 a row range [r0, r1) lets threads split the rows; all ints are i64, scalars f32):
 
     quantize_f32_q8s(x f32[n, k], out u8[n, act_bytes(k)], k, n)
+    quantize_f32_q8_0(x f32[n, k], out u8[n, q8_0_bytes(k)], k, n)        ggml Q8_0 blocks (f16 d, 32 i8)
+    add_q8_0_f32(x f32[n, k] in place, q u8[n, q8_0_bytes(k)], k, n)       x += dequantized q
     matvec_{w}_q8s(w packed, x u8[act_bytes(k)], y f32[rows], k, r0, r1)          w: q4_0 q4_1 q8_0
     matvec_{f32,f16}_f32(w f32/f16[rows, k], x f32[k], y f32[rows], k, r0, r1)        k % 16 == 0
     matmul_{w}_q8s_x{T}(w packed, x u8[n, act_bytes(k)], y f32[n, ldy], k, r0, r1, n, ldy)
@@ -35,6 +37,8 @@ FLOAT_WEIGHTS = (QType.F32, QType.F16)
 
 class Op(enum.Enum):
     QUANTIZE = "quantize"
+    QUANTIZE_Q8_0 = "quantize_q8_0"
+    ADD_Q8_0 = "add_q8_0"
     MATVEC = "matvec"
     MATMUL = "matmul"
     EMBED = "embed"
@@ -55,6 +59,8 @@ def _sig(spec: str) -> Signature:
 
 _SIGNATURES = {
     Op.QUANTIZE: _sig("x:p out:p k:i n:i"),
+    Op.QUANTIZE_Q8_0: _sig("x:p out:p k:i n:i"),
+    Op.ADD_Q8_0: _sig("x:p q:p k:i n:i"),
     Op.MATVEC: _sig("w:p x:p y:p k:i r0:i r1:i"),
     Op.MATMUL: _sig("w:p x:p y:p k:i r0:i r1:i n:i ldy:i"),
     Op.EMBED: _sig("w:p token:i out:p k:i"),
@@ -90,6 +96,8 @@ class KernelSpec:
         w = self.qtype.name.lower() if self.qtype is not None else ""
         if self.op == Op.QUANTIZE:
             return "quantize_f32_q8s"
+        if self.op == Op.QUANTIZE_Q8_0:
+            return "quantize_f32_q8_0"
         if self.op == Op.MATVEC:
             return f"matvec_{w}_{'q8s' if self.qtype in QUANT_WEIGHTS else 'f32'}"
         if self.op == Op.MATMUL:
@@ -111,7 +119,7 @@ class KernelSpec:
 
 def all_specs(matmul_tile: int = 4) -> tuple[KernelSpec, ...]:
     """Every kernel this package offers, for compiling as one module."""
-    specs = [KernelSpec(Op.QUANTIZE)]
+    specs = [KernelSpec(Op.QUANTIZE), KernelSpec(Op.QUANTIZE_Q8_0), KernelSpec(Op.ADD_Q8_0)]
     specs += [KernelSpec(Op.MATVEC, q) for q in QUANT_WEIGHTS + FLOAT_WEIGHTS]
     specs += [KernelSpec(Op.MATMUL, q, matmul_tile) for q in QUANT_WEIGHTS]
     specs += [KernelSpec(Op.EMBED, q) for q in QUANT_WEIGHTS + FLOAT_WEIGHTS]

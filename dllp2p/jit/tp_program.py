@@ -1,7 +1,9 @@
 """One node's share of a tensor-parallel forward step, exchanges included, as compiled code.
 
-Every matrix is split by ROWS, so every output value is computed by exactly one node with exactly the
-single-node kernel and summation order, and the cluster's logits are bit-identical to one node's:
+Two ways to combine the nodes' shares of a layer (Partition.exchange, chosen by the plan):
+
+"exact": every matrix split by ROWS, so every output value is computed by exactly one node with exactly
+the single-node kernel and summation order, and the cluster's logits are bit-identical to one node's:
 
     node i   q, k, v rows of its KV-head group       -> RoPE, its KV cache, attention of its heads
              quantize its heads' outputs (whole 32-blocks: head_dim % 32 == 0)
@@ -13,19 +15,29 @@ single-node kernel and summation order, and the cluster's logits are bit-identic
              d rows [d0, d1) = Wd[d0:d1] . s_q
     D        all-gather d                                            (f32, exact)
              x += d
-    end      logits rows [v0, v1); nodes send theirs to node 0       (f32)
 
-An all-gather runs on thread 0 of the node between two barriers (the other threads wait at the second):
-send this node's slice to every peer, copy it into the full buffer, then receive every peer's slice
-and copy it in, in node order. Sends are small (< 1 MiB, the sockets' buffers), so every node may send
-before it receives without deadlock. The sockets are blocking with receive/send timeouts set by the
-caller; a failed send or receive records the peer in the table's `error` slot, later exchanges are
-skipped, and Python raises after the step. The residual stream x is replicated: every node holds the
-same x after every exchange.
+"q8" (Megatron, as distributed-llama): Wo and Wd split by COLUMNS, so each node's o and d are partial
+sums over its heads / FFN rows; two all-reduces per layer instead of four exchanges, each node's partial
+rounded to ggml's Q8_0 (34 bytes per 32 values: a third of the exact exchange's bytes):
 
-Trade-off (measured in the README): 4 exchanges per layer instead of Megatron's 2, and f32 o/d slices
-instead of Q8_0 partial sums, because partial sums quantized to 8 bits change the logits by up to
-~1% and with them greedy tokens (they did within 5 tokens on SmolLM2), while this layout cannot.
+    node i   attention of its heads as above; o_i = Wo[:, its heads] . att_q   (all dim rows)
+    R1       all-reduce: x += sum over nodes j, in node order, of dequant(q8_0(o_j))
+             h = rmsnorm(x); gate, up rows [f0, f1); s = silu(gate) * up; d_i = Wd[:, f0:f1] . s_q
+    R2       all-reduce d likewise
+
+Every node adds the same bytes in the same order, so x stays identical on all nodes; but the logits
+differ from one node's by the partials' rounding (measured on SmolLM2: max |dlogit| ~2-3, mean ~0.3;
+greedy choices agree except near ties; tests/test_tp.py states the tolerance). Even f32 partial sums
+could not be bit-exact: a different summation order flips the rounding of some 8-bit activations.
+
+Either way, at the end: logits rows [v0, v1) of the output projection; nodes send theirs to node 0 (f32).
+
+An exchange runs on thread 0 of the node between two barriers (the other threads wait at the second):
+send this node's part to every peer, then receive every peer's, in node order. Sends are small (< 1
+MiB, the sockets' buffers), so every node may send before it receives without deadlock. The sockets
+are blocking with receive/send timeouts set by the caller; a failed send or receive records the peer in
+the table's `error` slot, later exchanges are skipped, and Python raises after the step. The residual
+stream x is replicated: every node holds the same x after every exchange.
 """
 
 from __future__ import annotations
@@ -35,7 +47,7 @@ from dataclasses import dataclass
 import llvmlite.ir as ir
 
 from .irutil import I32, I64, PTR, VOID, for_range, gep, i64, intrinsic
-from .layout import act_bytes
+from .layout import act_bytes, q8_0_bytes
 from .program import LAYER_MATRICES, ProgramSpec, Slots, _emit_step, _emit_worker, _Forward
 from .specs import Op
 
@@ -55,6 +67,7 @@ class Partition:
     ffn_rows: tuple[tuple[int, int], ...]
     dim_rows: tuple[tuple[int, int], ...]
     vocab_rows: tuple[tuple[int, int], ...]
+    exchange: str = "exact"  # "q8" (Megatron, Q8_0 partial sums) or "exact" (row split); scheduler.EXCHANGES
 
     @property
     def n_nodes(self) -> int:
@@ -63,12 +76,16 @@ class Partition:
 
 class TPSlots(Slots):
     SCALARS = Slots.SCALARS + ("error", "sync_ns", "exchanges", "recv_spins")
-    BUFFERS = Slots.BUFFERS + ("fds", "staging", "att_q", "o_full", "s_q", "d_full", "logits_full", "clock")
+    BUFFERS = Slots.BUFFERS + ("fds", "staging", "att_q", "o_full", "s_q", "d_full", "logits_full", "clock", "sums_q")
 
 
 def tp_buffer_sizes(spec: ProgramSpec, part: Partition) -> dict[str, int]:
     """Bytes of the exchange buffers (shared, one each)."""
     c, mc = spec.config, spec.max_chunk
+    if part.exchange == "q8":  # every node's quantized partial sums, node after node
+        unused = dict.fromkeys(("staging", "att_q", "o_full", "s_q", "d_full"), 0)
+        return {**unused, "sums_q": part.n_nodes * mc * q8_0_bytes(c.dim), "logits_full": c.vocab_size * 4,
+                "clock": 16}
     widest_local = max(
         max(act_bytes((b - a) * c.group_size * c.head_dim) for a, b in part.kv_heads),
         max(act_bytes(b - a) for a, b in part.ffn_rows),
@@ -82,6 +99,7 @@ def tp_buffer_sizes(spec: ProgramSpec, part: Partition) -> dict[str, int]:
         "d_full": mc * c.dim * 4,
         "logits_full": c.vocab_size * 4,
         "clock": 16,
+        "sums_q": 0,
     }
 
 
@@ -169,20 +187,32 @@ class _TPForward(_Forward):
         b.branch(loop)
         b.position_at_end(out)
 
-    def allgather(self, name: str, local: ir.Value, local_bytes: list[int], make_place) -> None:
-        """Thread 0: send `local` (n rows of local_bytes[me] bytes) to every peer; make_place() returns
-        place(node, src), which copies a node's n rows from src into the full buffer; peers' rows arrive
-        in `staging`. Then a barrier. The exchange is its own function, emitted once per kind and called
-        from every layer: inlined 30 times it made LLVM's optimizer take ~25 s instead of ~3."""
+    def on_thread0(self, name: str, arg: ir.Value, body) -> None:
+        """Thread 0 runs body(arg) (it emits the exchange), then a barrier. The exchange is its own
+        function, emitted once per name and called from every layer: inlined 30 times it made LLVM's
+        optimizer take ~25 s instead of ~3."""
         fn = self.m.globals.get(f"_xchg_{name}")
         if fn is None:
             fn = ir.Function(self.m, ir.FunctionType(VOID, [PTR, I64, PTR]), f"_xchg_{name}")
             fn.attributes.add("noinline")
             fn.linkage = "internal"
             saved = (self.b, self.table, self.n, self._slot_done, self._slot_spins)
-            self.table, self.n, loc = fn.args
+            self.table, self.n, inner = fn.args
             self.b = b = ir.IRBuilder(fn.append_basic_block("entry"))
             self._slot_done, self._slot_spins = b.alloca(I64), b.alloca(I64)
+            body(inner)
+            b.ret_void()
+            self.b, self.table, self.n, self._slot_done, self._slot_spins = saved
+        with self.b.if_then(self.b.icmp_signed("==", self.tid, i64(0))):
+            self.b.call(fn, [self.table, self.n, arg])
+        self.barrier()
+
+    def allgather(self, name: str, local: ir.Value, local_bytes: list[int], make_place) -> None:
+        """Thread 0: send `local` (n rows of local_bytes[me] bytes) to every peer; make_place() returns
+        place(node, src), which copies a node's n rows from src into the full buffer; peers' rows arrive
+        in `staging`. Then a barrier."""
+        def body(loc: ir.Value) -> None:
+            b = self.b
             place = make_place()
             t0 = self.now_ns()
             mine = b.mul(self.n, i64(local_bytes[self.me]))
@@ -195,15 +225,48 @@ class _TPForward(_Forward):
                 if peer != self.me:
                     self.transfer(self.recv, peer, staging, b.mul(self.n, i64(local_bytes[peer])), MSG_WAITALL)
                     place(peer, staging)
-            slot = gep(b, self.table, i64(self.slots["sync_ns"]), I64)
-            b.store(b.add(b.load(slot, typ=I64), b.sub(self.now_ns(), t0)), slot)
-            ex = gep(b, self.table, i64(self.slots["exchanges"]), I64)
-            b.store(b.add(b.load(ex, typ=I64), i64(1)), ex)
-            b.ret_void()
-            self.b, self.table, self.n, self._slot_done, self._slot_spins = saved
-        with self.b.if_then(self.b.icmp_signed("==", self.tid, i64(0))):
-            self.b.call(fn, [self.table, self.n, local])
-        self.barrier()
+            self.count_exchange(t0)
+
+        self.on_thread0(name, local, body)
+
+    def allreduce(self, name: str, partial: ir.Value) -> None:
+        """x_t += the sum over nodes of every node's partial (n, dim) output, each quantized to Q8_0.
+
+        Thread 0 quantizes this node's partial into its section of `sums_q`, sends it to every peer and
+        receives theirs into their sections; after a barrier every thread adds all sections to its x_t in
+        node order. Every node adds the same bytes in the same order, so x stays identical on all nodes."""
+        c, row = self.c, q8_0_bytes(self.c.dim)
+        if self.part.n_nodes == 1:  # alone: the partial is the whole output, added exactly
+            self.call(Op.ADD, self.x_t, partial, self.b.mul(self.n, i64(c.dim)))
+            return
+        section = self.spec.max_chunk * row
+
+        def body(src: ir.Value) -> None:
+            b = self.b
+            sums = self.ptr("sums_q")
+            mine = gep(b, sums, i64(self.me * section))
+            self.call(Op.QUANTIZE_Q8_0, src, mine, c.dim, self.n)
+            t0 = self.now_ns()
+            nbytes = b.mul(self.n, i64(row))
+            for peer in range(self.part.n_nodes):
+                if peer != self.me:
+                    self.transfer(self.send, peer, mine, nbytes, MSG_NOSIGNAL)
+            for peer in range(self.part.n_nodes):
+                if peer != self.me:
+                    self.transfer(self.recv, peer, gep(b, sums, i64(peer * section)), nbytes, MSG_WAITALL)
+            self.count_exchange(t0)
+
+        self.on_thread0(name, partial, body)
+        sums = self.ptr("sums_q")
+        for node in range(self.part.n_nodes):
+            self.call(Op.ADD_Q8_0, self.x_t, gep(self.b, sums, i64(node * section)), c.dim, self.n)
+
+    def count_exchange(self, t0: ir.Value) -> None:
+        b = self.b
+        slot = gep(b, self.table, i64(self.slots["sync_ns"]), I64)
+        b.store(b.add(b.load(slot, typ=I64), b.sub(self.now_ns(), t0)), slot)
+        ex = gep(b, self.table, i64(self.slots["exchanges"]), I64)
+        b.store(b.add(b.load(ex, typ=I64), i64(1)), ex)
 
     def place_q8s(self, full: ir.Value, k_full: int, cols: list[tuple[int, int]]):
         """Copy n local Q8S rows (columns [c0, c1) of a k_full-wide row) into the full Q8S rows: the q bytes,
@@ -243,6 +306,51 @@ class _TPForward(_Forward):
         super().emit()
 
     def layer(self, layer: int) -> None:
+        if self.part.exchange == "q8":
+            self.layer_q8(layer)
+        else:
+            self.layer_exact(layer)
+
+    def gated_ffn(self, layer: int, t: dict) -> ir.Value:
+        """h = rmsnorm(x_t); s = silu(Wg h) * (Wu h) on this node's FFN rows -> s f32[n, fl]; a barrier."""
+        b, c, n, zero = self.b, self.c, self.n, i64(0)
+        fl = self.f1 - self.f0
+        W = lambda name: self.thread_ptr(f"{layer}.{name}")  # noqa: E731
+        self.norm_quantize(self.ptr(f"{layer}.ffn_norm"), zero, n)
+        g_, u, s = self.ptr("g"), self.ptr("u"), self.ptr("s")
+        self.product(t["ffn_gate"], W("ffn_gate"), self.h_t, self.xq_t, g_, fl, c.dim, n, fl)
+        r0, r1 = self.product(t["ffn_up"], W("ffn_up"), self.h_t, self.xq_t, u, fl, c.dim, n, fl)
+        with for_range(b, zero, n, name="silu") as i:
+            off = b.add(b.mul(i, i64(fl)), r0)
+            self.call(Op.SILU_MUL, gep(b, g_, off, ir.FloatType()), gep(b, u, off, ir.FloatType()),
+                      gep(b, s, off, ir.FloatType()), b.sub(r1, r0))
+        self.barrier()
+        return s
+
+    def layer_q8(self, layer: int) -> None:
+        """Megatron: attention on this node's heads, o = its columns of Wo times its heads' outputs (a
+        partial sum over all dim rows), all-reduce; the FFN on its rows, d = its columns of Wd, all-reduce."""
+        c, n = self.c, self.n
+        t = dict(zip(LAYER_MATRICES, self.spec.layer_types[layer]))
+        W = lambda name: self.thread_ptr(f"{layer}.{name}")  # noqa: E731
+        ql, fl = self.nq * c.head_dim, self.f1 - self.f0
+
+        self.norm_quantize(self.ptr(f"{layer}.attn_norm"), i64(0), n)
+        att = self.attention(layer, t, self.nq, self.nkv)
+        self.call(Op.QUANTIZE, att, self.xq_t, ql, n)
+        o = self.ptr("o")
+        self.product(t["attn_output"], W("attn_output"), att, self.xq_t, o, c.dim, ql, n, c.dim)
+        self.barrier()
+        self.allreduce("o", o)
+
+        s = self.gated_ffn(layer, t)
+        self.call(Op.QUANTIZE, s, self.xq_t, fl, n)
+        d = self.ptr("d")
+        self.product(t["ffn_down"], W("ffn_down"), s, self.xq_t, d, c.dim, fl, n, c.dim)
+        self.barrier()
+        self.allreduce("d", d)
+
+    def layer_exact(self, layer: int) -> None:
         b, c, spec, part = self.b, self.c, self.spec, self.part
         t = dict(zip(LAYER_MATRICES, spec.layer_types[layer]))
         L = lambda name: self.ptr(f"{layer}.{name}")  # noqa: E731
@@ -273,15 +381,7 @@ class _TPForward(_Forward):
 
         # feed-forward on this node's rows
         self.call(Op.ADD, self.x_t, o_full, b.mul(n, i64(c.dim)))
-        self.norm_quantize(L("ffn_norm"), zero, n)
-        g_, u, s = self.ptr("g"), self.ptr("u"), self.ptr("s")
-        self.product(t["ffn_gate"], W("ffn_gate"), self.h_t, self.xq_t, g_, fl, c.dim, n, fl)
-        r0, r1 = self.product(t["ffn_up"], W("ffn_up"), self.h_t, self.xq_t, u, fl, c.dim, n, fl)
-        with for_range(b, zero, n, name="silu") as i:
-            off = b.add(b.mul(i, i64(fl)), r0)
-            self.call(Op.SILU_MUL, gep(b, g_, off, ir.FloatType()), gep(b, u, off, ir.FloatType()),
-                      gep(b, s, off, ir.FloatType()), b.sub(r1, r0))
-        self.barrier()
+        s = self.gated_ffn(layer, t)
 
         # C: the quantized s of every FFN row, on every node
         s_q = self.ptr("s_q")
@@ -326,18 +426,19 @@ def bytes_per_step(spec: ProgramSpec, part: Partition, n: int = 1) -> tuple[int,
     """(sent, received) payload bytes of this node for one forward of n tokens."""
     c, me = spec.config, part.index
     g, hd = c.group_size, c.head_dim
+    peers = part.n_nodes - 1
+    vocab = [(b - a) * 4 for a, b in part.vocab_rows]
+    logits_sent = vocab[me] if me else 0
+    logits_received = sum(vocab) - vocab[0] if me == 0 else 0
+    if part.exchange == "q8":  # two all-reduces per layer, each this node's Q8_0 partial to every peer
+        per = 2 * c.n_layers * n * q8_0_bytes(c.dim) * peers
+        return per + logits_sent, per + logits_received
     sizes = [
         [act_bytes((b - a) * g * hd) for a, b in part.kv_heads],
         [(b - a) * 4 for a, b in part.dim_rows],
         [act_bytes(b - a) for a, b in part.ffn_rows],
         [(b - a) * 4 for a, b in part.dim_rows],
     ]
-    peers = part.n_nodes - 1
     sent = c.n_layers * n * sum(s[me] * peers for s in sizes)
     received = c.n_layers * n * sum(sum(s) - s[me] for s in sizes)
-    vocab = [(b - a) * 4 for a, b in part.vocab_rows]
-    if me == 0:
-        received += sum(vocab) - vocab[0]
-    else:
-        sent += vocab[me]
-    return sent, received
+    return sent + logits_sent, received + logits_received
