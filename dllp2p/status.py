@@ -9,7 +9,7 @@
 `dllp2p status --json` prints to_json:
 
     node        the id of the daemon asked
-    plan        null, or {"epoch", "policy", "nodes"}: the session in progress (latest epoch any node reports)
+    plan        null, or {"epoch", "policy", "exchange", "nodes"}: the session in progress (latest epoch any node reports)
     push        null, or {"epoch", "done", "total", "fraction", "nodes"}: the weight push of that plan's
                 epoch summed over the workers that report one (the root's side of it: what it sent)
     nodes       one entry per member the daemon asked lists, root first, then the succession:
@@ -176,7 +176,8 @@ def to_json(s: Survey) -> dict[str, Any]:
             "push": _push(own.push if own is not None else None),
         })
     out: dict[str, Any] = {"node": s.reply.node_id, "nodes": nodes}
-    out["plan"] = None if plan is None else {"epoch": plan.epoch, "policy": plan.policy, "nodes": plan.n_nodes}
+    out["plan"] = None if plan is None else {"epoch": plan.epoch, "policy": plan.policy, "exchange": plan.exchange,
+                                          "nodes": plan.n_nodes}
     pushes = [row["push"] for row in nodes if row["push"] is not None and plan is not None
               and row["push"]["epoch"] == plan.epoch]
     out["push"] = None

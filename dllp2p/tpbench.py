@@ -1,5 +1,6 @@
-"""Tensor-parallel benchmark on loopback: N nodes in this process, one thread each per node's forward,
-meshed by real TCP connections on 127.0.0.1 (the sockets a daemon would hand its node).
+"""Tensor-parallel benchmark on loopback: N nodes, each in its own process (forked: no shared GIL),
+meshed by real TCP connections on 127.0.0.1 (the sockets a daemon would hand its node). Like a daemon's
+worker, every node but the root blocks on a small frame from the root per step, then runs its forward.
 
     python -m dllp2p.tpbench [--model PATH] [--layout N:T ...] [--exchange exact q8] [--tokens N] [--json]
 
@@ -18,7 +19,8 @@ import json
 import os
 import socket
 import statistics
-import threading
+import struct
+import sys
 import time
 from pathlib import Path
 
@@ -56,26 +58,29 @@ def tcp_mesh(n: int) -> list[list[socket.socket | None]]:
     return socks
 
 
-def run_layout(model, n_nodes: int, threads: int, prompt: list[int], tokens: int, exchange: str) -> dict:
+def run_layout(model, n_nodes: int, threads: int, prompt: list[int], tokens: int, exchange: str,
+               recv_spins: int | None = None) -> dict:
     peers = [Peer(f"bench{i}", f"127.0.0.1:{i}", threads, 1.0) for i in range(n_nodes)]
     p = plan(model.config, peers, epoch=1, policy="weighted" if n_nodes & (n_nodes - 1) else "pow2", exchange=exchange)
     socks = tcp_mesh(n_nodes)
+    ctl = [socket.socketpair() if i else (None, None) for i in range(n_nodes)]
     # nodes sharing too few cores must not spin on receives (it takes the core from the node awaited)
-    spins = 0 if n_nodes * threads > (os.cpu_count() or 1) else RECV_SPINS
-    nodes = [TPNode(model.config, p, i, node_tensors(model, p, i), socks[i], len(prompt) + tokens + 1, threads,
-                    recv_spins=spins) for i in range(n_nodes)]
+    spins = recv_spins if recv_spins is not None else 0 if n_nodes * threads > (os.cpu_count() or 1) else RECV_SPINS
+    ctx = len(prompt) + tokens + 1
+    children = [_fork_node(model, p, i, socks[i], ctl[i][1], ctx, threads, spins) for i in range(1, n_nodes)]
+    root = None
     try:
+        root = TPNode(model.config, p, 0, node_tensors(model, p, 0), socks[0], ctx, threads, recv_spins=spins)
+        for i in range(1, n_nodes):
+            ctl[i][0].settimeout(600)  # a child builds (and may compile) its node first
+            if _recv_exact(ctl[i][0], 1) != b"R":
+                raise RuntimeError(f"node {i} failed to start")
+
         def step(toks, pos):
-            out = [None] * n_nodes
-            def go(i):
-                out[i] = nodes[i].forward(toks, pos)
-            ts = [threading.Thread(target=go, args=(i,)) for i in range(1, n_nodes)]
-            for t in ts:
-                t.start()
-            go(0)
-            for t in ts:
-                t.join()
-            return out[0]
+            frame = struct.pack(f"<qq{len(toks)}q", pos, len(toks), *toks)
+            for i in range(1, n_nodes):
+                ctl[i][0].sendall(frame)
+            return root.forward(toks, pos)
 
         logits = step(prompt, 0)
         first = logits.copy()
@@ -84,18 +89,62 @@ def run_layout(model, n_nodes: int, threads: int, prompt: list[int], tokens: int
             t0 = time.perf_counter()
             logits = step([int(np.argmax(logits))], len(prompt) + i)
             ms.append((time.perf_counter() - t0) * 1e3)
-            sync.append(nodes[0].stats["sync_ms"])
-        s = nodes[0].stats
+            sync.append(root.stats["sync_ms"])
+        s = root.stats
         return {"nodes": n_nodes, "threads_per_node": threads, "exchange": exchange, "ms_per_token": statistics.median(ms),
                 "sync_ms_per_token": statistics.median(sync), "root_bytes_sent": s["bytes_sent"],
                 "root_bytes_received": s["bytes_received"], "first_logits": first}
     finally:
-        for node in nodes:
-            node.close()
+        for i in range(1, n_nodes):
+            try:
+                ctl[i][0].sendall(struct.pack("<qq", -1, 0))
+            except OSError:
+                pass
+        for pid in children:
+            os.waitpid(pid, 0)
+        for a, b in ctl[1:]:
+            a.close()
+            b.close()
+        if root is not None:
+            root.close()
         for row in socks:
             for sock in row:
                 if sock is not None:
                     sock.close()
+
+
+def _fork_node(model, p, index: int, peers, ctl: socket.socket, ctx: int, threads: int, spins: int) -> int:
+    """Node `index` in a child process, as on a device of its own: it builds its TPNode, says b"R" on
+    its control socket, then, like a daemon's worker, blocks for each step's small frame from the root
+    (position, token count, tokens) and runs its forward; a negative position ends it. -> the pid."""
+    pid = os.fork()
+    if pid:
+        return pid
+    code = 1
+    try:
+        node = TPNode(model.config, p, index, node_tensors(model, p, index), peers, ctx, threads, recv_spins=spins)
+        ctl.sendall(b"R")
+        while True:
+            pos, n = struct.unpack("<qq", _recv_exact(ctl, 16))
+            if pos < 0:
+                break
+            node.forward(list(struct.unpack(f"<{n}q", _recv_exact(ctl, 8 * n))), pos)
+        node.close()
+        code = 0
+    except BaseException as e:  # noqa: BLE001 - the child reports and exits; the root sees the lost peer
+        print(f"tpbench: node {index}: {e}", file=sys.stderr, flush=True)
+    finally:
+        os._exit(code)
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        if not chunk:
+            raise ConnectionError("control socket closed")
+        buf += chunk
+    return bytes(buf)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -106,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--exchange", nargs="+", choices=EXCHANGES, default=list(EXCHANGES),
                     help="exchanges to measure multi-node layouts with (default: all)")
+    ap.add_argument("--recv-spins", type=int, help=f"non-blocking receive tries before blocking (default "
+                    f"{RECV_SPINS}, 0 when the nodes' threads outnumber the cores)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     model = load_model(args.model or random_model_path())
@@ -114,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     for spec in args.layout:
         n, t = (int(v) for v in spec.split(":"))
         for exchange in args.exchange if n > 1 else ["exact"]:
-            r = run_layout(model, n, t, prompt, args.tokens, exchange)
+            r = run_layout(model, n, t, prompt, args.tokens, exchange, args.recv_spins)
             first = r.pop("first_logits")
             reference = first if reference is None else reference
             r["identical_to_first_layout"] = bool(np.array_equal(first, reference))

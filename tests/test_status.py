@@ -161,6 +161,7 @@ def test_status_shows_the_session_plan_and_last_step(tmp_path):
         me = j["nodes"][0]
         assert me["slice"]["index"] == e.plan.node(d.daemon.node_id).index
         assert me["last_step"]["tokens_per_s"] > 0 and j["plan"]["nodes"] == e.plan.n_nodes
+        assert j["plan"]["exchange"] == e.plan.exchange == "exact"
         assert me["push"] == {"epoch": e.plan.epoch, "done": r.push.total, "total": r.push.total, "fraction": 1.0,
                               "finished": True, "started_at": r.push.started_at}
         assert j["push"] == {"epoch": e.plan.epoch, "done": r.push.total, "total": r.push.total, "fraction": 1.0,
