@@ -204,7 +204,7 @@ def test_smollm2_q8_exchange_within_tolerance(real_model, cache_dir, n_nodes, po
         single.close()
 
 
-@pytest.mark.parametrize("n_nodes", [1, 2, 4])
+@pytest.mark.parametrize("n_nodes", [1, 2, 4, 8])  # from 3 nodes: reduce-scatter + all-gather
 def test_eight_kv_heads_q8_exchange(kv8_model, cache_dir, n_nodes):
     single = JITEngine(kv8_model, 128, threads=1, cache_dir=cache_dir, max_chunk=16)
     cluster = Cluster(kv8_model, n_nodes, "pow2", cache_dir, exchange="q8", threads=2 if n_nodes == 2 else 1)
@@ -220,13 +220,19 @@ def test_eight_kv_heads_q8_exchange(kv8_model, cache_dir, n_nodes):
         single.close()
 
 
-def test_q8_bytes_per_token(kv8_model, cache_dir):
-    cluster = Cluster(kv8_model, 2, "pow2", cache_dir, exchange="q8")
+@pytest.mark.parametrize("n_nodes", [2, 4])
+def test_q8_bytes_per_token(kv8_model, cache_dir, n_nodes):
+    cluster = Cluster(kv8_model, n_nodes, "pow2", cache_dir, exchange="q8")
     try:
         cluster.forward([1, 2, 3], 0)
         stats = cluster.nodes[0].stats
         c = kv8_model.config
-        sent = 3 * c.n_layers * 2 * (c.dim // 32 * 34)  # two all-reduces per layer, one Q8_0 row per token
-        assert (stats["bytes_sent"], stats["bytes_received"]) == (sent, sent + c.vocab_size // 2 * 4)
+        row = c.dim // 32 * 34  # one Q8_0 row of the model dimension
+        # per all-reduce and token: 2 nodes send their whole partial; from 3 nodes, each node sends every
+        # owner its 1/N of the partial and every peer its 1/N of the sum: 2 (N - 1) / N of a row
+        per = row if n_nodes == 2 else 2 * (n_nodes - 1) * row // n_nodes
+        sent = 3 * c.n_layers * 2 * per
+        logits = c.vocab_size // n_nodes * 4 * (n_nodes - 1)
+        assert (stats["bytes_sent"], stats["bytes_received"]) == (sent, sent + logits)
     finally:
         cluster.close()

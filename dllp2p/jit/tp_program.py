@@ -25,6 +25,11 @@ rounded to ggml's Q8_0 (34 bytes per 32 values: a third of the exact exchange's 
              h = rmsnorm(x); gate, up rows [f0, f1); s = silu(gate) * up; d_i = Wd[:, f0:f1] . s_q
     R2       all-reduce d likewise
 
+On 2 nodes an all-reduce is one exchange of the whole partials. From RS_MIN_NODES nodes it is a
+reduce-scatter (each node owns dim_rows[i] and sums everyone's quantized parts of them) then an
+all-gather of the owners' quantized sums (ReduceScatter): 2 (N - 1) / N of a row per node instead of
+N - 1 rows, for a second round trip and a second rounding.
+
 Every node adds the same bytes in the same order, so x stays identical on all nodes; but the logits
 differ from one node's by the partials' rounding (measured on SmolLM2: max |dlogit| ~2-3, mean ~0.3;
 greedy choices agree except near ties; tests/test_tp.py states the tolerance). Even f32 partial sums
@@ -55,6 +60,7 @@ MSG_NOSIGNAL = 0x4000  # Linux: a broken connection returns EPIPE instead of rai
 MSG_WAITALL = 0x100
 MSG_DONTWAIT = 0x40
 EAGAIN = 11
+RS_MIN_NODES = 3  # from this many nodes a q8 all-reduce is a reduce-scatter then an all-gather
 RECV_SPINS = 200  # non-blocking receive attempts (~0.3 us each: ~60 us) before blocking; more starves oversubscribed cores
 
 
@@ -82,10 +88,11 @@ class TPSlots(Slots):
 def tp_buffer_sizes(spec: ProgramSpec, part: Partition) -> dict[str, int]:
     """Bytes of the exchange buffers (shared, one each)."""
     c, mc = spec.config, spec.max_chunk
-    if part.exchange == "q8":  # every node's quantized partial sums, node after node
+    if part.exchange == "q8":
         unused = dict.fromkeys(("staging", "att_q", "o_full", "s_q", "d_full"), 0)
-        return {**unused, "sums_q": part.n_nodes * mc * q8_0_bytes(c.dim), "logits_full": c.vocab_size * 4,
-                "clock": 16}
+        sums = (ReduceScatter(spec, part).total if part.n_nodes >= RS_MIN_NODES
+                else part.n_nodes * mc * q8_0_bytes(c.dim))  # every node's quantized partial sums
+        return {**unused, "sums_q": sums, "logits_full": c.vocab_size * 4, "clock": 16}
     widest_local = max(
         max(act_bytes((b - a) * c.group_size * c.head_dim) for a, b in part.kv_heads),
         max(act_bytes(b - a) for a, b in part.ffn_rows),
@@ -101,6 +108,39 @@ def tp_buffer_sizes(spec: ProgramSpec, part: Partition) -> dict[str, int]:
         "clock": 16,
         "sums_q": 0,
     }
+
+
+class ReduceScatter:
+    """Byte offsets in `sums_q` for a q8 all-reduce over RS_MIN_NODES or more nodes. Node j owns the
+    model-dimension columns dim_rows[j] (k_j of them, whole Q8_0 blocks). Every node quantizes each
+    owner's columns of its partial (send[j]) and sends them to the owner; the owner adds the N quantized
+    parts in node order (recv[j]: from node j; its own from send[me]) into `red` (f32), quantizes that
+    sum (ag[me]) and sends it to everyone; every node then adds every owner's ag[j] to x. Each node
+    sends 2 (N - 1) / N of a Q8_0 row per token instead of N - 1 rows, at the price of one more round
+    trip and a second rounding (of the sum). Sections hold max_chunk rows."""
+
+    def __init__(self, spec: ProgramSpec, part: Partition):
+        mc, me = spec.max_chunk, part.index
+        self.cols = list(part.dim_rows)
+        self.k = [b - a for a, b in self.cols]
+        self.q = [q8_0_bytes(k) for k in self.k]  # bytes of one row of owner j's columns
+        at = 0
+
+        def take(size: int) -> int:
+            nonlocal at
+            at += size
+            return at - size
+
+        self.send = [take(mc * q) for q in self.q]
+        self.recv = [take(mc * self.q[me]) for _ in self.q]
+        self.ag = [take(mc * q) for q in self.q]
+        self.red = take(mc * self.k[me] * 4)
+        self.total = at
+
+    def bytes_per_token(self, me: int) -> int:
+        """Sent by node me per all-reduce and token (and as many received)."""
+        n_peers = len(self.q) - 1
+        return sum(q for j, q in enumerate(self.q) if j != me) + n_peers * self.q[me]
 
 
 def build_tp_program(module: ir.Module, spec: ProgramSpec, part: Partition) -> None:
@@ -239,6 +279,9 @@ class _TPForward(_Forward):
         if self.part.n_nodes == 1:  # alone: the partial is the whole output, added exactly
             self.call(Op.ADD, self.x_t, partial, self.b.mul(self.n, i64(c.dim)))
             return
+        if self.part.n_nodes >= RS_MIN_NODES:
+            self.reduce_scatter(name, partial)
+            return
         section = self.spec.max_chunk * row
 
         def body(src: ir.Value) -> None:
@@ -260,6 +303,49 @@ class _TPForward(_Forward):
         sums = self.ptr("sums_q")
         for node in range(self.part.n_nodes):
             self.call(Op.ADD_Q8_0, self.x_t, gep(self.b, sums, i64(node * section)), c.dim, self.n)
+
+    def reduce_scatter(self, name: str, partial: ir.Value) -> None:
+        """allreduce over RS_MIN_NODES or more nodes: see ReduceScatter."""
+        c, me, nodes = self.c, self.me, range(self.part.n_nodes)
+        rs = ReduceScatter(self.spec, self.part)
+        memset = intrinsic(self.m, "llvm.memset.p0.i64", VOID, [PTR, ir.IntType(8), I64, ir.IntType(1)])
+
+        def body(src: ir.Value) -> None:
+            b, n = self.b, self.n
+            sums = self.ptr("sums_q")
+            at = lambda off: gep(b, sums, i64(off))  # noqa: E731
+            for j in nodes:  # each owner's columns of this node's partial, row after row
+                with for_range(b, i64(0), n, name="rsq") as i:
+                    x = gep(b, src, b.add(b.mul(i, i64(c.dim)), i64(rs.cols[j][0])), ir.FloatType())
+                    self.call(Op.QUANTIZE_Q8_0, x, gep(b, at(rs.send[j]), b.mul(i, i64(rs.q[j]))), rs.k[j], 1)
+            t0 = self.now_ns()
+            for j in nodes:
+                if j != me:
+                    self.transfer(self.send, j, at(rs.send[j]), b.mul(n, i64(rs.q[j])), MSG_NOSIGNAL)
+            for j in nodes:
+                if j != me:
+                    self.transfer(self.recv, j, at(rs.recv[j]), b.mul(n, i64(rs.q[me])), MSG_WAITALL)
+            red = at(rs.red)
+            b.call(memset, [red, ir.Constant(ir.IntType(8), 0), b.mul(n, i64(rs.k[me] * 4)), ir.Constant(ir.IntType(1), 0)])
+            for j in nodes:
+                self.call(Op.ADD_Q8_0, red, at(rs.send[me] if j == me else rs.recv[j]), rs.k[me], n)
+            self.call(Op.QUANTIZE_Q8_0, red, at(rs.ag[me]), rs.k[me], n)
+            for j in nodes:
+                if j != me:
+                    self.transfer(self.send, j, at(rs.ag[me]), b.mul(n, i64(rs.q[me])), MSG_NOSIGNAL)
+            for j in nodes:
+                if j != me:
+                    self.transfer(self.recv, j, at(rs.ag[j]), b.mul(n, i64(rs.q[j])), MSG_WAITALL)
+            self.count_exchange(t0)
+
+        self.on_thread0(name, partial, body)
+        b = self.b
+        sums = self.ptr("sums_q")
+        for j in nodes:
+            with for_range(b, i64(0), self.n, name="rsa") as i:
+                x = gep(b, self.x_t, b.add(b.mul(i, i64(c.dim)), i64(rs.cols[j][0])), ir.FloatType())
+                q = gep(b, sums, b.add(i64(rs.ag[j]), b.mul(i, i64(rs.q[j]))))
+                self.call(Op.ADD_Q8_0, x, q, rs.k[j], 1)
 
     def count_exchange(self, t0: ir.Value) -> None:
         b = self.b
@@ -430,8 +516,11 @@ def bytes_per_step(spec: ProgramSpec, part: Partition, n: int = 1) -> tuple[int,
     vocab = [(b - a) * 4 for a, b in part.vocab_rows]
     logits_sent = vocab[me] if me else 0
     logits_received = sum(vocab) - vocab[0] if me == 0 else 0
-    if part.exchange == "q8":  # two all-reduces per layer, each this node's Q8_0 partial to every peer
-        per = 2 * c.n_layers * n * q8_0_bytes(c.dim) * peers
+    if part.exchange == "q8":  # two all-reduces per layer
+        if part.n_nodes >= RS_MIN_NODES:
+            per = 2 * c.n_layers * n * ReduceScatter(spec, part).bytes_per_token(me)
+        else:  # this node's Q8_0 partial to every peer
+            per = 2 * c.n_layers * n * q8_0_bytes(c.dim) * peers
         return per + logits_sent, per + logits_received
     sizes = [
         [act_bytes((b - a) * g * hd) for a, b in part.kv_heads],
