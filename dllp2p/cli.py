@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--plan", choices=["pow2", "weighted"], default="pow2",
                      help="with --workers: pow2 = 2^n nodes, equal slices (default); weighted = every node the "
                           "model's KV heads allow, slices by capacity")
-    run.add_argument("--exchange", choices=["exact", "q8"], default="exact",
+    run.add_argument("--exchange", choices=["exact", "q8"],
                      help="with --workers: exact = output bit-identical to one node, 4 exchanges per layer "
                           "(default); q8 = Megatron partial sums in Q8_0, 2 exchanges per layer, a third of "
                           "the bytes, output within quantization noise of one node's")
@@ -148,12 +148,15 @@ def run_config(ns: argparse.Namespace) -> RunConfig:
         parse_address(ns.daemon)
     if ns.local and ns.daemon:
         raise ValueError("--local and --daemon exclude each other")
+    if ns.exchange is not None and not ns.workers:
+        raise ValueError("--exchange applies to a cluster given by --workers (a root daemon uses its own: "
+                         "dllp2p daemon --exchange, or exchange in its config)")
     # through a daemon unless told otherwise, or asked for what only this process does (--workers, the
     # reference engine, a model file of its own without naming a daemon)
     own = ns.local or ns.workers or ns.engine != "jit" or (ns.model and not ns.daemon)
     daemon = None if own else ns.daemon or DEFAULT_DAEMON
     return RunConfig(ns.model, ns.prompt, ns.steps, ns.ctx, ns.chat, ns.system, ns.engine, sampler, ns.threads,
-                     tuple(ns.workers), ns.plan, ns.exchange, ns.stats, daemon)
+                     tuple(ns.workers), ns.plan, ns.exchange or "exact", ns.stats, daemon)
 
 
 def daemon_settings(ns: argparse.Namespace, environ=None) -> dict:  # noqa: ANN001

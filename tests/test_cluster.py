@@ -256,7 +256,10 @@ def test_cli_run_options():
                                     "weighted", "--stats"])
     cfg = run_config(ns)
     assert (cfg.workers, cfg.plan, cfg.stats, cfg.exchange) == (("10.0.0.2:7340", "[::1]:7"), "weighted", True, "exact")
-    assert run_config(build_parser().parse_args(["run", "--prompt", "x", "--exchange", "q8"])).exchange == "q8"
+    ns = build_parser().parse_args(["run", "--prompt", "x", "--workers", "h:1", "--exchange", "q8"])
+    assert run_config(ns).exchange == "q8"
+    with pytest.raises(ValueError, match="--exchange applies to a cluster given by --workers"):
+        run_config(build_parser().parse_args(["run", "--prompt", "x", "--exchange", "q8"]))
     with pytest.raises(ValueError, match="is not HOST:PORT"):
         run_config(build_parser().parse_args(["run", "--prompt", "x", "--workers", "10.0.0.2"]))
     ns = build_parser().parse_args(["daemon", "--port", "0", "--threads", "2", "--state-dir", "/tmp/x"])
