@@ -236,3 +236,26 @@ def test_q8_bytes_per_token(kv8_model, cache_dir, n_nodes):
         assert (stats["bytes_sent"], stats["bytes_received"]) == (sent, sent + logits)
     finally:
         cluster.close()
+
+
+def test_node_weights_are_packed_once_then_mapped_from_the_cache(kv8_model, tmp_path):
+    """A node keys its packed weights by its slices' hashes: the next session with the same slices maps
+    the file instead of packing again; other slices get another file."""
+    p = plan(kv8_model.config, [Peer(f"n{i}", "", 1, 1.0) for i in range(2)], epoch=1)
+    tensors = node_tensors(kv8_model, p, 1)
+    files = []
+    for _ in range(2):
+        a, b = socket.socketpair()
+        node = TPNode(kv8_model.config, p, 1, tensors, [a, None], 32, 1, cache_dir=tmp_path)
+        files.append(node.packed.path)
+        node.close()
+        a.close()
+        b.close()
+    assert files[0] is not None and files[0] == files[1] and files[0].parent == tmp_path / "weights"
+    other = node_tensors(kv8_model, p, 0)
+    a, b = socket.socketpair()
+    node = TPNode(kv8_model.config, p, 0, other, [None, a], 32, 1, cache_dir=tmp_path)
+    assert node.packed.path not in (None, files[0])
+    node.close()
+    a.close()
+    b.close()

@@ -23,6 +23,7 @@ import struct
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -94,16 +95,22 @@ def load_packed(model: GGUFModel, cache_dir: os.PathLike | str | None) -> Packed
     """The packed model, mapped from the cache when it is there, else packed (and stored when cache_dir)."""
     if cache_dir is None:
         return pack_model(model)
-    path = Path(cache_dir).expanduser() / f"{cache_key(model)}.bin"
-    mapped = _open(path, model)
+    return cached(Path(cache_dir).expanduser() / f"{cache_key(model)}.bin", set(execution_order(model)),
+                  lambda: pack_model(model))
+
+
+def cached(path: Path, names: set[str], pack: Callable[[], PackedModel]) -> PackedModel:
+    """The PackedModel in the cache file `path` if it is there and holds exactly `names`; else pack(),
+    stored at `path` and mapped back (a tensor-parallel node keys its file by its slices' hashes)."""
+    mapped = _open(path, names)
     if mapped is not None:
         return mapped
-    packed = pack_model(model)
+    packed = pack()
     try:
         _write(path, packed)
     except OSError:
         return packed  # a read-only or full disk costs start-up time, nothing else
-    return _open(path, model) or packed
+    return _open(path, names) or packed
 
 
 def _write(path: Path, packed: PackedModel) -> None:
@@ -134,7 +141,7 @@ def _write(path: Path, packed: PackedModel) -> None:
         raise
 
 
-def _open(path: Path, model: GGUFModel) -> PackedModel | None:
+def _open(path: Path, names: set[str]) -> PackedModel | None:
     try:
         with open(path, "rb") as f:
             head = f.read(len(MAGIC) + 8)
@@ -147,7 +154,7 @@ def _open(path: Path, model: GGUFModel) -> PackedModel | None:
         start = -(-(len(MAGIC) + 8 + n) // BLOB_ALIGN) * BLOB_ALIGN
         size = os.path.getsize(path)
         index = meta["index"]
-        if set(index) != set(execution_order(model)) or any(start + o + b > size for o, b, *_ in index.values()):
+        if set(index) != names or any(start + o + b > size for o, b, *_ in index.values()):
             return None
         raw = np.memmap(path, dtype=np.uint8, mode="r")
     except (OSError, ValueError, KeyError, TypeError):
