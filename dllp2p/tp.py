@@ -144,7 +144,24 @@ def _load_node_weights(config: ModelConfig, tensors: Mapping[str, NodeTensor],
         return _pack_node(config, tensors)
     ident = "|".join(f"{n}={t.sha256}" for n, t in sorted(tensors.items())) + f"|{LAYOUT_VERSION}"
     path = Path(cache_dir).expanduser() / "weights" / f"tp-{hashlib.sha256(ident.encode()).hexdigest()[:32]}.bin"
-    return cached(path, set(tensors), lambda: _pack_node(config, tensors))
+    packed = cached(path, set(tensors), lambda: _pack_node(config, tensors))
+    _keep_recent(path)
+    return packed
+
+
+TP_CACHE_FILES = 8  # packed slice sets kept per cache dir (each plan shape makes one); least recently used go
+
+
+def _keep_recent(current: Path) -> None:
+    """Mark `current` used; delete all but the TP_CACHE_FILES most recently used tp-*.bin beside it (a
+    file still mapped by a running node stays readable until it unmaps it). Best effort: never raises."""
+    try:
+        os.utime(current)
+        files = sorted(current.parent.glob("tp-*.bin"), key=lambda f: f.stat().st_mtime, reverse=True)
+        for old in files[TP_CACHE_FILES:]:
+            old.unlink(missing_ok=True)
+    except OSError:
+        pass
 
 
 PEER_TIMEOUT_S = 30.0
