@@ -28,11 +28,11 @@ import numpy as np
 from .formats import GGUFModel, ModelConfig, QType
 from .jit.compiler import DEFAULT_CACHE_DIR
 from .jit.engine import JITEngine, _kernel_type
-from .jit.layout import aligned_empty, aligned_zeros, pack_weights
+from .jit.layout import aligned_zeros
 from .jit.program import LAYER_MATRICES, ProgramSpec
 from .jit.specs import QUANT_WEIGHTS
 from .jit.tp_program import RECV_SPINS, Partition, TPSlots, build_tp_program, bytes_per_step, tp_buffer_sizes
-from .jit.weights import LAYOUT_VERSION, PackedModel, cached
+from .jit.weights import LAYOUT_VERSION, PackedModel, cached, execution_order, pack
 from .scheduler import Plan
 
 
@@ -111,42 +111,20 @@ def node_tensors(model: GGUFModel, plan: Plan, index: int) -> dict[str, NodeTens
     return out
 
 
-def _pack_node(config: ModelConfig, tensors: Mapping[str, NodeTensor]) -> PackedModel:
-    """In execution order (the cache file is then read front to back): norms, layers, output, embedding."""
-    def order(name: str) -> tuple:
-        if name.startswith("blk."):
-            _, layer, kind, _ = name.split(".")
-            return (1, int(layer), LAYER_MATRICES.index(kind) if kind in LAYER_MATRICES else -1)
-        return ({"output_norm.weight": 0, "output.weight": 2}.get(name, 3), 0, 0)
-
-    matrices, norms = {}, {}
-    for name, t in sorted(tensors.items(), key=lambda kv: order(kv[0])):
-        if len(t.shape) == 1:
-            arr = aligned_empty(t.shape, np.float32)
-            arr[...] = np.asarray(t.data).view(np.float32) if t.qtype == QType.F32 else t.data
-            norms[name] = arr
-        else:
-            data = t.data
-            qtype = t.qtype
-            if qtype == QType.BF16:
-                data = (np.asarray(data, np.uint16).astype(np.uint32) << 16).view(np.float32).reshape(t.shape)
-                qtype = QType.F32
-            matrices[name] = pack_weights(data, qtype, t.shape)
-    per_token = sum(m.nbytes for n, m in matrices.items() if n != "token_embd.weight")
-    return PackedModel(matrices, norms, per_token + sum(a.nbytes for a in norms.values()))
-
-
 def _load_node_weights(config: ModelConfig, tensors: Mapping[str, NodeTensor],
                        cache_dir: os.PathLike | str | None) -> PackedModel:
     """The node's packed weights, from the weight cache (keyed by every slice's name and sha256, so the
     same slices map the same file, ~ms, instead of being packed again, ~0.5 s per 50 MB)."""
+    def packed() -> PackedModel:
+        return pack(execution_order(config, output=True), tensors.__getitem__, "output.weight")
+
     if cache_dir is None:
-        return _pack_node(config, tensors)
+        return packed()
     ident = "|".join(f"{n}={t.sha256}" for n, t in sorted(tensors.items())) + f"|{LAYOUT_VERSION}"
     path = Path(cache_dir).expanduser() / "weights" / f"tp-{hashlib.sha256(ident.encode()).hexdigest()[:32]}.bin"
-    packed = cached(path, set(tensors), lambda: _pack_node(config, tensors))
+    weights = cached(path, set(tensors), packed)
     _keep_recent(path)
-    return packed
+    return weights
 
 
 TP_CACHE_FILES = 8  # packed slice sets kept per cache dir (each plan shape makes one); least recently used go

@@ -242,6 +242,22 @@ class _Forward:
         self.barrier()
         return att
 
+    def gated_ffn(self, layer: int, t: dict, rows: int) -> ir.Value:
+        """h = rmsnorm(x_t); s = silu(Wg h) * (Wu h) for `rows` FFN rows (all of them, or a tensor-parallel
+        node's) -> s f32[n, rows]. Ends with a barrier. Shared with tp_program."""
+        b, c, n, zero = self.b, self.c, self.n, i64(0)
+        W = lambda name: self.thread_ptr(f"{layer}.{name}")  # noqa: E731
+        self.norm_quantize(self.ptr(f"{layer}.ffn_norm"), zero, n)
+        g, u, s = self.ptr("g"), self.ptr("u"), self.ptr("s")
+        self.product(t["ffn_gate"], W("ffn_gate"), self.h_t, self.xq_t, g, rows, c.dim, n, rows)
+        r0, r1 = self.product(t["ffn_up"], W("ffn_up"), self.h_t, self.xq_t, u, rows, c.dim, n, rows)
+        with for_range(b, zero, n, name="silu") as i:
+            off = b.add(b.mul(i, i64(rows)), r0)
+            self.call(Op.SILU_MUL, gep(b, g, off, ir.FloatType()), gep(b, u, off, ir.FloatType()),
+                      gep(b, s, off, ir.FloatType()), b.sub(r1, r0))
+        self.barrier()
+        return s
+
     def layer(self, layer: int) -> None:
         b, c, spec = self.b, self.c, self.spec
         t = dict(zip(LAYER_MATRICES, spec.layer_types[layer]))
@@ -260,17 +276,8 @@ class _Forward:
 
         # feed-forward block
         self.call(Op.ADD, self.x_t, o, b.mul(n, i64(c.dim)))
-        self.norm_quantize(L("ffn_norm"), zero, n)
-        g, u, s = self.ptr("g"), self.ptr("u"), self.ptr("s")
         f = c.ffn_dim
-        self.product(t["ffn_gate"], W("ffn_gate"), self.h_t, self.xq_t, g, f, c.dim, n, f)
-        r0, r1 = self.product(t["ffn_up"], W("ffn_up"), self.h_t, self.xq_t, u, f, c.dim, n, f)
-        with for_range(b, zero, n, name="silu") as i:
-            off = b.add(b.mul(i, i64(f)), r0)
-            self.call(Op.SILU_MUL, gep(b, g, off, ir.FloatType()), gep(b, u, off, ir.FloatType()),
-                      gep(b, s, off, ir.FloatType()), b.sub(r1, r0))
-        self.barrier()
-
+        s = self.gated_ffn(layer, t, f)
         self.call(Op.QUANTIZE, s, self.xq_t, f, n)
         d = self.ptr("d")
         self.product(t["ffn_down"], W("ffn_down"), s, self.xq_t, d, c.dim, f, n, c.dim)

@@ -397,22 +397,6 @@ class _TPForward(_Forward):
         else:
             self.layer_exact(layer)
 
-    def gated_ffn(self, layer: int, t: dict) -> ir.Value:
-        """h = rmsnorm(x_t); s = silu(Wg h) * (Wu h) on this node's FFN rows -> s f32[n, fl]; a barrier."""
-        b, c, n, zero = self.b, self.c, self.n, i64(0)
-        fl = self.f1 - self.f0
-        W = lambda name: self.thread_ptr(f"{layer}.{name}")  # noqa: E731
-        self.norm_quantize(self.ptr(f"{layer}.ffn_norm"), zero, n)
-        g_, u, s = self.ptr("g"), self.ptr("u"), self.ptr("s")
-        self.product(t["ffn_gate"], W("ffn_gate"), self.h_t, self.xq_t, g_, fl, c.dim, n, fl)
-        r0, r1 = self.product(t["ffn_up"], W("ffn_up"), self.h_t, self.xq_t, u, fl, c.dim, n, fl)
-        with for_range(b, zero, n, name="silu") as i:
-            off = b.add(b.mul(i, i64(fl)), r0)
-            self.call(Op.SILU_MUL, gep(b, g_, off, ir.FloatType()), gep(b, u, off, ir.FloatType()),
-                      gep(b, s, off, ir.FloatType()), b.sub(r1, r0))
-        self.barrier()
-        return s
-
     def layer_q8(self, layer: int) -> None:
         """Megatron: attention on this node's heads, o = its columns of Wo times its heads' outputs (a
         partial sum over all dim rows), all-reduce; the FFN on its rows, d = its columns of Wd, all-reduce."""
@@ -429,7 +413,7 @@ class _TPForward(_Forward):
         self.barrier()
         self.allreduce("o", o)
 
-        s = self.gated_ffn(layer, t)
+        s = self.gated_ffn(layer, t, fl)
         self.call(Op.QUANTIZE, s, self.xq_t, fl, n)
         d = self.ptr("d")
         self.product(t["ffn_down"], W("ffn_down"), s, self.xq_t, d, c.dim, fl, n, c.dim)
@@ -467,7 +451,7 @@ class _TPForward(_Forward):
 
         # feed-forward on this node's rows
         self.call(Op.ADD, self.x_t, o_full, b.mul(n, i64(c.dim)))
-        s = self.gated_ffn(layer, t)
+        s = self.gated_ffn(layer, t, fl)
 
         # C: the quantized s of every FFN row, on every node
         s_q = self.ptr("s_q")

@@ -27,7 +27,8 @@ from typing import Callable
 
 import numpy as np
 
-from ..formats import GGUFModel, QType
+from ..formats import GGUFModel, ModelConfig, QType
+from ..formats.quant import dequantize
 from .layout import PackedMatrix, aligned_empty, pack_weights
 
 LAYOUT_VERSION = 1
@@ -46,43 +47,41 @@ class PackedModel:
     path: Path | None = None  # the cache file, when mapped from one
 
 
-def execution_order(model: GGUFModel) -> list[str]:
-    c = model.config
+def execution_order(config: ModelConfig, output: bool) -> list[str]:
+    """Tensor names in the order a token reads them; with `output`, a separate "output.weight" last (an
+    untied model's, or a tensor-parallel node's own slice)."""
     names = ["output_norm.weight"]
-    for i in range(c.n_layers):
+    for i in range(config.n_layers):
         names += [f"blk.{i}.{n}.weight" for n in LAYER_ORDER]
     names.append("token_embd.weight")
-    if not c.tied_output:
+    if output:
         names.append("output.weight")
     return names
 
 
-def _kernel_input(tensor) -> tuple[np.ndarray, QType]:
-    """BF16 is widened to F32 (exactly): the kernels read F32/F16, not BF16."""
-    if tensor.qtype == QType.BF16:
-        return tensor.dequantize().astype(np.float32), QType.F32
-    return tensor.data, tensor.qtype
+def pack(names: list[str], tensor: Callable[[str], object], out_name: str) -> PackedModel:
+    """In memory, no cache: each named tensor (anything with qtype, shape and raw data) packed for the
+    kernels; norms as f32 (BF16 widened to F32 exactly: the kernels read F32/F16, not BF16). out_name:
+    the output projection, counted in the bytes a token reads (the embedding is not: one row a token)."""
+    matrices, norms = {}, {}
+    for name in names:
+        t = tensor(name)
+        if len(t.shape) == 1:
+            arr = aligned_empty(t.shape, np.float32)
+            arr[...] = dequantize(t.data, t.qtype, t.shape)
+            norms[name] = arr
+        elif t.qtype == QType.BF16:
+            matrices[name] = pack_weights(dequantize(t.data, t.qtype, t.shape), QType.F32, t.shape)
+        else:
+            matrices[name] = pack_weights(t.data, t.qtype, t.shape)
+    layers = sum(m.nbytes for n, m in matrices.items() if n.startswith("blk."))
+    return PackedModel(matrices, norms, layers + matrices[out_name].nbytes + sum(a.nbytes for a in norms.values()))
 
 
 def pack_model(model: GGUFModel) -> PackedModel:
-    """In memory, no cache."""
-    matrices, norms = {}, {}
-    for name in execution_order(model):
-        tensor = model.tensor(name)
-        if len(tensor.shape) == 1:
-            arr = aligned_empty(tensor.shape, np.float32)
-            arr[...] = np.asarray(tensor.data, np.float32) if tensor.qtype == QType.F32 else tensor.dequantize()
-            norms[name] = arr
-        else:
-            data, qtype = _kernel_input(tensor)
-            matrices[name] = pack_weights(data, qtype, tensor.shape)
-    return PackedModel(matrices, norms, _bytes_per_token(model, matrices, norms))
-
-
-def _bytes_per_token(model: GGUFModel, matrices: dict, norms: dict) -> int:
-    out = "token_embd.weight" if model.config.tied_output else "output.weight"
-    layers = sum(m.nbytes for n, m in matrices.items() if n.startswith("blk."))
-    return layers + matrices[out].nbytes + sum(a.nbytes for a in norms.values())
+    c = model.config
+    return pack(execution_order(c, not c.tied_output), model.tensor,
+                "token_embd.weight" if c.tied_output else "output.weight")
 
 
 def cache_key(model: GGUFModel) -> str:
@@ -95,7 +94,8 @@ def load_packed(model: GGUFModel, cache_dir: os.PathLike | str | None) -> Packed
     """The packed model, mapped from the cache when it is there, else packed (and stored when cache_dir)."""
     if cache_dir is None:
         return pack_model(model)
-    return cached(Path(cache_dir).expanduser() / f"{cache_key(model)}.bin", set(execution_order(model)),
+    return cached(Path(cache_dir).expanduser() / f"{cache_key(model)}.bin",
+                  set(execution_order(model.config, not model.config.tied_output)),
                   lambda: pack_model(model))
 
 
