@@ -2,19 +2,26 @@
 meshed by real TCP connections on 127.0.0.1 (the sockets a daemon would hand its node). Like a daemon's
 worker, every node but the root blocks on a small frame from the root per step, then runs its forward.
 
-    python -m dllp2p.tpbench [--model PATH] [--layout N:T ...] [--exchange exact q8] [--tokens N] [--json]
+    python -m dllp2p.tpbench [--model PATH] [--layout N:T ...] [--exchange exact q8] [--tokens N]
+                             [--rounds R] [--json]
 
 Without --model it writes (once, under /tmp) a random-weight model shaped like distributed-llama's
 benchmark: dim 2048, 16 layers, 32 heads, 8 KV heads, FFN 5632, vocab 32000, Q4_0 — noise, for speed
-only. Every layout gets the same prompt and greedy steps, once per exchange (scheduler.EXCHANGES: "exact"
-row-split, bit-identical to one node; "q8" Megatron partial sums in Q8_0); the root's first logits are
-compared with the first layout's (max |difference|: 0 for exact). Reported per layout: ms/token (median),
-sync ms/token (time thread 0 of the root spends in exchanges), bytes sent and received by the root.
+only. Every layout runs once per exchange (scheduler.EXCHANGES: "exact" row-split, bit-identical to one
+node; "q8" Megatron partial sums in Q8_0); each such run is a cluster, and all clusters are started
+first and stay up. Each gets the same prompt, then they take turns: in each of R rounds every cluster
+decodes `tokens` greedy tokens, in the order given. A shared machine's speed drifts by tens of percent
+over minutes, so the clusters are compared round by round: `vs_first` is the median, over rounds, of a
+cluster's median ms/token divided by the first cluster's in the same round. The root's first logits are
+compared with the first cluster's (max |difference|: 0 for exact). Also reported per cluster: ms/token
+and sync ms/token (time thread 0 of the root spends in exchanges), medians over all decoded tokens, and
+the bytes the root sends and receives per token.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import socket
@@ -34,6 +41,9 @@ from .tp import TPNode, node_tensors
 
 DLLAMA_SHAPE = SyntheticSpec(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, ffn_dim=5632, vocab_size=32000,
                              context_length=4096, qtype=QType.Q4_0, embed_qtype=QType.Q4_0, tied_output=False)
+# Before a cluster's turn: the cluster that ran before has native threads spinning ~10 ms after their
+# last step (program.SPIN_BEFORE_SLEEP) before they sleep; let them, so they do not share the cores.
+SETTLE_S = 0.05
 
 
 def random_model_path() -> Path:
@@ -58,59 +68,78 @@ def tcp_mesh(n: int) -> list[list[socket.socket | None]]:
     return socks
 
 
-def run_layout(model, n_nodes: int, threads: int, prompt: list[int], tokens: int, exchange: str,
-               recv_spins: int | None = None) -> dict:
-    peers = [Peer(f"bench{i}", f"127.0.0.1:{i}", threads, 1.0) for i in range(n_nodes)]
-    p = plan(model.config, peers, epoch=1, policy="weighted" if n_nodes & (n_nodes - 1) else "pow2", exchange=exchange)
-    socks = tcp_mesh(n_nodes)
-    ctl = [socket.socketpair() if i else (None, None) for i in range(n_nodes)]
-    # nodes sharing too few cores must not spin on receives (it takes the core from the node awaited)
-    spins = recv_spins if recv_spins is not None else 0 if n_nodes * threads > (os.cpu_count() or 1) else RECV_SPINS
-    ctx = len(prompt) + tokens + 1
-    children = [_fork_node(model, p, i, socks[i], ctl[i][1], ctx, threads, spins) for i in range(1, n_nodes)]
-    root = None
-    try:
-        root = TPNode(model.config, p, 0, node_tensors(model, p, 0), socks[0], ctx, threads, recv_spins=spins)
-        for i in range(1, n_nodes):
-            ctl[i][0].settimeout(600)  # a child builds (and may compile) its node first
-            if _recv_exact(ctl[i][0], 1) != b"R":
-                raise RuntimeError(f"node {i} failed to start")
+class Cluster:
+    """One layout with one exchange: the root's TPNode in this process, every other node forked.
 
-        def step(toks, pos):
-            frame = struct.pack(f"<qq{len(toks)}q", pos, len(toks), *toks)
+    step(tokens, pos) sends each worker the step's small frame, runs the root's forward and returns
+    its logits; decode(n) runs n greedy steps and records ms and sync ms per token."""
+
+    def __init__(self, model, n_nodes: int, threads: int, exchange: str, ctx: int, recv_spins: int | None = None):
+        self.n_nodes, self.threads, self.exchange = n_nodes, threads, exchange
+        peers = [Peer(f"bench{i}", f"127.0.0.1:{i}", threads, 1.0) for i in range(n_nodes)]
+        p = plan(model.config, peers, epoch=1, policy="weighted" if n_nodes & (n_nodes - 1) else "pow2", exchange=exchange)
+        self._socks = tcp_mesh(n_nodes)
+        self._ctl = [socket.socketpair() if i else (None, None) for i in range(n_nodes)]
+        # nodes sharing too few cores must not spin on receives (it takes the core from the node awaited)
+        spins = recv_spins if recv_spins is not None else 0 if n_nodes * threads > (os.cpu_count() or 1) else RECV_SPINS
+        self._children = [_fork_node(model, p, i, self._socks[i], self._ctl[i][1], ctx, threads, spins)
+                          for i in range(1, n_nodes)]
+        self.root = None
+        try:
+            self.root = TPNode(model.config, p, 0, node_tensors(model, p, 0), self._socks[0], ctx, threads, recv_spins=spins)
             for i in range(1, n_nodes):
-                ctl[i][0].sendall(frame)
-            return root.forward(toks, pos)
+                self._ctl[i][0].settimeout(600)  # a child builds (and may compile) its node first
+                if _recv_exact(self._ctl[i][0], 1) != b"R":
+                    raise RuntimeError(f"node {i} failed to start")
+        except BaseException:
+            self.close()
+            raise
+        self.pos, self.logits = 0, None
+        self.ms: list[float] = []
+        self.sync: list[float] = []
+        self.round_ms: list[float] = []  # median ms/token of each round
 
-        logits = step(prompt, 0)
-        first = logits.copy()
-        ms, sync = [], []
-        for i in range(tokens):
+    def step(self, toks: list[int]) -> np.ndarray:
+        frame = struct.pack(f"<qq{len(toks)}q", self.pos, len(toks), *toks)
+        for i in range(1, self.n_nodes):
+            self._ctl[i][0].sendall(frame)
+        self.logits = self.root.forward(toks, self.pos)
+        self.pos += len(toks)
+        return self.logits
+
+    def decode(self, tokens: int) -> None:
+        ms = []
+        for _ in range(tokens):
             t0 = time.perf_counter()
-            logits = step([int(np.argmax(logits))], len(prompt) + i)
+            self.step([int(np.argmax(self.logits))])
             ms.append((time.perf_counter() - t0) * 1e3)
-            sync.append(root.stats["sync_ms"])
-        s = root.stats
-        return {"nodes": n_nodes, "threads_per_node": threads, "exchange": exchange, "ms_per_token": statistics.median(ms),
-                "sync_ms_per_token": statistics.median(sync), "root_bytes_sent": s["bytes_sent"],
-                "root_bytes_received": s["bytes_received"], "first_logits": first}
-    finally:
-        for i in range(1, n_nodes):
-            try:
-                ctl[i][0].sendall(struct.pack("<qq", -1, 0))
-            except OSError:
-                pass
-        for pid in children:
+            self.sync.append(self.root.stats["sync_ms"])
+        self.ms += ms
+        self.round_ms.append(statistics.median(ms))
+
+    def close(self) -> None:
+        for i in range(1, self.n_nodes):
+            with contextlib.suppress(OSError):
+                self._ctl[i][0].sendall(struct.pack("<qq", -1, 0))
+        for pid in self._children:
             os.waitpid(pid, 0)
-        for a, b in ctl[1:]:
+        self._children = []
+        for a, b in self._ctl[1:]:
             a.close()
             b.close()
-        if root is not None:
-            root.close()
-        for row in socks:
+        if self.root is not None:
+            self.root.close()
+            self.root = None
+        for row in self._socks:
             for sock in row:
                 if sock is not None:
                     sock.close()
+
+    def __enter__(self) -> "Cluster":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def _fork_node(model, p, index: int, peers, ctl: socket.socket, ctx: int, threads: int, spins: int) -> int:
@@ -147,38 +176,68 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
     return bytes(buf)
 
 
+def run(model, layouts: list[tuple[int, int]], exchanges: list[str], prompt: list[int], tokens: int, rounds: int,
+        recv_spins: int | None = None) -> list[dict]:
+    """Start every (layout, exchange) cluster, prefill each, then `rounds` rounds of `tokens` decoded
+    tokens per cluster in turn. -> one result dict per cluster, in order."""
+    ctx = len(prompt) + tokens * rounds + 1
+    with contextlib.ExitStack() as stack:
+        clusters = [stack.enter_context(Cluster(model, n, t, ex, ctx, recv_spins))
+                    for n, t in layouts for ex in (exchanges if n > 1 else ["exact"])]
+        first = [c.step(prompt).copy() for c in clusters]
+        for _ in range(rounds):
+            for c in clusters:
+                time.sleep(SETTLE_S)
+                c.decode(tokens)
+        base = clusters[0].round_ms
+        results = []
+        for c, logits in zip(clusters, first):
+            s = c.root.stats
+            results.append({
+                "nodes": c.n_nodes, "threads_per_node": c.threads, "exchange": c.exchange,
+                "ms_per_token": statistics.median(c.ms), "sync_ms_per_token": statistics.median(c.sync),
+                "round_ms_per_token": c.round_ms,
+                "vs_first": statistics.median(m / b for m, b in zip(c.round_ms, base)),
+                "root_bytes_sent": s["bytes_sent"], "root_bytes_received": s["bytes_received"],
+                "identical_to_first_layout": bool(np.array_equal(logits, first[0])),
+                "max_abs_logit_diff": float(np.abs(logits - first[0]).max()),
+            })
+        return results
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m dllp2p.tpbench", description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", help="GGUF (default: a random model of distributed-llama's benchmark shape)")
     ap.add_argument("--layout", nargs="+", default=["1:2", "2:1", "4:1"], help="NODES:THREADS_PER_NODE ...")
     ap.add_argument("--prompt-tokens", type=int, default=16)
-    ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--tokens", type=int, default=16, help="tokens each cluster decodes per round")
+    ap.add_argument("--rounds", type=int, default=4, help="rounds of turns (clusters are compared round by round)")
     ap.add_argument("--exchange", nargs="+", choices=EXCHANGES, default=list(EXCHANGES),
                     help="exchanges to measure multi-node layouts with (default: all)")
     ap.add_argument("--recv-spins", type=int, help=f"non-blocking receive tries before blocking (default "
                     f"{RECV_SPINS}, 0 when the nodes' threads outnumber the cores)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
+    if args.tokens < 1 or args.rounds < 1:
+        ap.error("--tokens and --rounds must be at least 1")
     model = load_model(args.model or random_model_path())
     prompt = [int(t) for t in np.random.default_rng(0).integers(0, model.config.vocab_size, args.prompt_tokens)]
-    results, reference = [], None
-    for spec in args.layout:
-        n, t = (int(v) for v in spec.split(":"))
-        for exchange in args.exchange if n > 1 else ["exact"]:
-            r = run_layout(model, n, t, prompt, args.tokens, exchange, args.recv_spins)
-            first = r.pop("first_logits")
-            reference = first if reference is None else reference
-            r["identical_to_first_layout"] = bool(np.array_equal(first, reference))
-            r["max_abs_logit_diff"] = float(np.abs(first - reference).max())
-            results.append(r)
-            if not args.json:
-                sent, received = r["root_bytes_sent"], r["root_bytes_received"]
-                print(f"{n} node(s) x {t} thread(s), {exchange} exchange: {r['ms_per_token']:.1f} ms/token, "
-                      f"sync {r['sync_ms_per_token']:.2f} ms/token, root sends {sent / 1e3:.1f} kB "
-                      f"({sent / 1024:.1f} KiB), receives {received / 1e3:.1f} kB ({received / 1024:.1f} KiB) per token, "
-                      f"first logits vs the first layout: max |diff| {r['max_abs_logit_diff']:.3g}", flush=True)
+    layouts = [tuple(int(v) for v in spec.split(":")) for spec in args.layout]
+    results = run(model, layouts, args.exchange, prompt, args.tokens, args.rounds, args.recv_spins)
     if args.json:
-        print(json.dumps({"model": str(args.model or "random dllama-shape Q4_0"), "results": results}))
+        print(json.dumps({"model": str(args.model or "random dllama-shape Q4_0"), "tokens_per_round": args.tokens,
+                          "rounds": args.rounds, "results": results}))
+        return 0
+    print(f"{args.rounds} round(s) x {args.tokens} token(s) per cluster; vs first = median over rounds of "
+          f"(ms/token / the first cluster's in that round)")
+    for r in results:
+        sent, received = r["root_bytes_sent"], r["root_bytes_received"]
+        rounds = " ".join(f"{m:.1f}" for m in r["round_ms_per_token"])
+        print(f"{r['nodes']} node(s) x {r['threads_per_node']} thread(s), {r['exchange']} exchange: "
+              f"{r['ms_per_token']:.1f} ms/token (rounds {rounds}), vs first x{r['vs_first']:.3f}, "
+              f"sync {r['sync_ms_per_token']:.2f} ms/token, root sends {sent / 1e3:.1f} kB ({sent / 1024:.1f} KiB), "
+              f"receives {received / 1e3:.1f} kB ({received / 1024:.1f} KiB) per token, "
+              f"first logits vs the first cluster: max |diff| {r['max_abs_logit_diff']:.3g}", flush=True)
     return 0
 
 

@@ -1,5 +1,6 @@
 """`python -m dllp2p.tpbench` on a small random model: nodes in their own processes, both exchanges,
-byte counts as tp_program computes them, and exact's logits identical to one node's."""
+byte counts as tp_program computes them, exact's logits identical to one node's, and every cluster
+measured in every round."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ def test_tpbench_json(tmp_path):
     spec = SyntheticSpec(dim=256, n_layers=2, n_heads=8, n_kv_heads=4, ffn_dim=512, vocab_size=512, qtype=QType.Q4_0)
     path = write_random_llama(tmp_path / "tiny.gguf", spec)
     out = subprocess.run([sys.executable, "-m", "dllp2p.tpbench", "--model", str(path), "--layout", "1:1", "2:1",
-                          "--tokens", "3", "--prompt-tokens", "5", "--json"], capture_output=True, text=True, timeout=300,
+                          "--tokens", "3", "--rounds", "2", "--prompt-tokens", "5", "--json"], capture_output=True, text=True, timeout=300,
                          env={"DLLP2P_CACHE_DIR": str(tmp_path / "cache"), "PATH": "/usr/bin:/bin"})
     assert out.returncode == 0, out.stderr
     rows = {(r["nodes"], r["exchange"]): r for r in json.loads(out.stdout)["results"]}
@@ -27,3 +28,6 @@ def test_tpbench_json(tmp_path):
     sent = spec.n_layers * 2 * q8_0_bytes(spec.dim)  # two all-reduces per layer, one token
     assert (q8["root_bytes_sent"], q8["root_bytes_received"]) == (sent, sent + spec.vocab_size // 2 * 4)
     assert all(r["ms_per_token"] > 0 and r["sync_ms_per_token"] >= 0 for r in rows.values())
+    # every cluster decoded in each of the 2 rounds; the first is the baseline of the round-by-round ratio
+    assert all(len(r["round_ms_per_token"]) == 2 and r["vs_first"] > 0 for r in rows.values())
+    assert rows[(1, "exact")]["vs_first"] == 1.0
