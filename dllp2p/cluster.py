@@ -79,6 +79,9 @@ class ClusterOptions:
     timeouts: Timeouts = field(default_factory=Timeouts)
     progress: bool = True  # a progress bar on stderr while pushing weights
     exchange: str = "exact"  # scheduler.EXCHANGES
+    # a worker that cannot be reached or refuses the Hello is planned without (a root daemon's members
+    # may have died since they were last polled), instead of failing the run (`run --workers`)
+    skip_unreachable: bool = False
 
 
 @dataclass
@@ -247,7 +250,8 @@ async def start(model: Any, options: ClusterOptions, ctx: int, threads: int, tp:
     peers: list[socket.socket | None] = []
     node = None
     try:
-        workers = await _gather([partial(_hello, a, root, t) for a in options.workers])
+        hello = partial(_hello_or_skip, err=err) if options.skip_unreachable else _hello
+        workers = [w for w in await _gather([partial(hello, a, root, t) for a in options.workers]) if w is not None]
         the_plan = plan(config, [root.peer("")] + [w.hello.peer(w.address) for w in workers], epoch,
                         options.policy, exchange=options.exchange)
         for w in workers:
@@ -308,6 +312,14 @@ async def _gather(fns: Sequence[Callable[[], Awaitable[Any]]]) -> list[Any]:
     except BaseExceptionGroup as group:
         raise first_error(group) from None
     return results
+
+
+async def _hello_or_skip(address: str, root: Hello, t: Timeouts, *, err: TextIO) -> Worker | None:
+    try:
+        return await _hello(address, root, t)
+    except ClusterError as e:
+        print(f"dllp2p: {e}; planning without it", file=err)
+        return None
 
 
 async def _hello(address: str, root: Hello, t: Timeouts) -> Worker:

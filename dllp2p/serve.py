@@ -120,7 +120,7 @@ class RootService:
             from .cluster import ClusterOptions, start
 
             options = ClusterOptions(tuple(workers), self.policy, self.timeouts, progress=False,
-                                     exchange=self.exchange)
+                                     exchange=self.exchange, skip_unreachable=True)
             engine = await start(model, options, ctx, self.threads, self._tp(), _LogWriter(),
                                  node_id=self.node_id, epoch=epoch)
             return engine, engine.plan
