@@ -97,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="default info")
     daemon.add_argument("--exchange", choices=["exact", "q8"], action=_Given,
                         help="as root: exact (default, bit-identical to one node) or q8 (fewer bytes; see run)")
+    daemon.add_argument("--plan", choices=["pow2", "weighted"], action=_Given,
+                        help="as root: pow2 (default) = 2^n nodes, equal slices; weighted = every node the "
+                             "model's KV heads allow, slices by capacity (see run)")
     daemon.add_argument("--model", action=_Given,
                         help="GGUF model served when this daemon is root (default: the installed SmolLM2)")
 
@@ -189,7 +192,7 @@ def config_of_settings(s: dict, environ):  # noqa: ANN001 -> daemon.DaemonConfig
     model = Path(s["model"]).expanduser() if s.get("model") else _installed_model()
     return DaemonConfig(s["host"], s["port"], s["threads"] or default_threads(), Path(state).expanduser(),
                         cluster=s["cluster"], discovery=s["discovery"], interfaces=tuple(s["interfaces"]),
-                        peers=tuple(s["peers"]), model=model, exchange=s["exchange"])
+                        peers=tuple(s["peers"]), model=model, exchange=s["exchange"], policy=s["plan"])
 
 
 def _installed_model():  # -> Path | None

@@ -15,10 +15,11 @@ File: /etc/dllp2p/config.toml (DLLP2P_CONFIG or --config name another), a [daemo
     log_level = "info"          # debug, info, warning, error
     model = "/srv/models/m.gguf"           # served when this daemon is root (default: the installed SmolLM2)
     exchange = "exact"          # as root: "exact" (bit-identical to one node) or "q8" (fewer bytes, 2 exchanges/layer)
+    plan = "pow2"               # as root: "pow2" (2^n nodes, equal slices) or "weighted" (every node the KV heads allow)
 
 Environment: DLLP2P_HOST, DLLP2P_PORT, DLLP2P_THREADS, DLLP2P_STATE_DIR, DLLP2P_CLUSTER, DLLP2P_DISCOVERY
 (1/0, true/false, yes/no, on/off), DLLP2P_INTERFACES and DLLP2P_PEERS (separated by commas or spaces),
-DLLP2P_LOG_LEVEL, DLLP2P_MODEL, DLLP2P_EXCHANGE.
+DLLP2P_LOG_LEVEL, DLLP2P_MODEL, DLLP2P_EXCHANGE, DLLP2P_PLAN.
 
 Error handling: a file that is not TOML, an unknown key, a value of the wrong type: ConfigError (a
 ValueError) naming the file or variable and the key. A missing default file is no error.
@@ -47,6 +48,7 @@ DAEMON_KEYS: dict[str, type] = {
     "log_level": str,
     "model": str,
     "exchange": str,
+    "plan": str,
 }
 DEFAULTS: dict[str, Any] = {
     "host": "0.0.0.0",
@@ -60,8 +62,10 @@ DEFAULTS: dict[str, Any] = {
     "log_level": "info",
     "model": None,  # the installed SmolLM2, if any
     "exchange": "exact",
+    "plan": "pow2",
 }
 EXCHANGES = ("exact", "q8")  # scheduler.EXCHANGES (not imported: this module stays dependency-free)
+POLICIES = ("pow2", "weighted")  # scheduler.POLICIES
 
 
 class ConfigError(ValueError):
@@ -110,6 +114,8 @@ def check(settings: Mapping[str, Any], where: str) -> dict[str, Any]:
             raise ConfigError(f"{where}: log_level {value!r} is not one of {', '.join(LOG_LEVELS)}")
         if key == "exchange" and value not in EXCHANGES:
             raise ConfigError(f"{where}: exchange {value!r} is not one of {', '.join(EXCHANGES)}")
+        if key == "plan" and value not in POLICIES:
+            raise ConfigError(f"{where}: plan {value!r} is not one of {', '.join(POLICIES)}")
         out[key] = value
     return out
 

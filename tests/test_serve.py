@@ -46,10 +46,11 @@ class Daemons:
     def address(self, i: int) -> str:
         return f"127.0.0.1:{self.ports[i]}"
 
-    def start(self, i: int) -> str:
+    def start(self, i: int, *extra: str) -> str:
         peers = [self.address(k) for k in range(len(self.ports)) if k != i]
         cmd = [*CLI, "daemon", "--host", "127.0.0.1", "--port", str(self.ports[i]), "--threads", "1",
-               "--state-dir", str(self.tmp_path / f"d{i}"), "--no-discovery", *(["--peer", *peers] if peers else [])]
+               "--state-dir", str(self.tmp_path / f"d{i}"), "--no-discovery", *(["--peer", *peers] if peers else []),
+               *extra]
         if self.model is not None:
             cmd += ["--model", str(self.model)]
         p = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, cwd=ROOT_DIR)
@@ -206,6 +207,28 @@ def test_root_replans_as_daemons_join_and_leave(tmp_path):
         assert any("planning without it" in line for line in d.logs[0]), d.logs[0]
         wait_members(root, 3)
         ask(d.address(1), 2)
+    finally:
+        d.stop_all()
+
+
+@pytest.mark.slow
+def test_a_root_daemon_with_the_weighted_plan_uses_three_nodes(tmp_path):
+    """`dllp2p daemon --plan weighted` as root: 3 daemons -> a plan of 3 (pow2 would take 2), the output
+    equal to one node's."""
+    model = write_random_llama(tmp_path / "kv8.gguf", SPEC_8KV)
+    d = Daemons(tmp_path, 3, model=model)
+    prompt = ["--prompt", "hello there"]
+    try:
+        want = dllp2p_run(*prompt, "--local", "--model", str(model)).stdout
+        root = d.start(0, "--plan", "weighted")
+        time.sleep(0.05)
+        d.start(1)
+        d.start(2)
+        wait_members(root, 3)
+        got = dllp2p_run(*prompt, "--daemon", d.address(2))
+        assert got.stdout == want and ", 3 nodes)" in got.stderr, got.stderr
+        plan = status(root).plan
+        assert plan.policy == "weighted" and plan.n_nodes == 3
     finally:
         d.stop_all()
 
