@@ -24,7 +24,7 @@ import secrets
 import socket
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from types import ModuleType
 from typing import Any, Awaitable, Callable, Sequence, TextIO
@@ -116,11 +116,17 @@ class ClusterStats:
     cached_slices: int = 0
     setup_s: float = 0.0
     steps: list[StepStats] = field(default_factory=list)
+    kept: bool = False  # serving a later request of the session (serve.py's warm sessions)
 
     def summary(self) -> list[str]:
         """Lines like distributed-llama's: per token inference ms, sync ms, bytes sent and received."""
-        lines = [f"cluster of {self.nodes} nodes ({self.policy} plan, {self.exchange} exchange): weights pushed {self.pushed_bytes / 1e6:.1f} MB, "
-                 f"{self.cached_slices} slices cached; set-up {self.setup_s:.2f} s"]
+        head = f"cluster of {self.nodes} nodes ({self.policy} plan, {self.exchange} exchange): "
+        if self.kept:
+            head += "session kept from the last request (weights pushed 0.0 MB, set-up 0.00 s)"
+        else:
+            head += (f"weights pushed {self.pushed_bytes / 1e6:.1f} MB, {self.cached_slices} slices cached; "
+                     f"set-up {self.setup_s:.2f} s")
+        lines = [head]
         prefill = [s for s in self.steps if s.tokens > 1]
         decode = [s for s in self.steps if s.tokens == 1]
         for label, steps in (("prefill", prefill), ("decode", decode)):
@@ -189,6 +195,10 @@ class ClusterEngine:
 
     def stats_summary(self) -> list[str]:
         return self.stats.summary()
+
+    def fresh_request(self) -> None:
+        """The session goes on with another request (from position 0): its statistics start over."""
+        self.stats = replace(self.stats, steps=[], kept=True)
 
     def close(self) -> None:
         """Stop the workers (they go back to idle) and free everything. Safe to call twice."""

@@ -304,6 +304,7 @@ class Daemon:
             log.info("node %s listening on %s (%d threads, state in %s)", self.node_id, self.address,
                      self.config.threads, self.config.state_dir)
             await self._start_membership(nursery, host, port)
+            nursery.start_soon(self.root_service.keep_warm)
             task_status.started(self.address)
 
     # --- membership ---

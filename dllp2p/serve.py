@@ -6,11 +6,18 @@
               TokenChunks through a bounded channel -> Done
     forward   a connection to the root; the Generate passed on (hops + 1); every answer relayed back
 
-Re-planning: every request plans anew over the membership of that moment (epoch = the request's
-number), so a daemon that joined since the last request takes part in this one as far as the
+Re-planning: every request that cannot reuse the kept session (below) plans anew over the
+membership of that moment (epoch = the request's number), so a daemon that joined since the last request takes part in this one as far as the
 scheduler's policy allows, and one that left is not in it. Workers keep their slices in their
 content-addressed cache, so only slices a worker lacks are pushed. The daemon runs one request at a
 time (its slot), so a plan never changes in the middle of a request.
+
+Warm sessions: after a request the root keeps its engine (the cluster session: workers, mesh, every
+node's engine and KV cache) for WARM_S seconds. The next request with the same members and context
+size reuses it, skipping the set-up (its prompt starts again at position 0); anything else closes it
+first (keep_warm closes it once it has waited WARM_S). A kept session that fails before its first
+token (a worker died meanwhile) is closed and the request starts afresh, planning without whoever
+cannot be reached.
 
 Error handling: whatever fails while serving a request (a bad prompt, no model, a worker lost, the
 root unreachable) is answered with one Error frame naming it; the daemon serves on. A client that
@@ -27,13 +34,22 @@ from typing import Any, Callable
 
 import trio
 
-from .link import LinkClosed, LinkTimeout, TrioLink, open_link
+from .link import LinkClosed, LinkTimeout, TrioLink, first_error, open_link
 from .protocol import MAX_HOPS, Done, Error, Generate, ProtocolError, TokenChunk, UnexpectedMessage
 from .scheduler import Peer, Plan, plan
 
 log = logging.getLogger("dllp2p.daemon")
 
 CHANNEL = 16  # text pieces between the generation thread and the connection
+WARM_S = 30.0  # how long a finished request's engine is kept for the next one
+
+
+@dataclass
+class _Warm:
+    key: tuple  # (workers, ctx): what the next request must match to reuse the engine
+    engine: Any
+    plan: Plan
+    until: float  # trio.current_time() after which keep_warm closes it
 
 
 @dataclass
@@ -58,6 +74,7 @@ class RootService:
         self._lock = threading.Lock()
         self.requests = 0  # served or failed
         self.last_plan: Plan | None = None  # of the latest request (Status shows it)
+        self._warm: _Warm | None = None  # the last request's engine, kept for the next one
 
     def _load(self) -> _Loaded:
         """(thread) The model and tokenizer, loaded by the first request."""
@@ -85,28 +102,80 @@ class RootService:
             await _send_error(link, Error("generate", f"root {self.node_id}: {e}"))
 
     async def _serve(self, link: TrioLink, g: Generate, workers: list[str], epoch: int) -> None:
+        from .cluster import ClusterError
         from .generate import GenerationStats
         from .sampler import SamplerConfig
 
         sampler = SamplerConfig(g.temperature, g.top_k, g.top_p, g.min_p, g.repeat_penalty, seed=g.seed)
         loaded = await trio.to_thread.run_sync(self._load)
         ids = list(g.tokens) or await trio.to_thread.run_sync(self._tokens, loaded, g)
-        engine, the_plan = await self._engine(loaded.model, g.ctx, workers, epoch)
-        self.last_plan = the_plan
-        log.info("request %d: %d prompt tokens on %d nodes", epoch, len(ids), the_plan.n_nodes)
-        stats = GenerationStats()
-        try:
-            send, recv = trio.open_memory_channel[str](CHANNEL)
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._produce, engine, loaded, ids, sampler, g.steps, stats, send)
-                async with recv:
-                    async for piece in recv:
-                        await link.send(TokenChunk(piece))
-        finally:
-            await trio.to_thread.run_sync(engine.close)
+        key = (tuple(workers), g.ctx)
+        warm = self._take_warm(key)
+        if warm is None:
+            await self.close_warm()
+            engine, the_plan = await self._engine(loaded.model, g.ctx, workers, epoch)
+        else:
+            engine, the_plan = warm.engine, warm.plan
+        while True:
+            self.last_plan = the_plan
+            log.info("request %d: %d prompt tokens on %d nodes%s", epoch, len(ids), the_plan.n_nodes,
+                     " (session kept from the last request)" if warm else "")
+            stats = GenerationStats()
+            sent = 0  # TokenChunks sent
+            try:
+                send, recv = trio.open_memory_channel[str](CHANNEL)
+                try:
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(self._produce, engine, loaded, ids, sampler, g.steps, stats, send)
+                        async with recv:
+                            async for piece in recv:
+                                await link.send(TokenChunk(piece))
+                                sent += 1
+                except BaseExceptionGroup as group:  # the engine's own error (a lost worker: ClusterError)
+                    raise first_error(group) from None
+            except BaseException as e:
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(engine.close)
+                if warm is None or sent or not isinstance(e, ClusterError):
+                    raise
+                log.info("request %d: the kept session failed before its first token (%s); starting afresh", epoch, e)
+                warm = None
+                engine, the_plan = await self._engine(loaded.model, g.ctx, workers, epoch)
+                continue
+            break
         lines = tuple(engine.stats_summary()) if hasattr(engine, "stats_summary") else ()
+        self._warm = _Warm(key, engine, the_plan, trio.current_time() + WARM_S)
         await link.send(Done(stats.prompt_tokens, stats.generated_tokens, stats.prefill_tok_s, stats.decode_tok_s,
                              the_plan.n_nodes, self.node_id, lines))
+
+    def _take_warm(self, key: tuple) -> _Warm | None:
+        """The kept engine if it matches key and has not expired (it is no longer kept: the request owns it)."""
+        w = self._warm
+        if w is None or w.key != key or trio.current_time() >= w.until:
+            return None
+        self._warm = None
+        if hasattr(w.engine, "fresh_request"):
+            w.engine.fresh_request()
+        return w
+
+    async def close_warm(self) -> None:
+        """Close the kept engine, if any (its workers go back to idle)."""
+        w, self._warm = self._warm, None
+        if w is not None:
+            await trio.to_thread.run_sync(w.engine.close)
+
+    async def keep_warm(self) -> None:
+        """(a task of the daemon) Close the kept engine once it has waited WARM_S; close it on the way out."""
+        try:
+            while True:
+                await trio.sleep(1.0)
+                w = self._warm
+                if w is not None and trio.current_time() >= w.until:
+                    await self.close_warm()
+        finally:
+            w, self._warm = self._warm, None
+            if w is not None:
+                w.engine.close()
 
     @staticmethod
     def _tokens(loaded: _Loaded, g: Generate) -> list[int]:

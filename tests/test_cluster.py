@@ -120,6 +120,21 @@ def test_pow2_and_weighted_plans_over_two_workers(daemons):
         e.forward([1], 0)
 
 
+def test_a_session_serves_a_second_request_from_position_zero(daemons):
+    """What a root daemon's kept session does: after fresh_request() the same engine generates again
+    from position 0, the same tokens, with statistics of the new request only."""
+    a, b = daemons(2)
+    e = connect([a.address, b.address])
+    model = fake_tp.model()
+    first = generate(e, model)
+    e.fresh_request()
+    assert e.stats.steps == [] and e.stats.kept
+    assert generate(e, model) == first
+    assert len(e.stats.steps) == 6
+    assert e.stats_summary()[0].endswith("session kept from the last request (weights pushed 0.0 MB, set-up 0.00 s)")
+    e.close()
+
+
 def test_restarted_worker_with_a_warm_cache_receives_no_weight_bytes(daemons, tmp_path):
     model = fake_tp.model(big=True)  # one slice over a 4 MiB chunk
     [a] = daemons(1)

@@ -167,8 +167,9 @@ def test_prompt_through_a_non_root_daemon_matches_local(tmp_path):
 @pytest.mark.slow
 def test_root_replans_as_daemons_join_and_leave(tmp_path):
     """An 8-KV-head random model: 2 daemons -> a plan of 2; a 3rd (pow2: still 2), a 4th -> a plan of 4;
-    the 4th killed -> 2 again, even before the root notices the death. Every answer equals the
-    single-node engine's."""
+    the 4th killed -> 2 again, even before the root notices the death (the session kept from the last
+    prompt fails, a fresh plan leaves the dead daemon out). A repeated prompt reuses the kept session.
+    Every answer equals the single-node engine's."""
     model = write_random_llama(tmp_path / "kv8.gguf", SPEC_8KV)
     d = Daemons(tmp_path, 4, model=model)
     prompt = ["--prompt", "hello there"]
@@ -189,6 +190,7 @@ def test_root_replans_as_daemons_join_and_leave(tmp_path):
         ask(d.address(1), 2)
         again = dllp2p_run(*prompt, "--daemon", d.address(1), "--stats")
         assert again.stdout == want and "weights pushed 0.0 MB" in again.stderr, again.stderr  # cached
+        assert "session kept from the last request (weights pushed 0.0 MB, set-up 0.00 s)" in again.stderr
         epoch = status(root).plan.epoch
         d.start(2)
         wait_members(root, 3)
@@ -205,6 +207,8 @@ def test_root_replans_as_daemons_join_and_leave(tmp_path):
         ask(d.address(1), 2)
         assert d.address(3) not in {n.address for n in status(root).plan.nodes}
         assert any("planning without it" in line for line in d.logs[0]), d.logs[0]
+        # the 4-node session kept from the last prompt failed at its first step and was replaced
+        assert any("kept session failed before its first token" in line for line in d.logs[0]), d.logs[0]
         wait_members(root, 3)
         ask(d.address(1), 2)
     finally:
