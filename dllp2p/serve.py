@@ -44,7 +44,7 @@ CHANNEL = 16  # text pieces between the generation thread and the connection
 WARM_S = 30.0  # how long a finished request's engine is kept for the next one
 
 
-@dataclass
+@dataclass(frozen=True)
 class _Warm:
     key: tuple  # (workers, ctx): what the next request must match to reuse the engine
     engine: Any
