@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from . import __version__
+from .config import EXCHANGES, POLICIES
 from .sampler import SamplerConfig
 
 EXIT_USAGE = 2
@@ -60,10 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int, help="random seed: the same seed gives the same text")
     run.add_argument("--workers", nargs="+", metavar="HOST:PORT", default=[],
                      help="worker daemons (dllp2p daemon) to split the model across; this process is the root")
-    run.add_argument("--plan", choices=["pow2", "weighted"], default="pow2",
+    run.add_argument("--plan", choices=POLICIES, default="pow2",
                      help="with --workers: pow2 = 2^n nodes, equal slices (default); weighted = every node the "
                           "model's KV heads allow, slices by capacity")
-    run.add_argument("--exchange", choices=["exact", "q8"],
+    run.add_argument("--exchange", choices=EXCHANGES,
                      help="with --workers: exact = output bit-identical to one node, 4 exchanges per layer "
                           "(default); q8 = Megatron partial sums in Q8_0, 2 exchanges per layer, a third of "
                           "the bytes, output within quantization noise of one node's")
@@ -95,9 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="no mDNS: neither advertise nor browse (--peer still works)")
     daemon.add_argument("--log-level", choices=["debug", "info", "warning", "error"], action=_Given,
                         help="default info")
-    daemon.add_argument("--exchange", choices=["exact", "q8"], action=_Given,
+    daemon.add_argument("--exchange", choices=EXCHANGES, action=_Given,
                         help="as root: exact (default, bit-identical to one node) or q8 (fewer bytes; see run)")
-    daemon.add_argument("--plan", choices=["pow2", "weighted"], action=_Given,
+    daemon.add_argument("--plan", choices=POLICIES, action=_Given,
                         help="as root: pow2 (default) = 2^n nodes, equal slices; weighted = every node the "
                              "model's KV heads allow, slices by capacity (see run)")
     daemon.add_argument("--model", action=_Given,

@@ -7,8 +7,8 @@
     forward   a connection to the root; the Generate passed on (hops + 1); every answer relayed back
 
 Re-planning: every request that cannot reuse the kept session (below) plans anew over the
-membership of that moment (epoch = the request's number), so a daemon that joined since the last request takes part in this one as far as the
-scheduler's policy allows, and one that left is not in it. Workers keep their slices in their
+membership of that moment (epoch = the request's number), so a daemon that joined since the last
+request takes part in this one as far as the scheduler's policy allows, and one that left is not in it. Workers keep their slices in their
 content-addressed cache, so only slices a worker lacks are pushed. The daemon runs one request at a
 time (its slot), so a plan never changes in the middle of a request.
 
@@ -121,22 +121,12 @@ class RootService:
             log.info("request %d: %d prompt tokens on %d nodes%s", epoch, len(ids), the_plan.n_nodes,
                      " (session kept from the last request)" if warm else "")
             stats = GenerationStats()
-            sent = 0  # TokenChunks sent
             try:
-                send, recv = trio.open_memory_channel[str](CHANNEL)
-                try:
-                    async with trio.open_nursery() as nursery:
-                        nursery.start_soon(self._produce, engine, loaded, ids, sampler, g.steps, stats, send)
-                        async with recv:
-                            async for piece in recv:
-                                await link.send(TokenChunk(piece))
-                                sent += 1
-                except BaseExceptionGroup as group:  # the engine's own error (a lost worker: ClusterError)
-                    raise first_error(group) from None
+                await self._stream(link, engine, loaded, ids, sampler, g.steps, stats)
             except BaseException as e:
                 with trio.CancelScope(shield=True):
                     await trio.to_thread.run_sync(engine.close)
-                if warm is None or sent or not isinstance(e, ClusterError):
+                if warm is None or stats.generated_tokens or not isinstance(e, ClusterError):
                     raise
                 log.info("request %d: the kept session failed before its first token (%s); starting afresh", epoch, e)
                 warm = None
@@ -147,6 +137,20 @@ class RootService:
         self._warm = _Warm(key, engine, the_plan, trio.current_time() + WARM_S)
         await link.send(Done(stats.prompt_tokens, stats.generated_tokens, stats.prefill_tok_s, stats.decode_tok_s,
                              the_plan.n_nodes, self.node_id, lines))
+
+    async def _stream(self, link: TrioLink, engine: Any, loaded: _Loaded, ids: list[int], sampler: Any, steps: int,
+                      stats: Any) -> None:
+        """Generate on engine, each text piece sent on link as a TokenChunk. The engine's own error (a
+        lost worker: ClusterError) is raised as it is, not inside an exception group."""
+        send, recv = trio.open_memory_channel[str](CHANNEL)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._produce, engine, loaded, ids, sampler, steps, stats, send)
+                async with recv:
+                    async for piece in recv:
+                        await link.send(TokenChunk(piece))
+        except BaseExceptionGroup as group:
+            raise first_error(group) from None
 
     def _take_warm(self, key: tuple) -> _Warm | None:
         """The kept engine if it matches key and has not expired (it is no longer kept: the request owns it)."""
@@ -173,9 +177,8 @@ class RootService:
                 if w is not None and trio.current_time() >= w.until:
                     await self.close_warm()
         finally:
-            w, self._warm = self._warm, None
-            if w is not None:
-                w.engine.close()
+            with trio.CancelScope(shield=True):
+                await self.close_warm()
 
     @staticmethod
     def _tokens(loaded: _Loaded, g: Generate) -> list[int]:

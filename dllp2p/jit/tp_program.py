@@ -247,6 +247,17 @@ class _TPForward(_Forward):
             self.b.call(fn, [self.table, self.n, arg])
         self.barrier()
 
+    def swap(self, sent, received, after=None) -> None:
+        """Send sent(peer) = (buffer, bytes) to every peer, then receive received(peer) = (buffer, bytes)
+        from each, in node order, calling after(peer) once its bytes are in (see the module docstring)."""
+        peers = [j for j in range(self.part.n_nodes) if j != self.me]
+        for j in peers:
+            self.transfer(self.send, j, *sent(j), MSG_NOSIGNAL)
+        for j in peers:
+            self.transfer(self.recv, j, *received(j), MSG_WAITALL)
+            if after is not None:
+                after(j)
+
     def allgather(self, name: str, local: ir.Value, local_bytes: list[int], make_place) -> None:
         """Thread 0: send `local` (n rows of local_bytes[me] bytes) to every peer; make_place() returns
         place(node, src), which copies a node's n rows from src into the full buffer; peers' rows arrive
@@ -255,16 +266,11 @@ class _TPForward(_Forward):
             b = self.b
             place = make_place()
             t0 = self.now_ns()
-            mine = b.mul(self.n, i64(local_bytes[self.me]))
-            for peer in range(self.part.n_nodes):
-                if peer != self.me:
-                    self.transfer(self.send, peer, loc, mine, MSG_NOSIGNAL)
-            place(self.me, loc)
             staging = self.ptr("staging")
-            for peer in range(self.part.n_nodes):
-                if peer != self.me:
-                    self.transfer(self.recv, peer, staging, b.mul(self.n, i64(local_bytes[peer])), MSG_WAITALL)
-                    place(peer, staging)
+            self.swap(lambda j: (loc, b.mul(self.n, i64(local_bytes[self.me]))),
+                      lambda j: (staging, b.mul(self.n, i64(local_bytes[j]))),
+                      lambda j: place(j, staging))
+            place(self.me, loc)
             self.count_exchange(t0)
 
         self.on_thread0(name, local, body)
@@ -291,12 +297,7 @@ class _TPForward(_Forward):
             self.call(Op.QUANTIZE_Q8_0, src, mine, c.dim, self.n)
             t0 = self.now_ns()
             nbytes = b.mul(self.n, i64(row))
-            for peer in range(self.part.n_nodes):
-                if peer != self.me:
-                    self.transfer(self.send, peer, mine, nbytes, MSG_NOSIGNAL)
-            for peer in range(self.part.n_nodes):
-                if peer != self.me:
-                    self.transfer(self.recv, peer, gep(b, sums, i64(peer * section)), nbytes, MSG_WAITALL)
+            self.swap(lambda j: (mine, nbytes), lambda j: (gep(b, sums, i64(j * section)), nbytes))
             self.count_exchange(t0)
 
         self.on_thread0(name, partial, body)
@@ -319,23 +320,15 @@ class _TPForward(_Forward):
                     x = gep(b, src, b.add(b.mul(i, i64(c.dim)), i64(rs.cols[j][0])), ir.FloatType())
                     self.call(Op.QUANTIZE_Q8_0, x, gep(b, at(rs.send[j]), b.mul(i, i64(rs.q[j]))), rs.k[j], 1)
             t0 = self.now_ns()
-            for j in nodes:
-                if j != me:
-                    self.transfer(self.send, j, at(rs.send[j]), b.mul(n, i64(rs.q[j])), MSG_NOSIGNAL)
-            for j in nodes:
-                if j != me:
-                    self.transfer(self.recv, j, at(rs.recv[j]), b.mul(n, i64(rs.q[me])), MSG_WAITALL)
+            self.swap(lambda j: (at(rs.send[j]), b.mul(n, i64(rs.q[j]))),
+                      lambda j: (at(rs.recv[j]), b.mul(n, i64(rs.q[me]))))
             red = at(rs.red)
             b.call(memset, [red, ir.Constant(ir.IntType(8), 0), b.mul(n, i64(rs.k[me] * 4)), ir.Constant(ir.IntType(1), 0)])
             for j in nodes:
                 self.call(Op.ADD_Q8_0, red, at(rs.send[me] if j == me else rs.recv[j]), rs.k[me], n)
             self.call(Op.QUANTIZE_Q8_0, red, at(rs.ag[me]), rs.k[me], n)
-            for j in nodes:
-                if j != me:
-                    self.transfer(self.send, j, at(rs.ag[me]), b.mul(n, i64(rs.q[me])), MSG_NOSIGNAL)
-            for j in nodes:
-                if j != me:
-                    self.transfer(self.recv, j, at(rs.ag[j]), b.mul(n, i64(rs.q[j])), MSG_WAITALL)
+            self.swap(lambda j: (at(rs.ag[me]), b.mul(n, i64(rs.q[me]))),
+                      lambda j: (at(rs.ag[j]), b.mul(n, i64(rs.q[j]))))
             self.count_exchange(t0)
 
         self.on_thread0(name, partial, body)
