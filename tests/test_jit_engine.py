@@ -22,6 +22,7 @@ from dllp2p.engine import ContextFull
 from dllp2p.formats import QType, load_model
 from dllp2p.formats.synthetic import SyntheticSpec, write_random_llama
 from dllp2p.jit.engine import JITEngine
+from dllp2p.jit.ir_ops import ATT_SPLIT
 from dllp2p.reference import ReferenceEngine
 
 
@@ -59,23 +60,26 @@ def test_matches_reference_on_random_models(tmp_path_factory, cache_dir, qtype, 
         jit.close()
 
 
-def test_bit_identical_across_threads_and_chunks(tmp_path_factory, cache_dir):
-    """Threads split rows and heads, never a sum, and the prefill kernels sum in the decode order."""
+@pytest.mark.parametrize("n_prompt,ctx", [(19, 64), (2 * ATT_SPLIT + 3, 2 * ATT_SPLIT + 40)])
+def test_bit_identical_across_threads_and_chunks(tmp_path_factory, cache_dir, n_prompt, ctx):
+    """Threads split rows and heads (a decode step: attention spans), never a sum; the prefill kernels sum in
+    the decode order; a prompt chunk's attention merges the same spans a decode step shares out."""
     model = _random_model(tmp_path_factory, QType.Q4_1, 2, n_heads=8)
-    prompt = list(np.random.default_rng(2).integers(0, model.config.vocab_size, 19))
+    prompt = list(np.random.default_rng(2).integers(0, model.config.vocab_size, n_prompt))
     results = {}
     for threads, chunk in ((1, 64), (2, 64), (3, 5), (2, 1)):
-        engine = JITEngine(model, 64, threads=threads, cache_dir=cache_dir, max_chunk=chunk)
+        engine = JITEngine(model, ctx, threads=threads, cache_dir=cache_dir, max_chunk=chunk)
         try:
             first = engine.forward(prompt, 0)
-            step = engine.forward([9], len(prompt))
-            results[threads, chunk] = (first, step)
+            steps = [engine.forward([9 + i], len(prompt) + i) for i in range(3)]
+            results[threads, chunk] = (first, steps)
         finally:
             engine.close()
     base = results[1, 64]
-    for key, (first, step) in results.items():
+    for key, (first, steps) in results.items():
         assert np.array_equal(first, base[0]), key
-        assert np.array_equal(step, base[1]), key
+        for got, want in zip(steps, base[1]):
+            assert np.array_equal(got, want), key
 
 
 def test_rewind_overwrites_cache(tmp_path_factory, cache_dir):

@@ -419,15 +419,15 @@ def test_rope(lib, n_heads, half_hd, data, ctx, seed):
 
 # --- attention ----------------------------------------------------------------------------------------
 
-def attention_tol(q, kc, vc, pos):
-    """Per-element bound on |kernel - exact| (first order), f64[n_heads, hd].
+def attention_tol(q, kc, vc, pos, n_spans=1):
+    """Per-element bound on |merged spans - exact| (first order), f64[n_heads, hd].
 
     Scores: a chain of hd/8 fused multiply-adds per lane, a 3-level tree, then the 1/sqrt(hd) scale (itself
-    rounded twice): e_t <= (hd/8 + 6) U sum|q k_t| / sqrt(hd). Each weight p_t = exp(s_t - max) then carries a
-    relative error <= d = max_t(e_t) + e_max + U |s_t - max| + 2U (subtraction; vexp < 2U, see test_vexp).
-    out = sum p_t v_t / sum p_t moves by <= 2 d sum w_t |v_t| (w = softmax), and the f32 sums over n_pos
-    positions (two of them: one chain per lane each) and the 1 / sum and p_t * (1 / sum) add
-    (2 n_pos + 4) U sum w_t |v_t|."""
+    rounded twice): e_t <= (hd/8 + 6) U sum|q k_t| / sqrt(hd). Each weight exp(s_t - m_span) exp(m_span - max)
+    then carries a relative error <= d = max_t(e_t) + e_max + U |s_t - max| + 4U (subtractions; two vexp,
+    each < 2U, see test_vexp). out = sum p_t v_t / sum p_t moves by <= 2 d sum w_t |v_t| (w = softmax), and
+    the f32 sums (over a span's positions, then over the n_spans spans: one chain per lane each, for the
+    values and for the weights) and the final 1 / sum and product add (2 n_pos + 2 n_spans + 6) U sum w_t |v_t|."""
     n_heads, hd = q.shape
     group = n_heads // kc.shape[1]
     n_pos = pos + 1
@@ -438,40 +438,58 @@ def attention_tol(q, kc, vc, pos):
         qh = q[h].astype(np.float64)
         s = k @ qh / np.sqrt(hd)
         e = (hd / 8 + 6) * U * (np.abs(k) @ np.abs(qh)) / np.sqrt(hd)
-        d = (e + e.max() + U * np.abs(s - s.max()) + 2 * U).max()
+        d = (e + e.max() + U * np.abs(s - s.max()) + 4 * U).max()
         w = np.exp(s - s.max())
         w /= w.sum()
-        tol[h] = (2 * d + (2 * n_pos + 4) * U) * (w @ np.abs(v))
+        tol[h] = (2 * d + (2 * n_pos + 2 * n_spans + 6) * U) * (w @ np.abs(v))
     return tol + TINY
 
 
-def run_attention(lib, rng, n_kv, group, hd, ctx, pos, h0, h1, q_scale=1.0):
+def run_attention(lib, rng, n_kv, group, hd, ctx, pos, h0, h1, q_scale=1.0, split=ir_ops.ATT_SPLIT):
+    """Positions 0..pos in spans of `split` (as the engine cuts them), each span's partial from
+    attention_f16kv checked against its twin, then attention_merge against the exact softmax attention."""
     n_heads = n_kv * group
     q = (rng.standard_normal((n_heads, hd)) * q_scale).astype(np.float32)
     kc, vc = kv_cache(ctx, n_kv, hd), kv_cache(ctx, n_kv, hd)
     kc[: pos + 1] = rng.standard_normal((pos + 1, n_kv, hd))
     vc[: pos + 1] = rng.standard_normal((pos + 1, n_kv, hd))
     kc[pos + 1:] = vc[pos + 1:] = np.nan  # positions past pos must not be read
-    out = np.full((n_heads + 1, hd), SENTINEL, np.float32)
+    spans = [(t0, min(t0 + split, pos + 1)) for t0 in range(0, pos + 1, split)]
+    po = np.full((len(spans), n_heads, hd), SENTINEL, np.float32)
+    stats = np.full((len(spans), n_heads, 2), SENTINEL, np.float32)
     scratch = aligned_zeros((n_heads, ctx), np.float32)
-    lib["attention_f16kv"](P(q), P(kc), P(vc), P(out), P(scratch), pos, n_heads, n_kv, hd, ctx, h0, h1)
+    where = f"n_kv={n_kv} group={group} hd={hd} ctx={ctx} pos={pos} heads [{h0},{h1})"
+    for j, (t0, t1) in enumerate(spans):
+        lib["attention_f16kv"](P(q), P(kc), P(vc), P(po[j]), P(stats[j]), P(scratch), t0, t1, n_heads, n_kv, hd, ctx, h0, h1)
+        want_o, want_s = ref.attention_span_f16kv(q, kc, vc, t0, t1)
+        # the span's max is one score (bound as in attention_tol); its sum and partial move by the weights'
+        # relative error d (< 1e-4 for these unit-scale inputs: checked loosely, the merged result tightly below)
+        np.testing.assert_allclose(stats[j, h0:h1, 0], want_s[h0:h1, 0], rtol=1e-5, atol=1e-4 * max(1.0, q_scale), err_msg=where)
+        np.testing.assert_allclose(stats[j, h0:h1, 1], want_s[h0:h1, 1], rtol=1e-3 * max(1.0, q_scale), err_msg=where)
+    merged = ref.attention_merge(po, stats)  # the twin of attention_merge on the kernel's own partials
+    out = np.full((n_heads + 1, hd), SENTINEL, np.float32)
+    lib["attention_merge"](P(po), P(stats), P(out), len(spans), n_heads, hd, h0, h1)
+    np.testing.assert_allclose(out[h0:h1], merged[h0:h1], rtol=(2 * len(spans) + 8) * U,
+                               atol=(2 * len(spans) + 8) * U * np.abs(merged[h0:h1]).max() + TINY, err_msg=where)
     want = ref.attention_f16kv(q, kc, vc, pos)
-    assert_within(out[h0:h1], want[h0:h1], attention_tol(q, kc, vc, pos)[h0:h1],
-                  f"n_kv={n_kv} group={group} hd={hd} ctx={ctx} pos={pos} heads [{h0},{h1})")
+    assert_within(out[h0:h1], want[h0:h1], attention_tol(q, kc, vc, pos, len(spans))[h0:h1], where)
     mask = np.ones(out.shape, bool)
     mask[h0:h1] = False
     assert (out[mask] == SENTINEL).all()
+    assert (po[:, :h0] == SENTINEL).all() and (po[:, h1:] == SENTINEL).all() and (stats[:, h1:] == SENTINEL).all()
 
 
 @SETTINGS
 @given(n_kv=st.integers(1, 4), group=st.integers(1, 4), hd16=st.sampled_from([1, 2, 3, 4, 8]), ctx=st.integers(1, 40),
-       q_scale=st.sampled_from([0.1, 1.0, 4.0]), data=st.data(), seed=seeds)
-def test_attention_f16kv(lib, n_kv, group, hd16, ctx, q_scale, data, seed):
+       q_scale=st.sampled_from([0.1, 1.0, 4.0]), split=st.sampled_from([3, 8, 16, ir_ops.ATT_SPLIT]), data=st.data(),
+       seed=seeds)
+def test_attention_f16kv(lib, n_kv, group, hd16, ctx, q_scale, split, data, seed):
+    """Random shapes, head ranges and span lengths (short spans: many partials merged, ragged ends)."""
     n_heads = n_kv * group
     pos = data.draw(st.sampled_from([0, ctx - 1, data.draw(st.integers(0, ctx - 1))]))
     h0 = data.draw(st.integers(0, n_heads - 1))
     h1 = data.draw(st.integers(h0 + 1, n_heads))
-    run_attention(lib, np.random.default_rng(seed), n_kv, group, 16 * hd16, ctx, pos, h0, h1, q_scale)
+    run_attention(lib, np.random.default_rng(seed), n_kv, group, 16 * hd16, ctx, pos, h0, h1, q_scale, split)
 
 
 @pytest.mark.parametrize("n_kv,group,hd,ctx,pos", [(1, 1, 16, 1, 0), (3, 3, 64, 300, 299), (2, 4, 128, 64, 0),
@@ -567,7 +585,7 @@ def test_attention_generic_target():
     if h.is_x86:
         asm = emit_assembly(build_module([KernelSpec(Op.ATTENTION)], t), t)
         assert "ymm" not in asm and "vcvtph2ps" not in asm and "__extendhfsf2" not in asm
-    glib = compile_kernels([KernelSpec(Op.ATTENTION)], cache_dir=None, target=t)
+    glib = compile_kernels([KernelSpec(Op.ATTENTION), KernelSpec(Op.ATTENTION_MERGE)], cache_dir=None, target=t)
     rng = np.random.default_rng(4)
     for n_kv, group, hd, pos, h0, h1 in [(3, 3, 64, 200, 0, 9), (3, 3, 64, 200, 4, 5), (2, 5, 48, 70, 1, 10)]:
         run_attention(glib, rng, n_kv, group, hd, pos + 2, pos, h0, h1)
@@ -701,7 +719,8 @@ def test_all_specs_names_and_signatures():
     names = {s.name: s.signature for s in all_specs()}
     assert "attention_f32" not in names
     assert [a for a, _ in names["attention_f16kv"].args] == [
-        "q", "kc", "vc", "out", "scratch", "pos", "n_heads", "n_kv", "hd", "ctx", "h0", "h1"]
+        "q", "kc", "vc", "out", "stats", "scratch", "t0", "t1", "n_heads", "n_kv", "hd", "ctx", "h0", "h1"]
+    assert [a for a, _ in names["attention_merge"].args] == ["po", "st", "out", "n_spans", "n_heads", "hd", "h0", "h1"]
     assert names["to_f16"].args == (("x", "p"), ("out", "p"), ("n", "i"))
     for n in ("quantize_f32_q8s", "matvec_q4_0_q8s", "matvec_q4_1_q8s", "matvec_q8_0_q8s", "matvec_f32_f32",
               "matvec_f16_f32", "matmul_q4_1_q8s_x4", "embed_q8_0", "embed_f16", "rmsnorm_f32", "rope_f32",

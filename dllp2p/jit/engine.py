@@ -25,7 +25,7 @@ from ..formats import GGUFModel, QType
 from .compiler import DEFAULT_CACHE_DIR, CompiledModule, ObjectCache, compile_module, host_target, llvm_version, load_object
 from .layout import aligned_zeros, rope_table
 from .library import build_module
-from .program import LAYER_MATRICES, ProgramSpec, Slots, build_program, private_sizes
+from .program import LAYER_MATRICES, ProgramSpec, Slots, build_program, max_spans, private_sizes
 from .weights import load_packed, thread_layout
 
 
@@ -122,6 +122,9 @@ class JITEngine:
             "h_t": aligned_zeros(T * priv["h_t"], np.uint8),
             "xq_t": aligned_zeros(T * priv["xq_t"], np.uint8),
             "scratch_t": aligned_zeros(T * priv["scratch_t"] * self.ctx, np.uint8),
+            "attp_t": aligned_zeros(T * priv["attp_t"] * max_spans(self.ctx), np.uint8),
+            "att_po": aligned_zeros((max_spans(self.ctx), c.q_dim), np.float32),
+            "att_st": aligned_zeros((max_spans(self.ctx), c.n_heads, 2), np.float32),
         }
         for name, width in (("q", c.q_dim), ("k", c.kv_dim), ("v", c.kv_dim), ("att", c.q_dim), ("o", c.dim),
                             ("g", c.ffn_dim), ("u", c.ffn_dim), ("s", c.ffn_dim), ("d", c.dim)):

@@ -177,13 +177,17 @@ def _transpose_sum4(b: ir.IRBuilder, accs: list[ir.Value]) -> ir.Value:
 
 
 ATT_POS_BLOCK = 64  # positions per block: the block's K (then V) rows stay in L1 while each head chunk reads them
-ATT_PREFETCH = 32  # positions ahead whose K/V rows are prefetched (a hint; clamped to pos)
+ATT_PREFETCH = 32  # positions ahead whose K/V rows are prefetched (a hint; clamped to the range's last)
+ATT_SPLIT = 128  # positions per attention span: every row's positions are cut at multiples of this, one
+# partial per span, merged in span order (attention_merge); a decode step hands the spans to its threads
 ATT_MAX_SHARE = 3  # heads of a group that share each widened K/V vector (more would spill accumulators)
 ATT_UNROLLED_HD = (64,)  # head dims that get their own copy of the body, hd a constant (+0.5 s compile each)
 
 
 def emit_attention(module: ir.Module, spec: KernelSpec, target: Target) -> None:
-    """Heads [h0, h1): softmax(q . k[0..pos] / sqrt(hd)) . v[0..pos], KV head = h / (n_heads / n_kv).
+    """Heads [h0, h1), positions [t0, t1): the span's unnormalized softmax partial, KV head = h / (n_heads / n_kv):
+    s_t = q . k_t / sqrt(hd), m = max_t s_t, e_t = exp(s_t - m); out[h] = sum_t e_t v_t, stats[h] = (m, sum_t e_t).
+    attention_merge combines the spans of a row (their partials, in span order) into the softmax output.
 
     One KV group at a time, on the heads of [h0, h1) in that group (one when the caller passes a single head),
     split into chunks of up to ATT_MAX_SHARE heads: each K/V vector widened f16 -> f32 (the costly step: one
@@ -193,17 +197,17 @@ def emit_attention(module: ir.Module, spec: KernelSpec, target: Target) -> None:
       1. scores. A lone head takes 8 positions at a time: 8 accumulators <8 x float> over hd (q chunk x widened
          K row chunk), then a transpose-style reduction to one <8 x float> of 8 scores. A chunk of 2 or 3 heads
          takes 4 positions (4 accumulators per head, reduced to <4 x float>). The block's last positions that
-         do not fill a step go one at a time, so no position past pos is ever read (nor prefetched).
+         do not fill a step go one at a time, so no position outside [t0, t1) is ever read (nor prefetched).
          scratch[h, t] = (q_h . k_t) / sqrt(hd).
-      2. per head: the max (vector), p_t = exp(s_t - max) by vexp 8 lanes at a time and their sum, then
-         p_t *= 1 / sum; out[h] = 0.
-      3. out[h] += sum_t p_t v_t, block by block: per chunk a tile of output lanes per head stays in
+      2. per head: the max (vector), e_t = exp(s_t - max) by vexp 8 lanes at a time and their sum -> stats[h];
+         out[h] = 0.
+      3. out[h] += sum_t e_t v_t, block by block: per chunk a tile of output lanes per head stays in
          registers (64 lanes for a lone head, 32 for a chunk: <= 12 accumulators) over the block's V rows.
     Rounding: a score is hd/8 fused multiply-adds per lane, a 3-level tree, the scale; each sum over positions
-    (of p_t, of p_t v_t) is one f32 chain per lane.
+    (of e_t, of e_t v_t) is one f32 chain per lane.
     """
     fn, b = define(module, spec.name, spec.signature)
-    q, kc, vc, out, scratch, pos, n_heads, n_kv, hd_arg, ctx, h0, h1 = fn.args
+    q, kc, vc, out, stats, scratch, t0, t1, n_heads, n_kv, hd_arg, ctx, h0, h1 = fn.args
     W = 8
     vf, vh = _fvec(W), vec(F16, W)
     sqrt = intrinsic(module, "llvm.sqrt.f32", F32, [F32])
@@ -212,8 +216,8 @@ def emit_attention(module: ir.Module, spec: KernelSpec, target: Target) -> None:
     scale = b.fdiv(_fconst(1.0), b.call(sqrt, [b.sitofp(hd_arg, F32)]))
     zero = ir.Constant(vf, None)
     group = b.sdiv(n_heads, n_kv)
-    n_pos = b.add(pos, i64(1))
-    n8 = b.and_(n_pos, i64(~(W - 1)))
+    last = b.sub(t1, i64(1))
+    n8 = b.add(t0, b.and_(b.sub(t1, t0), i64(~(W - 1))))
     slots = [entry_alloca(b, vf, name=f"acc{j}") for j in range(12)]
     mxv = entry_alloca(b, vf, name="mxv")
     mx = entry_alloca(b, F32, name="mx")
@@ -239,13 +243,13 @@ def emit_attention(module: ir.Module, spec: KernelSpec, target: Target) -> None:
         b.call(prefetch_fn, [gep(b, ptr, offset, F16), i32(0), i32(3), i32(1)])
 
     def ahead(t: ir.Value) -> ir.Value:
-        """The position ATT_PREFETCH after t, or pos when that is past it."""
+        """The position ATT_PREFETCH after t, or the range's last when that is past it."""
         ta = b.add(t, i64(ATT_PREFETCH))
-        return b.select(b.icmp_signed("<", ta, n_pos), ta, pos)
+        return b.select(b.icmp_signed("<", ta, t1), ta, last)
 
     def block_end(tb: ir.Value) -> ir.Value:
         te = b.add(tb, i64(ATT_POS_BLOCK))
-        return b.select(b.icmp_signed("<", te, n_pos), te, n_pos)
+        return b.select(b.icmp_signed("<", te, t1), te, t1)
 
     def body(hd: ir.Value) -> None:
         """The kernel for head dim hd (a constant, or the argument)."""
@@ -309,37 +313,33 @@ def emit_attention(module: ir.Module, spec: KernelSpec, target: Target) -> None:
                         store(b, b.fmul(hsum(b, get(slots[i])), scale), srow(h), t, F32)
 
             # 1. scores
-            with for_range(b, i64(0), n_pos, ATT_POS_BLOCK, name="kb") as tb:
+            with for_range(b, t0, t1, ATT_POS_BLOCK, name="kb") as tb:
                 te = block_end(tb)
                 chunks(lambda heads: scores(heads, tb, te))
 
-            # 2. softmax of each head's scores, in place; out[h] = 0
+            # 2. exp(score - max) of each head's scores, in place, their sum; out[h] = 0
             with for_range(b, ha, hb, name="sh") as h:
                 sc = srow(h)
                 b.store(_fconst(float("-inf"), W), mxv)
-                with for_range(b, i64(0), n8, W, name="m") as t:
+                with for_range(b, t0, n8, W, name="m") as t:
                     b.store(_minmax(b, "maxnum", get(mxv), f32(sc, t)), mxv)
                 b.store(hmax(b, module, get(mxv)), mx)
-                with for_range(b, n8, n_pos, name="mt") as t:
+                with for_range(b, n8, t1, name="mt") as t:
                     b.store(b.call(maxnum, [b.load(mx, typ=F32), load(b, sc, F32, t, F32)]), mx)
                 m = b.load(mx, typ=F32)
                 m_v = splat(b, m, W)
                 b.store(zero, sumv)
-                with for_range(b, i64(0), n8, W, name="e") as t:
+                with for_range(b, t0, n8, W, name="e") as t:
                     e = vexp(b, b.fsub(f32(sc, t), m_v))
                     store(b, e, sc, t, F32)
                     b.store(b.fadd(get(sumv), e), sumv)
                 b.store(hsum(b, get(sumv)), total)
-                with for_range(b, n8, n_pos, name="et") as t:
+                with for_range(b, n8, t1, name="et") as t:
                     e = vexp(b, b.fsub(load(b, sc, _fvec(1), t, F32), splat(b, m, 1)))
                     store(b, e, sc, t, F32)
                     b.store(b.fadd(b.load(total, typ=F32), b.extract_element(e, i32(0))), total)
-                inv = b.fdiv(_fconst(1.0), b.load(total, typ=F32))
-                inv_v = splat(b, inv, W)
-                with for_range(b, i64(0), n8, W, name="n") as t:
-                    store(b, b.fmul(f32(sc, t), inv_v), sc, t, F32)
-                with for_range(b, n8, n_pos, name="nt") as t:
-                    store(b, b.fmul(load(b, sc, F32, t, F32), inv), sc, t, F32)
+                store(b, m, stats, b.mul(h, i64(2)), F32)
+                store(b, b.load(total, typ=F32), stats, b.add(b.mul(h, i64(2)), i64(1)), F32)
                 oh = gep(b, out, b.mul(h, hd), F32)
                 with for_range(b, i64(0), hd, W, name="z") as c:
                     store(b, zero, oh, c, F32)
@@ -376,7 +376,7 @@ def emit_attention(module: ir.Module, spec: KernelSpec, target: Target) -> None:
                     with b.if_then(b.icmp_signed("==", b.sub(hd, main), i64(rest))):
                         tile(heads, main, rest, tb, te)
 
-            with for_range(b, i64(0), n_pos, ATT_POS_BLOCK, name="vb") as tb:
+            with for_range(b, t0, t1, ATT_POS_BLOCK, name="vb") as tb:
                 te = block_end(tb)
                 chunks(lambda heads: v_chunk(heads, tb, te))
 
@@ -393,6 +393,46 @@ def emit_attention(module: ir.Module, spec: KernelSpec, target: Target) -> None:
     dispatch(ATT_UNROLLED_HD)
     b.ret_void()
 
+
+
+def emit_attention_merge(module: ir.Module, spec: KernelSpec, target: Target) -> None:
+    """Heads [h0, h1): out[h] = sum_j w_j out_j[h] / sum_j w_j s_j over the n_spans partials of one row (j in
+    span order), w_j = exp(m_j - M), M = max_j m_j; partials as attention_f16kv writes them, span j's at
+    po + j * n_heads * hd and st + j * n_heads * 2. Every sum is one f32 chain in span order, so the result
+    depends only on the partials, never on which thread made which."""
+    fn, b = define(module, spec.name, spec.signature)
+    po, st, out, n_spans, n_heads, hd, h0, h1 = fn.args
+    W = 8
+    vf = _fvec(W)
+    maxnum = intrinsic(module, "llvm.maxnum.f32", F32, [F32, F32])
+    mx = entry_alloca(b, F32, name="mx")
+    total = entry_alloca(b, F32, name="total")
+    span_heads = b.mul(n_heads, i64(2))
+    with for_range(b, h0, h1, name="h") as h:
+        stat = lambda j, k: load(b, st, F32, b.add(b.add(b.mul(j, span_heads), b.mul(h, i64(2))), i64(k)), F32)  # noqa: E731
+        b.store(_fconst(float("-inf")), mx)
+        with for_range(b, i64(0), n_spans, name="mj") as j:
+            b.store(b.call(maxnum, [b.load(mx, typ=F32), stat(j, 0)]), mx)
+        m = b.load(mx, typ=F32)
+        oh = gep(b, out, b.mul(h, hd), F32)
+        with for_range(b, i64(0), hd, W, name="z") as c:
+            store(b, ir.Constant(vf, None), oh, c, F32)
+        b.store(_fconst(0.0), total)
+        with for_range(b, i64(0), n_spans, name="j") as j:
+            w = b.extract_element(vexp(b, splat(b, b.fsub(stat(j, 0), m), 1)), i32(0))
+            b.store(_fmuladd1(b, w, stat(j, 1), b.load(total, typ=F32)), total)
+            pj = gep(b, po, b.add(b.mul(j, b.mul(n_heads, hd)), b.mul(h, hd)), F32)
+            w_v = splat(b, w, W)
+            with for_range(b, i64(0), hd, W, name="c") as c:
+                store(b, _fmuladd(b, w_v, load(b, pj, vf, c, F32), load(b, oh, vf, c, F32)), oh, c, F32)
+        inv = splat(b, b.fdiv(_fconst(1.0), b.load(total, typ=F32)), W)
+        with for_range(b, i64(0), hd, W, name="n") as c:
+            store(b, b.fmul(load(b, oh, vf, c, F32), inv), oh, c, F32)
+    b.ret_void()
+
+
+def _fmuladd1(b: ir.IRBuilder, x: ir.Value, y: ir.Value, z: ir.Value) -> ir.Value:
+    return b.call(intrinsic(b.module, "llvm.fmuladd.f32", F32, [F32] * 3), [x, y, z])
 
 def emit_silu_mul(module: ir.Module, spec: KernelSpec, target: Target) -> None:
     fn, b = define(module, spec.name, spec.signature)

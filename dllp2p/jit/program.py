@@ -5,9 +5,11 @@ Every thread of the node runs the same `forward`: it embeds the chunk's tokens, 
     private  h = rmsnorm(x_t); hq = quantize(h)             each thread keeps its own residual x_t
     split    q, k, v = Wq hq, Wk hq, Wv hq                  16-row groups shared out among threads
     barrier
-    split    rope(k), k, v -> f16 KV cache at pos + i        by chunk row
+    split    rope(k), k, v -> f16 KV cache at pos + i; rope(q)   by chunk row
     barrier
-    split    rope(q[i, h]); att[i, h] = attention(...)      by (row, head) pair, strided
+    split    att[i, group] = attention(...)                 by (row, KV group) pair, strided; a decode
+                                                            step (one row) splits by (span, group) pair,
+    (barrier, merge by head: one row)                       then merges the spans' partials by head
     barrier
     private  aq = quantize(att)
     split    o = Wo aq
@@ -40,6 +42,7 @@ from dataclasses import dataclass
 import llvmlite.ir as ir
 
 from ..formats import ModelConfig, QType
+from .ir_ops import ATT_SPLIT
 from .irutil import I32, I64, PTR, VOID, for_range, gep, i64, intrinsic
 from .layout import G, act_bytes
 from .specs import QUANT_WEIGHTS, KernelSpec, Op
@@ -69,7 +72,7 @@ class ProgramSpec:
             specs.append(KernelSpec(Op.MATVEC, t))
             if t in QUANT_WEIGHTS:
                 specs.append(KernelSpec(Op.MATMUL, t, self.matmul_tile))
-        for op in (Op.RMSNORM, Op.ROPE, Op.ATTENTION, Op.TO_F16, Op.SILU_MUL, Op.ADD, Op.BARRIER):
+        for op in (Op.RMSNORM, Op.ROPE, Op.ATTENTION, Op.ATTENTION_MERGE, Op.TO_F16, Op.SILU_MUL, Op.ADD, Op.BARRIER):
             specs.append(KernelSpec(op))
         return tuple(specs)
 
@@ -81,9 +84,9 @@ class Slots:
     BUFFERS = (
         "barrier", "tokens", "rope", "logits",
         # private, one region per thread (stride in the *_stride scalar or a constant)
-        "x_t", "h_t", "xq_t", "scratch_t",
+        "x_t", "h_t", "xq_t", "scratch_t", "attp_t",
         # shared between threads
-        "q", "k", "v", "att", "o", "g", "u", "s", "d",
+        "q", "k", "v", "att", "att_po", "att_st", "o", "g", "u", "s", "d",
         "embed", "output", "output_norm",
     )
     PER_LAYER = ("attn_norm", "ffn_norm", "k_cache", "v_cache") + LAYER_MATRICES
@@ -102,7 +105,8 @@ class Slots:
 
 
 def private_sizes(spec: ProgramSpec) -> dict[str, int]:
-    """Bytes of each thread's region of the private buffers (scratch_t: per context position)."""
+    """Bytes of each thread's region of the private buffers (scratch_t: per context position; attp_t: per
+    attention span, max_spans(ctx) of them)."""
     c = spec.config
     widest = max(c.dim, c.q_dim, c.ffn_dim)
     return {
@@ -110,7 +114,19 @@ def private_sizes(spec: ProgramSpec) -> dict[str, int]:
         "h_t": spec.max_chunk * c.dim * 4,
         "xq_t": spec.max_chunk * act_bytes(widest),
         "scratch_t": c.n_heads * 4,  # x ctx
+        "attp_t": span_partial_bytes(c),  # x max_spans(ctx)
     }
+
+
+def max_spans(ctx: int) -> int:
+    """Attention spans (ATT_SPLIT positions each) a row at the last position of a ctx-long cache has."""
+    return -(-ctx // ATT_SPLIT)
+
+
+def span_partial_bytes(c: ModelConfig) -> int:
+    """Bytes of one span's attention partials for all heads: out f32[n_heads, hd] then stats f32[n_heads, 2]
+    (att_po and att_st hold max_spans of each, shared; attp_t one such pair of arrays per thread)."""
+    return (c.q_dim + 2 * c.n_heads) * 4
 
 
 def build_program(module: ir.Module, spec: ProgramSpec) -> None:
@@ -229,18 +245,63 @@ class _Forward:
             self.call(Op.ROPE, krow, rope, p, nkv, hd, c.rope_dim)
             self.call(Op.TO_F16, krow, self.row(kc, p, kvd * 2), kvd)
             self.call(Op.TO_F16, self.row(v, i, kvd * 4), self.row(vc, p, kvd * 2), kvd)
+            self.call(Op.ROPE, self.row(q, i, qd * 4), rope, p, nq, hd, c.rope_dim)
         self.barrier()
 
-        with for_range(b, self.tid, b.mul(n, i64(nkv)), self.nt, name="att") as item:
-            # one (row, KV group) per item: the group's query heads share each K/V row the kernel converts
-            i, grp = b.sdiv(item, i64(nkv)), b.srem(item, i64(nkv))
-            h0 = b.mul(grp, i64(c.group_size))
-            qrow = self.row(q, i, qd * 4)
-            self.call(Op.ROPE, gep(b, qrow, b.mul(h0, i64(hd * 4))), rope, b.add(self.pos, i), c.group_size, hd, c.rope_dim)
-            self.call(Op.ATTENTION, qrow, kc, vc, self.row(att, i, qd * 4), self.scratch, b.add(self.pos, i),
-                      nq, nkv, hd, self.ctx, h0, b.add(h0, i64(c.group_size)))
+        with b.if_else(b.icmp_signed("==", n, i64(1))) as (one_row, rows):
+            with one_row:
+                self.attention_spans(kc, vc, nq, nkv)
+            with rows:
+                self.attention_rows(kc, vc, nq, nkv)
         self.barrier()
         return att
+
+    def span(self, j: ir.Value, p: ir.Value) -> tuple[ir.Value, ir.Value]:
+        """Positions [t0, t1) of span j of a row at position p."""
+        b = self.b
+        t0 = b.mul(j, i64(ATT_SPLIT))
+        end = b.add(t0, i64(ATT_SPLIT))
+        last = b.add(p, i64(1))
+        return t0, b.select(b.icmp_signed("<", end, last), end, last)
+
+    def attention_spans(self, kc: ir.Value, vc: ir.Value, nq: int, nkv: int) -> None:
+        """One row (a decode step): the threads share out the (span, KV group) pairs, each span's partials
+        going to the shared att_po / att_st, then (after a barrier) merge them by head."""
+        b, c = self.b, self.c
+        hd, gs = c.head_dim, c.group_size
+        q, att, po, st = self.ptr("q"), self.ptr("att"), self.ptr("att_po"), self.ptr("att_st")
+        n_spans = b.add(b.sdiv(self.pos, i64(ATT_SPLIT)), i64(1))
+        with for_range(b, self.tid, b.mul(n_spans, i64(nkv)), self.nt, name="span") as item:
+            j, grp = b.sdiv(item, i64(nkv)), b.srem(item, i64(nkv))
+            t0, t1 = self.span(j, self.pos)
+            h0 = b.mul(grp, i64(gs))
+            self.call(Op.ATTENTION, q, kc, vc, self.row(po, j, nq * hd * 4), self.row(st, j, nq * 8), self.scratch,
+                      t0, t1, nq, nkv, hd, self.ctx, h0, b.add(h0, i64(gs)))
+        self.barrier()
+        ha, hb = self.split(nq)
+        self.call(Op.ATTENTION_MERGE, po, st, att, n_spans, nq, hd, ha, hb)
+
+    def attention_rows(self, kc: ir.Value, vc: ir.Value, nq: int, nkv: int) -> None:
+        """Several rows (a prompt chunk): the threads share out the (row, KV group) pairs; each thread computes
+        a pair's spans one after the other into its private attp_t, then merges them: the same kernel calls
+        on the same head ranges as attention_spans, so a row's result does not depend on the path."""
+        b, c = self.b, self.c
+        hd, gs, qd = c.head_dim, c.group_size, nq * c.head_dim
+        q, att = self.ptr("q"), self.ptr("att")
+        spans = b.sdiv(b.add(self.ctx, i64(ATT_SPLIT - 1)), i64(ATT_SPLIT))  # max_spans(ctx)
+        po = gep(b, self.ptr("attp_t"), b.mul(self.tid, b.mul(spans, i64(span_partial_bytes(c)))))
+        st = gep(b, po, b.mul(spans, i64(c.q_dim * 4)))
+        with for_range(b, self.tid, b.mul(self.n, i64(nkv)), self.nt, name="att") as item:
+            i, grp = b.sdiv(item, i64(nkv)), b.srem(item, i64(nkv))
+            p = b.add(self.pos, i)
+            n_spans = b.add(b.sdiv(p, i64(ATT_SPLIT)), i64(1))
+            h0 = b.mul(grp, i64(gs))
+            qrow = self.row(q, i, qd * 4)
+            with for_range(b, i64(0), n_spans, name="sp") as j:
+                t0, t1 = self.span(j, p)
+                self.call(Op.ATTENTION, qrow, kc, vc, self.row(po, j, qd * 4), self.row(st, j, nq * 8), self.scratch,
+                          t0, t1, nq, nkv, hd, self.ctx, h0, b.add(h0, i64(gs)))
+            self.call(Op.ATTENTION_MERGE, po, st, self.row(att, i, qd * 4), n_spans, nq, hd, h0, b.add(h0, i64(gs)))
 
     def gated_ffn(self, layer: int, t: dict, rows: int) -> ir.Value:
         """h = rmsnorm(x_t); s = silu(Wg h) * (Wu h) for `rows` FFN rows (all of them, or a tensor-parallel

@@ -139,6 +139,28 @@ def attention_f16kv(q: np.ndarray, kc: np.ndarray, vc: np.ndarray, pos: int) -> 
 attention_f32 = attention_f16kv  # the earlier name (any float cache dtype works)
 
 
+def attention_span_f16kv(q: np.ndarray, kc: np.ndarray, vc: np.ndarray, t0: int, t1: int) -> tuple[np.ndarray, np.ndarray]:
+    """One span's partial over positions [t0, t1): (out f64[n_heads, hd] = sum_t e_t v_t, stats f64[n_heads, 2]
+    = (m, sum_t e_t)), with s_t = q . k_t / sqrt(hd), m = max_t s_t, e_t = exp(s_t - m)."""
+    n_heads, hd = q.shape
+    group = n_heads // kc.shape[1]
+    out, stats = np.empty((n_heads, hd)), np.empty((n_heads, 2))
+    for h in range(n_heads):
+        k = kc[t0:t1, h // group].astype(np.float64)
+        v = vc[t0:t1, h // group].astype(np.float64)
+        s = k @ q[h].astype(np.float64) / np.sqrt(hd)
+        e = np.exp(s - s.max())
+        out[h], stats[h] = e @ v, (s.max(), e.sum())
+    return out, stats
+
+
+def attention_merge(po: np.ndarray, st: np.ndarray) -> np.ndarray:
+    """Spans' partials po f[n_spans, n_heads, hd], st f[n_spans, n_heads, 2] -> softmax attention f64[n_heads, hd]."""
+    m = np.asarray(st[..., 0], np.float64)
+    w = np.exp(m - m.max(axis=0))  # [n_spans, n_heads]
+    return np.einsum("jh,jhd->hd", w, np.asarray(po, np.float64)) / (w * st[..., 1]).sum(axis=0)[:, None]
+
+
 def silu_mul_f32(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
     g = np.asarray(gate, np.float64)
     return g / (1 + np.exp(-g)) * up

@@ -13,9 +13,13 @@ a row range [r0, r1) lets threads split the rows; all ints are i64, scalars f32)
     rmsnorm_f32(x f32[n], w f32[n], out f32[n], n, eps)             out = x * w / sqrt(mean(x^2) + eps)
     rope_f32(x f32[n_heads, head_dim] in place, table f32[ctx, rope_dim/2, 2], pos, n_heads, head_dim, rope_dim)
     attention_f16kv(q f32[n_heads, hd], kc f16[ctx, n_kv, hd], vc f16[ctx, n_kv, hd], out f32[n_heads, hd],
-                    scratch f32[n_heads, ctx], pos, n_heads, n_kv, hd, ctx, h0, h1)  hd % 16 == 0, heads [h0, h1)
-                    out[h] = softmax(q[h] . kc[0..pos, h // (n_heads / n_kv)] / sqrt(hd)) . vc[0..pos, same];
-                    the KV cache is f16 (half the memory), widened to f32 16 lanes at a time
+                    stats f32[n_heads, 2], scratch f32[n_heads, ctx], t0, t1, n_heads, n_kv, hd, ctx, h0, h1)
+                    hd % 16 == 0, heads [h0, h1), positions [t0, t1): one span's softmax partial,
+                    s_t = q[h] . kc[t, h // (n_heads / n_kv)] / sqrt(hd), m = max s_t, e_t = exp(s_t - m),
+                    out[h] = sum e_t vc[t, same], stats[h] = (m, sum e_t); the KV cache is f16 (half the
+                    memory), widened to f32 as it is read
+    attention_merge(po f32[n_spans, n_heads, hd], st f32[n_spans, n_heads, 2], out f32[n_heads, hd],
+                    n_spans, n_heads, hd, h0, h1)  out[h] = softmax attention from the spans' partials
     silu_mul_f32(gate f32[n], up f32[n], out f32[n], n)               out = gate * sigmoid(gate) * up
     add_f32(x f32[n] in place, y f32[n], n)                           x += y
     to_f16(x f32[n], out f16[n], n)                                   round to nearest even (numpy astype)
@@ -45,6 +49,7 @@ class Op(enum.Enum):
     RMSNORM = "rmsnorm"
     ROPE = "rope"
     ATTENTION = "attention"
+    ATTENTION_MERGE = "attention_merge"
     SILU_MUL = "silu_mul"
     ADD = "add"
     TO_F16 = "to_f16"
@@ -66,7 +71,8 @@ _SIGNATURES = {
     Op.EMBED: _sig("w:p token:i out:p k:i"),
     Op.RMSNORM: _sig("x:p w:p out:p n:i eps:f"),
     Op.ROPE: _sig("x:p table:p pos:i n_heads:i head_dim:i rope_dim:i"),
-    Op.ATTENTION: _sig("q:p kc:p vc:p out:p scratch:p pos:i n_heads:i n_kv:i hd:i ctx:i h0:i h1:i"),
+    Op.ATTENTION: _sig("q:p kc:p vc:p out:p stats:p scratch:p t0:i t1:i n_heads:i n_kv:i hd:i ctx:i h0:i h1:i"),
+    Op.ATTENTION_MERGE: _sig("po:p st:p out:p n_spans:i n_heads:i hd:i h0:i h1:i"),
     Op.SILU_MUL: _sig("gate:p up:p out:p n:i"),
     Op.ADD: _sig("x:p y:p n:i"),
     Op.TO_F16: _sig("x:p out:p n:i"),
@@ -108,6 +114,8 @@ class KernelSpec:
             return {Op.BARRIER: "barrier_wait", Op.BARRIER_DEMO: "barrier_demo"}[self.op]
         if self.op == Op.ATTENTION:
             return "attention_f16kv"
+        if self.op == Op.ATTENTION_MERGE:
+            return "attention_merge"
         if self.op == Op.TO_F16:
             return "to_f16"
         return f"{self.op.value}_f32"
@@ -123,6 +131,6 @@ def all_specs(matmul_tile: int = 4) -> tuple[KernelSpec, ...]:
     specs += [KernelSpec(Op.MATVEC, q) for q in QUANT_WEIGHTS + FLOAT_WEIGHTS]
     specs += [KernelSpec(Op.MATMUL, q, matmul_tile) for q in QUANT_WEIGHTS]
     specs += [KernelSpec(Op.EMBED, q) for q in QUANT_WEIGHTS + FLOAT_WEIGHTS]
-    specs += [KernelSpec(op) for op in (Op.RMSNORM, Op.ROPE, Op.ATTENTION, Op.SILU_MUL, Op.ADD, Op.TO_F16, Op.BARRIER,
+    specs += [KernelSpec(op) for op in (Op.RMSNORM, Op.ROPE, Op.ATTENTION, Op.ATTENTION_MERGE, Op.SILU_MUL, Op.ADD, Op.TO_F16, Op.BARRIER,
                                            Op.BARRIER_DEMO)]
     return tuple(specs)
