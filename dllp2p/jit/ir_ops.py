@@ -28,8 +28,8 @@ def _exp(b: ir.IRBuilder, v: ir.Value) -> ir.Value:
 
 
 def _fmuladd(b: ir.IRBuilder, x: ir.Value, y: ir.Value, z: ir.Value) -> ir.Value:
-    n = x.type.count
-    return b.call(intrinsic(b.module, f"llvm.fmuladd.v{n}f32", x.type, [x.type] * 3), [x, y, z])
+    name = f"llvm.fmuladd.v{x.type.count}f32" if isinstance(x.type, ir.VectorType) else "llvm.fmuladd.f32"
+    return b.call(intrinsic(b.module, name, x.type, [x.type] * 3), [x, y, z])
 
 
 def _fconst(v: float, n: int = 0) -> ir.Constant:
@@ -394,7 +394,6 @@ def emit_attention(module: ir.Module, spec: KernelSpec, target: Target) -> None:
     b.ret_void()
 
 
-
 def emit_attention_merge(module: ir.Module, spec: KernelSpec, target: Target) -> None:
     """Heads [h0, h1): out[h] = sum_j w_j out_j[h] / sum_j w_j s_j over the n_spans partials of one row (j in
     span order), w_j = exp(m_j - M), M = max_j m_j; partials as attention_f16kv writes them, span j's at
@@ -420,7 +419,7 @@ def emit_attention_merge(module: ir.Module, spec: KernelSpec, target: Target) ->
         b.store(_fconst(0.0), total)
         with for_range(b, i64(0), n_spans, name="j") as j:
             w = b.extract_element(vexp(b, splat(b, b.fsub(stat(j, 0), m), 1)), i32(0))
-            b.store(_fmuladd1(b, w, stat(j, 1), b.load(total, typ=F32)), total)
+            b.store(_fmuladd(b, w, stat(j, 1), b.load(total, typ=F32)), total)
             pj = gep(b, po, b.add(b.mul(j, b.mul(n_heads, hd)), b.mul(h, hd)), F32)
             w_v = splat(b, w, W)
             with for_range(b, i64(0), hd, W, name="c") as c:
@@ -430,9 +429,6 @@ def emit_attention_merge(module: ir.Module, spec: KernelSpec, target: Target) ->
             store(b, b.fmul(load(b, oh, vf, c, F32), inv), oh, c, F32)
     b.ret_void()
 
-
-def _fmuladd1(b: ir.IRBuilder, x: ir.Value, y: ir.Value, z: ir.Value) -> ir.Value:
-    return b.call(intrinsic(b.module, "llvm.fmuladd.f32", F32, [F32] * 3), [x, y, z])
 
 def emit_silu_mul(module: ir.Module, spec: KernelSpec, target: Target) -> None:
     fn, b = define(module, spec.name, spec.signature)

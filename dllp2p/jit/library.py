@@ -20,7 +20,10 @@ import llvmlite.ir as ir
 from .compiler import DEFAULT_CACHE_DIR, CompiledModule, ObjectCache, Target, compile_module, host_target
 from .ir_barrier import emit_barrier, emit_barrier_demo
 from .ir_matvec import emit_matmul_q, emit_matvec_f, emit_matvec_q, emit_quantize, emit_quantize_q8_0
-from .ir_ops import emit_add, emit_add_q8_0, emit_attention, emit_attention_merge, emit_embed, emit_rmsnorm, emit_rope, emit_silu_mul, emit_to_f16
+from .ir_ops import (
+    emit_add, emit_add_q8_0, emit_attention, emit_attention_merge, emit_embed, emit_rmsnorm, emit_rope, emit_silu_mul,
+    emit_to_f16,
+)
 from .specs import QUANT_WEIGHTS, KernelSpec, Op
 
 _CTYPES = {"p": ctypes.c_void_p, "i": ctypes.c_int64, "f": ctypes.c_float}

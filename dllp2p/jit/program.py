@@ -256,52 +256,53 @@ class _Forward:
         self.barrier()
         return att
 
-    def span(self, j: ir.Value, p: ir.Value) -> tuple[ir.Value, ir.Value]:
-        """Positions [t0, t1) of span j of a row at position p."""
-        b = self.b
+    def n_spans(self, p: ir.Value) -> ir.Value:
+        """Attention spans of a row at position p: positions 0..p cut at multiples of ATT_SPLIT."""
+        return self.b.add(self.b.sdiv(p, i64(ATT_SPLIT)), i64(1))
+
+    def span_partial(self, qrow: ir.Value, kc: ir.Value, vc: ir.Value, po: ir.Value, st: ir.Value, j: ir.Value,
+                     p: ir.Value, grp: ir.Value, nq: int, nkv: int) -> None:
+        """Span j's partials, for the heads of KV group grp, of the row at position p -> span j's slots of po, st.
+        Both attention paths make exactly these calls, so a row's result does not depend on the path."""
+        b, c = self.b, self.c
         t0 = b.mul(j, i64(ATT_SPLIT))
-        end = b.add(t0, i64(ATT_SPLIT))
-        last = b.add(p, i64(1))
-        return t0, b.select(b.icmp_signed("<", end, last), end, last)
+        end, last = b.add(t0, i64(ATT_SPLIT)), b.add(p, i64(1))
+        t1 = b.select(b.icmp_signed("<", end, last), end, last)
+        h0 = b.mul(grp, i64(c.group_size))
+        self.call(Op.ATTENTION, qrow, kc, vc, self.row(po, j, nq * c.head_dim * 4), self.row(st, j, nq * 8),
+                  self.scratch, t0, t1, nq, nkv, c.head_dim, self.ctx, h0, b.add(h0, i64(c.group_size)))
 
     def attention_spans(self, kc: ir.Value, vc: ir.Value, nq: int, nkv: int) -> None:
         """One row (a decode step): the threads share out the (span, KV group) pairs, each span's partials
         going to the shared att_po / att_st, then (after a barrier) merge them by head."""
-        b, c = self.b, self.c
-        hd, gs = c.head_dim, c.group_size
-        q, att, po, st = self.ptr("q"), self.ptr("att"), self.ptr("att_po"), self.ptr("att_st")
-        n_spans = b.add(b.sdiv(self.pos, i64(ATT_SPLIT)), i64(1))
+        b = self.b
+        po, st = self.ptr("att_po"), self.ptr("att_st")
+        n_spans = self.n_spans(self.pos)
         with for_range(b, self.tid, b.mul(n_spans, i64(nkv)), self.nt, name="span") as item:
             j, grp = b.sdiv(item, i64(nkv)), b.srem(item, i64(nkv))
-            t0, t1 = self.span(j, self.pos)
-            h0 = b.mul(grp, i64(gs))
-            self.call(Op.ATTENTION, q, kc, vc, self.row(po, j, nq * hd * 4), self.row(st, j, nq * 8), self.scratch,
-                      t0, t1, nq, nkv, hd, self.ctx, h0, b.add(h0, i64(gs)))
+            self.span_partial(self.ptr("q"), kc, vc, po, st, j, self.pos, grp, nq, nkv)
         self.barrier()
         ha, hb = self.split(nq)
-        self.call(Op.ATTENTION_MERGE, po, st, att, n_spans, nq, hd, ha, hb)
+        self.call(Op.ATTENTION_MERGE, po, st, self.ptr("att"), n_spans, nq, self.c.head_dim, ha, hb)
 
     def attention_rows(self, kc: ir.Value, vc: ir.Value, nq: int, nkv: int) -> None:
         """Several rows (a prompt chunk): the threads share out the (row, KV group) pairs; each thread computes
-        a pair's spans one after the other into its private attp_t, then merges them: the same kernel calls
-        on the same head ranges as attention_spans, so a row's result does not depend on the path."""
+        a pair's spans one after the other into its private attp_t, then merges them."""
         b, c = self.b, self.c
-        hd, gs, qd = c.head_dim, c.group_size, nq * c.head_dim
-        q, att = self.ptr("q"), self.ptr("att")
+        qd, gs = nq * c.head_dim, c.group_size
         spans = b.sdiv(b.add(self.ctx, i64(ATT_SPLIT - 1)), i64(ATT_SPLIT))  # max_spans(ctx)
         po = gep(b, self.ptr("attp_t"), b.mul(self.tid, b.mul(spans, i64(span_partial_bytes(c)))))
         st = gep(b, po, b.mul(spans, i64(c.q_dim * 4)))
         with for_range(b, self.tid, b.mul(self.n, i64(nkv)), self.nt, name="att") as item:
             i, grp = b.sdiv(item, i64(nkv)), b.srem(item, i64(nkv))
             p = b.add(self.pos, i)
-            n_spans = b.add(b.sdiv(p, i64(ATT_SPLIT)), i64(1))
-            h0 = b.mul(grp, i64(gs))
-            qrow = self.row(q, i, qd * 4)
+            n_spans = self.n_spans(p)
+            qrow = self.row(self.ptr("q"), i, qd * 4)
             with for_range(b, i64(0), n_spans, name="sp") as j:
-                t0, t1 = self.span(j, p)
-                self.call(Op.ATTENTION, qrow, kc, vc, self.row(po, j, qd * 4), self.row(st, j, nq * 8), self.scratch,
-                          t0, t1, nq, nkv, hd, self.ctx, h0, b.add(h0, i64(gs)))
-            self.call(Op.ATTENTION_MERGE, po, st, self.row(att, i, qd * 4), n_spans, nq, hd, h0, b.add(h0, i64(gs)))
+                self.span_partial(qrow, kc, vc, po, st, j, p, grp, nq, nkv)
+            h0 = b.mul(grp, i64(gs))
+            self.call(Op.ATTENTION_MERGE, po, st, self.row(self.ptr("att"), i, qd * 4), n_spans, nq, c.head_dim,
+                      h0, b.add(h0, i64(gs)))
 
     def gated_ffn(self, layer: int, t: dict, rows: int) -> ir.Value:
         """h = rmsnorm(x_t); s = silu(Wg h) * (Wu h) for `rows` FFN rows (all of them, or a tensor-parallel

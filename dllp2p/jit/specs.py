@@ -131,6 +131,6 @@ def all_specs(matmul_tile: int = 4) -> tuple[KernelSpec, ...]:
     specs += [KernelSpec(Op.MATVEC, q) for q in QUANT_WEIGHTS + FLOAT_WEIGHTS]
     specs += [KernelSpec(Op.MATMUL, q, matmul_tile) for q in QUANT_WEIGHTS]
     specs += [KernelSpec(Op.EMBED, q) for q in QUANT_WEIGHTS + FLOAT_WEIGHTS]
-    specs += [KernelSpec(op) for op in (Op.RMSNORM, Op.ROPE, Op.ATTENTION, Op.ATTENTION_MERGE, Op.SILU_MUL, Op.ADD, Op.TO_F16, Op.BARRIER,
-                                           Op.BARRIER_DEMO)]
+    specs += [KernelSpec(op) for op in (Op.RMSNORM, Op.ROPE, Op.ATTENTION, Op.ATTENTION_MERGE, Op.SILU_MUL, Op.ADD,
+                                        Op.TO_F16, Op.BARRIER, Op.BARRIER_DEMO)]
     return tuple(specs)
