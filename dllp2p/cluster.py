@@ -47,6 +47,7 @@ from .link import (
     shutdown,
 )
 from .protocol import (
+    MAX_TOP,
     PROTOCOL_VERSION,
     Error,
     Hello,
@@ -170,13 +171,15 @@ class ClusterEngine:
             threads = default_threads()
         return trio.run(partial(start, model, options, ctx, threads, tp, err))
 
-    def forward(self, tokens: Sequence[int], start_pos: int) -> np.ndarray:
+    max_top = MAX_TOP  # forward(..., top=K): the workers send only their K best logits (TPNode.forward)
+
+    def forward(self, tokens: Sequence[int], start_pos: int, top: int = 0) -> np.ndarray:
         if self._closed:
             raise ClusterError("the cluster engine is closed")
         tokens = tuple(int(t) for t in tokens)
         if start_pos + len(tokens) > self.ctx:
             raise ContextFull(f"positions {start_pos}..{start_pos + len(tokens) - 1} do not fit the context of {self.ctx}")
-        frame = encode(Step(self.plan.epoch, self._seq, tokens, start_pos))
+        frame = encode(Step(self.plan.epoch, self._seq, tokens, start_pos, top))
         self._seq += 1
         for w in self._workers:
             try:
@@ -184,7 +187,7 @@ class ClusterEngine:
             except (LinkClosed, LinkTimeout) as e:
                 raise self._lost(w, str(e)) from None
         try:
-            logits = self._node.forward(tokens, start_pos)
+            logits = self._node.forward(tokens, start_pos, top)
         except self._tp.PeerLost as e:
             w = next((w for w in self._workers if w.index == e.node), None)
             raise self._lost(w, str(e).removeprefix(f"node {e.node}: ")) from None

@@ -663,7 +663,7 @@ class Daemon:
                 if msg.start_pos + len(msg.tokens) > s.ctx or max(msg.tokens) >= s.config.vocab_size:
                     raise UnexpectedMessage(f"Step {seq} does not fit the context ({s.ctx}) or vocabulary")
                 t0 = time.perf_counter()
-                node.forward(msg.tokens, msg.start_pos)
+                node.forward(msg.tokens, msg.start_pos, msg.top)
                 stats = getattr(node, "stats", None) or {}
                 self.last_step = StepStatus(len(msg.tokens), stats.get("step_ms", (time.perf_counter() - t0) * 1e3),
                                             stats.get("sync_ms", 0.0), time.time())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable, Collection, Iterator, Sequence
 
 from .engine import Engine
@@ -52,8 +53,12 @@ def generate(
     if len(prompt) >= engine.ctx:
         raise ValueError(f"the prompt has {len(prompt)} tokens; the context holds {engine.ctx} (raise --ctx)")
     history = list(prompt)
+    forward = engine.forward
+    top = sampler.cfg.best_logits()
+    if 0 < top <= getattr(engine, "max_top", 0):  # a cluster: workers send their best `top` logits only
+        forward = partial(engine.forward, top=top)
     t0 = clock()
-    logits = engine.forward(prompt, 0)
+    logits = forward(prompt, 0)
     stats.prefill_s = clock() - t0
     stats.stop_reason = "steps"
     for i in range(max_tokens):
@@ -70,5 +75,5 @@ def generate(
             stats.stop_reason = "context"
             return
         t0 = clock()
-        logits = engine.forward([token], len(history) - 1)
+        logits = forward([token], len(history) - 1)
         stats.decode_s += clock() - t0

@@ -29,7 +29,8 @@ A prompt: Generate (`dllp2p run` -> its local daemon, forwarded to the root with
 ... TokenChunk -> Done, or Error at any point; one request per connection.
 
 Activations travel as ggml Q8_0 blocks (34 bytes per 32 values: f16 scale + 32 i8), about a quarter of f32;
-logits travel as f32, since greedy decoding must match the single-node engine exactly.
+logits travel as f32, since greedy decoding must match the single-node engine exactly: all of them, or
+a node's `top` best (Step.top) when that is all the root's sampling reads.
 
 Error handling: every problem with received bytes is a ProtocolError (a ValueError) with a one-line
 message. `fatal` errors (BadMagic, ProtocolVersionError, FrameTooLarge) leave the byte stream
@@ -60,12 +61,13 @@ from .formats.quant import QK, TRAITS, QType, dequantize, quantize
 from .scheduler import NodeSlice, Peer, Plan
 
 MAGIC = b"DLP2"
-PROTOCOL_VERSION = 2  # 2: Plan.exchange
+PROTOCOL_VERSION = 3  # 2: Plan.exchange; 3: Step.top
 HEADER = struct.Struct(">4sBBI")  # magic, version, type, body length
 HEADER_SIZE = HEADER.size  # 10
 MAX_FRAME = 64 << 20  # body bytes
 MAX_CHUNK = 4 << 20  # weight bytes per WeightChunk
 Q8_0_BLOCK = TRAITS[QType.Q8_0].block_bytes  # 34
+MAX_TOP = 64  # Step.top: the most logits a step may ask each node for
 
 ROLES = ("root", "worker")
 STAGE_ATTENTION, STAGE_FFN = 0, 1  # the two exchanges of every layer
@@ -229,10 +231,12 @@ class Step:
     seq: int  # step number within the epoch
     tokens: tuple[int, ...]
     start_pos: int
+    top: int = 0  # the nodes send the root their `top` best logits only (greedy: 1, top-k: k); 0: all
 
     def __post_init__(self) -> None:
         _need(min(self.epoch, self.seq, self.start_pos) >= 0, "negative epoch, seq or start_pos")
         _need(len(self.tokens) >= 1 and min(self.tokens) >= 0, "tokens must be one or more ids >= 0")
+        _need(0 <= self.top <= MAX_TOP, f"top {self.top} outside 0..{MAX_TOP}")
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,15 @@ class SamplerConfig:
             raise ValueError("repeat penalty must be > 0")
 
 
+    def best_logits(self) -> int:
+        """How many of the best logits sampling reads (greedy: 1, top-k: k), 0 for all of them (no top-k,
+        or a repeat penalty, which may lift a recent token from anywhere). A cluster whose workers send
+        the root only that many per step (Step.top) samples exactly what it would from every logit."""
+        if self.repeat_penalty != 1.0:
+            return 0
+        return 1 if self.temperature == 0.0 else self.top_k
+
+
 def apply_repeat_penalty(logits: np.ndarray, recent: Sequence[int], penalty: float) -> np.ndarray:
     """Positive logits of recent tokens are divided by the penalty, negative ones multiplied."""
     if penalty == 1.0 or not recent:

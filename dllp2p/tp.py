@@ -28,10 +28,12 @@ import numpy as np
 from .formats import GGUFModel, ModelConfig, QType
 from .jit.compiler import DEFAULT_CACHE_DIR
 from .jit.engine import JITEngine, _kernel_type
-from .jit.layout import aligned_zeros
+from .jit.layout import CANDIDATE, aligned_zeros
 from .jit.program import LAYER_MATRICES, ProgramSpec
 from .jit.specs import QUANT_WEIGHTS
-from .jit.tp_program import RECV_SPINS, Partition, TPSlots, build_tp_program, bytes_per_step, tp_buffer_sizes
+from .jit.tp_program import (
+    MAX_TOP, RECV_SPINS, Partition, TPSlots, build_tp_program, bytes_per_step, top_of, tp_buffer_sizes,
+)
 from .jit.weights import LAYOUT_VERSION, PackedModel, cached, execution_order, pack
 from .scheduler import Plan
 
@@ -187,6 +189,7 @@ class TPNode(JITEngine):
         self._start(config, ctx, threads, spec, packed, cache_dir, t0)
         self._table[self._slots["recv_spins"]] = recv_spins
         self.stats: dict[str, float] = {}
+        self._top = 0
 
     def _program_key(self) -> str:
         return repr(self.part)
@@ -212,18 +215,30 @@ class TPNode(JITEngine):
         finally:
             self.config = config
 
-    def forward(self, tokens: Sequence[int], start_pos: int) -> np.ndarray | None:
+    max_top = MAX_TOP  # forward(..., top=K): see forward
+
+    def forward(self, tokens: Sequence[int], start_pos: int, top: int = 0) -> np.ndarray | None:
+        """Every node calls it with the same arguments; node 0 gets the logits of the last token. With
+        top = K > 0 the other nodes send only their K best logits (tp_program.logits): node 0's own
+        vocabulary rows are exact, the rest -inf but those, so greedy and top-k (k <= K) sampling read the
+        same candidates, values and order as from all logits. Prompt chunks before the last send 1."""
+        if not 0 <= top <= MAX_TOP:
+            raise ValueError(f"top must be 0 (all logits) .. {MAX_TOP}, not {top}")
         t = self._table
         t[self._slots["sync_ns"]] = 0
+        self._top = top
         t0 = time.perf_counter()
         result = super().forward(tokens, start_pos)
         total = time.perf_counter() - t0
         sync = t[self._slots["sync_ns"]] / 1e9
         n = len(tokens)
-        sent, received = bytes_per_step(self.spec, self.part, n)  # the logits go once, for the last token
+        sent, received = bytes_per_step(self.spec, self.part, n, top)
         self.stats = {"step_ms": total * 1e3, "sync_ms": sync * 1e3, "compute_ms": (total - sync) * 1e3,
                       "bytes_sent": sent, "bytes_received": received, "tokens": n}
         return result
+
+    def _before_step(self, last: bool) -> None:
+        self._table[self._slots["top"]] = self._top if last else 1  # a chunk before the last: logits unused
 
     def _after_step(self) -> None:
         err = int(self._table[self._slots["error"]])
@@ -232,4 +247,17 @@ class TPNode(JITEngine):
             raise PeerLost(err - 1, "connection closed, reset or timed out during a step")
 
     def _result(self) -> np.ndarray | None:
-        return self._bufs["logits_full"].view(np.float32).copy() if self.index == 0 else None
+        if self.index != 0:
+            return None
+        full = self._bufs["logits_full"].view(np.float32)
+        if not self._top:
+            return full.copy()
+        part = self.part
+        cands = self._bufs["cands"].view(CANDIDATE).reshape(part.n_nodes, MAX_TOP)
+        out = np.full(self.config.vocab_size, -np.inf, np.float32)
+        v0, v1 = part.vocab_rows[0]
+        out[v0:v1] = full[v0:v1]
+        for j in range(1, part.n_nodes):
+            best = cands[j, : top_of(part, j, self._top)]
+            out[best["index"]] = best["value"]
+        return out

@@ -10,7 +10,8 @@ benchmark: dim 2048, 16 layers, 32 heads, 8 KV heads, FFN 5632, vocab 32000, Q4_
 only. Every layout runs once per exchange (scheduler.EXCHANGES: "exact" row-split, bit-identical to one
 node; "q8" Megatron partial sums in Q8_0); each such run is a cluster, and all clusters are started
 first and stay up. Each gets the same prompt, then they take turns: in each of R rounds every cluster
-decodes `tokens` greedy tokens, in the order given. A shared machine's speed drifts by tens of percent
+decodes `tokens` greedy tokens, in the order given (each step asking the workers for their best logit
+only, as `dllp2p run --temperature 0` does). A shared machine's speed drifts by tens of percent
 over minutes, so the clusters are compared round by round: `vs_first` is the median, over rounds, of a
 cluster's median ms/token divided by the first cluster's in the same round. The root's first logits are
 compared with the first cluster's (max |difference|: 0 for exact). Also reported per cluster: ms/token
@@ -99,11 +100,11 @@ class Cluster:
         self.sync: list[float] = []
         self.round_ms: list[float] = []  # median ms/token of each round
 
-    def step(self, toks: list[int]) -> np.ndarray:
-        frame = struct.pack(f"<qq{len(toks)}q", self.pos, len(toks), *toks)
+    def step(self, toks: list[int], top: int = 0) -> np.ndarray:
+        frame = struct.pack(f"<qqq{len(toks)}q", self.pos, len(toks), top, *toks)
         for i in range(1, self.n_nodes):
             self._ctl[i][0].sendall(frame)
-        self.logits = self.root.forward(toks, self.pos)
+        self.logits = self.root.forward(toks, self.pos, top)
         self.pos += len(toks)
         return self.logits
 
@@ -111,7 +112,7 @@ class Cluster:
         ms = []
         for _ in range(tokens):
             t0 = time.perf_counter()
-            self.step([int(np.argmax(self.logits))])
+            self.step([int(np.argmax(self.logits))], top=1)  # greedy: the workers send their best logit
             ms.append((time.perf_counter() - t0) * 1e3)
             self.sync.append(self.root.stats["sync_ms"])
         self.ms += ms
@@ -120,7 +121,7 @@ class Cluster:
     def close(self) -> None:
         for i in range(1, self.n_nodes):
             with contextlib.suppress(OSError):
-                self._ctl[i][0].sendall(struct.pack("<qq", -1, 0))
+                self._ctl[i][0].sendall(struct.pack("<qqq", -1, 0, 0))
         for pid in self._children:
             os.waitpid(pid, 0)
         self._children = []
@@ -145,7 +146,7 @@ class Cluster:
 def _fork_node(model, p, index: int, peers, ctl: socket.socket, ctx: int, threads: int, spins: int) -> int:
     """Node `index` in a child process, as on a device of its own: it builds its TPNode, says b"R" on
     its control socket, then, like a daemon's worker, blocks for each step's small frame from the root
-    (position, token count, tokens) and runs its forward; a negative position ends it. -> the pid."""
+    (position, token count, logits asked for, tokens) and runs its forward; a negative position ends it. -> the pid."""
     pid = os.fork()
     if pid:
         return pid
@@ -154,10 +155,10 @@ def _fork_node(model, p, index: int, peers, ctl: socket.socket, ctx: int, thread
         node = TPNode(model.config, p, index, node_tensors(model, p, index), peers, ctx, threads, recv_spins=spins)
         ctl.sendall(b"R")
         while True:
-            pos, n = struct.unpack("<qq", _recv_exact(ctl, 16))
+            pos, n, top = struct.unpack("<qqq", _recv_exact(ctl, 24))
             if pos < 0:
                 break
-            node.forward(list(struct.unpack(f"<{n}q", _recv_exact(ctl, 8 * n))), pos)
+            node.forward(list(struct.unpack(f"<{n}q", _recv_exact(ctl, 8 * n))), pos, top)
         node.close()
         code = 0
     except BaseException as e:  # noqa: BLE001 - the child reports and exits; the root sees the lost peer

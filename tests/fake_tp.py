@@ -83,7 +83,7 @@ class TPNode:
         self.stats: dict[str, float] = {}
         self.closed = False
 
-    def forward(self, tokens, start_pos):
+    def forward(self, tokens, start_pos, top=0):
         t0 = time.perf_counter()
         mine = (self.index, start_pos, sum(tokens), len(tokens), self.checksum)
         payload = PART.pack(*mine)

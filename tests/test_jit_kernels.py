@@ -390,6 +390,25 @@ def test_to_f16_bit_exact(lib, n, seed):
     assert (out[n:] == 0x5A5A).all()
 
 
+@SETTINGS
+@given(n=st.integers(1, 300), data=st.data(), ties=st.booleans(), seed=seeds)
+def test_top_k_matches_stable_argsort(lib, n, data, ties, seed):
+    """The k best values and their indices, in numpy's stable-argsort order, ties included (few distinct
+    values when `ties`), -inf and duplicates at the cut; nothing written past k records."""
+    k = data.draw(st.integers(1, n))
+    base = data.draw(st.integers(0, 1 << 20))
+    rng = np.random.default_rng(seed)
+    x = (rng.integers(-3, 4, n) if ties else rng.standard_normal(n) * 10).astype(np.float32)
+    x[rng.random(n) < 0.05] = -np.inf
+    out = np.zeros(k + 2, ref.CANDIDATE)
+    out["value"], out["index"] = SENTINEL, -7
+    lib["top_k_f32"](P(x), n, k, base, P(out))
+    want = ref.top_k_f32(x, k, base)
+    np.testing.assert_array_equal(out["value"][:k], want["value"])
+    np.testing.assert_array_equal(out["index"][:k], want["index"])
+    assert (out["index"][k:] == -7).all()
+
+
 # --- rope ---------------------------------------------------------------------------------------------
 
 @SETTINGS

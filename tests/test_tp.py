@@ -59,12 +59,12 @@ class Cluster:
         self.nodes = [TPNode(model.config, self.plan, i, node_tensors(model, self.plan, i), self.socks[i], ctx,
                              threads, cache_dir=cache_dir, recv_spins=spins) for i in range(n_nodes)]
 
-    def forward(self, tokens, pos):
+    def forward(self, tokens, pos, top=0):
         out, errors = [None] * len(self.nodes), []
 
         def run(i):
             try:
-                out[i] = self.nodes[i].forward(tokens, pos)
+                out[i] = self.nodes[i].forward(tokens, pos, top)
             except Exception as e:  # noqa: BLE001 - collected and re-raised by the test
                 errors.append(e)
 
@@ -162,6 +162,90 @@ def test_bytes_per_token_match_traffic(kv8_model, cache_dir):
         assert 0 <= stats["sync_ms"] <= stats["step_ms"]
     finally:
         cluster.close()
+
+
+@pytest.mark.parametrize("n_nodes,exchange", [(2, "exact"), (4, "q8")])
+def test_top_logits_are_what_sampling_reads(kv8_model, cache_dir, n_nodes, exchange):
+    """With top=K the workers send their K best logits: node 0's rows stay whole, every other row is
+    -inf but each node's K best (by numpy's stable order, value for value), so the greedy token and the
+    top-k candidates and probabilities (k <= K) are those of all the logits. Each step runs twice at the
+    same position (the KV cache rows are rewritten with the same values): once with all logits."""
+    from dllp2p.sampler import SamplerConfig, candidate_probs
+
+    cluster = Cluster(kv8_model, n_nodes, "pow2", cache_dir, exchange=exchange)
+    part, K = cluster.nodes[0].part, 8
+    try:
+        prompt = list(np.random.default_rng(5).integers(0, kv8_model.config.vocab_size, 9))
+        token, pos = prompt, 0
+        for _ in range(6):
+            full = cluster.forward(token, pos)
+            best = cluster.forward(token, pos, top=K)
+            v0, v1 = part.vocab_rows[0]
+            np.testing.assert_array_equal(best[v0:v1], full[v0:v1])
+            for a, b in part.vocab_rows[1:]:
+                keep = np.sort(a + np.argsort(-full[a:b], kind="stable")[:K])
+                np.testing.assert_array_equal(np.flatnonzero(np.isfinite(best[a:b])) + a, keep)
+                np.testing.assert_array_equal(best[keep], full[keep])
+            assert int(np.argmax(best)) == int(np.argmax(full))
+            for cfg in (SamplerConfig(top_k=K), SamplerConfig(temperature=1.5, top_k=5, top_p=1.0, min_p=0.0)):
+                (ids_b, p_b), (ids_f, p_f) = candidate_probs(best, cfg), candidate_probs(full, cfg)
+                np.testing.assert_array_equal(ids_b, ids_f)
+                np.testing.assert_array_equal(p_b, p_f)
+            pos += len(token)
+            token = [int(np.argmax(full))]
+        sent, received = cluster.nodes[0].stats["bytes_sent"], cluster.nodes[0].stats["bytes_received"]
+        cluster.forward([1], pos)
+        assert cluster.nodes[0].stats["bytes_received"] - cluster.nodes[0].stats["bytes_sent"] == (
+            sum(b - a for a, b in part.vocab_rows[1:]) * 4)  # all logits: 4 bytes a row
+        assert received - sent == (n_nodes - 1) * K * 8  # K records of (f32, i32) per worker
+    finally:
+        cluster.close()
+
+
+@pytest.mark.parametrize("cfg,top", [(dict(temperature=0.0), 1), (dict(temperature=0.9, top_k=40, seed=11), 40),
+                                     (dict(temperature=0.9, top_k=0, seed=11), 0),
+                                     (dict(temperature=0.0, repeat_penalty=1.3), 0)])
+def test_generate_asks_for_what_the_sampler_reads(kv8_model, cache_dir, cfg, top):
+    """generate() on a cluster asks for 1 logit per worker when greedy, k with top-k, all of them without
+    top-k or with a repeat penalty; the tokens are the single node's, draw for draw."""
+    from dllp2p.generate import generate
+    from dllp2p.sampler import Sampler, SamplerConfig
+
+    single = JITEngine(kv8_model, 64, threads=1, cache_dir=cache_dir)
+    cluster = Cluster(kv8_model, 2, "pow2", cache_dir, ctx=64)
+    asked = []
+
+    class Engine:  # the test cluster behind the Engine protocol, as cluster.ClusterEngine
+        ctx, max_top = 64, TPNode.max_top
+
+        def forward(self, tokens, pos, top=0):
+            asked.append(top)
+            return cluster.forward(tokens, pos, top)
+
+    try:
+        sc = SamplerConfig(**cfg)
+        prompt = [3, 1, 4, 1, 5]
+        got = list(generate(Engine(), prompt, Sampler(sc), 24))
+        assert got == list(generate(single, prompt, Sampler(sc), 24))
+        assert set(asked) == {top}
+    finally:
+        cluster.close()
+        single.close()
+
+
+def test_prompt_chunks_before_the_last_send_one_logit(kv8_model, cache_dir):
+    """A prompt longer than a chunk: the logits of every chunk but the last are never read, so each
+    worker sends 1 record for those whatever the step asked; the last chunk's logits are exact."""
+    single = JITEngine(kv8_model, 160, threads=1, cache_dir=cache_dir, max_chunk=64)
+    cluster = Cluster(kv8_model, 2, "pow2", cache_dir, ctx=160)
+    try:
+        prompt = list(np.random.default_rng(6).integers(0, kv8_model.config.vocab_size, 150))  # 3 chunks
+        np.testing.assert_array_equal(cluster.forward(prompt, 0), single.forward(prompt, 0))
+        s = cluster.nodes[0].stats
+        assert s["bytes_received"] - s["bytes_sent"] == kv8_model.config.vocab_size // 2 * 4 + 2 * 8
+    finally:
+        cluster.close()
+        single.close()
 
 
 # --- the q8 exchange: Megatron partial sums in Q8_0 --------------------------------------------------------

@@ -179,9 +179,13 @@ class JITEngine:
             toks[: len(chunk)] = chunk
             table[self._pos_slot] = start_pos + lo
             table[self._n_slot] = len(chunk)
+            self._before_step(last=lo + mc >= n)
             self._step(self._table_addr)
             self._after_step()
         return self._result()
+
+    def _before_step(self, last: bool) -> None:
+        pass
 
     def _after_step(self) -> None:
         pass

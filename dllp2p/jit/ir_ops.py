@@ -8,7 +8,7 @@ import llvmlite.ir as ir
 from ..formats.quant import QK, QType
 from .compiler import Target
 from .irutil import (
-    F16, F32, I8, I32, PTR, define, entry_alloca, for_range, gep, hmax, hsum, i32, i64, intrinsic, load, mask, splat,
+    F16, F32, I8, I32, I64, PTR, define, entry_alloca, for_range, gep, hmax, hsum, i32, i64, intrinsic, load, mask, splat,
     store, vec, vector_loop,
 )
 from .layout import Q8_0_BLOCK, G, chunk_bytes
@@ -530,4 +530,47 @@ def _emit_embed_packed(b: ir.IRBuilder, qtype: QType, w, token, out, k) -> None:
                 else:
                     store(b, value(b.and_(byte, ir.Constant(I32, 15))), ob, i64(4 * j + e), F32)
                     store(b, value(b.lshr(byte, ir.Constant(I32, 4))), ob, i64(16 + 4 * j + e), F32)
+    b.ret_void()
+
+
+def emit_top_k(module: ir.Module, spec: KernelSpec, target: Target) -> None:
+    """out[j] = (x[i_j], i_j + base) for the k largest x, largest first, equal values by lower index first
+    (the order of numpy's stable argsort of -x), 1 <= k <= n; 8 bytes per record (f32, i32). One pass
+    with a sorted list: x[i] enters when the list is not yet full or x[i] beats its last (a strict >:
+    an equal later value stays out), moving down past the smaller ones only (strict <: it stays behind
+    equal ones). A node's logits slice is ~10^4 values and k <= 64: a few microseconds."""
+    fn, b = define(module, spec.name, spec.signature)
+    x, n, k, base, out = fn.args
+    count = entry_alloca(b, I64, i64(0), name="count")
+    slot = entry_alloca(b, I64, name="slot")
+    val = lambda j: load(b, out, F32, b.mul(j, i64(8)))  # noqa: E731
+    idx = lambda j: load(b, out, I32, b.add(b.mul(j, i64(8)), i64(4)))  # noqa: E731
+
+    def put(j: ir.Value, v: ir.Value, index: ir.Value) -> None:
+        store(b, v, out, b.mul(j, i64(8)))
+        store(b, index, out, b.add(b.mul(j, i64(8)), i64(4)))
+
+    with for_range(b, i64(0), n, name="i") as i:
+        v = load(b, x, F32, i, F32)
+        c = b.load(count, typ=I64)
+        room = b.icmp_signed("<", c, k)
+        last = b.select(room, i64(0), b.sub(k, i64(1)))  # only read when full
+        take = b.or_(room, b.fcmp_ordered(">", v, val(last)))
+        with b.if_then(take):
+            b.store(b.select(room, c, b.sub(k, i64(1))), slot)
+            cond, move, done = (b.append_basic_block(s) for s in ("shift", "shift.move", "shift.done"))
+            b.branch(cond)
+            b.position_at_end(cond)
+            j = b.load(slot, typ=I64)
+            above = b.sub(j, i64(1))
+            has_above = b.icmp_signed(">", j, i64(0))
+            safe = b.select(has_above, above, i64(0))
+            b.cbranch(b.and_(has_above, b.fcmp_ordered("<", val(safe), v)), move, done)
+            b.position_at_end(move)
+            put(j, val(above), idx(above))
+            b.store(above, slot)
+            b.branch(cond)
+            b.position_at_end(done)
+            put(b.load(slot, typ=I64), v, b.trunc(b.add(i, base), I32))
+            b.store(b.select(room, b.add(c, i64(1)), c), count)
     b.ret_void()

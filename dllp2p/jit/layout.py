@@ -47,6 +47,9 @@ def q8_0_bytes(k: int) -> int:
     return k // QK * Q8_0_BLOCK
 
 
+CANDIDATE = np.dtype([("value", "<f4"), ("index", "<i4")])  # a top_k_f32 record: one of a node's best logits
+
+
 def act_bytes(k: int) -> int:
     """Bytes of one Q8S activation row of k values."""
     if k % QK:

@@ -22,7 +22,7 @@ from .ir_barrier import emit_barrier, emit_barrier_demo
 from .ir_matvec import emit_matmul_q, emit_matvec_f, emit_matvec_q, emit_quantize, emit_quantize_q8_0
 from .ir_ops import (
     emit_add, emit_add_q8_0, emit_attention, emit_attention_merge, emit_embed, emit_rmsnorm, emit_rope, emit_silu_mul,
-    emit_to_f16,
+    emit_to_f16, emit_top_k,
 )
 from .specs import QUANT_WEIGHTS, KernelSpec, Op
 
@@ -41,6 +41,7 @@ _EMITTERS: dict[Op, Callable] = {
     Op.SILU_MUL: emit_silu_mul,
     Op.ADD: emit_add,
     Op.TO_F16: emit_to_f16,
+    Op.TOP_K: emit_top_k,
     Op.BARRIER: emit_barrier,
     Op.BARRIER_DEMO: emit_barrier_demo,
 }

@@ -72,7 +72,7 @@ class ProgramSpec:
             specs.append(KernelSpec(Op.MATVEC, t))
             if t in QUANT_WEIGHTS:
                 specs.append(KernelSpec(Op.MATMUL, t, self.matmul_tile))
-        for op in (Op.RMSNORM, Op.ROPE, Op.ATTENTION, Op.ATTENTION_MERGE, Op.TO_F16, Op.SILU_MUL, Op.ADD, Op.BARRIER):
+        for op in (Op.RMSNORM, Op.ROPE, Op.ATTENTION, Op.ATTENTION_MERGE, Op.TO_F16, Op.SILU_MUL, Op.ADD, Op.TOP_K, Op.BARRIER):
             specs.append(KernelSpec(op))
         return tuple(specs)
 

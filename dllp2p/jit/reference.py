@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..formats.quant import BLOCK_DTYPES, QK, QType, dequantize
-from .layout import act_bytes
+from .layout import CANDIDATE, act_bytes
 
 
 def round_half_away(v: np.ndarray) -> np.ndarray:
@@ -174,6 +174,15 @@ def to_f16(x: np.ndarray) -> np.ndarray:
     """f32 -> f16, round to nearest even, overflow to inf (IEEE, as numpy's astype)."""
     with np.errstate(over="ignore"):  # overflow to inf is the defined result
         return np.asarray(x, np.float32).astype(np.float16)
+
+
+def top_k_f32(x: np.ndarray, k: int, base: int = 0) -> np.ndarray:
+    """The k largest of x, largest first, ties by lower index: CANDIDATE[k] with index + base."""
+    x = np.asarray(x, np.float32)
+    order = np.argsort(-x, kind="stable")[:k]
+    out = np.empty(len(order), CANDIDATE)
+    out["value"], out["index"] = x[order], order + base
+    return out
 
 
 def barrier_demo(n_threads: int, n_phases: int) -> np.ndarray:

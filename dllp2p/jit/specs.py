@@ -23,6 +23,8 @@ a row range [r0, r1) lets threads split the rows; all ints are i64, scalars f32)
     silu_mul_f32(gate f32[n], up f32[n], out f32[n], n)               out = gate * sigmoid(gate) * up
     add_f32(x f32[n] in place, y f32[n], n)                           x += y
     to_f16(x f32[n], out f16[n], n)                                   round to nearest even (numpy astype)
+    top_k_f32(x f32[n], n, k, base, out u8[k, 8])       the k largest x (1 <= k <= n), largest first, equal
+                    values by lower index first (numpy's stable argsort of -x): (f32 value, i32 index + base)
     barrier_wait(state i64[2] (count, generation), n_threads)
     barrier_demo(state i64[2], buf i64[n_phases, n_threads], n_threads, tid, n_phases)
 """
@@ -53,6 +55,7 @@ class Op(enum.Enum):
     SILU_MUL = "silu_mul"
     ADD = "add"
     TO_F16 = "to_f16"
+    TOP_K = "top_k"
     BARRIER = "barrier"
     BARRIER_DEMO = "barrier_demo"
 
@@ -76,6 +79,7 @@ _SIGNATURES = {
     Op.SILU_MUL: _sig("gate:p up:p out:p n:i"),
     Op.ADD: _sig("x:p y:p n:i"),
     Op.TO_F16: _sig("x:p out:p n:i"),
+    Op.TOP_K: _sig("x:p n:i k:i base:i out:p"),
     Op.BARRIER: _sig("state:p n_threads:i"),
     Op.BARRIER_DEMO: _sig("state:p buf:p n_threads:i tid:i n_phases:i"),
 }
@@ -132,5 +136,5 @@ def all_specs(matmul_tile: int = 4) -> tuple[KernelSpec, ...]:
     specs += [KernelSpec(Op.MATMUL, q, matmul_tile) for q in QUANT_WEIGHTS]
     specs += [KernelSpec(Op.EMBED, q) for q in QUANT_WEIGHTS + FLOAT_WEIGHTS]
     specs += [KernelSpec(op) for op in (Op.RMSNORM, Op.ROPE, Op.ATTENTION, Op.ATTENTION_MERGE, Op.SILU_MUL, Op.ADD,
-                                        Op.TO_F16, Op.BARRIER, Op.BARRIER_DEMO)]
+                                        Op.TO_F16, Op.TOP_K, Op.BARRIER, Op.BARRIER_DEMO)]
     return tuple(specs)

@@ -35,7 +35,10 @@ differ from one node's by the partials' rounding (measured on SmolLM2: max |dlog
 greedy choices agree except near ties; tests/test_tp.py states the tolerance). Even f32 partial sums
 could not be bit-exact: a different summation order flips the rounding of some 8-bit activations.
 
-Either way, at the end: logits rows [v0, v1) of the output projection; nodes send theirs to node 0 (f32).
+Either way, at the end: logits rows [v0, v1) of the output projection; nodes send theirs to node 0: all
+of them (f32), or, when the step asks for its `top` best (the table scalar; sampling that reads only the
+best few, as greedy and top-k do), just those, as (f32 value, i32 vocabulary id) records: 8 bytes each
+instead of 4 per vocabulary row (at 2 nodes of a 32000-token vocabulary, 64 KB -> 512 B per token).
 
 An exchange runs on thread 0 of the node between two barriers (the other threads wait at the second):
 send this node's part to every peer, then receive every peer's, in node order. Sends are small (< 1
@@ -51,6 +54,7 @@ from dataclasses import dataclass
 
 import llvmlite.ir as ir
 
+from ..protocol import MAX_TOP
 from .irutil import I32, I64, PTR, VOID, for_range, gep, i64, intrinsic
 from .layout import act_bytes, q8_0_bytes
 from .program import LAYER_MATRICES, ProgramSpec, Slots, _emit_step, _emit_worker, _Forward
@@ -81,8 +85,9 @@ class Partition:
 
 
 class TPSlots(Slots):
-    SCALARS = Slots.SCALARS + ("error", "sync_ns", "exchanges", "recv_spins")
-    BUFFERS = Slots.BUFFERS + ("fds", "staging", "att_q", "o_full", "s_q", "d_full", "logits_full", "clock", "sums_q")
+    SCALARS = Slots.SCALARS + ("error", "sync_ns", "exchanges", "recv_spins", "top")
+    BUFFERS = Slots.BUFFERS + ("fds", "staging", "att_q", "o_full", "s_q", "d_full", "logits_full", "clock", "sums_q",
+                               "cands")
 
 
 def tp_buffer_sizes(spec: ProgramSpec, part: Partition) -> dict[str, int]:
@@ -92,7 +97,7 @@ def tp_buffer_sizes(spec: ProgramSpec, part: Partition) -> dict[str, int]:
         unused = dict.fromkeys(("staging", "att_q", "o_full", "s_q", "d_full"), 0)
         sums = (ReduceScatter(spec, part).total if part.n_nodes >= RS_MIN_NODES
                 else part.n_nodes * mc * q8_0_bytes(c.dim))  # every node's quantized partial sums
-        return {**unused, "sums_q": sums, "logits_full": c.vocab_size * 4, "clock": 16}
+        return {**unused, "sums_q": sums, "logits_full": c.vocab_size * 4, "clock": 16, "cands": candidate_bytes(part)}
     widest_local = max(
         max(act_bytes((b - a) * c.group_size * c.head_dim) for a, b in part.kv_heads),
         max(act_bytes(b - a) for a, b in part.ffn_rows),
@@ -107,7 +112,19 @@ def tp_buffer_sizes(spec: ProgramSpec, part: Partition) -> dict[str, int]:
         "logits_full": c.vocab_size * 4,
         "clock": 16,
         "sums_q": 0,
+        "cands": candidate_bytes(part),
     }
+
+
+def candidate_bytes(part: Partition) -> int:
+    """`cands`: MAX_TOP records of 8 bytes per node (node j's at j * MAX_TOP * 8)."""
+    return part.n_nodes * MAX_TOP * 8
+
+
+def top_of(part: Partition, node: int, top: int) -> int:
+    """How many logits node sends for a step asking for its `top` best: at most its vocabulary rows."""
+    v0, v1 = part.vocab_rows[node]
+    return min(top, v1 - v0)
 
 
 class ReduceScatter:
@@ -470,27 +487,50 @@ class _TPForward(_Forward):
         local = self.ptr("logits")
         self.product(self.spec.output_type, self.thread_ptr("output"), xf, xq, local, vl, c.dim, i64(1), vl)
         self.barrier()
-        full = self.ptr("logits_full")
         with b.if_then(b.icmp_signed("==", self.tid, i64(0))):
             t0 = self.now_ns()
-            if self.me == 0:
+            top = self.scalar("top")
+            everything = b.icmp_signed("==", top, i64(0))
+            cands = self.ptr("cands")
+            vl_of = lambda node: part.vocab_rows[node][1] - part.vocab_rows[node][0]  # noqa: E731
+            count = lambda node: b.select(b.icmp_signed("<", top, i64(vl_of(node))), top, i64(vl_of(node)))  # noqa: E731
+            if self.me == 0:  # node 0's own slice is always whole; the others' whole or their best
+                full = self.ptr("logits_full")
                 self.copy(full, local, i64(vl * 4))
                 for peer in range(1, part.n_nodes):
-                    v0, v1 = part.vocab_rows[peer]
-                    self.transfer(self.recv, peer, gep(b, full, i64(v0 * 4)), i64((v1 - v0) * 4), MSG_WAITALL)
+                    with b.if_else(everything) as (whole, best):
+                        with whole:
+                            v0 = part.vocab_rows[peer][0]
+                            self.transfer(self.recv, peer, gep(b, full, i64(v0 * 4)), i64(vl_of(peer) * 4), MSG_WAITALL)
+                        with best:
+                            self.transfer(self.recv, peer, gep(b, cands, i64(peer * MAX_TOP * 8)),
+                                          b.mul(count(peer), i64(8)), MSG_WAITALL)
             else:
-                self.transfer(self.send, 0, local, i64(vl * 4), MSG_NOSIGNAL)
+                with b.if_else(everything) as (whole, best):
+                    with whole:
+                        self.transfer(self.send, 0, local, i64(vl * 4), MSG_NOSIGNAL)
+                    with best:
+                        mine = gep(b, cands, i64(self.me * MAX_TOP * 8))
+                        self.call(Op.TOP_K, local, vl, count(self.me), self.v0, mine)
+                        self.transfer(self.send, 0, mine, b.mul(count(self.me), i64(8)), MSG_NOSIGNAL)
             slot = gep(b, self.table, i64(self.slots["sync_ns"]), I64)
             b.store(b.add(b.load(slot, typ=I64), b.sub(self.now_ns(), t0)), slot)
         self.barrier()
 
 
-def bytes_per_step(spec: ProgramSpec, part: Partition, n: int = 1) -> tuple[int, int]:
-    """(sent, received) payload bytes of this node for one forward of n tokens."""
+def bytes_per_step(spec: ProgramSpec, part: Partition, n: int = 1, top: int = 0) -> tuple[int, int]:
+    """(sent, received) payload bytes of this node for one forward of n tokens, node 0 asking for every
+    node's `top` best logits (0: all) of the last chunk, and for 1 of each chunk before it."""
     c, me = spec.config, part.index
     g, hd = c.group_size, c.head_dim
     peers = part.n_nodes - 1
-    vocab = [(b - a) * 4 for a, b in part.vocab_rows]
+    earlier = -(-n // spec.max_chunk) - 1
+
+    def logits_bytes(j: int) -> int:
+        v0, v1 = part.vocab_rows[j]
+        return (top_of(part, j, top) * 8 if top else (v1 - v0) * 4) + earlier * top_of(part, j, 1) * 8
+
+    vocab = [logits_bytes(j) for j in range(part.n_nodes)]
     logits_sent = vocab[me] if me else 0
     logits_received = sum(vocab) - vocab[0] if me == 0 else 0
     if part.exchange == "q8":  # two all-reduces per layer
