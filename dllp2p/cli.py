@@ -101,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     daemon.add_argument("--plan", choices=POLICIES, action=_Given,
                         help="as root: pow2 (default) = 2^n nodes, equal slices; weighted = every node the "
                              "model's KV heads allow, slices by capacity (see run)")
+    daemon.add_argument("--api", metavar="HOST:PORT", action=_Given,
+                        help="where to serve the OpenAI-compatible HTTP API (default 127.0.0.1:7341; 'off': "
+                             "none; no authentication yet: keep it on loopback)")
     daemon.add_argument("--model", action=_Given,
                         help="GGUF model served when this daemon is root (default: the installed SmolLM2)")
 
@@ -193,7 +196,8 @@ def config_of_settings(s: dict, environ):  # noqa: ANN001 -> daemon.DaemonConfig
     model = Path(s["model"]).expanduser() if s.get("model") else _installed_model()
     return DaemonConfig(s["host"], s["port"], s["threads"] or default_threads(), Path(state).expanduser(),
                         cluster=s["cluster"], discovery=s["discovery"], interfaces=tuple(s["interfaces"]),
-                        peers=tuple(s["peers"]), model=model, exchange=s["exchange"], policy=s["plan"])
+                        peers=tuple(s["peers"]), model=model, exchange=s["exchange"], policy=s["plan"],
+                        api=None if s["api"] in ("", "off") else s["api"])
 
 
 def _installed_model():  # -> Path | None

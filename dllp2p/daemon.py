@@ -153,12 +153,17 @@ class DaemonConfig:
     model: Path | None = None  # the GGUF this daemon serves prompts with when it is root
     policy: str = "pow2"  # scheduler policy of the plans it makes as root
     exchange: str = "exact"  # and their exchange (scheduler.EXCHANGES)
+    api: str | None = None  # "host:port" of the OpenAI-compatible HTTP API (api.py); None: off
 
     def __post_init__(self) -> None:
         if not election.CLUSTER.fullmatch(self.cluster):
             raise ValueError(f"cluster name {self.cluster!r} is not 1-63 of letters, digits, '.', '_', '-'")
         for address in self.peers:
             parse_address(address)
+        if self.api is not None:
+            from .api import listen_address
+
+            listen_address(self.api)
 
 
 # --- state dir: node id and slice cache -----------------------------------------------------------
@@ -272,6 +277,7 @@ class Daemon:
         self.cache = SliceCache(config.state_dir / "slices")
         self.capacity = float(config.capacity or config.threads)
         self.address = ""
+        self.api_address = ""  # where the HTTP API listens, once it does
         self.sessions = 0  # sessions ended, however they ended
         self.started_at = time.time()
         self.me: Member | None = None  # once listening
@@ -305,7 +311,26 @@ class Daemon:
                      self.config.threads, self.config.state_dir)
             await self._start_membership(nursery, host, port)
             nursery.start_soon(self.root_service.keep_warm)
+            if self.config.api is not None:
+                await self._start_api(nursery, host, port)
             task_status.started(self.address)
+
+    async def _start_api(self, nursery: trio.Nursery, host: str, port: int) -> None:
+        """The HTTP API in nursery; it sends its prompts to this daemon's own port, as `dllp2p run` does."""
+        from .api import Api, listen_address
+        from .models import DEFAULT_FILE
+
+        local = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(host, host)
+        model = (self.config.model.name if self.config.model else DEFAULT_FILE).removesuffix(".gguf")
+        api_host, api_port = listen_address(self.config.api)
+        try:
+            listeners = await trio.open_tcp_listeners(api_port, host=api_host)
+        except OSError as e:  # the port is taken (another daemon on this machine): serve on without it
+            log.warning("the HTTP API is off: cannot listen on %s: %s", self.config.api, e.strerror or e)
+            return
+        self.api_address = format_address(*listeners[0].socket.getsockname()[:2])
+        log.info("OpenAI-compatible API on http://%s/v1", self.api_address)
+        nursery.start_soon(trio.serve_listeners, Api(format_address(local, port), model, self.t).connection, listeners)
 
     # --- membership ---
 

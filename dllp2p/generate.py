@@ -17,7 +17,7 @@ class GenerationStats:
     generated_tokens: int = 0
     prefill_s: float = 0.0
     decode_s: float = 0.0  # time of the forward passes after the prefill
-    stop_reason: str = ""  # "eos", "steps" or "context"
+    stop_reason: str = ""  # "eos", "steps", "context", or "stop" (a stop string; set by the caller)
 
     @property
     def prefill_tok_s(self) -> float:
@@ -77,3 +77,37 @@ def generate(
         t0 = clock()
         logits = forward([token], len(history) - 1)
         stats.decode_s += clock() - t0
+
+
+class StopFilter:
+    """Streamed text up to the first of some stop strings (which is not part of it).
+
+    push(piece) returns what can be shown now: text that might be the start of a stop string is held
+    back until the next piece tells; `stopped` turns True when one is complete (generation should
+    end), the text cut where it starts. Of several, the one completed first (ending earliest) wins,
+    and of those the longest, so the result does not depend on how the text came in pieces.
+    flush() returns what was held back once the text ends without one."""
+
+    def __init__(self, stops: Sequence[str]):
+        if any(not s for s in stops):
+            raise ValueError("a stop string is empty")
+        self.stops = tuple(stops)
+        self.stopped = False
+        self._held = ""
+
+    def push(self, piece: str) -> str:
+        if self.stopped:
+            return ""
+        text = self._held + piece
+        hits = [(i + len(s), i) for s in self.stops if (i := text.find(s)) >= 0]
+        if hits:
+            self.stopped, self._held = True, ""
+            return text[: min(hits)[1]]
+        keep = max((k for s in self.stops for k in range(min(len(s) - 1, len(text)), 0, -1)
+                    if text.endswith(s[:k])), default=0)
+        self._held = text[len(text) - keep:]
+        return text[: len(text) - keep]
+
+    def flush(self) -> str:
+        held, self._held = self._held, ""
+        return held

@@ -531,12 +531,27 @@ class StatusReply:
         _need(sum(n.role == "root" for n in self.nodes) <= 1, "more than one root")
 
 
+CHAT_ROLES = ("system", "user", "assistant")
+
+
+@dataclass(frozen=True)
+class ChatTurn:
+    """One message of a conversation (Generate.messages)."""
+
+    role: str  # CHAT_ROLES
+    content: str
+
+    def __post_init__(self) -> None:
+        _need(self.role in CHAT_ROLES, f"chat role {self.role!r} is not one of {', '.join(CHAT_ROLES)}")
+
+
 @dataclass(frozen=True)
 class Generate:
-    """A prompt for the cluster: `dllp2p run` -> its local daemon -> (forwarded, hops + 1) -> the root,
-    which generates and answers TokenChunk ... TokenChunk, then Done or Error, on the same connection.
-    The prompt is text (tokenized by the root, with the chat template when `chat`) or, if `tokens` is
-    not empty, token ids used as they are. Sampling fields are sampler.SamplerConfig's."""
+    """A prompt for the cluster: `dllp2p run` or the HTTP API -> its local daemon -> (forwarded, hops + 1)
+    -> the root, which generates and answers TokenChunk ... TokenChunk, then Done or Error, on the same
+    connection. The prompt is a conversation (`messages`, rendered with the model's chat template), or
+    text (tokenized by the root, inside the chat template as the user's message when `chat`), or, if
+    `tokens` is not empty, token ids used as they are. Sampling fields are sampler.SamplerConfig's."""
 
     prompt: str
     tokens: tuple[int, ...]
@@ -551,15 +566,20 @@ class Generate:
     repeat_penalty: float
     seed: int | None
     hops: int = 0  # daemons this request has passed through; a forward past MAX_HOPS is refused
+    messages: tuple[ChatTurn, ...] = dataclasses.field(default=(), metadata=WIRE_OPTIONAL)
+    stop: tuple[str, ...] = dataclasses.field(default=(), metadata=WIRE_OPTIONAL)  # end before any of these texts
 
     def __post_init__(self) -> None:
         _need(self.steps >= 1 and self.ctx >= 2, f"steps {self.steps} < 1 or ctx {self.ctx} < 2")
         _need(all(t >= 0 for t in self.tokens), "a negative token id")
-        _need(bool(self.prompt) or bool(self.tokens), "an empty prompt")
+        _need(bool(self.prompt) or bool(self.tokens) or bool(self.messages), "an empty prompt")
         _need(0 <= self.hops <= MAX_HOPS, f"hops {self.hops} not in 0..{MAX_HOPS}")
+        _need(len(self.stop) <= MAX_STOPS and all(0 < len(s) <= 256 for s in self.stop),
+              f"at most {MAX_STOPS} stop strings of 1-256 characters")
 
 
 MAX_HOPS = 4
+MAX_STOPS = 8
 
 
 @dataclass(frozen=True)
@@ -580,6 +600,7 @@ class Done:
     nodes: int  # of the plan that served the request (1: the root alone)
     root: str  # the root's node id
     stats: tuple[str, ...]  # the cluster's per-token statistics lines (empty on one node)
+    stop_reason: str = dataclasses.field(default="", metadata=WIRE_OPTIONAL)  # generate.GenerationStats': eos, steps, context
 
 
 Message = Union[Hello, Plan, WeightChunk, WeightsReady, Step, Activations, Logits, Stop, Error,
@@ -622,7 +643,7 @@ def _fields(cls: type) -> tuple[tuple[str, Any], ...]:
 
 
 for _cls in (*MESSAGE_TYPES.values(), NodeSlice, SliceInfo, ModelConfig, Member, NodeStatus, StepStatus, Resources,
-             LinkRtt, PushStatus):
+             LinkRtt, PushStatus, ChatTurn):
     _fields(_cls)  # resolve every schema at import: a bad annotation fails here, not mid-stream
 del _cls
 

@@ -5,9 +5,9 @@ stats on stderr."""
 from __future__ import annotations
 
 import sys
-from typing import TextIO
+from typing import Sequence, TextIO
 
-from .chat import chat_messages, render_chat, template_from
+from .chat import Message, chat_messages, render_chat, template_from
 from .engine import Engine
 from .formats import GGUFModel, load_model
 from .generate import GenerationStats, generate
@@ -19,9 +19,14 @@ from .tokenizer import StreamDecoder, Tokenizer
 def prompt_tokens(tokenizer: Tokenizer, model: GGUFModel, prompt: str, chat: bool, system: str | None) -> list[int]:
     if not chat:
         return tokenizer.encode(prompt)
+    return chat_tokens(tokenizer, model, chat_messages(prompt, system))
+
+
+def chat_tokens(tokenizer: Tokenizer, model: GGUFModel, messages: Sequence[Message]) -> list[int]:
+    """A conversation in the model's chat template, ending where the assistant's next reply begins."""
     text = render_chat(
         template_from(model.metadata),
-        chat_messages(prompt, system),
+        messages,
         bos_token=tokenizer.token_text(tokenizer.bos_id),
         eos_token=tokenizer.token_text(tokenizer.eos_id),
     )

@@ -122,7 +122,7 @@ class RootService:
                      " (session kept from the last request)" if warm else "")
             stats = GenerationStats()
             try:
-                await self._stream(link, engine, loaded, ids, sampler, g.steps, stats)
+                await self._stream(link, engine, loaded, ids, sampler, g.steps, stats, g.stop)
             except BaseException as e:
                 with trio.CancelScope(shield=True):
                     await trio.to_thread.run_sync(engine.close)
@@ -136,16 +136,16 @@ class RootService:
         lines = tuple(engine.stats_summary()) if hasattr(engine, "stats_summary") else ()
         self._warm = _Warm(key, engine, the_plan, trio.current_time() + WARM_S)
         await link.send(Done(stats.prompt_tokens, stats.generated_tokens, stats.prefill_tok_s, stats.decode_tok_s,
-                             the_plan.n_nodes, self.node_id, lines))
+                             the_plan.n_nodes, self.node_id, lines, stats.stop_reason))
 
     async def _stream(self, link: TrioLink, engine: Any, loaded: _Loaded, ids: list[int], sampler: Any, steps: int,
-                      stats: Any) -> None:
+                      stats: Any, stop: tuple[str, ...] = ()) -> None:
         """Generate on engine, each text piece sent on link as a TokenChunk. The engine's own error (a
         lost worker: ClusterError) is raised as it is, not inside an exception group."""
         send, recv = trio.open_memory_channel[str](CHANNEL)
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._produce, engine, loaded, ids, sampler, steps, stats, send)
+                nursery.start_soon(self._produce, engine, loaded, ids, sampler, steps, stats, send, stop)
                 async with recv:
                     async for piece in recv:
                         await link.send(TokenChunk(piece))
@@ -182,8 +182,11 @@ class RootService:
 
     @staticmethod
     def _tokens(loaded: _Loaded, g: Generate) -> list[int]:
-        from .run import prompt_tokens
+        from .chat import Message
+        from .run import chat_tokens, prompt_tokens
 
+        if g.messages:
+            return chat_tokens(loaded.tokenizer, loaded.model, [Message(t.role, t.content) for t in g.messages])
         return prompt_tokens(loaded.tokenizer, loaded.model, g.prompt, g.chat, g.system)
 
     async def _engine(self, model: Any, ctx: int, workers: list[str], epoch: int) -> tuple[Any, Plan]:
@@ -204,23 +207,31 @@ class RootService:
 
     @staticmethod
     async def _produce(engine: Any, loaded: _Loaded, ids: list[int], sampler_config: Any, steps: int, stats: Any,
-                       send: trio.MemorySendChannel) -> None:
+                       send: trio.MemorySendChannel, stop: tuple[str, ...] = ()) -> None:
         """The generation loop in one worker thread; each text piece goes through `send` (blocking when
-        the connection lags). Ends early when the receiving side is closed."""
-        from .generate import generate
+        the connection lags). Ends early at a stop string (stats.stop_reason "stop"; the string is not
+        sent) or when the receiving side is closed."""
+        from .generate import StopFilter, generate
         from .sampler import Sampler
         from .tokenizer import StreamDecoder
 
         def loop() -> None:
-            decoder = StreamDecoder(loaded.tokenizer)
+            decoder, stops = StreamDecoder(loaded.tokenizer), StopFilter(stop)
+
+            def out(text: str) -> None:
+                if text:
+                    trio.from_thread.run(send.send, text)
+
             try:
                 for token in generate(engine, ids, Sampler(sampler_config), steps, loaded.tokenizer.eos_ids, stats):
-                    piece = decoder.push(token)
-                    if piece:
-                        trio.from_thread.run(send.send, piece)
-                tail = decoder.flush()
-                if tail:
-                    trio.from_thread.run(send.send, tail)
+                    out(stops.push(decoder.push(token)))
+                    if stops.stopped:
+                        stats.stop_reason = "stop"
+                        return
+                out(stops.push(decoder.flush()))
+                if stops.stopped:
+                    stats.stop_reason = "stop"
+                out(stops.flush())
             except (trio.BrokenResourceError, trio.ClosedResourceError, trio.Cancelled, trio.RunFinishedError):
                 pass  # nobody listens any more
 

@@ -50,6 +50,12 @@ def test_precedence_file_env_flags(tmp_path):
     assert config(tmp_path, [], {}, '[daemon]\nplan = "weighted"').policy == "weighted"
     assert config(tmp_path, [], {"DLLP2P_PLAN": "weighted"}).policy == "weighted"
     assert config(tmp_path, ["--plan", "pow2"], {"DLLP2P_PLAN": "weighted"}).policy == "pow2"
+    assert config(tmp_path, [], {}).api == "127.0.0.1:7341"  # the HTTP API: on, on loopback
+    assert config(tmp_path, [], {"DLLP2P_API": "off"}).api is None
+    assert config(tmp_path, ["--api", "0.0.0.0:8080"], {"DLLP2P_API": "off"}).api == "0.0.0.0:8080"
+    assert config(tmp_path, [], {}, '[daemon]\napi = "off"').api is None
+    with pytest.raises(ValueError, match="HOST:PORT"):
+        config(tmp_path, ["--api", "8080"], {})
 
 
 def test_missing_default_file_is_fine_a_named_one_is_not(tmp_path):
