@@ -34,6 +34,24 @@ class RunConfig:
     daemon: str | None = None  # "host:port" of the daemon to send the prompt to; None: in-process only
 
 
+def _add_generation_flags(p: argparse.ArgumentParser, what: str) -> None:
+    """The flags `run` and `chat` share: the model, its context, the sampler, where it runs."""
+    p.add_argument("--model", help="GGUF model path (default: the installed SmolLM2-135M-Instruct)")
+    p.add_argument("--steps", type=int, default=256, help="tokens to generate at most (default 256)")
+    p.add_argument("--ctx", type=int, default=2048, help="KV cache positions (default 2048)")
+    p.add_argument("--threads", type=int, help="compute threads (default: one per CPU core)")
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
+    p.add_argument("--top-k", type=int, default=40, help="0 = off (default 40)")
+    p.add_argument("--top-p", type=float, default=0.95, help="1 = off (default 0.95)")
+    p.add_argument("--min-p", type=float, default=0.05, help="0 = off (default 0.05)")
+    p.add_argument("--repeat-penalty", type=float, default=1.0, help="1 = off (default 1.0)")
+    p.add_argument("--seed", type=int, help="random seed: the same seed gives the same text")
+    p.add_argument("--daemon", metavar="HOST:PORT",
+                   help=f"the daemon to send {what} to (default 127.0.0.1:7340; if none answers there, "
+                        "it runs in this process)")
+    p.add_argument("--local", action="store_true", help="run in this process, never through a daemon")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dllp2p", description="Run LLMs across the computers on your LAN.")
     parser.add_argument("--version", action="version", version=f"dllp2p {__version__}")
@@ -45,20 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="generate text from a prompt")
     run.add_argument("--prompt", required=True, help="the prompt text (with --chat: the user's message)")
-    run.add_argument("--model", help="GGUF model path (default: the installed SmolLM2-135M-Instruct)")
-    run.add_argument("--steps", type=int, default=256, help="tokens to generate at most (default 256)")
-    run.add_argument("--ctx", type=int, default=2048, help="KV cache positions (default 2048)")
+    _add_generation_flags(run, "the prompt")
     run.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     run.add_argument("--system", help="system prompt for --chat")
     run.add_argument("--engine", choices=["jit", "reference"], default="jit",
                      help="jit: compiled for this CPU (default); reference: the slow numpy oracle")
-    run.add_argument("--threads", type=int, help="compute threads (default: one per CPU core)")
-    run.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
-    run.add_argument("--top-k", type=int, default=40, help="0 = off (default 40)")
-    run.add_argument("--top-p", type=float, default=0.95, help="1 = off (default 0.95)")
-    run.add_argument("--min-p", type=float, default=0.05, help="0 = off (default 0.05)")
-    run.add_argument("--repeat-penalty", type=float, default=1.0, help="1 = off (default 1.0)")
-    run.add_argument("--seed", type=int, help="random seed: the same seed gives the same text")
     run.add_argument("--workers", nargs="+", metavar="HOST:PORT", default=[],
                      help="worker daemons (dllp2p daemon) to split the model across; this process is the root")
     run.add_argument("--plan", choices=POLICIES, default="pow2",
@@ -70,10 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
                           "the bytes, output within quantization noise of one node's")
     run.add_argument("--stats", action="store_true",
                      help="with --workers: print per-token inference ms, sync ms and bytes sent/received")
-    run.add_argument("--daemon", metavar="HOST:PORT",
-                     help="the daemon to send the prompt to (default 127.0.0.1:7340; if none answers there, "
-                          "the prompt runs in this process)")
-    run.add_argument("--local", action="store_true", help="run in this process, never through a daemon")
+
+    chat = sub.add_parser("chat", help="talk with the model, turn by turn (lines from stdin; /reset, /exit)")
+    chat.add_argument("--system", help="system prompt (default: the chat template's)")
+    _add_generation_flags(chat, "each turn")
 
     daemon = sub.add_parser("daemon", help="serve as a node of the LAN cluster (found by mDNS, or --peer)",
                             description="Settings come from /etc/dllp2p/config.toml ([daemon] table), then "
@@ -132,7 +141,8 @@ class _GivenFalse(_Given):
         super().__call__(parser, namespace, False, option_string)
 
 
-def run_config(ns: argparse.Namespace) -> RunConfig:
+def _generation_flags(ns: argparse.Namespace) -> SamplerConfig:
+    """Check the shared flags; -> the sampler they describe."""
     if ns.steps < 1:
         raise ValueError("--steps must be at least 1")
     if ns.ctx < 2:
@@ -149,12 +159,36 @@ def run_config(ns: argparse.Namespace) -> RunConfig:
         raise ValueError("--threads must be at least 1")
     from .link import parse_address
 
-    for address in ns.workers:
-        parse_address(address)
     if ns.daemon is not None:
         parse_address(ns.daemon)
     if ns.local and ns.daemon:
         raise ValueError("--local and --daemon exclude each other")
+    return sampler
+
+
+@dataclass(frozen=True)
+class ChatConfig:
+    model: str | None
+    system: str | None
+    steps: int  # per reply
+    ctx: int
+    sampler: SamplerConfig
+    threads: int | None = None
+    daemon: str | None = None  # as RunConfig.daemon
+
+
+def chat_config(ns: argparse.Namespace) -> ChatConfig:
+    sampler = _generation_flags(ns)
+    daemon = None if ns.local or (ns.model and not ns.daemon) else ns.daemon or DEFAULT_DAEMON
+    return ChatConfig(ns.model, ns.system, ns.steps, ns.ctx, sampler, ns.threads, daemon)
+
+
+def run_config(ns: argparse.Namespace) -> RunConfig:
+    sampler = _generation_flags(ns)
+    from .link import parse_address
+
+    for address in ns.workers:
+        parse_address(address)
     if ns.exchange is not None and not ns.workers:
         raise ValueError("--exchange applies to a cluster given by --workers (a root daemon uses its own: "
                          "dllp2p daemon --exchange, or exchange in its config)")
@@ -234,6 +268,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .run import run
 
             return run(run_config(ns))
+        if ns.command == "chat":
+            from .repl import chat
+
+            return chat(chat_config(ns))
         if ns.command == "bench":
             from . import bench
 

@@ -18,10 +18,13 @@ class GenerationStats:
     prefill_s: float = 0.0
     decode_s: float = 0.0  # time of the forward passes after the prefill
     stop_reason: str = ""  # "eos", "steps", "context", or "stop" (a stop string; set by the caller)
+    reused_tokens: int = 0  # prompt tokens whose KV entries the engine already held (not computed again)
+    kv_tokens: tuple[int, ...] = ()  # after the run: the ids at the positions the engine's KV cache holds
 
     @property
     def prefill_tok_s(self) -> float:
-        return self.prompt_tokens / self.prefill_s if self.prefill_s else 0.0
+        computed = self.prompt_tokens - self.reused_tokens
+        return computed / self.prefill_s if self.prefill_s else 0.0
 
     @property
     def decode_tok_s(self) -> float:
@@ -44,8 +47,14 @@ def generate(
     stop_ids: Collection[int] = (),
     stats: GenerationStats | None = None,
     clock: Callable[[], float] = time.perf_counter,
+    cached: Sequence[int] = (),
 ) -> Iterator[int]:
-    """Yield up to max_tokens generated ids; stop tokens end generation and are not yielded."""
+    """Yield up to max_tokens generated ids; stop tokens end generation and are not yielded.
+
+    cached: the ids at the positions the engine's KV cache already holds (an earlier run's
+    stats.kv_tokens, on the same engine): the prompt's common prefix with them is not computed again
+    (the last prompt token always is, for its logits). The JIT engine's results do not depend on how
+    a prompt is chunked, so the tokens are those of a fresh run."""
     stats = stats if stats is not None else GenerationStats()
     stats.prompt_tokens = len(prompt)
     if not prompt:
@@ -57,26 +66,35 @@ def generate(
     top = sampler.cfg.best_logits()
     if 0 < top <= getattr(engine, "max_top", 0):  # a cluster: workers send their best `top` logits only
         forward = partial(engine.forward, top=top)
+    reuse = 0
+    while reuse < min(len(cached), len(prompt) - 1) and cached[reuse] == prompt[reuse]:
+        reuse += 1
+    stats.reused_tokens, stats.kv_tokens = reuse, ()
     t0 = clock()
-    logits = forward(prompt, 0)
+    logits = forward(prompt[reuse:], reuse)
     stats.prefill_s = clock() - t0
+    held = len(history)  # the KV cache holds the ids history[:held]
     stats.stop_reason = "steps"
-    for i in range(max_tokens):
-        token = sampler(logits, history)
-        if token in stop_ids:
-            stats.stop_reason = "eos"
-            return
-        history.append(token)
-        stats.generated_tokens += 1
-        yield token
-        if i + 1 == max_tokens:
-            return
-        if len(history) >= engine.ctx:
-            stats.stop_reason = "context"
-            return
-        t0 = clock()
-        logits = forward([token], len(history) - 1)
-        stats.decode_s += clock() - t0
+    try:
+        for i in range(max_tokens):
+            token = sampler(logits, history)
+            if token in stop_ids:
+                stats.stop_reason = "eos"
+                return
+            history.append(token)
+            stats.generated_tokens += 1
+            yield token
+            if i + 1 == max_tokens:
+                return
+            if len(history) >= engine.ctx:
+                stats.stop_reason = "context"
+                return
+            t0 = clock()
+            logits = forward([token], len(history) - 1)
+            held = len(history)
+            stats.decode_s += clock() - t0
+    finally:  # also when the caller stops early (a stop string, a client gone)
+        stats.kv_tokens = tuple(history[:held])
 
 
 class StopFilter:

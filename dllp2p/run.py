@@ -70,38 +70,19 @@ def run(cfg, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
 def run_via_daemon(cfg, address: str, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int | None:
     """Send the prompt to the daemon at address and print what comes back. -> None if nothing listens
     there (the caller runs the prompt itself). Raises DaemonError once the daemon has the prompt."""
-    import socket
+    from .protocol import Generate
 
-    from .link import BlockingLink, LinkClosed, LinkTimeout, parse_address
-    from .protocol import Done, Error, Generate, ProtocolError, TokenChunk
-
-    host, port = parse_address(address)
-    try:
-        sock = socket.create_connection((host, port), timeout=CONNECT_TIMEOUT)
-    except OSError:
-        return None
     s = cfg.sampler
     g = Generate(cfg.prompt, (), cfg.chat, cfg.system, cfg.steps, cfg.ctx, float(s.temperature), s.top_k,
                  float(s.top_p), float(s.min_p), float(s.repeat_penalty), s.seed)
-    link = BlockingLink(sock, address)
-    try:
-        sock.settimeout(ANSWER_TIMEOUT)
-        link.send(g)
-        while True:
-            msg = link.receive(ANSWER_TIMEOUT)
-            if isinstance(msg, TokenChunk):
-                out.write(msg.text)
-                out.flush()
-            elif isinstance(msg, Done):
-                break
-            elif isinstance(msg, Error):
-                raise DaemonError(f"daemon {address}: {msg.message}")
-            else:
-                raise DaemonError(f"daemon {address} answered the prompt with {type(msg).__name__}")
-    except (LinkClosed, LinkTimeout, ProtocolError) as e:
-        raise DaemonError(f"daemon {address}: {e}") from None
-    finally:
-        link.close()
+
+    def show(text: str) -> None:
+        out.write(text)
+        out.flush()
+
+    msg = ask_daemon(address, g, show)
+    if msg is None:
+        return None
     out.write("\n")
     out.flush()
     tok_s = f"prefill {msg.prefill_tok_s:.1f} tok/s, decode {msg.decode_tok_s:.1f} tok/s"
@@ -111,6 +92,39 @@ def run_via_daemon(cfg, address: str, out: TextIO = sys.stdout, err: TextIO = sy
         for line in msg.stats:
             print(f"dllp2p: {line}", file=err)
     return 0
+
+
+def ask_daemon(address: str, g, on_text):  # (str, protocol.Generate, (str) -> None) -> protocol.Done | None
+    """Send g to the daemon at address, handing each piece of text to on_text. -> its Done, or None if
+    nothing listens there. Raises DaemonError once the daemon has the prompt."""
+    import socket
+
+    from .link import BlockingLink, LinkClosed, LinkTimeout, parse_address
+    from .protocol import Done, Error, ProtocolError, TokenChunk
+
+    host, port = parse_address(address)
+    try:
+        sock = socket.create_connection((host, port), timeout=CONNECT_TIMEOUT)
+    except OSError:
+        return None
+    link = BlockingLink(sock, address)
+    try:
+        sock.settimeout(ANSWER_TIMEOUT)
+        link.send(g)
+        while True:
+            msg = link.receive(ANSWER_TIMEOUT)
+            if isinstance(msg, TokenChunk):
+                on_text(msg.text)
+            elif isinstance(msg, Done):
+                return msg
+            elif isinstance(msg, Error):
+                raise DaemonError(f"daemon {address}: {msg.message}")
+            else:
+                raise DaemonError(f"daemon {address} answered the prompt with {type(msg).__name__}")
+    except (LinkClosed, LinkTimeout, ProtocolError) as e:
+        raise DaemonError(f"daemon {address}: {e}") from None
+    finally:
+        link.close()
 
 
 def run_local(cfg, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:

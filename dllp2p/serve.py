@@ -50,6 +50,7 @@ class _Warm:
     engine: Any
     plan: Plan
     until: float  # trio.current_time() after which keep_warm closes it
+    kv: tuple[int, ...] = ()  # the token ids at the positions its KV cache holds (the last request's)
 
 
 @dataclass
@@ -118,11 +119,9 @@ class RootService:
             engine, the_plan = warm.engine, warm.plan
         while True:
             self.last_plan = the_plan
-            log.info("request %d: %d prompt tokens on %d nodes%s", epoch, len(ids), the_plan.n_nodes,
-                     " (session kept from the last request)" if warm else "")
             stats = GenerationStats()
             try:
-                await self._stream(link, engine, loaded, ids, sampler, g.steps, stats, g.stop)
+                await self._stream(link, engine, loaded, ids, sampler, g.steps, stats, g.stop, warm.kv if warm else ())
             except BaseException as e:
                 with trio.CancelScope(shield=True):
                     await trio.to_thread.run_sync(engine.close)
@@ -133,19 +132,24 @@ class RootService:
                 engine, the_plan = await self._engine(loaded.model, g.ctx, workers, epoch)
                 continue
             break
+        log.info("request %d: %d prompt tokens on %d nodes%s", epoch, len(ids), the_plan.n_nodes,
+                 f" (session kept from the last request, {stats.reused_tokens} of them already in its KV cache)"
+                 if warm else "")
         lines = tuple(engine.stats_summary()) if hasattr(engine, "stats_summary") else ()
-        self._warm = _Warm(key, engine, the_plan, trio.current_time() + WARM_S)
+        if stats.reused_tokens:
+            lines += (f"{stats.reused_tokens} of the {len(ids)} prompt tokens were in the kept session's KV cache",)
+        self._warm = _Warm(key, engine, the_plan, trio.current_time() + WARM_S, stats.kv_tokens)
         await link.send(Done(stats.prompt_tokens, stats.generated_tokens, stats.prefill_tok_s, stats.decode_tok_s,
                              the_plan.n_nodes, self.node_id, lines, stats.stop_reason))
 
     async def _stream(self, link: TrioLink, engine: Any, loaded: _Loaded, ids: list[int], sampler: Any, steps: int,
-                      stats: Any, stop: tuple[str, ...] = ()) -> None:
+                      stats: Any, stop: tuple[str, ...] = (), cached: tuple[int, ...] = ()) -> None:
         """Generate on engine, each text piece sent on link as a TokenChunk. The engine's own error (a
         lost worker: ClusterError) is raised as it is, not inside an exception group."""
         send, recv = trio.open_memory_channel[str](CHANNEL)
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._produce, engine, loaded, ids, sampler, steps, stats, send, stop)
+                nursery.start_soon(self._produce, engine, loaded, ids, sampler, steps, stats, send, stop, cached)
                 async with recv:
                     async for piece in recv:
                         await link.send(TokenChunk(piece))
@@ -207,10 +211,10 @@ class RootService:
 
     @staticmethod
     async def _produce(engine: Any, loaded: _Loaded, ids: list[int], sampler_config: Any, steps: int, stats: Any,
-                       send: trio.MemorySendChannel, stop: tuple[str, ...] = ()) -> None:
+                       send: trio.MemorySendChannel, stop: tuple[str, ...] = (), cached: tuple[int, ...] = ()) -> None:
         """The generation loop in one worker thread; each text piece goes through `send` (blocking when
         the connection lags). Ends early at a stop string (stats.stop_reason "stop"; the string is not
-        sent) or when the receiving side is closed."""
+        sent) or when the receiving side is closed. `cached`: what the engine's KV cache holds."""
         from .generate import StopFilter, generate
         from .sampler import Sampler
         from .tokenizer import StreamDecoder
@@ -222,8 +226,10 @@ class RootService:
                 if text:
                     trio.from_thread.run(send.send, text)
 
+            tokens = generate(engine, ids, Sampler(sampler_config), steps, loaded.tokenizer.eos_ids, stats,
+                              cached=cached)
             try:
-                for token in generate(engine, ids, Sampler(sampler_config), steps, loaded.tokenizer.eos_ids, stats):
+                for token in tokens:
                     out(stops.push(decoder.push(token)))
                     if stops.stopped:
                         stats.stop_reason = "stop"
@@ -234,6 +240,8 @@ class RootService:
                 out(stops.flush())
             except (trio.BrokenResourceError, trio.ClosedResourceError, trio.Cancelled, trio.RunFinishedError):
                 pass  # nobody listens any more
+            finally:
+                tokens.close()  # now, so stats.kv_tokens says what the KV cache holds
 
         async with send:
             await trio.to_thread.run_sync(loop)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import re
 import socket
 
 import pytest
@@ -129,7 +130,7 @@ def served(tmp_path_factory, model_path):
     port = free_port()
     d.start(0, "--api", f"127.0.0.1:{port}")
     try:
-        yield port
+        yield port, d
     finally:
         d.stop_all()
 
@@ -175,6 +176,7 @@ def sse(data: bytes) -> list:
 
 @pytest.mark.slow
 def test_chat_whole_and_streamed_are_the_local_engines_text(served, model_path):
+    served, _ = served
     msgs = [("system", "You are terse."), ("user", "Name a colour.")]
     want, n_prompt = local_greedy(model_path, msgs, None, 12)
     assert want.strip()
@@ -198,6 +200,7 @@ def test_chat_whole_and_streamed_are_the_local_engines_text(served, model_path):
 
 @pytest.mark.slow
 def test_completion_stops_at_a_stop_string(served, model_path):
+    served, _ = served
     full, _ = local_greedy(model_path, None, "The capital of France is", 24)
     assert full.startswith(" Paris") and len(full.split()) > 3
     stop = full.split()[2]  # a word a few tokens in: the text ends just before it
@@ -211,6 +214,7 @@ def test_completion_stops_at_a_stop_string(served, model_path):
 
 @pytest.mark.slow
 def test_bad_requests_get_http_errors_and_the_daemon_serves_on(served):
+    served, _ = served
     assert request(served, "GET", "/v1/models")[0] == 200
     for method, path, raw, want in [("POST", "/v1/chat/completions", b"{not json", 400),
                                     ("POST", "/v1/chat/completions", b'{"messages": "hi"}', 400),
@@ -226,6 +230,23 @@ def test_bad_requests_get_http_errors_and_the_daemon_serves_on(served):
         assert s.recv(100).startswith(b"HTTP/1.1 431 ")
     status, data = request(served, "POST", "/v1/completions", {"prompt": "Hello", "max_tokens": 2, "temperature": 0})
     assert status == 200 and json.loads(data)["usage"]["completion_tokens"] >= 1
+
+
+@pytest.mark.slow
+def test_a_conversation_reuses_the_kv_cache_of_its_last_turn(served, model_path):
+    """Turn 2 repeats turn 1 and its reply: the kept session's KV cache already holds most of that, and
+    the answer is still the local engine's for the whole conversation."""
+    port, d = served
+    turn1 = [("user", "Name a fruit.")]
+    reply, _ = local_greedy(model_path, turn1, None, 16)
+    turn2 = turn1 + [("assistant", reply), ("user", "And a vegetable?")]
+    want, n_prompt = local_greedy(model_path, turn2, None, 16)
+    for turn, answer in ((turn1, reply), (turn2, want)):
+        status, data = request(port, "POST", "/v1/chat/completions", {
+            "messages": [{"role": r, "content": c} for r, c in turn], "temperature": 0, "max_tokens": 16})
+        assert status == 200 and json.loads(data)["choices"][0]["message"]["content"] == answer
+    reused = [int(m) for line in d.logs[0] for m in re.findall(r"(\d+) of them already in its KV cache", line)]
+    assert reused and n_prompt // 2 < reused[-1] < n_prompt, d.logs[0][-3:]
 
 
 def test_a_taken_api_port_leaves_the_daemon_serving(tmp_path):

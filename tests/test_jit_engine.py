@@ -95,6 +95,32 @@ def test_rewind_overwrites_cache(tmp_path_factory, cache_dir):
         engine.close()
 
 
+@pytest.mark.parametrize("second", ["extends", "diverges", "same"])
+def test_generate_reuses_what_the_kv_cache_holds(tmp_path_factory, cache_dir, second):
+    """A second run on the same engine, given the first run's kv_tokens, computes only the prompt past
+    their common prefix, and still samples the tokens of a fresh engine, draw for draw (a conversation's
+    next turn extends the last one's prompt and reply; a new prompt may share only a beginning)."""
+    from dllp2p.generate import GenerationStats, generate
+    from dllp2p.sampler import Sampler, SamplerConfig
+
+    model = _random_model(tmp_path_factory, QType.Q4_0, 2, vocab_size=300)
+    cfg = SamplerConfig(temperature=0.9, top_k=20, seed=4)
+    kept, fresh = JITEngine(model, 96, threads=2, cache_dir=cache_dir), JITEngine(model, 96, threads=1, cache_dir=cache_dir)
+    try:
+        first = [5, 6, 7, 8, 9, 10, 11]
+        s1 = GenerationStats()
+        out1 = list(generate(kept, first, Sampler(cfg), 10, stats=s1))
+        assert s1.kv_tokens == tuple(first + out1[:-1])  # the last token sampled was never fed
+        prompt = {"extends": first + out1 + [12, 13], "diverges": first[:3] + [40, 41], "same": first}[second]
+        s2 = GenerationStats()
+        got = list(generate(kept, prompt, Sampler(cfg), 12, stats=s2, cached=s1.kv_tokens))
+        assert got == list(generate(fresh, prompt, Sampler(cfg), 12))
+        assert s2.reused_tokens == {"extends": len(first) + len(out1) - 1, "diverges": 3, "same": len(first) - 1}[second]
+    finally:
+        kept.close()
+        fresh.close()
+
+
 def test_context_full_and_bad_tokens(tmp_path_factory, cache_dir):
     model = _random_model(tmp_path_factory, QType.Q4_0, 2)
     engine = JITEngine(model, 8, threads=1, cache_dir=cache_dir)

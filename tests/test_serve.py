@@ -191,6 +191,9 @@ def test_root_replans_as_daemons_join_and_leave(tmp_path):
         again = dllp2p_run(*prompt, "--daemon", d.address(1), "--stats")
         assert again.stdout == want and "weights pushed 0.0 MB" in again.stderr, again.stderr  # cached
         assert "session kept from the last request (weights pushed 0.0 MB, set-up 0.00 s)" in again.stderr
+        # the same prompt again: all but its last token were in the kept session's KV cache, not computed
+        m = re.search(r"dllp2p: (\d+) of the (\d+) prompt tokens were in the kept session's KV cache", again.stderr)
+        assert m and int(m[1]) == int(m[2]) - 1, again.stderr
         epoch = status(root).plan.epoch
         d.start(2)
         wait_members(root, 3)

@@ -1,0 +1,152 @@
+"""`dllp2p chat`: a conversation, one line per turn from stdin, each reply streamed to stdout.
+
+    you (stdin)  -> the conversation (messages) -> the model's chat template -> tokens -> a reply
+    /reset       starts a new conversation (the system prompt stays); /exit, /quit or end of input ends
+
+Every turn sends the whole conversation: to the local daemon as a Generate with its messages (the
+root's kept session already holds the earlier turns in its KV cache, so only the new message is
+computed), or, with no daemon, to one engine kept in this process for the session (generate's
+`cached`: the same reuse). Replies are those a fresh engine would give the same conversation.
+
+A turn that fails (the conversation no longer fits --ctx, the daemon busy or a worker lost) prints
+one `dllp2p: error: ...` line and is taken back; the session goes on.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, Callable, TextIO
+
+from .chat import Message
+from .errors import user_facing_errors
+
+COMMANDS = {"/exit": "exit", "/quit": "exit", "/reset": "reset"}
+
+
+class Local:
+    """The model in this process: one engine for the whole session, its KV cache reused turn to turn."""
+
+    def __init__(self, cfg: Any):
+        from .formats import load_model
+        from .jit.engine import JITEngine
+        from .models import resolve_model
+        from .sampler import Sampler
+        from .tokenizer import Tokenizer
+
+        self.cfg = cfg
+        self.model = load_model(resolve_model(cfg.model))
+        self.tokenizer = Tokenizer.from_metadata(self.model.metadata)
+        self.engine = JITEngine(self.model, cfg.ctx, cfg.threads)
+        self.sampler = Sampler(cfg.sampler)  # one random stream for the session
+        self.kv: tuple[int, ...] = ()
+
+    def reply(self, messages: list[Message], show: Callable[[str], None]) -> str:
+        from .generate import GenerationStats, generate
+        from .run import chat_tokens
+        from .tokenizer import StreamDecoder
+
+        ids = chat_tokens(self.tokenizer, self.model, messages)
+        stats, decoder, text = GenerationStats(), StreamDecoder(self.tokenizer), []
+        for token in generate(self.engine, ids, self.sampler, self.cfg.steps, self.tokenizer.eos_ids, stats,
+                              cached=self.kv):
+            if piece := decoder.push(token):
+                text.append(piece)
+                show(piece)
+        if tail := decoder.flush():
+            text.append(tail)
+            show(tail)
+        self.kv = stats.kv_tokens
+        return "".join(text)
+
+    def close(self) -> None:
+        self.engine.close()
+
+
+class ViaDaemon:
+    """Each turn to the daemon at `address` (which serves it as root or forwards it to the root)."""
+
+    def __init__(self, cfg: Any, address: str):
+        self.cfg, self.address = cfg, address
+
+    def generate_message(self, messages: list[Message]):  # -> protocol.Generate
+        from .protocol import ChatTurn, Generate
+
+        s = self.cfg.sampler
+        return Generate("", (), True, None, self.cfg.steps, self.cfg.ctx, float(s.temperature), s.top_k,
+                        float(s.top_p), float(s.min_p), float(s.repeat_penalty), s.seed,
+                        messages=tuple(ChatTurn(m.role, m.content) for m in messages))
+
+    def reply(self, messages: list[Message], show: Callable[[str], None]) -> str:
+        from .run import DaemonError, ask_daemon
+
+        text: list[str] = []
+
+        def keep(piece: str) -> None:
+            text.append(piece)
+            show(piece)
+
+        if ask_daemon(self.address, self.generate_message(messages), keep) is None:
+            raise DaemonError(f"daemon {self.address} no longer answers")
+        return "".join(text)
+
+    def close(self) -> None:
+        pass
+
+
+def backend(cfg: Any):  # -> Local | ViaDaemon
+    """Through cfg.daemon if one answers there, else in this process."""
+    import socket
+
+    from .link import parse_address
+    from .run import CONNECT_TIMEOUT
+
+    if cfg.daemon is not None:
+        try:
+            socket.create_connection(parse_address(cfg.daemon), timeout=CONNECT_TIMEOUT).close()
+            return ViaDaemon(cfg, cfg.daemon)
+        except OSError:
+            pass
+    return Local(cfg)
+
+
+def chat(cfg: Any, inp: TextIO = sys.stdin, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
+    model = backend(cfg)
+    start = [Message("system", cfg.system)] if cfg.system else []
+    messages = list(start)
+    prompt = inp.isatty()
+
+    def show(piece: str) -> None:
+        out.write(piece)
+        out.flush()
+
+    try:
+        while True:
+            if prompt:
+                err.write("> ")
+                err.flush()
+            line = inp.readline()
+            if not line:
+                break
+            text = line.rstrip("\r\n")
+            command = COMMANDS.get(text.strip())
+            if command == "exit":
+                break
+            if command == "reset":
+                messages = list(start)
+                print("dllp2p: a new conversation", file=err)
+                continue
+            if not text.strip():
+                continue
+            messages.append(Message("user", text))
+            try:
+                answer = model.reply(messages, show)
+            except user_facing_errors() as e:
+                messages.pop()
+                print(f"\ndllp2p: error: {e}", file=err)
+                continue
+            out.write("\n")
+            out.flush()
+            messages.append(Message("assistant", answer))
+    finally:
+        model.close()
+    return 0
