@@ -3,7 +3,7 @@ meshed by real TCP connections on 127.0.0.1 (the sockets a daemon would hand its
 worker, every node but the root blocks on a small frame from the root per step, then runs its forward.
 
     python -m dllp2p.tpbench [--model PATH] [--layout N:T ...] [--exchange exact q8] [--tokens N]
-                             [--rounds R] [--json]
+                             [--rounds R] [--all-logits] [--json]
 
 Without --model it writes (once, under /tmp) a random-weight model shaped like distributed-llama's
 benchmark: dim 2048, 16 layers, 32 heads, 8 KV heads, FFN 5632, vocab 32000, Q4_0 — noise, for speed
@@ -11,7 +11,7 @@ only. Every layout runs once per exchange (scheduler.EXCHANGES: "exact" row-spli
 node; "q8" Megatron partial sums in Q8_0); each such run is a cluster, and all clusters are started
 first and stay up. Each gets the same prompt, then they take turns: in each of R rounds every cluster
 decodes `tokens` greedy tokens, in the order given (each step asking the workers for their best logit
-only, as `dllp2p run --temperature 0` does). A shared machine's speed drifts by tens of percent
+only, as `dllp2p run --temperature 0` does; --all-logits: for all of them, as sampling without top-k). A shared machine's speed drifts by tens of percent
 over minutes, so the clusters are compared round by round: `vs_first` is the median, over rounds, of a
 cluster's median ms/token divided by the first cluster's in the same round. The root's first logits are
 compared with the first cluster's (max |difference|: 0 for exact). Also reported per cluster: ms/token
@@ -108,11 +108,11 @@ class Cluster:
         self.pos += len(toks)
         return self.logits
 
-    def decode(self, tokens: int) -> None:
+    def decode(self, tokens: int, top: int = 1) -> None:
         ms = []
         for _ in range(tokens):
             t0 = time.perf_counter()
-            self.step([int(np.argmax(self.logits))], top=1)  # greedy: the workers send their best logit
+            self.step([int(np.argmax(self.logits))], top=top)  # greedy: 1 = the workers send their best logit
             ms.append((time.perf_counter() - t0) * 1e3)
             self.sync.append(self.root.stats["sync_ms"])
         self.ms += ms
@@ -178,7 +178,7 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
 
 
 def run(model, layouts: list[tuple[int, int]], exchanges: list[str], prompt: list[int], tokens: int, rounds: int,
-        recv_spins: int | None = None) -> list[dict]:
+        recv_spins: int | None = None, top: int = 1) -> list[dict]:
     """Start every (layout, exchange) cluster, prefill each, then `rounds` rounds of `tokens` decoded
     tokens per cluster in turn. -> one result dict per cluster, in order."""
     ctx = len(prompt) + tokens * rounds + 1
@@ -189,7 +189,7 @@ def run(model, layouts: list[tuple[int, int]], exchanges: list[str], prompt: lis
         for _ in range(rounds):
             for c in clusters:
                 time.sleep(SETTLE_S)
-                c.decode(tokens)
+                c.decode(tokens, top)
         base = clusters[0].round_ms
         results = []
         for c, logits in zip(clusters, first):
@@ -217,6 +217,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="exchanges to measure multi-node layouts with (default: all)")
     ap.add_argument("--recv-spins", type=int, help=f"non-blocking receive tries before blocking (default "
                     f"{RECV_SPINS}, 0 when the nodes' threads outnumber the cores)")
+    ap.add_argument("--all-logits", action="store_true",
+                    help="the workers send all their logits each step (as sampling without top-k needs), not "
+                         "just their best (greedy)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     if args.tokens < 1 or args.rounds < 1:
@@ -224,7 +227,8 @@ def main(argv: list[str] | None = None) -> int:
     model = load_model(args.model or random_model_path())
     prompt = [int(t) for t in np.random.default_rng(0).integers(0, model.config.vocab_size, args.prompt_tokens)]
     layouts = [tuple(int(v) for v in spec.split(":")) for spec in args.layout]
-    results = run(model, layouts, args.exchange, prompt, args.tokens, args.rounds, args.recv_spins)
+    results = run(model, layouts, args.exchange, prompt, args.tokens, args.rounds, args.recv_spins,
+                  0 if args.all_logits else 1)
     if args.json:
         print(json.dumps({"model": str(args.model or "random dllama-shape Q4_0"), "tokens_per_round": args.tokens,
                           "rounds": args.rounds, "results": results}))

@@ -148,6 +148,38 @@ def test_lost_peer_raises_and_names_it(kv8_model, cache_dir):
         cluster.close()
 
 
+def test_a_signal_during_a_blocking_receive_is_not_a_lost_peer(kv8_model, cache_dir):
+    """A signal handled while a node's thread blocks in recv interrupts the call (EINTR; a socket with a
+    timeout is never restarted): the exchange must try again, not report the peer lost."""
+    import signal
+    import time
+
+    cluster = Cluster(kv8_model, 2, "pow2", cache_dir)
+    old = signal.signal(signal.SIGUSR1, lambda *_: None)
+    try:
+        cluster.forward([1, 2, 3], 0)
+        errors = []
+        worker = threading.Thread(target=lambda: _forward_into(errors, cluster.nodes[1], [4], 3))
+        worker.start()
+        time.sleep(0.2)  # node 1 is blocked receiving node 0's first exchange
+        for _ in range(5):
+            signal.pthread_kill(worker.ident, signal.SIGUSR1)
+            time.sleep(0.02)
+        got = cluster.nodes[0].forward([4], 3)
+        worker.join(timeout=60)
+        assert errors == [] and got is not None
+    finally:
+        signal.signal(signal.SIGUSR1, old)
+        cluster.close()
+
+
+def _forward_into(errors: list, node, tokens, pos) -> None:
+    try:
+        node.forward(tokens, pos)
+    except Exception as e:  # noqa: BLE001 - collected for the test
+        errors.append(e)
+
+
 def test_bytes_per_token_match_traffic(kv8_model, cache_dir):
     cluster = Cluster(kv8_model, 2, "pow2", cache_dir)
     try:

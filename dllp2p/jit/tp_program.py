@@ -64,6 +64,7 @@ MSG_NOSIGNAL = 0x4000  # Linux: a broken connection returns EPIPE instead of rai
 MSG_WAITALL = 0x100
 MSG_DONTWAIT = 0x40
 EAGAIN = 11
+EINTR = 4
 RS_MIN_NODES = 3  # from this many nodes a q8 all-reduce is a reduce-scatter then an all-gather
 RECV_SPINS = 200  # non-blocking receive attempts (~0.3 us each: ~60 us) before blocking; more starves oversubscribed cores
 
@@ -233,12 +234,14 @@ class _TPForward(_Forward):
             with then:
                 b.store(b.add(sofar, got), done)
             with otherwise:
-                failed = ir.Constant(ir.IntType(1), 1)  # closed (0) or an error (-1)
-                if polling:  # ... unless a non-blocking receive merely found nothing yet
-                    errno = b.load(b.call(self.errno_location, []), typ=I32)
-                    would_block = b.and_(poll, b.icmp_signed("==", errno, ir.Constant(I32, EAGAIN)))
-                    failed = b.not_(b.and_(b.icmp_signed("<", got, i64(0)), would_block))
+                # closed (0) or an error (-1), unless a signal interrupted the call (EINTR: a socket with
+                # a timeout is never restarted) or a non-blocking receive merely found nothing yet
+                errno = b.load(b.call(self.errno_location, []), typ=I32)
+                again = b.icmp_signed("==", errno, ir.Constant(I32, EINTR))
+                if polling:
+                    again = b.or_(again, b.and_(poll, b.icmp_signed("==", errno, ir.Constant(I32, EAGAIN))))
                     b.store(b.add(tried, i64(1)), spins)
+                failed = b.not_(b.and_(b.icmp_signed("<", got, i64(0)), again))
                 with b.if_then(failed):
                     b.store(i64(peer + 1), err_slot)
         b.branch(loop)
