@@ -7,8 +7,11 @@ One TCP port takes four kinds of connection, told apart by their first frame:
     Status     anyone asking what this daemon knows: StatusReply, again for every further Status (with
                its RSS, RAM and load average read when it answers, the round-trip of its latest
                Status poll of every member it polls, and its latest session's weight-push progress)
-    Generate   a prompt (`dllp2p run`): the root serves it as the cluster's root, any other daemon
-               forwards it to the root and relays the tokens back (serve.py)
+    Generate   a prompt (`dllp2p run`, `dllp2p chat`, the HTTP API): the root serves it as the cluster's
+               root, any other daemon forwards it to the root and relays the tokens back (serve.py)
+
+A second port (config `api`, 127.0.0.1:7341 by default) serves the OpenAI-compatible HTTP API (api.py),
+whose requests come back to the first port as Generates.
 
 Membership: the daemon knows itself, the daemons mDNS finds (discovery.run_mdns, unless disabled) and
 the --peer daemons it polls with Status (discovery.poll_static; mDNS-found members are polled the same
@@ -24,7 +27,7 @@ A control connection then carries sessions, one after another:
     worker -> WeightsReady(received bytes, cached slices)
     root -> Mesh                                           dial nodes k > own index, take i < own index
     worker -> Ready                                        the engine (TPNode) is built
-    root -> Step ... Step                                  node.forward(tokens, start_pos) each
+    root -> Step ... Step                                  node.forward(tokens, start_pos, top) each
     root -> Stop                                           free everything, idle, ready for a Session
 
 Threads: everything up to the mesh runs on trio. Then one call to trio.to_thread.run_sync runs the
