@@ -39,8 +39,10 @@ from typing import Any, Mapping
 
 import trio
 
-from .link import LinkClosed, LinkTimeout, TrioLink, open_link, parse_address
+from .link import LinkClosed, LinkTimeout, TrioLink, format_address, open_link, parse_address
 from .protocol import CHAT_ROLES, ChatTurn, Done, Error, Generate, ProtocolError, TokenChunk
+from .run import daemon_request
+from .sampler import SamplerConfig
 
 log = logging.getLogger("dllp2p.api")
 
@@ -82,9 +84,7 @@ class Options:
 
 def listen_address(address: str) -> tuple[str, int]:
     """'host:port' to listen on (port 0: any free one) -> (host, port). Raises ValueError."""
-    if address.endswith(":0"):
-        return parse_address(address[:-2] + ":1")[0], 0
-    return parse_address(address)
+    return parse_address(address, listen=True)
 
 
 # --- HTTP in -------------------------------------------------------------------------------------------
@@ -223,24 +223,22 @@ def to_generate(kind: str, body: Any, ctx: int = DEFAULT_CTX) -> tuple[Generate,
         raise HttpError(400, "stream_options must be an object")
     steps_key = "max_completion_tokens" if kind == "chat" and "max_completion_tokens" in body else "max_tokens"
     steps = _integer(body, steps_key, DEFAULT_MAX_TOKENS, 1, ctx - 1)
-    sampling = dict(
+    seed = _integer(body, "seed", None, -(1 << 63), (1 << 63) - 1)
+    sampler = SamplerConfig(
         temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
         top_k=_integer(body, "top_k", 40, 0, 1 << 20),
         top_p=max(_number(body, "top_p", 1.0, 0.0, 1.0), 1e-9),  # 0: the best token only
         min_p=_number(body, "min_p", 0.05, 0.0, 0.999),
         repeat_penalty=_number(body, "repeat_penalty", 1.0, 0.01, 10.0),
-        seed=_integer(body, "seed", None, -(1 << 63), (1 << 63) - 1),
+        seed=None if seed is None else seed & ((1 << 64) - 1),  # numpy seeds are unsigned
     )
-    if sampling["seed"] is not None and sampling["seed"] < 0:
-        sampling["seed"] &= (1 << 64) - 1  # numpy seeds are unsigned
     if kind == "chat":
         prompt, tokens, messages = "", (), _messages(body)
     else:
         (prompt, tokens), messages = _prompt(body), ()
     try:
-        g = Generate(prompt, tokens, bool(messages), None, steps, ctx, sampling["temperature"], sampling["top_k"],
-                     sampling["top_p"], sampling["min_p"], sampling["repeat_penalty"], sampling["seed"],
-                     messages=messages, stop=_stops(body))
+        g = daemon_request(sampler, steps, ctx, prompt=prompt, tokens=tokens, chat=bool(messages), messages=messages,
+                           stop=_stops(body))
     except ProtocolError as e:
         raise HttpError(400, str(e)) from None
     return g, Options(kind, stream, bool(so.get("include_usage", False)))
@@ -404,3 +402,19 @@ class Api:
         if not isinstance(msg, (TokenChunk, Done)):
             raise HttpError(500, f"the daemon answered with {type(msg).__name__}", "server_error")
         return msg
+
+
+async def start(nursery: trio.Nursery, address: str, daemon: str, model: str, timeouts: Any) -> str | None:
+    """Serve the API on `address` in nursery, sending its prompts to the daemon at `daemon`. -> the bound
+    "host:port", or None (logged) when it cannot listen there (the port taken by another daemon on this
+    machine): the daemon serves on without it."""
+    host, port = listen_address(address)
+    try:
+        listeners = await trio.open_tcp_listeners(port, host=host)
+    except OSError as e:
+        log.warning("the HTTP API is off: cannot listen on %s: %s", address, e.strerror or e)
+        return None
+    bound = format_address(*listeners[0].socket.getsockname()[:2])
+    log.info("OpenAI-compatible API on http://%s/v1", bound)
+    nursery.start_soon(trio.serve_listeners, Api(daemon, model, timeouts).connection, listeners)
+    return bound

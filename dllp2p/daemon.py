@@ -164,9 +164,7 @@ class DaemonConfig:
         for address in self.peers:
             parse_address(address)
         if self.api is not None:
-            from .api import listen_address
-
-            listen_address(self.api)
+            parse_address(self.api, listen=True)
 
 
 # --- state dir: node id and slice cache -----------------------------------------------------------
@@ -319,21 +317,13 @@ class Daemon:
             task_status.started(self.address)
 
     async def _start_api(self, nursery: trio.Nursery, host: str, port: int) -> None:
-        """The HTTP API in nursery; it sends its prompts to this daemon's own port, as `dllp2p run` does."""
-        from .api import Api, listen_address
+        """The HTTP API (api.py) in nursery; it sends its prompts to this daemon's own port, as `dllp2p run` does."""
+        from . import api
         from .models import DEFAULT_FILE
 
         local = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(host, host)
         model = (self.config.model.name if self.config.model else DEFAULT_FILE).removesuffix(".gguf")
-        api_host, api_port = listen_address(self.config.api)
-        try:
-            listeners = await trio.open_tcp_listeners(api_port, host=api_host)
-        except OSError as e:  # the port is taken (another daemon on this machine): serve on without it
-            log.warning("the HTTP API is off: cannot listen on %s: %s", self.config.api, e.strerror or e)
-            return
-        self.api_address = format_address(*listeners[0].socket.getsockname()[:2])
-        log.info("OpenAI-compatible API on http://%s/v1", self.api_address)
-        nursery.start_soon(trio.serve_listeners, Api(format_address(local, port), model, self.t).connection, listeners)
+        self.api_address = await api.start(nursery, self.config.api, format_address(local, port), model, self.t) or ""
 
     # --- membership ---
 

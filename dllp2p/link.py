@@ -40,10 +40,10 @@ class LinkTimeout(TimeoutError):
     """Nothing (or not enough) arrived in time."""
 
 
-def parse_address(address: str) -> tuple[str, int]:
-    """'host:port' or '[v6]:port' -> (host, port). Raises ValueError."""
+def parse_address(address: str, *, listen: bool = False) -> tuple[str, int]:
+    """'host:port' or '[v6]:port' -> (host, port); port 0 (any free one) only to `listen` on. Raises ValueError."""
     host, sep, port = address.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    if not sep or not host or not port.isdigit() or not (0 if listen else 1) <= int(port) < 65536:
         raise ValueError(f"address {address!r} is not HOST:PORT")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]

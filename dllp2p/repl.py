@@ -68,16 +68,9 @@ class ViaDaemon:
     def __init__(self, cfg: Any, address: str):
         self.cfg, self.address = cfg, address
 
-    def generate_message(self, messages: list[Message]):  # -> protocol.Generate
-        from .protocol import ChatTurn, Generate
-
-        s = self.cfg.sampler
-        return Generate("", (), True, None, self.cfg.steps, self.cfg.ctx, float(s.temperature), s.top_k,
-                        float(s.top_p), float(s.min_p), float(s.repeat_penalty), s.seed,
-                        messages=tuple(ChatTurn(m.role, m.content) for m in messages))
-
     def reply(self, messages: list[Message], show: Callable[[str], None]) -> str:
-        from .run import DaemonError, ask_daemon
+        from .protocol import ChatTurn
+        from .run import DaemonError, ask_daemon, daemon_request
 
         text: list[str] = []
 
@@ -85,7 +78,9 @@ class ViaDaemon:
             text.append(piece)
             show(piece)
 
-        if ask_daemon(self.address, self.generate_message(messages), keep) is None:
+        g = daemon_request(self.cfg.sampler, self.cfg.steps, self.cfg.ctx, chat=True,
+                           messages=[ChatTurn(m.role, m.content) for m in messages])
+        if ask_daemon(self.address, g, keep) is None:
             raise DaemonError(f"daemon {self.address} no longer answers")
         return "".join(text)
 

@@ -70,11 +70,7 @@ def run(cfg, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
 def run_via_daemon(cfg, address: str, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int | None:
     """Send the prompt to the daemon at address and print what comes back. -> None if nothing listens
     there (the caller runs the prompt itself). Raises DaemonError once the daemon has the prompt."""
-    from .protocol import Generate
-
-    s = cfg.sampler
-    g = Generate(cfg.prompt, (), cfg.chat, cfg.system, cfg.steps, cfg.ctx, float(s.temperature), s.top_k,
-                 float(s.top_p), float(s.min_p), float(s.repeat_penalty), s.seed)
+    g = daemon_request(cfg.sampler, cfg.steps, cfg.ctx, prompt=cfg.prompt, chat=cfg.chat, system=cfg.system)
 
     def show(text: str) -> None:
         out.write(text)
@@ -92,6 +88,17 @@ def run_via_daemon(cfg, address: str, out: TextIO = sys.stdout, err: TextIO = sy
         for line in msg.stats:
             print(f"dllp2p: {line}", file=err)
     return 0
+
+
+def daemon_request(sampler, steps: int, ctx: int, *, prompt: str = "", tokens: Sequence[int] = (), chat: bool = False,
+                   system: str | None = None, messages: Sequence = (), stop: Sequence[str] = ()):
+    """The protocol.Generate asking a daemon for a prompt (text, token ids or messages) drawn by `sampler`
+    (a SamplerConfig; the root rebuilds it from these fields)."""
+    from .protocol import Generate
+
+    s = sampler
+    return Generate(prompt, tuple(tokens), chat, system, steps, ctx, float(s.temperature), s.top_k, float(s.top_p),
+                    float(s.min_p), float(s.repeat_penalty), s.seed, messages=tuple(messages), stop=tuple(stop))
 
 
 def ask_daemon(address: str, g, on_text):  # (str, protocol.Generate, (str) -> None) -> protocol.Done | None

@@ -232,12 +232,12 @@ class RootService:
                 for token in tokens:
                     out(stops.push(decoder.push(token)))
                     if stops.stopped:
-                        stats.stop_reason = "stop"
-                        return
-                out(stops.push(decoder.flush()))
+                        break
+                else:
+                    out(stops.push(decoder.flush()))
+                    out(stops.flush())  # nothing once stopped
                 if stops.stopped:
                     stats.stop_reason = "stop"
-                out(stops.flush())
             except (trio.BrokenResourceError, trio.ClosedResourceError, trio.Cancelled, trio.RunFinishedError):
                 pass  # nobody listens any more
             finally:
