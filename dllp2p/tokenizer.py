@@ -5,9 +5,14 @@ Two vocabulary kinds are supported, named by `tokenizer.ggml.model`:
 * ``gpt2``  - byte-level BPE (GPT-2, SmolLM, Llama 3, Qwen2 ...). Text is first cut into words by the
   pre-tokenizer regexes of `tokenizer.ggml.pre`, each word's UTF-8 bytes are spelled with GPT-2's
   byte->printable-character alphabet, and `tokenizer.ggml.merges` are applied lowest rank first.
-* ``llama`` - SentencePiece-style BPE (Llama 2, Mistral ...). Spaces become '▁', an optional space is
-  prefixed, adjacent pieces are merged highest `tokenizer.ggml.scores` first, and characters missing
-  from the vocabulary fall back to the byte tokens ``<0xXX>``.
+* ``llama`` - SentencePiece-style BPE (Llama 2, Mistral, Gemma ...). Spaces become '▁', an optional space
+  is prefixed, adjacent pieces are merged highest `tokenizer.ggml.scores` first (Gemma: earliest in the
+  vocabulary first, see `_gemma_style`), and characters missing from the vocabulary fall back to the
+  byte tokens ``<0xXX>``.
+
+Start-up cost matters (the daemon builds one per model it loads, Gemma 3 has 262,144 tokens): the only
+per-token Python objects built here are the spelling -> id dict; token types are one `bytes`, scores one
+`array('f')`, special tokens a dict plus a one-character-class regex, and token bytes are made on first use.
 
 Special tokens are matched in the text before either of those: user-defined tokens always, control
 tokens (``<|im_start|>``, ``<s>``) only when ``parse_special`` is set. Decoding maps every token back to
@@ -19,11 +24,13 @@ from __future__ import annotations
 import codecs
 import functools
 import heapq
+from array import array
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from enum import IntEnum
 from itertools import repeat
 from typing import Any
 
+import numpy as np
 import regex
 
 
@@ -54,18 +61,44 @@ _QWEN2 = (
     r"""| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
 )
 _EACH_DIGIT = r"\p{N}"
+# Mistral Nemo ('tekken') and GPT-4o style (Llama 4): case-aware words, as transformers' GGUF loader has them
+_TEKKEN = (
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
+    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
+    r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_CONTRACTION = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+_GPT4O = (
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+" + _CONTRACTION
+    + r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*" + _CONTRACTION
+    + r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 
+# `tokenizer.ggml.pre` names as llama.cpp's llama-vocab.cpp groups them (each group shares one regex list
+# there). Only groups whose regexes are written here are listed; any other name is refused, not guessed.
+_LLAMA3_NAMES = ("llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2")
 _PRE_TOKENIZERS: dict[str, tuple[str, ...]] = {
-    **dict.fromkeys(("default", "gpt2", "gpt-2", "mpt", "olmo", "jais"), (_GPT2,)),
+    # 'default' and 'gpt2' are not llama.cpp's names for GPT-2 (its 'default' is an older regex list): they
+    # are what a file without a pre-type gets from transformers, GPT-2's byte-level regex, kept as before.
+    **dict.fromkeys(
+        ("default", "gpt2", "gpt-2", "phi-2", "gigachat", "a.x-4.0", "mellum", "exaone4", "mpt", "olmo", "jais",
+         "trillion", "granite-docling"),
+        (_GPT2,),
+    ),
     # SmolLM's own tokenizer.json isolates every digit before the GPT-2 regex (HF `Digits` pre-tokenizer)
     **dict.fromkeys(
-        ("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva"), (_EACH_DIGIT, _GPT2)
+        ("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva-7b"), (_EACH_DIGIT, _GPT2)
     ),
-    **dict.fromkeys(("llama-bpe", "llama3", "llama-v3", "dbrx", "smaug-bpe"), (_LLAMA3,)),
-    **dict.fromkeys(("qwen2", "stablelm2", "deepseek-r1-qwen"), (_QWEN2,)),
+    **dict.fromkeys((*_LLAMA3_NAMES, "dbrx", "smaug-bpe"), (_LLAMA3,)),
+    **dict.fromkeys(
+        ("qwen2", "deepseek-r1-qwen", "kormo", "f2llmv2", "megrez", "stablelm2", "hunyuan", "grok-2"), (_QWEN2,)
+    ),
+    "tekken": (_TEKKEN,),
+    **dict.fromkeys(("gpt-4o", "llama4", "minimax-m2"), (_GPT4O,)),
 }
-# Llama 3 style vocabularies take a whole word that is itself a token without merging (HF `ignore_merges`).
-_WORD_AS_TOKEN_FIRST = frozenset(("llama-bpe", "llama3", "llama-v3", "dbrx", "smaug-bpe"))
+# Llama 3 style vocabularies take a whole word that is itself a token without merging (HF `ignore_merges`;
+# llama.cpp sets it for exactly these pre-types, not for dbrx / smaug-bpe that share the regex).
+_WORD_AS_TOKEN_FIRST = frozenset((*_LLAMA3_NAMES, "tekken"))
 
 # Chat templates close a turn with one of these; generation must stop there too.
 _END_OF_TURN_MARKERS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>")
@@ -109,21 +142,26 @@ def _optional_id(md: Mapping[str, Any], key: str, vocab_size: int) -> int | None
     return value
 
 
-def _token_types(md: Mapping[str, Any], vocab_size: int) -> list[int]:
+def _token_types(md: Mapping[str, Any], vocab_size: int) -> bytes:
+    """One byte per token (a TokenType value): indexing a bytes object gives a plain int, fast, and the
+    whole table is vocab_size bytes instead of a list of int objects."""
     types = md.get("tokenizer.ggml.token_type")
     if types is None:
-        return [TokenType.NORMAL] * vocab_size
-    types = list(map(int, types))
-    if len(types) != vocab_size:
-        raise TokenizerError(f"tokenizer.ggml.token_type has {len(types)} entries for {vocab_size} tokens")
-    return types
+        return bytes([TokenType.NORMAL]) * vocab_size
+    values = np.asarray(types)
+    if values.shape != (vocab_size,):
+        raise TokenizerError(f"tokenizer.ggml.token_type has {values.size} entries for {vocab_size} tokens")
+    if vocab_size and not (values.dtype.kind in "iu" and 0 <= values.min() and values.max() <= 255):
+        raise TokenizerError("tokenizer.ggml.token_type holds values that are no token types")
+    return values.astype(np.uint8).tobytes()
 
 
-def _scores(md: Mapping[str, Any], vocab_size: int) -> list[float]:
-    scores = list(map(float, _required(md, "tokenizer.ggml.scores")))
-    if len(scores) != vocab_size:
-        raise TokenizerError(f"tokenizer.ggml.scores has {len(scores)} entries for {vocab_size} tokens")
-    return scores
+def _scores(md: Mapping[str, Any], vocab_size: int) -> array:
+    """float32 per token, as the GGUF stores them (array('f'): indexing gives a Python float)."""
+    scores = np.asarray(_required(md, "tokenizer.ggml.scores"), dtype=np.float32)
+    if scores.shape != (vocab_size,):
+        raise TokenizerError(f"tokenizer.ggml.scores has {scores.size} entries for {vocab_size} tokens")
+    return array("f", scores.tobytes())
 
 
 def _merge_ranks(md: Mapping[str, Any]) -> dict[str, int]:
@@ -166,15 +204,27 @@ def _pre_tokenizer(md: Mapping[str, Any]) -> str:
 
 
 def _end_of_generation_ids(md: Mapping[str, Any], tokens: list[str], types: Sequence[int]) -> frozenset[int]:
-    """eos, eot and eom ids, plus the control token the chat template ends each turn with."""
+    """eos, eot and eom ids, plus the control token the chat template ends each turn with (the file's
+    template, or for a file without one the family's template that chat.template_from supplies)."""
+    from .chat import template_from  # no cycle: chat imports nothing from here
+
     size = len(tokens)
     ids = {_optional_id(md, f"tokenizer.ggml.{name}_token_id", size) for name in ("eos", "eot", "eom")}
-    template = md.get("tokenizer.chat_template") or ""
+    template = template_from(md) or ""
     for marker in _END_OF_TURN_MARKERS:
         if marker in template:
             ids.update(i for i in _ids_of(tokens, marker) if types[i] == TokenType.CONTROL)
     ids.discard(None)
     return frozenset(ids)  # type: ignore[arg-type]
+
+
+def _gemma_style(md: Mapping[str, Any]) -> bool:
+    """Gemma's SentencePiece vocabularies, as transformers builds them from a GGUF (its gemma_tokenizer):
+    merges go by position in the vocabulary (Gemma's scores do not follow its merge order; for Gemma 3's
+    normal tokens they fall strictly with the position, but its whitespace tokens score -1000), and the
+    user-defined runs of spaces, which llama.cpp's converter stores with real spaces, are ordinary '▁▁'
+    pieces reached by merging, not tokens matched whole in the raw text."""
+    return str(md.get("general.architecture", "")) in ("gemma", "gemma2", "gemma3")
 
 
 # --- merging: one priority-queue BPE for both ranks (byte-level) and scores (SentencePiece) ---
@@ -232,6 +282,39 @@ def _split_by(pieces: Iterable[str], pattern: regex.Pattern[str]) -> Iterator[st
             yield piece[pos:]
 
 
+class _SpecialMatcher:
+    """Finds special-token spellings in text, leftmost first and longest at a position (as HF's added
+    tokens and a longest-first regex alternation do). A regex alternation of Gemma's 6,400 spellings takes
+    a second to compile; this is a dict plus a regex of the spellings' first characters."""
+
+    def __init__(self, ids: Mapping[str, int]) -> None:
+        self._ids = dict(ids)
+        lengths: dict[str, set[int]] = {}
+        for spelling in self._ids:
+            lengths.setdefault(spelling[0], set()).add(len(spelling))
+        self._lengths = {c: sorted(ls, reverse=True) for c, ls in lengths.items()}
+        self._starts = regex.compile("[" + "".join(regex.escape(c) for c in sorted(lengths)) + "]")
+
+    def split(self, text: str) -> Iterator[str | int]:
+        """The text as plain-text fragments (non-empty str) and special tokens (their id), in order."""
+        ids, lengths, search = self._ids, self._lengths, self._starts.search
+        done = pos = 0
+        while (m := search(text, pos)) is not None:
+            start = m.start()
+            for n in lengths[text[start]]:
+                token_id = ids.get(text[start : start + n])
+                if token_id is not None:
+                    if start > done:
+                        yield text[done:start]
+                    yield token_id
+                    done = pos = start + n
+                    break
+            else:
+                pos = start + 1
+        if done < len(text):
+            yield text[done:]
+
+
 class Tokenizer:
     """A GGUF vocabulary: `encode` text to ids, `decode` ids to text. Build with `from_metadata`."""
 
@@ -240,7 +323,7 @@ class Tokenizer:
         *,
         model: str,
         tokens: Sequence[str],
-        token_types: Sequence[int],
+        token_types: bytes | Sequence[int],
         bos_id: int | None,
         eos_id: int | None,
         unknown_id: int | None,
@@ -251,6 +334,7 @@ class Tokenizer:
         pre: str = "default",
         merge_ranks: Mapping[str, int] | None = None,
         scores: Sequence[float] | None = None,
+        gemma_style: bool = False,
     ) -> None:
         self.model = model
         self.vocab_size = len(tokens)
@@ -262,22 +346,21 @@ class Tokenizer:
         self.add_eos = add_eos
         self.add_space_prefix = add_space_prefix
         self.pre = pre
-        self._tokens = list(tokens)
-        self._types = list(token_types)
+        self._tokens = tokens if isinstance(tokens, list) else list(tokens)  # the metadata's own list, shared
+        self._types = token_types if isinstance(token_types, bytes) else bytes(token_types)
         self._ids = _first_ids(self._tokens)
         self._bytes: list[bytes | None] = [None] * self.vocab_size  # filled on first use: see token_bytes
-        self._always_special, self._parse_special = self._special_patterns()
+        respelled = self._respell_space_runs() if model == "llama" and gemma_style else {}
+        self._always_special, self._parse_special = self._special_matchers(exclude=respelled.values())
         if model == "gpt2":
             self._ranks = dict(merge_ranks or {})
             self._pre_patterns = [regex.compile(p) for p in _PRE_TOKENIZERS[pre]]
             self._word_as_token_first = pre in _WORD_AS_TOKEN_FIRST
             self._encode_word = functools.lru_cache(maxsize=_WORD_CACHE_SIZE)(self._encode_word_uncached)
         else:
-            self._scores = list(scores or [])
+            self._scores = scores if isinstance(scores, array) else array("f", scores or [])
+            self._merge_by_position = gemma_style
             self._byte_ids = self._byte_token_ids()
-            self._mergeable = {
-                t: i for t, i in self._ids.items() if self._types[i] in (TokenType.NORMAL, TokenType.USER_DEFINED)
-            }
 
     @classmethod
     def from_metadata(cls, md: Mapping[str, Any]) -> Tokenizer:
@@ -285,7 +368,9 @@ class Tokenizer:
         model = str(_required(md, "tokenizer.ggml.model"))
         if model not in ("gpt2", "llama"):
             raise TokenizerError(f"unsupported tokenizer model {model!r} (supported: gpt2, llama)")
-        tokens = list(map(str, _required(md, "tokenizer.ggml.tokens")))
+        tokens = _required(md, "tokenizer.ggml.tokens")
+        if not (isinstance(tokens, list) and all(isinstance(t, str) for t in tokens[:1])):
+            tokens = [str(t) for t in tokens]  # load_metadata gives a list of str: used as it is, not copied
         if not tokens:
             raise TokenizerError("tokenizer.ggml.tokens is empty")
         size = len(tokens)
@@ -312,7 +397,9 @@ class Tokenizer:
         if model == "gpt2":
             return cls(**common, pre=_pre_tokenizer(md), merge_ranks=_merge_ranks(md))
         add_space_prefix = bool(md.get("tokenizer.ggml.add_space_prefix", True))
-        return cls(**common, add_space_prefix=add_space_prefix, scores=_scores(md, size))
+        return cls(
+            **common, add_space_prefix=add_space_prefix, scores=_scores(md, size), gemma_style=_gemma_style(md)
+        )
 
     # --- vocabulary look-ups ---
 
@@ -354,6 +441,21 @@ class Tokenizer:
             return bytes([int(text[3:5], 16)])
         return text.replace("▁", " ").encode()
 
+    def _ids_of_type(self, kind: int) -> np.ndarray:
+        """Ids of every token of one type, found by numpy over the type bytes (no Python loop)."""
+        return np.flatnonzero(np.frombuffer(self._types, dtype=np.uint8) == kind)
+
+    def _respell_space_runs(self) -> dict[str, int]:
+        """Gemma: user-defined runs of spaces become '▁' pieces (see `_gemma_style`). -> respelling: id"""
+        found: dict[str, int] = {}
+        for i in self._ids_of_type(TokenType.USER_DEFINED).tolist():
+            text = self._tokens[i]
+            if " " in text and not text.strip():
+                found.setdefault(text.replace(" ", "▁"), i)
+        for spelling, i in found.items():
+            self._ids.setdefault(spelling, i)
+        return found
+
     # --- encoding ---
 
     def encode(
@@ -387,33 +489,29 @@ class Tokenizer:
             ids.append(self.eos_id)
         return ids
 
-    def _special_patterns(self) -> tuple[regex.Pattern[str] | None, regex.Pattern[str] | None]:
-        """Alternations of special-token spellings, longest first: (user-defined only, + control)."""
+    def _special_matchers(self, exclude: Iterable[int] = ()) -> tuple[_SpecialMatcher | None, _SpecialMatcher | None]:
+        """Matchers of special-token spellings: (user-defined only, user-defined + control)."""
+        skip = set(exclude)
 
-        normal = int(TokenType.NORMAL)  # a plain int: comparing with the enum member is much slower
-        special = [i for i, k in enumerate(self._types) if k != normal]  # a short list
+        def matcher(kinds: tuple[int, ...]) -> _SpecialMatcher | None:
+            ids: dict[str, int] = {}
+            for kind in kinds:
+                for i in self._ids_of_type(kind).tolist():
+                    spelling = self._tokens[i]
+                    if spelling and i not in skip:
+                        ids.setdefault(spelling, self._ids[spelling])
+            return _SpecialMatcher(ids) if ids else None
 
-        def alternation(kinds: tuple[int, ...]) -> regex.Pattern[str] | None:
-            spellings = {self._tokens[i] for i in special if self._types[i] in kinds and self._tokens[i]}
-            if not spellings:
-                return None
-            ordered = sorted(spellings, key=lambda s: (-len(s), s))
-            return regex.compile("(" + "|".join(regex.escape(s) for s in ordered) + ")")
-
-        return alternation((TokenType.USER_DEFINED,)), alternation((TokenType.USER_DEFINED, TokenType.CONTROL))
+        return matcher((TokenType.USER_DEFINED,)), matcher((TokenType.USER_DEFINED, TokenType.CONTROL))
 
     def _split_special(self, text: str, parse_special: bool) -> Iterator[str | int]:
         """The text as plain-text fragments (str) and special tokens (their id), in order."""
-        pattern = self._parse_special if parse_special else self._always_special
-        if pattern is None:
+        matcher = self._parse_special if parse_special else self._always_special
+        if matcher is None:
             if text:
                 yield text
             return
-        for i, part in enumerate(pattern.split(text)):
-            if i % 2:
-                yield self._ids[part]
-            elif part:
-                yield part
+        yield from matcher.split(text)
 
     def _encode_bpe_text(self, text: str, after_special: bool) -> list[int]:
         ids: list[int] = []
@@ -444,28 +542,44 @@ class Tokenizer:
         return tuple(ids)
 
     def _encode_spm_text(self, text: str, after_special: bool) -> list[int]:
+        """SentencePiece BPE over the whole fragment: two adjacent pieces join when both are vocabulary
+        entries and so is their concatenation, a normal or user-defined token; best score (Gemma: lowest
+        id) first. What stays unknown is spelled with byte tokens."""
         if self.add_space_prefix and after_special:
             text = " " + text
-        mergeable, scores = self._mergeable, self._scores
+        ids, types, scores = self._ids, self._types, self._scores
+        normal, user = int(TokenType.NORMAL), int(TokenType.USER_DEFINED)
 
-        def rank(a: str, b: str) -> float | None:
-            token_id = mergeable.get(a + b)
-            return None if token_id is None else -scores[token_id]
+        if self._merge_by_position:
 
-        ids: list[int] = []
+            def rank(a: str, b: str) -> float | None:
+                token_id = ids.get(a + b)
+                if token_id is None or (types[token_id] != normal and types[token_id] != user):
+                    return None
+                return token_id if a in ids and b in ids else None
+
+        else:
+
+            def rank(a: str, b: str) -> float | None:
+                token_id = ids.get(a + b)
+                if token_id is None or (types[token_id] != normal and types[token_id] != user):
+                    return None
+                return -scores[token_id] if a in ids and b in ids else None
+
+        out: list[int] = []
         for symbol in _merge_symbols(list(text.replace(" ", "▁")), rank):
-            token_id = mergeable.get(symbol)
-            if token_id is not None:
-                ids.append(token_id)
+            token_id = ids.get(symbol)
+            if token_id is not None and (types[token_id] == normal or types[token_id] == user):
+                out.append(token_id)
             else:
-                ids.extend(self._byte_fallback(symbol))
-        return ids
+                out.extend(self._byte_fallback(symbol))
+        return out
 
     def _byte_token_ids(self) -> dict[int, int]:
         """byte value -> id of its '<0xXX>' token (SentencePiece byte fallback)."""
         found: dict[int, int] = {}
-        for i, kind in enumerate(self._types):
-            if kind == TokenType.BYTE and len(piece := self.token_bytes(i)) == 1:
+        for i in self._ids_of_type(TokenType.BYTE).tolist():
+            if len(piece := self.token_bytes(i)) == 1:
                 found.setdefault(piece[0], i)
         return found
 
