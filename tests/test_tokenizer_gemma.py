@@ -157,3 +157,29 @@ def test_load_time_and_memory(gemma_path, capsys):
     assert figures["vocab"] == 262_144
     assert figures["seconds"] < 2.0
     assert figures["rss_mib"] < 40
+
+
+def test_chat_prompt_tokens_match_hf_with_gemma3s_own_template(gemma, gemma_md, hf_gemma):
+    """`dllp2p run --chat` on this template-less file: the built-in Gemma template, encoded with special
+    tokens parsed, gives HF's ids for Gemma 3's own template."""
+    from types import SimpleNamespace
+
+    from chat_templates import GEMMA3
+    from dllp2p.chat import Message, chat_messages
+    from dllp2p.run import chat_tokens
+
+    model = SimpleNamespace(metadata=gemma_md)
+    conversations = [
+        chat_messages("The capital of France is"),
+        chat_messages("Write a haiku about\n  whitespace.", system="You are a poet."),
+        [Message("user", "hi"), Message("assistant", "Hello! 😀"), Message("user", "¿Qué tal?  ")],
+    ]
+    for messages in conversations:
+        ours = chat_tokens(gemma, model, messages)
+        text = hf_gemma.apply_chat_template(
+            [{"role": m.role, "content": m.content} for m in messages], chat_template=GEMMA3, tokenize=False,
+            add_generation_prompt=True,
+        )
+        assert ours == hf_gemma.encode(text, add_special_tokens=False)
+        assert ours[0] == gemma.bos_id and ours.count(gemma.bos_id) == 1
+        assert gemma.decode(ours[-3:], skip_special=False) == "<start_of_turn>model\n"
