@@ -33,6 +33,8 @@ from typing import Any
 import numpy as np
 import regex
 
+from .chat import template_from  # the family's template for files without one (chat imports nothing of ours)
+
 
 class TokenizerError(ValueError):
     """The GGUF metadata does not describe a tokenizer we can build, or a token id is out of range."""
@@ -206,8 +208,6 @@ def _pre_tokenizer(md: Mapping[str, Any]) -> str:
 def _end_of_generation_ids(md: Mapping[str, Any], tokens: list[str], types: Sequence[int]) -> frozenset[int]:
     """eos, eot and eom ids, plus the control token the chat template ends each turn with (the file's
     template, or for a file without one the family's template that chat.template_from supplies)."""
-    from .chat import template_from  # no cycle: chat imports nothing from here
-
     size = len(tokens)
     ids = {_optional_id(md, f"tokenizer.ggml.{name}_token_id", size) for name in ("eos", "eot", "eom")}
     template = template_from(md) or ""
@@ -550,21 +550,15 @@ class Tokenizer:
         ids, types, scores = self._ids, self._types, self._scores
         normal, user = int(TokenType.NORMAL), int(TokenType.USER_DEFINED)
 
-        if self._merge_by_position:
+        by_position = self._merge_by_position
 
-            def rank(a: str, b: str) -> float | None:
-                token_id = ids.get(a + b)
-                if token_id is None or (types[token_id] != normal and types[token_id] != user):
-                    return None
-                return token_id if a in ids and b in ids else None
-
-        else:
-
-            def rank(a: str, b: str) -> float | None:
-                token_id = ids.get(a + b)
-                if token_id is None or (types[token_id] != normal and types[token_id] != user):
-                    return None
-                return -scores[token_id] if a in ids and b in ids else None
+        def rank(a: str, b: str) -> float | None:
+            token_id = ids.get(a + b)
+            if token_id is None or (types[token_id] != normal and types[token_id] != user):
+                return None
+            if a not in ids or b not in ids:
+                return None
+            return token_id if by_position else -scores[token_id]
 
         out: list[int] = []
         for symbol in _merge_symbols(list(text.replace(" ", "▁")), rank):

@@ -16,6 +16,7 @@ token below is where the two differ.
 
 from __future__ import annotations
 
+import json
 import random
 
 import pytest
@@ -113,7 +114,7 @@ def family(request, tmp_path_factory):
     )
     raw.train_from_iterator(training_corpus(), trainer)
     model = raw.get_vocab()
-    merges = [tuple(m) for m in __import__("json").loads(raw.to_str())["model"]["merges"]]
+    merges = [tuple(m) for m in json.loads(raw.to_str())["model"]["merges"]]
     tokens = [t for t, _ in sorted(model.items(), key=lambda kv: kv[1])]
     if pre == "llama-bpe":
         tokens.append(PLANTED)
