@@ -376,7 +376,10 @@ class Tokenizer:
         size = len(tokens)
         types = _token_types(md, size)
         bos_id = _optional_id(md, "tokenizer.ggml.bos_token_id", size)
-        add_bos = bool(md.get("tokenizer.ggml.add_bos_token", model == "llama"))
+        pre = _pre_tokenizer(md) if model == "gpt2" else None
+        # without the key, llama.cpp adds BOS for SentencePiece and the Llama 3 / tekken pre-types
+        by_default = model == "llama" or (pre in _WORD_AS_TOKEN_FIRST and bos_id is not None)
+        add_bos = bool(md.get("tokenizer.ggml.add_bos_token", by_default))
         if add_bos and bos_id is None:
             raise TokenizerError("tokenizer.ggml.add_bos_token is set but tokenizer.ggml.bos_token_id is missing")
         eos_id = _optional_id(md, "tokenizer.ggml.eos_token_id", size)
@@ -395,7 +398,7 @@ class Tokenizer:
             add_eos=add_eos,
         )
         if model == "gpt2":
-            return cls(**common, pre=_pre_tokenizer(md), merge_ranks=_merge_ranks(md))
+            return cls(**common, pre=pre, merge_ranks=_merge_ranks(md))
         add_space_prefix = bool(md.get("tokenizer.ggml.add_space_prefix", True))
         return cls(
             **common, add_space_prefix=add_space_prefix, scores=_scores(md, size), gemma_style=_gemma_style(md)

@@ -257,3 +257,11 @@ def test_pre_types_we_do_not_implement_are_refused(pre):
           "tokenizer.ggml.merges": []}
     with pytest.raises(TokenizerError, match=f"unsupported tokenizer pre-type '{pre}'"):
         Tokenizer.from_metadata(md)
+
+
+@pytest.mark.parametrize("pre,add_bos", [("llama-bpe", True), ("tekken", True), ("qwen2", False), ("gpt2", False)])
+def test_bos_default_without_the_key_follows_llama_cpp(pre, add_bos):
+    md = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": pre, "tokenizer.ggml.tokens": BYTE_TO_CHAR + ["<s>"],
+          "tokenizer.ggml.token_type": [1] * 256 + [3], "tokenizer.ggml.merges": [], "tokenizer.ggml.bos_token_id": 256}
+    assert Tokenizer.from_metadata(md).add_bos is add_bos
+    assert Tokenizer.from_metadata({**md, "tokenizer.ggml.add_bos_token": not add_bos}).add_bos is not add_bos
