@@ -6,16 +6,17 @@ from __future__ import annotations
 
 import pytest
 
-from chat_templates import GEMMA3, LLAMA32, LOOP_CONTROLS, QWEN25
+from chat_templates import GEMMA3, LLAMA32, LOOP_CONTROLS, QWEN3, QWEN25
 from dllp2p.chat import GEMMA_TEMPLATE, ChatTemplateError, Message, render_chat, template_from
 from dllp2p.tokenizer import BYTE_TO_CHAR, Tokenizer
 
 SPECIALS = {
     "llama3": {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>"},
     "qwen2": {"bos_token": "", "eos_token": "<|im_end|>"},
+    "qwen3": {"bos_token": "", "eos_token": "<|im_end|>"},
     "gemma3": {"bos_token": "<bos>", "eos_token": "<eos>"},
 }
-TEMPLATES = {"llama3": LLAMA32, "qwen2": QWEN25, "gemma3": GEMMA3}
+TEMPLATES = {"llama3": LLAMA32, "qwen2": QWEN25, "qwen3": QWEN3, "gemma3": GEMMA3}
 
 CONVERSATIONS = {
     "user": [Message("user", "What is 2+2?")],
@@ -75,11 +76,11 @@ def test_matches_hf_apply_chat_template(hf_tok, family, conversation, add_genera
     assert ours == hf_render(hf_tok, template, messages, add_generation_prompt, **specials)
     assert ours.endswith(
         {"llama3": "<|start_header_id|>assistant<|end_header_id|>\n\n", "qwen2": "<|im_start|>assistant\n",
-         "gemma3": "<start_of_turn>model\n"}[family]
+         "qwen3": "<|im_start|>assistant\n", "gemma3": "<start_of_turn>model\n"}[family]
     ) == add_generation_prompt
 
 
-@pytest.mark.parametrize("family", ["llama3", "qwen2"])
+@pytest.mark.parametrize("family", ["llama3", "qwen2", "qwen3"])
 def test_tools_render_with_hfs_tojson(hf_tok, family):
     messages = [
         Message("user", "Weather in Zürich?"),
@@ -101,6 +102,19 @@ def test_loop_controls_namespace_and_strftime_now(hf_tok):
     ours = render_chat(LOOP_CONTROLS, messages)
     assert ours == hf_render(hf_tok, LOOP_CONTROLS, messages, True)
     assert "<|im_start|>user\nc<|im_end|>" in ours and "\nd<|im_end|>" not in ours  # {% break %} after 'c'
+
+
+def test_qwen3_thinking_blocks_and_enable_thinking(hf_tok):
+    messages = [
+        Message("user", "2+2?"),
+        Message("assistant", "<think>\nadd them\n</think>\n\n4"),
+        Message("user", "and 3+3?"),
+    ]
+    for enable_thinking in (True, False):
+        ours = render_chat(QWEN3, messages, enable_thinking=enable_thinking)
+        assert ours == hf_render(hf_tok, QWEN3, messages, True, enable_thinking=enable_thinking)
+        assert "<|im_start|>assistant\n4<|im_end|>" in ours  # the earlier turn's thinking is dropped
+        assert ours.endswith("<think>\n\n</think>\n\n") is (not enable_thinking)
 
 
 def test_llama_date_comes_from_strftime_now_unless_given():
