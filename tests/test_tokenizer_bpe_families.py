@@ -265,3 +265,39 @@ def test_bos_default_without_the_key_follows_llama_cpp(pre, add_bos):
           "tokenizer.ggml.token_type": [1] * 256 + [3], "tokenizer.ggml.merges": [], "tokenizer.ggml.bos_token_id": 256}
     assert Tokenizer.from_metadata(md).add_bos is add_bos
     assert Tokenizer.from_metadata({**md, "tokenizer.ggml.add_bos_token": not add_bos}).add_bos is not add_bos
+
+
+ODD_PIECES = list(" \n\t\r  abcXYZ019'.,-_<>|/[]") + [
+    "'s", "'S", "'ll", "'LL", "'ſ", "<|im_start|>", "<|eot_id|>", "\u00a0", "\u3000", "é", "ß", "日", "😀", "👍🏽",
+    "\u200d", "\ufeff", "ـ", "ا", "\x00", "\x1f", "𓀀", "Ǆ", "ǅ", "ſ", "K", "①", "²", "١٢٣", "\u0301", "ÀB", "aB",
+    "ABc", "İ", "ﬁ", "the", " the", "hello", "tokenization", "Straße", "日本語", "12345", " zyxwvutsrq",
+]
+
+
+def random_mixes(seed: int, n: int) -> list[str]:
+    rng = random.Random(seed)
+    return ["".join(rng.choice(ODD_PIECES) for _ in range(rng.randint(1, 30))) for _ in range(n)]
+
+
+def test_random_mixes_match_the_familys_tokenizer(family, ours):
+    pre, _, vocab, merges = family
+    reference = _reference(vocab, merges, pre, ignore_merges=pre == "llama-bpe")
+    texts = random_mixes(seed=1, n=1000)
+    bad = [t for t in texts if ours.encode(t) != _with_bos(ours, reference.encode(t).ids)]
+    assert not bad, f"{len(bad)} of {len(texts)} differ, first: {bad[:3]}"
+
+
+@pytest.mark.parametrize("pre", ["gpt-2", "smollm", "llama3", "qwen2", "tekken", "gpt-4o"])
+def test_pre_types_split_random_mixes_like_hf(pre):
+    from tokenizers import Regex, pre_tokenizers
+
+    from dllp2p.tokenizer import _PRE_TOKENIZERS
+
+    splits = [pre_tokenizers.Split(Regex(p), behavior="isolated") for p in _PRE_TOKENIZERS[pre]]
+    theirs = pre_tokenizers.Sequence(splits) if len(splits) > 1 else splits[0]
+    ours = Tokenizer.from_metadata(
+        {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": pre, "tokenizer.ggml.tokens": BYTE_TO_CHAR,
+         "tokenizer.ggml.merges": []}
+    )
+    for text in random_mixes(seed=2, n=2000):
+        assert ours.pre_tokenize(text) == [piece for piece, _ in theirs.pre_tokenize_str(text)], text

@@ -201,3 +201,24 @@ def test_special_matcher_splits_like_a_longest_first_alternation(gemma):
         for text in TEXTS:
             slow = [spellings[p] if i % 2 else p for i, p in enumerate(pattern.split(text)) if p]
             assert list(matcher.split(text)) == slow, text
+
+
+# characters and pieces that stress the edges: byte fallback, whitespace tokens, special spellings, marks
+ODD_PIECES = list(" \n\t\r  abcXYZ019'.,-_<>|/[]") + [
+    "<start_of_turn>", "<end_of_turn>", "<b>", "<unused5>", "[multimodal]", "<0x41>", "▁", "  ", "   ",
+    "\u00a0", "\u3000", "é", "ß", "日", "本", "😀", "👍🏽", "\u200d", "\ufeff", "ـ", "ا", "ñ", "\x00", "\x1f",
+    "𓀀", "\U0010ffff", "the", "The", " the", "hello", "tokenization", "Straße", "日本語", "12345", "http://x.y/z?a=b",
+]
+
+
+def random_mixes(seed: int, n: int) -> list[str]:
+    rng = random.Random(seed)
+    return ["".join(rng.choice(ODD_PIECES) for _ in range(rng.randint(1, 30))) for _ in range(n)]
+
+
+def test_random_mixes_match_hf(gemma, hf_gemma):
+    texts = random_mixes(seed=0, n=1000)
+    bad = [t for t in texts if gemma.encode(t) != hf_gemma.encode(t)]
+    assert not bad, f"{len(bad)} of {len(texts)} differ, first: {bad[:3]}"
+    assert all(gemma.decode(gemma.encode(t), skip_special=False) == hf_gemma.decode(
+        gemma.encode(t), skip_special_tokens=False) for t in texts)
