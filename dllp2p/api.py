@@ -39,10 +39,10 @@ from typing import Any, Mapping
 
 import trio
 
-from .link import LinkClosed, LinkTimeout, TrioLink, format_address, open_link, parse_address
-from .protocol import CHAT_ROLES, ChatTurn, Done, Error, Generate, ProtocolError, TokenChunk
-from .run import daemon_request
 from .sampler import SamplerConfig
+from .wire import CHAT_ROLES, ChatTurn, Done, Error, Generate, ProtocolError, TokenChunk
+from .wire.client import daemon_request
+from .wire.link import LinkClosed, LinkTimeout, TrioLink, format_address, open_link, parse_address
 
 log = logging.getLogger("dllp2p.api")
 

@@ -9,6 +9,9 @@ import numpy as np
 from .formats import ModelConfig
 
 
+MAX_TOP = 64  # forward(..., top=K): the most best logits a step may ask each node for (wire Step.top too)
+
+
 class ContextFull(Exception):
     """The KV cache has no room for more positions (raise --ctx)."""
 

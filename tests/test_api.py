@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from dllp2p import api
 from dllp2p.api import HttpError, listen_address, parse_head, to_generate
 from dllp2p.generate import StopFilter
-from dllp2p.protocol import ChatTurn
+from dllp2p.wire import ChatTurn
 
 
 # --- pure: the request -----------------------------------------------------------------------------------
@@ -152,7 +152,7 @@ def local_greedy(model_path, messages: list[tuple[str, str]] | None, prompt: str
     from dllp2p.formats import load_model
     from dllp2p.generate import generate
     from dllp2p.jit.engine import JITEngine
-    from dllp2p.run import chat_tokens
+    from dllp2p.prompt import chat_tokens
     from dllp2p.sampler import Sampler, SamplerConfig
     from dllp2p.tokenizer import StreamDecoder, Tokenizer
 
@@ -252,7 +252,7 @@ def test_a_conversation_reuses_the_kv_cache_of_its_last_turn(served, model_path)
 def test_a_taken_api_port_leaves_the_daemon_serving(tmp_path):
     from test_serve import Daemons
 
-    from dllp2p.daemon import ask_status
+    from dllp2p.wire.client import ask_status
 
     with socket.create_server(("127.0.0.1", 0)) as taken:
         d = Daemons(tmp_path, 1)

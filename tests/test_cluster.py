@@ -5,7 +5,6 @@ threads, or as processes to kill); the slow one runs SmolLM2 on 2 nodes with `dl
 
 from __future__ import annotations
 
-import io
 import re
 import signal
 import socket
@@ -19,10 +18,12 @@ import pytest
 import trio
 
 import fake_tp
-from dllp2p import protocol as P
+from dllp2p import wire as P
 from dllp2p.cli import build_parser, run_config
-from dllp2p.cluster import ClusterEngine, ClusterError, ClusterOptions
-from dllp2p.daemon import Daemon, DaemonConfig, Timeouts
+from dllp2p.session.progress import Note, Progress, ignore
+from dllp2p.session.root import ClusterEngine, ClusterError, ClusterOptions
+from dllp2p.config import Timeouts
+from dllp2p.daemon import Daemon, DaemonConfig
 from dllp2p.scheduler import PlanError
 
 T = Timeouts(hello=3, idle=10, transfer=5, mesh=3, build=10, socket=3, slot=2)
@@ -67,9 +68,10 @@ def daemons(tmp_path):
             d.stop()
 
 
-def connect(addresses, model=None, policy="pow2", err=None) -> ClusterEngine:
-    options = ClusterOptions(tuple(addresses), policy, T, progress=False)
-    return ClusterEngine.connect(model or fake_tp.model(), options, 32, 1, tp=fake_tp, err=err or io.StringIO())
+def connect(addresses, model=None, policy="pow2", events=None) -> ClusterEngine:
+    options = ClusterOptions(tuple(addresses), policy, T)
+    return ClusterEngine.connect(model or fake_tp.model(), options, 32, 1, tp=fake_tp,
+                                 events=events if events is not None else ignore)
 
 
 def generate(engine: ClusterEngine, model, steps: int = 6) -> list[int]:
@@ -91,7 +93,7 @@ def wait_idle(d: DaemonThread, sessions: int, limit: float = 5.0) -> None:
     import time
 
     deadline = time.monotonic() + limit
-    while d.daemon.sessions < sessions or d.daemon._active is not None:
+    while d.daemon.worker.sessions < sessions or d.daemon.worker.active is not None:
         assert time.monotonic() < deadline, "the worker did not return to idle"
         time.sleep(0.02)
 
@@ -101,9 +103,16 @@ def wait_idle(d: DaemonThread, sessions: int, limit: float = 5.0) -> None:
 
 def test_pow2_and_weighted_plans_over_two_workers(daemons):
     a, b = daemons(2)
-    err = io.StringIO()
-    e = connect([a.address, b.address], err=err)  # 4 KV heads, 3 peers: pow2 takes 2 nodes
-    assert e.plan.n_nodes == 2 and "is not needed by the pow2 plan of 2 nodes" in err.getvalue()
+    events = []
+    e = connect([a.address, b.address], events=events.append)  # 4 KV heads, 3 peers: pow2 takes 2 nodes
+    notes = [x.text for x in events if isinstance(x, Note)]
+    assert e.plan.n_nodes == 2 and any("is not needed by the pow2 plan of 2 nodes" in n for n in notes), notes
+    # progress as events: the one worker's push from 0 to all of its bytes, both nodes' builds started and ended
+    pushes = [x for x in events if isinstance(x, Progress) and x.task == "push"]
+    assert pushes[0].done == 0 and pushes[-1].finished and len({x.subject for x in pushes}) == 1
+    assert [x.done for x in pushes] == sorted(x.done for x in pushes)
+    builds = {(x.subject, x.done) for x in events if isinstance(x, Progress) and x.task == "build"}
+    assert len(builds) == 4 and {("root", 0), ("root", 1)} <= builds
     generate(e, fake_tp.model())
     e.close()
     e.close()
@@ -308,7 +317,7 @@ def test_smollm2_on_two_daemons_matches_the_single_node_engine(tmp_path, real_mo
     cli = [sys.executable, "-m", "dllp2p.cli"]
     p, address = start_worker(tmp_path / "w", *cli, "daemon", "--threads", "1")
     try:
-        e = ClusterEngine.connect(real_model, ClusterOptions((address,)), 64, 1, err=io.StringIO())
+        e = ClusterEngine.connect(real_model, ClusterOptions((address,)), 64, 1)
         got, got_logits = greedy(e)
         assert got == want
         np.testing.assert_allclose(got_logits, want_logits, atol=1e-4)
@@ -329,7 +338,7 @@ def test_smollm2_on_two_daemons_matches_the_single_node_engine(tmp_path, real_mo
         # two all-reduces per layer of one Q8_0 row of 576 values (612 bytes), 30 layers: 36.7 kB per token
         assert re.search(r"decode per token \(15 tokens\): .* sent 36\.7 kB", q8.stderr), q8.stderr
 
-        e = ClusterEngine.connect(real_model, ClusterOptions((address,)), 64, 1, err=io.StringIO())
+        e = ClusterEngine.connect(real_model, ClusterOptions((address,)), 64, 1)
         e.forward(prompt, 0)
         node_id = e.plan.nodes[1].node_id
         p.kill()
