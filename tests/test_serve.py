@@ -147,6 +147,45 @@ def test_a_daemon_whose_model_cannot_be_read_fails_at_start(tmp_path, name, cont
     assert fragment in p.stderr and len(p.stderr.splitlines()) == 1 and "listening" not in p.stderr, p.stderr
 
 
+def test_run_to_something_that_is_not_a_daemon_fails_within_seconds():
+    """A plain HTTP server at --daemon: a clear line within seconds (the Status probe), not a 900 s wait."""
+    from http.server import HTTPServer, SimpleHTTPRequestHandler
+
+    server = HTTPServer(("127.0.0.1", 0), SimpleHTTPRequestHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    address = f"127.0.0.1:{server.server_address[1]}"
+    try:
+        t0 = time.monotonic()
+        p = subprocess.run([*CLI, "run", "--prompt", "x", "--daemon", address], capture_output=True, text=True,
+                           timeout=60, cwd=ROOT_DIR)
+        took = time.monotonic() - t0
+    finally:
+        server.shutdown()
+    assert p.returncode == 1 and f"dllp2p: error: {address} is not a dllp2p daemon" in p.stderr, p.stderr
+    assert took < 20 and "Traceback" not in p.stderr
+
+
+def test_a_named_daemon_that_does_not_answer_is_an_error_not_a_local_run():
+    address = f"127.0.0.1:{free_port()}"  # nothing listens there
+    p = subprocess.run([*CLI, "run", "--prompt", "x", "--daemon", address], capture_output=True, text=True,
+                       timeout=60, cwd=ROOT_DIR)
+    assert p.returncode == 1 and p.stderr.startswith(f"dllp2p: error: no dllp2p daemon answers at {address}"), \
+        p.stderr
+    assert p.stdout == ""  # nothing generated here
+
+
+def test_a_port_in_use_is_named(tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        p = subprocess.run([*CLI, "daemon", "--host", "127.0.0.1", "--port", str(port), "--no-discovery", "--api",
+                            "off", "--cluster", "test-busy", "--state-dir", str(tmp_path / "s")],
+                           capture_output=True, text=True, timeout=60, cwd=ROOT_DIR)
+    assert p.returncode == 1, p.stderr
+    assert p.stderr.strip().endswith(f"cannot listen on 127.0.0.1:{port}: Address already in use"), p.stderr
+
+
 # --- real engines ---
 
 

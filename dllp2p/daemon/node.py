@@ -114,9 +114,10 @@ class Daemon:
         async with trio.open_nursery() as nursery:
             try:
                 listeners = await nursery.start(partial(trio.serve_tcp, self._connection, c.port, host=c.host or None))
-            except OSError as e:
-                raise OSError(e.errno, f"cannot listen on {format_address(c.host or '0.0.0.0', c.port)}: "
-                                       f"{e.strerror or e}") from None
+            except OSError as e:  # "Address already in use" names the address
+                named = OSError(f"cannot listen on {format_address(c.host or '0.0.0.0', c.port)}: {e.strerror or e}")
+                named.errno = e.errno
+                raise named from None
             host, port = listeners[0].socket.getsockname()[:2]
             self.address = format_address(host, port)
             model = c.model.name if c.model else "none (start it with --model PATH to serve prompts as root)"
