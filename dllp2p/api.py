@@ -309,8 +309,8 @@ class Answer:
 
 
 def daemon_error(msg: Error) -> HttpError:
-    status = 503 if msg.code in ("busy", "unreachable") else 500
-    return HttpError(status, msg.message, "server_error")
+    code = msg.kind  # error_codes.ErrorCode: one HTTP status and OpenAI type per code
+    return HttpError(code.http_status, msg.message, code.openai_type)
 
 
 class Api:

@@ -6,11 +6,14 @@ from typing import Protocol, Sequence
 
 import numpy as np
 
+from .error_codes import ErrorCode
 from .formats import ModelConfig
 
 
 class ContextFull(Exception):
     """The KV cache has no room for more positions (raise --ctx)."""
+
+    code = ErrorCode.CONTEXT_LENGTH
 
 
 class Engine(Protocol):

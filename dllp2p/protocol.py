@@ -17,7 +17,7 @@ A session between a root and a worker (daemon.py and cluster.py run it): Hello b
 (plan, model config, ctx, the worker's slice list) -> Need (the sha256s its cache lacks) -> exactly those
 as WeightChunks -> WeightsReady; Mesh -> node-to-node connections, each opened by a MeshHello both
 ways -> Ready; then Step after Step; Stop. A wrong message at a given point is an UnexpectedMessage;
-Error.code names the problem (error_code).
+Error.code names the problem (an error_codes.ErrorCode; error_code maps each ProtocolError to one).
 
 Anyone may ask a daemon what it knows: Status -> StatusReply (its membership, roles, session plan, last
 step; since added: its memory and load, its measured round-trips to the members it polls, its weight-push
@@ -56,6 +56,7 @@ import msgpack
 import numpy as np
 
 from .election import Member
+from .error_codes import ErrorCode
 from .formats import ModelConfig
 from .formats.quant import QK, TRAITS, QType, dequantize, quantize
 from .scheduler import NodeSlice, Peer, Plan
@@ -115,21 +116,21 @@ class UnexpectedMessage(ProtocolError):
     """A valid message at the wrong time (a Step before any plan, a chunk nobody asked for)."""
 
 
-_ERROR_CODES: tuple[tuple[type, str], ...] = (
-    (BadMagic, "bad_magic"),
-    (ProtocolVersionError, "version"),
-    (FrameTooLarge, "too_large"),
-    (UnknownMessageType, "unknown_type"),
-    (MalformedFrame, "malformed_frame"),
-    (SliceHashMismatch, "slice_hash"),
-    (ChunkError, "chunk"),
-    (UnexpectedMessage, "unexpected"),
+_ERROR_CODES: tuple[tuple[type, ErrorCode], ...] = (
+    (BadMagic, ErrorCode.BAD_MAGIC),
+    (ProtocolVersionError, ErrorCode.VERSION),
+    (FrameTooLarge, ErrorCode.TOO_LARGE),
+    (UnknownMessageType, ErrorCode.UNKNOWN_TYPE),
+    (MalformedFrame, ErrorCode.MALFORMED_FRAME),
+    (SliceHashMismatch, ErrorCode.SLICE_HASH),
+    (ChunkError, ErrorCode.CHUNK),
+    (UnexpectedMessage, ErrorCode.UNEXPECTED),
 )
 
 
-def error_code(e: ProtocolError) -> str:
+def error_code(e: ProtocolError) -> ErrorCode:
     """The Error.code that tells a peer about e."""
-    return next((code for cls, code in _ERROR_CODES if isinstance(e, cls)), "protocol")
+    return next((code for cls, code in _ERROR_CODES if isinstance(e, cls)), ErrorCode.PROTOCOL)
 
 
 # --- messages -------------------------------------------------------------------------------------
@@ -300,11 +301,17 @@ class Stop:
 class Error:
     """A problem the sender could not get past; `message` is one line, for a person."""
 
-    code: str  # e.g. "malformed_frame", "version", "slice_hash", "plan"
+    code: str  # an ErrorCode's value (built with the member; a plain str on the wire and once decoded)
     message: str
 
     def __post_init__(self) -> None:
-        _need(bool(self.code), "error code is empty")
+        _need(isinstance(self.code, str) and bool(self.code), "error code is empty")
+        object.__setattr__(self, "code", str(self.code))  # the wire carries plain strings
+
+    @property
+    def kind(self) -> ErrorCode:
+        """code as an ErrorCode (OTHER: a code from a newer version)."""
+        return ErrorCode.parse(self.code)
 
 
 @dataclass(frozen=True)

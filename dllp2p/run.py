@@ -51,7 +51,12 @@ def make_engine(kind: str, model: GGUFModel, ctx: int, threads: int | None = Non
 
 
 class DaemonError(ConnectionError):
-    """The daemon took the prompt and then failed; the message is the daemon's (or the lost link's)."""
+    """The daemon took the prompt and then failed; the message is the daemon's (or the lost link's).
+    `code`: the daemon's error_codes.ErrorCode (None: the link failed)."""
+
+    def __init__(self, message: str, code=None):
+        super().__init__(message)
+        self.code = code
 
 
 CONNECT_TIMEOUT = 1.0  # seconds to find out whether a daemon listens
@@ -125,7 +130,8 @@ def ask_daemon(address: str, g, on_text):  # (str, protocol.Generate, (str) -> N
             elif isinstance(msg, Done):
                 return msg
             elif isinstance(msg, Error):
-                raise DaemonError(f"daemon {address}: {msg.message}")
+                hint = msg.kind.hint  # ErrorCode: what the person can do about it
+                raise DaemonError(f"daemon {address}: {msg.message}" + (f" ({hint})" if hint else ""), msg.kind)
             else:
                 raise DaemonError(f"daemon {address} answered the prompt with {type(msg).__name__}")
     except (LinkClosed, LinkTimeout, ProtocolError) as e:
