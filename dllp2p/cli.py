@@ -113,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     daemon.add_argument("--api", metavar="HOST:PORT", action=_Given,
                         help="where to serve the OpenAI-compatible HTTP API (default 127.0.0.1:7341; 'off': "
                              "none; no authentication yet: keep it on loopback)")
+    daemon.add_argument("--api-ctx", dest="api_ctx", type=int, metavar="N", action=_Given,
+                        help="the context (KV positions) of the API's requests: the longest prompt + reply "
+                             "(default 2048)")
     daemon.add_argument("--model", action=_Given,
                         help="GGUF model served when this daemon is root (default: the installed SmolLM2)")
 
@@ -231,7 +234,7 @@ def config_of_settings(s: dict, environ):  # noqa: ANN001 -> daemon.DaemonConfig
     return DaemonConfig(s["host"], s["port"], s["threads"] or default_threads(), Path(state).expanduser(),
                         cluster=s["cluster"], discovery=s["discovery"], interfaces=tuple(s["interfaces"]),
                         peers=tuple(s["peers"]), model=model, exchange=s["exchange"], policy=s["plan"],
-                        api=None if s["api"] in ("", "off") else s["api"])
+                        api=None if s["api"] in ("", "off") else s["api"], api_ctx=s["api_ctx"])
 
 
 def _installed_model():  # -> Path | None

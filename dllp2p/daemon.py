@@ -158,6 +158,7 @@ class DaemonConfig:
     policy: str = "pow2"  # scheduler policy of the plans it makes as root
     exchange: str = "exact"  # and their exchange (scheduler.EXCHANGES)
     api: str | None = None  # "host:port" of the OpenAI-compatible HTTP API (api.py); None: off
+    api_ctx: int = 2048  # the context (KV positions) of the API's requests
 
     def __post_init__(self) -> None:
         if not election.CLUSTER.fullmatch(self.cluster):
@@ -166,6 +167,8 @@ class DaemonConfig:
             parse_address(address)
         if self.api is not None:
             parse_address(self.api, listen=True)
+        if self.api_ctx < 2:
+            raise ValueError(f"api_ctx {self.api_ctx} < 2")
 
 
 # --- state dir: node id and slice cache -----------------------------------------------------------
@@ -318,13 +321,14 @@ class Daemon:
             task_status.started(self.address)
 
     async def _start_api(self, nursery: trio.Nursery, host: str, port: int) -> None:
-        """The HTTP API (api.py) in nursery; it sends its prompts to this daemon's own port, as `dllp2p run` does."""
+        """The HTTP API (api.py) in nursery; it hands its prompts to self._generate in this process (a
+        sink with .peer and async .send in place of the link), as if `dllp2p run` had sent them."""
         from . import api
         from .models import DEFAULT_FILE
 
-        local = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(host, host)
         model = (self.config.model.name if self.config.model else DEFAULT_FILE).removesuffix(".gguf")
-        self.api_address = await api.start(nursery, self.config.api, format_address(local, port), model, self.t) or ""
+        limits = api.Limits(ctx=self.config.api_ctx)
+        self.api_address = await api.start(nursery, self.config.api, self._generate, model, limits) or ""
 
     # --- membership ---
 

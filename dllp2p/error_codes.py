@@ -13,8 +13,8 @@ shipped; a code a newer peer sends that this version does not know reads as OTHE
                   forward_loop 500, no_model 503, context_length_exceeded 400, invalid_token 400,
                   invalid_request 400 (a Generate the root refuses)
     HTTP only     bad_http 400, invalid_json 400, invalid_value 400, unsupported_parameter 400,
-                  not_found 404, method_not_allowed 405, request_timeout 408, body_too_large 413,
-                  head_too_large 431, too_many_headers 431
+                  origin_not_allowed 403, not_found 404, method_not_allowed 405, request_timeout 408,
+                  body_too_large 413, head_too_large 431, too_many_headers 431, internal_error 500
 """
 
 from __future__ import annotations
@@ -58,6 +58,8 @@ class ErrorCode(StrEnum):
     BODY_TOO_LARGE = "body_too_large"
     HEAD_TOO_LARGE = "head_too_large"
     TOO_MANY_HEADERS = "too_many_headers"
+    FORBIDDEN_ORIGIN = "origin_not_allowed"
+    INTERNAL = "internal_error"  # a bug: see the log
     # a code from a newer peer that this version does not know
     OTHER = "other"
 
@@ -101,6 +103,7 @@ _HTTP: dict[ErrorCode, int] = {
     ErrorCode.BODY_TOO_LARGE: 413,
     ErrorCode.HEAD_TOO_LARGE: 431,
     ErrorCode.TOO_MANY_HEADERS: 431,
+    ErrorCode.FORBIDDEN_ORIGIN: 403,
 }
 
 _HINTS: dict[ErrorCode, str] = {
