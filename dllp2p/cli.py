@@ -124,6 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     daemon.add_argument("--api", metavar="HOST:PORT", action=_Given,
                         help=f"where to serve the OpenAI-compatible HTTP API (default 127.0.0.1:{DEFAULT_API_PORT}; 'off': "
                              "none; no authentication yet: keep it on loopback)")
+    daemon.add_argument("--api-ctx", dest="api_ctx", type=int, metavar="N", action=_Given,
+                        help="the context (KV positions) of the API's requests: the longest prompt + reply "
+                             "(default 2048)")
     daemon.add_argument("--model", action=_Given,
                         help="GGUF model served when this daemon is root (default: the installed SmolLM2)")
 
@@ -234,7 +237,8 @@ def config_of_settings(s: dict, environ: Mapping[str, str]) -> DaemonConfig:
     return DaemonConfig(s["host"], s["port"], s["threads"] or default_threads(), state_dir(environ, s["state_dir"]),
                         cluster=s["cluster"], discovery=s["discovery"], interfaces=tuple(s["interfaces"]),
                         peers=tuple(s["peers"]), model=model, exchange=s["exchange"], policy=s["plan"],
-                        api=None if s["api"] in ("", "off") else s["api"], cache_dir=cache_dir(environ))
+                        api=None if s["api"] in ("", "off") else s["api"], api_ctx=s["api_ctx"],
+                        cache_dir=cache_dir(environ))
 
 
 def _installed_model() -> Path | None:

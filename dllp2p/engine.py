@@ -6,6 +6,7 @@ from typing import Protocol, Sequence
 
 import numpy as np
 
+from .error_codes import ErrorCode
 from .formats import ModelConfig
 
 
@@ -14,6 +15,8 @@ MAX_TOP = 64  # forward(..., top=K): the most best logits a step may ask each no
 
 class ContextFull(Exception):
     """The KV cache has no room for more positions (raise --ctx)."""
+
+    code = ErrorCode.CONTEXT_LENGTH
 
 
 class Engine(Protocol):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from .error_codes import CodedError
+
 
 def user_facing_errors() -> tuple[type[BaseException], ...]:
     from .chat import ChatTemplateError
@@ -10,4 +12,4 @@ def user_facing_errors() -> tuple[type[BaseException], ...]:
     from .models import NoModel
     from .tokenizer import TokenizerError
 
-    return (ModelFileError, NoModel, TokenizerError, ChatTemplateError, ContextFull, ValueError, OSError)
+    return (ModelFileError, NoModel, TokenizerError, ChatTemplateError, ContextFull, CodedError, ValueError, OSError)

@@ -35,7 +35,7 @@ class DaemonThread:
     """A worker daemon on its own trio loop in a thread (the root's set-up runs trio.run itself)."""
 
     def __init__(self, state_dir: Path):
-        self.daemon = Daemon(DaemonConfig("127.0.0.1", 0, 1, state_dir, timeouts=T), tp=fake_tp)
+        self.daemon = Daemon(DaemonConfig("127.0.0.1", 0, 1, state_dir, timeouts=T, cluster=fake_tp.TEST_CLUSTER), tp=fake_tp)
         self._ready = threading.Event()
         self._thread = threading.Thread(target=trio.run, args=(self._main,), daemon=True)
         self._thread.start()

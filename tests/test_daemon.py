@@ -34,7 +34,7 @@ def serve(state_dir: Path, body, limit: float = 20) -> None:
     async def main() -> None:
         with trio.fail_after(limit):
             async with trio.open_nursery() as nursery:
-                d = Daemon(DaemonConfig("127.0.0.1", 0, 1, state_dir, timeouts=T), tp=fake_tp)
+                d = Daemon(DaemonConfig("127.0.0.1", 0, 1, state_dir, timeouts=T, cluster=fake_tp.TEST_CLUSTER), tp=fake_tp)
                 address = await nursery.start(d.serve)
                 await body(d, address)
                 nursery.cancel_scope.cancel()

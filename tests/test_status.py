@@ -127,11 +127,12 @@ def test_static_peers_membership_and_roles(tmp_path, caplog):
             async with trio.open_nursery() as nursery:
                 scope = trio.CancelScope()
                 daemons_cancel.append(scope)
-                a = Daemon(DaemonConfig("127.0.0.1", 0, 1, tmp_path / "a", timeouts=T), tp=fake_tp)
+                a = Daemon(DaemonConfig("127.0.0.1", 0, 1, tmp_path / "a", timeouts=T, cluster=fake_tp.TEST_CLUSTER),
+                           tp=fake_tp)
                 address_a = await nursery.start(_cancellable, scope, a.serve)
                 lab = Daemon(DaemonConfig("127.0.0.1", 0, 1, tmp_path / "lab", timeouts=T, cluster="lab"), tp=fake_tp)
                 address_lab = await nursery.start(lab.serve)
-                b = Daemon(DaemonConfig("127.0.0.1", 0, 1, tmp_path / "b", timeouts=T, static=FAST,
+                b = Daemon(DaemonConfig("127.0.0.1", 0, 1, tmp_path / "b", timeouts=T, static=FAST, cluster=fake_tp.TEST_CLUSTER,
                                         peers=(address_a, address_lab)), tp=fake_tp)
                 address_b = await nursery.start(b.serve)
                 await body([a, b, lab], [address_a, address_b, address_lab])
@@ -229,10 +230,12 @@ def test_status_of_no_daemon_is_one_clear_error():
 
 
 def start_daemon(state_dir: Path, *flags: str) -> tuple[subprocess.Popen, str, Path]:
-    """`dllp2p daemon` on 127.0.0.1 with no mDNS; -> (process, address, its log file)."""
+    """`dllp2p daemon` on 127.0.0.1 with no mDNS, no HTTP API, in this module's cluster (flags may change
+    those); -> (process, address, its log file)."""
     log_path = state_dir.with_suffix(".log")
     p = subprocess.Popen([sys.executable, "-m", "dllp2p.cli", "daemon", "--host", "127.0.0.1", "--port", "0",
-                          "--threads", "1", "--state-dir", str(state_dir), "--no-discovery", *flags],
+                          "--threads", "1", "--state-dir", str(state_dir), "--no-discovery", "--api", "off",
+                          "--cluster", fake_tp.TEST_CLUSTER, *flags],
                          stderr=log_path.open("w"), cwd=ROOT_DIR, env={**os.environ, "DLLP2P_CONFIG": ""})
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
@@ -264,7 +267,7 @@ def two_daemons(tmp_path):
     """Daemon a, then daemon b polling a (--peer): b sees both; a was first, so it is root."""
     pa, a, _ = start_daemon(tmp_path / "a")
     time.sleep(0.05)
-    pb, b, log_b = start_daemon(tmp_path / "b", "--peer", a, "--cluster", "default")
+    pb, b, log_b = start_daemon(tmp_path / "b", "--peer", a, "--cluster", fake_tp.TEST_CLUSTER)
     try:
         deadline = time.monotonic() + 15
         while "static peer " + a + " is node" not in log_b.read_text():
@@ -290,7 +293,7 @@ def test_status_json(two_daemons):
         assert n["role"] in ("root", "worker")
         assert isinstance(n["version"], int) and n["version"] == P.PROTOCOL_VERSION
         assert isinstance(n["started_at"], float) and abs(n["started_at"] - time.time()) < 300
-        assert n["cluster"] == "default" and n["cores"] >= 1 and n["ram"] >= 0
+        assert n["cluster"] == fake_tp.TEST_CLUSTER and n["cores"] >= 1 and n["ram"] >= 0
         assert n["reachable"] is True and n["slice"] is None and n["last_step"] is None
         # memory, load, round-trips, weight push
         assert isinstance(n["rss"], int) and 0 < n["rss"] < n["ram"]

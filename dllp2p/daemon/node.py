@@ -9,7 +9,8 @@ One TCP port takes four kinds of connection, told apart by their first frame:
     Generate   a prompt (`dllp2p run`, `dllp2p chat`): prompts.PromptSlot serves it as the cluster's root
                (session.service.RootService), or forwards it to the root and relays the tokens back
 
-A second port (config `api`, loopback by default) serves the OpenAI-compatible HTTP API (api.py).
+A second port (config `api`, loopback by default) serves the OpenAI-compatible HTTP API (api.py), which
+hands its prompts to the prompt slot in this process.
 
 The daemon is split by responsibility: this module listens and dispatches and owns every lifetime (one
 nursery); membership.py keeps the membership table and elects; probes.py answers Status; prompts.py holds
@@ -71,6 +72,7 @@ class DaemonConfig:
     policy: str = "pow2"  # scheduler policy of the plans it makes as root
     exchange: str = "exact"  # and their exchange (scheduler.EXCHANGES)
     api: str | None = None  # "host:port" of the OpenAI-compatible HTTP API (api.py); None: off
+    api_ctx: int = 2048  # the context (KV positions) of the API's requests
     cache_dir: Path | None = None  # compiled kernels and packed weights; None: the engine's default
 
     def __post_init__(self) -> None:
@@ -80,6 +82,8 @@ class DaemonConfig:
             parse_address(address)
         if self.api is not None:
             parse_address(self.api, listen=True)
+        if self.api_ctx < 2:
+            raise ValueError(f"api_ctx {self.api_ctx} < 2")
 
 
 class Daemon:
@@ -129,14 +133,15 @@ class Daemon:
             log.info("this node is %s", e.role(self.node_id) if e.root is not None else "alone")
             nursery.start_soon(self.root_service.keep_warm)
             if c.api is not None:
-                await self._start_api(nursery, host, port)
+                await self._start_api(nursery)
             task_status.started(self.address)
 
-    async def _start_api(self, nursery: trio.Nursery, host: str, port: int) -> None:
-        """The HTTP API (api.py) in nursery; it sends its prompts to this daemon's own port, as `dllp2p run` does."""
-        local = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(host, host)
+    async def _start_api(self, nursery: trio.Nursery) -> None:
+        """The HTTP API (api.py) in nursery; it hands its prompts to the prompt slot in this process (a sink
+        with .peer and async .send in place of the link), as if `dllp2p run` had sent them."""
         model = (self.config.model.name if self.config.model else DEFAULT_FILE).removesuffix(".gguf")
-        self.api_address = await api.start(nursery, self.config.api, format_address(local, port), model, self.t) or ""
+        limits = api.Limits(ctx=self.config.api_ctx)
+        self.api_address = await api.start(nursery, self.config.api, self.prompts.generate, model, limits) or ""
 
     def election(self) -> election.Election:
         return self.membership.election()

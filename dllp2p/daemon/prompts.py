@@ -8,6 +8,7 @@ import logging
 import trio
 
 from ..config import Timeouts
+from ..error_codes import ErrorCode
 from ..session import service
 from ..wire.link import TrioLink
 from ..wire.messages import Error, Generate
@@ -35,7 +36,7 @@ class PromptSlot:
         with trio.move_on_after(self.t.idle) as waited:
             await self._slot.acquire()
         if waited.cancelled_caught:
-            await link.send(Error("busy", f"node {self.node_id} is busy"))
+            await link.send(Error(ErrorCode.BUSY, f"node {self.node_id} is busy"))
             return
         try:
             workers = [m.address for m in e.succession if m.node_id != self.node_id]

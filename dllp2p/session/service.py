@@ -36,6 +36,7 @@ import trio
 
 from ..chat import Message
 from ..config import Timeouts
+from ..error_codes import CodedError, ErrorCode, code_of
 from ..errors import user_facing_errors
 from ..formats import load_model
 from ..generate import GenerationStats, StopFilter, generate
@@ -98,7 +99,8 @@ class RootService:
         with self._lock:
             if self._loaded is None:
                 if self.model_path is None:
-                    raise ValueError(f"root {self.node_id} has no model (start its daemon with --model PATH)")
+                    raise CodedError(f"root {self.node_id} has no model (start its daemon with --model PATH)",
+                                     ErrorCode.NO_MODEL)
                 model = load_model(self.model_path)
                 self._loaded = _Loaded(model, Tokenizer.from_metadata(model.metadata))
             return self._loaded
@@ -111,12 +113,13 @@ class RootService:
             await self._serve(link, g, workers, epoch)
         except user_facing_errors() as e:  # ClusterError and PlanError included
             log.warning("request %d failed: %s", epoch, e)
-            await _send_error(link, Error("generate", f"root {self.node_id}: {e}"))
+            await _send_error(link, Error(code_of(e), f"root {self.node_id}: {e}"))
 
     async def _serve(self, link: TrioLink, g: Generate, workers: list[str], epoch: int) -> None:
         sampler = SamplerConfig(g.temperature, g.top_k, g.top_p, g.min_p, g.repeat_penalty, seed=g.seed)
         loaded = await trio.to_thread.run_sync(self._load)
         ids = list(g.tokens) or await trio.to_thread.run_sync(self._tokens, loaded, g)
+        _check_prompt(ids, loaded.model.config.vocab_size, g.ctx)
         key = (tuple(workers), g.ctx)
         warm = self._take_warm(key)
         if warm is None:
@@ -253,26 +256,36 @@ class RootService:
 async def forward(link: TrioLink, g: Generate, root: str, node_id: str, timeouts: Timeouts) -> None:
     """Pass g on to the root daemon at `root` and relay its answers until Done or Error."""
     if g.hops >= MAX_HOPS:
-        await _send_error(link, Error("generate", f"node {node_id}: the request was forwarded {g.hops} times; "
+        await _send_error(link, Error(ErrorCode.FORWARD_LOOP, f"node {node_id}: the request was forwarded {g.hops} times; "
                                                   "the daemons do not agree on a root"))
         return
     try:
         up = await GenerateCall.open(root, replace(g, hops=g.hops + 1), timeouts.hello)
     except (LinkClosed, LinkTimeout) as e:
-        await _send_error(link, Error("generate", f"node {node_id}: the root is unreachable: {e}"))
+        await _send_error(link, Error(ErrorCode.UNREACHABLE, f"node {node_id}: the root is unreachable: {e}"))
         return
     try:
         while True:
             try:
                 msg = await up.receive(timeouts.build)
             except (LinkClosed, LinkTimeout, ProtocolError) as e:
-                await _send_error(link, Error("generate", f"node {node_id}: root {root} failed: {e}"))
+                await _send_error(link, Error(ErrorCode.GENERATE, f"node {node_id}: root {root} failed: {e}"))
                 return
             await link.send(msg)  # LinkClosed: the client went away; closing `up` stops the root
             if not isinstance(msg, TokenChunk):
                 return
     finally:
         await up.aclose()
+
+
+def _check_prompt(ids: list[int], vocab: int, ctx: int) -> None:
+    """A prompt the root can run, else a CodedError the client caused (HTTP 400)."""
+    bad = next((t for t in ids if not 0 <= t < vocab), None)
+    if bad is not None:
+        raise CodedError(f"token id {bad} is not in the model's vocabulary (0..{vocab - 1})", ErrorCode.INVALID_TOKEN)
+    if len(ids) >= ctx:
+        raise CodedError(f"the prompt has {len(ids)} tokens; the context holds {ctx} (fewer prompt tokens, or a "
+                         "larger ctx)", ErrorCode.CONTEXT_LENGTH)
 
 
 async def _send_error(link: TrioLink, msg: Error) -> None:

@@ -37,6 +37,7 @@ from typing import Any, Callable
 import trio
 
 from ..config import Timeouts
+from ..error_codes import ErrorCode
 from ..formats import QType
 from ..scheduler import Plan, PlanError, check_plan_fits
 from ..wire.chunks import AssembledSlice, SliceAssembler
@@ -146,12 +147,12 @@ class Worker:
             check_slices(s.slices)
         except (PlanError, ValueError) as e:
             log.warning("refused the plan of epoch %d: %s", s.epoch, e)
-            await link.send(Error("plan", f"node {self.node_id}: {e}"))
+            await link.send(Error(ErrorCode.PLAN, f"node {self.node_id}: {e}"))
             return True
         with trio.move_on_after(self.t.slot) as waited:
             await self._slot.acquire()
         if waited.cancelled_caught:
-            await link.send(Error("busy", f"node {self.node_id} is serving another root"))
+            await link.send(Error(ErrorCode.BUSY, f"node {self.node_id} is serving another root"))
             return True
         send, recv = trio.open_memory_channel(max(1, index))
         active = _Active(s, index, send, recv)
@@ -170,7 +171,7 @@ class Worker:
                 peers = await self._mesh(active)
             except (LinkClosed, LinkTimeout, MeshRefused, ProtocolError) as e:
                 log.warning("mesh of epoch %d failed: %s", s.epoch, e)
-                await link.send(Error("mesh", f"node {self.node_id}: {e}"))
+                await link.send(Error(ErrorCode.MESH, f"node {self.node_id}: {e}"))
                 return False
             return await self._steps(link, s, index, tensors, peers)
         finally:
@@ -341,7 +342,7 @@ class Worker:
         except tp.PeerLost as e:
             lost = s.plan.nodes[e.node] if 0 <= e.node < s.plan.n_nodes else None
             who = f"node {e.node} ({lost.node_id}, {lost.address or 'root'})" if lost else f"node {e.node}"
-            _send_blocking_quietly(ctl, Error("peer_lost", f"node {self.node_id} lost {who}: {e}"))
+            _send_blocking_quietly(ctl, Error(ErrorCode.PEER_LOST, f"node {self.node_id} lost {who}: {e}"))
             return False, f"lost {who}"
         except (LinkClosed, LinkTimeout) as e:
             return False, str(e)
@@ -350,7 +351,7 @@ class Worker:
             return False, str(e)
         except Exception as e:  # the engine failed: tell the root, stay up
             log.exception("the engine failed")
-            _send_blocking_quietly(ctl, Error("engine", f"node {self.node_id}: {type(e).__name__}: {e}"))
+            _send_blocking_quietly(ctl, Error(ErrorCode.ENGINE, f"node {self.node_id}: {type(e).__name__}: {e}"))
             return False, f"engine failure: {e}"
         finally:
             if node is not None:

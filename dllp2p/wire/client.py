@@ -22,13 +22,19 @@ from typing import Callable, Sequence
 
 import trio
 
+from ..error_codes import ErrorCode
 from .codec import ProtocolError, UnexpectedMessage
 from .link import LinkClosed, LinkTimeout, TrioLink, open_link
 from .messages import ChatTurn, Done, Error, Generate, Status, StatusReply, TokenChunk
 
 
 class DaemonError(ConnectionError):
-    """The daemon took the prompt and then failed; the message is the daemon's (or the lost link's)."""
+    """The daemon took the prompt and then failed; the message is the daemon's (or the lost link's).
+    `code`: the daemon's error_codes.ErrorCode (None: the link failed)."""
+
+    def __init__(self, message: str, code: ErrorCode | None = None):
+        super().__init__(message)
+        self.code = code
 
 
 class NoDaemon(DaemonError):
@@ -153,7 +159,8 @@ async def ask(address: str, g: Generate, on_text: Callable[[str], None], *, conn
             elif isinstance(msg, Done):
                 return msg
             else:
-                raise DaemonError(f"daemon {address}: {msg.message}")
+                hint = msg.kind.hint  # ErrorCode: what the person can do about it
+                raise DaemonError(f"daemon {address}: {msg.message}" + (f" ({hint})" if hint else ""), msg.kind)
     except (LinkClosed, LinkTimeout, ProtocolError) as e:
         raise DaemonError(f"daemon {address}: {e}") from None
     finally:

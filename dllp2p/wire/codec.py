@@ -27,6 +27,7 @@ from typing import Any, Union
 import msgpack
 
 from ..election import Member
+from ..error_codes import ErrorCode
 from ..formats import ModelConfig
 from ..scheduler import NodeSlice, Plan
 from .messages import (
@@ -92,21 +93,21 @@ class UnexpectedMessage(ProtocolError):
     """A valid message at the wrong time (a Step before any plan, a chunk nobody asked for)."""
 
 
-_ERROR_CODES: tuple[tuple[type, str], ...] = (
-    (BadMagic, "bad_magic"),
-    (ProtocolVersionError, "version"),
-    (FrameTooLarge, "too_large"),
-    (UnknownMessageType, "unknown_type"),
-    (MalformedFrame, "malformed_frame"),
-    (SliceHashMismatch, "slice_hash"),
-    (ChunkError, "chunk"),
-    (UnexpectedMessage, "unexpected"),
+_ERROR_CODES: tuple[tuple[type, ErrorCode], ...] = (
+    (BadMagic, ErrorCode.BAD_MAGIC),
+    (ProtocolVersionError, ErrorCode.VERSION),
+    (FrameTooLarge, ErrorCode.TOO_LARGE),
+    (UnknownMessageType, ErrorCode.UNKNOWN_TYPE),
+    (MalformedFrame, ErrorCode.MALFORMED_FRAME),
+    (SliceHashMismatch, ErrorCode.SLICE_HASH),
+    (ChunkError, ErrorCode.CHUNK),
+    (UnexpectedMessage, ErrorCode.UNEXPECTED),
 )
 
 
-def error_code(e: ProtocolError) -> str:
+def error_code(e: ProtocolError) -> ErrorCode:
     """The Error.code that tells a peer about e."""
-    return next((code for cls, code in _ERROR_CODES if isinstance(e, cls)), "protocol")
+    return next((code for cls, code in _ERROR_CODES if isinstance(e, cls)), ErrorCode.PROTOCOL)
 
 
 

@@ -1,27 +1,15 @@
-"""The wire protocol's messages: one frozen dataclass per message, each checking its own invariants when
-built, so a decoded message is as trustworthy as a local one. No bytes here (codec.py frames them), no
-sockets (link.py).
+"""The wire protocol's messages: frozen dataclasses, each checking its own invariants when built, so a
+decoded message is as trustworthy as a local one. No bytes here (codec.py), no sockets (link.py). Field
+types: int, float, str, bytes, bool, tuples and nested dataclasses (the scheduler's Plan, ...). Fields
+added later are `wire_optional` (WIRE_OPTIONAL): a body without them decodes with their defaults.
 
-Field types on the wire: int, float, str, bytes (msgpack bin), bool, tuples (msgpack arrays) and nested
-dataclasses (maps), e.g. the scheduler's Plan and its NodeSlices. Fields added to a message later are
-`wire_optional` (WIRE_OPTIONAL metadata): a body without them (from an older daemon) decodes with their
-defaults; every other field must be present.
-
-A session between a root and a worker (session/worker.py and session/root.py run it): Hello both ways;
-Session (plan, model config, ctx, the worker's slice list) -> Need (the sha256s its cache lacks) ->
-exactly those as WeightChunks -> WeightsReady; Mesh -> node-to-node connections, each opened by a
-MeshHello both ways -> Ready; then Step after Step; Stop. A wrong message at a given point is an
-UnexpectedMessage; Error.code names the problem (codec.error_code).
-
-Anyone may ask a daemon what it knows: Status -> StatusReply (its membership, roles, session plan, last
-step, its memory and load, its measured round-trips to the members it polls, its weight-push progress),
-as often as it likes on one connection (`dllp2p status`, and daemons polling their --peer list).
-
-A prompt: Generate (`dllp2p run` -> its local daemon, forwarded to the root with hops + 1) -> TokenChunk
-... TokenChunk -> Done, or Error at any point; one request per connection (client.py).
-
-Activations travel between nodes on the mesh sockets, natively (jit/tp_program.py), not as messages;
-logits too: all of them, or a node's `top` best (Step.top) when that is all the root's sampling reads.
+A session (session/worker.py, session/root.py): Hello both ways; Session (plan, model config, ctx, the
+worker's slice list) -> Need (the sha256s its cache lacks) -> exactly those as WeightChunks ->
+WeightsReady; Mesh -> node-to-node connections, each opened by a MeshHello both ways -> Ready; then
+Step after Step; Stop. Error.code names a problem (an error_codes.ErrorCode). Status -> StatusReply,
+again and again on one connection (`dllp2p status`, the daemons' polls). A prompt (client.py):
+Generate -> TokenChunk ... -> Done or Error, one per connection, forwarded to the root with hops + 1.
+Activations and logits travel natively on the mesh sockets (jit/tp_program.py), not as messages.
 """
 
 from __future__ import annotations
@@ -34,6 +22,7 @@ from enum import IntEnum
 from typing import Union
 
 from ..election import Member
+from ..error_codes import ErrorCode
 from ..engine import MAX_TOP
 from ..formats import ModelConfig
 from ..formats.quant import TRAITS, QType
@@ -171,11 +160,17 @@ class Stop:
 class Error:
     """A problem the sender could not get past; `message` is one line, for a person."""
 
-    code: str  # e.g. "malformed_frame", "version", "slice_hash", "plan"
+    code: str  # an ErrorCode's value (built with the member; a plain str on the wire and once decoded)
     message: str
 
     def __post_init__(self) -> None:
-        _need(bool(self.code), "error code is empty")
+        _need(isinstance(self.code, str) and bool(self.code), "error code is empty")
+        object.__setattr__(self, "code", str(self.code))  # the wire carries plain strings
+
+    @property
+    def kind(self) -> ErrorCode:
+        """code as an ErrorCode (OTHER: a code from a newer version)."""
+        return ErrorCode.parse(self.code)
 
 
 @dataclass(frozen=True)
