@@ -69,6 +69,7 @@ class Limits:
     max_json_depth: int = MAX_JSON_DEPTH
     read_timeout: float = 30.0  # from a request's first byte to its last (slow clients: 408)
     idle: float = 120.0  # a kept-alive connection waiting for its next request
+    max_connections: int = 64  # open at once; the next gets 503 and is closed
     ctx: int = DEFAULT_CTX  # the context (KV positions) of the API's requests
 
 
@@ -222,7 +223,7 @@ class Connection:
         length = headers.get("content-length")
         if length is not None and not (length.isascii() and length.isdigit() and len(length) <= 18):
             raise http_error(ErrorCode.BAD_HTTP, f"Content-Length {length[:24]!r} is not 1-18 ASCII digits")
-        target = ev.target.decode("ascii")  # h11: printable ASCII
+        target = ev.target.decode("latin-1")  # h11: visible characters
         return HttpRequest(ev.method.decode("ascii").upper(), target.split("?", 1)[0], headers, b"")
 
     # --- responses ---
@@ -293,6 +294,7 @@ class Api:
 
     def __init__(self, submit: Submit, model: str, limits: Limits = Limits()):
         self.submit, self.model, self.limits = submit, model, limits
+        self.open = 0  # connections being served
 
     async def connection(self, stream: trio.SocketStream) -> None:
         try:
@@ -300,7 +302,13 @@ class Api:
         except (OSError, AttributeError):
             peer = "client"
         conn = Connection(stream, self.limits, f"http {peer}")
+        self.open += 1
         try:
+            if self.open > self.limits.max_connections:
+                log.info("API %s: over %d connections; refused", peer, self.limits.max_connections)
+                await conn.send_error(CodedError(f"this server has {self.limits.max_connections} connections open; "
+                                                 "try again later", ErrorCode.BUSY), close=True)
+                return
             await self._serve(conn)
         except (_Close, trio.BrokenResourceError, trio.ClosedResourceError):
             pass
@@ -312,6 +320,7 @@ class Api:
             except (_Close, trio.BrokenResourceError, trio.ClosedResourceError, h11.LocalProtocolError):
                 pass
         finally:
+            self.open -= 1
             with trio.CancelScope(shield=True):
                 await stream.aclose()
 

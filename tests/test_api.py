@@ -444,10 +444,11 @@ def test_pipelined_requests_are_answered_in_order(server):
     with socket.create_connection(("127.0.0.1", server), timeout=10) as s:
         s.sendall(two)
         texts = []
+        f = s.makefile("rb")  # one reader for both answers (an HTTPResponse each would buffer its own)
         for _ in range(2):
-            r = http.client.HTTPResponse(s)
-            r.begin()
-            texts.append(json.loads(r.read())["choices"][0]["text"])
+            assert f.readline().startswith(b"HTTP/1.1 200 ")
+            headers = dict(line.decode().strip().lower().split(": ", 1) for line in iter(f.readline, b"\r\n"))
+            texts.append(json.loads(f.read(int(headers["content-length"])))["choices"][0]["text"])
     assert texts == ["one ", "two "]
 
 
@@ -531,7 +532,27 @@ def test_a_client_that_leaves_mid_stream_stops_the_generation(server):
         GONE.get()
     with socket.create_connection(("127.0.0.1", server), timeout=10) as s:
         s.sendall(post("/v1/completions", b'{"prompt": "forever", "stream": true}'))
-        assert b"tick" in s.recv(4096)
+        got = b""
+        while b"tick" not in got:
+            got += s.recv(4096)
     assert GONE.get(timeout=10)
     status, _, _, _ = exchange(server, b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n")
     assert status == 200
+
+
+def test_connections_over_the_limit_get_503(caplog):
+    caplog.set_level(logging.INFO, logger="dllp2p.api")
+    with InProcess(api.Limits(max_connections=2)) as port:
+        held = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(2)]
+        try:
+            time.sleep(0.2)  # both accepted and being served
+            status, headers, body, closed = exchange(port, b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n", closes=True)
+            assert status == 503 and json.loads(body)["error"]["code"] == "busy" and closed
+        finally:
+            for s in held:
+                s.close()
+        deadline = time.monotonic() + 5  # until the server has seen them go
+        while (status := exchange(port, b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n")[0]) != 200:
+            assert status == 503 and time.monotonic() < deadline
+            time.sleep(0.05)
+    assert "Traceback" not in caplog.text
