@@ -104,9 +104,9 @@ def origin_allowed(origin: str | None) -> bool:
     return origin is None or bool(_LOOPBACK_ORIGIN.fullmatch(origin))
 
 
-def cors_headers(req: HttpRequest) -> list[tuple[str, str]]:
-    origin = req.headers.get("origin")
-    if origin is None:
+def cors_headers(origin: str | None) -> list[tuple[str, str]]:
+    """What every answer to a request from `origin` carries (nothing for a foreign or no origin)."""
+    if origin is None or not origin_allowed(origin):
         return []
     return [("access-control-allow-origin", origin), ("vary", "Origin")]
 
@@ -330,13 +330,12 @@ class Api:
                 req = await conn.read_request()
             except CodedError as e:  # the request was not read whole: answer, then close
                 log.info("API %s: %d %s", conn.peer, e.code.http_status, e)
-                if origin_allowed(conn.origin):
-                    conn.cors = cors_headers(HttpRequest("", "", {"origin": conn.origin} if conn.origin else {}, b""))
+                conn.cors = cors_headers(conn.origin)
                 await conn.send_error(e, close=True)
                 return
             if req is None:
                 return
-            conn.cors = cors_headers(req) if origin_allowed(req.headers.get("origin")) else []
+            conn.cors = cors_headers(req.headers.get("origin"))
             try:
                 await self.route(conn, req)
             except CodedError as e:

@@ -11,7 +11,7 @@ One TCP port takes four kinds of connection, told apart by their first frame:
                root, any other daemon forwards it to the root and relays the tokens back (serve.py)
 
 A second port (config `api`, 127.0.0.1:7341 by default) serves the OpenAI-compatible HTTP API (api.py),
-whose requests come back to the first port as Generates.
+whose requests are handed to _generate in this process as Generates (context: config `api_ctx`).
 
 Membership: the daemon knows itself, the daemons mDNS finds (discovery.run_mdns, unless disabled) and
 the --peer daemons it polls with Status (discovery.poll_static; mDNS-found members are polled the same
