@@ -556,3 +556,21 @@ def test_connections_over_the_limit_get_503(caplog):
             assert status == 503 and time.monotonic() < deadline
             time.sleep(0.05)
     assert "Traceback" not in caplog.text
+
+
+def test_the_api_context_comes_from_file_env_and_flag(tmp_path):
+    from dllp2p.cli import build_parser, daemon_config
+
+    path = tmp_path / "config.toml"
+    path.write_text("[daemon]\napi_ctx = 512\n")
+
+    def cfg(argv, env):
+        return daemon_config(build_parser().parse_args(["daemon", *argv]), {"DLLP2P_CONFIG": str(path), **env})
+
+    assert cfg([], {}).api_ctx == 512
+    assert cfg([], {"DLLP2P_API_CTX": "1024"}).api_ctx == 1024
+    assert cfg(["--api-ctx", "4096"], {"DLLP2P_API_CTX": "1024"}).api_ctx == 4096
+    path.write_text("")
+    assert cfg([], {}).api_ctx == DEFAULT_CTX
+    with pytest.raises(ValueError):
+        cfg(["--api-ctx", "1"], {})
