@@ -149,6 +149,7 @@ class Connection:
         self.stream, self.limits, self.peer = stream, limits, peer
         self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=limits.max_head)
         self.origin: str | None = None  # of the request being answered (CORS)
+        self.head_only = False  # the request being answered is a HEAD: headers, no body
         self.deadline: float | None = None  # trio time by which the request being read must be in
         self.cors: list[tuple[str, str]] = []
 
@@ -218,6 +219,7 @@ class Connection:
             key = name.decode("ascii")  # h11: a token
             headers[key] = f"{headers[key]}, {value.decode('latin-1')}" if key in headers else value.decode("latin-1")
         self.origin = headers.get("origin")
+        self.head_only = ev.method == b"HEAD"
         if "content-length" in headers and "transfer-encoding" in headers:
             raise http_error(ErrorCode.BAD_HTTP, "Content-Length and Transfer-Encoding together (request smuggling?)")
         length = headers.get("content-length")
@@ -245,7 +247,7 @@ class Connection:
         length = None if status == 204 else len(body)
         head = h11.Response(status_code=status, reason=HTTPStatus(status).phrase.encode(),
                             headers=self._headers(content_type, length, [*self.cors, *extra], close))
-        data = self.h11.send(head) + (self.h11.send(h11.Data(data=body)) if body else b"")
+        data = self.h11.send(head) + (self.h11.send(h11.Data(data=body)) if body and not self.head_only else b"")
         await self.stream.send_all(data + self.h11.send(h11.EndOfMessage()))
 
     async def send_json(self, status: int, obj: Any, close: bool = False) -> None:
@@ -280,7 +282,7 @@ class Connection:
         """Ready for the next request on this connection? (h11: both sides DONE, keep-alive)."""
         if self.h11.our_state is h11.DONE and self.h11.their_state is h11.DONE:
             self.h11.start_next_cycle()
-            self.origin, self.cors = None, []
+            self.origin, self.cors, self.head_only = None, [], False
             return True
         return False
 
@@ -353,7 +355,7 @@ class Api:
             return
         kinds = {"/v1/chat/completions": "chat", "/v1/completions": "completion"}
         if req.path in ("/health", "/v1/models") or req.path.startswith("/v1/models/"):
-            if req.method != "GET":
+            if req.method not in ("GET", "HEAD"):
                 raise http_error(ErrorCode.METHOD, f"{req.path[:80]} takes GET, not {req.method[:16]}")
             await conn.send_json(200, self.get(req.path))
         elif req.path in kinds:

@@ -574,3 +574,17 @@ def test_the_api_context_comes_from_file_env_and_flag(tmp_path):
     assert cfg([], {}).api_ctx == DEFAULT_CTX
     with pytest.raises(ValueError):
         cfg(["--api-ctx", "1"], {})
+
+
+def test_head_requests_get_headers_only_and_the_connection_serves_on(server):
+    with socket.create_connection(("127.0.0.1", server), timeout=10) as s:
+        f = s.makefile("rb")
+        for path, status in [(b"/health", 200), (b"/v1/chat/completions", 405), (b"/nope", 404), (b"/health", 200)]:
+            s.sendall(b"HEAD %s HTTP/1.1\r\nHost: t\r\n\r\n" % path)
+            assert f.readline().startswith(b"HTTP/1.1 %d " % status)
+            headers = dict(line.decode().strip().lower().split(": ", 1) for line in iter(f.readline, b"\r\n"))
+            assert int(headers["content-length"]) > 0 and "connection" not in headers  # no body follows
+        s.sendall(b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n")
+        assert f.readline().startswith(b"HTTP/1.1 200 ")
+        headers = dict(line.decode().strip().lower().split(": ", 1) for line in iter(f.readline, b"\r\n"))
+        assert json.loads(f.read(int(headers["content-length"]))) == {"status": "ok"}
