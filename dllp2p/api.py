@@ -1,85 +1,87 @@
 """An OpenAI-compatible HTTP API, served by a daemon: the cluster behind the endpoints chat clients and
 libraries already speak.
 
-    dllp2p daemon --api 127.0.0.1:7341
+    dllp2p daemon --api 127.0.0.1:7341 [--api-ctx 2048]
     curl http://127.0.0.1:7341/v1/chat/completions -d '{"messages": [{"role": "user", "content": "Hi"}]}'
 
     POST /v1/chat/completions   messages -> the model's chat template; "stream": true for server-sent events
     POST /v1/completions        prompt (text, or token ids) as it is
     GET  /v1/models             the model this daemon serves as root ("model" in a request is not checked)
+    GET  /v1/models/{id}        that model, or 404
     GET  /health
+    OPTIONS *                   CORS preflight (204)
 
-Data flow of a request: HTTP bytes -> read_request (an HttpRequest) -> to_generate (its JSON body ->
-protocol.Generate, every field checked) -> a link to this daemon's own port, exactly what `dllp2p run`
-sends (the daemon serves the prompt as root or forwards it to the root) -> TokenChunk ... Done -> the
-OpenAI-shaped answer, whole or one event per chunk. Stop strings end generation on the root, so usage
-counts stay exact.
+HTTP/1.1 is h11's (sans-IO: it turns bytes into events and back; this module moves the bytes over trio
+streams). h11 rather than hypercorn: a small pure-Python state machine with no event loop or worker of
+its own, so the limits below are ours and one connection is one trio task. Keep-alive: a connection
+serves request after request until the client closes it, is silent for Limits.idle seconds between
+requests, or a protocol error leaves it unusable (then the error response says `Connection: close`).
+Request bodies come with Content-Length or chunked.
 
-Sampling: temperature (default 1, as OpenAI's), top_p (default 1), seed, max_tokens (or
-max_completion_tokens; default 256), stop (up to 4 strings); beyond OpenAI's fields, top_k, min_p and
-repeat_penalty as `dllp2p run` has them (defaults 40, 0.05, 1). n must be 1; logprobs and non-zero
-frequency/presence penalties are refused rather than ignored.
+Data flow of a request: bytes -> h11 events -> an HttpRequest (head and body within Limits) -> a route ->
+api_schema (JSON -> protocol.Generate, every field checked; fields we do not implement refused by
+name) -> `submit`, the daemon's own handler of a Generate, called in this process (it serves the
+prompt as root or forwards it to the root, exactly as for `dllp2p run`'s connection), answering
+through an _Answers sink -> TokenChunk ... Done -> the OpenAI answer, whole or one event per chunk. A
+client that goes away closes the sink: the root stops at its next token.
 
-Bad input gets an HTTP error with OpenAI's error body and the daemon serves on: 400 malformed JSON or
-fields, 404 unknown path, 405 wrong method, 408 a request not sent within READ_TIMEOUT, 411 no
-Content-Length, 413 a body over MAX_BODY, 431 a head over MAX_HEAD; the daemon's own Error (busy, no
-model, a worker lost) -> 503 (busy, unreachable) or 500, with its message. One request per connection.
-There is no authentication yet: keep it on loopback (the default) until the cluster key arrives.
+CORS: browsers may call the API from pages served on loopback origins only (http(s)://localhost,
+127.0.0.0/8, [::1], any port); a request that carries any other Origin gets 403 (a page elsewhere must
+not drive the cluster of whoever visits it, even with a "simple" request that needs no preflight).
+
+Error handling: every client mistake is an error_codes.CodedError answered with its HTTP status in
+OpenAI's error shape {"error": {"message", "type", "param", "code"}}, logged as one line at info, and
+the connection serves on (or is closed after the response where HTTP requires it: a malformed head, a
+body not read); the root's Error frame maps through its ErrorCode the same way. Anything else is a bug:
+logged with its traceback, answered 500 if nothing was sent yet. There is no authentication yet: keep
+it on loopback (the default) until the cluster key arrives.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
-import secrets
-import time
+import re
 from dataclasses import dataclass
-from typing import Any, Mapping
+from http import HTTPStatus
+from typing import Any, Awaitable, Callable, Mapping
 
+import h11
 import trio
 
-from .link import LinkClosed, LinkTimeout, TrioLink, format_address, open_link, parse_address
-from .protocol import CHAT_ROLES, ChatTurn, Done, Error, Generate, ProtocolError, TokenChunk
-from .run import daemon_request
-from .sampler import SamplerConfig
+from .api_schema import DEFAULT_CTX, FINISH, MAX_JSON_DEPTH, Answer, error_body, event, parse_json, to_generate
+from .error_codes import CodedError, ErrorCode
+from .wire.link import LinkClosed, format_address, parse_address
+from .wire.messages import Done, Error, Generate, TokenChunk
 
 log = logging.getLogger("dllp2p.api")
 
-MAX_HEAD = 16 << 10  # bytes of request line + headers
-MAX_BODY = 1 << 20  # bytes of a request body
-READ_TIMEOUT = 30.0  # seconds for a client to send its whole request
-MAX_STOP = 4  # stop strings per request, as OpenAI's
-DEFAULT_MAX_TOKENS = 256  # as `dllp2p run --steps`
-DEFAULT_CTX = 2048  # as `dllp2p run --ctx`
-FINISH = {"eos": "stop", "stop": "stop", "steps": "length", "context": "length"}  # GenerationStats.stop_reason
+SERVER = "dllp2p"
 
 
-class HttpError(Exception):
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error"):
-        super().__init__(message)
-        self.status, self.message, self.kind = status, message, kind
+@dataclass(frozen=True)
+class Limits:
+    """What one client may send. Seconds and bytes."""
 
-
-class ClientGone(Exception):
-    """The client closed its connection before sending a whole request."""
+    max_head: int = 16 << 10  # request line + headers
+    max_headers: int = 64  # header lines
+    max_body: int = 1 << 20  # body, after any chunked framing
+    max_json_depth: int = MAX_JSON_DEPTH
+    read_timeout: float = 30.0  # from a request's first byte to its last (slow clients: 408)
+    idle: float = 120.0  # a kept-alive connection waiting for its next request
+    max_connections: int = 64  # open at once; the next gets 503 and is closed
+    ctx: int = DEFAULT_CTX  # the context (KV positions) of the API's requests
 
 
 @dataclass(frozen=True)
 class HttpRequest:
     method: str
     path: str  # without the query
-    headers: Mapping[str, str]  # names in lower case
+    headers: Mapping[str, str]  # names in lower case, latin-1 decoded; a repeated header's values joined by ", "
     body: bytes
 
 
-@dataclass(frozen=True)
-class Options:
-    """What the answer needs besides the Generate."""
-
-    kind: str  # "chat" or "completion"
-    stream: bool
-    include_usage: bool  # stream_options.include_usage: a last event with the token counts
+Submit = Callable[[Any, Generate], Awaitable[None]]  # (sink with .peer and async .send(msg), g) -> None
 
 
 def listen_address(address: str) -> tuple[str, int]:
@@ -87,327 +89,362 @@ def listen_address(address: str) -> tuple[str, int]:
     return parse_address(address, listen=True)
 
 
-# --- HTTP in -------------------------------------------------------------------------------------------
+def http_error(code: ErrorCode, message: str) -> CodedError:
+    return CodedError(message, code)
 
 
-def parse_head(head: bytes) -> tuple[str, str, dict[str, str]]:
-    """Request line and headers (without the blank line) -> (method, path, headers). Raises HttpError(400)."""
-    lines = head.decode("latin-1").split("\r\n")
-    parts = lines[0].split(" ")
-    if len(parts) != 3 or not parts[0].isalpha() or not parts[2].startswith("HTTP/1."):
-        raise HttpError(400, f"malformed request line {lines[0][:80]!r}")
-    headers: dict[str, str] = {}
-    for line in lines[1:]:
-        name, sep, value = line.partition(":")
-        if not sep or not name or name != name.strip() or " " in name:
-            raise HttpError(400, f"malformed header line {line[:80]!r}")
-        headers[name.lower()] = value.strip()
-    return parts[0].upper(), parts[1].split("?", 1)[0], headers
+# --- CORS ------------------------------------------------------------------------------------------------
+
+_LOOPBACK_ORIGIN = re.compile(r"https?://(localhost|127(?:\.\d{1,3}){3}|\[::1\])(?::\d{1,5})?", re.ASCII)
+_TOKEN_LIST = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+(?:\s*,\s*[A-Za-z0-9!#$%&'*+.^_`|~-]+)*", re.ASCII)
 
 
-async def read_request(stream: trio.abc.Stream) -> HttpRequest:
-    """One request off the stream (answering `Expect: 100-continue`). Raises HttpError, ClientGone."""
-    buf = bytearray()
-    with trio.move_on_after(READ_TIMEOUT) as waited:
-        while (end := buf.find(b"\r\n\r\n")) < 0:
-            if len(buf) > MAX_HEAD:
-                raise HttpError(431, f"request head over {MAX_HEAD} bytes")
-            if not (data := await stream.receive_some(1 << 16)):
-                raise ClientGone()
-            buf += data
-        if end > MAX_HEAD:
-            raise HttpError(431, f"request head over {MAX_HEAD} bytes")
-        method, path, headers = parse_head(bytes(buf[:end]))
-        body = buf[end + 4:]
-        if "transfer-encoding" in headers:
-            raise HttpError(411, "chunked request bodies are not supported: send Content-Length")
-        length = headers.get("content-length", "0")
-        if not length.isdigit():
-            raise HttpError(400, f"Content-Length {length[:20]!r} is not a number")
-        if int(length) > MAX_BODY:
-            raise HttpError(413, f"request body of {length} bytes is over {MAX_BODY}")
-        if int(length) > len(body) and headers.get("expect", "").lower() == "100-continue":
-            await stream.send_all(b"HTTP/1.1 100 Continue\r\n\r\n")
-        while len(body) < int(length):
-            if not (data := await stream.receive_some(1 << 16)):
-                raise ClientGone()
-            body += data
-        return HttpRequest(method, path, headers, bytes(body[: int(length)]))
-    assert waited.cancelled_caught
-    raise HttpError(408, f"the request was not sent within {READ_TIMEOUT:g} s")
+def origin_allowed(origin: str | None) -> bool:
+    """No Origin (not a browser, or same-origin GET), or a loopback one."""
+    return origin is None or bool(_LOOPBACK_ORIGIN.fullmatch(origin))
 
 
-# --- JSON body -> Generate ---------------------------------------------------------------------------
+def cors_headers(origin: str | None) -> list[tuple[str, str]]:
+    """What every answer to a request from `origin` carries (nothing for a foreign or no origin)."""
+    if origin is None or not origin_allowed(origin):
+        return []
+    return [("access-control-allow-origin", origin), ("vary", "Origin")]
 
 
-def _number(body: Mapping[str, Any], key: str, default: float, lo: float, hi: float) -> float:
-    v = body.get(key, default)
-    if v is None:
-        return default
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not lo <= v <= hi:
-        raise HttpError(400, f"{key} must be a number in [{lo:g}, {hi:g}], not {v!r}")
-    return float(v)
+def preflight_headers(req: HttpRequest) -> list[tuple[str, str]]:
+    """What a CORS preflight (OPTIONS) answers besides cors_headers: any method and header we take."""
+    asked = req.headers.get("access-control-request-headers", "").strip()
+    allow = asked if asked and _TOKEN_LIST.fullmatch(asked) else "authorization, content-type"
+    return [("access-control-allow-methods", "GET, POST, OPTIONS"),
+            ("access-control-allow-headers", allow), ("access-control-max-age", "600"),
+            ("allow", "GET, POST, OPTIONS")]
 
 
-def _integer(body: Mapping[str, Any], key: str, default: int | None, lo: int, hi: int) -> int | None:
-    v = body.get(key, default)
-    if v is None:
-        return default
-    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
-        raise HttpError(400, f"{key} must be a whole number in [{lo}, {hi}], not {v!r}")
-    return v
+# --- one connection --------------------------------------------------------------------------------------
 
 
-def _text_content(content: Any, where: str) -> str:
-    """A message's content: a string, or a list of {"type": "text", "text": ...} parts (joined)."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
-                                         and isinstance(p.get("text"), str) for p in content):
-        return "".join(p["text"] for p in content)
-    raise HttpError(400, f"{where}.content must be a string or a list of text parts (this model reads text only)")
+class _Close(Exception):
+    """The connection ends here, with no response (the client went away or stayed silent)."""
 
 
-def _messages(body: Mapping[str, Any]) -> tuple[ChatTurn, ...]:
-    msgs = body.get("messages")
-    if not isinstance(msgs, list) or not msgs:
-        raise HttpError(400, "messages must be a non-empty list")
-    turns = []
-    for i, m in enumerate(msgs):
-        if not isinstance(m, dict):
-            raise HttpError(400, f"messages[{i}] must be an object")
-        role = "system" if m.get("role") == "developer" else m.get("role")
-        if role not in CHAT_ROLES:
-            raise HttpError(400, f"messages[{i}].role must be one of {', '.join(CHAT_ROLES)}, not {m.get('role')!r}")
-        turns.append(ChatTurn(role, _text_content(m.get("content"), f"messages[{i}]")))
-    return tuple(turns)
+class _Answers:
+    """The sink `submit` answers on, as on a link: send() hands each message to the HTTP side; once that
+    side has stopped listening, send raises LinkClosed (the root then stops generating)."""
+
+    def __init__(self, peer: str):
+        self.peer = peer
+        self.send_channel, self.receive_channel = trio.open_memory_channel[Any](16)
+
+    async def send(self, msg: Any) -> None:
+        try:
+            await self.send_channel.send(msg)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            raise LinkClosed(f"{self.peer}: the HTTP client is gone") from None
 
 
-def _prompt(body: Mapping[str, Any]) -> tuple[str, tuple[int, ...]]:
-    """A completion's prompt: text, a list of one text, or token ids."""
-    p = body.get("prompt")
-    if isinstance(p, list) and len(p) == 1 and isinstance(p[0], str):
-        p = p[0]
-    if isinstance(p, str) and p:
-        return p, ()
-    if isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in p):
-        return "", tuple(p)
-    raise HttpError(400, "prompt must be a non-empty string (or one such string in a list, or a list of token ids)")
+class Connection:
+    """One client's connection: h11 state plus the stream; requests read and answered one at a time."""
+
+    def __init__(self, stream: trio.abc.Stream, limits: Limits, peer: str):
+        self.stream, self.limits, self.peer = stream, limits, peer
+        self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=limits.max_head)
+        self.origin: str | None = None  # of the request being answered (CORS)
+        self.head_only = False  # the request being answered is a HEAD: headers, no body
+        self.deadline: float | None = None  # trio time by which the request being read must be in
+        self.cors: list[tuple[str, str]] = []
+
+    def _started(self) -> None:
+        """A request's first byte is in: from now on it has Limits.read_timeout to arrive whole."""
+        if self.deadline is None:
+            self.deadline = trio.current_time() + self.limits.read_timeout
+
+    async def _next_event(self) -> Any:
+        """The next h11 event, waiting for bytes (before a request: up to Limits.idle, then _Close; once
+        it has begun: until its deadline, then 408). Raises CodedError (h11's complaint), _Close."""
+        while True:
+            try:
+                ev = self.h11.next_event()
+            except h11.RemoteProtocolError as e:
+                code = ErrorCode.HEAD_TOO_LARGE if e.error_status_hint == 431 else ErrorCode.BAD_HTTP
+                raise http_error(code, f"malformed HTTP request: {e}") from None
+            if ev is not h11.NEED_DATA:
+                return ev
+            wait = trio.current_time() + self.limits.idle if self.deadline is None else self.deadline
+            with trio.move_on_at(wait):
+                data = await self.stream.receive_some(1 << 16)
+                if data:
+                    self._started()
+                self.h11.receive_data(data)  # b"": the client closed its side
+                continue
+            if self.deadline is None:  # silence between requests ends the connection without a word
+                raise _Close()
+            raise http_error(ErrorCode.TIMEOUT, f"the request was not sent within {self.limits.read_timeout:g} s")
+
+    async def read_request(self) -> HttpRequest | None:
+        """The next whole request, or None when the client closed the connection between requests.
+        Raises CodedError (then the connection must close after answering), _Close."""
+        self.deadline = None
+        if self.h11.trailing_data[0]:  # a pipelined request's bytes, already here
+            self._started()
+        ev = await self._next_event()
+        if isinstance(ev, h11.ConnectionClosed):
+            return None
+        if not isinstance(ev, h11.Request):  # pragma: no cover - h11 begins every cycle with a Request
+            raise http_error(ErrorCode.BAD_HTTP, f"unexpected {type(ev).__name__}")
+        req = self._head(ev)
+        length = req.headers.get("content-length")
+        if length is not None and int(length) > self.limits.max_body:  # h11 checked: ASCII digits, <= 20
+            raise http_error(ErrorCode.BODY_TOO_LARGE, f"request body of {length} bytes is over {self.limits.max_body}")
+        if self.h11.they_are_waiting_for_100_continue:
+            await self.stream.send_all(self.h11.send(h11.InformationalResponse(status_code=100, headers=[])))
+        body = bytearray()
+        while not isinstance(ev := await self._next_event(), h11.EndOfMessage):
+            if isinstance(ev, h11.ConnectionClosed):
+                raise _Close()
+            body += ev.data
+            if len(body) > self.limits.max_body:
+                raise http_error(ErrorCode.BODY_TOO_LARGE, f"request body over {self.limits.max_body} bytes")
+        return HttpRequest(req.method, req.path, req.headers, bytes(body))
+
+    def _head(self, ev: h11.Request) -> HttpRequest:
+        # h11 bounds only a head that arrives in pieces (max_incomplete_event_size); one that came whole
+        # in a single read is measured here (as sent, less optional whitespace)
+        size = len(ev.method) + len(ev.target) + 12 + sum(len(n) + len(v) + 4 for n, v in ev.headers.raw_items())
+        if size > self.limits.max_head:
+            raise http_error(ErrorCode.HEAD_TOO_LARGE, f"request head over {self.limits.max_head} bytes")
+        if len(ev.headers) > self.limits.max_headers:
+            raise http_error(ErrorCode.TOO_MANY_HEADERS, f"over {self.limits.max_headers} header lines")
+        headers: dict[str, str] = {}
+        for name, value in ev.headers:
+            key = name.decode("ascii")  # h11: a token
+            headers[key] = f"{headers[key]}, {value.decode('latin-1')}" if key in headers else value.decode("latin-1")
+        self.origin = headers.get("origin")
+        self.head_only = ev.method == b"HEAD"
+        if "content-length" in headers and "transfer-encoding" in headers:
+            raise http_error(ErrorCode.BAD_HTTP, "Content-Length and Transfer-Encoding together (request smuggling?)")
+        length = headers.get("content-length")
+        if length is not None and not (length.isascii() and length.isdigit() and len(length) <= 18):
+            raise http_error(ErrorCode.BAD_HTTP, f"Content-Length {length[:24]!r} is not 1-18 ASCII digits")
+        target = ev.target.decode("latin-1")  # h11: visible characters
+        return HttpRequest(ev.method.decode("ascii").upper(), target.split("?", 1)[0], headers, b"")
+
+    # --- responses ---
+
+    def _headers(self, content_type: str | None, length: int | None, extra: list[tuple[str, str]],
+                 close: bool) -> list[tuple[str, str]]:
+        out = [("server", SERVER), ("cache-control", "no-cache")]
+        if content_type:
+            out.append(("content-type", content_type))
+        if length is not None:
+            out.append(("content-length", str(length)))
+        if close:
+            out.append(("connection", "close"))
+        return out + extra
+
+    async def respond(self, status: int, content_type: str | None, body: bytes, extra: list[tuple[str, str]] = (),
+                      close: bool = False) -> None:
+        """A whole response."""
+        length = None if status == 204 else len(body)
+        head = h11.Response(status_code=status, reason=HTTPStatus(status).phrase.encode(),
+                            headers=self._headers(content_type, length, [*self.cors, *extra], close))
+        data = self.h11.send(head) + (self.h11.send(h11.Data(data=body)) if body and not self.head_only else b"")
+        await self.stream.send_all(data + self.h11.send(h11.EndOfMessage()))
+
+    async def send_json(self, status: int, obj: Any, close: bool = False) -> None:
+        await self.respond(status, "application/json", json.dumps(obj).encode(), close=close)
+
+    async def start_stream(self, content_type: str) -> None:
+        """The head of a response whose body follows in pieces (chunked; HTTP/1.0: until close)."""
+        head = h11.Response(status_code=200, reason=b"OK",
+                            headers=self._headers(content_type, None, [*self.cors, ("x-accel-buffering", "no")],
+                                                  False))
+        await self.stream.send_all(self.h11.send(head))
+
+    async def send_piece(self, data: bytes) -> None:
+        await self.stream.send_all(self.h11.send(h11.Data(data=data)))
+
+    async def end_stream(self) -> None:
+        await self.stream.send_all(self.h11.send(h11.EndOfMessage()))
+
+    async def send_error(self, e: CodedError, close: bool = False) -> None:
+        """e as OpenAI's error body with its status, if a response can still begin."""
+        if self.h11.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+            raise _Close()  # a response is under way: nothing more can be said in HTTP
+        try:
+            await self.send_json(e.code.http_status, error_body(e), close=close)
+        except h11.LocalProtocolError:  # no Request parsed yet (a head cut short by the timeout): by hand
+            body = json.dumps(error_body(e)).encode()
+            status = e.code.http_status
+            head = "".join(f"{k}: {v}\r\n" for k, v in self._headers("application/json", len(body), self.cors, True))
+            await self.stream.send_all(f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\n{head}\r\n".encode() + body)
+
+    def next_cycle(self) -> bool:
+        """Ready for the next request on this connection? (h11: both sides DONE, keep-alive)."""
+        if self.h11.our_state is h11.DONE and self.h11.their_state is h11.DONE:
+            self.h11.start_next_cycle()
+            self.origin, self.cors, self.head_only = None, [], False
+            return True
+        return False
 
 
-def _stops(body: Mapping[str, Any]) -> tuple[str, ...]:
-    stop = body.get("stop")
-    stops = [] if stop is None else [stop] if isinstance(stop, str) else stop
-    if not isinstance(stops, list) or len(stops) > MAX_STOP or not all(isinstance(s, str) and s for s in stops):
-        raise HttpError(400, f"stop must be a non-empty string or a list of up to {MAX_STOP} of them")
-    return tuple(stops)
-
-
-def to_generate(kind: str, body: Any, ctx: int = DEFAULT_CTX) -> tuple[Generate, Options]:
-    """An OpenAI request body (parsed JSON) -> (the Generate for the daemon, answer options). Pure; raises
-    HttpError(400) naming the first bad field."""
-    if not isinstance(body, dict):
-        raise HttpError(400, "the request body must be a JSON object")
-    if body.get("n", 1) != 1:
-        raise HttpError(400, "n must be 1")
-    if body.get("logprobs") not in (None, False) or body.get("top_logprobs") not in (None, 0):
-        raise HttpError(400, "logprobs are not supported")
-    for key in ("frequency_penalty", "presence_penalty"):
-        if body.get(key) not in (None, 0, 0.0):
-            raise HttpError(400, f"{key} is not supported; repeat_penalty (llama.cpp's, e.g. 1.1) is")
-    stream = body.get("stream", False)
-    if not isinstance(stream, bool):
-        raise HttpError(400, "stream must be true or false")
-    so = body.get("stream_options") or {}
-    if not isinstance(so, dict):
-        raise HttpError(400, "stream_options must be an object")
-    steps_key = "max_completion_tokens" if kind == "chat" and "max_completion_tokens" in body else "max_tokens"
-    steps = _integer(body, steps_key, DEFAULT_MAX_TOKENS, 1, ctx - 1)
-    seed = _integer(body, "seed", None, -(1 << 63), (1 << 63) - 1)
-    sampler = SamplerConfig(
-        temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
-        top_k=_integer(body, "top_k", 40, 0, 1 << 20),
-        top_p=max(_number(body, "top_p", 1.0, 0.0, 1.0), 1e-9),  # 0: the best token only
-        min_p=_number(body, "min_p", 0.05, 0.0, 0.999),
-        repeat_penalty=_number(body, "repeat_penalty", 1.0, 0.01, 10.0),
-        seed=None if seed is None else seed & ((1 << 64) - 1),  # numpy seeds are unsigned
-    )
-    if kind == "chat":
-        prompt, tokens, messages = "", (), _messages(body)
-    else:
-        (prompt, tokens), messages = _prompt(body), ()
-    try:
-        g = daemon_request(sampler, steps, ctx, prompt=prompt, tokens=tokens, chat=bool(messages), messages=messages,
-                           stop=_stops(body))
-    except ProtocolError as e:
-        raise HttpError(400, str(e)) from None
-    return g, Options(kind, stream, bool(so.get("include_usage", False)))
-
-
-# --- the answer ----------------------------------------------------------------------------------------
-
-
-REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed", 408: "Request Timeout",
-           411: "Length Required", 413: "Content Too Large", 431: "Request Header Fields Too Large",
-           500: "Internal Server Error", 503: "Service Unavailable"}
-
-
-def head(status: int, content_type: str, length: int | None = None) -> bytes:
-    lines = [f"HTTP/1.1 {status} {REASONS.get(status, '')}", f"Content-Type: {content_type}", "Connection: close",
-             "Cache-Control: no-cache"]
-    if length is not None:
-        lines.append(f"Content-Length: {length}")
-    return ("\r\n".join(lines) + "\r\n\r\n").encode()
-
-
-def error_body(e: HttpError) -> dict[str, Any]:
-    return {"error": {"message": e.message, "type": e.kind, "code": e.status}}
-
-
-async def send_json(stream: trio.abc.Stream, status: int, obj: Any) -> None:
-    data = json.dumps(obj).encode()
-    await stream.send_all(head(status, "application/json", len(data)) + data)
-
-
-def event(obj: Any) -> bytes:
-    return b"data: " + (obj if isinstance(obj, bytes) else json.dumps(obj).encode()) + b"\n\n"
-
-
-class Answer:
-    """The OpenAI JSON shapes of one request's answer (chat.completion[.chunk] or text_completion)."""
-
-    def __init__(self, opts: Options, model: str):
-        self.opts, self.model = opts, model
-        self.id = ("chatcmpl-" if opts.kind == "chat" else "cmpl-") + secrets.token_hex(12)
-        self.created = int(time.time())
-
-    def _wrap(self, choice: dict, chunk: bool) -> dict:
-        obj = "chat.completion" + (".chunk" if chunk else "") if self.opts.kind == "chat" else "text_completion"
-        return {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": [choice]}
-
-    @staticmethod
-    def usage(done: Done) -> dict:
-        return {"prompt_tokens": done.prompt_tokens, "completion_tokens": done.generated_tokens,
-                "total_tokens": done.prompt_tokens + done.generated_tokens}
-
-    def whole(self, text: str, done: Done) -> dict:
-        reason = FINISH.get(done.stop_reason, "stop")
-        if self.opts.kind == "chat":
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": reason}
-        else:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": reason}
-        return {**self._wrap(choice, False), "usage": self.usage(done)}
-
-    def chunk(self, text: str | None, reason: str | None = None, role: bool = False) -> dict:
-        if self.opts.kind == "chat":
-            delta = {"role": "assistant", "content": ""} if role else {} if text is None else {"content": text}
-            return self._wrap({"index": 0, "delta": delta, "finish_reason": reason}, True)
-        return self._wrap({"index": 0, "text": text or "", "logprobs": None, "finish_reason": reason}, True)
-
-    def usage_chunk(self, done: Done) -> dict:
-        return {**self._wrap({}, True), "choices": [], "usage": self.usage(done)}
-
-
-def daemon_error(msg: Error) -> HttpError:
-    status = 503 if msg.code in ("busy", "unreachable") else 500
-    return HttpError(status, msg.message, "server_error")
+# --- the service -----------------------------------------------------------------------------------------
 
 
 class Api:
-    """The HTTP side of one daemon: `connection` serves one client (the daemon runs it on its listeners).
-    `daemon`: the "host:port" to send Generates to (its own)."""
+    """The HTTP side of one daemon: `connection` serves one client (run on the API's listeners).
+    `submit`: the daemon's handler of a Generate (daemon.Daemon._generate), called in this process."""
 
-    def __init__(self, daemon: str, model: str, timeouts: Any, ctx: int = DEFAULT_CTX):
-        self.daemon, self.model, self.t, self.ctx = daemon, model, timeouts, ctx
+    def __init__(self, submit: Submit, model: str, limits: Limits = Limits()):
+        self.submit, self.model, self.limits = submit, model, limits
+        self.open = 0  # connections being served
 
     async def connection(self, stream: trio.SocketStream) -> None:
         try:
-            try:
-                req = await read_request(stream)
-                await self.route(stream, req)
-            except HttpError as e:
-                log.info("API: %d %s", e.status, e.message)
-                await send_json(stream, e.status, error_body(e))
-        except (ClientGone, trio.BrokenResourceError, trio.ClosedResourceError):
+            peer = format_address(*stream.socket.getpeername()[:2])
+        except (OSError, AttributeError):
+            peer = "client"
+        conn = Connection(stream, self.limits, f"http {peer}")
+        self.open += 1
+        try:
+            if self.open > self.limits.max_connections:
+                log.info("API %s: over %d connections; refused", peer, self.limits.max_connections)
+                await conn.send_error(CodedError(f"this server has {self.limits.max_connections} connections open; "
+                                                 "try again later", ErrorCode.BUSY), close=True)
+                return
+            await self._serve(conn)
+        except (_Close, trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         except Exception:
-            log.exception("API: unexpected failure; closing the connection")
+            log.exception("API %s: unexpected failure; closing the connection", peer)
+            try:
+                await conn.send_error(http_error(ErrorCode.INTERNAL, "internal error (see the daemon's log)"),
+                                      close=True)
+            except (_Close, trio.BrokenResourceError, trio.ClosedResourceError, h11.LocalProtocolError):
+                pass
         finally:
+            self.open -= 1
             with trio.CancelScope(shield=True):
                 await stream.aclose()
 
-    async def route(self, stream: trio.abc.Stream, req: HttpRequest) -> None:
-        routes = {"/health": ("GET", None), "/v1/models": ("GET", None),
-                  "/v1/chat/completions": ("POST", "chat"), "/v1/completions": ("POST", "completion")}
-        if req.path not in routes:
-            raise HttpError(404, f"no such endpoint {req.path[:80]!r} (see /v1/models, /v1/chat/completions, "
-                                 "/v1/completions)", "not_found_error")
-        method, kind = routes[req.path]
-        if req.method != method:
-            raise HttpError(405, f"{req.path} takes {method}, not {req.method}")
-        if req.path == "/health":
-            await send_json(stream, 200, {"status": "ok"})
-        elif req.path == "/v1/models":
-            await send_json(stream, 200, {"object": "list", "data": [
-                {"id": self.model, "object": "model", "created": 0, "owned_by": "dllp2p"}]})
+    async def _serve(self, conn: Connection) -> None:
+        while True:
+            try:
+                req = await conn.read_request()
+            except CodedError as e:  # the request was not read whole: answer, then close
+                log.info("API %s: %d %s", conn.peer, e.code.http_status, e)
+                conn.cors = cors_headers(conn.origin)
+                await conn.send_error(e, close=True)
+                return
+            if req is None:
+                return
+            conn.cors = cors_headers(req.headers.get("origin"))
+            try:
+                await self.route(conn, req)
+            except CodedError as e:
+                log.info("API %s: %s %s: %d %s", conn.peer, req.method, req.path[:80], e.code.http_status, e)
+                await conn.send_error(e)
+            if not conn.next_cycle():
+                return
+
+    async def route(self, conn: Connection, req: HttpRequest) -> None:
+        if not origin_allowed(req.headers.get("origin")):
+            raise CodedError(f"origin {req.headers['origin'][:80]!r} may not use this API (loopback origins only)",
+                             ErrorCode.FORBIDDEN_ORIGIN)
+        if req.method == "OPTIONS":
+            await conn.respond(204, None, b"", preflight_headers(req))
+            return
+        kinds = {"/v1/chat/completions": "chat", "/v1/completions": "completion"}
+        if req.path in ("/health", "/v1/models") or req.path.startswith("/v1/models/"):
+            if req.method not in ("GET", "HEAD"):
+                raise http_error(ErrorCode.METHOD, f"{req.path[:80]} takes GET, not {req.method[:16]}")
+            await conn.send_json(200, self.get(req.path))
+        elif req.path in kinds:
+            if req.method != "POST":
+                raise http_error(ErrorCode.METHOD, f"{req.path} takes POST, not {req.method[:16]}")
+            g, opts = to_generate(kinds[req.path], parse_json(req.body, self.limits.max_json_depth), self.limits.ctx)
+            await self.complete(conn, g, Answer(opts, self.model))
         else:
-            try:
-                body = json.loads(req.body)
-            except (ValueError, UnicodeDecodeError) as e:
-                raise HttpError(400, f"the request body is not JSON: {e}") from None
-            g, opts = to_generate(kind, body, self.ctx)
-            await self.complete(stream, g, Answer(opts, self.model))
+            raise CodedError(f"no such endpoint {req.path[:80]!r} (see /v1/models, /v1/chat/completions, "
+                             "/v1/completions)", ErrorCode.NOT_FOUND)
 
-    async def complete(self, stream: trio.abc.Stream, g: Generate, answer: Answer) -> None:
-        """Send g to the daemon and answer: whole, or as server-sent events once the first piece is in
+    def get(self, path: str) -> dict:
+        model = {"id": self.model, "object": "model", "created": 0, "owned_by": "dllp2p"}
+        if path == "/health":
+            return {"status": "ok"}
+        if path == "/v1/models":
+            return {"object": "list", "data": [model]}
+        if path.removeprefix("/v1/models/") != self.model:
+            raise CodedError(f"no model {path.removeprefix('/v1/models/')[:80]!r} here; this daemon serves "
+                             f"{self.model!r}", ErrorCode.NOT_FOUND, "model")
+        return model
+
+    async def complete(self, conn: Connection, g: Generate, answer: Answer) -> None:
+        """Hand g to the daemon and answer: whole, or as server-sent events once the first piece is in
         (so an Error before any text still gets its HTTP status)."""
-        try:
-            link = await open_link(self.daemon, self.t.hello)
-        except (LinkClosed, LinkTimeout) as e:
-            raise HttpError(503, f"the daemon is unreachable: {e}", "server_error") from None
-        try:
-            await link.send(g)
-            if not answer.opts.stream:
-                text = []
-                while not isinstance(msg := await self._next(link), Done):
-                    text.append(msg.text)
-                await send_json(stream, 200, answer.whole("".join(text), msg))
-                return
-            first = await self._next(link)
-            await stream.send_all(head(200, "text/event-stream"))
-            if answer.opts.kind == "chat":
-                await stream.send_all(event(answer.chunk(None, role=True)))
-            msg = first
+        sink = _Answers(conn.peer)
+        failure: Exception | None = None
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._submit, sink, g)
+            async with sink.receive_channel:
+                try:
+                    await self._answer(conn, sink.receive_channel, answer)
+                except Exception as e:  # raised after the nursery: the root is not cancelled, it stops
+                    failure = e
+            # the channel is closed: the root's next send raises LinkClosed and it stops
+        if failure is not None:
+            raise failure
+
+    async def _submit(self, sink: _Answers, g: Generate) -> None:
+        async with sink.send_channel:
             try:
-                while isinstance(msg, TokenChunk):
-                    await stream.send_all(event(answer.chunk(msg.text)))
-                    msg = await self._next(link)
-            except HttpError as e:  # the status line is gone: the error goes as an event
-                await stream.send_all(event(error_body(e)) + event(b"[DONE]"))
-                return
-            await stream.send_all(event(answer.chunk(None, FINISH.get(msg.stop_reason, "stop"))))
-            if answer.opts.include_usage:
-                await stream.send_all(event(answer.usage_chunk(msg)))
-            await stream.send_all(event(b"[DONE]"))
-        finally:
-            await link.aclose()  # before Done: the root stops at its next token
+                await self.submit(sink, g)
+            except LinkClosed:
+                pass
 
-    async def _next(self, link: TrioLink) -> TokenChunk | Done:
+    async def _answer(self, conn: Connection, answers: trio.MemoryReceiveChannel, answer: Answer) -> None:
+        if not answer.opts.stream:
+            text = []
+            while not isinstance(msg := await _next(answers), Done):
+                text.append(msg.text)
+            await conn.send_json(200, answer.whole("".join(text), msg))
+            return
+        msg = await _next(answers)
+        await conn.start_stream("text/event-stream")
+        if answer.opts.kind == "chat":
+            await conn.send_piece(event(answer.chunk(None, role=True)))
         try:
-            msg = await link.receive(self.t.build)
-        except (LinkClosed, LinkTimeout, ProtocolError) as e:
-            raise HttpError(500, f"the daemon failed: {e}", "server_error") from None
-        if isinstance(msg, Error):
-            raise daemon_error(msg)
-        if not isinstance(msg, (TokenChunk, Done)):
-            raise HttpError(500, f"the daemon answered with {type(msg).__name__}", "server_error")
-        return msg
+            while isinstance(msg, TokenChunk):
+                await conn.send_piece(event(answer.chunk(msg.text)))
+                msg = await _next(answers)
+        except CodedError as e:  # the status line is gone: the error goes as an event
+            log.info("API %s: %d %s (while streaming)", conn.peer, e.code.http_status, e)
+            await conn.send_piece(event(error_body(e)) + event(b"[DONE]"))
+            await conn.end_stream()
+            return
+        await conn.send_piece(event(answer.chunk(None, FINISH.get(msg.stop_reason, "stop"))))
+        if answer.opts.include_usage:
+            await conn.send_piece(event(answer.usage_chunk(msg)))
+        await conn.send_piece(event(b"[DONE]"))
+        await conn.end_stream()
 
 
-async def start(nursery: trio.Nursery, address: str, daemon: str, model: str, timeouts: Any) -> str | None:
-    """Serve the API on `address` in nursery, sending its prompts to the daemon at `daemon`. -> the bound
-    "host:port", or None (logged) when it cannot listen there (the port taken by another daemon on this
-    machine): the daemon serves on without it."""
+async def _next(answers: trio.MemoryReceiveChannel) -> TokenChunk | Done:
+    """The daemon's next answer; its Error as a CodedError with the Error's code."""
+    try:
+        msg = await answers.receive()
+    except trio.EndOfChannel:
+        raise http_error(ErrorCode.GENERATE, "the daemon ended the request without an answer") from None
+    if isinstance(msg, Error):
+        raise CodedError(msg.message, msg.kind)
+    if not isinstance(msg, (TokenChunk, Done)):
+        raise http_error(ErrorCode.GENERATE, f"the daemon answered with {type(msg).__name__}")
+    return msg
+
+
+async def start(nursery: trio.Nursery, address: str, submit: Submit, model: str, limits: Limits = Limits()) -> str | None:
+    """Serve the API on `address` in nursery, handing its prompts to `submit` (the daemon's own handler of
+    a Generate). -> the bound "host:port", or None (logged) when it cannot listen there (the port taken
+    by another daemon on this machine): the daemon serves on without it."""
     host, port = listen_address(address)
     try:
         listeners = await trio.open_tcp_listeners(port, host=host)
@@ -415,6 +452,6 @@ async def start(nursery: trio.Nursery, address: str, daemon: str, model: str, ti
         log.warning("the HTTP API is off: cannot listen on %s: %s", address, e.strerror or e)
         return None
     bound = format_address(*listeners[0].socket.getsockname()[:2])
-    log.info("OpenAI-compatible API on http://%s/v1", bound)
-    nursery.start_soon(trio.serve_listeners, Api(daemon, model, timeouts).connection, listeners)
+    log.info("OpenAI-compatible API on http://%s/v1 (context %d)", bound, limits.ctx)
+    nursery.start_soon(trio.serve_listeners, Api(submit, model, limits).connection, listeners)
     return bound

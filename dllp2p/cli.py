@@ -3,17 +3,28 @@
 from __future__ import annotations
 
 import argparse
+import json
+import logging
+import os
 import sys
 from dataclasses import dataclass
-from typing import Sequence
+from pathlib import Path
+from typing import Mapping, Sequence
 
-from . import __version__
-from .config import EXCHANGES, POLICIES
+from . import __version__, bench, config, daemon
+from .commands import chat, run, status
+from .config import DEFAULT_API_PORT, DEFAULT_PORT, EXCHANGES, LOCAL_DAEMON, POLICIES
+from .config import cache_dir, state_dir
+from .daemon import DaemonConfig
+from .errors import user_facing_errors
+from .formats import load_metadata
+from .models import NoModel, default_model_path
 from .sampler import SamplerConfig
+from .wire.link import format_address, parse_address
 
 EXIT_USAGE = 2
 EXIT_FAILED = 1
-DEFAULT_DAEMON = "127.0.0.1:7340"
+DEFAULT_DAEMON = LOCAL_DAEMON
 
 
 @dataclass(frozen=True)
@@ -32,6 +43,8 @@ class RunConfig:
     exchange: str = "exact"  # how the nodes combine their shares with --workers (scheduler.EXCHANGES)
     stats: bool = False  # print per-token cluster statistics at the end
     daemon: str | None = None  # "host:port" of the daemon to send the prompt to; None: in-process only
+    fallback: bool = False  # run in this process if no daemon listens at `daemon` (the default one, not named)
+    cache_dir: Path | None = None  # compiled kernels and packed weights (config.cache_dir)
 
 
 def _add_generation_flags(p: argparse.ArgumentParser, what: str) -> None:
@@ -47,8 +60,8 @@ def _add_generation_flags(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--repeat-penalty", type=float, default=1.0, help="1 = off (default 1.0)")
     p.add_argument("--seed", type=int, help="random seed: the same seed gives the same text")
     p.add_argument("--daemon", metavar="HOST:PORT",
-                   help=f"the daemon to send {what} to (default 127.0.0.1:7340; if none answers there, "
-                        "it runs in this process)")
+                   help=f"the daemon to send {what} to (default {LOCAL_DAEMON}; if none answers there, "
+                        "it runs in this process; one named here must answer)")
     p.add_argument("--local", action="store_true", help="run in this process, never through a daemon")
 
 
@@ -56,8 +69,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dllp2p", description="Run LLMs across the computers on your LAN.")
     parser.add_argument("--version", action="version", version=f"dllp2p {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-
-    from . import bench
 
     bench.add_arguments(sub.add_parser("bench", help="measure prefill and decode speed (and llama.cpp's, if installed)"))
 
@@ -90,8 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     daemon.add_argument("--config", help="config file (default /etc/dllp2p/config.toml, or $DLLP2P_CONFIG)")
     daemon.add_argument("--host", default="0.0.0.0", action=_Given,
                         help="address to listen on (default 0.0.0.0: all IPv4)")
-    daemon.add_argument("--port", type=int, default=7340, action=_Given,
-                        help="TCP port (default 7340; 0 = any free port)")
+    daemon.add_argument("--port", type=int, default=DEFAULT_PORT, action=_Given,
+                        help=f"TCP port (default {DEFAULT_PORT}; 0 = any free port)")
     daemon.add_argument("--threads", type=int, action=_Given, help="compute threads (default: one per CPU core)")
     daemon.add_argument("--state-dir", action=_Given, help="node id and weight cache (default ~/.local/state/dllp2p)")
     daemon.add_argument("--cluster", action=_Given, help="cluster name: only daemons of the same name join "
@@ -111,14 +122,17 @@ def build_parser() -> argparse.ArgumentParser:
                         help="as root: pow2 (default) = 2^n nodes, equal slices; weighted = every node the "
                              "model's KV heads allow, slices by capacity (see run)")
     daemon.add_argument("--api", metavar="HOST:PORT", action=_Given,
-                        help="where to serve the OpenAI-compatible HTTP API (default 127.0.0.1:7341; 'off': "
+                        help=f"where to serve the OpenAI-compatible HTTP API (default 127.0.0.1:{DEFAULT_API_PORT}; 'off': "
                              "none; no authentication yet: keep it on loopback)")
+    daemon.add_argument("--api-ctx", dest="api_ctx", type=int, metavar="N", action=_Given,
+                        help="the context (KV positions) of the API's requests: the longest prompt + reply "
+                             "(default 2048)")
     daemon.add_argument("--model", action=_Given,
                         help="GGUF model served when this daemon is root (default: the installed SmolLM2)")
 
     status = sub.add_parser("status", help="show the cluster as a daemon sees it (live, or --json once)")
     status.add_argument("--host", default="127.0.0.1", help="the daemon to ask (default 127.0.0.1)")
-    status.add_argument("--port", type=int, default=7340, help="its port (default 7340)")
+    status.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"its port (default {DEFAULT_PORT})")
     status.add_argument("--json", action="store_true", help='print {"nodes": [...]} once, for scripts')
     status.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes (default 1)")
     status.add_argument("--timeout", type=float, default=2.0, help="seconds to wait for the daemon (default 2)")
@@ -157,8 +171,6 @@ def _generation_flags(ns: argparse.Namespace) -> SamplerConfig:
     )
     if ns.threads is not None and ns.threads < 1:
         raise ValueError("--threads must be at least 1")
-    from .link import parse_address
-
     if ns.daemon is not None:
         parse_address(ns.daemon)
     if ns.local and ns.daemon:
@@ -175,18 +187,19 @@ class ChatConfig:
     sampler: SamplerConfig
     threads: int | None = None
     daemon: str | None = None  # as RunConfig.daemon
+    fallback: bool = False  # as RunConfig.fallback
+    cache_dir: Path | None = None
 
 
-def chat_config(ns: argparse.Namespace) -> ChatConfig:
+def chat_config(ns: argparse.Namespace, environ: Mapping[str, str] | None = None) -> ChatConfig:
     sampler = _generation_flags(ns)
     daemon = None if ns.local or (ns.model and not ns.daemon) else ns.daemon or DEFAULT_DAEMON
-    return ChatConfig(ns.model, ns.system, ns.steps, ns.ctx, sampler, ns.threads, daemon)
+    return ChatConfig(ns.model, ns.system, ns.steps, ns.ctx, sampler, ns.threads, daemon, ns.daemon is None,
+                      cache_dir(os.environ if environ is None else environ))
 
 
-def run_config(ns: argparse.Namespace) -> RunConfig:
+def run_config(ns: argparse.Namespace, environ: Mapping[str, str] | None = None) -> RunConfig:
     sampler = _generation_flags(ns)
-    from .link import parse_address
-
     for address in ns.workers:
         parse_address(address)
     if ns.exchange is not None and not ns.workers:
@@ -197,58 +210,52 @@ def run_config(ns: argparse.Namespace) -> RunConfig:
     own = ns.local or ns.workers or ns.engine != "jit" or (ns.model and not ns.daemon)
     daemon = None if own else ns.daemon or DEFAULT_DAEMON
     return RunConfig(ns.model, ns.prompt, ns.steps, ns.ctx, ns.chat, ns.system, ns.engine, sampler, ns.threads,
-                     tuple(ns.workers), ns.plan, ns.exchange or "exact", ns.stats, daemon)
+                     tuple(ns.workers), ns.plan, ns.exchange or "exact", ns.stats, daemon, ns.daemon is None,
+                     cache_dir(os.environ if environ is None else environ))
 
 
-def daemon_settings(ns: argparse.Namespace, environ=None) -> dict:  # noqa: ANN001
+def daemon_settings(ns: argparse.Namespace, environ: Mapping[str, str] | None = None) -> dict:
     """Config file < DLLP2P_* environment < the flags given (see dllp2p/config.py)."""
-    from .config import daemon_settings
-
     given = getattr(ns, "given", frozenset())
     flags = {key: getattr(ns, key) for key in given}
-    return daemon_settings(flags, ns.config, environ)
+    return config.daemon_settings(flags, ns.config, environ)
 
 
-def daemon_config(ns: argparse.Namespace, environ=None):  # noqa: ANN001 -> daemon.DaemonConfig (lazily)
-    import os
-
+def daemon_config(ns: argparse.Namespace, environ: Mapping[str, str] | None = None) -> DaemonConfig:
     environ = os.environ if environ is None else environ
     return config_of_settings(daemon_settings(ns, environ), environ)
 
 
-def config_of_settings(s: dict, environ):  # noqa: ANN001 -> daemon.DaemonConfig
-    from pathlib import Path
-
-    from .daemon import DaemonConfig
-    from .jit.engine import default_threads
+def config_of_settings(s: dict, environ: Mapping[str, str]) -> DaemonConfig:
+    from .jit.engine import default_threads  # llvmlite: only a daemon's start needs it
 
     if not 0 <= s["port"] < 65536:
         raise ValueError("--port must be in 0..65535")
     if s["threads"] is not None and s["threads"] < 1:
         raise ValueError("--threads must be at least 1")
-    state = s["state_dir"] or Path(environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state") / "dllp2p"
     model = Path(s["model"]).expanduser() if s.get("model") else _installed_model()
-    return DaemonConfig(s["host"], s["port"], s["threads"] or default_threads(), Path(state).expanduser(),
+    return DaemonConfig(s["host"], s["port"], s["threads"] or default_threads(), state_dir(environ, s["state_dir"]),
                         cluster=s["cluster"], discovery=s["discovery"], interfaces=tuple(s["interfaces"]),
                         peers=tuple(s["peers"]), model=model, exchange=s["exchange"], policy=s["plan"],
-                        api=None if s["api"] in ("", "off") else s["api"])
+                        api=None if s["api"] in ("", "off") else s["api"], api_ctx=s["api_ctx"],
+                        cache_dir=cache_dir(environ))
 
 
-def _installed_model():  # -> Path | None
-    from .models import NoModel, default_model_path
-
+def _installed_model() -> Path | None:
     try:
         return default_model_path()
     except NoModel:
         return None
 
 
+def check_model(path: Path | None) -> None:
+    """A daemon's --model must be a readable GGUF now, not at its first prompt. Raises ModelFileError,
+    OSError (one line each)."""
+    if path is not None:
+        load_metadata(path)
+
+
 def status_main(ns: argparse.Namespace) -> int:
-    import json
-
-    from . import status
-    from .link import format_address
-
     address = format_address(ns.host, ns.port)
     if ns.interval <= 0 or ns.timeout <= 0:
         raise ValueError("--interval and --timeout must be > 0")
@@ -261,33 +268,23 @@ def status_main(ns: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     ns = parser.parse_args(argv)
-    from .errors import user_facing_errors
-
     try:
         if ns.command == "run":
-            from .run import run
-
-            return run(run_config(ns))
+            return run.run(run_config(ns))
         if ns.command == "chat":
-            from .repl import chat
-
-            return chat(chat_config(ns))
+            return chat.chat(chat_config(ns))
         if ns.command == "bench":
-            from . import bench
-
             return bench.main(ns)
         if ns.command == "daemon":
-            import logging
-
-            from . import daemon
-
-            import os
-
             settings = daemon_settings(ns)
-            config = config_of_settings(settings, os.environ)
+            cfg = config_of_settings(settings, os.environ)
             level = settings["log_level"].upper()
-            logging.basicConfig(stream=sys.stderr, level=level, format="dllp2p daemon: %(levelname)s %(message)s")
-            return daemon.main(config)
+            # journald stamps every line itself; anywhere else the log says when
+            stamp = "" if os.environ.get("JOURNAL_STREAM") else "%(asctime)s "
+            logging.basicConfig(stream=sys.stderr, level=level,
+                                format=f"{stamp}dllp2p daemon: %(levelname)s %(message)s")
+            check_model(cfg.model)
+            return daemon.main(cfg)
         if ns.command == "status":
             return status_main(ns)
     except user_facing_errors() as e:

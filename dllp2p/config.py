@@ -17,10 +17,15 @@ File: /etc/dllp2p/config.toml (DLLP2P_CONFIG or --config name another), a [daemo
     exchange = "exact"          # as root: "exact" (bit-identical to one node) or "q8" (fewer bytes, 2 exchanges/layer)
     plan = "pow2"               # as root: "pow2" (2^n nodes, equal slices) or "weighted" (every node the KV heads allow)
     api = "127.0.0.1:7341"      # the OpenAI-compatible HTTP API (this default: loopback only, no authentication yet); "off"
+    api_ctx = 2048              # the context (KV positions) of its requests: the longest prompt + reply
 
 Environment: DLLP2P_HOST, DLLP2P_PORT, DLLP2P_THREADS, DLLP2P_STATE_DIR, DLLP2P_CLUSTER, DLLP2P_DISCOVERY
 (1/0, true/false, yes/no, on/off), DLLP2P_INTERFACES and DLLP2P_PEERS (separated by commas or spaces),
-DLLP2P_LOG_LEVEL, DLLP2P_MODEL, DLLP2P_EXCHANGE, DLLP2P_PLAN, DLLP2P_API.
+DLLP2P_LOG_LEVEL, DLLP2P_MODEL, DLLP2P_EXCHANGE, DLLP2P_PLAN, DLLP2P_API, DLLP2P_API_CTX.
+
+Built once, at the edge: the CLI calls these functions with os.environ and hands the frozen results
+down (DaemonConfig, Timeouts, the cache and state directories); nothing below it reads the environment.
+The ports' defaults live here and only here (DEFAULT_PORT, DEFAULT_API_PORT).
 
 Error handling: a file that is not TOML, an unknown key, a value of the wrong type: ConfigError (a
 ValueError) naming the file or variable and the key. A missing default file is no error.
@@ -30,10 +35,15 @@ from __future__ import annotations
 
 import os
 import tomllib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
 DEFAULT_PATH = Path("/etc/dllp2p/config.toml")
+DEFAULT_PORT = 7340  # a daemon's control port (TCP): sessions, mesh, Status, Generate
+DEFAULT_API_PORT = 7341  # its OpenAI-compatible HTTP API, on loopback by default
+DEFAULT_CLUSTER = "default"
+LOCAL_DAEMON = f"127.0.0.1:{DEFAULT_PORT}"  # where `run`, `chat` and `status` look for a daemon by default
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 # key -> type of its value
@@ -51,13 +61,14 @@ DAEMON_KEYS: dict[str, type] = {
     "exchange": str,
     "plan": str,
     "api": str,
+    "api_ctx": int,
 }
 DEFAULTS: dict[str, Any] = {
     "host": "0.0.0.0",
-    "port": 7340,
+    "port": DEFAULT_PORT,
     "threads": None,  # one per core
     "state_dir": None,  # $XDG_STATE_HOME/dllp2p or ~/.local/state/dllp2p
-    "cluster": "default",
+    "cluster": DEFAULT_CLUSTER,
     "discovery": True,
     "interfaces": [],
     "peers": [],
@@ -65,7 +76,8 @@ DEFAULTS: dict[str, Any] = {
     "model": None,  # the installed SmolLM2, if any
     "exchange": "exact",
     "plan": "pow2",
-    "api": "127.0.0.1:7341",  # "off": none
+    "api": f"127.0.0.1:{DEFAULT_API_PORT}",  # "off": none
+    "api_ctx": 2048,  # the context (KV positions) of the API's requests
 }
 EXCHANGES = ("exact", "q8")  # scheduler.EXCHANGES (not imported: this module stays dependency-free)
 POLICIES = ("pow2", "weighted")  # scheduler.POLICIES
@@ -73,6 +85,42 @@ POLICIES = ("pow2", "weighted")  # scheduler.POLICIES
 
 class ConfigError(ValueError):
     pass
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """Seconds. Every wait of the daemon and of the root has one."""
+
+    hello: float = 10.0  # the first frame of a connection; connecting
+    idle: float = 600.0  # a control connection with nothing to do: between sessions, between Steps
+    transfer: float = 60.0  # between frames of a weight push; the answers around it
+    mesh: float = 30.0  # connecting the mesh
+    build: float = 600.0  # every node building its engine (JIT compile) until Ready
+    socket: float = 30.0  # SO_RCVTIMEO / SO_SNDTIMEO of mesh sockets: a silent peer fails a step after this
+    slot: float = 10.0  # a new session waiting for the previous one to wind down
+
+
+@dataclass(frozen=True)
+class ClientTimeouts:
+    """Seconds a client (`run`, `chat`) waits for a daemon."""
+
+    connect: float = 1.0  # to find out whether anything listens
+    probe: float = 5.0  # for a Status answer proving it is a dllp2p daemon
+    answer: float = 900.0  # of silence from a daemon that took the prompt (set-up, weight push)
+
+
+def cache_dir(environ: Mapping[str, str]) -> Path:
+    """Compiled kernels and packed weights: $DLLP2P_CACHE_DIR, else $XDG_CACHE_HOME/dllp2p or ~/.cache/dllp2p."""
+    if environ.get("DLLP2P_CACHE_DIR"):
+        return Path(environ["DLLP2P_CACHE_DIR"]).expanduser()
+    return (Path(environ.get("XDG_CACHE_HOME") or "~/.cache") / "dllp2p").expanduser()
+
+
+def state_dir(environ: Mapping[str, str], setting: str | None = None) -> Path:
+    """A daemon's node id and slice cache: the setting, else $XDG_STATE_HOME/dllp2p or ~/.local/state/dllp2p."""
+    if setting:
+        return Path(setting).expanduser()
+    return (Path(environ.get("XDG_STATE_HOME") or "~/.local/state") / "dllp2p").expanduser()
 
 
 def config_path(environ: Mapping[str, str], flag: str | None) -> tuple[Path, bool]:

@@ -30,6 +30,7 @@ from typing import Awaitable, Callable, Mapping, Sequence
 import trio
 
 from .election import CLUSTER, NODE_ID, Gone, Member, Seen, incompatibility
+from .wire.link import format_address
 
 log = logging.getLogger("dllp2p.discovery")
 
@@ -37,7 +38,6 @@ SERVICE_TYPE = "_dllp2p._tcp.local."
 TXT_MAX = 255  # bytes of one key=value entry (DNS-SD)
 FEATURES = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni",  # x86 flags
             "asimd", "asimddp", "fphp", "i8mm", "sve")  # ARM features
-DEFAULT_CLUSTER = "default"
 
 
 class Rejected(ValueError):
@@ -229,8 +229,6 @@ def _member_of(info: object, me: Member) -> Member | None:
     if not addresses or not info.port:  # type: ignore[attr-defined]
         log.warning("mDNS: ignored %s: no address or port", info.name)  # type: ignore[attr-defined]
         return None
-    from .link import format_address
-
     address = format_address(addresses[0], info.port)  # type: ignore[attr-defined]
     try:
         return parse_txt(info.properties, address, version=me.version, cluster=me.cluster)  # type: ignore[attr-defined]

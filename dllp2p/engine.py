@@ -6,11 +6,17 @@ from typing import Protocol, Sequence
 
 import numpy as np
 
+from .error_codes import ErrorCode
 from .formats import ModelConfig
+
+
+MAX_TOP = 64  # forward(..., top=K): the most best logits a step may ask each node for (wire Step.top too)
 
 
 class ContextFull(Exception):
     """The KV cache has no room for more positions (raise --ctx)."""
+
+    code = ErrorCode.CONTEXT_LENGTH
 
 
 class Engine(Protocol):

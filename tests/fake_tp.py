@@ -28,6 +28,7 @@ from dllp2p.tp import NodeTensor, PeerLost  # the real types: the fake stands in
 # 4 KV heads; dim, FFN and vocabulary of 4+ blocks of 32: plans of 1 to 4 nodes
 CONFIG = ModelConfig("llama", 128, 2, 4, 4, 32, 256, 256, 64, 10000.0, 32, 1e-5, True)
 PART = struct.Struct("<5q")
+TEST_CLUSTER = "dllp2p-tests"  # the cluster name of test daemons: never the default one of an installed daemon
 
 
 def model(big: bool = False) -> SimpleNamespace:
@@ -145,7 +146,7 @@ if __name__ == "__main__":
     ns = ap.parse_args()
     logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="dllp2p daemon: %(message)s")
     t = Timeouts(hello=5, idle=20, transfer=10, mesh=5, build=10, socket=5, slot=2)
-    cfg = DaemonConfig(ns.host, ns.port, 1, Path(ns.state_dir), timeouts=t)
+    cfg = DaemonConfig(ns.host, ns.port, 1, Path(ns.state_dir), timeouts=t, cluster=TEST_CLUSTER)
     try:
         trio.run(Daemon(cfg, tp=sys.modules[__name__]).serve)
     except KeyboardInterrupt:

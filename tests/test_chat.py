@@ -46,5 +46,5 @@ def test_sandbox_blocks_attribute_escapes():
 
 def test_jinja2_is_imported_only_to_render():
     """A run without --chat must not pay for importing jinja2."""
-    code = "import sys, dllp2p.cli, dllp2p.run, dllp2p.errors; assert 'jinja2' not in sys.modules"
+    code = "import sys, dllp2p.cli, dllp2p.commands.run, dllp2p.errors; assert 'jinja2' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)

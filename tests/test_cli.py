@@ -10,8 +10,9 @@ import pytest
 
 
 def dllp2p(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
+    """`dllp2p run ... --local`: in this process, whatever daemon runs on this machine (hermetic)."""
     return subprocess.run(
-        [sys.executable, "-m", "dllp2p.cli", *args], capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-m", "dllp2p.cli", *args, "--local"], capture_output=True, text=True, timeout=timeout
     )
 
 

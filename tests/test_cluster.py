@@ -5,7 +5,6 @@ threads, or as processes to kill); the slow one runs SmolLM2 on 2 nodes with `dl
 
 from __future__ import annotations
 
-import io
 import re
 import signal
 import socket
@@ -19,10 +18,12 @@ import pytest
 import trio
 
 import fake_tp
-from dllp2p import protocol as P
+from dllp2p import wire as P
 from dllp2p.cli import build_parser, run_config
-from dllp2p.cluster import ClusterEngine, ClusterError, ClusterOptions
-from dllp2p.daemon import Daemon, DaemonConfig, Timeouts
+from dllp2p.session.progress import Note, Progress, ignore
+from dllp2p.session.root import ClusterEngine, ClusterError, ClusterOptions
+from dllp2p.config import Timeouts
+from dllp2p.daemon import Daemon, DaemonConfig
 from dllp2p.scheduler import PlanError
 
 T = Timeouts(hello=3, idle=10, transfer=5, mesh=3, build=10, socket=3, slot=2)
@@ -34,7 +35,7 @@ class DaemonThread:
     """A worker daemon on its own trio loop in a thread (the root's set-up runs trio.run itself)."""
 
     def __init__(self, state_dir: Path):
-        self.daemon = Daemon(DaemonConfig("127.0.0.1", 0, 1, state_dir, timeouts=T), tp=fake_tp)
+        self.daemon = Daemon(DaemonConfig("127.0.0.1", 0, 1, state_dir, timeouts=T, cluster=fake_tp.TEST_CLUSTER), tp=fake_tp)
         self._ready = threading.Event()
         self._thread = threading.Thread(target=trio.run, args=(self._main,), daemon=True)
         self._thread.start()
@@ -67,9 +68,10 @@ def daemons(tmp_path):
             d.stop()
 
 
-def connect(addresses, model=None, policy="pow2", err=None) -> ClusterEngine:
-    options = ClusterOptions(tuple(addresses), policy, T, progress=False)
-    return ClusterEngine.connect(model or fake_tp.model(), options, 32, 1, tp=fake_tp, err=err or io.StringIO())
+def connect(addresses, model=None, policy="pow2", events=None) -> ClusterEngine:
+    options = ClusterOptions(tuple(addresses), policy, T)
+    return ClusterEngine.connect(model or fake_tp.model(), options, 32, 1, tp=fake_tp,
+                                 events=events if events is not None else ignore)
 
 
 def generate(engine: ClusterEngine, model, steps: int = 6) -> list[int]:
@@ -91,7 +93,7 @@ def wait_idle(d: DaemonThread, sessions: int, limit: float = 5.0) -> None:
     import time
 
     deadline = time.monotonic() + limit
-    while d.daemon.sessions < sessions or d.daemon._active is not None:
+    while d.daemon.worker.sessions < sessions or d.daemon.worker.active is not None:
         assert time.monotonic() < deadline, "the worker did not return to idle"
         time.sleep(0.02)
 
@@ -101,9 +103,16 @@ def wait_idle(d: DaemonThread, sessions: int, limit: float = 5.0) -> None:
 
 def test_pow2_and_weighted_plans_over_two_workers(daemons):
     a, b = daemons(2)
-    err = io.StringIO()
-    e = connect([a.address, b.address], err=err)  # 4 KV heads, 3 peers: pow2 takes 2 nodes
-    assert e.plan.n_nodes == 2 and "is not needed by the pow2 plan of 2 nodes" in err.getvalue()
+    events = []
+    e = connect([a.address, b.address], events=events.append)  # 4 KV heads, 3 peers: pow2 takes 2 nodes
+    notes = [x.text for x in events if isinstance(x, Note)]
+    assert e.plan.n_nodes == 2 and any("is not needed by the pow2 plan of 2 nodes" in n for n in notes), notes
+    # progress as events: the one worker's push from 0 to all of its bytes, both nodes' builds started and ended
+    pushes = [x for x in events if isinstance(x, Progress) and x.task == "push"]
+    assert pushes[0].done == 0 and pushes[-1].finished and len({x.subject for x in pushes}) == 1
+    assert [x.done for x in pushes] == sorted(x.done for x in pushes)
+    builds = {(x.subject, x.done) for x in events if isinstance(x, Progress) and x.task == "build"}
+    assert len(builds) == 4 and {("root", 0), ("root", 1)} <= builds
     generate(e, fake_tp.model())
     e.close()
     e.close()
@@ -208,6 +217,10 @@ def test_worker_of_another_protocol_version_is_named():
 # --- worker processes ---
 
 
+# `dllp2p daemon` as a test worker: hermetic (no mDNS, no HTTP API, the tests' own cluster name)
+DAEMON = [sys.executable, "-m", "dllp2p.cli", "daemon", "--no-discovery", "--api", "off", "--cluster", fake_tp.TEST_CLUSTER]
+
+
 def start_worker(state_dir: Path, *command: str) -> tuple[subprocess.Popen, str]:
     """A worker daemon process; -> (process, its "host:port") read from its log's first line."""
     cmd = list(command) or [sys.executable, str(TESTS / "fake_tp.py")]
@@ -253,7 +266,7 @@ def test_killed_worker_is_named_and_the_survivor_returns_to_idle(tmp_path):
 
 
 def test_dllp2p_daemon_command_survives_an_engine_failure_and_stops_on_ctrl_c(tmp_path):
-    p, address = start_worker(tmp_path / "d", sys.executable, "-m", "dllp2p.cli", "daemon", "--threads", "1")
+    p, address = start_worker(tmp_path / "d", *DAEMON, "--threads", "1")
     try:
         node_id = (tmp_path / "d" / "node_id").read_text().strip()
         # the root's fake slices are not a model the real engine can build: the worker says so, stays up
@@ -306,16 +319,16 @@ def test_smollm2_on_two_daemons_matches_the_single_node_engine(tmp_path, real_mo
     finally:
         single.close()
     cli = [sys.executable, "-m", "dllp2p.cli"]
-    p, address = start_worker(tmp_path / "w", *cli, "daemon", "--threads", "1")
+    p, address = start_worker(tmp_path / "w", *DAEMON, "--threads", "1")
     try:
-        e = ClusterEngine.connect(real_model, ClusterOptions((address,)), 64, 1, err=io.StringIO())
+        e = ClusterEngine.connect(real_model, ClusterOptions((address,)), 64, 1)
         got, got_logits = greedy(e)
         assert got == want
         np.testing.assert_allclose(got_logits, want_logits, atol=1e-4)
         e.close()
 
         run = ["run", "--prompt", "The capital of France is", "--temperature", "0", "--steps", "16", "--threads", "1"]
-        local = subprocess.run([*cli, *run], capture_output=True, text=True, timeout=300)
+        local = subprocess.run([*cli, *run, "--local"], capture_output=True, text=True, timeout=300)
         remote = subprocess.run([*cli, *run, "--workers", address, "--stats"], capture_output=True, text=True,
                                 timeout=300)
         assert remote.returncode == 0, remote.stderr
@@ -329,7 +342,7 @@ def test_smollm2_on_two_daemons_matches_the_single_node_engine(tmp_path, real_mo
         # two all-reduces per layer of one Q8_0 row of 576 values (612 bytes), 30 layers: 36.7 kB per token
         assert re.search(r"decode per token \(15 tokens\): .* sent 36\.7 kB", q8.stderr), q8.stderr
 
-        e = ClusterEngine.connect(real_model, ClusterOptions((address,)), 64, 1, err=io.StringIO())
+        e = ClusterEngine.connect(real_model, ClusterOptions((address,)), 64, 1)
         e.forward(prompt, 0)
         node_id = e.plan.nodes[1].node_id
         p.kill()

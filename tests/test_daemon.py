@@ -15,10 +15,12 @@ import pytest
 import trio
 
 import fake_tp
-from dllp2p import protocol as P
-from dllp2p.daemon import Daemon, DaemonConfig, SliceCache, Timeouts, node_id, storage_array
+from dllp2p import wire as P
+from dllp2p.config import Timeouts
+from dllp2p.daemon import Daemon, DaemonConfig
+from dllp2p.session.slices import SliceCache, node_id, storage_array
 from dllp2p.formats import QType
-from dllp2p.link import LinkClosed, MeshRefused, TrioLink, dial_mesh, open_link
+from dllp2p.wire.link import LinkClosed, MeshRefused, TrioLink, dial_mesh, open_link
 from dllp2p.scheduler import Peer, plan
 
 T = Timeouts(hello=2, idle=5, transfer=5, mesh=3, build=5, socket=3, slot=1)
@@ -32,7 +34,7 @@ def serve(state_dir: Path, body, limit: float = 20) -> None:
     async def main() -> None:
         with trio.fail_after(limit):
             async with trio.open_nursery() as nursery:
-                d = Daemon(DaemonConfig("127.0.0.1", 0, 1, state_dir, timeouts=T), tp=fake_tp)
+                d = Daemon(DaemonConfig("127.0.0.1", 0, 1, state_dir, timeouts=T, cluster=fake_tp.TEST_CLUSTER), tp=fake_tp)
                 address = await nursery.start(d.serve)
                 await body(d, address)
                 nursery.cancel_scope.cancel()
@@ -250,7 +252,7 @@ def test_wrong_slice_hash_is_refused_then_the_slice_is_taken_and_cached(tmp_path
         ready = await link.receive(2)
         total = sum(t.data.nbytes for t in tensors.values())
         assert ready == P.WeightsReady(0, total + first.data.nbytes, 0)
-        assert sorted(d.cache.keys()) == sorted(t.sha256 for t in tensors.values())
+        assert sorted(d.worker.cache.keys()) == sorted(t.sha256 for t in tensors.values())
         await link.send(P.Stop(0, "test"))
         await link.send(s)  # the same plan again on the same connection: nothing to send
         assert await link.receive(2) == P.Need(0, ())
@@ -343,7 +345,7 @@ def test_mesh_failures_are_reported_and_the_worker_goes_idle(tmp_path, ghost_cap
         assert reply.code == "mesh" and problem in reply.message, reply
         with pytest.raises(LinkClosed):
             await link.receive(2)
-        assert d._active is None
+        assert d.worker.active is None
         await still_serves(address)
 
     serve(tmp_path, body)

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dllp2p import protocol as P
+from dllp2p import wire as P
 from dllp2p.formats import ModelConfig
 from dllp2p.formats.quant import QType, quantize
 from dllp2p.scheduler import Peer, plan
@@ -20,20 +20,18 @@ from dllp2p.scheduler import Peer, plan
 SHA = hashlib.sha256(b"x").hexdigest()
 CONFIG = ModelConfig("llama", 576, 30, 9, 3, 64, 1536, 49152, 8192, 100000.0, 64, 1e-5, True)
 PLAN = plan(CONFIG, [Peer("root", "", 2, 1.0), Peer("w1", "10.0.0.2:7000", 4, 2.5)], epoch=7)
+SESSION = P.Session(PLAN, CONFIG, 64, (P.SliceInfo("blk.0.attn_q.weight", "rows 0:2", int(QType.Q4_0), (2, 64), SHA),))
 
 
 def _samples() -> list[P.Message]:
-    x = np.linspace(-3, 3, 2 * 64, dtype=np.float32).reshape(2, 64)
     return [
         P.Hello(P.PROTOCOL_VERSION, "node-a", "worker", 4, 12.5, (SHA,)),
         P.Hello(P.PROTOCOL_VERSION, "root-1", "root", 1, 3.0),
-        PLAN,
+        SESSION,
         P.WeightChunk(7, "blk.0.attn_q.weight", "blk.0.attn_q.weight[0:2, :]", int(QType.Q4_0), (2, 64), 4, 72, SHA,
                       b"\x01" * 60),
         P.WeightsReady(7, 123456, 3),
         P.Step(7, 0, (1, 2, 3), 0),
-        P.activations(7, 1, 29, P.STAGE_FFN, 1, 5, x),
-        P.logits(7, 1, 1, 24576, np.arange(5, dtype=np.float32)),
         P.Stop(7, "done"),
         P.Error("slice_hash", "blk.0.attn_q.weight: hash mismatch"),
     ]
@@ -65,8 +63,8 @@ def test_every_message_round_trips(msg):
 
 
 def test_plan_round_trips_as_data():
-    (back,) = P.FrameDecoder().feed(P.encode(PLAN))
-    assert back == PLAN and back.nodes[1].address == "10.0.0.2:7000" and back.nodes[1].q_rows == (384, 576)
+    (back,) = P.FrameDecoder().feed(P.encode(SESSION))
+    assert back.plan == PLAN and back.plan.nodes[1].address == "10.0.0.2:7000" and back.plan.nodes[1].q_rows == (384, 576)
 
 
 def test_a_stream_fed_byte_by_byte_and_all_at_once():
@@ -81,7 +79,7 @@ def test_a_stream_fed_byte_by_byte_and_all_at_once():
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.lists(st.integers(0, 9), min_size=1, max_size=12), st.lists(st.integers(1, 400), max_size=30))
+@given(st.lists(st.integers(0, len(_samples()) - 1), min_size=1, max_size=12), st.lists(st.integers(1, 400), max_size=30))
 def test_any_split_of_any_stream(order, cuts):
     msgs = [_samples()[i] for i in order]
     stream = b"".join(P.encode(m) for m in msgs)
@@ -97,14 +95,6 @@ def test_any_split_of_any_stream(order, cuts):
 ints = st.integers(0, 2**63)
 names = st.text(min_size=1, max_size=40)
 texts = st.text(max_size=200)
-
-
-@st.composite
-def activations_msgs(draw):
-    n, blocks = draw(st.integers(1, 3)), draw(st.integers(1, 4))
-    x = draw(st.lists(st.floats(-1e4, 1e4, width=32), min_size=n * blocks * 32, max_size=n * blocks * 32))
-    arr = np.array(x, np.float32).reshape(n, blocks * 32)
-    return P.activations(draw(ints), draw(ints), draw(ints), draw(st.sampled_from([0, 1])), draw(ints), draw(ints), arr)
 
 
 @st.composite
@@ -124,9 +114,6 @@ messages = st.one_of(
     weight_chunks(),
     st.builds(P.WeightsReady, ints, ints, ints),
     st.builds(P.Step, ints, ints, st.lists(st.integers(0, 2**31), min_size=1, max_size=50).map(tuple), ints),
-    activations_msgs(),
-    st.builds(P.logits, ints, ints, ints, ints,
-              st.lists(st.floats(width=32), min_size=1, max_size=50).map(lambda v: np.array(v, np.float32))),
     st.builds(P.Stop, ints, texts),
     st.builds(P.Error, names, texts),
 )
@@ -136,10 +123,7 @@ messages = st.one_of(
 @given(messages)
 def test_generated_messages_round_trip(msg):
     (back,) = P.FrameDecoder().feed(P.encode(msg))
-    if isinstance(msg, P.Logits):  # NaN != NaN: compare the bytes
-        assert back.data == msg.data and back.vocab_start == msg.vocab_start
-    else:
-        assert back == msg
+    assert back == msg
 
 
 # --- header errors: fatal, the stream must be closed ---
@@ -193,9 +177,9 @@ def test_fatal_errors_repeat_and_the_decoder_refuses_everything_after():
 
 
 def test_encode_refuses_oversized_frames(monkeypatch):
-    monkeypatch.setattr(P, "MAX_FRAME", 100)
-    with pytest.raises(P.FrameTooLarge, match="Logits frame of"):
-        P.encode(P.logits(0, 0, 0, 0, np.zeros(100, np.float32)))
+    monkeypatch.setattr(P.codec, "MAX_FRAME", 100)
+    with pytest.raises(P.FrameTooLarge, match="WeightChunk frame of"):
+        P.encode(_samples()[3])
 
 
 # --- body errors: the frame is skipped, the decoder goes on ---
@@ -231,11 +215,9 @@ STEP_BODY = _body(P.Step(1, 0, (5,), 0))
          P.MalformedFrame, "capacity nan"),
         (P.MsgType.HELLO, _pack(_body(P.Hello(1, "a", "worker", 1, 1.0)) | {"cache_keys": ["zz"]}),
          P.MalformedFrame, "cache_keys"),
-        (P.MsgType.ACTIVATIONS, _pack(_body(_samples()[6]) | {"n_tokens": 3}), P.MalformedFrame,
-         "bytes of data, expected"),
-        (P.MsgType.ACTIVATIONS, _pack(_body(_samples()[6]) | {"stage": 7}), P.MalformedFrame, "unknown stage 7"),
-        (P.MsgType.ACTIVATIONS, _pack(_body(_samples()[6]) | {"width": 48}), P.MalformedFrame, "whole 32-value blocks"),
-        (P.MsgType.LOGITS, _pack(_body(_samples()[7]) | {"data": b"abc"}), P.MalformedFrame, "is not one or more f32"),
+        (2, _pack(_body(SESSION)["plan"]), P.UnknownMessageType, "unknown message type 2"),  # the retired PLAN
+        (6, b"\x80", P.UnknownMessageType, "unknown message type 6"),  # ACTIVATIONS
+        (7, b"\x80", P.UnknownMessageType, "unknown message type 7"),  # LOGITS
         (P.MsgType.WEIGHT_CHUNK, _pack(_body(_samples()[3]) | {"total": 71}), P.MalformedFrame,
          r"total 71 is not the size of Q4_0\[2, 64\]"),
         (P.MsgType.WEIGHT_CHUNK, _pack(_body(_samples()[3]) | {"offset": 20}), P.MalformedFrame, "outside the slice"),
@@ -255,8 +237,9 @@ def test_bad_bodies_are_named_and_skipped(msg_type, body, error, match):
 
 
 def _plan_body(**node1_changes) -> bytes:
-    body = _body(PLAN)
-    body["nodes"][1] |= node1_changes
+    """A Session body whose plan's node 1 has node1_changes."""
+    body = _body(SESSION)
+    body["plan"]["nodes"][1] |= node1_changes
     return _pack(body)
 
 
@@ -265,14 +248,14 @@ def _plan_body(**node1_changes) -> bytes:
     [
         (_plan_body(kv_heads=[2, 4], q_heads=[6, 12]), "kv_heads end at 4, expected 3"),
         (_plan_body(ffn_rows=[700, 1536]), "does not follow"),
-        (_plan_body(kv_heads=[2]), r"Plan.nodes\[1\].kv_heads: expected 2 items, got 1"),
-        (_plan_body(threads="4"), r"Plan.nodes\[1\].threads: expected int"),
-        (_plan_body(extra=1), r"Plan.nodes\[1\]: unexpected field 'extra'"),
+        (_plan_body(kv_heads=[2]), r"Session.plan.nodes\[1\].kv_heads: expected 2 items, got 1"),
+        (_plan_body(threads="4"), r"Session.plan.nodes\[1\].threads: expected int"),
+        (_plan_body(extra=1), r"Session.plan.nodes\[1\]: unexpected field 'extra'"),
     ],
 )
 def test_invalid_plans_are_malformed_frames(body, match):
     with pytest.raises(P.MalformedFrame, match=match):
-        P.FrameDecoder().feed(_frame(P.MsgType.PLAN, body))
+        P.FrameDecoder().feed(_frame(P.MsgType.SESSION, body))
 
 
 def test_an_error_after_good_frames_comes_on_the_next_call_and_nothing_is_lost():
@@ -330,54 +313,6 @@ def test_messages_check_their_invariants_when_built():
         P.Hello(1, "a", "king", 1, 1.0)
     with pytest.raises(ValueError, match="chunk of 0 bytes"):
         P.WeightChunk(0, "t", "t", int(QType.F32), (1,), 0, 4, SHA, b"")
-    with pytest.raises(ValueError, match="bytes of data"):
-        P.Activations(0, 0, 0, 0, 0, 0, 1, 32, b"\0" * 33)
-
-
-# --- payload codecs ---
-
-
-def test_q8_0_activations_are_ggml_blocks():
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((3, 96)).astype(np.float32)
-    data = P.quantize_activations(x)
-    assert data == quantize(x, QType.Q8_0).tobytes() and len(data) == 3 * 3 * 34
-    d = np.frombuffer(data, np.uint8).reshape(9, 34)[:, :2].copy().view(np.float16).astype(np.float32)[:, 0]
-    np.testing.assert_allclose(d, np.abs(x.reshape(9, 32)).max(axis=1) / 127, rtol=1e-3)
-    back = P.dequantize_activations(data, (3, 96))
-    assert back.dtype == np.float32 and back.shape == (3, 96)
-    step = np.abs(x.reshape(9, 32)).max(axis=1, keepdims=True) / 127
-    assert (np.abs(back.reshape(9, 32) - x.reshape(9, 32)) <= step * 0.5 + 1e-6).all()
-
-
-def test_activations_message_values():
-    x = np.linspace(-1, 1, 64, dtype=np.float32).reshape(1, 64)
-    msg = P.activations(0, 0, 0, P.STAGE_ATTENTION, 0, 0, x)
-    np.testing.assert_allclose(msg.values(), x, atol=1 / 127)
-    assert (msg.n_tokens, msg.width, len(msg.data)) == (1, 64, 68)
-
-
-def test_logits_are_exact():
-    x = np.random.default_rng(1).standard_normal(100).astype(np.float32)
-    (back,) = P.FrameDecoder().feed(P.encode(P.logits(0, 0, 0, 32, x)))
-    np.testing.assert_array_equal(back.values(), x)
-
-
-@pytest.mark.parametrize(
-    "call,error,match",
-    [
-        (lambda: P.quantize_activations(np.zeros(33, np.float32)), ValueError, "multiple of 32"),
-        (lambda: P.quantize_activations(np.zeros((2, 0), np.float32)), ValueError, "multiple of 32"),
-        (lambda: P.quantize_activations(np.array([np.nan] * 32, np.float32)), ValueError, "not all finite"),
-        (lambda: P.dequantize_activations(b"\0" * 34, (2, 32)), P.MalformedFrame, r"34 bytes of Q8_0 do not hold \(2, 32\)"),
-        (lambda: P.dequantize_activations(b"\0" * 34, (40,)), ValueError, "multiple of 32"),
-        (lambda: P.activations(0, 0, 0, 0, 0, 0, np.zeros(32, np.float32)), ValueError, r"f32\[n_tokens, width\]"),
-        (lambda: P.logits(0, 0, 0, 0, np.zeros((2, 2), np.float32)), ValueError, r"f32\[n\]"),
-    ],
-)
-def test_codec_shape_errors(call, error, match):
-    with pytest.raises(error, match=match):
-        call()
 
 
 # --- weight slices in chunks ---

@@ -23,7 +23,7 @@ def fresh_replies(model_path, turns: list[list[str]], ctx: int = 2048) -> list[s
     from dllp2p.formats import load_model
     from dllp2p.generate import generate
     from dllp2p.jit.engine import JITEngine
-    from dllp2p.run import chat_tokens
+    from dllp2p.prompt import chat_tokens
     from dllp2p.sampler import Sampler, SamplerConfig
     from dllp2p.tokenizer import StreamDecoder, Tokenizer
 

@@ -6,6 +6,7 @@ lists (no mDNS), the real engines.
 from __future__ import annotations
 
 import re
+import secrets
 import signal
 import socket
 import subprocess
@@ -17,9 +18,10 @@ from pathlib import Path
 import pytest
 import trio
 
-from dllp2p import protocol as P
+from dllp2p import wire as P
 from dllp2p.cli import build_parser, run_config
-from dllp2p.daemon import ask_status
+from dllp2p.config import LOCAL_DAEMON
+from dllp2p.wire.client import ask_status
 from dllp2p.formats.synthetic import SyntheticSpec, write_random_llama
 
 ROOT_DIR = Path(__file__).parent.parent
@@ -34,11 +36,13 @@ def free_port() -> int:
 
 
 class Daemons:
-    """`dllp2p daemon` processes on 127.0.0.1, each polling all the others' ports (--peer)."""
+    """`dllp2p daemon` processes on 127.0.0.1, each polling all the others' ports (--peer). Hermetic: each on
+    free ports of its own (control and HTTP API), all in a cluster of their own name, no mDNS."""
 
     def __init__(self, tmp_path: Path, count: int, model: Path | None = None):
         self.tmp_path = tmp_path
         self.model = model
+        self.cluster = f"test-{secrets.token_hex(4)}"
         self.ports = [free_port() for _ in range(count)]
         self.procs: list[subprocess.Popen | None] = [None] * count
         self.logs: list[list[str]] = [[] for _ in range(count)]
@@ -50,7 +54,7 @@ class Daemons:
         peers = [self.address(k) for k in range(len(self.ports)) if k != i]
         cmd = [*CLI, "daemon", "--host", "127.0.0.1", "--port", str(self.ports[i]), "--threads", "1",
                "--state-dir", str(self.tmp_path / f"d{i}"), "--no-discovery", *(["--peer", *peers] if peers else []),
-               *extra]
+               "--cluster", self.cluster, *([] if "--api" in extra else ["--api", f"127.0.0.1:{free_port()}"]), *extra]
         if self.model is not None:
             cmd += ["--model", str(self.model)]
         p = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, cwd=ROOT_DIR)
@@ -109,8 +113,10 @@ def dllp2p_run(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
 
 def test_run_goes_to_a_daemon_unless_told_otherwise():
     parse = build_parser().parse_args
-    assert run_config(parse(["run", "--prompt", "x"])).daemon == "127.0.0.1:7340"
-    assert run_config(parse(["run", "--prompt", "x", "--daemon", "10.0.0.2:7"])).daemon == "10.0.0.2:7"
+    default = run_config(parse(["run", "--prompt", "x"]))
+    assert default.daemon == LOCAL_DAEMON and default.fallback  # none there: it runs here
+    named = run_config(parse(["run", "--prompt", "x", "--daemon", "10.0.0.2:7"]))
+    assert named.daemon == "10.0.0.2:7" and not named.fallback  # it must answer
     for own in (["--local"], ["--workers", "10.0.0.2:7"], ["--engine", "reference"], ["--model", "m.gguf"]):
         assert run_config(parse(["run", "--prompt", "x", *own])).daemon is None, own
     with pytest.raises(ValueError, match="exclude"):
@@ -127,17 +133,57 @@ def test_generate_messages_round_trip_and_are_checked():
             P.Generate(**fields)
 
 
-def test_a_rootless_daemon_without_a_model_says_so(tmp_path):
-    d = Daemons(tmp_path, 1, model=tmp_path / "missing.gguf")
+@pytest.mark.parametrize("name,content,fragment", [("missing.gguf", None, "cannot open"),
+                                                   ("notes.gguf", b"not a model", "GGUF")])
+def test_a_daemon_whose_model_cannot_be_read_fails_at_start(tmp_path, name, content, fragment):
+    """One line and exit status 1 before listening, instead of answering every prompt with an error later."""
+    model = tmp_path / name
+    if content is not None:
+        model.write_bytes(content)
+    p = subprocess.run([*CLI, "daemon", "--host", "127.0.0.1", "--port", "0", "--no-discovery", "--api", "off",
+                        "--cluster", "test-model", "--state-dir", str(tmp_path / "s"), "--model", str(model)],
+                       capture_output=True, text=True, timeout=60, cwd=ROOT_DIR)
+    assert p.returncode == 1 and p.stderr.startswith(f"dllp2p: error: {model}"), p.stderr
+    assert fragment in p.stderr and len(p.stderr.splitlines()) == 1 and "listening" not in p.stderr, p.stderr
+
+
+def test_run_to_something_that_is_not_a_daemon_fails_within_seconds():
+    """A plain HTTP server at --daemon: a clear line within seconds (the Status probe), not a 900 s wait."""
+    from http.server import HTTPServer, SimpleHTTPRequestHandler
+
+    server = HTTPServer(("127.0.0.1", 0), SimpleHTTPRequestHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    address = f"127.0.0.1:{server.server_address[1]}"
     try:
-        address = d.start(0)
+        t0 = time.monotonic()
         p = subprocess.run([*CLI, "run", "--prompt", "x", "--daemon", address], capture_output=True, text=True,
                            timeout=60, cwd=ROOT_DIR)
-        assert p.returncode == 1 and p.stderr.startswith(f"dllp2p: error: daemon {address}: root "), p.stderr
-        assert "missing.gguf" in p.stderr
-        assert status(address).nodes[0].role == "root"  # and it serves on
+        took = time.monotonic() - t0
     finally:
-        d.stop_all()
+        server.shutdown()
+    assert p.returncode == 1 and f"dllp2p: error: {address} is not a dllp2p daemon" in p.stderr, p.stderr
+    assert took < 20 and "Traceback" not in p.stderr
+
+
+def test_a_named_daemon_that_does_not_answer_is_an_error_not_a_local_run():
+    address = f"127.0.0.1:{free_port()}"  # nothing listens there
+    p = subprocess.run([*CLI, "run", "--prompt", "x", "--daemon", address], capture_output=True, text=True,
+                       timeout=60, cwd=ROOT_DIR)
+    assert p.returncode == 1 and p.stderr.startswith(f"dllp2p: error: no dllp2p daemon answers at {address}"), \
+        p.stderr
+    assert p.stdout == ""  # nothing generated here
+
+
+def test_a_port_in_use_is_named(tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        p = subprocess.run([*CLI, "daemon", "--host", "127.0.0.1", "--port", str(port), "--no-discovery", "--api",
+                            "off", "--cluster", "test-busy", "--state-dir", str(tmp_path / "s")],
+                           capture_output=True, text=True, timeout=60, cwd=ROOT_DIR)
+    assert p.returncode == 1, p.stderr
+    assert p.stderr.strip().endswith(f"cannot listen on 127.0.0.1:{port}: Address already in use"), p.stderr
 
 
 # --- real engines ---
@@ -242,7 +288,7 @@ def test_a_root_daemon_with_the_weighted_plan_uses_three_nodes(tmp_path):
 
 @pytest.mark.slow
 def test_a_client_that_goes_away_stops_its_request_and_the_root_serves_on(tmp_path):
-    from dllp2p.link import BlockingLink
+    from dllp2p.wire.link import BlockingLink
 
     model = write_random_llama(tmp_path / "kv8.gguf", SPEC_8KV)
     d = Daemons(tmp_path, 1, model=model)

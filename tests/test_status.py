@@ -21,12 +21,14 @@ import pytest
 import trio
 
 import fake_tp
-from dllp2p import protocol as P
-from dllp2p import status
-from dllp2p.daemon import Daemon, DaemonConfig, Timeouts, ask_status
+from dllp2p import wire as P
+from dllp2p.commands import status
+from dllp2p.config import Timeouts
+from dllp2p.daemon import Daemon, DaemonConfig
+from dllp2p.wire.client import ask_status
 from dllp2p.discovery import StaticOptions
 from dllp2p.election import Member
-from dllp2p.link import open_link
+from dllp2p.wire.link import open_link
 
 T = Timeouts(hello=2, idle=5, transfer=5, mesh=3, build=5, socket=3, slot=1)
 FAST = StaticOptions(interval=0.05, timeout=1, misses=2)
@@ -89,20 +91,20 @@ def test_static_peers_membership_and_roles(tmp_path, caplog):
 
     async def body(daemons, addresses):
         a, b, lab = daemons
-        await wait_for(lambda: len(b.members) == 3 and "does not join" in caplog.text)
-        await wait_for(lambda: a.node_id in b.link_rtt)
+        await wait_for(lambda: len(b.membership.members) == 3 and "does not join" in caplog.text)
+        await wait_for(lambda: a.node_id in b.membership.link_rtt)
         r = await ask_status(addresses[1], 2, seq=7)
         assert r.seq == 7 and r.node_id == b.node_id
         # b's polls of a are timed; of the other cluster's daemon too, but only members are listed
         assert [link.node_id for link in r.links] == [a.node_id] and 0 < r.links[0].rtt_ms < 1000
-        assert r.links[0].at <= time.time() and lab.node_id in b.link_rtt
+        assert r.links[0].at <= time.time() and lab.node_id in b.membership.link_rtt
         assert r.resources.rss > 0 and r.resources.cores >= 1 and r.resources.load1 >= 0 and r.push is None
         assert [(n.member.node_id, n.role) for n in r.nodes] == [(a.node_id, "root"), (b.node_id, "worker")]
         assert r.nodes[0].sources == ("static",) and r.nodes[1].sources == ("self",)
         assert r.nodes[0].member.address == addresses[0]  # as it was reached
         assert r.plan is None and r.last_step is None
         # the daemon of another cluster is polled, never joins, and is named once in the log
-        assert lab.node_id in b.members and lab.node_id not in {n.member.node_id for n in r.nodes}
+        assert lab.node_id in b.membership.members and lab.node_id not in {n.member.node_id for n in r.nodes}
         assert caplog.text.count(f"node {lab.node_id} at {addresses[2]} does not join: cluster 'lab'") == 1
         # several Status on one connection
         link = await open_link(addresses[0], 2)
@@ -113,7 +115,7 @@ def test_static_peers_membership_and_roles(tmp_path, caplog):
         await link.aclose()
         # the root goes away: after the static poll misses, the next oldest is root
         daemons_cancel[0].cancel()
-        await wait_for(lambda: a.node_id not in b.members)
+        await wait_for(lambda: a.node_id not in b.membership.members)
         r = await ask_status(addresses[1], 2)
         assert [(n.member.node_id, n.role) for n in r.nodes] == [(b.node_id, "root")]
         assert f"root is now {b.node_id}" in caplog.text
@@ -125,11 +127,12 @@ def test_static_peers_membership_and_roles(tmp_path, caplog):
             async with trio.open_nursery() as nursery:
                 scope = trio.CancelScope()
                 daemons_cancel.append(scope)
-                a = Daemon(DaemonConfig("127.0.0.1", 0, 1, tmp_path / "a", timeouts=T), tp=fake_tp)
+                a = Daemon(DaemonConfig("127.0.0.1", 0, 1, tmp_path / "a", timeouts=T, cluster=fake_tp.TEST_CLUSTER),
+                           tp=fake_tp)
                 address_a = await nursery.start(_cancellable, scope, a.serve)
                 lab = Daemon(DaemonConfig("127.0.0.1", 0, 1, tmp_path / "lab", timeouts=T, cluster="lab"), tp=fake_tp)
                 address_lab = await nursery.start(lab.serve)
-                b = Daemon(DaemonConfig("127.0.0.1", 0, 1, tmp_path / "b", timeouts=T, static=FAST,
+                b = Daemon(DaemonConfig("127.0.0.1", 0, 1, tmp_path / "b", timeouts=T, static=FAST, cluster=fake_tp.TEST_CLUSTER,
                                         peers=(address_a, address_lab)), tp=fake_tp)
                 address_b = await nursery.start(b.serve)
                 await body([a, b, lab], [address_a, address_b, address_lab])
@@ -190,7 +193,7 @@ def test_push_progress_during_a_session(tmp_path):
         assert r.push == P.PushStatus(s.epoch, 0, total, r.push.started_at, False)
         first = by_hash[need.sha256s[0]]
         await push(link, s.epoch, first)
-        await wait_for(lambda: d.push.done == first.data.nbytes)  # chunks are taken one at a time
+        await wait_for(lambda: d.worker.push.done == first.data.nbytes)  # chunks are taken one at a time
         r = await ask_status(address, 2)
         assert (r.push.done, r.push.total, r.push.finished) == (first.data.nbytes, total, False)
         assert 0 < r.push.fraction < 1
@@ -227,10 +230,12 @@ def test_status_of_no_daemon_is_one_clear_error():
 
 
 def start_daemon(state_dir: Path, *flags: str) -> tuple[subprocess.Popen, str, Path]:
-    """`dllp2p daemon` on 127.0.0.1 with no mDNS; -> (process, address, its log file)."""
+    """`dllp2p daemon` on 127.0.0.1 with no mDNS, no HTTP API, in this module's cluster (flags may change
+    those); -> (process, address, its log file)."""
     log_path = state_dir.with_suffix(".log")
     p = subprocess.Popen([sys.executable, "-m", "dllp2p.cli", "daemon", "--host", "127.0.0.1", "--port", "0",
-                          "--threads", "1", "--state-dir", str(state_dir), "--no-discovery", *flags],
+                          "--threads", "1", "--state-dir", str(state_dir), "--no-discovery", "--api", "off",
+                          "--cluster", fake_tp.TEST_CLUSTER, *flags],
                          stderr=log_path.open("w"), cwd=ROOT_DIR, env={**os.environ, "DLLP2P_CONFIG": ""})
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
@@ -262,7 +267,7 @@ def two_daemons(tmp_path):
     """Daemon a, then daemon b polling a (--peer): b sees both; a was first, so it is root."""
     pa, a, _ = start_daemon(tmp_path / "a")
     time.sleep(0.05)
-    pb, b, log_b = start_daemon(tmp_path / "b", "--peer", a, "--cluster", "default")
+    pb, b, log_b = start_daemon(tmp_path / "b", "--peer", a, "--cluster", fake_tp.TEST_CLUSTER)
     try:
         deadline = time.monotonic() + 15
         while "static peer " + a + " is node" not in log_b.read_text():
@@ -288,7 +293,7 @@ def test_status_json(two_daemons):
         assert n["role"] in ("root", "worker")
         assert isinstance(n["version"], int) and n["version"] == P.PROTOCOL_VERSION
         assert isinstance(n["started_at"], float) and abs(n["started_at"] - time.time()) < 300
-        assert n["cluster"] == "default" and n["cores"] >= 1 and n["ram"] >= 0
+        assert n["cluster"] == fake_tp.TEST_CLUSTER and n["cores"] >= 1 and n["ram"] >= 0
         assert n["reachable"] is True and n["slice"] is None and n["last_step"] is None
         # memory, load, round-trips, weight push
         assert isinstance(n["rss"], int) and 0 < n["rss"] < n["ram"]

@@ -54,7 +54,7 @@ from dataclasses import dataclass
 
 import llvmlite.ir as ir
 
-from ..protocol import MAX_TOP
+from ..engine import MAX_TOP
 from .irutil import I32, I64, PTR, VOID, for_range, gep, i64, intrinsic
 from .layout import act_bytes, q8_0_bytes
 from .program import LAYER_MATRICES, ProgramSpec, Slots, _emit_step, _emit_worker, _Forward

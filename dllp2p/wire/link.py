@@ -14,7 +14,7 @@ control connection's dup stays non-blocking (Python's own timeouts poll), so tri
 mesh socket is switched to blocking, so its trio stream is closed right away and never used again.
 
 Error handling: a closed or broken connection is LinkClosed (a ConnectionError); a wait past its
-timeout is LinkTimeout (a TimeoutError); bad bytes are protocol.ProtocolError. Each names the peer.
+timeout is LinkTimeout (a TimeoutError); bad bytes are codec.ProtocolError. Each names the peer.
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ from collections.abc import Callable
 
 import trio
 
-from .protocol import HEADER, HEADER_SIZE, Error, FrameDecoder, Message, MeshHello, encode
+from .codec import HEADER, HEADER_SIZE, FrameDecoder, encode
+from .messages import Error, Message, MeshHello
 
 RECV_BYTES = 1 << 16
 MESH_BUFFER = 1 << 20  # SO_SNDBUF / SO_RCVBUF of mesh sockets

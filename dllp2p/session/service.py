@@ -1,7 +1,7 @@
-"""A prompt sent to a daemon (protocol.Generate): the root generates it, any other daemon forwards it.
+"""A prompt sent to a daemon (wire.Generate): the root generates it, any other daemon forwards it.
 
     root      the model (loaded once, memory-mapped) -> prompt tokens -> an engine over the compatible
-              members as they are at this moment (cluster.start: Hello, plan, weight push, mesh; the
+              members as they are at this moment (root.start: Hello, plan, weight push, mesh; the
               JIT engine when the root is alone) -> the generation loop in one worker thread ->
               TokenChunks through a bounded channel -> Done
     forward   a connection to the root; the Generate passed on (hops + 1); every answer relayed back
@@ -34,9 +34,23 @@ from typing import Any, Callable
 
 import trio
 
-from .link import LinkClosed, LinkTimeout, TrioLink, first_error, open_link
-from .protocol import MAX_HOPS, Done, Error, Generate, ProtocolError, TokenChunk, UnexpectedMessage
-from .scheduler import Peer, Plan, plan
+from ..chat import Message
+from ..config import Timeouts
+from ..error_codes import CodedError, ErrorCode, code_of
+from ..errors import user_facing_errors
+from ..formats import load_model
+from ..generate import GenerationStats, StopFilter, generate
+from ..prompt import chat_tokens, prompt_tokens
+from ..sampler import Sampler, SamplerConfig
+from ..scheduler import Peer, Plan, plan
+from ..tokenizer import StreamDecoder, Tokenizer
+from ..wire.client import GenerateCall
+from ..wire.codec import ProtocolError
+from ..wire.link import LinkClosed, LinkTimeout, TrioLink, first_error
+from ..wire.messages import MAX_HOPS, Done, Error, Generate, TokenChunk
+from .progress import Latest, LogEvents
+from .root import ClusterError, ClusterOptions, start
+from .slices import PlanSlices
 
 log = logging.getLogger("dllp2p.daemon")
 
@@ -62,8 +76,8 @@ class _Loaded:
 class RootService:
     """What a daemon needs to serve requests as the root. `tp`: the compute module getter."""
 
-    def __init__(self, model_path: Path | None, node_id: str, threads: int, policy: str, timeouts: Any,
-                 tp: Callable[[], Any], exchange: str = "exact"):
+    def __init__(self, model_path: Path | None, node_id: str, threads: int, policy: str, timeouts: Timeouts,
+                 tp: Callable[[], Any], exchange: str = "exact", cache_dir: Path | None = None):
         self.model_path = model_path
         self.node_id = node_id
         self.threads = threads
@@ -71,6 +85,9 @@ class RootService:
         self.exchange = exchange
         self.timeouts = timeouts
         self._tp = tp
+        self.cache_dir = cache_dir  # the engines' (kernels, packed weights); None: the engine's default
+        self._slices: PlanSlices | None = None  # node_tensors per plan shape: every slice hashed once
+        self.progress = Latest(LogEvents(log))  # the latest set-up's progress, for Status
         self._loaded: _Loaded | None = None
         self._lock = threading.Lock()
         self.requests = 0  # served or failed
@@ -79,37 +96,30 @@ class RootService:
 
     def _load(self) -> _Loaded:
         """(thread) The model and tokenizer, loaded by the first request."""
-        from .formats import load_model
-        from .tokenizer import Tokenizer
-
         with self._lock:
             if self._loaded is None:
                 if self.model_path is None:
-                    raise ValueError(f"root {self.node_id} has no model (start its daemon with --model PATH)")
+                    raise CodedError(f"root {self.node_id} has no model (start its daemon with --model PATH)",
+                                     ErrorCode.NO_MODEL)
                 model = load_model(self.model_path)
                 self._loaded = _Loaded(model, Tokenizer.from_metadata(model.metadata))
             return self._loaded
 
     async def serve(self, link: TrioLink, g: Generate, workers: list[str]) -> None:
         """Generate g over this root and `workers` ("host:port" of the compatible members), answering on link."""
-        from .errors import user_facing_errors
-
         self.requests += 1
         epoch = self.requests
         try:
             await self._serve(link, g, workers, epoch)
         except user_facing_errors() as e:  # ClusterError and PlanError included
             log.warning("request %d failed: %s", epoch, e)
-            await _send_error(link, Error("generate", f"root {self.node_id}: {e}"))
+            await _send_error(link, Error(code_of(e), f"root {self.node_id}: {e}"))
 
     async def _serve(self, link: TrioLink, g: Generate, workers: list[str], epoch: int) -> None:
-        from .cluster import ClusterError
-        from .generate import GenerationStats
-        from .sampler import SamplerConfig
-
         sampler = SamplerConfig(g.temperature, g.top_k, g.top_p, g.min_p, g.repeat_penalty, seed=g.seed)
         loaded = await trio.to_thread.run_sync(self._load)
         ids = list(g.tokens) or await trio.to_thread.run_sync(self._tokens, loaded, g)
+        _check_prompt(ids, loaded.model.config.vocab_size, g.ctx)
         key = (tuple(workers), g.ctx)
         warm = self._take_warm(key)
         if warm is None:
@@ -186,9 +196,6 @@ class RootService:
 
     @staticmethod
     def _tokens(loaded: _Loaded, g: Generate) -> list[int]:
-        from .chat import Message
-        from .run import chat_tokens, prompt_tokens
-
         if g.messages:
             return chat_tokens(loaded.tokenizer, loaded.model, [Message(t.role, t.content) for t in g.messages])
         return prompt_tokens(loaded.tokenizer, loaded.model, g.prompt, g.chat, g.system)
@@ -196,18 +203,21 @@ class RootService:
     async def _engine(self, model: Any, ctx: int, workers: list[str], epoch: int) -> tuple[Any, Plan]:
         """A ClusterEngine over this root and the workers, or a JIT engine when there are none."""
         if workers:
-            from .cluster import ClusterOptions, start
-
-            options = ClusterOptions(tuple(workers), self.policy, self.timeouts, progress=False,
-                                     exchange=self.exchange, skip_unreachable=True)
-            engine = await start(model, options, ctx, self.threads, self._tp(), _LogWriter(),
-                                 node_id=self.node_id, epoch=epoch)
+            options = ClusterOptions(tuple(workers), self.policy, self.timeouts, exchange=self.exchange,
+                                     skip_unreachable=True, cache_dir=self.cache_dir)
+            tp = self._tp()
+            if self._slices is None:
+                self._slices = PlanSlices(tp.node_tensors)
+            self.progress.clear()
+            engine = await start(model, options, ctx, self.threads, tp, self.progress, node_id=self.node_id,
+                                 epoch=epoch, slices=self._slices)
             return engine, engine.plan
-        from .jit.engine import JITEngine
+        from ..jit.engine import JITEngine  # llvmlite: loaded by the first prompt served alone
 
         alone = plan(model.config, [Peer(self.node_id, "", self.threads, float(self.threads))], epoch, self.policy,
                      exchange=self.exchange)
-        return await trio.to_thread.run_sync(JITEngine, model, ctx, self.threads), alone
+        extra = {} if self.cache_dir is None else {"cache_dir": self.cache_dir}
+        return await trio.to_thread.run_sync(lambda: JITEngine(model, ctx, self.threads, **extra)), alone
 
     @staticmethod
     async def _produce(engine: Any, loaded: _Loaded, ids: list[int], sampler_config: Any, steps: int, stats: Any,
@@ -215,10 +225,6 @@ class RootService:
         """The generation loop in one worker thread; each text piece goes through `send` (blocking when
         the connection lags). Ends early at a stop string (stats.stop_reason "stop"; the string is not
         sent) or when the receiving side is closed. `cached`: what the engine's KV cache holds."""
-        from .generate import StopFilter, generate
-        from .sampler import Sampler
-        from .tokenizer import StreamDecoder
-
         def loop() -> None:
             decoder, stops = StreamDecoder(loaded.tokenizer), StopFilter(stop)
 
@@ -247,26 +253,23 @@ class RootService:
             await trio.to_thread.run_sync(loop)
 
 
-async def forward(link: TrioLink, g: Generate, root: str, node_id: str, timeouts: Any) -> None:
+async def forward(link: TrioLink, g: Generate, root: str, node_id: str, timeouts: Timeouts) -> None:
     """Pass g on to the root daemon at `root` and relay its answers until Done or Error."""
     if g.hops >= MAX_HOPS:
-        await _send_error(link, Error("generate", f"node {node_id}: the request was forwarded {g.hops} times; "
+        await _send_error(link, Error(ErrorCode.FORWARD_LOOP, f"node {node_id}: the request was forwarded {g.hops} times; "
                                                   "the daemons do not agree on a root"))
         return
     try:
-        up = await open_link(root, timeouts.hello)
+        up = await GenerateCall.open(root, replace(g, hops=g.hops + 1), timeouts.hello)
     except (LinkClosed, LinkTimeout) as e:
-        await _send_error(link, Error("generate", f"node {node_id}: the root is unreachable: {e}"))
+        await _send_error(link, Error(ErrorCode.UNREACHABLE, f"node {node_id}: the root is unreachable: {e}"))
         return
     try:
-        await up.send(replace(g, hops=g.hops + 1))
         while True:
             try:
                 msg = await up.receive(timeouts.build)
-                if not isinstance(msg, (TokenChunk, Done, Error)):
-                    raise UnexpectedMessage(f"{root} answered a Generate with {type(msg).__name__}")
             except (LinkClosed, LinkTimeout, ProtocolError) as e:
-                await _send_error(link, Error("generate", f"node {node_id}: root {root} failed: {e}"))
+                await _send_error(link, Error(ErrorCode.GENERATE, f"node {node_id}: root {root} failed: {e}"))
                 return
             await link.send(msg)  # LinkClosed: the client went away; closing `up` stops the root
             if not isinstance(msg, TokenChunk):
@@ -275,21 +278,18 @@ async def forward(link: TrioLink, g: Generate, root: str, node_id: str, timeouts
         await up.aclose()
 
 
+def _check_prompt(ids: list[int], vocab: int, ctx: int) -> None:
+    """A prompt the root can run, else a CodedError the client caused (HTTP 400)."""
+    bad = next((t for t in ids if not 0 <= t < vocab), None)
+    if bad is not None:
+        raise CodedError(f"token id {bad} is not in the model's vocabulary (0..{vocab - 1})", ErrorCode.INVALID_TOKEN)
+    if len(ids) >= ctx:
+        raise CodedError(f"the prompt has {len(ids)} tokens; the context holds {ctx} (fewer prompt tokens, or a "
+                         "larger ctx)", ErrorCode.CONTEXT_LENGTH)
+
+
 async def _send_error(link: TrioLink, msg: Error) -> None:
     try:
         await link.send(msg)
     except LinkClosed:
-        pass
-
-
-class _LogWriter:
-    """A text stream for cluster.start's messages to a person: each line goes to the log."""
-
-    def write(self, text: str) -> int:
-        for line in text.splitlines():
-            if line.strip():
-                log.info("%s", line.removeprefix("dllp2p: "))
-        return len(text)
-
-    def flush(self) -> None:
         pass

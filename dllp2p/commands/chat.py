@@ -17,8 +17,19 @@ from __future__ import annotations
 import sys
 from typing import Any, Callable, TextIO
 
-from .chat import Message
-from .errors import user_facing_errors
+import trio
+
+from ..chat import Message
+from ..config import ClientTimeouts
+from ..errors import user_facing_errors
+from ..formats import load_model
+from ..generate import GenerationStats, generate
+from ..models import resolve_model
+from ..prompt import chat_tokens
+from ..sampler import Sampler
+from ..tokenizer import StreamDecoder, Tokenizer
+from ..wire.client import DaemonError, NoDaemon, ask_blocking, daemon_request, probe
+from ..wire.messages import ChatTurn
 
 COMMANDS = {"/exit": "exit", "/quit": "exit", "/reset": "reset"}
 
@@ -27,24 +38,17 @@ class Local:
     """The model in this process: one engine for the whole session, its KV cache reused turn to turn."""
 
     def __init__(self, cfg: Any):
-        from .formats import load_model
-        from .jit.engine import JITEngine
-        from .models import resolve_model
-        from .sampler import Sampler
-        from .tokenizer import Tokenizer
+        from ..jit.engine import JITEngine  # llvmlite: loaded when the model runs here
 
         self.cfg = cfg
         self.model = load_model(resolve_model(cfg.model))
         self.tokenizer = Tokenizer.from_metadata(self.model.metadata)
-        self.engine = JITEngine(self.model, cfg.ctx, cfg.threads)
+        extra = {} if getattr(cfg, "cache_dir", None) is None else {"cache_dir": cfg.cache_dir}
+        self.engine = JITEngine(self.model, cfg.ctx, cfg.threads, **extra)
         self.sampler = Sampler(cfg.sampler)  # one random stream for the session
         self.kv: tuple[int, ...] = ()
 
     def reply(self, messages: list[Message], show: Callable[[str], None]) -> str:
-        from .generate import GenerationStats, generate
-        from .run import chat_tokens
-        from .tokenizer import StreamDecoder
-
         ids = chat_tokens(self.tokenizer, self.model, messages)
         stats, decoder, text = GenerationStats(), StreamDecoder(self.tokenizer), []
         for token in generate(self.engine, ids, self.sampler, self.cfg.steps, self.tokenizer.eos_ids, stats,
@@ -65,13 +69,10 @@ class Local:
 class ViaDaemon:
     """Each turn to the daemon at `address` (which serves it as root or forwards it to the root)."""
 
-    def __init__(self, cfg: Any, address: str):
-        self.cfg, self.address = cfg, address
+    def __init__(self, cfg: Any, address: str, timeouts: ClientTimeouts = ClientTimeouts()):
+        self.cfg, self.address, self.t = cfg, address, timeouts
 
     def reply(self, messages: list[Message], show: Callable[[str], None]) -> str:
-        from .protocol import ChatTurn
-        from .run import DaemonError, ask_daemon, daemon_request
-
         text: list[str] = []
 
         def keep(piece: str) -> None:
@@ -80,27 +81,27 @@ class ViaDaemon:
 
         g = daemon_request(self.cfg.sampler, self.cfg.steps, self.cfg.ctx, chat=True,
                            messages=[ChatTurn(m.role, m.content) for m in messages])
-        if ask_daemon(self.address, g, keep) is None:
-            raise DaemonError(f"daemon {self.address} no longer answers")
+        try:
+            ask_blocking(self.address, g, keep, connect_timeout=self.t.connect, probe_timeout=self.t.probe,
+                         answer_timeout=self.t.answer)
+        except NoDaemon as e:
+            raise DaemonError(f"daemon {self.address} no longer answers ({e})") from None
         return "".join(text)
 
     def close(self) -> None:
         pass
 
 
-def backend(cfg: Any):  # -> Local | ViaDaemon
-    """Through cfg.daemon if one answers there, else in this process."""
-    import socket
-
-    from .link import parse_address
-    from .run import CONNECT_TIMEOUT
-
+def backend(cfg: Any, timeouts: ClientTimeouts = ClientTimeouts()):  # -> Local | ViaDaemon
+    """Through cfg.daemon if one answers there, else (cfg.fallback: the default daemon's address, not one
+    named) in this process. Raises NoDaemon (a named daemon), NotADaemon."""
     if cfg.daemon is not None:
         try:
-            socket.create_connection(parse_address(cfg.daemon), timeout=CONNECT_TIMEOUT).close()
-            return ViaDaemon(cfg, cfg.daemon)
-        except OSError:
-            pass
+            trio.run(probe, cfg.daemon, timeouts.connect, timeouts.probe)
+            return ViaDaemon(cfg, cfg.daemon, timeouts)
+        except NoDaemon:
+            if not cfg.fallback:
+                raise
     return Local(cfg)
 
 

@@ -1,17 +1,20 @@
-"""`dllp2p run --workers HOST:PORT ...`: this process becomes node 0, the root, of a tensor-parallel cluster.
+"""The root side of a session: this process becomes node 0, the root, of a tensor-parallel cluster
+(`dllp2p run --workers HOST:PORT ...`, or a root daemon serving a prompt: service.py).
 
     connect   Hello both ways with every worker (protocol version, node id, threads, capacity)
     plan      scheduler.plan over [root] + workers; workers the plan leaves out are let go
     push      Session to each worker (plan, model config, ctx, its slice list); it answers Need, the
-              slices its cache lacks; exactly those go as WeightChunks, under a progress bar; it
-              answers WeightsReady
+              slices its cache lacks; exactly those go as WeightChunks, each one a Progress event
+              (progress.py); it answers WeightsReady
     mesh      Mesh to each worker; the root dials every worker, worker j dials workers k > j
-    build     every node builds its engine (TPNode) at the same time; workers answer Ready
+    build     every node builds its engine (TPNode: JIT compile, weight packing) at the same time;
+              workers answer Ready (a Progress event at each node's start and end)
     generate  ClusterEngine.forward: a Step to every worker on its control socket, then the root's own
               TPNode.forward, whose exchanges happen natively over the mesh sockets
 
 Set-up runs on trio (workers in parallel); the per-token path is blocking sockets on the calling
-thread, so run.py's generation loop drives a ClusterEngine as it drives any engine.
+thread, so the generation loop (commands/run.py, service.py) drives a ClusterEngine as it drives
+any engine.
 
 Error handling: every failure that involves a worker is a ClusterError (a ConnectionError, so the CLI
 shows it as one line) naming it, "worker HOST:PORT (node ID)". A failure mid-generation closes
@@ -22,20 +25,22 @@ from __future__ import annotations
 
 import secrets
 import socket
-import sys
 import time
 from dataclasses import dataclass, field, replace
 from functools import partial
 from types import ModuleType
-from typing import Any, Awaitable, Callable, Sequence, TextIO
+from typing import Any, Awaitable, Callable, Sequence
 
 import numpy as np
 import trio
 
-from .daemon import Timeouts
-from .engine import ContextFull
-from .formats import ModelConfig
-from .link import (
+from ..config import Timeouts
+from ..engine import MAX_TOP, ContextFull
+from ..formats import ModelConfig
+from ..scheduler import Plan, plan
+from ..wire.chunks import weight_chunks
+from ..wire.codec import ProtocolError, encode
+from ..wire.link import (
     LinkClosed,
     LinkTimeout,
     MeshRefused,
@@ -46,25 +51,21 @@ from .link import (
     run_in_thread,
     shutdown,
 )
-from .protocol import (
-    MAX_TOP,
+from ..wire.messages import (
     PROTOCOL_VERSION,
     Error,
     Hello,
     Mesh,
     MeshHello,
     Need,
-    ProtocolError,
     Ready,
     Session,
     SliceInfo,
     Step,
     Stop,
     WeightsReady,
-    encode,
-    weight_chunks,
 )
-from .scheduler import Plan, plan
+from .progress import BUILD, PUSH, Note, Progress, Sink, ignore
 
 ROOT_EPOCH = 0  # a re-plan after a lost node will take the next one
 
@@ -78,7 +79,7 @@ class ClusterOptions:
     workers: tuple[str, ...]  # "host:port" of each worker's daemon
     policy: str = "pow2"  # scheduler policy: "pow2" or "weighted"
     timeouts: Timeouts = field(default_factory=Timeouts)
-    progress: bool = True  # a progress bar on stderr while pushing weights
+    cache_dir: Any = None  # the root engine's cache (kernels, packed weights); None: the engine's default
     exchange: str = "exact"  # scheduler.EXCHANGES
     # a worker that cannot be reached or refuses the Hello is planned without (a root daemon's members
     # may have died since they were last polled), instead of failing the run (`run --workers`)
@@ -117,7 +118,7 @@ class ClusterStats:
     cached_slices: int = 0
     setup_s: float = 0.0
     steps: list[StepStats] = field(default_factory=list)
-    kept: bool = False  # serving a later request of the session (serve.py's warm sessions)
+    kept: bool = False  # serving a later request of the session (service.py's warm sessions)
 
     def summary(self) -> list[str]:
         """Lines like distributed-llama's: per token inference ms, sync ms, bytes sent and received."""
@@ -161,15 +162,15 @@ class ClusterEngine:
 
     @classmethod
     def connect(cls, model: Any, options: ClusterOptions, ctx: int, threads: int | None = None, *,
-                tp: ModuleType | Any | None = None, err: TextIO = sys.stderr) -> ClusterEngine:
+                tp: ModuleType | Any | None = None, events: Sink = ignore) -> ClusterEngine:
         """Set up the cluster (see the module docstring). Raises ClusterError, PlanError."""
         if tp is None:
-            from . import tp
+            from .. import tp  # the compute (llvmlite): loaded when a cluster is made
         if threads is None:
-            from .jit.engine import default_threads
+            from ..jit.engine import default_threads  # llvmlite, as above
 
             threads = default_threads()
-        return trio.run(partial(start, model, options, ctx, threads, tp, err))
+        return trio.run(partial(start, model, options, ctx, threads, tp, events))
 
     max_top = MAX_TOP  # forward(..., top=K): the workers send only their K best logits (TPNode.forward)
 
@@ -250,10 +251,12 @@ class ClusterEngine:
 # --- set-up (trio) --------------------------------------------------------------------------------
 
 
-async def start(model: Any, options: ClusterOptions, ctx: int, threads: int, tp: Any, err: TextIO, *,
-                node_id: str | None = None, epoch: int = ROOT_EPOCH) -> ClusterEngine:
+async def start(model: Any, options: ClusterOptions, ctx: int, threads: int, tp: Any, events: Sink = ignore, *,
+                node_id: str | None = None, epoch: int = ROOT_EPOCH,
+                slices: Callable[[Any, Plan, int], dict[str, Any]] | None = None) -> ClusterEngine:
     """The set-up on the caller's trio loop (ClusterEngine.connect runs it in a trio.run of its own; a
-    root daemon on its loop, with its own node id and the request's number as the plan's epoch)."""
+    root daemon on its loop, with its own node id and the request's number as the plan's epoch). `events`
+    gets the set-up's progress (progress.py); `slices`: tp.node_tensors, or a slices.PlanSlices over it."""
     t0 = time.perf_counter()
     t = options.timeouts
     config: ModelConfig = model.config
@@ -263,21 +266,20 @@ async def start(model: Any, options: ClusterOptions, ctx: int, threads: int, tp:
     peers: list[socket.socket | None] = []
     node = None
     try:
-        hello = partial(_hello_or_skip, err=err) if options.skip_unreachable else _hello
+        hello = partial(_hello_or_skip, events=events) if options.skip_unreachable else _hello
+        slices = slices or tp.node_tensors
         workers = [w for w in await _gather([partial(hello, a, root, t) for a in options.workers]) if w is not None]
         the_plan = plan(config, [root.peer("")] + [w.hello.peer(w.address) for w in workers], epoch,
                         options.policy, exchange=options.exchange)
         for w in workers:
             w.index = next((n.index for n in the_plan.nodes if n.node_id == w.hello.node_id), -1)
         for w in [w for w in workers if w.index < 0]:
-            print(f"dllp2p: {w.name} is not needed by the {options.policy} plan of {the_plan.n_nodes} nodes",
-                  file=err)
+            events(Note(f"{w.name} is not needed by the {options.policy} plan of {the_plan.n_nodes} nodes"))
             await w.link.aclose()
         workers = sorted((w for w in workers if w.index > 0), key=lambda w: w.index)
 
-        own = await trio.to_thread.run_sync(tp.node_tensors, model, the_plan, 0)
-        with _progress(err, options.progress) as bar:
-            await _gather([partial(_push, w, model, the_plan, ctx, t, tp, bar) for w in workers])
+        own = await trio.to_thread.run_sync(slices, model, the_plan, 0)
+        await _gather([partial(_push, w, model, the_plan, ctx, t, slices, events) for w in workers])
 
         for w in workers:
             await w.link.send(Mesh(the_plan.epoch))
@@ -285,10 +287,19 @@ async def start(model: Any, options: ClusterOptions, ctx: int, threads: int, tp:
         peers = [None, *socks]
 
         async def build() -> Any:
-            return await run_in_thread(lambda: tp.TPNode(config, the_plan, 0, own, peers, ctx, threads),
+            events(Progress(BUILD, "root", 0, 1))
+            extra = {} if options.cache_dir is None else {"cache_dir": options.cache_dir}
+            node = await run_in_thread(lambda: tp.TPNode(config, the_plan, 0, own, peers, ctx, threads, **extra),
                                        lambda: [shutdown(s) for s in peers])
+            events(Progress(BUILD, "root", 1, 1))
+            return node
 
-        built = await _gather([build, *(partial(_expect, w, Ready, t.build) for w in workers)])
+        async def ready(w: Worker) -> None:
+            events(Progress(BUILD, w.name, 0, 1))
+            await _expect(w, Ready, t.build)
+            events(Progress(BUILD, w.name, 1, 1))
+
+        built = await _gather([build, *(partial(ready, w) for w in workers)])
         node = built[0]
         for w in workers:
             blocking = w.link.blocking(t.socket)
@@ -327,11 +338,11 @@ async def _gather(fns: Sequence[Callable[[], Awaitable[Any]]]) -> list[Any]:
     return results
 
 
-async def _hello_or_skip(address: str, root: Hello, t: Timeouts, *, err: TextIO) -> Worker | None:
+async def _hello_or_skip(address: str, root: Hello, t: Timeouts, *, events: Sink) -> Worker | None:
     try:
         return await _hello(address, root, t)
     except ClusterError as e:
-        print(f"dllp2p: {e}; planning without it", file=err)
+        events(Note(f"{e}; planning without it"))
         return None
 
 
@@ -369,9 +380,9 @@ async def _expect(w: Worker, cls: type, timeout: float) -> Any:
     return msg
 
 
-async def _push(w: Worker, model: Any, the_plan: Plan, ctx: int, t: Timeouts, tp: Any, bar: _Bar) -> None:
+async def _push(w: Worker, model: Any, the_plan: Plan, ctx: int, t: Timeouts, slices: Callable, events: Sink) -> None:
     """Session -> Need -> the missing slices -> WeightsReady."""
-    tensors = await trio.to_thread.run_sync(tp.node_tensors, model, the_plan, w.index)
+    tensors = await trio.to_thread.run_sync(slices, model, the_plan, w.index)
     slices = tuple(SliceInfo(name, name, int(x.qtype), tuple(x.shape), x.sha256) for name, x in tensors.items())
     try:
         await w.link.send(Session(the_plan, model.config, ctx, slices))
@@ -380,13 +391,16 @@ async def _push(w: Worker, model: Any, the_plan: Plan, ctx: int, t: Timeouts, tp
         unknown = [h for h in need.sha256s if h not in by_hash]
         if unknown:
             raise ClusterError(f"{w.name} asked for a slice it was not given ({unknown[0][:16]}..)")
-        task = bar.add(w.address, sum(by_hash[h].data.nbytes for h in need.sha256s))
+        total, done = sum(by_hash[h].data.nbytes for h in need.sha256s), 0
+        if total:
+            events(Progress(PUSH, w.name, 0, total))
         for h in need.sha256s:
             x = by_hash[h]
             data = np.ascontiguousarray(x.data)
             for chunk in weight_chunks(the_plan.epoch, x.name, x.name, x.qtype, tuple(x.shape), data, h):
                 await w.link.send(chunk)
-                bar.advance(task, len(chunk.data))
+                done += len(chunk.data)
+                events(Progress(PUSH, w.name, done, total))
         ready: WeightsReady = await _expect(w, WeightsReady, t.transfer)
     except (LinkClosed, LinkTimeout) as e:
         raise ClusterError(f"{w.name}: {_said(w.address, e)}") from None
@@ -404,40 +418,3 @@ async def _dial(w: Worker, the_plan: Plan, root_id: str, t: Timeouts) -> socket.
 def _said(address: str, e: BaseException) -> str:
     """e's message without the address it starts with (the worker is named already)."""
     return str(e).removeprefix(f"{address}: ").removeprefix(f"{address} ")
-
-
-class _Bar:
-    """A rich progress bar on stderr (bytes, MB/s), one row per worker that needs weights."""
-
-    def __init__(self, err: TextIO, enabled: bool):
-        self.progress = None
-        if enabled:
-            from rich.console import Console
-            from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
-                                       TransferSpeedColumn)
-
-            self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(),
-                                     TransferSpeedColumn(), TimeRemainingColumn(),
-                                     console=Console(file=err), transient=False)
-
-    def add(self, name: str, total: int) -> Any:
-        if self.progress is None or total == 0:
-            return None
-        if not self.progress.live.is_started:
-            self.progress.start()
-        return self.progress.add_task(f"weights → {name}", total=total)
-
-    def advance(self, task: Any, n: int) -> None:
-        if self.progress is not None and task is not None:
-            self.progress.advance(task, n)
-
-    def __enter__(self) -> _Bar:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.progress is not None and self.progress.live.is_started:
-            self.progress.stop()
-
-
-def _progress(err: TextIO, enabled: bool) -> _Bar:
-    return _Bar(err, enabled)

@@ -32,7 +32,8 @@
                   push of the node's latest session (bytes of the slices it needed, received and verified
                   so far / their total; fraction 1.0 when it needed nothing)
 
-Blocking sockets only (a CLI asking a few daemons once a second needs no event loop).
+Each exchange is wire.client's, in a trio.run of its own (a CLI asking a few daemons once a second needs no
+long-running event loop).
 
 Error handling: the daemon asked not answering is StatusError (one line from the CLI, exit 1); in the
 live view it is shown in the caption and asked again next second. Another node not answering only
@@ -41,16 +42,18 @@ leaves its columns empty ("reachable": false in JSON).
 
 from __future__ import annotations
 
-import socket
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from .link import BlockingLink, LinkClosed, LinkTimeout, parse_address
-from .protocol import Error, ProtocolError, PushStatus, Status, StatusReply
-from .scheduler import NodeSlice, Plan
+from ..config import LOCAL_DAEMON
+from ..scheduler import NodeSlice, Plan
+from ..wire.client import status_blocking
+from ..wire.codec import ProtocolError
+from ..wire.link import LinkClosed, LinkTimeout
+from ..wire.messages import PushStatus, StatusReply
 
-DEFAULT_ADDRESS = "127.0.0.1:7340"
+DEFAULT_ADDRESS = LOCAL_DAEMON
 
 
 class StatusError(ConnectionError):
@@ -64,25 +67,13 @@ def ask(address: str, timeout: float, seq: int = 0) -> StatusReply:
 
 def ask_timed(address: str, timeout: float, seq: int = 0) -> tuple[StatusReply, float]:
     """ask, and its round-trip in ms (Status sent -> StatusReply received; connecting not included)."""
-    host, port = parse_address(address)
     try:
-        sock = socket.create_connection((host, port), timeout=timeout)
-    except OSError as e:
-        raise StatusError(f"no dllp2p daemon answers at {address} ({e.strerror or e}); is `dllp2p daemon` running?") from None
-    link = BlockingLink(sock, address)
-    try:
-        t0 = time.perf_counter()
-        link.send(Status(seq))
-        reply = link.receive(timeout)
-        rtt_ms = (time.perf_counter() - t0) * 1e3
-    except (LinkClosed, LinkTimeout, ProtocolError) as e:
+        reply, rtt = status_blocking(address, timeout, seq)
+    except LinkClosed as e:
+        raise StatusError(f"no dllp2p daemon answers at {address} ({e}); is `dllp2p daemon` running?") from None
+    except (LinkTimeout, ProtocolError) as e:
         raise StatusError(f"{address}: {e}") from None
-    finally:
-        link.close()
-    if not isinstance(reply, StatusReply):
-        detail = reply.message if isinstance(reply, Error) else type(reply).__name__
-        raise StatusError(f"{address} answered Status with {detail}")
-    return reply, rtt_ms
+    return reply, rtt * 1e3
 
 
 @dataclass(frozen=True)

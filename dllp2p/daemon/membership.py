@@ -1,0 +1,108 @@
+"""A daemon's membership: itself, the daemons mDNS finds (discovery.run_mdns, unless disabled) and the
+--peer daemons it polls with Status (discovery.poll_static; mDNS-found members are polled the same way
+while they answer, so one killed without a goodbye leaves in seconds). Their events go through one
+bounded channel to one task that applies them (election.apply) and logs every change of root or of who
+is excluded (another protocol version or cluster name never joins). Roles are election.elect of that
+table."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import replace
+
+import trio
+
+from .. import election
+from ..discovery import MdnsOptions, StaticOptions, advertised_addresses, local_facts, poll_static, run_mdns
+from ..election import Member, Seen
+from ..wire.client import ask_status_timed
+from ..wire.codec import UnexpectedMessage
+from ..wire.link import format_address
+from ..wire.messages import PROTOCOL_VERSION, LinkRtt
+
+log = logging.getLogger("dllp2p.daemon")
+
+
+class Membership:
+    """The membership table of the daemon `node_id` and the tasks that feed it."""
+
+    def __init__(self, node_id: str, cluster: str, started_at: float, static: StaticOptions):
+        self.node_id = node_id
+        self.cluster = cluster
+        self.started_at = started_at
+        self.static = static
+        self.me: Member | None = None  # once listening
+        self.members: dict[str, election.Entry] = {}  # node id -> entry, this node included
+        self.link_rtt: dict[str, LinkRtt] = {}  # node id -> the latest Status poll's round-trip to it
+
+    async def start(self, nursery: trio.Nursery, host: str, port: int, *, discovery: bool,
+                    interfaces: tuple[str, ...], peers: tuple[str, ...]) -> None:
+        """This node in the table; mDNS and static peers feeding it (their tasks in nursery)."""
+        cores, ram, features = local_facts()
+        shown = advertised_addresses(host, interfaces)[0] if host in ("0.0.0.0", "::", "") else host
+        self.me = Member(self.node_id, format_address(shown, port), self.started_at, PROTOCOL_VERSION, self.cluster,
+                         cores, ram, features)
+        self.members = election.apply({}, Seen(self.me, "self", time.time()))
+        send, recv = trio.open_memory_channel[election.Event](64)
+        nursery.start_soon(self._apply, recv, (nursery, send.clone()) if discovery else None)
+        if discovery:
+            # mDNS where the daemon listens: the chosen interfaces, else a specific listening address's
+            interfaces = interfaces or (() if host in ("0.0.0.0", "::", "") else (host,))
+            from zeroconf import Error as ZeroconfError  # optional at import: only daemons with mDNS need it
+
+            try:
+                await nursery.start(run_mdns, self.me, host, port, send.clone(), MdnsOptions(interfaces))
+            except (OSError, ZeroconfError) as e:  # no usable multicast interface: static peers still work
+                log.warning("mDNS discovery is off: %s: %s", type(e).__name__, e)
+        for address in peers:
+            nursery.start_soon(poll_static, address, self._fetch_member, send.clone(), self.static)
+        send.close()
+
+    async def _apply(self, events: trio.MemoryReceiveChannel,
+                     probes: tuple[trio.Nursery, trio.MemorySendChannel] | None = None) -> None:
+        """The one task that changes the membership table; logs changes of root and of the excluded.
+
+        With `probes` (nursery, events), every member mDNS announces is also polled with Status while it
+        answers (discovery.poll_static, source "mdns", until_gone): a daemon killed without an mDNS goodbye
+        leaves the table after StaticOptions.misses failed polls, not when its record expires."""
+        root, excluded = self.node_id, frozenset[str]()
+        probed: set[str] = set()
+
+        async def probe(member: Member) -> None:
+            try:
+                async with probes[1].clone() as send:
+                    await poll_static(member.address, self._fetch_member, send, self.static,
+                                      source="mdns", until_gone=True)
+            finally:
+                probed.discard(member.node_id)
+
+        async with events:
+            async for event in events:
+                if (probes is not None and isinstance(event, Seen) and event.source == "mdns"
+                        and event.member.node_id not in probed and event.member.node_id != self.node_id):
+                    probed.add(event.member.node_id)
+                    probes[0].start_soon(probe, event.member)
+                self.members = election.apply(self.members, event)
+                e = self.election()
+                if e.root is not None and e.root.node_id != root:
+                    root = e.root.node_id
+                    log.info("root is now %s (%s); this node is %s", root, e.root.address, e.role(self.node_id))
+                now = frozenset(m.node_id for m, _ in e.excluded)
+                for m, why in e.excluded:
+                    if m.node_id not in excluded:
+                        log.warning("node %s at %s does not join: %s", m.node_id, m.address, why)
+                excluded = now
+
+    def election(self) -> election.Election:
+        return election.elect(election.members(self.members), version=PROTOCOL_VERSION, cluster=self.cluster)
+
+    async def _fetch_member(self, address: str) -> Member:
+        """A --peer daemon's own record, with the address it was reached at; the round-trip is kept."""
+        reply, rtt = await ask_status_timed(address, self.static.timeout)
+        me = next((n.member for n in reply.nodes if n.member.node_id == reply.node_id), None)
+        if me is None:
+            raise UnexpectedMessage(f"{address}: its StatusReply does not list node {reply.node_id} itself")
+        if reply.node_id != self.node_id:
+            self.link_rtt[reply.node_id] = LinkRtt(reply.node_id, rtt * 1e3, time.time())
+        return replace(me, address=address)

@@ -1,0 +1,222 @@
+"""`dllp2p daemon`: the long-running process every device runs: a worker of one root's session at a time,
+and the cluster's root when the election makes it one.
+
+One TCP port takes four kinds of connection, told apart by their first frame:
+
+    Hello      a root's control connection: session.worker.Worker runs its sessions
+    MeshHello  a peer node's connection for the activation exchange of a session (handed to the Worker)
+    Status     anyone asking what this daemon knows: StatusReply (probes.py), again for every further Status
+    Generate   a prompt (`dllp2p run`, `dllp2p chat`): prompts.PromptSlot serves it as the cluster's root
+               (session.service.RootService), or forwards it to the root and relays the tokens back
+
+A second port (config `api`, loopback by default) serves the OpenAI-compatible HTTP API (api.py), which
+hands its prompts to the prompt slot in this process as Generates (their context: config `api_ctx`).
+
+The daemon is split by responsibility: this module listens and dispatches and owns every lifetime (one
+nursery); membership.py keeps the membership table and elects; probes.py answers Status; prompts.py holds
+the prompt slot; the session package does the work (worker sessions, the root's cluster, slices).
+
+Error handling: whatever a peer sends, the daemon stays up. A bad frame (ProtocolError: bad magic,
+another protocol version, oversized, malformed, unexpected) gets an Error frame when the connection
+still allows one, then the connection is closed. (LinkClosed, LinkTimeout) end their connection
+quietly. Anything else a connection raises (a bug) is logged with its traceback and closes that
+connection only.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import trio
+
+from .. import api, election
+from ..config import DEFAULT_CLUSTER, DEFAULT_PORT, Timeouts
+from ..discovery import StaticOptions
+from ..models import DEFAULT_FILE
+from ..session.service import RootService
+from ..session.slices import SliceCache, node_id
+from ..session.worker import Worker
+from ..wire.codec import ProtocolError, UnexpectedMessage, encode, error_code
+from ..wire.link import LinkClosed, LinkTimeout, TrioLink, first_error, format_address, parse_address, receive_one_frame
+from ..wire.messages import Error, Generate, Hello, MeshHello, Status, StatusReply
+from .membership import Membership
+from .probes import status_reply
+from .prompts import PromptSlot
+
+log = logging.getLogger("dllp2p.daemon")
+
+__all__ = ["DEFAULT_PORT", "Daemon", "DaemonConfig", "Timeouts", "main"]
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    host: str
+    port: int
+    threads: int
+    state_dir: Path
+    capacity: float | None = None  # relative speed for the scheduler; None: the thread count
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    cluster: str = DEFAULT_CLUSTER  # only daemons of the same cluster name join
+    discovery: bool = False  # advertise and browse with mDNS (the CLI turns it on)
+    interfaces: tuple[str, ...] = ()  # IPv4 addresses of the interfaces mDNS uses; () = all
+    peers: tuple[str, ...] = ()  # "host:port" of daemons polled with Status (where multicast is blocked)
+    static: StaticOptions = field(default_factory=StaticOptions)
+    model: Path | None = None  # the GGUF this daemon serves prompts with when it is root
+    policy: str = "pow2"  # scheduler policy of the plans it makes as root
+    exchange: str = "exact"  # and their exchange (scheduler.EXCHANGES)
+    api: str | None = None  # "host:port" of the OpenAI-compatible HTTP API (api.py); None: off
+    api_ctx: int = 2048  # the context (KV positions) of the API's requests
+    cache_dir: Path | None = None  # compiled kernels and packed weights; None: the engine's default
+
+    def __post_init__(self) -> None:
+        if not election.CLUSTER.fullmatch(self.cluster):
+            raise ValueError(f"cluster name {self.cluster!r} is not 1-63 of letters, digits, '.', '_', '-'")
+        for address in self.peers:
+            parse_address(address)
+        if self.api is not None:
+            parse_address(self.api, listen=True)
+        if self.api_ctx < 2:
+            raise ValueError(f"api_ctx {self.api_ctx} < 2")
+
+
+class Daemon:
+    """A node. `tp`: the compute module (dllp2p.tp by default; tests pass a stand-in)."""
+
+    def __init__(self, config: DaemonConfig, tp: ModuleType | Any | None = None):
+        self.config = config
+        self.t = config.timeouts
+        self.tp = tp
+        self.node_id = node_id(config.state_dir)
+        self.address = ""
+        self.api_address = ""  # where the HTTP API listens, once it does
+        self.started_at = time.time()
+        slot = trio.Lock()  # one worker session or one prompt at a time
+        self.membership = Membership(self.node_id, config.cluster, self.started_at, config.static)
+        self.worker = Worker(self.node_id, config.threads, float(config.capacity or config.threads), self.t,
+                             SliceCache(config.state_dir / "slices"), self._tp, slot, config.cache_dir)
+        self.root_service = RootService(config.model, self.node_id, config.threads, config.policy, self.t, self._tp,
+                                        exchange=config.exchange, cache_dir=config.cache_dir)
+        self.prompts = PromptSlot(self.node_id, self.membership, self.root_service, slot, self.t)
+
+    def _tp(self) -> Any:
+        if self.tp is None:
+            from .. import tp  # the compute (llvmlite, numpy kernels): loaded by the first session or prompt
+
+            self.tp = tp
+        return self.tp
+
+    async def serve(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
+        """Listen until cancelled; task_status gets the bound "host:port"."""
+        c = self.config
+        async with trio.open_nursery() as nursery:
+            try:
+                listeners = await nursery.start(partial(trio.serve_tcp, self._connection, c.port, host=c.host or None))
+            except OSError as e:  # "Address already in use" names the address
+                named = OSError(f"cannot listen on {format_address(c.host or '0.0.0.0', c.port)}: {e.strerror or e}")
+                named.errno = e.errno
+                raise named from None
+            host, port = listeners[0].socket.getsockname()[:2]
+            self.address = format_address(host, port)
+            model = c.model.name if c.model else "none (start it with --model PATH to serve prompts as root)"
+            log.info("node %s listening on %s (cluster %s, %d threads, state in %s); model %s", self.node_id,
+                     self.address, c.cluster, c.threads, c.state_dir, model)
+            await self.membership.start(nursery, host, port, discovery=c.discovery, interfaces=c.interfaces,
+                                        peers=c.peers)
+            e = self.membership.election()
+            log.info("this node is %s", e.role(self.node_id) if e.root is not None else "alone")
+            nursery.start_soon(self.root_service.keep_warm)
+            if c.api is not None:
+                await self._start_api(nursery)
+            task_status.started(self.address)
+
+    async def _start_api(self, nursery: trio.Nursery) -> None:
+        """The HTTP API (api.py) in nursery; it hands its prompts to the prompt slot in this process (a sink
+        with .peer and async .send in place of the link), as if `dllp2p run` had sent them."""
+        model = (self.config.model.name if self.config.model else DEFAULT_FILE).removesuffix(".gguf")
+        limits = api.Limits(ctx=self.config.api_ctx)
+        self.api_address = await api.start(nursery, self.config.api, self.prompts.generate, model, limits) or ""
+
+    def election(self) -> election.Election:
+        return self.membership.election()
+
+    def status(self, seq: int) -> StatusReply:
+        return status_reply(seq, self.membership, self.worker, self.root_service)
+
+    # --- one connection ---
+
+    async def _connection(self, stream: trio.SocketStream) -> None:
+        peer = _peer_name(stream)
+        try:
+            first = await receive_one_frame(stream, peer, self.t.hello)
+            if isinstance(first, Hello):
+                await self.worker.control(TrioLink(stream, peer), first)
+            elif isinstance(first, MeshHello):
+                await self.worker.mesh_accept(stream, peer, first)
+            elif isinstance(first, Status):
+                await self._status(TrioLink(stream, peer), first)
+            elif isinstance(first, Generate):
+                await self.prompts.generate(TrioLink(stream, peer), first)
+            else:
+                raise UnexpectedMessage(
+                    f"a connection must start with Hello, MeshHello, Status or Generate, not {type(first).__name__}")
+        except ProtocolError as e:
+            log.warning("%s: %s; closing the connection", peer, e)
+            await _send_quietly(stream, Error(error_code(e), f"node {self.node_id}: {e}"))
+        except (LinkClosed, LinkTimeout) as e:
+            log.info("%s", e)
+        except Exception:
+            log.exception("%s: unexpected failure; closing the connection", peer)
+
+    async def _status(self, link: TrioLink, first: Status) -> None:
+        msg: object = first
+        while True:
+            if not isinstance(msg, Status):
+                raise UnexpectedMessage(f"{type(msg).__name__} on a status connection")
+            await link.send(self.status(msg.seq))
+            try:
+                msg = await link.receive(self.t.idle)
+            except LinkClosed:
+                return
+
+
+def _peer_name(stream: trio.SocketStream) -> str:
+    try:
+        host, port = stream.socket.getpeername()[:2]
+        return format_address(host, port)
+    except OSError:
+        return "a peer"
+
+
+async def _send_quietly(stream: trio.SocketStream, msg: Error) -> None:
+    """Best effort: the connection is about to be closed anyway."""
+    with trio.move_on_after(2.0):
+        try:
+            await stream.send_all(encode(msg))
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass
+
+
+def main(config: DaemonConfig) -> int:
+    """Run the daemon until interrupted (KeyboardInterrupt comes out as itself, not in a group) or sent
+    SIGTERM (systemctl stop): then it shuts down cleanly (mDNS goodbye included) and returns 0."""
+    async def serve_until_sigterm() -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(Daemon(config).serve)
+            with trio.open_signal_receiver(signal.SIGTERM) as signals:
+                async for _ in signals:
+                    log.info("SIGTERM: shutting down")
+                    nursery.cancel_scope.cancel()
+                    break
+
+    try:
+        trio.run(serve_until_sigterm)
+    except BaseExceptionGroup as group:
+        raise first_error(group) from None
+    return 0

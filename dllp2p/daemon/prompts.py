@@ -1,0 +1,45 @@
+"""A daemon's prompt slot: a Generate is served here when this node is the root (one request or worker
+session at a time: the slot), else forwarded to the root and its answers relayed back."""
+
+from __future__ import annotations
+
+import logging
+
+import trio
+
+from ..config import Timeouts
+from ..error_codes import ErrorCode
+from ..session import service
+from ..wire.link import TrioLink
+from ..wire.messages import Error, Generate
+from .membership import Membership
+
+log = logging.getLogger("dllp2p.daemon")
+
+
+class PromptSlot:
+    def __init__(self, node_id: str, membership: Membership, root_service: service.RootService, slot: trio.Lock,
+                 timeouts: Timeouts):
+        self.node_id = node_id
+        self.membership = membership
+        self.root_service = root_service
+        self._slot = slot
+        self.t = timeouts
+
+    async def generate(self, link: TrioLink, g: Generate) -> None:
+        """A prompt: served here if this node is root (one request or session at a time), else forwarded."""
+        e = self.membership.election()
+        if e.root is not None and e.root.node_id != self.node_id:
+            log.info("request from %s: forwarded to the root %s (%s)", link.peer, e.root.node_id, e.root.address)
+            await service.forward(link, g, e.root.address, self.node_id, self.t)
+            return
+        with trio.move_on_after(self.t.idle) as waited:
+            await self._slot.acquire()
+        if waited.cancelled_caught:
+            await link.send(Error(ErrorCode.BUSY, f"node {self.node_id} is busy"))
+            return
+        try:
+            workers = [m.address for m in e.succession if m.node_id != self.node_id]
+            await self.root_service.serve(link, g, workers)
+        finally:
+            self._slot.release()

@@ -1,0 +1,134 @@
+"""ErrorCode: the one list of named problems, shared by the wire (protocol.Error.code), the HTTP API (each
+code -> one HTTP status and OpenAI's error `type`) and the CLI (a hint after the daemon's message).
+
+The lowest layer: it imports nothing from dllp2p, so the wire, the session, the API and the commands all
+use it. A code's value is what travels in Error.code (a msgpack string), so values never change once
+shipped; a code a newer peer sends that this version does not know reads as OTHER (ErrorCode.parse).
+
+    family        codes                                                     HTTP
+    frames        bad_magic version too_large unknown_type malformed_frame  500 (a daemon speaking
+                  slice_hash chunk unexpected protocol                          nonsense to another)
+    session       busy (503), plan mesh peer_lost engine                    503 / 500
+    a prompt      generate (the root failed it) 500, unreachable (the root cannot be reached) 503,
+                  forward_loop 500, no_model 503, context_length_exceeded 400, invalid_token 400,
+                  invalid_request 400 (a Generate the root refuses)
+    HTTP only     bad_http 400, invalid_json 400, invalid_value 400, unsupported_parameter 400,
+                  origin_not_allowed 403, not_found 404, method_not_allowed 405, request_timeout 408,
+                  body_too_large 413, head_too_large 431, too_many_headers 431, internal_error 500
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class ErrorCode(StrEnum):
+    # frames and messages (protocol.error_code maps each ProtocolError subclass to one)
+    BAD_MAGIC = "bad_magic"
+    VERSION = "version"
+    TOO_LARGE = "too_large"
+    UNKNOWN_TYPE = "unknown_type"
+    MALFORMED_FRAME = "malformed_frame"
+    SLICE_HASH = "slice_hash"
+    CHUNK = "chunk"
+    UNEXPECTED = "unexpected"
+    PROTOCOL = "protocol"
+    # a root-worker session
+    BUSY = "busy"
+    PLAN = "plan"
+    MESH = "mesh"
+    PEER_LOST = "peer_lost"
+    ENGINE = "engine"
+    # a prompt (Generate)
+    GENERATE = "generate"
+    UNREACHABLE = "unreachable"
+    FORWARD_LOOP = "forward_loop"
+    NO_MODEL = "no_model"
+    CONTEXT_LENGTH = "context_length_exceeded"  # OpenAI's own code for it
+    INVALID_TOKEN = "invalid_token"
+    INVALID_REQUEST = "invalid_request"
+    # the HTTP API's own
+    BAD_HTTP = "bad_http"
+    INVALID_JSON = "invalid_json"
+    INVALID_VALUE = "invalid_value"
+    UNSUPPORTED = "unsupported_parameter"
+    NOT_FOUND = "not_found"
+    METHOD = "method_not_allowed"
+    TIMEOUT = "request_timeout"
+    BODY_TOO_LARGE = "body_too_large"
+    HEAD_TOO_LARGE = "head_too_large"
+    TOO_MANY_HEADERS = "too_many_headers"
+    FORBIDDEN_ORIGIN = "origin_not_allowed"
+    INTERNAL = "internal_error"  # a bug: see the log
+    # a code from a newer peer that this version does not know
+    OTHER = "other"
+
+    @classmethod
+    def parse(cls, code: str) -> ErrorCode:
+        """A code off the wire -> its member (OTHER when this version does not know it)."""
+        try:
+            return cls(code)
+        except ValueError:
+            return cls.OTHER
+
+    @property
+    def http_status(self) -> int:
+        return _HTTP.get(self, 500)
+
+    @property
+    def openai_type(self) -> str:
+        """OpenAI's error `type`: invalid_request_error for the client's mistakes, else server_error."""
+        return "invalid_request_error" if self.http_status < 500 else "server_error"
+
+    @property
+    def hint(self) -> str:
+        """What a person at the CLI can do about it ("" when the message says it all)."""
+        return _HINTS.get(self, "")
+
+
+_HTTP: dict[ErrorCode, int] = {
+    ErrorCode.BUSY: 503,
+    ErrorCode.UNREACHABLE: 503,
+    ErrorCode.NO_MODEL: 503,
+    ErrorCode.CONTEXT_LENGTH: 400,
+    ErrorCode.INVALID_TOKEN: 400,
+    ErrorCode.INVALID_REQUEST: 400,
+    ErrorCode.BAD_HTTP: 400,
+    ErrorCode.INVALID_JSON: 400,
+    ErrorCode.INVALID_VALUE: 400,
+    ErrorCode.UNSUPPORTED: 400,
+    ErrorCode.NOT_FOUND: 404,
+    ErrorCode.METHOD: 405,
+    ErrorCode.TIMEOUT: 408,
+    ErrorCode.BODY_TOO_LARGE: 413,
+    ErrorCode.HEAD_TOO_LARGE: 431,
+    ErrorCode.TOO_MANY_HEADERS: 431,
+    ErrorCode.FORBIDDEN_ORIGIN: 403,
+}
+
+_HINTS: dict[ErrorCode, str] = {
+    ErrorCode.BUSY: "the cluster is serving another prompt; try again when it is done",
+    ErrorCode.UNREACHABLE: "the root daemon does not answer; `dllp2p status` shows the members",
+    ErrorCode.NO_MODEL: "start the root's daemon with --model PATH",
+    ErrorCode.CONTEXT_LENGTH: "raise --ctx or shorten the prompt",
+    ErrorCode.VERSION: "run the same dllp2p version on every device",
+}
+
+
+class CodedError(Exception):
+    """An error that names its ErrorCode (`code`), for a boundary to pass on as it is: the root refuses a
+    request with one (a prompt over the context: CONTEXT_LENGTH), the HTTP API answers with its status."""
+
+    code: ErrorCode = ErrorCode.INVALID_REQUEST
+
+    def __init__(self, message: str, code: ErrorCode | None = None, param: str | None = None):
+        super().__init__(message)
+        if code is not None:
+            self.code = code
+        self.param = param  # the request field at fault, if any (OpenAI's error `param`)
+
+
+def code_of(e: BaseException, default: ErrorCode = ErrorCode.GENERATE) -> ErrorCode:
+    """The code an exception names (a `code` attribute that is an ErrorCode), else default."""
+    code = getattr(e, "code", None)
+    return code if isinstance(code, ErrorCode) else default

@@ -1,0 +1,131 @@
+"""What a node keeps of the weights between sessions, and what a root computes once per plan.
+
+    node_id      this node's stable id, <state dir>/node_id, made once
+    SliceCache   a worker's weight slices on disk, content-addressed: <state dir>/slices/<sha256> holds one
+                 slice's raw ggml bytes, written atomically (temporary file, fsync, rename), verified
+                 again when read; a file that fails is deleted (and asked for again)
+    PlanSlices   a root's node_tensors (the slices and their sha256) per plan shape: hashing every slice
+                 of a 100 MB model takes a while, and every request with the same members has the same
+                 plan but for its epoch, so each plan shape is sliced and hashed once
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import secrets
+import socket
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from ..formats import QType
+from ..formats.quant import TRAITS
+from ..scheduler import Plan
+from ..wire.messages import SliceInfo
+
+log = logging.getLogger("dllp2p.daemon")
+
+def node_id(state_dir: Path) -> str:
+    """This node's stable id: read from state_dir/node_id, made (hostname + random) the first time."""
+    path = state_dir / "node_id"
+    if path.is_file():
+        text = path.read_text().strip()
+        if re.fullmatch(r"[A-Za-z0-9._-]{1,64}", text):
+            return text
+        log.warning("%s holds no valid node id; making a new one", path)
+    host = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:40].strip("-") or "node"
+    ident = f"{host}-{secrets.token_hex(4)}"
+    _write_atomically(path, ident.encode() + b"\n")
+    return ident
+
+
+class SliceCache:
+    """Weight slices on disk, content-addressed: <directory>/<sha256> holds the slice's raw bytes."""
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+        directory.mkdir(parents=True, exist_ok=True)
+
+    def path(self, sha256: str) -> Path:
+        return self.directory / sha256
+
+    def load(self, sha256: str, nbytes: int) -> bytes | None:
+        """The slice's bytes, or None if absent or damaged (a damaged file is deleted)."""
+        path = self.path(sha256)
+        try:
+            if path.stat().st_size != nbytes:
+                raise ValueError(f"{path.stat().st_size} bytes, expected {nbytes}")
+            data = path.read_bytes()
+            if hashlib.sha256(data).hexdigest() != sha256:
+                raise ValueError("content does not match its hash")
+            return data
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as e:
+            log.warning("cache file %s is damaged (%s); dropping it", path, e)
+            path.unlink(missing_ok=True)
+            return None
+
+    def store(self, sha256: str, data: bytes) -> None:
+        _write_atomically(self.path(sha256), data)
+
+    def keys(self) -> list[str]:
+        return sorted(p.name for p in self.directory.iterdir() if re.fullmatch(r"[0-9a-f]{64}", p.name))
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def storage_array(qtype: QType, shape: tuple[int, ...], data: bytes) -> np.ndarray:
+    """A slice's raw bytes -> its ggml storage array: u8[..., row_bytes] for block types, else f32/f16/u16."""
+    if TRAITS[qtype].block_values > 1:
+        return np.frombuffer(data, np.uint8).reshape(*shape[:-1], TRAITS[qtype].row_bytes(shape[-1]))
+    dtype = {QType.F32: np.float32, QType.F16: np.float16, QType.BF16: np.uint16}[qtype]
+    return np.frombuffer(data, dtype).reshape(shape)
+
+
+def check_slices(slices: tuple[SliceInfo, ...]) -> None:
+    """A session's slice list: one sha256 never names slices of different sizes. Raises ValueError."""
+    sizes: dict[str, int] = {}
+    for si in slices:
+        if sizes.setdefault(si.sha256, si.nbytes) != si.nbytes:
+            raise ValueError(f"{si.tensor}: one sha256 for slices of different sizes")
+
+
+class PlanSlices:
+    """node_tensors(model, plan, index), remembered for the latest `keep` plan shapes (a plan but for its
+    epoch) of one model. Thread-safe enough for its one caller at a time (the root's slot)."""
+
+    def __init__(self, node_tensors: Callable[[Any, Plan, int], dict[str, Any]], keep: int = 2):
+        self._node_tensors = node_tensors
+        self._keep = keep
+        self._known: dict[tuple[int, Plan, int], dict[str, Any]] = {}
+
+    def __call__(self, model: Any, plan: Plan, index: int) -> dict[str, Any]:
+        key = (id(model), replace(plan, epoch=0), index)
+        tensors = self._known.pop(key, None)
+        if tensors is None:
+            tensors = self._node_tensors(model, plan, index)
+        self._known[key] = tensors  # the most recent last
+        shapes = list(dict.fromkeys(k[:2] for k in self._known))
+        for old in shapes[:-self._keep]:
+            for k in [k for k in self._known if k[:2] == old]:
+                del self._known[k]
+        return tensors

@@ -1,0 +1,374 @@
+"""The worker side of sessions: a root's control connection, one session at a time.
+
+    root -> Session(plan, model config, ctx, slice list)   checked against the scheduler's rules
+    worker -> Need(sha256s)                                the slices its cache (slices.SliceCache) lacks
+    root -> WeightChunk ...                                exactly those; each slice is verified
+    worker -> WeightsReady(received bytes, cached slices)
+    root -> Mesh                                           dial nodes k > own index, take i < own index
+    worker -> Ready                                        the engine (TPNode) is built
+    root -> Step ... Step                                  node.forward(tokens, start_pos, top) each
+    root -> Stop                                           free everything, idle, ready for a Session
+
+Threads: everything up to the mesh runs on trio. Then one call to trio.to_thread.run_sync runs the
+whole rest of the session in one thread: it builds the TPNode, and for every Step reads the frame off
+the control socket itself (a blocking dup of the fd, sharing the trio link's decoder) and calls
+node.forward, whose exchanges with the other nodes happen natively on the mesh sockets. So a token
+costs no hand-off between trio and a thread: one hand-off per session. If trio cancels the session
+(daemon shutting down), the sockets are shut down, which wakes the thread, and its return is awaited.
+
+State others read (the daemon's Status): `active` (the session's plan), `last_step`, `push` (the weight
+push's progress), `sessions` (ended, however they ended).
+
+Error handling: a plan that does not fit, a busy node or a slice with a wrong hash get an Error frame
+and the connection goes on (the worker stays ready). A root that disconnects or falls silent past a
+timeout, a lost peer or a failing engine end the session: the worker frees it and is idle again.
+Protocol errors propagate to the daemon's connection handler, which answers and closes.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from dataclasses import dataclass, replace
+from functools import partial
+from typing import Any, Callable
+
+import trio
+
+from ..config import Timeouts
+from ..error_codes import ErrorCode
+from ..formats import QType
+from ..scheduler import Plan, PlanError, check_plan_fits
+from ..wire.chunks import AssembledSlice, SliceAssembler
+from ..wire.codec import ChunkError, ProtocolError, UnexpectedMessage, error_code
+from ..wire.link import (
+    BlockingLink,
+    LinkClosed,
+    LinkTimeout,
+    MeshRefused,
+    TrioLink,
+    dial_mesh,
+    first_error,
+    mesh_socket,
+    run_in_thread,
+    shutdown,
+)
+from ..wire.messages import (
+    PROTOCOL_VERSION,
+    Error,
+    Hello,
+    Mesh,
+    MeshHello,
+    Need,
+    PushStatus,
+    Ready,
+    Session,
+    Step,
+    StepStatus,
+    Stop,
+    WeightChunk,
+    WeightsReady,
+)
+from .slices import SliceCache, check_slices, storage_array
+
+log = logging.getLogger("dllp2p.daemon")
+
+
+@dataclass
+class _Active:
+    """The session in progress: what incoming mesh connections are checked against and handed to."""
+
+    session: Session
+    index: int
+    incoming_send: trio.MemorySendChannel
+    incoming_recv: trio.MemoryReceiveChannel
+
+    @property
+    def plan(self) -> Plan:
+        return self.session.plan
+
+    def close(self) -> None:
+        self.incoming_send.close()
+        while True:
+            try:
+                _, sock = self.incoming_recv.receive_nowait()
+            except (trio.WouldBlock, trio.EndOfChannel):
+                break
+            sock.close()
+        self.incoming_recv.close()
+
+
+class Worker:
+    """Sessions for roots, one at a time: `slot` is shared with the daemon's prompts (a root serving a
+    prompt is no worker meanwhile). `tp`: a getter of the compute module (dllp2p.tp; tests pass a fake)."""
+
+    def __init__(self, node_id: str, threads: int, capacity: float, timeouts: Timeouts, cache: SliceCache,
+                 tp: Callable[[], Any], slot: trio.Lock, cache_dir: Any = None):
+        self.node_id = node_id
+        self.threads = threads
+        self.capacity = capacity
+        self.t = timeouts
+        self.cache = cache
+        self._tp = tp
+        self._slot = slot
+        self.cache_dir = cache_dir  # the engine's (packed weights, kernels); None: the engine's default
+        self.active: _Active | None = None
+        self.last_step: StepStatus | None = None  # written by the session thread, read by Status
+        self.push: PushStatus | None = None  # the weight push of the latest session
+        self.sessions = 0  # sessions ended, however they ended
+
+    async def control(self, link: TrioLink, hello: Hello) -> None:
+        if hello.role != "root":
+            raise UnexpectedMessage(f"a control connection comes from a root, this Hello is from a {hello.role}")
+        await link.send(Hello(PROTOCOL_VERSION, self.node_id, "worker", self.threads, self.capacity))
+        log.info("root %s (node %s) connected", link.peer, hello.node_id)
+        while True:
+            try:
+                msg = await link.receive(self.t.idle)
+            except LinkClosed:
+                log.info("root %s disconnected", link.peer)
+                return
+            if isinstance(msg, Session):
+                if not await self._session(link, msg):
+                    return
+            elif not isinstance(msg, Stop):  # a Stop while idle is harmless
+                raise UnexpectedMessage(f"{type(msg).__name__} while no session is running")
+
+    # --- a session ---
+
+    async def _session(self, link: TrioLink, s: Session) -> bool:
+        """Serve one session; -> whether the control connection goes on (False: close it)."""
+        try:
+            check_plan_fits(s.plan, s.config)
+            index = s.plan.node(self.node_id).index
+            if index == 0:
+                raise PlanError(f"node {self.node_id} is the root of this plan, not a worker")
+            check_slices(s.slices)
+        except (PlanError, ValueError) as e:
+            log.warning("refused the plan of epoch %d: %s", s.epoch, e)
+            await link.send(Error(ErrorCode.PLAN, f"node {self.node_id}: {e}"))
+            return True
+        with trio.move_on_after(self.t.slot) as waited:
+            await self._slot.acquire()
+        if waited.cancelled_caught:
+            await link.send(Error(ErrorCode.BUSY, f"node {self.node_id} is serving another root"))
+            return True
+        send, recv = trio.open_memory_channel(max(1, index))
+        active = _Active(s, index, send, recv)
+        self.active = active
+        try:
+            log.info("session of epoch %d: node %d of %d", s.epoch, index, s.plan.n_nodes)
+            tensors = await self._weights(link, s)
+            if tensors is None:
+                return True
+            msg = await link.receive(self.t.transfer)
+            if isinstance(msg, Stop):
+                return True
+            if not isinstance(msg, Mesh) or msg.epoch != s.epoch:
+                raise UnexpectedMessage(f"expected Mesh of epoch {s.epoch}, got {type(msg).__name__}")
+            try:
+                peers = await self._mesh(active)
+            except (LinkClosed, LinkTimeout, MeshRefused, ProtocolError) as e:
+                log.warning("mesh of epoch %d failed: %s", s.epoch, e)
+                await link.send(Error(ErrorCode.MESH, f"node {self.node_id}: {e}"))
+                return False
+            return await self._steps(link, s, index, tensors, peers)
+        finally:
+            self.active = None
+            active.close()
+            self._slot.release()
+            self.sessions += 1
+
+    async def _weights(self, link: TrioLink, s: Session) -> dict[str, Any] | None:
+        """Need -> WeightChunks -> WeightsReady. -> the node's tensors, or None if the root stopped."""
+        sizes = {si.sha256: si.nbytes for si in s.slices}
+        have: dict[str, bytes] = await trio.to_thread.run_sync(self._lookup, sizes)
+        cached = len(have)
+        want = set(sizes) - set(have)
+        total = sum(sizes[sha] for sha in want)
+        done, partial = 0, dict[str, int]()  # bytes of finished slices; of unfinished ones, by sha256
+        self.push = PushStatus(s.epoch, 0, total, time.time(), not want)
+        await link.send(Need(s.epoch, tuple(sorted(want))))
+        assembler = SliceAssembler()
+        while want:
+            msg = await link.receive(self.t.transfer)
+            if isinstance(msg, Stop):
+                return None
+            if not isinstance(msg, WeightChunk) or msg.epoch != s.epoch or msg.sha256 not in want:
+                raise UnexpectedMessage(f"expected a WeightChunk of a needed slice, got {_describe(msg)}")
+            try:
+                part = await trio.to_thread.run_sync(self._take_chunk, assembler, msg, sizes[msg.sha256])
+            except ChunkError as e:  # SliceHashMismatch included: the slice is dropped, may come again
+                log.warning("dropped a weight slice: %s", e)
+                partial.pop(msg.sha256, None)
+                self.push = replace(self.push, done=min(total, done + sum(partial.values())))
+                await link.send(Error(error_code(e), f"node {self.node_id}: {e}"))
+                continue
+            if part is not None:
+                have[part.sha256] = part.data
+                want.discard(part.sha256)
+                partial.pop(part.sha256, None)
+                done += sizes[part.sha256]
+            else:
+                partial[msg.sha256] = msg.offset + len(msg.data)
+            self.push = replace(self.push, done=min(total, done + sum(partial.values())), finished=not want)
+        log.info("weights of epoch %d: %d bytes received, %d slices from the cache",
+                 s.epoch, assembler.received_bytes, cached)
+        await link.send(WeightsReady(s.epoch, assembler.received_bytes, cached))
+        tp = self._tp()
+        return {
+            si.tensor: tp.NodeTensor(si.tensor, QType(si.qtype), si.shape,
+                                     storage_array(QType(si.qtype), si.shape, have[si.sha256]), si.sha256)
+            for si in s.slices
+        }
+
+    def _lookup(self, sizes: dict[str, int]) -> dict[str, bytes]:
+        out = {}
+        for sha, nbytes in sizes.items():
+            data = self.cache.load(sha, nbytes)
+            if data is not None:
+                out[sha] = data
+        return out
+
+    def _take_chunk(self, assembler: SliceAssembler, chunk: WeightChunk, nbytes: int) -> AssembledSlice | None:
+        """(thread) Add a chunk; a finished slice is verified and stored. -> the slice when finished."""
+        if chunk.total != nbytes:
+            raise ChunkError(f"{chunk.tensor}: {chunk.total} bytes announced, the session says {nbytes}")
+        part = assembler.add(chunk)
+        if part is not None:
+            self.cache.store(part.sha256, part.data)
+        return part
+
+    async def _mesh(self, active: _Active) -> list[socket.socket | None]:
+        """Connections to every other node of the plan: dial k > index, take i < index (incoming)."""
+        plan, me = active.plan, active.index
+        peers: list[socket.socket | None] = [None] * plan.n_nodes
+
+        async def dial(k: int) -> None:
+            hello = MeshHello(plan.epoch, self.node_id, me, k)
+            peers[k] = await dial_mesh(plan.nodes[k].address, hello, self.t.mesh, self.t.socket)
+
+        try:
+            with trio.move_on_after(self.t.mesh) as scope:
+                try:
+                    async with trio.open_nursery() as nursery:
+                        for k in range(me + 1, plan.n_nodes):
+                            nursery.start_soon(dial, k)
+                        while any(peers[i] is None for i in range(me)):
+                            src, sock = await active.incoming_recv.receive()
+                            if peers[src] is not None:
+                                sock.close()
+                            else:
+                                peers[src] = sock
+                except BaseExceptionGroup as group:
+                    raise first_error(group) from None
+            if scope.cancelled_caught:
+                missing = [plan.nodes[i].node_id for i, p in enumerate(peers) if p is None and i != me]
+                raise LinkTimeout(f"mesh not connected within {self.t.mesh:g} s (missing: {', '.join(missing)})")
+        except BaseException:
+            for sock in peers:
+                if sock is not None:
+                    sock.close()
+            raise
+        return peers
+
+    async def mesh_accept(self, stream: trio.SocketStream, peer: str, hello: MeshHello) -> None:
+        a = self.active
+        problem = None
+        if a is None:
+            problem = "no session is running"
+        elif hello.epoch != a.plan.epoch:
+            problem = f"epoch {hello.epoch}, the session's is {a.plan.epoch}"
+        elif hello.dst != a.index or not 0 <= hello.src < a.index:
+            problem = f"node {hello.src} does not dial node {hello.dst} (this node is {a.index})"
+        elif a.plan.nodes[hello.src].node_id != hello.node_id:
+            problem = f"node {hello.src} of the plan is {a.plan.nodes[hello.src].node_id}, not {hello.node_id}"
+        if a is None or problem is not None:
+            raise UnexpectedMessage(f"refused a mesh connection from {peer}: {problem}")
+        await TrioLink(stream, peer).send(MeshHello(a.plan.epoch, self.node_id, a.index, hello.src))
+        sock = mesh_socket(stream, self.t.socket)
+        try:
+            a.incoming_send.send_nowait((hello.src, sock))
+        except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
+            sock.close()
+            log.warning("%s: mesh connection from node %d came too late or twice; closed", peer, hello.src)
+
+    async def _steps(self, link: TrioLink, s: Session, index: int, tensors: dict[str, Any],
+                     peers: list[socket.socket | None]) -> bool:
+        """Build the engine and serve Steps, in one thread. -> whether the control connection goes on."""
+        ctl = link.blocking(self.t.idle)
+
+        def interrupt() -> None:
+            ctl.shutdown()
+            for sock in peers:
+                shutdown(sock)
+
+        try:
+            keep, why = await run_in_thread(partial(self._serve_steps, ctl, s, index, tensors, peers), interrupt)
+        finally:
+            ctl.close()
+            for sock in peers:
+                if sock is not None:
+                    sock.close()
+        log.info("session of epoch %d ended: %s", s.epoch, why)
+        return keep
+
+    def _serve_steps(self, ctl: BlockingLink, s: Session, index: int, tensors: dict[str, Any],
+                     peers: list[socket.socket | None]) -> tuple[bool, str]:
+        """(thread) The rest of the session. -> (keep the control connection, why it ended)."""
+        tp = self._tp()
+        node = None
+        try:
+            extra = {} if self.cache_dir is None else {"cache_dir": self.cache_dir}
+            node = tp.TPNode(s.config, s.plan, index, tensors, peers, s.ctx, self.threads, **extra)
+            tensors.clear()  # the engine holds its own packed copy
+            ctl.send(Ready(s.epoch, self.node_id))
+            seq = 0
+            while True:
+                msg = ctl.receive(self.t.idle)
+                if isinstance(msg, Stop):
+                    return True, f"stopped by the root ({msg.reason})"
+                if not isinstance(msg, Step) or msg.epoch != s.epoch or msg.seq != seq:
+                    raise UnexpectedMessage(f"expected Step {seq} of epoch {s.epoch}, got {_describe(msg)}")
+                if msg.start_pos + len(msg.tokens) > s.ctx or max(msg.tokens) >= s.config.vocab_size:
+                    raise UnexpectedMessage(f"Step {seq} does not fit the context ({s.ctx}) or vocabulary")
+                t0 = time.perf_counter()
+                node.forward(msg.tokens, msg.start_pos, msg.top)
+                stats = getattr(node, "stats", None) or {}
+                self.last_step = StepStatus(len(msg.tokens), stats.get("step_ms", (time.perf_counter() - t0) * 1e3),
+                                            stats.get("sync_ms", 0.0), time.time())
+                seq += 1
+        except tp.PeerLost as e:
+            lost = s.plan.nodes[e.node] if 0 <= e.node < s.plan.n_nodes else None
+            who = f"node {e.node} ({lost.node_id}, {lost.address or 'root'})" if lost else f"node {e.node}"
+            _send_blocking_quietly(ctl, Error(ErrorCode.PEER_LOST, f"node {self.node_id} lost {who}: {e}"))
+            return False, f"lost {who}"
+        except (LinkClosed, LinkTimeout) as e:
+            return False, str(e)
+        except ProtocolError as e:
+            _send_blocking_quietly(ctl, Error(error_code(e), f"node {self.node_id}: {e}"))
+            return False, str(e)
+        except Exception as e:  # the engine failed: tell the root, stay up
+            log.exception("the engine failed")
+            _send_blocking_quietly(ctl, Error(ErrorCode.ENGINE, f"node {self.node_id}: {type(e).__name__}: {e}"))
+            return False, f"engine failure: {e}"
+        finally:
+            if node is not None:
+                node.close()
+
+
+
+def _describe(msg: object) -> str:
+    if isinstance(msg, (Step, WeightChunk, Mesh, Stop)):
+        return f"{type(msg).__name__} of epoch {msg.epoch}"
+    return type(msg).__name__
+
+
+
+def _send_blocking_quietly(link: BlockingLink, msg: Error) -> None:
+    try:
+        link.send(msg)
+    except (LinkClosed, LinkTimeout):
+        pass
+

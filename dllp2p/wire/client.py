@@ -1,0 +1,173 @@
+"""The one client of a daemon's port: a prompt (Generate -> TokenChunk ... TokenChunk -> Done) and Status.
+
+    GenerateCall  one Generate on one connection, its answers one by one (trio): a daemon forwarding a
+                  prompt to the root relays them, `ask` prints them
+    ask           the whole exchange for a person's command: first a Status, answered within seconds by
+                  any dllp2p daemon (so a port held by something else fails fast and says so), then the
+                  Generate; each piece of text to on_text; -> the Done
+    ask_status    one Status -> StatusReply (trio), and its round-trip
+
+`ask_blocking` and `status_blocking` run those in a trio.run of their own, for the commands (which are
+not trio programs).
+
+Error handling: nothing listening at the address is NoDaemon; something that is not a dllp2p daemon
+(another server, another protocol version) is NotADaemon; a daemon that took the prompt and then
+failed, or an Error it answered, is DaemonError. All three are ConnectionErrors naming the address.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable, Sequence
+
+import trio
+
+from ..error_codes import ErrorCode
+from .codec import ProtocolError, UnexpectedMessage
+from .link import LinkClosed, LinkTimeout, TrioLink, open_link
+from .messages import ChatTurn, Done, Error, Generate, Status, StatusReply, TokenChunk
+
+
+class DaemonError(ConnectionError):
+    """The daemon took the prompt and then failed; the message is the daemon's (or the lost link's).
+    `code`: the daemon's error_codes.ErrorCode (None: the link failed)."""
+
+    def __init__(self, message: str, code: ErrorCode | None = None):
+        super().__init__(message)
+        self.code = code
+
+
+class NoDaemon(DaemonError):
+    """Nothing accepts connections at the address."""
+
+
+class NotADaemon(DaemonError):
+    """Something answers at the address, but not as a dllp2p daemon of this protocol version."""
+
+
+def daemon_request(sampler, steps: int, ctx: int, *, prompt: str = "", tokens: Sequence[int] = (),  # noqa: ANN001
+                   chat: bool = False, system: str | None = None, messages: Sequence[ChatTurn] = (),
+                   stop: Sequence[str] = ()) -> Generate:
+    """The Generate asking a daemon for a prompt (text, token ids or messages) drawn by `sampler` (a
+    sampler.SamplerConfig; the root rebuilds it from these fields)."""
+    s = sampler
+    return Generate(prompt, tuple(tokens), chat, system, steps, ctx, float(s.temperature), s.top_k, float(s.top_p),
+                    float(s.min_p), float(s.repeat_penalty), s.seed, messages=tuple(messages), stop=tuple(stop))
+
+
+# --- Status ---------------------------------------------------------------------------------------
+
+
+async def ask_status(address: str, timeout: float, seq: int = 0) -> StatusReply:
+    """One Status -> StatusReply exchange with the daemon at address. Raises LinkClosed, LinkTimeout,
+    ProtocolError (an Error answer, or anything else, is UnexpectedMessage)."""
+    return (await ask_status_timed(address, timeout, seq))[0]
+
+
+async def ask_status_timed(address: str, timeout: float, seq: int = 0) -> tuple[StatusReply, float]:
+    """ask_status, and its round-trip in seconds: Status sent -> StatusReply received (connecting not
+    included)."""
+    link = await open_link(address, timeout)
+    try:
+        t0 = time.perf_counter()
+        await link.send(Status(seq))
+        reply = await link.receive(timeout)
+        rtt = time.perf_counter() - t0
+    finally:
+        await link.aclose()
+    if not isinstance(reply, StatusReply):
+        detail = reply.message if isinstance(reply, Error) else type(reply).__name__
+        raise UnexpectedMessage(f"{address} answered Status with {detail}")
+    return reply, rtt
+
+
+def status_blocking(address: str, timeout: float, seq: int = 0) -> tuple[StatusReply, float]:
+    """ask_status_timed for code outside trio. Raises LinkClosed, LinkTimeout, ProtocolError."""
+    return trio.run(ask_status_timed, address, timeout, seq)
+
+
+# --- Generate -------------------------------------------------------------------------------------
+
+
+class GenerateCall:
+    """One Generate on its own connection; `receive` its answers, then `aclose`."""
+
+    def __init__(self, link: TrioLink):
+        self.link = link
+        self.address = link.peer
+
+    @classmethod
+    async def open(cls, address: str, g: Generate, timeout: float) -> GenerateCall:
+        """Connect and send g. Raises LinkClosed (refused, unreachable), LinkTimeout."""
+        link = await open_link(address, timeout)
+        try:
+            await link.send(g)
+        except BaseException:
+            await link.aclose()
+            raise
+        return cls(link)
+
+    async def receive(self, timeout: float) -> TokenChunk | Done | Error:
+        """The next answer. Raises LinkClosed, LinkTimeout, ProtocolError (any other message:
+        UnexpectedMessage)."""
+        msg = await self.link.receive(timeout)
+        if not isinstance(msg, (TokenChunk, Done, Error)):
+            raise UnexpectedMessage(f"{self.address} answered a Generate with {type(msg).__name__}")
+        return msg
+
+    async def aclose(self) -> None:
+        await self.link.aclose()
+
+
+async def probe(address: str, connect_timeout: float, answer_timeout: float) -> None:
+    """Is a dllp2p daemon of this version at address? Raises NoDaemon, NotADaemon; returns within about
+    connect_timeout + answer_timeout seconds."""
+    try:
+        link = await open_link(address, connect_timeout)
+    except (LinkClosed, LinkTimeout) as e:
+        raise NoDaemon(f"no dllp2p daemon answers at {address} ({e})") from None
+    try:
+        await link.send(Status(0))
+        reply = await link.receive(answer_timeout)
+    except LinkTimeout:
+        raise NotADaemon(f"{address} is not a dllp2p daemon: it accepted a connection but did not answer "
+                         f"within {answer_timeout:g} s") from None
+    except (LinkClosed, ProtocolError) as e:
+        raise NotADaemon(f"{address} is not a dllp2p daemon of this version ({e})") from None
+    finally:
+        await link.aclose()
+    if not isinstance(reply, StatusReply):
+        detail = reply.message if isinstance(reply, Error) else type(reply).__name__
+        raise NotADaemon(f"{address} is not a dllp2p daemon of this version (it answered {detail})")
+
+
+async def ask(address: str, g: Generate, on_text: Callable[[str], None], *, connect_timeout: float = 1.0,
+              probe_timeout: float = 5.0, answer_timeout: float = 900.0) -> Done:
+    """Send g to the daemon at address, handing each piece of text to on_text. -> its Done.
+
+    Raises NoDaemon, NotADaemon (before the prompt is sent), DaemonError (once the daemon has it)."""
+    await probe(address, connect_timeout, probe_timeout)
+    try:
+        call = await GenerateCall.open(address, g, connect_timeout)
+    except (LinkClosed, LinkTimeout) as e:
+        raise NoDaemon(f"no dllp2p daemon answers at {address} ({e})") from None
+    try:
+        while True:
+            msg = await call.receive(answer_timeout)
+            if isinstance(msg, TokenChunk):
+                on_text(msg.text)
+            elif isinstance(msg, Done):
+                return msg
+            else:
+                hint = msg.kind.hint  # ErrorCode: what the person can do about it
+                raise DaemonError(f"daemon {address}: {msg.message}" + (f" ({hint})" if hint else ""), msg.kind)
+    except (LinkClosed, LinkTimeout, ProtocolError) as e:
+        raise DaemonError(f"daemon {address}: {e}") from None
+    finally:
+        with trio.CancelScope(shield=True):
+            await call.aclose()
+
+
+def ask_blocking(address: str, g: Generate, on_text: Callable[[str], None], **timeouts: float) -> Done:
+    """ask, for code outside trio (the commands)."""
+    return trio.run(lambda: ask(address, g, on_text, **timeouts))
