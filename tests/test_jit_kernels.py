@@ -348,6 +348,35 @@ def test_silu_mul(lib, n, seed):
 
 @SETTINGS
 @given(n=st.integers(1, 100), seed=seeds)
+def test_gelu_tanh_mul(lib, n, seed):
+    rng = np.random.default_rng(seed)
+    g = (rng.standard_normal(n) * rng.choice([0.3, 1.0, 3.0, 10.0])).astype(np.float32)
+    g[: n // 10] = rng.uniform(-100, 100, n // 10)  # exp clamping territory
+    up = rng.standard_normal(n).astype(np.float32)
+    out = np.full(n + 16, SENTINEL, np.float32)
+    lib["gelu_tanh_mul_f32"](P(g), P(up), P(out), n)
+    # u = c (g + k g^3): ~5 roundings, relative; exp(-2u) (vexp, 2U) then carries u's relative error times |2u|;
+    # 1 + e, g / (.), * up: 3 more. Where exp is clamped (2u < -88.7) the output is < 1e-36 * |g up|: absolute term.
+    want = ref.gelu_tanh_mul_f32(g, up)
+    u = np.sqrt(2 / np.pi) * (g.astype(np.float64) + 0.044715 * g.astype(np.float64) ** 3)
+    assert_within(out[:n], want, (10 + 12 * np.abs(u)) * U * np.abs(want) + 1e-34 * np.abs(g * up) + 1e-37)
+    assert (out[n:] == SENTINEL).all()
+
+
+@SETTINGS
+@given(n=st.integers(1, 100), s=st.floats(-100, 100, width=32), seed=seeds)
+def test_scale_bit_exact(lib, n, s, seed):
+    rng = np.random.default_rng(seed)
+    x = np.full(n + 16, SENTINEL, np.float32)
+    x[:n] = rng.standard_normal(n) * 10.0 ** rng.integers(-5, 5, n)
+    want = ref.scale_f32(x[:n], s).astype(np.float32)  # one product: the f64 one rounded is the f32 one
+    lib["scale_f32"](P(x), n, s)
+    np.testing.assert_array_equal(x[:n], want)
+    assert (x[n:] == SENTINEL).all()
+
+
+@SETTINGS
+@given(n=st.integers(1, 100), seed=seeds)
 def test_add_bit_exact(lib, n, seed):
     rng = np.random.default_rng(seed)
     x = np.full(n + 16, SENTINEL, np.float32)
@@ -744,6 +773,6 @@ def test_all_specs_names_and_signatures():
     assert names["to_f16"].args == (("x", "p"), ("out", "p"), ("n", "i"))
     for n in ("quantize_f32_q8s", "matvec_q4_0_q8s", "matvec_q4_1_q8s", "matvec_q8_0_q8s", "matvec_f32_f32",
               "matvec_f16_f32", "matmul_q4_1_q8s_x4", "embed_q8_0", "embed_f16", "rmsnorm_f32", "rope_f32",
-              "silu_mul_f32", "add_f32", "barrier_wait", "barrier_demo"):
+              "silu_mul_f32", "gelu_tanh_mul_f32", "scale_f32", "add_f32", "barrier_wait", "barrier_demo"):
         assert n in names
     assert aligned_empty((3, 5), np.float32).ctypes.data % 64 == 0

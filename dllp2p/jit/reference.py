@@ -166,6 +166,19 @@ def silu_mul_f32(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
     return g / (1 + np.exp(-g)) * up
 
 
+def gelu_tanh_mul_f32(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+    """gelu_tanh(gate) * up in f64: g/2 (1 + tanh(u)), u = sqrt(2/pi) (g + 0.044715 g^3), written
+    g / (1 + exp(-2u)) (the same function; no cancellation in 1 + tanh for negative g)."""
+    g = np.asarray(gate, np.float64)
+    u = np.sqrt(2 / np.pi) * (g + 0.044715 * g**3)
+    with np.errstate(over="ignore"):
+        return g / (1 + np.exp(-2 * u)) * up
+
+
+def scale_f32(x: np.ndarray, s: float) -> np.ndarray:
+    return np.asarray(x, np.float64) * np.float32(s)
+
+
 def add_f32(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return np.asarray(x, np.float64) + y
 
