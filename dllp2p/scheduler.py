@@ -15,9 +15,21 @@ exchanges per layer) gives the full layer's output: the plan's exchange "q8". Wi
 results, four exchanges per layer (jit/tp_program.py). Norms and the embedding are whole on every node.
 
 Policies:
-    "pow2"      the largest 2^n <= min(#peers, n_kv_heads) nodes, equal slices (as equal as whole KV heads
-                and 32-row blocks allow: SmolLM2's 3 KV heads on 2 nodes are 2 + 1).
-    "weighted"  up to n_kv_heads nodes, slices proportional to each node's capacity.
+    "pow2"      the largest 2^n <= #peers nodes that the model's heads allow (see below), equal slices (as
+                equal as whole heads and blocks allow: SmolLM2's 3 KV heads on 2 nodes are 2 + 1).
+    "weighted"  as many nodes as peers (and heads) allow, slices proportional to each node's capacity.
+
+Heads: up to n_kv_heads nodes, a node owns whole KV groups. More nodes than KV heads (Gemma 3 has 1) are
+allowed when they divide evenly over the KV heads, up to one query head per node: each KV group's query
+heads are shared out among its n / n_kv_heads nodes, and every one of them computes (replicates) that KV
+head's K and V itself. For Gemma 3 270M that costs each node the 2 x 640 x 256 K/V rows (~0.2 MB of
+Q5_0/Q8_0 weights per layer, ~3.6 MB a token over 18 layers, and 2 x 256 values of RoPE and cache writes);
+computing them once and sending them would cost an extra exchange (a network round trip, ~50-100 us on a
+LAN) per layer: more than the ~15 us the replicated rows take to stream at ~15 GB/s. So: replicated.
+
+Blocks: FFN and vocabulary ranges start on multiples of BLOCK_ROWS (32, a ggml block); `block` raises the
+FFN alignment to the largest block among the tensors cut by columns (256 for K-quant ffn_down / attn_output
+in the q8 exchange: tp.split_block computes it from the file's tensor types).
 
 Either way the first peer is the root and always takes part; the others are taken by capacity (then
 node id), so the plan does not depend on the order peers were discovered in. Every share is rounded by
@@ -31,7 +43,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from dataclasses import astuple, dataclass
+from dataclasses import astuple, dataclass, field
 from fractions import Fraction
 from typing import Sequence
 
@@ -73,8 +85,8 @@ class NodeSlice:
     address: str
     threads: int
     head_dim: int
-    kv_heads: tuple[int, int]  # its K/V heads
-    q_heads: tuple[int, int]  # its query heads: kv_heads * group_size
+    kv_heads: tuple[int, int]  # its K/V heads: those its query heads read (shared with a neighbour when replicated)
+    q_heads: tuple[int, int]  # its query heads: kv_heads * group_size, or part of one KV head's group
     ffn_rows: tuple[int, int]  # rows of gate/up, columns of down
     vocab_rows: tuple[int, int]  # rows of the output projection (its slice of the logits)
     dim_rows: tuple[int, int]  # rows of attn_output and ffn_down when those are split by rows (tp.py)
@@ -105,6 +117,7 @@ class Plan:
     dim: int
     nodes: tuple[NodeSlice, ...]
     exchange: str = DEFAULT_EXCHANGE  # "q8": Megatron partial sums in Q8_0; "exact": row split, bit-exact
+    block: int = field(default=BLOCK_ROWS, metadata={"wire_optional": True})  # FFN ranges start on multiples
 
     def __post_init__(self) -> None:
         validate_plan(self)
@@ -138,11 +151,13 @@ def plan(
     max_nodes: int | None = None,
     model: str | None = None,
     exchange: str = DEFAULT_EXCHANGE,
+    block: int = BLOCK_ROWS,
 ) -> Plan:
     """peers[0] is the root. Returns the plan for `epoch`; same inputs, same plan.
 
     max_nodes caps the node count further; model overrides the fingerprint (e.g. a hash of the file);
-    exchange picks how nodes combine their shares (EXCHANGES).
+    exchange picks how nodes combine their shares (EXCHANGES); block: FFN ranges start on multiples of it
+    (a multiple of BLOCK_ROWS: the largest block among the tensors cut by columns, tp.split_block).
     Raises PlanError: no peers, duplicate node ids, unknown policy or exchange, a model that cannot be split.
     """
     if policy not in POLICIES:
@@ -159,20 +174,22 @@ def plan(
     if max_nodes is not None and max_nodes < 1:
         raise PlanError(f"max_nodes must be >= 1, got {max_nodes}")
 
-    limit = min(len(peers), config.n_kv_heads, max_nodes or len(peers))
-    n = 1 << (limit.bit_length() - 1) if policy == "pow2" else limit
+    if not isinstance(block, int) or isinstance(block, bool) or block < BLOCK_ROWS or block % BLOCK_ROWS:
+        raise PlanError(f"block must be a positive multiple of {BLOCK_ROWS}, got {block!r}")
+
+    limit = min(len(peers), max_nodes or len(peers))
+    n = max(k for k in range(1, limit + 1) if allowed_nodes(config, k) and (policy != "pow2" or k & (k - 1) == 0))
     chosen = _choose(peers, n)
     weights = [Fraction(1)] * n if policy == "pow2" else [Fraction(p.capacity) for p in chosen]
 
-    kv = apportion(config.n_kv_heads, weights)
-    ffn = _block_split(config.ffn_dim, weights, "FFN rows")
+    heads = head_split(config, weights)
+    ffn = _block_split(config.ffn_dim, weights, "FFN rows", block)
     vocab = _block_split(config.vocab_size, weights, "vocabulary rows")
     dim = _block_split(config.dim, weights, "model dimension rows")
     g = config.group_size
     nodes = []
-    kv0 = 0
     for i, peer in enumerate(chosen):
-        kv1 = kv0 + kv[i]
+        q0, q1 = heads[i]
         nodes.append(
             NodeSlice(
                 index=i,
@@ -180,14 +197,13 @@ def plan(
                 address=peer.address,
                 threads=peer.threads,
                 head_dim=config.head_dim,
-                kv_heads=(kv0, kv1),
-                q_heads=(kv0 * g, kv1 * g),
+                kv_heads=(q0 // g, -(-q1 // g)),
+                q_heads=(q0, q1),
                 ffn_rows=ffn[i],
                 vocab_rows=vocab[i],
                 dim_rows=dim[i],
             )
         )
-        kv0 = kv1
     return Plan(
         epoch=epoch,
         model=model if model is not None else model_fingerprint(config),
@@ -200,7 +216,29 @@ def plan(
         dim=config.dim,
         nodes=tuple(nodes),
         exchange=exchange,
+        block=block,
     )
+
+
+def allowed_nodes(config: ModelConfig, n: int) -> bool:
+    """Whether n nodes can share the heads: n <= n_kv_heads (whole KV groups each), or n a multiple of
+    n_kv_heads up to n_heads (each KV group's query heads over n / n_kv_heads nodes, its K/V replicated)."""
+    return 1 <= n <= config.n_kv_heads or (n % config.n_kv_heads == 0 and n <= config.n_heads)
+
+
+def head_split(config: ModelConfig, weights: Sequence[Fraction]) -> list[tuple[int, int]]:
+    """Each node's query heads [q0, q1): whole KV groups (n <= n_kv_heads), or a share of one group."""
+    n, n_kv, g = len(weights), config.n_kv_heads, config.group_size
+    if n <= n_kv:
+        kv = apportion(n_kv, weights)
+        ends = [sum(kv[: i + 1]) * g for i in range(n)]
+    else:
+        per = n // n_kv
+        ends = []
+        for grp in range(n_kv):
+            shares = apportion(g, weights[grp * per : (grp + 1) * per])
+            ends += [grp * g + sum(shares[: i + 1]) for i in range(per)]
+    return list(zip([0] + ends[:-1], ends))
 
 
 def apportion(total: int, weights: Sequence[Fraction]) -> tuple[int, ...]:
@@ -245,7 +283,9 @@ def validate_plan(p: Plan) -> None:
     if len({n.node_id for n in p.nodes}) != len(p.nodes):
         raise PlanError(f"{where}: duplicate node ids")
     g = p.n_heads // p.n_kv_heads
-    ends = {"kv_heads": 0, "ffn_rows": 0, "vocab_rows": 0, "dim_rows": 0}
+    if not isinstance(p.block, int) or isinstance(p.block, bool) or p.block < BLOCK_ROWS or p.block % BLOCK_ROWS:
+        raise PlanError(f"{where}: block must be a positive multiple of {BLOCK_ROWS}, got {p.block!r}")
+    ends = {"kv_heads": 0, "q_heads": 0, "ffn_rows": 0, "vocab_rows": 0, "dim_rows": 0}
     for i, node in enumerate(p.nodes):
         if not isinstance(node, NodeSlice):
             raise PlanError(f"{where}: node {i} is a {type(node).__name__}, not a NodeSlice")
@@ -256,16 +296,23 @@ def validate_plan(p: Plan) -> None:
             raise PlanError(f"{at}: threads {node.threads} < 1")
         if node.head_dim != p.head_dim:
             raise PlanError(f"{at}: head_dim {node.head_dim}, the plan's is {p.head_dim}")
-        for field in ("kv_heads", "ffn_rows", "vocab_rows", "dim_rows"):
-            start, stop = _range(getattr(node, field), f"{at}: {field}")
-            if start != ends[field] or stop <= start:
-                raise PlanError(f"{at}: {field} [{start}, {stop}) does not follow [.., {ends[field]}) or is empty")
-            if field != "kv_heads" and start % BLOCK_ROWS:
-                raise PlanError(f"{at}: {field} start {start} is not a multiple of {BLOCK_ROWS}")
-            ends[field] = stop
-        if _range(node.q_heads, f"{at}: q_heads") != (node.kv_heads[0] * g, node.kv_heads[1] * g):
-            raise PlanError(f"{at}: q_heads {node.q_heads} are not kv_heads {node.kv_heads} x group {g}")
-    for field, total in (("kv_heads", p.n_kv_heads), ("ffn_rows", p.ffn_dim), ("vocab_rows", p.vocab_size), ("dim_rows", p.dim)):
+        for name in ("kv_heads", "q_heads", "ffn_rows", "vocab_rows", "dim_rows"):
+            start, stop = _range(getattr(node, name), f"{at}: {name}")
+            # a KV head may be shared with the previous node when both hold part of its group
+            follows = start == ends[name] or (name == "kv_heads" and start == ends[name] - 1 and node.q_heads[0] % g)
+            if not follows or stop <= start:
+                raise PlanError(f"{at}: {name} [{start}, {stop}) does not follow [.., {ends[name]}) or is empty")
+            align = p.block if name == "ffn_rows" else BLOCK_ROWS
+            if name not in ("kv_heads", "q_heads") and start % align:
+                raise PlanError(f"{at}: {name} start {start} is not a multiple of {align}")
+            ends[name] = stop
+        q0, q1 = node.q_heads
+        whole = q0 % g == 0 and q1 % g == 0
+        if node.kv_heads != (q0 // g, -(-q1 // g)) or not (whole or q0 // g == (q1 - 1) // g):
+            raise PlanError(f"{at}: q_heads {node.q_heads} are neither kv_heads {node.kv_heads} x group {g} "
+                            "nor part of one KV head's group")
+    for field, total in (("kv_heads", p.n_kv_heads), ("q_heads", p.n_heads), ("ffn_rows", p.ffn_dim),
+                         ("vocab_rows", p.vocab_size), ("dim_rows", p.dim)):
         if ends[field] != total:
             raise PlanError(f"{where}: {field} end at {ends[field]}, expected {total}")
 
@@ -292,14 +339,14 @@ def _choose(peers: Sequence[Peer], n: int) -> list[Peer]:
     return [peers[0], *others[: n - 1]]
 
 
-def _block_split(total: int, weights: Sequence[Fraction], what: str) -> list[tuple[int, int]]:
-    """[0, total) in len(weights) ranges starting on multiples of BLOCK_ROWS (the last may be partial)."""
-    units = -(-total // BLOCK_ROWS)
+def _block_split(total: int, weights: Sequence[Fraction], what: str, block: int = BLOCK_ROWS) -> list[tuple[int, int]]:
+    """[0, total) in len(weights) ranges starting on multiples of block (the last may be partial)."""
+    units = -(-total // block)
     if units < len(weights):
-        raise PlanError(f"{total} {what} cannot give {len(weights)} nodes a block of {BLOCK_ROWS} each")
+        raise PlanError(f"{total} {what} cannot give {len(weights)} nodes a block of {block} each")
     out, start = [], 0
     for share in apportion(units, weights):
-        stop = min(start + share * BLOCK_ROWS, total)
+        stop = min(start + share * block, total)
         out.append((start, stop))
         start = stop
     return out

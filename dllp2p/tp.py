@@ -26,8 +26,10 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from .formats import GGUFModel, ModelConfig, QType
+from .formats.quant import TRAITS
 from .jit.compiler import DEFAULT_CACHE_DIR
 from .jit.engine import JITEngine, _kernel_type
+from .jit.family import LAYER_EXTRAS, arranged, layer_extras
 from .jit.layout import CANDIDATE, aligned_zeros
 from .jit.program import LAYER_MATRICES, ProgramSpec
 from .jit.specs import QUANT_WEIGHTS
@@ -35,7 +37,7 @@ from .jit.tp_program import (
     MAX_TOP, RECV_SPINS, Partition, TPSlots, build_tp_program, bytes_per_step, top_of, tp_buffer_sizes,
 )
 from .jit.weights import LAYOUT_VERSION, PackedModel, cached, execution_order, pack
-from .scheduler import Plan
+from .scheduler import BLOCK_ROWS, Plan
 
 
 class PeerLost(Exception):
@@ -58,7 +60,8 @@ class NodeTensor:
 def partition_of(plan: Plan, index: int) -> Partition:
     nodes = plan.nodes
     return Partition(index, tuple(n.kv_heads for n in nodes), tuple(n.ffn_rows for n in nodes),
-                     tuple(n.dim_rows for n in nodes), tuple(n.vocab_rows for n in nodes), plan.exchange)
+                     tuple(n.dim_rows for n in nodes), tuple(n.vocab_rows for n in nodes), plan.exchange,
+                     tuple(n.q_heads for n in nodes))
 
 
 def slice_ranges(config: ModelConfig, part: Partition) -> dict[str, tuple[str, tuple[int, int]]]:
@@ -68,7 +71,8 @@ def slice_ranges(config: ModelConfig, part: Partition) -> dict[str, tuple[str, t
     c, me = config, part.index
     kv0, kv1 = part.kv_heads[me]
     g, hd = c.group_size, c.head_dim
-    q_rows = (kv0 * g * hd, kv1 * g * hd)
+    h0, h1 = part.q_of(me, g)
+    q_rows = (h0 * hd, h1 * hd)
     megatron = part.exchange == "q8"
     return {
         "attn_q": ("rows", q_rows),
@@ -86,15 +90,27 @@ def _digest(data: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(data).view(np.uint8).reshape(-1)).hexdigest()
 
 
+def split_block(model: GGUFModel) -> int:
+    """The `block` a plan for this model needs (scheduler.plan): the largest block, in values, of the
+    tensors a plan may cut by columns (attn_output, ffn_down: the q8 exchange), at least BLOCK_ROWS.
+    256 for K-quants (a super-block's scales cover all 256 values, so a cut must not fall inside it)."""
+    sizes = [TRAITS[model.tensor(f"blk.{i}.{n}.weight").qtype].block_values
+             for i in range(model.config.n_layers) for n in ("attn_output", "ffn_down")]
+    return max([BLOCK_ROWS, *sizes])
+
+
 def node_tensors(model: GGUFModel, plan: Plan, index: int) -> dict[str, NodeTensor]:
-    """What node `index` of `plan` holds: row slices (views of the memory map) and column slices (copies),
-    with their sha256."""
+    """What node `index` of `plan` holds: row slices (views of the memory map, copies for Q/K rows of NEOX
+    models: family.arranged) and column slices (copies), with their sha256. The layers' extra vectors
+    (family.LAYER_EXTRAS): biases cut like their matrix's rows, q/k and post norms whole."""
     c = model.config
-    cuts = slice_ranges(c, partition_of(plan, index))
+    part = partition_of(plan, index)
+    cuts = slice_ranges(c, part)
+    tensor = arranged(model.tensor, c)
     out: dict[str, NodeTensor] = {}
 
     def add(name: str, source: str, cut: tuple[str, tuple[int, int]] | None) -> None:
-        t = model.tensor(source)
+        t = tensor(source)
         if cut is not None:
             t = t.rows(*cut[1]) if cut[0] == "rows" else t.columns(*cut[1])
         out[name] = NodeTensor(name, t.qtype, tuple(t.shape), t.data, _digest(t.data))
@@ -110,6 +126,10 @@ def node_tensors(model: GGUFModel, plan: Plan, index: int) -> dict[str, NodeTens
             if t.qtype not in QUANT_WEIGHTS:
                 raise ValueError(f"tensor parallelism needs block-quantized layer weights; {t.name} is {t.qtype.name}")
             add(f"blk.{i}.{name}.weight", f"blk.{i}.{name}.weight", cuts[name])
+        for slot in layer_extras(c):
+            name = f"blk.{i}.{LAYER_EXTRAS[slot]}"
+            matrix = {"q_bias": "attn_q", "k_bias": "attn_k", "v_bias": "attn_v"}.get(slot)
+            add(name, name, cuts[matrix] if matrix else None)
     return out
 
 

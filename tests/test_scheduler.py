@@ -63,12 +63,33 @@ def test_smollm2_on_three_nodes_needs_the_weighted_policy():
     assert [n.ffn_rows for n in p.nodes] == [(0, 512), (512, 1024), (1024, 1536)]
 
 
-@pytest.mark.parametrize("n_peers,n_nodes", [(1, 1), (2, 2), (3, 2), (4, 4), (7, 4), (8, 8), (20, 8)])
+@pytest.mark.parametrize("n_peers,n_nodes", [(1, 1), (2, 2), (3, 2), (4, 4), (7, 4), (8, 8), (20, 16), (40, 32)])
 def test_pow2_node_counts_on_8_kv_heads(n_peers, n_nodes):
     p = plan(LLAMA_8KV, _peers(*[1] * n_peers), epoch=0)
     assert p.n_nodes == n_nodes
-    per = 8 // n_nodes
-    assert [n.kv_heads for n in p.nodes] == [(i * per, (i + 1) * per) for i in range(n_nodes)]
+    if n_nodes <= 8:
+        per = 8 // n_nodes
+        assert [n.kv_heads for n in p.nodes] == [(i * per, (i + 1) * per) for i in range(n_nodes)]
+    else:  # more nodes than KV heads: each KV head (group of 4 query heads) replicated on n / 8 nodes
+        share = n_nodes // 8
+        assert [n.kv_heads for n in p.nodes] == [(i // share, i // share + 1) for i in range(n_nodes)]
+        assert [n.q_heads for n in p.nodes] == [(i * 32 // n_nodes, (i + 1) * 32 // n_nodes) for i in range(n_nodes)]
+
+
+def test_one_kv_head_on_two_and_four_nodes_replicates_it():
+    gemma = ModelConfig(arch="gemma3", dim=640, n_layers=18, n_heads=4, n_kv_heads=1, head_dim=256, ffn_dim=2048,
+                        vocab_size=262144, context_length=32768, rope_base=1e6, rope_dim=256, norm_eps=1e-6,
+                        tied_output=True)
+    for n_nodes in (2, 4):
+        p = plan(gemma, _peers(*[1] * n_nodes), epoch=0, block=256)
+        assert [n.kv_heads for n in p.nodes] == [(0, 1)] * n_nodes
+        per = 4 // n_nodes
+        assert [n.q_heads for n in p.nodes] == [(i * per, (i + 1) * per) for i in range(n_nodes)]
+        assert all(n.ffn_rows[0] % 256 == 0 for n in p.nodes) and p.nodes[-1].ffn_rows[1] == 2048
+    assert plan(gemma, _peers(*[1] * 8), epoch=0).n_nodes == 4  # one query head each at most
+    with pytest.raises(PlanError, match="multiple of 256"):  # a K-quant cut must not split a super-block
+        r = dataclasses.replace
+        validate_plan(r(p, nodes=(r(p.nodes[0], ffn_rows=(0, 544)), r(p.nodes[1], ffn_rows=(544, 1024)), *p.nodes[2:])))
 
 
 def test_weighted_slices_follow_capacity():
@@ -224,20 +245,26 @@ def test_plans_cover_everything_once_aligned_and_deterministic(config, peers, po
     p = plan(config, peers, epoch, policy)
     validate_plan(p)  # also run by Plan itself; the explicit checks below restate it
     assert p.epoch == epoch and p.nodes[0].node_id == "n0" and p.model == model_fingerprint(config)
-    limit = min(len(peers), config.n_kv_heads)
+    fits = [k for k in range(1, len(peers) + 1)  # whole KV groups, or an even share of each group's heads
+            if k <= config.n_kv_heads or (k % config.n_kv_heads == 0 and k <= config.n_heads)]
+    limit = max(fits) if policy == "weighted" else max(k for k in fits if k & (k - 1) == 0)
     if policy == "pow2":
         assert p.n_nodes & (p.n_nodes - 1) == 0 and p.n_nodes <= limit < 2 * p.n_nodes
     else:
         assert p.n_nodes == limit
-    for field, total in (("kv_heads", config.n_kv_heads), ("ffn_rows", config.ffn_dim),
+    for field, total in (("q_heads", config.n_heads), ("ffn_rows", config.ffn_dim),
                          ("vocab_rows", config.vocab_size)):
         ranges = [getattr(n, field) for n in p.nodes]
         assert ranges[0][0] == 0 and ranges[-1][1] == total
         assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:])) and all(r[0] < r[1] for r in ranges)
-        if field != "kv_heads":
+        if field != "q_heads":
             assert all(r[0] % 32 == 0 for r in ranges)
     g = config.group_size
-    assert all(n.q_heads == (n.kv_heads[0] * g, n.kv_heads[1] * g) for n in p.nodes)
+    if p.n_nodes <= config.n_kv_heads:
+        assert all(n.q_heads == (n.kv_heads[0] * g, n.kv_heads[1] * g) for n in p.nodes)
+    else:
+        assert all(n.kv_heads == (n.q_heads[0] // g, n.q_heads[0] // g + 1) for n in p.nodes)
+        assert all(n.q_heads[0] // g == (n.q_heads[1] - 1) // g for n in p.nodes)
     assert p.nodes[-1].q_rows[1] == config.q_dim and p.nodes[-1].kv_rows[1] == config.kv_dim
     assert plan(config, peers, epoch, policy) == p  # same input, same plan
     shuffled = [peers[0], *reversed(peers[1:])]
@@ -249,7 +276,10 @@ def test_plans_cover_everything_once_aligned_and_deterministic(config, peers, po
 def test_pow2_slices_are_equal_when_heads_divide(config, peers):
     p = plan(config, peers, 0)
     sizes = {n.kv_heads[1] - n.kv_heads[0] for n in p.nodes}
-    if config.n_kv_heads % p.n_nodes == 0:
+    if p.n_nodes > config.n_kv_heads:  # KV heads replicated: one each, the query heads shared out evenly
+        q_sizes = [n.q_heads[1] - n.q_heads[0] for n in p.nodes]
+        assert sizes == {1} and max(q_sizes) - min(q_sizes) <= 1
+    elif config.n_kv_heads % p.n_nodes == 0:
         assert sizes == {config.n_kv_heads // p.n_nodes}
     else:
         assert max(sizes) - min(sizes) == 1

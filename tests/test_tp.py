@@ -49,9 +49,9 @@ def mesh(n: int, timeout: float = 20.0) -> list[list[socket.socket | None]]:
 
 class Cluster:
     def __init__(self, model, n_nodes: int, policy: str, cache_dir, threads: int = 1, ctx: int = 128,
-                 exchange: str = "exact"):
+                 exchange: str = "exact", block: int = 32):
         peers = [Peer(f"node{i}", f"127.0.0.1:{7000 + i}", threads, 1.0) for i in range(n_nodes)]
-        self.plan = plan(model.config, peers, epoch=1, policy=policy, exchange=exchange)
+        self.plan = plan(model.config, peers, epoch=1, policy=policy, exchange=exchange, block=block)
         assert self.plan.n_nodes == n_nodes
         self.socks = mesh(n_nodes)
         # all nodes share this machine's cores: polling receives would starve the node being waited for

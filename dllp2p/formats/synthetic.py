@@ -1,8 +1,12 @@
-"""Random-weight Llama GGUF files, for tests and benchmarks of shapes the real model cannot cover.
+"""Random-weight GGUF files of every family in formats/arch.py (llama, qwen2, qwen3, gemma3), for
+tests and benchmarks of shapes and features the real models cannot cover.
 
 These models are noise: their text means nothing. They exist to exercise shapes (8 KV heads,
 7B-sized layers) and code paths. Never present one as a trained model; the file's general.name
-says "random weights".
+says "random weights". The metadata keys are the ones llama.cpp's converter writes for the family
+(so transformers loads the files with `gguf_file=`), and the extra tensors too: QKV biases (qwen2),
+q/k norms (qwen3, gemma3), post-sublayer norms (gemma3), rope_freqs.weight (Llama 3.x: the
+converter's form of HF's 'llama3' RoPE scaling, see llama3_rope_factors).
 
 The tokenizer is byte-level BPE ('gpt2') over the 256 byte symbols, BOS/EOS control tokens, one
 merge (two spaces) and unused filler up to the vocabulary size: nearly every byte is one token.
@@ -15,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .arch import FAMILIES
 from .quant import QType, quantize
 
 
@@ -30,13 +35,24 @@ class SyntheticSpec:
     rope_base: float = 10000.0
     norm_eps: float = 1e-5
     qtype: QType = QType.Q4_0  # of the layer matrices
+    # per-matrix overrides of qtype, by the name within a layer: (("ffn_down", QType.Q6_K), ...); K-quants
+    # need the matrix's row length (its input width) to be a multiple of 256
+    qtypes: tuple[tuple[str, QType], ...] = ()
     embed_qtype: QType = QType.Q8_0
     tied_output: bool = False  # untied, so logits depend on the whole stream, not just the last embedding
     seed: int = 0
+    arch: str = "llama"  # a family of formats/arch.py: its extra tensors and metadata are written
+    key_length: int = 0  # head_dim when not dim // n_heads (Mistral Nemo, Qwen 3: 128; Gemma 3: 256)
+    sliding_window: int = 0  # gemma3's attention.sliding_window (the family decides which layers slide)
+    # Llama 3.x 'llama3' RoPE scaling as HF's config gives it: (factor, low_freq_factor,
+    # high_freq_factor, original_max_position_embeddings) -> a rope_freqs.weight tensor
+    llama3_scaling: tuple[float, float, float, int] | None = None
+    rope_scaling_type: str = ""  # written as {arch}.rope.scaling.type when set ('linear', 'llama3', ...)
+    rope_scaling_factor: float = 0.0  # written as {arch}.rope.scaling.factor when set
 
     @property
     def head_dim(self) -> int:
-        return self.dim // self.n_heads
+        return self.key_length or self.dim // self.n_heads
 
 
 def _tokenizer_fields(vocab_size: int) -> tuple[list[str], list[int]]:
@@ -54,13 +70,17 @@ def _tokenizer_fields(vocab_size: int) -> tuple[list[str], list[int]]:
 def random_tensors(spec: SyntheticSpec) -> dict[str, tuple[np.ndarray, QType]]:
     """name -> (f32 values in numpy (rows, cols) order, storage type). Scaled to keep activations sane."""
     rng = np.random.default_rng(spec.seed)
+    family = FAMILIES[spec.arch]
     d, hd = spec.dim, spec.head_dim
 
     def mat(rows: int, cols: int) -> np.ndarray:
         return (rng.standard_normal((rows, cols)) / np.sqrt(cols)).astype(np.float32)
 
-    def norm() -> np.ndarray:
-        return (1.0 + 0.1 * rng.standard_normal(d)).astype(np.float32)
+    def norm(n: int = d) -> np.ndarray:
+        return (1.0 + 0.1 * rng.standard_normal(n)).astype(np.float32)
+
+    def qt(name: str) -> QType:
+        return dict(spec.qtypes).get(name, spec.qtype)
 
     out: dict[str, tuple[np.ndarray, QType]] = {
         "token_embd.weight": (rng.standard_normal((spec.vocab_size, d)).astype(np.float32), spec.embed_qtype),
@@ -68,27 +88,58 @@ def random_tensors(spec: SyntheticSpec) -> dict[str, tuple[np.ndarray, QType]]:
     for i in range(spec.n_layers):
         p = f"blk.{i}."
         out[p + "attn_norm.weight"] = (norm(), QType.F32)
-        out[p + "attn_q.weight"] = (mat(spec.n_heads * hd, d), spec.qtype)
-        out[p + "attn_k.weight"] = (mat(spec.n_kv_heads * hd, d), spec.qtype)
-        out[p + "attn_v.weight"] = (mat(spec.n_kv_heads * hd, d), spec.qtype)
-        out[p + "attn_output.weight"] = (mat(d, spec.n_heads * hd), spec.qtype)
+        out[p + "attn_q.weight"] = (mat(spec.n_heads * hd, d), qt("attn_q"))
+        out[p + "attn_k.weight"] = (mat(spec.n_kv_heads * hd, d), qt("attn_k"))
+        out[p + "attn_v.weight"] = (mat(spec.n_kv_heads * hd, d), qt("attn_v"))
+        out[p + "attn_output.weight"] = (mat(d, spec.n_heads * hd), qt("attn_output"))
         out[p + "ffn_norm.weight"] = (norm(), QType.F32)
-        out[p + "ffn_gate.weight"] = (mat(spec.ffn_dim, d), spec.qtype)
-        out[p + "ffn_up.weight"] = (mat(spec.ffn_dim, d), spec.qtype)
-        out[p + "ffn_down.weight"] = (mat(d, spec.ffn_dim), spec.qtype)
+        out[p + "ffn_gate.weight"] = (mat(spec.ffn_dim, d), qt("ffn_gate"))
+        out[p + "ffn_up.weight"] = (mat(spec.ffn_dim, d), qt("ffn_up"))
+        out[p + "ffn_down.weight"] = (mat(d, spec.ffn_dim), qt("ffn_down"))
+        if family.qkv_bias:  # large enough to matter against the projections' unit-scale outputs
+            out[p + "attn_q.bias"] = ((0.5 * rng.standard_normal(spec.n_heads * hd)).astype(np.float32), QType.F32)
+            out[p + "attn_k.bias"] = ((0.5 * rng.standard_normal(spec.n_kv_heads * hd)).astype(np.float32), QType.F32)
+            out[p + "attn_v.bias"] = ((0.5 * rng.standard_normal(spec.n_kv_heads * hd)).astype(np.float32), QType.F32)
+        if family.qk_norm:
+            out[p + "attn_q_norm.weight"] = (norm(hd), QType.F32)
+            out[p + "attn_k_norm.weight"] = (norm(hd), QType.F32)
+        if family.post_norms:
+            out[p + "post_attention_norm.weight"] = (norm(), QType.F32)
+            out[p + "post_ffw_norm.weight"] = (norm(), QType.F32)
     out["output_norm.weight"] = (norm(), QType.F32)
     if not spec.tied_output:
         out["output.weight"] = (mat(spec.vocab_size, d), spec.embed_qtype)
+    if spec.llama3_scaling is not None:
+        out["rope_freqs.weight"] = (llama3_rope_factors(hd, spec.rope_base, *spec.llama3_scaling), QType.F32)
     return out
 
 
-def write_random_llama(path: str | Path, spec: SyntheticSpec = SyntheticSpec()) -> Path:
-    """Write a random-weight Llama GGUF at `path` and return the path."""
+def llama3_rope_factors(
+    rope_dim: int, base: float, factor: float, low_freq_factor: float, high_freq_factor: float, original_ctx: int
+) -> np.ndarray:
+    """f32[rope_dim/2]: per frequency the divisor of its angle that Llama 3.1's RoPE scaling applies.
+
+    Wavelengths shorter than original_ctx / high_freq_factor keep their frequency (1); longer than
+    original_ctx / low_freq_factor are slowed by `factor`; in between the divisor moves smoothly from
+    one to the other (interpolating the frequency, not the divisor). This is the definition of HF's
+    'llama3' rope type, written as the tensor llama.cpp's converter stores in rope_freqs.weight."""
+    freqs = base ** (-np.arange(0, rope_dim, 2, dtype=np.float64) / rope_dim)
+    wavelen = 2 * np.pi / freqs
+    smooth = (original_ctx / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    divisor = 1.0 / ((1.0 - smooth) / factor + smooth)
+    divisor = np.where(wavelen < original_ctx / high_freq_factor, 1.0, divisor)
+    divisor = np.where(wavelen > original_ctx / low_freq_factor, factor, divisor)
+    return divisor.astype(np.float32)
+
+
+def write_random_model(path: str | Path, spec: SyntheticSpec = SyntheticSpec()) -> Path:
+    """Write a random-weight GGUF of spec.arch at `path` and return the path."""
     import gguf
 
     path = Path(path)
-    w = gguf.GGUFWriter(path, "llama")
-    w.add_name(f"random weights {spec.dim}d {spec.n_layers}L (not a trained model)")
+    family = FAMILIES[spec.arch]
+    w = gguf.GGUFWriter(path, spec.arch)
+    w.add_name(f"random weights {spec.arch} {spec.dim}d {spec.n_layers}L (not a trained model)")
     w.add_block_count(spec.n_layers)
     w.add_context_length(spec.context_length)
     w.add_embedding_length(spec.dim)
@@ -96,12 +147,22 @@ def write_random_llama(path: str | Path, spec: SyntheticSpec = SyntheticSpec()) 
     w.add_head_count(spec.n_heads)
     w.add_head_count_kv(spec.n_kv_heads)
     w.add_rope_freq_base(spec.rope_base)
-    w.add_rope_dimension_count(spec.head_dim)
     w.add_layer_norm_rms_eps(spec.norm_eps)
-    w.add_vocab_size(spec.vocab_size)
+    if spec.arch == "llama":  # the Llama converter's own keys
+        w.add_rope_dimension_count(spec.head_dim)
+        w.add_vocab_size(spec.vocab_size)
+    if spec.key_length or family.qk_norm:  # written when the model's config has an explicit head_dim
+        w.add_key_length(spec.head_dim)
+        w.add_value_length(spec.head_dim)
+    if family.sliding_pattern:
+        w.add_sliding_window(spec.sliding_window)
+    if spec.rope_scaling_type:
+        w.add_string(f"{spec.arch}.rope.scaling.type", spec.rope_scaling_type)
+    if spec.rope_scaling_factor:
+        w.add_rope_scaling_factor(spec.rope_scaling_factor)
     tokens, types = _tokenizer_fields(spec.vocab_size)
     w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("default")
+    w.add_tokenizer_pre("qwen2" if spec.arch.startswith("qwen") else "default")
     w.add_token_list(tokens)
     w.add_token_types(types)
     w.add_token_merges(["\u0120 \u0120"])  # some readers reject an empty merge list
@@ -116,3 +177,8 @@ def write_random_llama(path: str | Path, spec: SyntheticSpec = SyntheticSpec()) 
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+def write_random_llama(path: str | Path, spec: SyntheticSpec = SyntheticSpec()) -> Path:
+    """Write a random-weight GGUF at `path` (of spec.arch, 'llama' by default) and return the path."""
+    return write_random_model(path, spec)

@@ -23,7 +23,8 @@ import numpy as np
 from ..engine import ContextFull
 from ..formats import GGUFModel, QType
 from .compiler import DEFAULT_CACHE_DIR, CompiledModule, ObjectCache, compile_module, host_target, llvm_version, load_object
-from .layout import aligned_zeros, rope_table
+from .family import LAYER_EXTRAS, layer_extras, rope_table
+from .layout import aligned_zeros
 from .library import build_module
 from .program import LAYER_MATRICES, ProgramSpec, Slots, build_program, max_spans, private_sizes
 from .weights import load_packed, thread_layout
@@ -116,7 +117,8 @@ class JITEngine:
         bufs = {
             "barrier": aligned_zeros(16, np.int64),
             "tokens": aligned_zeros(mc, np.int64),
-            "rope": rope_table(self.ctx, c.rope_dim, c.rope_base),
+            "rope": rope_table(self.ctx, c, local=False),
+            "rope_local": rope_table(self.ctx if c.rope_base_local is not None else 1, c, local=True),
             "logits": aligned_zeros(c.vocab_size, np.float32),
             "x_t": aligned_zeros(T * priv["x_t"], np.uint8),
             "h_t": aligned_zeros(T * priv["h_t"], np.uint8),
@@ -157,6 +159,8 @@ class JITEngine:
                 table[slots[f"{layer}.{name}"]] = addr(bases[p + name + ".weight"])
             for name in ("attn_norm", "ffn_norm"):
                 table[slots[f"{layer}.{name}"]] = addr(norms[p + name + ".weight"])
+            for name in layer_extras(c):  # biases, q/k norms, post norms: f32 vectors (this node's rows)
+                table[slots[f"{layer}.{name}"]] = addr(norms[p + LAYER_EXTRAS[name]])
         return table
 
     # --- the Engine protocol ---------------------------------------------------------------------------

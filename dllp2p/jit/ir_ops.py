@@ -443,6 +443,41 @@ def emit_silu_mul(module: ir.Module, spec: KernelSpec, target: Target) -> None:
     b.ret_void()
 
 
+GELU_C = 0.7978845608028654  # sqrt(2 / pi)
+GELU_K = 0.044715
+
+
+def emit_gelu_tanh_mul(module: ir.Module, spec: KernelSpec, target: Target) -> None:
+    """out = gelu_tanh(gate) * up, gelu_tanh(g) = g/2 (1 + tanh(u)) = g / (1 + exp(-2u)),
+    u = sqrt(2/pi) (g + 0.044715 g^3) (Gemma's FFN activation). exp by vexp (clamped: no inf, no NaN),
+    16 lanes at a time."""
+    fn, b = define(module, spec.name, spec.signature)
+    gate, up, out, n = fn.args
+
+    def body(i, width):
+        g = load(b, gate, _fvec(width), i, F32)
+        g3 = b.fmul(b.fmul(g, g), g)
+        u = b.fmul(_fconst(GELU_C, width), _fmuladd(b, _fconst(GELU_K, width), g3, g))
+        e = vexp(b, b.fmul(_fconst(-2.0, width), u))
+        act = b.fdiv(g, b.fadd(_fconst(1.0, width), e))
+        store(b, b.fmul(act, load(b, up, _fvec(width), i, F32)), out, i, F32)
+
+    vector_loop(b, n, 16, body)
+    b.ret_void()
+
+
+def emit_scale(module: ir.Module, spec: KernelSpec, target: Target) -> None:
+    """x f32[n] *= s, in place (Gemma's embedding scale; a query pre-scale)."""
+    fn, b = define(module, spec.name, spec.signature)
+    x, n, s = fn.args
+
+    def body(i, width):
+        store(b, b.fmul(load(b, x, _fvec(width), i, F32), splat(b, s, width)), x, i, F32)
+
+    vector_loop(b, n, 16, body)
+    b.ret_void()
+
+
 def emit_add(module: ir.Module, spec: KernelSpec, target: Target) -> None:
     fn, b = define(module, spec.name, spec.signature)
     x, y, n = fn.args

@@ -5,7 +5,7 @@ Every thread of the node runs the same `forward`: it embeds the chunk's tokens, 
     private  h = rmsnorm(x_t); hq = quantize(h)             each thread keeps its own residual x_t
     split    q, k, v = Wq hq, Wk hq, Wv hq                  16-row groups shared out among threads
     barrier
-    split    rope(k), k, v -> f16 KV cache at pos + i; rope(q)   by chunk row
+    split    (+ biases; per-head q/k norms) rope(k), k, v -> f16 KV cache at pos + i; rope(q)   by chunk row
     barrier
     split    att[i, group] = attention(...)                 by (row, KV group) pair, strided; a decode
                                                             step (one row) splits by (span, group) pair,
@@ -14,13 +14,19 @@ Every thread of the node runs the same `forward`: it embeds the chunk's tokens, 
     private  aq = quantize(att)
     split    o = Wo aq
     barrier
-    private  x_t += o; h = rmsnorm(x_t); hq = quantize(h)
-    split    g, u = Wg hq, Wu hq; s = silu(g) * u            each thread on its own rows of g and u
+    private  x_t += o (or rmsnorm(o) * post norm); h = rmsnorm(x_t); hq = quantize(h)
+    split    g, u = Wg hq, Wu hq; s = act(g) * u             each thread on its own rows of g and u
     barrier
     private  sq = quantize(s)
     split    d = Wd sq
     barrier
-    private  x_t += d
+    private  x_t += d (or rmsnorm(d) * post norm)
+
+Model families (formats/arch.py) are the config's flat switches, read here while emitting: QKV biases,
+per-head q/k RMSNorm, post-sublayer norms, SiLU or GELU-tanh, an embedding scale, a score scale other
+than 1/sqrt(head_dim) (applied to q), NEOX RoPE (by Q/K rows permuted at pack time: family.py), a
+second RoPE table for sliding layers, and the sliding window: a sliding layer's row at position p
+attends to [max(0, p - W + 1), p], its spans starting at the span holding the first position.
 
 and finally, for the chunk's last row, h = rmsnorm(x_t) and logits = Wout hq split by vocabulary rows,
 then a barrier so the caller sees every thread's logits. Work that is cheap (norms, quantization of a
@@ -42,6 +48,7 @@ from dataclasses import dataclass
 import llvmlite.ir as ir
 
 from ..formats import ModelConfig, QType
+from .family import LAYER_EXTRAS
 from .ir_ops import ATT_SPLIT
 from .irutil import I32, I64, PTR, VOID, for_range, gep, i64, intrinsic
 from .layout import G, act_bytes
@@ -72,7 +79,8 @@ class ProgramSpec:
             specs.append(KernelSpec(Op.MATVEC, t))
             if t in QUANT_WEIGHTS:
                 specs.append(KernelSpec(Op.MATMUL, t, self.matmul_tile))
-        for op in (Op.RMSNORM, Op.ROPE, Op.ATTENTION, Op.ATTENTION_MERGE, Op.TO_F16, Op.SILU_MUL, Op.ADD, Op.TOP_K, Op.BARRIER):
+        for op in (Op.RMSNORM, Op.ROPE, Op.ATTENTION, Op.ATTENTION_MERGE, Op.TO_F16, Op.SILU_MUL, Op.GELU_TANH_MUL,
+                   Op.SCALE, Op.ADD, Op.TOP_K, Op.BARRIER):
             specs.append(KernelSpec(op))
         return tuple(specs)
 
@@ -82,14 +90,14 @@ class Slots:
 
     SCALARS = ("go", "quit", "pos", "n", "n_threads", "ctx")
     BUFFERS = (
-        "barrier", "tokens", "rope", "logits",
+        "barrier", "tokens", "rope", "rope_local", "logits",
         # private, one region per thread (stride in the *_stride scalar or a constant)
         "x_t", "h_t", "xq_t", "scratch_t", "attp_t",
         # shared between threads
         "q", "k", "v", "att", "att_po", "att_st", "o", "g", "u", "s", "d",
         "embed", "output", "output_norm",
     )
-    PER_LAYER = ("attn_norm", "ffn_norm", "k_cache", "v_cache") + LAYER_MATRICES
+    PER_LAYER = ("attn_norm", "ffn_norm", "k_cache", "v_cache") + LAYER_MATRICES + tuple(LAYER_EXTRAS)
 
     def __init__(self, n_layers: int):
         names = list(self.SCALARS) + list(self.BUFFERS)
@@ -197,6 +205,8 @@ class _Forward:
         with for_range(b, i64(0), self.n, name="e") as i:
             tok = b.load(gep(b, tokens, i, I64), typ=I64)
             self.call((Op.EMBED, self.spec.embed_type), self.ptr("embed"), tok, self.row(x_t, i, c.dim * 4), c.dim)
+        if c.embed_scale != 1.0:
+            self.call(Op.SCALE, x_t, b.mul(self.n, i64(c.dim)), float(c.embed_scale))
         for layer in range(c.n_layers):
             self.layer(layer)
         self.logits()
@@ -237,75 +247,106 @@ class _Forward:
             self.product(t[name], self.thread_ptr(f"{layer}.{name}"), self.h_t, self.xq_t, y, rows, c.dim, n, rows)
         self.barrier()
 
-        rope = self.ptr("rope")
+        sliding = c.is_sliding(layer)
+        rope = self.ptr("rope_local" if sliding and c.rope_base_local is not None else "rope")
         kc, vc = L("k_cache"), L("v_cache")
+        q_scale = c.score_scale * hd**0.5  # the kernel scales by 1/sqrt(hd); any other factor goes on q
         with for_range(b, self.tid, n, self.nt, name="kv") as i:
             p = b.add(self.pos, i)
-            krow = self.row(k, i, kvd * 4)
+            qrow, krow, vrow = self.row(q, i, qd * 4), self.row(k, i, kvd * 4), self.row(v, i, kvd * 4)
+            if c.qkv_bias:
+                for row, name, width in ((qrow, "q_bias", qd), (krow, "k_bias", kvd), (vrow, "v_bias", kvd)):
+                    self.call(Op.ADD, row, L(name), width)
+            if c.qk_norm:
+                for row, name, heads in ((qrow, "q_norm", nq), (krow, "k_norm", nkv)):
+                    w = L(name)
+                    with for_range(b, i64(0), i64(heads), name="hn") as h:
+                        head = gep(b, row, b.mul(h, i64(hd * 4)))
+                        self.call(Op.RMSNORM, head, w, head, hd, float(c.norm_eps))
             self.call(Op.ROPE, krow, rope, p, nkv, hd, c.rope_dim)
             self.call(Op.TO_F16, krow, self.row(kc, p, kvd * 2), kvd)
-            self.call(Op.TO_F16, self.row(v, i, kvd * 4), self.row(vc, p, kvd * 2), kvd)
-            self.call(Op.ROPE, self.row(q, i, qd * 4), rope, p, nq, hd, c.rope_dim)
+            self.call(Op.TO_F16, vrow, self.row(vc, p, kvd * 2), kvd)
+            self.call(Op.ROPE, qrow, rope, p, nq, hd, c.rope_dim)
+            if q_scale != 1.0:
+                self.call(Op.SCALE, qrow, qd, float(q_scale))
         self.barrier()
 
+        window = c.sliding_window if sliding else 0
         with b.if_else(b.icmp_signed("==", n, i64(1))) as (one_row, rows):
             with one_row:
-                self.attention_spans(kc, vc, nq, nkv)
+                self.attention_spans(kc, vc, nq, nkv, window)
             with rows:
-                self.attention_rows(kc, vc, nq, nkv)
+                self.attention_rows(kc, vc, nq, nkv, window)
         self.barrier()
         return att
 
-    def n_spans(self, p: ir.Value) -> ir.Value:
-        """Attention spans of a row at position p: positions 0..p cut at multiples of ATT_SPLIT."""
-        return self.b.add(self.b.sdiv(p, i64(ATT_SPLIT)), i64(1))
+    def first_position(self, p: ir.Value, window: int) -> ir.Value:
+        """The first position a row at p attends to: 0, or max(0, p - window + 1) in a sliding layer."""
+        if not window:
+            return i64(0)
+        b = self.b
+        lo = b.sub(p, i64(window - 1))
+        return b.select(b.icmp_signed(">", lo, i64(0)), lo, i64(0))
+
+    def n_spans(self, p: ir.Value, lo: ir.Value) -> tuple[ir.Value, ir.Value]:
+        """(first span, number of spans) of a row at position p attending to [lo, p]: positions cut at
+        multiples of ATT_SPLIT, spans lo // ATT_SPLIT .. p // ATT_SPLIT."""
+        b = self.b
+        j0 = b.sdiv(lo, i64(ATT_SPLIT))
+        return j0, b.sub(b.add(b.sdiv(p, i64(ATT_SPLIT)), i64(1)), j0)
 
     def span_partial(self, qrow: ir.Value, kc: ir.Value, vc: ir.Value, po: ir.Value, st: ir.Value, j: ir.Value,
-                     p: ir.Value, grp: ir.Value, nq: int, nkv: int) -> None:
-        """Span j's partials, for the heads of KV group grp, of the row at position p -> span j's slots of po, st.
-        Both attention paths make exactly these calls, so a row's result does not depend on the path."""
+                     p: ir.Value, grp: ir.Value, nq: int, nkv: int, lo: ir.Value, j0: ir.Value) -> None:
+        """Span j's partials, for the heads of (local) KV group grp, of the row at position p attending to
+        [lo, p] -> slots j - j0 of po, st. Both attention paths make exactly these calls, so a row's result
+        does not depend on the path."""
         b, c = self.b, self.c
-        t0 = b.mul(j, i64(ATT_SPLIT))
-        end, last = b.add(t0, i64(ATT_SPLIT)), b.add(p, i64(1))
+        gs = nq // nkv  # local query heads per local KV head (a share of a group when KV is replicated)
+        start = b.mul(j, i64(ATT_SPLIT))
+        t0 = b.select(b.icmp_signed(">", lo, start), lo, start)
+        end, last = b.add(start, i64(ATT_SPLIT)), b.add(p, i64(1))
         t1 = b.select(b.icmp_signed("<", end, last), end, last)
-        h0 = b.mul(grp, i64(c.group_size))
-        self.call(Op.ATTENTION, qrow, kc, vc, self.row(po, j, nq * c.head_dim * 4), self.row(st, j, nq * 8),
-                  self.scratch, t0, t1, nq, nkv, c.head_dim, self.ctx, h0, b.add(h0, i64(c.group_size)))
+        h0 = b.mul(grp, i64(gs))
+        slot = b.sub(j, j0)
+        self.call(Op.ATTENTION, qrow, kc, vc, self.row(po, slot, nq * c.head_dim * 4), self.row(st, slot, nq * 8),
+                  self.scratch, t0, t1, nq, nkv, c.head_dim, self.ctx, h0, b.add(h0, i64(gs)))
 
-    def attention_spans(self, kc: ir.Value, vc: ir.Value, nq: int, nkv: int) -> None:
+    def attention_spans(self, kc: ir.Value, vc: ir.Value, nq: int, nkv: int, window: int) -> None:
         """One row (a decode step): the threads share out the (span, KV group) pairs, each span's partials
         going to the shared att_po / att_st, then (after a barrier) merge them by head."""
         b = self.b
         po, st = self.ptr("att_po"), self.ptr("att_st")
-        n_spans = self.n_spans(self.pos)
+        lo = self.first_position(self.pos, window)
+        j0, n_spans = self.n_spans(self.pos, lo)
         with for_range(b, self.tid, b.mul(n_spans, i64(nkv)), self.nt, name="span") as item:
-            j, grp = b.sdiv(item, i64(nkv)), b.srem(item, i64(nkv))
-            self.span_partial(self.ptr("q"), kc, vc, po, st, j, self.pos, grp, nq, nkv)
+            j, grp = b.add(j0, b.sdiv(item, i64(nkv))), b.srem(item, i64(nkv))
+            self.span_partial(self.ptr("q"), kc, vc, po, st, j, self.pos, grp, nq, nkv, lo, j0)
         self.barrier()
         ha, hb = self.split(nq)
         self.call(Op.ATTENTION_MERGE, po, st, self.ptr("att"), n_spans, nq, self.c.head_dim, ha, hb)
 
-    def attention_rows(self, kc: ir.Value, vc: ir.Value, nq: int, nkv: int) -> None:
+    def attention_rows(self, kc: ir.Value, vc: ir.Value, nq: int, nkv: int, window: int) -> None:
         """Several rows (a prompt chunk): the threads share out the (row, KV group) pairs; each thread computes
         a pair's spans one after the other into its private attp_t, then merges them."""
         b, c = self.b, self.c
-        qd, gs = nq * c.head_dim, c.group_size
+        qd, gs = nq * c.head_dim, nq // nkv
         spans = b.sdiv(b.add(self.ctx, i64(ATT_SPLIT - 1)), i64(ATT_SPLIT))  # max_spans(ctx)
         po = gep(b, self.ptr("attp_t"), b.mul(self.tid, b.mul(spans, i64(span_partial_bytes(c)))))
         st = gep(b, po, b.mul(spans, i64(c.q_dim * 4)))
         with for_range(b, self.tid, b.mul(self.n, i64(nkv)), self.nt, name="att") as item:
             i, grp = b.sdiv(item, i64(nkv)), b.srem(item, i64(nkv))
             p = b.add(self.pos, i)
-            n_spans = self.n_spans(p)
+            lo = self.first_position(p, window)
+            j0, n_spans = self.n_spans(p, lo)
             qrow = self.row(self.ptr("q"), i, qd * 4)
-            with for_range(b, i64(0), n_spans, name="sp") as j:
-                self.span_partial(qrow, kc, vc, po, st, j, p, grp, nq, nkv)
+            with for_range(b, j0, b.add(j0, n_spans), name="sp") as j:
+                self.span_partial(qrow, kc, vc, po, st, j, p, grp, nq, nkv, lo, j0)
             h0 = b.mul(grp, i64(gs))
             self.call(Op.ATTENTION_MERGE, po, st, self.row(self.ptr("att"), i, qd * 4), n_spans, nq, c.head_dim,
                       h0, b.add(h0, i64(gs)))
 
     def gated_ffn(self, layer: int, t: dict, rows: int) -> ir.Value:
-        """h = rmsnorm(x_t); s = silu(Wg h) * (Wu h) for `rows` FFN rows (all of them, or a tensor-parallel
+        """h = rmsnorm(x_t); s = act(Wg h) * (Wu h) (SiLU or GELU-tanh) for `rows` FFN rows (all of them, or a tensor-parallel
         node's) -> s f32[n, rows]. Ends with a barrier. Shared with tp_program."""
         b, c, n, zero = self.b, self.c, self.n, i64(0)
         W = lambda name: self.thread_ptr(f"{layer}.{name}")  # noqa: E731
@@ -315,7 +356,7 @@ class _Forward:
         r0, r1 = self.product(t["ffn_up"], W("ffn_up"), self.h_t, self.xq_t, u, rows, c.dim, n, rows)
         with for_range(b, zero, n, name="silu") as i:
             off = b.add(b.mul(i, i64(rows)), r0)
-            self.call(Op.SILU_MUL, gep(b, g, off, ir.FloatType()), gep(b, u, off, ir.FloatType()),
+            self.call(Op.GELU_TANH_MUL if self.c.activation == "gelu_tanh" else Op.SILU_MUL, gep(b, g, off, ir.FloatType()), gep(b, u, off, ir.FloatType()),
                       gep(b, s, off, ir.FloatType()), b.sub(r1, r0))
         self.barrier()
         return s
@@ -337,14 +378,26 @@ class _Forward:
         self.barrier()
 
         # feed-forward block
-        self.call(Op.ADD, self.x_t, o, b.mul(n, i64(c.dim)))
+        self.residual(layer, "post_attn_norm", o)
         f = c.ffn_dim
         s = self.gated_ffn(layer, t, f)
         self.call(Op.QUANTIZE, s, self.xq_t, f, n)
         d = self.ptr("d")
         self.product(t["ffn_down"], W("ffn_down"), s, self.xq_t, d, c.dim, f, n, c.dim)
         self.barrier()
-        self.call(Op.ADD, self.x_t, d, b.mul(n, i64(c.dim)))
+        self.residual(layer, "post_ffn_norm", d)
+
+    def residual(self, layer: int, post_norm: str, y: ir.Value) -> None:
+        """x_t += y f32[n, dim], or with post norms x_t += rmsnorm(y) * the layer's post_norm weight (each
+        thread normalizes every row into its private h_t: y is shared and read by all)."""
+        b, c, n = self.b, self.c, self.n
+        if not c.post_norms:
+            self.call(Op.ADD, self.x_t, y, b.mul(n, i64(c.dim)))
+            return
+        w = self.ptr(f"{layer}.{post_norm}")
+        with for_range(b, i64(0), n, name="post") as i:
+            self.call(Op.RMSNORM, self.row(y, i, c.dim * 4), w, self.row(self.h_t, i, c.dim * 4), c.dim, float(c.norm_eps))
+        self.call(Op.ADD, self.x_t, self.h_t, b.mul(n, i64(c.dim)))
 
     def logits(self) -> None:
         b, c = self.b, self.c

@@ -6,7 +6,8 @@ a row range [r0, r1) lets threads split the rows; all ints are i64, scalars f32)
     quantize_f32_q8s(x f32[n, k], out u8[n, act_bytes(k)], k, n)
     quantize_f32_q8_0(x f32[n, k], out u8[n, q8_0_bytes(k)], k, n)        ggml Q8_0 blocks (f16 d, 32 i8)
     add_q8_0_f32(x f32[n, k] in place, q u8[n, q8_0_bytes(k)], k, n)       x += dequantized q
-    matvec_{w}_q8s(w packed, x u8[act_bytes(k)], y f32[rows], k, r0, r1)          w: q4_0 q4_1 q8_0
+    matvec_{w}_q8s(w packed, x u8[act_bytes(k)], y f32[rows], k, r0, r1)    w: q4_0 q4_1 q8_0 q5_0 q5_1
+                                                          q4_k q5_k q6_k (k % 256 == 0 for the K-quants)
     matvec_{f32,f16}_f32(w f32/f16[rows, k], x f32[k], y f32[rows], k, r0, r1)        k % 16 == 0
     matmul_{w}_q8s_x{T}(w packed, x u8[n, act_bytes(k)], y f32[n, ldy], k, r0, r1, n, ldy)
     embed_{w}(w packed or f32/f16[rows, k], token, out f32[k], k)                  one row, dequantized
@@ -21,7 +22,9 @@ a row range [r0, r1) lets threads split the rows; all ints are i64, scalars f32)
     attention_merge(po f32[n_spans, n_heads, hd], st f32[n_spans, n_heads, 2], out f32[n_heads, hd],
                     n_spans, n_heads, hd, h0, h1)  out[h] = softmax attention from the spans' partials
     silu_mul_f32(gate f32[n], up f32[n], out f32[n], n)               out = gate * sigmoid(gate) * up
-    add_f32(x f32[n] in place, y f32[n], n)                           x += y
+    gelu_tanh_mul_f32(gate f32[n], up f32[n], out f32[n], n)  out = gelu_tanh(gate) * up (Gemma's FFN)
+    add_f32(x f32[n] in place, y f32[n], n)                           x += y (also: a bias row)
+    scale_f32(x f32[n] in place, n, s)                                x *= s
     to_f16(x f32[n], out f16[n], n)                                   round to nearest even (numpy astype)
     top_k_f32(x f32[n], n, k, base, out u8[k, 8])       the k largest x (1 <= k <= n), largest first, equal
                     values by lower index first (numpy's stable argsort of -x): (f32 value, i32 index + base)
@@ -37,7 +40,7 @@ from dataclasses import dataclass
 from ..formats.quant import QType
 from .irutil import Signature
 
-QUANT_WEIGHTS = (QType.Q4_0, QType.Q4_1, QType.Q8_0)
+QUANT_WEIGHTS = (QType.Q4_0, QType.Q4_1, QType.Q8_0, QType.Q5_0, QType.Q5_1, QType.Q4_K, QType.Q5_K, QType.Q6_K)
 FLOAT_WEIGHTS = (QType.F32, QType.F16)
 
 
@@ -53,6 +56,8 @@ class Op(enum.Enum):
     ATTENTION = "attention"
     ATTENTION_MERGE = "attention_merge"
     SILU_MUL = "silu_mul"
+    GELU_TANH_MUL = "gelu_tanh_mul"
+    SCALE = "scale"
     ADD = "add"
     TO_F16 = "to_f16"
     TOP_K = "top_k"
@@ -77,6 +82,8 @@ _SIGNATURES = {
     Op.ATTENTION: _sig("q:p kc:p vc:p out:p stats:p scratch:p t0:i t1:i n_heads:i n_kv:i hd:i ctx:i h0:i h1:i"),
     Op.ATTENTION_MERGE: _sig("po:p st:p out:p n_spans:i n_heads:i hd:i h0:i h1:i"),
     Op.SILU_MUL: _sig("gate:p up:p out:p n:i"),
+    Op.GELU_TANH_MUL: _sig("gate:p up:p out:p n:i"),
+    Op.SCALE: _sig("x:p n:i s:f"),
     Op.ADD: _sig("x:p y:p n:i"),
     Op.TO_F16: _sig("x:p out:p n:i"),
     Op.TOP_K: _sig("x:p n:i k:i base:i out:p"),
@@ -135,6 +142,6 @@ def all_specs(matmul_tile: int = 4) -> tuple[KernelSpec, ...]:
     specs += [KernelSpec(Op.MATVEC, q) for q in QUANT_WEIGHTS + FLOAT_WEIGHTS]
     specs += [KernelSpec(Op.MATMUL, q, matmul_tile) for q in QUANT_WEIGHTS]
     specs += [KernelSpec(Op.EMBED, q) for q in QUANT_WEIGHTS + FLOAT_WEIGHTS]
-    specs += [KernelSpec(op) for op in (Op.RMSNORM, Op.ROPE, Op.ATTENTION, Op.ATTENTION_MERGE, Op.SILU_MUL, Op.ADD,
-                                        Op.TO_F16, Op.TOP_K, Op.BARRIER, Op.BARRIER_DEMO)]
+    specs += [KernelSpec(op) for op in (Op.RMSNORM, Op.ROPE, Op.ATTENTION, Op.ATTENTION_MERGE, Op.SILU_MUL,
+                                        Op.GELU_TANH_MUL, Op.SCALE, Op.ADD, Op.TO_F16, Op.TOP_K, Op.BARRIER, Op.BARRIER_DEMO)]
     return tuple(specs)

@@ -79,6 +79,14 @@ class Partition:
     dim_rows: tuple[tuple[int, int], ...]
     vocab_rows: tuple[tuple[int, int], ...]
     exchange: str = "exact"  # "q8" (Megatron, Q8_0 partial sums) or "exact" (row split); scheduler.EXCHANGES
+    q_heads: tuple[tuple[int, int], ...] = ()  # per node; () = kv_heads x group (no KV head shared by nodes)
+
+    def q_of(self, node: int, group: int) -> tuple[int, int]:
+        """Node's query heads [h0, h1): its own share, or its KV heads' whole groups."""
+        if self.q_heads:
+            return self.q_heads[node]
+        a, b = self.kv_heads[node]
+        return a * group, b * group
 
     @property
     def n_nodes(self) -> int:
@@ -100,7 +108,7 @@ def tp_buffer_sizes(spec: ProgramSpec, part: Partition) -> dict[str, int]:
                 else part.n_nodes * mc * q8_0_bytes(c.dim))  # every node's quantized partial sums
         return {**unused, "sums_q": sums, "logits_full": c.vocab_size * 4, "clock": 16, "cands": candidate_bytes(part)}
     widest_local = max(
-        max(act_bytes((b - a) * c.group_size * c.head_dim) for a, b in part.kv_heads),
+        max(act_bytes((b - a) * c.head_dim) for a, b in (part.q_of(j, c.group_size) for j in range(part.n_nodes))),
         max(act_bytes(b - a) for a, b in part.ffn_rows),
         max((b - a) * 4 for a, b in part.dim_rows),
     )
@@ -178,7 +186,8 @@ class _TPForward(_Forward):
         self.f0, self.f1 = part.ffn_rows[self.me]
         self.d0, self.d1 = part.dim_rows[self.me]
         self.v0, self.v1 = part.vocab_rows[self.me]
-        self.nq = (self.kv1 - self.kv0) * c.group_size  # this node's query heads
+        q0, q1 = part.q_of(self.me, c.group_size)
+        self.nq = q1 - q0  # this node's query heads (all of its KV heads' groups, or a share of one group)
         self.nkv = self.kv1 - self.kv0
         i64t = ir.IntType(64)
         self.send = intrinsic(module, "send", i64t, [I32, PTR, i64t, I32])
@@ -295,19 +304,37 @@ class _TPForward(_Forward):
 
         self.on_thread0(name, local, body)
 
-    def allreduce(self, name: str, partial: ir.Value) -> None:
+    def allreduce(self, name: str, partial: ir.Value, layer: int, post_norm: str) -> None:
         """x_t += the sum over nodes of every node's partial (n, dim) output, each quantized to Q8_0.
 
         Thread 0 quantizes this node's partial into its section of `sums_q`, sends it to every peer and
         receives theirs into their sections; after a barrier every thread adds all sections to its x_t in
-        node order. Every node adds the same bytes in the same order, so x stays identical on all nodes."""
-        c, row = self.c, q8_0_bytes(self.c.dim)
+        node order. Every node adds the same bytes in the same order, so x stays identical on all nodes.
+        With post norms the sum goes to the thread's private h_t (zeroed first) and x_t += rmsnorm(h_t) * w."""
+        c, row, b = self.c, q8_0_bytes(self.c.dim), self.b
         if self.part.n_nodes == 1:  # alone: the partial is the whole output, added exactly
-            self.call(Op.ADD, self.x_t, partial, self.b.mul(self.n, i64(c.dim)))
+            self.residual(layer, post_norm, partial)
             return
+        post = c.post_norms
+        if post:
+            memset = intrinsic(self.m, "llvm.memset.p0.i64", VOID, [PTR, ir.IntType(8), I64, ir.IntType(1)])
+            b.call(memset, [self.h_t, ir.Constant(ir.IntType(8), 0), b.mul(self.n, i64(c.dim * 4)),
+                            ir.Constant(ir.IntType(1), 0)])
+        target = self.h_t if post else self.x_t
         if self.part.n_nodes >= RS_MIN_NODES:
-            self.reduce_scatter(name, partial)
-            return
+            self.reduce_scatter(name, partial, target)
+        else:
+            self.allreduce_two(name, partial, target)
+        if post:
+            w = self.ptr(f"{layer}.{post_norm}")
+            with for_range(b, i64(0), self.n, name="postq") as i:
+                hrow = self.row(self.h_t, i, c.dim * 4)
+                self.call(Op.RMSNORM, hrow, w, hrow, c.dim, float(c.norm_eps))
+            self.call(Op.ADD, self.x_t, self.h_t, b.mul(self.n, i64(c.dim)))
+
+    def allreduce_two(self, name: str, partial: ir.Value, target: ir.Value) -> None:
+        """allreduce below RS_MIN_NODES nodes: every node's whole quantized partial to every peer."""
+        c, row = self.c, q8_0_bytes(self.c.dim)
         section = self.spec.max_chunk * row
 
         def body(src: ir.Value) -> None:
@@ -323,9 +350,9 @@ class _TPForward(_Forward):
         self.on_thread0(name, partial, body)
         sums = self.ptr("sums_q")
         for node in range(self.part.n_nodes):
-            self.call(Op.ADD_Q8_0, self.x_t, gep(self.b, sums, i64(node * section)), c.dim, self.n)
+            self.call(Op.ADD_Q8_0, target, gep(self.b, sums, i64(node * section)), c.dim, self.n)
 
-    def reduce_scatter(self, name: str, partial: ir.Value) -> None:
+    def reduce_scatter(self, name: str, partial: ir.Value, target: ir.Value) -> None:
         """allreduce over RS_MIN_NODES or more nodes: see ReduceScatter."""
         c, me, nodes = self.c, self.me, range(self.part.n_nodes)
         rs = ReduceScatter(self.spec, self.part)
@@ -356,7 +383,7 @@ class _TPForward(_Forward):
         sums = self.ptr("sums_q")
         for j in nodes:
             with for_range(b, i64(0), self.n, name="rsa") as i:
-                x = gep(b, self.x_t, b.add(b.mul(i, i64(c.dim)), i64(rs.cols[j][0])), ir.FloatType())
+                x = gep(b, target, b.add(b.mul(i, i64(c.dim)), i64(rs.cols[j][0])), ir.FloatType())
                 q = gep(b, sums, b.add(i64(rs.ag[j]), b.mul(i, i64(rs.q[j]))))
                 self.call(Op.ADD_Q8_0, x, q, rs.k[j], 1)
 
@@ -424,14 +451,14 @@ class _TPForward(_Forward):
         o = self.ptr("o")
         self.product(t["attn_output"], W("attn_output"), att, self.xq_t, o, c.dim, ql, n, c.dim)
         self.barrier()
-        self.allreduce("o", o)
+        self.allreduce("o", o, layer, "post_attn_norm")
 
         s = self.gated_ffn(layer, t, fl)
         self.call(Op.QUANTIZE, s, self.xq_t, fl, n)
         d = self.ptr("d")
         self.product(t["ffn_down"], W("ffn_down"), s, self.xq_t, d, c.dim, fl, n, c.dim)
         self.barrier()
-        self.allreduce("d", d)
+        self.allreduce("d", d, layer, "post_ffn_norm")
 
     def layer_exact(self, layer: int) -> None:
         b, c, spec, part = self.b, self.c, self.spec, self.part
@@ -442,7 +469,7 @@ class _TPForward(_Forward):
         hd, g = c.head_dim, c.group_size
         ql = self.nq * hd
         dl, fl = self.d1 - self.d0, self.f1 - self.f0
-        qcols = [(a * g * hd, b_ * g * hd) for a, b_ in part.kv_heads]
+        qcols = [(a * hd, b_ * hd) for a, b_ in (part.q_of(j, g) for j in range(part.n_nodes))]
 
         # attention on this node's heads
         self.norm_quantize(L("attn_norm"), zero, n)
@@ -463,7 +490,7 @@ class _TPForward(_Forward):
                        lambda: self.place_f32(self.ptr("o_full"), c.dim, list(part.dim_rows)))
 
         # feed-forward on this node's rows
-        self.call(Op.ADD, self.x_t, o_full, b.mul(n, i64(c.dim)))
+        self.residual(layer, "post_attn_norm", o_full)
         s = self.gated_ffn(layer, t, fl)
 
         # C: the quantized s of every FFN row, on every node
@@ -479,7 +506,7 @@ class _TPForward(_Forward):
         self.barrier()
         self.allgather("d", d, [(b_ - a) * 4 for a, b_ in part.dim_rows],
                        lambda: self.place_f32(self.ptr("d_full"), c.dim, list(part.dim_rows)))
-        self.call(Op.ADD, self.x_t, d_full, b.mul(n, i64(c.dim)))
+        self.residual(layer, "post_ffn_norm", d_full)
 
     def logits(self) -> None:
         b, c, part = self.b, self.c, self.part
@@ -543,7 +570,7 @@ def bytes_per_step(spec: ProgramSpec, part: Partition, n: int = 1, top: int = 0)
             per = 2 * c.n_layers * n * q8_0_bytes(c.dim) * peers
         return per + logits_sent, per + logits_received
     sizes = [
-        [act_bytes((b - a) * g * hd) for a, b in part.kv_heads],
+        [act_bytes((b - a) * hd) for a, b in (part.q_of(j, g) for j in range(part.n_nodes))],
         [(b - a) * 4 for a, b in part.dim_rows],
         [act_bytes(b - a) for a, b in part.ffn_rows],
         [(b - a) * 4 for a, b in part.dim_rows],

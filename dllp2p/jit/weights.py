@@ -29,6 +29,7 @@ import numpy as np
 
 from ..formats import GGUFModel, ModelConfig, QType
 from ..formats.quant import dequantize
+from .family import arranged, layer_extra_names
 from .layout import PackedMatrix, aligned_empty, pack_weights
 
 LAYOUT_VERSION = 1
@@ -52,7 +53,7 @@ def execution_order(config: ModelConfig, output: bool) -> list[str]:
     untied model's, or a tensor-parallel node's own slice)."""
     names = ["output_norm.weight"]
     for i in range(config.n_layers):
-        names += [f"blk.{i}.{n}.weight" for n in LAYER_ORDER]
+        names += [f"blk.{i}.{n}.weight" for n in LAYER_ORDER] + layer_extra_names(config, i)
     names.append("token_embd.weight")
     if output:
         names.append("output.weight")
@@ -80,7 +81,7 @@ def pack(names: list[str], tensor: Callable[[str], object], out_name: str) -> Pa
 
 def pack_model(model: GGUFModel) -> PackedModel:
     c = model.config
-    return pack(execution_order(c, not c.tied_output), model.tensor,
+    return pack(execution_order(c, not c.tied_output), arranged(model.tensor, c),
                 "token_embd.weight" if c.tied_output else "output.weight")
 
 
