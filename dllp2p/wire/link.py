@@ -26,8 +26,8 @@ from collections.abc import Callable
 
 import trio
 
-from .codec import HEADER, HEADER_SIZE, FrameDecoder, encode
-from .messages import Error, Message, MeshHello
+from .codec import HEADER, HEADER_SIZE, FrameDecoder, Message, encode
+from .messages import Error, MeshHello
 
 RECV_BYTES = 1 << 16
 MESH_BUFFER = 1 << 20  # SO_SNDBUF / SO_RCVBUF of mesh sockets
