@@ -226,6 +226,30 @@ def test_status_of_no_daemon_is_one_clear_error():
     assert r.returncode == 1 and r.stderr.startswith("dllp2p: error: no dllp2p daemon answers"), r.stderr
 
 
+def test_a_roots_set_up_progress_is_in_its_status(tmp_path):
+    """The progress events of the root's latest set-up (session.progress) travel in StatusReply.progress,
+    `status --json` lists them and the live view's caption names what is still going on."""
+    from dllp2p.session.progress import Progress
+    from test_daemon import serve as serve_daemon
+
+    async def body(d, address):
+        assert (await ask_status(address, 2)).progress == ()
+        worker = "worker 10.0.0.9:7340 (node w)"
+        for event in (Progress("build", "root", 0, 1), Progress("push", worker, 0, 4000),
+                      Progress("push", worker, 1000, 4000), Progress("build", "root", 1, 1)):
+            d.root_service.progress(event)
+        r = await ask_status(address, 2)
+        assert set(r.progress) == {P.ProgressStatus("build", "root", 1, 1), P.ProgressStatus("push", worker, 1000, 4000)}
+        survey = status.Survey(address, r)
+        assert sorted(status.to_json(survey)["progress"], key=lambda p: p["task"]) == [
+            {"task": "build", "subject": "root", "done": 1, "total": 1},
+            {"task": "push", "subject": worker, "done": 1000, "total": 4000}]
+        caption = status.table(survey).caption
+        assert f"set-up: weights → {worker} 25%" in caption and "building" not in caption, caption
+
+    serve_daemon(tmp_path / "r", body)
+
+
 # --- the commands, as processes ---
 
 
@@ -310,7 +334,8 @@ def test_status_json(two_daemons):
 
 
 @pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed")
-def test_status_live_view_in_a_terminal(two_daemons, tmp_path):
+@pytest.mark.parametrize("key", ["q", "C-c"])
+def test_status_live_view_in_a_terminal(two_daemons, tmp_path, key):
     a, b = two_daemons
     host, port = b.rsplit(":", 1)
     session = f"dllp2p-status-{os.getpid()}"
@@ -333,11 +358,12 @@ def test_status_live_view_in_a_terminal(two_daemons, tmp_path):
         assert re.search(r"\d+ / \d+\.\d GiB", rows[a]), screen
         assert re.search(r"\d+ MiB", rows[a]) and re.search(r"\d\.\d\d \(\d+%\)", rows[a]), screen  # rss, load
         assert re.search(r"\d+\.\d ms, you \d+\.\d ms", rows[a]) and "you " in rows[b], screen  # rtt
-        # Ctrl-C ends it cleanly
-        subprocess.run([*tmux, "send-keys", "-t", session, "C-c"], check=True, timeout=10)
+        assert "(q: quit)" in screen, screen  # it says how to leave
+        # q (or Ctrl-C) ends it cleanly
+        subprocess.run([*tmux, "send-keys", "-t", session, key], check=True, timeout=10)
         deadline = time.monotonic() + 10
         while subprocess.run([*tmux, "has-session", "-t", session], capture_output=True).returncode == 0:
-            assert time.monotonic() < deadline, "dllp2p status did not end on Ctrl-C"
+            assert time.monotonic() < deadline, f"dllp2p status did not end on {key}"
             time.sleep(0.1)
     finally:
         subprocess.run([*tmux, "kill-server"], capture_output=True, timeout=10)

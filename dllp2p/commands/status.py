@@ -4,7 +4,7 @@
                for what only that node knows: its last step, its session's plan, its memory and load,
                its weight push; the round-trip of each of these exchanges is kept
     to_json    the survey as {"node": id asked, "nodes": [{"id", "address", "role", "version", ...}]}
-    table      the survey as a rich Table; `watch` redraws it every second until Ctrl-C
+    table      the survey as a rich Table; `watch` redraws it every second until q (or Ctrl-C)
 
 `dllp2p status --json` prints to_json:
 
@@ -12,6 +12,8 @@
     plan        null, or {"epoch", "policy", "exchange", "nodes"}: the session in progress (latest epoch any node reports)
     push        null, or {"epoch", "done", "total", "fraction", "nodes"}: the weight push of that plan's
                 epoch summed over the workers that report one (the root's side of it: what it sent)
+    progress    the root's latest set-up as it reports it: [{"task": "push" | "build", "subject": "root"
+                or "worker HOST:PORT (node ID)", "done", "total"}] (bytes pushed; 0 or 1 engine built)
     nodes       one entry per member the daemon asked lists, root first, then the succession:
       id, address, role ("root" | "worker"), version (protocol, int), started_at (unix s, float),
       cluster, cores (int), ram (bytes of RAM, int), features (list of str), known_from (list of
@@ -42,16 +44,20 @@ leaves its columns empty ("reachable": false in JSON).
 
 from __future__ import annotations
 
+import contextlib
+import os
+import select
+import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator, TextIO
 
 from ..config import LOCAL_DAEMON
 from ..scheduler import NodeSlice, Plan
 from ..wire.client import status_blocking
 from ..wire.codec import ProtocolError
 from ..wire.link import LinkClosed, LinkTimeout
-from ..wire.messages import PushStatus, StatusReply
+from ..wire.reports import PushStatus, StatusReply
 
 DEFAULT_ADDRESS = LOCAL_DAEMON
 
@@ -176,19 +182,29 @@ def to_json(s: Survey) -> dict[str, Any]:
         done, total = sum(p["done"] for p in pushes), sum(p["total"] for p in pushes)
         out["push"] = {"epoch": plan.epoch, "done": done, "total": total,
                        "fraction": done / total if total else 1.0, "nodes": len(pushes)}
+    root = next((s.own(m.member.node_id) for m in s.reply.nodes if m.role == "root"), None) or s.reply
+    out["progress"] = [{"task": p.task, "subject": p.subject, "done": p.done, "total": p.total}
+                       for p in root.progress]
     return out
 
 
 # --- the live view --------------------------------------------------------------------------------
 
 
-def table(s: Survey | None, error: str | None = None, now: float | None = None):
-    """A rich Table of the survey (or of nothing, with the error in its caption)."""
+def table(s: Survey | None, error: str | None = None, now: float | None = None, hint: str = ""):
+    """A rich Table of the survey (or of nothing, with the error in its caption); `hint` ends the caption."""
     from rich.table import Table
 
     now = time.time() if now is None else now
-    t = Table(title="dllp2p cluster", caption=error or (f"asked {s.asked} (node {s.reply.node_id}) at "
-                                                         f"{time.strftime('%H:%M:%S', time.localtime(now))}" if s else ""))
+    caption = error or (f"asked {s.asked} (node {s.reply.node_id}) at "
+                        f"{time.strftime('%H:%M:%S', time.localtime(now))}" if s else "")
+    if s is not None and not error:
+        busy = [p for p in to_json(s)["progress"] if p["done"] < p["total"]]
+        if busy:
+            caption += "; set-up: " + ", ".join(
+                f"weights → {p['subject']} {100 * p['done'] / p['total']:.0f}%" if p["task"] == "push"
+                else f"{p['subject']} building its engine" for p in busy)
+    t = Table(title="dllp2p cluster", caption=f"{caption} ({hint})" if hint and not error else caption)
     for col in ("node", "role", "address", "version", "started", "slice", "cores / RAM", "rss", "load",
                 "rtt", "weights", "last tok/s"):
         t.add_column(col, no_wrap=col in ("node", "role", "address"))
@@ -257,16 +273,51 @@ def _age(seconds: float) -> str:
     return f"{s // 86400}d{s % 86400 // 3600:02d}h"
 
 
-def watch(address: str, interval: float = 1.0, timeout: float = 2.0) -> int:
-    """Redraw the table every `interval` seconds until Ctrl-C (KeyboardInterrupt propagates)."""
+def watch(address: str, interval: float = 1.0, timeout: float = 2.0, keys: TextIO | None = None) -> int:
+    """Redraw the table every `interval` seconds until `q` (read from `keys`, the terminal: stdin when it
+    is one) or Ctrl-C (KeyboardInterrupt propagates). -> 0 after q."""
     from rich.console import Console
     from rich.live import Live
 
-    with Live(table(None, f"asking {address}..."), console=Console(), auto_refresh=False, screen=False) as live:
+    keys = keys if keys is not None else (sys.stdin if sys.stdin.isatty() else None)
+    hint = "q: quit" if keys is not None else "Ctrl-C: quit"
+    with _cbreak(keys), Live(table(None, f"asking {address}... ({hint})"), console=Console(), auto_refresh=False,
+                             screen=False) as live:
         while True:
             try:
-                live.update(table(survey(address, timeout)), refresh=True)
+                live.update(table(survey(address, timeout), hint=hint), refresh=True)
             except StatusError as e:
-                live.update(table(None, str(e)), refresh=True)
-            time.sleep(interval)
+                live.update(table(None, f"{e} ({hint})"), refresh=True)
+            if _wait_for_q(keys, interval):
+                return 0
 
+
+@contextlib.contextmanager
+def _cbreak(keys: TextIO | None) -> Iterator[None]:
+    """Keys arrive one by one, unechoed, while the view runs (the terminal restored after)."""
+    if keys is None:
+        yield
+        return
+    import termios  # POSIX terminals only, and only for the live view
+    import tty
+
+    fd = keys.fileno()
+    saved = termios.tcgetattr(fd)
+    try:
+        tty.setcbreak(fd)
+        yield
+    finally:
+        termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+
+
+def _wait_for_q(keys: TextIO | None, seconds: float) -> bool:
+    """Sleep `seconds`, or less: -> True as soon as q (or Q) is typed."""
+    if keys is None:
+        time.sleep(seconds)
+        return False
+    deadline = time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        ready, _, _ = select.select([keys], [], [], left)
+        if ready and os.read(keys.fileno(), 1) in (b"q", b"Q"):
+            return True
+    return False

@@ -45,7 +45,8 @@ from ..session.slices import SliceCache, node_id
 from ..session.worker import Worker
 from ..wire.codec import ProtocolError, UnexpectedMessage, encode, error_code
 from ..wire.link import LinkClosed, LinkTimeout, TrioLink, first_error, format_address, parse_address, receive_one_frame
-from ..wire.messages import Error, Generate, Hello, MeshHello, Status, StatusReply
+from ..wire.messages import Error, Generate, Hello, MeshHello
+from ..wire.reports import Status, StatusReply
 from .membership import Membership
 from .probes import status_reply
 from .prompts import PromptSlot

@@ -26,8 +26,8 @@ from collections.abc import Callable
 
 import trio
 
-from .codec import HEADER, HEADER_SIZE, FrameDecoder, encode
-from .messages import Error, Message, MeshHello
+from .codec import HEADER, HEADER_SIZE, FrameDecoder, Message, encode
+from .messages import Error, MeshHello
 
 RECV_BYTES = 1 << 16
 MESH_BUFFER = 1 << 20  # SO_SNDBUF / SO_RCVBUF of mesh sockets
@@ -49,6 +49,15 @@ def parse_address(address: str, *, listen: bool = False) -> tuple[str, int]:
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
     return host, int(port)
+
+
+def _why(e: OSError) -> str:
+    """An OSError's reason for a person: trio's "all attempts to connect ... failed" names the last
+    attempt's (e.g. "Connection refused")."""
+    attempts = getattr(e.__cause__, "exceptions", ())
+    last = attempts[-1] if attempts else e
+    errno = getattr(last, "errno", None)
+    return os.strerror(errno) if errno else str(last)
 
 
 def format_address(host: str, port: int) -> str:
@@ -137,7 +146,7 @@ async def open_link(address: str, timeout: float) -> TrioLink:
         try:
             stream = await trio.open_tcp_stream(host, port)
         except OSError as e:
-            raise LinkClosed(f"cannot connect to {address}: {e.strerror or e}") from None
+            raise LinkClosed(f"cannot connect to {address}: {_why(e)}") from None
         stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return TrioLink(stream, address)
     raise LinkTimeout(f"cannot connect to {address}: no answer within {timeout:g} s")
