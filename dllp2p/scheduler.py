@@ -2,17 +2,18 @@
 
 Slicing is Megatron-style, along the layer's natural seams:
 
-    attn_q        rows    q heads  [kv0 * group, kv1 * group) * head_dim   (a node owns whole KV groups)
-    attn_k/v      rows    kv heads [kv0, kv1) * head_dim
+    attn_q        rows    q heads  [q0, q1) * head_dim   (whole KV groups, or a share of one group)
+    attn_k/v      rows    kv heads [kv0, kv1) * head_dim (those its q heads read: replicated when shared)
     attn_output   columns the node's q rows, so its partial output sums with the others'
-    ffn_gate/up   rows    [f0, f1)                f0 a multiple of 32 (whole blocks of down's rows)
+    ffn_gate/up   rows    [f0, f1)                f0 a multiple of `block` (whole blocks of down's rows)
     ffn_down      columns [f0, f1)
     output        rows    [v0, v1)                v0 a multiple of 32; logits are concatenated
+    token_embd    rows    [v0, v1)                each node looks up the tokens it owns (tp_program)
 
 Each node computes partial (dim,) outputs of attention and FFN; summing them over the nodes (the two
 exchanges per layer) gives the full layer's output: the plan's exchange "q8". With exchange "exact"
 (the default) attn_output and ffn_down are split by `dim_rows` instead, and the nodes all-gather exact
-results, four exchanges per layer (jit/tp_program.py). Norms and the embedding are whole on every node.
+results, four exchanges per layer (jit/tp_program.py). Norms are whole on every node.
 
 Policies:
     "pow2"      the largest 2^n <= #peers nodes that the model's heads allow (see below), equal slices (as

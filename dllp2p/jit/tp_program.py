@@ -1,5 +1,8 @@
 """One node's share of a tensor-parallel forward step, exchanges included, as compiled code.
 
+Query heads: each node computes its own query heads and the K/V of the KV heads they read; with more
+nodes than KV heads (Gemma 3: 1) each such KV head's K/V rows are computed on every node sharing it.
+
 Two ways to combine the nodes' shares of a layer (Partition.exchange, chosen by the plan):
 
 "exact": every matrix split by ROWS, so every output value is computed by exactly one node with exactly
@@ -34,6 +37,10 @@ Every node adds the same bytes in the same order, so x stays identical on all no
 differ from one node's by the partials' rounding (measured on SmolLM2: max |dlogit| ~2-3, mean ~0.3;
 greedy choices agree except near ties; tests/test_tp.py states the tolerance). Even f32 partial sums
 could not be bit-exact: a different summation order flips the rounding of some 8-bit activations.
+
+Either way, first: the embedding. A node holds only its vocabulary rows [v0, v1) of token_embd (also its
+rows of a tied output projection); it looks up the chunk's tokens it owns and the nodes swap those rows
+(zeros for the others'), one exchange a step, after which every node's x is the one node's lookup.
 
 Either way, at the end: logits rows [v0, v1) of the output projection; nodes send theirs to node 0: all
 of them (f32), or, when the step asks for its `top` best (the table scalar; sampling that reads only the
