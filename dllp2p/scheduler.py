@@ -23,10 +23,10 @@ Policies:
 Heads: up to n_kv_heads nodes, a node owns whole KV groups. More nodes than KV heads (Gemma 3 has 1) are
 allowed when they divide evenly over the KV heads, up to one query head per node: each KV group's query
 heads are shared out among its n / n_kv_heads nodes, and every one of them computes (replicates) that KV
-head's K and V itself. For Gemma 3 270M that costs each node the 2 x 640 x 256 K/V rows (~0.2 MB of
-Q5_0/Q8_0 weights per layer, ~3.6 MB a token over 18 layers, and 2 x 256 values of RoPE and cache writes);
-computing them once and sending them would cost an extra exchange (a network round trip, ~50-100 us on a
-LAN) per layer: more than the ~15 us the replicated rows take to stream at ~15 GB/s. So: replicated.
+head's K and V itself. For Gemma 3 270M that costs each node the 2 x 256 x 640 K/V rows (Q5_0 K 112,640 B +
+Q8_0 V 174,080 B = 0.29 MB per layer, 5.2 MB a token over 18 layers: ~19 us a layer at ~15 GB/s, plus
+2 x 256 values of RoPE and cache writes); computing them once and sending them would cost an extra
+exchange per layer (a network round trip, ~50-100 us on a LAN, for 2 KB of K/V). So: replicated.
 
 Blocks: FFN and vocabulary ranges start on multiples of BLOCK_ROWS (32, a ggml block); `block` raises the
 FFN alignment to the largest block among the tensors cut by columns (256 for K-quant ffn_down / attn_output
