@@ -168,7 +168,7 @@ def test_pack_extra_types_sizes_and_cut_blocks(qtype):
     m = pack_weights(raw, qtype, (21, 2 * unit))
     assert m.padded_rows == 32 and m.data.ctypes.data % 64 == 0
     assert m.nbytes == 2 * 2 * chunk_bytes(qtype)
-    ratio = {QType.Q4_K: 148 / 144, QType.Q5_K: 180 / 176}.get(qtype, 1.0)
+    ratio = {QType.Q4_K: 148 / 144, QType.Q5_K: 180 / 176, QType.IQ4_XS: 138 / 136}.get(qtype, 1.0)
     assert m.nbytes == pytest.approx(32 * raw.shape[1] * ratio)
     if unit > QK:
         with pytest.raises(ValueError, match="multiple of 256"):
@@ -710,7 +710,8 @@ _PATH_OFF = {"avx2": ("avx512vnni", "avxvnni"), "generic": ("avx512vnni", "avxvn
 
 
 def extreme_values(raw: np.ndarray, qtype: QType) -> np.ndarray:
-    """raw with every row's last block at its largest values (q = 31 or 63; K scales and mins 63), the
+    """raw with every row's last block at its largest values (q = 31 or 63; K scales and mins 63; IQ4's
+    extreme table entries), the
     largest products the AVX2 i16 sums must hold; scales stay as they were."""
     bdt = BLOCK_DTYPES[qtype]
     raw = raw.copy()
@@ -718,6 +719,8 @@ def extreme_values(raw: np.ndarray, qtype: QType) -> np.ndarray:
     for field in ("qs", "qh", "ql", "scales"):
         if field in bdt.names:
             last[field] = 0x7F if (qtype == QType.Q6_K and field == "scales") else 0xFF
+    if qtype in (QType.IQ4_NL, QType.IQ4_XS):
+        last["qs"] = 0xF0  # table entries -127 and 113: the largest |s8| and the largest u8 (+ 128)
     raw[:, -bdt.itemsize :] = last.view(np.uint8).reshape(raw.shape[0], -1)
     return raw
 
