@@ -593,6 +593,10 @@ def emit_embed_extra(module: ir.Module, spec: KernelSpec, target: Target) -> Non
     def f16(ptr: ir.Value, off: int) -> ir.Value:
         return b.fpext(load(b, gep(b, ptr, i64(off)), F16, lane, F16), F32)
 
+    def at(j: ir.Value, base: int, stride: int) -> ir.Value:
+        """base + stride * j as an i64 offset (j: the sub-block loop's index)."""
+        return b.add(i64(base), b.mul(j, i64(stride)))
+
     def block(wq: ir.Value, bits: int, ob: ir.Value, value) -> None:
         """The 32 values of the block whose lanes start at wq: out[ob + i] = value(i, q_i)."""
         c = lambda v: ir.Constant(I32, v)  # noqa: E731
@@ -628,9 +632,9 @@ def emit_embed_extra(module: ir.Module, spec: KernelSpec, target: Target) -> Non
             block(wc, 4, ob, lambda i, q: b.fmul(d, iq4(q)))
         elif qtype == QType.IQ4_XS:
             d = f16(wc, 0)
-            for j in range(8):
-                step = b.fmul(d, b.sitofp(load(b, wc, I8, b.add(lane, i64(32 + 16 * j))), F32))
-                block(gep(b, wc, i64(160 + 256 * j)), 4, gep(b, ob, i64(32 * j), F32), lambda i, q, s=step: b.fmul(s, iq4(q)))
+            with for_range(b, i64(0), i64(8), name="sub") as j:  # a loop, not unrolled: compile time
+                step = b.fmul(d, b.sitofp(load(b, wc, I8, b.add(lane, at(j, 32, 16))), F32))
+                block(gep(b, wc, at(j, 160, 256)), 4, gep(b, ob, at(j, 0, 32), F32), lambda i, q, s=step: b.fmul(s, iq4(q)))
         elif qtype in (QType.Q5_0, QType.Q5_1):
             d = f16(wc, 320)
             if qtype == QType.Q5_0:
@@ -641,16 +645,15 @@ def emit_embed_extra(module: ir.Module, spec: KernelSpec, target: Target) -> Non
         elif qtype in (QType.Q4_K, QType.Q5_K):
             bits = 4 if qtype == QType.Q4_K else 5
             d, dmin = f16(wc, 0), f16(wc, 32)
-            for j in range(8):
-                scale = b.fmul(d, b.uitofp(byte(wc, b.add(lane, i64(64 + 16 * j))), F32))
-                mins = b.fmul(dmin, b.uitofp(byte(wc, b.add(lane, i64(192 + 16 * j))), F32))
-                block(gep(b, wc, i64(320 + (256 if bits == 4 else 320) * j)), bits, gep(b, ob, i64(32 * j), F32),
+            with for_range(b, i64(0), i64(8), name="sub") as j:
+                scale = b.fmul(d, b.uitofp(byte(wc, b.add(lane, at(j, 64, 16))), F32))
+                mins = b.fmul(dmin, b.uitofp(byte(wc, b.add(lane, at(j, 192, 16))), F32))
+                block(gep(b, wc, at(j, 320, 256 if bits == 4 else 320)), bits, gep(b, ob, at(j, 0, 32), F32),
                       lambda i, q, s=scale, mn=mins: b.fsub(b.fmul(s, b.uitofp(q, F32)), mn))
         else:  # Q6_K
             d = f16(wc, 0)
-            for j in range(8):
-                scales = [b.fmul(d, b.sitofp(load(b, wc, I8, b.add(lane, i64(32 + 16 * (2 * j + h)))), F32))
-                          for h in range(2)]
-                block(gep(b, wc, i64(288 + 384 * j)), 6, gep(b, ob, i64(32 * j), F32),
+            with for_range(b, i64(0), i64(8), name="sub") as j:
+                scales = [b.fmul(d, b.sitofp(load(b, wc, I8, b.add(lane, at(j, 32 + 16 * h, 32))), F32)) for h in range(2)]
+                block(gep(b, wc, at(j, 288, 384)), 6, gep(b, ob, at(j, 0, 32), F32),
                       lambda i, q, s=scales: b.fmul(s[i // 16], b.sitofp(b.sub(q, ir.Constant(I32, 32)), F32)))
     b.ret_void()
