@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..formats import load_model
+from ..formats.quant import quantize
 from .compiler import DEFAULT_CACHE_DIR
 from .layout import G, PACKED_TYPES, PackedMatrix, act_bytes, aligned_zeros, pack_weights
 from .library import compile_kernels
@@ -52,8 +53,6 @@ def pack_model(path: str) -> list[PackedMatrix]:
 
 
 def pack_random(qtype, rows: int, k: int) -> PackedMatrix:
-    from ..formats.quant import quantize
-
     x = np.random.default_rng(int(qtype)).standard_normal((rows, k)).astype(np.float32)
     return pack_weights(quantize(x, qtype), qtype, (rows, k))
 

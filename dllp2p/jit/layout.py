@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..formats import quant as fq
 from ..formats.quant import BLOCK_DTYPES, QK, TRAITS, QType
 
 G = 16  # rows interleaved per group: one 512-bit vector of i32 lanes
@@ -232,8 +233,9 @@ def _high_planes(q: np.ndarray, bits: int) -> np.ndarray:
     top = (q >> 4).reshape(*q.shape[:-1], 2, 4, 4).astype(np.uint8)  # [..., half, step j, byte e]
     if bits == 5:
         shifts = np.arange(4, dtype=np.uint8)[:, None]
-        plane = (top[..., 0, :, :] << shifts).sum(-2, dtype=np.uint8) | (top[..., 1, :, :] << (shifts + 4)).sum(-2, dtype=np.uint8)
-        return plane[..., None, :]
+        low_half = (top[..., 0, :, :] << shifts).sum(-2, dtype=np.uint8)
+        high_half = (top[..., 1, :, :] << (shifts + 4)).sum(-2, dtype=np.uint8)
+        return (low_half | high_half)[..., None, :]
     shifts = (2 * np.arange(4, dtype=np.uint8))[:, None]
     return (top << shifts).sum(-2, dtype=np.uint8)  # [..., half, 4]
 
@@ -241,8 +243,6 @@ def _high_planes(q: np.ndarray, bits: int) -> np.ndarray:
 def _fields(raw: np.ndarray, qtype: QType, rows: int, k: int) -> list[np.ndarray]:
     """ggml rows -> the chunk's fields in chunk order, each u8[rows, units, slots, width] (a slot of a
     field is laid out [16 rows][width] in the chunk)."""
-    from ..formats import quant as fq
-
     blocks, _ = fq.blocks_of(raw, qtype)
     units = k // unit_values(qtype)
     blocks = blocks.reshape(rows, units)
