@@ -2,17 +2,18 @@
 
 Slicing is Megatron-style, along the layer's natural seams:
 
-    attn_q        rows    q heads  [kv0 * group, kv1 * group) * head_dim   (a node owns whole KV groups)
-    attn_k/v      rows    kv heads [kv0, kv1) * head_dim
+    attn_q        rows    q heads  [q0, q1) * head_dim   (whole KV groups, or a share of one group)
+    attn_k/v      rows    kv heads [kv0, kv1) * head_dim (those its q heads read: replicated when shared)
     attn_output   columns the node's q rows, so its partial output sums with the others'
-    ffn_gate/up   rows    [f0, f1)                f0 a multiple of 32 (whole blocks of down's rows)
+    ffn_gate/up   rows    [f0, f1)                f0 a multiple of `block` (whole blocks of down's rows)
     ffn_down      columns [f0, f1)
     output        rows    [v0, v1)                v0 a multiple of 32; logits are concatenated
+    token_embd    rows    [v0, v1)                each node looks up the tokens it owns (tp_program)
 
 Each node computes partial (dim,) outputs of attention and FFN; summing them over the nodes (the two
 exchanges per layer) gives the full layer's output: the plan's exchange "q8". With exchange "exact"
 (the default) attn_output and ffn_down are split by `dim_rows` instead, and the nodes all-gather exact
-results, four exchanges per layer (jit/tp_program.py). Norms and the embedding are whole on every node.
+results, four exchanges per layer (jit/tp_program.py). Norms are whole on every node.
 
 Policies:
     "pow2"      the largest 2^n <= #peers nodes that the model's heads allow (see below), equal slices (as
@@ -22,10 +23,10 @@ Policies:
 Heads: up to n_kv_heads nodes, a node owns whole KV groups. More nodes than KV heads (Gemma 3 has 1) are
 allowed when they divide evenly over the KV heads, up to one query head per node: each KV group's query
 heads are shared out among its n / n_kv_heads nodes, and every one of them computes (replicates) that KV
-head's K and V itself. For Gemma 3 270M that costs each node the 2 x 640 x 256 K/V rows (~0.2 MB of
-Q5_0/Q8_0 weights per layer, ~3.6 MB a token over 18 layers, and 2 x 256 values of RoPE and cache writes);
-computing them once and sending them would cost an extra exchange (a network round trip, ~50-100 us on a
-LAN) per layer: more than the ~15 us the replicated rows take to stream at ~15 GB/s. So: replicated.
+head's K and V itself. For Gemma 3 270M that costs each node the 2 x 256 x 640 K/V rows (Q5_0 K 112,640 B +
+Q8_0 V 174,080 B = 0.29 MB per layer, 5.2 MB a token over 18 layers: ~19 us a layer at ~15 GB/s, plus
+2 x 256 values of RoPE and cache writes); computing them once and sending them would cost an extra
+exchange per layer (a network round trip, ~50-100 us on a LAN, for 2 KB of K/V). So: replicated.
 
 Blocks: FFN and vocabulary ranges start on multiples of BLOCK_ROWS (32, a ggml block); `block` raises the
 FFN alignment to the largest block among the tensors cut by columns (256 for K-quant ffn_down / attn_output

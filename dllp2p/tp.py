@@ -4,8 +4,11 @@
     node = TPNode(config, plan, i, tensors, peers, ctx, threads)
     logits = node.forward(tokens, start_pos)     # on every node, same arguments; node 0 gets the logits
 
-Q/K/V are split by KV-head group, gate/up by FFN rows, the output projection by vocabulary rows; the
-norms and the token embedding are whole on every node (each node embeds the tokens itself).
+Q/K/V are split by KV-head group (or, with more nodes than KV heads, by query heads, each node computing
+the K/V head its query heads read), gate/up by FFN rows, the output projection by vocabulary rows; the
+norms are whole on every node. The token embedding is cut by the same vocabulary rows: a node looks up
+the tokens it owns and the nodes swap those rows once per step (tp_program._TPForward.embed), so no node
+holds the whole table (Gemma 3's is 178 MB of Q8_0), and a tied output projection is that same slice.
 attn_output and ffn_down depend on the plan's exchange (jit/tp_program.py): by model-dimension rows for
 "exact" (the cluster's logits are bit-identical to the single-node JIT engine's), by the node's heads
 and FFN rows as columns for "q8" (Megatron partial sums in Q8_0: fewer bytes and exchanges, logits
@@ -19,7 +22,7 @@ import os
 import socket
 import struct
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -115,9 +118,10 @@ def node_tensors(model: GGUFModel, plan: Plan, index: int) -> dict[str, NodeTens
             t = t.rows(*cut[1]) if cut[0] == "rows" else t.columns(*cut[1])
         out[name] = NodeTensor(name, t.qtype, tuple(t.shape), t.data, _digest(t.data))
 
-    add("token_embd.weight", "token_embd.weight", None)
+    add("token_embd.weight", "token_embd.weight", cuts["output"])  # its vocabulary rows: embedding and tied output
     add("output_norm.weight", "output_norm.weight", None)
-    add("output.weight", "token_embd.weight" if c.tied_output else "output.weight", cuts["output"])
+    if not c.tied_output:
+        add("output.weight", "output.weight", cuts["output"])
     for i in range(c.n_layers):
         for norm in ("attn_norm", "ffn_norm"):
             add(f"blk.{i}.{norm}.weight", f"blk.{i}.{norm}.weight", None)
@@ -138,7 +142,9 @@ def _load_node_weights(config: ModelConfig, tensors: Mapping[str, NodeTensor],
     """The node's packed weights, from the weight cache (keyed by every slice's name and sha256, so the
     same slices map the same file, ~ms, instead of being packed again, ~0.5 s per 50 MB)."""
     def packed() -> PackedModel:
-        return pack(execution_order(config, output=True), tensors.__getitem__, "output.weight")
+        tied = config.tied_output
+        return pack(execution_order(config, output=not tied), tensors.__getitem__,
+                    "token_embd.weight" if tied else "output.weight")
 
     if cache_dir is None:
         return packed()
@@ -202,9 +208,10 @@ class TPNode(JITEngine):
                 prepare_peer_socket(sock, timeout)
         layer_types = tuple(tuple(_kernel_type(tensors[f"blk.{i}.{n}.weight"].qtype) for n in LAYER_MATRICES)
                             for i in range(config.n_layers))
-        # the program sees the output projection as "output.weight", sliced, even when tied
+        # the node's vocabulary rows of the embedding; of the output projection too when tied
+        out_name = "token_embd.weight" if config.tied_output else "output.weight"
         spec = ProgramSpec(config, layer_types, _kernel_type(tensors["token_embd.weight"].qtype),
-                           _kernel_type(tensors["output.weight"].qtype), max_chunk)
+                           _kernel_type(tensors[out_name].qtype), max_chunk)
         packed = _load_node_weights(config, tensors, cache_dir)
         self._start(config, ctx, threads, spec, packed, cache_dir, t0)
         self._table[self._slots["recv_spins"]] = recv_spins
@@ -225,15 +232,6 @@ class TPNode(JITEngine):
             fds[j] = -1 if sock is None else sock.fileno()
         bufs["fds"] = fds
         return bufs
-
-    def _fill_table(self) -> np.ndarray:
-        # a node always holds its own "output.weight" slice, even when the model ties it to the embedding
-        config = self.config
-        self.config = replace(config, tied_output=False)
-        try:
-            return super()._fill_table()
-        finally:
-            self.config = config
 
     max_top = MAX_TOP  # forward(..., top=K): see forward
 

@@ -72,6 +72,30 @@ def test_jit_matches_reference_with_float_weights(gemma3_model, cache_dir):
     assert np.abs(got - want).max() <= 1e-2 * np.abs(want).max()
 
 
+@pytest.mark.parametrize("n_nodes", [2, 4])
+def test_what_each_node_holds(gemma3_model, n_nodes):
+    """No node holds the 178 MB embedding: each holds its vocabulary rows of it (which are also its rows
+    of the tied output projection), its layer slices with the one KV head's K/V rows replicated, and the
+    norms. Measured: 2 nodes 125,709,824 bytes each (embedding 89,128,960, layers 36,578,304); 4 nodes
+    65,270,784 (44,564,480 + 20,703,744); one node 246,587,904 (the file's tensors)."""
+    m = gemma3_model
+    p = plan(m.config, [Peer(f"n{i}", "", 1, 1.0) for i in range(n_nodes)], epoch=0, block=split_block(m))
+    embedding = m.tensor("token_embd.weight").nbytes
+    layers = sum(t.nbytes for n, t in m.tensors.items() if n.startswith("blk."))
+    kv = sum(m.tensor(f"blk.{i}.{n}.weight").nbytes for i in range(m.config.n_layers) for n in ("attn_k", "attn_v"))
+    norms = sum(t.nbytes for n, t in m.tensors.items() if n.startswith("blk.") and len(t.shape) == 1)
+    held = []
+    for i in range(n_nodes):
+        t = node_tensors(m, p, i)
+        assert "output.weight" not in t and t["token_embd.weight"].shape == (m.config.vocab_size // n_nodes, 640)
+        assert t["token_embd.weight"].data.nbytes == embedding // n_nodes
+        node_layers = sum(x.data.nbytes for n, x in t.items() if n.startswith("blk."))
+        # its share of the split matrices, plus the whole K/V (replicated) and norms
+        assert node_layers == (layers - kv - norms) // n_nodes + kv + norms
+        held.append(sum(x.data.nbytes for x in t.values()))
+    assert held == [{2: 125_709_824, 4: 65_270_784}[n_nodes]] * n_nodes
+
+
 def test_split_block_is_a_k_quant_super_block(gemma3_model):
     assert split_block(gemma3_model) == 256  # attn_output Q4_K, ffn_down Q6_K
 
@@ -102,3 +126,26 @@ def test_tp_q8_within_tolerance(gemma3_model, cache_dir):
     finally:
         cluster.close()
         single.close()
+
+
+@pytest.mark.slow
+def test_bench_runs_on_gemma(gemma3_path, gemma3_model, tmp_path):
+    """`dllp2p bench --model <gemma>`: the JIT engine's own bytes per token (the layers, norms and the tied
+    178 MB Q8_0 output projection it streams per token) and the roofline share. Speeds are not checked."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "DLLP2P_CACHE_DIR": str(tmp_path / "cache")}
+    out = subprocess.run([sys.executable, "-m", "dllp2p.cli", "bench", "--model", str(gemma3_path), "--threads", "1",
+                          "--prompt-tokens", "8", "--tokens", "3", "--repeats", "1", "--bandwidth-mib", "16",
+                          "--llama-cpp", "off", "--json"], capture_output=True, text=True, timeout=600, env=env)
+    assert out.returncode == 0, out.stderr
+    r = json.loads(out.stdout)
+    m = gemma3_model
+    layers = sum(t.nbytes for n, t in m.tensors.items() if n.startswith("blk."))
+    streamed = layers + m.tensor("token_embd.weight").nbytes + m.tensor("output_norm.weight").nbytes
+    assert r["engine"] == "jit" and r["bytes_per_token_source"] == "engine"
+    assert streamed <= r["bytes_per_token"] <= 1.01 * streamed  # packed: + padding of a few rows / blocks
+    assert r["decode_tok_s"] > 0 and 0 < r["roofline_pct"]

@@ -189,6 +189,7 @@ def test_bytes_per_token_match_traffic(kv8_model, cache_dir):
         # per layer: half the quantized attention output, half of o, half the quantized FFN, half of d
         act = lambda k: k + 8 * (k // 32)  # noqa: E731
         sent = c.n_layers * (act(c.q_dim // 2) + c.dim * 2 + act(c.ffn_dim // 2) + c.dim * 2)
+        sent += c.dim * 4  # the embedding row of the token (zeros from the node that does not own it)
         assert stats["bytes_sent"] == sent
         assert stats["bytes_received"] == sent + c.vocab_size // 2 * 4  # + node 1's logits
         assert 0 <= stats["sync_ms"] <= stats["step_ms"]
@@ -347,7 +348,7 @@ def test_q8_bytes_per_token(kv8_model, cache_dir, n_nodes):
         # per all-reduce and token: 2 nodes send their whole partial; from 3 nodes, each node sends every
         # owner its 1/N of the partial and every peer its 1/N of the sum: 2 (N - 1) / N of a row
         per = row if n_nodes == 2 else 2 * (n_nodes - 1) * row // n_nodes
-        sent = 3 * c.n_layers * 2 * per
+        sent = 3 * c.n_layers * 2 * per + 3 * c.dim * 4 * (n_nodes - 1)  # + the embedding rows to every peer
         logits = c.vocab_size // n_nodes * 4 * (n_nodes - 1)
         assert (stats["bytes_sent"], stats["bytes_received"]) == (sent, sent + logits)
     finally:

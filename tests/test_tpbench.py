@@ -26,6 +26,7 @@ def test_tpbench_json(tmp_path):
     assert 0 < rows[(2, "q8")]["max_abs_logit_diff"] < 1
     q8 = rows[(2, "q8")]
     sent = spec.n_layers * 2 * q8_0_bytes(spec.dim)  # two all-reduces per layer, one token
+    sent += spec.dim * 4  # and the token's embedding row (each node looks up the tokens of its vocabulary rows)
     # greedy decode: node 1 sends its best logit only, one (f32, i32) record
     assert (q8["root_bytes_sent"], q8["root_bytes_received"]) == (sent, sent + 8)
     assert all(r["ms_per_token"] > 0 and r["sync_ms_per_token"] >= 0 for r in rows.values())

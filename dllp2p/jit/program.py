@@ -201,16 +201,21 @@ class _Forward:
         scratch = gep(b, self.ptr("scratch_t"), b.mul(b.mul(self.tid, self.ctx), i64(c.n_heads * 4)))
         self.x_t, self.h_t, self.xq_t, self.scratch = x_t, h_t, xq_t, scratch
 
-        tokens = self.ptr("tokens")
-        with for_range(b, i64(0), self.n, name="e") as i:
-            tok = b.load(gep(b, tokens, i, I64), typ=I64)
-            self.call((Op.EMBED, self.spec.embed_type), self.ptr("embed"), tok, self.row(x_t, i, c.dim * 4), c.dim)
+        self.embed()
         if c.embed_scale != 1.0:
             self.call(Op.SCALE, x_t, b.mul(self.n, i64(c.dim)), float(c.embed_scale))
         for layer in range(c.n_layers):
             self.layer(layer)
         self.logits()
         b.ret_void()
+
+    def embed(self) -> None:
+        """x_t[i] = row tokens[i] of the embedding, dequantized, for the chunk's rows (every thread)."""
+        b, c = self.b, self.c
+        tokens = self.ptr("tokens")
+        with for_range(b, i64(0), self.n, name="e") as i:
+            tok = b.load(gep(b, tokens, i, I64), typ=I64)
+            self.call((Op.EMBED, self.spec.embed_type), self.ptr("embed"), tok, self.row(self.x_t, i, c.dim * 4), c.dim)
 
     def norm_quantize(self, norm: ir.Value, rows_from: ir.Value, rows_to: ir.Value) -> None:
         """h_t = rmsnorm(x_t) * norm; xq_t = quantize(h_t), for chunk rows [rows_from, rows_to)."""

@@ -1,5 +1,8 @@
 """One node's share of a tensor-parallel forward step, exchanges included, as compiled code.
 
+Query heads: each node computes its own query heads and the K/V of the KV heads they read; with more
+nodes than KV heads (Gemma 3: 1) each such KV head's K/V rows are computed on every node sharing it.
+
 Two ways to combine the nodes' shares of a layer (Partition.exchange, chosen by the plan):
 
 "exact": every matrix split by ROWS, so every output value is computed by exactly one node with exactly
@@ -34,6 +37,10 @@ Every node adds the same bytes in the same order, so x stays identical on all no
 differ from one node's by the partials' rounding (measured on SmolLM2: max |dlogit| ~2-3, mean ~0.3;
 greedy choices agree except near ties; tests/test_tp.py states the tolerance). Even f32 partial sums
 could not be bit-exact: a different summation order flips the rounding of some 8-bit activations.
+
+Either way, first: the embedding. A node holds only its vocabulary rows [v0, v1) of token_embd (also its
+rows of a tied output projection); it looks up the chunk's tokens it owns and the nodes swap those rows
+(zeros for the others'), one exchange a step, after which every node's x is the one node's lookup.
 
 Either way, at the end: logits rows [v0, v1) of the output projection; nodes send theirs to node 0: all
 of them (f32), or, when the step asks for its `top` best (the table scalar; sampling that reads only the
@@ -96,7 +103,7 @@ class Partition:
 class TPSlots(Slots):
     SCALARS = Slots.SCALARS + ("error", "sync_ns", "exchanges", "recv_spins", "top")
     BUFFERS = Slots.BUFFERS + ("fds", "staging", "att_q", "o_full", "s_q", "d_full", "logits_full", "clock", "sums_q",
-                               "cands")
+                               "cands", "emb_all")
 
 
 def tp_buffer_sizes(spec: ProgramSpec, part: Partition) -> dict[str, int]:
@@ -106,7 +113,8 @@ def tp_buffer_sizes(spec: ProgramSpec, part: Partition) -> dict[str, int]:
         unused = dict.fromkeys(("staging", "att_q", "o_full", "s_q", "d_full"), 0)
         sums = (ReduceScatter(spec, part).total if part.n_nodes >= RS_MIN_NODES
                 else part.n_nodes * mc * q8_0_bytes(c.dim))  # every node's quantized partial sums
-        return {**unused, "sums_q": sums, "logits_full": c.vocab_size * 4, "clock": 16, "cands": candidate_bytes(part)}
+        return {**unused, "sums_q": sums, "logits_full": c.vocab_size * 4, "clock": 16, "cands": candidate_bytes(part),
+                "emb_all": embed_bytes(spec, part)}
     widest_local = max(
         max(act_bytes((b - a) * c.head_dim) for a, b in (part.q_of(j, c.group_size) for j in range(part.n_nodes))),
         max(act_bytes(b - a) for a, b in part.ffn_rows),
@@ -122,7 +130,13 @@ def tp_buffer_sizes(spec: ProgramSpec, part: Partition) -> dict[str, int]:
         "clock": 16,
         "sums_q": 0,
         "cands": candidate_bytes(part),
+        "emb_all": embed_bytes(spec, part),
     }
+
+
+def embed_bytes(spec: ProgramSpec, part: Partition) -> int:
+    """`emb_all`: per node a section of max_chunk f32 rows of the model dimension (node j's at j * section)."""
+    return part.n_nodes * spec.max_chunk * spec.config.dim * 4
 
 
 def candidate_bytes(part: Partition) -> int:
@@ -431,6 +445,45 @@ class _TPForward(_Forward):
             self._slot_spins = self.b.alloca(I64)
         super().emit()
 
+    def embed(self) -> None:
+        """The node holds only its vocabulary rows of the embedding (the tied output's own slice). Thread 0
+        writes the rows of the chunk's tokens it owns into its section of `emb_all` (zeros elsewhere) and
+        swaps sections with every peer; then every thread copies each row from its owner's section into its
+        x_t: the bytes one node's lookup gives, for n * dim * 4 bytes to each peer (one exchange a step)."""
+        b, c, part = self.b, self.c, self.part
+        if part.n_nodes == 1:  # alone: the whole embedding, looked up as one node does
+            super().embed()
+            return
+        section = self.spec.max_chunk * c.dim * 4
+        row = c.dim * 4
+        memset = intrinsic(self.m, "llvm.memset.p0.i64", VOID, [PTR, ir.IntType(8), I64, ir.IntType(1)])
+
+        def body(mine: ir.Value) -> None:
+            b = self.b
+            b.call(memset, [mine, ir.Constant(ir.IntType(8), 0), b.mul(self.n, i64(row)), ir.Constant(ir.IntType(1), 0)])
+            tokens = self.ptr("tokens")
+            with for_range(b, i64(0), self.n, name="eo") as i:
+                tok = b.load(gep(b, tokens, i, I64), typ=I64)
+                own = b.and_(b.icmp_signed(">=", tok, i64(self.v0)), b.icmp_signed("<", tok, i64(self.v1)))
+                with b.if_then(own):
+                    self.call((Op.EMBED, self.spec.embed_type), self.ptr("embed"), b.sub(tok, i64(self.v0)),
+                              self.row(mine, i, row), c.dim)
+            t0 = self.now_ns()
+            emb = self.ptr("emb_all")
+            nbytes = b.mul(self.n, i64(row))
+            self.swap(lambda j: (mine, nbytes), lambda j: (gep(b, emb, i64(j * section)), nbytes))
+            self.count_exchange(t0)
+
+        self.on_thread0("emb", gep(b, self.ptr("emb_all"), i64(self.me * section)), body)
+        tokens, emb = self.ptr("tokens"), self.ptr("emb_all")
+        with for_range(b, i64(0), self.n, name="ec") as i:
+            tok = b.load(gep(b, tokens, i, I64), typ=I64)
+            owner = i64(0)
+            for j in range(1, part.n_nodes):
+                owner = b.add(owner, b.zext(b.icmp_signed(">=", tok, i64(part.vocab_rows[j][0])), I64))
+            src = gep(b, emb, b.add(b.mul(owner, i64(section)), b.mul(i, i64(row))))
+            self.copy(self.row(self.x_t, i, row), src, i64(row))
+
     def layer(self, layer: int) -> None:
         if self.part.exchange == "q8":
             self.layer_q8(layer)
@@ -563,6 +616,8 @@ def bytes_per_step(spec: ProgramSpec, part: Partition, n: int = 1, top: int = 0)
     vocab = [logits_bytes(j) for j in range(part.n_nodes)]
     logits_sent = vocab[me] if me else 0
     logits_received = sum(vocab) - vocab[0] if me == 0 else 0
+    embed = n * c.dim * 4 * peers if peers else 0  # each node's embedding rows to every peer (and theirs back)
+    logits_sent, logits_received = logits_sent + embed, logits_received + embed
     if part.exchange == "q8":  # two all-reduces per layer
         if part.n_nodes >= RS_MIN_NODES:
             per = 2 * c.n_layers * n * ReduceScatter(spec, part).bytes_per_token(me)
