@@ -37,6 +37,7 @@ from typing import Any
 import trio
 
 from .. import api, election
+from ..clusterkey import ClusterKey
 from ..config import DEFAULT_CLUSTER, DEFAULT_PORT, Timeouts
 from ..discovery import StaticOptions
 from ..models import DEFAULT_FILE
@@ -74,6 +75,7 @@ class DaemonConfig:
     api: str | None = None  # "host:port" of the OpenAI-compatible HTTP API (api.py); None: off
     api_ctx: int = 2048  # the context (KV positions) of the API's requests
     cache_dir: Path | None = None  # compiled kernels and packed weights; None: the engine's default
+    key: ClusterKey | None = None  # the cluster key; None: this machine only (loopback, no peers, no mDNS)
 
     def __post_init__(self) -> None:
         if not election.CLUSTER.fullmatch(self.cluster):
