@@ -69,6 +69,7 @@ class Limits:
     max_json_depth: int = MAX_JSON_DEPTH
     read_timeout: float = 30.0  # from a request's first byte to its last (slow clients: 408)
     idle: float = 120.0  # a kept-alive connection waiting for its next request
+    max_connections: int = 64  # open at once; the next gets 503 and is closed
     ctx: int = DEFAULT_CTX  # the context (KV positions) of the API's requests
 
 
@@ -103,9 +104,9 @@ def origin_allowed(origin: str | None) -> bool:
     return origin is None or bool(_LOOPBACK_ORIGIN.fullmatch(origin))
 
 
-def cors_headers(req: HttpRequest) -> list[tuple[str, str]]:
-    origin = req.headers.get("origin")
-    if origin is None:
+def cors_headers(origin: str | None) -> list[tuple[str, str]]:
+    """What every answer to a request from `origin` carries (nothing for a foreign or no origin)."""
+    if origin is None or not origin_allowed(origin):
         return []
     return [("access-control-allow-origin", origin), ("vary", "Origin")]
 
@@ -148,6 +149,7 @@ class Connection:
         self.stream, self.limits, self.peer = stream, limits, peer
         self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=limits.max_head)
         self.origin: str | None = None  # of the request being answered (CORS)
+        self.head_only = False  # the request being answered is a HEAD: headers, no body
         self.deadline: float | None = None  # trio time by which the request being read must be in
         self.cors: list[tuple[str, str]] = []
 
@@ -217,12 +219,13 @@ class Connection:
             key = name.decode("ascii")  # h11: a token
             headers[key] = f"{headers[key]}, {value.decode('latin-1')}" if key in headers else value.decode("latin-1")
         self.origin = headers.get("origin")
+        self.head_only = ev.method == b"HEAD"
         if "content-length" in headers and "transfer-encoding" in headers:
             raise http_error(ErrorCode.BAD_HTTP, "Content-Length and Transfer-Encoding together (request smuggling?)")
         length = headers.get("content-length")
         if length is not None and not (length.isascii() and length.isdigit() and len(length) <= 18):
             raise http_error(ErrorCode.BAD_HTTP, f"Content-Length {length[:24]!r} is not 1-18 ASCII digits")
-        target = ev.target.decode("ascii")  # h11: printable ASCII
+        target = ev.target.decode("latin-1")  # h11: visible characters
         return HttpRequest(ev.method.decode("ascii").upper(), target.split("?", 1)[0], headers, b"")
 
     # --- responses ---
@@ -244,7 +247,7 @@ class Connection:
         length = None if status == 204 else len(body)
         head = h11.Response(status_code=status, reason=HTTPStatus(status).phrase.encode(),
                             headers=self._headers(content_type, length, [*self.cors, *extra], close))
-        data = self.h11.send(head) + (self.h11.send(h11.Data(data=body)) if body else b"")
+        data = self.h11.send(head) + (self.h11.send(h11.Data(data=body)) if body and not self.head_only else b"")
         await self.stream.send_all(data + self.h11.send(h11.EndOfMessage()))
 
     async def send_json(self, status: int, obj: Any, close: bool = False) -> None:
@@ -279,7 +282,7 @@ class Connection:
         """Ready for the next request on this connection? (h11: both sides DONE, keep-alive)."""
         if self.h11.our_state is h11.DONE and self.h11.their_state is h11.DONE:
             self.h11.start_next_cycle()
-            self.origin, self.cors = None, []
+            self.origin, self.cors, self.head_only = None, [], False
             return True
         return False
 
@@ -293,6 +296,7 @@ class Api:
 
     def __init__(self, submit: Submit, model: str, limits: Limits = Limits()):
         self.submit, self.model, self.limits = submit, model, limits
+        self.open = 0  # connections being served
 
     async def connection(self, stream: trio.SocketStream) -> None:
         try:
@@ -300,7 +304,13 @@ class Api:
         except (OSError, AttributeError):
             peer = "client"
         conn = Connection(stream, self.limits, f"http {peer}")
+        self.open += 1
         try:
+            if self.open > self.limits.max_connections:
+                log.info("API %s: over %d connections; refused", peer, self.limits.max_connections)
+                await conn.send_error(CodedError(f"this server has {self.limits.max_connections} connections open; "
+                                                 "try again later", ErrorCode.BUSY), close=True)
+                return
             await self._serve(conn)
         except (_Close, trio.BrokenResourceError, trio.ClosedResourceError):
             pass
@@ -312,6 +322,7 @@ class Api:
             except (_Close, trio.BrokenResourceError, trio.ClosedResourceError, h11.LocalProtocolError):
                 pass
         finally:
+            self.open -= 1
             with trio.CancelScope(shield=True):
                 await stream.aclose()
 
@@ -321,13 +332,12 @@ class Api:
                 req = await conn.read_request()
             except CodedError as e:  # the request was not read whole: answer, then close
                 log.info("API %s: %d %s", conn.peer, e.code.http_status, e)
-                if origin_allowed(conn.origin):
-                    conn.cors = cors_headers(HttpRequest("", "", {"origin": conn.origin} if conn.origin else {}, b""))
+                conn.cors = cors_headers(conn.origin)
                 await conn.send_error(e, close=True)
                 return
             if req is None:
                 return
-            conn.cors = cors_headers(req) if origin_allowed(req.headers.get("origin")) else []
+            conn.cors = cors_headers(req.headers.get("origin"))
             try:
                 await self.route(conn, req)
             except CodedError as e:
@@ -345,7 +355,7 @@ class Api:
             return
         kinds = {"/v1/chat/completions": "chat", "/v1/completions": "completion"}
         if req.path in ("/health", "/v1/models") or req.path.startswith("/v1/models/"):
-            if req.method != "GET":
+            if req.method not in ("GET", "HEAD"):
                 raise http_error(ErrorCode.METHOD, f"{req.path[:80]} takes GET, not {req.method[:16]}")
             await conn.send_json(200, self.get(req.path))
         elif req.path in kinds:

@@ -444,10 +444,11 @@ def test_pipelined_requests_are_answered_in_order(server):
     with socket.create_connection(("127.0.0.1", server), timeout=10) as s:
         s.sendall(two)
         texts = []
+        f = s.makefile("rb")  # one reader for both answers (an HTTPResponse each would buffer its own)
         for _ in range(2):
-            r = http.client.HTTPResponse(s)
-            r.begin()
-            texts.append(json.loads(r.read())["choices"][0]["text"])
+            assert f.readline().startswith(b"HTTP/1.1 200 ")
+            headers = dict(line.decode().strip().lower().split(": ", 1) for line in iter(f.readline, b"\r\n"))
+            texts.append(json.loads(f.read(int(headers["content-length"])))["choices"][0]["text"])
     assert texts == ["one ", "two "]
 
 
@@ -531,7 +532,59 @@ def test_a_client_that_leaves_mid_stream_stops_the_generation(server):
         GONE.get()
     with socket.create_connection(("127.0.0.1", server), timeout=10) as s:
         s.sendall(post("/v1/completions", b'{"prompt": "forever", "stream": true}'))
-        assert b"tick" in s.recv(4096)
+        got = b""
+        while b"tick" not in got:
+            got += s.recv(4096)
     assert GONE.get(timeout=10)
     status, _, _, _ = exchange(server, b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n")
     assert status == 200
+
+
+def test_connections_over_the_limit_get_503(caplog):
+    caplog.set_level(logging.INFO, logger="dllp2p.api")
+    with InProcess(api.Limits(max_connections=2)) as port:
+        held = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(2)]
+        try:
+            time.sleep(0.2)  # both accepted and being served
+            status, headers, body, closed = exchange(port, b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n", closes=True)
+            assert status == 503 and json.loads(body)["error"]["code"] == "busy" and closed
+        finally:
+            for s in held:
+                s.close()
+        deadline = time.monotonic() + 5  # until the server has seen them go
+        while (status := exchange(port, b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n")[0]) != 200:
+            assert status == 503 and time.monotonic() < deadline
+            time.sleep(0.05)
+    assert "Traceback" not in caplog.text
+
+
+def test_the_api_context_comes_from_file_env_and_flag(tmp_path):
+    from dllp2p.cli import build_parser, daemon_config
+
+    path = tmp_path / "config.toml"
+    path.write_text("[daemon]\napi_ctx = 512\n")
+
+    def cfg(argv, env):
+        return daemon_config(build_parser().parse_args(["daemon", *argv]), {"DLLP2P_CONFIG": str(path), **env})
+
+    assert cfg([], {}).api_ctx == 512
+    assert cfg([], {"DLLP2P_API_CTX": "1024"}).api_ctx == 1024
+    assert cfg(["--api-ctx", "4096"], {"DLLP2P_API_CTX": "1024"}).api_ctx == 4096
+    path.write_text("")
+    assert cfg([], {}).api_ctx == DEFAULT_CTX
+    with pytest.raises(ValueError):
+        cfg(["--api-ctx", "1"], {})
+
+
+def test_head_requests_get_headers_only_and_the_connection_serves_on(server):
+    with socket.create_connection(("127.0.0.1", server), timeout=10) as s:
+        f = s.makefile("rb")
+        for path, status in [(b"/health", 200), (b"/v1/chat/completions", 405), (b"/nope", 404), (b"/health", 200)]:
+            s.sendall(b"HEAD %s HTTP/1.1\r\nHost: t\r\n\r\n" % path)
+            assert f.readline().startswith(b"HTTP/1.1 %d " % status)
+            headers = dict(line.decode().strip().lower().split(": ", 1) for line in iter(f.readline, b"\r\n"))
+            assert int(headers["content-length"]) > 0 and "connection" not in headers  # no body follows
+        s.sendall(b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n")
+        assert f.readline().startswith(b"HTTP/1.1 200 ")
+        headers = dict(line.decode().strip().lower().split(": ", 1) for line in iter(f.readline, b"\r\n"))
+        assert json.loads(f.read(int(headers["content-length"]))) == {"status": "ok"}

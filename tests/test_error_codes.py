@@ -1,4 +1,8 @@
-"""ErrorCode: one HTTP status and OpenAI type per code; codes cross the wire as plain strings."""
+"""ErrorCode: one HTTP status and OpenAI type per code; codes cross the wire as plain strings; who sends
+which (a forward to a dead root: unreachable; the root's refusals; the CLI line with the code's hint)."""
+
+import dataclasses
+import socket
 
 import pytest
 
@@ -43,3 +47,83 @@ def test_code_of_exceptions():
     assert code_of(CodedError("refused")) is ErrorCode.INVALID_REQUEST
     assert code_of(ValueError("x")) is ErrorCode.GENERATE
     assert code_of(OSError("x"), ErrorCode.ENGINE) is ErrorCode.ENGINE
+
+
+# --- who sends which code ------------------------------------------------------------------------------
+
+
+class Sink:
+    """A link stand-in that keeps what is sent to it."""
+
+    peer = "test"
+
+    def __init__(self):
+        self.sent = []
+
+    async def send(self, msg):
+        self.sent.append(msg)
+
+
+def _generate(**kw):
+    from dllp2p.wire.client import daemon_request
+    from dllp2p.sampler import SamplerConfig
+
+    return daemon_request(SamplerConfig(temperature=0), 4, 64, prompt="hi", **kw)
+
+
+def test_forward_to_a_root_that_does_not_answer_says_unreachable():
+    """Was "generate" (so the HTTP API's 503 for unreachable was never sent: clients got 500)."""
+    import trio
+
+    from dllp2p.config import Timeouts
+    from dllp2p.session import service as serve
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        dead = f"127.0.0.1:{s.getsockname()[1]}"
+    sink = Sink()
+    trio.run(serve.forward, sink, _generate(), dead, "me", Timeouts(hello=2.0))
+    (msg,) = sink.sent
+    assert isinstance(msg, P.Error) and msg.kind is ErrorCode.UNREACHABLE and msg.kind.http_status == 503
+    sink = Sink()
+    trio.run(serve.forward, sink, dataclasses.replace(_generate(), hops=P.MAX_HOPS), dead, "me", Timeouts())
+    assert sink.sent[0].kind is ErrorCode.FORWARD_LOOP
+
+
+@pytest.mark.parametrize("ids,vocab,ctx,code", [([1, 2, 3], 10, 8, None), ([1, 10], 10, 8, ErrorCode.INVALID_TOKEN),
+                                                ([1] * 8, 10, 8, ErrorCode.CONTEXT_LENGTH),
+                                                ([1] * 7, 10, 8, None)])
+def test_the_root_refuses_what_the_client_got_wrong(ids, vocab, ctx, code):
+    from dllp2p.session.service import _check_prompt
+
+    if code is None:
+        _check_prompt(ids, vocab, ctx)
+        return
+    with pytest.raises(CodedError) as e:
+        _check_prompt(ids, vocab, ctx)
+    assert e.value.code is code and e.value.code.http_status == 400
+
+
+def test_the_cli_line_ends_with_the_codes_hint():
+    """wire.client.ask_blocking against a daemon stand-in that answers the client's Status probe, then its
+    Generate with Error(busy)."""
+    import threading
+
+    from dllp2p.wire.client import DaemonError, ask_blocking
+
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        def answer():
+            for reply in (P.StatusReply(0, "x", (), None, None, 0), P.Error(ErrorCode.BUSY, "node x is busy")):
+                conn, _ = server.accept()
+                with conn:
+                    conn.recv(1 << 16)
+                    conn.sendall(P.encode(reply))
+
+        t = threading.Thread(target=answer, daemon=True)
+        t.start()
+        address = f"127.0.0.1:{server.getsockname()[1]}"
+        with pytest.raises(DaemonError) as e:
+            ask_blocking(address, _generate(), lambda text: None)
+        t.join(5)
+    assert e.value.code is ErrorCode.BUSY
+    assert str(e.value) == f"daemon {address}: node x is busy ({ErrorCode.BUSY.hint})"

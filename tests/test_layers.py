@@ -38,7 +38,6 @@ HEAVY = ("dllp2p.tp", "dllp2p.jit")
 INNER_EXEMPT = {
     "dllp2p.formats.synthetic": "tokenizer.BYTE_TO_CHAR (formats branch)",
     "dllp2p.bench": "the bench command's engines (bench branch)",
-    "dllp2p.errors": "the error classes of the lower layers (http branch's ErrorCode rework)",
 }
 
 MAX_LINES = 500

@@ -10,7 +10,7 @@ One TCP port takes four kinds of connection, told apart by their first frame:
                (session.service.RootService), or forwards it to the root and relays the tokens back
 
 A second port (config `api`, loopback by default) serves the OpenAI-compatible HTTP API (api.py), which
-hands its prompts to the prompt slot in this process.
+hands its prompts to the prompt slot in this process as Generates (their context: config `api_ctx`).
 
 The daemon is split by responsibility: this module listens and dispatches and owns every lifetime (one
 nursery); membership.py keeps the membership table and elects; probes.py answers Status; prompts.py holds
