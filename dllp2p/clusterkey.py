@@ -82,6 +82,10 @@ class ClusterKey:
     def check_api_token(self, presented: str) -> bool:
         return hmac.compare_digest(presented.encode(), self.api_token.encode())
 
+    def bind(self, cluster: str) -> str:
+        """The cluster name as daemons announce and compare it: the name and this key's tag."""
+        return f"{cluster[:54]}.{self.tag}"
+
     def text(self) -> str:
         raw = self.secret + _checksum(self.secret)
         b32 = base64.b32encode(raw).decode().lower()
