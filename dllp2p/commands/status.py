@@ -74,6 +74,9 @@ def ask_timed(address: str, timeout: float, seq: int = 0, key: ClusterKey | None
     except HandshakeFailed as e:
         raise StatusError(f"{address} is not a daemon of this cluster ({e})") from None
     except LinkClosed as e:
+        if "cannot connect" not in str(e):  # it took the connection, then dropped it: the handshake
+            hint = "it needs this cluster's key: --key-file PATH" if key is None else "it has another cluster key"
+            raise StatusError(f"{address} closed the connection ({hint})") from None
         raise StatusError(f"no dllp2p daemon answers at {address} ({e}); is `dllp2p daemon` running?") from None
     except (LinkTimeout, ProtocolError) as e:
         raise StatusError(f"{address}: {e}") from None

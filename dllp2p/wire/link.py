@@ -32,9 +32,10 @@ from collections.abc import Callable
 import trio
 
 from ..clusterkey import ClusterKey
-from .codec import HEADER, HEADER_SIZE, FrameDecoder, encode
+from .codec import HEADER, HEADER_SIZE, MAGIC, FrameDecoder, encode
 from .messages import Error, Message, MeshHello
 from .secure import ANSWER_SIZE, FINISH_SIZE, HELLO_SIZE, LENGTH, Channel, Initiator, Responder
+from .secure import MAGIC as SECURE_MAGIC
 
 RECV_BYTES = 1 << 16
 MESH_BUFFER = 1 << 20  # SO_SNDBUF / SO_RCVBUF of mesh sockets
@@ -187,7 +188,10 @@ async def secure_dial(stream: trio.SocketStream, key: ClusterKey, peer: str, tim
     with trio.move_on_after(timeout):
         hs = Initiator(key.psk)
         await _send_all(stream, hs.hello(), peer)
-        finish, channel = hs.answer(await _receive_exactly(stream, ANSWER_SIZE, peer))
+        head = await _receive_exactly(stream, 4, peer)  # a daemon without a key answers a plain frame: said at once
+        if head == MAGIC:
+            hs.answer(head + bytes(ANSWER_SIZE - 4))  # raises HandshakeFailed, naming it
+        finish, channel = hs.answer(head + await _receive_exactly(stream, ANSWER_SIZE - 4, peer))
         await _send_all(stream, finish, peer)
         return channel
     raise LinkTimeout(f"{peer}: no secure handshake within {timeout:g} s")
@@ -200,7 +204,10 @@ async def secure_accept(stream: trio.SocketStream, key: ClusterKey, peer: str, t
     Raises HandshakeFailed, LinkClosed, LinkTimeout."""
     with trio.move_on_after(timeout):
         hs = Responder(key.psk)
-        await _send_all(stream, hs.hello(await _receive_exactly(stream, HELLO_SIZE, peer)), peer)
+        head = await _receive_exactly(stream, 4, peer)  # a client without a key: refused at its first bytes
+        if head != SECURE_MAGIC:
+            hs.hello(head)  # raises HandshakeFailed
+        await _send_all(stream, hs.hello(head + await _receive_exactly(stream, HELLO_SIZE - 4, peer)), peer)
         return hs.finish(await _receive_exactly(stream, FINISH_SIZE, peer))
     raise LinkTimeout(f"{peer}: no secure handshake within {timeout:g} s")
 

@@ -45,6 +45,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from .codec import MAGIC as PLAIN_MAGIC
 from .codec import ProtocolError
 
 MAGIC = b"DLS1"  # dllp2p secure, version 1 (never a codec frame's magic, so a plain client is told apart)
@@ -108,6 +109,9 @@ class Initiator:
         """Raises HandshakeFailed: the responder does not hold the key."""
         if len(answer) != ANSWER_SIZE:
             raise HandshakeFailed(f"handshake answer of {len(answer)} bytes, not {ANSWER_SIZE}")
+        if answer.startswith(PLAIN_MAGIC):
+            raise HandshakeFailed("the peer has no cluster key (it answered in plain frames; give it one: "
+                                  "dllp2p key set)")
         e_r, n_r, mac_r = answer[:PUB], answer[PUB:PUB + NONCE], answer[PUB + NONCE:]
         th = hashlib.sha256(LABEL + self._hello + e_r + n_r).digest()
         k_i2r, k_r2i, m_r, m_i = _keys(self._psk, _exchange(self._e, e_r), th)
