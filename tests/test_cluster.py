@@ -218,6 +218,10 @@ def test_worker_of_another_protocol_version_is_named():
 # --- worker processes ---
 
 
+# `dllp2p daemon` as a test worker: hermetic (no mDNS, no HTTP API, the tests' own cluster name)
+DAEMON = [sys.executable, "-m", "dllp2p.cli", "daemon", "--no-discovery", "--api", "off", "--cluster", fake_tp.TEST_CLUSTER]
+
+
 def start_worker(state_dir: Path, *command: str) -> tuple[subprocess.Popen, str]:
     """A worker daemon process; -> (process, its "host:port") read from its log's first line."""
     cmd = list(command) or [sys.executable, str(TESTS / "fake_tp.py")]
@@ -263,8 +267,7 @@ def test_killed_worker_is_named_and_the_survivor_returns_to_idle(tmp_path):
 
 
 def test_dllp2p_daemon_command_survives_an_engine_failure_and_stops_on_ctrl_c(tmp_path):
-    p, address = start_worker(tmp_path / "d", sys.executable, "-m", "dllp2p.cli", "daemon", "--threads", "1",
-                              "--key-file", str(fake_tp.write_key(tmp_path)))
+    p, address = start_worker(tmp_path / "d", *DAEMON, "--threads", "1", "--key-file", str(fake_tp.write_key(tmp_path)))
     try:
         node_id = (tmp_path / "d" / "node_id").read_text().strip()
         # the root's fake slices are not a model the real engine can build: the worker says so, stays up
@@ -318,7 +321,7 @@ def test_smollm2_on_two_daemons_matches_the_single_node_engine(tmp_path, real_mo
         single.close()
     cli = [sys.executable, "-m", "dllp2p.cli"]
     key_file = str(fake_tp.write_key(tmp_path))
-    p, address = start_worker(tmp_path / "w", *cli, "daemon", "--threads", "1", "--key-file", key_file)
+    p, address = start_worker(tmp_path / "w", *DAEMON, "--threads", "1", "--key-file", key_file)
     try:
         e = ClusterEngine.connect(real_model, ClusterOptions((address,), key=fake_tp.TEST_KEY), 64, 1)
         got, got_logits = greedy(e)
@@ -327,7 +330,7 @@ def test_smollm2_on_two_daemons_matches_the_single_node_engine(tmp_path, real_mo
         e.close()
 
         run = ["run", "--prompt", "The capital of France is", "--temperature", "0", "--steps", "16", "--threads", "1"]
-        local = subprocess.run([*cli, *run], capture_output=True, text=True, timeout=300)
+        local = subprocess.run([*cli, *run, "--local"], capture_output=True, text=True, timeout=300)
         remote = subprocess.run([*cli, *run, "--workers", address, "--stats", "--key-file", key_file],
                                 capture_output=True, text=True,
                                 timeout=300)
