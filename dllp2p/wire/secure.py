@@ -171,14 +171,12 @@ class Channel:
     def seal(self, data: bytes | bytearray | memoryview) -> bytes:
         """data as one or more records (an empty send is one empty record)."""
         view = memoryview(data).cast("B")
-        out = bytearray()
-        for start in range(0, max(len(view), 1), MAX_RECORD):
-            out += self.seal_record(view[start:start + MAX_RECORD])
-        return bytes(out)
+        return b"".join(self.seal_record(view[start:start + MAX_RECORD])
+                        for start in range(0, max(len(view), 1), MAX_RECORD))
 
     def seal_record(self, plain: bytes | memoryview) -> bytes:
         length = LENGTH.pack(len(plain) + TAG)
-        sealed = self._seal.encrypt(self._nonce(self._sent), bytes(plain), length)
+        sealed = self._seal.encrypt(self._nonce(self._sent), plain, length)
         self._sent += 1
         return length + sealed
 
@@ -187,16 +185,23 @@ class Channel:
         Raises RecordError (the connection must be dropped: the stream can no longer be trusted)."""
         self._buf += data
         out = bytearray()
-        while (n := self.next_record_size()) is not None and len(self._buf) >= LENGTH.size + n:
-            out += self.open_record(bytes(self._buf[:LENGTH.size + n]))
-            del self._buf[:LENGTH.size + n]
+        at = 0  # records are opened in place and the buffer cut once: no quadratic copying
+        try:
+            while (n := self._record_size(at)) is not None and len(self._buf) - at >= LENGTH.size + n:
+                out += self.open_record(bytes(self._buf[at:at + LENGTH.size + n]))
+                at += LENGTH.size + n
+        finally:
+            del self._buf[:at]
         return bytes(out)
 
     def next_record_size(self) -> int | None:
         """The ciphertext length of the record being received, once its length bytes are in; None before."""
-        if len(self._buf) < LENGTH.size:
+        return self._record_size(0)
+
+    def _record_size(self, at: int) -> int | None:
+        if len(self._buf) - at < LENGTH.size:
             return None
-        (n,) = LENGTH.unpack_from(self._buf)
+        (n,) = LENGTH.unpack_from(self._buf, at)
         if not TAG <= n <= MAX_RECORD + TAG:
             raise RecordError(f"a record of {n} bytes (at most {MAX_RECORD + TAG}): the stream is corrupt")
         return n
