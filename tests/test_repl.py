@@ -5,8 +5,11 @@ refused with an error while the session goes on."""
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -85,3 +88,52 @@ def test_a_turn_over_the_context_is_refused_and_the_session_goes_on(model_path):
     assert r.returncode == 0, r.stderr
     assert "dllp2p: error:" in r.stderr and "context" in r.stderr
     assert r.stdout == fresh_replies(model_path, [[short]], ctx=128)[0] + "\n"  # the long turn was taken back
+
+
+def test_help_lists_the_commands(model_path):
+    r = chat("/help\n/exit\n", "--local")
+    assert r.returncode == 0 and r.stdout == "", r.stderr
+    for command in ("/help", "/reset", "/exit", "Ctrl-C"):
+        assert command in r.stderr, r.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed")
+def test_ctrl_c_stops_the_reply_and_the_chat_goes_on(tmp_path, model_path):
+    """In a terminal: Ctrl-C while a long reply is written stops it; the next line is answered; Up
+    recalls the earlier line (readline)."""
+    session = f"dllp2p-chat-{os.getpid()}"
+    tmux = ["tmux", "-L", session]
+    cmd = (f"cd {ROOT_DIR} && {sys.executable} -m dllp2p.cli chat --local --threads 1 --temperature 0 --steps 2000 "
+           f"--model {model_path}; echo CHAT-ENDED-$?; sleep 30")
+    subprocess.run([*tmux, "new-session", "-d", "-s", session, "-x", "120", "-y", "40", cmd], check=True, timeout=10)
+
+    def screen() -> str:
+        return subprocess.run([*tmux, "capture-pane", "-p", "-S", "-200", "-t", session], capture_output=True,
+                              text=True, timeout=10).stdout
+
+    def wait(predicate, what: str, limit: float = 120) -> str:
+        deadline = time.monotonic() + limit
+        while not predicate(s := screen()):
+            assert time.monotonic() < deadline, f"no {what}:\n{s}"
+            time.sleep(0.2)
+        return s
+
+    def keys(*k: str) -> None:
+        subprocess.run([*tmux, "send-keys", "-t", session, *k], check=True, timeout=10)
+
+    try:
+        wait(lambda s: "/help lists the commands" in s and s.rstrip().endswith(">"), "prompt")
+        keys("Write a long essay about the history of France.", "Enter")
+        wait(lambda s: len(s.split("history of France.", 1)[-1].strip()) > 40, "reply being written")
+        keys("C-c")
+        wait(lambda s: "reply stopped" in s, "'reply stopped'")
+        keys("Up")  # readline's history: the earlier line comes back, editable
+        wait(lambda s: s.rstrip().endswith("Write a long essay about the history of France."), "recalled line")
+        keys("C-u", "Say hello.", "Enter")  # the chat goes on: the next line is answered
+        wait(lambda s: len(s.split("Say hello.", 1)[-1].strip()) > 2 and s.rstrip().endswith(">"), "next reply")
+        keys("/exit", "Enter")
+        s = wait(lambda s: "CHAT-ENDED-" in s, "end of the chat")
+        assert "CHAT-ENDED-0" in s and "Traceback" not in s, s
+    finally:
+        subprocess.run([*tmux, "kill-server"], capture_output=True, timeout=10)

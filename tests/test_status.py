@@ -310,7 +310,8 @@ def test_status_json(two_daemons):
 
 
 @pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed")
-def test_status_live_view_in_a_terminal(two_daemons, tmp_path):
+@pytest.mark.parametrize("key", ["q", "C-c"])
+def test_status_live_view_in_a_terminal(two_daemons, tmp_path, key):
     a, b = two_daemons
     host, port = b.rsplit(":", 1)
     session = f"dllp2p-status-{os.getpid()}"
@@ -333,11 +334,12 @@ def test_status_live_view_in_a_terminal(two_daemons, tmp_path):
         assert re.search(r"\d+ / \d+\.\d GiB", rows[a]), screen
         assert re.search(r"\d+ MiB", rows[a]) and re.search(r"\d\.\d\d \(\d+%\)", rows[a]), screen  # rss, load
         assert re.search(r"\d+\.\d ms, you \d+\.\d ms", rows[a]) and "you " in rows[b], screen  # rtt
-        # Ctrl-C ends it cleanly
-        subprocess.run([*tmux, "send-keys", "-t", session, "C-c"], check=True, timeout=10)
+        assert "(q: quit)" in screen, screen  # it says how to leave
+        # q (or Ctrl-C) ends it cleanly
+        subprocess.run([*tmux, "send-keys", "-t", session, key], check=True, timeout=10)
         deadline = time.monotonic() + 10
         while subprocess.run([*tmux, "has-session", "-t", session], capture_output=True).returncode == 0:
-            assert time.monotonic() < deadline, "dllp2p status did not end on Ctrl-C"
+            assert time.monotonic() < deadline, f"dllp2p status did not end on {key}"
             time.sleep(0.1)
     finally:
         subprocess.run([*tmux, "kill-server"], capture_output=True, timeout=10)

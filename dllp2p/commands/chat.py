@@ -2,6 +2,10 @@
 
     you (stdin)  -> the conversation (messages) -> the model's chat template -> tokens -> a reply
     /reset       starts a new conversation (the system prompt stays); /exit, /quit or end of input ends
+    /help        lists the commands; Ctrl-C stops the reply being written, and the chat goes on
+
+On a terminal, lines are read with the stdlib's readline: editing, and the session's earlier lines
+with Up and Down.
 
 Every turn sends the whole conversation: to the local daemon as a Generate with its messages (the
 root's kept session already holds the earlier turns in its KV cache, so only the new message is
@@ -31,7 +35,7 @@ from ..tokenizer import StreamDecoder, Tokenizer
 from ..wire.client import DaemonError, NoDaemon, ask_blocking, daemon_request, probe
 from ..wire.messages import ChatTurn
 
-COMMANDS = {"/exit": "exit", "/quit": "exit", "/reset": "reset"}
+COMMANDS = {"/exit": "exit", "/quit": "exit", "/reset": "reset", "/help": "help"}
 
 
 class Local:
@@ -105,28 +109,67 @@ def backend(cfg: Any, timeouts: ClientTimeouts = ClientTimeouts()):  # -> Local 
     return Local(cfg)
 
 
+HELP = """\
+/help          this list
+/reset         a new conversation (the system prompt stays)
+/exit, /quit   leave (so do Ctrl-D and the end of input)
+Ctrl-C         stops the reply being written (what was written stays in the conversation)
+Up, Down       earlier lines (on a terminal: the line can be edited too)"""
+
+
+def _reader(inp: TextIO) -> Callable[[], str | None]:
+    """-> a function returning the next line without its newline, None at the end of input. On a
+    terminal, with line editing and history (stdlib readline, where the platform has it)."""
+    if inp is sys.stdin and inp.isatty():
+        try:
+            import readline  # noqa: F401 - loading it gives input() line editing and history
+        except ImportError:
+            pass
+
+        def read_tty() -> str | None:
+            try:
+                return input("> ")
+            except EOFError:
+                return None
+
+        return read_tty
+
+    def read() -> str | None:
+        line = inp.readline()
+        return line.rstrip("\r\n") if line else None
+
+    return read
+
+
 def chat(cfg: Any, inp: TextIO = sys.stdin, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
     model = backend(cfg)
     start = [Message("system", cfg.system)] if cfg.system else []
     messages = list(start)
-    prompt = inp.isatty()
+    read = _reader(inp)
+    shown: list[str] = []  # of the reply being written
 
     def show(piece: str) -> None:
+        shown.append(piece)
         out.write(piece)
         out.flush()
 
+    if inp.isatty():
+        print("dllp2p: type a message and Enter; /help lists the commands", file=err)
     try:
         while True:
-            if prompt:
-                err.write("> ")
-                err.flush()
-            line = inp.readline()
-            if not line:
+            try:
+                text = read()
+            except KeyboardInterrupt:  # at the prompt: a fresh line, the chat goes on
+                print("\ndllp2p: (/exit or Ctrl-D to leave)", file=err)
+                continue
+            if text is None:
                 break
-            text = line.rstrip("\r\n")
             command = COMMANDS.get(text.strip())
             if command == "exit":
                 break
+            if command == "help":
+                print(HELP, file=err)
+                continue
             if command == "reset":
                 messages = list(start)
                 print("dllp2p: a new conversation", file=err)
@@ -134,14 +177,19 @@ def chat(cfg: Any, inp: TextIO = sys.stdin, out: TextIO = sys.stdout, err: TextI
             if not text.strip():
                 continue
             messages.append(Message("user", text))
+            shown.clear()
             try:
                 answer = model.reply(messages, show)
+            except KeyboardInterrupt:
+                answer = "".join(shown)
+                print("\ndllp2p: reply stopped", file=err)
             except user_facing_errors() as e:
                 messages.pop()
                 print(f"\ndllp2p: error: {e}", file=err)
                 continue
-            out.write("\n")
-            out.flush()
+            else:
+                out.write("\n")
+                out.flush()
             messages.append(Message("assistant", answer))
     finally:
         model.close()

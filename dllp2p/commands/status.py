@@ -4,7 +4,7 @@
                for what only that node knows: its last step, its session's plan, its memory and load,
                its weight push; the round-trip of each of these exchanges is kept
     to_json    the survey as {"node": id asked, "nodes": [{"id", "address", "role", "version", ...}]}
-    table      the survey as a rich Table; `watch` redraws it every second until Ctrl-C
+    table      the survey as a rich Table; `watch` redraws it every second until q (or Ctrl-C)
 
 `dllp2p status --json` prints to_json:
 
@@ -42,9 +42,13 @@ leaves its columns empty ("reachable": false in JSON).
 
 from __future__ import annotations
 
+import contextlib
+import os
+import select
+import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator, TextIO
 
 from ..clusterkey import ClusterKey
 from ..config import LOCAL_DAEMON
@@ -190,13 +194,14 @@ def to_json(s: Survey) -> dict[str, Any]:
 # --- the live view --------------------------------------------------------------------------------
 
 
-def table(s: Survey | None, error: str | None = None, now: float | None = None):
-    """A rich Table of the survey (or of nothing, with the error in its caption)."""
+def table(s: Survey | None, error: str | None = None, now: float | None = None, hint: str = ""):
+    """A rich Table of the survey (or of nothing, with the error in its caption); `hint` ends the caption."""
     from rich.table import Table
 
     now = time.time() if now is None else now
-    t = Table(title="dllp2p cluster", caption=error or (f"asked {s.asked} (node {s.reply.node_id}) at "
-                                                         f"{time.strftime('%H:%M:%S', time.localtime(now))}" if s else ""))
+    caption = error or (f"asked {s.asked} (node {s.reply.node_id}) at "
+                        f"{time.strftime('%H:%M:%S', time.localtime(now))}" if s else "")
+    t = Table(title="dllp2p cluster", caption=f"{caption} ({hint})" if hint and not error else caption)
     for col in ("node", "role", "address", "version", "started", "slice", "cores / RAM", "rss", "load",
                 "rtt", "weights", "last tok/s"):
         t.add_column(col, no_wrap=col in ("node", "role", "address"))
@@ -265,16 +270,52 @@ def _age(seconds: float) -> str:
     return f"{s // 86400}d{s % 86400 // 3600:02d}h"
 
 
-def watch(address: str, interval: float = 1.0, timeout: float = 2.0, *, key: ClusterKey | None = None) -> int:
-    """Redraw the table every `interval` seconds until Ctrl-C (KeyboardInterrupt propagates)."""
+def watch(address: str, interval: float = 1.0, timeout: float = 2.0, keys: TextIO | None = None, *,
+          key: ClusterKey | None = None) -> int:
+    """Redraw the table every `interval` seconds until `q` (read from `keys`, the terminal: stdin when it
+    is one) or Ctrl-C (KeyboardInterrupt propagates). -> 0 after q. `key`: the cluster key to ask with."""
     from rich.console import Console
     from rich.live import Live
 
-    with Live(table(None, f"asking {address}..."), console=Console(), auto_refresh=False, screen=False) as live:
+    keys = keys if keys is not None else (sys.stdin if sys.stdin.isatty() else None)
+    hint = "q: quit" if keys is not None else "Ctrl-C: quit"
+    with _cbreak(keys), Live(table(None, f"asking {address}... ({hint})"), console=Console(), auto_refresh=False,
+                             screen=False) as live:
         while True:
             try:
-                live.update(table(survey(address, timeout, key=key)), refresh=True)
+                live.update(table(survey(address, timeout, key=key), hint=hint), refresh=True)
             except StatusError as e:
-                live.update(table(None, str(e)), refresh=True)
-            time.sleep(interval)
+                live.update(table(None, f"{e} ({hint})"), refresh=True)
+            if _wait_for_q(keys, interval):
+                return 0
 
+
+@contextlib.contextmanager
+def _cbreak(keys: TextIO | None) -> Iterator[None]:
+    """Keys arrive one by one, unechoed, while the view runs (the terminal restored after)."""
+    if keys is None:
+        yield
+        return
+    import termios  # POSIX terminals only, and only for the live view
+    import tty
+
+    fd = keys.fileno()
+    saved = termios.tcgetattr(fd)
+    try:
+        tty.setcbreak(fd)
+        yield
+    finally:
+        termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+
+
+def _wait_for_q(keys: TextIO | None, seconds: float) -> bool:
+    """Sleep `seconds`, or less: -> True as soon as q (or Q) is typed."""
+    if keys is None:
+        time.sleep(seconds)
+        return False
+    deadline = time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        ready, _, _ = select.select([keys], [], [], left)
+        if ready and os.read(keys.fileno(), 1) in (b"q", b"Q"):
+            return True
+    return False
