@@ -130,7 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "model's KV heads allow, slices by capacity (see run)")
     daemon.add_argument("--api", metavar="HOST:PORT", action=_Given,
                         help=f"where to serve the OpenAI-compatible HTTP API (default 127.0.0.1:{DEFAULT_API_PORT}; 'off': "
-                             "none; no authentication yet: keep it on loopback)")
+                             "none; beyond loopback it needs the cluster key, and clients the bearer key of `dllp2p key show "
+                             "--api-token`)")
     daemon.add_argument("--api-ctx", dest="api_ctx", type=int, metavar="N", action=_Given,
                         help="the context (KV positions) of the API's requests: the longest prompt + reply "
                              "(default 2048)")

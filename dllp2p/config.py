@@ -16,7 +16,7 @@ File: /etc/dllp2p/config.toml (DLLP2P_CONFIG or --config name another), a [daemo
     model = "/srv/models/m.gguf"           # served when this daemon is root (default: the installed SmolLM2)
     exchange = "exact"          # as root: "exact" (bit-identical to one node) or "q8" (fewer bytes, 2 exchanges/layer)
     plan = "pow2"               # as root: "pow2" (2^n nodes, equal slices) or "weighted" (every node the KV heads allow)
-    api = "127.0.0.1:7341"      # the OpenAI-compatible HTTP API (this default: loopback only, no authentication yet); "off"
+    api = "127.0.0.1:7341"      # the OpenAI-compatible HTTP API (loopback: no credential; beyond: bearer key); "off"
     api_ctx = 2048              # the context (KV positions) of its requests: the longest prompt + reply
     key_file = "/etc/dllp2p/cluster.key"   # the cluster key (dllp2p key new); "off": none, this machine only
 

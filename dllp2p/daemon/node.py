@@ -116,6 +116,7 @@ class Daemon:
         self.started_at = time.time()
         slot = trio.Lock()  # one worker session or one prompt at a time
         self.key = config.key
+        self._refused: set[str] = set()  # hosts whose failed handshakes were logged
         cluster = config.cluster if config.key is None else config.key.bind(config.cluster)
         self.membership = Membership(self.node_id, cluster, self.started_at, config.static, config.key)
         self.worker = Worker(self.node_id, config.threads, float(config.capacity or config.threads), self.t,
@@ -197,7 +198,9 @@ class Daemon:
                 raise UnexpectedMessage(
                     f"a connection must start with Hello, MeshHello, Status or Generate, not {type(first).__name__}")
         except HandshakeFailed as e:  # no answer at all: a peer without the key learns nothing
-            log.warning("%s: %s; dropped", peer, e)
+            host = peer.rpartition(":")[0]  # logged once per host (a scanner does not flood the log)
+            log.log(logging.DEBUG if host in self._refused else logging.WARNING, "%s: %s; dropped", peer, e)
+            self._refused.add(host)
         except SecureError as e:  # a sealed record that does not open: the stream cannot be trusted
             log.error("%s: %s; dropped the connection", peer, e)
         except ProtocolError as e:
