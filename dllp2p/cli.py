@@ -220,7 +220,7 @@ def chat_config(ns: argparse.Namespace, environ: Mapping[str, str] | None = None
     daemon = None if ns.local or (ns.model and not ns.daemon) else ns.daemon or DEFAULT_DAEMON
     environ = os.environ if environ is None else environ
     return ChatConfig(ns.model, ns.system, ns.steps, ns.ctx, sampler, ns.threads, daemon, ns.daemon is None,
-                      cache_dir(environ), client_key(ns.key_file, environ))
+                      cache_dir(environ), client_key(ns.key_file, environ) if daemon else None)
 
 
 def run_config(ns: argparse.Namespace, environ: Mapping[str, str] | None = None) -> RunConfig:
@@ -237,7 +237,7 @@ def run_config(ns: argparse.Namespace, environ: Mapping[str, str] | None = None)
     environ = os.environ if environ is None else environ
     return RunConfig(ns.model, ns.prompt, ns.steps, ns.ctx, ns.chat, ns.system, ns.engine, sampler, ns.threads,
                      tuple(ns.workers), ns.plan, ns.exchange or "exact", ns.stats, daemon, ns.daemon is None,
-                     cache_dir(environ), client_key(ns.key_file, environ))
+                     cache_dir(environ), client_key(ns.key_file, environ) if daemon or ns.workers else None)
 
 
 def key_setting(flag: str | None, environ: Mapping[str, str]) -> str | None:

@@ -366,7 +366,9 @@ async def _hello(address: str, root: Hello, t: Timeouts, key: ClusterKey | None 
                                f"not a worker's Hello")
     except (LinkClosed, LinkTimeout, ProtocolError) as e:
         await link.aclose()
-        raise ClusterError(f"worker {address}: {_said(address, e)}") from None
+        hint = " (it may hold a cluster key: give this side one, --key-file)" if key is None and isinstance(
+            e, LinkClosed) else ""
+        raise ClusterError(f"worker {address}: {_said(address, e)}{hint}") from None
     except BaseException:
         await link.aclose()
         raise
