@@ -13,7 +13,7 @@ import trio.testing
 from dllp2p.clusterkey import ClusterKey
 from dllp2p.wire import secure
 from dllp2p.wire.link import LinkClosed, LinkTimeout, TrioLink, open_link, receive_one_frame, secure_accept
-from dllp2p.wire.messages import Status
+from dllp2p.wire.reports import Status
 from dllp2p.wire.secure import Channel, HandshakeFailed, Initiator, RecordError, Responder
 
 K1 = ClusterKey(bytes(range(32)))

@@ -226,6 +226,30 @@ def test_status_of_no_daemon_is_one_clear_error():
     assert r.returncode == 1 and r.stderr.startswith("dllp2p: error: no dllp2p daemon answers"), r.stderr
 
 
+def test_a_roots_set_up_progress_is_in_its_status(tmp_path):
+    """The progress events of the root's latest set-up (session.progress) travel in StatusReply.progress,
+    `status --json` lists them and the live view's caption names what is still going on."""
+    from dllp2p.session.progress import Progress
+    from test_daemon import serve as serve_daemon
+
+    async def body(d, address):
+        assert (await ask_status(address, 2)).progress == ()
+        worker = "worker 10.0.0.9:7340 (node w)"
+        for event in (Progress("build", "root", 0, 1), Progress("push", worker, 0, 4000),
+                      Progress("push", worker, 1000, 4000), Progress("build", "root", 1, 1)):
+            d.root_service.progress(event)
+        r = await ask_status(address, 2)
+        assert set(r.progress) == {P.ProgressStatus("build", "root", 1, 1), P.ProgressStatus("push", worker, 1000, 4000)}
+        survey = status.Survey(address, r)
+        assert sorted(status.to_json(survey)["progress"], key=lambda p: p["task"]) == [
+            {"task": "build", "subject": "root", "done": 1, "total": 1},
+            {"task": "push", "subject": worker, "done": 1000, "total": 4000}]
+        caption = status.table(survey).caption
+        assert f"set-up: weights → {worker} 25%" in caption and "building" not in caption, caption
+
+    serve_daemon(tmp_path / "r", body)
+
+
 # --- the commands, as processes ---
 
 

@@ -12,6 +12,8 @@
     plan        null, or {"epoch", "policy", "exchange", "nodes"}: the session in progress (latest epoch any node reports)
     push        null, or {"epoch", "done", "total", "fraction", "nodes"}: the weight push of that plan's
                 epoch summed over the workers that report one (the root's side of it: what it sent)
+    progress    the root's latest set-up as it reports it: [{"task": "push" | "build", "subject": "root"
+                or "worker HOST:PORT (node ID)", "done", "total"}] (bytes pushed; 0 or 1 engine built)
     nodes       one entry per member the daemon asked lists, root first, then the succession:
       id, address, role ("root" | "worker"), version (protocol, int), started_at (unix s, float),
       cluster, cores (int), ram (bytes of RAM, int), features (list of str), known_from (list of
@@ -56,7 +58,7 @@ from ..scheduler import NodeSlice, Plan
 from ..wire.client import status_blocking
 from ..wire.codec import ProtocolError
 from ..wire.link import LinkClosed, LinkTimeout
-from ..wire.messages import PushStatus, StatusReply
+from ..wire.reports import PushStatus, StatusReply
 from ..wire.secure import HandshakeFailed
 
 DEFAULT_ADDRESS = LOCAL_DAEMON
@@ -188,6 +190,9 @@ def to_json(s: Survey) -> dict[str, Any]:
         done, total = sum(p["done"] for p in pushes), sum(p["total"] for p in pushes)
         out["push"] = {"epoch": plan.epoch, "done": done, "total": total,
                        "fraction": done / total if total else 1.0, "nodes": len(pushes)}
+    root = next((s.own(m.member.node_id) for m in s.reply.nodes if m.role == "root"), None) or s.reply
+    out["progress"] = [{"task": p.task, "subject": p.subject, "done": p.done, "total": p.total}
+                       for p in root.progress]
     return out
 
 
@@ -201,6 +206,12 @@ def table(s: Survey | None, error: str | None = None, now: float | None = None, 
     now = time.time() if now is None else now
     caption = error or (f"asked {s.asked} (node {s.reply.node_id}) at "
                         f"{time.strftime('%H:%M:%S', time.localtime(now))}" if s else "")
+    if s is not None and not error:
+        busy = [p for p in to_json(s)["progress"] if p["done"] < p["total"]]
+        if busy:
+            caption += "; set-up: " + ", ".join(
+                f"weights → {p['subject']} {100 * p['done'] / p['total']:.0f}%" if p["task"] == "push"
+                else f"{p['subject']} building its engine" for p in busy)
     t = Table(title="dllp2p cluster", caption=f"{caption} ({hint})" if hint and not error else caption)
     for col in ("node", "role", "address", "version", "started", "slice", "cores / RAM", "rss", "load",
                 "rtt", "weights", "last tok/s"):

@@ -20,7 +20,8 @@ from ..election import Member, Seen
 from ..wire.client import ask_status_timed
 from ..wire.codec import UnexpectedMessage
 from ..wire.link import format_address
-from ..wire.messages import PROTOCOL_VERSION, LinkRtt
+from ..wire.messages import PROTOCOL_VERSION
+from ..wire.reports import LinkRtt
 
 log = logging.getLogger("dllp2p.daemon")
 

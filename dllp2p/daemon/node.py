@@ -60,8 +60,9 @@ from ..wire.link import (
     receive_one_frame,
     secure_accept,
 )
+from ..wire.messages import Error, Generate, Hello, MeshHello
+from ..wire.reports import Status, StatusReply
 from ..wire.secure import Channel, HandshakeFailed, SecureError
-from ..wire.messages import Error, Generate, Hello, MeshHello, Status, StatusReply
 from .membership import Membership
 from .probes import status_reply
 from .prompts import PromptSlot

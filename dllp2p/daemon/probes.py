@@ -1,12 +1,13 @@
 """What a daemon answers a Status with: its membership with roles, the plan it serves, its last step, its
-weight push, and its process's and machine's resources, read from /proc when it answers."""
+weight push, its latest set-up's progress as root, and its process's and machine's resources, read
+from /proc when it answers."""
 
 from __future__ import annotations
 
 import os
 import re
 
-from ..wire.messages import NodeStatus, Resources, StatusReply
+from ..wire.reports import NodeStatus, ProgressStatus, Resources, StatusReply
 from .membership import Membership
 
 
@@ -21,8 +22,9 @@ def status_reply(seq: int, membership: Membership, worker, root_service) -> Stat
     the_plan = active.plan if active else root_service.last_plan
     listed = {n.member.node_id for n in nodes}
     links = tuple(m.link_rtt[n] for n in sorted(m.link_rtt) if n in listed)
+    progress = tuple(ProgressStatus(p.task, p.subject, p.done, p.total) for p in root_service.progress.progress.values())
     return StatusReply(seq, m.node_id, nodes, the_plan, worker.last_step, worker.sessions,
-                       resources(m.me.cores if m.me else 1, m.me.ram if m.me else 0), links, worker.push)
+                       resources(m.me.cores if m.me else 1, m.me.ram if m.me else 0), links, worker.push, progress)
 
 
 def resources(cores: int, ram: int) -> Resources:

@@ -63,15 +63,14 @@ from ..wire.messages import (
     Mesh,
     MeshHello,
     Need,
-    PushStatus,
     Ready,
     Session,
     Step,
-    StepStatus,
     Stop,
     WeightChunk,
     WeightsReady,
 )
+from ..wire.reports import PushStatus, StepStatus
 from .slices import SliceCache, check_slices, storage_array
 
 log = logging.getLogger("dllp2p.daemon")

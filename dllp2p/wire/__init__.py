@@ -1,7 +1,8 @@
 """The wire: how nodes talk. Layer 4 of 8 (see README, Architecture): it knows the scheduler's Plan and
 the election's Member (they travel in messages), never a session, a daemon or a command.
 
-    messages.py  the typed messages, each valid by construction (frozen dataclasses)
+    messages.py  the typed messages, each valid by construction (frozen dataclasses); reports.py: the
+                 Status and StatusReply family
     codec.py     messages <-> length-prefixed msgpack frames, sans I/O; ProtocolError and its kinds
     chunks.py    weight slices <-> WeightChunks, sha256 checked, sans I/O
     link.py      frames over trio streams and blocking sockets; the mesh sockets the engine uses
@@ -17,11 +18,15 @@ from .codec import (
     HEADER_SIZE,
     MAGIC,
     MAX_FRAME,
+    MESSAGE_TYPES,
+    TYPE_OF,
     BadMagic,
     ChunkError,
     FrameDecoder,
     FrameTooLarge,
     MalformedFrame,
+    Message,
+    MsgType,
     ProtocolError,
     ProtocolVersionError,
     SliceHashMismatch,
@@ -37,7 +42,6 @@ from .messages import (
     MAX_HOPS,
     MAX_STOPS,
     MAX_TOP,
-    MESSAGE_TYPES,
     PROTOCOL_VERSION,
     ROLES,
     WIRE_OPTIONAL,
@@ -46,25 +50,17 @@ from .messages import (
     Error,
     Generate,
     Hello,
-    LinkRtt,
     Mesh,
     MeshHello,
-    Message,
-    MsgType,
     Need,
-    NodeStatus,
-    PushStatus,
     Ready,
-    Resources,
     Session,
     SliceInfo,
-    Status,
-    StatusReply,
     Step,
-    StepStatus,
     Stop,
     TokenChunk,
     WeightChunk,
     WeightsReady,
     slice_nbytes,
 )
+from .reports import LinkRtt, NodeStatus, ProgressStatus, PushStatus, Resources, Status, StatusReply, StepStatus

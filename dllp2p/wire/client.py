@@ -29,7 +29,8 @@ from ..clusterkey import ClusterKey
 from ..error_codes import ErrorCode
 from .codec import ProtocolError, UnexpectedMessage
 from .link import LinkClosed, LinkTimeout, TrioLink, open_link
-from .messages import ChatTurn, Done, Error, Generate, Status, StatusReply, TokenChunk
+from .messages import ChatTurn, Done, Error, Generate, TokenChunk
+from .reports import Status, StatusReply
 from .secure import HandshakeFailed
 
 

@@ -22,6 +22,7 @@ import dataclasses
 import struct
 import types
 import typing
+from enum import IntEnum
 from typing import Any, Union
 
 import msgpack
@@ -31,20 +32,25 @@ from ..error_codes import ErrorCode
 from ..formats import ModelConfig
 from ..scheduler import NodeSlice, Plan
 from .messages import (
-    MESSAGE_TYPES,
-    TYPE_OF,
     PROTOCOL_VERSION,
     ChatTurn,
+    Done,
+    Error,
+    Generate,
     Hello,
-    LinkRtt,
-    Message,
-    MsgType,
-    NodeStatus,
-    PushStatus,
-    Resources,
+    Mesh,
+    MeshHello,
+    Need,
+    Ready,
+    Session,
     SliceInfo,
-    StepStatus,
+    Step,
+    Stop,
+    TokenChunk,
+    WeightChunk,
+    WeightsReady,
 )
+from .reports import LinkRtt, NodeStatus, ProgressStatus, PushStatus, Resources, Status, StatusReply, StepStatus
 
 MAGIC = b"DLP2"
 HEADER = struct.Struct(">4sBBI")  # magic, version, type, body length
@@ -111,6 +117,53 @@ def error_code(e: ProtocolError) -> ErrorCode:
 
 
 
+# --- message types: each class's number on the wire ------------------------------------------------
+
+
+class MsgType(IntEnum):
+    HELLO = 1
+    # 2 (PLAN), 6 (ACTIVATIONS), 7 (LOGITS): retired; never reused
+    WEIGHT_CHUNK = 3
+    WEIGHTS_READY = 4
+    STEP = 5
+    STOP = 8
+    ERROR = 9
+    SESSION = 10
+    NEED = 11
+    MESH = 12
+    MESH_HELLO = 13
+    READY = 14
+    STATUS = 15
+    STATUS_REPLY = 16
+    GENERATE = 17
+    TOKEN_CHUNK = 18
+    DONE = 19
+
+
+Message = Union[Hello, WeightChunk, WeightsReady, Step, Stop, Error,
+                Session, Need, Mesh, MeshHello, Ready, Status, StatusReply, Generate, TokenChunk, Done]
+
+MESSAGE_TYPES: dict[MsgType, type] = {
+    MsgType.HELLO: Hello,
+    MsgType.WEIGHT_CHUNK: WeightChunk,
+    MsgType.WEIGHTS_READY: WeightsReady,
+    MsgType.STEP: Step,
+    MsgType.STOP: Stop,
+    MsgType.ERROR: Error,
+    MsgType.SESSION: Session,
+    MsgType.NEED: Need,
+    MsgType.MESH: Mesh,
+    MsgType.MESH_HELLO: MeshHello,
+    MsgType.READY: Ready,
+    MsgType.STATUS: Status,
+    MsgType.STATUS_REPLY: StatusReply,
+    MsgType.GENERATE: Generate,
+    MsgType.TOKEN_CHUNK: TokenChunk,
+    MsgType.DONE: Done,
+}
+TYPE_OF: dict[type, MsgType] = {cls: t for t, cls in MESSAGE_TYPES.items()}
+
+
 # --- field schemas: each dataclass's fields and their resolved types -------------------------------
 
 _FIELDS: dict[type, tuple[tuple[str, Any], ...]] = {}
@@ -124,7 +177,7 @@ def _fields(cls: type) -> tuple[tuple[str, Any], ...]:
 
 
 for _cls in (*MESSAGE_TYPES.values(), Plan, NodeSlice, SliceInfo, ModelConfig, Member, NodeStatus, StepStatus, Resources,
-             LinkRtt, PushStatus, ChatTurn):
+             LinkRtt, PushStatus, ProgressStatus, ChatTurn):
     _fields(_cls)  # resolve every schema at import: a bad annotation fails here, not mid-stream
 del _cls
 

@@ -32,8 +32,8 @@ from collections.abc import Callable
 import trio
 
 from ..clusterkey import ClusterKey
-from .codec import HEADER, HEADER_SIZE, MAGIC, FrameDecoder, encode
-from .messages import Error, Message, MeshHello
+from .codec import HEADER, HEADER_SIZE, MAGIC, FrameDecoder, Message, encode
+from .messages import Error, MeshHello
 from .secure import ANSWER_SIZE, FINISH_SIZE, HELLO_SIZE, LENGTH, Channel, Initiator, Responder
 from .secure import MAGIC as SECURE_MAGIC
 
