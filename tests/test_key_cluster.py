@@ -28,8 +28,10 @@ from dllp2p.wire.client import ask_status
 from dllp2p.wire.link import LinkClosed, LinkTimeout, open_link
 from dllp2p.wire.secure import HandshakeFailed
 
-T = Timeouts(hello=1.5, idle=5, transfer=5, mesh=3, build=5, socket=3, slot=1)
-FAST = StaticOptions(interval=0.05, timeout=1, misses=2)
+T = Timeouts(hello=3, idle=5, transfer=5, mesh=3, build=5, socket=3, slot=1)
+# polls often, but a member of the cluster is dropped only after many misses: a poll (handshake included)
+# slower than its timeout on a loaded machine must not make the test flaky
+FAST = StaticOptions(interval=0.05, timeout=3, misses=10)
 K1 = fake_tp.TEST_KEY
 K2 = ClusterKey(hashlib.sha256(b"the neighbours' key").digest())
 
@@ -113,7 +115,7 @@ def test_client_without_the_key_learns_nothing(tmp_path, caplog):
                     except trio.BrokenResourceError:
                         pass
                 assert got == b"", f"the daemon told a stranger {got!r}"
-                assert trio.current_time() - t0 <= T.hello + 0.5
+                assert trio.current_time() - t0 <= T.hello + 1.5  # slack for a loaded machine
                 await stream.aclose()
             # a dllp2p client with another key: refused in the handshake, no Status
             with pytest.raises(HandshakeFailed):

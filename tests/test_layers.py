@@ -41,12 +41,16 @@ INNER_EXEMPT = {
 }
 
 MAX_LINES = 500
-# modules of other branches' areas over MAX_LINES, each with the most it may have until it is split
+# modules of other branches' areas over MAX_LINES (their sizes on those branches at this writing, a
+# little slack): a debt to pay by splitting them, each with the most it may have until then
 LONG_EXEMPT = {
-    "dllp2p/jit/tp_program.py": 600,
+    "dllp2p/jit/tp_program.py": 640,
     "dllp2p/jit/ir_ops.py": 620,
-    "dllp2p/tokenizer.py": 560,
-    "dllp2p/bench.py": 540,
+    "dllp2p/jit/ir_matvec.py": 670,
+    "dllp2p/formats/gguf_model.py": 660,
+    "dllp2p/formats/quant.py": 510,
+    "dllp2p/tokenizer.py": 640,
+    "dllp2p/bench.py": 510,
 }
 
 

@@ -196,7 +196,7 @@ def test_bad_handshakes_dropped_within_timeout(attack: str):
 
     [(outcome, took)] = trio.run(_with_server, K1, timeout, client)
     assert outcome != "ok"
-    assert took <= timeout + 0.5
+    assert took <= timeout + 1.5  # the timeout, and slack for a loaded machine
 
 
 def test_bit_flip_in_flight_over_tcp():

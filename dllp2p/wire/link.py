@@ -59,6 +59,15 @@ def parse_address(address: str, *, listen: bool = False) -> tuple[str, int]:
     return host, int(port)
 
 
+def _why(e: OSError) -> str:
+    """An OSError's reason for a person: trio's "all attempts to connect ... failed" names the last
+    attempt's (e.g. "Connection refused")."""
+    attempts = getattr(e.__cause__, "exceptions", ())
+    last = attempts[-1] if attempts else e
+    errno = getattr(last, "errno", None)
+    return os.strerror(errno) if errno else str(last)
+
+
 def format_address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
@@ -221,7 +230,7 @@ async def open_link(address: str, timeout: float, key: ClusterKey | None = None)
         try:
             stream = await trio.open_tcp_stream(host, port)
         except OSError as e:
-            raise LinkClosed(f"cannot connect to {address}: {e.strerror or e}") from None
+            raise LinkClosed(f"cannot connect to {address}: {_why(e)}") from None
     if scope.cancelled_caught:
         raise LinkTimeout(f"cannot connect to {address}: no answer within {timeout:g} s")
     stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
