@@ -33,12 +33,18 @@ Error handling: every client mistake is an error_codes.CodedError answered with 
 OpenAI's error shape {"error": {"message", "type", "param", "code"}}, logged as one line at info, and
 the connection serves on (or is closed after the response where HTTP requires it: a malformed head, a
 body not read); the root's Error frame maps through its ErrorCode the same way. Anything else is a bug:
-logged with its traceback, answered 500 if nothing was sent yet. There is no authentication yet: keep
-it on loopback (the default) until the cluster key arrives.
+logged with its traceback, answered 500 if nothing was sent yet.
+
+Authentication: on loopback (the default) none. Listening anywhere else needs the cluster key: every
+request but a CORS preflight must carry `Authorization: Bearer <ClusterKey.api_token>` (`dllp2p key show
+--api-token`; OpenAI clients' api_key), else 401 invalid_api_key in OpenAI's error shape. A daemon without
+a key does not serve the API beyond loopback at all.
 """
 
 from __future__ import annotations
 
+import hmac
+import ipaddress
 import json
 import logging
 import re
@@ -294,8 +300,9 @@ class Api:
     """The HTTP side of one daemon: `connection` serves one client (run on the API's listeners).
     `submit`: the daemon's handler of a Generate (daemon.Daemon._generate), called in this process."""
 
-    def __init__(self, submit: Submit, model: str, limits: Limits = Limits()):
+    def __init__(self, submit: Submit, model: str, limits: Limits = Limits(), token: str | None = None):
         self.submit, self.model, self.limits = submit, model, limits
+        self._token = token  # the bearer key every request must carry; None: none (loopback)
         self.open = 0  # connections being served
 
     async def connection(self, stream: trio.SocketStream) -> None:
@@ -353,6 +360,9 @@ class Api:
         if req.method == "OPTIONS":
             await conn.respond(204, None, b"", preflight_headers(req))
             return
+        if self._token is not None and not bearer_ok(req.headers.get("authorization", ""), self._token):
+            raise CodedError("a bearer key is required (Authorization: Bearer <the key from `dllp2p key show "
+                             "--api-token`>)", ErrorCode.UNAUTHORIZED)
         kinds = {"/v1/chat/completions": "chat", "/v1/completions": "completion"}
         if req.path in ("/health", "/v1/models") or req.path.startswith("/v1/models/"):
             if req.method not in ("GET", "HEAD"):
@@ -441,17 +451,41 @@ async def _next(answers: trio.MemoryReceiveChannel) -> TokenChunk | Done:
     return msg
 
 
-async def start(nursery: trio.Nursery, address: str, submit: Submit, model: str, limits: Limits = Limits()) -> str | None:
+def bearer_ok(header: str, token: str) -> bool:
+    scheme, _, presented = header.strip().partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(presented.strip().encode(), token.encode())
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+async def start(nursery: trio.Nursery, address: str, submit: Submit, model: str, limits: Limits = Limits(),
+                token: str | None = None) -> str | None:
     """Serve the API on `address` in nursery, handing its prompts to `submit` (the daemon's own handler of
     a Generate). -> the bound "host:port", or None (logged) when it cannot listen there (the port taken
-    by another daemon on this machine): the daemon serves on without it."""
+    by another daemon on this machine) or may not (beyond loopback without a bearer `token`): the daemon
+    serves on without it. On loopback no token is asked for."""
     host, port = listen_address(address)
+    if not is_loopback(host):
+        if token is None:
+            log.warning("the HTTP API is off: %s is beyond loopback and this daemon has no cluster key to take "
+                        "its bearer key from (dllp2p key new; or --api 127.0.0.1:PORT)", address)
+            return None
+    else:
+        token = None
     try:
         listeners = await trio.open_tcp_listeners(port, host=host)
     except OSError as e:
         log.warning("the HTTP API is off: cannot listen on %s: %s", address, e.strerror or e)
         return None
     bound = format_address(*listeners[0].socket.getsockname()[:2])
-    log.info("OpenAI-compatible API on http://%s/v1 (context %d)", bound, limits.ctx)
-    nursery.start_soon(trio.serve_listeners, Api(submit, model, limits).connection, listeners)
+    log.info("OpenAI-compatible API on http://%s/v1 (context %d%s)", bound, limits.ctx,
+             ", bearer key required: dllp2p key show --api-token" if token else "")
+    nursery.start_soon(trio.serve_listeners, Api(submit, model, limits, token).connection, listeners)
     return bound

@@ -11,8 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from . import __version__, bench, config, daemon
-from .commands import chat, run, status
+from . import __version__, bench, clusterkey, config, daemon
+from .clusterkey import ClusterKey
+from .commands import chat, key, run, status
 from .config import DEFAULT_API_PORT, DEFAULT_PORT, EXCHANGES, LOCAL_DAEMON, POLICIES
 from .config import cache_dir, state_dir
 from .daemon import DaemonConfig
@@ -45,6 +46,11 @@ class RunConfig:
     daemon: str | None = None  # "host:port" of the daemon to send the prompt to; None: in-process only
     fallback: bool = False  # run in this process if no daemon listens at `daemon` (the default one, not named)
     cache_dir: Path | None = None  # compiled kernels and packed weights (config.cache_dir)
+    key: ClusterKey | None = None  # the cluster key the daemon and workers are reached with
+
+
+KEY_FILE_HELP = ("the cluster key file (default: $DLLP2P_KEY_FILE, config key_file, else /etc/dllp2p/cluster.key "
+                 "for root, ~/.config/dllp2p/cluster.key otherwise, if it exists; 'off': none)")
 
 
 def _add_generation_flags(p: argparse.ArgumentParser, what: str) -> None:
@@ -63,6 +69,7 @@ def _add_generation_flags(p: argparse.ArgumentParser, what: str) -> None:
                    help=f"the daemon to send {what} to (default {LOCAL_DAEMON}; if none answers there, "
                         "it runs in this process; one named here must answer)")
     p.add_argument("--local", action="store_true", help="run in this process, never through a daemon")
+    p.add_argument("--key-file", help=KEY_FILE_HELP)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -123,12 +130,27 @@ def build_parser() -> argparse.ArgumentParser:
                              "model's KV heads allow, slices by capacity (see run)")
     daemon.add_argument("--api", metavar="HOST:PORT", action=_Given,
                         help=f"where to serve the OpenAI-compatible HTTP API (default 127.0.0.1:{DEFAULT_API_PORT}; 'off': "
-                             "none; no authentication yet: keep it on loopback)")
+                             "none; beyond loopback it needs the cluster key, and clients the bearer key of `dllp2p key show "
+                             "--api-token`)")
     daemon.add_argument("--api-ctx", dest="api_ctx", type=int, metavar="N", action=_Given,
                         help="the context (KV positions) of the API's requests: the longest prompt + reply "
                              "(default 2048)")
     daemon.add_argument("--model", action=_Given,
                         help="GGUF model served when this daemon is root (default: the installed SmolLM2)")
+
+    daemon.add_argument("--key-file", dest="key_file", action=_Given, help=KEY_FILE_HELP)
+
+    keys = sub.add_parser("key", help="the cluster key: make it (new), print it (show), paste it on another device (set)")
+    key_sub = keys.add_subparsers(dest="key_command", required=True)
+    new = key_sub.add_parser("new", help="write a new random 256-bit cluster key (mode 0600)")
+    new.add_argument("--out", help="where (default /etc/dllp2p/cluster.key as root, else ~/.config/dllp2p/cluster.key)")
+    show = key_sub.add_parser("show", help="print the key in a form to paste on the next device")
+    show.add_argument("--key-file", help=KEY_FILE_HELP)
+    show.add_argument("--api-token", action="store_true",
+                      help="print the HTTP API's bearer key instead (for OpenAI clients' api_key)")
+    kset = key_sub.add_parser("set", help="store a key printed by `dllp2p key show` on another device")
+    kset.add_argument("text", nargs="?", help="the key (default: read one line from stdin, which keeps it out of ps)")
+    kset.add_argument("--out", help="where (default as for new)")
 
     status = sub.add_parser("status", help="show the cluster as a daemon sees it (live, or --json once)")
     status.add_argument("--host", default="127.0.0.1", help="the daemon to ask (default 127.0.0.1)")
@@ -136,6 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help='print {"nodes": [...]} once, for scripts')
     status.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes (default 1)")
     status.add_argument("--timeout", type=float, default=2.0, help="seconds to wait for the daemon (default 2)")
+    status.add_argument("--key-file", help=KEY_FILE_HELP)
     return parser
 
 
@@ -189,13 +212,15 @@ class ChatConfig:
     daemon: str | None = None  # as RunConfig.daemon
     fallback: bool = False  # as RunConfig.fallback
     cache_dir: Path | None = None
+    key: ClusterKey | None = None  # as RunConfig.key
 
 
 def chat_config(ns: argparse.Namespace, environ: Mapping[str, str] | None = None) -> ChatConfig:
     sampler = _generation_flags(ns)
     daemon = None if ns.local or (ns.model and not ns.daemon) else ns.daemon or DEFAULT_DAEMON
+    environ = os.environ if environ is None else environ
     return ChatConfig(ns.model, ns.system, ns.steps, ns.ctx, sampler, ns.threads, daemon, ns.daemon is None,
-                      cache_dir(os.environ if environ is None else environ))
+                      cache_dir(environ), client_key(ns.key_file, environ) if daemon else None)
 
 
 def run_config(ns: argparse.Namespace, environ: Mapping[str, str] | None = None) -> RunConfig:
@@ -209,9 +234,26 @@ def run_config(ns: argparse.Namespace, environ: Mapping[str, str] | None = None)
     # reference engine, a model file of its own without naming a daemon)
     own = ns.local or ns.workers or ns.engine != "jit" or (ns.model and not ns.daemon)
     daemon = None if own else ns.daemon or DEFAULT_DAEMON
+    environ = os.environ if environ is None else environ
     return RunConfig(ns.model, ns.prompt, ns.steps, ns.ctx, ns.chat, ns.system, ns.engine, sampler, ns.threads,
                      tuple(ns.workers), ns.plan, ns.exchange or "exact", ns.stats, daemon, ns.daemon is None,
-                     cache_dir(os.environ if environ is None else environ))
+                     cache_dir(environ), client_key(ns.key_file, environ) if daemon or ns.workers else None)
+
+
+def key_setting(flag: str | None, environ: Mapping[str, str]) -> str | None:
+    """A client's key_file setting: --key-file, else DLLP2P_KEY_FILE, else the config file's key_file."""
+    if flag is not None:
+        return flag
+    if environ.get("DLLP2P_KEY_FILE", "").strip():
+        return environ["DLLP2P_KEY_FILE"].strip()
+    path, required = config.config_path(environ, None)
+    return config.load_file(path, required).get("key_file")
+
+
+def client_key(flag: str | None, environ: Mapping[str, str]) -> ClusterKey | None:
+    """The key a command reaches daemons with, read once here. Raises KeyFileError (one line)."""
+    path = clusterkey.configured_path(key_setting(flag, environ), environ)
+    return None if path is None else clusterkey.load(path)
 
 
 def daemon_settings(ns: argparse.Namespace, environ: Mapping[str, str] | None = None) -> dict:
@@ -234,8 +276,10 @@ def config_of_settings(s: dict, environ: Mapping[str, str]) -> DaemonConfig:
     if s["threads"] is not None and s["threads"] < 1:
         raise ValueError("--threads must be at least 1")
     model = Path(s["model"]).expanduser() if s.get("model") else _installed_model()
+    key_path = clusterkey.configured_path(s["key_file"], environ)
+    key = None if key_path is None else clusterkey.load(key_path)
     return DaemonConfig(s["host"], s["port"], s["threads"] or default_threads(), state_dir(environ, s["state_dir"]),
-                        cluster=s["cluster"], discovery=s["discovery"], interfaces=tuple(s["interfaces"]),
+                        cluster=s["cluster"], key=key, discovery=s["discovery"], interfaces=tuple(s["interfaces"]),
                         peers=tuple(s["peers"]), model=model, exchange=s["exchange"], policy=s["plan"],
                         api=None if s["api"] in ("", "off") else s["api"], api_ctx=s["api_ctx"],
                         cache_dir=cache_dir(environ))
@@ -259,10 +303,25 @@ def status_main(ns: argparse.Namespace) -> int:
     address = format_address(ns.host, ns.port)
     if ns.interval <= 0 or ns.timeout <= 0:
         raise ValueError("--interval and --timeout must be > 0")
+    cluster_key = client_key(ns.key_file, os.environ)
     if ns.json:
-        print(json.dumps(status.to_json(status.survey(address, ns.timeout)), indent=2))
+        print(json.dumps(status.to_json(status.survey(address, ns.timeout, key=cluster_key)), indent=2))
         return 0
-    return status.watch(address, ns.interval, ns.timeout)
+    return status.watch(address, ns.interval, ns.timeout, key=cluster_key)
+
+
+def key_main(ns: argparse.Namespace) -> int:
+    """dllp2p key new | show | set."""
+    if ns.key_command == "show":
+        path = clusterkey.configured_path(key_setting(ns.key_file, os.environ), os.environ)
+        if path is None:
+            raise clusterkey.KeyFileError(f"no key file at {clusterkey.default_path(os.environ)} "
+                                          "(make one: dllp2p key new; or name one: --key-file PATH)")
+        return key.show(path, ns.api_token)
+    out = Path(ns.out).expanduser() if ns.out else clusterkey.default_path(os.environ)
+    if ns.key_command == "new":
+        return key.new(out)
+    return key.set_key(out, ns.text)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -287,6 +346,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return daemon.main(cfg)
         if ns.command == "status":
             return status_main(ns)
+        if ns.command == "key":
+            return key_main(ns)
     except user_facing_errors() as e:
         print(f"dllp2p: error: {e}", file=sys.stderr)
         return EXIT_FAILED

@@ -3,7 +3,10 @@ Both turn what they learn into membership events (election.Seen / election.Gone)
 
     TXT record     encode_txt(member) -> the `_dllp2p._tcp.local.` service's properties; parse_txt the
                    reverse, strict: garbage, a foreign protocol version or another cluster is Rejected
-                   (with the reason) and the caller logs one line and ignores the record
+                   (with the reason) and the caller logs one line and ignores the record. With a
+                   cluster key the record carries mac = HMAC-SHA256(ClusterKey.mdns_key, its other
+                   fields and port) (128 bits, hex); one without a valid MAC is Rejected before any of
+                   its fields is believed, so nobody without the key joins or claims root by mDNS
     run_mdns       registers this daemon's service and browses for the others. Zeroconf calls back on
                    its own threads: a callback only hands (change, name) to trio (trio.from_thread with
                    the run's token, through a bounded channel: zeroconf's browser thread waits when it
@@ -18,12 +21,14 @@ stops discovery. Zeroconf's own failure to start (no usable interface) propagate
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import ipaddress
 import logging
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Awaitable, Callable, Mapping, Sequence
 
@@ -47,12 +52,19 @@ class Rejected(ValueError):
 # --- TXT records (pure) ---------------------------------------------------------------------------
 
 
-def encode_txt(member: Member) -> dict[str, str]:
-    """The service's TXT properties. The address is not in it: mDNS carries it in A/SRV records."""
+def txt_mac(fields: Mapping[str, str], port: int, mac_key: bytes) -> str:
+    """The MAC of a record: HMAC-SHA256 over its fields (but mac) sorted, and the port; 32 hex digits."""
+    data = "\n".join(f"{k}={v}" for k, v in sorted(fields.items()) if k != "mac") + f"\nport={port}"
+    return hmac.new(mac_key, data.encode(), hashlib.sha256).hexdigest()[:32]
+
+
+def encode_txt(member: Member, port: int = 0, mac_key: bytes | None = None) -> dict[str, str]:
+    """The service's TXT properties (with mac_key: and their MAC). The address is not in it: mDNS carries
+    it in A/SRV records."""
     features = ",".join(member.features)
     while len("f=" + features) > TXT_MAX:  # never truncated mid-name
         features = features.rsplit(",", 1)[0]
-    return {
+    txt = {
         "id": member.node_id,
         "v": str(member.version),
         "cl": member.cluster,
@@ -61,12 +73,16 @@ def encode_txt(member: Member) -> dict[str, str]:
         "ram": str(member.ram),
         "f": features,
     }
+    if mac_key is not None:
+        txt["mac"] = txt_mac(txt, port, mac_key)
+    return txt
 
 
-def parse_txt(props: Mapping[bytes | str, bytes | str | None], address: str, *, version: int, cluster: str) -> Member:
+def parse_txt(props: Mapping[bytes | str, bytes | str | None], address: str, *, version: int, cluster: str,
+              mac_key: bytes | None = None) -> Member:
     """A TXT record (as zeroconf gives it) seen at address "host:port" -> the Member. Raises Rejected:
-    a foreign protocol version first (its other fields may mean something else), then any garbage,
-    then another cluster."""
+    with mac_key, no valid MAC first (nothing else in the record is believed without it); then a foreign
+    protocol version (its other fields may mean something else), then any garbage, then another cluster."""
     fields: dict[str, str] = {}
     for k, v in props.items():
         try:
@@ -74,6 +90,12 @@ def parse_txt(props: Mapping[bytes | str, bytes | str | None], address: str, *, 
             fields[key] = v.decode("utf-8") if isinstance(v, bytes) else (v or "")
         except UnicodeDecodeError:
             raise Rejected(f"record at {address}: a TXT entry is not text") from None
+    if mac_key is not None:
+        port = address.rpartition(":")[2]
+        want = txt_mac(fields, int(port) if port.isdigit() else -1, mac_key)
+        if not hmac.compare_digest(fields.get("mac", "").encode(), want.encode()):
+            raise Rejected(f"record at {address}: no valid MAC under this cluster's key (another cluster, or "
+                           "a daemon without the key)")
     v = fields.get("v", "")
     if not v.isdigit():
         raise Rejected(f"record at {address}: no protocol version (v={v!r})")
@@ -168,6 +190,7 @@ def advertised_addresses(host: str, interfaces: Sequence[str]) -> list[str]:
 class MdnsOptions:
     interfaces: tuple[str, ...] = ()  # IPv4 addresses of the interfaces to use; () = all
     resolve_timeout: float = 3.0  # seconds to resolve one announced service
+    mac_key: bytes | None = field(default=None, repr=False)  # ClusterKey.mdns_key: records are MACed and checked
     queue: int = 64  # zeroconf events waiting for trio
 
 
@@ -181,7 +204,7 @@ async def run_mdns(me: Member, host: str, port: int, events: trio.MemorySendChan
     raw_send, raw_recv = trio.open_memory_channel[tuple[ServiceStateChange, str]](options.queue)
     interfaces = list(options.interfaces) or InterfaceChoice.All
     zc = await trio.to_thread.run_sync(partial(Zeroconf, interfaces=interfaces, ip_version=IPVersion.V4Only))
-    info = ServiceInfo(SERVICE_TYPE, instance_name(me.node_id), port=port, properties=encode_txt(me),
+    info = ServiceInfo(SERVICE_TYPE, instance_name(me.node_id), port=port, properties=encode_txt(me, port, options.mac_key),
                        parsed_addresses=advertised_addresses(host, options.interfaces))
     browser = None
 
@@ -198,6 +221,7 @@ async def run_mdns(me: Member, host: str, port: int, events: trio.MemorySendChan
         log.info("advertising %s on %s (cluster %r)", info.name, ", ".join(info.parsed_addresses()), me.cluster)
         task_status.started()
         names: dict[str, str] = {}  # service name -> node id
+        warned: set[str] = set()  # addresses whose records were ignored (logged once each)
         async with raw_recv:
             async for change, name in raw_recv:
                 if change is ServiceStateChange.Removed:
@@ -208,7 +232,7 @@ async def run_mdns(me: Member, host: str, port: int, events: trio.MemorySendChan
                     continue
                 found = await trio.to_thread.run_sync(zc.get_service_info, SERVICE_TYPE, name,
                                                       int(options.resolve_timeout * 1000))
-                member = _member_of(found, me)
+                member = _member_of(found, me, options.mac_key, warned)
                 if member is not None and member.node_id != me.node_id:
                     if names.get(name) != member.node_id:
                         log.info("mDNS: node %s at %s (started %.3f)", member.node_id, member.address, member.started_at)
@@ -221,8 +245,9 @@ async def run_mdns(me: Member, host: str, port: int, events: trio.MemorySendChan
             await trio.to_thread.run_sync(_close, zc, browser, info)
 
 
-def _member_of(info: object, me: Member) -> Member | None:
-    """A resolved ServiceInfo -> its Member, or None (logged) if it cannot be used."""
+def _member_of(info: object, me: Member, mac_key: bytes | None = None, warned: set[str] | None = None) -> Member | None:
+    """A resolved ServiceInfo -> its Member, or None (logged, once per address in `warned`) if it cannot
+    be used."""
     if info is None:
         return None
     addresses = info.parsed_addresses()  # type: ignore[attr-defined]
@@ -231,9 +256,13 @@ def _member_of(info: object, me: Member) -> Member | None:
         return None
     address = format_address(addresses[0], info.port)  # type: ignore[attr-defined]
     try:
-        return parse_txt(info.properties, address, version=me.version, cluster=me.cluster)  # type: ignore[attr-defined]
+        return parse_txt(info.properties, address, version=me.version, cluster=me.cluster,  # type: ignore[attr-defined]
+                         mac_key=mac_key)
     except Rejected as e:
-        log.warning("mDNS: ignored %s", e)
+        if warned is None or address not in warned:
+            log.warning("mDNS: ignored %s", e)
+        if warned is not None:
+            warned.add(address)
         return None
 
 

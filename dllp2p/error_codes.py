@@ -13,7 +13,7 @@ shipped; a code a newer peer sends that this version does not know reads as OTHE
                   forward_loop 500, no_model 503, context_length_exceeded 400, invalid_token 400,
                   invalid_request 400 (a Generate the root refuses)
     HTTP only     bad_http 400, invalid_json 400, invalid_value 400, unsupported_parameter 400,
-                  origin_not_allowed 403, not_found 404, method_not_allowed 405, request_timeout 408,
+                  invalid_api_key 401, origin_not_allowed 403, not_found 404, method_not_allowed 405, request_timeout 408,
                   body_too_large 413, head_too_large 431, too_many_headers 431, internal_error 500
 """
 
@@ -59,6 +59,7 @@ class ErrorCode(StrEnum):
     HEAD_TOO_LARGE = "head_too_large"
     TOO_MANY_HEADERS = "too_many_headers"
     FORBIDDEN_ORIGIN = "origin_not_allowed"
+    UNAUTHORIZED = "invalid_api_key"  # no or a wrong bearer key (the API beyond loopback), as OpenAI names it
     INTERNAL = "internal_error"  # a bug: see the log
     # a code from a newer peer that this version does not know
     OTHER = "other"
@@ -104,6 +105,7 @@ _HTTP: dict[ErrorCode, int] = {
     ErrorCode.HEAD_TOO_LARGE: 431,
     ErrorCode.TOO_MANY_HEADERS: 431,
     ErrorCode.FORBIDDEN_ORIGIN: 403,
+    ErrorCode.UNAUTHORIZED: 401,
 }
 
 _HINTS: dict[ErrorCode, str] = {

@@ -16,10 +16,13 @@ import socket
 import struct
 import sys
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 
+from dllp2p import clusterkey
+from dllp2p.clusterkey import ClusterKey
 from dllp2p.formats import ModelConfig, QType
 from dllp2p.formats.quant import TRAITS
 from dllp2p.scheduler import Plan
@@ -29,6 +32,16 @@ from dllp2p.tp import NodeTensor, PeerLost  # the real types: the fake stands in
 CONFIG = ModelConfig("llama", 128, 2, 4, 4, 32, 256, 256, 64, 10000.0, 32, 1e-5, True)
 PART = struct.Struct("<5q")
 TEST_CLUSTER = "dllp2p-tests"  # the cluster name of test daemons: never the default one of an installed daemon
+# the cluster key of the tests' daemons (a fixed one: tests are hermetic by their cluster names and ports)
+TEST_KEY = ClusterKey(hashlib.sha256(b"dllp2p tests' cluster key").digest())
+
+
+def write_key(directory: Path, key: ClusterKey = TEST_KEY) -> Path:
+    """A key file (mode 0600) in directory, for `dllp2p daemon --key-file` and the commands."""
+    path = Path(directory) / "cluster.key"
+    if not path.exists():
+        clusterkey.save(key, path)
+    return path
 
 
 def model(big: bool = False) -> SimpleNamespace:
@@ -146,7 +159,7 @@ if __name__ == "__main__":
     ns = ap.parse_args()
     logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="dllp2p daemon: %(message)s")
     t = Timeouts(hello=5, idle=20, transfer=10, mesh=5, build=10, socket=5, slot=2)
-    cfg = DaemonConfig(ns.host, ns.port, 1, Path(ns.state_dir), timeouts=t, cluster=TEST_CLUSTER)
+    cfg = DaemonConfig(ns.host, ns.port, 1, Path(ns.state_dir), timeouts=t, cluster=TEST_CLUSTER, key=TEST_KEY)
     try:
         trio.run(Daemon(cfg, tp=sys.modules[__name__]).serve)
     except KeyboardInterrupt:

@@ -35,7 +35,8 @@ class DaemonThread:
     """A worker daemon on its own trio loop in a thread (the root's set-up runs trio.run itself)."""
 
     def __init__(self, state_dir: Path):
-        self.daemon = Daemon(DaemonConfig("127.0.0.1", 0, 1, state_dir, timeouts=T, cluster=fake_tp.TEST_CLUSTER), tp=fake_tp)
+        self.daemon = Daemon(DaemonConfig("127.0.0.1", 0, 1, state_dir, timeouts=T, cluster=fake_tp.TEST_CLUSTER,
+                                          key=fake_tp.TEST_KEY), tp=fake_tp)
         self._ready = threading.Event()
         self._thread = threading.Thread(target=trio.run, args=(self._main,), daemon=True)
         self._thread.start()
@@ -68,8 +69,8 @@ def daemons(tmp_path):
             d.stop()
 
 
-def connect(addresses, model=None, policy="pow2", events=None) -> ClusterEngine:
-    options = ClusterOptions(tuple(addresses), policy, T)
+def connect(addresses, model=None, policy="pow2", events=None, key=fake_tp.TEST_KEY) -> ClusterEngine:
+    options = ClusterOptions(tuple(addresses), policy, T, key=key)
     return ClusterEngine.connect(model or fake_tp.model(), options, 32, 1, tp=fake_tp,
                                  events=events if events is not None else ignore)
 
@@ -208,7 +209,7 @@ def test_worker_of_another_protocol_version_is_named():
     try:
         with pytest.raises(ClusterError, match=f"worker 127.0.0.1:{port}: peer speaks dllp2p protocol version "
                                                f"{P.PROTOCOL_VERSION + 1}, this node speaks version {P.PROTOCOL_VERSION}"):
-            connect([f"127.0.0.1:{port}"])
+            connect([f"127.0.0.1:{port}"], key=None)  # plain frames: a daemon without a key, on this machine
     finally:
         t.join(5)
         server.close()
@@ -266,7 +267,7 @@ def test_killed_worker_is_named_and_the_survivor_returns_to_idle(tmp_path):
 
 
 def test_dllp2p_daemon_command_survives_an_engine_failure_and_stops_on_ctrl_c(tmp_path):
-    p, address = start_worker(tmp_path / "d", *DAEMON, "--threads", "1")
+    p, address = start_worker(tmp_path / "d", *DAEMON, "--threads", "1", "--key-file", str(fake_tp.write_key(tmp_path)))
     try:
         node_id = (tmp_path / "d" / "node_id").read_text().strip()
         # the root's fake slices are not a model the real engine can build: the worker says so, stays up
@@ -319,9 +320,10 @@ def test_smollm2_on_two_daemons_matches_the_single_node_engine(tmp_path, real_mo
     finally:
         single.close()
     cli = [sys.executable, "-m", "dllp2p.cli"]
-    p, address = start_worker(tmp_path / "w", *DAEMON, "--threads", "1")
+    key_file = str(fake_tp.write_key(tmp_path))
+    p, address = start_worker(tmp_path / "w", *DAEMON, "--threads", "1", "--key-file", key_file)
     try:
-        e = ClusterEngine.connect(real_model, ClusterOptions((address,)), 64, 1)
+        e = ClusterEngine.connect(real_model, ClusterOptions((address,), key=fake_tp.TEST_KEY), 64, 1)
         got, got_logits = greedy(e)
         assert got == want
         np.testing.assert_allclose(got_logits, want_logits, atol=1e-4)
@@ -329,20 +331,22 @@ def test_smollm2_on_two_daemons_matches_the_single_node_engine(tmp_path, real_mo
 
         run = ["run", "--prompt", "The capital of France is", "--temperature", "0", "--steps", "16", "--threads", "1"]
         local = subprocess.run([*cli, *run, "--local"], capture_output=True, text=True, timeout=300)
-        remote = subprocess.run([*cli, *run, "--workers", address, "--stats"], capture_output=True, text=True,
+        remote = subprocess.run([*cli, *run, "--workers", address, "--stats", "--key-file", key_file],
+                                capture_output=True, text=True,
                                 timeout=300)
         assert remote.returncode == 0, remote.stderr
         assert remote.stdout == local.stdout and remote.stdout.startswith(" Paris.")
         assert "weights pushed 0.0 MB" in remote.stderr  # the daemon's cache is warm from the first session
         assert re.search(r"decode per token \(15 tokens\): .* sent [\d.]+ kB, received [\d.]+ kB", remote.stderr)
-        q8 = subprocess.run([*cli, *run, "--workers", address, "--stats", "--exchange", "q8"], capture_output=True,
+        q8 = subprocess.run([*cli, *run, "--workers", address, "--stats", "--exchange", "q8", "--key-file", key_file],
+                            capture_output=True,
                             text=True, timeout=300)
         assert q8.returncode == 0, q8.stderr
         assert q8.stdout.startswith(" Paris.") and "(pow2 plan, q8 exchange)" in q8.stderr
         # two all-reduces per layer of one Q8_0 row of 576 values (612 bytes), 30 layers: 36.7 kB per token
         assert re.search(r"decode per token \(15 tokens\): .* sent 36\.7 kB", q8.stderr), q8.stderr
 
-        e = ClusterEngine.connect(real_model, ClusterOptions((address,)), 64, 1)
+        e = ClusterEngine.connect(real_model, ClusterOptions((address,), key=fake_tp.TEST_KEY), 64, 1)
         e.forward(prompt, 0)
         node_id = e.plan.nodes[1].node_id
         p.kill()

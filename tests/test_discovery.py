@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -27,6 +28,7 @@ from dllp2p.discovery import (
     parse_txt,
     poll_static,
 )
+from dllp2p.clusterkey import ClusterKey
 from dllp2p.election import Gone, Member, Seen
 
 V, C = 1, "home"
@@ -188,8 +190,10 @@ def two_namespaces():
             ip("netns", "del", ns, check=False)
 
 
-def _node(ns: str, node_id: str, ip: str, started_at: float, cluster: str, seconds: float, out: Path) -> subprocess.Popen:
-    args = [sys.executable, __file__, node_id, ip, str(started_at), cluster, str(seconds)]
+def _node(ns: str, node_id: str, ip: str, started_at: float, cluster: str, seconds: float, out: Path,
+          key: str = "none") -> subprocess.Popen:
+    """key: "none" (records without a MAC, none checked), or a name of KEYS (records MACed and checked)."""
+    args = [sys.executable, __file__, node_id, ip, str(started_at), cluster, str(seconds), key]
     return subprocess.Popen(["ip", "netns", "exec", ns, *args], stdout=out.open("w"), stderr=subprocess.STDOUT,
                             cwd=Path(__file__).parent.parent)
 
@@ -221,7 +225,34 @@ def test_mdns_round_trip_between_namespaces(two_namespaces, tmp_path):
     assert "ignored node node-lab" in log_a and "cluster 'lab'" in log_a, log_a
 
 
-def _mdns_node(node_id: str, ip: str, started_at: float, cluster: str, seconds: float) -> None:
+def test_mdns_under_a_key_ignores_an_older_rogue_between_namespaces(two_namespaces, tmp_path):
+    """Two daemons of a keyed cluster and, beside one of them, a rogue of the same cluster name claiming
+    the earliest start: one announcing with another key, one with none. Neither is seen nor elected."""
+    a, b = two_namespaces
+    procs = [
+        _node(a, "node-a", "10.213.7.1", 100.0, C, 6, tmp_path / "a.log", "k1"),
+        _node(b, "node-b", "10.213.7.2", 200.0, C, 6, tmp_path / "b.log", "k1"),
+        _node(b, "rogue-k2", "10.213.7.2", 0.0, C, 3, tmp_path / "r2.log", "k2"),
+        _node(b, "rogue-none", "10.213.7.2", 0.0, C, 3, tmp_path / "r0.log", "none"),
+    ]
+    try:
+        for p in procs:
+            p.wait(timeout=30)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    (ra, log_a), (rb, log_b) = _report(tmp_path / "a.log"), _report(tmp_path / "b.log")
+    assert ra.get("seen") == {"node-b": "10.213.7.2:7340"}, log_a
+    assert rb.get("seen") == {"node-a": "10.213.7.1:7340"}, log_b
+    assert ra["root"] == rb["root"] == "node-a"
+    assert "no valid MAC" in log_a, log_a
+
+
+KEYS = {"k1": b"dllp2p discovery test key 1", "k2": b"dllp2p discovery test key 2"}
+
+
+def _mdns_node(node_id: str, ip: str, started_at: float, cluster: str, seconds: float, key: str = "none") -> None:
     """Run inside a namespace: advertise and browse until one other node of the cluster is seen (at most
     `seconds`), print {"seen": {id: address}, "root": id} then, and go on advertising 3 s for the others."""
     from dllp2p.discovery import MdnsOptions, run_mdns
@@ -234,11 +265,12 @@ def _mdns_node(node_id: str, ip: str, started_at: float, cluster: str, seconds: 
         table = apply({}, Seen(me, "self", time.time()))
         send, recv = trio.open_memory_channel(16)
         async with trio.open_nursery() as nursery:
-            await nursery.start(run_mdns, me, ip, 7340, send, MdnsOptions((ip,)))
+            mac_key = None if key == "none" else ClusterKey(hashlib.sha256(KEYS[key]).digest()).mdns_key
+            await nursery.start(run_mdns, me, ip, 7340, send, MdnsOptions((ip,), mac_key=mac_key))
             with trio.move_on_after(seconds):
                 async for ev in recv:
                     table = apply(table, ev)
-                    if len(table) > 1:
+                    if len(table) > 1 and key == "none":  # keyed: all `seconds`, every rogue record judged
                         break
             seen = {e.member.node_id: e.member.address for e in table.values() if "mdns" in e.sources}
             root = elect(members(table), version=V, cluster=cluster).root.node_id
@@ -250,4 +282,4 @@ def _mdns_node(node_id: str, ip: str, started_at: float, cluster: str, seconds: 
 
 
 if __name__ == "__main__":
-    _mdns_node(sys.argv[1], sys.argv[2], float(sys.argv[3]), sys.argv[4], float(sys.argv[5]))
+    _mdns_node(sys.argv[1], sys.argv[2], float(sys.argv[3]), sys.argv[4], float(sys.argv[5]), *sys.argv[6:7])

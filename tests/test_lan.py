@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+import fake_tp
 from dllp2p.formats.synthetic import SyntheticSpec, write_random_llama
 
 ROOT_DIR = Path(__file__).parent.parent
@@ -72,12 +73,14 @@ def in_ns(ns: str, *cmd: str) -> list[str]:
 class Lan:
     def __init__(self, names: list[str], tmp_path: Path, model: Path):
         self.names, self.tmp_path, self.model = names, tmp_path, model
+        self.key_file = str(fake_tp.write_key(tmp_path))  # the cluster key every daemon and command holds
         self.procs: dict[int, subprocess.Popen] = {}
         self.logs: dict[int, list[str]] = {}
 
     def start(self, i: int) -> None:
         cmd = [*CLI, "daemon", "--host", address(i, False), "--port", str(PORT), "--threads", "1", "--cluster",
-               "lan-test", "--state-dir", str(self.tmp_path / f"d{i}"), "--model", str(self.model)]
+               "lan-test", "--state-dir", str(self.tmp_path / f"d{i}"), "--model", str(self.model),
+               "--key-file", self.key_file]
         p = subprocess.Popen(in_ns(self.names[i], *cmd), stderr=subprocess.PIPE, text=True, cwd=ROOT_DIR)
         self.logs[i] = []
         threading.Thread(target=lambda: self.logs[i].extend(p.stderr), daemon=True).start()
@@ -85,7 +88,7 @@ class Lan:
 
     def status(self, i: int) -> dict | None:
         r = subprocess.run(in_ns(self.names[i], *CLI, "status", "--json", "--host", address(i, False), "--port",
-                                 str(PORT)), capture_output=True, text=True, timeout=30, cwd=ROOT_DIR)
+                                 str(PORT), "--key-file", self.key_file), capture_output=True, text=True, timeout=30, cwd=ROOT_DIR)
         return json.loads(r.stdout) if r.returncode == 0 else None
 
     def wait_agreement(self, nodes: list[int], root: int, limit: float = 40.0) -> None:
@@ -104,7 +107,8 @@ class Lan:
             time.sleep(0.5)
 
     def prompt(self, via: int) -> subprocess.CompletedProcess:
-        r = subprocess.run(in_ns(self.names[via], *CLI, "run", *PROMPT, "--daemon", address(via)),
+        r = subprocess.run(in_ns(self.names[via], *CLI, "run", *PROMPT, "--daemon", address(via), "--key-file",
+                                 self.key_file),
                            capture_output=True, text=True, timeout=120, cwd=ROOT_DIR)
         assert r.returncode == 0, f"{r.stderr}\n{self.dump()}"
         return r

@@ -67,13 +67,13 @@ def test_local_turns_are_a_fresh_engines_replies(model_path):
 
 @pytest.mark.slow
 def test_through_a_daemon_the_same_replies(tmp_path, model_path):
-    from test_serve import Daemons
+    from test_serve import KEY_FILE, Daemons
 
     a, b = "Name a colour.", "And another one?"
     d = Daemons(tmp_path, 1, model_path)
     try:
         address = d.start(0, "--api", "off")
-        via = chat(f"{a}\n{b}\n", "--daemon", address)
+        via = chat(f"{a}\n{b}\n", "--daemon", address, "--key-file", KEY_FILE)
         assert via.returncode == 0, via.stderr
         assert via.stdout == "".join(w + "\n" for w in fresh_replies(model_path, [[a], [a, b]]))
         assert any("already in its KV cache" in line for line in d.logs[0])  # turn 2 reused turn 1

@@ -1,6 +1,6 @@
 """Prompts through the daemons: `dllp2p run` -> its daemon -> the root -> tokens back; the root re-plans
 between requests as daemons join and leave. Real `dllp2p daemon` processes on loopback, static --peer
-lists (no mDNS), the real engines.
+lists (no mDNS), the real engines. The daemons and the commands hold the tests' cluster key (KEY_FILE).
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -18,6 +19,7 @@ from pathlib import Path
 import pytest
 import trio
 
+import fake_tp
 from dllp2p import wire as P
 from dllp2p.cli import build_parser, run_config
 from dllp2p.config import LOCAL_DAEMON
@@ -26,6 +28,7 @@ from dllp2p.formats.synthetic import SyntheticSpec, write_random_llama
 
 ROOT_DIR = Path(__file__).parent.parent
 CLI = [sys.executable, "-m", "dllp2p.cli"]
+KEY_FILE = str(fake_tp.write_key(Path(tempfile.mkdtemp(prefix="dllp2p-test-key-"))))
 SPEC_8KV = SyntheticSpec(dim=256, n_layers=2, n_heads=8, n_kv_heads=8, ffn_dim=512, vocab_size=300, seed=5)
 
 
@@ -54,7 +57,8 @@ class Daemons:
         peers = [self.address(k) for k in range(len(self.ports)) if k != i]
         cmd = [*CLI, "daemon", "--host", "127.0.0.1", "--port", str(self.ports[i]), "--threads", "1",
                "--state-dir", str(self.tmp_path / f"d{i}"), "--no-discovery", *(["--peer", *peers] if peers else []),
-               "--cluster", self.cluster, *([] if "--api" in extra else ["--api", f"127.0.0.1:{free_port()}"]), *extra]
+               "--cluster", self.cluster, *([] if "--api" in extra else ["--api", f"127.0.0.1:{free_port()}"]),
+               "--key-file", KEY_FILE, *extra]
         if self.model is not None:
             cmd += ["--model", str(self.model)]
         p = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, cwd=ROOT_DIR)
@@ -87,7 +91,7 @@ class Daemons:
 
 
 def status(address: str) -> P.StatusReply:
-    return trio.run(ask_status, address, 5.0)
+    return trio.run(ask_status, address, 5.0, 0, fake_tp.TEST_KEY)
 
 
 def wait_members(address: str, count: int, limit: float = 20.0) -> P.StatusReply:
@@ -102,7 +106,7 @@ def wait_members(address: str, count: int, limit: float = 20.0) -> P.StatusReply
 
 
 def dllp2p_run(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
-    p = subprocess.run([*CLI, "run", "--temperature", "0", "--steps", "16", "--threads", "1", *args],
+    p = subprocess.run([*CLI, "run", "--temperature", "0", "--steps", "16", "--threads", "1", "--key-file", KEY_FILE, *args],
                        capture_output=True, text=True, timeout=timeout, cwd=ROOT_DIR)
     assert p.returncode == 0, p.stderr
     return p
@@ -288,17 +292,20 @@ def test_a_root_daemon_with_the_weighted_plan_uses_three_nodes(tmp_path):
 
 @pytest.mark.slow
 def test_a_client_that_goes_away_stops_its_request_and_the_root_serves_on(tmp_path):
-    from dllp2p.wire.link import BlockingLink
+    from dllp2p.wire.client import GenerateCall
 
     model = write_random_llama(tmp_path / "kv8.gguf", SPEC_8KV)
     d = Daemons(tmp_path, 1, model=model)
     try:
         address = d.start(0)
         g = P.Generate("", (1, 5, 9), False, None, 2000, 2048, 0.0, 40, 0.95, 0.05, 1.0, None)
-        link = BlockingLink(socket.create_connection(("127.0.0.1", d.ports[0]), timeout=60), address)
-        link.send(g)
-        assert isinstance(link.receive(60), P.TokenChunk)
-        link.close()  # mid-generation
+
+        async def one_chunk() -> None:
+            call = await GenerateCall.open(address, g, 10, fake_tp.TEST_KEY)
+            assert isinstance(await call.receive(60), P.TokenChunk)
+            await call.aclose()  # mid-generation
+
+        trio.run(one_chunk)
         got = dllp2p_run("--prompt", "hello there", "--daemon", address)
         assert ", 1 node)" in got.stderr and got.stdout == dllp2p_run("--prompt", "hello there", "--model",
                                                                         str(model)).stdout

@@ -156,11 +156,11 @@ def test_status_shows_the_session_plan_and_last_step(tmp_path):
     try:
         e = connect([d.address])
         generate(e, fake_tp.model(), steps=3)
-        r = status.ask(d.address, 2)
+        r = status.ask(d.address, 2, key=fake_tp.TEST_KEY)
         assert r.plan == e.plan and r.last_step is not None and r.last_step.tokens == 1
         # the worker's weight push of this session: every needed byte arrived
         assert r.push.epoch == e.plan.epoch and r.push.finished and r.push.done == r.push.total > 0
-        j = status.to_json(status.survey(d.address, 2))
+        j = status.to_json(status.survey(d.address, 2, key=fake_tp.TEST_KEY))
         me = j["nodes"][0]
         assert me["slice"]["index"] == e.plan.node(d.daemon.node_id).index
         assert me["last_step"]["tokens_per_s"] > 0 and j["plan"]["nodes"] == e.plan.n_nodes

@@ -86,7 +86,7 @@ class ViaDaemon:
         g = daemon_request(self.cfg.sampler, self.cfg.steps, self.cfg.ctx, chat=True,
                            messages=[ChatTurn(m.role, m.content) for m in messages])
         try:
-            ask_blocking(self.address, g, keep, connect_timeout=self.t.connect, probe_timeout=self.t.probe,
+            ask_blocking(self.address, g, keep, getattr(self.cfg, "key", None), connect_timeout=self.t.connect, probe_timeout=self.t.probe,
                          answer_timeout=self.t.answer)
         except NoDaemon as e:
             raise DaemonError(f"daemon {self.address} no longer answers ({e})") from None
@@ -101,7 +101,7 @@ def backend(cfg: Any, timeouts: ClientTimeouts = ClientTimeouts()):  # -> Local 
     named) in this process. Raises NoDaemon (a named daemon), NotADaemon."""
     if cfg.daemon is not None:
         try:
-            trio.run(probe, cfg.daemon, timeouts.connect, timeouts.probe)
+            trio.run(probe, cfg.daemon, timeouts.connect, timeouts.probe, getattr(cfg, "key", None))
             return ViaDaemon(cfg, cfg.daemon, timeouts)
         except NoDaemon:
             if not cfg.fallback:

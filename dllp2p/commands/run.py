@@ -61,7 +61,7 @@ def run_via_daemon(cfg, address: str, out: TextIO = sys.stdout, err: TextIO = sy
         out.write(text)
         out.flush()
 
-    msg = ask_blocking(address, g, show, connect_timeout=timeouts.connect, probe_timeout=timeouts.probe,
+    msg = ask_blocking(address, g, show, getattr(cfg, "key", None), connect_timeout=timeouts.connect, probe_timeout=timeouts.probe,
                        answer_timeout=timeouts.answer)
     out.write("\n")
     out.flush()
@@ -80,7 +80,8 @@ def run_local(cfg, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:  
     ids = prompt_tokens(tokenizer, model, cfg.prompt, cfg.chat, cfg.system)
     cluster = None
     if cfg.workers:
-        cluster = ClusterOptions(cfg.workers, cfg.plan, exchange=cfg.exchange, cache_dir=cfg.cache_dir)
+        cluster = ClusterOptions(cfg.workers, cfg.plan, exchange=cfg.exchange, cache_dir=cfg.cache_dir,
+                                 key=getattr(cfg, "key", None))
     engine = make_engine("cluster" if cluster else cfg.engine, model, cfg.ctx, cfg.threads, cluster, err,
                          cfg.cache_dir)
     stats = GenerationStats()

@@ -52,12 +52,14 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator, TextIO
 
+from ..clusterkey import ClusterKey
 from ..config import LOCAL_DAEMON
 from ..scheduler import NodeSlice, Plan
 from ..wire.client import status_blocking
 from ..wire.codec import ProtocolError
 from ..wire.link import LinkClosed, LinkTimeout
 from ..wire.reports import PushStatus, StatusReply
+from ..wire.secure import HandshakeFailed
 
 DEFAULT_ADDRESS = LOCAL_DAEMON
 
@@ -66,16 +68,21 @@ class StatusError(ConnectionError):
     """The daemon asked did not answer; the message says where and why."""
 
 
-def ask(address: str, timeout: float, seq: int = 0) -> StatusReply:
+def ask(address: str, timeout: float, seq: int = 0, key: ClusterKey | None = None) -> StatusReply:
     """One Status -> StatusReply exchange. Raises StatusError."""
-    return ask_timed(address, timeout, seq)[0]
+    return ask_timed(address, timeout, seq, key)[0]
 
 
-def ask_timed(address: str, timeout: float, seq: int = 0) -> tuple[StatusReply, float]:
+def ask_timed(address: str, timeout: float, seq: int = 0, key: ClusterKey | None = None) -> tuple[StatusReply, float]:
     """ask, and its round-trip in ms (Status sent -> StatusReply received; connecting not included)."""
     try:
-        reply, rtt = status_blocking(address, timeout, seq)
+        reply, rtt = status_blocking(address, timeout, seq, key)
+    except HandshakeFailed as e:
+        raise StatusError(f"{address} is not a daemon of this cluster ({e})") from None
     except LinkClosed as e:
+        if "cannot connect" not in str(e):  # it took the connection, then dropped it: the handshake
+            hint = "it needs this cluster's key: --key-file PATH" if key is None else "it has another cluster key"
+            raise StatusError(f"{address} closed the connection ({hint})") from None
         raise StatusError(f"no dllp2p daemon answers at {address} ({e}); is `dllp2p daemon` running?") from None
     except (LinkTimeout, ProtocolError) as e:
         raise StatusError(f"{address}: {e}") from None
@@ -98,15 +105,16 @@ class Survey:
         return max(plans, key=lambda p: p.epoch) if plans else None
 
 
-def survey(address: str, timeout: float = 2.0, others_timeout: float = 0.5) -> Survey:
-    reply, rtt = ask_timed(address, timeout)
+def survey(address: str, timeout: float = 2.0, others_timeout: float = 0.5, *,
+           key: ClusterKey | None = None) -> Survey:
+    reply, rtt = ask_timed(address, timeout, key=key)
     others: dict[str, StatusReply | None] = {}
     rtts = {reply.node_id: rtt}
     for n in reply.nodes:
         if n.member.node_id == reply.node_id:
             continue
         try:
-            others[n.member.node_id], rtts[n.member.node_id] = ask_timed(n.member.address, others_timeout)
+            others[n.member.node_id], rtts[n.member.node_id] = ask_timed(n.member.address, others_timeout, key=key)
         except StatusError:
             others[n.member.node_id] = None
     return Survey(address, reply, others, rtts)
@@ -273,9 +281,10 @@ def _age(seconds: float) -> str:
     return f"{s // 86400}d{s % 86400 // 3600:02d}h"
 
 
-def watch(address: str, interval: float = 1.0, timeout: float = 2.0, keys: TextIO | None = None) -> int:
+def watch(address: str, interval: float = 1.0, timeout: float = 2.0, keys: TextIO | None = None, *,
+          key: ClusterKey | None = None) -> int:
     """Redraw the table every `interval` seconds until `q` (read from `keys`, the terminal: stdin when it
-    is one) or Ctrl-C (KeyboardInterrupt propagates). -> 0 after q."""
+    is one) or Ctrl-C (KeyboardInterrupt propagates). -> 0 after q. `key`: the cluster key to ask with."""
     from rich.console import Console
     from rich.live import Live
 
@@ -285,7 +294,7 @@ def watch(address: str, interval: float = 1.0, timeout: float = 2.0, keys: TextI
                              screen=False) as live:
         while True:
             try:
-                live.update(table(survey(address, timeout), hint=hint), refresh=True)
+                live.update(table(survey(address, timeout, key=key), hint=hint), refresh=True)
             except StatusError as e:
                 live.update(table(None, f"{e} ({hint})"), refresh=True)
             if _wait_for_q(keys, interval):

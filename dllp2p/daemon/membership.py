@@ -14,6 +14,7 @@ from dataclasses import replace
 import trio
 
 from .. import election
+from ..clusterkey import ClusterKey
 from ..discovery import MdnsOptions, StaticOptions, advertised_addresses, local_facts, poll_static, run_mdns
 from ..election import Member, Seen
 from ..wire.client import ask_status_timed
@@ -28,8 +29,10 @@ log = logging.getLogger("dllp2p.daemon")
 class Membership:
     """The membership table of the daemon `node_id` and the tasks that feed it."""
 
-    def __init__(self, node_id: str, cluster: str, started_at: float, static: StaticOptions):
+    def __init__(self, node_id: str, cluster: str, started_at: float, static: StaticOptions,
+                 key: ClusterKey | None = None):
         self.node_id = node_id
+        self.key = key  # mDNS records MACed under it; peers polled through the secure channel
         self.cluster = cluster
         self.started_at = started_at
         self.static = static
@@ -53,7 +56,8 @@ class Membership:
             from zeroconf import Error as ZeroconfError  # optional at import: only daemons with mDNS need it
 
             try:
-                await nursery.start(run_mdns, self.me, host, port, send.clone(), MdnsOptions(interfaces))
+                mac_key = None if self.key is None else self.key.mdns_key
+                await nursery.start(run_mdns, self.me, host, port, send.clone(), MdnsOptions(interfaces, mac_key=mac_key))
             except (OSError, ZeroconfError) as e:  # no usable multicast interface: static peers still work
                 log.warning("mDNS discovery is off: %s: %s", type(e).__name__, e)
         for address in peers:
@@ -100,7 +104,7 @@ class Membership:
 
     async def _fetch_member(self, address: str) -> Member:
         """A --peer daemon's own record, with the address it was reached at; the round-trip is kept."""
-        reply, rtt = await ask_status_timed(address, self.static.timeout)
+        reply, rtt = await ask_status_timed(address, self.static.timeout, key=self.key)
         me = next((n.member for n in reply.nodes if n.member.node_id == reply.node_id), None)
         if me is None:
             raise UnexpectedMessage(f"{address}: its StatusReply does not list node {reply.node_id} itself")

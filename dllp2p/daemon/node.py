@@ -9,6 +9,11 @@ One TCP port takes four kinds of connection, told apart by their first frame:
     Generate   a prompt (`dllp2p run`, `dllp2p chat`): prompts.PromptSlot serves it as the cluster's root
                (session.service.RootService), or forwards it to the root and relays the tokens back
 
+With a cluster key (config key_file, clusterkey.py) every connection first passes wire/secure.py's
+handshake (within the hello timeout) and then travels sealed; a peer without the key is dropped without a
+byte of answer beyond the handshake. Without a key the daemon serves this machine only: it listens on
+loopback, polls only loopback peers, and neither advertises nor browses mDNS (it says so at start-up).
+
 A second port (config `api`, loopback by default) serves the OpenAI-compatible HTTP API (api.py), which
 hands its prompts to the prompt slot in this process as Generates (their context: config `api_ctx`).
 
@@ -28,7 +33,7 @@ from __future__ import annotations
 import logging
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from types import ModuleType
@@ -37,6 +42,7 @@ from typing import Any
 import trio
 
 from .. import api, election
+from ..clusterkey import ClusterKey
 from ..config import DEFAULT_CLUSTER, DEFAULT_PORT, Timeouts
 from ..discovery import StaticOptions
 from ..models import DEFAULT_FILE
@@ -44,9 +50,19 @@ from ..session.service import RootService
 from ..session.slices import SliceCache, node_id
 from ..session.worker import Worker
 from ..wire.codec import ProtocolError, UnexpectedMessage, encode, error_code
-from ..wire.link import LinkClosed, LinkTimeout, TrioLink, first_error, format_address, parse_address, receive_one_frame
+from ..wire.link import (
+    LinkClosed,
+    LinkTimeout,
+    TrioLink,
+    first_error,
+    format_address,
+    parse_address,
+    receive_one_frame,
+    secure_accept,
+)
 from ..wire.messages import Error, Generate, Hello, MeshHello
 from ..wire.reports import Status, StatusReply
+from ..wire.secure import Channel, HandshakeFailed, SecureError
 from .membership import Membership
 from .probes import status_reply
 from .prompts import PromptSlot
@@ -75,6 +91,7 @@ class DaemonConfig:
     api: str | None = None  # "host:port" of the OpenAI-compatible HTTP API (api.py); None: off
     api_ctx: int = 2048  # the context (KV positions) of the API's requests
     cache_dir: Path | None = None  # compiled kernels and packed weights; None: the engine's default
+    key: ClusterKey | None = None  # the cluster key; None: this machine only (loopback, no peers, no mDNS)
 
     def __post_init__(self) -> None:
         if not election.CLUSTER.fullmatch(self.cluster):
@@ -99,12 +116,15 @@ class Daemon:
         self.api_address = ""  # where the HTTP API listens, once it does
         self.started_at = time.time()
         slot = trio.Lock()  # one worker session or one prompt at a time
-        self.membership = Membership(self.node_id, config.cluster, self.started_at, config.static)
+        self.key = config.key
+        self._refused: set[str] = set()  # hosts whose failed handshakes were logged
+        cluster = config.cluster if config.key is None else config.key.bind(config.cluster)
+        self.membership = Membership(self.node_id, cluster, self.started_at, config.static, config.key)
         self.worker = Worker(self.node_id, config.threads, float(config.capacity or config.threads), self.t,
-                             SliceCache(config.state_dir / "slices"), self._tp, slot, config.cache_dir)
+                             SliceCache(config.state_dir / "slices"), self._tp, slot, config.cache_dir, config.key)
         self.root_service = RootService(config.model, self.node_id, config.threads, config.policy, self.t, self._tp,
-                                        exchange=config.exchange, cache_dir=config.cache_dir)
-        self.prompts = PromptSlot(self.node_id, self.membership, self.root_service, slot, self.t)
+                                        exchange=config.exchange, cache_dir=config.cache_dir, key=config.key)
+        self.prompts = PromptSlot(self.node_id, self.membership, self.root_service, slot, self.t, config.key)
 
     def _tp(self) -> Any:
         if self.tp is None:
@@ -115,7 +135,7 @@ class Daemon:
 
     async def serve(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
         """Listen until cancelled; task_status gets the bound "host:port"."""
-        c = self.config
+        c = this_machine_only(self.config) if self.key is None else self.config
         async with trio.open_nursery() as nursery:
             try:
                 listeners = await nursery.start(partial(trio.serve_tcp, self._connection, c.port, host=c.host or None))
@@ -127,7 +147,12 @@ class Daemon:
             self.address = format_address(host, port)
             model = c.model.name if c.model else "none (start it with --model PATH to serve prompts as root)"
             log.info("node %s listening on %s (cluster %s, %d threads, state in %s); model %s", self.node_id,
-                     self.address, c.cluster, c.threads, c.state_dir, model)
+                     self.address, self.membership.cluster, c.threads, c.state_dir, model)
+            if self.key is None:
+                dropped = sorted(set(self.config.peers) - set(c.peers))
+                log.warning("no cluster key: serving this machine only (loopback, no mDNS, no LAN peers%s). To make "
+                            "a cluster: `dllp2p key new` here, then `dllp2p key show`, and `dllp2p key set` on each "
+                            "other device; restart the daemons", f"; ignored {', '.join(dropped)}" if dropped else "")
             await self.membership.start(nursery, host, port, discovery=c.discovery, interfaces=c.interfaces,
                                         peers=c.peers)
             e = self.membership.election()
@@ -142,7 +167,9 @@ class Daemon:
         with .peer and async .send in place of the link), as if `dllp2p run` had sent them."""
         model = (self.config.model.name if self.config.model else DEFAULT_FILE).removesuffix(".gguf")
         limits = api.Limits(ctx=self.config.api_ctx)
-        self.api_address = await api.start(nursery, self.config.api, self.prompts.generate, model, limits) or ""
+        token = None if self.key is None else self.key.api_token
+        self.api_address = await api.start(nursery, self.config.api, self.prompts.generate, model, limits,
+                                           token) or ""
 
     def election(self) -> election.Election:
         return self.membership.election()
@@ -154,22 +181,32 @@ class Daemon:
 
     async def _connection(self, stream: trio.SocketStream) -> None:
         peer = _peer_name(stream)
+        channel = None
         try:
-            first = await receive_one_frame(stream, peer, self.t.hello)
+            if self.key is not None:
+                channel = await secure_accept(stream, self.key, peer, self.t.hello)
+            first = await receive_one_frame(stream, peer, self.t.hello, channel)
+            link = TrioLink(stream, peer, channel=channel)
             if isinstance(first, Hello):
-                await self.worker.control(TrioLink(stream, peer), first)
+                await self.worker.control(link, first)
             elif isinstance(first, MeshHello):
-                await self.worker.mesh_accept(stream, peer, first)
+                await self.worker.mesh_accept(stream, peer, first, channel)
             elif isinstance(first, Status):
-                await self._status(TrioLink(stream, peer), first)
+                await self._status(link, first)
             elif isinstance(first, Generate):
-                await self.prompts.generate(TrioLink(stream, peer), first)
+                await self.prompts.generate(link, first)
             else:
                 raise UnexpectedMessage(
                     f"a connection must start with Hello, MeshHello, Status or Generate, not {type(first).__name__}")
+        except HandshakeFailed as e:  # no answer at all: a peer without the key learns nothing
+            host = peer.rpartition(":")[0]  # logged once per host (a scanner does not flood the log)
+            log.log(logging.DEBUG if host in self._refused else logging.WARNING, "%s: %s; dropped", peer, e)
+            self._refused.add(host)
+        except SecureError as e:  # a sealed record that does not open: the stream cannot be trusted
+            log.error("%s: %s; dropped the connection", peer, e)
         except ProtocolError as e:
             log.warning("%s: %s; closing the connection", peer, e)
-            await _send_quietly(stream, Error(error_code(e), f"node {self.node_id}: {e}"))
+            await _send_quietly(stream, Error(error_code(e), f"node {self.node_id}: {e}"), channel)
         except (LinkClosed, LinkTimeout) as e:
             log.info("%s", e)
         except Exception:
@@ -195,11 +232,19 @@ def _peer_name(stream: trio.SocketStream) -> str:
         return "a peer"
 
 
-async def _send_quietly(stream: trio.SocketStream, msg: Error) -> None:
+def this_machine_only(c: DaemonConfig) -> DaemonConfig:
+    """A daemon without a cluster key: listening on loopback, no mDNS, only loopback peers."""
+    host = c.host if api.is_loopback(c.host) else "127.0.0.1"
+    peers = tuple(p for p in c.peers if api.is_loopback(parse_address(p)[0]))
+    return replace(c, host=host, peers=peers, discovery=False)
+
+
+async def _send_quietly(stream: trio.SocketStream, msg: Error, channel: Channel | None = None) -> None:
     """Best effort: the connection is about to be closed anyway."""
     with trio.move_on_after(2.0):
         try:
-            await stream.send_all(encode(msg))
+            frame = encode(msg)
+            await stream.send_all(frame if channel is None else channel.seal(frame))
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             pass
 

@@ -7,6 +7,7 @@ import logging
 
 import trio
 
+from ..clusterkey import ClusterKey
 from ..config import Timeouts
 from ..error_codes import ErrorCode
 from ..session import service
@@ -19,8 +20,9 @@ log = logging.getLogger("dllp2p.daemon")
 
 class PromptSlot:
     def __init__(self, node_id: str, membership: Membership, root_service: service.RootService, slot: trio.Lock,
-                 timeouts: Timeouts):
+                 timeouts: Timeouts, key: ClusterKey | None = None):
         self.node_id = node_id
+        self.key = key  # a forward to the root goes through the secure channel under it
         self.membership = membership
         self.root_service = root_service
         self._slot = slot
@@ -31,7 +33,7 @@ class PromptSlot:
         e = self.membership.election()
         if e.root is not None and e.root.node_id != self.node_id:
             log.info("request from %s: forwarded to the root %s (%s)", link.peer, e.root.node_id, e.root.address)
-            await service.forward(link, g, e.root.address, self.node_id, self.t)
+            await service.forward(link, g, e.root.address, self.node_id, self.t, self.key)
             return
         with trio.move_on_after(self.t.idle) as waited:
             await self._slot.acquire()

@@ -34,6 +34,7 @@ from typing import Any, Awaitable, Callable, Sequence
 import numpy as np
 import trio
 
+from ..clusterkey import ClusterKey
 from ..config import Timeouts
 from ..engine import MAX_TOP, ContextFull
 from ..formats import ModelConfig
@@ -51,6 +52,7 @@ from ..wire.link import (
     run_in_thread,
     shutdown,
 )
+from ..wire.secure import HandshakeFailed
 from ..wire.messages import (
     PROTOCOL_VERSION,
     Error,
@@ -84,6 +86,7 @@ class ClusterOptions:
     # a worker that cannot be reached or refuses the Hello is planned without (a root daemon's members
     # may have died since they were last polled), instead of failing the run (`run --workers`)
     skip_unreachable: bool = False
+    key: ClusterKey | None = None  # the cluster key every connection to the workers is made with
 
 
 @dataclass
@@ -268,7 +271,8 @@ async def start(model: Any, options: ClusterOptions, ctx: int, threads: int, tp:
     try:
         hello = partial(_hello_or_skip, events=events) if options.skip_unreachable else _hello
         slices = slices or tp.node_tensors
-        workers = [w for w in await _gather([partial(hello, a, root, t) for a in options.workers]) if w is not None]
+        workers = [w for w in await _gather([partial(hello, a, root, t, options.key) for a in options.workers])
+                   if w is not None]
         the_plan = plan(config, [root.peer("")] + [w.hello.peer(w.address) for w in workers], epoch,
                         options.policy, exchange=options.exchange)
         for w in workers:
@@ -283,7 +287,7 @@ async def start(model: Any, options: ClusterOptions, ctx: int, threads: int, tp:
 
         for w in workers:
             await w.link.send(Mesh(the_plan.epoch))
-        socks = await _gather([partial(_dial, w, the_plan, root.node_id, t) for w in workers])
+        socks = await _gather([partial(_dial, w, the_plan, root.node_id, t, options.key) for w in workers])
         peers = [None, *socks]
 
         async def build() -> Any:
@@ -338,18 +342,19 @@ async def _gather(fns: Sequence[Callable[[], Awaitable[Any]]]) -> list[Any]:
     return results
 
 
-async def _hello_or_skip(address: str, root: Hello, t: Timeouts, *, events: Sink) -> Worker | None:
+async def _hello_or_skip(address: str, root: Hello, t: Timeouts, key: ClusterKey | None, *,
+                         events: Sink) -> Worker | None:
     try:
-        return await _hello(address, root, t)
+        return await _hello(address, root, t, key)
     except ClusterError as e:
         events(Note(f"{e}; planning without it"))
         return None
 
 
-async def _hello(address: str, root: Hello, t: Timeouts) -> Worker:
+async def _hello(address: str, root: Hello, t: Timeouts, key: ClusterKey | None = None) -> Worker:
     try:
-        link = await open_link(address, t.hello)
-    except (LinkClosed, LinkTimeout) as e:
+        link = await open_link(address, t.hello, key)
+    except (LinkClosed, LinkTimeout, HandshakeFailed) as e:
         raise ClusterError(f"worker {address}: {_said(address, e)}") from None
     try:
         await link.send(root)
@@ -361,7 +366,9 @@ async def _hello(address: str, root: Hello, t: Timeouts) -> Worker:
                                f"not a worker's Hello")
     except (LinkClosed, LinkTimeout, ProtocolError) as e:
         await link.aclose()
-        raise ClusterError(f"worker {address}: {_said(address, e)}") from None
+        hint = " (it may hold a cluster key: give this side one, --key-file)" if key is None and isinstance(
+            e, LinkClosed) else ""
+        raise ClusterError(f"worker {address}: {_said(address, e)}{hint}") from None
     except BaseException:
         await link.aclose()
         raise
@@ -407,10 +414,10 @@ async def _push(w: Worker, model: Any, the_plan: Plan, ctx: int, t: Timeouts, sl
     w.received_bytes, w.cached = ready.received_bytes, ready.cached
 
 
-async def _dial(w: Worker, the_plan: Plan, root_id: str, t: Timeouts) -> socket.socket:
+async def _dial(w: Worker, the_plan: Plan, root_id: str, t: Timeouts, key: ClusterKey | None = None) -> socket.socket:
     hello = MeshHello(the_plan.epoch, root_id, 0, w.index)
     try:
-        return await dial_mesh(w.address, hello, t.mesh, t.socket)
+        return await dial_mesh(w.address, hello, t.mesh, t.socket, key)
     except (LinkClosed, LinkTimeout, MeshRefused, ProtocolError) as e:
         raise ClusterError(f"{w.name}: mesh connection failed: {_said(w.address, e)}") from None
 

@@ -35,6 +35,7 @@ from typing import Any, Callable
 import trio
 
 from ..chat import Message
+from ..clusterkey import ClusterKey
 from ..config import Timeouts
 from ..error_codes import CodedError, ErrorCode, code_of
 from ..errors import user_facing_errors
@@ -48,6 +49,7 @@ from ..wire.client import GenerateCall
 from ..wire.codec import ProtocolError
 from ..wire.link import LinkClosed, LinkTimeout, TrioLink, first_error
 from ..wire.messages import MAX_HOPS, Done, Error, Generate, TokenChunk
+from ..wire.secure import HandshakeFailed
 from .progress import Latest, LogEvents
 from .root import ClusterError, ClusterOptions, start
 from .slices import PlanSlices
@@ -77,8 +79,10 @@ class RootService:
     """What a daemon needs to serve requests as the root. `tp`: the compute module getter."""
 
     def __init__(self, model_path: Path | None, node_id: str, threads: int, policy: str, timeouts: Timeouts,
-                 tp: Callable[[], Any], exchange: str = "exact", cache_dir: Path | None = None):
+                 tp: Callable[[], Any], exchange: str = "exact", cache_dir: Path | None = None,
+                 key: ClusterKey | None = None):
         self.model_path = model_path
+        self.key = key  # the cluster key its connections to the workers are made with
         self.node_id = node_id
         self.threads = threads
         self.policy = policy
@@ -204,7 +208,7 @@ class RootService:
         """A ClusterEngine over this root and the workers, or a JIT engine when there are none."""
         if workers:
             options = ClusterOptions(tuple(workers), self.policy, self.timeouts, exchange=self.exchange,
-                                     skip_unreachable=True, cache_dir=self.cache_dir)
+                                     skip_unreachable=True, cache_dir=self.cache_dir, key=self.key)
             tp = self._tp()
             if self._slices is None:
                 self._slices = PlanSlices(tp.node_tensors)
@@ -253,15 +257,17 @@ class RootService:
             await trio.to_thread.run_sync(loop)
 
 
-async def forward(link: TrioLink, g: Generate, root: str, node_id: str, timeouts: Timeouts) -> None:
-    """Pass g on to the root daemon at `root` and relay its answers until Done or Error."""
+async def forward(link: TrioLink, g: Generate, root: str, node_id: str, timeouts: Timeouts,
+                  key: ClusterKey | None = None) -> None:
+    """Pass g on to the root daemon at `root` (through the secure channel under key) and relay its answers
+    until Done or Error."""
     if g.hops >= MAX_HOPS:
         await _send_error(link, Error(ErrorCode.FORWARD_LOOP, f"node {node_id}: the request was forwarded {g.hops} times; "
                                                   "the daemons do not agree on a root"))
         return
     try:
-        up = await GenerateCall.open(root, replace(g, hops=g.hops + 1), timeouts.hello)
-    except (LinkClosed, LinkTimeout) as e:
+        up = await GenerateCall.open(root, replace(g, hops=g.hops + 1), timeouts.hello, key)
+    except (LinkClosed, LinkTimeout, HandshakeFailed) as e:
         await _send_error(link, Error(ErrorCode.UNREACHABLE, f"node {node_id}: the root is unreachable: {e}"))
         return
     try:

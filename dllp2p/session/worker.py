@@ -36,6 +36,7 @@ from typing import Any, Callable
 
 import trio
 
+from ..clusterkey import ClusterKey
 from ..config import Timeouts
 from ..error_codes import ErrorCode
 from ..formats import QType
@@ -54,6 +55,7 @@ from ..wire.link import (
     run_in_thread,
     shutdown,
 )
+from ..wire.secure import Channel
 from ..wire.messages import (
     PROTOCOL_VERSION,
     Error,
@@ -103,8 +105,9 @@ class Worker:
     prompt is no worker meanwhile). `tp`: a getter of the compute module (dllp2p.tp; tests pass a fake)."""
 
     def __init__(self, node_id: str, threads: int, capacity: float, timeouts: Timeouts, cache: SliceCache,
-                 tp: Callable[[], Any], slot: trio.Lock, cache_dir: Any = None):
+                 tp: Callable[[], Any], slot: trio.Lock, cache_dir: Any = None, key: ClusterKey | None = None):
         self.node_id = node_id
+        self.key = key  # the cluster key the mesh connections it dials are made with
         self.threads = threads
         self.capacity = capacity
         self.t = timeouts
@@ -246,7 +249,7 @@ class Worker:
 
         async def dial(k: int) -> None:
             hello = MeshHello(plan.epoch, self.node_id, me, k)
-            peers[k] = await dial_mesh(plan.nodes[k].address, hello, self.t.mesh, self.t.socket)
+            peers[k] = await dial_mesh(plan.nodes[k].address, hello, self.t.mesh, self.t.socket, self.key)
 
         try:
             with trio.move_on_after(self.t.mesh) as scope:
@@ -272,7 +275,10 @@ class Worker:
             raise
         return peers
 
-    async def mesh_accept(self, stream: trio.SocketStream, peer: str, hello: MeshHello) -> None:
+    async def mesh_accept(self, stream: trio.SocketStream, peer: str, hello: MeshHello,
+                          channel: Channel | None = None) -> None:
+        """A mesh connection a peer dialed (its MeshHello read, inside `channel` if the cluster has a key):
+        the answer, then the socket goes to the session."""
         a = self.active
         problem = None
         if a is None:
@@ -285,7 +291,7 @@ class Worker:
             problem = f"node {hello.src} of the plan is {a.plan.nodes[hello.src].node_id}, not {hello.node_id}"
         if a is None or problem is not None:
             raise UnexpectedMessage(f"refused a mesh connection from {peer}: {problem}")
-        await TrioLink(stream, peer).send(MeshHello(a.plan.epoch, self.node_id, a.index, hello.src))
+        await TrioLink(stream, peer, channel=channel).send(MeshHello(a.plan.epoch, self.node_id, a.index, hello.src))
         sock = mesh_socket(stream, self.t.socket)
         try:
             a.incoming_send.send_nowait((hello.src, sock))

@@ -7,6 +7,9 @@
                   Generate; each piece of text to on_text; -> the Done
     ask_status    one Status -> StatusReply (trio), and its round-trip
 
+Every function takes the cluster key (`key`, None: plain frames, for a daemon without one on this
+machine): the connection then starts with the secure handshake and travels sealed.
+
 `ask_blocking` and `status_blocking` run those in a trio.run of their own, for the commands (which are
 not trio programs).
 
@@ -22,11 +25,13 @@ from typing import Callable, Sequence
 
 import trio
 
+from ..clusterkey import ClusterKey
 from ..error_codes import ErrorCode
 from .codec import ProtocolError, UnexpectedMessage
 from .link import LinkClosed, LinkTimeout, TrioLink, open_link
 from .messages import ChatTurn, Done, Error, Generate, TokenChunk
 from .reports import Status, StatusReply
+from .secure import HandshakeFailed
 
 
 class DaemonError(ConnectionError):
@@ -59,16 +64,17 @@ def daemon_request(sampler, steps: int, ctx: int, *, prompt: str = "", tokens: S
 # --- Status ---------------------------------------------------------------------------------------
 
 
-async def ask_status(address: str, timeout: float, seq: int = 0) -> StatusReply:
+async def ask_status(address: str, timeout: float, seq: int = 0, key: ClusterKey | None = None) -> StatusReply:
     """One Status -> StatusReply exchange with the daemon at address. Raises LinkClosed, LinkTimeout,
     ProtocolError (an Error answer, or anything else, is UnexpectedMessage)."""
-    return (await ask_status_timed(address, timeout, seq))[0]
+    return (await ask_status_timed(address, timeout, seq, key))[0]
 
 
-async def ask_status_timed(address: str, timeout: float, seq: int = 0) -> tuple[StatusReply, float]:
+async def ask_status_timed(address: str, timeout: float, seq: int = 0,
+                           key: ClusterKey | None = None) -> tuple[StatusReply, float]:
     """ask_status, and its round-trip in seconds: Status sent -> StatusReply received (connecting not
-    included)."""
-    link = await open_link(address, timeout)
+    included). HandshakeFailed (a ProtocolError): the daemon does not hold the key."""
+    link = await open_link(address, timeout, key)
     try:
         t0 = time.perf_counter()
         await link.send(Status(seq))
@@ -82,9 +88,10 @@ async def ask_status_timed(address: str, timeout: float, seq: int = 0) -> tuple[
     return reply, rtt
 
 
-def status_blocking(address: str, timeout: float, seq: int = 0) -> tuple[StatusReply, float]:
+def status_blocking(address: str, timeout: float, seq: int = 0,
+                    key: ClusterKey | None = None) -> tuple[StatusReply, float]:
     """ask_status_timed for code outside trio. Raises LinkClosed, LinkTimeout, ProtocolError."""
-    return trio.run(ask_status_timed, address, timeout, seq)
+    return trio.run(ask_status_timed, address, timeout, seq, key)
 
 
 # --- Generate -------------------------------------------------------------------------------------
@@ -98,9 +105,9 @@ class GenerateCall:
         self.address = link.peer
 
     @classmethod
-    async def open(cls, address: str, g: Generate, timeout: float) -> GenerateCall:
-        """Connect and send g. Raises LinkClosed (refused, unreachable), LinkTimeout."""
-        link = await open_link(address, timeout)
+    async def open(cls, address: str, g: Generate, timeout: float, key: ClusterKey | None = None) -> GenerateCall:
+        """Connect and send g. Raises LinkClosed (refused, unreachable), LinkTimeout, HandshakeFailed."""
+        link = await open_link(address, timeout, key)
         try:
             await link.send(g)
         except BaseException:
@@ -120,12 +127,18 @@ class GenerateCall:
         await self.link.aclose()
 
 
-async def probe(address: str, connect_timeout: float, answer_timeout: float) -> None:
-    """Is a dllp2p daemon of this version at address? Raises NoDaemon, NotADaemon; returns within about
-    connect_timeout + answer_timeout seconds."""
+async def probe(address: str, connect_timeout: float, answer_timeout: float, key: ClusterKey | None = None) -> None:
+    """Is a dllp2p daemon of this version (and of this cluster key) at address? Raises NoDaemon, NotADaemon;
+    returns within about connect_timeout + answer_timeout seconds."""
     try:
-        link = await open_link(address, connect_timeout)
+        link = await open_link(address, connect_timeout, key)
+    except HandshakeFailed as e:
+        raise NotADaemon(f"{address} is not a daemon of this cluster ({e}); "
+                         "`dllp2p key show` there and `dllp2p key set` here") from None
     except (LinkClosed, LinkTimeout) as e:
+        if key is not None and isinstance(e, LinkClosed) and "cannot connect" not in str(e):
+            raise NotADaemon(f"{address} closed the connection during the handshake: it is not a dllp2p "
+                             "daemon with this cluster key") from None
         raise NoDaemon(f"no dllp2p daemon answers at {address} ({e})") from None
     try:
         await link.send(Status(0))
@@ -134,7 +147,8 @@ async def probe(address: str, connect_timeout: float, answer_timeout: float) -> 
         raise NotADaemon(f"{address} is not a dllp2p daemon: it accepted a connection but did not answer "
                          f"within {answer_timeout:g} s") from None
     except (LinkClosed, ProtocolError) as e:
-        raise NotADaemon(f"{address} is not a dllp2p daemon of this version ({e})") from None
+        hint = "" if key is not None else "; if it has a cluster key, give it: --key-file PATH"
+        raise NotADaemon(f"{address} is not a dllp2p daemon of this version ({e}){hint}") from None
     finally:
         await link.aclose()
     if not isinstance(reply, StatusReply):
@@ -143,14 +157,14 @@ async def probe(address: str, connect_timeout: float, answer_timeout: float) -> 
 
 
 async def ask(address: str, g: Generate, on_text: Callable[[str], None], *, connect_timeout: float = 1.0,
-              probe_timeout: float = 5.0, answer_timeout: float = 900.0) -> Done:
+              probe_timeout: float = 5.0, answer_timeout: float = 900.0, key: ClusterKey | None = None) -> Done:
     """Send g to the daemon at address, handing each piece of text to on_text. -> its Done.
 
     Raises NoDaemon, NotADaemon (before the prompt is sent), DaemonError (once the daemon has it)."""
-    await probe(address, connect_timeout, probe_timeout)
+    await probe(address, connect_timeout, probe_timeout, key)
     try:
-        call = await GenerateCall.open(address, g, connect_timeout)
-    except (LinkClosed, LinkTimeout) as e:
+        call = await GenerateCall.open(address, g, connect_timeout, key)
+    except (LinkClosed, LinkTimeout, HandshakeFailed) as e:
         raise NoDaemon(f"no dllp2p daemon answers at {address} ({e})") from None
     try:
         while True:
@@ -169,6 +183,7 @@ async def ask(address: str, g: Generate, on_text: Callable[[str], None], *, conn
             await call.aclose()
 
 
-def ask_blocking(address: str, g: Generate, on_text: Callable[[str], None], **timeouts: float) -> Done:
+def ask_blocking(address: str, g: Generate, on_text: Callable[[str], None], key: ClusterKey | None = None,
+                 **timeouts: float) -> Done:
     """ask, for code outside trio (the commands)."""
-    return trio.run(lambda: ask(address, g, on_text, **timeouts))
+    return trio.run(lambda: ask(address, g, on_text, key=key, **timeouts))

@@ -13,6 +13,11 @@ File descriptors: a trio socket's fd is non-blocking; O_NONBLOCK is shared by ev
 control connection's dup stays non-blocking (Python's own timeouts poll), so trio can take it back. A
 mesh socket is switched to blocking, so its trio stream is closed right away and never used again.
 
+With a cluster key every connection starts with wire/secure.py's handshake (secure_dial / secure_accept,
+within the hello timeout) and every frame after it travels sealed: the links hold the Channel (shared by
+a TrioLink and its blocking twin like the decoder). A mesh socket's set-up (MeshHello both ways) is sealed
+too; the activation exchange the JIT engine then runs natively on it is not (see README, Security).
+
 Error handling: a closed or broken connection is LinkClosed (a ConnectionError); a wait past its
 timeout is LinkTimeout (a TimeoutError); bad bytes are codec.ProtocolError. Each names the peer.
 """
@@ -26,8 +31,11 @@ from collections.abc import Callable
 
 import trio
 
-from .codec import HEADER, HEADER_SIZE, FrameDecoder, Message, encode
+from ..clusterkey import ClusterKey
+from .codec import HEADER, HEADER_SIZE, MAGIC, FrameDecoder, Message, encode
 from .messages import Error, MeshHello
+from .secure import ANSWER_SIZE, FINISH_SIZE, HELLO_SIZE, LENGTH, Channel, Initiator, Responder
+from .secure import MAGIC as SECURE_MAGIC
 
 RECV_BYTES = 1 << 16
 MESH_BUFFER = 1 << 20  # SO_SNDBUF / SO_RCVBUF of mesh sockets
@@ -70,10 +78,12 @@ def format_address(host: str, port: int) -> str:
 class TrioLink:
     """Messages over one trio stream. Sends are serialized by one lock; one task receives at a time."""
 
-    def __init__(self, stream: trio.SocketStream, peer: str, decoder: FrameDecoder | None = None):
+    def __init__(self, stream: trio.SocketStream, peer: str, decoder: FrameDecoder | None = None,
+                 channel: Channel | None = None):
         self.stream = stream
         self.peer = peer  # "host:port", for messages
         self.decoder = decoder or FrameDecoder()
+        self.channel = channel  # None: plain frames (no cluster key: loopback only)
         self._write_lock = trio.StrictFIFOLock()
 
     async def send(self, msg: Message) -> None:
@@ -81,6 +91,8 @@ class TrioLink:
 
     async def send_frame(self, frame: bytes | bytearray | memoryview) -> None:
         async with self._write_lock:
+            if self.channel is not None:
+                frame = self.channel.seal(frame)
             try:
                 await self.stream.send_all(frame)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
@@ -94,7 +106,7 @@ class TrioLink:
                 if not data:
                     self.decoder.eof()
                     raise LinkClosed(f"{self.peer} closed the connection")
-                self.decoder.receive(data)
+                self.decoder.receive(data if self.channel is None else self.channel.receive(data))
             return msg
         assert scope.cancelled_caught
         raise LinkTimeout(f"{self.peer}: nothing received for {timeout:g} s")
@@ -109,16 +121,20 @@ class TrioLink:
         """A blocking twin on a dup of the fd, sharing the decoder; close it before using this link again."""
         sock = _dup(self.stream)
         sock.settimeout(timeout)  # Python's timeouts keep the fd non-blocking: trio can take it back
-        return BlockingLink(sock, self.peer, self.decoder)
+        return BlockingLink(sock, self.peer, self.decoder, self.channel)
 
     async def aclose(self) -> None:
         await trio.aclose_forcefully(self.stream)
 
 
-async def receive_one_frame(stream: trio.SocketStream, peer: str, timeout: float) -> Message:
-    """Exactly one frame off the stream, not a byte more. A bad header byte raises as soon as it arrives.
+async def receive_one_frame(stream: trio.SocketStream, peer: str, timeout: float,
+                            channel: Channel | None = None) -> Message:
+    """Exactly one frame off the stream, not a byte more (with a channel: the records that hold it). A bad
+    header byte raises as soon as it arrives.
 
-    Raises LinkClosed, LinkTimeout, ProtocolError."""
+    Raises LinkClosed, LinkTimeout, ProtocolError (SecureError: a record that does not open)."""
+    if channel is not None:
+        return await _receive_one_sealed_frame(stream, peer, timeout, channel)
     decoder = FrameDecoder()
     header = bytearray()
     read = 0
@@ -139,17 +155,93 @@ async def receive_one_frame(stream: trio.SocketStream, peer: str, timeout: float
     raise LinkTimeout(f"{peer}: no whole frame within {timeout:g} s")
 
 
-async def open_link(address: str, timeout: float) -> TrioLink:
-    """Connect to 'host:port'. Raises LinkClosed (refused, unreachable), LinkTimeout."""
-    host, port = parse_address(address)
+async def _receive_one_sealed_frame(stream: trio.SocketStream, peer: str, timeout: float,
+                                    channel: Channel) -> Message:
+    decoder = FrameDecoder()
     with trio.move_on_after(timeout):
+        while (msg := decoder.next_message()) is None:
+            length = await _receive_exactly(stream, LENGTH.size, peer)
+            channel.receive(length)
+            size = channel.next_record_size()
+            assert size is not None
+            decoder.receive(channel.receive(await _receive_exactly(stream, size, peer)))
+        return msg
+    raise LinkTimeout(f"{peer}: no whole frame within {timeout:g} s")
+
+
+async def _receive_exactly(stream: trio.SocketStream, n: int, peer: str) -> bytes:
+    """n bytes, not one more. Raises LinkClosed (EOF before n)."""
+    buf = bytearray()
+    while len(buf) < n:
+        try:
+            data = await stream.receive_some(n - len(buf))
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
+            raise LinkClosed(f"{peer}: connection lost ({e})") from None
+        if not data:
+            raise LinkClosed(f"{peer} closed the connection" + (f" after {len(buf)} of {n} bytes" if buf else ""))
+        buf += data
+    return bytes(buf)
+
+
+async def _send_all(stream: trio.SocketStream, data: bytes, peer: str) -> None:
+    try:
+        await stream.send_all(data)
+    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
+        raise LinkClosed(f"{peer}: connection lost while sending ({e})") from None
+
+
+async def secure_dial(stream: trio.SocketStream, key: ClusterKey, peer: str, timeout: float) -> Channel:
+    """The initiator's side of the handshake (secure.py), all of it within timeout seconds.
+
+    Raises HandshakeFailed (the peer lacks the key), LinkClosed, LinkTimeout."""
+    with trio.move_on_after(timeout):
+        hs = Initiator(key.psk)
+        await _send_all(stream, hs.hello(), peer)
+        head = await _receive_exactly(stream, 4, peer)  # a daemon without a key answers a plain frame: said at once
+        if head == MAGIC:
+            hs.answer(head + bytes(ANSWER_SIZE - 4))  # raises HandshakeFailed, naming it
+        finish, channel = hs.answer(head + await _receive_exactly(stream, ANSWER_SIZE - 4, peer))
+        await _send_all(stream, finish, peer)
+        return channel
+    raise LinkTimeout(f"{peer}: no secure handshake within {timeout:g} s")
+
+
+async def secure_accept(stream: trio.SocketStream, key: ClusterKey, peer: str, timeout: float) -> Channel:
+    """The responder's side of the handshake, all of it within timeout seconds: a peer that sends garbage
+    fails at once, one that stops or drips bytes fails at the timeout.
+
+    Raises HandshakeFailed, LinkClosed, LinkTimeout."""
+    with trio.move_on_after(timeout):
+        hs = Responder(key.psk)
+        head = await _receive_exactly(stream, 4, peer)  # a client without a key: refused at its first bytes
+        if head != SECURE_MAGIC:
+            hs.hello(head)  # raises HandshakeFailed
+        await _send_all(stream, hs.hello(head + await _receive_exactly(stream, HELLO_SIZE - 4, peer)), peer)
+        return hs.finish(await _receive_exactly(stream, FINISH_SIZE, peer))
+    raise LinkTimeout(f"{peer}: no secure handshake within {timeout:g} s")
+
+
+async def open_link(address: str, timeout: float, key: ClusterKey | None = None) -> TrioLink:
+    """Connect to 'host:port' (and with a key, run the handshake), all within timeout seconds.
+
+    Raises LinkClosed (refused, unreachable), LinkTimeout, HandshakeFailed (the peer lacks the key)."""
+    host, port = parse_address(address)
+    with trio.move_on_after(timeout) as scope:
         try:
             stream = await trio.open_tcp_stream(host, port)
         except OSError as e:
             raise LinkClosed(f"cannot connect to {address}: {_why(e)}") from None
-        stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if scope.cancelled_caught:
+        raise LinkTimeout(f"cannot connect to {address}: no answer within {timeout:g} s")
+    stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if key is None:
         return TrioLink(stream, address)
-    raise LinkTimeout(f"cannot connect to {address}: no answer within {timeout:g} s")
+    try:
+        channel = await secure_dial(stream, key, address, timeout)
+    except BaseException:
+        await trio.aclose_forcefully(stream)
+        raise
+    return TrioLink(stream, address, channel=channel)
 
 
 # --- blocking side --------------------------------------------------------------------------------
@@ -158,15 +250,19 @@ async def open_link(address: str, timeout: float) -> TrioLink:
 class BlockingLink:
     """Messages over a socket with a timeout, for one thread. The twin of TrioLink."""
 
-    def __init__(self, sock: socket.socket, peer: str, decoder: FrameDecoder | None = None):
+    def __init__(self, sock: socket.socket, peer: str, decoder: FrameDecoder | None = None,
+                 channel: Channel | None = None):
         self.sock = sock
         self.peer = peer
         self.decoder = decoder or FrameDecoder()
+        self.channel = channel
 
     def send(self, msg: Message) -> None:
         self.send_frame(encode(msg))
 
     def send_frame(self, frame: bytes | bytearray | memoryview) -> None:
+        if self.channel is not None:
+            frame = self.channel.seal(frame)
         try:
             self.sock.sendall(frame)
         except TimeoutError:
@@ -196,7 +292,7 @@ class BlockingLink:
                 if not data:
                     self.decoder.eof()
                     raise LinkClosed(f"{self.peer} closed the connection")
-                self.decoder.receive(data)
+                self.decoder.receive(data if self.channel is None else self.channel.receive(data))
             return msg
         finally:
             self.sock.settimeout(before)
@@ -241,14 +337,16 @@ def mesh_socket(stream: trio.SocketStream, timeout: float) -> socket.socket:
     return sock
 
 
-async def dial_mesh(address: str, hello: MeshHello, timeout: float, socket_timeout: float) -> socket.socket:
-    """Connect to node hello.dst at address for the mesh: MeshHello both ways -> a blocking socket.
+async def dial_mesh(address: str, hello: MeshHello, timeout: float, socket_timeout: float,
+                    key: ClusterKey | None = None) -> socket.socket:
+    """Connect to node hello.dst at address for the mesh: (the handshake,) MeshHello both ways -> a
+    blocking socket.
 
     Raises LinkClosed, LinkTimeout, ProtocolError, MeshRefused (the other side answered an Error)."""
-    link = await open_link(address, timeout)
+    link = await open_link(address, timeout, key)
     try:
         await link.send(hello)
-        reply = await receive_one_frame(link.stream, address, timeout)
+        reply = await receive_one_frame(link.stream, address, timeout, link.channel)
         if isinstance(reply, Error):
             raise MeshRefused(f"{address} refused the mesh connection: {reply.message}")
         want = (hello.epoch, hello.dst, hello.src)
