@@ -336,3 +336,32 @@ def test_model_config_travels_the_wire_unchanged():
     assert back == c and dataclasses.asdict(back) == dataclasses.asdict(c)
     with pytest.raises(protocol.MalformedFrame):
         protocol._from_wire({**wire, "activation": "relu"}, ModelConfig, "c")
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "gemma3"])
+def test_each_family_reads_as_its_description(tmp_path, arch):
+    from dllp2p.formats.arch import FAMILIES
+    from dllp2p.formats.gguf_model import expected_shapes
+    from dllp2p.formats.synthetic import write_random_model
+
+    f = FAMILIES[arch]
+    spec = SyntheticSpec(arch=arch, n_layers=6, n_heads=2, n_kv_heads=1, key_length=128 if f.qk_norm else 0,
+                         sliding_window=64 if f.sliding_pattern else 0, qtype=QType.Q8_0)
+    m = load_model(write_random_model(tmp_path / f"{arch}.gguf", spec))
+    c = m.config
+    assert (c.arch, c.head_dim, c.n_kv_heads) == (arch, spec.head_dim, 1)
+    assert (c.qkv_bias, c.qk_norm, c.post_norms, c.activation, c.rope_neox) == (
+        f.qkv_bias, f.qk_norm, f.post_norms, f.activation, f.rope_neox)
+    assert c.embed_scale == (256**0.5 if f.embed_scale_sqrt_dim else 1.0)
+    assert c.sliding_window == spec.sliding_window
+    assert c.sliding_layers == ((True,) * 5 + (False,) if f.sliding_pattern else ())
+    assert c.rope_base_local == f.rope_base_local
+    assert set(m.tensors) == set(expected_shapes(c))
+
+
+def test_a_family_tensor_missing_is_named(tmp_path):
+    from dllp2p.formats.synthetic import write_random_model
+
+    src = write_random_model(tmp_path / "q3.gguf", SyntheticSpec(arch="qwen3", n_layers=1, key_length=128))
+    p = _rewrite(src, tmp_path / "no_norm.gguf", arch="qwen3", drop=("blk.0.attn_k_norm.weight",))
+    _expect(p, "missing tensor 'blk.0.attn_k_norm.weight'")
