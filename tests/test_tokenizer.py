@@ -468,7 +468,7 @@ def test_out_of_range_ids(spm):
 
 
 def test_repeated_spellings_and_merges_keep_their_first_id_and_rank():
-    from dllp2p.tokenizer import _merge_ranks
+    from dllp2p.vocab import _merge_ranks
 
     tokens = BYTE_TO_CHAR + ["ab", "ab"]
     md = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.merges": ["a b"]}

@@ -22,7 +22,8 @@ import random
 import pytest
 
 from dllp2p.formats import load_metadata
-from dllp2p.tokenizer import _LLAMA3, _QWEN2, BYTE_TO_CHAR, StreamDecoder, Tokenizer
+from dllp2p.tokenizer import BYTE_TO_CHAR, StreamDecoder, Tokenizer
+from dllp2p.vocab import _LLAMA3, _QWEN2
 from test_tokenizer import FRAGMENTS, sample_texts
 
 tokenizers = pytest.importorskip("tokenizers")
@@ -237,7 +238,7 @@ def test_special_tokens_and_end_of_turn(family, ours):
 def test_pre_types_split_like_hf(pre):
     from tokenizers import Regex, pre_tokenizers
 
-    from dllp2p.tokenizer import _PRE_TOKENIZERS
+    from dllp2p.vocab import _PRE_TOKENIZERS
 
     splits = [pre_tokenizers.Split(Regex(p), behavior="isolated") for p in _PRE_TOKENIZERS[pre]]
     theirs = pre_tokenizers.Sequence(splits) if len(splits) > 1 else splits[0]
@@ -291,7 +292,7 @@ def test_random_mixes_match_the_familys_tokenizer(family, ours):
 def test_pre_types_split_random_mixes_like_hf(pre):
     from tokenizers import Regex, pre_tokenizers
 
-    from dllp2p.tokenizer import _PRE_TOKENIZERS
+    from dllp2p.vocab import _PRE_TOKENIZERS
 
     splits = [pre_tokenizers.Split(Regex(p), behavior="isolated") for p in _PRE_TOKENIZERS[pre]]
     theirs = pre_tokenizers.Sequence(splits) if len(splits) > 1 else splits[0]
