@@ -25,7 +25,7 @@ from dllp2p import clusterkey
 from dllp2p.clusterkey import ClusterKey
 from dllp2p.formats import ModelConfig, QType
 from dllp2p.formats.quant import TRAITS
-from dllp2p.scheduler import Plan
+from dllp2p.scheduler import BLOCK_ROWS, Plan
 from dllp2p.tp import NodeTensor, PeerLost  # the real types: the fake stands in for the compute only
 
 # 4 KV heads; dim, FFN and vocabulary of 4+ blocks of 32: plans of 1 to 4 nodes
@@ -58,6 +58,11 @@ def _tensor(name: str, qtype: QType, shape: tuple[int, ...], seed: tuple[int, ..
     else:
         data = raw.reshape(*shape[:-1], row_bytes)
     return NodeTensor(name, qtype, shape, data, hashlib.sha256(raw).hexdigest())
+
+
+def split_block(model: SimpleNamespace) -> int:
+    """As tp.split_block: the fake's slices are whole rows of plain bytes, so no block beyond the scheduler's own."""
+    return BLOCK_ROWS
 
 
 def node_tensors(model: SimpleNamespace, plan: Plan, index: int) -> dict[str, NodeTensor]:

@@ -274,7 +274,7 @@ async def start(model: Any, options: ClusterOptions, ctx: int, threads: int, tp:
         workers = [w for w in await _gather([partial(hello, a, root, t, options.key) for a in options.workers])
                    if w is not None]
         the_plan = plan(config, [root.peer("")] + [w.hello.peer(w.address) for w in workers], epoch,
-                        options.policy, exchange=options.exchange)
+                        options.policy, exchange=options.exchange, block=tp.split_block(model))
         for w in workers:
             w.index = next((n.index for n in the_plan.nodes if n.node_id == w.hello.node_id), -1)
         for w in [w for w in workers if w.index < 0]:
