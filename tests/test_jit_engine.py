@@ -22,7 +22,7 @@ from dllp2p.engine import ContextFull
 from dllp2p.formats import QType, load_model
 from dllp2p.formats.synthetic import SyntheticSpec, write_random_llama
 from dllp2p.jit.engine import JITEngine
-from dllp2p.jit.ir_ops import ATT_SPLIT
+from dllp2p.jit.ir_attention import ATT_SPLIT
 from dllp2p.reference import ReferenceEngine
 
 

@@ -29,7 +29,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dllp2p.formats.quant import BLOCK_DTYPES, QK, QType, dequantize, quantize
-from dllp2p.jit import ir_ops
+from dllp2p.jit import ir_attention, ir_ops
 from dllp2p.jit import reference as ref
 from dllp2p.jit.compiler import ObjectCache, Target, compile_module, emit_assembly, host_target
 from dllp2p.jit.layout import (
@@ -528,7 +528,7 @@ def attention_tol(q, kc, vc, pos, n_spans=1):
     return tol + TINY
 
 
-def run_attention(lib, rng, n_kv, group, hd, ctx, pos, h0, h1, q_scale=1.0, split=ir_ops.ATT_SPLIT):
+def run_attention(lib, rng, n_kv, group, hd, ctx, pos, h0, h1, q_scale=1.0, split=ir_attention.ATT_SPLIT):
     """Positions 0..pos in spans of `split` (as the engine cuts them): each span's stats from attention_f16kv
     against its twin, attention_merge against its twin on the kernel's partials, and the merged result
     against the exact softmax attention."""
@@ -565,7 +565,7 @@ def run_attention(lib, rng, n_kv, group, hd, ctx, pos, h0, h1, q_scale=1.0, spli
 
 @SETTINGS
 @given(n_kv=st.integers(1, 4), group=st.integers(1, 4), hd16=st.sampled_from([1, 2, 3, 4, 8]), ctx=st.integers(1, 40),
-       q_scale=st.sampled_from([0.1, 1.0, 4.0]), split=st.sampled_from([3, 8, 16, ir_ops.ATT_SPLIT]), data=st.data(),
+       q_scale=st.sampled_from([0.1, 1.0, 4.0]), split=st.sampled_from([3, 8, 16, ir_attention.ATT_SPLIT]), data=st.data(),
        seed=seeds)
 def test_attention_f16kv(lib, n_kv, group, hd16, ctx, q_scale, split, data, seed):
     """Random shapes, head ranges and span lengths (short spans: many partials merged, ragged ends)."""

@@ -23,9 +23,9 @@ from .ir_matvec import (
     emit_embed_extra, emit_matmul_q, emit_matvec_f, emit_matvec_q, emit_quantize, emit_quantize_q8_0,
 )
 from .layout import EXTRA_TYPES
+from .ir_attention import emit_attention, emit_attention_merge
 from .ir_ops import (
-    emit_add, emit_add_q8_0, emit_attention, emit_attention_merge, emit_embed, emit_rmsnorm, emit_rope, emit_silu_mul,
-    emit_gelu_tanh_mul, emit_scale,
+    emit_add, emit_add_q8_0, emit_embed, emit_gelu_tanh_mul, emit_rmsnorm, emit_rope, emit_scale, emit_silu_mul,
     emit_to_f16, emit_top_k,
 )
 from .specs import QUANT_WEIGHTS, KernelSpec, Op

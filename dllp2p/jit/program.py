@@ -49,7 +49,7 @@ import llvmlite.ir as ir
 
 from ..formats import ModelConfig, QType
 from .family import LAYER_EXTRAS
-from .ir_ops import ATT_SPLIT
+from .ir_attention import ATT_SPLIT
 from .irutil import I32, I64, PTR, VOID, for_range, gep, i64, intrinsic
 from .layout import G, act_bytes
 from .specs import QUANT_WEIGHTS, KernelSpec, Op
