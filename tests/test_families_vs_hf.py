@@ -5,7 +5,8 @@ both loading the same GGUF (transformers dequantizes the K-quants and Q5_0 itsel
   qwen2 (QKV biases), qwen3 (q/k norms, head_dim 128 so q_dim > dim), a Llama 3.2-style file (tied
   output, rope_freqs.weight for the 'llama3' scaling), a Mistral-style llama file (head_dim from
   attention.key_length, q_dim = 2 dim) and a small gemma3 (6 layers, a 16-token window
-  so a 40-token prompt crosses it). Final-position logits of a 40-token prompt.
+  so a 40-token prompt crosses it), also with the bigger Gemma 3s' linear RoPE scaling (factor 8, global
+  layers only). Final-position logits of a 40-token prompt.
 - Gemma 3 270M Instruct, the real file from its PyPI package: final-position logits on 6 prompts, two of
   them (~690 and ~780 tokens) longer than the 512-token sliding window, and 32 greedy tokens on the chat prompt
   (one prompt only: on the shared 2-core machine each greedy run took 1.5-2 min, mostly HF's side).
@@ -19,9 +20,9 @@ still far below a wrong window (511 or 513 instead of 512 moved the 923-token lo
 Every feature moves logits far more when it is wrong: each test's negative control (biases, NEOX pairs, RoPE scaling or window ignored) is checked to land > 100x
 outside the tolerance, so the comparison is known to see the feature.
 
-HF's GGUF loader ignores rope_freqs.weight (its llama config mapping has no RoPE scaling), so HF run
-on a Llama 3.1/3.2 GGUF as loaded is itself wrong; the test gives HF the 'llama3' rope_parameters the
-file's tensor was computed from.
+HF's GGUF loader ignores rope_freqs.weight and rope.scaling.* (its config mappings have no RoPE
+scaling but for gpt-oss), so HF run on a Llama 3.1/3.2 or a Gemma 3 4B+ GGUF as loaded is itself
+wrong; the tests give HF the rope_parameters the file describes.
 """
 
 from __future__ import annotations
@@ -61,6 +62,8 @@ SPECS = {
                             ffn_dim=512, sliding_window=16, tied_output=True, rope_base=1e6, norm_eps=1e-6,
                             qtype=QType.Q4_K, qtypes=(("attn_q", QType.Q5_0), ("ffn_down", QType.Q6_K)), seed=4),
 }
+# Gemma 3 4B-27B style: rope.scaling.type = linear, factor 8, on the global layers only
+SPECS["gemma3-linear"] = dataclasses.replace(SPECS["gemma3"], rope_scaling_type="linear", rope_scaling_factor=8.0)
 RANDOM_IDS = [int(t) for t in np.random.default_rng(7).integers(0, 259, 40)]
 
 
@@ -88,20 +91,26 @@ def test_random_family_logits_match_hf(tmp_path, family):
     path = write_random_model(tmp_path / f"{family}.gguf", spec)
     model = load_model(path)
     config = None
+    if spec.llama3_scaling is not None or spec.rope_scaling_type:  # HF's GGUF loader reads no RoPE scaling
+        config = transformers.AutoConfig.from_pretrained(str(tmp_path), gguf_file=path.name)
     if spec.llama3_scaling is not None:
         assert model.config.rope_freq_factors is not None
         factor, low, high, original = spec.llama3_scaling
-        config = transformers.AutoConfig.from_pretrained(str(tmp_path), gguf_file=path.name)
         config.rope_parameters = {"rope_type": "llama3", "rope_theta": spec.rope_base, "factor": factor,
                                   "low_freq_factor": low, "high_freq_factor": high,
                                   "original_max_position_embeddings": original}
+    if spec.rope_scaling_type == "linear":  # gemma3: the global layers' RoPE only
+        assert model.config.rope_scaling_factor == spec.rope_scaling_factor
+        config.rope_parameters = {**config.rope_parameters, "full_attention": {
+            "rope_type": "linear", "rope_theta": spec.rope_base, "factor": spec.rope_scaling_factor}}
     theirs = _hf_logits(_hf_model(path, config), RANDOM_IDS)
     ours = ReferenceEngine(model, 64).forward(RANDOM_IDS, 0)
     assert ours.shape == theirs.shape == (spec.vocab_size,)
     np.testing.assert_allclose(ours, theirs, atol=LOGIT_ATOL, rtol=0)
 
     control = {"llama3.2": {"rope_freq_factors": None}, "gemma3": {"sliding_window": 0, "sliding_layers": ()},
-               "qwen2": {"qkv_bias": False}, "qwen3": {"rope_neox": False}, "mistral": {"rope_neox": True}}[family]
+               "qwen2": {"qkv_bias": False}, "qwen3": {"rope_neox": False}, "mistral": {"rope_neox": True},
+               "gemma3-linear": {"rope_scaling_factor": 1.0}}[family]
     wrong = ReferenceEngine(_without(model, **control), 64)
     assert np.abs(wrong.forward(RANDOM_IDS, 0) - theirs).max() > 100 * LOGIT_ATOL, control
 

@@ -289,6 +289,18 @@ def test_every_unsupported_item_in_one_line(tmp_path, small_gguf):
         _expect(p, fragment)
 
 
+def test_cli_refuses_with_one_line_and_exit_1(tmp_path, small_gguf):
+    import gguf
+
+    p = _variant(small_gguf, tmp_path / "bad.gguf", kv={"rope.scaling.type": "longrope"},
+                 retype_raw={"blk.0.ffn_up.weight": gguf.GGMLQuantizationType.Q2_K})
+    r = subprocess.run([sys.executable, "-m", "dllp2p.cli", "run", "--model", str(p), "--prompt", "hi"],
+                       capture_output=True, text=True, timeout=120)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and len(lines) == 1, r.stderr
+    assert str(p) in lines[0] and "Q2_K" in lines[0] and "RoPE scaling 'longrope'" in lines[0]
+
+
 def test_unknown_architecture_and_tensor_types_in_one_line(tmp_path, small_gguf):
     import gguf
 
