@@ -26,6 +26,7 @@ import numpy as np
 
 from .engine import ContextFull
 from .formats import GGUFModel, ModelConfig
+from .formats.quant import is_block_type
 
 
 def rmsnorm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
@@ -98,7 +99,7 @@ class ReferenceEngine:
 
     def product(self, x: np.ndarray, name: str) -> np.ndarray:
         """x f32[..., cols] @ W.T for the named weight W f32[rows, cols]."""
-        if self.numerics == "jit" and self.model.tensor(name).qtype.name in ("Q4_0", "Q4_1", "Q8_0"):
+        if self.numerics == "jit" and is_block_type(self.model.tensor(name).qtype):
             x = q8_roundtrip(x)
         return x @ self.weight(name).T
 

@@ -60,6 +60,33 @@ def test_matches_reference_on_random_models(tmp_path_factory, cache_dir, qtype, 
         jit.close()
 
 
+GEMMA_LIKE = (("attn_q", QType.Q5_0), ("attn_k", QType.Q5_0), ("attn_v", QType.Q8_0), ("attn_output", QType.Q4_K),
+              ("ffn_gate", QType.Q5_0), ("ffn_up", QType.Q5_0), ("ffn_down", QType.Q6_K))  # a Q4_K_M-style mix
+
+
+@pytest.mark.parametrize("qtype,mix", [(QType.Q5_0, ()), (QType.Q5_1, ()), (QType.Q4_K, ()), (QType.Q5_K, ()),
+                                       (QType.Q6_K, ()), (QType.Q4_K, GEMMA_LIKE)],
+                         ids=["Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K", "Q4_K_M-mix"])
+def test_matches_reference_on_5_bit_and_k_quant_models(tmp_path_factory, cache_dir, qtype, mix):
+    """Every layer matrix, the embedding and the output projection in the type (or the mix): the JIT's
+    matvec, matmul (prompt chunks) and embed kernels for it, against the reference, 3% as above."""
+    spec = SyntheticSpec(qtype=qtype, qtypes=mix, embed_qtype=qtype, n_kv_heads=2, n_layers=2)
+    path = tmp_path_factory.mktemp("models") / f"random-{qtype.name}-{len(mix)}.gguf"
+    model = load_model(write_random_llama(path, spec))
+    assert {t.qtype for n, t in model.tensors.items() if n.endswith("ffn_down.weight")} == {dict(mix).get("ffn_down", qtype)}
+    prompt = list(np.random.default_rng(3).integers(0, model.config.vocab_size, 21))
+    ref = ReferenceEngine(model, 64, keep_weights=True, numerics="jit")
+    jit = JITEngine(model, 64, threads=2, cache_dir=cache_dir, max_chunk=8)
+    try:
+        want, got = ref.forward(prompt, 0), jit.forward(prompt, 0)
+        assert np.abs(got - want).max() <= 3e-2 * _scale(want)
+        for i, tok in enumerate([5, 77, 300]):
+            want, got = ref.forward([tok], len(prompt) + i), jit.forward([tok], len(prompt) + i)
+            assert np.abs(got - want).max() <= 3e-2 * _scale(want)
+    finally:
+        jit.close()
+
+
 @pytest.mark.parametrize("n_prompt,ctx", [(19, 64), (2 * ATT_SPLIT + 3, 2 * ATT_SPLIT + 40)])
 def test_bit_identical_across_threads_and_chunks(tmp_path_factory, cache_dir, n_prompt, ctx):
     """Threads split rows and heads (a decode step: attention spans), never a sum; the prefill kernels sum in

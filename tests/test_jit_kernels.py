@@ -6,7 +6,8 @@ operations the kernel performs (U = 2^-24, the f32 unit roundoff), never fitted 
 
   * quantize_f32_q8s, quantize_f32_q8_0, add_q8_0_f32, embed_*, add_f32, to_f16, barrier_demo, pack/unpack: bit-exact.
   * quantized matvec/matmul: the twin is exact (integer dots, f64 scales); the kernel adds, per row,
-    `terms` f32 products (one per block, two for Q4_1) each rounded ~2 times, so
+    `terms` f32 products (one per 32-value block, two for Q4_1, Q5_1 and the K-quants: a min term, or
+    Q6_K's two 16-value halves) each rounded ~2 times (K-quant scales d * sc are exact in f32), so
     |y - exact| <= (terms + 3) * U * bound, bound = reference.matvec_q_q8s_bound (sum of |terms|).
   * float matvec: 16 lanes of k/16 fused terms, then a 4-level horizontal sum:
     |y - exact| <= (k/16 + 6) * U * sum|w x|.
@@ -32,7 +33,7 @@ from dllp2p.jit import ir_ops
 from dllp2p.jit import reference as ref
 from dllp2p.jit.compiler import ObjectCache, Target, compile_module, emit_assembly, host_target
 from dllp2p.jit.layout import (
-    G, PACKED_TYPES, act_bytes, q8_0_bytes, aligned_empty, aligned_zeros, kv_cache, pack_weights, rope_table, unpack_weights,
+    EXTRA_TYPES, G, PACKED_TYPES, chunk_bytes, unit_values, act_bytes, q8_0_bytes, aligned_empty, aligned_zeros, kv_cache, pack_weights, rope_table, unpack_weights,
 )
 from dllp2p.jit.irutil import F16, F32, Signature, define, for_range, i64, load, store, vec
 from dllp2p.jit.library import build_module, compile_kernels
@@ -62,6 +63,11 @@ def round_up(n: int, m: int = G) -> int:
 
 # --- random inputs ------------------------------------------------------------------------------------
 
+def kk(qtype: QType, k: int) -> int:
+    """k rounded up to whole blocks of qtype (256 for the K-quants)."""
+    return round_up(k, unit_values(qtype)) if qtype in EXTRA_TYPES else k
+
+
 def random_raw(rng: np.random.Generator, qtype: QType, rows: int, k: int) -> np.ndarray:
     """ggml-layout u8[rows, row_bytes]: either a quantized Gaussian, or arbitrary blocks (every nibble,
     Q8_0's -128 included, scales over decades, some zero) to reach the corners of the integer dots."""
@@ -69,6 +75,16 @@ def random_raw(rng: np.random.Generator, qtype: QType, rows: int, k: int) -> np.
         return quantize(rng.standard_normal((rows, k)).astype(np.float32), qtype)
     if rng.random() < 0.3:
         return quantize((rng.standard_normal((rows, k)) * rng.uniform(0.01, 3)).astype(np.float32), qtype)
+    if qtype in EXTRA_TYPES:  # random bytes (every bit pattern of values and 6/8-bit scales), f16 fields set
+        bdt = BLOCK_DTYPES[qtype]
+        nb = k // unit_values(qtype)
+        blocks = rng.integers(0, 256, (rows * nb, bdt.itemsize), dtype=np.uint8).reshape(-1).view(bdt)
+        for field in ("d", "m", "dmin"):
+            if field in bdt.names:
+                d = rng.uniform(-1, 1, rows * nb) * 10.0 ** rng.integers(-4, 1, rows * nb)
+                d[rng.random(rows * nb) < 0.05] = 0
+                blocks[field] = d.astype(np.float16)
+        return blocks.view(np.uint8).reshape(rows, -1)
     nb = k // QK
     blocks = np.zeros((rows, nb), BLOCK_DTYPES[qtype])
     d = rng.uniform(-1, 1, (rows, nb)) * 10.0 ** rng.integers(-4, 1, (rows, nb))
@@ -114,7 +130,7 @@ def draw_range(data, rows: int, whole: float = 0.3) -> tuple[int, int]:
 
 
 def q_tol(qtype: QType, k: int, bound: np.ndarray) -> np.ndarray:
-    terms = k // QK * (2 if qtype == QType.Q4_1 else 1)
+    terms = k // QK * (2 if qtype in (QType.Q4_1, QType.Q5_1, QType.Q4_K, QType.Q5_K, QType.Q6_K) else 1)
     return (terms + 3) * U * bound + TINY
 
 
@@ -131,7 +147,8 @@ def assert_within(got, want, tol, what=""):
 # --- layout -------------------------------------------------------------------------------------------
 
 @SETTINGS
-@given(qtype=st.sampled_from(PACKED_TYPES), rows=st.integers(1, 40), nb=st.integers(1, 8), seed=seeds)
+@given(qtype=st.sampled_from([q for q in PACKED_TYPES if q not in EXTRA_TYPES]), rows=st.integers(1, 40),
+       nb=st.integers(1, 8), seed=seeds)
 def test_pack_unpack_round_trip(qtype, rows, nb, seed):
     rng = np.random.default_rng(seed)
     k = nb * QK
@@ -140,6 +157,22 @@ def test_pack_unpack_round_trip(qtype, rows, nb, seed):
     assert m.data.ctypes.data % 64 == 0
     assert m.padded_rows == round_up(rows) and m.nbytes == m.padded_rows * raw.shape[1]
     np.testing.assert_array_equal(unpack_weights(m), raw)
+
+
+@pytest.mark.parametrize("qtype", EXTRA_TYPES)
+def test_pack_extra_types_sizes_and_cut_blocks(qtype):
+    """Packed bytes = padded rows x ggml row bytes x the documented ratio (K scales unpacked to bytes);
+    a row that cuts a block (a bad column slice) is a clear error."""
+    unit = unit_values(qtype)
+    raw = quantize(np.random.default_rng(2).standard_normal((21, 2 * unit)).astype(np.float32), qtype)
+    m = pack_weights(raw, qtype, (21, 2 * unit))
+    assert m.padded_rows == 32 and m.data.ctypes.data % 64 == 0
+    assert m.nbytes == 2 * 2 * chunk_bytes(qtype)
+    ratio = {QType.Q4_K: 148 / 144, QType.Q5_K: 180 / 176}.get(qtype, 1.0)
+    assert m.nbytes == pytest.approx(32 * raw.shape[1] * ratio)
+    if unit > QK:
+        with pytest.raises(ValueError, match="multiple of 256"):
+            pack_weights(raw[:, : raw.shape[1] // 2 + 2], qtype, (21, unit + 64))
 
 
 @pytest.mark.parametrize("qtype", FLOAT_WEIGHTS)
@@ -235,7 +268,7 @@ def run_matvec_q(lib, qtype, raw, rows, k, x, r0, r1, padded_out=False):
 @given(qtype=st.sampled_from(QUANT_WEIGHTS), rows=st.integers(1, 70), nb=st.integers(1, 24), data=st.data(), seed=seeds)
 def test_matvec_q(lib, qtype, rows, nb, data, seed):
     rng = np.random.default_rng(seed)
-    k = nb * QK
+    k = kk(qtype, nb * QK)
     r0, r1 = draw_range(data, rows)
     run_matvec_q(lib, qtype, random_raw(rng, qtype, rows, k), rows, k, random_acts(rng, 1, k)[0], r0, r1)
 
@@ -245,13 +278,15 @@ def test_matvec_q(lib, qtype, rows, nb, data, seed):
                                            (48, 4096, 16, 48), (40, 8192, 0, 40), (21, 14336, 16, 21)])
 def test_matvec_q_edges(lib, qtype, rows, k, r0, r1):
     rng = np.random.default_rng(rows * k)
+    k = kk(qtype, k)
     run_matvec_q(lib, qtype, random_raw(rng, qtype, rows, k), rows, k, random_acts(rng, 1, k)[0], r0, r1)
 
 
 @pytest.mark.parametrize("qtype", QUANT_WEIGHTS)
 def test_matvec_q_padding_rows_give_zero(lib, qtype):
     rng = np.random.default_rng(5)
-    run_matvec_q(lib, qtype, random_raw(rng, qtype, 21, 64), 21, 64, random_acts(rng, 1, 64)[0], 16, 32, padded_out=True)
+    k = kk(qtype, 64)
+    run_matvec_q(lib, qtype, random_raw(rng, qtype, 21, k), 21, k, random_acts(rng, 1, k)[0], 16, 32, padded_out=True)
 
 
 @SETTINGS
@@ -259,7 +294,7 @@ def test_matvec_q_padding_rows_give_zero(lib, qtype):
        rows=st.integers(1, 50), nb=st.integers(1, 12), data=st.data(), seed=seeds)
 def test_matmul_q(lib, qtype, tile, n, rows, nb, data, seed):
     rng = np.random.default_rng(seed)
-    k = nb * QK
+    k = kk(qtype, nb * QK)
     r0, r1 = draw_range(data, rows)
     ldy = r1 + data.draw(st.integers(0, 20))
     raw = random_raw(rng, qtype, rows, k)
@@ -303,7 +338,7 @@ def test_matvec_float(lib, qtype, rows, k16, data, seed):
        data=st.data(), seed=seeds)
 def test_embed_bit_exact(lib, qtype, rows, nb, data, seed):
     rng = np.random.default_rng(seed)
-    k = nb * QK
+    k = kk(qtype, nb * QK)
     raw = random_raw(rng, qtype, rows, k)
     m = pack_weights(raw, qtype, (rows, k))
     for token in {0, rows - 1, data.draw(st.integers(0, rows - 1))}:
@@ -658,8 +693,33 @@ def test_vnni_targets_emit_vpdpbusd(cpu, features, isa):
     assert "vpdpbusd" in asm and ("zmm" in asm) == (isa == "avx512vnni")
 
 
+@pytest.mark.parametrize("qtype", EXTRA_TYPES)
+@pytest.mark.parametrize("cpu,features,isa", [
+    ("sapphirerapids", "+avx512f,+avx512bw,+avx512vl,+avx512dq,+avx512vnni,+avx2,+fma,+f16c", "vpdpbusd"),
+    ("haswell", "+avx2,+fma,+f16c", "vpmaddubsw"),
+])
+def test_extra_types_select_the_dot_instruction(qtype, cpu, features, isa):
+    """Each new type on its own: its matvec and matmul select the path's dot instruction."""
+    t = Target("x86_64-unknown-linux-gnu", cpu, features)
+    asm = emit_assembly(build_module([KernelSpec(Op.MATVEC, qtype), KernelSpec(Op.MATMUL, qtype, 4)], t), t)
+    assert isa in asm
+
+
 # Features to switch off, per dot path, to make the host compile that path (x86; elsewhere only 'generic').
 _PATH_OFF = {"avx2": ("avx512vnni", "avxvnni"), "generic": ("avx512vnni", "avxvnni", "avx2")}
+
+
+def extreme_values(raw: np.ndarray, qtype: QType) -> np.ndarray:
+    """raw with every row's last block at its largest values (q = 31 or 63; K scales and mins 63), the
+    largest products the AVX2 i16 sums must hold; scales stay as they were."""
+    bdt = BLOCK_DTYPES[qtype]
+    raw = raw.copy()
+    last = raw[:, -bdt.itemsize :].copy().reshape(-1).view(bdt)
+    for field in ("qs", "qh", "ql", "scales"):
+        if field in bdt.names:
+            last[field] = 0x7F if (qtype == QType.Q6_K and field == "scales") else 0xFF
+    raw[:, -bdt.itemsize :] = last.view(np.uint8).reshape(raw.shape[0], -1)
+    return raw
 
 
 @pytest.mark.parametrize("isa", ["avx2", "generic"])
@@ -682,7 +742,10 @@ def test_fallback_dot_paths(lib, isa):
     for qtype in QUANT_WEIGHTS:
         rows, k, n = 37, 256, 5
         raw = random_raw(rng, qtype, rows, k)
-        raw[:, -QK // 2 * (2 if qtype == QType.Q8_0 else 1):] = 0xFF if qtype != QType.Q8_0 else 0x80  # extremes
+        if qtype in EXTRA_TYPES:
+            raw = extreme_values(raw, qtype)
+        else:
+            raw[:, -QK // 2 * (2 if qtype == QType.Q8_0 else 1):] = 0xFF if qtype != QType.Q8_0 else 0x80  # extremes
         m = pack_weights(raw, qtype, (rows, k))
         x = random_acts(rng, n, k)
         x[:, -QK:] = 127.0 * np.sign(rng.standard_normal(QK))  # |q| = 127 everywhere: the largest products

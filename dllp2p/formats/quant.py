@@ -1,14 +1,32 @@
 """ggml block quantization layouts in numpy: the slow, obvious twins of every quantized kernel.
 
-A block format stores a row of K values as K/32 blocks. Layouts are bit-exact with ggml:
+A block format stores a row of K values as K / block_values blocks. Layouts are bit-exact with ggml
+(all multi-byte fields little-endian):
 
-    Q4_0  18 bytes: f16 d,          u8 qs[16]   value = (nibble - 8) * d
-    Q4_1  20 bytes: f16 d, f16 m,   u8 qs[16]   value = nibble * d + m
-    Q8_0  34 bytes: f16 d,          i8 qs[32]   value = q * d
+    type   values bytes  fields                                          value
+    Q4_0    32     18    f16 d, u8 qs[16]                                (nibble - 8) * d
+    Q4_1    32     20    f16 d, f16 m, u8 qs[16]                         nibble * d + m
+    Q5_0    32     22    f16 d, u8 qh[4], u8 qs[16]                      (q5 - 16) * d
+    Q5_1    32     24    f16 d, f16 m, u8 qh[4], u8 qs[16]               q5 * d + m
+    Q8_0    32     34    f16 d, i8 qs[32]                                q * d
+    Q4_K   256    144    f16 d, f16 dmin, u8 scales[12], u8 qs[128]      (d * sc_j) * q4 - dmin * m_j
+    Q5_K   256    176    f16 d, f16 dmin, u8 scales[12], u8 qh[32],      (d * sc_j) * q5 - dmin * m_j
+                         u8 qs[128]
+    Q6_K   256    210    u8 ql[128], u8 qh[64], i8 scales[16], f16 d     (d * sc_s) * (q6 - 32)
 
-In a 4-bit block, byte j holds element j in its low nibble and element j + 16 in its high nibble.
-Raw tensors travel as uint8 arrays of shape (rows, K / 32 * block_bytes); the functions here take
-and return that form.
+32-value blocks: byte j of qs holds element j in its low nibble and element j + 16 in its high nibble;
+the 5th bit of element j is bit j of qh read as a little-endian u32.
+
+K-quants ("super-blocks" of 256): Q4_K / Q5_K split a super-block into 8 sub-blocks j of 32 values with
+6-bit scale sc_j and 6-bit min m_j, packed in 12 bytes (k_scale_min); qs byte 32c + l holds element l of
+sub-block 2c in its low nibble and of sub-block 2c + 1 in its high nibble; Q5_K's 5th bit of element l
+of sub-block j is bit j of qh[l]. Q6_K has 16 sub-blocks s of 16 values with i8 scales sc_s; in each
+half h (128 values) element 32t + l (t < 4, l < 32) takes its low 4 bits from ql[64h + l + 32 (t & 1)]
+(low nibble for t < 2, high for t >= 2) and its top 2 bits from bits 2t..2t+1 of qh[32h + l].
+
+Raw tensors travel as uint8 arrays of shape (rows, K / block_values * block_bytes); the functions here
+take and return that form. The `*_ints` decoders return the integer form (q values and scales) that
+dequantization, the JIT packing (jit/layout.py) and the kernels' numpy twins (jit/reference.py) share.
 """
 
 from __future__ import annotations
@@ -18,7 +36,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-QK = 32  # values per block, every block format here
+QK = 32  # values per block of the 32-value formats, and per activation block (Q8S)
+QK_K = 256  # values per K-quant super-block
 
 
 class QType(enum.IntEnum):
@@ -28,14 +47,35 @@ class QType(enum.IntEnum):
     F16 = 1
     Q4_0 = 2
     Q4_1 = 3
+    Q5_0 = 6
+    Q5_1 = 7
     Q8_0 = 8
+    Q4_K = 12
+    Q5_K = 13
+    Q6_K = 14
     BF16 = 30
+
+
+FLOAT_TYPES = (QType.F32, QType.F16, QType.BF16)
+K_QUANTS = (QType.Q4_K, QType.Q5_K, QType.Q6_K)
+
+
+def is_block_type(qtype: QType) -> bool:
+    """Any block-quantized type (every non-float type): its products take 8-bit quantized activations."""
+    return qtype not in FLOAT_TYPES
 
 
 BLOCK_DTYPES: dict[QType, np.dtype] = {
     QType.Q4_0: np.dtype([("d", "<f2"), ("qs", "u1", (QK // 2,))]),
     QType.Q4_1: np.dtype([("d", "<f2"), ("m", "<f2"), ("qs", "u1", (QK // 2,))]),
+    QType.Q5_0: np.dtype([("d", "<f2"), ("qh", "u1", (4,)), ("qs", "u1", (QK // 2,))]),
+    QType.Q5_1: np.dtype([("d", "<f2"), ("m", "<f2"), ("qh", "u1", (4,)), ("qs", "u1", (QK // 2,))]),
     QType.Q8_0: np.dtype([("d", "<f2"), ("qs", "i1", (QK,))]),
+    QType.Q4_K: np.dtype([("d", "<f2"), ("dmin", "<f2"), ("scales", "u1", (12,)), ("qs", "u1", (QK_K // 2,))]),
+    QType.Q5_K: np.dtype([("d", "<f2"), ("dmin", "<f2"), ("scales", "u1", (12,)), ("qh", "u1", (QK_K // 8,)),
+                          ("qs", "u1", (QK_K // 2,))]),
+    QType.Q6_K: np.dtype([("ql", "u1", (QK_K // 2,)), ("qh", "u1", (QK_K // 4,)), ("scales", "i1", (QK_K // 16,)),
+                          ("d", "<f2")]),
 }
 
 
@@ -54,34 +94,33 @@ TRAITS: dict[QType, TypeTraits] = {
     QType.F32: TypeTraits(1, 4),
     QType.F16: TypeTraits(1, 2),
     QType.BF16: TypeTraits(1, 2),
-    QType.Q4_0: TypeTraits(QK, BLOCK_DTYPES[QType.Q4_0].itemsize),
-    QType.Q4_1: TypeTraits(QK, BLOCK_DTYPES[QType.Q4_1].itemsize),
-    QType.Q8_0: TypeTraits(QK, BLOCK_DTYPES[QType.Q8_0].itemsize),
+    **{q: TypeTraits(QK_K if q in K_QUANTS else QK, dt.itemsize) for q, dt in BLOCK_DTYPES.items()},
 }
 
 
-def _as_blocks(x: np.ndarray) -> np.ndarray:
-    """f32[..., K] -> f32[n_blocks, 32], with K checked."""
+def _as_blocks(x: np.ndarray, n: int = QK) -> np.ndarray:
+    """f32[..., K] -> f32[n_blocks, n], with K checked."""
     x = np.asarray(x, dtype=np.float32)
-    if x.shape[-1] % QK:
-        raise ValueError(f"row length {x.shape[-1]} is not a multiple of {QK}")
-    return x.reshape(-1, QK)
+    if x.shape[-1] % n:
+        raise ValueError(f"row length {x.shape[-1]} is not a multiple of {n}")
+    return x.reshape(-1, n)
 
 
-def _blocks_out(blocks: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    """Structured blocks -> u8[..., K / 32 * block_bytes]."""
-    per_row = shape[-1] // QK * blocks.dtype.itemsize
+def _blocks_out(blocks: np.ndarray, shape: tuple[int, ...], n: int = QK) -> np.ndarray:
+    """Structured blocks -> u8[..., K / n * block_bytes]."""
+    per_row = shape[-1] // n * blocks.dtype.itemsize
     return blocks.view(np.uint8).reshape(*shape[:-1], per_row)
 
 
-def _blocks_in(raw: np.ndarray, qtype: QType) -> tuple[np.ndarray, tuple[int, ...]]:
+def blocks_of(raw: np.ndarray, qtype: QType) -> tuple[np.ndarray, tuple[int, ...]]:
     """u8[..., row_bytes] -> (structured blocks[n], value shape)."""
     bdt = BLOCK_DTYPES[qtype]
     raw = np.ascontiguousarray(raw, dtype=np.uint8)
     if raw.shape[-1] % bdt.itemsize:
         raise ValueError(f"{raw.shape[-1]} bytes per row is not a whole number of {qtype.name} blocks")
     n_per_row = raw.shape[-1] // bdt.itemsize
-    return raw.reshape(-1).view(bdt), (*raw.shape[:-1], n_per_row * QK)
+    return raw.reshape(-1).view(bdt), (*raw.shape[:-1], n_per_row * TRAITS[qtype].block_values)
+
 
 
 def _pack_nibbles(q: np.ndarray) -> np.ndarray:
@@ -99,13 +138,89 @@ def _round_away(x: np.ndarray) -> np.ndarray:
     return np.sign(x) * np.floor(np.abs(x) + np.float32(0.5))
 
 
+def _inverse(d: np.ndarray) -> np.ndarray:
+    """1 / d in f32, 0 where d is 0."""
+    return np.divide(np.float32(1), d, out=np.zeros_like(d), where=d != 0)
+
+
+# --- integer forms ----------------------------------------------------------------------------------------
+
+def q5_ints(blocks: np.ndarray) -> np.ndarray:
+    """Q5_0 / Q5_1 blocks[n] -> u8[n, 32], q5 in 0..31."""
+    high = np.unpackbits(blocks["qh"], axis=-1, bitorder="little")  # bit j of the u32 = element j
+    return _unpack_nibbles(blocks["qs"]) | (high << 4)
+
+
+def k_scale_min(scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """u8[n, 12] -> (sc u8[n, 8], m u8[n, 8]), 6 bits each: j < 4 in the low 6 bits of bytes j, j + 4;
+    j >= 4 as 4 low bits in byte j + 4 (sc low nibble, m high) and 2 high bits in bytes j - 4, j."""
+    s = scales.astype(np.uint8)
+    sc = np.concatenate([s[:, 0:4] & 63, (s[:, 8:12] & 15) | ((s[:, 0:4] >> 6) << 4)], axis=1)
+    m = np.concatenate([s[:, 4:8] & 63, (s[:, 8:12] >> 4) | ((s[:, 4:8] >> 6) << 4)], axis=1)
+    return sc, m
+
+
+def k_scale_min_bytes(sc: np.ndarray, m: np.ndarray) -> np.ndarray:
+    """The inverse of k_scale_min: (sc, m) u8[n, 8] in 0..63 -> u8[n, 12]."""
+    sc, m = sc.astype(np.uint8), m.astype(np.uint8)
+    out = np.empty((len(sc), 12), np.uint8)
+    out[:, 0:4] = (sc[:, 0:4] & 63) | ((sc[:, 4:8] >> 4) << 6)
+    out[:, 4:8] = (m[:, 0:4] & 63) | ((m[:, 4:8] >> 4) << 6)
+    out[:, 8:12] = (sc[:, 4:8] & 15) | ((m[:, 4:8] & 15) << 4)
+    return out
+
+
+def _k4_nibbles(qs: np.ndarray) -> np.ndarray:
+    """Q4_K / Q5_K qs u8[n, 128] -> low 4 bits u8[n, 8, 32] (sub-block, element)."""
+    q = qs.reshape(-1, 4, 1, 32) >> np.array([0, 4], np.uint8).reshape(1, 1, 2, 1)
+    return (q & 15).reshape(-1, 8, 32)
+
+
+def _k4_nibble_bytes(q: np.ndarray) -> np.ndarray:
+    """The inverse of _k4_nibbles: u8[n, 8, 32] in 0..15 -> u8[n, 128]."""
+    q = q.reshape(-1, 4, 2, 32)
+    return (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(-1, 128).astype(np.uint8)
+
+
+def q4_k_ints(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Q4_K blocks[n] -> (q u8[n, 8, 32] in 0..15, sc u8[n, 8], m u8[n, 8])."""
+    sc, m = k_scale_min(blocks["scales"])
+    return _k4_nibbles(blocks["qs"]), sc, m
+
+
+def q5_k_ints(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Q5_K blocks[n] -> (q u8[n, 8, 32] in 0..31, sc u8[n, 8], m u8[n, 8])."""
+    sc, m = k_scale_min(blocks["scales"])
+    high = (blocks["qh"][:, None, :] >> np.arange(8, dtype=np.uint8)[None, :, None]) & 1  # [n, sub-block, l]
+    return _k4_nibbles(blocks["qs"]) | (high << 4), sc, m
+
+
+def q6_k_ints(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Q6_K blocks[n] -> (q u8[n, 256] in 0..63 (value q - 32), sc i8[n, 16])."""
+    ql = blocks["ql"].reshape(-1, 2, 1, 64) >> np.array([0, 4], np.uint8).reshape(1, 1, 2, 1)
+    ql = (ql & 15).reshape(-1, 2, 4, 32)  # [n, half, t, l]
+    qh = blocks["qh"].reshape(-1, 2, 1, 32) >> np.array([0, 2, 4, 6], np.uint8).reshape(1, 1, 4, 1)
+    q = ql | ((qh & 3) << 4)
+    return q.reshape(-1, QK_K).astype(np.uint8), blocks["scales"].astype(np.int8)
+
+
+def _q6_k_bytes(q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The inverse of q6_k_ints' q: u8[n, 256] in 0..63 -> (ql u8[n, 128], qh u8[n, 64])."""
+    q = q.reshape(-1, 2, 4, 32).astype(np.uint8)
+    low, top = q & 15, q >> 4
+    ql = np.concatenate([low[:, :, 0] | (low[:, :, 2] << 4), low[:, :, 1] | (low[:, :, 3] << 4)], axis=2)
+    qh = top[:, :, 0] | (top[:, :, 1] << 2) | (top[:, :, 2] << 4) | (top[:, :, 3] << 6)
+    return ql.reshape(-1, 128), qh.reshape(-1, 64)
+
+
+# --- quantizers -------------------------------------------------------------------------------------------
+
 def quantize_q4_0(x: np.ndarray) -> np.ndarray:
     b = _as_blocks(x)
     imax = np.abs(b).argmax(axis=1)
     vmax = b[np.arange(len(b)), imax]
     d = (vmax / np.float32(-8)).astype(np.float32)
-    inv = np.divide(np.float32(1), d, out=np.zeros_like(d), where=d != 0)
-    q = np.minimum(np.trunc(b * inv[:, None] + np.float32(8.5)), 15).astype(np.uint8)
+    q = np.minimum(np.trunc(b * _inverse(d)[:, None] + np.float32(8.5)), 15).astype(np.uint8)
     out = np.empty(len(b), BLOCK_DTYPES[QType.Q4_0])
     out["d"] = d.astype(np.float16)
     out["qs"] = _pack_nibbles(q)
@@ -116,8 +231,7 @@ def quantize_q4_1(x: np.ndarray) -> np.ndarray:
     b = _as_blocks(x)
     lo, hi = b.min(axis=1), b.max(axis=1)
     d = ((hi - lo) / np.float32(15)).astype(np.float32)
-    inv = np.divide(np.float32(1), d, out=np.zeros_like(d), where=d != 0)
-    q = np.minimum(np.trunc((b - lo[:, None]) * inv[:, None] + np.float32(0.5)), 15).astype(np.uint8)
+    q = np.minimum(np.trunc((b - lo[:, None]) * _inverse(d)[:, None] + np.float32(0.5)), 15).astype(np.uint8)
     out = np.empty(len(b), BLOCK_DTYPES[QType.Q4_1])
     out["d"] = d.astype(np.float16)
     out["m"] = lo.astype(np.float16)
@@ -125,33 +239,163 @@ def quantize_q4_1(x: np.ndarray) -> np.ndarray:
     return _blocks_out(out, np.shape(x))
 
 
-def quantize_q8_0(x: np.ndarray) -> np.ndarray:
+def _q5_fields(out: np.ndarray, q: np.ndarray) -> None:
+    """q u8[n, 32] in 0..31 -> out's qs and qh."""
+    out["qs"] = _pack_nibbles(q & 15)
+    out["qh"] = np.packbits(q >> 4, axis=-1, bitorder="little")
+
+
+def quantize_q5_0(x: np.ndarray) -> np.ndarray:
+    """As ggml: d = (value of largest magnitude) / -16, q = trunc(x / d + 16.5) capped at 31."""
     b = _as_blocks(x)
-    d = (np.abs(b).max(axis=1) / np.float32(127)).astype(np.float32)
-    inv = np.divide(np.float32(1), d, out=np.zeros_like(d), where=d != 0)
-    out = np.empty(len(b), BLOCK_DTYPES[QType.Q8_0])
+    imax = np.abs(b).argmax(axis=1)
+    d = (b[np.arange(len(b)), imax] / np.float32(-16)).astype(np.float32)
+    q = np.minimum(np.trunc(b * _inverse(d)[:, None] + np.float32(16.5)), 31).astype(np.uint8)
+    out = np.empty(len(b), BLOCK_DTYPES[QType.Q5_0])
     out["d"] = d.astype(np.float16)
-    out["qs"] = _round_away(b * inv[:, None]).astype(np.int8)
+    _q5_fields(out, q)
     return _blocks_out(out, np.shape(x))
 
 
+def quantize_q5_1(x: np.ndarray) -> np.ndarray:
+    """As ggml: d = (max - min) / 31, m = min, q = trunc((x - min) / d + 0.5) capped at 31."""
+    b = _as_blocks(x)
+    lo, hi = b.min(axis=1), b.max(axis=1)
+    d = ((hi - lo) / np.float32(31)).astype(np.float32)
+    q = np.minimum(np.trunc((b - lo[:, None]) * _inverse(d)[:, None] + np.float32(0.5)), 31).astype(np.uint8)
+    out = np.empty(len(b), BLOCK_DTYPES[QType.Q5_1])
+    out["d"] = d.astype(np.float16)
+    out["m"] = lo.astype(np.float16)
+    _q5_fields(out, q)
+    return _blocks_out(out, np.shape(x))
+
+
+def quantize_q8_0(x: np.ndarray) -> np.ndarray:
+    b = _as_blocks(x)
+    d = (np.abs(b).max(axis=1) / np.float32(127)).astype(np.float32)
+    out = np.empty(len(b), BLOCK_DTYPES[QType.Q8_0])
+    out["d"] = d.astype(np.float16)
+    out["qs"] = _round_away(b * _inverse(d)[:, None]).astype(np.int8)
+    return _blocks_out(out, np.shape(x))
+
+
+def _quantize_k_min(x: np.ndarray, qtype: QType) -> np.ndarray:
+    """Q4_K / Q5_K by a simple min/max rule (not llama.cpp's iterative search; the gguf package has no
+    K-quantizer to match): per sub-block j, scale_j = (max - min') / L and min_j = -min' with
+    min' = min(0, min) and L = 15 or 31; d = max_j scale_j / 63, dmin = max_j min_j / 63 (stored f16);
+    sc_j = round(scale_j / d), m_j = round(min_j / dmin) (6 bits); q = round((x + dmin m_j) / (d sc_j))
+    clipped to 0..L. Good enough for random-weight test models; every block dequantizes as ggml's."""
+    levels = 15 if qtype == QType.Q4_K else 31
+    sub = _as_blocks(x, QK_K).reshape(-1, 8, 32)
+    lo = np.minimum(sub.min(axis=2), 0)
+    scale = ((sub.max(axis=2) - lo) / np.float32(levels)).astype(np.float32)
+    mins = -lo
+    d = (scale.max(axis=1) / np.float32(63)).astype(np.float16).astype(np.float32)
+    dmin = (mins.max(axis=1) / np.float32(63)).astype(np.float16).astype(np.float32)
+    sc = np.clip(_round_away(scale * _inverse(d)[:, None]), 0, 63).astype(np.uint8)
+    m = np.clip(_round_away(mins * _inverse(dmin)[:, None]), 0, 63).astype(np.uint8)
+    step = (d[:, None] * sc).astype(np.float32)
+    offset = (dmin[:, None] * m).astype(np.float32)
+    q = np.clip(_round_away((sub + offset[..., None]) * _inverse(step)[..., None]), 0, levels).astype(np.uint8)
+    out = np.empty(len(sub), BLOCK_DTYPES[qtype])
+    out["d"], out["dmin"] = d.astype(np.float16), dmin.astype(np.float16)
+    out["scales"] = k_scale_min_bytes(sc, m)
+    out["qs"] = _k4_nibble_bytes(q & 15)
+    if qtype == QType.Q5_K:
+        out["qh"] = ((q >> 4) << np.arange(8, dtype=np.uint8)[None, :, None]).sum(axis=1, dtype=np.uint8)
+    return _blocks_out(out, np.shape(x), QK_K)
+
+
+def quantize_q4_k(x: np.ndarray) -> np.ndarray:
+    return _quantize_k_min(x, QType.Q4_K)
+
+
+def quantize_q5_k(x: np.ndarray) -> np.ndarray:
+    return _quantize_k_min(x, QType.Q5_K)
+
+
+def quantize_q6_k(x: np.ndarray) -> np.ndarray:
+    """Q6_K by a simple rule (not llama.cpp's search): per sub-block s of 16, scale_s = (value of largest
+    magnitude) / -32; d = (scale of largest magnitude) / -128 (stored f16), sc_s = round(scale_s / d)
+    capped to -128..127; q = round(x / (d sc_s)) + 32 clipped to 0..63."""
+    sub = _as_blocks(x, QK_K).reshape(-1, 16, 16)
+    n = len(sub)
+    big = np.take_along_axis(sub, np.abs(sub).argmax(axis=2)[..., None], axis=2)[..., 0]
+    scale = (big / np.float32(-32)).astype(np.float32)
+    top = np.take_along_axis(scale, np.abs(scale).argmax(axis=1)[:, None], axis=1)[:, 0]
+    d = (top / np.float32(-128)).astype(np.float16).astype(np.float32)
+    sc = np.clip(_round_away(scale * _inverse(d)[:, None]), -128, 127).astype(np.int8)
+    step = (d[:, None] * sc).astype(np.float32)
+    q = np.clip(_round_away(sub * _inverse(step)[..., None]) + 32, 0, 63).astype(np.uint8)
+    out = np.empty(n, BLOCK_DTYPES[QType.Q6_K])
+    out["ql"], out["qh"] = _q6_k_bytes(q.reshape(n, QK_K))
+    out["scales"] = sc
+    out["d"] = d.astype(np.float16)
+    return _blocks_out(out, np.shape(x), QK_K)
+
+
+# --- dequantizers (the operation order of gguf.quants, so results are bit-identical) -------------------------
+
 def dequantize_q4_0(raw: np.ndarray) -> np.ndarray:
-    blocks, shape = _blocks_in(raw, QType.Q4_0)
+    blocks, shape = blocks_of(raw, QType.Q4_0)
     q = _unpack_nibbles(blocks["qs"]).astype(np.float32) - np.float32(8)
     return (q * blocks["d"].astype(np.float32)[:, None]).reshape(shape)
 
 
 def dequantize_q4_1(raw: np.ndarray) -> np.ndarray:
-    blocks, shape = _blocks_in(raw, QType.Q4_1)
+    blocks, shape = blocks_of(raw, QType.Q4_1)
     q = _unpack_nibbles(blocks["qs"]).astype(np.float32)
     d = blocks["d"].astype(np.float32)[:, None]
     m = blocks["m"].astype(np.float32)[:, None]
     return (q * d + m).reshape(shape)
 
 
+def dequantize_q5_0(raw: np.ndarray) -> np.ndarray:
+    blocks, shape = blocks_of(raw, QType.Q5_0)
+    q = q5_ints(blocks).astype(np.float32) - np.float32(16)
+    return (blocks["d"].astype(np.float32)[:, None] * q).reshape(shape)
+
+
+def dequantize_q5_1(raw: np.ndarray) -> np.ndarray:
+    blocks, shape = blocks_of(raw, QType.Q5_1)
+    q = q5_ints(blocks).astype(np.float32)
+    return (blocks["d"].astype(np.float32)[:, None] * q + blocks["m"].astype(np.float32)[:, None]).reshape(shape)
+
+
 def dequantize_q8_0(raw: np.ndarray) -> np.ndarray:
-    blocks, shape = _blocks_in(raw, QType.Q8_0)
+    blocks, shape = blocks_of(raw, QType.Q8_0)
     return (blocks["qs"].astype(np.float32) * blocks["d"].astype(np.float32)[:, None]).reshape(shape)
+
+
+def dequantize_q4_k(raw: np.ndarray, qtype: QType = QType.Q4_K) -> np.ndarray:
+    blocks, shape = blocks_of(raw, qtype)
+    q, sc, m = (q4_k_ints if qtype == QType.Q4_K else q5_k_ints)(blocks)
+    step = blocks["d"].astype(np.float32)[:, None] * sc.astype(np.float32)  # exact: 11 x 6 bits
+    offset = blocks["dmin"].astype(np.float32)[:, None] * m.astype(np.float32)
+    return (step[..., None] * q.astype(np.float32) - offset[..., None]).reshape(shape)
+
+
+def dequantize_q5_k(raw: np.ndarray) -> np.ndarray:
+    return dequantize_q4_k(raw, QType.Q5_K)
+
+
+def dequantize_q6_k(raw: np.ndarray) -> np.ndarray:
+    blocks, shape = blocks_of(raw, QType.Q6_K)
+    q, sc = q6_k_ints(blocks)
+    step = blocks["d"].astype(np.float32)[:, None] * sc.astype(np.float32)  # exact: 11 x 8 bits
+    values = (q.astype(np.int8) - np.int8(32)).astype(np.float32).reshape(-1, 16, 16)
+    return (step[..., None] * values).reshape(shape)
+
+
+_DEQUANTIZE = {
+    QType.Q4_0: dequantize_q4_0, QType.Q4_1: dequantize_q4_1, QType.Q5_0: dequantize_q5_0,
+    QType.Q5_1: dequantize_q5_1, QType.Q8_0: dequantize_q8_0, QType.Q4_K: dequantize_q4_k,
+    QType.Q5_K: dequantize_q5_k, QType.Q6_K: dequantize_q6_k,
+}
+_QUANTIZE = {
+    QType.Q4_0: quantize_q4_0, QType.Q4_1: quantize_q4_1, QType.Q5_0: quantize_q5_0, QType.Q5_1: quantize_q5_1,
+    QType.Q8_0: quantize_q8_0, QType.Q4_K: quantize_q4_k, QType.Q5_K: quantize_q5_k, QType.Q6_K: quantize_q6_k,
+}
 
 
 def dequantize(raw: np.ndarray, qtype: QType, shape: tuple[int, ...]) -> np.ndarray:
@@ -163,19 +407,16 @@ def dequantize(raw: np.ndarray, qtype: QType, shape: tuple[int, ...]) -> np.ndar
     elif qtype == QType.BF16:
         bits = np.asarray(raw).view(np.uint16).astype(np.uint32) << 16
         out = bits.view(np.float32)
-    elif qtype == QType.Q4_0:
-        out = dequantize_q4_0(raw)
-    elif qtype == QType.Q4_1:
-        out = dequantize_q4_1(raw)
-    elif qtype == QType.Q8_0:
-        out = dequantize_q8_0(raw)
+    elif qtype in _DEQUANTIZE:
+        out = _DEQUANTIZE[qtype](raw)
     else:  # pragma: no cover - QType is closed
         raise ValueError(f"no dequantizer for {qtype!r}")
     return np.asarray(out, dtype=np.float32).reshape(shape)
 
 
 def quantize(x: np.ndarray, qtype: QType) -> np.ndarray:
-    """f32[..., K] -> raw storage (u8 blocks for block types, f16/bf16/f32 arrays otherwise)."""
+    """f32[..., K] -> raw storage (u8 blocks for block types, f16/bf16/f32 arrays otherwise). Q4_0, Q4_1,
+    Q5_0, Q5_1 and Q8_0 are ggml's own quantizers; the K-quants use the simple rules documented above."""
     if qtype == QType.F32:
         return np.asarray(x, dtype=np.float32)
     if qtype == QType.F16:
@@ -184,4 +425,4 @@ def quantize(x: np.ndarray, qtype: QType) -> np.ndarray:
         bits = np.asarray(x, dtype=np.float32).view(np.uint32)
         rounded = bits + np.uint32(0x7FFF) + ((bits >> 16) & np.uint32(1))  # round to nearest even
         return (rounded >> 16).astype(np.uint16)
-    return {QType.Q4_0: quantize_q4_0, QType.Q4_1: quantize_q4_1, QType.Q8_0: quantize_q8_0}[qtype](x)
+    return _QUANTIZE[qtype](x)

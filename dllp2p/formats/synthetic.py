@@ -30,6 +30,9 @@ class SyntheticSpec:
     rope_base: float = 10000.0
     norm_eps: float = 1e-5
     qtype: QType = QType.Q4_0  # of the layer matrices
+    # per-matrix overrides of qtype, by the name within a layer: (("ffn_down", QType.Q6_K), ...); K-quants
+    # need the matrix's row length (its input width) to be a multiple of 256
+    qtypes: tuple[tuple[str, QType], ...] = ()
     embed_qtype: QType = QType.Q8_0
     tied_output: bool = False  # untied, so logits depend on the whole stream, not just the last embedding
     seed: int = 0
@@ -62,20 +65,23 @@ def random_tensors(spec: SyntheticSpec) -> dict[str, tuple[np.ndarray, QType]]:
     def norm() -> np.ndarray:
         return (1.0 + 0.1 * rng.standard_normal(d)).astype(np.float32)
 
+    def qt(name: str) -> QType:
+        return dict(spec.qtypes).get(name, spec.qtype)
+
     out: dict[str, tuple[np.ndarray, QType]] = {
         "token_embd.weight": (rng.standard_normal((spec.vocab_size, d)).astype(np.float32), spec.embed_qtype),
     }
     for i in range(spec.n_layers):
         p = f"blk.{i}."
         out[p + "attn_norm.weight"] = (norm(), QType.F32)
-        out[p + "attn_q.weight"] = (mat(spec.n_heads * hd, d), spec.qtype)
-        out[p + "attn_k.weight"] = (mat(spec.n_kv_heads * hd, d), spec.qtype)
-        out[p + "attn_v.weight"] = (mat(spec.n_kv_heads * hd, d), spec.qtype)
-        out[p + "attn_output.weight"] = (mat(d, spec.n_heads * hd), spec.qtype)
+        out[p + "attn_q.weight"] = (mat(spec.n_heads * hd, d), qt("attn_q"))
+        out[p + "attn_k.weight"] = (mat(spec.n_kv_heads * hd, d), qt("attn_k"))
+        out[p + "attn_v.weight"] = (mat(spec.n_kv_heads * hd, d), qt("attn_v"))
+        out[p + "attn_output.weight"] = (mat(d, spec.n_heads * hd), qt("attn_output"))
         out[p + "ffn_norm.weight"] = (norm(), QType.F32)
-        out[p + "ffn_gate.weight"] = (mat(spec.ffn_dim, d), spec.qtype)
-        out[p + "ffn_up.weight"] = (mat(spec.ffn_dim, d), spec.qtype)
-        out[p + "ffn_down.weight"] = (mat(d, spec.ffn_dim), spec.qtype)
+        out[p + "ffn_gate.weight"] = (mat(spec.ffn_dim, d), qt("ffn_gate"))
+        out[p + "ffn_up.weight"] = (mat(spec.ffn_dim, d), qt("ffn_up"))
+        out[p + "ffn_down.weight"] = (mat(d, spec.ffn_dim), qt("ffn_down"))
     out["output_norm.weight"] = (norm(), QType.F32)
     if not spec.tied_output:
         out["output.weight"] = (mat(spec.vocab_size, d), spec.embed_qtype)

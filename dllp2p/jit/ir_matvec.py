@@ -17,7 +17,7 @@ from .irutil import (
     F16, F32, I8, I32, PTR, VOID, Signature, define, entry_alloca, for_range, gep, hmax, hsum, i32, i64,
     intrinsic, load, mask, splat, splat_const, store, vec,
 )
-from .layout import Q8_0_BLOCK, G, chunk_bytes
+from .layout import EXTRA_TYPES, Q8_0_BLOCK, G, chunk_bytes, unit_values
 from .specs import KernelSpec
 
 V16I32, V64I8, V16F32 = vec(I32, 16), vec(I8, 64), vec(F32, 16)
@@ -292,7 +292,9 @@ def emit_matmul_q(module: ir.Module, spec: KernelSpec, target: Target) -> None:
 
 def _tile_fn(module: ir.Module, qtype: QType, tile: int, target: Target) -> ir.Function:
     name = f"_tile_{qtype.name.lower()}_q8s_x{tile}"
-    return module.globals[name] if name in module.globals else _emit_tile(module, qtype, tile, target)
+    if name in module.globals:
+        return module.globals[name]
+    return (_emit_tile_extra if qtype in EXTRA_TYPES else _emit_tile)(module, qtype, tile, target)
 
 
 # --- float products -------------------------------------------------------------------------------------
@@ -312,4 +314,244 @@ def emit_matvec_f(module: ir.Module, spec: KernelSpec, target: Target) -> None:
                 wv = b.fpext(wv, V16F32)
             b.store(_fmuladd(b, wv, load(b, x, V16F32, c, F32), b.load(acc, typ=V16F32)), acc)
         store(b, hsum(b, b.load(acc, typ=V16F32)), y, r, F32)
+    b.ret_void()
+
+
+# --- Q5_0, Q5_1 and the K-quants (layouts: layout.py, "the 5- and 6-bit and K-quant types") ---------------
+#
+# Per 32 values and 16 rows the kernel loads 4 nibble vectors and one (5-bit) or two (6-bit) high-bit
+# planes, rebuilds u8 values 0..31 / 0..63 (shift, mask, or), and takes u8 x s8 dots as for Q4_0: the
+# value rebuilding is per group and block, shared by every activation row of a matmul tile. Per block
+# and activation row the f32 work is, with dot = sum q * xq (exact i32) and dx, sx from Q8S:
+#
+#   Q5_0   acc += d * (dx * (dot - 16 sx))
+#   Q5_1   acc += d * (dx * dot);  acc += m * (dx * sx)
+#   Q4_K, Q5_K (sub-block j)   acc += (d sc_j) * (dx * dot);  acc += (dmin m_j) * -(dx * sx)
+#   Q6_K (halves h of 16)      acc += (d sc_h) * (dx * (dot_h - 32 sx_h)),  sx_lo summed here, sx_hi = sx - sx_lo
+#
+# d sc_j is exact in f32 (an f16 times a 6- or 8-bit integer), so the rounding per term is the same as
+# Q4_1's: the error bound of the tests is (terms + 3) U sum|terms| with two terms per 32 values.
+
+def _dot_pairs(b: ir.IRBuilder, target: Target, pairs: list[tuple[ir.Value, ir.Value]], wmax: int) -> ir.Value:
+    """<16 x i32>: per row lane, sum over pairs of the 4-byte u8 x s8 dots of (w, x) (<64 x i8> each),
+    where every w byte is <= wmax and |x| <= 127. AVX2: vpmaddubsw pair sums (<= 2 wmax 127, never
+    saturating) are added in i16 as long as they provably fit (32767 // (2 wmax 127) of them), then
+    widened by vpmaddwd."""
+    if target.dot_isa != "avx2":
+        zero = ir.Constant(V16I32, None)
+        acc = [zero, zero]
+        for i, (w, x) in enumerate(pairs):
+            acc[i % 2] = dot4(b, target, acc[i % 2], w, x)
+        return b.add(acc[0], acc[1])
+    v32i8, v16i16, v8i32 = vec(I8, 32), vec(ir.IntType(16), 16), vec(I32, 8)
+    maddubs = intrinsic(b.module, "llvm.x86.avx2.pmadd.ub.sw", v16i16, [v32i8, v32i8])
+    maddwd = intrinsic(b.module, "llvm.x86.avx2.pmadd.wd", v8i32, [v16i16, v16i16])
+    ones = splat_const(ir.IntType(16), 16, 1)
+    per = max(1, 32767 // (2 * wmax * 127))
+    acc32: list = [None, None]
+    for start in range(0, len(pairs), per):
+        acc16: list = [None, None]
+        for w, x in pairs[start : start + per]:
+            wh, xh = _avx2_halves(b, w), _avx2_halves(b, x)
+            for h in range(2):
+                p = b.call(maddubs, [wh[h], xh[h]])
+                acc16[h] = p if acc16[h] is None else b.add(acc16[h], p)
+        for h in range(2):
+            wide = b.call(maddwd, [acc16[h], ones])
+            acc32[h] = wide if acc32[h] is None else b.add(acc32[h], wide)
+    return b.shuffle_vector(acc32[0], acc32[1], mask(range(16)))
+
+
+def _shift_bytes(b: ir.IRBuilder, v: ir.Value, n: int) -> ir.Value:
+    """<64 x i8> shifted left by n (right by -n) bits, per byte."""
+    if n == 0:
+        return v
+    amount = splat_const(I8, 64, abs(n))
+    return b.shl(v, amount) if n > 0 else b.lshr(v, amount)
+
+
+def _block_values(b: ir.IRBuilder, wq: ir.Value, bits: int) -> list[tuple[ir.Value, ir.Value]]:
+    """The 32-value block whose nibble lanes start at wq (and high planes right after them): for each of
+    the 4 steps, (u8 values of elements 4j..4j+3, u8 values of 16+4j..16+4j+3), <64 x i8> each."""
+    lo_mask, four = splat_const(I8, 64, 15), splat_const(I8, 64, 4)
+    planes = [load(b, wq, V64I8, i64(256 + 64 * p)) for p in range(0 if bits == 4 else 1 if bits == 5 else 2)]
+    out = []
+    for j in range(4):
+        v = load(b, wq, V64I8, i64(64 * j))
+        lo, hi = b.and_(v, lo_mask), b.lshr(v, four)
+        if bits == 5:  # bit j -> bit 4 (low nibble's element), bit 4 + j -> bit 4 (high nibble's)
+            bit4 = splat_const(I8, 64, 16)
+            lo = b.or_(lo, b.and_(_shift_bytes(b, planes[0], 4 - j), bit4))
+            hi = b.or_(hi, b.and_(_shift_bytes(b, planes[0], -j), bit4))
+        elif bits == 6:  # bits 2j, 2j + 1 -> bits 4, 5
+            top = splat_const(I8, 64, 0x30)
+            lo = b.or_(lo, b.and_(_shift_bytes(b, planes[0], 4 - 2 * j), top))
+            hi = b.or_(hi, b.and_(_shift_bytes(b, planes[1], 4 - 2 * j), top))
+        out.append((lo, hi))
+    return out
+
+
+def _value_dots(b, target, values, xq, bits: int, halves: bool = False):
+    """Dots of one block's rebuilt values with the activation block at xq: one <16 x i32>, or with
+    `halves` (elements 0..15, elements 16..31)."""
+    wmax = (1 << bits) - 1
+    lo = [(v[0], _bcast4(b, xq, i64(4 * j))) for j, v in enumerate(values)]
+    hi = [(v[1], _bcast4(b, xq, i64(16 + 4 * j))) for j, v in enumerate(values)]
+    if halves:
+        return _dot_pairs(b, target, lo, wmax), _dot_pairs(b, target, hi, wmax)
+    return _dot_pairs(b, target, lo + hi, wmax)
+
+
+def _f16x16(b: ir.IRBuilder, wc: ir.Value, off: int) -> ir.Value:
+    return b.fpext(load(b, wc, vec(F16, G), i64(off)), V16F32)
+
+
+def _bytes_f32(b: ir.IRBuilder, wc: ir.Value, off: int, signed: bool) -> ir.Value:
+    v = load(b, wc, vec(I8, G), i64(off))
+    return b.sitofp(v, V16F32) if signed else b.uitofp(v, V16F32)
+
+
+def _emit_tile_extra(module: ir.Module, qtype: QType, tile: int, target: Target) -> ir.Function:
+    """Internal f(w, x, xs, y, ldy, k, r0, r1) as _emit_tile, for the types of layout.EXTRA_TYPES."""
+    fn, b = define(module, f"_tile_{qtype.name.lower()}_q8s_x{tile}", _TILE_SIG, internal=True)
+    w, x, xs, y, ldy, k, r0, r1 = fn.args
+    cb = chunk_bytes(qtype)
+    unit = unit_values(qtype)
+    nu = b.udiv(k, i64(unit))
+    nb = b.lshr(k, i64(5))
+    d_off, s_off = k, b.add(k, b.shl(nb, i64(2)))
+    accs = [entry_alloca(b, V16F32, name=f"acc{t}") for t in range(tile)]
+    xts = [gep(b, x, b.mul(xs, i64(t))) for t in range(tile)]
+
+    def act(t: int, blk: ir.Value) -> tuple[ir.Value, ir.Value, ir.Value]:
+        """(xq pointer, dx, sx) of activation row t's 32-value block blk."""
+        return (gep(b, xts[t], b.shl(blk, i64(5))), load(b, gep(b, xts[t], d_off), F32, blk, F32),
+                load(b, gep(b, xts[t], s_off), I32, blk, I32))
+
+    def add(t: int, scale: ir.Value, factor: ir.Value) -> None:
+        """acc[t] += scale (16 rows) * splat(factor)."""
+        b.store(_fmuladd(b, scale, splat(b, factor, 16), b.load(accs[t], typ=V16F32)), accs[t])
+
+    def add_v(t: int, scale: ir.Value, dx: ir.Value, dot: ir.Value) -> None:
+        """acc[t] += scale * (dx * dot) with dot <16 x i32>."""
+        b.store(_fmuladd(b, scale, b.fmul(splat(b, dx, 16), b.sitofp(dot, V16F32)), b.load(accs[t], typ=V16F32)), accs[t])
+
+    def block_q5(wc: ir.Value, u: ir.Value) -> None:
+        values = _block_values(b, wc, 5)
+        d = _f16x16(b, wc, 320)
+        m = _f16x16(b, wc, 352) if qtype == QType.Q5_1 else None
+        for t in range(tile):
+            xq, dx, sx = act(t, u)
+            dot = _value_dots(b, target, values, xq, 5)
+            if m is None:
+                add_v(t, d, dx, b.sub(dot, splat(b, b.mul(sx, i32(16)), 16)))
+            else:
+                add_v(t, d, dx, dot)
+                add(t, m, b.fmul(dx, b.sitofp(sx, F32)))
+
+    def super_k(wc: ir.Value, u: ir.Value) -> None:
+        bits = 4 if qtype == QType.Q4_K else 5
+        d, dmin = _f16x16(b, wc, 0), _f16x16(b, wc, 32)
+        sub = 256 if bits == 4 else 320
+        for j in range(8):
+            scale = b.fmul(d, _bytes_f32(b, wc, 64 + 16 * j, False))
+            mins = b.fmul(dmin, _bytes_f32(b, wc, 192 + 16 * j, False))
+            values = _block_values(b, gep(b, wc, i64(320 + sub * j)), bits)
+            blk = b.add(b.shl(u, i64(3)), i64(j))
+            for t in range(tile):
+                xq, dx, sx = act(t, blk)
+                add_v(t, scale, dx, _value_dots(b, target, values, xq, bits))
+                add(t, mins, b.fneg(b.fmul(dx, b.sitofp(sx, F32))))
+
+    def super_q6(wc: ir.Value, u: ir.Value) -> None:
+        d = _f16x16(b, wc, 0)
+        v16i8, v16i32 = vec(I8, 16), vec(I32, 16)
+        for j in range(8):
+            scales = [b.fmul(d, _bytes_f32(b, wc, 32 + 16 * (2 * j + h), True)) for h in range(2)]
+            values = _block_values(b, gep(b, wc, i64(288 + 384 * j)), 6)
+            blk = b.add(b.shl(u, i64(3)), i64(j))
+            for t in range(tile):
+                xq, dx, sx = act(t, blk)
+                sx_lo = hsum(b, b.sext(load(b, xq, v16i8), v16i32))
+                dots = _value_dots(b, target, values, xq, 6, halves=True)
+                for h, part in enumerate((sx_lo, b.sub(sx, sx_lo))):
+                    add_v(t, scales[h], dx, b.sub(dots[h], splat(b, b.mul(part, i32(32)), 16)))
+
+    body = {QType.Q5_0: block_q5, QType.Q5_1: block_q5, QType.Q4_K: super_k, QType.Q5_K: super_k,
+            QType.Q6_K: super_q6}[qtype]
+    with for_range(b, r0, r1, G, name="r") as r:
+        wg = gep(b, w, b.mul(b.mul(b.lshr(r, i64(4)), nu), i64(cb)))
+        for a in accs:
+            b.store(ir.Constant(V16F32, None), a)
+        with for_range(b, i64(0), nu, name="unit") as u:
+            wc = gep(b, wg, b.mul(u, i64(cb)))
+            _prefetch(b, wc, cb)
+            body(wc, u)
+        for t, a in enumerate(accs):
+            _store_rows(b, b.load(a, typ=V16F32), gep(b, y, b.mul(ldy, i64(t)), F32), r, r1)
+    b.ret_void()
+    return fn
+
+
+def emit_embed_extra(module: ir.Module, spec: KernelSpec, target: Target) -> None:
+    """embed_{w} for layout.EXTRA_TYPES: out f32[k] = row `token` of the packed matrix, dequantized with
+    the operations (and order) of formats.quant, so bit-exact with it. Scalar code: one row per token."""
+    fn, b = define(module, spec.name, spec.signature)
+    w, token, out, k = fn.args
+    qtype = spec.qtype
+    cb, unit = chunk_bytes(qtype), unit_values(qtype)
+    nu = b.udiv(k, i64(unit))
+    lane = b.and_(token, i64(G - 1))
+    lane4 = b.mul(lane, i64(4))
+    wg = gep(b, w, b.mul(b.mul(b.lshr(token, i64(4)), nu), i64(cb)))
+
+    def byte(ptr: ir.Value, off: ir.Value | int) -> ir.Value:
+        return b.zext(load(b, ptr, I8, off if isinstance(off, ir.Value) else i64(off)), I32)
+
+    def f16(ptr: ir.Value, off: int) -> ir.Value:
+        return b.fpext(load(b, gep(b, ptr, i64(off)), F16, lane, F16), F32)
+
+    def block(wq: ir.Value, bits: int, ob: ir.Value, value) -> None:
+        """The 32 values of the block whose lanes start at wq: out[ob + i] = value(i, q_i)."""
+        c = lambda v: ir.Constant(I32, v)  # noqa: E731
+        for j in range(4):
+            for e in range(4):
+                v = byte(wq, b.add(lane4, i64(64 * j + e)))
+                lo, hi = b.and_(v, c(15)), b.lshr(v, c(4))
+                if bits == 5:
+                    h = byte(wq, b.add(lane4, i64(256 + e)))
+                    lo = b.or_(lo, b.shl(b.and_(b.lshr(h, c(j)), c(1)), c(4)))
+                    hi = b.or_(hi, b.shl(b.and_(b.lshr(h, c(4 + j)), c(1)), c(4)))
+                elif bits == 6:
+                    h0, h1 = byte(wq, b.add(lane4, i64(256 + e))), byte(wq, b.add(lane4, i64(320 + e)))
+                    lo = b.or_(lo, b.shl(b.and_(b.lshr(h0, c(2 * j)), c(3)), c(4)))
+                    hi = b.or_(hi, b.shl(b.and_(b.lshr(h1, c(2 * j)), c(3)), c(4)))
+                for i, q in ((4 * j + e, lo), (16 + 4 * j + e, hi)):
+                    store(b, value(i, q), ob, i64(i), F32)
+
+    with for_range(b, i64(0), nu, name="unit") as u:
+        wc = gep(b, wg, b.mul(u, i64(cb)))
+        ob = gep(b, out, b.mul(u, i64(unit)), F32)
+        if qtype in (QType.Q5_0, QType.Q5_1):
+            d = f16(wc, 320)
+            if qtype == QType.Q5_0:
+                block(wc, 5, ob, lambda i, q: b.fmul(d, b.fsub(b.uitofp(q, F32), ir.Constant(F32, 16.0))))
+            else:
+                m = f16(wc, 352)
+                block(wc, 5, ob, lambda i, q: b.fadd(b.fmul(d, b.uitofp(q, F32)), m))
+        elif qtype in (QType.Q4_K, QType.Q5_K):
+            bits = 4 if qtype == QType.Q4_K else 5
+            d, dmin = f16(wc, 0), f16(wc, 32)
+            for j in range(8):
+                scale = b.fmul(d, b.uitofp(byte(wc, b.add(lane, i64(64 + 16 * j))), F32))
+                mins = b.fmul(dmin, b.uitofp(byte(wc, b.add(lane, i64(192 + 16 * j))), F32))
+                block(gep(b, wc, i64(320 + (256 if bits == 4 else 320) * j)), bits, gep(b, ob, i64(32 * j), F32),
+                      lambda i, q, s=scale, mn=mins: b.fsub(b.fmul(s, b.uitofp(q, F32)), mn))
+        else:  # Q6_K
+            d = f16(wc, 0)
+            for j in range(8):
+                scales = [b.fmul(d, b.sitofp(load(b, wc, I8, b.add(lane, i64(32 + 16 * (2 * j + h)))), F32))
+                          for h in range(2)]
+                block(gep(b, wc, i64(288 + 384 * j)), 6, gep(b, ob, i64(32 * j), F32),
+                      lambda i, q, s=scales: b.fmul(s[i // 16], b.sitofp(b.sub(q, ir.Constant(I32, 32)), F32)))
     b.ret_void()

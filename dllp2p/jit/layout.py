@@ -34,7 +34,7 @@ from ..formats.quant import BLOCK_DTYPES, QK, TRAITS, QType
 
 G = 16  # rows interleaved per group: one 512-bit vector of i32 lanes
 ALIGN = 64  # bytes; every buffer built here starts on a cache line
-PACKED_TYPES = (QType.Q4_0, QType.Q4_1, QType.Q8_0)
+PACKED_TYPES = (QType.Q4_0, QType.Q4_1, QType.Q8_0, QType.Q5_0, QType.Q5_1, QType.Q4_K, QType.Q5_K, QType.Q6_K)
 
 
 Q8_0_BLOCK = 34  # ggml Q8_0: f16 scale + 32 i8, the wire format of tensor-parallel partial sums
@@ -98,8 +98,9 @@ def _round_up(n: int, m: int) -> int:
 
 
 def chunk_bytes(qtype: QType) -> int:
-    """Bytes of one packed block of 16 rows."""
-    return G * TRAITS[qtype].block_bytes
+    """Bytes of one packed block (32 values, or a 256-value super-block for the K-quants) of 16 rows."""
+    extra = {QType.Q4_K: 4, QType.Q5_K: 4}.get(qtype, 0)  # the unpacked scales and mins: 16 B for ggml's 12
+    return G * (TRAITS[qtype].block_bytes + extra)
 
 
 def pack_weights(raw: np.ndarray, qtype: QType, shape: tuple[int, int]) -> PackedMatrix:
@@ -111,6 +112,8 @@ def pack_weights(raw: np.ndarray, qtype: QType, shape: tuple[int, int]) -> Packe
         return PackedMatrix(qtype, rows, k, data)
     if qtype not in PACKED_TYPES:
         raise ValueError(f"no packed layout for {qtype.name}")
+    if qtype in EXTRA_TYPES:
+        return PackedMatrix(qtype, rows, k, _pack_extra(raw, qtype, rows, k))
     nb = k // QK
     bdt = BLOCK_DTYPES[qtype]
     raw = np.ascontiguousarray(raw, dtype=np.uint8).reshape(rows, TRAITS[qtype].row_bytes(k))
@@ -134,7 +137,10 @@ def pack_weights(raw: np.ndarray, qtype: QType, shape: tuple[int, int]) -> Packe
 
 
 def unpack_weights(m: PackedMatrix) -> np.ndarray:
-    """The inverse of pack_weights: ggml storage u8[rows, row_bytes] (for tests)."""
+    """The inverse of pack_weights: ggml storage u8[rows, row_bytes] (for tests; Q4_0, Q4_1, Q8_0 and
+    float types only: the other types are checked through the embed kernel, which reads every value)."""
+    if m.qtype in EXTRA_TYPES:
+        raise ValueError(f"no unpacking for {m.qtype.name}")
     if m.qtype not in PACKED_TYPES:
         return np.asarray(m.data).copy()
     nb = m.k // QK
@@ -170,3 +176,106 @@ def kv_cache(ctx: int, n_kv_heads: int, head_dim: int) -> np.ndarray:
     """f16[ctx, n_kv_heads, head_dim], zeroed: K or V for every position, one token's row contiguous
     (attention_f16kv reads it; to_f16 writes a new row)."""
     return aligned_zeros((ctx, n_kv_heads, head_dim), np.float16)
+
+
+# --- the 5- and 6-bit and K-quant types ------------------------------------------------------------------
+#
+# Same design as above: 16-row groups, one 64-byte load = one `vpdpbusd` operand of 16 rows x 4 bytes,
+# weights read front to back. The unit is ggml's block: 32 values (Q5_0, Q5_1) or a 256-value
+# super-block (K-quants), whose 8 sub-blocks of 32 line up with the Q8S activation blocks. Every 32
+# values of a row are stored as the 4-bit nibble lanes of Q4_0 (qs[4][16][4]: a lane's byte e of step j
+# holds element 4j + e in its low nibble, 16 + 4j + e in its high nibble), plus the extra high bits in
+# planes of 4 bytes per row that one more 64-byte load brings in for all 16 rows:
+#
+#   5-bit qh[16][4]:      bit j of byte e = bit 4 of element 4j + e, bit 4 + j = bit 4 of element 16 + 4j + e
+#   6-bit qh[2][16][4]:   plane 0 for elements 0..15, plane 1 for 16..31: bits 2j, 2j+1 of byte e are
+#                         bits 4, 5 of element 4j + e (plane 0) or 16 + 4j + e (plane 1)
+#
+# The kernel rebuilds a u8 value 0..31 or 0..63 with a shift, a mask and an or per 64 bytes, and feeds
+# u8 x s8 dots like the 4-bit types (AVX2: vpmaddubsw pair sums stay < 2^15 for 6-bit values). Chunks:
+#
+#   Q5_0  352 B / 32 values:  qs[4][16][4] | qh[16][4] | f16 d[16]               (q - 16) * d
+#   Q5_1  384 B / 32 values:  qs | qh | f16 d[16] | f16 m[16]                    q * d + m
+#   Q4_K 2368 B / 256 values: f16 d[16] | f16 dmin[16] | u8 sc[8][16] | u8 m[8][16] | 8 x qs
+#   Q5_K 2880 B / 256 values: f16 d[16] | f16 dmin[16] | u8 sc[8][16] | u8 m[8][16] | 8 x (qs | qh)
+#   Q6_K 3360 B / 256 values: f16 d[16] | i8 sc[16][16] | 8 x (qs | qh[2])       (d * sc_s) * (q - 32)
+#
+# K-quant scales and mins are unpacked from ggml's 12-byte 6-bit form to one byte each at pack time (the
+# kernel widens 16 at once; d * sc_j is exact in f32). Packed bytes per ggml byte: Q5_0 1.000, Q5_1 1.000,
+# Q4_K 148/144 = 1.028, Q5_K 180/176 = 1.023, Q6_K 210/210 = 1.000 (plus the last group's padding rows).
+# Q6_K's 16-value sub-blocks are the low and high nibble halves of a 32-value block, so the kernel keeps
+# two dots per block (it needs them anyway, one per scale) and no extra shuffles: see ir_matvec.py.
+
+EXTRA_TYPES = (QType.Q5_0, QType.Q5_1, QType.Q4_K, QType.Q5_K, QType.Q6_K)
+
+
+def unit_values(qtype: QType) -> int:
+    """Values per row in one packed chunk: 32, or 256 for the K-quants."""
+    return TRAITS[qtype].block_values
+
+
+def _nibble_lanes(q: np.ndarray) -> np.ndarray:
+    """u8[..., 32] values -> the low 4 bits as u8[..., 4 steps, 4 bytes] (Q4_0's byte order)."""
+    return ((q[..., :16] & 15) | ((q[..., 16:] & 15) << 4)).reshape(*q.shape[:-1], 4, 4).astype(np.uint8)
+
+
+def _high_planes(q: np.ndarray, bits: int) -> np.ndarray:
+    """u8[..., 32] values -> their bits above 4 as u8[..., planes, 4] (see above)."""
+    top = (q >> 4).reshape(*q.shape[:-1], 2, 4, 4).astype(np.uint8)  # [..., half, step j, byte e]
+    if bits == 5:
+        shifts = np.arange(4, dtype=np.uint8)[:, None]
+        plane = (top[..., 0, :, :] << shifts).sum(-2, dtype=np.uint8) | (top[..., 1, :, :] << (shifts + 4)).sum(-2, dtype=np.uint8)
+        return plane[..., None, :]
+    shifts = (2 * np.arange(4, dtype=np.uint8))[:, None]
+    return (top << shifts).sum(-2, dtype=np.uint8)  # [..., half, 4]
+
+
+def _fields(raw: np.ndarray, qtype: QType, rows: int, k: int) -> list[np.ndarray]:
+    """ggml rows -> the chunk's fields in chunk order, each u8[rows, units, slots, width] (a slot of a
+    field is laid out [16 rows][width] in the chunk)."""
+    from ..formats import quant as fq
+
+    blocks, _ = fq.blocks_of(raw, qtype)
+    units = k // unit_values(qtype)
+    blocks = blocks.reshape(rows, units)
+
+    def f16(name: str) -> np.ndarray:
+        return np.ascontiguousarray(blocks[name]).view(np.uint8).reshape(rows, units, 1, 2)
+
+    if qtype in (QType.Q5_0, QType.Q5_1):
+        q = fq.q5_ints(blocks.reshape(-1)).reshape(rows, units, 32)
+        out = [_nibble_lanes(q), _high_planes(q, 5), f16("d")]
+        return out + [f16("m")] if qtype == QType.Q5_1 else out
+    if qtype in (QType.Q4_K, QType.Q5_K):
+        decode = fq.q4_k_ints if qtype == QType.Q4_K else fq.q5_k_ints
+        q, sc, m = decode(blocks.reshape(-1))
+        q = q.reshape(rows, units, 8, 32)
+        lanes = [_nibble_lanes(q)]  # [rows, units, 8, 4, 4]
+        if qtype == QType.Q5_K:
+            lanes.append(_high_planes(q, 5))
+        body = np.concatenate(lanes, axis=3).reshape(rows, units, -1, 4)
+        return [f16("d"), f16("dmin"), sc.reshape(rows, units, 8, 1), m.reshape(rows, units, 8, 1), body]
+    q, sc = fq.q6_k_ints(blocks.reshape(-1))
+    q = q.reshape(rows, units, 8, 32)
+    body = np.concatenate([_nibble_lanes(q), _high_planes(q, 6)], axis=3).reshape(rows, units, -1, 4)
+    return [f16("d"), sc.view(np.uint8).reshape(rows, units, 16, 1), body]
+
+
+def _pack_extra(raw: np.ndarray, qtype: QType, rows: int, k: int) -> np.ndarray:
+    unit = unit_values(qtype)
+    if k % unit:
+        raise ValueError(f"{qtype.name} rows of {k} values: not whole {unit}-value blocks (a column slice of a "
+                         f"{qtype.name} matrix must start and end on a multiple of {unit})")
+    raw = np.ascontiguousarray(raw, dtype=np.uint8).reshape(rows, TRAITS[qtype].row_bytes(k))
+    padded = np.zeros((_round_up(rows, G), raw.shape[1]), np.uint8)  # zero rows: every scale 0, so outputs 0
+    padded[:rows] = raw
+    parts = []
+    for f in _fields(padded, qtype, len(padded), k):
+        g, units, slots, width = len(padded) // G, f.shape[1], f.shape[2], f.shape[3]
+        f = f.reshape(g, G, units, slots, width).transpose(0, 2, 3, 1, 4)  # [group, unit, slot, row, width]
+        parts.append(f.reshape(g, units, -1))
+    chunks = np.concatenate(parts, axis=-1)
+    assert chunks.shape[-1] == chunk_bytes(qtype), (chunks.shape, chunk_bytes(qtype))
+    data = aligned_empty(chunks.size, np.uint8)
+    data[:] = chunks.reshape(-1)
+    return data

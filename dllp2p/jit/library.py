@@ -19,7 +19,10 @@ import llvmlite.ir as ir
 
 from .compiler import DEFAULT_CACHE_DIR, CompiledModule, ObjectCache, Target, compile_module, host_target
 from .ir_barrier import emit_barrier, emit_barrier_demo
-from .ir_matvec import emit_matmul_q, emit_matvec_f, emit_matvec_q, emit_quantize, emit_quantize_q8_0
+from .ir_matvec import (
+    emit_embed_extra, emit_matmul_q, emit_matvec_f, emit_matvec_q, emit_quantize, emit_quantize_q8_0,
+)
+from .layout import EXTRA_TYPES
 from .ir_ops import (
     emit_add, emit_add_q8_0, emit_attention, emit_attention_merge, emit_embed, emit_rmsnorm, emit_rope, emit_silu_mul,
     emit_to_f16, emit_top_k,
@@ -50,6 +53,8 @@ _EMITTERS: dict[Op, Callable] = {
 def _emitter(spec: KernelSpec) -> Callable:
     if spec.op == Op.MATVEC:
         return emit_matvec_q if spec.qtype in QUANT_WEIGHTS else emit_matvec_f
+    if spec.op == Op.EMBED and spec.qtype in EXTRA_TYPES:
+        return emit_embed_extra  # the packed layouts of the 5/6-bit and K-quant types live in ir_matvec
     return _EMITTERS[spec.op]
 
 

@@ -1,13 +1,15 @@
 """The slow, obvious numpy twin of every JIT kernel: the test oracle. Weights here are in ggml's
 own layout (formats.quant), not the packed one, so a test also checks the repacking.
 
-Quantized products are computed exactly: integer block dots in int64, scales combined in float64.
+Quantized products are computed exactly: integer block dots in int64, scales combined in float64 (for
+every block type: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, decoded by formats.quant).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from ..formats import quant
 from ..formats.quant import BLOCK_DTYPES, QK, QType, dequantize
 from .layout import CANDIDATE, act_bytes
 
@@ -47,12 +49,20 @@ def dequantize_q8s(a: np.ndarray, k: int) -> np.ndarray:
 
 
 def _q_terms(raw: np.ndarray, qtype: QType, a: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per (row, block) float64 terms of the product: (scale term d_w d_x dot, offset term)."""
-    blocks = np.ascontiguousarray(raw, np.uint8).reshape(-1).view(BLOCK_DTYPES[qtype]).reshape(raw.shape[0], -1)
+    """Per (row, 32-value block) float64 terms of the product, the two f32 terms the kernel adds per
+    block: (scale term d_w d_x dot, offset term); for Q6_K the two 16-value halves' terms."""
+    rows = raw.shape[0]
+    blocks = np.ascontiguousarray(raw, np.uint8).reshape(-1).view(BLOCK_DTYPES[qtype])
     xq, dx, sx = split_q8s(a, k)
     xq = xq.reshape(-1, QK).astype(np.int64)
+    dx, sx = dx.astype(np.float64), sx.astype(np.float64)
+    if qtype in (QType.Q4_K, QType.Q5_K, QType.Q6_K):
+        return _k_terms(blocks, qtype, rows, xq, dx, sx)
+    blocks = blocks.reshape(rows, -1)
     if qtype == QType.Q8_0:
         wq = blocks["qs"].astype(np.int64)
+    elif qtype in (QType.Q5_0, QType.Q5_1):
+        wq = quant.q5_ints(blocks.reshape(-1)).reshape(rows, -1, QK).astype(np.int64) - (16 if qtype == QType.Q5_0 else 0)
     else:
         qs = blocks["qs"].astype(np.int64)
         wq = np.concatenate([qs & 15, qs >> 4], axis=-1)
@@ -60,8 +70,28 @@ def _q_terms(raw: np.ndarray, qtype: QType, a: np.ndarray, k: int) -> tuple[np.n
             wq = wq - 8
     dots = np.einsum("rbj,bj->rb", wq, xq)
     dw = blocks["d"].astype(np.float64)
-    main = dw * dx.astype(np.float64) * dots
-    offset = blocks["m"].astype(np.float64) * (dx.astype(np.float64) * sx) if qtype == QType.Q4_1 else np.zeros_like(main)
+    main = dw * dx * dots
+    with_min = qtype in (QType.Q4_1, QType.Q5_1)
+    offset = blocks["m"].astype(np.float64) * (dx * sx) if with_min else np.zeros_like(main)
+    return main, offset
+
+
+def _k_terms(blocks, qtype, rows, xq, dx, sx) -> tuple[np.ndarray, np.ndarray]:
+    """K-quants: per sub-block of 32, (d sc_j) dx dot(q, xq) and -(dmin m_j) dx sx; for Q6_K per 32-value
+    block, the terms of its two 16-value sub-blocks (d sc_s) dx dot(q - 32, xq)."""
+    d = blocks["d"].astype(np.float64).reshape(rows, -1, 1)
+    if qtype == QType.Q6_K:
+        q, sc = quant.q6_k_ints(blocks)
+        wq = q.reshape(rows, -1, 2, 16).astype(np.int64) - 32  # [row, 32-block, half, 16]
+        dots = np.einsum("rbhj,bhj->rbh", wq, xq.reshape(-1, 2, 16))
+        scale = (d * sc.astype(np.float64).reshape(rows, -1, 16)).reshape(rows, -1, 2)
+        terms = scale * dx[None, :, None] * dots
+        return terms[..., 0], terms[..., 1]
+    q, sc, m = (quant.q4_k_ints if qtype == QType.Q4_K else quant.q5_k_ints)(blocks)
+    dots = np.einsum("rbj,bj->rb", q.reshape(rows, -1, QK).astype(np.int64), xq)
+    main = (d * sc.reshape(rows, -1, 8)).reshape(rows, -1) * dx * dots
+    dmin = blocks["dmin"].astype(np.float64).reshape(rows, -1, 1)
+    offset = -(dmin * m.reshape(rows, -1, 8)).reshape(rows, -1) * (dx * sx)
     return main, offset
 
 
