@@ -34,8 +34,13 @@ _TILE_SIG = Signature(tuple((n, k) for n, k in (("w", "p"), ("x", "p"), ("xs", "
 
 # --- the 4-byte-group dot product, per instruction set -------------------------------------------------
 
-def dot4(b: ir.IRBuilder, target: Target, acc: ir.Value, u: ir.Value, s: ir.Value) -> ir.Value:
-    """acc <16 x i32> + per lane i: sum_{j<4} u8 u[4i+j] * s8 s[4i+j]  (u, s: <64 x i8>)."""
+def dot4(b: ir.IRBuilder, target: Target, acc: ir.Value, u: ir.Value, s: ir.Value, wmax: int = 255) -> ir.Value:
+    """acc <16 x i32> + per lane i: sum_{j<4} u8 u[4i+j] * s8 s[4i+j]  (u, s: <64 x i8>), every u byte <= wmax.
+    AArch64 multiplies signed bytes only, so there wmax must be <= 127 (Q8_0's biased bytes: _block_dots)."""
+    if target.is_aarch64:
+        if wmax > 127:
+            raise ValueError(f"AArch64 dots take weights <= 127 as s8, not up to {wmax}")
+        return _neon_sdot(b, target, acc, u, s)
     if target.dot_isa == "avx512vnni":
         return _vpdpbusd(b, 16, acc, u, s)
     if target.dot_isa == "avxvnni":
@@ -62,6 +67,30 @@ def _vpdpbusd(b: ir.IRBuilder, lanes: int, acc: ir.Value, u: ir.Value, s: ir.Val
         return b.call(intrinsic(b.module, name, v32, [v32, v8, v8]), [acc, u, s])
     fn = intrinsic(b.module, name, v32, [v32, v32, v32])
     return b.call(fn, [acc, b.bitcast(u, v32), b.bitcast(s, v32)])
+
+
+def _neon_sdot(b: ir.IRBuilder, target: Target, acc: ir.Value, a: ir.Value, s: ir.Value) -> ir.Value:
+    """acc <16 x i32> + per lane i: sum_{j<4} s8 a[4i+j] * s8 s[4i+j]  (a, s: <64 x i8>), in four 128-bit
+    quarters. 'dotprod' (Cortex-A55/A76, Raspberry Pi 5): one `sdot` per quarter. 'neon' (Cortex-A72,
+    Raspberry Pi 4): `smull` to 8 exact s16 products (|p| <= 128 * 128), `saddlp` adds pairs into s32,
+    `addp` adds the pairs of pairs: the same sums, exact."""
+    v4i32, v16i8, v8i16 = vec(I32, 4), vec(I8, 16), vec(ir.IntType(16), 8)
+    def part(v: ir.Value, lo: int, n: int) -> ir.Value:
+        return b.shuffle_vector(v, v, mask(range(lo, lo + n)))
+    quarters = []
+    for q in range(4):
+        acc4 = part(acc, 4 * q, 4)
+        if target.dot_isa == "dotprod":
+            sdot = intrinsic(b.module, "llvm.aarch64.neon.sdot.v4i32.v16i8", v4i32, [v4i32, v16i8, v16i8])
+            quarters.append(b.call(sdot, [acc4, part(a, 16 * q, 16), part(s, 16 * q, 16)]))
+            continue
+        saddlp = intrinsic(b.module, "llvm.aarch64.neon.saddlp.v4i32.v8i16", v4i32, [v8i16])
+        addp = intrinsic(b.module, "llvm.aarch64.neon.addp.v4i32", v4i32, [v4i32, v4i32])
+        pairs = [b.call(saddlp, [b.mul(b.sext(part(a, 16 * q + 8 * h, 8), v8i16), b.sext(part(s, 16 * q + 8 * h, 8), v8i16))])
+                 for h in range(2)]
+        quarters.append(b.add(acc4, b.call(addp, pairs)))
+    halves = [b.shuffle_vector(quarters[2 * h], quarters[2 * h + 1], mask(range(8))) for h in range(2)]
+    return b.shuffle_vector(halves[0], halves[1], mask(range(16)))
 
 
 def _fmuladd(b: ir.IRBuilder, x: ir.Value, y: ir.Value, z: ir.Value) -> ir.Value:
@@ -181,6 +210,17 @@ def _block_dots(b, target, qtype, wc, xq, biased: bool = True) -> ir.Value:
         return _avx2_block_dots(b, qtype, wc, xq, signed_q8=not biased)
     zero = ir.Constant(V16I32, None)
     acc = [zero, zero]
+    if qtype == QType.Q8_0 and target.is_aarch64:  # u8 q + 128 -> s8 q; signed dots (+ the bias if asked)
+        flip = splat_const(I8, 64, -128)
+        for j in range(8):
+            w = b.xor(load(b, wc, V64I8, i64(64 * j)), flip)
+            acc[j % 2] = dot4(b, target, acc[j % 2], w, _bcast4(b, xq, i64(4 * j)), wmax=127)
+        dot = b.add(acc[0], acc[1])
+        if not biased:
+            return dot
+        sx = b.call(intrinsic(b.module, "llvm.vector.reduce.add.v32i32", I32, [vec(I32, 32)]),
+                    [b.sext(load(b, xq, vec(I8, 32)), vec(I32, 32))])
+        return b.add(dot, splat(b, b.mul(sx, i32(128)), 16))
     if qtype == QType.Q8_0:
         for j in range(8):
             acc[j % 2] = dot4(b, target, acc[j % 2], load(b, wc, V64I8, i64(64 * j)), _bcast4(b, xq, i64(4 * j)))
@@ -188,8 +228,8 @@ def _block_dots(b, target, qtype, wc, xq, biased: bool = True) -> ir.Value:
         lo_mask, four = splat_const(I8, 64, 15), splat_const(I8, 64, 4)
         for j in range(4):
             v = load(b, wc, V64I8, i64(64 * j))
-            acc[0] = dot4(b, target, acc[0], b.and_(v, lo_mask), _bcast4(b, xq, i64(4 * j)))
-            acc[1] = dot4(b, target, acc[1], b.lshr(v, four), _bcast4(b, xq, i64(16 + 4 * j)))
+            acc[0] = dot4(b, target, acc[0], b.and_(v, lo_mask), _bcast4(b, xq, i64(4 * j)), wmax=15)
+            acc[1] = dot4(b, target, acc[1], b.lshr(v, four), _bcast4(b, xq, i64(16 + 4 * j)), wmax=15)
     return b.add(acc[0], acc[1])
 
 
@@ -205,8 +245,8 @@ def _emit_tile(module: ir.Module, qtype: QType, tile: int, target: Target) -> ir
     nb = b.lshr(k, i64(5))
     d_off, s_off = k, b.add(k, b.shl(nb, i64(2)))
     offset = {QType.Q4_0: 8, QType.Q8_0: 128}.get(qtype)  # the u8 bias folded into sum(q * xq)
-    if qtype == QType.Q8_0 and target.dot_isa == "avx2":
-        offset = None  # the AVX2 Q8_0 dot is signed already (_avx2_block_dots(..., signed=True))
+    if qtype == QType.Q8_0 and (target.dot_isa == "avx2" or target.is_aarch64):
+        offset = None  # the AVX2 and AArch64 Q8_0 dots are signed already (_block_dots(..., biased=False))
     per_iter = PAIR_GROUPS if tile == 1 else 1
     accs = [[entry_alloca(b, V16F32, name=f"acc{g}_{t}") for t in range(tile)] for g in range(per_iter)]
 
@@ -341,7 +381,7 @@ def _dot_pairs(b: ir.IRBuilder, target: Target, pairs: list[tuple[ir.Value, ir.V
         zero = ir.Constant(V16I32, None)
         acc = [zero, zero]
         for i, (w, x) in enumerate(pairs):
-            acc[i % 2] = dot4(b, target, acc[i % 2], w, x)
+            acc[i % 2] = dot4(b, target, acc[i % 2], w, x, wmax)
         return b.add(acc[0], acc[1])
     v32i8, v16i16, v8i32 = vec(I8, 32), vec(ir.IntType(16), 16), vec(I32, 8)
     maddubs = intrinsic(b.module, "llvm.x86.avx2.pmadd.ub.sw", v16i16, [v32i8, v32i8])

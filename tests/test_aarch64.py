@@ -1,0 +1,181 @@
+"""AArch64 (Raspberry Pi 4: Cortex-A72; Pi 5: Cortex-A76): the target override, the kernels' assembly
+for each Pi, and, under qemu-aarch64 with the Debian arm64 sysroot that .ci/aarch64-sysroot.sh builds,
+the kernels against their numpy twins, a greedy SmolLM2 run equal to this machine's, and a cluster of
+an x86 process and an aarch64 daemon.
+
+The qemu tests skip, saying why, when the sysroot or qemu-aarch64-static is missing; .ci/run builds both.
+QEMU_CPU=max emulates a CPU with every feature qemu knows (dot product included), so both the sdot
+(cortex-a76) and the plain NEON (cortex-a72) code run; the target is chosen with DLLP2P_TARGET_CPU.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from dllp2p.jit.compiler import (
+    AARCH64_TRIPLE, TARGET_ENV, Target, TargetError, emit_assembly, host_target, parse_target, target_from_env,
+)
+from dllp2p.jit.library import build_module
+from dllp2p.jit.specs import QUANT_WEIGHTS, KernelSpec, Op
+from dllp2p.formats.quant import QType
+
+ROOT = Path(__file__).resolve().parent.parent
+TESTS = ROOT / "tests"
+AARCH64_DIR = Path(os.environ.get("DLLP2P_AARCH64_DIR") or Path.home() / ".cache" / "dllp2p-aarch64")
+QEMU = shutil.which("qemu-aarch64-static") or shutil.which("qemu-aarch64")
+PROMPT = ["--prompt", "The capital of France is", "--temperature", "0", "--steps", "8", "--threads", "1"]
+
+
+# --- the target override (no qemu needed) -----------------------------------------------------------
+
+def test_parse_target_names_and_features():
+    a76, a72 = parse_target("cortex-a76"), parse_target("cortex-a72")
+    assert a76.triple == a72.triple == AARCH64_TRIPLE
+    assert (a76.dot_isa, a72.dot_isa) == ("dotprod", "neon")
+    assert parse_target("cortex-a76,-dotprod").dot_isa == "neon"  # a feature switched off
+    assert parse_target("cortex-a72,+dotprod").dot_isa == "dotprod"
+    assert parse_target("icelake-server").dot_isa == "avx512vnni"
+    assert parse_target("alderlake").dot_isa == "avxvnni"
+    assert parse_target("haswell").dot_isa == "avx2"
+    assert parse_target("x86-64").dot_isa == "generic"
+    t = parse_target(f"{AARCH64_TRIPLE}:cortex-x1,+neon,+dotprod")
+    assert t == Target(AARCH64_TRIPLE, "cortex-x1", "+neon,+dotprod")
+    with pytest.raises(TargetError, match="unknown CPU 'cortex-a99'"):
+        parse_target("cortex-a99")
+    with pytest.raises(TargetError, match="must start with"):
+        parse_target("cortex-a76,dotprod")
+
+
+def test_target_from_env_reads_the_override_and_refuses_another_architecture():
+    host = host_target()
+    assert target_from_env({}) == host
+    same_arch = "haswell" if host.is_x86 else "cortex-a72"
+    assert target_from_env({TARGET_ENV: same_arch}) == parse_target(same_arch)
+    other = "cortex-a76" if host.is_x86 else "haswell"
+    with pytest.raises(TargetError, match="can only emit its assembly"):
+        target_from_env({TARGET_ENV: other})
+
+
+def _int8_module(target: Target):
+    """The matvec and a matmul tile of SmolLM2's types and of a 6-bit K-quant (every dot4 caller)."""
+    types = (QType.Q4_0, QType.Q8_0, QType.Q6_K)
+    return build_module([KernelSpec(Op.MATVEC, q) for q in types] + [KernelSpec(Op.MATMUL, types[0], 3)], target)
+
+
+def test_cortex_a76_uses_sdot_and_cortex_a72_plain_neon():
+    """Assembly only (this machine need not run it): Pi 5's core gets the ARMv8.2 dot product, Pi 4's
+    (which has none) widening multiplies and pairwise adds."""
+    a76, a72 = parse_target("cortex-a76"), parse_target("cortex-a72")
+    asm76, asm72 = emit_assembly(_int8_module(a76), a76), emit_assembly(_int8_module(a72), a72)
+    assert re.search(r"\bsdot\s+v\d+\.4s", asm76)
+    assert "sdot" not in asm72 and "udot" not in asm72
+    assert re.search(r"\bsmull2?\s+v\d+\.8h", asm72) and re.search(r"\bsaddlp\s+v\d+\.4s", asm72)
+
+
+def test_every_quant_type_compiles_for_both_pis():
+    for cpu in ("cortex-a76", "cortex-a72"):
+        t = parse_target(cpu)
+        asm = emit_assembly(build_module([KernelSpec(Op.MATVEC, q) for q in QUANT_WEIGHTS], t), t)
+        assert ("sdot" in asm) == (cpu == "cortex-a76")
+
+
+# --- under qemu-aarch64 -----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def sysroot() -> Path:
+    if QEMU is None:
+        pytest.skip("no qemu-aarch64-static (apt install qemu-user-static; .ci/run does)")
+    if not (AARCH64_DIR / ".stamp").is_file():
+        pytest.skip(f"no aarch64 sysroot in {AARCH64_DIR}: run .ci/aarch64-sysroot.sh (.ci/run does)")
+    return AARCH64_DIR
+
+
+def qemu_env(sysroot: Path, cache: Path, target_cpu: str | None = None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "VIRTUAL_ENV", "DLLP2P_"))}
+    env.update(QEMU_CPU="max", PYTHONPATH=f"{sysroot / 'site'}:{ROOT}", DLLP2P_CACHE_DIR=str(cache),
+               PYTHONDONTWRITEBYTECODE="1")
+    if target_cpu:
+        env[TARGET_ENV] = target_cpu
+    return env
+
+
+def qemu_python(sysroot: Path) -> list[str]:
+    return [QEMU, "-L", str(sysroot / "sysroot"), str(sysroot / "sysroot/usr/bin/python3.11")]
+
+
+@pytest.mark.parametrize("cpu", ["cortex-a72", "cortex-a76"])
+def test_kernels_under_qemu_match_the_numpy_twins(sysroot, tmp_path, cpu):
+    r = subprocess.run([*qemu_python(sysroot), str(TESTS / "aarch64_kernels.py")], capture_output=True, text=True,
+                       env=qemu_env(sysroot, tmp_path, cpu), cwd=ROOT, timeout=480)
+    assert r.returncode == 0, r.stdout + r.stderr
+    isa = "dotprod" if cpu == "cortex-a76" else "neon"
+    assert f"{cpu} " in r.stdout and f"dot_isa={isa}" in r.stdout
+    assert re.search(r"^ok 16 checks", r.stdout, re.M), r.stdout
+
+
+@pytest.fixture(scope="module")
+def model_file() -> Path:
+    from dllp2p.models import NoModel, default_model_path
+    try:
+        return default_model_path()
+    except NoModel as e:
+        pytest.skip(str(e))
+
+
+def x86_run(model_file: Path, tmp: Path) -> str:
+    env = {**os.environ, "DLLP2P_CACHE_DIR": str(tmp), "PYTHONPATH": str(ROOT)}
+    env.pop(TARGET_ENV, None)
+    r = subprocess.run([sys.executable, "-m", "dllp2p.cli", "run", "--local", "--model", str(model_file), *PROMPT],
+                       capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
+@pytest.mark.slow
+def test_greedy_smollm2_under_qemu_equals_this_machine(sysroot, model_file, tmp_path):
+    want = x86_run(model_file, tmp_path / "x86")
+    r = subprocess.run([*qemu_python(sysroot), "-m", "dllp2p.cli", "run", "--local", "--model", str(model_file),
+                        *PROMPT], capture_output=True, text=True, env=qemu_env(sysroot, tmp_path / "arm", "cortex-a76"),
+                       cwd=ROOT, timeout=480)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == want and want.startswith(" Paris")
+
+
+@pytest.mark.slow
+def test_x86_root_and_aarch64_daemon_give_the_single_node_text(sysroot, model_file, tmp_path):
+    """A mixed cluster on loopback: this machine's `dllp2p run --workers` splits SmolLM2 with an aarch64
+    daemon under qemu (own port, own cluster name, no mDNS); exact exchange: the single-node text."""
+    want = x86_run(model_file, tmp_path / "x86")
+    cmd = [*qemu_python(sysroot), "-m", "dllp2p.cli", "daemon", "--host", "127.0.0.1", "--port", "0", "--threads", "1",
+           "--state-dir", str(tmp_path / "arm-state"), "--cluster", f"arm-{os.getpid()}", "--no-discovery",
+           "--api", "off"]
+    p = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=qemu_env(sysroot, tmp_path / "arm", "cortex-a76"),
+                         cwd=ROOT)
+    try:
+        line = p.stderr.readline()
+        m = re.search(r"node (\S+) listening on (\S+)", line)
+        assert m, f"aarch64 daemon did not start: {line}{p.stderr.read() if p.poll() is not None else ''}"
+        threading.Thread(target=p.stderr.read, daemon=True).start()
+        env = {**os.environ, "DLLP2P_CACHE_DIR": str(tmp_path / "x86"), "PYTHONPATH": str(ROOT)}
+        env.pop(TARGET_ENV, None)
+        r = subprocess.run([sys.executable, "-m", "dllp2p.cli", "run", "--model", str(model_file), *PROMPT,
+                            "--workers", m.group(2), "--stats"], capture_output=True, text=True, env=env, cwd=ROOT,
+                           timeout=540)
+        assert r.returncode == 0, r.stderr
+        assert "2 nodes" in r.stderr or "nodes" in r.stderr, r.stderr
+        assert r.stdout == want
+    finally:
+        p.terminate()
+        try:
+            p.wait(20)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait(5)
