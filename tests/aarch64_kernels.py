@@ -4,11 +4,12 @@ plain NEON path, cortex-a76 for sdot). Not collected by pytest itself (no test_ 
 
 A focused subset of test_jit_kernels.py, chosen to stay within CI time under emulation (compiling is
 the cost: one small module): activation quantization bit-exact; the matvec of SmolLM2's types (Q4_0,
-Q4_1, Q8_0) and of a 5-bit and two K-quant types (each dot path: 4-bit and Q8_0's flipped bytes, and the
-pair sums of 5/6-bit values), at a single-group and a multi-group shape with a row range, with the
-largest products in the last block; and the tile-3 matmul of Q4_0, Q8_0 and Q6_K (3 + 2 activation
-rows: both the tile and the one-row tail). Same tolerances as test_jit_kernels.py. Prints one line per
-check and 'ok N' at the end; any failure raises (non-zero exit).
+Q4_1, Q8_0), a 5-bit, two K-quant and the two IQ4 types (each dot path: 4-bit values, Q8_0's flipped
+bytes, the pair sums of 5/6-bit values, the IQ4 table lookup with `tbl`), at a single-group and a
+multi-group shape with a row range, with the largest products in the last block; and the tile-3 matmul
+of Q4_0, Q8_0, Q6_K and IQ4_XS (3 + 2 activation rows: both the tile and the one-row tail).
+Same tolerances as test_jit_kernels.py. Prints one line per check and 'ok N' at the end; any failure
+raises (non-zero exit).
 """
 
 from __future__ import annotations
@@ -31,8 +32,8 @@ from test_jit_kernels import (  # noqa: E402
     P, SENTINEL, assert_within, extreme_values, kk, q8s, q_tol, random_acts, random_raw, run_matvec_q,
 )
 
-MATVEC_TYPES = (QType.Q4_0, QType.Q4_1, QType.Q8_0, QType.Q5_0, QType.Q4_K, QType.Q6_K)
-MATMUL_TYPES = (QType.Q4_0, QType.Q8_0, QType.Q6_K)
+MATVEC_TYPES = (QType.Q4_0, QType.Q4_1, QType.Q8_0, QType.Q5_0, QType.Q4_K, QType.Q6_K, QType.IQ4_NL, QType.IQ4_XS)
+MATMUL_TYPES = (QType.Q4_0, QType.Q8_0, QType.Q6_K, QType.IQ4_XS)
 SHAPES = ((13, 256, 0, 13), (40, 512, 16, 40))  # rows, k, r0, r1
 
 

@@ -68,8 +68,8 @@ def test_target_from_env_reads_the_override_and_refuses_another_architecture():
 
 
 def _int8_module(target: Target):
-    """The matvec and a matmul tile of SmolLM2's types and of a 6-bit K-quant (every dot4 caller)."""
-    types = (QType.Q4_0, QType.Q8_0, QType.Q6_K)
+    """The matvec and a matmul tile of SmolLM2's types, a 6-bit K-quant and IQ4_XS (every dot4 caller)."""
+    types = (QType.Q4_0, QType.Q8_0, QType.Q6_K, QType.IQ4_XS)
     return build_module([KernelSpec(Op.MATVEC, q) for q in types] + [KernelSpec(Op.MATMUL, types[0], 3)], target)
 
 
@@ -81,6 +81,7 @@ def test_cortex_a76_uses_sdot_and_cortex_a72_plain_neon():
     assert re.search(r"\bsdot\s+v\d+\.4s", asm76)
     assert "sdot" not in asm72 and "udot" not in asm72
     assert re.search(r"\bsmull2?\s+v\d+\.8h", asm72) and re.search(r"\bsaddlp\s+v\d+\.4s", asm72)
+    assert re.search(r"\btbl\s+v\d+\.16b", asm76) and re.search(r"\btbl\s+v\d+\.16b", asm72)  # IQ4's table
 
 
 def test_every_quant_type_compiles_for_both_pis():
@@ -128,7 +129,8 @@ def test_kernels_under_qemu_match_the_numpy_twins(sysroot, tmp_path, cpu):
     assert r.returncode == 0, r.stdout + r.stderr
     isa = "dotprod" if cpu == "cortex-a76" else "neon"
     assert f"{cpu} " in r.stdout and f"dot_isa={isa}" in r.stdout
-    assert re.search(r"^ok 16 checks", r.stdout, re.M), r.stdout
+    m = re.search(r"^ok (\d+) checks", r.stdout, re.M)
+    assert m and int(m.group(1)) == 21 == len(re.findall(r"(within the bound|bit-exact)$", r.stdout, re.M)), r.stdout
 
 
 @pytest.fixture(scope="module")

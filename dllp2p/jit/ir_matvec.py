@@ -464,6 +464,13 @@ def _lookup16(b: ir.IRBuilder, target: Target, idx: ir.Value, table: list[int]) 
         t32 = ir.Constant(v32, [ir.Constant(I8, table[i % 16]) for i in range(32)])
         halves = [b.call(fn, [t32, h]) for h in _avx2_halves(b, idx)]
         return b.shuffle_vector(halves[0], halves[1], mask(range(64)))
+    if target.is_aarch64:  # tbl: one 16-entry byte lookup per 128-bit quarter
+        v16 = vec(I8, 16)
+        fn = intrinsic(b.module, "llvm.aarch64.neon.tbl1.v16i8", v16, [v16, v16])
+        t16 = ir.Constant(v16, [ir.Constant(I8, t) for t in table])
+        q = [b.call(fn, [t16, b.shuffle_vector(idx, idx, mask(range(16 * i, 16 * i + 16)))]) for i in range(4)]
+        halves = [b.shuffle_vector(q[2 * h], q[2 * h + 1], mask(range(32))) for h in range(2)]
+        return b.shuffle_vector(halves[0], halves[1], mask(range(64)))
     out = splat_const(I8, 64, table[0])
     for i in range(1, 16):
         out = b.select(b.icmp_unsigned("==", idx, splat_const(I8, 64, i)), splat_const(I8, 64, table[i]), out)
@@ -493,8 +500,8 @@ def _signed_dot_pairs(b: ir.IRBuilder, pairs: list[tuple[ir.Value, ir.Value]]) -
 def _iq4_dot(b: ir.IRBuilder, target: Target, wq: ir.Value, xq: ir.Value, sx: ir.Value) -> ir.Value:
     """<16 x i32> sum_i IQ4_VALUES[nibble_i] * xq_i for the IQ4 block whose lanes start at wq. The table
     is looked up as u8 (value + 128) for u8 x s8 dots, then 128 * sx taken off; on AVX2 as s8 (vpmaddubsw
-    would saturate on u8 values up to 241)."""
-    signed = target.dot_isa == "avx2"
+    would saturate on u8 values up to 241) and on AArch64 (sdot / smull take s8: |value| <= 127)."""
+    signed = target.dot_isa == "avx2" or target.is_aarch64
     table = [int(v) + (0 if signed else 128) for v in IQ4_VALUES]
     table = [t - 256 if t > 127 else t for t in table]  # as i8 bit patterns
     lo_mask, four = splat_const(I8, 64, 15), splat_const(I8, 64, 4)
@@ -503,6 +510,8 @@ def _iq4_dot(b: ir.IRBuilder, target: Target, wq: ir.Value, xq: ir.Value, sx: ir
         v = load(b, wq, V64I8, i64(64 * j))
         pairs.append((_lookup16(b, target, b.and_(v, lo_mask), table), _bcast4(b, xq, i64(4 * j))))
         pairs.append((_lookup16(b, target, b.lshr(v, four), table), _bcast4(b, xq, i64(16 + 4 * j))))
+    if target.is_aarch64:
+        return _dot_pairs(b, target, pairs, 127)  # s8 table values, |v| <= 127: sdot / smull as they are
     if signed:
         return _signed_dot_pairs(b, pairs)
     return b.sub(_dot_pairs(b, target, pairs, 255), splat(b, b.mul(sx, i32(128)), 16))
