@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from dataclasses import dataclass
 from typing import Sequence
@@ -264,6 +265,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .errors import user_facing_errors
 
     try:
+        if os.environ.get("DLLP2P_TARGET_CPU"):  # read here, once, for every compile of this process
+            from .jit.compiler import default_target
+
+            default_target()
         if ns.command == "run":
             from .run import run
 
@@ -280,8 +285,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             import logging
 
             from . import daemon
-
-            import os
 
             settings = daemon_settings(ns)
             config = config_of_settings(settings, os.environ)

@@ -252,3 +252,14 @@ def test_logits_under_qemu_equal_x86(sysroot, model_file, arm_cache, tmp_path):
     if host_target().has("fma"):
         np.testing.assert_array_equal(got, want)
     assert diff <= 1e-3
+
+
+@pytest.mark.parametrize("value,message", [("cortex-a99", "unknown CPU 'cortex-a99'"),
+                                           ("cortex-a76" if host_target().is_x86 else "haswell", "can only emit")])
+def test_cli_refuses_a_bad_target_at_start(tmp_path, value, message):
+    """DLLP2P_TARGET_CPU is checked when the command starts, before any model is read: a one-line error."""
+    env = {**os.environ, TARGET_ENV: value, "DLLP2P_CACHE_DIR": str(tmp_path), "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([sys.executable, "-m", "dllp2p.cli", "run", "--local", "--model", str(tmp_path / "none.gguf"),
+                        "--prompt", "x"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+    assert r.returncode != 0 and message in r.stderr and "none.gguf" not in r.stderr, r.stderr
+    assert r.stderr.startswith("dllp2p: error: DLLP2P_TARGET_CPU")
