@@ -31,6 +31,7 @@ DEFAULT_CACHE_DIR = Path(
 
 _LOCK = threading.Lock()  # every LLVM call in this process goes through this lock
 _initialized = False
+_all_targets = False  # the other architectures' code generators: only to emit their assembly (tests)
 
 
 # C library functions generated code may call (sleeping, yielding, socket I/O, the clock)
@@ -40,8 +41,8 @@ LIBC_SYMBOLS = ("usleep", "sched_yield", "send", "recv", "clock_gettime", "__err
 def _init_llvm() -> None:
     global _initialized
     if not _initialized:
-        llvm.initialize_all_targets()  # every built-in target: assembly for other CPUs (tests, cross-checks)
-        llvm.initialize_all_asmprinters()
+        llvm.initialize_native_target()
+        llvm.initialize_native_asmprinter()
         libc = ctypes.CDLL(None)
         for name in LIBC_SYMBOLS:  # resolved for the JIT linker by address, so the IR names no library
             llvm.add_symbol(name, ctypes.cast(getattr(libc, name), ctypes.c_void_p).value)
@@ -83,8 +84,13 @@ class Target:
         return "generic"
 
     def machine(self) -> llvm.TargetMachine:
+        global _all_targets
         with _LOCK:
             _init_llvm()
+            if not _all_targets and self.triple.split("-")[0] != llvm.get_process_triple().split("-")[0]:
+                llvm.initialize_all_targets()  # ~9 ms, so not at every start
+                llvm.initialize_all_asmprinters()
+                _all_targets = True
             target = llvm.Target.from_triple(self.triple)
             return target.create_target_machine(cpu=self.cpu, features=self.features, opt=3, codemodel="jitdefault")
 
