@@ -20,7 +20,10 @@ if [[ -f "$DIR/.stamp" && "$(cat "$DIR/.stamp")" == "$STAMP" ]]; then
     echo "aarch64 sysroot: cached in $DIR"; exit 0
 fi
 t0=$(date +%s)
-as_root() { if [[ $(id -u) == 0 ]]; then "$@"; elif command -v sudo >/dev/null; then sudo "$@"; else return 1; fi; }
+as_root() {
+    if [[ $(id -u) == 0 ]]; then "$@"; elif command -v sudo >/dev/null; then sudo "$@"
+    else echo "aarch64 sysroot: needs root or sudo to run: $*" >&2; return 1; fi
+}
 if ! dpkg --print-foreign-architectures | grep -qx arm64; then
     as_root dpkg --add-architecture arm64
     as_root apt-get update -qq
