@@ -328,6 +328,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     ns = parser.parse_args(argv)
     try:
+        if os.environ.get("DLLP2P_TARGET_CPU"):  # read here, once, for every compile of this process
+            from .jit.compiler import default_target
+
+            default_target()
         if ns.command == "run":
             return run.run(run_config(ns))
         if ns.command == "chat":

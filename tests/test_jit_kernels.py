@@ -734,8 +734,8 @@ def test_extra_types_select_the_dot_instruction(qtype, cpu, features, isa):
     assert isa in asm
 
 
-# Features to switch off, per dot path, to make the host compile that path (x86; elsewhere only 'generic').
-_PATH_OFF = {"avx2": ("avx512vnni", "avxvnni"), "generic": ("avx512vnni", "avxvnni", "avx2")}
+# Features to switch off, per dot path, to make the host compile that path (x86's, or AArch64's plain NEON).
+_PATH_OFF = {"avx2": ("avx512vnni", "avxvnni"), "generic": ("avx512vnni", "avxvnni", "avx2"), "neon": ("dotprod",)}
 
 
 def extreme_values(raw: np.ndarray, qtype: QType) -> np.ndarray:
@@ -754,14 +754,17 @@ def extreme_values(raw: np.ndarray, qtype: QType) -> np.ndarray:
     return raw
 
 
-@pytest.mark.parametrize("isa", ["avx2", "generic"])
+@pytest.mark.parametrize("isa", ["avx2", "generic", "neon"])
 def test_fallback_dot_paths(lib, isa):
     """The host CPU with its dot-product features switched off compiles the AVX2 (vpmaddubsw) and the
-    portable u8 x s8 dot (plain IR), runs them, and they agree with the twin and with the host build."""
+    portable u8 x s8 dot (plain IR), or on AArch64 the plain NEON dot (smull) instead of sdot, runs them,
+    and they agree with the twin and with the host build."""
     h = host_target()
     if isa == "avx2" and not (h.is_x86 and h.has("avx2")):
         pytest.skip(f"host CPU {h.cpu} cannot run AVX2 code")
-    off = _PATH_OFF[isa] if h.is_x86 else ()
+    if (isa == "neon") != h.is_aarch64:
+        pytest.skip(f"the {isa} path is not one of {h.triple}'s (AArch64: tests/test_aarch64.py under qemu)")
+    off = _PATH_OFF[isa]
     feats = [f for f in h.features.split(",") if f and f[1:] not in off] + [f"-{f}" for f in off]
     t = Target(h.triple, h.cpu, ",".join(feats))
     assert t.dot_isa == isa

@@ -31,6 +31,7 @@ DEFAULT_CACHE_DIR = Path(
 
 _LOCK = threading.Lock()  # every LLVM call in this process goes through this lock
 _initialized = False
+_all_targets = False  # the other architectures' code generators: only to emit their assembly (tests)
 
 
 # C library functions generated code may call (sleeping, yielding, socket I/O, the clock)
@@ -64,9 +65,16 @@ class Target:
         return self.triple.startswith(("x86_64", "i686", "i386"))
 
     @property
+    def is_aarch64(self) -> bool:
+        return self.triple.startswith(("aarch64", "arm64"))
+
+    @property
     def dot_isa(self) -> str:
         """How an u8 x s8 -> s32 dot of 4-byte groups is emitted: 'avx512vnni', 'avxvnni', 'avx2'
-        (vpmaddubsw + vpmaddwd) or 'generic' (plain IR, which LLVM vectorizes as it can)."""
+        (vpmaddubsw + vpmaddwd), on AArch64 'dotprod' (sdot, ARMv8.2 dot product) or 'neon' (smull +
+        pairwise widening adds), else 'generic' (plain IR, which LLVM vectorizes as it can)."""
+        if self.is_aarch64:
+            return "dotprod" if self.has("dotprod") else "neon"
         if self.is_x86 and self.has("avx512vnni") and self.has("avx512bw"):
             return "avx512vnni"
         if self.is_x86 and self.has("avxvnni"):
@@ -76,8 +84,13 @@ class Target:
         return "generic"
 
     def machine(self) -> llvm.TargetMachine:
+        global _all_targets
         with _LOCK:
             _init_llvm()
+            if not _all_targets and self.triple.split("-")[0] != llvm.get_process_triple().split("-")[0]:
+                llvm.initialize_all_targets()  # ~9 ms, so not at every start
+                llvm.initialize_all_asmprinters()
+                _all_targets = True
             target = llvm.Target.from_triple(self.triple)
             return target.create_target_machine(cpu=self.cpu, features=self.features, opt=3, codemodel="jitdefault")
 
@@ -86,6 +99,82 @@ def host_target() -> Target:
     with _LOCK:
         _init_llvm()
         return Target(llvm.get_process_triple(), llvm.get_host_cpu_name(), llvm.get_host_cpu_features().flatten())
+
+
+class TargetError(ValueError):
+    """A target override (DLLP2P_TARGET_CPU) that names no known CPU or cannot run in this process."""
+
+
+TARGET_ENV = "DLLP2P_TARGET_CPU"
+AARCH64_TRIPLE, X86_64_TRIPLE = "aarch64-unknown-linux-gnu", "x86_64-unknown-linux-gnu"
+# Feature strings of the CPUs an override may name without spelling out features (the ones dot_isa and
+# has_native_f16 look at; the CPU name itself makes LLVM schedule and select for that core).
+_A_BASE = "+neon,+fp-armv8,+crc"
+_A_V82 = _A_BASE + ",+lse,+rdm,+rcpc,+fullfp16,+dotprod"
+_X_AVX2 = "+sse4.2,+popcnt,+avx,+avx2,+fma,+f16c,+bmi2"
+_X_512 = _X_AVX2 + ",+avx512f,+avx512bw,+avx512dq,+avx512vl"
+KNOWN_CPUS: dict[str, tuple[str, str]] = {
+    "generic-aarch64": (AARCH64_TRIPLE, _A_BASE),      # any ARMv8-A (Raspberry Pi 3)
+    "cortex-a53": (AARCH64_TRIPLE, _A_BASE),           # Raspberry Pi 3, Zero 2 W
+    "cortex-a72": (AARCH64_TRIPLE, _A_BASE),           # Raspberry Pi 4, 400: no dot product
+    "cortex-a55": (AARCH64_TRIPLE, _A_V82),
+    "cortex-a76": (AARCH64_TRIPLE, _A_V82),            # Raspberry Pi 5: sdot/udot
+    "neoverse-n1": (AARCH64_TRIPLE, _A_V82),
+    "x86-64": (X86_64_TRIPLE, "+sse2"),
+    "haswell": (X86_64_TRIPLE, _X_AVX2),
+    "znver2": (X86_64_TRIPLE, _X_AVX2),
+    "znver3": (X86_64_TRIPLE, _X_AVX2),
+    "alderlake": (X86_64_TRIPLE, _X_AVX2 + ",+avxvnni"),
+    "skylake-avx512": (X86_64_TRIPLE, _X_512),
+    "icelake-server": (X86_64_TRIPLE, _X_512 + ",+avx512vnni"),
+    "znver4": (X86_64_TRIPLE, _X_512 + ",+avx512vnni"),
+}
+
+
+def parse_target(text: str) -> Target:
+    """A target from an override: 'CPU' (a name of KNOWN_CPUS), 'CPU,+feat,-feat' (features added to or
+    removed from the known ones) or 'TRIPLE:CPU,+feat,...' (any CPU LLVM knows, features spelled out)."""
+    triple, _, rest = text.strip().rpartition(":")
+    cpu, *extra = [part.strip() for part in rest.split(",") if part.strip()] or [""]
+    if not cpu:
+        raise TargetError(f"{TARGET_ENV}={text!r} names no CPU")
+    known_triple, features = KNOWN_CPUS.get(cpu, (None, ""))
+    if not triple and known_triple is None:
+        raise TargetError(f"{TARGET_ENV}: unknown CPU {cpu!r}; name one of {', '.join(KNOWN_CPUS)} or give "
+                          f"'TRIPLE:CPU,+feature,...' (e.g. {AARCH64_TRIPLE}:cortex-a78,+neon,+dotprod)")
+    feats = [f for f in features.split(",") if f]
+    for f in extra:
+        if f[:1] not in "+-" or len(f) < 2:
+            raise TargetError(f"{TARGET_ENV}: feature {f!r} must start with + or -")
+        feats = [g for g in feats if g[1:] != f[1:]] + [f]
+    triple = triple or known_triple
+    llvm_cpu = "generic" if cpu == "generic-aarch64" else cpu
+    return Target(triple, llvm_cpu, ",".join(feats))
+
+
+def target_from_env(environ: dict[str, str] | None = None) -> Target:
+    """The target kernels are compiled for: DLLP2P_TARGET_CPU's (see parse_target) or the host's. An
+    override for another architecture than this process's is an error here: its code cannot run."""
+    text = (os.environ if environ is None else environ).get(TARGET_ENV, "").strip()
+    host = host_target()
+    if not text:
+        return host
+    target = parse_target(text)
+    if target.triple.split("-")[0] != host.triple.split("-")[0]:
+        raise TargetError(f"{TARGET_ENV}={text!r} is a {target.triple} target; this process runs on "
+                          f"{host.triple} and can only emit its assembly (compiler.emit_assembly)")
+    return target
+
+
+_default_target: Target | None = None
+
+
+def default_target() -> Target:
+    """The process's target, read from the environment once (first use) and the same afterwards."""
+    global _default_target
+    if _default_target is None:
+        _default_target = target_from_env()
+    return _default_target
 
 
 @dataclass

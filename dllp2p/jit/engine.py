@@ -22,7 +22,7 @@ import numpy as np
 
 from ..engine import ContextFull
 from ..formats import GGUFModel, QType
-from .compiler import DEFAULT_CACHE_DIR, CompiledModule, ObjectCache, compile_module, host_target, llvm_version, load_object
+from .compiler import DEFAULT_CACHE_DIR, CompiledModule, ObjectCache, compile_module, default_target, llvm_version, load_object
 from .family import LAYER_EXTRAS, layer_extras, rope_table
 from .layout import aligned_zeros
 from .library import build_module
@@ -224,7 +224,7 @@ def _sources_digest() -> str:
 def _compile(spec: ProgramSpec, cache_dir, extra_key: str, build) -> CompiledModule:
     """The program's machine code. A second start finds it by a key over (spec, extra_key, target,
     sources) and builds no IR at all (building the IR of a 30-layer program costs ~0.2 s of Python)."""
-    target = host_target()
+    target = default_target()
     cache = ObjectCache(Path(cache_dir)) if cache_dir is not None else None
     spec_key = "spec-" + hashlib.sha256(
         "|".join((repr(spec), extra_key, target.triple, target.cpu, target.features, llvm_version(),

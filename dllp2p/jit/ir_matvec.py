@@ -34,8 +34,13 @@ _TILE_SIG = Signature(tuple((n, k) for n, k in (("w", "p"), ("x", "p"), ("xs", "
 
 # --- the 4-byte-group dot product, per instruction set -------------------------------------------------
 
-def dot4(b: ir.IRBuilder, target: Target, acc: ir.Value, u: ir.Value, s: ir.Value) -> ir.Value:
-    """acc <16 x i32> + per lane i: sum_{j<4} u8 u[4i+j] * s8 s[4i+j]  (u, s: <64 x i8>)."""
+def dot4(b: ir.IRBuilder, target: Target, acc: ir.Value, u: ir.Value, s: ir.Value, wmax: int = 255) -> ir.Value:
+    """acc <16 x i32> + per lane i: sum_{j<4} u8 u[4i+j] * s8 s[4i+j]  (u, s: <64 x i8>), every u byte <= wmax.
+    AArch64 multiplies signed bytes only, so there wmax must be <= 127 (Q8_0's biased bytes: _block_dots)."""
+    if target.is_aarch64:
+        if wmax > 127:
+            raise ValueError(f"AArch64 dots take weights <= 127 as s8, not up to {wmax}")
+        return _neon_sdot(b, target, acc, u, s)
     if target.dot_isa == "avx512vnni":
         return _vpdpbusd(b, 16, acc, u, s)
     if target.dot_isa == "avxvnni":
@@ -62,6 +67,30 @@ def _vpdpbusd(b: ir.IRBuilder, lanes: int, acc: ir.Value, u: ir.Value, s: ir.Val
         return b.call(intrinsic(b.module, name, v32, [v32, v8, v8]), [acc, u, s])
     fn = intrinsic(b.module, name, v32, [v32, v32, v32])
     return b.call(fn, [acc, b.bitcast(u, v32), b.bitcast(s, v32)])
+
+
+def _neon_sdot(b: ir.IRBuilder, target: Target, acc: ir.Value, a: ir.Value, s: ir.Value) -> ir.Value:
+    """acc <16 x i32> + per lane i: sum_{j<4} s8 a[4i+j] * s8 s[4i+j]  (a, s: <64 x i8>), in four 128-bit
+    quarters. 'dotprod' (Cortex-A55/A76, Raspberry Pi 5): one `sdot` per quarter. 'neon' (Cortex-A72,
+    Raspberry Pi 4): `smull` to 8 exact s16 products (|p| <= 128 * 128), `saddlp` adds pairs into s32,
+    `addp` adds the pairs of pairs: the same sums, exact."""
+    v4i32, v16i8, v8i16 = vec(I32, 4), vec(I8, 16), vec(ir.IntType(16), 8)
+    def part(v: ir.Value, lo: int, n: int) -> ir.Value:
+        return b.shuffle_vector(v, v, mask(range(lo, lo + n)))
+    quarters = []
+    for q in range(4):
+        acc4 = part(acc, 4 * q, 4)
+        if target.dot_isa == "dotprod":
+            sdot = intrinsic(b.module, "llvm.aarch64.neon.sdot.v4i32.v16i8", v4i32, [v4i32, v16i8, v16i8])
+            quarters.append(b.call(sdot, [acc4, part(a, 16 * q, 16), part(s, 16 * q, 16)]))
+            continue
+        saddlp = intrinsic(b.module, "llvm.aarch64.neon.saddlp.v4i32.v8i16", v4i32, [v8i16])
+        addp = intrinsic(b.module, "llvm.aarch64.neon.addp.v4i32", v4i32, [v4i32, v4i32])
+        pairs = [b.call(saddlp, [b.mul(b.sext(part(a, 16 * q + 8 * h, 8), v8i16), b.sext(part(s, 16 * q + 8 * h, 8), v8i16))])
+                 for h in range(2)]
+        quarters.append(b.add(acc4, b.call(addp, pairs)))
+    halves = [b.shuffle_vector(quarters[2 * h], quarters[2 * h + 1], mask(range(8))) for h in range(2)]
+    return b.shuffle_vector(halves[0], halves[1], mask(range(16)))
 
 
 def _fmuladd(b: ir.IRBuilder, x: ir.Value, y: ir.Value, z: ir.Value) -> ir.Value:
@@ -181,6 +210,17 @@ def _block_dots(b, target, qtype, wc, xq, biased: bool = True) -> ir.Value:
         return _avx2_block_dots(b, qtype, wc, xq, signed_q8=not biased)
     zero = ir.Constant(V16I32, None)
     acc = [zero, zero]
+    if qtype == QType.Q8_0 and target.is_aarch64:  # u8 q + 128 -> s8 q; signed dots (+ the bias if asked)
+        flip = splat_const(I8, 64, -128)
+        for j in range(8):
+            w = b.xor(load(b, wc, V64I8, i64(64 * j)), flip)
+            acc[j % 2] = dot4(b, target, acc[j % 2], w, _bcast4(b, xq, i64(4 * j)), wmax=127)
+        dot = b.add(acc[0], acc[1])
+        if not biased:
+            return dot
+        sx = b.call(intrinsic(b.module, "llvm.vector.reduce.add.v32i32", I32, [vec(I32, 32)]),
+                    [b.sext(load(b, xq, vec(I8, 32)), vec(I32, 32))])
+        return b.add(dot, splat(b, b.mul(sx, i32(128)), 16))
     if qtype == QType.Q8_0:
         for j in range(8):
             acc[j % 2] = dot4(b, target, acc[j % 2], load(b, wc, V64I8, i64(64 * j)), _bcast4(b, xq, i64(4 * j)))
@@ -188,8 +228,8 @@ def _block_dots(b, target, qtype, wc, xq, biased: bool = True) -> ir.Value:
         lo_mask, four = splat_const(I8, 64, 15), splat_const(I8, 64, 4)
         for j in range(4):
             v = load(b, wc, V64I8, i64(64 * j))
-            acc[0] = dot4(b, target, acc[0], b.and_(v, lo_mask), _bcast4(b, xq, i64(4 * j)))
-            acc[1] = dot4(b, target, acc[1], b.lshr(v, four), _bcast4(b, xq, i64(16 + 4 * j)))
+            acc[0] = dot4(b, target, acc[0], b.and_(v, lo_mask), _bcast4(b, xq, i64(4 * j)), wmax=15)
+            acc[1] = dot4(b, target, acc[1], b.lshr(v, four), _bcast4(b, xq, i64(16 + 4 * j)), wmax=15)
     return b.add(acc[0], acc[1])
 
 
@@ -205,8 +245,8 @@ def _emit_tile(module: ir.Module, qtype: QType, tile: int, target: Target) -> ir
     nb = b.lshr(k, i64(5))
     d_off, s_off = k, b.add(k, b.shl(nb, i64(2)))
     offset = {QType.Q4_0: 8, QType.Q8_0: 128}.get(qtype)  # the u8 bias folded into sum(q * xq)
-    if qtype == QType.Q8_0 and target.dot_isa == "avx2":
-        offset = None  # the AVX2 Q8_0 dot is signed already (_avx2_block_dots(..., signed=True))
+    if qtype == QType.Q8_0 and (target.dot_isa == "avx2" or target.is_aarch64):
+        offset = None  # the AVX2 and AArch64 Q8_0 dots are signed already (_block_dots(..., biased=False))
     per_iter = PAIR_GROUPS if tile == 1 else 1
     accs = [[entry_alloca(b, V16F32, name=f"acc{g}_{t}") for t in range(tile)] for g in range(per_iter)]
 
@@ -351,7 +391,7 @@ def _dot_pairs(b: ir.IRBuilder, target: Target, pairs: list[tuple[ir.Value, ir.V
         zero = ir.Constant(V16I32, None)
         acc = [zero, zero]
         for i, (w, x) in enumerate(pairs):
-            acc[i % 2] = dot4(b, target, acc[i % 2], w, x)
+            acc[i % 2] = dot4(b, target, acc[i % 2], w, x, wmax)
         return b.add(acc[0], acc[1])
     v32i8, v16i16, v8i32 = vec(I8, 32), vec(ir.IntType(16), 16), vec(I32, 8)
     maddubs = intrinsic(b.module, "llvm.x86.avx2.pmadd.ub.sw", v16i16, [v32i8, v32i8])
@@ -424,6 +464,13 @@ def _lookup16(b: ir.IRBuilder, target: Target, idx: ir.Value, table: list[int]) 
         t32 = ir.Constant(v32, [ir.Constant(I8, table[i % 16]) for i in range(32)])
         halves = [b.call(fn, [t32, h]) for h in _avx2_halves(b, idx)]
         return b.shuffle_vector(halves[0], halves[1], mask(range(64)))
+    if target.is_aarch64:  # tbl: one 16-entry byte lookup per 128-bit quarter
+        v16 = vec(I8, 16)
+        fn = intrinsic(b.module, "llvm.aarch64.neon.tbl1.v16i8", v16, [v16, v16])
+        t16 = ir.Constant(v16, [ir.Constant(I8, t) for t in table])
+        q = [b.call(fn, [t16, b.shuffle_vector(idx, idx, mask(range(16 * i, 16 * i + 16)))]) for i in range(4)]
+        halves = [b.shuffle_vector(q[2 * h], q[2 * h + 1], mask(range(32))) for h in range(2)]
+        return b.shuffle_vector(halves[0], halves[1], mask(range(64)))
     out = splat_const(I8, 64, table[0])
     for i in range(1, 16):
         out = b.select(b.icmp_unsigned("==", idx, splat_const(I8, 64, i)), splat_const(I8, 64, table[i]), out)
@@ -453,8 +500,8 @@ def _signed_dot_pairs(b: ir.IRBuilder, pairs: list[tuple[ir.Value, ir.Value]]) -
 def _iq4_dot(b: ir.IRBuilder, target: Target, wq: ir.Value, xq: ir.Value, sx: ir.Value) -> ir.Value:
     """<16 x i32> sum_i IQ4_VALUES[nibble_i] * xq_i for the IQ4 block whose lanes start at wq. The table
     is looked up as u8 (value + 128) for u8 x s8 dots, then 128 * sx taken off; on AVX2 as s8 (vpmaddubsw
-    would saturate on u8 values up to 241)."""
-    signed = target.dot_isa == "avx2"
+    would saturate on u8 values up to 241) and on AArch64 (sdot / smull take s8: |value| <= 127)."""
+    signed = target.dot_isa == "avx2" or target.is_aarch64
     table = [int(v) + (0 if signed else 128) for v in IQ4_VALUES]
     table = [t - 256 if t > 127 else t for t in table]  # as i8 bit patterns
     lo_mask, four = splat_const(I8, 64, 15), splat_const(I8, 64, 4)
@@ -463,6 +510,8 @@ def _iq4_dot(b: ir.IRBuilder, target: Target, wq: ir.Value, xq: ir.Value, sx: ir
         v = load(b, wq, V64I8, i64(64 * j))
         pairs.append((_lookup16(b, target, b.and_(v, lo_mask), table), _bcast4(b, xq, i64(4 * j))))
         pairs.append((_lookup16(b, target, b.lshr(v, four), table), _bcast4(b, xq, i64(16 + 4 * j))))
+    if target.is_aarch64:
+        return _dot_pairs(b, target, pairs, 127)  # s8 table values, |v| <= 127: sdot / smull as they are
     if signed:
         return _signed_dot_pairs(b, pairs)
     return b.sub(_dot_pairs(b, target, pairs, 255), splat(b, b.mul(sx, i32(128)), 16))

@@ -17,7 +17,7 @@ from typing import Callable, Iterable
 
 import llvmlite.ir as ir
 
-from .compiler import DEFAULT_CACHE_DIR, CompiledModule, ObjectCache, Target, compile_module, host_target
+from .compiler import DEFAULT_CACHE_DIR, CompiledModule, ObjectCache, Target, compile_module, default_target
 from .ir_barrier import emit_barrier, emit_barrier_demo
 from .ir_matvec import (
     emit_embed_extra, emit_matmul_q, emit_matvec_f, emit_matvec_q, emit_quantize, emit_quantize_q8_0,
@@ -93,7 +93,7 @@ def compile_kernels(
 ) -> KernelLibrary:
     """Build, compile (or load from the cache under cache_dir; None: no disk cache) and wrap the kernels."""
     specs = tuple(dict.fromkeys(specs))
-    target = target or host_target()
+    target = target or default_target()
     cache = ObjectCache(Path(cache_dir)) if cache_dir is not None else None
     compiled = compile_module(build_module(specs, target), target, cache)
     functions = {}

@@ -30,7 +30,7 @@ from pathlib import Path
 import llvmlite.ir as ir
 import numpy as np
 
-from .compiler import DEFAULT_CACHE_DIR, ObjectCache, Target, compile_module, host_target
+from .compiler import DEFAULT_CACHE_DIR, ObjectCache, Target, compile_module, default_target
 from .irutil import I64, Signature, define, entry_alloca, for_range, gep, hsum, i64, vec
 from .layout import ALIGN, aligned_empty
 
@@ -85,7 +85,7 @@ class StreamKernel:
 @lru_cache(maxsize=None)
 def stream_kernel(cache_dir: str | None = str(DEFAULT_CACHE_DIR)) -> StreamKernel:
     """Compile (or load from the disk cache under cache_dir; None: no cache) the streaming kernel."""
-    target = host_target()
+    target = default_target()
     cache = ObjectCache(Path(cache_dir)) if cache_dir is not None else None
     compiled = compile_module(build_module(target), target, cache)
     proto = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p)
