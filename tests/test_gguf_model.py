@@ -137,8 +137,8 @@ def _rewrite(src, dst, *, arch="llama", drop=(), retype=None):
         shape = [int(x) for x in reversed(list(t.shape))]
         if retype and t.name == retype:
             values = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type).reshape(shape)
-            raw = gguf.quants.quantize(values, gguf.GGMLQuantizationType.Q4_0)  # IQ4_NL's block size: 18 B per 32
-            w.add_tensor(t.name, raw, raw_shape=raw.shape, raw_dtype=gguf.GGMLQuantizationType.IQ4_NL)
+            raw = gguf.quants.quantize(values, gguf.GGMLQuantizationType.MXFP4)
+            w.add_tensor(t.name, raw, raw_shape=raw.shape, raw_dtype=gguf.GGMLQuantizationType.MXFP4)
         else:
             w.add_tensor(t.name, np.asarray(t.data), raw_shape=np.asarray(t.data).shape, raw_dtype=t.tensor_type)
     w.write_header_to_file()
@@ -149,8 +149,8 @@ def _rewrite(src, dst, *, arch="llama", drop=(), retype=None):
 
 
 def test_unsupported_tensor_type(tmp_path, small_gguf):
-    p = _rewrite(small_gguf, tmp_path / "iq4.gguf", retype="blk.0.ffn_up.weight")
-    _expect(p, "unsupported type IQ4_NL")
+    p = _rewrite(small_gguf, tmp_path / "mxfp4.gguf", retype="blk.0.ffn_up.weight")
+    _expect(p, "unsupported type MXFP4")
 
 
 def test_missing_tensor(tmp_path, small_gguf):

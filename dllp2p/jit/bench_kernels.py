@@ -1,11 +1,15 @@
 """Measure the quantized matvec kernels on a real model's weights: one pass over every matrix a token reads.
 
     python3 -m dllp2p.jit.bench_kernels [model.gguf] [--reps N] [--cache-dir DIR]
+    python3 -m dllp2p.jit.bench_kernels --per-type [--shape 8192 4096]   # random matrices, one per block type
 
-Repacks every Q4_0/Q4_1/Q8_0 layer matrix plus the output projection (the tied token embedding when
+Repacks every block-quantized layer matrix plus the output projection (the tied token embedding when
 there is no output.weight), then times passes of all matvecs on 1 and 2 threads and reports GB/s of
 weight bytes read. With 2 threads each thread runs its half of the rows of every matrix, with no
 synchronization between matrices (the bandwidth bound; a real forward adds barriers).
+With --per-type, one random matrix per block type (every type the kernels take, same shape; noise
+quantized by formats.quant) instead: GB/s per type shows which kernels keep up with memory and which
+are compute-bound (same bytes per second as Q4_0 = bandwidth-bound like it).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..formats import load_model
+from ..formats.quant import quantize
 from .compiler import DEFAULT_CACHE_DIR
 from .layout import G, PACKED_TYPES, PackedMatrix, act_bytes, aligned_zeros, pack_weights
 from .library import compile_kernels
@@ -45,6 +50,11 @@ def pack_model(path: str) -> list[PackedMatrix]:
     names = [n for n, t in model.tensors.items() if n.startswith("blk.") and len(t.shape) == 2]
     names.append(model.output_tensor().name)
     return [pack_weights(t.data, t.qtype, t.shape) for t in (model.tensor(n) for n in names) if t.qtype in PACKED_TYPES]
+
+
+def pack_random(qtype, rows: int, k: int) -> PackedMatrix:
+    x = np.random.default_rng(int(qtype)).standard_normal((rows, k)).astype(np.float32)
+    return pack_weights(quantize(x, qtype), qtype, (rows, k))
 
 
 def _split(rows: int, n_threads: int) -> list[tuple[int, int]]:
@@ -105,22 +115,34 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("model", nargs="?")
     p.add_argument("--reps", type=int, default=30)
     p.add_argument("--cache-dir", default=str(DEFAULT_CACHE_DIR))
+    p.add_argument("--per-type", action="store_true", help="random matrices, one per block type")
+    p.add_argument("--shape", type=int, nargs=2, default=(8192, 4096), metavar=("ROWS", "K"))
     args = p.parse_args(argv)
     t0 = time.perf_counter()
     lib = compile_kernels([KernelSpec(Op.QUANTIZE)] + [KernelSpec(Op.MATVEC, q) for q in PACKED_TYPES], args.cache_dir)
     print(f"kernels: {lib.compiled.stats.seconds * 1e3:.0f} ms ({'cache' if lib.compiled.stats.from_cache else 'compiled'})")
+    if args.per_type:
+        for q in PACKED_TYPES:
+            m = pack_random(q, *args.shape)
+            _report(lib, [m], f"{q.name:7s} {m.nbytes / 1e6:6.1f} MB", args.reps)
+        return
     t0 = time.perf_counter()
     mats = pack_model(args.model or default_model_path())
     total = sum(m.nbytes for m in mats)
     kinds = {q.name: sum(1 for m in mats if m.qtype == q) for q in PACKED_TYPES}
     print(f"repacked {len(mats)} matrices {kinds}, {total / 1e6:.1f} MB, in {time.perf_counter() - t0:.2f} s")
+    _report(lib, mats, "", args.reps)
+
+
+def _report(lib, mats: list[PackedMatrix], label: str, reps: int) -> None:
+    total = sum(m.nbytes for m in mats)
     for n_threads in (1, 2):
         keep: list = []
         calls = plan_calls(lib, mats, n_threads, keep)
-        times = time_passes(calls, args.reps)[2:]  # first passes warm caches and threads
+        times = time_passes(calls, reps)[2:]  # first passes warm caches and threads
         med, best = statistics.median(times), min(times)
-        print(f"{n_threads} thread(s): median {med * 1e3:.2f} ms/pass = {total / med / 1e9:.1f} GB/s "
-              f"(best {total / best / 1e9:.1f} GB/s, {len(calls[0])} calls/thread)")
+        print(f"{label}{' ' if label else ''}{n_threads} thread(s): median {med * 1e3:.2f} ms/pass = "
+              f"{total / med / 1e9:.1f} GB/s (best {total / best / 1e9:.1f} GB/s, {len(calls[0])} calls/thread)")
 
 
 if __name__ == "__main__":

@@ -11,10 +11,10 @@ from __future__ import annotations
 import llvmlite.binding as llvm
 import llvmlite.ir as ir
 
-from ..formats.quant import QK, QType
+from ..formats.quant import IQ4_VALUES, QK, QType
 from .compiler import Target
 from .irutil import (
-    F16, F32, I8, I32, PTR, VOID, Signature, define, entry_alloca, for_range, gep, hmax, hsum, i32, i64,
+    F16, F32, I8, I32, I64, PTR, VOID, Signature, define, entry_alloca, for_range, gep, hmax, hsum, i32, i64,
     intrinsic, load, mask, splat, splat_const, store, vec,
 )
 from .layout import EXTRA_TYPES, Q8_0_BLOCK, G, chunk_bytes, unit_values
@@ -331,6 +331,16 @@ def emit_matvec_f(module: ir.Module, spec: KernelSpec, target: Target) -> None:
 #
 # d sc_j is exact in f32 (an f16 times a 6- or 8-bit integer), so the rounding per term is the same as
 # Q4_1's: the error bound of the tests is (terms + 3) U sum|terms| with two terms per 32 values.
+# IQ4_NL / IQ4_XS: nibbles looked up (vpshufb) as u8 table value + 128, acc += (d ls_j) * (dx * (dot - 128 sx)).
+#
+# Cost, counted in the matvec's block loop (instructions per 64 B of packed weights; not timed here):
+#   AVX-512 VNNI (+GFNI, which LLVM uses for the byte shifts): Q4_0 12.7, Q4_1 11.6, Q8_0 6.7, Q5_0 13.5,
+#   Q5_1 12.3, Q4_K 9.9, Q5_K 12.8, Q6_K 13.6, IQ4_NL 14.4, IQ4_XS 11.4: within ~15% of Q4_0, so where
+#   Q4_0 keeps up with memory these should too.
+#   AVX2 (haswell): Q4_0 24.9, Q4_1 22.6, Q8_0 16.5, Q5_0 33.3, Q5_1 29.8, Q4_K 24.1, Q5_K 31.2,
+#   Q6_K 31.4, IQ4_NL 40.7, IQ4_XS 37.0: the 5/6-bit types cost ~1.3x Q4_0 per byte and IQ4 ~1.6x
+#   (vpmaddubsw's saturation forces the sign trick and a widening per product): likely compute-bound
+#   on one AVX2 core.
 
 def _dot_pairs(b: ir.IRBuilder, target: Target, pairs: list[tuple[ir.Value, ir.Value]], wmax: int) -> ir.Value:
     """<16 x i32>: per row lane, sum over pairs of the 4-byte u8 x s8 dots of (w, x) (<64 x i8> each),
@@ -400,6 +410,62 @@ def _value_dots(b, target, values, xq, bits: int, halves: bool = False):
     if halves:
         return _dot_pairs(b, target, lo, wmax), _dot_pairs(b, target, hi, wmax)
     return _dot_pairs(b, target, lo + hi, wmax)
+
+
+def _lookup16(b: ir.IRBuilder, target: Target, idx: ir.Value, table: list[int]) -> ir.Value:
+    """<64 x i8> of table[idx[i]] for indices 0..15: vpshufb on x86 (AVX-512BW: one instruction; AVX2:
+    two), a select chain elsewhere."""
+    if target.dot_isa == "avx512vnni":
+        fn = intrinsic(b.module, "llvm.x86.avx512.pshuf.b.512", V64I8, [V64I8, V64I8])
+        return b.call(fn, [ir.Constant(V64I8, [ir.Constant(I8, table[i % 16]) for i in range(64)]), idx])
+    if target.dot_isa in ("avx2", "avxvnni"):
+        v32 = vec(I8, 32)
+        fn = intrinsic(b.module, "llvm.x86.avx2.pshuf.b", v32, [v32, v32])
+        t32 = ir.Constant(v32, [ir.Constant(I8, table[i % 16]) for i in range(32)])
+        halves = [b.call(fn, [t32, h]) for h in _avx2_halves(b, idx)]
+        return b.shuffle_vector(halves[0], halves[1], mask(range(64)))
+    out = splat_const(I8, 64, table[0])
+    for i in range(1, 16):
+        out = b.select(b.icmp_unsigned("==", idx, splat_const(I8, 64, i)), splat_const(I8, 64, table[i]), out)
+    return out
+
+
+def _signed_dot_pairs(b: ir.IRBuilder, pairs: list[tuple[ir.Value, ir.Value]]) -> ir.Value:
+    """AVX2: <16 x i32> sum of 4-byte s8 x s8 dots, as |w| * (x * sign(w)) (vpsignb, vpabsb): a pair sum
+    is at most 2 * 127 * 127 (|w| <= 127: no -128 weights here), widened per product (vpmaddwd)."""
+    v32i8, v16i16, v8i32 = vec(I8, 32), vec(ir.IntType(16), 16), vec(I32, 8)
+    mod = b.module
+    maddubs = intrinsic(mod, "llvm.x86.avx2.pmadd.ub.sw", v16i16, [v32i8, v32i8])
+    maddwd = intrinsic(mod, "llvm.x86.avx2.pmadd.wd", v8i32, [v16i16, v16i16])
+    psign = intrinsic(mod, "llvm.x86.avx2.psign.b", v32i8, [v32i8, v32i8])
+    absb = intrinsic(mod, "llvm.abs.v32i8", v32i8, [v32i8, ir.IntType(1)])
+    ones = splat_const(ir.IntType(16), 16, 1)
+    acc: list = [None, None]
+    for w, x in pairs:
+        wh, xh = _avx2_halves(b, w), _avx2_halves(b, x)
+        for h in range(2):
+            prod = b.call(maddubs, [b.call(absb, [wh[h], ir.Constant(ir.IntType(1), 0)]), b.call(psign, [xh[h], wh[h]])])
+            wide = b.call(maddwd, [prod, ones])
+            acc[h] = wide if acc[h] is None else b.add(acc[h], wide)
+    return b.shuffle_vector(acc[0], acc[1], mask(range(16)))
+
+
+def _iq4_dot(b: ir.IRBuilder, target: Target, wq: ir.Value, xq: ir.Value, sx: ir.Value) -> ir.Value:
+    """<16 x i32> sum_i IQ4_VALUES[nibble_i] * xq_i for the IQ4 block whose lanes start at wq. The table
+    is looked up as u8 (value + 128) for u8 x s8 dots, then 128 * sx taken off; on AVX2 as s8 (vpmaddubsw
+    would saturate on u8 values up to 241)."""
+    signed = target.dot_isa == "avx2"
+    table = [int(v) + (0 if signed else 128) for v in IQ4_VALUES]
+    table = [t - 256 if t > 127 else t for t in table]  # as i8 bit patterns
+    lo_mask, four = splat_const(I8, 64, 15), splat_const(I8, 64, 4)
+    pairs = []
+    for j in range(4):
+        v = load(b, wq, V64I8, i64(64 * j))
+        pairs.append((_lookup16(b, target, b.and_(v, lo_mask), table), _bcast4(b, xq, i64(4 * j))))
+        pairs.append((_lookup16(b, target, b.lshr(v, four), table), _bcast4(b, xq, i64(16 + 4 * j))))
+    if signed:
+        return _signed_dot_pairs(b, pairs)
+    return b.sub(_dot_pairs(b, target, pairs, 255), splat(b, b.mul(sx, i32(128)), 16))
 
 
 def _f16x16(b: ir.IRBuilder, wc: ir.Value, off: int) -> ir.Value:
@@ -477,8 +543,24 @@ def _emit_tile_extra(module: ir.Module, qtype: QType, tile: int, target: Target)
                 for h, part in enumerate((sx_lo, b.sub(sx, sx_lo))):
                     add_v(t, scales[h], dx, b.sub(dots[h], splat(b, b.mul(part, i32(32)), 16)))
 
+    def block_iq4nl(wc: ir.Value, u: ir.Value) -> None:
+        d = _f16x16(b, wc, 256)
+        for t in range(tile):
+            xq, dx, sx = act(t, u)
+            add_v(t, d, dx, _iq4_dot(b, target, wc, xq, sx))
+
+    def super_iq4xs(wc: ir.Value, u: ir.Value) -> None:
+        d = _f16x16(b, wc, 0)
+        for j in range(8):
+            scale = b.fmul(d, _bytes_f32(b, wc, 32 + 16 * j, True))
+            wq = gep(b, wc, i64(160 + 256 * j))
+            blk = b.add(b.shl(u, i64(3)), i64(j))
+            for t in range(tile):
+                xq, dx, sx = act(t, blk)
+                add_v(t, scale, dx, _iq4_dot(b, target, wq, xq, sx))
+
     body = {QType.Q5_0: block_q5, QType.Q5_1: block_q5, QType.Q4_K: super_k, QType.Q5_K: super_k,
-            QType.Q6_K: super_q6}[qtype]
+            QType.Q6_K: super_q6, QType.IQ4_NL: block_iq4nl, QType.IQ4_XS: super_iq4xs}[qtype]
     with for_range(b, r0, r1, G, name="r") as r:
         wg = gep(b, w, b.mul(b.mul(b.lshr(r, i64(4)), nu), i64(cb)))
         for a in accs:
@@ -511,6 +593,10 @@ def emit_embed_extra(module: ir.Module, spec: KernelSpec, target: Target) -> Non
     def f16(ptr: ir.Value, off: int) -> ir.Value:
         return b.fpext(load(b, gep(b, ptr, i64(off)), F16, lane, F16), F32)
 
+    def at(j: ir.Value, base: int, stride: int) -> ir.Value:
+        """base + stride * j as an i64 offset (j: the sub-block loop's index)."""
+        return b.add(i64(base), b.mul(j, i64(stride)))
+
     def block(wq: ir.Value, bits: int, ob: ir.Value, value) -> None:
         """The 32 values of the block whose lanes start at wq: out[ob + i] = value(i, q_i)."""
         c = lambda v: ir.Constant(I32, v)  # noqa: E731
@@ -529,10 +615,27 @@ def emit_embed_extra(module: ir.Module, spec: KernelSpec, target: Target) -> Non
                 for i, q in ((4 * j + e, lo), (16 + 4 * j + e, hi)):
                     store(b, value(i, q), ob, i64(i), F32)
 
+    if qtype in (QType.IQ4_NL, QType.IQ4_XS):
+        table_t = ir.ArrayType(I8, 16)
+        table = ir.GlobalVariable(module, table_t, name=f"{spec.name}.table")
+        table.global_constant, table.linkage = True, "internal"
+        table.initializer = ir.Constant(table_t, [ir.Constant(I8, int(v)) for v in IQ4_VALUES])
+
+        def iq4(q: ir.Value) -> ir.Value:  # i32 nibble -> f32 table value
+            return b.sitofp(load(b, table, I8, b.zext(q, I64)), F32)
+
     with for_range(b, i64(0), nu, name="unit") as u:
         wc = gep(b, wg, b.mul(u, i64(cb)))
         ob = gep(b, out, b.mul(u, i64(unit)), F32)
-        if qtype in (QType.Q5_0, QType.Q5_1):
+        if qtype == QType.IQ4_NL:
+            d = f16(wc, 256)
+            block(wc, 4, ob, lambda i, q: b.fmul(d, iq4(q)))
+        elif qtype == QType.IQ4_XS:
+            d = f16(wc, 0)
+            with for_range(b, i64(0), i64(8), name="sub") as j:  # a loop, not unrolled: compile time
+                step = b.fmul(d, b.sitofp(load(b, wc, I8, b.add(lane, at(j, 32, 16))), F32))
+                block(gep(b, wc, at(j, 160, 256)), 4, gep(b, ob, at(j, 0, 32), F32), lambda i, q, s=step: b.fmul(s, iq4(q)))
+        elif qtype in (QType.Q5_0, QType.Q5_1):
             d = f16(wc, 320)
             if qtype == QType.Q5_0:
                 block(wc, 5, ob, lambda i, q: b.fmul(d, b.fsub(b.uitofp(q, F32), ir.Constant(F32, 16.0))))
@@ -542,16 +645,15 @@ def emit_embed_extra(module: ir.Module, spec: KernelSpec, target: Target) -> Non
         elif qtype in (QType.Q4_K, QType.Q5_K):
             bits = 4 if qtype == QType.Q4_K else 5
             d, dmin = f16(wc, 0), f16(wc, 32)
-            for j in range(8):
-                scale = b.fmul(d, b.uitofp(byte(wc, b.add(lane, i64(64 + 16 * j))), F32))
-                mins = b.fmul(dmin, b.uitofp(byte(wc, b.add(lane, i64(192 + 16 * j))), F32))
-                block(gep(b, wc, i64(320 + (256 if bits == 4 else 320) * j)), bits, gep(b, ob, i64(32 * j), F32),
+            with for_range(b, i64(0), i64(8), name="sub") as j:
+                scale = b.fmul(d, b.uitofp(byte(wc, b.add(lane, at(j, 64, 16))), F32))
+                mins = b.fmul(dmin, b.uitofp(byte(wc, b.add(lane, at(j, 192, 16))), F32))
+                block(gep(b, wc, at(j, 320, 256 if bits == 4 else 320)), bits, gep(b, ob, at(j, 0, 32), F32),
                       lambda i, q, s=scale, mn=mins: b.fsub(b.fmul(s, b.uitofp(q, F32)), mn))
         else:  # Q6_K
             d = f16(wc, 0)
-            for j in range(8):
-                scales = [b.fmul(d, b.sitofp(load(b, wc, I8, b.add(lane, i64(32 + 16 * (2 * j + h)))), F32))
-                          for h in range(2)]
-                block(gep(b, wc, i64(288 + 384 * j)), 6, gep(b, ob, i64(32 * j), F32),
+            with for_range(b, i64(0), i64(8), name="sub") as j:
+                scales = [b.fmul(d, b.sitofp(load(b, wc, I8, b.add(lane, at(j, 32 + 16 * h, 32))), F32)) for h in range(2)]
+                block(gep(b, wc, at(j, 288, 384)), 6, gep(b, ob, at(j, 0, 32), F32),
                       lambda i, q, s=scales: b.fmul(s[i // 16], b.sitofp(b.sub(q, ir.Constant(I32, 32)), F32)))
     b.ret_void()

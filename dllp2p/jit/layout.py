@@ -22,6 +22,7 @@ elements 4j..4j+3 in its low nibbles and 16+4j..16+4j+3 in its high nibbles; for
 elements 4j..4j+3, stored as u8 = q + 128. So one 64-byte load is one `vpdpbusd` operand covering
 16 rows, and the kernel reads the weights strictly front to back. Scales stay f16 (no extra bytes;
 F16C converts 16 at once). The only size cost is the padding of the last group to 16 rows.
+Q5_0, Q5_1, Q4_K, Q5_K and Q6_K follow the same design: see "the 5- and 6-bit and K-quant types" below.
 """
 
 from __future__ import annotations
@@ -30,11 +31,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..formats import quant as fq
 from ..formats.quant import BLOCK_DTYPES, QK, TRAITS, QType
 
 G = 16  # rows interleaved per group: one 512-bit vector of i32 lanes
 ALIGN = 64  # bytes; every buffer built here starts on a cache line
-PACKED_TYPES = (QType.Q4_0, QType.Q4_1, QType.Q8_0, QType.Q5_0, QType.Q5_1, QType.Q4_K, QType.Q5_K, QType.Q6_K)
+PACKED_TYPES = (QType.Q4_0, QType.Q4_1, QType.Q8_0, QType.Q5_0, QType.Q5_1, QType.Q4_K, QType.Q5_K, QType.Q6_K,
+                QType.IQ4_NL, QType.IQ4_XS)
 
 
 Q8_0_BLOCK = 34  # ggml Q8_0: f16 scale + 32 i8, the wire format of tensor-parallel partial sums
@@ -99,7 +102,7 @@ def _round_up(n: int, m: int) -> int:
 
 def chunk_bytes(qtype: QType) -> int:
     """Bytes of one packed block (32 values, or a 256-value super-block for the K-quants) of 16 rows."""
-    extra = {QType.Q4_K: 4, QType.Q5_K: 4}.get(qtype, 0)  # the unpacked scales and mins: 16 B for ggml's 12
+    extra = {QType.Q4_K: 4, QType.Q5_K: 4, QType.IQ4_XS: 2}.get(qtype, 0)  # scales unpacked to bytes
     return G * (TRAITS[qtype].block_bytes + extra)
 
 
@@ -112,7 +115,7 @@ def pack_weights(raw: np.ndarray, qtype: QType, shape: tuple[int, int]) -> Packe
         return PackedMatrix(qtype, rows, k, data)
     if qtype not in PACKED_TYPES:
         raise ValueError(f"no packed layout for {qtype.name}")
-    if qtype in EXTRA_TYPES:
+    if qtype in EXTRA_TYPES and qtype != QType.IQ4_NL:  # IQ4_NL has Q4_0's fields: packed as Q4_0 below
         return PackedMatrix(qtype, rows, k, _pack_extra(raw, qtype, rows, k))
     nb = k // QK
     bdt = BLOCK_DTYPES[qtype]
@@ -139,7 +142,7 @@ def pack_weights(raw: np.ndarray, qtype: QType, shape: tuple[int, int]) -> Packe
 def unpack_weights(m: PackedMatrix) -> np.ndarray:
     """The inverse of pack_weights: ggml storage u8[rows, row_bytes] (for tests; Q4_0, Q4_1, Q8_0 and
     float types only: the other types are checked through the embed kernel, which reads every value)."""
-    if m.qtype in EXTRA_TYPES:
+    if m.qtype in EXTRA_TYPES and m.qtype != QType.IQ4_NL:
         raise ValueError(f"no unpacking for {m.qtype.name}")
     if m.qtype not in PACKED_TYPES:
         return np.asarray(m.data).copy()
@@ -199,14 +202,20 @@ def kv_cache(ctx: int, n_kv_heads: int, head_dim: int) -> np.ndarray:
 #   Q4_K 2368 B / 256 values: f16 d[16] | f16 dmin[16] | u8 sc[8][16] | u8 m[8][16] | 8 x qs
 #   Q5_K 2880 B / 256 values: f16 d[16] | f16 dmin[16] | u8 sc[8][16] | u8 m[8][16] | 8 x (qs | qh)
 #   Q6_K 3360 B / 256 values: f16 d[16] | i8 sc[16][16] | 8 x (qs | qh[2])       (d * sc_s) * (q - 32)
+#   IQ4_NL 288 B / 32 values: qs[4][16][4] | f16 d[16]  (Q4_0's packing)         d * IQ4_VALUES[nibble]
+#   IQ4_XS 2208 B / 256 values: f16 d[16] | i8 ls[8][16] (ls_j - 32) | 8 x qs     (d * ls_j) * IQ4_VALUES[nibble]
+#
+# IQ4 nibbles index a 16-entry table: the kernel looks them up with one byte shuffle per 64 bytes
+# (vpshufb; a select chain on the generic path).
 #
 # K-quant scales and mins are unpacked from ggml's 12-byte 6-bit form to one byte each at pack time (the
 # kernel widens 16 at once; d * sc_j is exact in f32). Packed bytes per ggml byte: Q5_0 1.000, Q5_1 1.000,
-# Q4_K 148/144 = 1.028, Q5_K 180/176 = 1.023, Q6_K 210/210 = 1.000 (plus the last group's padding rows).
+# Q4_K 148/144 = 1.028, Q5_K 180/176 = 1.023, Q6_K 210/210 = 1.000, IQ4_NL 1.000, IQ4_XS 138/136 = 1.015
+# (plus the last group's padding rows).
 # Q6_K's 16-value sub-blocks are the low and high nibble halves of a 32-value block, so the kernel keeps
 # two dots per block (it needs them anyway, one per scale) and no extra shuffles: see ir_matvec.py.
 
-EXTRA_TYPES = (QType.Q5_0, QType.Q5_1, QType.Q4_K, QType.Q5_K, QType.Q6_K)
+EXTRA_TYPES = (QType.Q5_0, QType.Q5_1, QType.Q4_K, QType.Q5_K, QType.Q6_K, QType.IQ4_NL, QType.IQ4_XS)
 
 
 def unit_values(qtype: QType) -> int:
@@ -224,8 +233,9 @@ def _high_planes(q: np.ndarray, bits: int) -> np.ndarray:
     top = (q >> 4).reshape(*q.shape[:-1], 2, 4, 4).astype(np.uint8)  # [..., half, step j, byte e]
     if bits == 5:
         shifts = np.arange(4, dtype=np.uint8)[:, None]
-        plane = (top[..., 0, :, :] << shifts).sum(-2, dtype=np.uint8) | (top[..., 1, :, :] << (shifts + 4)).sum(-2, dtype=np.uint8)
-        return plane[..., None, :]
+        low_half = (top[..., 0, :, :] << shifts).sum(-2, dtype=np.uint8)
+        high_half = (top[..., 1, :, :] << (shifts + 4)).sum(-2, dtype=np.uint8)
+        return (low_half | high_half)[..., None, :]
     shifts = (2 * np.arange(4, dtype=np.uint8))[:, None]
     return (top << shifts).sum(-2, dtype=np.uint8)  # [..., half, 4]
 
@@ -233,8 +243,6 @@ def _high_planes(q: np.ndarray, bits: int) -> np.ndarray:
 def _fields(raw: np.ndarray, qtype: QType, rows: int, k: int) -> list[np.ndarray]:
     """ggml rows -> the chunk's fields in chunk order, each u8[rows, units, slots, width] (a slot of a
     field is laid out [16 rows][width] in the chunk)."""
-    from ..formats import quant as fq
-
     blocks, _ = fq.blocks_of(raw, qtype)
     units = k // unit_values(qtype)
     blocks = blocks.reshape(rows, units)
@@ -255,6 +263,10 @@ def _fields(raw: np.ndarray, qtype: QType, rows: int, k: int) -> list[np.ndarray
             lanes.append(_high_planes(q, 5))
         body = np.concatenate(lanes, axis=3).reshape(rows, units, -1, 4)
         return [f16("d"), f16("dmin"), sc.reshape(rows, units, 8, 1), m.reshape(rows, units, 8, 1), body]
+    if qtype == QType.IQ4_XS:
+        q, ls = fq.iq4_xs_ints(blocks.reshape(-1))
+        body = _nibble_lanes(q.reshape(rows, units, 8, 32)).reshape(rows, units, -1, 4)
+        return [f16("d"), ls.view(np.uint8).reshape(rows, units, 8, 1), body]
     q, sc = fq.q6_k_ints(blocks.reshape(-1))
     q = q.reshape(rows, units, 8, 32)
     body = np.concatenate([_nibble_lanes(q), _high_planes(q, 6)], axis=3).reshape(rows, units, -1, 4)

@@ -2,7 +2,7 @@
 own layout (formats.quant), not the packed one, so a test also checks the repacking.
 
 Quantized products are computed exactly: integer block dots in int64, scales combined in float64 (for
-every block type: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, decoded by formats.quant).
+every block type: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS, decoded by formats.quant).
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ def _q_terms(raw: np.ndarray, qtype: QType, a: np.ndarray, k: int) -> tuple[np.n
     xq, dx, sx = split_q8s(a, k)
     xq = xq.reshape(-1, QK).astype(np.int64)
     dx, sx = dx.astype(np.float64), sx.astype(np.float64)
-    if qtype in (QType.Q4_K, QType.Q5_K, QType.Q6_K):
+    if qtype in (QType.Q4_K, QType.Q5_K, QType.Q6_K, QType.IQ4_XS):
         return _k_terms(blocks, qtype, rows, xq, dx, sx)
     blocks = blocks.reshape(rows, -1)
     if qtype == QType.Q8_0:
@@ -68,6 +68,8 @@ def _q_terms(raw: np.ndarray, qtype: QType, a: np.ndarray, k: int) -> tuple[np.n
         wq = np.concatenate([qs & 15, qs >> 4], axis=-1)
         if qtype == QType.Q4_0:
             wq = wq - 8
+        elif qtype == QType.IQ4_NL:
+            wq = quant.IQ4_VALUES.astype(np.int64)[wq]
     dots = np.einsum("rbj,bj->rb", wq, xq)
     dw = blocks["d"].astype(np.float64)
     main = dw * dx * dots
@@ -80,6 +82,12 @@ def _k_terms(blocks, qtype, rows, xq, dx, sx) -> tuple[np.ndarray, np.ndarray]:
     """K-quants: per sub-block of 32, (d sc_j) dx dot(q, xq) and -(dmin m_j) dx sx; for Q6_K per 32-value
     block, the terms of its two 16-value sub-blocks (d sc_s) dx dot(q - 32, xq)."""
     d = blocks["d"].astype(np.float64).reshape(rows, -1, 1)
+    if qtype == QType.IQ4_XS:
+        q, ls = quant.iq4_xs_ints(blocks)
+        wq = quant.IQ4_VALUES.astype(np.int64)[q].reshape(rows, -1, QK)
+        dots = np.einsum("rbj,bj->rb", wq, xq)
+        main = (d * ls.astype(np.float64).reshape(rows, -1, 8)).reshape(rows, -1) * dx * dots
+        return main, np.zeros_like(main)
     if qtype == QType.Q6_K:
         q, sc = quant.q6_k_ints(blocks)
         wq = q.reshape(rows, -1, 2, 16).astype(np.int64) - 32  # [row, 32-block, half, 16]

@@ -7,7 +7,8 @@ a row range [r0, r1) lets threads split the rows; all ints are i64, scalars f32)
     quantize_f32_q8_0(x f32[n, k], out u8[n, q8_0_bytes(k)], k, n)        ggml Q8_0 blocks (f16 d, 32 i8)
     add_q8_0_f32(x f32[n, k] in place, q u8[n, q8_0_bytes(k)], k, n)       x += dequantized q
     matvec_{w}_q8s(w packed, x u8[act_bytes(k)], y f32[rows], k, r0, r1)    w: q4_0 q4_1 q8_0 q5_0 q5_1
-                                                          q4_k q5_k q6_k (k % 256 == 0 for the K-quants)
+                                                          q4_k q5_k q6_k iq4_nl iq4_xs (k % 256 == 0 for the
+                                                          K-quants and iq4_xs)
     matvec_{f32,f16}_f32(w f32/f16[rows, k], x f32[k], y f32[rows], k, r0, r1)        k % 16 == 0
     matmul_{w}_q8s_x{T}(w packed, x u8[n, act_bytes(k)], y f32[n, ldy], k, r0, r1, n, ldy)
     embed_{w}(w packed or f32/f16[rows, k], token, out f32[k], k)                  one row, dequantized
@@ -38,7 +39,8 @@ from dataclasses import dataclass
 from ..formats.quant import QType
 from .irutil import Signature
 
-QUANT_WEIGHTS = (QType.Q4_0, QType.Q4_1, QType.Q8_0, QType.Q5_0, QType.Q5_1, QType.Q4_K, QType.Q5_K, QType.Q6_K)
+QUANT_WEIGHTS = (QType.Q4_0, QType.Q4_1, QType.Q8_0, QType.Q5_0, QType.Q5_1, QType.Q4_K, QType.Q5_K, QType.Q6_K,
+                 QType.IQ4_NL, QType.IQ4_XS)
 FLOAT_WEIGHTS = (QType.F32, QType.F16)
 
 
