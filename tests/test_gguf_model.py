@@ -172,7 +172,7 @@ def _string_array(strings: list[bytes]) -> bytes:
 
 @pytest.mark.parametrize("seed", range(12))
 def test_string_arrays_parse_the_same_fast_or_slow(seed):
-    from dllp2p.formats.gguf_model import _Reader, _strings_vectorized
+    from dllp2p.formats.gguf_container import _Reader, _strings_vectorized
 
     rng = random.Random(seed)
     pieces = ["a", "Ġ", "the", "日本", "😀", " ", "<|im_end|>", "\n"]
@@ -192,7 +192,7 @@ def test_string_arrays_parse_the_same_fast_or_slow(seed):
 
 
 def test_bad_utf8_in_a_long_string_array_is_a_bad_value():
-    from dllp2p.formats.gguf_model import _BadValue, _Reader
+    from dllp2p.formats.gguf_container import _BadValue, _Reader
 
     raw = _string_array([b"ok"] * 2000 + [b"\xff\xfe"] + [b"ok"] * 10)
     with pytest.raises(_BadValue):

@@ -19,9 +19,8 @@ import llvmlite.ir as ir
 
 from .compiler import DEFAULT_CACHE_DIR, CompiledModule, ObjectCache, Target, compile_module, default_target
 from .ir_barrier import emit_barrier, emit_barrier_demo
-from .ir_matvec import (
-    emit_embed_extra, emit_matmul_q, emit_matvec_f, emit_matvec_q, emit_quantize, emit_quantize_q8_0,
-)
+from .ir_matvec import emit_matmul_q, emit_matvec_f, emit_matvec_q, emit_quantize, emit_quantize_q8_0
+from .ir_matvec_extra import emit_embed_extra
 from .layout import EXTRA_TYPES
 from .ir_attention import emit_attention, emit_attention_merge
 from .ir_ops import (
@@ -57,7 +56,7 @@ def _emitter(spec: KernelSpec) -> Callable:
     if spec.op == Op.MATVEC:
         return emit_matvec_q if spec.qtype in QUANT_WEIGHTS else emit_matvec_f
     if spec.op == Op.EMBED and spec.qtype in EXTRA_TYPES:
-        return emit_embed_extra  # the packed layouts of the 5/6-bit and K-quant types live in ir_matvec
+        return emit_embed_extra  # the packed layouts of the 5/6-bit and K-quant types live in ir_matvec_extra
     return _EMITTERS[spec.op]
 
 
