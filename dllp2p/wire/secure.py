@@ -162,6 +162,16 @@ def mesh_keys(exporter: bytes, me: int, peer: int) -> tuple[bytes, bytes]:
     return (low_to_high, high_to_low) if me < peer else (high_to_low, low_to_high)
 
 
+def exchange_keys(exporters: list[bytes | None], me: int) -> list[tuple[bytes, bytes] | None] | None:
+    """TPNode's exchange_keys for node `me` from its mesh connections' exporters (None at `me`): None when
+    the connections are plain (no cluster key), else mesh_keys per peer."""
+    if all(e is None for e in exporters):
+        return None
+    if any((e is None) != (j == me) for j, e in enumerate(exporters)):
+        raise ValueError("some mesh connections are sealed and some are not")
+    return [None if e is None else mesh_keys(e, me, j) for j, e in enumerate(exporters)]
+
+
 # --- records --------------------------------------------------------------------------------------
 
 
