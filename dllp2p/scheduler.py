@@ -308,6 +308,9 @@ def validate_plan(p: Plan) -> None:
                 raise PlanError(f"{at}: {name} start {start} is not a multiple of {align}")
             ends[name] = stop
         q0, q1 = node.q_heads
+        if p.exchange == "q8" and (q0 * p.head_dim) % p.block:  # attn_output cut by columns at q0 * head_dim
+            raise PlanError(f"{at}: q_heads start {q0} cuts attn_output's columns at {q0 * p.head_dim}, not a "
+                            f"multiple of the block {p.block} (use the exact exchange)")
         whole = q0 % g == 0 and q1 % g == 0
         if node.kv_heads != (q0 // g, -(-q1 // g)) or not (whole or q0 // g == (q1 - 1) // g):
             raise PlanError(f"{at}: q_heads {node.q_heads} are neither kv_heads {node.kv_heads} x group {g} "

@@ -87,6 +87,11 @@ def test_one_kv_head_on_two_and_four_nodes_replicates_it():
         assert [n.q_heads for n in p.nodes] == [(i * per, (i + 1) * per) for i in range(n_nodes)]
         assert all(n.ffn_rows[0] % 256 == 0 for n in p.nodes) and p.nodes[-1].ffn_rows[1] == 2048
     assert plan(gemma, _peers(*[1] * 8), epoch=0).n_nodes == 4  # one query head each at most
+    # q8 cuts attn_output by columns at q0 * head_dim: with K-quants those must be whole super-blocks
+    qwen = dataclasses.replace(gemma, n_heads=14, n_kv_heads=2, head_dim=64, dim=896, ffn_dim=4864)
+    assert plan(qwen, _peers(1, 1), epoch=0, exchange="q8", block=32).n_nodes == 2  # 7 heads: column 448
+    with pytest.raises(PlanError, match="not a multiple of the block 256"):
+        plan(qwen, _peers(1, 1), epoch=0, exchange="q8", block=256)
     with pytest.raises(PlanError, match="multiple of 256"):  # a K-quant cut must not split a super-block
         r = dataclasses.replace
         validate_plan(r(p, nodes=(r(p.nodes[0], ffn_rows=(0, 544)), r(p.nodes[1], ffn_rows=(544, 1024)), *p.nodes[2:])))
