@@ -222,3 +222,115 @@ def test_mesh_keys_mirror_each_other():
     send, receive = mesh_keys(secret, 0, 1)
     assert send != receive and len(send) == len(receive) == 32
     assert mesh_keys(os.urandom(32), 0, 1) != (send, receive)
+
+
+class TCPProxy:
+    """A TCP proxy on loopback (threads) to upstream. Counts the bytes of connection k in each direction
+    (bytes[k, "down"]: upstream -> client, bytes[k, "up"]); flip[k, direction] = offset: one bit of that
+    byte flipped (set while running)."""
+
+    def __init__(self, upstream: str):
+        host, port = upstream.rsplit(":", 1)
+        self.upstream = (host, int(port))
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.address = f"127.0.0.1:{self.server.getsockname()[1]}"
+        self.bytes: dict[tuple[int, str], int] = {}
+        self.flip: dict[tuple[int, str], int] = {}
+        self.socks: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        try:
+            while True:
+                client, _ = self.server.accept()
+                up = socket.create_connection(self.upstream)
+                k = len(self.bytes) // 2
+                self.bytes[k, "up"] = self.bytes[k, "down"] = 0
+                self.socks += [client, up]
+                threading.Thread(target=self._pump, args=(client, up, (k, "up")), daemon=True).start()
+                threading.Thread(target=self._pump, args=(up, client, (k, "down")), daemon=True).start()
+        except OSError:
+            pass
+
+    def _pump(self, src: socket.socket, dst: socket.socket, k: tuple[int, str]) -> None:
+        try:
+            while data := src.recv(1 << 16):
+                data, at = bytearray(data), self.bytes[k]
+                if (f := self.flip.get(k)) is not None and at <= f < at + len(data):
+                    data[f - at] ^= 0x04
+                self.bytes[k] += len(data)
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self.server.close()
+        for s in self.socks:
+            s.close()
+
+
+@pytest.mark.parametrize("direction", ["down", "up"])
+def test_through_a_keyed_daemon_a_flipped_exchange_byte_fails_the_request(kv8_model, cache_dir, tmp_path, caplog,
+                                                                          direction):
+    """Root (ClusterEngine, this thread) and a worker daemon with the real engine (its own thread), both with
+    the key, the worker reached through a proxy: logits equal one node's while the exchange is intact; then
+    one bit of the next exchange message worker -> root ("down": the root finds it) or root -> worker ("up":
+    the worker finds it, logs it and tells the root) is flipped: the request fails, and no logits come back."""
+    import logging
+
+    import trio
+
+    from dllp2p.config import Timeouts
+    from dllp2p.daemon import Daemon, DaemonConfig
+    from dllp2p.session.root import ClusterEngine, ClusterError, ClusterOptions
+
+    import fake_tp
+
+    caplog.set_level(logging.INFO)
+    t = Timeouts(hello=10, idle=30, transfer=30, mesh=10, build=120, socket=10, slot=1)
+    daemon = Daemon(DaemonConfig("127.0.0.1", 0, 1, tmp_path / "w", timeouts=t, cluster=fake_tp.TEST_CLUSTER,
+                                 key=fake_tp.TEST_KEY, cache_dir=cache_dir))
+    started: list = []
+
+    async def serve() -> None:
+        async with trio.open_nursery() as nursery:
+            started.append((await nursery.start(daemon.serve), trio.lowlevel.current_trio_token(), nursery.cancel_scope))
+
+    thread = threading.Thread(target=trio.run, args=(serve,), daemon=True)
+    thread.start()
+    for _ in range(200):
+        if started:
+            break
+        threading.Event().wait(0.05)
+    address, token, scope = started[0]
+    proxy = TCPProxy(address)
+    single = JITEngine(kv8_model, 64, threads=1, cache_dir=cache_dir)
+    engine = None
+    try:
+        engine = ClusterEngine.connect(kv8_model, ClusterOptions((proxy.address,), timeouts=t, cache_dir=cache_dir,
+                                                                 key=fake_tp.TEST_KEY), 64, 1)
+        prompt = [5, 17, 300, 41]
+        assert np.array_equal(engine.forward(prompt, 0), single.forward(prompt, 0))
+        assert len(proxy.bytes) == 4  # the control link, then the mesh link
+        proxy.flip[1, direction] = proxy.bytes[1, direction] + 100  # inside the next message: the embedding rows
+        with pytest.raises(ClusterError) as failed:
+            engine.forward([9], 4)
+        # down: the root's own engine found it; up: the worker's Error (the root's error quotes it)
+        assert "activation exchange authentication failed" in str(failed.value), failed.value
+        if direction == "up":  # the worker drops the step and the link; it names the failure in its log
+            logged = [r for r in caplog.records if r.levelno >= logging.ERROR
+                      and "activation exchange authentication failed" in r.getMessage()]
+            assert logged, caplog.text
+    finally:
+        if engine is not None:
+            engine.close()
+        single.close()
+        trio.from_thread.run_sync(scope.cancel, trio_token=token)
+        thread.join(timeout=30)
+        proxy.close()
