@@ -37,9 +37,9 @@ from .jit.layout import CANDIDATE, aligned_zeros
 from .jit.program import LAYER_MATRICES, ProgramSpec
 from .jit.specs import QUANT_WEIGHTS
 from .jit.tp_program import (
-    AUTH_FAILED, MAX_TOP, RECV_SPINS, Partition, TPSlots, build_tp_program, bytes_per_step, sealed_bytes, top_of,
-    tp_buffer_sizes,
+    MAX_TOP, RECV_SPINS, RS_MIN_NODES, Partition, TPSlots, build_tp_program, bytes_per_step, top_of, tp_buffer_sizes,
 )
+from .jit.tp_seal import AUTH_FAILED, KEY_BYTES, TAG
 from .jit.weights import LAYOUT_VERSION, PackedModel, cached, execution_order, pack
 from .scheduler import BLOCK_ROWS, Plan
 
@@ -54,9 +54,6 @@ class PeerLost(Exception):
 
 class ExchangeAuthFailed(PeerLost):
     """A sealed exchange message from a peer failed to open: altered in flight, or sealed under another key."""
-
-
-KEY_BYTES = 32  # a sealed exchange's key per peer and direction (ChaCha20-Poly1305)
 
 
 def sodium_aead() -> tuple[int, int]:
@@ -205,6 +202,27 @@ def prepare_peer_socket(sock: socket.socket, timeout: float = PEER_TIMEOUT_S) ->
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
+def sealed_bytes(spec: ProgramSpec, part: Partition) -> int:
+    """The sealed exchange's `sealed` buffer (tp_seal): the largest message plus its tag. Every message is a
+    part of one exchange buffer (or of `logits`, vocab_size f32, no larger than `logits_full`)."""
+    return max(tp_buffer_sizes(spec, part).values()) + TAG
+
+
+def messages_per_step(spec: ProgramSpec, part: Partition, n: int = 1) -> tuple[int, int]:
+    """(sent, received) exchange messages of this node for one forward of n tokens (each sealed one carries
+    TAG more bytes): per chunk, the embedding swap, the layers' exchanges and the logits to node 0."""
+    peers, me = part.n_nodes - 1, part.index
+    if not peers:
+        return 0, 0
+    chunks = -(-n // spec.max_chunk)
+    if part.exchange == "q8":
+        rounds = 2 * (2 if part.n_nodes >= RS_MIN_NODES else 1)  # 2 all-reduces, each 1 or 2 swaps
+    else:
+        rounds = 4  # four all-gathers
+    per = (1 + spec.config.n_layers * rounds) * peers
+    return chunks * (per + (1 if me else 0)), chunks * (per + (0 if me else peers))
+
+
 class TPNode(JITEngine):
     """One node's engine. peers[j]: a connected blocking socket to node j (None at this node's index)."""
 
@@ -252,7 +270,9 @@ class TPNode(JITEngine):
         return self._keys is not None
 
     def _program_key(self) -> str:
-        return repr(self.part) + ("|sealed chacha20poly1305" if self.sealed else "")
+        # the table's layout too: a program compiled for other slot indices (another version) must not load
+        layout = ",".join(TPSlots.SCALARS + TPSlots.BUFFERS)
+        return repr(self.part) + f"|{layout}" + ("|sealed chacha20poly1305" if self.sealed else "")
 
     def _build_program(self, module) -> None:
         build_tp_program(module, self.spec, self.part, self.sealed)
@@ -292,7 +312,10 @@ class TPNode(JITEngine):
         total = time.perf_counter() - t0
         sync = t[self._slots["sync_ns"]] / 1e9
         n = len(tokens)
-        sent, received = bytes_per_step(self.spec, self.part, n, top, self.sealed)
+        sent, received = bytes_per_step(self.spec, self.part, n, top)
+        if self.sealed:  # a tag per message
+            m_sent, m_received = messages_per_step(self.spec, self.part, n)
+            sent, received = sent + TAG * m_sent, received + TAG * m_received
         self.stats = {"step_ms": total * 1e3, "sync_ms": sync * 1e3, "compute_ms": (total - sync) * 1e3,
                       "bytes_sent": sent, "bytes_received": received, "tokens": n}
         return result

@@ -43,7 +43,6 @@ from .formats.synthetic import SyntheticSpec, write_random_llama
 from .scheduler import EXCHANGES, Peer, plan
 from .jit.tp_program import RECV_SPINS
 from .tp import TPNode, node_tensors
-from .wire.secure import mesh_keys
 
 DLLAMA_SHAPE = SyntheticSpec(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, ffn_dim=5632, vocab_size=32000,
                              context_length=4096, qtype=QType.Q4_0, embed_qtype=QType.Q4_0, tied_output=False)
@@ -152,10 +151,10 @@ class Cluster:
 
 
 def random_exchange_keys(n: int) -> list[list[tuple[bytes, bytes] | None]]:
-    """Per node, per peer, the sealed exchange's (send, receive) keys, from one random secret per link (in
-    a cluster: the link's secure-channel exporter)."""
-    secret = {(i, j): os.urandom(32) for i in range(n) for j in range(i + 1, n)}
-    return [[None if i == j else mesh_keys(secret[min(i, j), max(i, j)], i, j) for j in range(n)] for i in range(n)]
+    """Per node, per peer, the sealed exchange's (send, receive) keys: random, one per direction of each link
+    (in a cluster both ends derive them from the link's secure channel: wire.secure.mesh_keys)."""
+    key = {(i, j): os.urandom(32) for i in range(n) for j in range(n) if i != j}  # i -> j
+    return [[None if i == j else (key[i, j], key[j, i]) for j in range(n)] for i in range(n)]
 
 
 def _fork_node(model, p, index: int, peers, ctl: socket.socket, ctx: int, threads: int, spins: int,

@@ -16,7 +16,7 @@ import pytest
 from dllp2p.formats import QType, load_model
 from dllp2p.formats.synthetic import SyntheticSpec, write_random_llama
 from dllp2p.jit.engine import JITEngine
-from dllp2p.jit.tp_program import TAG
+from dllp2p.jit.tp_seal import TAG
 from dllp2p.scheduler import Peer, plan
 from dllp2p.tp import ExchangeAuthFailed, PeerLost, TPNode, node_tensors
 from dllp2p.wire.secure import mesh_keys
@@ -165,9 +165,11 @@ def test_sealed_bytes_per_token_include_the_tags(kv8_model, cache_dir):
         proxy.close()
 
 
-def _fails(cluster, proxy, tokens, pos) -> tuple[BaseException | None, BaseException | None, object]:
-    """Run a step that must fail: node 1 in a thread, node 0 here; once node 0 is done, the links are shut
-    so that node 1 (waiting for what node 0 no longer sends) ends too. -> (node 0's error, node 1's, logits)."""
+def _fails(cluster, proxy, tokens, pos, settle: float = 0.0) -> tuple[BaseException | None, BaseException | None,
+                                                                       object]:
+    """Run a step that must fail: node 1 in a thread, node 0 here; once node 0 is done (and node 1, or
+    `settle` seconds), the links are shut so that node 1, if waiting for what node 0 no longer sends, ends
+    too. -> (node 0's error, node 1's, logits)."""
     errors: list[BaseException] = []
 
     def run1():
@@ -183,6 +185,7 @@ def _fails(cluster, proxy, tokens, pos) -> tuple[BaseException | None, BaseExcep
         out = cluster.nodes[0].forward(tokens, pos)
     except Exception as e:  # noqa: BLE001 - examined by the test
         err0 = e
+    t.join(timeout=settle)
     proxy.close()
     t.join(timeout=60)
     assert not t.is_alive()
@@ -208,7 +211,8 @@ def test_a_peer_with_another_key_fails_the_first_step(kv8_model, cache_dir):
     keys[1] = other[1]
     proxy, cluster = proxied(kv8_model, cache_dir, keys=keys)
     try:
-        err0, err1, out = _fails(cluster, proxy, [5, 17, 300], 0)
+        # both ends fail their first receive and skip the rest: node 1 ends on its own (given time to)
+        err0, err1, out = _fails(cluster, proxy, [5, 17, 300], 0, settle=20.0)
         assert out is None
         assert isinstance(err0, ExchangeAuthFailed) and err0.node == 1
         assert isinstance(err1, ExchangeAuthFailed) and err1.node == 0

@@ -53,23 +53,12 @@ MiB, the sockets' buffers), so every node may send before it receives without de
 are blocking with receive/send timeouts set by the caller; a failed send or receive records the peer in
 the table's `error` slot, later exchanges are skipped, and Python raises after the step. The residual
 stream x is replicated: every node holds the same x after every exchange.
-
-Sealed exchange (build_tp_program(..., sealed=True), when the cluster has a key): every message is sealed
-with ChaCha20-Poly1305 (IETF: 96-bit nonce) by libsodium, whose encrypt/decrypt functions the program calls
-through the table scalars `seal_fn` and `open_fn` (addresses PyNaCl's bundled libsodium exports; no
-cryptography of our own here). Per peer and direction a 32-byte key (`xkeys`: peer j's send key at
-j * 64, its receive key at j * 64 + 32; derived in Python from the mesh connection's secure channel)
-and a message counter (`xcount`: i64 at 2 j for sends, 2 j + 1 for receives) that both ends advance
-identically, so no nonce travels: nonce = counter (8 bytes, little-endian) | 4 zero bytes. The sender
-seals into `sealed` (payload + TAG bytes) and sends that; the receiver receives into `sealed` and opens
-it into the destination. A message that fails to open (altered in flight, or another key) sets error =
-AUTH_FAILED + peer + 1: the step fails like a lost peer, with its own reason; no opened byte is used.
-Unsealed programs contain none of this (a compile-time switch), and their cache key differs.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import llvmlite.ir as ir
 
@@ -78,6 +67,7 @@ from .irutil import I32, I64, PTR, VOID, for_range, gep, i64, intrinsic
 from .layout import act_bytes, q8_0_bytes
 from .program import LAYER_MATRICES, ProgramSpec, Slots, _emit_step, _emit_worker, _Forward
 from .specs import Op
+from .tp_seal import sealed_transfer
 
 MSG_NOSIGNAL = 0x4000  # Linux: a broken connection returns EPIPE instead of raising SIGPIPE
 MSG_WAITALL = 0x100
@@ -85,8 +75,6 @@ MSG_DONTWAIT = 0x40
 EAGAIN = 11
 EINTR = 4
 RS_MIN_NODES = 3  # from this many nodes a q8 all-reduce is a reduce-scatter then an all-gather
-TAG = 16  # ChaCha20-Poly1305's tag: a sealed message is its payload + TAG bytes
-AUTH_FAILED = 1 << 32  # added to error's peer + 1 when a sealed message fails to open
 RECV_SPINS = 200  # non-blocking receive attempts (~0.3 us each: ~60 us) before blocking; more starves oversubscribed cores
 
 
@@ -148,12 +136,6 @@ def tp_buffer_sizes(spec: ProgramSpec, part: Partition) -> dict[str, int]:
     }
 
 
-def sealed_bytes(spec: ProgramSpec, part: Partition) -> int:
-    """`sealed`: the largest message plus its tag. Every message is a part of one exchange buffer (or of
-    `logits`, vocab_size f32, no larger than `logits_full`)."""
-    return max(tp_buffer_sizes(spec, part).values()) + TAG
-
-
 def embed_bytes(spec: ProgramSpec, part: Partition) -> int:
     """`emb_all`: per node a section of max_chunk f32 rows of the model dimension (node j's at j * section)."""
     return part.n_nodes * spec.max_chunk * spec.config.dim * 4
@@ -213,7 +195,8 @@ class _TPForward(_Forward):
     def __init__(self, module: ir.Module, spec: ProgramSpec, part: Partition, sealed: bool = False):
         super().__init__(module, spec)
         self.part = part
-        self.sealed = sealed
+        if sealed:  # with a cluster key: every message sealed (ChaCha20-Poly1305, libsodium), see tp_seal.py
+            self.transfer = partial(sealed_transfer, self, self.transfer)
         self.slots = TPSlots(spec.config.n_layers)
         self.me = part.index
         c = spec.config
@@ -245,43 +228,6 @@ class _TPForward(_Forward):
         return b.add(b.mul(sec, i64(1_000_000_000)), nsec)
 
     def transfer(self, fn: ir.Function, peer: int, buf: ir.Value, nbytes: ir.Value, flags: int) -> None:
-        """Send or receive one message of nbytes with peer: as they are (raw_transfer), or sealed (see the
-        module docstring): the sender seals buf into `sealed` and sends nbytes + TAG; the receiver receives
-        nbytes + TAG into `sealed` and opens them into buf, or sets error = AUTH_FAILED + peer + 1."""
-        if not self.sealed:
-            self.raw_transfer(fn, peer, buf, nbytes, flags)
-            return
-        b = self.b
-        sending = fn is self.send
-        scratch, null = self.ptr("sealed"), ir.Constant(PTR, None)
-        key = gep(b, self.ptr("xkeys"), i64(peer * 64 + (0 if sending else 32)))
-        counter = gep(b, self.ptr("xcount"), i64(2 * peer + (0 if sending else 1)), I64)
-        nonce = self.ptr("xnonce")  # counter (8, little-endian) | 4 zero bytes; only thread 0 exchanges
-        count = b.load(counter, typ=I64)
-        b.store(count, nonce)
-        b.store(ir.Constant(I32, 0), gep(b, nonce, i64(8)))
-        b.store(b.add(count, i64(1)), counter)
-        sealed_bytes = b.add(nbytes, i64(TAG))
-        if sending:  # int encrypt(c, clen_p, m, mlen, ad, adlen, nsec, npub, k)
-            seal = self.foreign("seal_fn", I32, [PTR, PTR, PTR, I64, PTR, I64, PTR, PTR, PTR])
-            b.call(seal, [scratch, null, buf, nbytes, null, i64(0), null, nonce, key])
-            self.raw_transfer(fn, peer, scratch, sealed_bytes, flags)
-            return
-        self.raw_transfer(fn, peer, scratch, sealed_bytes, flags)
-        err_slot = gep(b, self.table, i64(self.slots["error"]), I64)
-        with b.if_then(b.icmp_signed("==", b.load(err_slot, typ=I64), i64(0))):
-            # int decrypt(m, mlen_p, nsec, c, clen, ad, adlen, npub, k): 0, or -1 if it does not open
-            open_ = self.foreign("open_fn", I32, [PTR, PTR, PTR, PTR, I64, PTR, I64, PTR, PTR])
-            rc = b.call(open_, [buf, null, null, scratch, sealed_bytes, null, i64(0), nonce, key])
-            with b.if_then(b.icmp_signed("!=", rc, ir.Constant(I32, 0))):
-                b.store(i64(AUTH_FAILED + peer + 1), err_slot)
-
-    def foreign(self, slot: str, ret: ir.Type, args: list[ir.Type]) -> ir.Value:
-        """A C function whose address is the table scalar `slot`, callable with b.call (an indirect call:
-        llvmlite reads the callee's signature from the pointer's pointee type; it prints as `ptr`)."""
-        return self.b.inttoptr(self.scalar(slot), ir.PointerType(ir.FunctionType(ret, args)))
-
-    def raw_transfer(self, fn: ir.Function, peer: int, buf: ir.Value, nbytes: ir.Value, flags: int) -> None:
         """Send or receive exactly nbytes with peer; on failure set error = peer + 1 and stop.
 
         Receives first poll without blocking (MSG_DONTWAIT) for up to `recv_spins` tries (a table
@@ -659,30 +605,9 @@ class _TPForward(_Forward):
         self.barrier()
 
 
-def messages_per_step(spec: ProgramSpec, part: Partition, n: int = 1) -> tuple[int, int]:
-    """(sent, received) messages of this node for one forward of n tokens (each sealed one carries TAG
-    more bytes): per chunk, the embedding swap, the layers' exchanges and the logits to node 0."""
-    peers, me = part.n_nodes - 1, part.index
-    if not peers:
-        return 0, 0
-    chunks = -(-n // spec.max_chunk)
-    if part.exchange == "q8":
-        rounds = 2 * (2 if part.n_nodes >= RS_MIN_NODES else 1)  # 2 all-reduces, each 1 or 2 swaps
-    else:
-        rounds = 4  # four all-gathers
-    per = (1 + spec.config.n_layers * rounds) * peers
-    return chunks * (per + (1 if me else 0)), chunks * (per + (0 if me else peers))
-
-
-def bytes_per_step(spec: ProgramSpec, part: Partition, n: int = 1, top: int = 0,
-                   sealed: bool = False) -> tuple[int, int]:
-    """(sent, received) bytes of this node for one forward of n tokens, node 0 asking for every
-    node's `top` best logits (0: all) of the last chunk, and for 1 of each chunk before it: the payload,
-    plus TAG per message when sealed."""
-    if sealed:
-        sent, received = bytes_per_step(spec, part, n, top)
-        m_sent, m_received = messages_per_step(spec, part, n)
-        return sent + TAG * m_sent, received + TAG * m_received
+def bytes_per_step(spec: ProgramSpec, part: Partition, n: int = 1, top: int = 0) -> tuple[int, int]:
+    """(sent, received) payload bytes of this node for one forward of n tokens, node 0 asking for every
+    node's `top` best logits (0: all) of the last chunk, and for 1 of each chunk before it."""
     c, me = spec.config, part.index
     g, hd = c.group_size, c.head_dim
     peers = part.n_nodes - 1
