@@ -37,8 +37,9 @@ from .jit.layout import CANDIDATE, aligned_zeros
 from .jit.program import LAYER_MATRICES, ProgramSpec
 from .jit.specs import QUANT_WEIGHTS
 from .jit.tp_program import (
-    MAX_TOP, RECV_SPINS, Partition, TPSlots, build_tp_program, bytes_per_step, top_of, tp_buffer_sizes,
+    MAX_TOP, RECV_SPINS, RS_MIN_NODES, Partition, TPSlots, build_tp_program, bytes_per_step, top_of, tp_buffer_sizes,
 )
+from .jit.tp_seal import AUTH_FAILED, KEY_BYTES, TAG
 from .jit.weights import LAYOUT_VERSION, PackedModel, cached, execution_order, pack
 from .scheduler import BLOCK_ROWS, Plan
 
@@ -49,6 +50,20 @@ class PeerLost(Exception):
     def __init__(self, node: int, reason: str):
         super().__init__(f"node {node}: {reason}")
         self.node = node
+
+
+class ExchangeAuthFailed(PeerLost):
+    """A sealed exchange message from a peer failed to open: altered in flight, or sealed under another key."""
+
+
+def sodium_aead() -> tuple[int, int]:
+    """Addresses of libsodium's ChaCha20-Poly1305 (IETF) encrypt and decrypt, from the copy PyNaCl bundles,
+    for the compiled exchange to call (tp_program: the sealed exchange)."""
+    import nacl.bindings  # noqa: F401  (runs sodium_init)
+    from nacl._sodium import ffi, lib
+
+    return tuple(int(ffi.cast("uintptr_t", ffi.addressof(lib, f"crypto_aead_chacha20poly1305_ietf_{op}")))
+                 for op in ("encrypt", "decrypt"))
 
 
 @dataclass(frozen=True)
@@ -187,6 +202,27 @@ def prepare_peer_socket(sock: socket.socket, timeout: float = PEER_TIMEOUT_S) ->
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
+def sealed_bytes(spec: ProgramSpec, part: Partition) -> int:
+    """The sealed exchange's `sealed` buffer (tp_seal): the largest message plus its tag. Every message is a
+    part of one exchange buffer (or of `logits`, vocab_size f32, no larger than `logits_full`)."""
+    return max(tp_buffer_sizes(spec, part).values()) + TAG
+
+
+def messages_per_step(spec: ProgramSpec, part: Partition, n: int = 1) -> tuple[int, int]:
+    """(sent, received) exchange messages of this node for one forward of n tokens (each sealed one carries
+    TAG more bytes): per chunk, the embedding swap, the layers' exchanges and the logits to node 0."""
+    peers, me = part.n_nodes - 1, part.index
+    if not peers:
+        return 0, 0
+    chunks = -(-n // spec.max_chunk)
+    if part.exchange == "q8":
+        rounds = 2 * (2 if part.n_nodes >= RS_MIN_NODES else 1)  # 2 all-reduces, each 1 or 2 swaps
+    else:
+        rounds = 4  # four all-gathers
+    per = (1 + spec.config.n_layers * rounds) * peers
+    return chunks * (per + (1 if me else 0)), chunks * (per + (0 if me else peers))
+
+
 class TPNode(JITEngine):
     """One node's engine. peers[j]: a connected blocking socket to node j (None at this node's index)."""
 
@@ -195,7 +231,10 @@ class TPNode(JITEngine):
     def __init__(self, config: ModelConfig, plan: Plan, index: int, tensors: Mapping[str, NodeTensor],
                  peers: Sequence[socket.socket | None], ctx: int, threads: int | None = None, *,
                  cache_dir: os.PathLike | str | None = DEFAULT_CACHE_DIR, max_chunk: int = 64,
-                 timeout: float = PEER_TIMEOUT_S, recv_spins: int = RECV_SPINS):
+                 timeout: float = PEER_TIMEOUT_S, recv_spins: int = RECV_SPINS,
+                 exchange_keys: Sequence[tuple[bytes, bytes] | None] | None = None):
+        """exchange_keys[j]: (send key, receive key) for peer j (None at this node's index), 32 bytes each,
+        the mirror image of peer j's: every exchange message is sealed (tp_program). None: plain exchange."""
         t0 = time.perf_counter()
         self.part = part = partition_of(plan, index)
         if len(peers) != part.n_nodes or (peers[index] is not None):
@@ -203,6 +242,12 @@ class TPNode(JITEngine):
         self.index, self.plan = index, plan
         self.n_kv_local = part.kv_heads[index][1] - part.kv_heads[index][0]
         self._peers = list(peers)
+        self._keys = None if exchange_keys is None else list(exchange_keys)
+        if self._keys is not None and (
+                len(self._keys) != part.n_nodes
+                or any((k is None) != (j == index) for j, k in enumerate(self._keys))
+                or any(len(x) != KEY_BYTES for k in self._keys if k is not None for x in k)):
+            raise ValueError(f"need a (send, receive) pair of {KEY_BYTES}-byte keys per other node, None at {index}")
         for sock in self._peers:
             if sock is not None:
                 prepare_peer_socket(sock, timeout)
@@ -215,14 +260,22 @@ class TPNode(JITEngine):
         packed = _load_node_weights(config, tensors, cache_dir)
         self._start(config, ctx, threads, spec, packed, cache_dir, t0)
         self._table[self._slots["recv_spins"]] = recv_spins
+        if self.sealed:
+            self._table[self._slots["seal_fn"]], self._table[self._slots["open_fn"]] = sodium_aead()
         self.stats: dict[str, float] = {}
         self._top = 0
 
+    @property
+    def sealed(self) -> bool:
+        return self._keys is not None
+
     def _program_key(self) -> str:
-        return repr(self.part)
+        # the table's layout too: a program compiled for other slot indices (another version) must not load
+        layout = ",".join(TPSlots.SCALARS + TPSlots.BUFFERS)
+        return repr(self.part) + f"|{layout}" + ("|sealed chacha20poly1305" if self.sealed else "")
 
     def _build_program(self, module) -> None:
-        build_tp_program(module, self.spec, self.part)
+        build_tp_program(module, self.spec, self.part, self.sealed)
 
     def _extra_buffers(self) -> dict[str, np.ndarray]:
         sizes = tp_buffer_sizes(self.spec, self.part)
@@ -231,6 +284,15 @@ class TPNode(JITEngine):
         for j, sock in enumerate(self._peers):
             fds[j] = -1 if sock is None else sock.fileno()
         bufs["fds"] = fds
+        n = max(1, self.part.n_nodes)
+        keys = aligned_zeros(n * 2 * KEY_BYTES if self.sealed else 8, np.uint8)  # peer j: send key | receive key
+        for j, pair in enumerate(self._keys or ()):
+            if pair is not None:
+                keys[j * 64:(j + 1) * 64] = np.frombuffer(pair[0] + pair[1], np.uint8)
+        bufs["xkeys"] = keys
+        bufs["xcount"] = aligned_zeros(2 * n, np.int64)  # messages sealed to / opened from peer j so far
+        bufs["xnonce"] = aligned_zeros(16, np.uint8)
+        bufs["sealed"] = aligned_zeros(sealed_bytes(self.spec, self.part) if self.sealed else 8, np.uint8)
         return bufs
 
     max_top = MAX_TOP  # forward(..., top=K): see forward
@@ -251,6 +313,9 @@ class TPNode(JITEngine):
         sync = t[self._slots["sync_ns"]] / 1e9
         n = len(tokens)
         sent, received = bytes_per_step(self.spec, self.part, n, top)
+        if self.sealed:  # a tag per message
+            m_sent, m_received = messages_per_step(self.spec, self.part, n)
+            sent, received = sent + TAG * m_sent, received + TAG * m_received
         self.stats = {"step_ms": total * 1e3, "sync_ms": sync * 1e3, "compute_ms": (total - sync) * 1e3,
                       "bytes_sent": sent, "bytes_received": received, "tokens": n}
         return result
@@ -262,6 +327,9 @@ class TPNode(JITEngine):
         err = int(self._table[self._slots["error"]])
         if err:
             self._table[self._slots["error"]] = 0
+            if err > AUTH_FAILED:
+                raise ExchangeAuthFailed(err - AUTH_FAILED - 1, "activation exchange authentication failed "
+                                         "(a message altered in flight, or sealed under another key)")
             raise PeerLost(err - 1, "connection closed, reset or timed out during a step")
 
     def _result(self) -> np.ndarray | None:

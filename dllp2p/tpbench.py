@@ -3,7 +3,7 @@ meshed by real TCP connections on 127.0.0.1 (the sockets a daemon would hand its
 worker, every node but the root blocks on a small frame from the root per step, then runs its forward.
 
     python -m dllp2p.tpbench [--model PATH] [--layout N:T ...] [--exchange exact q8] [--tokens N]
-                             [--rounds R] [--all-logits] [--json]
+                             [--rounds R] [--all-logits] [--encrypt off|on|both] [--json]
 
 Without --model it writes (once, under /tmp) a random-weight model shaped like distributed-llama's
 benchmark: dim 2048, 16 layers, 32 heads, 8 KV heads, FFN 5632, vocab 32000, Q4_0 — noise, for speed
@@ -17,6 +17,10 @@ cluster's median ms/token divided by the first cluster's in the same round. The 
 compared with the first cluster's (max |difference|: 0 for exact). Also reported per cluster: ms/token
 and sync ms/token (time thread 0 of the root spends in exchanges), medians over all decoded tokens, and
 the bytes the root sends and receives per token.
+
+--encrypt on seals every exchange message (ChaCha20-Poly1305, as with a cluster key: tp_program's sealed
+exchange, under random per-link keys); `both` runs every multi-node cluster plain and sealed, in turn, so
+the cost of the encryption is the ratio of the two in the same rounds.
 """
 
 from __future__ import annotations
@@ -75,19 +79,22 @@ class Cluster:
     step(tokens, pos) sends each worker the step's small frame, runs the root's forward and returns
     its logits; decode(n) runs n greedy steps and records ms and sync ms per token."""
 
-    def __init__(self, model, n_nodes: int, threads: int, exchange: str, ctx: int, recv_spins: int | None = None):
-        self.n_nodes, self.threads, self.exchange = n_nodes, threads, exchange
+    def __init__(self, model, n_nodes: int, threads: int, exchange: str, ctx: int, recv_spins: int | None = None,
+                 sealed: bool = False):
+        self.n_nodes, self.threads, self.exchange, self.sealed = n_nodes, threads, exchange, sealed
+        keys = random_exchange_keys(n_nodes) if sealed else [None] * n_nodes
         peers = [Peer(f"bench{i}", f"127.0.0.1:{i}", threads, 1.0) for i in range(n_nodes)]
         p = plan(model.config, peers, epoch=1, policy="weighted" if n_nodes & (n_nodes - 1) else "pow2", exchange=exchange)
         self._socks = tcp_mesh(n_nodes)
         self._ctl = [socket.socketpair() if i else (None, None) for i in range(n_nodes)]
         # nodes sharing too few cores must not spin on receives (it takes the core from the node awaited)
         spins = recv_spins if recv_spins is not None else 0 if n_nodes * threads > (os.cpu_count() or 1) else RECV_SPINS
-        self._children = [_fork_node(model, p, i, self._socks[i], self._ctl[i][1], ctx, threads, spins)
+        self._children = [_fork_node(model, p, i, self._socks[i], self._ctl[i][1], ctx, threads, spins, keys[i])
                           for i in range(1, n_nodes)]
         self.root = None
         try:
-            self.root = TPNode(model.config, p, 0, node_tensors(model, p, 0), self._socks[0], ctx, threads, recv_spins=spins)
+            self.root = TPNode(model.config, p, 0, node_tensors(model, p, 0), self._socks[0], ctx, threads, recv_spins=spins,
+                               exchange_keys=keys[0])
             for i in range(1, n_nodes):
                 self._ctl[i][0].settimeout(600)  # a child builds (and may compile) its node first
                 if _recv_exact(self._ctl[i][0], 1) != b"R":
@@ -143,7 +150,15 @@ class Cluster:
         self.close()
 
 
-def _fork_node(model, p, index: int, peers, ctl: socket.socket, ctx: int, threads: int, spins: int) -> int:
+def random_exchange_keys(n: int) -> list[list[tuple[bytes, bytes] | None]]:
+    """Per node, per peer, the sealed exchange's (send, receive) keys: random, one per direction of each link
+    (in a cluster both ends derive them from the link's secure channel: wire.secure.mesh_keys)."""
+    key = {(i, j): os.urandom(32) for i in range(n) for j in range(n) if i != j}  # i -> j
+    return [[None if i == j else (key[i, j], key[j, i]) for j in range(n)] for i in range(n)]
+
+
+def _fork_node(model, p, index: int, peers, ctl: socket.socket, ctx: int, threads: int, spins: int,
+               keys=None) -> int:
     """Node `index` in a child process, as on a device of its own: it builds its TPNode, says b"R" on
     its control socket, then, like a daemon's worker, blocks for each step's small frame from the root
     (position, token count, logits asked for, tokens) and runs its forward; a negative position ends it. -> the pid."""
@@ -152,7 +167,8 @@ def _fork_node(model, p, index: int, peers, ctl: socket.socket, ctx: int, thread
         return pid
     code = 1
     try:
-        node = TPNode(model.config, p, index, node_tensors(model, p, index), peers, ctx, threads, recv_spins=spins)
+        node = TPNode(model.config, p, index, node_tensors(model, p, index), peers, ctx, threads, recv_spins=spins,
+                      exchange_keys=keys)
         ctl.sendall(b"R")
         while True:
             pos, n, top = struct.unpack("<qqq", _recv_exact(ctl, 24))
@@ -178,13 +194,15 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
 
 
 def run(model, layouts: list[tuple[int, int]], exchanges: list[str], prompt: list[int], tokens: int, rounds: int,
-        recv_spins: int | None = None, top: int = 1) -> list[dict]:
-    """Start every (layout, exchange) cluster, prefill each, then `rounds` rounds of `tokens` decoded
-    tokens per cluster in turn. -> one result dict per cluster, in order."""
+        recv_spins: int | None = None, top: int = 1, encrypt: str = "off") -> list[dict]:
+    """Start every (layout, exchange, sealed or not) cluster, prefill each, then `rounds` rounds of
+    `tokens` decoded tokens per cluster in turn. -> one result dict per cluster, in order."""
     ctx = len(prompt) + tokens * rounds + 1
+    seals = {"off": [False], "on": [True], "both": [False, True]}[encrypt]
     with contextlib.ExitStack() as stack:
-        clusters = [stack.enter_context(Cluster(model, n, t, ex, ctx, recv_spins))
-                    for n, t in layouts for ex in (exchanges if n > 1 else ["exact"])]
+        clusters = [stack.enter_context(Cluster(model, n, t, ex, ctx, recv_spins, sealed))
+                    for n, t in layouts for ex in (exchanges if n > 1 else ["exact"])
+                    for sealed in (seals if n > 1 else [False])]
         first = [c.step(prompt).copy() for c in clusters]
         for _ in range(rounds):
             for c in clusters:
@@ -195,7 +213,7 @@ def run(model, layouts: list[tuple[int, int]], exchanges: list[str], prompt: lis
         for c, logits in zip(clusters, first):
             s = c.root.stats
             results.append({
-                "nodes": c.n_nodes, "threads_per_node": c.threads, "exchange": c.exchange,
+                "nodes": c.n_nodes, "threads_per_node": c.threads, "exchange": c.exchange, "sealed": c.sealed,
                 "ms_per_token": statistics.median(c.ms), "sync_ms_per_token": statistics.median(c.sync),
                 "round_ms_per_token": c.round_ms,
                 "vs_first": statistics.median(m / b for m, b in zip(c.round_ms, base)),
@@ -220,6 +238,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--all-logits", action="store_true",
                     help="the workers send all their logits each step (as sampling without top-k needs), not "
                          "just their best (greedy)")
+    ap.add_argument("--encrypt", choices=("off", "on", "both"), default="off",
+                    help="seal the exchange (ChaCha20-Poly1305, as with a cluster key); both: each multi-node "
+                         "cluster plain and sealed, in turn (default: off)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     if args.tokens < 1 or args.rounds < 1:
@@ -228,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     prompt = [int(t) for t in np.random.default_rng(0).integers(0, model.config.vocab_size, args.prompt_tokens)]
     layouts = [tuple(int(v) for v in spec.split(":")) for spec in args.layout]
     results = run(model, layouts, args.exchange, prompt, args.tokens, args.rounds, args.recv_spins,
-                  0 if args.all_logits else 1)
+                  0 if args.all_logits else 1, args.encrypt)
     if args.json:
         print(json.dumps({"model": str(args.model or "random dllama-shape Q4_0"), "tokens_per_round": args.tokens,
                           "rounds": args.rounds, "results": results}))
@@ -238,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in results:
         sent, received = r["root_bytes_sent"], r["root_bytes_received"]
         rounds = " ".join(f"{m:.1f}" for m in r["round_ms_per_token"])
-        print(f"{r['nodes']} node(s) x {r['threads_per_node']} thread(s), {r['exchange']} exchange: "
+        print(f"{r['nodes']} node(s) x {r['threads_per_node']} thread(s), {r['exchange']} exchange{', sealed' if r['sealed'] else ''}: "
               f"{r['ms_per_token']:.1f} ms/token (rounds {rounds}), vs first x{r['vs_first']:.3f}, "
               f"sync {r['sync_ms_per_token']:.2f} ms/token, root sends {sent / 1e3:.1f} kB ({sent / 1024:.1f} KiB), "
               f"receives {received / 1e3:.1f} kB ({received / 1024:.1f} KiB) per token, "

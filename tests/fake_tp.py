@@ -26,7 +26,7 @@ from dllp2p.clusterkey import ClusterKey
 from dllp2p.formats import ModelConfig, QType
 from dllp2p.formats.quant import TRAITS
 from dllp2p.scheduler import BLOCK_ROWS, Plan
-from dllp2p.tp import NodeTensor, PeerLost  # the real types: the fake stands in for the compute only
+from dllp2p.tp import ExchangeAuthFailed, NodeTensor, PeerLost  # the real types: the fake stands in for the compute only
 
 # 4 KV heads; dim, FFN and vocabulary of 4+ blocks of 32: plans of 1 to 4 nodes
 CONFIG = ModelConfig("llama", 128, 2, 4, 4, 32, 256, 256, 64, 10000.0, 32, 1e-5, True)
@@ -89,7 +89,7 @@ def expected_token(mdl: SimpleNamespace, plan: Plan, tokens, start_pos: int) -> 
 
 
 class TPNode:
-    def __init__(self, config, plan, index, tensors, peers, ctx, threads=None):
+    def __init__(self, config, plan, index, tensors, peers, ctx, threads=None, exchange_keys=None):
         for t in tensors.values():
             digest = hashlib.sha256(np.ascontiguousarray(t.data).view(np.uint8).reshape(-1)).hexdigest()
             if digest != t.sha256:
@@ -98,6 +98,9 @@ class TPNode:
             raise ValueError("one socket per other node, None at this node's index")
         self.config, self.plan, self.index, self.ctx = config, plan, index, ctx
         self.peers = list(peers)
+        # with a cluster key, each message carries sha256(send key), checked against sha256(receive key): the
+        # daemons must hand both ends of every mesh link the mirror pair, as the sealed exchange needs
+        self.keys = None if exchange_keys is None else list(exchange_keys)
         self.checksum = checksum(dict(tensors))
         self.stats: dict[str, float] = {}
         self.closed = False
@@ -108,6 +111,8 @@ class TPNode:
         payload = PART.pack(*mine)
         for j, sock in enumerate(self.peers):
             if sock is not None:
+                if self.keys is not None:
+                    payload = PART.pack(*mine) + hashlib.sha256(self.keys[j][0]).digest()
                 try:
                     sock.sendall(payload)
                 except OSError as e:
@@ -117,6 +122,8 @@ class TPNode:
         for j, sock in enumerate(self.peers):
             if sock is not None:
                 parts.append(PART.unpack(_recv_exactly(sock, PART.size, j)))
+                if self.keys is not None and _recv_exactly(sock, 32, j) != hashlib.sha256(self.keys[j][1]).digest():
+                    raise ExchangeAuthFailed(j, "activation exchange authentication failed (fake: keys differ)")
         sync = time.perf_counter() - t1
         for p in parts:
             if p[1:4] != mine[1:4]:

@@ -343,9 +343,10 @@ def test_smollm2_on_two_daemons_matches_the_single_node_engine(tmp_path, real_mo
                             text=True, timeout=300)
         assert q8.returncode == 0, q8.stderr
         assert q8.stdout.startswith(" Paris.") and "(pow2 plan, q8 exchange)" in q8.stderr
-        # two all-reduces per layer of one Q8_0 row of 576 values (612 bytes), 30 layers: 36.7 kB per token,
-        # plus the token's embedding row (576 f32: the embedding is split by vocabulary rows): 39.0 kB
-        assert re.search(r"decode per token \(15 tokens\): .* sent 39\.0 kB", q8.stderr), q8.stderr
+        # two all-reduces per layer of one Q8_0 row of 576 values (612 bytes), 30 layers: 36 720 bytes, + the
+        # token's embedding row (576 f32: 2304), + with the key a 16-byte tag on each of the 61 messages (976):
+        # 40.0 kB per token
+        assert re.search(r"decode per token \(15 tokens\): .* sent 40\.0 kB", q8.stderr), q8.stderr
 
         e = ClusterEngine.connect(real_model, ClusterOptions((address,), key=fake_tp.TEST_KEY), 64, 1)
         e.forward(prompt, 0)

@@ -340,7 +340,7 @@ def test_mesh_failures_are_reported_and_the_worker_goes_idle(tmp_path, ghost_cap
         assert isinstance(await link.receive(2), P.WeightsReady)
         await link.send(P.Mesh(0))
         if index == 2:  # the root's connection is taken; the ghost's never comes
-            (await dial_mesh(address, P.MeshHello(0, ROOT.node_id, 0, 2), 2, 2)).close()
+            (await dial_mesh(address, P.MeshHello(0, ROOT.node_id, 0, 2), 2, 2))[0].close()  # (socket, exporter)
         reply = await link.receive(T.mesh + 2)
         assert reply.code == "mesh" and problem in reply.message, reply
         with pytest.raises(LinkClosed):

@@ -33,3 +33,21 @@ def test_tpbench_json(tmp_path):
     # every cluster decoded in each of the 2 rounds; the first is the baseline of the round-by-round ratio
     assert all(len(r["round_ms_per_token"]) == 2 and r["vs_first"] > 0 for r in rows.values())
     assert rows[(1, "exact")]["vs_first"] == 1.0
+
+
+def test_tpbench_encrypt_both(tmp_path):
+    """--encrypt both: each multi-node cluster plain and sealed; sealed logits identical, 16 more bytes
+    per message (per token: the embedding swap, 2 all-reduces per layer; node 1's best logit)."""
+    spec = SyntheticSpec(dim=256, n_layers=2, n_heads=8, n_kv_heads=4, ffn_dim=512, vocab_size=512, qtype=QType.Q4_0)
+    path = write_random_llama(tmp_path / "tiny.gguf", spec)
+    out = subprocess.run([sys.executable, "-m", "dllp2p.tpbench", "--model", str(path), "--layout", "2:1",
+                          "--exchange", "q8", "--encrypt", "both", "--tokens", "2", "--rounds", "2",
+                          "--prompt-tokens", "5", "--json"], capture_output=True, text=True, timeout=300,
+                         env={"DLLP2P_CACHE_DIR": str(tmp_path / "cache"), "PATH": "/usr/bin:/bin"})
+    assert out.returncode == 0, out.stderr
+    plain, sealed = json.loads(out.stdout)["results"]
+    assert (plain["sealed"], sealed["sealed"]) == (False, True)
+    assert sealed["identical_to_first_layout"] and sealed["max_abs_logit_diff"] == 0
+    messages = 1 + 2 * spec.n_layers
+    assert sealed["root_bytes_sent"] == plain["root_bytes_sent"] + 16 * messages
+    assert sealed["root_bytes_received"] == plain["root_bytes_received"] + 16 * (messages + 1)

@@ -58,6 +58,7 @@ stream x is replicated: every node holds the same x after every exchange.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import llvmlite.ir as ir
 
@@ -66,6 +67,7 @@ from .irutil import I32, I64, PTR, VOID, for_range, gep, i64, intrinsic
 from .layout import act_bytes, q8_0_bytes
 from .program import LAYER_MATRICES, ProgramSpec, Slots, _emit_step, _emit_worker, _Forward
 from .specs import Op
+from .tp_seal import sealed_transfer
 
 MSG_NOSIGNAL = 0x4000  # Linux: a broken connection returns EPIPE instead of raising SIGPIPE
 MSG_WAITALL = 0x100
@@ -101,9 +103,9 @@ class Partition:
 
 
 class TPSlots(Slots):
-    SCALARS = Slots.SCALARS + ("error", "sync_ns", "exchanges", "recv_spins", "top")
+    SCALARS = Slots.SCALARS + ("error", "sync_ns", "exchanges", "recv_spins", "top", "seal_fn", "open_fn")
     BUFFERS = Slots.BUFFERS + ("fds", "staging", "att_q", "o_full", "s_q", "d_full", "logits_full", "clock", "sums_q",
-                               "cands", "emb_all")
+                               "cands", "emb_all", "xkeys", "xcount", "xnonce", "sealed")
 
 
 def tp_buffer_sizes(spec: ProgramSpec, part: Partition) -> dict[str, int]:
@@ -183,16 +185,18 @@ class ReduceScatter:
         return sum(q for j, q in enumerate(self.q) if j != me) + n_peers * self.q[me]
 
 
-def build_tp_program(module: ir.Module, spec: ProgramSpec, part: Partition) -> None:
-    _TPForward(module, spec, part).emit()
+def build_tp_program(module: ir.Module, spec: ProgramSpec, part: Partition, sealed: bool = False) -> None:
+    _TPForward(module, spec, part, sealed).emit()
     _emit_worker(module)
     _emit_step(module)
 
 
 class _TPForward(_Forward):
-    def __init__(self, module: ir.Module, spec: ProgramSpec, part: Partition):
+    def __init__(self, module: ir.Module, spec: ProgramSpec, part: Partition, sealed: bool = False):
         super().__init__(module, spec)
         self.part = part
+        if sealed:  # with a cluster key: every message sealed (ChaCha20-Poly1305, libsodium), see tp_seal.py
+            self.transfer = partial(sealed_transfer, self, self.transfer)
         self.slots = TPSlots(spec.config.n_layers)
         self.me = part.index
         c = spec.config

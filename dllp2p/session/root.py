@@ -52,7 +52,7 @@ from ..wire.link import (
     run_in_thread,
     shutdown,
 )
-from ..wire.secure import HandshakeFailed
+from ..wire.secure import HandshakeFailed, exchange_keys
 from ..wire.messages import (
     PROTOCOL_VERSION,
     Error,
@@ -287,12 +287,15 @@ async def start(model: Any, options: ClusterOptions, ctx: int, threads: int, tp:
 
         for w in workers:
             await w.link.send(Mesh(the_plan.epoch))
-        socks = await _gather([partial(_dial, w, the_plan, root.node_id, t, options.key) for w in workers])
-        peers = [None, *socks]
+        dialed = await _gather([partial(_dial, w, the_plan, root.node_id, t, options.key) for w in workers])
+        peers = [None, *(sock for sock, _ in dialed)]
+        keys = exchange_keys([None, *(exporter for _, exporter in dialed)], 0)  # None: plain (no cluster key)
 
         async def build() -> Any:
             events(Progress(BUILD, "root", 0, 1))
             extra = {} if options.cache_dir is None else {"cache_dir": options.cache_dir}
+            if keys is not None:
+                extra["exchange_keys"] = keys
             node = await run_in_thread(lambda: tp.TPNode(config, the_plan, 0, own, peers, ctx, threads, **extra),
                                        lambda: [shutdown(s) for s in peers])
             events(Progress(BUILD, "root", 1, 1))
@@ -414,7 +417,8 @@ async def _push(w: Worker, model: Any, the_plan: Plan, ctx: int, t: Timeouts, sl
     w.received_bytes, w.cached = ready.received_bytes, ready.cached
 
 
-async def _dial(w: Worker, the_plan: Plan, root_id: str, t: Timeouts, key: ClusterKey | None = None) -> socket.socket:
+async def _dial(w: Worker, the_plan: Plan, root_id: str, t: Timeouts,
+                key: ClusterKey | None = None) -> tuple[socket.socket, bytes | None]:
     hello = MeshHello(the_plan.epoch, root_id, 0, w.index)
     try:
         return await dial_mesh(w.address, hello, t.mesh, t.socket, key)

@@ -55,7 +55,7 @@ from ..wire.link import (
     run_in_thread,
     shutdown,
 )
-from ..wire.secure import Channel
+from ..wire.secure import Channel, exchange_keys
 from ..wire.messages import (
     PROTOCOL_VERSION,
     Error,
@@ -93,7 +93,7 @@ class _Active:
         self.incoming_send.close()
         while True:
             try:
-                _, sock = self.incoming_recv.receive_nowait()
+                _, sock, _ = self.incoming_recv.receive_nowait()
             except (trio.WouldBlock, trio.EndOfChannel):
                 break
             sock.close()
@@ -170,12 +170,12 @@ class Worker:
             if not isinstance(msg, Mesh) or msg.epoch != s.epoch:
                 raise UnexpectedMessage(f"expected Mesh of epoch {s.epoch}, got {type(msg).__name__}")
             try:
-                peers = await self._mesh(active)
+                peers, exporters = await self._mesh(active)
             except (LinkClosed, LinkTimeout, MeshRefused, ProtocolError) as e:
                 log.warning("mesh of epoch %d failed: %s", s.epoch, e)
                 await link.send(Error(ErrorCode.MESH, f"node {self.node_id}: {e}"))
                 return False
-            return await self._steps(link, s, index, tensors, peers)
+            return await self._steps(link, s, index, tensors, peers, exchange_keys(exporters, index))
         finally:
             self.active = None
             active.close()
@@ -242,14 +242,17 @@ class Worker:
             self.cache.store(part.sha256, part.data)
         return part
 
-    async def _mesh(self, active: _Active) -> list[socket.socket | None]:
-        """Connections to every other node of the plan: dial k > index, take i < index (incoming)."""
+    async def _mesh(self, active: _Active) -> tuple[list[socket.socket | None], list[bytes | None]]:
+        """Connections to every other node of the plan: dial k > index, take i < index (incoming).
+        -> (sockets, their secure channels' exporters: None without a key), None at this node's index."""
         plan, me = active.plan, active.index
         peers: list[socket.socket | None] = [None] * plan.n_nodes
+        exporters: list[bytes | None] = [None] * plan.n_nodes
 
         async def dial(k: int) -> None:
             hello = MeshHello(plan.epoch, self.node_id, me, k)
-            peers[k] = await dial_mesh(plan.nodes[k].address, hello, self.t.mesh, self.t.socket, self.key)
+            peers[k], exporters[k] = await dial_mesh(plan.nodes[k].address, hello, self.t.mesh, self.t.socket,
+                                                     self.key)
 
         try:
             with trio.move_on_after(self.t.mesh) as scope:
@@ -258,11 +261,11 @@ class Worker:
                         for k in range(me + 1, plan.n_nodes):
                             nursery.start_soon(dial, k)
                         while any(peers[i] is None for i in range(me)):
-                            src, sock = await active.incoming_recv.receive()
+                            src, sock, exporter = await active.incoming_recv.receive()
                             if peers[src] is not None:
                                 sock.close()
                             else:
-                                peers[src] = sock
+                                peers[src], exporters[src] = sock, exporter
                 except BaseExceptionGroup as group:
                     raise first_error(group) from None
             if scope.cancelled_caught:
@@ -273,7 +276,7 @@ class Worker:
                 if sock is not None:
                     sock.close()
             raise
-        return peers
+        return peers, exporters
 
     async def mesh_accept(self, stream: trio.SocketStream, peer: str, hello: MeshHello,
                           channel: Channel | None = None) -> None:
@@ -294,13 +297,13 @@ class Worker:
         await TrioLink(stream, peer, channel=channel).send(MeshHello(a.plan.epoch, self.node_id, a.index, hello.src))
         sock = mesh_socket(stream, self.t.socket)
         try:
-            a.incoming_send.send_nowait((hello.src, sock))
+            a.incoming_send.send_nowait((hello.src, sock, None if channel is None else channel.exporter))
         except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
             sock.close()
             log.warning("%s: mesh connection from node %d came too late or twice; closed", peer, hello.src)
 
     async def _steps(self, link: TrioLink, s: Session, index: int, tensors: dict[str, Any],
-                     peers: list[socket.socket | None]) -> bool:
+                     peers: list[socket.socket | None], keys: list[tuple[bytes, bytes] | None] | None = None) -> bool:
         """Build the engine and serve Steps, in one thread. -> whether the control connection goes on."""
         ctl = link.blocking(self.t.idle)
 
@@ -310,7 +313,7 @@ class Worker:
                 shutdown(sock)
 
         try:
-            keep, why = await run_in_thread(partial(self._serve_steps, ctl, s, index, tensors, peers), interrupt)
+            keep, why = await run_in_thread(partial(self._serve_steps, ctl, s, index, tensors, peers, keys), interrupt)
         finally:
             ctl.close()
             for sock in peers:
@@ -320,12 +323,16 @@ class Worker:
         return keep
 
     def _serve_steps(self, ctl: BlockingLink, s: Session, index: int, tensors: dict[str, Any],
-                     peers: list[socket.socket | None]) -> tuple[bool, str]:
-        """(thread) The rest of the session. -> (keep the control connection, why it ended)."""
+                     peers: list[socket.socket | None],
+                     keys: list[tuple[bytes, bytes] | None] | None = None) -> tuple[bool, str]:
+        """(thread) The rest of the session. -> (keep the control connection, why it ended). keys: the
+        sealed exchange's per-peer keys (with a cluster key), None for the plain exchange."""
         tp = self._tp()
         node = None
         try:
             extra = {} if self.cache_dir is None else {"cache_dir": self.cache_dir}
+            if keys is not None:
+                extra["exchange_keys"] = keys
             node = tp.TPNode(s.config, s.plan, index, tensors, peers, s.ctx, self.threads, **extra)
             tensors.clear()  # the engine holds its own packed copy
             ctl.send(Ready(s.epoch, self.node_id))
@@ -348,6 +355,8 @@ class Worker:
             lost = s.plan.nodes[e.node] if 0 <= e.node < s.plan.n_nodes else None
             who = f"node {e.node} ({lost.node_id}, {lost.address or 'root'})" if lost else f"node {e.node}"
             _send_blocking_quietly(ctl, Error(ErrorCode.PEER_LOST, f"node {self.node_id} lost {who}: {e}"))
+            if isinstance(e, tp.ExchangeAuthFailed):  # altered in flight or another key: worth more than info
+                log.error("session of epoch %d: %s from %s", s.epoch, str(e).removeprefix(f"node {e.node}: "), who)
             return False, f"lost {who}"
         except (LinkClosed, LinkTimeout) as e:
             return False, str(e)

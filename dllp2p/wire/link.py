@@ -338,9 +338,10 @@ def mesh_socket(stream: trio.SocketStream, timeout: float) -> socket.socket:
 
 
 async def dial_mesh(address: str, hello: MeshHello, timeout: float, socket_timeout: float,
-                    key: ClusterKey | None = None) -> socket.socket:
+                    key: ClusterKey | None = None) -> tuple[socket.socket, bytes | None]:
     """Connect to node hello.dst at address for the mesh: (the handshake,) MeshHello both ways -> a
-    blocking socket.
+    blocking socket, and the secure channel's exporter secret (None without a key) from which both ends
+    derive the sealed activation exchange's keys (secure.mesh_keys).
 
     Raises LinkClosed, LinkTimeout, ProtocolError, MeshRefused (the other side answered an Error)."""
     link = await open_link(address, timeout, key)
@@ -352,7 +353,7 @@ async def dial_mesh(address: str, hello: MeshHello, timeout: float, socket_timeo
         want = (hello.epoch, hello.dst, hello.src)
         if not isinstance(reply, MeshHello) or (reply.epoch, reply.src, reply.dst) != want:
             raise MeshRefused(f"{address} answered {type(reply).__name__} {reply}, not the MeshHello {want}")
-        return mesh_socket(link.stream, socket_timeout)
+        return mesh_socket(link.stream, socket_timeout), None if link.channel is None else link.channel.exporter
     finally:
         await link.aclose()
 

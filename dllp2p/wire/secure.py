@@ -150,6 +150,28 @@ class Responder:
         return Channel(*self._keys)
 
 
+def _hkdf(ikm: bytes, info: bytes, length: int) -> bytes:
+    return HKDF(algorithm=hashes.SHA256(), length=length, salt=None, info=info).derive(ikm)
+
+
+def mesh_keys(exporter: bytes, me: int, peer: int) -> tuple[bytes, bytes]:
+    """(send key, receive key) of node `me` for the sealed activation exchange with node `peer`, from their
+    mesh connection's Channel.exporter: the mirror image of what `peer` derives."""
+    okm = _hkdf(exporter, b"dllp2p mesh exchange v1", 64)
+    low_to_high, high_to_low = okm[:32], okm[32:]
+    return (low_to_high, high_to_low) if me < peer else (high_to_low, low_to_high)
+
+
+def exchange_keys(exporters: list[bytes | None], me: int) -> list[tuple[bytes, bytes] | None] | None:
+    """TPNode's exchange_keys for node `me` from its mesh connections' exporters (None at `me`): None when
+    the connections are plain (no cluster key), else mesh_keys per peer."""
+    if all(e is None for e in exporters):
+        return None
+    if any((e is None) != (j == me) for j, e in enumerate(exporters)):
+        raise ValueError("some mesh connections are sealed and some are not")
+    return [None if e is None else mesh_keys(e, me, j) for j, e in enumerate(exporters)]
+
+
 # --- records --------------------------------------------------------------------------------------
 
 
@@ -160,6 +182,9 @@ class Channel:
     def __init__(self, send_key: bytes, receive_key: bytes):
         self._seal = ChaCha20Poly1305(send_key)
         self._open = ChaCha20Poly1305(receive_key)
+        # the same 32 bytes at both ends (the two keys in a fixed order): keys for what else the connection
+        # carries, e.g. the sealed activation exchange of a mesh socket (mesh_keys)
+        self.exporter = _hkdf(min(send_key, receive_key) + max(send_key, receive_key), b"dllp2p exporter v1", 32)
         self._sent = 0
         self._received = 0
         self._buf = bytearray()  # received bytes not yet a whole record
