@@ -132,6 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"where to serve the OpenAI-compatible HTTP API (default 127.0.0.1:{DEFAULT_API_PORT}; 'off': "
                              "none; beyond loopback it needs the cluster key, and clients the bearer key of `dllp2p key show "
                              "--api-token`)")
+    daemon.add_argument("--api-host", dest="api_hosts", nargs="+", metavar="NAME", action=_Given,
+                        help="host names the HTTP API answers to besides IP addresses, localhost and its --api host "
+                             "(other Host headers get 421: DNS rebinding)")
     daemon.add_argument("--api-ctx", dest="api_ctx", type=int, metavar="N", action=_Given,
                         help="the context (KV positions) of the API's requests: the longest prompt + reply "
                              "(default 2048)")
@@ -282,7 +285,7 @@ def config_of_settings(s: dict, environ: Mapping[str, str]) -> DaemonConfig:
                         cluster=s["cluster"], key=key, discovery=s["discovery"], interfaces=tuple(s["interfaces"]),
                         peers=tuple(s["peers"]), model=model, exchange=s["exchange"], policy=s["plan"],
                         api=None if s["api"] in ("", "off") else s["api"], api_ctx=s["api_ctx"],
-                        cache_dir=cache_dir(environ))
+                        api_hosts=tuple(s["api_hosts"]), cache_dir=cache_dir(environ))
 
 
 def _installed_model() -> Path | None:

@@ -26,7 +26,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
                          "dllp2p.errors", "dllp2p.tpbench")),
     ("wire", ("dllp2p.wire", "dllp2p.discovery")),
     ("session", ("dllp2p.session",)),
-    ("daemon/api", ("dllp2p.daemon", "dllp2p.api", "dllp2p.api_schema")),
+    ("daemon/api", ("dllp2p.daemon", "dllp2p.api", "dllp2p.api_schema", "dllp2p.api_access")),
     ("commands", ("dllp2p.commands", "dllp2p.bench")),
     ("cli", ("dllp2p.cli",)),
 ]

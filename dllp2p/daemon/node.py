@@ -90,6 +90,7 @@ class DaemonConfig:
     exchange: str = "exact"  # and their exchange (scheduler.EXCHANGES)
     api: str | None = None  # "host:port" of the OpenAI-compatible HTTP API (api.py); None: off
     api_ctx: int = 2048  # the context (KV positions) of the API's requests
+    api_hosts: tuple[str, ...] = ()  # Host names the API answers to besides IPs, localhost, its listen host
     cache_dir: Path | None = None  # compiled kernels and packed weights; None: the engine's default
     key: ClusterKey | None = None  # the cluster key; None: this machine only (loopback, no peers, no mDNS)
 
@@ -177,7 +178,7 @@ class Daemon:
         limits = api.Limits(ctx=self.config.api_ctx)
         token = None if self.key is None else self.key.api_token
         self.api_address = await api.start(nursery, self.config.api, self.prompts.generate, model, limits,
-                                           token) or ""
+                                           token, self.config.api_hosts) or ""
 
     def election(self) -> election.Election:
         return self.membership.election()
