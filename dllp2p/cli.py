@@ -21,6 +21,7 @@ from .errors import user_facing_errors
 from .formats import load_metadata
 from .models import NoModel, default_model_path
 from .sampler import SamplerConfig
+from .textsafe import SafeFormatter, printable
 from .wire.link import format_address, parse_address
 
 EXIT_USAGE = 2
@@ -302,6 +303,14 @@ def check_model(path: Path | None) -> None:
         load_metadata(path)
 
 
+def configure_logging(level: str, fmt: str, stream=None) -> logging.Handler:  # noqa: ANN001
+    """The daemon's log on stderr (or `stream`), every message escaped (textsafe: peers' text in it)."""
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(SafeFormatter(fmt))
+    logging.basicConfig(level=level, handlers=[handler])
+    return handler
+
+
 def status_main(ns: argparse.Namespace) -> int:
     address = format_address(ns.host, ns.port)
     if ns.interval <= 0 or ns.timeout <= 0:
@@ -343,16 +352,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             level = settings["log_level"].upper()
             # journald stamps every line itself; anywhere else the log says when
             stamp = "" if os.environ.get("JOURNAL_STREAM") else "%(asctime)s "
-            logging.basicConfig(stream=sys.stderr, level=level,
-                                format=f"{stamp}dllp2p daemon: %(levelname)s %(message)s")
+            configure_logging(level, f"{stamp}dllp2p daemon: %(levelname)s %(message)s")
             check_model(cfg.model)
             return daemon.main(cfg)
         if ns.command == "status":
             return status_main(ns)
         if ns.command == "key":
             return key_main(ns)
-    except user_facing_errors() as e:
-        print(f"dllp2p: error: {e}", file=sys.stderr)
+    except user_facing_errors() as e:  # may quote a peer (a daemon's Error): escaped
+        print(f"dllp2p: error: {printable(str(e))}", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:
         print("\ndllp2p: interrupted", file=sys.stderr)
