@@ -89,6 +89,7 @@ def test_an_impostor_neither_takes_the_id_nor_leaves_the_cluster_failing(tmp_pat
         mine = next(n.member for n in status(root).nodes if n.member.node_id == me.node_id)
         assert mine.address == root and mine.started_at == me.started_at  # the root knows itself
         assert any("also claimed by the daemon at" in line for line in d.logs[0]), d.logs[0]
+        assert any(f"node {me.node_id} answers at both" in line for line in d.logs[1]), d.logs[1]  # the third
         impostor.stop()
         impostor = None
         gone = time.monotonic()

@@ -50,6 +50,7 @@ class Membership:
         self.members: dict[str, election.Entry] = {}  # node id -> entry, this node included
         self.link_rtt: dict[str, LinkRtt] = {}  # node id -> the latest Status poll's round-trip to it
         self._claims_logged: set[str] = set()  # addresses whose claim of this node's id was logged
+        self._twins_logged: set[tuple[str, str, str]] = set()  # (node id, address, address) logged
         self._mdns: tuple[trio.Nursery, trio.MemorySendChannel, str, int, MdnsOptions] | None = None
         self._mdns_scope: trio.CancelScope | None = None
 
@@ -125,6 +126,19 @@ class Membership:
             log.warning("node id %s is also claimed by the daemon at %s (%s): ignored; this node keeps its id",
                         self.node_id, member.address, how)
 
+    def _note_twin(self, member: Member) -> None:
+        """Logs (once per pair of addresses) another node's id answering at two addresses: one daemon
+        reached two ways, or two sharing an id (a copy takes a new id itself; an impostor does not)."""
+        old = self.members.get(member.node_id)
+        if old is None or old.member.address == member.address or "self" in old.sources:
+            return
+        pair = (member.node_id, *sorted((old.member.address, member.address)))
+        if pair not in self._twins_logged:
+            self._twins_logged.add(pair)
+            log.warning("node %s answers at both %s and %s (started %.3f and %.3f): one daemon reached two ways, "
+                        "or two sharing a node id", member.node_id, old.member.address, member.address,
+                        old.member.started_at, member.started_at)
+
     async def _apply(self, events: trio.MemoryReceiveChannel,
                      probes: tuple[trio.Nursery, trio.MemorySendChannel] | None = None) -> None:
         """The one task that changes the membership table; logs changes of root and of the excluded.
@@ -151,6 +165,8 @@ class Membership:
                     probes[0].start_soon(probe, event.member)
                 if isinstance(event, Seen) and event.source != "self" and event.member.node_id == self.node_id:
                     await self._claim(event.member)
+                elif isinstance(event, Seen):
+                    self._note_twin(event.member)
                 self.members = election.apply(self.members, event)
                 e = self.election()
                 if e.root is not None and e.root.node_id != root:
