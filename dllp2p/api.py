@@ -158,6 +158,22 @@ class Connection:
                 raise _Close()
             raise http_error(ErrorCode.TIMEOUT, f"the request was not sent within {self.limits.read_timeout:g} s")
 
+    async def watch_for_close(self, gone: trio.Event, scope: trio.CancelScope) -> None:
+        """While a whole answer is made: what the client sends goes to h11 (a pipelined request, up to
+        one request's limits); its close or reset sets `gone` and cancels `scope`."""
+        taken = 0
+        while taken <= self.limits.max_head + self.limits.max_body:
+            try:
+                data = await self.stream.receive_some(1 << 16)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                data = b""
+            if not data:
+                gone.set()
+                scope.cancel()
+                return
+            taken += len(data)
+            self.h11.receive_data(data)
+
     async def read_request(self) -> HttpRequest | None:
         """The next whole request, or None when the client closed the connection between requests.
         Raises CodedError (then the connection must close after answering), _Close."""
@@ -388,10 +404,20 @@ class Api:
                 pass
 
     async def _answer(self, conn: Connection, answers: trio.MemoryReceiveChannel, answer: Answer) -> None:
-        if not answer.opts.stream:
-            text = []
-            while not isinstance(msg := await _next(answers), Done):
-                text.append(msg.text)
+        if not answer.opts.stream:  # nothing is sent until Done: watch the client, or its leaving goes unseen
+            text, gone, failure = [], trio.Event(), None
+            async with trio.open_nursery() as watching:
+                watching.start_soon(conn.watch_for_close, gone, watching.cancel_scope)
+                try:
+                    while not isinstance(msg := await _next(answers), Done):
+                        text.append(msg.text)
+                except CodedError as e:  # raised after the nursery, as itself
+                    failure = e
+                watching.cancel_scope.cancel()
+            if gone.is_set():
+                raise _Close()  # closes the answers: the root's next token send fails and it stops
+            if failure is not None:
+                raise failure
             await conn.send_json(200, answer.whole("".join(text), msg))
             return
         msg = await _next(answers)

@@ -560,6 +560,18 @@ def test_a_client_that_leaves_mid_stream_stops_the_generation(server):
     assert status == 200
 
 
+def test_a_client_that_leaves_a_whole_answer_stops_the_generation(server):
+    """Not streamed, nothing is sent until the end: the client's close is still noticed at once."""
+    while not GONE.empty():
+        GONE.get()
+    with socket.create_connection(("127.0.0.1", server), timeout=10) as s:
+        s.sendall(post("/v1/completions", b'{"prompt": "forever"}'))
+        time.sleep(0.3)  # generating
+    assert GONE.get(timeout=10)
+    status, _, _, _ = exchange(server, b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n")
+    assert status == 200
+
+
 def test_connections_over_the_limit_get_503(caplog):
     caplog.set_level(logging.INFO, logger="dllp2p.api")
     with InProcess(api.Limits(max_connections=2)) as port:
