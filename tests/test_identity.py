@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import logging
 import shutil
 import threading
 import time
@@ -17,6 +18,7 @@ import trio
 import fake_tp
 from dllp2p.daemon import Daemon, DaemonConfig
 from dllp2p.discovery import StaticOptions
+from dllp2p.election import Member
 from test_serve import Daemons, dllp2p_run, status, wait_members
 
 ROUND = StaticOptions().interval  # the daemons' poll interval: one membership round
@@ -107,3 +109,39 @@ def test_an_impostor_neither_takes_the_id_nor_leaves_the_cluster_failing(tmp_pat
         if impostor is not None:
             impostor.stop()
         d.stop_all()
+
+
+def test_an_mdns_name_already_taken_makes_this_node_take_a_new_id(monkeypatch, caplog):
+    """Zeroconf refuses to register a service name (the node id) another device already announces: the
+    clone takes a new id and registers under it."""
+    from zeroconf import NonUniqueNameException
+
+    from dllp2p.daemon import membership as membership_module
+    from dllp2p.daemon.membership import Membership
+
+    registered: list[str] = []
+
+    async def fake_run_mdns(me, host, port, events, options, *, task_status=trio.TASK_STATUS_IGNORED):  # noqa: ANN001
+        if me.node_id == "pi-cloned":
+            raise NonUniqueNameException(me.node_id)
+        registered.append(me.node_id)
+        task_status.started()
+        await trio.sleep_forever()
+
+    monkeypatch.setattr(membership_module, "run_mdns", fake_run_mdns)
+    fresh = iter(["pi-new", "pi-newer"])
+
+    async def main() -> None:
+        m = Membership("pi-cloned", "home", 100.0, StaticOptions(), renew=lambda: next(fresh))
+        async with trio.open_nursery() as nursery:
+            await m.start(nursery, "127.0.0.1", 7340, discovery=True, interfaces=(), peers=())
+            assert m.node_id == "pi-new" and registered == ["pi-new"]
+            assert set(m.members) == {"pi-new"} and m.members["pi-new"].member.address == "127.0.0.1:7340"
+            # then a poll finds pi-new at another address, started earlier: again the copy, and mDNS follows
+            await m._claim(Member("pi-new", "10.0.0.9:7340", 50.0, m.me.version, "home"))
+            assert m.node_id == "pi-newer" and registered == ["pi-new", "pi-newer"] and set(m.members) == {"pi-newer"}
+            nursery.cancel_scope.cancel()
+
+    caplog.set_level(logging.WARNING)
+    trio.run(main)
+    assert "already announces node id pi-cloned" in caplog.text and "pi-cloned -> pi-new" in caplog.text
