@@ -25,9 +25,10 @@ prompt as root or forwards it to the root, exactly as for `dllp2p run`'s connect
 through an _Answers sink -> TokenChunk ... Done -> the OpenAI answer, whole or one event per chunk. A
 client that goes away closes the sink: the root stops at its next token.
 
-CORS: browsers may call the API from pages served on loopback origins only (http(s)://localhost,
-127.0.0.0/8, [::1], any port); a request that carries any other Origin gets 403 (a page elsewhere must
-not drive the cluster of whoever visits it, even with a "simple" request that needs no preflight).
+Host and CORS (api_access.py): a request whose Host names neither an IP literal, localhost, nor a name
+this API answers to (the listen host, config `api_hosts`) gets 421 (DNS rebinding); browsers may call the
+API from pages served on loopback origins only; any other Origin gets 403 (a page elsewhere must not
+drive the cluster of whoever visits it, even with a "simple" request that needs no preflight).
 
 Error handling: every client mistake is an error_codes.CodedError answered with its HTTP status in
 OpenAI's error shape {"error": {"message", "type", "param", "code"}}, logged as one line at info, and
@@ -43,11 +44,8 @@ a key does not serve the API beyond loopback at all.
 
 from __future__ import annotations
 
-import hmac
-import ipaddress
 import json
 import logging
-import re
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any, Awaitable, Callable, Mapping
@@ -55,6 +53,7 @@ from typing import Any, Awaitable, Callable, Mapping
 import h11
 import trio
 
+from .api_access import bearer_ok, cors_headers, host_allowed, is_loopback, local_names, origin_allowed, preflight_headers
 from .api_schema import DEFAULT_CTX, FINISH, MAX_JSON_DEPTH, Answer, error_body, event, parse_json, to_generate
 from .error_codes import CodedError, ErrorCode
 from .wire.link import LinkClosed, format_address, parse_address
@@ -97,33 +96,6 @@ def listen_address(address: str) -> tuple[str, int]:
 
 def http_error(code: ErrorCode, message: str) -> CodedError:
     return CodedError(message, code)
-
-
-# --- CORS ------------------------------------------------------------------------------------------------
-
-_LOOPBACK_ORIGIN = re.compile(r"https?://(localhost|127(?:\.\d{1,3}){3}|\[::1\])(?::\d{1,5})?", re.ASCII)
-_TOKEN_LIST = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+(?:\s*,\s*[A-Za-z0-9!#$%&'*+.^_`|~-]+)*", re.ASCII)
-
-
-def origin_allowed(origin: str | None) -> bool:
-    """No Origin (not a browser, or same-origin GET), or a loopback one."""
-    return origin is None or bool(_LOOPBACK_ORIGIN.fullmatch(origin))
-
-
-def cors_headers(origin: str | None) -> list[tuple[str, str]]:
-    """What every answer to a request from `origin` carries (nothing for a foreign or no origin)."""
-    if origin is None or not origin_allowed(origin):
-        return []
-    return [("access-control-allow-origin", origin), ("vary", "Origin")]
-
-
-def preflight_headers(req: HttpRequest) -> list[tuple[str, str]]:
-    """What a CORS preflight (OPTIONS) answers besides cors_headers: any method and header we take."""
-    asked = req.headers.get("access-control-request-headers", "").strip()
-    allow = asked if asked and _TOKEN_LIST.fullmatch(asked) else "authorization, content-type"
-    return [("access-control-allow-methods", "GET, POST, OPTIONS"),
-            ("access-control-allow-headers", allow), ("access-control-max-age", "600"),
-            ("allow", "GET, POST, OPTIONS")]
 
 
 # --- one connection --------------------------------------------------------------------------------------
@@ -185,6 +157,22 @@ class Connection:
             if self.deadline is None:  # silence between requests ends the connection without a word
                 raise _Close()
             raise http_error(ErrorCode.TIMEOUT, f"the request was not sent within {self.limits.read_timeout:g} s")
+
+    async def watch_for_close(self, gone: trio.Event, scope: trio.CancelScope) -> None:
+        """While a whole answer is made: what the client sends goes to h11 (a pipelined request, up to
+        one request's limits); its close or reset sets `gone` and cancels `scope`."""
+        taken = 0
+        while taken <= self.limits.max_head + self.limits.max_body:
+            try:
+                data = await self.stream.receive_some(1 << 16)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                data = b""
+            if not data:
+                gone.set()
+                scope.cancel()
+                return
+            taken += len(data)
+            self.h11.receive_data(data)
 
     async def read_request(self) -> HttpRequest | None:
         """The next whole request, or None when the client closed the connection between requests.
@@ -300,8 +288,9 @@ class Api:
     """The HTTP side of one daemon: `connection` serves one client (run on the API's listeners).
     `submit`: the daemon's handler of a Generate (daemon.Daemon._generate), called in this process."""
 
-    def __init__(self, submit: Submit, model: str, limits: Limits = Limits(), token: str | None = None):
-        self.submit, self.model, self.limits = submit, model, limits
+    def __init__(self, submit: Submit, model: str, limits: Limits = Limits(), token: str | None = None,
+                 hosts: frozenset[str] = frozenset()):
+        self.submit, self.model, self.limits, self.hosts = submit, model, limits, hosts  # hosts: api_access
         self._token = token  # the bearer key every request must carry; None: none (loopback)
         self.open = 0  # connections being served
 
@@ -354,11 +343,14 @@ class Api:
                 return
 
     async def route(self, conn: Connection, req: HttpRequest) -> None:
+        if not host_allowed(req.headers.get("host"), self.hosts):
+            raise CodedError(f"host {req.headers['host'][:80]!r} is not a name of this API (DNS rebinding?); "
+                             "add it to the config's api_hosts", ErrorCode.MISDIRECTED)
         if not origin_allowed(req.headers.get("origin")):
             raise CodedError(f"origin {req.headers['origin'][:80]!r} may not use this API (loopback origins only)",
                              ErrorCode.FORBIDDEN_ORIGIN)
         if req.method == "OPTIONS":
-            await conn.respond(204, None, b"", preflight_headers(req))
+            await conn.respond(204, None, b"", preflight_headers(req.headers))
             return
         if self._token is not None and not bearer_ok(req.headers.get("authorization", ""), self._token):
             raise CodedError("a bearer key is required (Authorization: Bearer <the key from `dllp2p key show "
@@ -412,10 +404,20 @@ class Api:
                 pass
 
     async def _answer(self, conn: Connection, answers: trio.MemoryReceiveChannel, answer: Answer) -> None:
-        if not answer.opts.stream:
-            text = []
-            while not isinstance(msg := await _next(answers), Done):
-                text.append(msg.text)
+        if not answer.opts.stream:  # nothing is sent until Done: watch the client, or its leaving goes unseen
+            text, gone, failure = [], trio.Event(), None
+            async with trio.open_nursery() as watching:
+                watching.start_soon(conn.watch_for_close, gone, watching.cancel_scope)
+                try:
+                    while not isinstance(msg := await _next(answers), Done):
+                        text.append(msg.text)
+                except CodedError as e:  # raised after the nursery, as itself
+                    failure = e
+                watching.cancel_scope.cancel()
+            if gone.is_set():
+                raise _Close()  # closes the answers: the root's next token send fails and it stops
+            if failure is not None:
+                raise failure
             await conn.send_json(200, answer.whole("".join(text), msg))
             return
         msg = await _next(answers)
@@ -451,22 +453,8 @@ async def _next(answers: trio.MemoryReceiveChannel) -> TokenChunk | Done:
     return msg
 
 
-def bearer_ok(header: str, token: str) -> bool:
-    scheme, _, presented = header.strip().partition(" ")
-    return scheme.lower() == "bearer" and hmac.compare_digest(presented.strip().encode(), token.encode())
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 async def start(nursery: trio.Nursery, address: str, submit: Submit, model: str, limits: Limits = Limits(),
-                token: str | None = None) -> str | None:
+                token: str | None = None, hosts: tuple[str, ...] = ()) -> str | None:
     """Serve the API on `address` in nursery, handing its prompts to `submit` (the daemon's own handler of
     a Generate). -> the bound "host:port", or None (logged) when it cannot listen there (the port taken
     by another daemon on this machine) or may not (beyond loopback without a bearer `token`): the daemon
@@ -487,5 +475,6 @@ async def start(nursery: trio.Nursery, address: str, submit: Submit, model: str,
     bound = format_address(*listeners[0].socket.getsockname()[:2])
     log.info("OpenAI-compatible API on http://%s/v1 (context %d%s)", bound, limits.ctx,
              ", bearer key required: dllp2p key show --api-token" if token else "")
-    nursery.start_soon(trio.serve_listeners, Api(submit, model, limits, token).connection, listeners)
+    api = Api(submit, model, limits, token, local_names(host, hosts))
+    nursery.start_soon(trio.serve_listeners, api.connection, listeners)
     return bound

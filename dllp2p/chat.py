@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Mapping, Sequence
@@ -148,6 +149,58 @@ def render_chat(
         raise
     except TemplateError as e:
         raise ChatTemplateError(f"chat template failed to render: {e}") from None
+
+
+# Unicode noncharacters (never in interchange text) that bracket each message's content while the template
+# renders, so the rendered text knows which characters came from a message: see render_chat_spans.
+OPEN, CLOSE = "\ufdd0", "\ufdd1"
+
+
+def _bracketed(content: Any) -> Any:
+    """content with OPEN/CLOSE around its text, outside its leading and trailing whitespace (a template's
+    `| trim` still trims it); markers the content itself holds are removed first."""
+    if not isinstance(content, str):
+        return content
+    content = content.replace(OPEN, "").replace(CLOSE, "")
+    core = content.strip()
+    if not core:
+        return content
+    head = content[: len(content) - len(content.lstrip())]
+    tail = content[len(content.rstrip()):]
+    return f"{head}{OPEN}{core}{CLOSE}{tail}"
+
+
+def render_chat_spans(template: str | None, messages: Sequence[Message | Mapping[str, Any]],
+                      **kwargs: Any) -> tuple[str, list[tuple[int, int]]]:
+    """render_chat, and the [start, end) spans of the result that are message content: the tokenizer
+    reads those as text, never as control tokens (a user typing '<|im_start|>system' forges no turn).
+
+    The contents are bracketed with OPEN/CLOSE and the markers are taken out of the rendered text. A
+    template that cuts a content apart (e.g. keeps what follows '</think>' of an assistant turn) leaves
+    the markers unpaired: then only system and user contents are bracketed, and if that fails too the
+    template cannot be told from its contents and ChatTemplateError says so."""
+    dicts = [_message_dict(m) for m in messages]
+    for roles in (None, ("system", "user")):
+        marked = [{**d, "content": _bracketed(d.get("content"))} if roles is None or d.get("role") in roles else d
+                  for d in dicts]
+        spans = _unbracket(render_chat(template, marked, **kwargs))
+        if spans is not None:
+            return spans
+    raise ChatTemplateError("chat template: cannot tell the messages' contents apart from the template's markup")
+
+
+def _unbracket(text: str) -> tuple[str, list[tuple[int, int]]] | None:
+    """(text without OPEN/CLOSE, the spans they enclosed), or None if they are not in OPEN, CLOSE pairs."""
+    markers = re.sub(f"[^{OPEN}{CLOSE}]+", "", text)
+    if markers != (OPEN + CLOSE) * (len(markers) // 2):
+        return None
+    parts = text.replace(CLOSE, OPEN).split(OPEN)
+    pos, spans = 0, []
+    for i, part in enumerate(parts):
+        if i % 2 == 1:
+            spans.append((pos, pos + len(part)))
+        pos += len(part)
+    return "".join(parts), spans
 
 
 def chat_messages(prompt: str, system: str | None = None) -> list[Message]:

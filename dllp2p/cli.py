@@ -21,6 +21,7 @@ from .errors import user_facing_errors
 from .formats import load_metadata
 from .models import NoModel, default_model_path
 from .sampler import SamplerConfig
+from .textsafe import SafeFormatter, printable
 from .wire.link import format_address, parse_address
 
 EXIT_USAGE = 2
@@ -132,6 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"where to serve the OpenAI-compatible HTTP API (default 127.0.0.1:{DEFAULT_API_PORT}; 'off': "
                              "none; beyond loopback it needs the cluster key, and clients the bearer key of `dllp2p key show "
                              "--api-token`)")
+    daemon.add_argument("--api-host", dest="api_hosts", nargs="+", metavar="NAME", action=_Given,
+                        help="host names the HTTP API answers to besides IP addresses, localhost and its --api host "
+                             "(other Host headers get 421: DNS rebinding)")
     daemon.add_argument("--api-ctx", dest="api_ctx", type=int, metavar="N", action=_Given,
                         help="the context (KV positions) of the API's requests: the longest prompt + reply "
                              "(default 2048)")
@@ -282,7 +286,7 @@ def config_of_settings(s: dict, environ: Mapping[str, str]) -> DaemonConfig:
                         cluster=s["cluster"], key=key, discovery=s["discovery"], interfaces=tuple(s["interfaces"]),
                         peers=tuple(s["peers"]), model=model, exchange=s["exchange"], policy=s["plan"],
                         api=None if s["api"] in ("", "off") else s["api"], api_ctx=s["api_ctx"],
-                        cache_dir=cache_dir(environ))
+                        api_hosts=tuple(s["api_hosts"]), cache_dir=cache_dir(environ))
 
 
 def _installed_model() -> Path | None:
@@ -297,6 +301,14 @@ def check_model(path: Path | None) -> None:
     OSError (one line each)."""
     if path is not None:
         load_metadata(path)
+
+
+def configure_logging(level: str, fmt: str, stream=None) -> logging.Handler:  # noqa: ANN001
+    """The daemon's log on stderr (or `stream`), every message escaped (textsafe: peers' text in it)."""
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(SafeFormatter(fmt))
+    logging.basicConfig(level=level, handlers=[handler])
+    return handler
 
 
 def status_main(ns: argparse.Namespace) -> int:
@@ -344,16 +356,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             level = settings["log_level"].upper()
             # journald stamps every line itself; anywhere else the log says when
             stamp = "" if os.environ.get("JOURNAL_STREAM") else "%(asctime)s "
-            logging.basicConfig(stream=sys.stderr, level=level,
-                                format=f"{stamp}dllp2p daemon: %(levelname)s %(message)s")
+            configure_logging(level, f"{stamp}dllp2p daemon: %(levelname)s %(message)s")
             check_model(cfg.model)
             return daemon.main(cfg)
         if ns.command == "status":
             return status_main(ns)
         if ns.command == "key":
             return key_main(ns)
-    except user_facing_errors() as e:
-        print(f"dllp2p: error: {e}", file=sys.stderr)
+    except user_facing_errors() as e:  # may quote a peer (a daemon's Error): escaped
+        print(f"dllp2p: error: {printable(str(e))}", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:
         print("\ndllp2p: interrupted", file=sys.stderr)

@@ -18,11 +18,13 @@ File: /etc/dllp2p/config.toml (DLLP2P_CONFIG or --config name another), a [daemo
     plan = "pow2"               # as root: "pow2" (2^n nodes, equal slices) or "weighted" (every node the KV heads allow)
     api = "127.0.0.1:7341"      # the OpenAI-compatible HTTP API (loopback: no credential; beyond: bearer key); "off"
     api_ctx = 2048              # the context (KV positions) of its requests: the longest prompt + reply
+    api_hosts = ["pi.home"]     # names the API answers to besides IP literals, localhost and its listen host
     key_file = "/etc/dllp2p/cluster.key"   # the cluster key (dllp2p key new); "off": none, this machine only
 
 Environment: DLLP2P_HOST, DLLP2P_PORT, DLLP2P_THREADS, DLLP2P_STATE_DIR, DLLP2P_CLUSTER, DLLP2P_DISCOVERY
 (1/0, true/false, yes/no, on/off), DLLP2P_INTERFACES and DLLP2P_PEERS (separated by commas or spaces),
-DLLP2P_LOG_LEVEL, DLLP2P_MODEL, DLLP2P_EXCHANGE, DLLP2P_PLAN, DLLP2P_API, DLLP2P_API_CTX, DLLP2P_KEY_FILE.
+DLLP2P_LOG_LEVEL, DLLP2P_MODEL, DLLP2P_EXCHANGE, DLLP2P_PLAN, DLLP2P_API, DLLP2P_API_CTX, DLLP2P_API_HOSTS,
+DLLP2P_KEY_FILE.
 
 Built once, at the edge: the CLI calls these functions with os.environ and hands the frozen results
 down (DaemonConfig, Timeouts, the cache and state directories); nothing below it reads the environment.
@@ -63,6 +65,7 @@ DAEMON_KEYS: dict[str, type] = {
     "plan": str,
     "api": str,
     "api_ctx": int,
+    "api_hosts": list,
     "key_file": str,
 }
 DEFAULTS: dict[str, Any] = {
@@ -80,6 +83,7 @@ DEFAULTS: dict[str, Any] = {
     "plan": "pow2",
     "api": f"127.0.0.1:{DEFAULT_API_PORT}",  # "off": none
     "api_ctx": 2048,  # the context (KV positions) of the API's requests
+    "api_hosts": [],  # Host names the API answers to besides IP literals, localhost and its listen host
     "key_file": None,  # the cluster key (clusterkey.py); None: the default path if it exists; "off": none
 }
 EXCHANGES = ("exact", "q8")  # scheduler.EXCHANGES (not imported: this module stays dependency-free)

@@ -233,7 +233,8 @@ async def run_mdns(me: Member, host: str, port: int, events: trio.MemorySendChan
                 found = await trio.to_thread.run_sync(zc.get_service_info, SERVICE_TYPE, name,
                                                       int(options.resolve_timeout * 1000))
                 member = _member_of(found, me, options.mac_key, warned)
-                if member is not None and member.node_id != me.node_id:
+                # its own record is not news; one of its id from another start is (a copy of this node)
+                if member is not None and (member.node_id, member.started_at) != (me.node_id, me.started_at):
                     if names.get(name) != member.node_id:
                         log.info("mDNS: node %s at %s (started %.3f)", member.node_id, member.address, member.started_at)
                     names[name] = member.node_id
@@ -313,14 +314,14 @@ async def poll_static(address: str, fetch: Fetch, events: trio.MemorySendChannel
             misses += 1
             if node is not None and misses >= options.misses:
                 log.info("%s peer %s (node %s) stopped answering", source, address, node)
-                await events.send(Gone(node, source))
+                await events.send(Gone(node, source, address))
                 node = None
                 if until_gone:
                     return
         else:
             if member.node_id != node:
                 if node is not None:
-                    await events.send(Gone(node, source))
+                    await events.send(Gone(node, source, address))
                 log.info("%s peer %s is node %s", source, address, member.node_id)
             node, misses = member.node_id, 0
             await events.send(Seen(member, source, time.time()))

@@ -14,6 +14,12 @@ Rules:
 The answer depends only on the set of members, never on the order they were discovered in, so every
 node that sees the same membership elects the same root. A node id seen twice (a daemon restarted
 before its old record expired) counts once: its latest incarnation (highest started_at).
+
+Identity: a node id must be unique, but two devices booted from one cloned SD image share the state dir
+and so the id, and a key holder can announce another's id and start time. The entry a node holds of
+itself (source "self") is never changed by what others say about its id (apply); a record of its id
+from another address that started earlier makes it the copy (newer_twin): the daemon takes a new id and
+announces that (daemon/membership.py). The earlier one keeps its id and only logs the claim.
 """
 
 from __future__ import annotations
@@ -137,6 +143,7 @@ class Gone:
 
     node_id: str
     source: str
+    address: str = ""  # where the source last saw it (a static poll's address); "" = wherever it is
 
 
 Event = Union[Seen, Gone]
@@ -151,6 +158,10 @@ def apply(table: Membership, event: Event) -> dict[str, Entry]:
         if event.source not in SOURCES:
             raise ValueError(f"unknown membership source {event.source!r}")
         old = out.get(event.member.node_id)
+        if old is not None and "self" in old.sources and event.source != "self":
+            # another source's record of this node's own id (a copy of it, an impostor, or itself reached
+            # at another address): this node knows itself best
+            return out
         if old is not None and old.member.started_at > event.member.started_at:
             # an older incarnation's record arriving late: it vouches for the node, its details do not
             out[old.member.node_id] = replace(old, sources=old.sources | {event.source})
@@ -159,13 +170,22 @@ def apply(table: Membership, event: Event) -> dict[str, Entry]:
             out[event.member.node_id] = Entry(event.member, sources, max(event.at, old.last_seen if old else event.at))
     else:
         old = out.get(event.node_id)
-        if old is not None:
+        # a poll of one address that stopped answering says nothing of the node held at another: a
+        # claimant of its id leaving (an impostor, a copy) does not take the node with it
+        if old is not None and (not event.address or event.address == old.member.address):
             sources = old.sources - {event.source}
             if sources:
                 out[event.node_id] = replace(old, sources=sources)
             else:
                 del out[event.node_id]
     return out
+
+
+def newer_twin(me: Member, other: Member) -> bool:
+    """Whether `other`, a record of me's node id from elsewhere, makes me the copy that must take a new
+    id: it is at another address and started earlier (an equal start time at another address is an
+    impostor or this node reached another way: me keeps its id)."""
+    return other.node_id == me.node_id and other.address != me.address and other.started_at < me.started_at
 
 
 def members(table: Membership) -> list[Member]:

@@ -59,6 +59,7 @@ class ErrorCode(StrEnum):
     HEAD_TOO_LARGE = "head_too_large"
     TOO_MANY_HEADERS = "too_many_headers"
     FORBIDDEN_ORIGIN = "origin_not_allowed"
+    MISDIRECTED = "host_not_allowed"  # a Host that is not a name of this API (DNS rebinding)
     UNAUTHORIZED = "invalid_api_key"  # no or a wrong bearer key (the API beyond loopback), as OpenAI names it
     INTERNAL = "internal_error"  # a bug: see the log
     # a code from a newer peer that this version does not know
@@ -105,6 +106,7 @@ _HTTP: dict[ErrorCode, int] = {
     ErrorCode.HEAD_TOO_LARGE: 431,
     ErrorCode.TOO_MANY_HEADERS: 431,
     ErrorCode.FORBIDDEN_ORIGIN: 403,
+    ErrorCode.MISDIRECTED: 421,
     ErrorCode.UNAUTHORIZED: 401,
 }
 

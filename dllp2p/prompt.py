@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from .chat import Message, chat_messages, render_chat, template_from
+from .chat import Message, chat_messages, render_chat_spans, template_from
 from .formats import GGUFModel
 from .tokenizer import Tokenizer
 
@@ -17,12 +17,13 @@ def prompt_tokens(tokenizer: Tokenizer, model: GGUFModel, prompt: str, chat: boo
 
 
 def chat_tokens(tokenizer: Tokenizer, model: GGUFModel, messages: Sequence[Message]) -> list[int]:
-    """A conversation in the model's chat template, ending where the assistant's next reply begins."""
-    text = render_chat(
+    """A conversation in the model's chat template, ending where the assistant's next reply begins. The
+    template's markup becomes control tokens; the messages' contents are text, whatever they spell."""
+    text, contents = render_chat_spans(
         template_from(model.metadata),
         messages,
         bos_token=tokenizer.token_text(tokenizer.bos_id),
         eos_token=tokenizer.token_text(tokenizer.eos_id),
     )
     # the template writes any BOS itself, as text that parses back into the special token
-    return tokenizer.encode(text, add_bos=False, parse_special=True)
+    return tokenizer.encode(text, add_bos=False, parse_special=True, literal=contents)

@@ -293,9 +293,12 @@ class Tokenizer:
         add_bos: bool | None = None,
         add_eos: bool | None = None,
         parse_special: bool = True,
+        literal: Sequence[tuple[int, int]] = (),
     ) -> list[int]:
         """Token ids for `text`. add_bos/add_eos None: as the GGUF says. parse_special: control-token
         spellings in the text (e.g. '<|im_start|>') become those tokens; otherwise they are plain text.
+        literal: sorted, disjoint [start, end) character spans of the text where control-token spellings
+        are plain text even with parse_special (a chat message's content inside its template's markup).
         User-defined tokens are always matched whole, as in llama.cpp and HF."""
         ids: list[int] = []
         if self.add_bos if add_bos is None else add_bos:
@@ -304,7 +307,7 @@ class Tokenizer:
             ids.append(self.bos_id)
         encode_text = self._encode_bpe_text if self.model == "gpt2" else self._encode_spm_text
         after_special = True
-        for fragment in self._split_special(text, parse_special):
+        for fragment in self._split_special(text, parse_special, literal):
             if isinstance(fragment, int):
                 ids.append(fragment)
                 after_special = True
@@ -332,9 +335,34 @@ class Tokenizer:
 
         return matcher((TokenType.USER_DEFINED,)), matcher((TokenType.USER_DEFINED, TokenType.CONTROL))
 
-    def _split_special(self, text: str, parse_special: bool) -> Iterator[str | int]:
-        """The text as plain-text fragments (str) and special tokens (their id), in order."""
-        matcher = self._parse_special if parse_special else self._always_special
+    def _split_special(self, text: str, parse_special: bool,
+                       literal: Sequence[tuple[int, int]] = ()) -> Iterator[str | int]:
+        """The text as plain-text fragments (str) and special tokens (their id), in order. Within the
+        `literal` spans only user-defined spellings are matched; adjacent text fragments are joined, so
+        text without special spellings tokenizes as if there were no spans."""
+        if not parse_special or not literal:
+            yield from self._split_with(self._parse_special if parse_special else self._always_special, text)
+            return
+        pending: list[str] = []
+        done = 0
+        for start, end in (*literal, (len(text), len(text))):
+            if not done <= start <= end <= len(text):
+                raise ValueError(f"literal spans must be sorted, disjoint and within the text: {literal!r}")
+            for matcher, piece in ((self._parse_special, text[done:start]), (self._always_special, text[start:end])):
+                for fragment in self._split_with(matcher, piece):
+                    if isinstance(fragment, str):
+                        pending.append(fragment)
+                    else:
+                        if pending:
+                            yield "".join(pending)
+                            pending.clear()
+                        yield fragment
+            done = end
+        if pending:
+            yield "".join(pending)
+
+    @staticmethod
+    def _split_with(matcher: _SpecialMatcher | None, text: str) -> Iterator[str | int]:
         if matcher is None:
             if text:
                 yield text

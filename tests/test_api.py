@@ -218,6 +218,20 @@ def test_stop_filter_matches_a_plain_scan_whatever_the_pieces(text, stops, cuts)
     assert (out, f.stopped) == first_stop(text, stops)
 
 
+def test_host_allowlist():
+    """DNS rebinding: only IP literals, localhost names, and the names this API was told (api_access)."""
+    names = frozenset({"pi.home"})
+    for ok in (None, "localhost", "LOCALHOST:7341", "app.localhost", "127.0.0.1:7341", "[::1]:7341", "192.168.1.5",
+               "10.0.0.1:80", "pi.home", "Pi.Home.:7341", "[fe80::1]"):
+        assert api.host_allowed(ok, names), ok
+    for no in ("evil.example", "localhost.evil.example", "127.0.0.1.nip.io", "pi.home.evil", "", " ", "a b",
+               "localhost/x", "[::1", "[evil]:1", "localhost:99999999", "xn--e1a.example", "l\u043ecalhost"):
+        assert not api.host_allowed(no, names), no
+    assert api.local_names("127.0.0.1") == frozenset()
+    assert api.local_names("localhost", ("Pi.Home.",)) == {"localhost", "pi.home"}
+    assert socket.gethostname().lower() in api.local_names("0.0.0.0")
+
+
 def test_cors_origins():
     assert api.origin_allowed(None)
     for ok in ("http://localhost", "http://localhost:3000", "https://127.0.0.1:8080", "http://127.1.2.3", "http://[::1]:5"):
@@ -312,7 +326,7 @@ def exchange(port: int, raw: bytes, timeout: float = 30, closes: bool = False) -
 
 
 def post(path: str, body: bytes, extra: str = "") -> bytes:
-    return (f"POST {path} HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n{extra}"
+    return (f"POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n{extra}"
             f"Content-Length: {len(body)}\r\n\r\n").encode() + body
 
 
@@ -331,12 +345,12 @@ class Bad:
 
 def malformed_requests(limits: api.Limits) -> list[Bad]:
     """Requests a client may get wrong, each with the answer it must get (for any server with these limits)."""
-    cl = b"POST /v1/completions HTTP/1.1\r\nHost: t\r\n"
+    cl = b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\n"
     body = b'{"prompt": "hi"}'
     return [
-        Bad("content-length superscript two", "POST /v1/completions HTTP/1.1\r\nHost: t\r\nContent-Length: ²\r\n\r\n"
+        Bad("content-length superscript two", "POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nContent-Length: ²\r\n\r\n"
             .encode(), 400, "bad_http", True),
-        Bad("content-length arabic-indic digits", "POST /v1/completions HTTP/1.1\r\nHost: t\r\nContent-Length: ١٦\r\n"
+        Bad("content-length arabic-indic digits", "POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nContent-Length: ١٦\r\n"
             "\r\n".encode() + body, 400, "bad_http", True),
         Bad("content-length 5000 digits", cl + b"Content-Length: " + b"9" * 5000 + b"\r\n\r\n", 400, "bad_http", True),
         Bad("content-length 19 digits", cl + b"Content-Length: " + b"1" * 19 + b"\r\n\r\n", 400, "bad_http", True),
@@ -348,11 +362,11 @@ def malformed_requests(limits: api.Limits) -> list[Bad]:
         Bad("transfer-encoding gzip", cl + b"Transfer-Encoding: gzip, chunked\r\n\r\n", 400, "bad_http", True),
         Bad("bad chunk size", cl + b"Transfer-Encoding: chunked\r\n\r\nzz\r\n" + body + b"\r\n0\r\n\r\n", 400,
             "bad_http", True),
-        Bad("huge head", b"GET /health HTTP/1.1\r\nHost: t\r\nX-Big: " + b"a" * (limits.max_head + 10) + b"\r\n\r\n",
+        Bad("huge head", b"GET /health HTTP/1.1\r\nHost: localhost\r\nX-Big: " + b"a" * (limits.max_head + 10) + b"\r\n\r\n",
             431, "head_too_large", True),
         Bad("head that never ends", b"GET /health HTTP/1.1\r\nX: " + b"a" * (limits.max_head + 10), 431,
             "head_too_large", True),
-        Bad("too many headers", b"GET /health HTTP/1.1\r\nHost: t\r\n" + b"".join(
+        Bad("too many headers", b"GET /health HTTP/1.1\r\nHost: localhost\r\n" + b"".join(
             b"X-%d: 1\r\n" % i for i in range(limits.max_headers + 1)) + b"\r\n", 431, "too_many_headers", True),
         Bad("body over the limit", cl + b"Content-Length: %d\r\n\r\n" % (limits.max_body + 1), 413, "body_too_large",
             True),
@@ -360,7 +374,7 @@ def malformed_requests(limits: api.Limits) -> list[Bad]:
             b"%x\r\n%s\r\n" % (1024, b" " * 1024) for _ in range(limits.max_body // 1024 + 2)) + b"0\r\n\r\n", 413,
             "body_too_large", True),
         Bad("no host", b"GET /health HTTP/1.1\r\n\r\n", 400, "bad_http", True),
-        Bad("request line", b"GET /health HTTP/1.1 extra\r\nHost: t\r\n\r\n", 400, "bad_http", True),
+        Bad("request line", b"GET /health HTTP/1.1 extra\r\nHost: localhost\r\n\r\n", 400, "bad_http", True),
         Bad("bad JSON", post("/v1/chat/completions", b"{not json"), 400, "invalid_json"),
         Bad("JSON nested 100k deep", post("/v1/completions", b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"),
             # over the body limit of a small server: then it is that
@@ -392,11 +406,17 @@ def malformed_requests(limits: api.Limits) -> list[Bad]:
         Bad("stop string too long", chat({"stop": "s" * 300}), 400, "invalid_value"),
         Bad("max_tokens over the context", chat({"max_tokens": limits.ctx}), 400, "invalid_value"),
         Bad("unknown path", post("/v2/anything", b"{}"), 404, "not_found"),
-        Bad("unknown model", b"GET /v1/models/nope HTTP/1.1\r\nHost: t\r\n\r\n", 404, "not_found"),
-        Bad("wrong method", b"GET /v1/chat/completions HTTP/1.1\r\nHost: t\r\n\r\n", 405, "method_not_allowed"),
+        Bad("unknown model", b"GET /v1/models/nope HTTP/1.1\r\nHost: localhost\r\n\r\n", 404, "not_found"),
+        Bad("wrong method", b"GET /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\n\r\n", 405, "method_not_allowed"),
         Bad("wrong method on models", post("/v1/models", b"{}"), 405, "method_not_allowed"),
         Bad("foreign origin", chat({}, "Origin: http://evil.example\r\n"), 403, "origin_not_allowed"),
-        Bad("foreign origin preflight", b"OPTIONS /v1/chat/completions HTTP/1.1\r\nHost: t\r\nOrigin: "
+        Bad("rebound host", b"GET /v1/models HTTP/1.1\r\nHost: evil.example:7341\r\n\r\n", 421, "host_not_allowed"),
+        Bad("rebound host POST", post("/v1/completions", b'{"prompt": "x"}').replace(b"Host: localhost", b"Host: a.evil"),
+            421, "host_not_allowed"),
+        Bad("rebound host preflight", b"OPTIONS /v1/chat/completions HTTP/1.1\r\nHost: localhost.evil.example\r\n"
+            b"Origin: http://localhost\r\nAccess-Control-Request-Method: POST\r\n\r\n", 421, "host_not_allowed"),
+        Bad("host with a path", b"GET /health HTTP/1.1\r\nHost: localhost/x\r\n\r\n", 421, "host_not_allowed"),
+        Bad("foreign origin preflight", b"OPTIONS /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nOrigin: "
             b"http://localhost.evil.example\r\nAccess-Control-Request-Method: POST\r\n\r\n", 403, "origin_not_allowed"),
     ]
 
@@ -455,7 +475,7 @@ def test_pipelined_requests_are_answered_in_order(server):
 def test_chunked_body_and_100_continue(server):
     body = json.dumps({"prompt": "chunked body"}).encode()
     chunks = b"".join(b"%x\r\n%s\r\n" % (len(body[i:i + 5]), body[i:i + 5]) for i in range(0, len(body), 5))
-    head = b"POST /v1/completions HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\nExpect: 100-continue\r\n\r\n"
+    head = b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\nExpect: 100-continue\r\n\r\n"
     with socket.create_connection(("127.0.0.1", server), timeout=10) as s:
         s.sendall(head)
         assert s.recv(100).startswith(b"HTTP/1.1 100 ")
@@ -475,7 +495,7 @@ def test_http_1_0_gets_its_answer_and_a_close(server):
 
 
 def test_cors_preflight_and_simple_requests_from_loopback_origins(server):
-    status, headers, body, closed = exchange(server, b"OPTIONS /v1/chat/completions HTTP/1.1\r\nHost: t\r\n"
+    status, headers, body, closed = exchange(server, b"OPTIONS /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\n"
                                              b"Origin: http://localhost:5173\r\nAccess-Control-Request-Method: POST\r\n"
                                              b"Access-Control-Request-Headers: content-type, authorization\r\n\r\n")
     assert status == 204 and body == b""
@@ -486,7 +506,7 @@ def test_cors_preflight_and_simple_requests_from_loopback_origins(server):
     assert status == 200 and headers["access-control-allow-origin"] == "http://127.0.0.1:8080"
     status, headers, body, _ = exchange(server, chat({}))
     assert status == 200 and "access-control-allow-origin" not in headers
-    status, headers, body, _ = exchange(server, b"OPTIONS * HTTP/1.1\r\nHost: t\r\n\r\n")
+    status, headers, body, _ = exchange(server, b"OPTIONS * HTTP/1.1\r\nHost: localhost\r\n\r\n")
     assert status == 204 and "GET" in headers["allow"]
 
 
@@ -506,7 +526,7 @@ def test_a_slow_client_gets_408_and_the_server_serves_on(server, trickle):
         r.begin()
         check_error(r.status, r.read(), 408, "request_timeout")
     assert time.monotonic() - t0 < LIMITS.read_timeout + 2
-    status, _, _, _ = exchange(server, b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n")
+    status, _, _, _ = exchange(server, b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n")
     assert status == 200
 
 
@@ -536,7 +556,19 @@ def test_a_client_that_leaves_mid_stream_stops_the_generation(server):
         while b"tick" not in got:
             got += s.recv(4096)
     assert GONE.get(timeout=10)
-    status, _, _, _ = exchange(server, b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n")
+    status, _, _, _ = exchange(server, b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n")
+    assert status == 200
+
+
+def test_a_client_that_leaves_a_whole_answer_stops_the_generation(server):
+    """Not streamed, nothing is sent until the end: the client's close is still noticed at once."""
+    while not GONE.empty():
+        GONE.get()
+    with socket.create_connection(("127.0.0.1", server), timeout=10) as s:
+        s.sendall(post("/v1/completions", b'{"prompt": "forever"}'))
+        time.sleep(0.3)  # generating
+    assert GONE.get(timeout=10)
+    status, _, _, _ = exchange(server, b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n")
     assert status == 200
 
 
@@ -546,13 +578,13 @@ def test_connections_over_the_limit_get_503(caplog):
         held = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(2)]
         try:
             time.sleep(0.2)  # both accepted and being served
-            status, headers, body, closed = exchange(port, b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n", closes=True)
+            status, headers, body, closed = exchange(port, b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n", closes=True)
             assert status == 503 and json.loads(body)["error"]["code"] == "busy" and closed
         finally:
             for s in held:
                 s.close()
         deadline = time.monotonic() + 5  # until the server has seen them go
-        while (status := exchange(port, b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n")[0]) != 200:
+        while (status := exchange(port, b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n")[0]) != 200:
             assert status == 503 and time.monotonic() < deadline
             time.sleep(0.05)
     assert "Traceback" not in caplog.text
@@ -570,6 +602,10 @@ def test_the_api_context_comes_from_file_env_and_flag(tmp_path):
     assert cfg([], {}).api_ctx == 512
     assert cfg([], {"DLLP2P_API_CTX": "1024"}).api_ctx == 1024
     assert cfg(["--api-ctx", "4096"], {"DLLP2P_API_CTX": "1024"}).api_ctx == 4096
+    path.write_text('[daemon]\napi_hosts = ["pi.home"]\n')
+    assert cfg([], {}).api_hosts == ("pi.home",)
+    assert cfg([], {"DLLP2P_API_HOSTS": "a.lan, b.lan"}).api_hosts == ("a.lan", "b.lan")
+    assert cfg(["--api-host", "c.lan"], {"DLLP2P_API_HOSTS": "a.lan"}).api_hosts == ("c.lan",)
     path.write_text("")
     assert cfg([], {}).api_ctx == DEFAULT_CTX
     with pytest.raises(ValueError):
@@ -580,11 +616,11 @@ def test_head_requests_get_headers_only_and_the_connection_serves_on(server):
     with socket.create_connection(("127.0.0.1", server), timeout=10) as s:
         f = s.makefile("rb")
         for path, status in [(b"/health", 200), (b"/v1/chat/completions", 405), (b"/nope", 404), (b"/health", 200)]:
-            s.sendall(b"HEAD %s HTTP/1.1\r\nHost: t\r\n\r\n" % path)
+            s.sendall(b"HEAD %s HTTP/1.1\r\nHost: localhost\r\n\r\n" % path)
             assert f.readline().startswith(b"HTTP/1.1 %d " % status)
             headers = dict(line.decode().strip().lower().split(": ", 1) for line in iter(f.readline, b"\r\n"))
             assert int(headers["content-length"]) > 0 and "connection" not in headers  # no body follows
-        s.sendall(b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n")
+        s.sendall(b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n")
         assert f.readline().startswith(b"HTTP/1.1 200 ")
         headers = dict(line.decode().strip().lower().split(": ", 1) for line in iter(f.readline, b"\r\n"))
         assert json.loads(f.read(int(headers["content-length"]))) == {"status": "ok"}

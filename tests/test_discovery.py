@@ -115,7 +115,7 @@ def test_static_peer_seen_then_gone():
 
     got = trio.run(main)
     assert [type(e) for e in got] == [Seen, Seen, Gone]  # one miss is forgiven, three in a row are not
-    assert got[0].member == ME and got[0].source == "static" and got[-1] == Gone(ME.node_id, "static")
+    assert got[0].member == ME and got[0].source == "static" and got[-1] == Gone(ME.node_id, "static", "10.0.0.7:7340")
 
 
 def test_liveness_probe_of_an_mdns_member_ends_at_its_gone():
@@ -135,7 +135,7 @@ def test_liveness_probe_of_an_mdns_member_ends_at_its_gone():
                                   until_gone=True)
             return [ev async for ev in recv]
 
-    assert trio.run(main) == [Seen(ME, "mdns", pytest.approx(time.time(), abs=5)), Gone(ME.node_id, "mdns")]
+    assert trio.run(main) == [Seen(ME, "mdns", pytest.approx(time.time(), abs=5)), Gone(ME.node_id, "mdns", "10.0.0.7:7340")]
 
 
 def test_static_peer_that_hangs_times_out():

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dllp2p.election import Entry, Gone, Member, Seen, apply, elect, members
+from dllp2p.election import Entry, Gone, Member, Seen, apply, elect, members, newer_twin
 
 V, C = 1, "home"
 
@@ -59,11 +61,41 @@ def test_membership_sources():
     assert apply(table, Gone("nobody", "mdns")) == table
 
 
+def test_gone_from_one_address_leaves_the_node_held_at_another():
+    table = apply({}, Seen(m("a", 1, address="10.0.0.1:1"), "static", at=1))
+    assert apply(table, Gone("a", "static", "10.0.0.66:1")) == table  # the impostor's poll stopped answering
+    assert apply(table, Gone("a", "static", "10.0.0.1:1")) == {}
+    assert apply(table, Gone("a", "static")) == {}  # mDNS goodbyes name no address
+
+
 def test_late_record_of_an_older_incarnation_keeps_the_new_details():
     table = apply({}, Seen(m("a", 9, address="10.0.0.9:1"), "static", at=20))
     table = apply(table, Seen(m("a", 1, address="10.0.0.1:1"), "mdns", at=21))
     assert table["a"].member.started_at == 9 and table["a"].member.address == "10.0.0.9:1"
     assert table["a"].sources == {"mdns", "static"}
+
+
+@pytest.mark.parametrize("started_at, address", [(9, "10.0.0.2:1"), (0.5, "10.0.0.2:1"), (1, "10.0.0.2:1"),
+                                                 (1, "10.0.0.1:1")])
+def test_what_others_say_of_this_nodes_id_never_changes_its_own_entry(started_at, address):
+    """A copy of this node (later or earlier), an impostor with its start time, itself reached elsewhere."""
+    me = m("a", 1, address="10.0.0.1:1")
+    table = apply({}, Seen(me, "self", at=1))
+    for source in ("static", "mdns"):
+        assert apply(table, Seen(m("a", started_at, address=address), source, at=5)) == table
+    assert apply(table, Seen(replace(me, cores=4), "self", at=6))["a"].member.cores == 4  # itself: yes
+
+
+@pytest.mark.parametrize("started_at, address, twin", [
+    (0.5, "10.0.0.2:1", True),  # a copy that started earlier: me takes a new id
+    (9, "10.0.0.2:1", False),  # a copy that started later takes one, not me
+    (1, "10.0.0.2:1", False),  # same start time elsewhere: an impostor; me keeps its id
+    (0.5, "10.0.0.1:1", False),  # an earlier record at my own address: my own previous incarnation
+])
+def test_newer_twin(started_at, address, twin):
+    me = m("a", 1, address="10.0.0.1:1")
+    assert newer_twin(me, m("a", started_at, address=address)) is twin
+    assert not newer_twin(me, m("b", started_at, address=address))
 
 
 def test_unknown_source_is_a_bug():

@@ -288,7 +288,7 @@ def test_api_bearer_key(tmp_path):
     def request(port: int, auth: str | None) -> tuple[int, dict]:
         head = f"Authorization: {auth}\r\n" if auth else ""
         body = json.dumps({"messages": [{"role": "user", "content": "x"}]}).encode()
-        raw = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n{head}"
+        raw = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n{head}"
                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode() + body
         with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
             s.sendall(raw)

@@ -17,7 +17,7 @@ PACKAGE = Path(__file__).parent.parent / "dllp2p"
 
 # bottom to top; a module may import its own layer and the ones below. Prefixes name packages.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("formats", ("dllp2p", "dllp2p.config", "dllp2p.error_codes", "dllp2p.formats", "dllp2p.tokenizer", "dllp2p.vocab", "dllp2p.chat",
+    ("formats", ("dllp2p", "dllp2p.config", "dllp2p.error_codes", "dllp2p.formats", "dllp2p.tokenizer", "dllp2p.vocab", "dllp2p.chat", "dllp2p.textsafe",
                  "dllp2p.models", "dllp2p.engine")),
     ("jit", ("dllp2p.jit",)),
     # the Plan is data the tensor-parallel engine executes (tp.py imports it), so it sits below the engines
@@ -26,7 +26,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
                          "dllp2p.errors", "dllp2p.tpbench")),
     ("wire", ("dllp2p.wire", "dllp2p.discovery")),
     ("session", ("dllp2p.session",)),
-    ("daemon/api", ("dllp2p.daemon", "dllp2p.api", "dllp2p.api_schema")),
+    ("daemon/api", ("dllp2p.daemon", "dllp2p.api", "dllp2p.api_schema", "dllp2p.api_access")),
     ("commands", ("dllp2p.commands", "dllp2p.bench")),
     ("cli", ("dllp2p.cli",)),
 ]

@@ -31,6 +31,7 @@ from ..generate import GenerationStats, generate
 from ..models import resolve_model
 from ..prompt import chat_tokens
 from ..sampler import Sampler
+from ..textsafe import printable
 from ..tokenizer import StreamDecoder, Tokenizer
 from ..wire.client import DaemonError, NoDaemon, ask_blocking, daemon_request, probe
 from ..wire.messages import ChatTurn
@@ -185,7 +186,7 @@ def chat(cfg: Any, inp: TextIO = sys.stdin, out: TextIO = sys.stdout, err: TextI
                 print("\ndllp2p: reply stopped", file=err)
             except user_facing_errors() as e:
                 messages.pop()
-                print(f"\ndllp2p: error: {e}", file=err)
+                print(f"\ndllp2p: error: {printable(str(e))}", file=err)  # may quote a peer
                 continue
             else:
                 out.write("\n")

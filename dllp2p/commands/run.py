@@ -19,6 +19,7 @@ from ..prompt import prompt_tokens
 from ..reference import ReferenceEngine
 from ..sampler import Sampler
 from ..session.root import ClusterEngine, ClusterOptions
+from ..textsafe import printable
 from ..tokenizer import StreamDecoder, Tokenizer
 from ..wire.client import NoDaemon, ask_blocking, daemon_request
 from .progress import RichEvents
@@ -67,10 +68,10 @@ def run_via_daemon(cfg, address: str, out: TextIO = sys.stdout, err: TextIO = sy
     out.flush()
     tok_s = f"prefill {msg.prefill_tok_s:.1f} tok/s, decode {msg.decode_tok_s:.1f} tok/s"
     print(f"dllp2p: prompt {msg.prompt_tokens} tokens, generated {msg.generated_tokens} tokens; {tok_s} "
-          f"(root {msg.root}, {msg.nodes} node{'s' if msg.nodes != 1 else ''})", file=err)
-    if cfg.stats:
+          f"(root {printable(msg.root)}, {msg.nodes} node{'s' if msg.nodes != 1 else ''})", file=err)
+    if cfg.stats:  # the root's lines: escaped (textsafe)
         for line in msg.stats:
-            print(f"dllp2p: {line}", file=err)
+            print(f"dllp2p: {printable(line)}", file=err)
     return 0
 
 

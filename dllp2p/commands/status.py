@@ -55,6 +55,7 @@ from typing import Any, Iterator, TextIO
 from ..clusterkey import ClusterKey
 from ..config import LOCAL_DAEMON
 from ..scheduler import NodeSlice, Plan
+from ..textsafe import printable
 from ..wire.client import status_blocking
 from ..wire.codec import ProtocolError
 from ..wire.link import LinkClosed, LinkTimeout
@@ -212,7 +213,7 @@ def table(s: Survey | None, error: str | None = None, now: float | None = None, 
             caption += "; set-up: " + ", ".join(
                 f"weights → {p['subject']} {100 * p['done'] / p['total']:.0f}%" if p["task"] == "push"
                 else f"{p['subject']} building its engine" for p in busy)
-    t = Table(title="dllp2p cluster", caption=f"{caption} ({hint})" if hint and not error else caption)
+    t = Table(title="dllp2p cluster", caption=_text(f"{caption} ({hint})" if hint and not error else caption))
     for col in ("node", "role", "address", "version", "started", "slice", "cores / RAM", "rss", "load",
                 "rtt", "weights", "last tok/s"):
         t.add_column(col, no_wrap=col in ("node", "role", "address"))
@@ -226,9 +227,9 @@ def table(s: Survey | None, error: str | None = None, now: float | None = None, 
         if sl is not None and sl["index"] == 0 and j["push"] is not None:  # the plan's root: what it sent
             push = {**j["push"], "sent": True}
         t.add_row(
-            row["id"] + ("" if row["reachable"] else " (unreachable)"),
-            "[bold]root[/bold]" if row["role"] == "root" else row["role"],
-            row["address"],
+            _text(row["id"] + ("" if row["reachable"] else " (unreachable)")),
+            "[bold]root[/bold]" if row["role"] == "root" else _text(row["role"]),
+            _text(row["address"]),
             str(row["version"]),
             f"{time.strftime('%H:%M:%S', time.localtime(row['started_at']))} ({_age(now - row['started_at'])} ago)",
             "-" if sl is None else (f"{sl['index']}/{plan.n_nodes if plan else '?'} kv {_r(sl['kv_heads'])} "
@@ -242,6 +243,14 @@ def table(s: Survey | None, error: str | None = None, now: float | None = None, 
                                       f"sync {step['sync_ms']:.1f} ms)"),
         )
     return t
+
+
+def _text(peer_text: str):
+    """What a peer said (node id, address, role, its error), for a cell: never rich markup, no control
+    characters (textsafe)."""
+    from rich.text import Text
+
+    return Text(printable(peer_text))
 
 
 def _bytes(n: int) -> str:

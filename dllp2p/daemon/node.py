@@ -90,6 +90,7 @@ class DaemonConfig:
     exchange: str = "exact"  # and their exchange (scheduler.EXCHANGES)
     api: str | None = None  # "host:port" of the OpenAI-compatible HTTP API (api.py); None: off
     api_ctx: int = 2048  # the context (KV positions) of the API's requests
+    api_hosts: tuple[str, ...] = ()  # Host names the API answers to besides IPs, localhost, its listen host
     cache_dir: Path | None = None  # compiled kernels and packed weights; None: the engine's default
     key: ClusterKey | None = None  # the cluster key; None: this machine only (loopback, no peers, no mDNS)
 
@@ -119,12 +120,20 @@ class Daemon:
         self.key = config.key
         self._refused: set[str] = set()  # hosts whose failed handshakes were logged
         cluster = config.cluster if config.key is None else config.key.bind(config.cluster)
-        self.membership = Membership(self.node_id, cluster, self.started_at, config.static, config.key)
+        self.membership = Membership(self.node_id, cluster, self.started_at, config.static, config.key, self._new_id)
         self.worker = Worker(self.node_id, config.threads, float(config.capacity or config.threads), self.t,
                              SliceCache(config.state_dir / "slices"), self._tp, slot, config.cache_dir, config.key)
         self.root_service = RootService(config.model, self.node_id, config.threads, config.policy, self.t, self._tp,
                                         exchange=config.exchange, cache_dir=config.cache_dir, key=config.key)
         self.prompts = PromptSlot(self.node_id, self.membership, self.root_service, slot, self.t, config.key)
+
+    def _new_id(self) -> str:
+        """A new node id, stored in the state dir and used from now on (membership found this node to be
+        a copy of another: a cloned state dir). Sessions under the old id fail and are planned afresh."""
+        (self.config.state_dir / "node_id").unlink(missing_ok=True)
+        self.node_id = node_id(self.config.state_dir)
+        self.worker.node_id = self.root_service.node_id = self.prompts.node_id = self.node_id
+        return self.node_id
 
     def _tp(self) -> Any:
         if self.tp is None:
@@ -169,7 +178,7 @@ class Daemon:
         limits = api.Limits(ctx=self.config.api_ctx)
         token = None if self.key is None else self.key.api_token
         self.api_address = await api.start(nursery, self.config.api, self.prompts.generate, model, limits,
-                                           token) or ""
+                                           token, self.config.api_hosts) or ""
 
     def election(self) -> election.Election:
         return self.membership.election()
