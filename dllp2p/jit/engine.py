@@ -11,6 +11,7 @@ call (`step`, GIL released); worker threads sit inside the native `worker` loop 
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import threading
@@ -213,11 +214,15 @@ class JITEngine:
             pass
 
 
+@functools.lru_cache(maxsize=1)
 def _sources_digest() -> str:
-    """What the generated code depends on besides the spec: this package's source files."""
+    """What the generated code depends on besides the spec: every source file of dllp2p, not only jit/'s
+    (formats/ holds block layouts and tables the kernels bake in, tp.py the node's table slots): code that
+    another checkout or version compiled into a shared cache is never taken for this one's."""
     h = hashlib.sha256()
-    for path in sorted(Path(__file__).parent.glob("*.py")):
-        h.update(path.name.encode() + b"\0" + path.read_bytes())
+    root = Path(__file__).parent.parent
+    for path in sorted(root.rglob("*.py")):
+        h.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
     return h.hexdigest()
 
 
