@@ -28,6 +28,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from .diskcache import evict, touch
 from .formats import GGUFModel, ModelConfig, QType
 from .formats.quant import TRAITS
 from .jit.compiler import DEFAULT_CACHE_DIR
@@ -41,6 +42,8 @@ from .jit.tp_program import (
 )
 from .jit.weights import LAYOUT_VERSION, PackedModel, cached, execution_order, pack
 from .scheduler import BLOCK_ROWS, Plan
+
+TP_CACHE_BYTES = 4096 << 20  # default budget of a cache dir's packed slice sets (tp-*.bin): DaemonConfig.cache_mb
 
 
 class PeerLost(Exception):
@@ -138,9 +141,11 @@ def node_tensors(model: GGUFModel, plan: Plan, index: int) -> dict[str, NodeTens
 
 
 def _load_node_weights(config: ModelConfig, tensors: Mapping[str, NodeTensor],
-                       cache_dir: os.PathLike | str | None) -> PackedModel:
+                       cache_dir: os.PathLike | str | None, budget: int = TP_CACHE_BYTES) -> PackedModel:
     """The node's packed weights, from the weight cache (keyed by every slice's name and sha256, so the
-    same slices map the same file, ~ms, instead of being packed again, ~0.5 s per 50 MB)."""
+    same slices map the same file, ~ms, instead of being packed again, ~0.5 s per 50 MB). The file's own
+    sha256 is checked at every open (weights.cached): a damaged one is packed afresh. The tp-*.bin files
+    beside it stay within `budget` bytes, the least recently used going first."""
     def packed() -> PackedModel:
         tied = config.tied_output
         return pack(execution_order(config, output=not tied), tensors.__getitem__,
@@ -151,23 +156,9 @@ def _load_node_weights(config: ModelConfig, tensors: Mapping[str, NodeTensor],
     ident = "|".join(f"{n}={t.sha256}" for n, t in sorted(tensors.items())) + f"|{LAYOUT_VERSION}"
     path = Path(cache_dir).expanduser() / "weights" / f"tp-{hashlib.sha256(ident.encode()).hexdigest()[:32]}.bin"
     weights = cached(path, set(tensors), packed)
-    _keep_recent(path)
+    touch(path)
+    evict(path.parent.glob("tp-*.bin"), budget, keep=[path])  # a file still mapped elsewhere stays readable
     return weights
-
-
-TP_CACHE_FILES = 8  # packed slice sets kept per cache dir (each plan shape makes one); least recently used go
-
-
-def _keep_recent(current: Path) -> None:
-    """Mark `current` used; delete all but the TP_CACHE_FILES most recently used tp-*.bin beside it (a
-    file still mapped by a running node stays readable until it unmaps it). Best effort: never raises."""
-    try:
-        os.utime(current)
-        files = sorted(current.parent.glob("tp-*.bin"), key=lambda f: f.stat().st_mtime, reverse=True)
-        for old in files[TP_CACHE_FILES:]:
-            old.unlink(missing_ok=True)
-    except OSError:
-        pass
 
 
 PEER_TIMEOUT_S = 30.0
@@ -195,7 +186,7 @@ class TPNode(JITEngine):
     def __init__(self, config: ModelConfig, plan: Plan, index: int, tensors: Mapping[str, NodeTensor],
                  peers: Sequence[socket.socket | None], ctx: int, threads: int | None = None, *,
                  cache_dir: os.PathLike | str | None = DEFAULT_CACHE_DIR, max_chunk: int = 64,
-                 timeout: float = PEER_TIMEOUT_S, recv_spins: int = RECV_SPINS):
+                 timeout: float = PEER_TIMEOUT_S, recv_spins: int = RECV_SPINS, cache_budget: int = TP_CACHE_BYTES):
         t0 = time.perf_counter()
         self.part = part = partition_of(plan, index)
         if len(peers) != part.n_nodes or (peers[index] is not None):
@@ -212,7 +203,7 @@ class TPNode(JITEngine):
         out_name = "token_embd.weight" if config.tied_output else "output.weight"
         spec = ProgramSpec(config, layer_types, _kernel_type(tensors["token_embd.weight"].qtype),
                            _kernel_type(tensors[out_name].qtype), max_chunk)
-        packed = _load_node_weights(config, tensors, cache_dir)
+        packed = _load_node_weights(config, tensors, cache_dir, cache_budget)
         self._start(config, ctx, threads, spec, packed, cache_dir, t0)
         self._table[self._slots["recv_spins"]] = recv_spins
         self.stats: dict[str, float] = {}

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .config import cache_dir as configured_cache_dir
 from .formats import QType, load_model
 from .formats.synthetic import SyntheticSpec, write_random_llama
 from .scheduler import EXCHANGES, Peer, plan
@@ -75,7 +76,8 @@ class Cluster:
     step(tokens, pos) sends each worker the step's small frame, runs the root's forward and returns
     its logits; decode(n) runs n greedy steps and records ms and sync ms per token."""
 
-    def __init__(self, model, n_nodes: int, threads: int, exchange: str, ctx: int, recv_spins: int | None = None):
+    def __init__(self, model, n_nodes: int, threads: int, exchange: str, ctx: int, recv_spins: int | None = None,
+                 cache_dir: Path | None = None):
         self.n_nodes, self.threads, self.exchange = n_nodes, threads, exchange
         peers = [Peer(f"bench{i}", f"127.0.0.1:{i}", threads, 1.0) for i in range(n_nodes)]
         p = plan(model.config, peers, epoch=1, policy="weighted" if n_nodes & (n_nodes - 1) else "pow2", exchange=exchange)
@@ -83,11 +85,12 @@ class Cluster:
         self._ctl = [socket.socketpair() if i else (None, None) for i in range(n_nodes)]
         # nodes sharing too few cores must not spin on receives (it takes the core from the node awaited)
         spins = recv_spins if recv_spins is not None else 0 if n_nodes * threads > (os.cpu_count() or 1) else RECV_SPINS
-        self._children = [_fork_node(model, p, i, self._socks[i], self._ctl[i][1], ctx, threads, spins)
+        self._children = [_fork_node(model, p, i, self._socks[i], self._ctl[i][1], ctx, threads, spins, cache_dir)
                           for i in range(1, n_nodes)]
         self.root = None
         try:
-            self.root = TPNode(model.config, p, 0, node_tensors(model, p, 0), self._socks[0], ctx, threads, recv_spins=spins)
+            self.root = TPNode(model.config, p, 0, node_tensors(model, p, 0), self._socks[0], ctx, threads, recv_spins=spins,
+                               cache_dir=cache_dir)
             for i in range(1, n_nodes):
                 self._ctl[i][0].settimeout(600)  # a child builds (and may compile) its node first
                 if _recv_exact(self._ctl[i][0], 1) != b"R":
@@ -143,7 +146,8 @@ class Cluster:
         self.close()
 
 
-def _fork_node(model, p, index: int, peers, ctl: socket.socket, ctx: int, threads: int, spins: int) -> int:
+def _fork_node(model, p, index: int, peers, ctl: socket.socket, ctx: int, threads: int, spins: int,
+               cache_dir: Path | None = None) -> int:
     """Node `index` in a child process, as on a device of its own: it builds its TPNode, says b"R" on
     its control socket, then, like a daemon's worker, blocks for each step's small frame from the root
     (position, token count, logits asked for, tokens) and runs its forward; a negative position ends it. -> the pid."""
@@ -152,7 +156,8 @@ def _fork_node(model, p, index: int, peers, ctl: socket.socket, ctx: int, thread
         return pid
     code = 1
     try:
-        node = TPNode(model.config, p, index, node_tensors(model, p, index), peers, ctx, threads, recv_spins=spins)
+        node = TPNode(model.config, p, index, node_tensors(model, p, index), peers, ctx, threads, recv_spins=spins,
+                      cache_dir=cache_dir)
         ctl.sendall(b"R")
         while True:
             pos, n, top = struct.unpack("<qqq", _recv_exact(ctl, 24))
@@ -178,12 +183,12 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
 
 
 def run(model, layouts: list[tuple[int, int]], exchanges: list[str], prompt: list[int], tokens: int, rounds: int,
-        recv_spins: int | None = None, top: int = 1) -> list[dict]:
+        recv_spins: int | None = None, top: int = 1, cache_dir: Path | None = None) -> list[dict]:
     """Start every (layout, exchange) cluster, prefill each, then `rounds` rounds of `tokens` decoded
     tokens per cluster in turn. -> one result dict per cluster, in order."""
     ctx = len(prompt) + tokens * rounds + 1
     with contextlib.ExitStack() as stack:
-        clusters = [stack.enter_context(Cluster(model, n, t, ex, ctx, recv_spins))
+        clusters = [stack.enter_context(Cluster(model, n, t, ex, ctx, recv_spins, cache_dir))
                     for n, t in layouts for ex in (exchanges if n > 1 else ["exact"])]
         first = [c.step(prompt).copy() for c in clusters]
         for _ in range(rounds):
@@ -228,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     prompt = [int(t) for t in np.random.default_rng(0).integers(0, model.config.vocab_size, args.prompt_tokens)]
     layouts = [tuple(int(v) for v in spec.split(":")) for spec in args.layout]
     results = run(model, layouts, args.exchange, prompt, args.tokens, args.rounds, args.recv_spins,
-                  0 if args.all_logits else 1)
+                  0 if args.all_logits else 1, configured_cache_dir(os.environ))
     if args.json:
         print(json.dumps({"model": str(args.model or "random dllama-shape Q4_0"), "tokens_per_round": args.tokens,
                           "rounds": args.rounds, "results": results}))

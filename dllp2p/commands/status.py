@@ -193,6 +193,11 @@ def to_json(s: Survey) -> dict[str, Any]:
     root = next((s.own(m.member.node_id) for m in s.reply.nodes if m.role == "root"), None) or s.reply
     out["progress"] = [{"task": p.task, "subject": p.subject, "done": p.done, "total": p.total}
                        for p in root.progress]
+    out["left_out"] = {x.node_id: {"address": x.address, "code": x.code, "reason": x.reason, "until": x.until}
+                       for x in root.left_out}
+    left = out["left_out"]
+    for row in nodes:
+        row["left_out"] = left.get(row["id"])
     return out
 
 
@@ -226,7 +231,8 @@ def table(s: Survey | None, error: str | None = None, now: float | None = None, 
         if sl is not None and sl["index"] == 0 and j["push"] is not None:  # the plan's root: what it sent
             push = {**j["push"], "sent": True}
         t.add_row(
-            row["id"] + ("" if row["reachable"] else " (unreachable)"),
+            row["id"] + ("" if row["reachable"] else " (unreachable)")
+            + ("" if row["left_out"] is None else f" (left out: {row['left_out']['code'].replace('_', ' ')})"),
             "[bold]root[/bold]" if row["role"] == "root" else row["role"],
             row["address"],
             str(row["version"]),
