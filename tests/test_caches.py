@@ -246,3 +246,34 @@ def test_a_worker_with_a_full_disk_is_planned_without(tmp_path, monkeypatch):
     finally:
         d.stop_all()
         subprocess.run(["umount", str(state)], capture_output=True)
+
+
+def test_a_worker_asks_again_for_damaged_slices_and_repacks_damaged_packed_files(tmp_path, monkeypatch):
+    """Two daemons; after a first prompt, every slice file of the worker and every packed tp-*.bin is
+    damaged (a different way each): the next prompt (another ctx: a fresh session, not the kept one) has
+    the slices pushed again and gives the single-node output."""
+    from test_serve import SPEC_8KV, Daemons, dllp2p_run, wait_members
+
+    monkeypatch.setenv("DLLP2P_CACHE_DIR", str(tmp_path / "cache"))
+    model = write_random_llama(tmp_path / "kv8.gguf", SPEC_8KV)
+    d = Daemons(tmp_path, 2, model=model)
+    prompt = ["--prompt", "hello there"]
+    try:
+        want = dllp2p_run(*prompt, "--local", "--model", str(model)).stdout
+        root = d.start(0)
+        time.sleep(0.05)
+        d.start(1)
+        wait_members(root, 2)
+        first = dllp2p_run(*prompt, "--daemon", root, "--stats")
+        assert first.stdout == want and ", 2 nodes)" in first.stderr, first.stderr
+        slices = sorted((tmp_path / "d1" / "slices").iterdir())
+        packed = sorted((tmp_path / "cache" / "weights").glob("tp-*.bin"))
+        assert slices and len(packed) == 2
+        for i, f in enumerate(slices + packed):
+            corrupt(f, CORRUPTIONS[i % len(CORRUPTIONS)])
+        again = dllp2p_run(*prompt, "--daemon", root, "--stats", "--ctx", "1024")
+        assert again.stdout == want and ", 2 nodes)" in again.stderr, again.stderr
+        assert "weights pushed 0.0 MB" not in again.stderr and "session kept" not in again.stderr, again.stderr
+        assert sum("damaged" in line for line in d.logs[1]) >= len(slices), d.logs[1]
+    finally:
+        d.stop_all()

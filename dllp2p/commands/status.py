@@ -14,6 +14,8 @@
                 epoch summed over the workers that report one (the root's side of it: what it sent)
     progress    the root's latest set-up as it reports it: [{"task": "push" | "build", "subject": "root"
                 or "worker HOST:PORT (node ID)", "done", "total"}] (bytes pushed; 0 or 1 engine built)
+    left_out    {node id: {"address", "code" ("disk_full"), "reason", "until" (unix s)}}: workers the root
+                plans without for now, and why
     nodes       one entry per member the daemon asked lists, root first, then the succession:
       id, address, role ("root" | "worker"), version (protocol, int), started_at (unix s, float),
       cluster, cores (int), ram (bytes of RAM, int), features (list of str), known_from (list of
@@ -33,6 +35,7 @@
       push        null, or {"epoch", "done", "total", "fraction", "finished", "started_at"}: the weight
                   push of the node's latest session (bytes of the slices it needed, received and verified
                   so far / their total; fraction 1.0 when it needed nothing)
+      left_out    null, or the node's entry of the top-level left_out
 
 Each exchange is wire.client's, in a trio.run of its own (a CLI asking a few daemons once a second needs no
 long-running event loop).
