@@ -338,7 +338,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if ns.command == "chat":
             return chat.chat(chat_config(ns))
         if ns.command == "bench":
-            return bench.main(ns)
+            return bench.main(ns, cache_dir=cache_dir(os.environ))
         if ns.command == "daemon":
             settings = daemon_settings(ns)
             cfg = config_of_settings(settings, os.environ)
