@@ -277,3 +277,38 @@ def test_a_worker_asks_again_for_damaged_slices_and_repacks_damaged_packed_files
         assert sum("damaged" in line for line in d.logs[1]) >= len(slices), d.logs[1]
     finally:
         d.stop_all()
+
+
+def test_a_full_disk_is_answered_disk_full_and_the_worker_stays_usable(tmp_path):
+    """Without a tmpfs (no root needed): an in-process worker daemon whose slice cache's writes fail with
+    ENOSPC answers the push with disk_full, which the root's set-up raises as a ClusterError naming the
+    worker and the code; with room again, the same worker serves the next session."""
+    import errno
+
+    import fake_tp
+    from test_cluster import DaemonThread, connect, generate, wait_idle
+
+    from dllp2p.error_codes import ErrorCode, code_of
+    from dllp2p.session.root import ClusterError
+
+    a = DaemonThread(tmp_path / "w")
+    try:
+        cache = a.daemon.worker.cache
+        real_store = cache.store
+
+        def full(*args, **kwargs):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        cache.store = full
+        with pytest.raises(ClusterError) as caught:
+            connect([a.address])
+        assert code_of(caught.value) == ErrorCode.DISK_FULL and caught.value.address == a.address
+        assert caught.value.node_id == a.daemon.node_id and "disk is full" in str(caught.value)
+        wait_idle(a, 1)
+        cache.store = real_store
+        model = fake_tp.model()
+        e = connect([a.address], model)
+        generate(e, model, steps=2)
+        e.close()
+    finally:
+        a.stop()
