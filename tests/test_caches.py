@@ -218,7 +218,7 @@ def _fill(directory: Path) -> None:
 def test_a_worker_with_a_full_disk_is_planned_without(tmp_path, monkeypatch):
     """Daemon 1's state dir is a small tmpfs, filled up: the root's push to it fails with disk_full, the
     root plans the prompt without it (the answer equals one node's) and `status` says why it is left out."""
-    from test_serve import SPEC_8KV, Daemons, dllp2p_run, status, wait_members
+    from test_serve import KEY_FILE, SPEC_8KV, Daemons, dllp2p_run, status, wait_members
 
     monkeypatch.setenv("DLLP2P_CACHE_DIR", str(tmp_path / "cache"))
     model = write_random_llama(tmp_path / "kv8.gguf", SPEC_8KV)
@@ -239,6 +239,12 @@ def test_a_worker_with_a_full_disk_is_planned_without(tmp_path, monkeypatch):
         reply = status(root)
         worker = next(n.member.node_id for n in reply.nodes if n.member.address == d.address(1))
         assert [(x.node_id, x.code) for x in reply.left_out] == [(worker, "disk_full")]
+        host, port = root.rsplit(":", 1)
+        shown = subprocess.run([sys.executable, "-m", "dllp2p.cli", "status", "--host", host, "--port", port, "--json",
+                                "--key-file", KEY_FILE], capture_output=True, text=True, timeout=60, cwd=ROOT_DIR)
+        assert shown.returncode == 0, shown.stderr
+        rows = {row["id"]: row for row in json.loads(shown.stdout)["nodes"]}
+        assert rows[worker]["left_out"]["code"] == "disk_full" and "disk is full" in rows[worker]["left_out"]["reason"]
         again = dllp2p_run(*prompt, "--daemon", root)  # the next prompt: planned without it from the start
         assert again.stdout == want and ", 1 node)" in again.stderr
         assert sum("disk full" in line or "disk_full" in line or "its disk is full" in line
