@@ -19,6 +19,10 @@ first (keep_warm closes it once it has waited WARM_S). A kept session that fails
 token (a worker died meanwhile) is closed and the request starts afresh, planning without whoever
 cannot be reached.
 
+A full disk: a worker that answers the weight push with disk_full (worker.py) is left out of this
+request's plan (planned again at once without it) and of every plan for LEFT_OUT_S; Status lists it
+(left_out_now) with the worker's message.
+
 Error handling: whatever fails while serving a request (a bad prompt, no model, a worker lost, the
 root unreachable) is answered with one Error frame naming it; the daemon serves on. A client that
 goes away ends the generation at its next token.

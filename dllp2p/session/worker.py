@@ -3,7 +3,8 @@
     root -> Session(plan, model config, ctx, slice list)   checked against the scheduler's rules
     worker -> Need(sha256s)                                the slices its cache (slices.SliceCache) lacks
     root -> WeightChunk ...                                exactly those; each slice is verified
-    worker -> WeightsReady(received bytes, cached slices)
+    worker -> WeightsReady(received bytes, cached slices)  or Error(disk_full): its disk filled while it
+                                                           stored them (the root plans without it)
     root -> Mesh                                           dial nodes k > own index, take i < own index
     worker -> Ready                                        the engine (TPNode) is built
     root -> Step ... Step                                  node.forward(tokens, start_pos, top) each
