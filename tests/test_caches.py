@@ -318,3 +318,21 @@ def test_a_full_disk_is_answered_disk_full_and_the_worker_stays_usable(tmp_path)
         e.close()
     finally:
         a.stop()
+
+
+def test_whole_model_packed_files_keep_within_their_budget(tiny, tmp_path):
+    """load_packed evicts the least recently used other <key>.bin files beyond its budget, never the one it
+    maps and never a tensor-parallel node's tp-*.bin (their own budget)."""
+    from dllp2p.jit.weights import load_packed
+
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    for i in range(3):
+        old = weights / f"{i:032x}.bin"
+        old.write_bytes(b"x" * 1000)
+        os.utime(old, (1000 + i, 1000 + i))
+    (weights / "tp-other.bin").write_bytes(b"y" * 5000)
+    packed = load_packed(load_model(tiny), weights, budget=0)
+    assert sorted(f.name for f in weights.iterdir()) == sorted([packed.path.name, "tp-other.bin"])
+    again = load_packed(load_model(tiny), weights, budget=packed.path.stat().st_size + 1000)
+    assert again.path == packed.path

@@ -32,6 +32,7 @@ PIPELINE_VERSION = 1  # bump when the optimization pipeline changes what the sam
 # pass config.cache_dir(environ) down instead ($DLLP2P_CACHE_DIR, $XDG_CACHE_HOME): nothing here reads
 # the environment.
 DEFAULT_CACHE_DIR = Path("~/.cache/dllp2p/jit")
+CODE_CACHE_BYTES = 512 << 20  # compiled objects kept per cache dir; the least recently used go beyond it
 
 _LOCK = threading.Lock()  # every LLVM call in this process goes through this lock
 _initialized = False
@@ -120,7 +121,7 @@ class ObjectCache:
     atomically. A damaged file is deleted with one log line and compiled afresh. Within `budget` bytes:
     the least recently used objects go when a new one is stored."""
 
-    def __init__(self, directory: os.PathLike | str, budget: int | None = None):
+    def __init__(self, directory: os.PathLike | str, budget: int | None = CODE_CACHE_BYTES):
         self.dir = Path(directory).expanduser()
         self.budget = budget
 

@@ -31,7 +31,7 @@ from typing import Callable
 
 import numpy as np
 
-from ..diskcache import write_atomically
+from ..diskcache import evict, touch, write_atomically
 from ..formats import GGUFModel, ModelConfig, QType
 from ..formats.quant import dequantize
 from .family import arranged, layer_extra_names
@@ -99,13 +99,21 @@ def cache_key(model: GGUFModel) -> str:
     return hashlib.sha256(ident.encode()).hexdigest()[:32]
 
 
-def load_packed(model: GGUFModel, cache_dir: os.PathLike | str | None) -> PackedModel:
-    """The packed model, mapped from the cache when it is there, else packed (and stored when cache_dir)."""
+PACKED_CACHE_BYTES = 4096 << 20  # the whole-model packed files of a cache dir (<key>.bin) stay within this
+
+
+def load_packed(model: GGUFModel, cache_dir: os.PathLike | str | None,
+                budget: int = PACKED_CACHE_BYTES) -> PackedModel:
+    """The packed model, mapped from the cache when it is there, else packed (and stored when cache_dir).
+    The other whole-model files beside it (other models, older versions) stay within `budget` bytes, the
+    least recently used going first (a tensor-parallel node's tp-*.bin have their own budget: tp.py)."""
     if cache_dir is None:
         return pack_model(model)
-    return cached(Path(cache_dir).expanduser() / f"{cache_key(model)}.bin",
-                  set(execution_order(model.config, not model.config.tied_output)),
-                  lambda: pack_model(model))
+    path = Path(cache_dir).expanduser() / f"{cache_key(model)}.bin"
+    packed = cached(path, set(execution_order(model.config, not model.config.tied_output)), lambda: pack_model(model))
+    touch(path)
+    evict(path.parent.glob("[0-9a-f]*.bin"), budget, keep=[path])
+    return packed
 
 
 def cached(path: Path, names: set[str], pack: Callable[[], PackedModel]) -> PackedModel:
