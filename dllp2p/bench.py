@@ -34,7 +34,7 @@ import os
 import statistics
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
@@ -106,6 +106,7 @@ class BenchConfig:
     json: bool
     llama_cpp: str
     bandwidth_mib: int
+    cache_dir: Any = None  # the JIT's compiled code and packed weights (config.cache_dir); None: its default
 
     @property
     def ctx(self) -> int:
@@ -225,7 +226,7 @@ class Contender:
 # engines
 
 
-def make_engine(kind: str, model, ctx: int, threads: int):
+def make_engine(kind: str, model, ctx: int, threads: int, cache_dir=None):  # noqa: ANN001
     if kind == "reference":
         from .reference import ReferenceEngine
 
@@ -235,7 +236,7 @@ def make_engine(kind: str, model, ctx: int, threads: int):
             from .jit.engine import JITEngine
         except ImportError as e:
             raise ValueError(f"the JIT engine is not available ({e}); use --engine reference") from None
-        return JITEngine(model, ctx=ctx, threads=threads)
+        return JITEngine(model, ctx=ctx, threads=threads, **({} if cache_dir is None else {"cache_dir": cache_dir}))
     raise ValueError(f"unknown engine {kind!r}")
 
 
@@ -338,7 +339,7 @@ def run_bench(cfg: BenchConfig, llama_factory: Callable[[str, int, int], Contend
         raise ValueError(
             f"--prompt-tokens + --tokens = {cfg.ctx} exceeds the model's context of {model.config.context_length}"
         )
-    engine = make_engine(cfg.engine, model, cfg.ctx, cfg.threads)
+    engine = make_engine(cfg.engine, model, cfg.ctx, cfg.threads, cfg.cache_dir)
     init_s = time.perf_counter() - t_start - load_s
     try:
         engine.forward([0], 0)  # the first logits
@@ -479,13 +480,13 @@ def format_report(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(args: argparse.Namespace, out=None, err=None) -> int:
+def main(args: argparse.Namespace, out=None, err=None, cache_dir=None) -> int:  # noqa: ANN001
     out = out or sys.stdout
     err = err or sys.stderr
     from .errors import user_facing_errors
 
     try:
-        cfg = bench_config(args)
+        cfg = replace(bench_config(args), cache_dir=cache_dir)
         if cfg.llama_cpp == "on" and not llama_cpp_available():
             raise ValueError("--llama-cpp on needs llama-cpp-python: pip install -e '.[bench]'")
         report = run_bench(cfg)

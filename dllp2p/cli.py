@@ -143,6 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="GGUF model served when this daemon is root (default: the installed SmolLM2)")
 
     daemon.add_argument("--key-file", dest="key_file", action=_Given, help=KEY_FILE_HELP)
+    daemon.add_argument("--cache-mb", dest="cache_mb", type=int, metavar="MIB", action=_Given,
+                        help="size budget of each weight cache (received slices, packed slices); the least "
+                             "recently used files go beyond it (default 4096)")
 
     keys = sub.add_parser("key", help="the cluster key: make it (new), print it (show), paste it on another device (set)")
     key_sub = keys.add_subparsers(dest="key_command", required=True)
@@ -279,6 +282,8 @@ def config_of_settings(s: dict, environ: Mapping[str, str]) -> DaemonConfig:
         raise ValueError("--port must be in 0..65535")
     if s["threads"] is not None and s["threads"] < 1:
         raise ValueError("--threads must be at least 1")
+    if s["cache_mb"] < 1:
+        raise ValueError("--cache-mb must be at least 1")
     model = Path(s["model"]).expanduser() if s.get("model") else _installed_model()
     key_path = clusterkey.configured_path(s["key_file"], environ)
     key = None if key_path is None else clusterkey.load(key_path)
@@ -286,7 +291,7 @@ def config_of_settings(s: dict, environ: Mapping[str, str]) -> DaemonConfig:
                         cluster=s["cluster"], key=key, discovery=s["discovery"], interfaces=tuple(s["interfaces"]),
                         peers=tuple(s["peers"]), model=model, exchange=s["exchange"], policy=s["plan"],
                         api=None if s["api"] in ("", "off") else s["api"], api_ctx=s["api_ctx"],
-                        api_hosts=tuple(s["api_hosts"]), cache_dir=cache_dir(environ))
+                        api_hosts=tuple(s["api_hosts"]), cache_dir=cache_dir(environ), cache_mb=s["cache_mb"])
 
 
 def _installed_model() -> Path | None:
@@ -349,7 +354,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if ns.command == "chat":
             return chat.chat(chat_config(ns))
         if ns.command == "bench":
-            return bench.main(ns)
+            return bench.main(ns, cache_dir=cache_dir(os.environ))
         if ns.command == "daemon":
             settings = daemon_settings(ns)
             cfg = config_of_settings(settings, os.environ)

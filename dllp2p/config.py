@@ -20,11 +20,13 @@ File: /etc/dllp2p/config.toml (DLLP2P_CONFIG or --config name another), a [daemo
     api_ctx = 2048              # the context (KV positions) of its requests: the longest prompt + reply
     api_hosts = ["pi.home"]     # names the API answers to besides IP literals, localhost and its listen host
     key_file = "/etc/dllp2p/cluster.key"   # the cluster key (dllp2p key new); "off": none, this machine only
+    cache_mb = 4096             # size budget of each cache: the weight slices (state dir) and the packed
+                                # slices (cache dir); the least recently used files go beyond it
 
 Environment: DLLP2P_HOST, DLLP2P_PORT, DLLP2P_THREADS, DLLP2P_STATE_DIR, DLLP2P_CLUSTER, DLLP2P_DISCOVERY
 (1/0, true/false, yes/no, on/off), DLLP2P_INTERFACES and DLLP2P_PEERS (separated by commas or spaces),
 DLLP2P_LOG_LEVEL, DLLP2P_MODEL, DLLP2P_EXCHANGE, DLLP2P_PLAN, DLLP2P_API, DLLP2P_API_CTX, DLLP2P_API_HOSTS,
-DLLP2P_KEY_FILE.
+DLLP2P_KEY_FILE, DLLP2P_CACHE_MB.
 
 Built once, at the edge: the CLI calls these functions with os.environ and hands the frozen results
 down (DaemonConfig, Timeouts, the cache and state directories); nothing below it reads the environment.
@@ -67,6 +69,7 @@ DAEMON_KEYS: dict[str, type] = {
     "api_ctx": int,
     "api_hosts": list,
     "key_file": str,
+    "cache_mb": int,
 }
 DEFAULTS: dict[str, Any] = {
     "host": "0.0.0.0",
@@ -85,6 +88,7 @@ DEFAULTS: dict[str, Any] = {
     "api_ctx": 2048,  # the context (KV positions) of the API's requests
     "api_hosts": [],  # Host names the API answers to besides IP literals, localhost and its listen host
     "key_file": None,  # the cluster key (clusterkey.py); None: the default path if it exists; "off": none
+    "cache_mb": 4096,  # each cache's size budget in MiB (slices in the state dir, packed slices in the cache dir)
 }
 EXCHANGES = ("exact", "q8")  # scheduler.EXCHANGES (not imported: this module stays dependency-free)
 POLICIES = ("pow2", "weighted")  # scheduler.POLICIES

@@ -9,6 +9,7 @@ shipped; a code a newer peer sends that this version does not know reads as OTHE
     frames        bad_magic version too_large unknown_type malformed_frame  500 (a daemon speaking
                   slice_hash chunk unexpected protocol                          nonsense to another)
     session       busy (503), plan mesh peer_lost engine                    503 / 500
+                  disk_full (503: a worker could not store its slices; the root plans without it)
     a prompt      generate (the root failed it) 500, unreachable (the root cannot be reached) 503,
                   forward_loop 500, no_model 503, context_length_exceeded 400, invalid_token 400,
                   invalid_request 400 (a Generate the root refuses)
@@ -39,6 +40,7 @@ class ErrorCode(StrEnum):
     MESH = "mesh"
     PEER_LOST = "peer_lost"
     ENGINE = "engine"
+    DISK_FULL = "disk_full"  # a worker's disk (slice cache) is full: the root leaves it out for a while
     # a prompt (Generate)
     GENERATE = "generate"
     UNREACHABLE = "unreachable"
@@ -90,6 +92,7 @@ class ErrorCode(StrEnum):
 
 _HTTP: dict[ErrorCode, int] = {
     ErrorCode.BUSY: 503,
+    ErrorCode.DISK_FULL: 503,
     ErrorCode.UNREACHABLE: 503,
     ErrorCode.NO_MODEL: 503,
     ErrorCode.CONTEXT_LENGTH: 400,
@@ -116,6 +119,7 @@ _HINTS: dict[ErrorCode, str] = {
     ErrorCode.NO_MODEL: "start the root's daemon with --model PATH",
     ErrorCode.CONTEXT_LENGTH: "raise --ctx or shorten the prompt",
     ErrorCode.VERSION: "run the same dllp2p version on every device",
+    ErrorCode.DISK_FULL: "free space on that device (or lower its --cache-mb); `dllp2p status` shows it left out",
 }
 
 

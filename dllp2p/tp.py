@@ -28,6 +28,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from .diskcache import evict, touch
 from .formats import GGUFModel, ModelConfig, QType
 from .formats.quant import TRAITS
 from .jit.compiler import DEFAULT_CACHE_DIR
@@ -42,6 +43,8 @@ from .jit.tp_program import (
 from .jit.tp_seal import AUTH_FAILED, KEY_BYTES, TAG
 from .jit.weights import LAYOUT_VERSION, PackedModel, cached, execution_order, pack
 from .scheduler import BLOCK_ROWS, Plan
+
+TP_CACHE_BYTES = 4096 << 20  # default budget of a cache dir's packed slice sets (tp-*.bin): DaemonConfig.cache_mb
 
 
 class PeerLost(Exception):
@@ -153,9 +156,11 @@ def node_tensors(model: GGUFModel, plan: Plan, index: int) -> dict[str, NodeTens
 
 
 def _load_node_weights(config: ModelConfig, tensors: Mapping[str, NodeTensor],
-                       cache_dir: os.PathLike | str | None) -> PackedModel:
+                       cache_dir: os.PathLike | str | None, budget: int = TP_CACHE_BYTES) -> PackedModel:
     """The node's packed weights, from the weight cache (keyed by every slice's name and sha256, so the
-    same slices map the same file, ~ms, instead of being packed again, ~0.5 s per 50 MB)."""
+    same slices map the same file, ~ms, instead of being packed again, ~0.5 s per 50 MB). The file's own
+    sha256 is checked at every open (weights.cached): a damaged one is packed afresh. The tp-*.bin files
+    beside it stay within `budget` bytes, the least recently used going first."""
     def packed() -> PackedModel:
         tied = config.tied_output
         return pack(execution_order(config, output=not tied), tensors.__getitem__,
@@ -166,23 +171,9 @@ def _load_node_weights(config: ModelConfig, tensors: Mapping[str, NodeTensor],
     ident = "|".join(f"{n}={t.sha256}" for n, t in sorted(tensors.items())) + f"|{LAYOUT_VERSION}"
     path = Path(cache_dir).expanduser() / "weights" / f"tp-{hashlib.sha256(ident.encode()).hexdigest()[:32]}.bin"
     weights = cached(path, set(tensors), packed)
-    _keep_recent(path)
+    touch(path)
+    evict(path.parent.glob("tp-*.bin"), budget, keep=[path])  # a file still mapped elsewhere stays readable
     return weights
-
-
-TP_CACHE_FILES = 8  # packed slice sets kept per cache dir (each plan shape makes one); least recently used go
-
-
-def _keep_recent(current: Path) -> None:
-    """Mark `current` used; delete all but the TP_CACHE_FILES most recently used tp-*.bin beside it (a
-    file still mapped by a running node stays readable until it unmaps it). Best effort: never raises."""
-    try:
-        os.utime(current)
-        files = sorted(current.parent.glob("tp-*.bin"), key=lambda f: f.stat().st_mtime, reverse=True)
-        for old in files[TP_CACHE_FILES:]:
-            old.unlink(missing_ok=True)
-    except OSError:
-        pass
 
 
 PEER_TIMEOUT_S = 30.0
@@ -231,7 +222,7 @@ class TPNode(JITEngine):
     def __init__(self, config: ModelConfig, plan: Plan, index: int, tensors: Mapping[str, NodeTensor],
                  peers: Sequence[socket.socket | None], ctx: int, threads: int | None = None, *,
                  cache_dir: os.PathLike | str | None = DEFAULT_CACHE_DIR, max_chunk: int = 64,
-                 timeout: float = PEER_TIMEOUT_S, recv_spins: int = RECV_SPINS,
+                 timeout: float = PEER_TIMEOUT_S, recv_spins: int = RECV_SPINS, cache_budget: int = TP_CACHE_BYTES,
                  exchange_keys: Sequence[tuple[bytes, bytes] | None] | None = None):
         """exchange_keys[j]: (send key, receive key) for peer j (None at this node's index), 32 bytes each,
         the mirror image of peer j's: every exchange message is sealed (tp_program). None: plain exchange."""
@@ -257,7 +248,7 @@ class TPNode(JITEngine):
         out_name = "token_embd.weight" if config.tied_output else "output.weight"
         spec = ProgramSpec(config, layer_types, _kernel_type(tensors["token_embd.weight"].qtype),
                            _kernel_type(tensors[out_name].qtype), max_chunk)
-        packed = _load_node_weights(config, tensors, cache_dir)
+        packed = _load_node_weights(config, tensors, cache_dir, cache_budget)
         self._start(config, ctx, threads, spec, packed, cache_dir, t0)
         self._table[self._slots["recv_spins"]] = recv_spins
         if self.sealed:

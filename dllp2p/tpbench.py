@@ -38,6 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .config import cache_dir as configured_cache_dir
 from .formats import QType, load_model
 from .formats.synthetic import SyntheticSpec, write_random_llama
 from .scheduler import EXCHANGES, Peer, plan
@@ -80,7 +81,7 @@ class Cluster:
     its logits; decode(n) runs n greedy steps and records ms and sync ms per token."""
 
     def __init__(self, model, n_nodes: int, threads: int, exchange: str, ctx: int, recv_spins: int | None = None,
-                 sealed: bool = False):
+                 sealed: bool = False, cache_dir: Path | None = None):
         self.n_nodes, self.threads, self.exchange, self.sealed = n_nodes, threads, exchange, sealed
         keys = random_exchange_keys(n_nodes) if sealed else [None] * n_nodes
         peers = [Peer(f"bench{i}", f"127.0.0.1:{i}", threads, 1.0) for i in range(n_nodes)]
@@ -89,12 +90,13 @@ class Cluster:
         self._ctl = [socket.socketpair() if i else (None, None) for i in range(n_nodes)]
         # nodes sharing too few cores must not spin on receives (it takes the core from the node awaited)
         spins = recv_spins if recv_spins is not None else 0 if n_nodes * threads > (os.cpu_count() or 1) else RECV_SPINS
-        self._children = [_fork_node(model, p, i, self._socks[i], self._ctl[i][1], ctx, threads, spins, keys[i])
+        self._children = [_fork_node(model, p, i, self._socks[i], self._ctl[i][1], ctx, threads, spins, keys[i],
+                                     cache_dir)
                           for i in range(1, n_nodes)]
         self.root = None
         try:
             self.root = TPNode(model.config, p, 0, node_tensors(model, p, 0), self._socks[0], ctx, threads, recv_spins=spins,
-                               exchange_keys=keys[0])
+                               exchange_keys=keys[0], cache_dir=cache_dir)
             for i in range(1, n_nodes):
                 self._ctl[i][0].settimeout(600)  # a child builds (and may compile) its node first
                 if _recv_exact(self._ctl[i][0], 1) != b"R":
@@ -158,7 +160,7 @@ def random_exchange_keys(n: int) -> list[list[tuple[bytes, bytes] | None]]:
 
 
 def _fork_node(model, p, index: int, peers, ctl: socket.socket, ctx: int, threads: int, spins: int,
-               keys=None) -> int:
+               keys=None, cache_dir: Path | None = None) -> int:
     """Node `index` in a child process, as on a device of its own: it builds its TPNode, says b"R" on
     its control socket, then, like a daemon's worker, blocks for each step's small frame from the root
     (position, token count, logits asked for, tokens) and runs its forward; a negative position ends it. -> the pid."""
@@ -168,7 +170,7 @@ def _fork_node(model, p, index: int, peers, ctl: socket.socket, ctx: int, thread
     code = 1
     try:
         node = TPNode(model.config, p, index, node_tensors(model, p, index), peers, ctx, threads, recv_spins=spins,
-                      exchange_keys=keys)
+                      exchange_keys=keys, cache_dir=cache_dir)
         ctl.sendall(b"R")
         while True:
             pos, n, top = struct.unpack("<qqq", _recv_exact(ctl, 24))
@@ -194,13 +196,14 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
 
 
 def run(model, layouts: list[tuple[int, int]], exchanges: list[str], prompt: list[int], tokens: int, rounds: int,
-        recv_spins: int | None = None, top: int = 1, encrypt: str = "off") -> list[dict]:
+        recv_spins: int | None = None, top: int = 1, encrypt: str = "off",
+        cache_dir: Path | None = None) -> list[dict]:
     """Start every (layout, exchange, sealed or not) cluster, prefill each, then `rounds` rounds of
     `tokens` decoded tokens per cluster in turn. -> one result dict per cluster, in order."""
     ctx = len(prompt) + tokens * rounds + 1
     seals = {"off": [False], "on": [True], "both": [False, True]}[encrypt]
     with contextlib.ExitStack() as stack:
-        clusters = [stack.enter_context(Cluster(model, n, t, ex, ctx, recv_spins, sealed))
+        clusters = [stack.enter_context(Cluster(model, n, t, ex, ctx, recv_spins, sealed, cache_dir))
                     for n, t in layouts for ex in (exchanges if n > 1 else ["exact"])
                     for sealed in (seals if n > 1 else [False])]
         first = [c.step(prompt).copy() for c in clusters]
@@ -249,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     prompt = [int(t) for t in np.random.default_rng(0).integers(0, model.config.vocab_size, args.prompt_tokens)]
     layouts = [tuple(int(v) for v in spec.split(":")) for spec in args.layout]
     results = run(model, layouts, args.exchange, prompt, args.tokens, args.rounds, args.recv_spins,
-                  0 if args.all_logits else 1, args.encrypt)
+                  0 if args.all_logits else 1, args.encrypt, configured_cache_dir(os.environ))
     if args.json:
         print(json.dumps({"model": str(args.model or "random dllama-shape Q4_0"), "tokens_per_round": args.tokens,
                           "rounds": args.rounds, "results": results}))

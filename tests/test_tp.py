@@ -21,7 +21,7 @@ from dllp2p.formats.synthetic import SyntheticSpec, write_random_llama
 from dllp2p.jit.engine import JITEngine
 from dllp2p.scheduler import Peer, plan
 from dllp2p.jit.tp_program import RECV_SPINS
-from dllp2p.tp import TP_CACHE_FILES, PeerLost, TPNode, node_tensors
+from dllp2p.tp import PeerLost, TPNode, node_tensors
 
 
 @pytest.fixture(scope="module")
@@ -369,17 +369,20 @@ def test_node_weights_are_packed_once_then_mapped_from_the_cache(kv8_model, tmp_
         a.close()
         b.close()
     assert files[0] is not None and files[0] == files[1] and files[0].parent == tmp_path / "weights"
-    for i in range(TP_CACHE_FILES + 2):  # older sets of slices: only the most recently used stay
+    for i in range(10):  # older sets of slices, 1000 bytes each: only the most recently used stay
         stale = tmp_path / "weights" / f"tp-stale{i}.bin"
-        stale.write_bytes(b"x")
+        stale.write_bytes(b"x" * 1000)
         os.utime(stale, (1_000_000 + i, 1_000_000 + i))
     other = node_tensors(kv8_model, p, 0)
     a, b = socket.socketpair()
-    node = TPNode(kv8_model.config, p, 0, other, [None, a], 32, 1, cache_dir=tmp_path)
+    probe = TPNode(kv8_model.config, p, 0, other, [None, a], 32, 1, cache_dir=tmp_path / "probe")
+    budget = files[0].stat().st_size + probe.packed.path.stat().st_size + 3000  # room for 3 stale files
+    probe.close()
+    node = TPNode(kv8_model.config, p, 0, other, [None, a], 32, 1, cache_dir=tmp_path, cache_budget=budget)
     assert node.packed.path not in (None, files[0])
     node.close()
     a.close()
     b.close()
     kept = sorted(f.name for f in (tmp_path / "weights").glob("tp-*.bin"))
-    assert len(kept) == TP_CACHE_FILES and node.packed.path.name in kept and files[0].name in kept
-    assert "tp-stale0.bin" not in kept and f"tp-stale{TP_CACHE_FILES + 1}.bin" in kept
+    assert node.packed.path.name in kept and files[0].name in kept  # files[0]: used more recently than the stale
+    assert [k for k in kept if "stale" in k] == ["tp-stale7.bin", "tp-stale8.bin", "tp-stale9.bin"]

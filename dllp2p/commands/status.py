@@ -14,6 +14,8 @@
                 epoch summed over the workers that report one (the root's side of it: what it sent)
     progress    the root's latest set-up as it reports it: [{"task": "push" | "build", "subject": "root"
                 or "worker HOST:PORT (node ID)", "done", "total"}] (bytes pushed; 0 or 1 engine built)
+    left_out    {node id: {"address", "code" ("disk_full"), "reason", "until" (unix s)}}: workers the root
+                plans without for now, and why
     nodes       one entry per member the daemon asked lists, root first, then the succession:
       id, address, role ("root" | "worker"), version (protocol, int), started_at (unix s, float),
       cluster, cores (int), ram (bytes of RAM, int), features (list of str), known_from (list of
@@ -33,6 +35,7 @@
       push        null, or {"epoch", "done", "total", "fraction", "finished", "started_at"}: the weight
                   push of the node's latest session (bytes of the slices it needed, received and verified
                   so far / their total; fraction 1.0 when it needed nothing)
+      left_out    null, or the node's entry of the top-level left_out
 
 Each exchange is wire.client's, in a trio.run of its own (a CLI asking a few daemons once a second needs no
 long-running event loop).
@@ -194,6 +197,11 @@ def to_json(s: Survey) -> dict[str, Any]:
     root = next((s.own(m.member.node_id) for m in s.reply.nodes if m.role == "root"), None) or s.reply
     out["progress"] = [{"task": p.task, "subject": p.subject, "done": p.done, "total": p.total}
                        for p in root.progress]
+    out["left_out"] = {x.node_id: {"address": x.address, "code": x.code, "reason": x.reason, "until": x.until}
+                       for x in root.left_out}
+    left = out["left_out"]
+    for row in nodes:
+        row["left_out"] = left.get(row["id"])
     return out
 
 
@@ -227,7 +235,8 @@ def table(s: Survey | None, error: str | None = None, now: float | None = None, 
         if sl is not None and sl["index"] == 0 and j["push"] is not None:  # the plan's root: what it sent
             push = {**j["push"], "sent": True}
         t.add_row(
-            _text(row["id"] + ("" if row["reachable"] else " (unreachable)")),
+            _text(row["id"] + ("" if row["reachable"] else " (unreachable)")
+                  + ("" if row["left_out"] is None else f" (left out: {row['left_out']['code'].replace('_', ' ')})")),
             "[bold]root[/bold]" if row["role"] == "root" else _text(row["role"]),
             _text(row["address"]),
             str(row["version"]),

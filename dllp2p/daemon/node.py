@@ -92,6 +92,7 @@ class DaemonConfig:
     api_ctx: int = 2048  # the context (KV positions) of the API's requests
     api_hosts: tuple[str, ...] = ()  # Host names the API answers to besides IPs, localhost, its listen host
     cache_dir: Path | None = None  # compiled kernels and packed weights; None: the engine's default
+    cache_mb: int = 4096  # size budget of the slice cache (state dir) and of the packed slices (cache dir)
     key: ClusterKey | None = None  # the cluster key; None: this machine only (loopback, no peers, no mDNS)
 
     def __post_init__(self) -> None:
@@ -122,7 +123,7 @@ class Daemon:
         cluster = config.cluster if config.key is None else config.key.bind(config.cluster)
         self.membership = Membership(self.node_id, cluster, self.started_at, config.static, config.key, self._new_id)
         self.worker = Worker(self.node_id, config.threads, float(config.capacity or config.threads), self.t,
-                             SliceCache(config.state_dir / "slices"), self._tp, slot, config.cache_dir, config.key)
+                             SliceCache(config.state_dir / "slices", config.cache_mb << 20), self._tp, slot, config.cache_dir, config.key)
         self.root_service = RootService(config.model, self.node_id, config.threads, config.policy, self.t, self._tp,
                                         exchange=config.exchange, cache_dir=config.cache_dir, key=config.key)
         self.prompts = PromptSlot(self.node_id, self.membership, self.root_service, slot, self.t, config.key)

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import logging
 import time
 import os
-import tempfile
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,11 +23,16 @@ import llvmlite
 import llvmlite.binding as llvm
 import llvmlite.ir as ir
 
+from ..diskcache import Damaged, evict, sealed, touch, unseal, write_atomically
+
+log = logging.getLogger("dllp2p.jit")
+
 PIPELINE_VERSION = 1  # bump when the optimization pipeline changes what the same IR compiles to
-# Compiled code and packed weights live here; DLLP2P_CACHE_DIR (or XDG_CACHE_HOME) moves it.
-DEFAULT_CACHE_DIR = Path(
-    os.environ.get("DLLP2P_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache") / "dllp2p"
-) / "jit"
+# Compiled code and packed weights of a library caller that names no cache dir. The CLI and the daemon
+# pass config.cache_dir(environ) down instead ($DLLP2P_CACHE_DIR, $XDG_CACHE_HOME): nothing here reads
+# the environment.
+DEFAULT_CACHE_DIR = Path("~/.cache/dllp2p/jit")
+CODE_CACHE_BYTES = 512 << 20  # compiled objects kept per cache dir; the least recently used go beyond it
 
 _LOCK = threading.Lock()  # every LLVM call in this process goes through this lock
 _initialized = False
@@ -200,30 +205,40 @@ class CompiledModule:
 
 
 class ObjectCache:
-    """Object files on disk, one per key: `<dir>/<key>.o`, written atomically."""
+    """Object files on disk, one per key: `<dir>/<key>.o`, sealed (diskcache: sha256 of the object code in
+    the header, checked before llvmlite sees a byte: a damaged object would crash the linker) and written
+    atomically. A damaged file is deleted with one log line and compiled afresh. Within `budget` bytes:
+    the least recently used objects go when a new one is stored."""
 
-    def __init__(self, directory: os.PathLike | str):
+    def __init__(self, directory: os.PathLike | str, budget: int | None = CODE_CACHE_BYTES):
         self.dir = Path(directory).expanduser()
+        self.budget = budget
 
     def path(self, key: str) -> Path:
         return self.dir / f"{key}.o"
 
     def load(self, key: str) -> bytes | None:
+        path = self.path(key)
         try:
-            return self.path(key).read_bytes()
+            data = unseal(path.read_bytes())
         except FileNotFoundError:
             return None
+        except (OSError, Damaged) as e:
+            log.warning("compiled code %s is damaged (%s); compiling afresh", path, e)
+            path.unlink(missing_ok=True)
+            return None
+        touch(path)
+        return data
 
     def store(self, key: str, data: bytes) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.dir, suffix=".tmp")
+        """Best effort (it runs inside LLVM's callback): a full or read-only disk logs one line."""
         try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            os.replace(tmp, self.path(key))
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+            write_atomically(self.path(key), sealed(data))
+        except OSError as e:
+            log.warning("compiled code not cached in %s: %s", self.dir, e)
+            return
+        if self.budget is not None:
+            evict(self.dir.glob("*.o"), self.budget, keep=[self.path(key)])
 
 
 def cache_key(ir_text: str, target: Target) -> str:

@@ -37,6 +37,7 @@ import trio
 from ..clusterkey import ClusterKey
 from ..config import Timeouts
 from ..engine import MAX_TOP, ContextFull
+from ..error_codes import ErrorCode
 from ..formats import ModelConfig
 from ..scheduler import Plan, plan
 from ..wire.chunks import weight_chunks
@@ -73,7 +74,14 @@ ROOT_EPOCH = 0  # a re-plan after a lost node will take the next one
 
 
 class ClusterError(ConnectionError):
-    """A worker refused, failed or was lost; the message names it."""
+    """A worker refused, failed or was lost; the message names it. `code`: the ErrorCode the worker
+    answered with, if any (DISK_FULL: service.py plans without it); `address`, `node_id`: which worker."""
+
+    def __init__(self, message: str, code: ErrorCode | None = None, address: str = "", node_id: str = ""):
+        super().__init__(message)
+        if code is not None:
+            self.code = code
+        self.address, self.node_id = address, node_id
 
 
 @dataclass(frozen=True)
@@ -384,7 +392,9 @@ async def _expect(w: Worker, cls: type, timeout: float) -> Any:
     except (LinkClosed, LinkTimeout, ProtocolError) as e:
         raise ClusterError(f"{w.name}: {_said(w.address, e)}") from None
     if isinstance(msg, Error):
-        raise ClusterError(f"{w.name}: {msg.message}")
+        code = ErrorCode.parse(str(msg.code))  # passed on only where the root acts on it (a full disk)
+        raise ClusterError(f"{w.name}: {msg.message}", code if code == ErrorCode.DISK_FULL else None,
+                           w.address, w.hello.node_id)
     if not isinstance(msg, cls):
         raise ClusterError(f"{w.name} sent {type(msg).__name__} where {cls.__name__} was expected")
     return msg

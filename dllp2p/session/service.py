@@ -19,6 +19,10 @@ first (keep_warm closes it once it has waited WARM_S). A kept session that fails
 token (a worker died meanwhile) is closed and the request starts afresh, planning without whoever
 cannot be reached.
 
+A full disk: a worker that answers the weight push with disk_full (worker.py) is left out of this
+request's plan (planned again at once without it) and of every plan for LEFT_OUT_S; Status lists it
+(left_out_now) with the worker's message.
+
 Error handling: whatever fails while serving a request (a bad prompt, no model, a worker lost, the
 root unreachable) is answered with one Error frame naming it; the daemon serves on. A client that
 goes away ends the generation at its next token.
@@ -28,6 +32,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
@@ -58,6 +63,18 @@ log = logging.getLogger("dllp2p.daemon")
 
 CHANNEL = 16  # text pieces between the generation thread and the connection
 WARM_S = 30.0  # how long a finished request's engine is kept for the next one
+LEFT_OUT_S = 600.0  # how long a worker that answered disk_full is planned without
+
+
+@dataclass(frozen=True)
+class _LeftOut:
+    """A worker the root plans without until `until` (time.time()), and why."""
+
+    node_id: str
+    address: str
+    code: ErrorCode
+    reason: str
+    until: float
 
 
 @dataclass(frozen=True)
@@ -97,6 +114,12 @@ class RootService:
         self.requests = 0  # served or failed
         self.last_plan: Plan | None = None  # of the latest request (Status shows it)
         self._warm: _Warm | None = None  # the last request's engine, kept for the next one
+        self._left_out: dict[str, _LeftOut] = {}  # address -> a worker planned without for a while (disk full)
+
+    def left_out_now(self) -> list[_LeftOut]:
+        """Workers this root plans without at this moment (Status shows them)."""
+        now = time.time()
+        return [x for x in self._left_out.values() if x.until > now]
 
     def _load(self) -> _Loaded:
         """(thread) The model and tokenizer, loaded by the first request."""
@@ -124,11 +147,13 @@ class RootService:
         loaded = await trio.to_thread.run_sync(self._load)
         ids = list(g.tokens) or await trio.to_thread.run_sync(self._tokens, loaded, g)
         _check_prompt(ids, loaded.model.config.vocab_size, g.ctx)
+        left_out = {x.address for x in self.left_out_now()}
+        workers = [w for w in workers if w not in left_out]
         key = (tuple(workers), g.ctx)
         warm = self._take_warm(key)
         if warm is None:
             await self.close_warm()
-            engine, the_plan = await self._engine(loaded.model, g.ctx, workers, epoch)
+            engine, the_plan, key = await self._engine_usable(loaded.model, g.ctx, workers, epoch)
         else:
             engine, the_plan = warm.engine, warm.plan
         while True:
@@ -143,7 +168,7 @@ class RootService:
                     raise
                 log.info("request %d: the kept session failed before its first token (%s); starting afresh", epoch, e)
                 warm = None
-                engine, the_plan = await self._engine(loaded.model, g.ctx, workers, epoch)
+                engine, the_plan, key = await self._engine_usable(loaded.model, g.ctx, workers, epoch)
                 continue
             break
         log.info("request %d: %d prompt tokens on %d nodes%s", epoch, len(ids), the_plan.n_nodes,
@@ -203,6 +228,21 @@ class RootService:
         if g.messages:
             return chat_tokens(loaded.tokenizer, loaded.model, [Message(t.role, t.content) for t in g.messages])
         return prompt_tokens(loaded.tokenizer, loaded.model, g.prompt, g.chat, g.system)
+
+    async def _engine_usable(self, model: Any, ctx: int, workers: list[str], epoch: int) -> tuple[Any, Plan, tuple]:
+        """_engine, planning again without a worker that answers disk_full (left out for LEFT_OUT_S, with
+        one log line). -> (engine, plan, the warm key of the workers it was made over)."""
+        while True:
+            try:
+                engine, the_plan = await self._engine(model, ctx, workers, epoch)
+                return engine, the_plan, (tuple(workers), ctx)
+            except ClusterError as e:
+                if code_of(e) != ErrorCode.DISK_FULL or e.address not in workers:
+                    raise
+                self._left_out[e.address] = _LeftOut(e.node_id, e.address, ErrorCode.DISK_FULL, str(e),
+                                                     time.time() + LEFT_OUT_S)
+                log.warning("request %d: %s; planning without it for %.0f s", epoch, e, LEFT_OUT_S)
+                workers = [w for w in workers if w != e.address]
 
     async def _engine(self, model: Any, ctx: int, workers: list[str], epoch: int) -> tuple[Any, Plan]:
         """A ClusterEngine over this root and the workers, or a JIT engine when there are none."""

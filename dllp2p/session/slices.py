@@ -2,8 +2,11 @@
 
     node_id      this node's stable id, <state dir>/node_id, made once
     SliceCache   a worker's weight slices on disk, content-addressed: <state dir>/slices/<sha256> holds one
-                 slice's raw ggml bytes, written atomically (temporary file, fsync, rename), verified
-                 again when read; a file that fails is deleted (and asked for again)
+                 slice's raw ggml bytes, written atomically (diskcache: temporary file, fsync, rename, fsync
+                 of the directory), verified again when read (size, sha256); a file that fails is deleted
+                 with one log line (and asked for again: the worker's Need names it). Kept within a size
+                 budget (DaemonConfig.cache_mb), the least recently used slices going first; a full disk
+                 (ENOSPC, EDQUOT) first evicts every slice the session does not use, then raises
     PlanSlices   a root's node_tensors (the slices and their sha256) per plan shape: hashing every slice
                  of a 100 MB model takes a while, and every request with the same members has the same
                  plan but for its epoch, so each plan shape is sliced and hashed once
@@ -13,17 +16,16 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import re
 import secrets
 import socket
-import tempfile
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
+from ..diskcache import disk_full, evict, touch, write_atomically
 from ..formats import QType
 from ..formats.quant import TRAITS
 from ..scheduler import Plan
@@ -45,11 +47,15 @@ def node_id(state_dir: Path) -> str:
     return ident
 
 
+SLICE_CACHE_BYTES = 4096 << 20  # the default budget (DaemonConfig.cache_mb)
+
+
 class SliceCache:
     """Weight slices on disk, content-addressed: <directory>/<sha256> holds the slice's raw bytes."""
 
-    def __init__(self, directory: Path):
+    def __init__(self, directory: Path, budget: int = SLICE_CACHE_BYTES):
         self.directory = directory
+        self.budget = budget
         directory.mkdir(parents=True, exist_ok=True)
 
     def path(self, sha256: str) -> Path:
@@ -64,33 +70,39 @@ class SliceCache:
             data = path.read_bytes()
             if hashlib.sha256(data).hexdigest() != sha256:
                 raise ValueError("content does not match its hash")
-            return data
         except FileNotFoundError:
             return None
         except (OSError, ValueError) as e:
             log.warning("cache file %s is damaged (%s); dropping it", path, e)
             path.unlink(missing_ok=True)
             return None
+        touch(path)
+        return data
 
-    def store(self, sha256: str, data: bytes) -> None:
-        _write_atomically(self.path(sha256), data)
+    def store(self, sha256: str, data: bytes, keep: frozenset[str] | set[str] = frozenset()) -> None:
+        """Store a slice, then evict the least recently used beyond the budget (never one in `keep`: the
+        session's). On a full disk, every slice but those in `keep` goes and the write is tried once more;
+        OSError (diskcache.disk_full tells a full disk) if that fails too."""
+        keep_paths = [self.path(k) for k in (*keep, sha256)]
+        try:
+            write_atomically(self.path(sha256), [data])
+        except OSError as e:
+            if not disk_full(e):
+                raise
+            gone = evict(self._files(), 0, keep_paths)
+            log.warning("disk full in %s: dropped %d cached slices, trying again", self.directory, len(gone))
+            write_atomically(self.path(sha256), [data])
+        evict(self._files(), self.budget, keep_paths)
+
+    def _files(self) -> list[Path]:
+        return [p for p in self.directory.iterdir() if re.fullmatch(r"[0-9a-f]{64}", p.name)]
 
     def keys(self) -> list[str]:
-        return sorted(p.name for p in self.directory.iterdir() if re.fullmatch(r"[0-9a-f]{64}", p.name))
+        return sorted(p.name for p in self._files())
 
 
 def _write_atomically(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomically(path, [data])
 
 
 def storage_array(qtype: QType, shape: tuple[int, ...], data: bytes) -> np.ndarray:

@@ -3,7 +3,8 @@
     root -> Session(plan, model config, ctx, slice list)   checked against the scheduler's rules
     worker -> Need(sha256s)                                the slices its cache (slices.SliceCache) lacks
     root -> WeightChunk ...                                exactly those; each slice is verified
-    worker -> WeightsReady(received bytes, cached slices)
+    worker -> WeightsReady(received bytes, cached slices)  or Error(disk_full): its disk filled while it
+                                                           stored them (the root plans without it)
     root -> Mesh                                           dial nodes k > own index, take i < own index
     worker -> Ready                                        the engine (TPNode) is built
     root -> Step ... Step                                  node.forward(tokens, start_pos, top) each
@@ -38,6 +39,7 @@ import trio
 
 from ..clusterkey import ClusterKey
 from ..config import Timeouts
+from ..diskcache import disk_full
 from ..error_codes import ErrorCode
 from ..formats import QType
 from ..scheduler import Plan, PlanError, check_plan_fits
@@ -193,6 +195,7 @@ class Worker:
         self.push = PushStatus(s.epoch, 0, total, time.time(), not want)
         await link.send(Need(s.epoch, tuple(sorted(want))))
         assembler = SliceAssembler()
+        full: list[OSError] = []  # a full disk while storing: the slices still come (and are dropped)
         while want:
             msg = await link.receive(self.t.transfer)
             if isinstance(msg, Stop):
@@ -200,7 +203,7 @@ class Worker:
             if not isinstance(msg, WeightChunk) or msg.epoch != s.epoch or msg.sha256 not in want:
                 raise UnexpectedMessage(f"expected a WeightChunk of a needed slice, got {_describe(msg)}")
             try:
-                part = await trio.to_thread.run_sync(self._take_chunk, assembler, msg, sizes[msg.sha256])
+                part = await trio.to_thread.run_sync(self._take_chunk, assembler, msg, sizes[msg.sha256], full)
             except ChunkError as e:  # SliceHashMismatch included: the slice is dropped, may come again
                 log.warning("dropped a weight slice: %s", e)
                 partial.pop(msg.sha256, None)
@@ -215,6 +218,10 @@ class Worker:
             else:
                 partial[msg.sha256] = msg.offset + len(msg.data)
             self.push = replace(self.push, done=min(total, done + sum(partial.values())), finished=not want)
+        if full:  # answered instead of WeightsReady: the root plans without this node
+            log.warning("session of epoch %d refused: the slice cache's disk is full (%s)", s.epoch, full[0])
+            await link.send(Error(ErrorCode.DISK_FULL, f"node {self.node_id}: its disk is full ({full[0].strerror})"))
+            return None
         log.info("weights of epoch %d: %d bytes received, %d slices from the cache",
                  s.epoch, assembler.received_bytes, cached)
         await link.send(WeightsReady(s.epoch, assembler.received_bytes, cached))
@@ -233,14 +240,26 @@ class Worker:
                 out[sha] = data
         return out
 
-    def _take_chunk(self, assembler: SliceAssembler, chunk: WeightChunk, nbytes: int) -> AssembledSlice | None:
-        """(thread) Add a chunk; a finished slice is verified and stored. -> the slice when finished."""
+    def _take_chunk(self, assembler: SliceAssembler, chunk: WeightChunk, nbytes: int,
+                    full: list[OSError]) -> AssembledSlice | None:
+        """(thread) Add a chunk; a finished slice is verified and stored. -> the slice when finished. A full
+        disk is appended to `full` (nothing more is stored); another failing write only costs the cache."""
         if chunk.total != nbytes:
             raise ChunkError(f"{chunk.tensor}: {chunk.total} bytes announced, the session says {nbytes}")
         part = assembler.add(chunk)
-        if part is not None:
-            self.cache.store(part.sha256, part.data)
+        if part is not None and not full:
+            try:
+                self.cache.store(part.sha256, part.data, keep=self._session_slices())
+            except OSError as e:
+                if disk_full(e):
+                    full.append(e)
+                else:
+                    log.warning("slice %s not cached: %s", part.sha256[:16], e)
         return part
+
+    def _session_slices(self) -> frozenset[str]:
+        a = self.active
+        return frozenset(si.sha256 for si in a.session.slices) if a is not None else frozenset()
 
     async def _mesh(self, active: _Active) -> tuple[list[socket.socket | None], list[bytes | None]]:
         """Connections to every other node of the plan: dial k > index, take i < index (incoming).
@@ -330,7 +349,7 @@ class Worker:
         tp = self._tp()
         node = None
         try:
-            extra = {} if self.cache_dir is None else {"cache_dir": self.cache_dir}
+            extra = {} if self.cache_dir is None else {"cache_dir": self.cache_dir, "cache_budget": self.cache.budget}
             if keys is not None:
                 extra["exchange_keys"] = keys
             node = tp.TPNode(s.config, s.plan, index, tensors, peers, s.ctx, self.threads, **extra)

@@ -50,7 +50,7 @@ from .messages import (
     WeightChunk,
     WeightsReady,
 )
-from .reports import LinkRtt, NodeStatus, ProgressStatus, PushStatus, Resources, Status, StatusReply, StepStatus
+from .reports import LeftOut, LinkRtt, NodeStatus, ProgressStatus, PushStatus, Resources, Status, StatusReply, StepStatus
 
 MAGIC = b"DLP2"
 HEADER = struct.Struct(">4sBBI")  # magic, version, type, body length
@@ -177,7 +177,7 @@ def _fields(cls: type) -> tuple[tuple[str, Any], ...]:
 
 
 for _cls in (*MESSAGE_TYPES.values(), Plan, NodeSlice, SliceInfo, ModelConfig, Member, NodeStatus, StepStatus, Resources,
-             LinkRtt, PushStatus, ProgressStatus, ChatTurn):
+             LinkRtt, PushStatus, ProgressStatus, LeftOut, ChatTurn):
     _fields(_cls)  # resolve every schema at import: a bad annotation fails here, not mid-stream
 del _cls
 

@@ -110,6 +110,21 @@ class PushStatus:
 
 
 @dataclass(frozen=True)
+class LeftOut:
+    """A worker the answering root plans without until `until` (unix seconds), and why (its disk is full)."""
+
+    node_id: str
+    address: str
+    code: str  # an ErrorCode's value: "disk_full"
+    reason: str  # the worker's own message
+    until: float
+
+    def __post_init__(self) -> None:
+        _need(bool(self.node_id) and bool(self.code), "a left-out node without id or code")
+        _need(math.isfinite(self.until) and self.until >= 0, "until must be finite and >= 0")
+
+
+@dataclass(frozen=True)
 class ProgressStatus:
     """One step of the answering root's latest set-up (session.progress.Progress): `done` of `total`
     bytes pushed to a worker ("push"), or 0 / 1 engine built ("build")."""
@@ -140,6 +155,7 @@ class StatusReply:
     links: tuple[LinkRtt, ...] = dataclasses.field(default=(), metadata=WIRE_OPTIONAL)  # by node id
     push: PushStatus | None = dataclasses.field(default=None, metadata=WIRE_OPTIONAL)  # of its latest session
     progress: tuple[ProgressStatus, ...] = dataclasses.field(default=(), metadata=WIRE_OPTIONAL)  # its latest set-up, as root
+    left_out: tuple[LeftOut, ...] = dataclasses.field(default=(), metadata=WIRE_OPTIONAL)  # workers it plans without, as root
 
     def __post_init__(self) -> None:
         _need(self.seq >= 0 and self.sessions >= 0, "negative seq or session count")
