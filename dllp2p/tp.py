@@ -31,7 +31,7 @@ import numpy as np
 from .diskcache import evict, touch
 from .formats import GGUFModel, ModelConfig, QType
 from .formats.quant import TRAITS
-from .jit.compiler import DEFAULT_CACHE_DIR
+from .jit.compiler import DEFAULT_CACHE_DIR, sources_digest
 from .jit.engine import JITEngine, _kernel_type
 from .jit.family import LAYER_EXTRAS, arranged, layer_extras
 from .jit.layout import CANDIDATE, aligned_zeros
@@ -168,7 +168,7 @@ def _load_node_weights(config: ModelConfig, tensors: Mapping[str, NodeTensor],
 
     if cache_dir is None:
         return packed()
-    ident = "|".join(f"{n}={t.sha256}" for n, t in sorted(tensors.items())) + f"|{LAYOUT_VERSION}"
+    ident = "|".join(f"{n}={t.sha256}" for n, t in sorted(tensors.items())) + f"|{LAYOUT_VERSION}|{sources_digest()}"
     path = Path(cache_dir).expanduser() / "weights" / f"tp-{hashlib.sha256(ident.encode()).hexdigest()[:32]}.bin"
     weights = cached(path, set(tensors), packed)
     touch(path)

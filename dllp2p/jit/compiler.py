@@ -11,6 +11,7 @@ object). One process-wide lock serializes all LLVM work; LLVM's global init happ
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import logging
 import time
@@ -312,3 +313,15 @@ def compile_module(module: ir.Module, target: Target, cache: ObjectCache | None)
         engine.finalize_object()
     stats = CompileStats(key, False, time.perf_counter() - t0)
     return CompiledModule(engine, stats, [tm])
+
+
+@functools.lru_cache(maxsize=1)
+def sources_digest() -> str:
+    """What the generated code depends on besides the spec: every source file of dllp2p, not only jit/'s
+    (formats/ holds block layouts and tables the kernels bake in, tp.py the node's table slots): code that
+    another checkout or version compiled into a shared cache is never taken for this one's."""
+    h = hashlib.sha256()
+    root = Path(__file__).parent.parent
+    for path in sorted(root.rglob("*.py")):
+        h.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()

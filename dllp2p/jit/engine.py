@@ -11,7 +11,6 @@ call (`step`, GIL released); worker threads sit inside the native `worker` loop 
 from __future__ import annotations
 
 import ctypes
-import functools
 import hashlib
 import os
 import threading
@@ -23,7 +22,10 @@ import numpy as np
 
 from ..engine import ContextFull
 from ..formats import GGUFModel, QType
-from .compiler import DEFAULT_CACHE_DIR, CompiledModule, ObjectCache, compile_module, default_target, llvm_version, load_object
+from .compiler import (
+    DEFAULT_CACHE_DIR, CompiledModule, ObjectCache, compile_module, default_target, llvm_version, load_object,
+    sources_digest,
+)
 from .family import LAYER_EXTRAS, layer_extras, rope_table
 from .layout import aligned_zeros
 from .library import build_module
@@ -214,16 +216,6 @@ class JITEngine:
             pass
 
 
-@functools.lru_cache(maxsize=1)
-def _sources_digest() -> str:
-    """What the generated code depends on besides the spec: every source file of dllp2p, not only jit/'s
-    (formats/ holds block layouts and tables the kernels bake in, tp.py the node's table slots): code that
-    another checkout or version compiled into a shared cache is never taken for this one's."""
-    h = hashlib.sha256()
-    root = Path(__file__).parent.parent
-    for path in sorted(root.rglob("*.py")):
-        h.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
-    return h.hexdigest()
 
 
 def _compile(spec: ProgramSpec, cache_dir, extra_key: str, build) -> CompiledModule:
@@ -233,7 +225,7 @@ def _compile(spec: ProgramSpec, cache_dir, extra_key: str, build) -> CompiledMod
     cache = ObjectCache(Path(cache_dir)) if cache_dir is not None else None
     spec_key = "spec-" + hashlib.sha256(
         "|".join((repr(spec), extra_key, target.triple, target.cpu, target.features, llvm_version(),
-                  _sources_digest())).encode()
+                  sources_digest())).encode()
     ).hexdigest()[:32]
     if cache is not None and (obj := cache.load(spec_key)) is not None:
         compiled = load_object(obj, target, spec_key)

@@ -35,6 +35,7 @@ from ..diskcache import evict, touch, write_atomically
 from ..formats import GGUFModel, ModelConfig, QType
 from ..formats.quant import dequantize
 from .family import arranged, layer_extra_names
+from .compiler import sources_digest
 from .layout import PackedMatrix, aligned_empty, pack_weights
 
 log = logging.getLogger("dllp2p.jit")
@@ -95,7 +96,7 @@ def pack_model(model: GGUFModel) -> PackedModel:
 
 def cache_key(model: GGUFModel) -> str:
     st = os.stat(model.path)
-    ident = f"{Path(model.path).resolve()}|{st.st_size}|{st.st_mtime_ns}|{LAYOUT_VERSION}"
+    ident = f"{Path(model.path).resolve()}|{st.st_size}|{st.st_mtime_ns}|{LAYOUT_VERSION}|{sources_digest()}"
     return hashlib.sha256(ident.encode()).hexdigest()[:32]
 
 
