@@ -109,21 +109,35 @@ class RootService:
                 self._loaded = _Loaded(model, Tokenizer.from_metadata(model.metadata))
             return self._loaded
 
-    async def serve(self, link: TrioLink, g: Generate, workers: list[str]) -> None:
-        """Generate g over this root and `workers` ("host:port" of the compatible members), answering on link."""
+    async def prompt_ids(self, link: TrioLink, g: Generate) -> list[int] | None:
+        """g's prompt token ids, checked against the vocabulary and context; None once an Error is sent. Called
+        outside the prompt slot: a long prompt's tokenization (in a thread) holds up no other request, and a
+        text too long for the context in any tokenization is refused before it starts."""
+        try:
+            _check_length(g)
+            loaded = await trio.to_thread.run_sync(self._load)
+            ids = list(g.tokens) or await trio.to_thread.run_sync(self._tokens, loaded, g)
+            _check_prompt(ids, loaded.model.config.vocab_size, g.ctx)
+            return ids
+        except user_facing_errors() as e:
+            log.warning("request from %s refused: %s", link.peer, e)
+            await _send_error(link, Error(code_of(e), f"root {self.node_id}: {e}"))
+            return None
+
+    async def serve(self, link: TrioLink, g: Generate, workers: list[str], ids: list[int]) -> None:
+        """Generate g (its prompt_ids: ids) over this root and `workers` ("host:port" of the compatible
+        members), answering on link."""
         self.requests += 1
         epoch = self.requests
         try:
-            await self._serve(link, g, workers, epoch)
+            await self._serve(link, g, workers, epoch, ids)
         except user_facing_errors() as e:  # ClusterError and PlanError included
             log.warning("request %d failed: %s", epoch, e)
             await _send_error(link, Error(code_of(e), f"root {self.node_id}: {e}"))
 
-    async def _serve(self, link: TrioLink, g: Generate, workers: list[str], epoch: int) -> None:
+    async def _serve(self, link: TrioLink, g: Generate, workers: list[str], epoch: int, ids: list[int]) -> None:
         sampler = SamplerConfig(g.temperature, g.top_k, g.top_p, g.min_p, g.repeat_penalty, seed=g.seed)
         loaded = await trio.to_thread.run_sync(self._load)
-        ids = list(g.tokens) or await trio.to_thread.run_sync(self._tokens, loaded, g)
-        _check_prompt(ids, loaded.model.config.vocab_size, g.ctx)
         key = (tuple(workers), g.ctx)
         warm = self._take_warm(key)
         if warm is None:
@@ -282,6 +296,18 @@ async def forward(link: TrioLink, g: Generate, root: str, node_id: str, timeouts
                 return
     finally:
         await up.aclose()
+
+
+MAX_TOKEN_BYTES = 256  # no token of any vocabulary spans more bytes: a text over ctx x this cannot fit
+
+
+def _check_length(g: Generate) -> None:
+    """The cheap check before tokenizing: a prompt of more bytes than ctx tokens could ever hold is refused."""
+    chars = len(g.prompt) + len(g.system or "") + sum(len(t.content) for t in g.messages)
+    if chars > g.ctx * MAX_TOKEN_BYTES or len(g.tokens) >= g.ctx:  # a character is at least one byte
+        n = len(g.tokens) or chars
+        raise CodedError(f"the prompt ({n} {'tokens' if g.tokens else 'characters'}) cannot fit a context of "
+                         f"{g.ctx} tokens", ErrorCode.CONTEXT_LENGTH)
 
 
 def _check_prompt(ids: list[int], vocab: int, ctx: int) -> None:

@@ -71,6 +71,7 @@ from ..wire.messages import (
     WeightsReady,
 )
 from ..wire.reports import PushStatus, StepStatus
+from .checks import check_addresses, check_config, check_shapes, mem_available
 from .slices import SliceCache, check_slices, storage_array
 
 log = logging.getLogger("dllp2p.daemon")
@@ -105,8 +106,11 @@ class Worker:
     prompt is no worker meanwhile). `tp`: a getter of the compute module (dllp2p.tp; tests pass a fake)."""
 
     def __init__(self, node_id: str, threads: int, capacity: float, timeouts: Timeouts, cache: SliceCache,
-                 tp: Callable[[], Any], slot: trio.Lock, cache_dir: Any = None, key: ClusterKey | None = None):
+                 tp: Callable[[], Any], slot: trio.Lock, cache_dir: Any = None, key: ClusterKey | None = None,
+                 known: Callable[[], set[str]] = set, memory: Callable[[], int | None] = lambda: _meminfo()):
         self.node_id = node_id
+        self.known = known  # the addresses of the cluster's members: the only ones a plan may make it dial
+        self.memory = memory  # bytes this node has available now (None: unknown)
         self.key = key  # the cluster key the mesh connections it dials are made with
         self.threads = threads
         self.capacity = capacity
@@ -147,6 +151,9 @@ class Worker:
             if index == 0:
                 raise PlanError(f"node {self.node_id} is the root of this plan, not a worker")
             check_slices(s.slices)
+            check_config(s, index, await trio.to_thread.run_sync(self.memory))
+            check_shapes(s, index)
+            check_addresses(s.plan, index, self.known(), link.peer.rpartition(":")[0].strip("[]"))
         except (PlanError, ValueError) as e:
             log.warning("refused the plan of epoch %d: %s", s.epoch, e)
             await link.send(Error(ErrorCode.PLAN, f"node {self.node_id}: {e}"))
@@ -362,6 +369,14 @@ class Worker:
             if node is not None:
                 node.close()
 
+
+
+def _meminfo() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            return mem_available(f.read())
+    except OSError:
+        return None
 
 
 def _describe(msg: object) -> str:
