@@ -294,7 +294,10 @@ def encode(msg: Message) -> bytes:
     cls = type(msg)
     if cls not in TYPE_OF:
         raise MalformedFrame(f"{cls.__name__} is not a protocol message")
-    body = msgpack.packb(_to_wire(msg, cls, cls.__name__), use_bin_type=True)
+    try:
+        body = msgpack.packb(_to_wire(msg, cls, cls.__name__), use_bin_type=True)
+    except OverflowError as e:  # an int over 64 bits
+        raise MalformedFrame(f"{cls.__name__}: {e}") from None
     if len(body) > MAX_FRAME:
         raise FrameTooLarge(f"{cls.__name__} frame of {len(body)} bytes is over the {MAX_FRAME}-byte limit")
     return HEADER.pack(MAGIC, PROTOCOL_VERSION, TYPE_OF[cls], len(body)) + body
