@@ -116,9 +116,7 @@ class TrioLink:
                     raise LinkClosed(f"{self.peer} closed the connection")
                 self.decoder.receive(data if self.channel is None else self.channel.receive(data))
         if not scope.cancelled_caught:
-            if len(frame[1]) > OFF_LOOP:  # a weight chunk, a Session: decoded without stalling the loop
-                return await trio.to_thread.run_sync(self.decoder.decode, *frame)
-            return self.decoder.decode(*frame)
+            return await _decode(self.decoder, frame)  # a weight chunk, a Session: in a thread
         raise LinkTimeout(f"{self.peer}: nothing received for {timeout:g} s")
 
     async def _receive_some(self) -> bytes:
@@ -149,7 +147,7 @@ async def receive_one_frame(stream: trio.SocketStream, peer: str, timeout: float
     header = bytearray()
     read = 0
     with trio.move_on_after(timeout):
-        while (msg := decoder.next_message()) is None:
+        while (frame := decoder.next_frame()) is None:
             end = HEADER_SIZE if read < HEADER_SIZE else HEADER_SIZE + HEADER.unpack(header)[3]
             try:
                 data = await stream.receive_some(end - read)
@@ -161,21 +159,28 @@ async def receive_one_frame(stream: trio.SocketStream, peer: str, timeout: float
                 header += data
             read += len(data)
             decoder.receive(data)
-        return msg
+        return await _decode(decoder, frame)
     raise LinkTimeout(f"{peer}: no whole frame within {timeout:g} s")
+
+
+async def _decode(decoder: FrameDecoder, frame: tuple[int, bytes]) -> Message:
+    """A frame's message; a body over OFF_LOOP is decoded in a thread (trio's loop serves on meanwhile)."""
+    if len(frame[1]) > OFF_LOOP:
+        return await trio.to_thread.run_sync(decoder.decode, *frame)
+    return decoder.decode(*frame)
 
 
 async def _receive_one_sealed_frame(stream: trio.SocketStream, peer: str, timeout: float,
                                     channel: Channel) -> Message:
     decoder = FrameDecoder(FIRST_FRAME)
     with trio.move_on_after(timeout):
-        while (msg := decoder.next_message()) is None:
+        while (frame := decoder.next_frame()) is None:
             length = await _receive_exactly(stream, LENGTH.size, peer)
             channel.receive(length)
             size = channel.next_record_size()
             assert size is not None
             decoder.receive(channel.receive(await _receive_exactly(stream, size, peer)))
-        return msg
+        return await _decode(decoder, frame)
     raise LinkTimeout(f"{peer}: no whole frame within {timeout:g} s")
 
 
