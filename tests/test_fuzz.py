@@ -175,8 +175,9 @@ TINY = ModelConfig("llama", 64, 1, 2, 2, 32, 128, 4_194_304, 64, 10000.0, 32, 1e
 FAKE_SHA = "ab" * 32
 
 
-def session(d: Live, config: ModelConfig, ctx: int, slices=None, epoch: int = 1) -> Session:
-    p = plan(config, [Peer("fuzz-root", "", 1, 1.0), Peer(d.node_id, d.address, 1, 1.0)], epoch, "pow2")
+def session(d: Live, config: ModelConfig, ctx: int, slices=None, epoch: int = 1, others=()) -> Session:
+    peers = [Peer("fuzz-root", "", 1, 1.0), Peer(d.node_id, d.address, 1, 9.0), *others]
+    p = plan(config, peers, epoch, "pow2")
     if slices is None:
         node = p.nodes[1]
         slices = tuple(SliceInfo(name, name, int(QType.Q8_0 if len(shape) > 1 else QType.F32), shape, f"{i:064x}")
@@ -223,6 +224,17 @@ def test_a_context_beyond_the_local_maximum_and_memory_is_refused_before_allocat
     got = trio.run(lambda: as_root(live.address, session(live, many_layers, 1 << 20)))  # 2^20 ctx, 250 GB of KV
     assert isinstance(got[0], Error) and "available" in got[0].message, got
     assert live.rss() < before + (64 << 20)
+    healthy(live)
+
+
+def test_a_plan_cannot_make_the_worker_dial_hosts_outside_the_cluster(live):
+    """The port scanner: a plan whose later nodes are at addresses the worker does not know."""
+    config = ModelConfig("llama", 128, 1, 4, 4, 32, 256, 1024, 64, 10000.0, 32, 1e-5, True)
+    others = (Peer("scan-a", "192.0.2.1:22", 1, 2.0), Peer("scan-b", "192.0.2.1:80", 1, 1.0))
+    s = session(live, config, 16, others=others)
+    assert s.plan.n_nodes == 4 and s.plan.node(live.node_id).index == 1
+    got = trio.run(lambda: as_root(live.address, s))
+    assert isinstance(got[0], Error) and got[0].code == "plan" and "192.0.2.1" in got[0].message, got
     healthy(live)
 
 

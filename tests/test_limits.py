@@ -14,7 +14,7 @@ import trio
 import fake_tp
 from dllp2p.formats.quant import QType
 from dllp2p.scheduler import Peer, plan
-from dllp2p.session.checks import SessionRefused, check_addresses, check_config, check_shapes, expected_shape
+from dllp2p.session.checks import SessionRefused, allowed_hosts, check_addresses, check_config, check_shapes, expected_shape
 from dllp2p.wire import codec, limits
 from dllp2p.wire.link import LinkTimeout, TrioLink
 from dllp2p.wire.messages import PROTOCOL_VERSION, Generate, Session, SliceInfo, Step
@@ -111,8 +111,12 @@ def test_the_worker_checks_shapes_sizes_and_addresses():
         check_config(s, 1, 1000)
     with pytest.raises(SessionRefused, match="maximum"):
         check_config(dataclasses.replace(s, config=dataclasses.replace(CFG, context_length=1 << 24), ctx=1 << 24), 1, None)
-    check_addresses(s.plan, 1, set(), "127.0.0.1")  # the root's own host
+    check_addresses(s.plan, 1, allowed_hosts(set(), "127.0.0.1"))  # the root's own host
     far = _session(address="10.1.2.3:7340")
-    with pytest.raises(SessionRefused, match="neither a member"):
-        check_addresses(far.plan, 1, set(), "127.0.0.1")
-    check_addresses(far.plan, 1, {"10.1.2.3:7340"}, "127.0.0.1")
+    with pytest.raises(SessionRefused, match="neither on a member"):
+        check_addresses(far.plan, 1, allowed_hosts(set(), "127.0.0.1"))
+    check_addresses(far.plan, 1, allowed_hosts({"10.1.2.3:7340"}, "127.0.0.1"))
+    named = _session(address="pi2.lan:7340")  # a member known by its IP, named in the plan
+    with pytest.raises(SessionRefused):
+        check_addresses(named.plan, 1, allowed_hosts({"10.1.2.3:7340"}, "127.0.0.1"))
+    check_addresses(named.plan, 1, allowed_hosts({"10.1.2.3:7340"}, "127.0.0.1"), {"pi2.lan": {"10.1.2.3"}})

@@ -8,7 +8,7 @@ sends against what this node computes itself. Pure functions (the memory figure 
     check_shapes     every known slice of the Session has exactly that shape: a Session claiming a
                      4,194,304-token vocabulary with 512-row embedding slices is refused here, so the
                      compiled embedding lookup never indexes past its buffer (jit/tp_program.py)
-    check_addresses  the addresses the worker will dial are known members or the root's own host: a
+    check_addresses  the nodes the worker will dial are on known members' hosts or the root's own host: a
                      plan cannot turn a worker into a port scanner of the LAN
 
 Error handling: each raises SessionRefused (a ValueError) naming the value and the bound.
@@ -114,15 +114,37 @@ def check_shapes(s: Session, index: int) -> None:
         _need(len(want) > 1 or QType(si.qtype) in _FLOAT, f"{si.tensor}: a vector of type {QType(si.qtype).name}")
 
 
-def check_addresses(plan: Plan, index: int, known: set[str], root_host: str) -> None:
-    """The nodes this worker dials (k > index) are at known members' addresses or the root's own host."""
+def dialed_hosts(plan: Plan, index: int) -> set[str]:
+    """The hosts of the nodes this worker dials (k > index). Raises SessionRefused (an address not HOST:PORT)."""
+    out = set()
     for n in plan.nodes[index + 1:]:
         try:
-            host, _ = parse_address(n.address)
+            out.add(parse_address(n.address)[0])
         except ValueError:
             raise SessionRefused(f"node {n.node_id}'s address {n.address!r} is not HOST:PORT") from None
-        _need(n.address in known or host == root_host,
-              f"node {n.node_id}'s address {n.address} is neither a member of this cluster nor the root's host")
+    return out
+
+
+def check_addresses(plan: Plan, index: int, allowed: set[str], ips: dict[str, set[str]] | None = None) -> None:
+    """The nodes this worker dials (k > index) are on allowed hosts (the root's, the cluster members'),
+    named alike or resolving to one of their addresses (ips: host -> its addresses, for hosts named two ways)."""
+    ips = ips or {}
+    allowed_ips = set().union(*(ips.get(h, {h}) for h in allowed)) if allowed else set()
+    for n in plan.nodes[index + 1:]:
+        host = parse_address(n.address)[0]
+        _need(host in allowed or bool(ips.get(host, {host}) & allowed_ips),
+              f"node {n.node_id}'s address {n.address} is neither on a member of this cluster nor on the root's host")
+
+
+def allowed_hosts(known: set[str], root_host: str) -> set[str]:
+    """The root's host and those of the members' addresses (HOST:PORT each)."""
+    out = {root_host}
+    for a in known:
+        try:
+            out.add(parse_address(a)[0])
+        except ValueError:
+            pass
+    return out
 
 
 def slice_bytes(slices: tuple[SliceInfo, ...]) -> int:

@@ -71,7 +71,7 @@ from ..wire.messages import (
     WeightsReady,
 )
 from ..wire.reports import PushStatus, StepStatus
-from .checks import check_addresses, check_config, check_shapes, mem_available
+from .checks import allowed_hosts, check_addresses, check_config, check_shapes, dialed_hosts, mem_available
 from .slices import SliceCache, check_slices, storage_array
 
 log = logging.getLogger("dllp2p.daemon")
@@ -153,7 +153,7 @@ class Worker:
             check_slices(s.slices)
             check_config(s, index, await trio.to_thread.run_sync(self.memory))
             check_shapes(s, index)
-            check_addresses(s.plan, index, self.known(), link.peer.rpartition(":")[0].strip("[]"))
+            await self._check_addresses(s.plan, index, link.peer.rpartition(":")[0].strip("[]"))
         except (PlanError, ValueError) as e:
             log.warning("refused the plan of epoch %d: %s", s.epoch, e)
             await link.send(Error(ErrorCode.PLAN, f"node {self.node_id}: {e}"))
@@ -188,6 +188,23 @@ class Worker:
             active.close()
             self._slot.release()
             self.sessions += 1
+
+    async def _check_addresses(self, plan: Plan, index: int, root_host: str) -> None:
+        """check_addresses; hosts named otherwise than the members (a name, an IP) are compared resolved."""
+        allowed = allowed_hosts(self.known(), root_host)
+        try:
+            check_addresses(plan, index, allowed)
+            return
+        except ValueError:
+            pass
+        ips: dict[str, set[str]] = {}
+        for host in allowed | dialed_hosts(plan, index):
+            with trio.move_on_after(2.0):
+                try:
+                    ips[host] = {a[4][0] for a in await trio.socket.getaddrinfo(host, None)}
+                except OSError:
+                    pass
+        check_addresses(plan, index, allowed, ips)
 
     async def _weights(self, link: TrioLink, s: Session) -> dict[str, Any] | None:
         """Need -> WeightChunks -> WeightsReady. -> the node's tensors, or None if the root stopped."""
