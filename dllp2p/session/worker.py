@@ -326,7 +326,7 @@ class Worker:
     async def _steps(self, link: TrioLink, s: Session, index: int, tensors: dict[str, Any],
                      peers: list[socket.socket | None]) -> bool:
         """Build the engine and serve Steps, in one thread. -> whether the control connection goes on."""
-        ctl = link.blocking(self.t.idle)
+        ctl = link.blocking(self.t.send)  # its sends; each receive waits up to t.idle
 
         def interrupt() -> None:
             ctl.shutdown()
