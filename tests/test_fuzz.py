@@ -350,6 +350,9 @@ def test_many_idle_connections_are_capped_and_prompts_still_run(live):
 
 
 def test_a_client_that_stops_reading_does_not_hold_the_prompt_slot(live):
+    """The replay: a client with a tiny receive buffer sends a Generate and never reads. At this context
+    its whole answer fits the sockets' buffers, so this shows the next prompt is served meanwhile; the send
+    timeout that drops a reader whose buffers are full is test_limits' (a socketpair)."""
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     host, port = live.address.rsplit(":", 1)
@@ -404,9 +407,12 @@ def hostile_sessions(draw):
                           min_size=1, max_size=3, unique=True))
     qtype = draw(st.sampled_from([QType.Q8_0, QType.Q4_0, QType.F32]))
     slices = tuple(SliceInfo(n, n, int(qtype), shape, FAKE_SHA) for n in names)
+    mutation = draw(st.one_of(st.none(), st.tuples(st.sampled_from(["vocab_rows", "ffn_rows", "dim_rows", "kv_heads",
+                                                                    "q_heads"]),
+                                                   st.tuples(st.integers(0, 1 << 22), st.integers(0, 1 << 22)))))
     step = Step(1, draw(st.integers(0, 3)), tuple(draw(st.lists(st.integers(0, (1 << 31) - 1), min_size=1, max_size=4))),
                 draw(st.integers(0, 2**62)), draw(st.integers(0, MAX_TOP)))
-    return config, ctx, slices, step
+    return config, ctx, slices, step, mutation
 
 
 SENT: list[Session] = []  # the hostile sessions that were sent (had a plan)
@@ -415,12 +421,19 @@ SENT: list[Session] = []  # the hostile sessions that were sent (had a plan)
 @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 @given(example=hostile_sessions())
 def test_hostile_sessions_plans_and_steps(live, example):
-    config, ctx, slices, step = example
+    config, ctx, slices, step, mutation = example
     try:
         s = session(live, config, ctx, slices)
     except (PlanError, ValueError):
         return  # no plan for it: nothing a root could send
     SENT.append(s)
+    if mutation is not None and s.plan.n_nodes > 1:  # a worker range changed, as raw msgpack past Plan's checks
+        wire = codec._to_wire(s, Session, "Session")
+        wire["plan"]["nodes"][1][mutation[0]] = list(mutation[1])
+        hello = codec.encode(Hello(PROTOCOL_VERSION, "fuzz-root", "root", 1, 1.0))
+        got = trio.run(raw_frames, live.address, hello, frame(codec.MsgType.SESSION, msgpack.packb(wire)))
+        assert isinstance(got[0], Hello) and all(isinstance(g, (Error, Need, LinkClosed)) for g in got[1:]), got
+        assert any(isinstance(g, Error) for g in got[1:]), got
     got = trio.run(lambda: as_root(live.address, s, step, answers=2, timeout=5))
     assert live.proc.poll() is None, "".join(live.log[-30:])
     assert got and all(isinstance(g, (Error, Need)) for g in got), got
