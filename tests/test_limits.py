@@ -27,7 +27,7 @@ def header(msg_type: int, length: int) -> bytes:
     return codec.HEADER.pack(codec.MAGIC, V, msg_type, length)
 
 
-@pytest.mark.parametrize("msg_type, length", [(codec.MsgType.STATUS, 257), (codec.MsgType.SESSION, (2 << 20) + 1),
+@pytest.mark.parametrize("msg_type, length", [(codec.MsgType.STATUS, 1025), (codec.MsgType.SESSION, (2 << 20) + 1),
                                               (codec.MsgType.MESH, limits.SMALL + 1), (77, limits.SMALL + 1),
                                               (codec.MsgType.WEIGHT_CHUNK, (8 << 20) + 1)])
 def test_a_body_over_its_types_limit_is_refused_at_the_header(msg_type, length):

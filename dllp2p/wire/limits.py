@@ -27,7 +27,7 @@ MAX_BODY: dict[type, int] = {
     Generate: 1 << 20,  # a prompt's text or tokens; the root checks it against the context
     Hello: 1 << 20,  # cache_keys: 65 bytes a slice
     Need: 1 << 20,
-    Status: 256,  # a seq number
+    Status: 1 << 10,  # a seq number (room for a few fields more: under 100 bytes today)
     StatusReply: 1 << 20,  # every member's record and status
 }
 MAX_ITEMS = 1 << 19  # msgpack values (array items, map entries, containers) one body may decode into
