@@ -380,6 +380,9 @@ def test_huge_token_ids_and_long_prompts_get_a_clear_error(live):
         assert isinstance(got[0], Error), got
         assert got[0].code in ("invalid_token", "context_length_exceeded", "malformed_frame"), got
         assert "token id" in got[0].message or "context" in got[0].message, got
+    for ctx in (1 << 24, 8193):  # over SmolLM2's 8192 positions: refused before allocating a KV cache
+        text, answer = trio.run(ask, live.address, legit(ctx=ctx))
+        assert isinstance(answer, Error) and answer.code == "context_length_exceeded" and "ctx" in answer.message
     t0 = time.monotonic()
     text, answer = trio.run(ask, live.address, legit(prompt="x" * ((1 << 20) - 200)))
     assert isinstance(answer, Error) and answer.code == "context_length_exceeded", answer

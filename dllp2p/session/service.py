@@ -50,6 +50,7 @@ from ..wire.codec import ProtocolError
 from ..wire.link import LinkClosed, LinkTimeout, TrioLink, first_error
 from ..wire.messages import MAX_HOPS, Done, Error, Generate, TokenChunk
 from ..wire.secure import HandshakeFailed
+from .checks import MAX_CTX, MEMORY_SHARE, mem_available
 from .progress import Latest, LogEvents
 from .root import ClusterError, ClusterOptions, start
 from .slices import PlanSlices
@@ -118,6 +119,7 @@ class RootService:
             loaded = await trio.to_thread.run_sync(self._load)
             ids = list(g.tokens) or await trio.to_thread.run_sync(self._tokens, loaded, g)
             _check_prompt(ids, loaded.model.config.vocab_size, g.ctx)
+            _check_ctx(g.ctx, loaded.model.config, await trio.to_thread.run_sync(_meminfo))
             return ids
         except user_facing_errors() as e:
             log.warning("request from %s refused: %s", link.peer, e)
@@ -308,6 +310,26 @@ def _check_length(g: Generate) -> None:
         n = len(g.tokens) or chars
         raise CodedError(f"the prompt ({n} {'tokens' if g.tokens else 'characters'}) cannot fit a context of "
                          f"{g.ctx} tokens", ErrorCode.CONTEXT_LENGTH)
+
+
+def _check_ctx(ctx: int, config: Any, available: int | None) -> None:
+    """A context the root can allocate: within the model's, checks.MAX_CTX and (the whole model's f16 KV
+    cache, as when the root runs alone) the memory available. Else a CodedError (HTTP 400)."""
+    most = min(config.context_length, MAX_CTX)
+    if ctx > most:
+        raise CodedError(f"ctx {ctx} is over this model's {most} positions", ErrorCode.CONTEXT_LENGTH)
+    kv = 2 * config.n_layers * ctx * config.n_kv_heads * config.head_dim * 2
+    if available is not None and kv > available * MEMORY_SHARE:
+        raise CodedError(f"ctx {ctx} needs {kv / 2**20:.0f} MiB of KV cache; this node has {available / 2**20:.0f} MiB "
+                         "available", ErrorCode.CONTEXT_LENGTH)
+
+
+def _meminfo() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            return mem_available(f.read())
+    except OSError:
+        return None
 
 
 def _check_prompt(ids: list[int], vocab: int, ctx: int) -> None:
