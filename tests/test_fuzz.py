@@ -371,6 +371,33 @@ def test_a_client_that_stops_reading_does_not_hold_the_prompt_slot(live):
     sock.close()
 
 
+def test_a_prompt_is_tokenized_and_refused_outside_the_prompt_slot(live):
+    """While a worker session holds the slot (waiting for its weights, up to the 5 s transfer timeout), a
+    prompt of ~5,000 tokens for a 1,024-token context is tokenized and refused at once, not after the slot."""
+    config = ModelConfig("llama", 64, 1, 2, 2, 32, 128, 1024, 64, 10000.0, 32, 1e-5, True)
+
+    async def main():
+        link = await open_link(live.address, 5, KEY)
+        try:
+            await link.send(Hello(PROTOCOL_VERSION, "fuzz-root", "root", 1, 1.0))
+            await link.receive(5)
+            await link.send(session(live, config, 16))
+            need = await link.receive(5)
+            assert isinstance(need, Need), need  # the session holds the slot now
+            t0 = time.monotonic()
+            text, answer = await ask(live.address, legit(ctx=1024, prompt="hello " * 5000))
+            elapsed = time.monotonic() - t0
+            await link.send(Stop(need.epoch, "fuzz"))
+        finally:
+            await link.aclose()
+        return answer, elapsed
+
+    answer, elapsed = trio.run(main)
+    assert isinstance(answer, Error) and answer.code == "context_length_exceeded", answer
+    assert elapsed < 4, elapsed
+    healthy(live)
+
+
 def test_huge_token_ids_and_long_prompts_get_a_clear_error(live):
     for tokens in ((2**63,), (2**64 - 1,), ((1 << 31) - 1,), (49151, 49152), (0,) * (CTX + 1)):
         g = {f.name: getattr(legit(), f.name) for f in dataclasses.fields(Generate)}
