@@ -109,6 +109,7 @@ class Timeouts:
     build: float = 600.0  # every node building its engine (JIT compile) until Ready
     socket: float = 30.0  # SO_RCVTIMEO / SO_SNDTIMEO of mesh sockets: a silent peer fails a step after this
     slot: float = 10.0  # a new session waiting for the previous one to wind down
+    send: float = 30.0  # a send waiting for the peer to read (a client that stops reading is dropped)
 
 
 @dataclass(frozen=True)

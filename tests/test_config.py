@@ -119,5 +119,8 @@ def test_systemd_unit_verifies(tmp_path):
         unit.write_text(text.replace(binary, here))
     r = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and not r.stderr.strip(), r.stderr
-    for needed in ("Type=simple", "Restart=on-failure", "StateDirectory=dllp2p", "WantedBy=multi-user.target"):
+    for needed in ("Type=simple", "Restart=on-failure", "StateDirectory=dllp2p", "WantedBy=multi-user.target",
+                   "LimitNOFILE=65536", "NoNewPrivileges=yes", "ProtectSystem=strict", "PrivateTmp=yes",
+                   "PrivateDevices=yes", "CapabilityBoundingSet=\n", "SystemCallFilter=@system-service"):
         assert needed in text
+    assert "\nMemoryDenyWriteExecute=" not in text  # llvmlite's JIT needs executable mappings

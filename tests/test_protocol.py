@@ -113,7 +113,7 @@ messages = st.one_of(
               st.floats(1e-3, 1e6), st.lists(st.binary(min_size=32, max_size=32).map(bytes.hex), max_size=5).map(tuple)),
     weight_chunks(),
     st.builds(P.WeightsReady, ints, ints, ints),
-    st.builds(P.Step, ints, ints, st.lists(st.integers(0, 2**31), min_size=1, max_size=50).map(tuple), ints),
+    st.builds(P.Step, ints, ints, st.lists(st.integers(0, 2**31 - 1), min_size=1, max_size=50).map(tuple), ints),
     st.builds(P.Stop, ints, texts),
     st.builds(P.Error, names, texts),
 )

@@ -69,6 +69,9 @@ from .prompts import PromptSlot
 
 log = logging.getLogger("dllp2p.daemon")
 
+MAX_CONNECTIONS = 512  # open control-port connections at once (systemd's LimitNOFILE leaves room for more)
+MAX_PER_HOST = 64  # of them from one peer address (a root's session uses 1 + the mesh's 1 per node)
+
 __all__ = ["DEFAULT_PORT", "Daemon", "DaemonConfig", "Timeouts", "main"]
 
 
@@ -120,10 +123,14 @@ class Daemon:
         slot = trio.Lock()  # one worker session or one prompt at a time
         self.key = config.key
         self._refused: set[str] = set()  # hosts whose failed handshakes were logged
+        self._open: dict[str, int] = {}  # open connections by peer host
+        self._open_total = 0
+        self._capped: set[str] = set()  # hosts whose connections over the cap were logged
         cluster = config.cluster if config.key is None else config.key.bind(config.cluster)
         self.membership = Membership(self.node_id, cluster, self.started_at, config.static, config.key, self._new_id)
         self.worker = Worker(self.node_id, config.threads, float(config.capacity or config.threads), self.t,
-                             SliceCache(config.state_dir / "slices", config.cache_mb << 20), self._tp, slot, config.cache_dir, config.key)
+                             SliceCache(config.state_dir / "slices", config.cache_mb << 20), self._tp, slot, config.cache_dir,
+                             config.key, known=self._member_addresses)
         self.root_service = RootService(config.model, self.node_id, config.threads, config.policy, self.t, self._tp,
                                         exchange=config.exchange, cache_dir=config.cache_dir, key=config.key)
         self.prompts = PromptSlot(self.node_id, self.membership, self.root_service, slot, self.t, config.key)
@@ -135,6 +142,9 @@ class Daemon:
         self.node_id = node_id(self.config.state_dir)
         self.worker.node_id = self.root_service.node_id = self.prompts.node_id = self.node_id
         return self.node_id
+
+    def _member_addresses(self) -> set[str]:
+        return {m.address for m in election.members(self.membership.members)}
 
     def _tp(self) -> Any:
         if self.tp is None:
@@ -191,12 +201,31 @@ class Daemon:
 
     async def _connection(self, stream: trio.SocketStream) -> None:
         peer = _peer_name(stream)
+        host = peer.rpartition(":")[0]
+        if self._open_total >= MAX_CONNECTIONS or self._open.get(host, 0) >= MAX_PER_HOST:
+            log.log(logging.DEBUG if host in self._capped else logging.WARNING,
+                    "%s: over the cap of %d connections (%d from one host); closed", peer, MAX_CONNECTIONS, MAX_PER_HOST)
+            self._capped.add(host)
+            await trio.aclose_forcefully(stream)
+            return
+        self._open_total += 1
+        self._open[host] = self._open.get(host, 0) + 1
+        try:
+            await self._serve_connection(stream, peer)
+        finally:
+            self._open_total -= 1
+            self._open[host] -= 1
+            if not self._open[host]:
+                del self._open[host]
+
+    async def _serve_connection(self, stream: trio.SocketStream, peer: str) -> None:
         channel = None
         try:
             if self.key is not None:
                 channel = await secure_accept(stream, self.key, peer, self.t.hello)
             first = await receive_one_frame(stream, peer, self.t.hello, channel)
             link = TrioLink(stream, peer, channel=channel)
+            link.send_timeout = self.t.send
             if isinstance(first, Hello):
                 await self.worker.control(link, first)
             elif isinstance(first, MeshHello):

@@ -35,6 +35,9 @@ class PromptSlot:
             log.info("request from %s: forwarded to the root %s (%s)", link.peer, e.root.node_id, e.root.address)
             await service.forward(link, g, e.root.address, self.node_id, self.t, self.key)
             return
+        ids = await self.root_service.prompt_ids(link, g)  # outside the slot: tokenizing holds up nobody
+        if ids is None:
+            return
         with trio.move_on_after(self.t.idle) as waited:
             await self._slot.acquire()
         if waited.cancelled_caught:
@@ -42,6 +45,6 @@ class PromptSlot:
             return
         try:
             workers = [m.address for m in e.succession if m.node_id != self.node_id]
-            await self.root_service.serve(link, g, workers)
+            await self.root_service.serve(link, g, workers, ids)
         finally:
             self._slot.release()

@@ -55,6 +55,7 @@ from ..wire.codec import ProtocolError
 from ..wire.link import LinkClosed, LinkTimeout, TrioLink, first_error
 from ..wire.messages import MAX_HOPS, Done, Error, Generate, TokenChunk
 from ..wire.secure import HandshakeFailed
+from .checks import MAX_CTX, MEMORY_SHARE, mem_available
 from .progress import Latest, LogEvents
 from .root import ClusterError, ClusterOptions, start
 from .slices import PlanSlices
@@ -132,21 +133,36 @@ class RootService:
                 self._loaded = _Loaded(model, Tokenizer.from_metadata(model.metadata))
             return self._loaded
 
-    async def serve(self, link: TrioLink, g: Generate, workers: list[str]) -> None:
-        """Generate g over this root and `workers` ("host:port" of the compatible members), answering on link."""
+    async def prompt_ids(self, link: TrioLink, g: Generate) -> list[int] | None:
+        """g's prompt token ids, checked against the vocabulary and context; None once an Error is sent. Called
+        outside the prompt slot: a long prompt's tokenization (in a thread) holds up no other request, and a
+        text too long for the context in any tokenization is refused before it starts."""
+        try:
+            _check_length(g)
+            loaded = await trio.to_thread.run_sync(self._load)
+            ids = list(g.tokens) or await trio.to_thread.run_sync(self._tokens, loaded, g)
+            _check_prompt(ids, loaded.model.config.vocab_size, g.ctx)
+            _check_ctx(g.ctx, loaded.model.config, await trio.to_thread.run_sync(_meminfo))
+            return ids
+        except user_facing_errors() as e:
+            log.warning("request from %s refused: %s", link.peer, e)
+            await _send_error(link, Error(code_of(e), f"root {self.node_id}: {e}"))
+            return None
+
+    async def serve(self, link: TrioLink, g: Generate, workers: list[str], ids: list[int]) -> None:
+        """Generate g (its prompt_ids: ids) over this root and `workers` ("host:port" of the compatible
+        members), answering on link."""
         self.requests += 1
         epoch = self.requests
         try:
-            await self._serve(link, g, workers, epoch)
+            await self._serve(link, g, workers, epoch, ids)
         except user_facing_errors() as e:  # ClusterError and PlanError included
             log.warning("request %d failed: %s", epoch, e)
             await _send_error(link, Error(code_of(e), f"root {self.node_id}: {e}"))
 
-    async def _serve(self, link: TrioLink, g: Generate, workers: list[str], epoch: int) -> None:
+    async def _serve(self, link: TrioLink, g: Generate, workers: list[str], epoch: int, ids: list[int]) -> None:
         sampler = SamplerConfig(g.temperature, g.top_k, g.top_p, g.min_p, g.repeat_penalty, seed=g.seed)
         loaded = await trio.to_thread.run_sync(self._load)
-        ids = list(g.tokens) or await trio.to_thread.run_sync(self._tokens, loaded, g)
-        _check_prompt(ids, loaded.model.config.vocab_size, g.ctx)
         left_out = {x.address for x in self.left_out_now()}
         workers = [w for w in workers if w not in left_out]
         key = (tuple(workers), g.ctx)
@@ -322,6 +338,38 @@ async def forward(link: TrioLink, g: Generate, root: str, node_id: str, timeouts
                 return
     finally:
         await up.aclose()
+
+
+MAX_TOKEN_BYTES = 256  # no token of any vocabulary spans more bytes: a text over ctx x this cannot fit
+
+
+def _check_length(g: Generate) -> None:
+    """The cheap check before tokenizing: a prompt of more bytes than ctx tokens could ever hold is refused."""
+    chars = len(g.prompt) + len(g.system or "") + sum(len(t.content) for t in g.messages)
+    if chars > g.ctx * MAX_TOKEN_BYTES or len(g.tokens) >= g.ctx:  # a character is at least one byte
+        n = len(g.tokens) or chars
+        raise CodedError(f"the prompt ({n} {'tokens' if g.tokens else 'characters'}) cannot fit a context of "
+                         f"{g.ctx} tokens", ErrorCode.CONTEXT_LENGTH)
+
+
+def _check_ctx(ctx: int, config: Any, available: int | None) -> None:
+    """A context the root can allocate: within the model's, checks.MAX_CTX and (the whole model's f16 KV
+    cache, as when the root runs alone) the memory available. Else a CodedError (HTTP 400)."""
+    most = min(config.context_length, MAX_CTX)
+    if ctx > most:
+        raise CodedError(f"ctx {ctx} is over this model's {most} positions", ErrorCode.CONTEXT_LENGTH)
+    kv = 2 * config.n_layers * ctx * config.n_kv_heads * config.head_dim * 2
+    if available is not None and kv > available * MEMORY_SHARE:
+        raise CodedError(f"ctx {ctx} needs {kv / 2**20:.0f} MiB of KV cache; this node has {available / 2**20:.0f} MiB "
+                         "available", ErrorCode.CONTEXT_LENGTH)
+
+
+def _meminfo() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            return mem_available(f.read())
+    except OSError:
+        return None
 
 
 def _check_prompt(ids: list[int], vocab: int, ctx: int) -> None:

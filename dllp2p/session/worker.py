@@ -73,6 +73,7 @@ from ..wire.messages import (
     WeightsReady,
 )
 from ..wire.reports import PushStatus, StepStatus
+from .checks import allowed_hosts, check_addresses, check_config, check_shapes, dialed_hosts, mem_available
 from .slices import SliceCache, check_slices, storage_array
 
 log = logging.getLogger("dllp2p.daemon")
@@ -107,8 +108,11 @@ class Worker:
     prompt is no worker meanwhile). `tp`: a getter of the compute module (dllp2p.tp; tests pass a fake)."""
 
     def __init__(self, node_id: str, threads: int, capacity: float, timeouts: Timeouts, cache: SliceCache,
-                 tp: Callable[[], Any], slot: trio.Lock, cache_dir: Any = None, key: ClusterKey | None = None):
+                 tp: Callable[[], Any], slot: trio.Lock, cache_dir: Any = None, key: ClusterKey | None = None,
+                 known: Callable[[], set[str]] = set, memory: Callable[[], int | None] = lambda: _meminfo()):
         self.node_id = node_id
+        self.known = known  # the addresses of the cluster's members: the only ones a plan may make it dial
+        self.memory = memory  # bytes this node has available now (None: unknown)
         self.key = key  # the cluster key the mesh connections it dials are made with
         self.threads = threads
         self.capacity = capacity
@@ -149,6 +153,9 @@ class Worker:
             if index == 0:
                 raise PlanError(f"node {self.node_id} is the root of this plan, not a worker")
             check_slices(s.slices)
+            check_config(s, index, await trio.to_thread.run_sync(self.memory))
+            check_shapes(s, index)
+            await self._check_addresses(s.plan, index, link.peer.rpartition(":")[0].strip("[]"))
         except (PlanError, ValueError) as e:
             log.warning("refused the plan of epoch %d: %s", s.epoch, e)
             await link.send(Error(ErrorCode.PLAN, f"node {self.node_id}: {e}"))
@@ -183,6 +190,23 @@ class Worker:
             active.close()
             self._slot.release()
             self.sessions += 1
+
+    async def _check_addresses(self, plan: Plan, index: int, root_host: str) -> None:
+        """check_addresses; hosts named otherwise than the members (a name, an IP) are compared resolved."""
+        allowed = allowed_hosts(self.known(), root_host)
+        try:
+            check_addresses(plan, index, allowed)
+            return
+        except ValueError:
+            pass
+        ips: dict[str, set[str]] = {}
+        for host in allowed | dialed_hosts(plan, index):
+            with trio.move_on_after(2.0):
+                try:
+                    ips[host] = {a[4][0] for a in await trio.socket.getaddrinfo(host, None)}
+                except OSError:
+                    pass
+        check_addresses(plan, index, allowed, ips)
 
     async def _weights(self, link: TrioLink, s: Session) -> dict[str, Any] | None:
         """Need -> WeightChunks -> WeightsReady. -> the node's tensors, or None if the root stopped."""
@@ -324,7 +348,7 @@ class Worker:
     async def _steps(self, link: TrioLink, s: Session, index: int, tensors: dict[str, Any],
                      peers: list[socket.socket | None], keys: list[tuple[bytes, bytes] | None] | None = None) -> bool:
         """Build the engine and serve Steps, in one thread. -> whether the control connection goes on."""
-        ctl = link.blocking(self.t.idle)
+        ctl = link.blocking(self.t.send)  # its sends; each receive waits up to t.idle
 
         def interrupt() -> None:
             ctl.shutdown()
@@ -390,6 +414,14 @@ class Worker:
             if node is not None:
                 node.close()
 
+
+
+def _meminfo() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            return mem_available(f.read())
+    except OSError:
+        return None
 
 
 def _describe(msg: object) -> str:

@@ -31,6 +31,7 @@ from ..election import Member
 from ..error_codes import ErrorCode
 from ..formats import ModelConfig
 from ..scheduler import NodeSlice, Plan
+from .limits import BUFFERED, MAX_BODY, SMALL, Budget, unpack
 from .messages import (
     PROTOCOL_VERSION,
     ChatTurn,
@@ -55,7 +56,7 @@ from .reports import LeftOut, LinkRtt, NodeStatus, ProgressStatus, PushStatus, R
 MAGIC = b"DLP2"
 HEADER = struct.Struct(">4sBBI")  # magic, version, type, body length
 HEADER_SIZE = HEADER.size  # 10
-MAX_FRAME = 64 << 20  # body bytes
+MAX_FRAME = 8 << 20  # body bytes of any frame (each type has its own, lower limit: MAX_BODY)
 
 
 # --- errors ---------------------------------------------------------------------------------------
@@ -162,6 +163,13 @@ MESSAGE_TYPES: dict[MsgType, type] = {
     MsgType.DONE: Done,
 }
 TYPE_OF: dict[type, MsgType] = {cls: t for t, cls in MESSAGE_TYPES.items()}
+
+def max_body(msg_type: int) -> int:
+    """The most body bytes a frame of this type may carry (limits.MAX_BODY; an unknown type: SMALL)."""
+    try:
+        return MAX_BODY.get(MESSAGE_TYPES[MsgType(msg_type)], SMALL)
+    except (ValueError, KeyError):
+        return SMALL
 
 
 # --- field schemas: each dataclass's fields and their resolved types -------------------------------
@@ -286,7 +294,10 @@ def encode(msg: Message) -> bytes:
     cls = type(msg)
     if cls not in TYPE_OF:
         raise MalformedFrame(f"{cls.__name__} is not a protocol message")
-    body = msgpack.packb(_to_wire(msg, cls, cls.__name__), use_bin_type=True)
+    try:
+        body = msgpack.packb(_to_wire(msg, cls, cls.__name__), use_bin_type=True)
+    except OverflowError as e:  # an int over 64 bits
+        raise MalformedFrame(f"{cls.__name__}: {e}") from None
     if len(body) > MAX_FRAME:
         raise FrameTooLarge(f"{cls.__name__} frame of {len(body)} bytes is over the {MAX_FRAME}-byte limit")
     return HEADER.pack(MAGIC, PROTOCOL_VERSION, TYPE_OF[cls], len(body)) + body
@@ -298,8 +309,10 @@ def decode_body(msg_type: int, body: bytes) -> Message:
         cls = MESSAGE_TYPES[MsgType(msg_type)]
     except ValueError:
         raise UnknownMessageType(f"unknown message type {msg_type} ({len(body)}-byte frame skipped)") from None
+    if len(body) > max_body(msg_type):
+        raise FrameTooLarge(f"{cls.__name__} body of {len(body)} bytes is over its {max_body(msg_type)}-byte limit")
     try:
-        value = msgpack.unpackb(body, raw=False, use_list=False, strict_map_key=True)
+        value = unpack(body)
     except (ValueError, TypeError) as e:  # msgpack's own errors are ValueErrors; unhashable keys TypeError
         raise MalformedFrame(f"{cls.__name__} body is not valid msgpack: {e}") from None
     msg = _dataclass_from_wire(cls, value, cls.__name__)
@@ -328,11 +341,21 @@ class FrameDecoder:
     stream. After MalformedFrame / UnknownMessageType the bad frame is consumed and decoding goes on.
     """
 
-    def __init__(self, max_frame: int = MAX_FRAME) -> None:
+    def __init__(self, max_frame: int = MAX_FRAME, budget: Budget = BUFFERED) -> None:
         self.max_frame = max_frame
         self._buf = bytearray()
         self._fatal: ProtocolError | None = None
         self._deferred: ProtocolError | None = None
+        self._budget = budget
+        self._taken = 0  # of the budget, for the large frame being buffered
+
+    def __del__(self) -> None:
+        self._release()
+
+    def _release(self) -> None:
+        if self._taken:
+            self._budget.give(self._taken)
+            self._taken = 0
 
     @property
     def buffered(self) -> int:
@@ -344,13 +367,17 @@ class FrameDecoder:
             self._buf += data
 
     def next_message(self) -> Message | None:
+        frame = self.next_frame()
+        return None if frame is None else self.decode(*frame)
+
+    def next_frame(self) -> tuple[int, bytes] | None:
+        """The next whole frame's (type, body), not decoded yet (decode it with `decode`), or None."""
         if self._fatal is not None:
             raise self._fatal
         try:
             header = self._check_header()
         except ProtocolError as e:
-            self._fatal = e
-            self._buf.clear()
+            self._fail(e)
             raise
         if header is None:
             return None
@@ -361,13 +388,22 @@ class FrameDecoder:
         with memoryview(self._buf) as view:  # one copy of the body; the view is released before the del
             body = view[HEADER_SIZE:end].tobytes()
         del self._buf[:end]
+        self._release()
+        return msg_type, body
+
+    def decode(self, msg_type: int, body: bytes) -> Message:
+        """A frame from next_frame -> its message (may run in another thread: it touches no buffer)."""
         try:
             return decode_body(msg_type, body)
         except ProtocolError as e:
             if e.fatal:
-                self._fatal = e
-                self._buf.clear()
+                self._fail(e)
             raise
+
+    def _fail(self, e: ProtocolError) -> None:
+        self._fatal = e
+        self._buf.clear()
+        self._release()
 
     def feed(self, data: bytes | bytearray | memoryview) -> list[Message]:
         self.receive(data)
@@ -410,4 +446,12 @@ class FrameDecoder:
         _, _, msg_type, length = HEADER.unpack_from(buf)
         if length > self.max_frame:
             raise FrameTooLarge(f"frame of {length} bytes is over the {self.max_frame}-byte limit")
+        if length > max_body(msg_type):
+            raise FrameTooLarge(f"frame of type {msg_type} and {length} bytes is over that type's "
+                                f"{max_body(msg_type)}-byte limit")
+        if length > SMALL and not self._taken and len(buf) < HEADER_SIZE + length:
+            if not self._budget.take(length):
+                raise FrameTooLarge(f"frame of {length} bytes: the daemon's {self._budget.total}-byte budget of "
+                                    "partial large frames is spent")
+            self._taken = length
         return msg_type, length

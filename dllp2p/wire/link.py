@@ -33,11 +33,14 @@ import trio
 
 from ..clusterkey import ClusterKey
 from .codec import HEADER, HEADER_SIZE, MAGIC, FrameDecoder, Message, encode
+from .limits import OFF_LOOP
 from .messages import Error, MeshHello
 from .secure import ANSWER_SIZE, FINISH_SIZE, HELLO_SIZE, LENGTH, Channel, Initiator, Responder
 from .secure import MAGIC as SECURE_MAGIC
 
 RECV_BYTES = 1 << 16
+FIRST_FRAME = 1 << 20  # body bytes of a connection's first frame (Hello, MeshHello, Status, Generate)
+SEND_TIMEOUT = 30.0  # seconds a send may wait for a peer to read: one that stops reading is dropped
 MESH_BUFFER = 1 << 20  # SO_SNDBUF / SO_RCVBUF of mesh sockets
 
 
@@ -85,6 +88,7 @@ class TrioLink:
         self.decoder = decoder or FrameDecoder()
         self.channel = channel  # None: plain frames (no cluster key: loopback only)
         self._write_lock = trio.StrictFIFOLock()
+        self.send_timeout = SEND_TIMEOUT
 
     async def send(self, msg: Message) -> None:
         await self.send_frame(encode(msg))
@@ -93,22 +97,26 @@ class TrioLink:
         async with self._write_lock:
             if self.channel is not None:
                 frame = self.channel.seal(frame)
-            try:
-                await self.stream.send_all(frame)
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
-                raise LinkClosed(f"{self.peer}: connection lost while sending ({e})") from None
+            with trio.move_on_after(self.send_timeout) as scope:
+                try:
+                    await self.stream.send_all(frame)
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
+                    raise LinkClosed(f"{self.peer}: connection lost while sending ({e})") from None
+            if scope.cancelled_caught:  # a peer that stops reading is dropped: the stream is unusable now
+                await trio.aclose_forcefully(self.stream)
+                raise LinkTimeout(f"{self.peer}: did not read for {self.send_timeout:g} s; dropped")
 
     async def receive(self, timeout: float) -> Message:
         """The next message. Raises LinkClosed (EOF included), LinkTimeout, ProtocolError."""
         with trio.move_on_after(timeout) as scope:
-            while (msg := self.decoder.next_message()) is None:
+            while (frame := self.decoder.next_frame()) is None:
                 data = await self._receive_some()
                 if not data:
                     self.decoder.eof()
                     raise LinkClosed(f"{self.peer} closed the connection")
                 self.decoder.receive(data if self.channel is None else self.channel.receive(data))
-            return msg
-        assert scope.cancelled_caught
+        if not scope.cancelled_caught:
+            return await _decode(self.decoder, frame)  # a weight chunk, a Session: in a thread
         raise LinkTimeout(f"{self.peer}: nothing received for {timeout:g} s")
 
     async def _receive_some(self) -> bytes:
@@ -135,11 +143,11 @@ async def receive_one_frame(stream: trio.SocketStream, peer: str, timeout: float
     Raises LinkClosed, LinkTimeout, ProtocolError (SecureError: a record that does not open)."""
     if channel is not None:
         return await _receive_one_sealed_frame(stream, peer, timeout, channel)
-    decoder = FrameDecoder()
+    decoder = FrameDecoder(FIRST_FRAME)
     header = bytearray()
     read = 0
     with trio.move_on_after(timeout):
-        while (msg := decoder.next_message()) is None:
+        while (frame := decoder.next_frame()) is None:
             end = HEADER_SIZE if read < HEADER_SIZE else HEADER_SIZE + HEADER.unpack(header)[3]
             try:
                 data = await stream.receive_some(end - read)
@@ -151,21 +159,28 @@ async def receive_one_frame(stream: trio.SocketStream, peer: str, timeout: float
                 header += data
             read += len(data)
             decoder.receive(data)
-        return msg
+        return await _decode(decoder, frame)
     raise LinkTimeout(f"{peer}: no whole frame within {timeout:g} s")
+
+
+async def _decode(decoder: FrameDecoder, frame: tuple[int, bytes]) -> Message:
+    """A frame's message; a body over OFF_LOOP is decoded in a thread (trio's loop serves on meanwhile)."""
+    if len(frame[1]) > OFF_LOOP:
+        return await trio.to_thread.run_sync(decoder.decode, *frame)
+    return decoder.decode(*frame)
 
 
 async def _receive_one_sealed_frame(stream: trio.SocketStream, peer: str, timeout: float,
                                     channel: Channel) -> Message:
-    decoder = FrameDecoder()
+    decoder = FrameDecoder(FIRST_FRAME)
     with trio.move_on_after(timeout):
-        while (msg := decoder.next_message()) is None:
+        while (frame := decoder.next_frame()) is None:
             length = await _receive_exactly(stream, LENGTH.size, peer)
             channel.receive(length)
             size = channel.next_record_size()
             assert size is not None
             decoder.receive(channel.receive(await _receive_exactly(stream, size, peer)))
-        return msg
+        return await _decode(decoder, frame)
     raise LinkTimeout(f"{peer}: no whole frame within {timeout:g} s")
 
 

@@ -27,6 +27,7 @@ from ..scheduler import Peer, Plan
 
 PROTOCOL_VERSION = 3  # 2: Plan.exchange; 3: Step.top
 MAX_CHUNK = 4 << 20  # weight bytes per WeightChunk
+MAX_TOKEN_ID = (1 << 31) - 1  # token ids are int32 in the compiled code; each node checks them against its vocabulary
 
 ROLES = ("root", "worker")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -118,7 +119,8 @@ class Step:
 
     def __post_init__(self) -> None:
         _need(min(self.epoch, self.seq, self.start_pos) >= 0, "negative epoch, seq or start_pos")
-        _need(len(self.tokens) >= 1 and min(self.tokens) >= 0, "tokens must be one or more ids >= 0")
+        _need(len(self.tokens) >= 1 and min(self.tokens) >= 0 and max(self.tokens) <= MAX_TOKEN_ID,
+              f"tokens must be one or more ids in 0..{MAX_TOKEN_ID}")
         _need(0 <= self.top <= MAX_TOP, f"top {self.top} outside 0..{MAX_TOP}")
 
 
@@ -293,7 +295,7 @@ class Generate:
 
     def __post_init__(self) -> None:
         _need(self.steps >= 1 and self.ctx >= 2, f"steps {self.steps} < 1 or ctx {self.ctx} < 2")
-        _need(all(t >= 0 for t in self.tokens), "a negative token id")
+        _need(all(0 <= t <= MAX_TOKEN_ID for t in self.tokens), f"a token id outside 0..{MAX_TOKEN_ID}")
         _need(bool(self.prompt) or bool(self.tokens) or bool(self.messages), "an empty prompt")
         _need(0 <= self.hops <= MAX_HOPS, f"hops {self.hops} not in 0..{MAX_HOPS}")
         _need(len(self.stop) <= MAX_STOPS and all(0 < len(s) <= 256 for s in self.stop),
