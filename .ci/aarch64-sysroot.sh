@@ -10,12 +10,13 @@
 #   debs/      the downloaded .debs;  .stamp: hash of this script, written last (present = complete)
 # Needs: apt with the arm64 architecture added (this script adds it when run as root), qemu-user-static
 # (installed when run as root and missing), and a host Python with pip ($PYTHON, default python3).
-# Idempotent: returns at once when .stamp matches this script; any change to this file rebuilds.
+# Idempotent: returns at once when .stamp matches this script and pyproject.toml; a change to either rebuilds.
 set -euo pipefail
 DIR="${DLLP2P_AARCH64_DIR:-$HOME/.cache/dllp2p-aarch64}"
 PYTHON="${PYTHON:-python3}"
 HERE="$(cd "$(dirname "$0")" && pwd)"
-STAMP="$(sha256sum "$HERE/aarch64-sysroot.sh" | cut -c1-16)"
+# the stamp covers this script and pyproject.toml, whose runtime dependencies the sysroot gets
+STAMP="$(cat "$HERE/aarch64-sysroot.sh" "$HERE/../pyproject.toml" | sha256sum | cut -c1-16)"
 if [[ -f "$DIR/.stamp" && "$(cat "$DIR/.stamp")" == "$STAMP" ]]; then
     echo "aarch64 sysroot: cached in $DIR"; exit 0
 fi
@@ -44,14 +45,14 @@ if ! ( cd "$DIR/debs" && apt-get download -qq "${DEBS[@]/%/:arm64}" ) 2>/dev/nul
     ( cd "$DIR/debs" && apt-get download -qq "${DEBS[@]/%/:arm64}" )
 fi
 for deb in "$DIR"/debs/*.deb; do dpkg -x "$deb" "$DIR/sysroot"; done
+mapfile -t DEPS < <("$PYTHON" -c "import sys, tomllib; print('\n'.join(tomllib.load(open(sys.argv[1], 'rb'))['project']['dependencies']))" "$HERE/../pyproject.toml")
 # The runtime dependencies (pyproject.toml's, and gguf's own) and pytest + hypothesis, as aarch64 binary wheels for CPython 3.11
 # on glibc <= 2.36 (Debian 12 / Raspberry Pi OS bookworm).
 "$PYTHON" -m pip install -q --disable-pip-version-check --target "$DIR/site" --only-binary=:all: \
     --implementation cp --python-version 3.11 --abi cp311 \
     --platform manylinux_2_36_aarch64 --platform manylinux_2_34_aarch64 --platform manylinux_2_28_aarch64 \
     --platform manylinux2014_aarch64 --platform linux_aarch64 \
-    "numpy>=1.26" "llvmlite>=0.43" "trio>=0.22" "msgpack>=1.0" "zeroconf>=0.130" "rich>=13" "gguf>=0.10" \
-    "jinja2>=3.1" "regex>=2023.0" \
+    "${DEPS[@]}" \
     "pytest>=8" "hypothesis>=6"  # tests/aarch64_kernels.py reuses test_jit_kernels.py's helpers
 echo "$STAMP" > "$DIR/.stamp"
 echo "aarch64 sysroot: built in $DIR in $(( $(date +%s) - t0 )) s ($(du -sh "$DIR" | cut -f1))"

@@ -336,7 +336,7 @@ def test_model_config_travels_the_wire_unchanged():
 
     import msgpack
 
-    from dllp2p import protocol
+    from dllp2p.wire import codec as protocol
     from dllp2p.formats import ModelConfig
 
     c = ModelConfig("gemma3", 640, 6, 4, 1, 256, 2048, 1024, 32768, 1e6, 256, 1e-6, True, qk_norm=True,
