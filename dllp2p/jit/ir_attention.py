@@ -7,10 +7,10 @@ from __future__ import annotations
 import llvmlite.ir as ir
 
 from .compiler import Target
-from .ir_ops import _fconst, _fmuladd, _fvec, _minmax, has_native_f16, vexp, widen_f16
+from .ir_ops import has_native_f16, vexp, widen_f16
 from .irutil import (
-    F16, F32, I32, PTR, define, entry_alloca, for_range, gep, hmax, hsum, i32, i64, intrinsic, load, mask, splat,
-    store, vec,
+    F16, F32, I32, PTR, define, entry_alloca, fconst, fminmax, fmuladd, for_range, fvec, gep, hmax, hsum, i32, i64,
+    intrinsic, load, mask, splat, store, vec,
 )
 from .specs import KernelSpec
 
@@ -73,11 +73,11 @@ def emit_attention(module: ir.Module, spec: KernelSpec, target: Target) -> None:
     fn, b = define(module, spec.name, spec.signature)
     q, kc, vc, out, stats, scratch, t0, t1, n_heads, n_kv, hd_arg, ctx, h0, h1 = fn.args
     W = 8
-    vf, vh = _fvec(W), vec(F16, W)
+    vf, vh = fvec(W), vec(F16, W)
     sqrt = intrinsic(module, "llvm.sqrt.f32", F32, [F32])
     maxnum = intrinsic(module, "llvm.maxnum.f32", F32, [F32, F32])
     prefetch_fn = intrinsic(module, "llvm.prefetch.p0", ir.VoidType(), [PTR, I32, I32, I32])
-    scale = b.fdiv(_fconst(1.0), b.call(sqrt, [b.sitofp(hd_arg, F32)]))
+    scale = b.fdiv(fconst(1.0), b.call(sqrt, [b.sitofp(hd_arg, F32)]))
     zero = ir.Constant(vf, None)
     group = b.sdiv(n_heads, n_kv)
     last = b.sub(t1, i64(1))
@@ -160,7 +160,7 @@ def emit_attention(module: ir.Module, spec: KernelSpec, target: Target) -> None:
                         for j in range(P):
                             k = widen(rows[j], c)
                             for i in range(nh):
-                                b.store(_fmuladd(b, qc[i], k, get(accs[i][j])), accs[i][j])
+                                b.store(fmuladd(b, qc[i], k, get(accs[i][j])), accs[i][j])
                     for i, h in enumerate(heads):
                         vals = [get(a) for a in accs[i]]
                         s = _transpose_sum8(b, vals) if P == W else _transpose_sum4(b, vals)
@@ -172,7 +172,7 @@ def emit_attention(module: ir.Module, spec: KernelSpec, target: Target) -> None:
                     with for_range(b, i64(0), hd, W, name=f"tc{nh}") as c:
                         k = widen(row, c)
                         for i in range(nh):
-                            b.store(_fmuladd(b, f32(qs[i], c), k, get(slots[i])), slots[i])
+                            b.store(fmuladd(b, f32(qs[i], c), k, get(slots[i])), slots[i])
                     for i, h in enumerate(heads):
                         store(b, b.fmul(hsum(b, get(slots[i])), scale), srow(h), t, F32)
 
@@ -184,9 +184,9 @@ def emit_attention(module: ir.Module, spec: KernelSpec, target: Target) -> None:
             # 2. exp(score - max) of each head's scores, in place, their sum; out[h] = 0
             with for_range(b, ha, hb, name="sh") as h:
                 sc = srow(h)
-                b.store(_fconst(float("-inf"), W), mxv)
+                b.store(fconst(float("-inf"), W), mxv)
                 with for_range(b, t0, n8, W, name="m") as t:
-                    b.store(_minmax(b, "maxnum", get(mxv), f32(sc, t)), mxv)
+                    b.store(fminmax(b, "maxnum", get(mxv), f32(sc, t)), mxv)
                 b.store(hmax(b, module, get(mxv)), mx)
                 with for_range(b, n8, t1, name="mt") as t:
                     b.store(b.call(maxnum, [b.load(mx, typ=F32), load(b, sc, F32, t, F32)]), mx)
@@ -199,7 +199,7 @@ def emit_attention(module: ir.Module, spec: KernelSpec, target: Target) -> None:
                     b.store(b.fadd(get(sumv), e), sumv)
                 b.store(hsum(b, get(sumv)), total)
                 with for_range(b, n8, t1, name="et") as t:
-                    e = vexp(b, b.fsub(load(b, sc, _fvec(1), t, F32), splat(b, m, 1)))
+                    e = vexp(b, b.fsub(load(b, sc, fvec(1), t, F32), splat(b, m, 1)))
                     store(b, e, sc, t, F32)
                     b.store(b.fadd(b.load(total, typ=F32), b.extract_element(e, i32(0))), total)
                 store(b, m, stats, b.mul(h, i64(2)), F32)
@@ -226,7 +226,7 @@ def emit_attention(module: ir.Module, spec: KernelSpec, target: Target) -> None:
                     for j in range(nv):
                         v = widen(row, i64(W * j))
                         for i in range(nh):
-                            b.store(_fmuladd(b, ps[i], v, get(accs[i][j])), accs[i][j])
+                            b.store(fmuladd(b, ps[i], v, get(accs[i][j])), accs[i][j])
                 for i in range(nh):
                     for j in range(nv):
                         store(b, get(accs[i][j]), ohs[i], i64(W * j), F32)
@@ -266,29 +266,29 @@ def emit_attention_merge(module: ir.Module, spec: KernelSpec, target: Target) ->
     fn, b = define(module, spec.name, spec.signature)
     po, st, out, n_spans, n_heads, hd, h0, h1 = fn.args
     W = 8
-    vf = _fvec(W)
+    vf = fvec(W)
     maxnum = intrinsic(module, "llvm.maxnum.f32", F32, [F32, F32])
     mx = entry_alloca(b, F32, name="mx")
     total = entry_alloca(b, F32, name="total")
     span_heads = b.mul(n_heads, i64(2))
     with for_range(b, h0, h1, name="h") as h:
         stat = lambda j, k: load(b, st, F32, b.add(b.add(b.mul(j, span_heads), b.mul(h, i64(2))), i64(k)), F32)  # noqa: E731
-        b.store(_fconst(float("-inf")), mx)
+        b.store(fconst(float("-inf")), mx)
         with for_range(b, i64(0), n_spans, name="mj") as j:
             b.store(b.call(maxnum, [b.load(mx, typ=F32), stat(j, 0)]), mx)
         m = b.load(mx, typ=F32)
         oh = gep(b, out, b.mul(h, hd), F32)
         with for_range(b, i64(0), hd, W, name="z") as c:
             store(b, ir.Constant(vf, None), oh, c, F32)
-        b.store(_fconst(0.0), total)
+        b.store(fconst(0.0), total)
         with for_range(b, i64(0), n_spans, name="j") as j:
             w = b.extract_element(vexp(b, splat(b, b.fsub(stat(j, 0), m), 1)), i32(0))
-            b.store(_fmuladd(b, w, stat(j, 1), b.load(total, typ=F32)), total)
+            b.store(fmuladd(b, w, stat(j, 1), b.load(total, typ=F32)), total)
             pj = gep(b, po, b.add(b.mul(j, b.mul(n_heads, hd)), b.mul(h, hd)), F32)
             w_v = splat(b, w, W)
             with for_range(b, i64(0), hd, W, name="c") as c:
-                store(b, _fmuladd(b, w_v, load(b, pj, vf, c, F32), load(b, oh, vf, c, F32)), oh, c, F32)
-        inv = splat(b, b.fdiv(_fconst(1.0), b.load(total, typ=F32)), W)
+                store(b, fmuladd(b, w_v, load(b, pj, vf, c, F32), load(b, oh, vf, c, F32)), oh, c, F32)
+        inv = splat(b, b.fdiv(fconst(1.0), b.load(total, typ=F32)), W)
         with for_range(b, i64(0), hd, W, name="n") as c:
             store(b, b.fmul(load(b, oh, vf, c, F32), inv), oh, c, F32)
     b.ret_void()

@@ -10,7 +10,7 @@ import llvmlite.ir as ir
 
 from .compiler import Target
 from .irutil import (
-    F32, I8, I32, PTR, VOID, Signature, for_range, gep, i32, i64, intrinsic, load, mask, splat, store, vec,
+    F32, I32, I8, PTR, Signature, VOID, for_range, gep, i32, i64, intrinsic, load, mask, splat, store, vec,
 )
 from .layout import G
 
@@ -87,9 +87,6 @@ def _neon_sdot(b: ir.IRBuilder, target: Target, acc: ir.Value, a: ir.Value, s: i
     return b.shuffle_vector(halves[0], halves[1], mask(range(16)))
 
 
-def fmuladd(b: ir.IRBuilder, x: ir.Value, y: ir.Value, z: ir.Value) -> ir.Value:
-    fn = intrinsic(b.module, "llvm.fmuladd.v16f32", V16F32, [V16F32, V16F32, V16F32])
-    return b.call(fn, [x, y, z])
 
 
 def bcast4(b: ir.IRBuilder, ptr: ir.Value, off: ir.Value) -> ir.Value:

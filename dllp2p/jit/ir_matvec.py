@@ -12,16 +12,14 @@ import llvmlite.ir as ir
 
 from ..formats.quant import QK, QType
 from .compiler import Target
-from .ir_dot import (
-    V16I32, V64I8, V16F32, PAIR_GROUPS, TILE_SIG, dot4, fmuladd, bcast4, avx2_halves, prefetch, store_rows,
-)
+from .ir_dot import V16I32, V64I8, V16F32, PAIR_GROUPS, TILE_SIG, dot4, bcast4, avx2_halves, prefetch, store_rows
+from .ir_matvec_extra import _emit_tile_extra
 from .irutil import (
-    F16, F32, I8, I32, define, entry_alloca, for_range, gep, hmax, hsum, i32, i64, intrinsic, load, mask, splat,
-    splat_const, store, vec,
+    F16, F32, I32, I8, define, entry_alloca, fmuladd, for_range, gep, hmax, hsum, i32, i64, intrinsic, load, mask,
+    splat, splat_const, store, vec,
 )
 from .layout import EXTRA_TYPES, Q8_0_BLOCK, G, chunk_bytes
 from .specs import KernelSpec
-from .ir_matvec_extra import _emit_tile_extra
 
 # --- activation quantization ----------------------------------------------------------------------------
 

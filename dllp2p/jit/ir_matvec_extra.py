@@ -8,10 +8,10 @@ import llvmlite.ir as ir
 
 from ..formats.quant import IQ4_VALUES, QType
 from .compiler import Target
-from .ir_dot import V16I32, V64I8, V16F32, TILE_SIG, dot4, fmuladd, bcast4, avx2_halves, prefetch, store_rows
+from .ir_dot import V16I32, V64I8, V16F32, TILE_SIG, dot4, bcast4, avx2_halves, prefetch, store_rows
 from .irutil import (
-    F16, F32, I8, I32, I64, define, entry_alloca, for_range, gep, hsum, i32, i64, intrinsic, load, mask, splat,
-    splat_const, store, vec,
+    F16, F32, I32, I64, I8, define, entry_alloca, fmuladd, for_range, gep, hsum, i32, i64, intrinsic, load, mask,
+    splat, splat_const, store, vec,
 )
 from .layout import G, chunk_bytes, unit_values
 from .specs import KernelSpec

@@ -9,8 +9,8 @@ import llvmlite.ir as ir
 from ..formats.quant import QK, QType
 from .compiler import Target
 from .irutil import (
-    F16, F32, I8, I32, I64, define, entry_alloca, for_range, gep, hsum, i64, intrinsic, load, splat, store, vec,
-    vector_loop,
+    F16, F32, I32, I64, I8, define, entry_alloca, fconst, fminmax, fmuladd, for_range, fvec, gep, hsum, i64,
+    intrinsic, load, splat, store, vec, vector_loop,
 )
 from .layout import Q8_0_BLOCK, G, chunk_bytes
 from .specs import KernelSpec
@@ -18,8 +18,6 @@ from .specs import KernelSpec
 V16F32 = vec(F32, 16)
 
 
-def _fvec(n: int) -> ir.Type:
-    return vec(F32, n)
 
 
 def _exp(b: ir.IRBuilder, v: ir.Value) -> ir.Value:
@@ -28,34 +26,29 @@ def _exp(b: ir.IRBuilder, v: ir.Value) -> ir.Value:
     return b.call(intrinsic(b.module, name, v.type, [v.type]), [v])
 
 
-def _fmuladd(b: ir.IRBuilder, x: ir.Value, y: ir.Value, z: ir.Value) -> ir.Value:
-    name = f"llvm.fmuladd.v{x.type.count}f32" if isinstance(x.type, ir.VectorType) else "llvm.fmuladd.f32"
-    return b.call(intrinsic(b.module, name, x.type, [x.type] * 3), [x, y, z])
 
 
-def _fconst(v: float, n: int = 0) -> ir.Constant:
-    return ir.Constant(_fvec(n), [ir.Constant(F32, v)] * n) if n else ir.Constant(F32, v)
 
 
 def emit_rmsnorm(module: ir.Module, spec: KernelSpec, target: Target) -> None:
     fn, b = define(module, spec.name, spec.signature)
     x, w, out, n, eps = fn.args
     acc16 = entry_alloca(b, V16F32, ir.Constant(V16F32, None), "acc16")
-    acc1 = entry_alloca(b, _fvec(1), ir.Constant(_fvec(1), None), "acc1")
+    acc1 = entry_alloca(b, fvec(1), ir.Constant(fvec(1), None), "acc1")
 
     def squares(i, width):
-        v = load(b, x, _fvec(width), i, F32)
+        v = load(b, x, fvec(width), i, F32)
         slot = acc16 if width == 16 else acc1
-        b.store(_fmuladd(b, v, v, b.load(slot, typ=_fvec(width))), slot)
+        b.store(fmuladd(b, v, v, b.load(slot, typ=fvec(width))), slot)
 
     vector_loop(b, n, 16, squares)
-    ss = b.fadd(hsum(b, b.load(acc16, typ=V16F32)), b.extract_element(b.load(acc1, typ=_fvec(1)), ir.Constant(I32, 0)))
+    ss = b.fadd(hsum(b, b.load(acc16, typ=V16F32)), b.extract_element(b.load(acc1, typ=fvec(1)), ir.Constant(I32, 0)))
     sqrt = intrinsic(module, "llvm.sqrt.f32", F32, [F32])
     mean = b.fdiv(ss, b.sitofp(n, F32))
-    scale = b.fdiv(_fconst(1.0), b.call(sqrt, [b.fadd(mean, eps)]))
+    scale = b.fdiv(fconst(1.0), b.call(sqrt, [b.fadd(mean, eps)]))
 
     def apply(i, width):
-        v = b.fmul(b.fmul(load(b, x, _fvec(width), i, F32), splat(b, scale, width)), load(b, w, _fvec(width), i, F32))
+        v = b.fmul(b.fmul(load(b, x, fvec(width), i, F32), splat(b, scale, width)), load(b, w, fvec(width), i, F32))
         store(b, v, out, i, F32)
 
     vector_loop(b, n, 16, apply)
@@ -85,9 +78,6 @@ _ROUND_MAGIC = 12582912.0  # 1.5 * 2^23: adding it rounds an f32 of magnitude < 
 EXP_LO, EXP_HI = -104.0, 88.72  # inputs are clamped to this range (exp(-104) < 2^-150)
 
 
-def _minmax(b: ir.IRBuilder, name: str, x: ir.Value, y: ir.Value) -> ir.Value:
-    n = x.type.count
-    return b.call(intrinsic(b.module, f"llvm.{name}.v{n}f32", x.type, [x.type, x.type]), [x, y])
 
 
 def vexp(b: ir.IRBuilder, x: ir.Value) -> ir.Value:
@@ -99,19 +89,19 @@ def vexp(b: ir.IRBuilder, x: ir.Value) -> ir.Value:
     vi32 = vec(I32, n)
 
     def c(v: float) -> ir.Constant:
-        return _fconst(v, n)
+        return fconst(v, n)
 
     def ci(v: int) -> ir.Constant:
         return ir.Constant(vi32, [ir.Constant(I32, v)] * n)
 
-    x = _minmax(b, "minnum", _minmax(b, "maxnum", x, c(EXP_LO)), c(EXP_HI))
-    k = b.fsub(_fmuladd(b, x, c(_LOG2E), c(_ROUND_MAGIC)), c(_ROUND_MAGIC))  # round(x log2 e), exact integer
-    r = _fmuladd(b, k, c(-_LN2_HI), x)  # exact (Sterbenz)
-    r = _fmuladd(b, k, c(-_LN2_LO), r)
+    x = fminmax(b, "minnum", fminmax(b, "maxnum", x, c(EXP_LO)), c(EXP_HI))
+    k = b.fsub(fmuladd(b, x, c(_LOG2E), c(_ROUND_MAGIC)), c(_ROUND_MAGIC))  # round(x log2 e), exact integer
+    r = fmuladd(b, k, c(-_LN2_HI), x)  # exact (Sterbenz)
+    r = fmuladd(b, k, c(-_LN2_LO), r)
     p = c(_EXP_POLY[0])
     for coef in _EXP_POLY[1:]:
-        p = _fmuladd(b, p, r, c(coef))
-    y = b.fadd(_fmuladd(b, p, b.fmul(r, r), r), c(1.0))
+        p = fmuladd(b, p, r, c(coef))
+    y = b.fadd(fmuladd(b, p, b.fmul(r, r), r), c(1.0))
     ki = b.fptosi(k, vi32)  # in [-150, 128]: 2^k = 2^k1 * 2^k2 with k1, k2 in [-75, 64], both normal
     k1 = b.ashr(ki, ci(1))
     k2 = b.sub(ki, k1)
@@ -133,7 +123,7 @@ def widen_f16(b: ir.IRBuilder, raw: ir.Value, native: bool) -> ir.Value:
     target converts in hardware, else integer IR: the bits moved into place and the exponent rebased, f16
     subnormals renormalized by one f32 subtraction, inf/NaN given the all-ones exponent."""
     if native:
-        return b.fpext(raw, _fvec(raw.type.count))
+        return b.fpext(raw, fvec(raw.type.count))
     n = raw.type.count
     vi = vec(I32, n)
 
@@ -146,9 +136,9 @@ def widen_f16(b: ir.IRBuilder, raw: ir.Value, native: bool) -> ir.Value:
     e = b.and_(o, ci(0x0F800000))
     o = b.add(o, ci(112 << 23))  # exponent bias 15 -> 127
     o = b.select(b.icmp_unsigned("==", e, ci(0x0F800000)), b.add(o, ci(112 << 23)), o)  # inf/NaN: 255
-    sub = b.fsub(b.bitcast(b.add(o, ci(1 << 23)), _fvec(n)), _fconst(2.0**-14, n))  # 2^-14 (1 + m/1024) - 2^-14
+    sub = b.fsub(b.bitcast(b.add(o, ci(1 << 23)), fvec(n)), fconst(2.0**-14, n))  # 2^-14 (1 + m/1024) - 2^-14
     o = b.select(b.icmp_unsigned("==", e, ci(0)), b.bitcast(sub, vi), o)  # zero, subnormal
-    return b.bitcast(b.or_(o, sign), _fvec(n))
+    return b.bitcast(b.or_(o, sign), fvec(n))
 
 
 def emit_silu_mul(module: ir.Module, spec: KernelSpec, target: Target) -> None:
@@ -156,9 +146,9 @@ def emit_silu_mul(module: ir.Module, spec: KernelSpec, target: Target) -> None:
     gate, up, out, n = fn.args
 
     def body(i, width):
-        g = load(b, gate, _fvec(width), i, F32)
-        sig = b.fdiv(_fconst(1.0, width), b.fadd(_fconst(1.0, width), _exp(b, b.fsub(_fconst(0.0, width), g))))
-        store(b, b.fmul(b.fmul(g, sig), load(b, up, _fvec(width), i, F32)), out, i, F32)
+        g = load(b, gate, fvec(width), i, F32)
+        sig = b.fdiv(fconst(1.0, width), b.fadd(fconst(1.0, width), _exp(b, b.fsub(fconst(0.0, width), g))))
+        store(b, b.fmul(b.fmul(g, sig), load(b, up, fvec(width), i, F32)), out, i, F32)
 
     vector_loop(b, n, 16, body)
     b.ret_void()
@@ -176,12 +166,12 @@ def emit_gelu_tanh_mul(module: ir.Module, spec: KernelSpec, target: Target) -> N
     gate, up, out, n = fn.args
 
     def body(i, width):
-        g = load(b, gate, _fvec(width), i, F32)
+        g = load(b, gate, fvec(width), i, F32)
         g3 = b.fmul(b.fmul(g, g), g)
-        u = b.fmul(_fconst(GELU_C, width), _fmuladd(b, _fconst(GELU_K, width), g3, g))
-        e = vexp(b, b.fmul(_fconst(-2.0, width), u))
-        act = b.fdiv(g, b.fadd(_fconst(1.0, width), e))
-        store(b, b.fmul(act, load(b, up, _fvec(width), i, F32)), out, i, F32)
+        u = b.fmul(fconst(GELU_C, width), fmuladd(b, fconst(GELU_K, width), g3, g))
+        e = vexp(b, b.fmul(fconst(-2.0, width), u))
+        act = b.fdiv(g, b.fadd(fconst(1.0, width), e))
+        store(b, b.fmul(act, load(b, up, fvec(width), i, F32)), out, i, F32)
 
     vector_loop(b, n, 16, body)
     b.ret_void()
@@ -193,7 +183,7 @@ def emit_scale(module: ir.Module, spec: KernelSpec, target: Target) -> None:
     x, n, s = fn.args
 
     def body(i, width):
-        store(b, b.fmul(load(b, x, _fvec(width), i, F32), splat(b, s, width)), x, i, F32)
+        store(b, b.fmul(load(b, x, fvec(width), i, F32), splat(b, s, width)), x, i, F32)
 
     vector_loop(b, n, 16, body)
     b.ret_void()
@@ -204,7 +194,7 @@ def emit_add(module: ir.Module, spec: KernelSpec, target: Target) -> None:
     x, y, n = fn.args
 
     def body(i, width):
-        store(b, b.fadd(load(b, x, _fvec(width), i, F32), load(b, y, _fvec(width), i, F32)), x, i, F32)
+        store(b, b.fadd(load(b, x, fvec(width), i, F32), load(b, y, fvec(width), i, F32)), x, i, F32)
 
     vector_loop(b, n, 16, body)
     b.ret_void()
@@ -234,7 +224,7 @@ def emit_to_f16(module: ir.Module, spec: KernelSpec, target: Target) -> None:
     x, out, n = fn.args
 
     def body(i, width):
-        store(b, b.fptrunc(load(b, x, _fvec(width), i, F32), vec(F16, width)), out, i, F16)
+        store(b, b.fptrunc(load(b, x, fvec(width), i, F32), vec(F16, width)), out, i, F16)
 
     vector_loop(b, n, 16, body)
     b.ret_void()
@@ -250,7 +240,7 @@ def emit_embed(module: ir.Module, spec: KernelSpec, target: Target) -> None:
 
         def body(i, width):
             v = load(b, row, vec(elem, width), i, elem)
-            store(b, v if elem is F32 else b.fpext(v, _fvec(width)), out, i, F32)
+            store(b, v if elem is F32 else b.fpext(v, fvec(width)), out, i, F32)
 
         vector_loop(b, k, 16, body)
         b.ret_void()

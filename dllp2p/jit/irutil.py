@@ -160,3 +160,25 @@ def vector_loop(b: ir.IRBuilder, n: ir.Value, width: int, body: Callable[[ir.Val
         body(i, width)
     with for_range(b, main, n, 1, name="t") as i:
         body(i, 1)
+
+
+# --- f32 helpers the element-wise, attention and product kernels share (n = 0: a scalar) ---------------
+
+def fvec(n: int) -> ir.Type:
+    return vec(F32, n)
+
+
+def fconst(v: float, n: int = 0) -> ir.Constant:
+    return ir.Constant(fvec(n), [ir.Constant(F32, v)] * n) if n else ir.Constant(F32, v)
+
+
+def fmuladd(b: ir.IRBuilder, x: ir.Value, y: ir.Value, z: ir.Value) -> ir.Value:
+    """x * y + z, fused where the target can: scalars or any f32 vector."""
+    name = f"llvm.fmuladd.v{x.type.count}f32" if isinstance(x.type, ir.VectorType) else "llvm.fmuladd.f32"
+    return b.call(intrinsic(b.module, name, x.type, [x.type] * 3), [x, y, z])
+
+
+def fminmax(b: ir.IRBuilder, name: str, x: ir.Value, y: ir.Value) -> ir.Value:
+    """llvm.{name} (minnum, maxnum, ...) of two f32 vectors."""
+    n = x.type.count
+    return b.call(intrinsic(b.module, f"llvm.{name}.v{n}f32", x.type, [x.type, x.type]), [x, y])
