@@ -37,9 +37,8 @@ from .jit.family import LAYER_EXTRAS, arranged, layer_extras
 from .jit.layout import CANDIDATE, aligned_zeros
 from .jit.program import LAYER_MATRICES, ProgramSpec
 from .jit.specs import QUANT_WEIGHTS
-from .jit.tp_program import (
-    MAX_TOP, RECV_SPINS, RS_MIN_NODES, Partition, TPSlots, build_tp_program, bytes_per_step, top_of, tp_buffer_sizes,
-)
+from .jit.tp_partition import RS_MIN_NODES, Partition, TPSlots, bytes_per_step, top_of, tp_buffer_sizes
+from .jit.tp_program import MAX_TOP, RECV_SPINS, build_tp_program
 from .jit.tp_seal import AUTH_FAILED, KEY_BYTES, TAG
 from .jit.weights import LAYOUT_VERSION, PackedModel, cached, execution_order, pack
 from .scheduler import BLOCK_ROWS, Plan
