@@ -1,0 +1,88 @@
+"""The cost-model planner: a cluster's figures -> candidate plans, each priced, and the one to run.
+
+    candidates(shape, devices, kinds, exchanges)  every plan worth pricing on these nodes
+    rank(shape, devices, links, cands)            their Predictions, fastest first
+    choose(predictions, margin)                   the fastest, unless one with fewer nodes is within
+                                                  `margin` of it: never a plan predicted slower than a
+                                                  plan that uses fewer nodes
+
+Node 0 is the root and is in every plan (it holds the prompt and samples); the others join fastest
+first (highest GB/s, then index), as scheduler._choose takes peers by capacity. Pure: no I/O.
+
+Which kinds run today is RUNNABLE: tensor parallelism. Pipeline and hybrid plans are priced (`dllp2p
+plan --explain` shows them) and become choosable when the engine runs them (the "pipe" branch's
+candidate_plans): add their kinds to RUNNABLE then.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+from .costmodel import Candidate, DeviceFigures, LinkFigures, ModelShape, Prediction, predict, split_layers
+
+RUNNABLE = ("tp",)
+MARGIN = 0.02  # a plan with more nodes must be predicted this much faster to be chosen
+
+
+def node_order(devices: Sequence[DeviceFigures]) -> list[int]:
+    """The root, then the others fastest first."""
+    return [0] + sorted(range(1, len(devices)), key=lambda i: (-devices[i].gbps, i))
+
+
+def candidates(shape: ModelShape, devices: Sequence[DeviceFigures], kinds: Sequence[str] = RUNNABLE,
+               exchanges: Sequence[str] = ("exact",)) -> list[Candidate]:
+    """Tensor parallel over the first k nodes (k = 1..n, as the heads allow); pipelines of k >= 2
+    single-node stages (layers in proportion to GB/s); hybrids of s >= 2 stages of g >= 2 nodes."""
+    order = node_order(devices)
+    out: list[Candidate] = []
+    for k in range(1, len(order) + 1):
+        nodes = order[:k]
+        if "tp" in kinds and k <= shape.max_nodes:
+            out += [Candidate("tp", (tuple(nodes),), (shape.n_layers,), x) for x in (exchanges if k > 1 else exchanges[:1])]
+        if "pipeline" in kinds and 2 <= k <= shape.n_layers:
+            layers = split_layers(shape.n_layers, [devices[i].gbps for i in nodes])
+            out.append(Candidate("pipeline", tuple((i,) for i in nodes), layers))
+        if "hybrid" in kinds:
+            for g in range(2, min(k // 2, shape.max_nodes) + 1):
+                s = k // g
+                if s * g != k or s > shape.n_layers:
+                    continue
+                groups = tuple(tuple(nodes[j * g:(j + 1) * g]) for j in range(s))
+                layers = split_layers(shape.n_layers, [sum(devices[i].gbps for i in grp) for grp in groups])
+                out += [Candidate("hybrid", groups, layers, x) for x in exchanges]
+    return out
+
+
+def rank(shape: ModelShape, devices: Sequence[DeviceFigures], links: Sequence[LinkFigures],
+         cands: Sequence[Candidate]) -> list[Prediction]:
+    """Predictions, fastest first (ties: fewer nodes, then the order given)."""
+    preds = [predict(shape, devices, links, c) for c in cands]
+    order = sorted(range(len(preds)), key=lambda i: (preds[i].total_ms, preds[i].candidate.n_nodes, i))
+    return [preds[i] for i in order]
+
+
+def choose(preds: Sequence[Prediction], margin: float = MARGIN) -> Prediction:
+    """The fastest feasible prediction, or the one with the fewest nodes within `margin` of it."""
+    ok = [p for p in preds if p.feasible]
+    if not ok:
+        raise ValueError("no candidate fits the nodes' memory")
+    best = min(ok, key=lambda p: p.total_ms)
+    near = [p for p in ok if p.total_ms <= best.total_ms * (1 + margin)]
+    return min(near, key=lambda p: (p.candidate.n_nodes, p.total_ms))
+
+
+@dataclass(frozen=True)
+class Choice:
+    """What the root decided: the chosen plan and every candidate it priced (fastest first)."""
+
+    chosen: Prediction
+    ranked: tuple[Prediction, ...]
+
+
+def plan_for(shape: ModelShape, devices: Sequence[DeviceFigures], links: Sequence[LinkFigures],
+             kinds: Sequence[str] = RUNNABLE, exchanges: Sequence[str] = ("exact",),
+             margin: float = MARGIN) -> Choice:
+    """Price every candidate of `kinds` and choose among them."""
+    ranked = rank(shape, devices, links, candidates(shape, devices, kinds, exchanges))
+    return Choice(choose(ranked, margin), tuple(ranked))
