@@ -13,8 +13,8 @@ from typing import Mapping, Sequence
 
 from . import __version__, bench, clusterkey, config, daemon
 from .clusterkey import ClusterKey
-from .commands import chat, key, run, status
-from .config import DEFAULT_API_PORT, DEFAULT_PORT, EXCHANGES, LOCAL_DAEMON, POLICIES
+from .commands import chat, key, plan, run, status
+from .config import DEFAULT_API_PORT, DEFAULT_PORT, EXCHANGES, LOCAL_DAEMON, PLANS, POLICIES
 from .config import cache_dir, state_dir
 from .daemon import DaemonConfig
 from .errors import user_facing_errors
@@ -126,9 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="default info")
     daemon.add_argument("--exchange", choices=EXCHANGES, action=_Given,
                         help="as root: exact (default, bit-identical to one node) or q8 (fewer bytes; see run)")
-    daemon.add_argument("--plan", choices=POLICIES, action=_Given,
-                        help="as root: pow2 (default) = 2^n nodes, equal slices; weighted = every node the "
-                             "model's KV heads allow, slices by capacity (see run)")
+    daemon.add_argument("--plan", choices=PLANS, action=_Given,
+                        help="as root: auto (default) = the cost model picks how many nodes from this machine's "
+                             "measured compute, the workers' and the links' (`dllp2p plan`); pow2 = 2^n nodes, "
+                             "equal slices; weighted = every node the model's KV heads allow, slices by capacity")
     daemon.add_argument("--api", metavar="HOST:PORT", action=_Given,
                         help=f"where to serve the OpenAI-compatible HTTP API (default 127.0.0.1:{DEFAULT_API_PORT}; 'off': "
                              "none; beyond loopback it needs the cluster key, and clients the bearer key of `dllp2p key show "
@@ -166,6 +167,14 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes (default 1)")
     status.add_argument("--timeout", type=float, default=2.0, help="seconds to wait for the daemon (default 2)")
     status.add_argument("--key-file", help=KEY_FILE_HELP)
+
+    plan_ = sub.add_parser("plan", help="the plans the root priced (cost model): predicted and measured ms/token")
+    plan_.add_argument("--host", default="127.0.0.1", help="the daemon to ask (default 127.0.0.1)")
+    plan_.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"its port (default {DEFAULT_PORT})")
+    plan_.add_argument("--json", action="store_true", help="print the candidates and figures as JSON")
+    plan_.add_argument("--explain", action="store_true", help="where the time goes, and every node's figures")
+    plan_.add_argument("--timeout", type=float, default=2.0, help="seconds to wait for a daemon (default 2)")
+    plan_.add_argument("--key-file", help=KEY_FILE_HELP)
     return parser
 
 
@@ -327,6 +336,15 @@ def status_main(ns: argparse.Namespace) -> int:
     return status.watch(address, ns.interval, ns.timeout, key=cluster_key)
 
 
+def plan_main(ns: argparse.Namespace) -> int:
+    if ns.timeout <= 0:
+        raise ValueError("--timeout must be > 0")
+    doc = plan.show(format_address(ns.host, ns.port), ns.timeout, as_json=ns.json, explain=ns.explain,
+                    key=client_key(ns.key_file, os.environ))
+    print(json.dumps(doc, indent=2) if ns.json else plan.render(doc, ns.explain))
+    return 0
+
+
 def key_main(ns: argparse.Namespace) -> int:
     """dllp2p key new | show | set."""
     if ns.key_command == "show":
@@ -366,6 +384,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return daemon.main(cfg)
         if ns.command == "status":
             return status_main(ns)
+        if ns.command == "plan":
+            return plan_main(ns)
         if ns.command == "key":
             return key_main(ns)
     except user_facing_errors() as e:  # may quote a peer (a daemon's Error): escaped

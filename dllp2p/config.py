@@ -15,7 +15,8 @@ File: /etc/dllp2p/config.toml (DLLP2P_CONFIG or --config name another), a [daemo
     log_level = "info"          # debug, info, warning, error
     model = "/srv/models/m.gguf"           # served when this daemon is root (default: the installed SmolLM2)
     exchange = "exact"          # as root: "exact" (bit-identical to one node) or "q8" (fewer bytes, 2 exchanges/layer)
-    plan = "pow2"               # as root: "pow2" (2^n nodes, equal slices) or "weighted" (every node the KV heads allow)
+    plan = "auto"               # as root: "auto" (the cost model picks the nodes: measured compute, links; the
+                                # default), "pow2" (2^n nodes, equal slices), "weighted" (every node the heads allow)
     api = "127.0.0.1:7341"      # the OpenAI-compatible HTTP API (loopback: no credential; beyond: bearer key); "off"
     api_ctx = 2048              # the context (KV positions) of its requests: the longest prompt + reply
     api_hosts = ["pi.home"]     # names the API answers to besides IP literals, localhost and its listen host
@@ -83,7 +84,7 @@ DEFAULTS: dict[str, Any] = {
     "log_level": "info",
     "model": None,  # the installed SmolLM2, if any
     "exchange": "exact",
-    "plan": "pow2",
+    "plan": "auto",
     "api": f"127.0.0.1:{DEFAULT_API_PORT}",  # "off": none
     "api_ctx": 2048,  # the context (KV positions) of the API's requests
     "api_hosts": [],  # Host names the API answers to besides IP literals, localhost and its listen host
@@ -92,6 +93,7 @@ DEFAULTS: dict[str, Any] = {
 }
 EXCHANGES = ("exact", "q8")  # scheduler.EXCHANGES (not imported: this module stays dependency-free)
 POLICIES = ("pow2", "weighted")  # scheduler.POLICIES
+PLANS = ("auto", *POLICIES)  # "auto": planner.py picks how many nodes (a weighted plan of that many)
 
 
 class ConfigError(ValueError):
@@ -177,8 +179,8 @@ def check(settings: Mapping[str, Any], where: str) -> dict[str, Any]:
             raise ConfigError(f"{where}: log_level {value!r} is not one of {', '.join(LOG_LEVELS)}")
         if key == "exchange" and value not in EXCHANGES:
             raise ConfigError(f"{where}: exchange {value!r} is not one of {', '.join(EXCHANGES)}")
-        if key == "plan" and value not in POLICIES:
-            raise ConfigError(f"{where}: plan {value!r} is not one of {', '.join(POLICIES)}")
+        if key == "plan" and value not in PLANS:
+            raise ConfigError(f"{where}: plan {value!r} is not one of {', '.join(PLANS)}")
         out[key] = value
     return out
 

@@ -17,7 +17,7 @@ candidate_plans): add their kinds to RUNNABLE then.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Collection, Sequence
 
 from .costmodel import Candidate, DeviceFigures, LinkFigures, ModelShape, Prediction, predict, split_layers
 
@@ -31,14 +31,17 @@ def node_order(devices: Sequence[DeviceFigures]) -> list[int]:
 
 
 def candidates(shape: ModelShape, devices: Sequence[DeviceFigures], kinds: Sequence[str] = RUNNABLE,
-               exchanges: Sequence[str] = ("exact",)) -> list[Candidate]:
-    """Tensor parallel over the first k nodes (k = 1..n, as the heads allow); pipelines of k >= 2
-    single-node stages (layers in proportion to GB/s); hybrids of s >= 2 stages of g >= 2 nodes."""
-    order = node_order(devices)
+               exchanges: Sequence[str] = ("exact",), *, ordered: bool = False,
+               allowed: Collection[int] | None = None) -> list[Candidate]:
+    """Tensor parallel over the first k nodes (k = 1..n, as the heads allow: `allowed` node counts, or up
+    to shape.max_nodes); pipelines of k >= 2 single-node stages (layers in proportion to GB/s); hybrids
+    of s >= 2 stages of g >= 2 nodes. ordered: the devices are in the order nodes join (the scheduler's),
+    else fastest first."""
+    order = list(range(len(devices))) if ordered else node_order(devices)
     out: list[Candidate] = []
     for k in range(1, len(order) + 1):
         nodes = order[:k]
-        if "tp" in kinds and k <= shape.max_nodes:
+        if "tp" in kinds and k <= shape.max_nodes and (allowed is None or k in allowed):
             out += [Candidate("tp", (tuple(nodes),), (shape.n_layers,), x) for x in (exchanges if k > 1 else exchanges[:1])]
         if "pipeline" in kinds and 2 <= k <= shape.n_layers:
             layers = split_layers(shape.n_layers, [devices[i].gbps for i in nodes])
@@ -82,7 +85,7 @@ class Choice:
 
 def plan_for(shape: ModelShape, devices: Sequence[DeviceFigures], links: Sequence[LinkFigures],
              kinds: Sequence[str] = RUNNABLE, exchanges: Sequence[str] = ("exact",),
-             margin: float = MARGIN) -> Choice:
-    """Price every candidate of `kinds` and choose among them."""
-    ranked = rank(shape, devices, links, candidates(shape, devices, kinds, exchanges))
+             margin: float = MARGIN, **which: Any) -> Choice:
+    """Price every candidate of `kinds` (candidates' `ordered`, `allowed`) and choose among them."""
+    ranked = rank(shape, devices, links, candidates(shape, devices, kinds, exchanges, **which))
     return Choice(choose(ranked, margin), tuple(ranked))

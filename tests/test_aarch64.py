@@ -186,7 +186,7 @@ def test_x86_daemon_and_aarch64_daemon_give_the_single_node_text(sysroot, model_
     def daemon_args(i: int) -> list[str]:
         return ["-m", "dllp2p.cli", "daemon", "--host", "127.0.0.1", "--port", str(ports[i]), "--threads", "1",
                 "--state-dir", str(tmp_path / f"state{i}"), "--cluster", name, "--no-discovery", "--api", "off",
-                "--peer", f"127.0.0.1:{ports[1 - i]}", "--model", str(model_file)]
+                "--peer", f"127.0.0.1:{ports[1 - i]}", "--model", str(model_file), "--plan", "pow2"]
 
     x86_env = {**os.environ, "DLLP2P_CACHE_DIR": str(tmp_path / "x86"), "PYTHONPATH": str(ROOT)}
     x86_env.pop(TARGET_ENV, None)

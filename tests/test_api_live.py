@@ -36,7 +36,7 @@ class LiveDaemon:
         self.cluster = "api-test-" + secrets.token_hex(4)
         cmd = [sys.executable, "-m", "dllp2p.cli", "daemon", "--host", "127.0.0.1", "--port", "0", "--threads", "1",
                "--state-dir", str(tmp / "state"), "--no-discovery", "--cluster", self.cluster,
-               "--config", str(tmp / "config.toml"), *extra]
+               "--config", str(tmp / "config.toml"), "--plan", "pow2", *extra]
         if model is not None:
             cmd += ["--model", str(model)]
         env = {"PATH": "/usr/bin:/bin", "DLLP2P_CACHE_DIR": str(tmp / "cache"), "HOME": str(tmp),

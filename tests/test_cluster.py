@@ -219,7 +219,8 @@ def test_worker_of_another_protocol_version_is_named():
 
 
 # `dllp2p daemon` as a test worker: hermetic (no mDNS, no HTTP API, the tests' own cluster name)
-DAEMON = [sys.executable, "-m", "dllp2p.cli", "daemon", "--no-discovery", "--api", "off", "--cluster", fake_tp.TEST_CLUSTER]
+DAEMON = [sys.executable, "-m", "dllp2p.cli", "daemon", "--no-discovery", "--api", "off", "--cluster", fake_tp.TEST_CLUSTER,
+          "--plan", "pow2"]  # no figures to measure (`--plan auto`, the default, measures this machine once)
 
 
 def start_worker(state_dir: Path, *command: str) -> tuple[subprocess.Popen, str]:

@@ -46,7 +46,8 @@ def test_precedence_file_env_flags(tmp_path):
     assert config(tmp_path, [], {}).exchange == "exact"
     assert config(tmp_path, [], {"DLLP2P_EXCHANGE": "q8"}).exchange == "q8"
     assert config(tmp_path, ["--exchange", "exact"], {"DLLP2P_EXCHANGE": "q8"}).exchange == "exact"
-    assert config(tmp_path, [], {}).policy == "pow2"
+    assert config(tmp_path, [], {}).policy == "auto"  # the cost model (planner.py) is the default
+    assert config(tmp_path, [], {"DLLP2P_PLAN": "auto"}, '[daemon]\nplan = "pow2"').policy == "auto"
     assert config(tmp_path, [], {}, '[daemon]\nplan = "weighted"').policy == "weighted"
     assert config(tmp_path, [], {"DLLP2P_PLAN": "weighted"}).policy == "weighted"
     assert config(tmp_path, ["--plan", "pow2"], {"DLLP2P_PLAN": "weighted"}).policy == "pow2"
@@ -90,7 +91,7 @@ def test_bad_files(tmp_path, text, match):
     ({"DLLP2P_DISCOVERY": "maybe"}, "DLLP2P_DISCOVERY='maybe'"),
     ({"DLLP2P_LOG_LEVEL": "loud"}, "log_level 'loud'"),
     ({"DLLP2P_EXCHANGE": "f16"}, "exchange 'f16' is not one of exact, q8"),
-    ({"DLLP2P_PLAN": "all"}, "plan 'all' is not one of pow2, weighted"),
+    ({"DLLP2P_PLAN": "all"}, "plan 'all' is not one of auto, pow2, weighted"),
 ])
 def test_bad_environment(env, match):
     with pytest.raises(ConfigError, match=match):

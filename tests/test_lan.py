@@ -80,7 +80,7 @@ class Lan:
     def start(self, i: int) -> None:
         cmd = [*CLI, "daemon", "--host", address(i, False), "--port", str(PORT), "--threads", "1", "--cluster",
                "lan-test", "--state-dir", str(self.tmp_path / f"d{i}"), "--model", str(self.model),
-               "--key-file", self.key_file]
+               "--key-file", self.key_file, "--plan", "pow2"]
         p = subprocess.Popen(in_ns(self.names[i], *cmd), stderr=subprocess.PIPE, text=True, cwd=ROOT_DIR)
         self.logs[i] = []
         threading.Thread(target=lambda: self.logs[i].extend(p.stderr), daemon=True).start()

@@ -58,7 +58,7 @@ class Daemons:
         cmd = [*CLI, "daemon", "--host", "127.0.0.1", "--port", str(self.ports[i]), "--threads", "1",
                "--state-dir", str(self.tmp_path / f"d{i}"), "--no-discovery", *(["--peer", *peers] if peers else []),
                "--cluster", self.cluster, *([] if "--api" in extra else ["--api", f"127.0.0.1:{free_port()}"]),
-               "--key-file", KEY_FILE, *extra]
+               "--key-file", KEY_FILE, "--plan", "pow2", *extra]  # the node counts these tests expect
         if self.model is not None:
             cmd += ["--model", str(self.model)]
         p = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, cwd=ROOT_DIR)

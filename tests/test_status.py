@@ -259,7 +259,7 @@ def start_daemon(state_dir: Path, *flags: str) -> tuple[subprocess.Popen, str, P
     log_path = state_dir.with_suffix(".log")
     p = subprocess.Popen([sys.executable, "-m", "dllp2p.cli", "daemon", "--host", "127.0.0.1", "--port", "0",
                           "--threads", "1", "--state-dir", str(state_dir), "--no-discovery", "--api", "off",
-                          "--cluster", fake_tp.TEST_CLUSTER, *flags],
+                          "--cluster", fake_tp.TEST_CLUSTER, "--plan", "pow2", *flags],
                          stderr=log_path.open("w"), cwd=ROOT_DIR, env={**os.environ, "DLLP2P_CONFIG": ""})
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:

@@ -63,6 +63,8 @@ from ..wire.link import (
 from ..wire.messages import Error, Generate, Hello, MeshHello
 from ..wire.reports import Status, StatusReply
 from ..wire.secure import Channel, HandshakeFailed, SecureError
+from ..session.autoplan import NodeFacts
+from . import figures
 from .membership import Membership
 from .probes import status_reply
 from .prompts import PromptSlot
@@ -89,7 +91,7 @@ class DaemonConfig:
     peers: tuple[str, ...] = ()  # "host:port" of daemons polled with Status (where multicast is blocked)
     static: StaticOptions = field(default_factory=StaticOptions)
     model: Path | None = None  # the GGUF this daemon serves prompts with when it is root
-    policy: str = "pow2"  # scheduler policy of the plans it makes as root
+    policy: str = "pow2"  # of the plans it makes as root: "auto" (the cost model; measures this machine), "pow2", "weighted"
     exchange: str = "exact"  # and their exchange (scheduler.EXCHANGES)
     api: str | None = None  # "host:port" of the OpenAI-compatible HTTP API (api.py); None: off
     api_ctx: int = 2048  # the context (KV positions) of the API's requests
@@ -133,6 +135,7 @@ class Daemon:
                              config.key, known=self._member_addresses)
         self.root_service = RootService(config.model, self.node_id, config.threads, config.policy, self.t, self._tp,
                                         exchange=config.exchange, cache_dir=config.cache_dir, key=config.key)
+        self.figures: figures.Measured | None = None  # measured by _measure ("auto" plans)
         self.prompts = PromptSlot(self.node_id, self.membership, self.root_service, slot, self.t, config.key)
 
     def _new_id(self) -> str:
@@ -178,9 +181,22 @@ class Daemon:
             e = self.membership.election()
             log.info("this node is %s", e.role(self.node_id) if e.root is not None else "alone")
             nursery.start_soon(self.root_service.keep_warm)
+            if c.policy == "auto":
+                nursery.start_soon(self._measure)
             if c.api is not None:
                 await self._start_api(nursery)
             task_status.started(self.address)
+
+    async def _measure(self) -> None:
+        """(a task) This machine's figures for the cost model, once (figures.py; cached on disk): the
+        worker's Hellos carry them, the root service plans with them, Status shows them."""
+        c = self.config
+        m = await trio.to_thread.run_sync(figures.measure, c.threads, c.cache_dir, c.state_dir, abandon_on_cancel=True)
+        self.figures = m
+        self.worker.figures = m
+        self.root_service.figures = NodeFacts(self.node_id, float(c.capacity or c.threads), m.gbps, m.disk_gbps, m.ram)
+        log.info("measured: %.1f GB/s of Q4_0 weights on %d threads, disk %.2f GB/s, %.1f GB for weights",
+                 m.gbps, c.threads, m.disk_gbps, m.ram / 1e9)
 
     async def _start_api(self, nursery: trio.Nursery) -> None:
         """The HTTP API (api.py) in nursery; it hands its prompts to the prompt slot in this process (a sink
@@ -195,7 +211,7 @@ class Daemon:
         return self.membership.election()
 
     def status(self, seq: int) -> StatusReply:
-        return status_reply(seq, self.membership, self.worker, self.root_service)
+        return status_reply(seq, self.membership, self.worker, self.root_service, self.figures)
 
     # --- one connection ---
 

@@ -1,17 +1,18 @@
 """What a daemon answers a Status with: its membership with roles, the plan it serves, its last step, its
-weight push, its latest set-up's progress as root, and its process's and machine's resources, read
-from /proc when it answers."""
+weight push, its latest set-up's progress as root, its process's and machine's resources, read
+from /proc when it answers (with its measured figures), and the plans its latest prompt priced."""
 
 from __future__ import annotations
 
 import os
 import re
+from dataclasses import replace
 
 from ..wire.reports import LeftOut, NodeStatus, ProgressStatus, Resources, StatusReply
 from .membership import Membership
 
 
-def status_reply(seq: int, membership: Membership, worker, root_service) -> StatusReply:  # noqa: ANN001
+def status_reply(seq: int, membership: Membership, worker, root_service, measured=None) -> StatusReply:  # noqa: ANN001
     """What this daemon knows now: compatible members in succession order, root first. `worker`: its
     session.worker.Worker; `root_service`: its session.service.RootService."""
     m = membership
@@ -24,9 +25,11 @@ def status_reply(seq: int, membership: Membership, worker, root_service) -> Stat
     links = tuple(m.link_rtt[n] for n in sorted(m.link_rtt) if n in listed)
     progress = tuple(ProgressStatus(p.task, p.subject, p.done, p.total) for p in root_service.progress.progress.values())
     left_out = tuple(LeftOut(x.node_id, x.address, str(x.code), x.reason, x.until) for x in root_service.left_out_now())
-    return StatusReply(seq, m.node_id, nodes, the_plan, worker.last_step, worker.sessions,
-                       resources(m.me.cores if m.me else 1, m.me.ram if m.me else 0), links, worker.push, progress,
-                       left_out)
+    res = resources(m.me.cores if m.me else 1, m.me.ram if m.me else 0)
+    if measured is not None:  # daemon/figures.Measured
+        res = replace(res, gbps=max(0.0, measured.gbps), disk_gbps=max(0.0, measured.disk_gbps))
+    return StatusReply(seq, m.node_id, nodes, the_plan, worker.last_step, worker.sessions, res, links, worker.push,
+                       progress, left_out, getattr(root_service, "plan_estimates", tuple)())
 
 
 def resources(cores: int, ram: int) -> Resources:

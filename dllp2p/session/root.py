@@ -68,6 +68,7 @@ from ..wire.messages import (
     Stop,
     WeightsReady,
 )
+from . import autoplan
 from .progress import BUILD, PUSH, Note, Progress, Sink, ignore
 
 ROOT_EPOCH = 0  # a re-plan after a lost node will take the next one
@@ -87,7 +88,7 @@ class ClusterError(ConnectionError):
 @dataclass(frozen=True)
 class ClusterOptions:
     workers: tuple[str, ...]  # "host:port" of each worker's daemon
-    policy: str = "pow2"  # scheduler policy: "pow2" or "weighted"
+    policy: str = "pow2"  # scheduler policy: "pow2" or "weighted", or "auto" (the cost model picks the nodes)
     timeouts: Timeouts = field(default_factory=Timeouts)
     cache_dir: Any = None  # the root engine's cache (kernels, packed weights); None: the engine's default
     exchange: str = "exact"  # scheduler.EXCHANGES
@@ -95,6 +96,8 @@ class ClusterOptions:
     # may have died since they were last polled), instead of failing the run (`run --workers`)
     skip_unreachable: bool = False
     key: ClusterKey | None = None  # the cluster key every connection to the workers is made with
+    figures: autoplan.NodeFacts | None = None  # the root's measured figures ("auto"); None: assumed
+    link_mbps: tuple[tuple[str, float], ...] = ()  # (node id, MB/s) of earlier timed pushes ("auto")
 
 
 @dataclass
@@ -105,6 +108,8 @@ class Worker:
     index: int = -1  # in the plan; -1: left out
     received_bytes: int = 0  # weight bytes pushed to it
     cached: int = 0  # slices it had already
+    rtt_ms: float = 0.0  # Hello sent -> its Hello received
+    push_s: float = 0.0  # Need received -> WeightsReady received, when it received bytes
 
     @property
     def name(self) -> str:
@@ -170,6 +175,12 @@ class ClusterEngine:
         self._tp = tp
         self._seq = 0
         self._closed = False
+        self.choice: Any = None  # planner.Choice when the plan was "auto"
+
+    def push_rates(self, min_bytes: int) -> dict[str, float]:
+        """MB/s of the set-up's weight push to each worker that received at least min_bytes (by node id)."""
+        return {w.hello.node_id: w.received_bytes / w.push_s / 1e6 for w in self._workers
+                if w.received_bytes >= min_bytes and w.push_s > 0}
 
     @classmethod
     def connect(cls, model: Any, options: ClusterOptions, ctx: int, threads: int | None = None, *,
@@ -281,8 +292,13 @@ async def start(model: Any, options: ClusterOptions, ctx: int, threads: int, tp:
         slices = slices or tp.node_tensors
         workers = [w for w in await _gather([partial(hello, a, root, t, options.key) for a in options.workers])
                    if w is not None]
+        policy, max_nodes, choice = options.policy, None, None
+        if policy == "auto":
+            choice = _auto(model, options, root, workers)
+            policy, max_nodes = "weighted", choice.chosen.candidate.n_nodes
+            events(Note(f"auto plan: {choice.chosen.candidate.label}, predicted {choice.chosen.total_ms:.1f} ms/token"))
         the_plan = plan(config, [root.peer("")] + [w.hello.peer(w.address) for w in workers], epoch,
-                        options.policy, exchange=options.exchange, block=tp.split_block(model))
+                        policy, exchange=options.exchange, block=tp.split_block(model), max_nodes=max_nodes)
         for w in workers:
             w.index = next((n.index for n in the_plan.nodes if n.node_id == w.hello.node_id), -1)
         for w in [w for w in workers if w.index < 0]:
@@ -334,7 +350,19 @@ async def start(model: Any, options: ClusterOptions, ctx: int, threads: int, tp:
         raise
     stats = ClusterStats(the_plan.n_nodes, the_plan.policy, the_plan.exchange, sum(w.received_bytes for w in workers),
                          sum(w.cached for w in workers), time.perf_counter() - t0)
-    return ClusterEngine(config, ctx, the_plan, node, peers, workers, tp, stats)
+    engine = ClusterEngine(config, ctx, the_plan, node, peers, workers, tp, stats)
+    engine.choice = choice
+    return engine
+
+
+def _auto(model: Any, options: ClusterOptions, root: Hello, workers: list[Worker]) -> Any:
+    """The planner's choice (planner.Choice) for these workers: autoplan.py."""
+    me = options.figures or autoplan.NodeFacts(root.node_id, root.capacity)
+    pushed = dict(options.link_mbps)
+    facts = [replace(me, node_id=root.node_id, capacity=root.capacity, rtt_ms=0.0)]
+    facts += [autoplan.NodeFacts(w.hello.node_id, w.hello.capacity, w.hello.gbps, w.hello.disk_gbps, w.hello.ram,
+                                 w.rtt_ms, pushed.get(w.hello.node_id, 0.0)) for w in workers]
+    return autoplan.choose(model, facts, options.exchange)[0]
 
 
 async def _gather(fns: Sequence[Callable[[], Awaitable[Any]]]) -> list[Any]:
@@ -368,8 +396,10 @@ async def _hello(address: str, root: Hello, t: Timeouts, key: ClusterKey | None 
     except (LinkClosed, LinkTimeout, HandshakeFailed) as e:
         raise ClusterError(f"worker {address}: {_said(address, e)}") from None
     try:
+        t0 = time.perf_counter()
         await link.send(root)
         reply = await link.receive(t.hello)
+        rtt_ms = (time.perf_counter() - t0) * 1e3
         if isinstance(reply, Error):
             raise ClusterError(f"worker {address} refused: {reply.message}")
         if not isinstance(reply, Hello) or reply.role != "worker":
@@ -383,7 +413,7 @@ async def _hello(address: str, root: Hello, t: Timeouts, key: ClusterKey | None 
     except BaseException:
         await link.aclose()
         raise
-    return Worker(address, reply, link)
+    return Worker(address, reply, link, rtt_ms=rtt_ms)
 
 
 async def _expect(w: Worker, cls: type, timeout: float) -> Any:
@@ -412,6 +442,7 @@ async def _push(w: Worker, model: Any, the_plan: Plan, ctx: int, t: Timeouts, sl
         if unknown:
             raise ClusterError(f"{w.name} asked for a slice it was not given ({unknown[0][:16]}..)")
         total, done = sum(by_hash[h].data.nbytes for h in need.sha256s), 0
+        t0 = time.perf_counter()
         if total:
             events(Progress(PUSH, w.name, 0, total))
         for h in need.sha256s:
@@ -425,6 +456,7 @@ async def _push(w: Worker, model: Any, the_plan: Plan, ctx: int, t: Timeouts, sl
     except (LinkClosed, LinkTimeout) as e:
         raise ClusterError(f"{w.name}: {_said(w.address, e)}") from None
     w.received_bytes, w.cached = ready.received_bytes, ready.cached
+    w.push_s = time.perf_counter() - t0 if total else 0.0
 
 
 async def _dial(w: Worker, the_plan: Plan, root_id: str, t: Timeouts,

@@ -46,6 +46,7 @@ from ..error_codes import CodedError, ErrorCode, code_of
 from ..errors import user_facing_errors
 from ..formats import load_model
 from ..generate import GenerationStats, StopFilter, generate
+from ..planner import RUNNABLE
 from ..prompt import chat_tokens, prompt_tokens
 from ..sampler import Sampler, SamplerConfig
 from ..scheduler import Peer, Plan, plan
@@ -55,6 +56,8 @@ from ..wire.codec import ProtocolError
 from ..wire.link import LinkClosed, LinkTimeout, TrioLink, first_error
 from ..wire.messages import MAX_HOPS, Done, Error, Generate, TokenChunk
 from ..wire.secure import HandshakeFailed
+from ..wire.reports import PlanEstimate
+from .autoplan import PUSH_MIN, NodeFacts
 from .checks import MAX_CTX, MEMORY_SHARE, mem_available
 from .progress import Latest, LogEvents
 from .root import ClusterError, ClusterOptions, start
@@ -116,6 +119,24 @@ class RootService:
         self.last_plan: Plan | None = None  # of the latest request (Status shows it)
         self._warm: _Warm | None = None  # the last request's engine, kept for the next one
         self._left_out: dict[str, _LeftOut] = {}  # address -> a worker planned without for a while (disk full)
+        self.figures: NodeFacts | None = None  # this machine's measured figures (the daemon sets them)
+        self._link_mbps: dict[str, float] = {}  # node id -> MB/s of the latest timed push to it
+        self.last_choice: Any = None  # planner.Choice of the latest "auto" plan
+        self.last_measured_ms = 0.0  # ms per decoded token of the latest request (0: none)
+
+    def plan_estimates(self) -> tuple[PlanEstimate, ...]:
+        """The candidates the latest "auto" plan priced, fastest first; the chosen one with the measured
+        ms per decoded token of the latest request (Status, `dllp2p plan`)."""
+        c = self.last_choice
+        if c is None:
+            return ()
+        out = []
+        for p in c.ranked:
+            chosen = p is c.chosen
+            out.append(PlanEstimate(p.candidate.label, p.candidate.n_nodes, p.total_ms, p.compute_ms, p.latency_ms,
+                                    p.transfer_ms, p.stream_ms, self.last_measured_ms if chosen else 0.0, chosen,
+                                    p.candidate.kind in RUNNABLE))
+        return tuple(out)
 
     def left_out_now(self) -> list[_LeftOut]:
         """Workers this root plans without at this moment (Status shows them)."""
@@ -194,6 +215,7 @@ class RootService:
         if stats.reused_tokens:
             lines += (f"{stats.reused_tokens} of the {len(ids)} prompt tokens were in the kept session's KV cache",)
         self._warm = _Warm(key, engine, the_plan, trio.current_time() + WARM_S, stats.kv_tokens)
+        self.last_measured_ms = 1e3 / stats.decode_tok_s if stats.decode_tok_s > 0 else 0.0
         await link.send(Done(stats.prompt_tokens, stats.generated_tokens, stats.prefill_tok_s, stats.decode_tok_s,
                              the_plan.n_nodes, self.node_id, lines, stats.stop_reason))
 
@@ -264,17 +286,21 @@ class RootService:
         """A ClusterEngine over this root and the workers, or a JIT engine when there are none."""
         if workers:
             options = ClusterOptions(tuple(workers), self.policy, self.timeouts, exchange=self.exchange,
-                                     skip_unreachable=True, cache_dir=self.cache_dir, key=self.key)
+                                     skip_unreachable=True, cache_dir=self.cache_dir, key=self.key,
+                                     figures=self.figures, link_mbps=tuple(self._link_mbps.items()))
             tp = self._tp()
             if self._slices is None:
                 self._slices = PlanSlices(tp.node_tensors)
             self.progress.clear()
             engine = await start(model, options, ctx, self.threads, tp, self.progress, node_id=self.node_id,
                                  epoch=epoch, slices=self._slices)
+            self._link_mbps.update(engine.push_rates(PUSH_MIN) if hasattr(engine, "push_rates") else {})
+            self.last_choice, self.last_measured_ms = getattr(engine, "choice", None), 0.0
             return engine, engine.plan
         from ..jit.engine import JITEngine  # llvmlite: loaded by the first prompt served alone
 
-        alone = plan(model.config, [Peer(self.node_id, "", self.threads, float(self.threads))], epoch, self.policy,
+        policy = "weighted" if self.policy == "auto" else self.policy
+        alone = plan(model.config, [Peer(self.node_id, "", self.threads, float(self.threads))], epoch, policy,
                      exchange=self.exchange)
         extra = {} if self.cache_dir is None else {"cache_dir": self.cache_dir}
         return await trio.to_thread.run_sync(lambda: JITEngine(model, ctx, self.threads, **extra)), alone

@@ -125,11 +125,14 @@ class Worker:
         self.last_step: StepStatus | None = None  # written by the session thread, read by Status
         self.push: PushStatus | None = None  # the weight push of the latest session
         self.sessions = 0  # sessions ended, however they ended
+        self.figures: Any = None  # daemon/figures.Measured, once measured: its Hellos carry them
 
     async def control(self, link: TrioLink, hello: Hello) -> None:
         if hello.role != "root":
             raise UnexpectedMessage(f"a control connection comes from a root, this Hello is from a {hello.role}")
-        await link.send(Hello(PROTOCOL_VERSION, self.node_id, "worker", self.threads, self.capacity))
+        f = self.figures
+        await link.send(Hello(PROTOCOL_VERSION, self.node_id, "worker", self.threads, self.capacity,
+                              gbps=f.gbps if f else 0.0, disk_gbps=f.disk_gbps if f else 0.0, ram=f.ram if f else 0))
         log.info("root %s (node %s) connected", link.peer, hello.node_id)
         while True:
             try:

@@ -40,6 +40,8 @@ def slice_nbytes(qtype: QType, shape: tuple[int, ...]) -> int:
 
 # --- messages -------------------------------------------------------------------------------------
 
+WIRE_OPTIONAL = {"wire_optional": True}  # field metadata: may be absent from a body (decoded as its default)
+
 
 def _need(ok: bool, problem: str) -> None:
     if not ok:
@@ -56,9 +58,15 @@ class Hello:
     threads: int
     capacity: float  # relative speed, e.g. measured memory GB/s
     cache_keys: tuple[str, ...] = ()  # sha256 of the weight slices the node holds
+    # the node's measured figures for the cost model (daemon/figures.py; 0: not measured)
+    gbps: float = dataclasses.field(default=0.0, metadata=WIRE_OPTIONAL)  # GB/s of weights per token, its kernels
+    disk_gbps: float = dataclasses.field(default=0.0, metadata=WIRE_OPTIONAL)  # reading its slice cache's disk
+    ram: int = dataclasses.field(default=0, metadata=WIRE_OPTIONAL)  # bytes its weights may use
 
     def __post_init__(self) -> None:
         _need(bool(self.node_id), "node_id is empty")
+        _need(all(math.isfinite(x) and x >= 0 for x in (self.gbps, self.disk_gbps)) and self.ram >= 0,
+              "measured figures must be finite and >= 0")
         _need(self.role in ROLES, f"role {self.role!r} is not one of {ROLES}")
         _need(self.threads >= 1, f"threads {self.threads} < 1")
         _need(math.isfinite(self.capacity) and self.capacity > 0, f"capacity {self.capacity} is not finite and > 0")
@@ -250,9 +258,6 @@ class Ready:
     def __post_init__(self) -> None:
         _need(self.epoch >= 0, f"epoch {self.epoch} < 0")
         _need(bool(self.node_id), "node_id is empty")
-
-
-WIRE_OPTIONAL = {"wire_optional": True}  # field metadata: may be absent from a body (decoded as its default)
 
 
 CHAT_ROLES = ("system", "user", "assistant")

@@ -66,11 +66,15 @@ class Resources:
     ram_available: int  # bytes the machine can still give (MemAvailable; 0: unknown)
     load1: float  # 1-minute load average (runnable tasks, all cores together)
     cores: int  # cores the daemon may run on
+    # its measured figures for the cost model (daemon/figures.py; 0: not measured)
+    gbps: float = dataclasses.field(default=0.0, metadata=WIRE_OPTIONAL)  # GB/s of weights per token, its kernels
+    disk_gbps: float = dataclasses.field(default=0.0, metadata=WIRE_OPTIONAL)
 
     def __post_init__(self) -> None:
         _need(min(self.rss, self.ram, self.ram_available) >= 0, "negative memory size")
         _need(math.isfinite(self.load1) and self.load1 >= 0, "load must be finite and >= 0")
         _need(self.cores >= 1, f"cores {self.cores} < 1")
+        _need(all(math.isfinite(x) and x >= 0 for x in (self.gbps, self.disk_gbps)), "figures must be finite and >= 0")
 
 
 @dataclass(frozen=True)
@@ -140,6 +144,29 @@ class ProgressStatus:
 
 
 @dataclass(frozen=True)
+class PlanEstimate:
+    """One candidate plan the answering root priced for its latest prompt (planner.py), in ms per token:
+    predicted (and its parts), and measured when it is the plan that ran (0: not run)."""
+
+    label: str  # e.g. "tp 2 exact", "pipeline 1+1"
+    nodes: int
+    predicted_ms: float
+    compute_ms: float
+    latency_ms: float  # exchanges x one-way latency
+    transfer_ms: float  # bytes / bandwidth
+    stream_ms: float  # disk reads not hidden
+    measured_ms: float  # of the plan that ran, per decoded token (0: not run or not yet)
+    chosen: bool
+    runnable: bool  # a kind this version runs (planner.RUNNABLE); the others are priced only
+
+    def __post_init__(self) -> None:
+        _need(bool(self.label) and self.nodes >= 1, "a plan estimate without label or nodes")
+        parts = (self.compute_ms, self.latency_ms, self.transfer_ms, self.stream_ms, self.measured_ms)
+        _need(all(math.isfinite(x) and x >= 0 for x in parts) and self.predicted_ms >= 0,
+              "plan estimates must be finite and >= 0 (predicted may be inf: does not fit)")
+
+
+@dataclass(frozen=True)
 class StatusReply:
     """Daemon -> asker: its membership with roles (root first, then the succession), the plan of its
     session if one runs, else (on the root) of the latest prompt it served (every node's slice), its
@@ -156,6 +183,7 @@ class StatusReply:
     push: PushStatus | None = dataclasses.field(default=None, metadata=WIRE_OPTIONAL)  # of its latest session
     progress: tuple[ProgressStatus, ...] = dataclasses.field(default=(), metadata=WIRE_OPTIONAL)  # its latest set-up, as root
     left_out: tuple[LeftOut, ...] = dataclasses.field(default=(), metadata=WIRE_OPTIONAL)  # workers it plans without, as root
+    plans: tuple[PlanEstimate, ...] = dataclasses.field(default=(), metadata=WIRE_OPTIONAL)  # priced for its latest prompt, as root
 
     def __post_init__(self) -> None:
         _need(self.seq >= 0 and self.sessions >= 0, "negative seq or session count")
