@@ -57,6 +57,19 @@ def candidates(shape: ModelShape, devices: Sequence[DeviceFigures], kinds: Seque
     return out
 
 
+def candidate_of(p: Any, ids: Sequence[str], n_layers: int) -> Candidate:
+    """A plan as the cost model's Candidate over nodes indexed as in `ids` (node ids): a scheduler Plan
+    (.nodes, .exchange) is "tp"; a pipeline plan (.stages, each with .layers (l0, l1) and a tensor-parallel
+    .plan) is "pipeline" when every stage is one node, else "hybrid". The pipe branch's candidate_plans
+    give these; RUNNABLE then lists their kinds."""
+    index = {node_id: i for i, node_id in enumerate(ids)}
+    if not hasattr(p, "stages"):
+        return Candidate("tp", (tuple(index[n.node_id] for n in p.nodes),), (n_layers,), p.exchange)
+    stages = tuple(tuple(index[n.node_id] for n in s.plan.nodes) for s in p.stages)
+    layers = tuple(s.layers[1] - s.layers[0] for s in p.stages)
+    return Candidate("pipeline" if all(len(s) == 1 for s in stages) else "hybrid", stages, layers, p.exchange)
+
+
 def rank(shape: ModelShape, devices: Sequence[DeviceFigures], links: Sequence[LinkFigures],
          cands: Sequence[Candidate]) -> list[Prediction]:
     """Predictions, fastest first (ties: fewer nodes, then the order given)."""

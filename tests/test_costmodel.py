@@ -14,7 +14,7 @@ from dllp2p import calibration as cal
 from dllp2p.costmodel import (Candidate, CostModelError, DeviceFigures, LinkFigures, ModelShape, group_exchange,
                               predict, split_layers)
 from dllp2p.formats import ModelConfig
-from dllp2p.planner import candidates, choose, plan_for, rank
+from dllp2p.planner import candidate_of, candidates, choose, plan_for, rank
 
 TOLERANCE = 0.15
 # Entries the one set of figures cannot match, and why (calibration.py's docstring): the paper's 7B
@@ -135,3 +135,18 @@ def test_bad_figures_and_candidates_are_named_errors():
     with pytest.raises(CostModelError):
         predict(SHAPE, (FAST,), (TEN_GBIT,), Candidate("tp", ((0,),), (31,)))
     assert split_layers(32, [1, 1, 2]) == (8, 8, 16)
+
+
+def test_plans_of_the_scheduler_and_of_pipelines_become_candidates():
+    from dllp2p.scheduler import Peer, plan
+
+    c = config()
+    ids = ["r", "a", "b"]
+    p = plan(c, [Peer(i, f"{i}:1", 1, 1.0) for i in ids], 0, "weighted", exchange="q8")
+    assert candidate_of(p, ids, c.n_layers) == Candidate("tp", ((0, 1, 2),), (4,), "q8")
+    node = lambda i: SimpleNamespace(node_id=i)  # noqa: E731 - pipeline plans as the pipe branch shapes them
+    stage = lambda l0, l1, *who: SimpleNamespace(layers=(l0, l1), plan=SimpleNamespace(nodes=[node(i) for i in who]))  # noqa: E731
+    pipe = SimpleNamespace(stages=(stage(0, 1, "a"), stage(1, 4, "r")), exchange="exact")
+    assert candidate_of(pipe, ids, 4) == Candidate("pipeline", ((1,), (0,)), (1, 3))
+    hybrid = SimpleNamespace(stages=(stage(0, 2, "a", "b"), stage(2, 4, "r")), exchange="exact")
+    assert candidate_of(hybrid, ids, 4).kind == "hybrid"
