@@ -34,12 +34,12 @@ def test_autoplan_choice_is_the_plan_the_scheduler_makes():
     """The chosen k over nodes in scheduler order gives exactly scheduler.plan(weighted, max_nodes=k)."""
     model = fake_tp.model()
     fast_link = dict(rtt_ms=0.01, mbps=5000.0)
-    facts = [autoplan.NodeFacts("root", 1.0, gbps=1.0),
-             autoplan.NodeFacts("b", 1.0, gbps=1.0, **fast_link), autoplan.NodeFacts("a", 3.0, gbps=3.0, **fast_link)]
+    facts = [autoplan.NodeFacts("root", 1.0, gbps=1.0),  # declared capacities (threads) disagree with GB/s
+             autoplan.NodeFacts("b", 5.0, gbps=1.0, **fast_link), autoplan.NodeFacts("a", 1.0, gbps=3.0, **fast_link)]
     choice, order = autoplan.choose(model, facts, "exact")
-    assert [n.node_id for n in order] == ["root", "a", "b"]  # capacity, then node id: scheduler._choose
+    assert [n.node_id for n in order] == ["root", "a", "b"]  # GB/s, then node id: scheduler._choose
     k = choice.chosen.candidate.n_nodes
-    peers = [Peer(n.node_id, f"h{i}:1", 1, n.capacity) for i, n in enumerate(facts)]
+    peers = [Peer(n.node_id, f"h{i}:1", 1, n.gbps) for i, n in enumerate(facts)]  # root.py: capacity = GB/s
     p = plan(model.config, peers, 0, "weighted", max_nodes=k)
     assert [n.node_id for n in p.nodes] == [n.node_id for n in order[:k]]
     # a link 1000x slower per exchange: the root alone

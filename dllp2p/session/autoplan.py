@@ -2,13 +2,14 @@
 
 What the root knows when it plans (session/root.py, after the Hellos):
     itself    its daemon's measured figures (daemon/figures.py), in ClusterOptions.figures
-    workers   the figures each sent in its Hello (0: not measured: taken as the root's, scaled by the
-              capacities both declared); the Hello's round trip (sent -> answered, on the fresh link)
+    workers   the figures each sent in its Hello (0: not measured yet: taken as the root's); the Hello's
+              round trip (sent -> answered, on the fresh link)
     links     MB/s: the latest weight push to that node when it moved at least PUSH_MIN bytes
               (RootService remembers them by node id), else DEFAULT_MBPS (Gigabit Ethernet)
 The model's shape comes from its file's tensor sizes (the bytes a token reads). The candidates are
 tensor-parallel plans over the first k nodes in the scheduler's own order (scheduler._choose), so the
-chosen k is exactly the plan scheduler.plan(..., "weighted", max_nodes=k) makes.
+chosen k is exactly the plan scheduler.plan(..., "weighted", max_nodes=k) makes; root.py gives that
+plan the same GB/s as capacities, so the slices are the shares the model priced.
 """
 
 from __future__ import annotations
@@ -55,11 +56,10 @@ def model_shape(model: Any) -> ModelShape:
 
 def figures(nodes: Sequence[NodeFacts]) -> tuple[tuple[DeviceFigures, ...], tuple[LinkFigures, ...]]:
     """DeviceFigures and LinkFigures per node; unknowns as the module's docstring says."""
-    root = nodes[0]
-    root_gbps = root.gbps or DEFAULT_GBPS
+    root_gbps = nodes[0].gbps or DEFAULT_GBPS
     devices, links = [], []
     for n in nodes:
-        gbps = n.gbps or root_gbps * n.capacity / root.capacity
+        gbps = n.gbps or root_gbps
         devices.append(DeviceFigures(gbps=gbps, ram_bytes=float(n.ram) if n.ram else float("inf"),
                                      disk_gbps=n.disk_gbps or 0.5))
         links.append(LinkFigures(rtt_ms=n.rtt_ms or DEFAULT_RTT_MS, mbps=n.mbps or DEFAULT_MBPS))
@@ -67,8 +67,11 @@ def figures(nodes: Sequence[NodeFacts]) -> tuple[tuple[DeviceFigures, ...], tupl
 
 
 def scheduler_order(nodes: Sequence[NodeFacts]) -> list[NodeFacts]:
-    """The root, then the others as scheduler._choose takes them (capacity, then node id)."""
-    return [nodes[0], *sorted(nodes[1:], key=lambda n: (-n.capacity, n.node_id))]
+    """The root, then the others as scheduler._choose takes them once their capacities are the GB/s
+    the model assumes (figures): fastest first, then node id."""
+    devices, _ = figures(nodes)
+    rest = sorted(range(1, len(nodes)), key=lambda i: (-devices[i].gbps, nodes[i].node_id))
+    return [nodes[0], *(nodes[i] for i in rest)]
 
 
 def choose(model: Any, nodes: Sequence[NodeFacts], exchange: str) -> tuple[Choice, list[NodeFacts]]:

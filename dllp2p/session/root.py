@@ -293,12 +293,14 @@ async def start(model: Any, options: ClusterOptions, ctx: int, threads: int, tp:
         workers = [w for w in await _gather([partial(hello, a, root, t, options.key) for a in options.workers])
                    if w is not None]
         policy, max_nodes, choice = options.policy, None, None
-        if policy == "auto":
-            choice = _auto(model, options, root, workers)
+        peers = [root.peer("")] + [w.hello.peer(w.address) for w in workers]
+        if policy == "auto":  # the cost model's node count; slices by the GB/s it assumed for each node
+            choice, rates = _auto(model, options, root, workers)
             policy, max_nodes = "weighted", choice.chosen.candidate.n_nodes
+            peers = [replace(p, capacity=rates[p.node_id]) for p in peers]
             events(Note(f"auto plan: {choice.chosen.candidate.label}, predicted {choice.chosen.total_ms:.1f} ms/token"))
-        the_plan = plan(config, [root.peer("")] + [w.hello.peer(w.address) for w in workers], epoch,
-                        policy, exchange=options.exchange, block=tp.split_block(model), max_nodes=max_nodes)
+        the_plan = plan(config, peers, epoch, policy, exchange=options.exchange, block=tp.split_block(model),
+                        max_nodes=max_nodes)
         for w in workers:
             w.index = next((n.index for n in the_plan.nodes if n.node_id == w.hello.node_id), -1)
         for w in [w for w in workers if w.index < 0]:
@@ -355,14 +357,16 @@ async def start(model: Any, options: ClusterOptions, ctx: int, threads: int, tp:
     return engine
 
 
-def _auto(model: Any, options: ClusterOptions, root: Hello, workers: list[Worker]) -> Any:
-    """The planner's choice (planner.Choice) for these workers: autoplan.py."""
+def _auto(model: Any, options: ClusterOptions, root: Hello, workers: list[Worker]) -> tuple[Any, dict[str, float]]:
+    """The planner's choice (planner.Choice) for these workers and the GB/s it assumed per node id."""
     me = options.figures or autoplan.NodeFacts(root.node_id, root.capacity)
     pushed = dict(options.link_mbps)
     facts = [replace(me, node_id=root.node_id, capacity=root.capacity, rtt_ms=0.0)]
     facts += [autoplan.NodeFacts(w.hello.node_id, w.hello.capacity, w.hello.gbps, w.hello.disk_gbps, w.hello.ram,
                                  w.rtt_ms, pushed.get(w.hello.node_id, 0.0)) for w in workers]
-    return autoplan.choose(model, facts, options.exchange)[0]
+    choice, order = autoplan.choose(model, facts, options.exchange)
+    devices, _ = autoplan.figures(order)
+    return choice, {n.node_id: d.gbps for n, d in zip(order, devices)}
 
 
 async def _gather(fns: Sequence[Callable[[], Awaitable[Any]]]) -> list[Any]:
