@@ -293,13 +293,13 @@ async def start(model: Any, options: ClusterOptions, ctx: int, threads: int, tp:
         workers = [w for w in await _gather([partial(hello, a, root, t, options.key) for a in options.workers])
                    if w is not None]
         policy, max_nodes, choice = options.policy, None, None
-        peers = [root.peer("")] + [w.hello.peer(w.address) for w in workers]
+        members = [root.peer("")] + [w.hello.peer(w.address) for w in workers]
         if policy == "auto":  # the cost model's node count; slices by the GB/s it assumed for each node
             choice, rates = _auto(model, options, root, workers)
             policy, max_nodes = "weighted", choice.chosen.candidate.n_nodes
-            peers = [replace(p, capacity=rates[p.node_id]) for p in peers]
+            members = [replace(p, capacity=rates[p.node_id]) for p in members]
             events(Note(f"auto plan: {choice.chosen.candidate.label}, predicted {choice.chosen.total_ms:.1f} ms/token"))
-        the_plan = plan(config, peers, epoch, policy, exchange=options.exchange, block=tp.split_block(model),
+        the_plan = plan(config, members, epoch, policy, exchange=options.exchange, block=tp.split_block(model),
                         max_nodes=max_nodes)
         for w in workers:
             w.index = next((n.index for n in the_plan.nodes if n.node_id == w.hello.node_id), -1)
