@@ -65,10 +65,19 @@ def test_a_root_with_plan_auto_over_live_workers(tmp_path):
 
 
 def test_measured_figures_are_cached(tmp_path):
-    m = figures.measure(1, tmp_path / "cache", tmp_path / "state")
+    """Measured in a child process (as a daemon does), then read back from the cache; measured again
+    once the cache is older than MAX_AGE_S."""
+    import sys
+
+    assert figures.cached(1, tmp_path / "cache", tmp_path / "state") is None
+    out = subprocess.run([sys.executable, "-m", "dllp2p.daemon.figures", "--threads", "1", "--state-dir",
+                          str(tmp_path / "state"), "--cache-dir", str(tmp_path / "cache")],
+                         capture_output=True, text=True, timeout=120, check=True).stdout
+    m = figures.Measured(**json.loads(out))
     assert m.gbps > 0 and m.disk_gbps > 0 and m.ram > 0
-    again = figures.measure(1, tmp_path / "cache", tmp_path / "state")
-    assert (again.gbps, again.at) == (m.gbps, m.at)  # from the cache file, not measured again
+    again = figures.cached(1, tmp_path / "cache", tmp_path / "state")
+    assert again is not None and (again.gbps, again.at) == (m.gbps, m.at)
+    assert figures.cached(2, tmp_path / "cache", tmp_path / "state") is None  # another thread count
     later = figures.measure(1, tmp_path / "cache", tmp_path / "state", now=m.at + figures.MAX_AGE_S + 1)
     assert later.at > m.at
 

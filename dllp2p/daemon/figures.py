@@ -9,8 +9,13 @@
     ram      what the weights may use: MemAvailable, or the cgroup v2 memory.max when lower
 
 The result is cached as JSON in the cache dir, keyed by the CPU's model name and the thread count, for
-MAX_AGE_S; `measure` runs in a worker thread (trio.to_thread) off the daemon's loop. Errors: a figure
-that cannot be measured is 0 (unknown); the planner then assumes (planner.py's defaults).
+MAX_AGE_S. A daemon reads a fresh cache itself and otherwise measures in a child process,
+
+    python3 -m dllp2p.daemon.figures --threads N --state-dir DIR [--cache-dir DIR]   (prints the JSON)
+
+so that the JIT and the 38 MB matrix never enter its own memory (+86 MiB resident when measured in
+process). Errors: a figure that cannot be measured is 0 (unknown); the planner then assumes
+(session/autoplan.py's defaults).
 """
 
 from __future__ import annotations
@@ -114,17 +119,27 @@ def disk_gbps(directory: Path) -> float:
         path.unlink(missing_ok=True)
 
 
-def measure(threads: int, cache_dir: Path | None, state_dir: Path, now: float | None = None) -> Measured:
-    """The cached figures if fresh and of this CPU and thread count, else measured now (and cached)."""
+def cached(threads: int, cache_dir: Path | None, state_dir: Path, now: float | None = None) -> Measured | None:
+    """The cached figures if fresh and of this CPU and thread count (RAM read now), else None."""
     now = time.time() if now is None else now
     cpu = cpu_name()
-    cache = (cache_dir or state_dir) / FILE
     try:
-        old = Measured(**json.loads(cache.read_text()))
+        old = Measured(**json.loads(((cache_dir or state_dir) / FILE).read_text()))
         if old.cpu == cpu and old.threads == threads and 0 <= now - old.at < MAX_AGE_S and old.gbps > 0:
             return Measured(old.gbps, old.disk_gbps, ram_budget(), threads, cpu, old.at)
     except (OSError, ValueError, TypeError):
         pass
+    return None
+
+
+def measure(threads: int, cache_dir: Path | None, state_dir: Path, now: float | None = None) -> Measured:
+    """The cached figures if fresh, else measured now in this process (and cached)."""
+    hit = cached(threads, cache_dir, state_dir, now)
+    if hit is not None:
+        return hit
+    now = time.time() if now is None else now
+    cpu = cpu_name()
+    cache = (cache_dir or state_dir) / FILE
     try:
         gbps = compute_gbps(threads, str(cache_dir) if cache_dir else None)
     except Exception:  # noqa: BLE001 - an unknown rate: the planner assumes one
@@ -136,3 +151,18 @@ def measure(threads: int, cache_dir: Path | None, state_dir: Path, now: float | 
     except OSError:
         pass
     return fresh
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(description="measure this machine's figures for the cost model (JSON)")
+    ap.add_argument("--threads", type=int, required=True)
+    ap.add_argument("--state-dir", type=Path, required=True)
+    ap.add_argument("--cache-dir", type=Path)
+    args = ap.parse_args(argv)
+    print(json.dumps(asdict(measure(args.threads, args.cache_dir, args.state_dir))))
+
+
+if __name__ == "__main__":
+    main()

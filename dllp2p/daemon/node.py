@@ -30,8 +30,11 @@ connection only.
 
 from __future__ import annotations
 
+import json
 import logging
 import signal
+import subprocess
+import sys
 import time
 from dataclasses import dataclass, field, replace
 from functools import partial
@@ -191,7 +194,16 @@ class Daemon:
         """(a task) This machine's figures for the cost model, once (figures.py; cached on disk): the
         worker's Hellos carry them, the root service plans with them, Status shows them."""
         c = self.config
-        m = await trio.to_thread.run_sync(figures.measure, c.threads, c.cache_dir, c.state_dir, abandon_on_cancel=True)
+        m = figures.cached(c.threads, c.cache_dir, c.state_dir)
+        if m is None:  # in a child process: the JIT and its test matrix stay out of this one's memory
+            cmd = [sys.executable, "-m", "dllp2p.daemon.figures", "--threads", str(c.threads), "--state-dir",
+                   str(c.state_dir), *(["--cache-dir", str(c.cache_dir)] if c.cache_dir else [])]
+            try:
+                done = await trio.run_process(cmd, capture_stdout=True, capture_stderr=True)
+                m = figures.Measured(**json.loads(done.stdout))
+            except (OSError, subprocess.CalledProcessError, ValueError, TypeError) as e:
+                log.warning("could not measure this machine's figures (the planner assumes them): %s", e)
+                return
         self.figures = m
         self.worker.figures = m
         self.root_service.figures = NodeFacts(self.node_id, float(c.capacity or c.threads), m.gbps, m.disk_gbps, m.ram)
