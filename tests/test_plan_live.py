@@ -97,9 +97,10 @@ def test_plan_command_renders_what_a_root_reports():
 
 @pytest.mark.slow
 def test_plan_command_against_live_daemons(tmp_path):
-    """Two `dllp2p daemon` processes, the root with --plan auto and a random 8-KV-head model: one prompt
-    (its text equal to one node's), then `dllp2p plan --json` lists the candidates it priced, the chosen
-    one with its measured ms/token and the plan the root ran, and every node's measured figures."""
+    """Two `dllp2p daemon` processes, the root with --plan auto and a random 8-KV-head model: `dllp2p plan
+    --json` previews the candidates before any prompt; after one prompt (its text equal to one node's) it
+    lists those the root priced, the chosen one with its measured ms/token and the plan the root ran, and
+    every node's measured figures."""
     from test_serve import CLI, KEY_FILE, ROOT_DIR, SPEC_8KV, Daemons, dllp2p_run, status, wait_members
     from dllp2p.formats.synthetic import write_random_llama
 
@@ -116,12 +117,19 @@ def test_plan_command_against_live_daemons(tmp_path):
         while not all(status(a).resources.gbps > 0 for a in (root, d.address(1))):
             assert time.monotonic() < deadline, "a daemon did not measure its figures"
             time.sleep(0.3)
-        assert dllp2p_run(*prompt, "--daemon", d.address(1)).stdout == want
         port = root.rsplit(":", 1)[1]
-        p = subprocess.run([*CLI, "plan", "--port", port, "--json", "--key-file", KEY_FILE], capture_output=True,
-                           text=True, timeout=30, cwd=ROOT_DIR)
-        assert p.returncode == 0, p.stderr
-        doc = json.loads(p.stdout)
+
+        def plans() -> dict:
+            p = subprocess.run([*CLI, "plan", "--port", port, "--json", "--key-file", KEY_FILE], capture_output=True,
+                               text=True, timeout=30, cwd=ROOT_DIR)
+            assert p.returncode == 0, p.stderr
+            return json.loads(p.stdout)
+
+        preview = plans()  # before any prompt: predicted from the figures and the polls' round trips
+        assert {x["label"] for x in preview["plans"]} == {"tp 1 exact", "tp 2 exact"}
+        assert all(x["measured_ms"] == 0 for x in preview["plans"]) and sum(x["chosen"] for x in preview["plans"]) == 1
+        assert dllp2p_run(*prompt, "--daemon", d.address(1)).stdout == want
+        doc = plans()
         chosen = [x for x in doc["plans"] if x["chosen"]]
         assert len(chosen) == 1 and chosen[0]["measured_ms"] > 0
         assert chosen[0]["nodes"] == status(root).plan.n_nodes

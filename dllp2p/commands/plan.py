@@ -3,10 +3,11 @@ measured ms per token (the cost model: costmodel.py, planner.py, session/autopla
 
     dllp2p plan [--host H --port P] [--json] [--explain]
 
-Asks the daemon with a Status (as `status` does); when it is not the root, asks the root it names. The
-root prices plans when it serves a prompt with `--plan auto` (the default), so before the first prompt
-there is nothing to show: the command says so. --explain adds where the time goes (compute, exchange
-latency, bytes over bandwidth, disk streaming) and every node's measured figures.
+Asks the daemon with a Status (as `status` does); when it is not the root, asks the root it names. A
+root with `--plan auto` (the default) prices plans when it serves a prompt; before its first prompt it
+previews them from its own measured figures, its model's shape and its polls' round trips to the other
+members (their speeds taken as its own until their Hellos tell). --explain adds where the time goes
+(compute, exchange latency, bytes over bandwidth, disk streaming) and every node's measured figures.
 
 --json prints {"root": id, "plans": [{label, nodes, predicted_ms, compute_ms, latency_ms, transfer_ms,
 stream_ms, measured_ms, chosen, runnable}, ...], "figures": {node id: {gbps, disk_gbps, ram_available}}}.
@@ -23,7 +24,8 @@ from ..textsafe import printable
 from ..wire.reports import StatusReply
 from .status import StatusError, ask
 
-NO_PLANS = "no plan priced yet: the root prices candidates when it serves a prompt with --plan auto (the default)"
+NO_PLANS = ("no plan priced yet: a root with --plan auto (the default) previews candidates once it has measured "
+            "itself and read its model, and prices them for every prompt")
 
 
 def root_reply(address: str, timeout: float, key: ClusterKey | None = None) -> StatusReply:

@@ -206,6 +206,10 @@ class Daemon:
                 return
         self.figures = m
         self.worker.figures = m
+        try:
+            await trio.to_thread.run_sync(self.root_service.learn_shape)
+        except (OSError, ValueError) as e:  # the model is checked again (and refused) by the first prompt
+            log.warning("no plan preview: %s", e)
         self.root_service.figures = NodeFacts(self.node_id, float(c.capacity or c.threads), m.gbps, m.disk_gbps, m.ram)
         log.info("measured: %.1f GB/s of Q4_0 weights on %d threads, disk %.2f GB/s, %.1f GB for weights",
                  m.gbps, c.threads, m.disk_gbps, m.ram / 1e9)

@@ -9,6 +9,7 @@ import re
 from dataclasses import replace
 
 from ..wire.reports import LeftOut, NodeStatus, ProgressStatus, Resources, StatusReply
+from ..session.autoplan import NodeFacts
 from .membership import Membership
 
 
@@ -28,8 +29,14 @@ def status_reply(seq: int, membership: Membership, worker, root_service, measure
     res = resources(m.me.cores if m.me else 1, m.me.ram if m.me else 0)
     if measured is not None:  # daemon/figures.Measured
         res = replace(res, gbps=max(0.0, measured.gbps), disk_gbps=max(0.0, measured.disk_gbps))
+    others = []  # the other members, for a root's plan preview: their poll round trip, speed unknown yet
+    if e.root is not None and e.root.node_id == m.node_id:
+        rtts = {x.node_id: x.rtt_ms for x in links}
+        others = [NodeFacts(x.member.node_id, 1.0, rtt_ms=rtts.get(x.member.node_id, 0.0)) for x in nodes
+                  if x.member.node_id != m.node_id]
+    estimates = root_service.plan_estimates(others) if hasattr(root_service, "plan_estimates") else ()
     return StatusReply(seq, m.node_id, nodes, the_plan, worker.last_step, worker.sessions, res, links, worker.push,
-                       progress, left_out, getattr(root_service, "plan_estimates", tuple)())
+                       progress, left_out, estimates)
 
 
 def resources(cores: int, ram: int) -> Resources:

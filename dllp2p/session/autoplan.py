@@ -76,8 +76,12 @@ def scheduler_order(nodes: Sequence[NodeFacts]) -> list[NodeFacts]:
 
 def choose(model: Any, nodes: Sequence[NodeFacts], exchange: str) -> tuple[Choice, list[NodeFacts]]:
     """The planner's choice over tensor-parallel plans of the first k nodes (in scheduler order)."""
+    return choose_for(model_shape(model), model.config, nodes, exchange)
+
+
+def choose_for(shape: ModelShape, config: Any, nodes: Sequence[NodeFacts], exchange: str) -> tuple[Choice, list[NodeFacts]]:
+    """choose, for a model known by its shape and config (a root's preview before any prompt)."""
     order = scheduler_order(nodes)
-    shape = model_shape(model)
     devices, links = figures(order)
-    allowed = {k for k in range(1, len(order) + 1) if allowed_nodes(model.config, k)}
+    allowed = {k for k in range(1, len(order) + 1) if allowed_nodes(config, k)}
     return plan_for(shape, devices, links, RUNNABLE, (exchange,), ordered=True, allowed=allowed), order

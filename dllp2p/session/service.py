@@ -35,7 +35,7 @@ import threading
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import trio
 
@@ -57,7 +57,7 @@ from ..wire.link import LinkClosed, LinkTimeout, TrioLink, first_error
 from ..wire.messages import MAX_HOPS, Done, Error, Generate, TokenChunk
 from ..wire.secure import HandshakeFailed
 from ..wire.reports import PlanEstimate
-from .autoplan import PUSH_MIN, NodeFacts
+from .autoplan import PUSH_MIN, NodeFacts, choose_for, model_shape
 from .checks import MAX_CTX, MEMORY_SHARE, mem_available
 from .progress import Latest, LogEvents
 from .root import ClusterError, ClusterOptions, start
@@ -120,14 +120,19 @@ class RootService:
         self._warm: _Warm | None = None  # the last request's engine, kept for the next one
         self._left_out: dict[str, _LeftOut] = {}  # address -> a worker planned without for a while (disk full)
         self.figures: NodeFacts | None = None  # this machine's measured figures (the daemon sets them)
+        self.shape: tuple[Any, Any] | None = None  # (costmodel.ModelShape, ModelConfig) of its model, for previews
         self._link_mbps: dict[str, float] = {}  # node id -> MB/s of the latest timed push to it
         self.last_choice: Any = None  # planner.Choice of the latest "auto" plan
         self.last_measured_ms = 0.0  # ms per decoded token of the latest request (0: none)
 
-    def plan_estimates(self) -> tuple[PlanEstimate, ...]:
+    def plan_estimates(self, members: Sequence[NodeFacts] = ()) -> tuple[PlanEstimate, ...]:
         """The candidates the latest "auto" plan priced, fastest first; the chosen one with the measured
-        ms per decoded token of the latest request (Status, `dllp2p plan`)."""
+        ms per decoded token of the latest request (Status, `dllp2p plan`). Before any: a preview over
+        `members` (the other compatible members, as the daemon knows them) once the model's shape is known."""
         c = self.last_choice
+        if c is None and self.policy == "auto" and self.shape is not None:
+            me = self.figures or NodeFacts(self.node_id, float(self.threads))
+            c = choose_for(self.shape[0], self.shape[1], [me, *members], self.exchange)[0]
         if c is None:
             return ()
         out = []
@@ -137,6 +142,12 @@ class RootService:
                                     p.transfer_ms, p.stream_ms, self.last_measured_ms if chosen else 0.0, chosen,
                                     p.candidate.kind in RUNNABLE))
         return tuple(out)
+
+    def learn_shape(self) -> None:
+        """(thread) The model's shape for previews (the file's header and tensor table; ~0.1 s for SmolLM2)."""
+        if self.model_path is not None and self.shape is None:
+            model = load_model(self.model_path)
+            self.shape = (model_shape(model), model.config)
 
     def left_out_now(self) -> list[_LeftOut]:
         """Workers this root plans without at this moment (Status shows them)."""
