@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import random
 import signal
+import socket
+import struct
 import time
 
 import pytest
@@ -18,11 +20,70 @@ import trio
 
 import fake_tp
 from dllp2p import wire as P
+from dllp2p.daemon.membership import Membership
+from dllp2p.discovery import StaticOptions
+from dllp2p.election import Member, Seen
 from dllp2p.formats.synthetic import write_random_llama
+from dllp2p.session.recovery import StepClock
 from dllp2p.wire.client import GenerateCall
 from test_serve import SPEC_8KV, Daemons, status, wait_members
 
 STEPS = 200
+
+
+# --- pure parts ---
+
+
+def test_the_step_timeout_follows_the_measured_step_times():
+    clock = StepClock(30.0)
+    assert clock.timeout(1) == 30.0  # nothing measured yet: the configured socket timeout
+    clock.measured(1, 0.004)
+    assert clock.timeout(1) == 1.0  # 10 x 4 ms is under the floor
+    clock.measured(8, 0.4)  # 50 ms a token
+    assert clock.timeout(1) == 1.0  # 10 x 50 ms: still the floor
+    assert clock.timeout(4) == pytest.approx(2.0) and clock.timeout(1000) == 30.0  # up to the ceiling
+    a, b = socket.socketpair()
+    with a, b:
+        clock.arm([None, a], 4)
+        sec, usec = struct.unpack("ll", a.getsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, 16))
+        assert sec + usec / 1e6 == pytest.approx(2.0)
+        a.settimeout(None)
+        t0 = time.monotonic()
+        clock.arm([a], 1)  # 1 s: a silent peer fails the receive within it
+        with pytest.raises(OSError):
+            a.recv(1)
+        assert 0.9 < time.monotonic() - t0 < 3.0
+
+
+def test_a_worker_the_root_lost_leaves_the_membership_at_once_and_a_restart_rejoins():
+    """mark_dead (the root lost the worker mid-request): out of the table now; a poll of the same
+    incarnation that was answered before the death does not bring it back; the daemon restarted (a later
+    start time) is a member again at once."""
+    me = Member("root-a", "127.0.0.1:1", 1.0, P.PROTOCOL_VERSION, "c")
+    b = Member("node-b", "127.0.0.1:2", 2.0, P.PROTOCOL_VERSION, "c")
+    m = Membership(me.node_id, "c", 1.0, StaticOptions())
+    m.me = me
+
+    async def feed(*events: Seen) -> None:
+        send, recv = trio.open_memory_channel(8)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(m._apply, recv)
+            async with send:
+                for e in (Seen(me, "self", 1.0), *events):
+                    await send.send(e)
+
+    trio.run(feed, Seen(b, "static", 3.0))
+    assert {x.node_id for x in m.election().succession} == {"root-a", "node-b"}
+    m.mark_dead(b.address, "lost during generation")
+    assert [x.node_id for x in m.election().succession] == ["root-a"]
+    trio.run(feed, Seen(b, "static", 4.0))  # a late record of the dead incarnation
+    assert [x.node_id for x in m.election().succession] == ["root-a"]
+    restarted = Member("node-b", "127.0.0.1:2", 5.0, P.PROTOCOL_VERSION, "c")
+    trio.run(feed, Seen(restarted, "static", 6.0))
+    assert {x.node_id for x in m.election().succession} == {"root-a", "node-b"}
+
+
+# --- daemons ---
 
 
 def _generate(tokens: tuple[int, ...], steps: int = STEPS) -> P.Generate:

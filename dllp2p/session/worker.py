@@ -80,6 +80,7 @@ from ..wire.messages import (
 )
 from ..wire.reports import PushStatus, StepStatus
 from .checks import allowed_hosts, check_addresses, check_config, check_shapes, dialed_hosts, mem_available
+from .recovery import StepClock
 from .slices import SliceCache, check_slices, storage_array
 
 log = logging.getLogger("dllp2p.daemon")
@@ -414,6 +415,7 @@ class Worker:
             tensors.clear()  # the engine holds its own packed copy
             ctl.send(Ready(s.epoch, self.node_id))
             seq = 0
+            clock = StepClock(self.t.socket)  # a silent peer fails the step within about a second, as at the root
             while True:
                 msg = ctl.receive(self.t.idle)
                 if isinstance(msg, Stop):
@@ -422,8 +424,10 @@ class Worker:
                     raise UnexpectedMessage(f"expected Step {seq} of epoch {s.epoch}, got {_describe(msg)}")
                 if msg.start_pos + len(msg.tokens) > s.ctx or max(msg.tokens) >= s.config.vocab_size:
                     raise UnexpectedMessage(f"Step {seq} does not fit the context ({s.ctx}) or vocabulary")
+                clock.arm(peers, len(msg.tokens))
                 t0 = time.perf_counter()
                 node.forward(msg.tokens, msg.start_pos, msg.top)
+                clock.measured(len(msg.tokens), time.perf_counter() - t0)
                 stats = getattr(node, "stats", None) or {}
                 self.last_step = StepStatus(len(msg.tokens), stats.get("step_ms", (time.perf_counter() - t0) * 1e3),
                                             stats.get("sync_ms", 0.0), time.time())
