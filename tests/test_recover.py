@@ -10,6 +10,7 @@ back-to-back requests fails none of them. Every test counts requests sent, compl
 from __future__ import annotations
 
 import random
+import re
 import signal
 import socket
 import struct
@@ -20,6 +21,7 @@ import trio
 
 import fake_tp
 from dllp2p import wire as P
+from dllp2p.commands import status as status_command
 from dllp2p.daemon.membership import Membership
 from dllp2p.discovery import StaticOptions
 from dllp2p.election import Member, Seen
@@ -168,6 +170,10 @@ def _kill_mid_generation(tmp_path, model, how: signal.Signals) -> None:  # noqa:
         assert reply.last_recovery.nodes_before == 3 and reply.last_recovery.pause_s < time.monotonic() - t0
         # at once, not after the polls' misses: the dead worker is out of the root's membership
         assert d.address(victim) not in {n.member.address for n in reply.nodes}
+        survey = status_command.survey(root, key=fake_tp.TEST_KEY)  # `dllp2p status`: JSON and the view's caption
+        assert status_command.to_json(survey)["recoveries"]["last"]["nodes_after"] == 2
+        caption = str(status_command.table(survey).caption)
+        assert re.search(r"\d+ recover(y|ies), the last .* ago: worker .*\(3 -> 2 nodes, paused \d+\.\d\d s\)", caption), caption
         assert (tally.sent, tally.completed, tally.failed) == (3, 3, 0)
     finally:
         d.stop_all()
