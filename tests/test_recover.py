@@ -88,8 +88,9 @@ def test_a_worker_the_root_lost_leaves_the_membership_at_once_and_a_restart_rejo
 # --- daemons ---
 
 
-def _generate(tokens: tuple[int, ...], steps: int = STEPS) -> P.Generate:
-    return P.Generate("", tokens, False, None, steps, 512, 0.0, 40, 0.95, 0.05, 1.0, None)
+def _generate(tokens: tuple[int, ...], steps: int = STEPS, seed: int | None = None) -> P.Generate:
+    """Greedy, or with a seed sampled (temperature 0.8, top-k 40)."""
+    return P.Generate("", tokens, False, None, steps, 512, 0.0 if seed is None else 0.8, 40, 0.95, 0.05, 1.0, seed)
 
 
 class Tally:
@@ -195,20 +196,22 @@ def test_smollm2_loses_a_worker_mid_generation(tmp_path, model_path):
 def test_a_node_killed_and_restarted_during_back_to_back_requests_fails_none(tmp_path):
     """20 requests one after the other through the root; worker 1 killed during the 5th (mid-generation)
     and started again (same state dir, so the same node id) after the 10th: all 20 complete with the
-    single-node answer, the later ones on 3 nodes again."""
+    single-node answer, the later ones on 3 nodes again. Every 4th request is sampled with a seed (the
+    5th too): the resumed sampler draws on from where it was, so its text is the seeded single-node one."""
     model = write_random_llama(tmp_path / "kv8.gguf", SPEC_8KV)
     d, tally, _ = _cluster(tmp_path, model)
-    prompts = [(1 + i % 5, 5, 9 + i % 3) for i in range(20)]
+    prompts = [((1 + i % 5, 5, 9 + i % 3), 7 if i % 4 == 0 else None) for i in range(20)]
     try:
         root = d.address(0)
-        want = {p: tally.ask(root, _generate(p, 48))[0] for p in set(prompts)}
+        want = {p: tally.ask(root, _generate(p[0], 48, p[1]))[0]
+                for p in set(prompts)}
         d.start(1)
         d.start(2)
         wait_members(root, 3)
         nodes = []
         for i, p in enumerate(prompts):
             lose = (lambda n: d.kill(1) if n == 12 else None) if i == 4 else None
-            got, done = tally.ask(root, _generate(p, 48), lose)
+            got, done = tally.ask(root, _generate(p[0], 48, p[1]), lose)
             assert done is not None and got == want[p], f"request {i}: {got}"
             nodes.append(done.nodes)
             if i == 9:
