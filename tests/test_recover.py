@@ -167,6 +167,9 @@ def _lose_workers_mid_generation(tmp_path, model, signals: tuple[signal.Signals,
             how_lost = "left (shutting down)" if how == signal.SIGTERM else "lost"
             assert any(line.startswith(f"recovered: worker {d.address(victim)} ") and f") {how_lost};" in line
                        and "re-planned 3 -> 2 nodes" in line for line in done.stats), done.stats
+            if how == signal.SIGSTOP:  # hung, not dead: the step timeout (about a second) noticed it
+                assert status(root).last_recovery.pause_s >= 0.9  # the 1 s floor, not the 30 s socket timeout
+                d.procs[victim].kill()
             assert d.procs[victim].wait(10) == (0 if how == signal.SIGTERM else -signal.SIGKILL)
             if how == signal.SIGTERM:  # it left the session, telling the root, before it exited
                 assert any("left the session (SIGTERM)" in line for line in d.logs[victim]), d.logs[victim]
@@ -188,9 +191,10 @@ def _lose_workers_mid_generation(tmp_path, model, signals: tuple[signal.Signals,
 
 def test_a_worker_lost_mid_generation_costs_a_pause_not_the_answer(tmp_path):
     """The random 8-KV-head model, 3 nodes; a worker killed (-9), then (started again) one told to stop
-    (SIGTERM: it leaves the session, telling the root), each at a random token between 10 and 100."""
+    (SIGTERM: it leaves the session, telling the root), then one frozen (SIGSTOP: a hang, found by the
+    step timeout), each at a random token between 10 and 100."""
     model = write_random_llama(tmp_path / "kv8.gguf", SPEC_8KV)
-    _lose_workers_mid_generation(tmp_path, model, (signal.SIGKILL, signal.SIGTERM))
+    _lose_workers_mid_generation(tmp_path, model, (signal.SIGKILL, signal.SIGTERM, signal.SIGSTOP))
 
 
 @pytest.mark.slow
