@@ -137,7 +137,8 @@ class Daemon:
                              SliceCache(config.state_dir / "slices", config.cache_mb << 20), self._tp, slot, config.cache_dir,
                              config.key, known=self._member_addresses)
         self.root_service = RootService(config.model, self.node_id, config.threads, config.policy, self.t, self._tp,
-                                        exchange=config.exchange, cache_dir=config.cache_dir, key=config.key)
+                                        exchange=config.exchange, cache_dir=config.cache_dir, key=config.key,
+                                        on_lost=self.membership.mark_dead)
         self.figures: figures.Measured | None = None  # measured by _measure ("auto" plans)
         self.prompts = PromptSlot(self.node_id, self.membership, self.root_service, slot, self.t, config.key)
 
@@ -322,13 +323,16 @@ async def _send_quietly(stream: trio.SocketStream, msg: Error, channel: Channel 
 
 def main(config: DaemonConfig) -> int:
     """Run the daemon until interrupted (KeyboardInterrupt comes out as itself, not in a group) or sent
-    SIGTERM (systemctl stop): then it shuts down cleanly (mDNS goodbye included) and returns 0."""
+    SIGTERM (systemctl stop): then it leaves a worker session in progress (telling its root, which
+    re-plans without it: Worker.leave), shuts down cleanly (mDNS goodbye included) and returns 0."""
     async def serve_until_sigterm() -> None:
         async with trio.open_nursery() as nursery:
-            await nursery.start(Daemon(config).serve)
+            daemon = Daemon(config)
+            await nursery.start(daemon.serve)
             with trio.open_signal_receiver(signal.SIGTERM) as signals:
                 async for _ in signals:
                     log.info("SIGTERM: shutting down")
+                    await daemon.worker.leave("SIGTERM")  # a worker's session: its root re-plans without it
                     nursery.cancel_scope.cancel()
                     break
 

@@ -8,7 +8,7 @@ import os
 import re
 from dataclasses import replace
 
-from ..wire.reports import LeftOut, NodeStatus, ProgressStatus, Resources, StatusReply
+from ..wire.reports import LeftOut, NodeStatus, ProgressStatus, RecoveryStatus, Resources, StatusReply
 from ..session.autoplan import NodeFacts
 from .membership import Membership
 
@@ -35,8 +35,11 @@ def status_reply(seq: int, membership: Membership, worker, root_service, measure
         others = [NodeFacts(x.member.node_id, 1.0, rtt_ms=rtts.get(x.member.node_id, 0.0)) for x in nodes
                   if x.member.node_id != m.node_id]
     estimates = root_service.plan_estimates(others) if hasattr(root_service, "plan_estimates") else ()
+    r = root_service.last_recovery
+    last = None if r is None else RecoveryStatus(r.cause[:300], r.pause_s, r.replayed, r.nodes_before,
+                                                 r.nodes_after, r.at)
     return StatusReply(seq, m.node_id, nodes, the_plan, worker.last_step, worker.sessions, res, links, worker.push,
-                       progress, left_out, estimates)
+                       progress, left_out, estimates, root_service.recoveries, last)
 
 
 def resources(cores: int, ram: int) -> Resources:

@@ -19,6 +19,15 @@ first (keep_warm closes it once it has waited WARM_S). A kept session that fails
 token (a worker died meanwhile) is closed and the request starts afresh, planning without whoever
 cannot be reached.
 
+Recovery: a worker lost in the middle of a request (killed, unplugged, silent past the step timeout,
+or leaving on SIGTERM) costs a pause, not the request. The root tells the daemon at once (`on_lost`:
+membership drops it, so the next prompt is planned without it too), plans again over the workers still
+alive (fewer nodes, or the root alone), rebuilds the KV cache with one batched prefill of the prompt and
+the tokens streamed so far, and goes on with the same sampler (recovery.InFlight; generate's `already`):
+the client's text is that of an undisturbed run. Each recovery is logged, counted in Status and reported
+in Done's lines (`run --stats`). serve(..., already=tokens) is the same resumption for a request another
+root began: those tokens are prefilled, never streamed again, the sampler moved past them.
+
 A full disk: a worker that answers the weight push with disk_full (worker.py) is left out of this
 request's plan (planned again at once without it) and of every plan for LEFT_OUT_S; Status lists it
 (left_out_now) with the worker's message.
@@ -45,12 +54,11 @@ from ..config import Timeouts
 from ..error_codes import CodedError, ErrorCode, code_of
 from ..errors import user_facing_errors
 from ..formats import load_model
-from ..generate import GenerationStats, StopFilter, generate
 from ..planner import RUNNABLE
 from ..prompt import chat_tokens, prompt_tokens
-from ..sampler import Sampler, SamplerConfig
+from ..sampler import SamplerConfig
 from ..scheduler import Peer, Plan, plan
-from ..tokenizer import StreamDecoder, Tokenizer
+from ..tokenizer import Tokenizer
 from ..wire.client import GenerateCall
 from ..wire.codec import ProtocolError
 from ..wire.link import LinkClosed, LinkTimeout, TrioLink, first_error
@@ -60,6 +68,7 @@ from ..wire.reports import PlanEstimate
 from .autoplan import PUSH_MIN, NodeFacts, choose_for, model_shape
 from .checks import MAX_CTX, MEMORY_SHARE, mem_available
 from .progress import Latest, LogEvents
+from .recovery import MAX_RECOVERIES, InFlight, Recovery, produce
 from .root import ClusterError, ClusterOptions, start
 from .slices import PlanSlices
 
@@ -101,8 +110,9 @@ class RootService:
 
     def __init__(self, model_path: Path | None, node_id: str, threads: int, policy: str, timeouts: Timeouts,
                  tp: Callable[[], Any], exchange: str = "exact", cache_dir: Path | None = None,
-                 key: ClusterKey | None = None):
+                 key: ClusterKey | None = None, on_lost: Callable[[str, str], None] = lambda address, cause: None):
         self.model_path = model_path
+        self.on_lost = on_lost  # (address, cause) of a worker lost mid-request: the daemon's membership drops it
         self.key = key  # the cluster key its connections to the workers are made with
         self.node_id = node_id
         self.threads = threads
@@ -124,6 +134,9 @@ class RootService:
         self._link_mbps: dict[str, float] = {}  # node id -> MB/s of the latest timed push to it
         self.last_choice: Any = None  # planner.Choice of the latest "auto" plan
         self.last_measured_ms = 0.0  # ms per decoded token of the latest request (0: none)
+        self._plans = 0  # plans made: every request's and every recovery's (their epochs)
+        self.recoveries = 0  # requests that lost a node and went on
+        self.last_recovery: Recovery | None = None
 
     def plan_estimates(self, members: Sequence[NodeFacts] = ()) -> tuple[PlanEstimate, ...]:
         """The candidates the latest "auto" plan priced, fastest first; the chosen one with the measured
@@ -181,63 +194,107 @@ class RootService:
             await _send_error(link, Error(code_of(e), f"root {self.node_id}: {e}"))
             return None
 
-    async def serve(self, link: TrioLink, g: Generate, workers: list[str], ids: list[int]) -> None:
+    async def serve(self, link: TrioLink, g: Generate, workers: list[str], ids: list[int],
+                    already: tuple[int, ...] = ()) -> None:
         """Generate g (its prompt_ids: ids) over this root and `workers` ("host:port" of the compatible
-        members), answering on link."""
+        members), answering on link. already: tokens of this request's answer the client has (another
+        root streamed them): prefilled, not streamed again; the answer goes on after them."""
         self.requests += 1
         epoch = self.requests
         try:
-            await self._serve(link, g, workers, epoch, ids)
+            await self._serve(link, g, workers, epoch, ids, already)
         except user_facing_errors() as e:  # ClusterError and PlanError included
             log.warning("request %d failed: %s", epoch, e)
             await _send_error(link, Error(code_of(e), f"root {self.node_id}: {e}"))
 
-    async def _serve(self, link: TrioLink, g: Generate, workers: list[str], epoch: int, ids: list[int]) -> None:
+    def _next_epoch(self) -> int:
+        self._plans += 1
+        return self._plans
+
+    async def _serve(self, link: TrioLink, g: Generate, workers: list[str], epoch: int, ids: list[int],
+                     already: tuple[int, ...] = ()) -> None:
         sampler = SamplerConfig(g.temperature, g.top_k, g.top_p, g.min_p, g.repeat_penalty, seed=g.seed)
         loaded = await trio.to_thread.run_sync(self._load)
+        request = InFlight.resume(loaded.tokenizer, ids, sampler, g.stop, already)
         left_out = {x.address for x in self.left_out_now()}
         workers = [w for w in workers if w not in left_out]
         key = (tuple(workers), g.ctx)
         warm = self._take_warm(key)
         if warm is None:
             await self.close_warm()
-            engine, the_plan, key = await self._engine_usable(loaded.model, g.ctx, workers, epoch)
+            engine, the_plan, key = await self._engine_usable(loaded.model, g.ctx, workers, self._next_epoch())
         else:
             engine, the_plan = warm.engine, warm.plan
+        cached = warm.kv if warm else ()
         while True:
             self.last_plan = the_plan
-            stats = GenerationStats()
             try:
-                await self._stream(link, engine, loaded, ids, sampler, g.steps, stats, g.stop, warm.kv if warm else ())
+                await self._stream(link, engine, loaded, request, g.steps, cached)
             except BaseException as e:
                 with trio.CancelScope(shield=True):
                     await trio.to_thread.run_sync(engine.close)
-                if warm is None or stats.generated_tokens or not isinstance(e, ClusterError):
+                self._settle(request, epoch)
+                if warm is not None and not request.tokens and isinstance(e, ClusterError):
+                    log.info("request %d: the kept session failed before its first token (%s); starting afresh", epoch, e)
+                    if e.lost and e.address:  # it died since the last request: out of the membership now
+                        self.on_lost(e.address, str(e))
+                    warm, cached = None, ()
+                    engine, the_plan, key = await self._engine_usable(loaded.model, g.ctx, workers, self._next_epoch())
+                    continue
+                if not (isinstance(e, ClusterError) and e.lost and e.recoverable
+                        and len(request.recoveries) < MAX_RECOVERIES):
                     raise
-                log.info("request %d: the kept session failed before its first token (%s); starting afresh", epoch, e)
-                warm = None
-                engine, the_plan, key = await self._engine_usable(loaded.model, g.ctx, workers, epoch)
+                warm, cached = None, ()
+                workers = await self._drop_lost(request, e, the_plan, workers, epoch)
+                engine, the_plan, key = await self._engine_usable(loaded.model, g.ctx, workers, self._next_epoch())
+                request.replanned(the_plan.n_nodes)
                 continue
             break
+        self._settle(request, epoch)
+        stats = request.stats
         log.info("request %d: %d prompt tokens on %d nodes%s", epoch, len(ids), the_plan.n_nodes,
                  f" (session kept from the last request, {stats.reused_tokens} of them already in its KV cache)"
                  if warm else "")
         lines = tuple(engine.stats_summary()) if hasattr(engine, "stats_summary") else ()
         if stats.reused_tokens:
             lines += (f"{stats.reused_tokens} of the {len(ids)} prompt tokens were in the kept session's KV cache",)
+        lines += tuple(r.line() for r in request.recoveries)
         self._warm = _Warm(key, engine, the_plan, trio.current_time() + WARM_S, stats.kv_tokens)
         self.last_measured_ms = 1e3 / stats.decode_tok_s if stats.decode_tok_s > 0 else 0.0
         await link.send(Done(stats.prompt_tokens, stats.generated_tokens, stats.prefill_tok_s, stats.decode_tok_s,
                              the_plan.n_nodes, self.node_id, lines, stats.stop_reason))
 
-    async def _stream(self, link: TrioLink, engine: Any, loaded: _Loaded, ids: list[int], sampler: Any, steps: int,
-                      stats: Any, stop: tuple[str, ...] = (), cached: tuple[int, ...] = ()) -> None:
-        """Generate on engine, each text piece sent on link as a TokenChunk. The engine's own error (a
-        lost worker: ClusterError) is raised as it is, not inside an exception group."""
+    async def _drop_lost(self, request: InFlight, e: ClusterError, before: Plan, workers: list[str],
+                         number: int) -> list[str]:
+        """A worker was lost mid-request (e names it): the daemon is told (on_lost), the request notes the
+        loss (its pause runs from its last token). -> the workers to plan over now."""
+        how = "left (shutting down)" if code_of(e) == ErrorCode.LEAVING else "lost"
+        cause = f"worker {e.address} (node {e.node_id}) {how}" if e.address else "a node lost"
+        detail = str(e)
+        request.lost(cause, before.n_nodes)
+        if e.address:
+            self.on_lost(e.address, detail)
+        left = [w for w in workers if w != e.address]
+        log.warning("request %d: %s after %d tokens; re-planning over %d workers and resuming",
+                    number, detail, len(request.tokens), len(left))
+        return left
+
+    def _settle(self, request: InFlight, number: int) -> None:
+        """Count and log the request's recoveries that have resumed (their pause is known) since last time."""
+        for r in request.recoveries[request.reported:]:
+            self.recoveries += 1
+            self.last_recovery = r
+            log.warning("request %d %s", number, r.line())
+        request.reported = len(request.recoveries)
+
+    async def _stream(self, link: TrioLink, engine: Any, loaded: _Loaded, request: InFlight, steps: int,
+                      cached: tuple[int, ...] = ()) -> None:
+        """Generate request on engine from where it stands, each text piece sent on link as a TokenChunk.
+        The engine's own error (a lost worker: ClusterError) is raised as it is, not inside an exception group."""
         send, recv = trio.open_memory_channel[str](CHANNEL)
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._produce, engine, loaded, ids, sampler, steps, stats, send, stop, cached)
+                nursery.start_soon(self._produce, engine, loaded, request, steps, send, cached)
                 async with recv:
                     async for piece in recv:
                         await link.send(TokenChunk(piece))
@@ -317,37 +374,12 @@ class RootService:
         return await trio.to_thread.run_sync(lambda: JITEngine(model, ctx, self.threads, **extra)), alone
 
     @staticmethod
-    async def _produce(engine: Any, loaded: _Loaded, ids: list[int], sampler_config: Any, steps: int, stats: Any,
-                       send: trio.MemorySendChannel, stop: tuple[str, ...] = (), cached: tuple[int, ...] = ()) -> None:
-        """The generation loop in one worker thread; each text piece goes through `send` (blocking when
-        the connection lags). Ends early at a stop string (stats.stop_reason "stop"; the string is not
-        sent) or when the receiving side is closed. `cached`: what the engine's KV cache holds."""
-        def loop() -> None:
-            decoder, stops = StreamDecoder(loaded.tokenizer), StopFilter(stop)
-
-            def out(text: str) -> None:
-                if text:
-                    trio.from_thread.run(send.send, text)
-
-            tokens = generate(engine, ids, Sampler(sampler_config), steps, loaded.tokenizer.eos_ids, stats,
-                              cached=cached)
-            try:
-                for token in tokens:
-                    out(stops.push(decoder.push(token)))
-                    if stops.stopped:
-                        break
-                else:
-                    out(stops.push(decoder.flush()))
-                    out(stops.flush())  # nothing once stopped
-                if stops.stopped:
-                    stats.stop_reason = "stop"
-            except (trio.BrokenResourceError, trio.ClosedResourceError, trio.Cancelled, trio.RunFinishedError):
-                pass  # nobody listens any more
-            finally:
-                tokens.close()  # now, so stats.kv_tokens says what the KV cache holds
-
+    async def _produce(engine: Any, loaded: _Loaded, request: InFlight, steps: int, send: trio.MemorySendChannel,
+                       cached: tuple[int, ...] = ()) -> None:
+        """The generation loop (recovery.produce) in one worker thread; each text piece goes through `send`
+        (blocking when the connection lags). `cached`: what the engine's KV cache holds."""
         async with send:
-            await trio.to_thread.run_sync(loop)
+            await trio.to_thread.run_sync(produce, engine, request, steps, loaded.tokenizer.eos_ids, send, cached)
 
 
 async def forward(link: TrioLink, g: Generate, root: str, node_id: str, timeouts: Timeouts,

@@ -63,5 +63,5 @@ from .messages import (
     WeightsReady,
     slice_nbytes,
 )
-from .reports import (LinkRtt, NodeStatus, PlanEstimate, ProgressStatus, PushStatus, Resources, Status, StatusReply,
-                      StepStatus)
+from .reports import (LinkRtt, NodeStatus, PlanEstimate, ProgressStatus, PushStatus, RecoveryStatus, Resources,
+                      Status, StatusReply, StepStatus)
