@@ -1,0 +1,94 @@
+"""Pipeline and hybrid plans (dllp2p/pipeline.py): layers covered once in order, the root leading the last
+stage, layers by capacity, flattened node order, validation of plans built wrong, the wire round trip,
+and candidate_plans' enumeration."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from dllp2p.pipeline import PipelinePlan, Stage, candidate_plans, check_fits, stage_plan
+from dllp2p.scheduler import Peer, Plan, PlanError, check_plan_fits, plan
+import msgpack
+
+from dllp2p.wire.codec import _from_wire, _to_wire
+from dllp2p.wire.limits import unpack
+
+from test_scheduler import LLAMA_8KV, SMOLLM2
+
+
+def _peers(*capacities: float) -> list[Peer]:
+    return [Peer(f"n{i}", f"10.0.0.{i}:9999", 2, c) for i, c in enumerate(capacities)]
+
+
+@pytest.mark.parametrize("n,caps,want_layers", [
+    (2, (1, 1), [(0, 15), (15, 30)]),
+    (3, (1, 1, 1), [(0, 10), (10, 20), (20, 30)]),
+    (2, (1, 2), [(0, 20), (20, 30)]),  # n1 (capacity 2) is stage 0, the root the last
+])
+def test_pipeline_layers_by_capacity_root_last(n, caps, want_layers):
+    p = stage_plan(SMOLLM2, _peers(*caps), epoch=3, policy="pipeline")
+    assert [s.layers for s in p.stages] == want_layers
+    assert all(s.plan.n_nodes == 1 for s in p.stages)
+    assert p.stages[-1].plan.nodes[0].node_id == "n0"
+    assert p.nodes[0].node_id == "n0" and [x.index for x in p.nodes] == list(range(n))
+    assert p.n_nodes == n and p.epoch == 3
+    check_plan_fits(p, SMOLLM2)
+    check_fits(p, SMOLLM2)
+
+
+def test_hybrid_groups_and_locate():
+    p = stage_plan(LLAMA_8KV, _peers(4, 3, 2, 1), epoch=0, policy="hybrid", group=2)
+    assert [[n.node_id for n in s.plan.nodes] for s in p.stages] == [["n2", "n3"], ["n0", "n1"]]
+    assert [s.layers for s in p.stages] == [(0, 9), (9, 30)]  # capacities 3 : 7
+    assert [n.node_id for n in p.nodes] == ["n0", "n2", "n3", "n1"]
+    assert [p.locate(i) for i in range(4)] == [(1, 0), (0, 0), (0, 1), (1, 1)]
+    assert [p.index_of(*p.locate(i)) for i in range(4)] == [0, 1, 2, 3]
+    # three nodes in groups of two: the root's pair last, a one-node first stage
+    p3 = stage_plan(LLAMA_8KV, _peers(1, 1, 1), epoch=0, policy="hybrid")
+    assert [s.plan.n_nodes for s in p3.stages] == [1, 2]
+
+
+def test_wire_round_trip():
+    p = stage_plan(LLAMA_8KV, _peers(1, 1, 1, 1), epoch=2, policy="hybrid")
+    body = msgpack.packb(_to_wire(p, PipelinePlan, "plan"), use_bin_type=True)
+    assert _from_wire(unpack(body), PipelinePlan, "plan") == p
+
+
+def _two_stages(**change) -> dict:
+    p = stage_plan(SMOLLM2, _peers(1, 1), epoch=0, policy="pipeline")
+    fields = {f.name: getattr(p, f.name) for f in dataclasses.fields(p)}
+    return {**fields, **change}
+
+
+@pytest.mark.parametrize("change,match", [
+    (lambda f: {"stages": (Stage((0, 14), f["stages"][0].plan), f["stages"][1])}, "do not follow"),
+    (lambda f: {"stages": (f["stages"][0], Stage((15, 29), f["stages"][1].plan))}, "end at layer 29"),
+    (lambda f: {"stages": (f["stages"][0], Stage((15, 30), f["stages"][0].plan))}, "two stages"),
+    (lambda f: {"stages": ()}, "no stages"),
+    (lambda f: {"policy": "pow2"}, "unknown policy"),
+    (lambda f: {"epoch": 9}, "epoch 0"),
+])
+def test_invalid_plans_refused(change, match):
+    fields = _two_stages()
+    with pytest.raises(PlanError, match=match):
+        PipelinePlan(**{**fields, **change(fields)})
+
+
+def test_layers_must_match_the_model():
+    p = stage_plan(SMOLLM2, _peers(1, 1), epoch=0, policy="pipeline")
+    with pytest.raises(PlanError, match="30 layers"):
+        check_fits(p, dataclasses.replace(SMOLLM2, n_layers=31))
+
+
+def test_candidate_plans():
+    cands = candidate_plans(LLAMA_8KV, _peers(1, 1, 1, 1))
+    kinds = sorted((type(p).__name__, p.policy, p.n_nodes) for p in cands)
+    assert ("Plan", "pow2", 1) in kinds and ("Plan", "pow2", 4) in kinds and ("Plan", "weighted", 3) in kinds
+    assert ("PipelinePlan", "pipeline", 2) in kinds and ("PipelinePlan", "pipeline", 4) in kinds
+    assert ("PipelinePlan", "hybrid", 4) in kinds
+    assert len(kinds) == len(set(kinds))  # equal capacities: pow2 and weighted of 2 and 4 nodes are one plan
+    assert all(p.nodes[0].node_id == "n0" for p in cands)
+    assert candidate_plans(LLAMA_8KV, _peers(1, 1, 1, 1)) == cands  # pure
+    assert all(isinstance(p, (Plan, PipelinePlan)) for p in cands)
