@@ -23,7 +23,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("jit", ("dllp2p.jit",)),
     # the Plan is data the tensor-parallel engine executes (tp.py imports it), so it sits below the engines
     ("scheduler/election", ("dllp2p.scheduler", "dllp2p.pipeline", "dllp2p.election")),
-    ("engine/generate", ("dllp2p.reference", "dllp2p.tp", "dllp2p.sampler", "dllp2p.generate", "dllp2p.prompt",
+    ("engine/generate", ("dllp2p.reference", "dllp2p.tp", "dllp2p.pipeline_node", "dllp2p.sampler", "dllp2p.generate", "dllp2p.prompt",
                          "dllp2p.errors", "dllp2p.tpbench")),
     ("wire", ("dllp2p.wire", "dllp2p.discovery")),
     ("session", ("dllp2p.session",)),

@@ -70,6 +70,17 @@ class ProgramSpec:
     output_type: QType
     max_chunk: int = 64  # tokens per forward call (prefill chunk)
     matmul_tile: int = 4
+    # a pipeline stage (dllp2p/pipeline.py, jit/tp_stage.py): its layers [l0, l1) (None: all; layer_types
+    # are () outside them), whether it looks the tokens up (else x_t comes in: receive_residual) and
+    # whether it makes the logits (else x_t goes out: send_residual)
+    layers: tuple[int, int] | None = None
+    embeds: bool = True
+    emits_logits: bool = True
+
+    @property
+    def run_layers(self) -> range:
+        """The layers this program computes."""
+        return range(*(self.layers or (0, self.config.n_layers)))
 
     def kernel_specs(self) -> tuple[KernelSpec, ...]:
         types = {t for lt in self.layer_types for t in lt} | {self.output_type}
@@ -201,13 +212,27 @@ class _Forward:
         scratch = gep(b, self.ptr("scratch_t"), b.mul(b.mul(self.tid, self.ctx), i64(c.n_heads * 4)))
         self.x_t, self.h_t, self.xq_t, self.scratch = x_t, h_t, xq_t, scratch
 
-        self.embed()
-        if c.embed_scale != 1.0:
-            self.call(Op.SCALE, x_t, b.mul(self.n, i64(c.dim)), float(c.embed_scale))
-        for layer in range(c.n_layers):
+        if self.spec.embeds:
+            self.embed()
+            if c.embed_scale != 1.0:
+                self.call(Op.SCALE, x_t, b.mul(self.n, i64(c.dim)), float(c.embed_scale))
+        else:
+            self.receive_residual()
+        for layer in self.spec.run_layers:
             self.layer(layer)
-        self.logits()
+        if self.spec.emits_logits:
+            self.logits()
+        else:
+            self.send_residual()
         b.ret_void()
+
+    def receive_residual(self) -> None:
+        """x_t = the previous pipeline stage's residual f32[n, dim]: a stage program's (jit/tp_stage.py)."""
+        raise NotImplementedError("a program without the embedding is a pipeline stage's (jit/tp_stage.py)")
+
+    def send_residual(self) -> None:
+        """x_t f32[n, dim] to the next pipeline stage: a stage program's (jit/tp_stage.py)."""
+        raise NotImplementedError("a program without the logits is a pipeline stage's (jit/tp_stage.py)")
 
     def embed(self) -> None:
         """x_t[i] = row tokens[i] of the embedding, dequantized, for the chunk's rows (every thread)."""
