@@ -112,6 +112,14 @@ class PipelinePlan:
 AnyPlan = Union[Plan, PipelinePlan]
 
 
+def with_epoch(p: AnyPlan, epoch: int) -> AnyPlan:
+    """The same plan for another epoch (a pipeline plan's stages too)."""
+    if isinstance(p, Plan):
+        return replace(p, epoch=epoch)
+    stages = tuple(replace(s, plan=replace(s.plan, epoch=epoch)) for s in p.stages)
+    return replace(p, epoch=epoch, stages=stages)
+
+
 def validate_pipeline(p: PipelinePlan) -> None:
     """Raises PlanError unless the stages cover [0, n_layers) in order, each with >= 1 layer, share the
     epoch, model, exchange and shape, name every node once, and the root's stage is the last."""
@@ -185,6 +193,18 @@ def stage_plan(config: ModelConfig, peers: Sequence[Peer], epoch: int, policy: s
         stages.append(Stage((start, start + count), sp))
         start += count
     return PipelinePlan(epoch, model, policy, config.n_layers, tuple(stages))
+
+
+def build_plan(config: ModelConfig, peers: Sequence[Peer], epoch: int, policy: str = "pow2", **options) -> AnyPlan:
+    """The plan of a policy: scheduler.POLICIES' tensor-parallel Plan, or PIPELINE_POLICIES' PipelinePlan,
+    which falls back to a tensor-parallel plan of the root alone when there is one peer (options: model,
+    exchange, block; group for "hybrid"). Raises PlanError."""
+    if policy not in PIPELINE_POLICIES:
+        return plan(config, peers, epoch, policy, **options)
+    if len(peers) < 2 or config.n_layers < 2:
+        options.pop("group", None)
+        return plan(config, peers, epoch, "pow2", max_nodes=1, **options)
+    return stage_plan(config, peers, epoch, policy, **options)
 
 
 def candidate_plans(config: ModelConfig, peers: Sequence[Peer], *, epoch: int = 0, model: str | None = None,

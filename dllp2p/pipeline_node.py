@@ -4,6 +4,9 @@
     node = plan_node(config, plan, i, tensors, peers, ctx, threads)
     logits = node.forward(tokens, start_pos)     # on every node, same arguments; node 0 gets the logits
 
+This module is the compute module the session layer drives (it re-exports tp's NodeTensor, PeerLost,
+ExchangeAuthFailed and split_block beside these two).
+
 For a scheduler.Plan these are tp.node_tensors and tp.TPNode. For a pipeline.PipelinePlan, node i (the
 plan's flattened index; peers[j] its socket to flattened node j, as the session's mesh connects every
 pair) is a StageNode: a TPNode of its stage's group whose program (jit/tp_stage.py) runs only the stage's
@@ -27,7 +30,10 @@ from .jit.tp_seal import TAG
 from .jit.tp_stage import StageLinks, StageSlots, build_stage_program, resid_bytes
 from .pipeline import AnyPlan, PipelinePlan
 from .scheduler import Plan
-from .tp import ExchangeAuthFailed, NodeTensor, PeerLost, TPNode, node_tensors, sealed_bytes
+from .tp import ExchangeAuthFailed, NodeTensor, PeerLost, TPNode, node_tensors, sealed_bytes, split_block
+
+# the compute module the session layer drives (session/root.py, worker.py; tests/fake_tp.py is another)
+__all__ = ["ExchangeAuthFailed", "NodeTensor", "PeerLost", "StageNode", "plan_node", "plan_tensors", "split_block"]
 
 
 def plan_tensors(model: GGUFModel, plan: AnyPlan, index: int) -> dict[str, NodeTensor]:

@@ -11,6 +11,8 @@ import threading
 import numpy as np
 import pytest
 
+from dllp2p.formats import QType, load_model
+from dllp2p.formats.synthetic import SyntheticSpec, write_random_llama
 from dllp2p.jit.engine import JITEngine
 from dllp2p.pipeline import PipelinePlan, stage_plan
 from dllp2p.pipeline_node import StageNode, plan_node, plan_tensors
@@ -88,16 +90,40 @@ def _same(got, want, top, where=""):
     assert int(np.argmax(got)) == int(np.argmax(want)), where
 
 
-@pytest.mark.parametrize("policy,n", [("pipeline", 2), ("pipeline", 3), ("hybrid", 3), ("hybrid", 4)])
-def test_kv8_bit_identical(kv8_model, cache_dir, policy, n):  # noqa: F811
-    # kv8_model has 2 layers: a 3-stage pipeline gets 2 (one layer each); give it 4 via its own model below
-    p = stage_plan(kv8_model.config, _peers(n), epoch=1, policy=policy)
-    single = JITEngine(kv8_model, 64, threads=1, cache_dir=cache_dir, max_chunk=4)
-    cluster = PipelineCluster(kv8_model, p, cache_dir)
+@pytest.fixture(scope="module")
+def kv8_4layers(tmp_path_factory):
+    """test_tp's random 8-KV model with 4 layers, so that 4 stages get a layer each."""
+    spec = SyntheticSpec(dim=512, n_layers=4, n_heads=16, n_kv_heads=8, ffn_dim=1024, vocab_size=1024,
+                         qtype=QType.Q4_0, embed_qtype=QType.Q8_0)
+    return load_model(write_random_llama(tmp_path_factory.mktemp("m") / "random-kv8-4l.gguf", spec))
+
+
+STAGES = {("pipeline", 2): [1, 1], ("pipeline", 3): [1, 1, 1], ("pipeline", 4): [1, 1, 1, 1],
+          ("hybrid", 3): [1, 2], ("hybrid", 4): [2, 2]}
+
+
+@pytest.mark.parametrize("policy,n", list(STAGES))
+def test_kv8_bit_identical(kv8_4layers, cache_dir, policy, n):
+    p = stage_plan(kv8_4layers.config, _peers(n), epoch=1, policy=policy)
+    assert [s.plan.n_nodes for s in p.stages] == STAGES[policy, n]
+    single = JITEngine(kv8_4layers, 64, threads=1, cache_dir=cache_dir, max_chunk=4)
+    cluster = PipelineCluster(kv8_4layers, p, cache_dir)
     try:
-        assert [s.plan.n_nodes for s in p.stages] == {("pipeline", 2): [1, 1], ("pipeline", 3): [1, 1],
-                                                      ("hybrid", 3): [1, 2], ("hybrid", 4): [2, 2]}[policy, n]
         greedy_identical(cluster, single, PROMPT, 4, top=8 if n == 4 else 0)
+    finally:
+        cluster.close()
+        single.close()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("policy,n", [("pipeline", 3), ("hybrid", 4)])
+def test_smollm2_bit_identical(real_model, cache_dir, policy, n):
+    p = stage_plan(real_model.config, _peers(n), epoch=1, policy=policy)
+    single = JITEngine(real_model, 64, threads=1, cache_dir=cache_dir, max_chunk=4)
+    cluster = PipelineCluster(real_model, p, cache_dir)
+    try:
+        tokens = greedy_identical(cluster, single, [1, 504, 3575, 282, 4649, 314], 4)
+        assert tokens[0] == 7042  # " Paris"
     finally:
         cluster.close()
         single.close()

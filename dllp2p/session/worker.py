@@ -376,7 +376,7 @@ class Worker:
             extra = {} if self.cache_dir is None else {"cache_dir": self.cache_dir, "cache_budget": self.cache.budget}
             if keys is not None:
                 extra["exchange_keys"] = keys
-            node = tp.TPNode(s.config, s.plan, index, tensors, peers, s.ctx, self.threads, **extra)
+            node = tp.plan_node(s.config, s.plan, index, tensors, peers, s.ctx, self.threads, **extra)
             tensors.clear()  # the engine holds its own packed copy
             ctl.send(Ready(s.epoch, self.node_id))
             seq = 0
