@@ -108,6 +108,14 @@ class StageNode(TPNode):
     def _sealed_bytes(self) -> int:
         return max(sealed_bytes(self.spec, self.part), resid_bytes(self.spec) + TAG)
 
+    def forward(self, tokens: Sequence[int], start_pos: int, top: int = 0) -> np.ndarray | None:
+        """TPNode.forward; stats count the residual handed on (bytes_sent) and taken in (bytes_received)."""
+        result = super().forward(tokens, start_pos, top)
+        hand_off = len(tokens) * self.config.dim * 4 + (TAG if self.sealed else 0)
+        self.stats["bytes_sent"] += hand_off * len(self.links.next)
+        self.stats["bytes_received"] += hand_off * (self.links.prev is not None)
+        return result
+
     def _after_step(self) -> None:
         try:
             super()._after_step()

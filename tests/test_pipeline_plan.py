@@ -9,7 +9,7 @@ import dataclasses
 import pytest
 
 from dllp2p.pipeline import PipelinePlan, Stage, candidate_plans, check_fits, stage_plan
-from dllp2p.scheduler import Peer, Plan, PlanError, check_plan_fits, plan
+from dllp2p.scheduler import Peer, Plan, PlanError, check_plan_fits
 import msgpack
 
 from dllp2p.wire.codec import _from_wire, _to_wire

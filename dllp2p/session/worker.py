@@ -42,6 +42,7 @@ from ..config import Timeouts
 from ..diskcache import disk_full
 from ..error_codes import ErrorCode
 from ..formats import QType
+from ..pipeline import check_fits
 from ..scheduler import Plan, PlanError, check_plan_fits
 from ..wire.chunks import AssembledSlice, SliceAssembler
 from ..wire.codec import ChunkError, ProtocolError, UnexpectedMessage, error_code
@@ -149,6 +150,7 @@ class Worker:
         """Serve one session; -> whether the control connection goes on (False: close it)."""
         try:
             check_plan_fits(s.plan, s.config)
+            check_fits(s.plan, s.config)  # a pipeline plan's layers
             index = s.plan.node(self.node_id).index
             if index == 0:
                 raise PlanError(f"node {self.node_id} is the root of this plan, not a worker")
