@@ -27,6 +27,7 @@ Errors: PlanError (scheduler.py), also raised when a PipelinePlan is built inval
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from functools import cached_property
 from fractions import Fraction
 from typing import Sequence, Union
 
@@ -64,7 +65,7 @@ class PipelinePlan:
 
     # what the session layer reads of a Plan --------------------------------------------------------
 
-    @property
+    @cached_property  # written once into the instance's __dict__: the frozen fields never change
     def nodes(self) -> tuple[NodeSlice, ...]:
         order = [(len(self.stages) - 1, 0)] + [(k, j) for k, s in enumerate(self.stages) for j in range(s.plan.n_nodes)
                                                if (k, j) != (len(self.stages) - 1, 0)]
@@ -197,14 +198,17 @@ def stage_plan(config: ModelConfig, peers: Sequence[Peer], epoch: int, policy: s
 
 def build_plan(config: ModelConfig, peers: Sequence[Peer], epoch: int, policy: str = "pow2", **options) -> AnyPlan:
     """The plan of a policy: scheduler.POLICIES' tensor-parallel Plan, or PIPELINE_POLICIES' PipelinePlan,
-    which falls back to a tensor-parallel plan of the root alone when there is one peer (options: model,
-    exchange, block; group for "hybrid"). Raises PlanError."""
+    which falls back to a tensor-parallel plan of the root alone when there is one peer (or one layer),
+    and for "hybrid" to a pipeline when the peers make one group only (options: model, exchange, block;
+    group for "hybrid"). Raises PlanError."""
     if policy not in PIPELINE_POLICIES:
         return plan(config, peers, epoch, policy, **options)
+    group = options.pop("group", DEFAULT_GROUP)
     if len(peers) < 2 or config.n_layers < 2:
-        options.pop("group", None)
         return plan(config, peers, epoch, "pow2", max_nodes=1, **options)
-    return stage_plan(config, peers, epoch, policy, **options)
+    if policy == "hybrid" and len(peers) <= group:  # one group would be one stage: a pipeline of them
+        return stage_plan(config, peers, epoch, "pipeline", **options)
+    return stage_plan(config, peers, epoch, policy, group=group, **options)
 
 
 def candidate_plans(config: ModelConfig, peers: Sequence[Peer], *, epoch: int = 0, model: str | None = None,

@@ -8,7 +8,7 @@ import dataclasses
 
 import pytest
 
-from dllp2p.pipeline import PipelinePlan, Stage, candidate_plans, check_fits, stage_plan
+from dllp2p.pipeline import PipelinePlan, Stage, build_plan, candidate_plans, check_fits, stage_plan, with_epoch
 from dllp2p.scheduler import Peer, Plan, PlanError, check_plan_fits
 import msgpack
 
@@ -92,3 +92,15 @@ def test_candidate_plans():
     assert all(p.nodes[0].node_id == "n0" for p in cands)
     assert candidate_plans(LLAMA_8KV, _peers(1, 1, 1, 1)) == cands  # pure
     assert all(isinstance(p, (Plan, PipelinePlan)) for p in cands)
+
+
+def test_build_plan_dispatches_and_falls_back():
+    assert isinstance(build_plan(SMOLLM2, _peers(1, 1), 0, "weighted"), Plan)
+    alone = build_plan(SMOLLM2, _peers(1), 0, "pipeline")  # the root alone: a one-node tensor-parallel plan
+    assert isinstance(alone, Plan) and alone.n_nodes == 1
+    two = build_plan(SMOLLM2, _peers(1, 1), 0, "hybrid")  # one group of 2 would be a single stage
+    assert isinstance(two, PipelinePlan) and two.policy == "pipeline" and two.n_nodes == 2
+    four = build_plan(LLAMA_8KV, _peers(1, 1, 1, 1), 5, "hybrid")
+    assert [s.plan.n_nodes for s in four.stages] == [2, 2] and four.epoch == 5
+    moved = with_epoch(four, 9)
+    assert moved.epoch == 9 and all(s.plan.epoch == 9 for s in moved.stages) and with_epoch(moved, 5) == four
