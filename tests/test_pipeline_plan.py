@@ -9,7 +9,10 @@ import dataclasses
 import pytest
 
 from dllp2p.pipeline import PipelinePlan, Stage, build_plan, candidate_plans, check_fits, stage_plan, with_epoch
+from dllp2p.formats import QType
 from dllp2p.scheduler import Peer, Plan, PlanError, check_plan_fits
+from dllp2p.session.checks import SessionRefused, check_config, check_shapes, kv_bytes
+from dllp2p.wire.messages import Session, SliceInfo
 import msgpack
 
 from dllp2p.wire.codec import _from_wire, _to_wire
@@ -104,3 +107,21 @@ def test_build_plan_dispatches_and_falls_back():
     assert [s.plan.n_nodes for s in four.stages] == [2, 2] and four.epoch == 5
     moved = with_epoch(four, 9)
     assert moved.epoch == 9 and all(s.plan.epoch == 9 for s in moved.stages) and with_epoch(moved, 5) == four
+
+
+def test_a_worker_checks_a_stage_session():
+    """A stage's node refuses slices of layers outside its stage, and sizes its KV cache by its layers."""
+    p = stage_plan(SMOLLM2, [Peer("r", "", 1, 1.0), Peer("w", "127.0.0.1:1", 1, 1.0)], 1, "pipeline")
+    assert p.stages[0].layers == (0, 15) and p.nodes[1].node_id == "w"
+
+    def session(*layers: int) -> Session:
+        return Session(p, SMOLLM2, 64, tuple(SliceInfo(f"blk.{i}.attn_norm.weight", "n", int(QType.F32), (SMOLLM2.dim,),
+                                                       f"{i:064x}") for i in layers))
+
+    check_shapes(session(0, 14), 1)
+    with pytest.raises(SessionRefused, match=r"blk.15.attn_norm.weight: not a layer of this node's stage \[0, 15\)"):
+        check_shapes(session(0, 15), 1)
+    whole = kv_bytes(SMOLLM2, p.nodes[1], 64)
+    check_config(session(0), 1, int(whole * 0.6))  # 15 of 30 layers' KV cache fits where all 30 would not
+    with pytest.raises(SessionRefused, match="available"):
+        check_config(session(0), 1, int(whole * 0.4))

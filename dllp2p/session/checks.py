@@ -116,9 +116,14 @@ _FLOAT = (QType.F32, QType.F16, QType.BF16)
 
 
 def check_shapes(s: Session, index: int) -> None:
-    """Every slice the worker knows by name has the shape the plan and config give it; vectors are floats."""
+    """Every slice the worker knows by name has the shape the plan and config give it; vectors are floats;
+    a pipeline stage's node gets no layer outside its stage."""
     node = s.plan.nodes[index]
+    stage = s.plan.stages[s.plan.locate(index)[0]].layers if isinstance(s.plan, PipelinePlan) else None
     for si in s.slices:
+        m = _LAYER.fullmatch(si.tensor)
+        _need(stage is None or m is None or stage[0] <= int(m.group(1)) < stage[1],
+              f"{si.tensor}: not a layer of this node's stage [{stage and stage[0]}, {stage and stage[1]})")
         want = expected_shape(si.tensor, s.config, node, s.plan.exchange)
         if want is None:
             continue
