@@ -70,16 +70,13 @@ class ProgramSpec:
     output_type: QType
     max_chunk: int = 64  # tokens per forward call (prefill chunk)
     matmul_tile: int = 4
-    # a pipeline stage (dllp2p/pipeline.py, jit/tp_stage.py): its layers [l0, l1) (None: all; layer_types
-    # are () outside them), whether it looks the tokens up (else x_t comes in: receive_residual) and
-    # whether it makes the logits (else x_t goes out: send_residual)
+    # a pipeline stage's program (jit/tp_stage.py): its layers [l0, l1) (None: all; layer_types () outside)
     layers: tuple[int, int] | None = None
-    embeds: bool = True
-    emits_logits: bool = True
+    embeds: bool = True  # looks the tokens up; else x_t comes in (receive_residual)
+    emits_logits: bool = True  # final norm and logits; else x_t goes out (send_residual)
 
     @property
     def run_layers(self) -> range:
-        """The layers this program computes."""
         return range(*(self.layers or (0, self.config.n_layers)))
 
     def kernel_specs(self) -> tuple[KernelSpec, ...]:
@@ -217,7 +214,7 @@ class _Forward:
             if c.embed_scale != 1.0:
                 self.call(Op.SCALE, x_t, b.mul(self.n, i64(c.dim)), float(c.embed_scale))
         else:
-            self.receive_residual()
+            self.receive_residual()  # a pipeline stage's program only (jit/tp_stage.py), as send_residual
         for layer in self.spec.run_layers:
             self.layer(layer)
         if self.spec.emits_logits:
@@ -225,14 +222,6 @@ class _Forward:
         else:
             self.send_residual()
         b.ret_void()
-
-    def receive_residual(self) -> None:
-        """x_t = the previous pipeline stage's residual f32[n, dim]: a stage program's (jit/tp_stage.py)."""
-        raise NotImplementedError("a program without the embedding is a pipeline stage's (jit/tp_stage.py)")
-
-    def send_residual(self) -> None:
-        """x_t f32[n, dim] to the next pipeline stage: a stage program's (jit/tp_stage.py)."""
-        raise NotImplementedError("a program without the logits is a pipeline stage's (jit/tp_stage.py)")
 
     def embed(self) -> None:
         """x_t[i] = row tokens[i] of the embedding, dequantized, for the chunk's rows (every thread)."""
