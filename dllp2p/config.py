@@ -17,6 +17,7 @@ File: /etc/dllp2p/config.toml (DLLP2P_CONFIG or --config name another), a [daemo
     exchange = "exact"          # as root: "exact" (bit-identical to one node) or "q8" (fewer bytes, 2 exchanges/layer)
     plan = "auto"               # as root: "auto" (the cost model picks the nodes: measured compute, links; the
                                 # default), "pow2" (2^n nodes, equal slices), "weighted" (every node the heads allow)
+                                # tensor parallel; "pipeline" (a layer range per node) or "hybrid" (stages of 2-node groups)
     api = "127.0.0.1:7341"      # the OpenAI-compatible HTTP API (loopback: no credential; beyond: bearer key); "off"
     api_ctx = 2048              # the context (KV positions) of its requests: the longest prompt + reply
     api_hosts = ["pi.home"]     # names the API answers to besides IP literals, localhost and its listen host
@@ -92,7 +93,7 @@ DEFAULTS: dict[str, Any] = {
     "cache_mb": 4096,  # each cache's size budget in MiB (slices in the state dir, packed slices in the cache dir)
 }
 EXCHANGES = ("exact", "q8")  # scheduler.EXCHANGES (not imported: this module stays dependency-free)
-POLICIES = ("pow2", "weighted")  # scheduler.POLICIES
+POLICIES = ("pow2", "weighted", "pipeline", "hybrid")  # scheduler.POLICIES + pipeline.PIPELINE_POLICIES
 PLANS = ("auto", *POLICIES)  # "auto": planner.py picks how many nodes (a weighted plan of that many)
 
 

@@ -119,10 +119,13 @@ def split_block(model: GGUFModel) -> int:
     return max([BLOCK_ROWS, *sizes])
 
 
-def node_tensors(model: GGUFModel, plan: Plan, index: int) -> dict[str, NodeTensor]:
+def node_tensors(model: GGUFModel, plan: Plan, index: int, layers: tuple[int, int] | None = None,
+                 embed: bool = True, output: bool = True) -> dict[str, NodeTensor]:
     """What node `index` of `plan` holds: row slices (views of the memory map, copies for Q/K rows of NEOX
     models: family.arranged) and column slices (copies), with their sha256. The layers' extra vectors
-    (family.LAYER_EXTRAS): biases cut like their matrix's rows, q/k and post norms whole."""
+    (family.LAYER_EXTRAS): biases cut like their matrix's rows, q/k and post norms whole. A pipeline
+    stage's node (pipeline.py) holds only `layers` [l0, l1), the embedding's rows if it looks tokens up,
+    the final norm and output projection (a tied one: the embedding's rows) if it makes the logits."""
     c = model.config
     part = partition_of(plan, index)
     cuts = slice_ranges(c, part)
@@ -135,11 +138,13 @@ def node_tensors(model: GGUFModel, plan: Plan, index: int) -> dict[str, NodeTens
             t = t.rows(*cut[1]) if cut[0] == "rows" else t.columns(*cut[1])
         out[name] = NodeTensor(name, t.qtype, tuple(t.shape), t.data, _digest(t.data))
 
-    add("token_embd.weight", "token_embd.weight", cuts["output"])  # its vocabulary rows: embedding and tied output
-    add("output_norm.weight", "output_norm.weight", None)
-    if not c.tied_output:
+    if embed or (output and c.tied_output):  # its vocabulary rows: embedding and tied output
+        add("token_embd.weight", "token_embd.weight", cuts["output"])
+    if output:
+        add("output_norm.weight", "output_norm.weight", None)
+    if output and not c.tied_output:
         add("output.weight", "output.weight", cuts["output"])
-    for i in range(c.n_layers):
+    for i in range(*(layers or (0, c.n_layers))):
         for norm in ("attn_norm", "ffn_norm"):
             add(f"blk.{i}.{norm}.weight", f"blk.{i}.{norm}.weight", None)
         for name in LAYER_MATRICES:
@@ -162,8 +167,8 @@ def _load_node_weights(config: ModelConfig, tensors: Mapping[str, NodeTensor],
     beside it stay within `budget` bytes, the least recently used going first."""
     def packed() -> PackedModel:
         tied = config.tied_output
-        return pack(execution_order(config, output=not tied), tensors.__getitem__,
-                    "token_embd.weight" if tied else "output.weight")
+        order = [n for n in execution_order(config, output=not tied) if n in tensors]  # a stage's: its layers
+        return pack(order, tensors.__getitem__, "token_embd.weight" if tied else "output.weight")
 
     if cache_dir is None:
         return packed()
@@ -227,26 +232,21 @@ class TPNode(JITEngine):
         the mirror image of peer j's: every exchange message is sealed (tp_program). None: plain exchange."""
         t0 = time.perf_counter()
         self.part = part = partition_of(plan, index)
-        if len(peers) != part.n_nodes or (peers[index] is not None):
+        if len(peers) != self._n_links(part) or peers[index] is not None or None in peers[part.n_nodes:]:
             raise ValueError(f"need one socket per other node of the plan ({part.n_nodes - 1}), None at {index}")
         self.index, self.plan = index, plan
         self.n_kv_local = part.kv_heads[index][1] - part.kv_heads[index][0]
         self._peers = list(peers)
         self._keys = None if exchange_keys is None else list(exchange_keys)
         if self._keys is not None and (
-                len(self._keys) != part.n_nodes
+                len(self._keys) != len(peers)
                 or any((k is None) != (j == index) for j, k in enumerate(self._keys))
                 or any(len(x) != KEY_BYTES for k in self._keys if k is not None for x in k)):
             raise ValueError(f"need a (send, receive) pair of {KEY_BYTES}-byte keys per other node, None at {index}")
         for sock in self._peers:
             if sock is not None:
                 prepare_peer_socket(sock, timeout)
-        layer_types = tuple(tuple(_kernel_type(tensors[f"blk.{i}.{n}.weight"].qtype) for n in LAYER_MATRICES)
-                            for i in range(config.n_layers))
-        # the node's vocabulary rows of the embedding; of the output projection too when tied
-        out_name = "token_embd.weight" if config.tied_output else "output.weight"
-        spec = ProgramSpec(config, layer_types, _kernel_type(tensors["token_embd.weight"].qtype),
-                           _kernel_type(tensors[out_name].qtype), max_chunk)
+        spec = self._spec(config, tensors, max_chunk)
         packed = _load_node_weights(config, tensors, cache_dir, cache_budget)
         self._start(config, ctx, threads, spec, packed, cache_dir, t0)
         self._table[self._slots["recv_spins"]] = recv_spins
@@ -254,6 +254,18 @@ class TPNode(JITEngine):
             self._table[self._slots["seal_fn"]], self._table[self._slots["open_fn"]] = sodium_aead()
         self.stats: dict[str, float] = {}
         self._top = 0
+
+    def _n_links(self, part: Partition) -> int:
+        """Sockets this node's program addresses: one per node of the plan (a pipeline stage's: more)."""
+        return part.n_nodes
+
+    def _spec(self, config: ModelConfig, tensors: Mapping[str, NodeTensor], max_chunk: int) -> ProgramSpec:
+        layer_types = tuple(tuple(_kernel_type(tensors[f"blk.{i}.{n}.weight"].qtype) for n in LAYER_MATRICES)
+                            for i in range(config.n_layers))
+        # the node's vocabulary rows of the embedding; of the output projection too when tied
+        out_name = "token_embd.weight" if config.tied_output else "output.weight"
+        return ProgramSpec(config, layer_types, _kernel_type(tensors["token_embd.weight"].qtype),
+                           _kernel_type(tensors[out_name].qtype), max_chunk)
 
     @property
     def sealed(self) -> bool:
@@ -270,11 +282,11 @@ class TPNode(JITEngine):
     def _extra_buffers(self) -> dict[str, np.ndarray]:
         sizes = tp_buffer_sizes(self.spec, self.part)
         bufs = {name: aligned_zeros(n, np.uint8) for name, n in sizes.items()}
-        fds = aligned_zeros(max(1, self.part.n_nodes), np.int64)
+        fds = aligned_zeros(max(1, len(self._peers)), np.int64)
         for j, sock in enumerate(self._peers):
             fds[j] = -1 if sock is None else sock.fileno()
         bufs["fds"] = fds
-        n = max(1, self.part.n_nodes)
+        n = max(1, len(self._peers))
         keys = aligned_zeros(n * 2 * KEY_BYTES if self.sealed else 8, np.uint8)  # peer j: send key | receive key
         for j, pair in enumerate(self._keys or ()):
             if pair is not None:
@@ -282,8 +294,11 @@ class TPNode(JITEngine):
         bufs["xkeys"] = keys
         bufs["xcount"] = aligned_zeros(2 * n, np.int64)  # messages sealed to / opened from peer j so far
         bufs["xnonce"] = aligned_zeros(16, np.uint8)
-        bufs["sealed"] = aligned_zeros(sealed_bytes(self.spec, self.part) if self.sealed else 8, np.uint8)
+        bufs["sealed"] = aligned_zeros(self._sealed_bytes() if self.sealed else 8, np.uint8)
         return bufs
+
+    def _sealed_bytes(self) -> int:
+        return sealed_bytes(self.spec, self.part)
 
     max_top = MAX_TOP  # forward(..., top=K): see forward
 

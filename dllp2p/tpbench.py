@@ -2,7 +2,7 @@
 meshed by real TCP connections on 127.0.0.1 (the sockets a daemon would hand its node). Like a daemon's
 worker, every node but the root blocks on a small frame from the root per step, then runs its forward.
 
-    python -m dllp2p.tpbench [--model PATH] [--layout N:T ...] [--exchange exact q8] [--tokens N]
+    python -m dllp2p.tpbench [--model PATH] [--layout N:T[:POLICY] ...] [--exchange exact q8] [--tokens N]
                              [--rounds R] [--all-logits] [--encrypt off|on|both] [--json]
 
 Without --model it writes (once, under /tmp) a random-weight model shaped like distributed-llama's
@@ -17,6 +17,10 @@ cluster's median ms/token divided by the first cluster's in the same round. The 
 compared with the first cluster's (max |difference|: 0 for exact). Also reported per cluster: ms/token
 and sync ms/token (time thread 0 of the root spends in exchanges), medians over all decoded tokens, and
 the bytes the root sends and receives per token.
+
+A layout's POLICY is the plan's (config.POLICIES): by default pow2 for 2^k nodes, else weighted (tensor
+parallel); `pipeline` (a layer range per node) or `hybrid` (stages of 2-node groups) make pipeline plans
+(dllp2p/pipeline.py), e.g. `--layout 1:2 2:1 2:1:pipeline 4:1:hybrid` compares them in the same rounds.
 
 --encrypt on seals every exchange message (ChaCha20-Poly1305, as with a cluster key: tp_program's sealed
 exchange, under random per-link keys); `both` runs every multi-node cluster plain and sealed, in turn, so
@@ -41,9 +45,10 @@ import numpy as np
 from .config import cache_dir as configured_cache_dir
 from .formats import QType, load_model
 from .formats.synthetic import SyntheticSpec, write_random_llama
-from .scheduler import EXCHANGES, Peer, plan
+from .pipeline import build_plan
+from .pipeline_node import plan_node, plan_tensors
+from .scheduler import EXCHANGES, Peer
 from .jit.tp_program import RECV_SPINS
-from .tp import TPNode, node_tensors
 
 DLLAMA_SHAPE = SyntheticSpec(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, ffn_dim=5632, vocab_size=32000,
                              context_length=4096, qtype=QType.Q4_0, embed_qtype=QType.Q4_0, tied_output=False)
@@ -81,11 +86,14 @@ class Cluster:
     its logits; decode(n) runs n greedy steps and records ms and sync ms per token."""
 
     def __init__(self, model, n_nodes: int, threads: int, exchange: str, ctx: int, recv_spins: int | None = None,
-                 sealed: bool = False, cache_dir: Path | None = None):
+                 sealed: bool = False, cache_dir: Path | None = None, policy: str | None = None):
         self.n_nodes, self.threads, self.exchange, self.sealed = n_nodes, threads, exchange, sealed
         keys = random_exchange_keys(n_nodes) if sealed else [None] * n_nodes
         peers = [Peer(f"bench{i}", f"127.0.0.1:{i}", threads, 1.0) for i in range(n_nodes)]
-        p = plan(model.config, peers, epoch=1, policy="weighted" if n_nodes & (n_nodes - 1) else "pow2", exchange=exchange)
+        self.policy = policy or ("weighted" if n_nodes & (n_nodes - 1) else "pow2")
+        p = build_plan(model.config, peers, 1, self.policy, exchange=exchange)
+        if p.n_nodes != n_nodes:
+            raise ValueError(f"a {self.policy} plan of this model takes {p.n_nodes} nodes, not {n_nodes}")
         self._socks = tcp_mesh(n_nodes)
         self._ctl = [socket.socketpair() if i else (None, None) for i in range(n_nodes)]
         # nodes sharing too few cores must not spin on receives (it takes the core from the node awaited)
@@ -95,8 +103,8 @@ class Cluster:
                           for i in range(1, n_nodes)]
         self.root = None
         try:
-            self.root = TPNode(model.config, p, 0, node_tensors(model, p, 0), self._socks[0], ctx, threads, recv_spins=spins,
-                               exchange_keys=keys[0], cache_dir=cache_dir)
+            self.root = plan_node(model.config, p, 0, plan_tensors(model, p, 0), self._socks[0], ctx, threads,
+                                  recv_spins=spins, exchange_keys=keys[0], cache_dir=cache_dir)
             for i in range(1, n_nodes):
                 self._ctl[i][0].settimeout(600)  # a child builds (and may compile) its node first
                 if _recv_exact(self._ctl[i][0], 1) != b"R":
@@ -169,8 +177,8 @@ def _fork_node(model, p, index: int, peers, ctl: socket.socket, ctx: int, thread
         return pid
     code = 1
     try:
-        node = TPNode(model.config, p, index, node_tensors(model, p, index), peers, ctx, threads, recv_spins=spins,
-                      exchange_keys=keys, cache_dir=cache_dir)
+        node = plan_node(model.config, p, index, plan_tensors(model, p, index), peers, ctx, threads, recv_spins=spins,
+                         exchange_keys=keys, cache_dir=cache_dir)
         ctl.sendall(b"R")
         while True:
             pos, n, top = struct.unpack("<qqq", _recv_exact(ctl, 24))
@@ -195,7 +203,7 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
     return bytes(buf)
 
 
-def run(model, layouts: list[tuple[int, int]], exchanges: list[str], prompt: list[int], tokens: int, rounds: int,
+def run(model, layouts: list[tuple[int, int] | tuple[int, int, str]], exchanges: list[str], prompt: list[int], tokens: int, rounds: int,
         recv_spins: int | None = None, top: int = 1, encrypt: str = "off",
         cache_dir: Path | None = None) -> list[dict]:
     """Start every (layout, exchange, sealed or not) cluster, prefill each, then `rounds` rounds of
@@ -203,8 +211,8 @@ def run(model, layouts: list[tuple[int, int]], exchanges: list[str], prompt: lis
     ctx = len(prompt) + tokens * rounds + 1
     seals = {"off": [False], "on": [True], "both": [False, True]}[encrypt]
     with contextlib.ExitStack() as stack:
-        clusters = [stack.enter_context(Cluster(model, n, t, ex, ctx, recv_spins, sealed, cache_dir))
-                    for n, t in layouts for ex in (exchanges if n > 1 else ["exact"])
+        clusters = [stack.enter_context(Cluster(model, n, t, ex, ctx, recv_spins, sealed, cache_dir, *policy))
+                    for n, t, *policy in layouts for ex in (exchanges if n > 1 else ["exact"])
                     for sealed in (seals if n > 1 else [False])]
         first = [c.step(prompt).copy() for c in clusters]
         for _ in range(rounds):
@@ -216,7 +224,8 @@ def run(model, layouts: list[tuple[int, int]], exchanges: list[str], prompt: lis
         for c, logits in zip(clusters, first):
             s = c.root.stats
             results.append({
-                "nodes": c.n_nodes, "threads_per_node": c.threads, "exchange": c.exchange, "sealed": c.sealed,
+                "nodes": c.n_nodes, "threads_per_node": c.threads, "policy": c.policy, "exchange": c.exchange,
+                "sealed": c.sealed,
                 "ms_per_token": statistics.median(c.ms), "sync_ms_per_token": statistics.median(c.sync),
                 "round_ms_per_token": c.round_ms,
                 "vs_first": statistics.median(m / b for m, b in zip(c.round_ms, base)),
@@ -230,7 +239,8 @@ def run(model, layouts: list[tuple[int, int]], exchanges: list[str], prompt: lis
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m dllp2p.tpbench", description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", help="GGUF (default: a random model of distributed-llama's benchmark shape)")
-    ap.add_argument("--layout", nargs="+", default=["1:2", "2:1", "4:1"], help="NODES:THREADS_PER_NODE ...")
+    ap.add_argument("--layout", nargs="+", default=["1:2", "2:1", "4:1"],
+                    help="NODES:THREADS_PER_NODE[:POLICY] ... (POLICY: pow2, weighted, pipeline, hybrid)")
     ap.add_argument("--prompt-tokens", type=int, default=16)
     ap.add_argument("--tokens", type=int, default=16, help="tokens each cluster decodes per round")
     ap.add_argument("--rounds", type=int, default=4, help="rounds of turns (clusters are compared round by round)")
@@ -250,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--tokens and --rounds must be at least 1")
     model = load_model(args.model or random_model_path())
     prompt = [int(t) for t in np.random.default_rng(0).integers(0, model.config.vocab_size, args.prompt_tokens)]
-    layouts = [tuple(int(v) for v in spec.split(":")) for spec in args.layout]
+    layouts = [(int(n), int(t), *policy) for n, t, *policy in (spec.split(":") for spec in args.layout)]
     results = run(model, layouts, args.exchange, prompt, args.tokens, args.rounds, args.recv_spins,
                   0 if args.all_logits else 1, args.encrypt, configured_cache_dir(os.environ))
     if args.json:
@@ -262,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in results:
         sent, received = r["root_bytes_sent"], r["root_bytes_received"]
         rounds = " ".join(f"{m:.1f}" for m in r["round_ms_per_token"])
-        print(f"{r['nodes']} node(s) x {r['threads_per_node']} thread(s), {r['exchange']} exchange{', sealed' if r['sealed'] else ''}: "
+        print(f"{r['nodes']} node(s) x {r['threads_per_node']} thread(s), {r['policy']} plan, {r['exchange']} exchange{', sealed' if r['sealed'] else ''}: "
               f"{r['ms_per_token']:.1f} ms/token (rounds {rounds}), vs first x{r['vs_first']:.3f}, "
               f"sync {r['sync_ms_per_token']:.2f} ms/token, root sends {sent / 1e3:.1f} kB ({sent / 1024:.1f} KiB), "
               f"receives {received / 1e3:.1f} kB ({received / 1024:.1f} KiB) per token, "

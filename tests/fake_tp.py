@@ -155,6 +155,12 @@ def _recv_exactly(sock: socket.socket, n: int, j: int) -> bytes:
     return buf
 
 
+# the compute module's names for any plan (dllp2p/pipeline_node.py): the fake treats a pipeline plan's nodes
+# as it treats a tensor-parallel plan's (every node exchanges with every other)
+plan_tensors = node_tensors
+plan_node = TPNode
+
+
 if __name__ == "__main__":
     import argparse
     import logging

@@ -22,7 +22,8 @@
       id, address, role ("root" | "worker"), version (protocol, int), started_at (unix s, float),
       cluster, cores (int), ram (bytes of RAM, int), features (list of str), known_from (list of
       "self" | "mdns" | "static"), last_seen (unix s), reachable (bool: the node answered its own Status)
-      slice       null, or {"index", "kv_heads", "q_heads", "ffn_rows", "vocab_rows"} ([start, end) pairs)
+      slice       null, or {"index", "kv_heads", "q_heads", "ffn_rows", "vocab_rows", "layers"} ([start, end)
+                  pairs; layers: its pipeline stage's, null in a tensor-parallel plan)
       last_step   null, or {"tokens", "step_ms", "sync_ms", "compute_ms", "tokens_per_s", "at"}
       rss         bytes resident of the node's daemon process (int), null when unreachable (or too old)
       ram_available  bytes of RAM the node can still give (int, 0: unknown), null likewise
@@ -59,7 +60,8 @@ from typing import Any, Iterator, TextIO
 
 from ..clusterkey import ClusterKey
 from ..config import LOCAL_DAEMON
-from ..scheduler import NodeSlice, Plan
+from ..pipeline import AnyPlan, PipelinePlan
+from ..scheduler import NodeSlice
 from ..textsafe import printable
 from ..wire.client import status_blocking
 from ..wire.codec import ProtocolError
@@ -105,7 +107,7 @@ class Survey:
     def own(self, node_id: str) -> StatusReply | None:
         return self.reply if node_id == self.reply.node_id else self.others.get(node_id)
 
-    def plan(self) -> Plan | None:
+    def plan(self) -> AnyPlan | None:
         """The plan of the session in progress, as any node that runs one reports it (latest epoch)."""
         plans = [r.plan for r in (self.reply, *self.others.values()) if r is not None and r.plan is not None]
         return max(plans, key=lambda p: p.epoch) if plans else None
@@ -126,10 +128,17 @@ def survey(address: str, timeout: float = 2.0, others_timeout: float = 0.5, *,
     return Survey(address, reply, others, rtts)
 
 
-def _slice(plan: Plan | None, node_id: str) -> NodeSlice | None:
+def _slice(plan: AnyPlan | None, node_id: str) -> NodeSlice | None:
     if plan is None:
         return None
     return next((s for s in plan.nodes if s.node_id == node_id), None)
+
+
+def _layers(plan: AnyPlan | None, node_id: str) -> list[int] | None:
+    """The layer range of node_id's stage in a pipeline plan; None in a tensor-parallel one."""
+    if not isinstance(plan, PipelinePlan):
+        return None
+    return next((list(s.layers) for s in plan.stages if any(n.node_id == node_id for n in s.plan.nodes)), None)
 
 
 def _link_rtt(s: Survey, node_id: str) -> float | None:
@@ -173,7 +182,8 @@ def to_json(s: Survey) -> dict[str, Any]:
             "reachable": own is not None,
             "slice": None if sl is None else {
                 "index": sl.index, "kv_heads": list(sl.kv_heads), "q_heads": list(sl.q_heads),
-                "ffn_rows": list(sl.ffn_rows), "vocab_rows": list(sl.vocab_rows)},
+                "ffn_rows": list(sl.ffn_rows), "vocab_rows": list(sl.vocab_rows),
+                "layers": _layers(plan, m.node_id)},
             "last_step": None if step is None else {
                 "tokens": step.tokens, "step_ms": step.step_ms, "sync_ms": step.sync_ms,
                 "compute_ms": step.step_ms - step.sync_ms, "tokens_per_s": step.tokens_per_s, "at": step.at},
@@ -248,8 +258,9 @@ def table(s: Survey | None, error: str | None = None, now: float | None = None, 
             _text(row["address"]),
             str(row["version"]),
             f"{time.strftime('%H:%M:%S', time.localtime(row['started_at']))} ({_age(now - row['started_at'])} ago)",
-            "-" if sl is None else (f"{sl['index']}/{plan.n_nodes if plan else '?'} kv {_r(sl['kv_heads'])} "
-                                    f"ffn {_r(sl['ffn_rows'])} vocab {_r(sl['vocab_rows'])}"),
+            "-" if sl is None else (f"{sl['index']}/{plan.n_nodes if plan else '?'} "
+                                    + ("" if sl["layers"] is None else f"layers {_r(sl['layers'])} ")
+                                    + f"kv {_r(sl['kv_heads'])} ffn {_r(sl['ffn_rows'])} vocab {_r(sl['vocab_rows'])}"),
             f"{row['cores']} / {row['ram'] / 2**30:.1f} GiB",
             "-" if row["rss"] is None else _bytes(row["rss"]),
             "-" if row["load"] is None else f"{row['load']:.2f} ({100 * row['load_per_core']:.0f}%)",

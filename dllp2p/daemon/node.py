@@ -155,7 +155,7 @@ class Daemon:
 
     def _tp(self) -> Any:
         if self.tp is None:
-            from .. import tp  # the compute (llvmlite, numpy kernels): loaded by the first session or prompt
+            from .. import pipeline_node as tp  # the compute (llvmlite, numpy kernels): by the first session or prompt
 
             self.tp = tp
         return self.tp

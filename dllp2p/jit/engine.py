@@ -134,7 +134,7 @@ class JITEngine:
         for name, width in (("q", c.q_dim), ("k", c.kv_dim), ("v", c.kv_dim), ("att", c.q_dim), ("o", c.dim),
                             ("g", c.ffn_dim), ("u", c.ffn_dim), ("s", c.ffn_dim), ("d", c.dim)):
             bufs[name] = aligned_zeros((mc, width), np.float32)
-        for layer in range(c.n_layers):
+        for layer in s.run_layers:
             # np.zeros: pages come from the OS on first touch, so an unused context costs no memory
             bufs[f"{layer}.k_cache"] = np.zeros((self.ctx, self.n_kv_local, c.head_dim), np.float16)
             bufs[f"{layer}.v_cache"] = np.zeros((self.ctx, self.n_kv_local, c.head_dim), np.float16)
@@ -150,13 +150,17 @@ class JITEngine:
             table[slots[name]] = addr(buf)
         m, norms = self.packed.matrices, self.packed.norms
         out_name = "token_embd.weight" if c.tied_output else "output.weight"
-        order = [f"blk.{i}.{n}.weight" for i in range(c.n_layers) for n in LAYER_MATRICES] + [out_name]
+        layers = self.spec.run_layers  # all, or a pipeline stage's, which holds only what it computes
+        order = [f"blk.{i}.{n}.weight" for i in layers for n in LAYER_MATRICES]
+        order += [out_name] if self.spec.emits_logits else []
         self._layout = thread_layout(self.packed, order, self.threads)
         bases = self._layout.bases
-        table[slots["embed"]] = addr(m["token_embd.weight"])  # looked up by token: the whole matrix
-        table[slots["output"]] = addr(bases[out_name])
-        table[slots["output_norm"]] = addr(norms["output_norm.weight"])
-        for layer in range(c.n_layers):
+        if self.spec.embeds:
+            table[slots["embed"]] = addr(m["token_embd.weight"])  # looked up by token: the whole matrix
+        if self.spec.emits_logits:
+            table[slots["output"]] = addr(bases[out_name])
+            table[slots["output_norm"]] = addr(norms["output_norm.weight"])
+        for layer in layers:
             p = f"blk.{layer}."
             for name in LAYER_MATRICES:
                 table[slots[f"{layer}.{name}"]] = addr(bases[p + name + ".weight"])

@@ -70,6 +70,14 @@ class ProgramSpec:
     output_type: QType
     max_chunk: int = 64  # tokens per forward call (prefill chunk)
     matmul_tile: int = 4
+    # a pipeline stage's program (jit/tp_stage.py): its layers [l0, l1) (None: all; layer_types () outside)
+    layers: tuple[int, int] | None = None
+    embeds: bool = True  # looks the tokens up; else x_t comes in (receive_residual)
+    emits_logits: bool = True  # final norm and logits; else x_t goes out (send_residual)
+
+    @property
+    def run_layers(self) -> range:
+        return range(*(self.layers or (0, self.config.n_layers)))
 
     def kernel_specs(self) -> tuple[KernelSpec, ...]:
         types = {t for lt in self.layer_types for t in lt} | {self.output_type}
@@ -201,12 +209,18 @@ class _Forward:
         scratch = gep(b, self.ptr("scratch_t"), b.mul(b.mul(self.tid, self.ctx), i64(c.n_heads * 4)))
         self.x_t, self.h_t, self.xq_t, self.scratch = x_t, h_t, xq_t, scratch
 
-        self.embed()
-        if c.embed_scale != 1.0:
-            self.call(Op.SCALE, x_t, b.mul(self.n, i64(c.dim)), float(c.embed_scale))
-        for layer in range(c.n_layers):
+        if self.spec.embeds:
+            self.embed()
+            if c.embed_scale != 1.0:
+                self.call(Op.SCALE, x_t, b.mul(self.n, i64(c.dim)), float(c.embed_scale))
+        else:
+            self.receive_residual()  # a pipeline stage's program only (jit/tp_stage.py), as send_residual
+        for layer in self.spec.run_layers:
             self.layer(layer)
-        self.logits()
+        if self.spec.emits_logits:
+            self.logits()
+        else:
+            self.send_residual()
         b.ret_void()
 
     def embed(self) -> None:

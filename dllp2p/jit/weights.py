@@ -85,7 +85,8 @@ def pack(names: list[str], tensor: Callable[[str], object], out_name: str) -> Pa
         else:
             matrices[name] = pack_weights(t.data, t.qtype, t.shape)
     layers = sum(m.nbytes for n, m in matrices.items() if n.startswith("blk."))
-    return PackedModel(matrices, norms, layers + matrices[out_name].nbytes + sum(a.nbytes for a in norms.values()))
+    out = matrices[out_name].nbytes if out_name in matrices else 0  # none in a pipeline stage before the last
+    return PackedModel(matrices, norms, layers + out + sum(a.nbytes for a in norms.values()))
 
 
 def pack_model(model: GGUFModel) -> PackedModel:

@@ -20,6 +20,7 @@ import re
 
 from ..formats import ModelConfig
 from ..formats.quant import QType
+from ..pipeline import PipelinePlan
 from ..scheduler import NodeSlice, Plan
 from ..wire.link import parse_address
 from ..wire.messages import Session, SliceInfo
@@ -44,10 +45,11 @@ def _need(ok: bool, problem: str) -> None:
         raise SessionRefused(problem)
 
 
-def kv_bytes(config: ModelConfig, node: NodeSlice, ctx: int) -> int:
-    """Bytes of the node's KV cache: K and V, f16[ctx, its kv heads, head_dim] per layer (jit/layout.kv_cache)."""
+def kv_bytes(config: ModelConfig, node: NodeSlice, ctx: int, layers: int | None = None) -> int:
+    """Bytes of the node's KV cache: K and V, f16[ctx, its kv heads, head_dim] per layer (jit/layout.kv_cache)
+    of its `layers` (all of the model's, or its pipeline stage's)."""
     kv0, kv1 = node.kv_heads
-    return 2 * config.n_layers * ctx * (kv1 - kv0) * config.head_dim * 2
+    return 2 * (config.n_layers if layers is None else layers) * ctx * (kv1 - kv0) * config.head_dim * 2
 
 
 def check_config(s: Session, index: int, mem_available: int | None, max_ctx: int = MAX_CTX) -> None:
@@ -61,10 +63,20 @@ def check_config(s: Session, index: int, mem_available: int | None, max_ctx: int
     _need(c.n_heads % c.n_kv_heads == 0, f"{c.n_heads} heads cannot be grouped over {c.n_kv_heads} KV heads")
     _need(s.ctx <= max_ctx, f"ctx {s.ctx} is over this node's maximum of {max_ctx} positions")
     if mem_available is not None:
-        need = kv_bytes(c, s.plan.nodes[index], s.ctx) + sum(si.nbytes for si in s.slices)
+        need = kv_bytes(c, s.plan.nodes[index], s.ctx, _stage_layers(s, index)) + sum(si.nbytes for si in s.slices)
         _need(need <= mem_available * MEMORY_SHARE,
               f"ctx {s.ctx} and {len(s.slices)} slices need {need / 2**20:.0f} MiB; this node has "
               f"{mem_available / 2**20:.0f} MiB available")
+
+
+def _stage_layers(s: Session, index: int) -> int | None:
+    """How many layers node `index` computes in a pipeline plan (None: a tensor-parallel plan's, all)."""
+    if not isinstance(s.plan, PipelinePlan):
+        return None
+    if s.plan.n_layers != s.config.n_layers:
+        raise SessionRefused(f"the plan is for {s.plan.n_layers} layers, the model has {s.config.n_layers}")
+    l0, l1 = s.plan.stages[s.plan.locate(index)[0]].layers
+    return l1 - l0
 
 
 _LAYER = re.compile(r"blk\.(\d+)\.(.+)")
@@ -104,9 +116,14 @@ _FLOAT = (QType.F32, QType.F16, QType.BF16)
 
 
 def check_shapes(s: Session, index: int) -> None:
-    """Every slice the worker knows by name has the shape the plan and config give it; vectors are floats."""
+    """Every slice the worker knows by name has the shape the plan and config give it; vectors are floats;
+    a pipeline stage's node gets no layer outside its stage."""
     node = s.plan.nodes[index]
+    stage = s.plan.stages[s.plan.locate(index)[0]].layers if isinstance(s.plan, PipelinePlan) else None
     for si in s.slices:
+        m = _LAYER.fullmatch(si.tensor)
+        _need(stage is None or m is None or stage[0] <= int(m.group(1)) < stage[1],
+              f"{si.tensor}: not a layer of this node's stage [{stage and stage[0]}, {stage and stage[1]})")
         want = expected_shape(si.tensor, s.config, node, s.plan.exchange)
         if want is None:
             continue

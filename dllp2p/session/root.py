@@ -44,7 +44,7 @@ from ..config import Timeouts
 from ..engine import MAX_TOP, ContextFull
 from ..error_codes import ErrorCode
 from ..formats import ModelConfig
-from ..scheduler import Plan, plan
+from ..pipeline import AnyPlan, build_plan
 from ..wire.chunks import weight_chunks
 from ..wire.codec import ProtocolError, encode
 from ..wire.link import (
@@ -96,7 +96,7 @@ class ClusterError(ConnectionError):
 @dataclass(frozen=True)
 class ClusterOptions:
     workers: tuple[str, ...]  # "host:port" of each worker's daemon
-    policy: str = "pow2"  # scheduler policy: "pow2" or "weighted", or "auto" (the cost model picks the nodes)
+    policy: str = "pow2"  # "pow2" or "weighted" (tensor parallel), "pipeline" or "hybrid" (pipeline.py), or "auto"
     timeouts: Timeouts = field(default_factory=Timeouts)
     cache_dir: Any = None  # the root engine's cache (kernels, packed weights); None: the engine's default
     exchange: str = "exact"  # scheduler.EXCHANGES
@@ -172,7 +172,7 @@ class ClusterStats:
 class ClusterEngine:
     """Engine protocol (dllp2p/engine.py) over a root TPNode and its workers. Build with connect()."""
 
-    def __init__(self, config: ModelConfig, ctx: int, plan_: Plan, node: Any, peers: list[socket.socket | None],
+    def __init__(self, config: ModelConfig, ctx: int, plan_: AnyPlan, node: Any, peers: list[socket.socket | None],
                  workers: list[Worker], tp: Any, stats: ClusterStats):
         self.config = config
         self.ctx = ctx
@@ -197,7 +197,7 @@ class ClusterEngine:
                 tp: ModuleType | Any | None = None, events: Sink = ignore) -> ClusterEngine:
         """Set up the cluster (see the module docstring). Raises ClusterError, PlanError."""
         if tp is None:
-            from .. import tp  # the compute (llvmlite): loaded when a cluster is made
+            from .. import pipeline_node as tp  # the compute (llvmlite): loaded when a cluster is made
         if threads is None:
             from ..jit.engine import default_threads  # llvmlite, as above
 
@@ -297,10 +297,10 @@ class ClusterEngine:
 
 async def start(model: Any, options: ClusterOptions, ctx: int, threads: int, tp: Any, events: Sink = ignore, *,
                 node_id: str | None = None, epoch: int = ROOT_EPOCH,
-                slices: Callable[[Any, Plan, int], dict[str, Any]] | None = None) -> ClusterEngine:
+                slices: Callable[[Any, AnyPlan, int], dict[str, Any]] | None = None) -> ClusterEngine:
     """The set-up on the caller's trio loop (ClusterEngine.connect runs it in a trio.run of its own; a
     root daemon on its loop, with its own node id and the request's number as the plan's epoch). `events`
-    gets the set-up's progress (progress.py); `slices`: tp.node_tensors, or a slices.PlanSlices over it."""
+    gets the set-up's progress (progress.py); `slices`: tp.plan_tensors, or a slices.PlanSlices over it."""
     t0 = time.perf_counter()
     t = options.timeouts
     config: ModelConfig = model.config
@@ -311,7 +311,7 @@ async def start(model: Any, options: ClusterOptions, ctx: int, threads: int, tp:
     node = None
     try:
         hello = partial(_hello_or_skip, events=events) if options.skip_unreachable else _hello
-        slices = slices or tp.node_tensors
+        slices = slices or tp.plan_tensors
         workers = [w for w in await _gather([partial(hello, a, root, t, options.key) for a in options.workers])
                    if w is not None]
         policy, max_nodes, choice = options.policy, None, None
@@ -321,8 +321,8 @@ async def start(model: Any, options: ClusterOptions, ctx: int, threads: int, tp:
             policy, max_nodes = "weighted", choice.chosen.candidate.n_nodes
             members = [replace(p, capacity=rates[p.node_id]) for p in members]
             events(Note(f"auto plan: {choice.chosen.candidate.label}, predicted {choice.chosen.total_ms:.1f} ms/token"))
-        the_plan = plan(config, members, epoch, policy, exchange=options.exchange, block=tp.split_block(model),
-                        max_nodes=max_nodes)
+        the_plan = build_plan(config, members, epoch, policy, exchange=options.exchange, block=tp.split_block(model),
+                              max_nodes=max_nodes)
         for w in workers:
             w.index = next((n.index for n in the_plan.nodes if n.node_id == w.hello.node_id), -1)
         for w in [w for w in workers if w.index < 0]:
@@ -344,7 +344,7 @@ async def start(model: Any, options: ClusterOptions, ctx: int, threads: int, tp:
             extra = {} if options.cache_dir is None else {"cache_dir": options.cache_dir}
             if keys is not None:
                 extra["exchange_keys"] = keys
-            node = await run_in_thread(lambda: tp.TPNode(config, the_plan, 0, own, peers, ctx, threads, **extra),
+            node = await run_in_thread(lambda: tp.plan_node(config, the_plan, 0, own, peers, ctx, threads, **extra),
                                        lambda: [shutdown(s) for s in peers])
             events(Progress(BUILD, "root", 1, 1))
             return node
@@ -456,7 +456,7 @@ async def _expect(w: Worker, cls: type, timeout: float) -> Any:
     return msg
 
 
-async def _push(w: Worker, model: Any, the_plan: Plan, ctx: int, t: Timeouts, slices: Callable, events: Sink) -> None:
+async def _push(w: Worker, model: Any, the_plan: AnyPlan, ctx: int, t: Timeouts, slices: Callable, events: Sink) -> None:
     """Session -> Need -> the missing slices -> WeightsReady."""
     tensors = await trio.to_thread.run_sync(slices, model, the_plan, w.index)
     slices = tuple(SliceInfo(name, name, int(x.qtype), tuple(x.shape), x.sha256) for name, x in tensors.items())
@@ -485,7 +485,7 @@ async def _push(w: Worker, model: Any, the_plan: Plan, ctx: int, t: Timeouts, sl
     w.push_s = time.perf_counter() - t0 if total else 0.0
 
 
-async def _dial(w: Worker, the_plan: Plan, root_id: str, t: Timeouts,
+async def _dial(w: Worker, the_plan: AnyPlan, root_id: str, t: Timeouts,
                 key: ClusterKey | None = None) -> tuple[socket.socket, bytes | None]:
     hello = MeshHello(the_plan.epoch, root_id, 0, w.index)
     try:

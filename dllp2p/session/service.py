@@ -57,7 +57,8 @@ from ..formats import load_model
 from ..planner import RUNNABLE
 from ..prompt import chat_tokens, prompt_tokens
 from ..sampler import SamplerConfig
-from ..scheduler import Peer, Plan, plan
+from ..pipeline import AnyPlan, build_plan
+from ..scheduler import Peer, Plan
 from ..tokenizer import Tokenizer
 from ..wire.client import GenerateCall
 from ..wire.codec import ProtocolError
@@ -94,7 +95,7 @@ class _LeftOut:
 class _Warm:
     key: tuple  # (workers, ctx): what the next request must match to reuse the engine
     engine: Any
-    plan: Plan
+    plan: AnyPlan
     until: float  # trio.current_time() after which keep_warm closes it
     kv: tuple[int, ...] = ()  # the token ids at the positions its KV cache holds (the last request's)
 
@@ -126,7 +127,7 @@ class RootService:
         self._loaded: _Loaded | None = None
         self._lock = threading.Lock()
         self.requests = 0  # served or failed
-        self.last_plan: Plan | None = None  # of the latest request (Status shows it)
+        self.last_plan: AnyPlan | None = None  # of the latest request (Status shows it)
         self._warm: _Warm | None = None  # the last request's engine, kept for the next one
         self._left_out: dict[str, _LeftOut] = {}  # address -> a worker planned without for a while (disk full)
         self.figures: NodeFacts | None = None  # this machine's measured figures (the daemon sets them)
@@ -335,7 +336,7 @@ class RootService:
             return chat_tokens(loaded.tokenizer, loaded.model, [Message(t.role, t.content) for t in g.messages])
         return prompt_tokens(loaded.tokenizer, loaded.model, g.prompt, g.chat, g.system)
 
-    async def _engine_usable(self, model: Any, ctx: int, workers: list[str], epoch: int) -> tuple[Any, Plan, tuple]:
+    async def _engine_usable(self, model: Any, ctx: int, workers: list[str], epoch: int) -> tuple[Any, AnyPlan, tuple]:
         """_engine, planning again without a worker that answers disk_full (left out for LEFT_OUT_S, with
         one log line). -> (engine, plan, the warm key of the workers it was made over)."""
         while True:
@@ -350,7 +351,7 @@ class RootService:
                 log.warning("request %d: %s; planning without it for %.0f s", epoch, e, LEFT_OUT_S)
                 workers = [w for w in workers if w != e.address]
 
-    async def _engine(self, model: Any, ctx: int, workers: list[str], epoch: int) -> tuple[Any, Plan]:
+    async def _engine(self, model: Any, ctx: int, workers: list[str], epoch: int) -> tuple[Any, AnyPlan]:
         """A ClusterEngine over this root and the workers, or a JIT engine when there are none."""
         if workers:
             options = ClusterOptions(tuple(workers), self.policy, self.timeouts, exchange=self.exchange,
@@ -358,7 +359,7 @@ class RootService:
                                      figures=self.figures, link_mbps=tuple(self._link_mbps.items()))
             tp = self._tp()
             if self._slices is None:
-                self._slices = PlanSlices(tp.node_tensors)
+                self._slices = PlanSlices(tp.plan_tensors)
             self.progress.clear()
             engine = await start(model, options, ctx, self.threads, tp, self.progress, node_id=self.node_id,
                                  epoch=epoch, slices=self._slices)
@@ -368,8 +369,8 @@ class RootService:
         from ..jit.engine import JITEngine  # llvmlite: loaded by the first prompt served alone
 
         policy = "weighted" if self.policy == "auto" else self.policy
-        alone = plan(model.config, [Peer(self.node_id, "", self.threads, float(self.threads))], epoch, policy,
-                     exchange=self.exchange)
+        alone = build_plan(model.config, [Peer(self.node_id, "", self.threads, float(self.threads))], epoch, policy,
+                           exchange=self.exchange)
         extra = {} if self.cache_dir is None else {"cache_dir": self.cache_dir}
         return await trio.to_thread.run_sync(lambda: JITEngine(model, ctx, self.threads, **extra)), alone
 

@@ -19,7 +19,6 @@ import logging
 import re
 import secrets
 import socket
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -28,6 +27,7 @@ import numpy as np
 from ..diskcache import disk_full, evict, touch, write_atomically
 from ..formats import QType
 from ..formats.quant import TRAITS
+from ..pipeline import with_epoch
 from ..scheduler import Plan
 from ..wire.messages import SliceInfo
 
@@ -131,7 +131,7 @@ class PlanSlices:
         self._known: dict[tuple[int, Plan, int], dict[str, Any]] = {}
 
     def __call__(self, model: Any, plan: Plan, index: int) -> dict[str, Any]:
-        key = (id(model), replace(plan, epoch=0), index)
+        key = (id(model), with_epoch(plan, 0), index)
         tensors = self._known.pop(key, None)
         if tensors is None:
             tensors = self._node_tensors(model, plan, index)

@@ -47,6 +47,7 @@ from ..config import Timeouts
 from ..diskcache import disk_full
 from ..error_codes import ErrorCode
 from ..formats import QType
+from ..pipeline import check_fits
 from ..scheduler import Plan, PlanError, check_plan_fits
 from ..wire.chunks import AssembledSlice, SliceAssembler
 from ..wire.codec import ChunkError, ProtocolError, UnexpectedMessage, error_code
@@ -173,6 +174,7 @@ class Worker:
         """Serve one session; -> whether the control connection goes on (False: close it)."""
         try:
             check_plan_fits(s.plan, s.config)
+            check_fits(s.plan, s.config)  # a pipeline plan's layers
             index = s.plan.node(self.node_id).index
             if index == 0:
                 raise PlanError(f"node {self.node_id} is the root of this plan, not a worker")
@@ -411,7 +413,7 @@ class Worker:
             extra = {} if self.cache_dir is None else {"cache_dir": self.cache_dir, "cache_budget": self.cache.budget}
             if keys is not None:
                 extra["exchange_keys"] = keys
-            node = tp.TPNode(s.config, s.plan, index, tensors, peers, s.ctx, self.threads, **extra)
+            node = tp.plan_node(s.config, s.plan, index, tensors, peers, s.ctx, self.threads, **extra)
             tensors.clear()  # the engine holds its own packed copy
             ctl.send(Ready(s.epoch, self.node_id))
             seq = 0

@@ -30,6 +30,7 @@ import msgpack
 from ..election import Member
 from ..error_codes import ErrorCode
 from ..formats import ModelConfig
+from ..pipeline import PipelinePlan, Stage
 from ..scheduler import NodeSlice, Plan
 from .limits import BUFFERED, MAX_BODY, SMALL, Budget, unpack
 from .messages import (
@@ -185,8 +186,8 @@ def _fields(cls: type) -> tuple[tuple[str, Any], ...]:
     return _FIELDS[cls]
 
 
-for _cls in (*MESSAGE_TYPES.values(), Plan, NodeSlice, SliceInfo, ModelConfig, Member, NodeStatus, StepStatus, Resources,
-             LinkRtt, PushStatus, ProgressStatus, LeftOut, PlanEstimate, RecoveryStatus, ChatTurn):
+for _cls in (*MESSAGE_TYPES.values(), Plan, NodeSlice, PipelinePlan, Stage, SliceInfo, ModelConfig, Member, NodeStatus,
+             StepStatus, Resources, LinkRtt, PushStatus, ProgressStatus, LeftOut, PlanEstimate, RecoveryStatus, ChatTurn):
     _fields(_cls)  # resolve every schema at import: a bad annotation fails here, not mid-stream
 del _cls
 
@@ -229,8 +230,16 @@ def _from_wire(value: Any, tp: Any, where: str) -> Any:
             raise MalformedFrame(f"{where}: expected {len(args)} items, got {len(value)}")
         return tuple(_from_wire(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
     if origin in (Union, types.UnionType) and type(None) in args:
-        (inner,) = [a for a in args if a is not type(None)]
-        return None if value is None else _from_wire(value, inner, where)
+        inner = [a for a in args if a is not type(None)]
+        return None if value is None else _from_wire(value, inner[0] if len(inner) == 1 else Union[tuple(inner)], where)
+    if origin in (Union, types.UnionType):  # of dataclasses: the one whose fields the map names
+        if type(value) is not dict:
+            raise _bad(where, "a map", value)
+        for cls in args:
+            names = {n for n, _ in _fields(cls)}
+            if set(value) <= names and names - set(value) <= _optional(cls):
+                return _dataclass_from_wire(cls, value, where)
+        raise MalformedFrame(f"{where}: the fields are none of {', '.join(a.__name__ for a in args)}'s")
     if dataclasses.is_dataclass(tp):
         return _dataclass_from_wire(tp, value, where)
     raise TypeError(f"{where}: no wire form for {tp!r}")  # pragma: no cover - schemas are fixed
@@ -278,8 +287,12 @@ def _to_wire(value: Any, tp: Any, where: str) -> Any:
             raise MalformedFrame(f"{where}: expected {len(item_types)} items, got {len(value)}")
         return [_to_wire(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, item_types))]
     if origin in (Union, types.UnionType) and type(None) in args:
-        (inner,) = [a for a in args if a is not type(None)]
-        return None if value is None else _to_wire(value, inner, where)
+        inner = [a for a in args if a is not type(None)]
+        return None if value is None else _to_wire(value, inner[0] if len(inner) == 1 else Union[tuple(inner)], where)
+    if origin in (Union, types.UnionType):  # of dataclasses, told apart by their fields (_from_wire)
+        if type(value) not in args:
+            raise _bad(where, " or ".join(a.__name__ for a in args), value)
+        return _to_wire(value, type(value), where)
     if dataclasses.is_dataclass(tp):
         if type(value) is not tp:
             raise _bad(where, tp.__name__, value)

@@ -23,7 +23,8 @@ from ..error_codes import ErrorCode
 from ..engine import MAX_TOP
 from ..formats import ModelConfig
 from ..formats.quant import TRAITS, QType
-from ..scheduler import Peer, Plan
+from ..pipeline import AnyPlan
+from ..scheduler import Peer
 
 PROTOCOL_VERSION = 3  # 2: Plan.exchange; 3: Step.top
 MAX_CHUNK = 4 << 20  # weight bytes per WeightChunk
@@ -187,7 +188,7 @@ class Session:
     """Root -> worker: the epoch's plan, the model's shape (workers have no model file), the KV cache
     size and the tensors this worker will hold. The worker answers Need."""
 
-    plan: Plan
+    plan: AnyPlan  # a Plan (tensor parallel) or a pipeline.PipelinePlan (stages), told apart by their fields
     config: ModelConfig
     ctx: int  # KV cache positions
     slices: tuple[SliceInfo, ...]

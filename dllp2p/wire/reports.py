@@ -9,7 +9,7 @@ import math
 from dataclasses import dataclass
 
 from ..election import Member
-from ..scheduler import Plan
+from ..pipeline import AnyPlan
 from .messages import ROLES, WIRE_OPTIONAL, _need
 
 
@@ -192,7 +192,7 @@ class StatusReply:
     seq: int
     node_id: str  # the answering daemon
     nodes: tuple[NodeStatus, ...]
-    plan: Plan | None
+    plan: AnyPlan | None  # a scheduler.Plan or a pipeline.PipelinePlan
     last_step: StepStatus | None
     sessions: int  # sessions ended since it started
     resources: Resources | None = dataclasses.field(default=None, metadata=WIRE_OPTIONAL)
