@@ -48,8 +48,13 @@ def generate(
     stats: GenerationStats | None = None,
     clock: Callable[[], float] = time.perf_counter,
     cached: Sequence[int] = (),
+    already: Sequence[int] = (),
 ) -> Iterator[int]:
     """Yield up to max_tokens generated ids; stop tokens end generation and are not yielded.
+
+    already: ids an earlier run of the same request generated (and streamed) before it was lost: they are
+    prefilled with the prompt in one batch, the sampler is advanced past them (Sampler.skip), they count
+    against max_tokens and are not yielded again; what follows is what the uninterrupted run gives.
 
     cached: the ids at the positions the engine's KV cache already holds (an earlier run's
     stats.kv_tokens, on the same engine): the prompt's common prefix with them is not computed again
@@ -61,6 +66,7 @@ def generate(
         raise ValueError("the prompt has no tokens")
     if len(prompt) >= engine.ctx:
         raise ValueError(f"the prompt has {len(prompt)} tokens; the context holds {engine.ctx} (raise --ctx)")
+    prompt, max_tokens = _resumed(prompt, already, sampler, max_tokens, engine.ctx)
     history = list(prompt)
     forward = engine.forward
     top = sampler.cfg.best_logits()
@@ -95,6 +101,17 @@ def generate(
             stats.decode_s += clock() - t0
     finally:  # also when the caller stops early (a stop string, a client gone)
         stats.kv_tokens = tuple(history[:held])
+
+
+def _resumed(prompt: Sequence[int], already: Sequence[int], sampler: Sampler, max_tokens: int,
+             ctx: int) -> tuple[list[int], int]:
+    """(ids to prefill, tokens still to generate) of a request resumed after `already` generated ids."""
+    if not already:
+        return list(prompt), max_tokens
+    if len(prompt) + len(already) >= ctx:
+        raise ValueError(f"the prompt and the {len(already)} tokens already generated fill the context ({ctx})")
+    sampler.skip(len(already))
+    return [*prompt, *already], max_tokens - len(already)
 
 
 class StopFilter:

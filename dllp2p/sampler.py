@@ -85,3 +85,10 @@ class Sampler:
             return int(np.argmax(logits))
         ids, p = candidate_probs(logits, cfg)
         return int(ids[self.rng.choice(len(ids), p=p)])
+
+    def skip(self, n: int) -> None:
+        """Advance past n tokens drawn elsewhere (a resumed request's already streamed ones): every draw
+        above takes exactly one double from the generator (greedy takes none), so the next draw is the one
+        an uninterrupted run would make."""
+        if n > 0 and self.cfg.temperature != 0.0:
+            self.rng.random(n)

@@ -1,9 +1,23 @@
 """A daemon's prompt slot: a Generate is served here when this node is the root (one request or worker
-session at a time: the slot), else forwarded to the root and its answers relayed back."""
+session at a time: the slot), else forwarded to the root and its answers relayed back.
+
+Handover (a root lost or stopping mid-request): the daemon that forwarded a request keeps what resuming
+it needs, the Generate and the ids of every TokenChunk relayed (service.forward -> RootLost). When the
+root's link closes (kill), it falls silent, or it answers draining (SIGTERM), this daemon takes it out of
+the membership at once (Membership.root_lost: it said so, or a Status to it fails), waits for the
+election to name the next root (Timeouts.handover at most), and resubmits the request there with those ids
+as Generate.already; the next root (this node itself, when it is next in line) prefills prompt + ids and
+streams only what follows, so the client's stream simply continues. At most MAX_HANDOVERS times a request.
+
+Draining (the daemon's SIGTERM): new requests are refused with ErrorCode.DRAINING (retryable: a daemon
+forwarding one resubmits it to the next root); those being served get up to `drain_s` seconds to finish,
+then are ended with a DRAINING Error too, which the forwarding daemon (if any) resumes elsewhere.
+"""
 
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 import trio
 
@@ -11,11 +25,13 @@ from ..clusterkey import ClusterKey
 from ..config import Timeouts
 from ..error_codes import ErrorCode
 from ..session import service
-from ..wire.link import TrioLink
+from ..wire.link import LinkClosed, TrioLink
 from ..wire.messages import Error, Generate
 from .membership import Membership
 
 log = logging.getLogger("dllp2p.daemon")
+
+MAX_HANDOVERS = 3  # roots one request may lose before it fails
 
 
 class PromptSlot:
@@ -27,13 +43,33 @@ class PromptSlot:
         self.root_service = root_service
         self._slot = slot
         self.t = timeouts
+        self.draining = False  # stopping: no new request is served here
+        self._serving: set[trio.CancelScope] = set()  # the requests being served here, as root
+        self._idle = trio.Event()  # set whenever _serving is empty
+        self._idle.set()
 
     async def generate(self, link: TrioLink, g: Generate) -> None:
-        """A prompt: served here if this node is root (one request or session at a time), else forwarded."""
-        e = self.membership.election()
-        if e.root is not None and e.root.node_id != self.node_id:
+        """A prompt: served here if this node is root (one request or session at a time), else forwarded,
+        and resubmitted to the next root when the one it went to is lost or stops."""
+        for _ in range(MAX_HANDOVERS + 1):
+            e = self.membership.election()
+            if e.root is None or e.root.node_id == self.node_id:
+                await self._serve_here(link, g, e)
+                return
             log.info("request from %s: forwarded to the root %s (%s)", link.peer, e.root.node_id, e.root.address)
-            await service.forward(link, g, e.root.address, self.node_id, self.t, self.key)
+            lost = await service.forward(link, g, e.root.address, self.node_id, self.t, self.key)
+            if lost is None:
+                return
+            log.warning("request from %s: %s after %d tokens; handing it to the next root", link.peer, lost.cause,
+                        len(lost.already))
+            g = replace(g, already=lost.already)
+            await self.membership.root_lost(e.root, left=lost.left, limit=self.t.handover)
+        await _send_quietly(link, Error(ErrorCode.UNREACHABLE, f"node {self.node_id}: the request lost "
+                                                               f"{MAX_HANDOVERS + 1} roots in a row"))
+
+    async def _serve_here(self, link: TrioLink, g: Generate, e: object) -> None:
+        if self.draining:
+            await _send_quietly(link, self._draining_error())
             return
         ids = await self.root_service.prompt_ids(link, g)  # outside the slot: tokenizing holds up nobody
         if ids is None:
@@ -44,7 +80,47 @@ class PromptSlot:
             await link.send(Error(ErrorCode.BUSY, f"node {self.node_id} is busy"))
             return
         try:
-            workers = [m.address for m in e.succession if m.node_id != self.node_id]
-            await self.root_service.serve(link, g, workers, ids)
+            if self.draining:  # began while this request waited for the slot
+                await _send_quietly(link, self._draining_error())
+                return
+            workers = [m.address for m in e.succession if m.node_id != self.node_id]  # type: ignore[attr-defined]
+            with trio.CancelScope() as scope:
+                self._serving.add(scope)
+                self._idle = trio.Event() if len(self._serving) == 1 else self._idle
+                try:
+                    await self.root_service.serve(link, g, workers, ids)
+                finally:
+                    self._serving.discard(scope)
+                    if not self._serving:
+                        self._idle.set()
+            if scope.cancelled_caught:  # drain() ran out of time: the forwarding daemon resumes it elsewhere
+                with trio.CancelScope(shield=True):
+                    await _send_quietly(link, self._draining_error("before the request was done"))
         finally:
             self._slot.release()
+
+    def _draining_error(self, when: str = "") -> Error:
+        return Error(ErrorCode.DRAINING, f"root {self.node_id} is stopping{' ' + when if when else ''}; "
+                                         "the next root takes the request")
+
+    async def drain(self, limit: float) -> None:
+        """(SIGTERM) Refuse new requests; give those being served here `limit` seconds to finish, then end
+        them with a DRAINING Error (a forwarding daemon resumes them on the next root)."""
+        self.draining = True
+        with trio.move_on_after(limit):
+            await self._idle.wait()
+        if self._serving:
+            log.warning("draining: %d request(s) not done after %.1f s; handed back to their forwarding daemons",
+                        len(self._serving), limit)
+        for scope in list(self._serving):
+            scope.cancel()
+        with trio.move_on_after(5.0):
+            await self._idle.wait()
+
+
+async def _send_quietly(link: TrioLink, msg: Error) -> None:
+    with trio.move_on_after(5.0):
+        try:
+            await link.send(msg)
+        except LinkClosed:
+            pass

@@ -29,7 +29,7 @@ from ..clusterkey import ClusterKey
 from ..error_codes import ErrorCode
 from .codec import ProtocolError, UnexpectedMessage
 from .link import LinkClosed, LinkTimeout, TrioLink, open_link
-from .messages import ChatTurn, Done, Error, Generate, TokenChunk
+from .messages import ChatTurn, Done, Error, Generate, Goodbye, TokenChunk
 from .reports import Status, StatusReply
 from .secure import HandshakeFailed
 
@@ -86,6 +86,20 @@ async def ask_status_timed(address: str, timeout: float, seq: int = 0,
         detail = reply.message if isinstance(reply, Error) else type(reply).__name__
         raise UnexpectedMessage(f"{address} answered Status with {detail}")
     return reply, rtt
+
+
+async def say_goodbye(address: str, bye: Goodbye, timeout: float, key: ClusterKey | None = None) -> None:
+    """Best effort: bye to the daemon at address, on a connection of its own, within timeout seconds (a
+    member that cannot be told learns it from its polls)."""
+    with trio.move_on_after(timeout):
+        try:
+            link = await open_link(address, timeout, key)
+            try:
+                await link.send(bye)
+            finally:
+                await link.aclose()
+        except (OSError, ProtocolError):  # LinkClosed, LinkTimeout, HandshakeFailed
+            pass
 
 
 def status_blocking(address: str, timeout: float, seq: int = 0,
