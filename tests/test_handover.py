@@ -89,6 +89,24 @@ def test_left_removes_that_incarnation_whoever_vouches_for_it(left_at, kept):
     assert "a" in election.apply(t, election.Left("a", 9.0))  # never this node itself
 
 
+def test_the_drain_time_comes_from_file_env_and_flag(tmp_path):
+    from dllp2p.cli import build_parser, daemon_config
+
+    path = tmp_path / "config.toml"
+    path.write_text("[daemon]\ndrain_s = 5\n")
+
+    def cfg(argv, env):
+        return daemon_config(build_parser().parse_args(["daemon", *argv]), {"DLLP2P_CONFIG": str(path), **env})
+
+    assert cfg([], {}).drain_s == 5.0
+    assert cfg([], {"DLLP2P_DRAIN_S": "7"}).drain_s == 7.0
+    assert cfg(["--drain-s", "0"], {"DLLP2P_DRAIN_S": "7"}).drain_s == 0.0
+    path.write_text("")
+    assert cfg([], {}).drain_s == 30.0
+    with pytest.raises(ValueError):
+        cfg(["--drain-s", "-1"], {})
+
+
 # --- forward's answer -------------------------------------------------------------------------------
 
 
@@ -154,9 +172,9 @@ PROMPT = "hello there"
 class Client:
     """`dllp2p run --daemon ADDRESS` in a process, its stdout read as it comes (with the time of each read)."""
 
-    def __init__(self, address: str):
-        cmd = [*CLI, "run", "--temperature", "0", "--steps", str(STEPS), "--threads", "1", "--key-file", KEY_FILE,
-               "--prompt", PROMPT, "--daemon", address, "--stats"]
+    def __init__(self, address: str, prompt: str = PROMPT, steps: int = STEPS):
+        cmd = [*CLI, "run", "--temperature", "0", "--steps", str(steps), "--threads", "1", "--key-file", KEY_FILE,
+               "--prompt", prompt, "--daemon", address, "--stats"]
         self.p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT_DIR)
         self.reads: list[tuple[float, bytes]] = []
         self.err = b""
@@ -244,3 +262,90 @@ def test_the_root_lost_mid_generation_costs_a_pause_not_the_answer(tmp_path, kv8
     finally:
         d.stop_all()
     assert (sent, completed, failed) == (2, 2, 0)
+
+
+def test_a_client_whose_daemon_goes_away_mid_stream_asks_again_with_the_ids_it_has():
+    """wire.client.ask against a daemon stand-in: the first Generate is answered with two chunks and then
+    the connection drops (a root killed; the client talked to it directly); the client asks again (after
+    a refused connection: the daemon restarting) with Generate.already = the ids it got, and the text
+    goes on. A stand-in that sends text without ids is not asked again."""
+    import socket
+
+    from dllp2p.wire.client import DaemonError, ask_blocking
+
+    def serve(server, script, asked):
+        for answers in script:
+            conn, _ = server.accept()
+            with conn:
+                data = conn.recv(1 << 16)
+                msg = P.decode_body(*_split(data))
+                asked.append(msg)
+                for a in answers:
+                    conn.sendall(P.encode(a))
+
+    g = P.Generate("hi", (), False, None, 10, 64, 0.0, 40, 1.0, 0.0, 1.0, None)
+    status = P.StatusReply(0, "x", (), None, None, 0)
+    done = P.Done(1, 4, 0.0, 0.0, 1, "x", ())
+    for ids, want_text, resumed in [((True, True), "abcd", True), ((False, True), "ab", False)]:
+        with socket.create_server(("127.0.0.1", 0)) as server:
+            asked: list = []
+            first = [P.TokenChunk("a", (1,) if ids[0] else ()), P.TokenChunk("b", (2,) if ids[1] else ())]
+            script = [[status], first, [P.TokenChunk("cd", (3, 4)), done]]
+            t = threading.Thread(target=serve, args=(server, script, asked), daemon=True)
+            t.start()
+            texts: list[str] = []
+            address = f"127.0.0.1:{server.getsockname()[1]}"
+            if resumed:
+                assert ask_blocking(address, g, texts.append) == done
+                assert asked[2].already == (1, 2) and asked[1].already == ()
+            else:
+                with pytest.raises(DaemonError):
+                    ask_blocking(address, g, texts.append)
+            assert "".join(texts) == want_text
+            t.join(1)
+
+
+def _split(data: bytes):
+    """A plain frame -> (type, body) for P.decode_body."""
+    from dllp2p.wire.codec import HEADER, HEADER_SIZE
+
+    _, _, msg_type, n = HEADER.unpack(data[:HEADER_SIZE])
+    return msg_type, data[HEADER_SIZE:HEADER_SIZE + n]
+
+
+@pytest.mark.parametrize("limit,answered", [(5.0, "done"), (0.0, "draining")])
+def test_draining_lets_a_request_finish_within_the_limit_and_hands_back_the_rest(limit, answered):
+    """PromptSlot.drain with a stand-in root service whose request takes 0.3 s: within the limit it ends
+    with its own answer; past it (0 s) with DRAINING, which a forwarding daemon resumes elsewhere. A
+    request arriving meanwhile is refused with DRAINING at once."""
+    from types import SimpleNamespace
+
+    from dllp2p.daemon.prompts import PromptSlot
+
+    me = _m("me", 1.0)
+
+    class Root:
+        async def prompt_ids(self, link, g):
+            return [1, 2]
+
+        async def serve(self, link, g, workers, ids):
+            await trio.sleep(0.3)
+            await link.send("done")
+
+    membership = SimpleNamespace(election=lambda: election.elect([me], version=3, cluster="c"))
+    g = P.Generate("hi", (), False, None, 4, 64, 0.0, 40, 1.0, 0.0, 1.0, None)
+    first, second = Sink(), Sink()
+
+    async def main():
+        slot = PromptSlot("me", membership, Root(), trio.Lock(), Timeouts())
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(slot.generate, first, g)
+            await trio.sleep(0.05)
+            nursery.start_soon(slot.drain, limit)
+            await trio.sleep(0.01)
+            await slot.generate(second, g)
+
+    trio.run(main)
+    got = first.sent[0] if answered == "done" else first.sent[0].kind
+    assert got == (answered if answered == "done" else ErrorCode.DRAINING) and len(first.sent) == 1
+    assert [m.kind for m in second.sent] == [ErrorCode.DRAINING]
