@@ -10,6 +10,7 @@ shipped; a code a newer peer sends that this version does not know reads as OTHE
                   slice_hash chunk unexpected protocol                          nonsense to another)
     session       busy (503), plan mesh peer_lost engine                    503 / 500
                   disk_full (503: a worker could not store its slices; the root plans without it)
+                  leaving (503: a worker shutting down left its session; the root re-plans without it)
     a prompt      generate (the root failed it) 500, unreachable (the root cannot be reached) 503,
                   forward_loop 500, no_model 503, draining 503 (the root is stopping: retry),
                   context_length_exceeded 400, invalid_token 400,
@@ -42,6 +43,7 @@ class ErrorCode(StrEnum):
     PEER_LOST = "peer_lost"
     ENGINE = "engine"
     DISK_FULL = "disk_full"  # a worker's disk (slice cache) is full: the root leaves it out for a while
+    LEAVING = "leaving"  # a worker shutting down (SIGTERM) leaves its session: the root re-plans without it
     # a prompt (Generate)
     GENERATE = "generate"
     UNREACHABLE = "unreachable"
@@ -95,6 +97,7 @@ class ErrorCode(StrEnum):
 _HTTP: dict[ErrorCode, int] = {
     ErrorCode.BUSY: 503,
     ErrorCode.DISK_FULL: 503,
+    ErrorCode.LEAVING: 503,
     ErrorCode.UNREACHABLE: 503,
     ErrorCode.NO_MODEL: 503,
     ErrorCode.DRAINING: 503,

@@ -20,6 +20,8 @@ class GenerationStats:
     stop_reason: str = ""  # "eos", "steps", "context", or "stop" (a stop string; set by the caller)
     reused_tokens: int = 0  # prompt tokens whose KV entries the engine already held (not computed again)
     kv_tokens: tuple[int, ...] = ()  # after the run: the ids at the positions the engine's KV cache holds
+    replayed_tokens: int = 0  # prompt + already-generated tokens prefilled again to resume (a recovery)
+    replay_s: float = 0.0  # the time of those prefills (not in prefill_s)
 
     @property
     def prefill_tok_s(self) -> float:
@@ -52,9 +54,11 @@ def generate(
 ) -> Iterator[int]:
     """Yield up to max_tokens generated ids; stop tokens end generation and are not yielded.
 
-    already: ids an earlier run of the same request generated (and streamed) before it was lost: they are
-    prefilled with the prompt in one batch, the sampler is advanced past them (Sampler.skip), they count
-    against max_tokens and are not yielded again; what follows is what the uninterrupted run gives.
+    already: ids generated (and shown) already, by an earlier run of this request that was cut short
+    (a lost worker) or by another root: they are prefilled with the prompt in one batch, counted in
+    max_tokens and stats.generated_tokens, and never yielded. The sampler must be where that run left
+    it (the same Sampler object; or a fresh one moved past them: Sampler.advance), so a seeded run
+    continues with the very tokens it would have drawn.
 
     cached: the ids at the positions the engine's KV cache already holds (an earlier run's
     stats.kv_tokens, on the same engine): the prompt's common prefix with them is not computed again
@@ -66,23 +70,31 @@ def generate(
         raise ValueError("the prompt has no tokens")
     if len(prompt) >= engine.ctx:
         raise ValueError(f"the prompt has {len(prompt)} tokens; the context holds {engine.ctx} (raise --ctx)")
-    prompt, max_tokens = _resumed(prompt, already, sampler, max_tokens, engine.ctx)
-    history = list(prompt)
+    history = [*prompt, *already]
+    stats.generated_tokens = len(already)
+    stats.stop_reason = "steps"
+    if already and (len(already) >= max_tokens or len(history) >= engine.ctx):
+        stats.stop_reason = "steps" if len(already) >= max_tokens else "context"
+        stats.kv_tokens = ()
+        return
     forward = engine.forward
     top = sampler.cfg.best_logits()
     if 0 < top <= getattr(engine, "max_top", 0):  # a cluster: workers send their best `top` logits only
         forward = partial(engine.forward, top=top)
     reuse = 0
-    while reuse < min(len(cached), len(prompt) - 1) and cached[reuse] == prompt[reuse]:
+    while reuse < min(len(cached), len(history) - 1) and cached[reuse] == history[reuse]:
         reuse += 1
-    stats.reused_tokens, stats.kv_tokens = reuse, ()
+    stats.reused_tokens, stats.kv_tokens = min(reuse, len(prompt)), ()
     t0 = clock()
-    logits = forward(prompt[reuse:], reuse)
-    stats.prefill_s = clock() - t0
+    logits = forward(history[reuse:], reuse)
+    if already:
+        stats.replay_s += clock() - t0
+        stats.replayed_tokens += len(history) - reuse
+    else:
+        stats.prefill_s = clock() - t0
     held = len(history)  # the KV cache holds the ids history[:held]
-    stats.stop_reason = "steps"
     try:
-        for i in range(max_tokens):
+        for i in range(len(already), max_tokens):
             token = sampler(logits, history)
             if token in stop_ids:
                 stats.stop_reason = "eos"
@@ -101,17 +113,6 @@ def generate(
             stats.decode_s += clock() - t0
     finally:  # also when the caller stops early (a stop string, a client gone)
         stats.kv_tokens = tuple(history[:held])
-
-
-def _resumed(prompt: Sequence[int], already: Sequence[int], sampler: Sampler, max_tokens: int,
-             ctx: int) -> tuple[list[int], int]:
-    """(ids to prefill, tokens still to generate) of a request resumed after `already` generated ids."""
-    if not already:
-        return list(prompt), max_tokens
-    if len(prompt) + len(already) >= ctx:
-        raise ValueError(f"the prompt and the {len(already)} tokens already generated fill the context ({ctx})")
-    sampler.skip(len(already))
-    return [*prompt, *already], max_tokens - len(already)
 
 
 class StopFilter:

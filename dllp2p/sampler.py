@@ -84,11 +84,11 @@ class Sampler:
         if cfg.temperature == 0.0:
             return int(np.argmax(logits))
         ids, p = candidate_probs(logits, cfg)
-        return int(ids[self.rng.choice(len(ids), p=p)])
+        return int(ids[self.rng.choice(len(ids), p=p)])  # one draw of rng.random() per token
 
-    def skip(self, n: int) -> None:
-        """Advance past n tokens drawn elsewhere (a resumed request's already streamed ones): every draw
-        above takes exactly one double from the generator (greedy takes none), so the next draw is the one
-        an uninterrupted run would make."""
-        if n > 0 and self.cfg.temperature != 0.0:
+    def advance(self, n: int) -> None:
+        """Move the random state past n sampled tokens without their logits (a fresh sampler resuming a
+        request whose first n tokens another sampler drew: generate's `already`). Greedy draws nothing;
+        otherwise every token took exactly one rng.random() (Generator.choice with p)."""
+        if self.cfg.temperature != 0.0 and n > 0:
             self.rng.random(n)

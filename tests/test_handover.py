@@ -58,17 +58,19 @@ def test_a_resumed_generation_continues_the_uninterrupted_one(cfg):
     whole = list(generate(HistoryEngine(), prompt, Sampler(cfg), 60))
     assert len(whole) == 60
     for k in (1, 17, 59):
-        rest = list(generate(HistoryEngine(), prompt, Sampler(cfg), 60, already=whole[:k]))
+        sampler = Sampler(cfg)
+        sampler.advance(k)  # a fresh root's sampler, moved past the draws of the k tokens streamed already
+        rest = list(generate(HistoryEngine(), prompt, sampler, 60, already=whole[:k]))
         assert rest == whole[k:], k
 
 
-def test_the_sampler_skips_exactly_the_draws_of_the_tokens_it_did_not_sample():
+def test_the_sampler_advances_past_exactly_the_draws_of_the_tokens_it_did_not_sample():
     cfg = SamplerConfig(temperature=1.0, top_k=5, seed=11)
     logits = [np.random.default_rng(i).standard_normal(30).astype(np.float32) for i in range(20)]
     a = Sampler(cfg)
     drawn = [a(x) for x in logits]
     b = Sampler(cfg)
-    b.skip(8)
+    b.advance(8)
     assert [b(x) for x in logits[8:]] == drawn[8:]
 
 
@@ -328,7 +330,7 @@ def test_draining_lets_a_request_finish_within_the_limit_and_hands_back_the_rest
         async def prompt_ids(self, link, g):
             return [1, 2]
 
-        async def serve(self, link, g, workers, ids):
+        async def serve(self, link, g, workers, ids, already=()):
             await trio.sleep(0.3)
             await link.send("done")
 

@@ -149,6 +149,40 @@ def test_generate_reuses_what_the_kv_cache_holds(tmp_path_factory, cache_dir, se
         fresh.close()
 
 
+@pytest.mark.parametrize("temperature", [0.0, 0.9])
+def test_generate_resumes_from_tokens_already_generated(tmp_path_factory, cache_dir, temperature):
+    """A run cut short after k tokens (a lost worker) resumes on another engine with `already` = those k:
+    one batched prefill of prompt + them, then exactly the tokens an undisturbed run yields after them,
+    whether the sampler is the same object (the root's, already past them) or a fresh one moved past
+    them with Sampler.advance (a new root given a forced prefix). Nothing is yielded twice."""
+    from dllp2p.generate import GenerationStats, generate
+    from dllp2p.sampler import Sampler, SamplerConfig
+
+    model = _random_model(tmp_path_factory, QType.Q4_0, 2, vocab_size=300)
+    cfg = SamplerConfig(temperature=temperature, top_k=20, seed=11)
+    first, other = JITEngine(model, 96, threads=1, cache_dir=cache_dir), JITEngine(model, 96, threads=2, cache_dir=cache_dir)
+    try:
+        prompt = [5, 6, 7, 8, 9]
+        want = list(generate(first, prompt, Sampler(cfg), 14))
+        assert len(want) == 14
+        for k in (1, 6, 13):
+            sampler = Sampler(cfg)
+            run = generate(first, prompt, sampler, 14)
+            got = [next(run) for _ in range(k)]
+            run.close()  # the worker is lost here
+            stats = GenerationStats()
+            rest = list(generate(other, prompt, sampler, 14, stats=stats, already=got))
+            assert got + rest == want, k
+            assert stats.generated_tokens == 14 and stats.replayed_tokens == len(prompt) + k
+            fresh = Sampler(cfg)
+            fresh.advance(k)
+            assert list(generate(other, prompt, fresh, 14, already=want[:k])) == want[k:], k
+        assert list(generate(other, prompt, Sampler(cfg), 14, already=want)) == []  # nothing left to do
+    finally:
+        first.close()
+        other.close()
+
+
 def test_context_full_and_bad_tokens(tmp_path_factory, cache_dir):
     model = _random_model(tmp_path_factory, QType.Q4_0, 2)
     engine = JITEngine(model, 8, threads=1, cache_dir=cache_dir)

@@ -16,6 +16,8 @@
                 or "worker HOST:PORT (node ID)", "done", "total"}] (bytes pushed; 0 or 1 engine built)
     left_out    {node id: {"address", "code" ("disk_full"), "reason", "until" (unix s)}}: workers the root
                 plans without for now, and why
+    recoveries  {"count", "last": null or {"cause", "pause_s", "replayed", "nodes_before", "nodes_after",
+                "at"}}: the root's requests that lost a node mid-generation and went on (re-planned, resumed)
     nodes       one entry per member the daemon asked lists, root first, then the succession:
       id, address, role ("root" | "worker"), version (protocol, int), started_at (unix s, float),
       cluster, cores (int), ram (bytes of RAM, int), features (list of str), known_from (list of
@@ -199,6 +201,10 @@ def to_json(s: Survey) -> dict[str, Any]:
                        for p in root.progress]
     out["left_out"] = {x.node_id: {"address": x.address, "code": x.code, "reason": x.reason, "until": x.until}
                        for x in root.left_out}
+    r = root.last_recovery
+    out["recoveries"] = {"count": root.recoveries, "last": None if r is None else {
+        "cause": r.cause, "pause_s": r.pause_s, "replayed": r.replayed, "nodes_before": r.nodes_before,
+        "nodes_after": r.nodes_after, "at": r.at}}
     left = out["left_out"]
     for row in nodes:
         row["left_out"] = left.get(row["id"])
@@ -221,6 +227,7 @@ def table(s: Survey | None, error: str | None = None, now: float | None = None, 
             caption += "; set-up: " + ", ".join(
                 f"weights → {p['subject']} {100 * p['done'] / p['total']:.0f}%" if p["task"] == "push"
                 else f"{p['subject']} building its engine" for p in busy)
+        caption += _recoveries(to_json(s)["recoveries"], now)
     t = Table(title="dllp2p cluster", caption=_text(f"{caption} ({hint})" if hint and not error else caption))
     for col in ("node", "role", "address", "version", "started", "slice", "cores / RAM", "rss", "load",
                 "rtt", "weights", "last tok/s"):
@@ -252,6 +259,15 @@ def table(s: Survey | None, error: str | None = None, now: float | None = None, 
                                       f"sync {step['sync_ms']:.1f} ms)"),
         )
     return t
+
+
+def _recoveries(r: dict[str, Any], now: float) -> str:
+    """The caption's recovery line: how many requests lost a node and went on, the latest's cause and pause."""
+    last = r["last"]
+    if last is None:
+        return ""
+    return (f"; {r['count']} recover{'y' if r['count'] == 1 else 'ies'}, the last {_age(now - last['at'])} ago: "
+            f"{last['cause']} ({last['nodes_before']} -> {last['nodes_after']} nodes, paused {last['pause_s']:.2f} s)")
 
 
 def _text(peer_text: str):

@@ -11,7 +11,13 @@ elsewhere never changes its own entry (election.apply). If it started earlier at
 node announces that from the next Status and a re-registered mDNS service on, within one poll round.
 An mDNS service name already taken at start (zeroconf's NonUniqueNameException) means the same.
 Otherwise the claim is logged once per address and ignored: when the claimant leaves, nothing of it
-stays in this node's view of itself."""
+stays in this node's view of itself.
+
+A death the root learns of first (a worker lost mid-request: session/service.py's on_lost) is applied at
+once (mark_dead), not after the polls' misses: the member leaves the table, and records of that same
+incarnation (a poll answered just before the death, a lingering mDNS record) are ignored for DEAD_HOLD_S.
+A restarted daemon (a later started_at) joins again at once; a node marked dead by mistake (a long stall)
+comes back at its first poll after the hold."""
 
 from __future__ import annotations
 
@@ -34,6 +40,8 @@ from ..wire.reports import LinkRtt
 
 log = logging.getLogger("dllp2p.daemon")
 
+DEAD_HOLD_S = 15.0  # a member marked dead: its incarnation's records are ignored this long (> the polls' misses)
+
 
 class Membership:
     """The membership table of the daemon `node_id` and the tasks that feed it."""
@@ -55,6 +63,7 @@ class Membership:
         self._mdns_scope: trio.CancelScope | None = None
         self._events: trio.MemorySendChannel | None = None  # into _apply, for what this node learns itself
         self._gone: set[tuple[str, float]] = set()  # (node id, started_at) of members that said goodbye
+        self._dead: dict[str, tuple[float, float]] = {}  # node id -> (its dead incarnation's started_at, until)
 
     async def start(self, nursery: trio.Nursery, host: str, port: int, *, discovery: bool,
                     interfaces: tuple[str, ...], peers: tuple[str, ...]) -> None:
@@ -168,6 +177,8 @@ class Membership:
                         and event.member.node_id not in probed and event.member.node_id != self.node_id):
                     probed.add(event.member.node_id)
                     probes[0].start_soon(probe, event.member)
+                if self._dead_record(event):
+                    continue
                 if isinstance(event, Seen) and event.source != "self" and event.member.node_id == self.node_id:
                     await self._claim(event.member)
                 elif isinstance(event, Seen):
@@ -202,8 +213,7 @@ class Membership:
             self._gone.add((root.node_id, root.started_at))
             await self._learn(Left(root.node_id, root.started_at))
         elif not await self._answers(root.address):
-            log.warning("root %s at %s does not answer: out of the membership now", root.node_id, root.address)
-            await self._learn(Left(root.node_id, root.started_at))
+            self.mark_dead(root.address, "the root does not answer after its link to a request failed")
         with trio.move_on_after(limit):
             while (e := self.election()).root is not None and e.root.node_id == root.node_id:
                 await trio.sleep(0.02)
@@ -230,6 +240,27 @@ class Membership:
             except (OSError, ValueError):  # LinkClosed, LinkTimeout, ProtocolError
                 pass
         return False
+
+    def mark_dead(self, address: str, cause: str) -> None:
+        """The member at address died (the root lost it mid-request): out of the table now, its incarnation
+        ignored for DEAD_HOLD_S (see the module docstring). Called on the trio thread, between the
+        events `_apply` applies."""
+        now = time.time()
+        for node, entry in list(self.members.items()):
+            if entry.member.address == address and "self" not in entry.sources:
+                self._dead[node] = (entry.member.started_at, now + DEAD_HOLD_S)
+                self.members = {k: v for k, v in self.members.items() if k != node}
+                log.warning("node %s at %s marked dead: %s", node, address, cause)
+
+    def _dead_record(self, event: election.Event) -> bool:
+        """Whether event is a Seen of an incarnation marked dead, within its hold."""
+        if not isinstance(event, Seen) or event.member.node_id not in self._dead:
+            return False
+        started_at, until = self._dead[event.member.node_id]
+        if event.member.started_at > started_at or time.time() >= until:
+            del self._dead[event.member.node_id]  # restarted, or the hold is over
+            return False
+        return True
 
     def election(self) -> election.Election:
         return election.elect(election.members(self.members), version=PROTOCOL_VERSION, cluster=self.cluster)

@@ -138,7 +138,8 @@ class Daemon:
                              SliceCache(config.state_dir / "slices", config.cache_mb << 20), self._tp, slot, config.cache_dir,
                              config.key, known=self._member_addresses)
         self.root_service = RootService(config.model, self.node_id, config.threads, config.policy, self.t, self._tp,
-                                        exchange=config.exchange, cache_dir=config.cache_dir, key=config.key)
+                                        exchange=config.exchange, cache_dir=config.cache_dir, key=config.key,
+                                        on_lost=self.membership.mark_dead)
         self.prompts = PromptSlot(self.node_id, self.membership, self.root_service, slot, self.t, config.key)
 
     def _new_id(self) -> str:
@@ -307,7 +308,10 @@ async def _send_quietly(stream: trio.SocketStream, msg: Error, channel: Channel 
 
 def main(config: DaemonConfig) -> int:
     """Run the daemon until interrupted (KeyboardInterrupt comes out as itself, not in a group) or sent
-    SIGTERM (systemctl stop): then it shuts down cleanly (mDNS goodbye included) and returns 0."""
+    SIGTERM (systemctl stop): then it leaves (Daemon.leave: draining, a Goodbye to every member, the
+    requests it serves as root finished or handed back within drain_s), leaves a worker session in
+    progress (telling its root, which re-plans without it: Worker.leave), shuts down cleanly (mDNS
+    goodbye included) and returns 0."""
     async def serve_until_sigterm() -> None:
         async with trio.open_nursery() as nursery:
             daemon = Daemon(config)
@@ -317,6 +321,7 @@ def main(config: DaemonConfig) -> int:
                     with trio.move_on_after(config.drain_s + 2 * config.timeouts.hello):
                         await daemon.leave("SIGTERM")
                     log.info("SIGTERM: shutting down")
+                    await daemon.worker.leave("SIGTERM")  # a worker's session: its root re-plans without it
                     nursery.cancel_scope.cancel()
                     break
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import re
 
-from ..wire.reports import LeftOut, NodeStatus, ProgressStatus, Resources, StatusReply
+from ..wire.reports import LeftOut, NodeStatus, ProgressStatus, RecoveryStatus, Resources, StatusReply
 from .membership import Membership
 
 
@@ -24,9 +24,12 @@ def status_reply(seq: int, membership: Membership, worker, root_service) -> Stat
     links = tuple(m.link_rtt[n] for n in sorted(m.link_rtt) if n in listed)
     progress = tuple(ProgressStatus(p.task, p.subject, p.done, p.total) for p in root_service.progress.progress.values())
     left_out = tuple(LeftOut(x.node_id, x.address, str(x.code), x.reason, x.until) for x in root_service.left_out_now())
+    r = root_service.last_recovery
+    last = None if r is None else RecoveryStatus(r.cause[:300], r.pause_s, r.replayed, r.nodes_before,
+                                                 r.nodes_after, r.at)
     return StatusReply(seq, m.node_id, nodes, the_plan, worker.last_step, worker.sessions,
                        resources(m.me.cores if m.me else 1, m.me.ram if m.me else 0), links, worker.push, progress,
-                       left_out)
+                       left_out, root_service.recoveries, last)
 
 
 def resources(cores: int, ram: int) -> Resources:

@@ -88,7 +88,7 @@ class PromptSlot:
                 self._serving.add(scope)
                 self._idle = trio.Event() if len(self._serving) == 1 else self._idle
                 try:
-                    await self.root_service.serve(link, g, workers, ids)
+                    await self.root_service.serve(link, g, workers, ids, g.already)
                 finally:
                     self._serving.discard(scope)
                     if not self._serving:

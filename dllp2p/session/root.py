@@ -18,7 +18,12 @@ any engine.
 
 Error handling: every failure that involves a worker is a ClusterError (a ConnectionError, so the CLI
 shows it as one line) naming it, "worker HOST:PORT (node ID)". A failure mid-generation closes
-everything: the workers see Stop or a closed connection and go back to idle.
+everything: the workers see Stop or a closed connection and go back to idle. Its ClusterError has
+`lost` set and names the lost worker (`address`, `node_id`): one whose connection closed without a
+word, or that said it is leaving (ErrorCode.LEAVING), else the one whose socket failed; a root daemon
+re-plans without it and resumes (service.py, recovery.py), unless `recoverable` is False (a message
+that failed authentication: not a death). A step's receive timeout follows the measured step times
+(recovery.StepClock), so a silent worker fails the step within about a second, not the socket timeout.
 """
 
 from __future__ import annotations
@@ -69,6 +74,7 @@ from ..wire.messages import (
     WeightsReady,
 )
 from .progress import BUILD, PUSH, Note, Progress, Sink, ignore
+from .recovery import StepClock
 
 ROOT_EPOCH = 0  # a re-plan after a lost node will take the next one
 
@@ -77,11 +83,13 @@ class ClusterError(ConnectionError):
     """A worker refused, failed or was lost; the message names it. `code`: the ErrorCode the worker
     answered with, if any (DISK_FULL: service.py plans without it); `address`, `node_id`: which worker."""
 
-    def __init__(self, message: str, code: ErrorCode | None = None, address: str = "", node_id: str = ""):
+    def __init__(self, message: str, code: ErrorCode | None = None, address: str = "", node_id: str = "",
+                 lost: bool = False, recoverable: bool = True):
         super().__init__(message)
         if code is not None:
             self.code = code
         self.address, self.node_id = address, node_id
+        self.lost, self.recoverable = lost, recoverable  # lost mid-generation; worth a re-plan without it
 
 
 @dataclass(frozen=True)
@@ -130,6 +138,7 @@ class ClusterStats:
     setup_s: float = 0.0
     steps: list[StepStats] = field(default_factory=list)
     kept: bool = False  # serving a later request of the session (service.py's warm sessions)
+    timeout: float = 30.0  # the mesh sockets' receive timeout before a step was measured (Timeouts.socket)
 
     def summary(self) -> list[str]:
         """Lines like distributed-llama's: per token inference ms, sync ms, bytes sent and received."""
@@ -170,6 +179,7 @@ class ClusterEngine:
         self._tp = tp
         self._seq = 0
         self._closed = False
+        self._clock = StepClock(stats.timeout)  # the mesh sockets' receive timeout per step
 
     @classmethod
     def connect(cls, model: Any, options: ClusterOptions, ctx: int, threads: int | None = None, *,
@@ -198,11 +208,15 @@ class ClusterEngine:
                 w.link.send_frame(frame)
             except (LinkClosed, LinkTimeout) as e:
                 raise self._lost(w, str(e)) from None
+        self._clock.arm(self._peers, len(tokens))
+        t0 = time.perf_counter()
         try:
             logits = self._node.forward(tokens, start_pos, top)
         except self._tp.PeerLost as e:
             w = next((w for w in self._workers if w.index == e.node), None)
-            raise self._lost(w, str(e).removeprefix(f"node {e.node}: ")) from None
+            altered = isinstance(e, getattr(self._tp, "ExchangeAuthFailed", ()))
+            raise self._lost(w, str(e).removeprefix(f"node {e.node}: "), not altered) from None
+        self._clock.measured(len(tokens), time.perf_counter() - t0)
         s = self._node.stats
         self.stats.steps.append(StepStats(len(tokens), s.get("step_ms", 0.0), s.get("sync_ms", 0.0),
                                           int(s.get("bytes_sent", 0)), int(s.get("bytes_received", 0))))
@@ -240,10 +254,12 @@ class ClusterEngine:
             for w in self._workers:
                 w.link.close()
 
-    def _lost(self, suspect: Worker | None, reason: str) -> ClusterError:
-        """Name the failed worker: one whose connection closed without a word, else the suspect."""
+    def _lost(self, suspect: Worker | None, reason: str, recoverable: bool = True) -> ClusterError:
+        """Name the failed worker: one that said it is leaving, else one whose connection closed without a
+        word, else the suspect. -> a ClusterError with `lost` set, naming it."""
         words: list[str] = []
         silent_dead: list[Worker] = []
+        leaving: list[Worker] = []
         for w in self._workers:
             try:
                 msg = w.link.poll(0.2)
@@ -252,11 +268,17 @@ class ClusterEngine:
                 continue
             if isinstance(msg, Error):
                 words.append(msg.message)
+                if ErrorCode.parse(str(msg.code)) == ErrorCode.LEAVING:
+                    leaving.append(w)
         self._release()
-        culprit = suspect if suspect in silent_dead or not silent_dead else silent_dead[0]
+        culprit = (leaving[0] if leaving else suspect if suspect in silent_dead or not silent_dead
+                   else silent_dead[0])
         who = culprit.name if culprit else "a node"
         said = f"; the other nodes said: {'; '.join(words)}" if words else ""
-        return ClusterError(f"{who} was lost during generation ({reason}){said}")
+        return ClusterError(f"{who} was lost during generation ({reason}){said}",
+                            ErrorCode.LEAVING if culprit is not None and culprit in leaving else None,
+                            culprit.address if culprit else "", culprit.hello.node_id if culprit else "",
+                            lost=True, recoverable=recoverable)
 
 
 # --- set-up (trio) --------------------------------------------------------------------------------
@@ -333,7 +355,7 @@ async def start(model: Any, options: ClusterOptions, ctx: int, threads: int, tp:
                 w.link.close()
         raise
     stats = ClusterStats(the_plan.n_nodes, the_plan.policy, the_plan.exchange, sum(w.received_bytes for w in workers),
-                         sum(w.cached for w in workers), time.perf_counter() - t0)
+                         sum(w.cached for w in workers), time.perf_counter() - t0, timeout=t.socket)
     return ClusterEngine(config, ctx, the_plan, node, peers, workers, tp, stats)
 
 

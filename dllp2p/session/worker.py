@@ -17,6 +17,11 @@ node.forward, whose exchanges with the other nodes happen natively on the mesh s
 costs no hand-off between trio and a thread: one hand-off per session. If trio cancels the session
 (daemon shutting down), the sockets are shut down, which wakes the thread, and its return is awaited.
 
+Leaving (SIGTERM of the daemon: leave()): the session in progress is abandoned cleanly before the
+daemon exits. The session thread is woken (the control socket's read side and the mesh sockets shut
+down: a step in progress fails at once for every node), tells the root Error(leaving) on the control
+connection, and ends; the root re-plans without this node at once (root.py names it from that Error).
+
 State others read (the daemon's Status): `active` (the session's plan), `last_step`, `push` (the weight
 push's progress), `sessions` (ended, however they ended).
 
@@ -30,6 +35,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import threading
 import time
 from dataclasses import dataclass, replace
 from functools import partial
@@ -74,6 +80,7 @@ from ..wire.messages import (
 )
 from ..wire.reports import PushStatus, StepStatus
 from .checks import allowed_hosts, check_addresses, check_config, check_shapes, dialed_hosts, mem_available
+from .recovery import StepClock
 from .slices import SliceCache, check_slices, storage_array
 
 log = logging.getLogger("dllp2p.daemon")
@@ -125,6 +132,22 @@ class Worker:
         self.last_step: StepStatus | None = None  # written by the session thread, read by Status
         self.push: PushStatus | None = None  # the weight push of the latest session
         self.sessions = 0  # sessions ended, however they ended
+        self.leaving = ""  # why this worker leaves its sessions (set by leave: "SIGTERM"); "" while it serves
+        self._wake: Callable[[], None] | None = None  # wakes the session thread (shuts its sockets' reading down)
+        self._ended = threading.Event()  # set when no session thread runs
+
+    async def leave(self, reason: str, limit: float = 5.0) -> None:
+        """Leave the session in progress, if any, telling its root (see the module docstring); returns once
+        the session thread has ended, or after `limit` seconds."""
+        self.leaving = reason
+        wake = self._wake
+        if wake is None:
+            return
+        log.info("leaving the session of epoch %s: %s", self.active.plan.epoch if self.active else "?", reason)
+        wake()
+        with trio.move_on_after(limit):
+            while not self._ended.is_set():
+                await trio.sleep(0.01)
 
     async def control(self, link: TrioLink, hello: Hello) -> None:
         if hello.role != "root":
@@ -355,9 +378,21 @@ class Worker:
             for sock in peers:
                 shutdown(sock)
 
+        def wake() -> None:  # leave(): the thread still sends its Error(leaving) on ctl
+            try:
+                ctl.sock.shutdown(socket.SHUT_RD)
+            except OSError:
+                pass
+            for sock in peers:
+                shutdown(sock)
+
+        self._wake = wake
+        self._ended.clear()
         try:
             keep, why = await run_in_thread(partial(self._serve_steps, ctl, s, index, tensors, peers, keys), interrupt)
         finally:
+            self._wake = None
+            self._ended.set()
             ctl.close()
             for sock in peers:
                 if sock is not None:
@@ -380,6 +415,7 @@ class Worker:
             tensors.clear()  # the engine holds its own packed copy
             ctl.send(Ready(s.epoch, self.node_id))
             seq = 0
+            clock = StepClock(self.t.socket)  # a silent peer fails the step within about a second, as at the root
             while True:
                 msg = ctl.receive(self.t.idle)
                 if isinstance(msg, Stop):
@@ -388,20 +424,28 @@ class Worker:
                     raise UnexpectedMessage(f"expected Step {seq} of epoch {s.epoch}, got {_describe(msg)}")
                 if msg.start_pos + len(msg.tokens) > s.ctx or max(msg.tokens) >= s.config.vocab_size:
                     raise UnexpectedMessage(f"Step {seq} does not fit the context ({s.ctx}) or vocabulary")
+                clock.arm(peers, len(msg.tokens))
                 t0 = time.perf_counter()
                 node.forward(msg.tokens, msg.start_pos, msg.top)
+                clock.measured(len(msg.tokens), time.perf_counter() - t0)
                 stats = getattr(node, "stats", None) or {}
                 self.last_step = StepStatus(len(msg.tokens), stats.get("step_ms", (time.perf_counter() - t0) * 1e3),
                                             stats.get("sync_ms", 0.0), time.time())
                 seq += 1
-        except tp.PeerLost as e:
+        except (tp.PeerLost, LinkClosed) as e:
+            if self.leaving:
+                _send_blocking_quietly(ctl, Error(ErrorCode.LEAVING, f"node {self.node_id} is leaving the cluster "
+                                                                     f"({self.leaving})"))
+                return False, f"left the session ({self.leaving})"
+            if isinstance(e, LinkClosed):
+                return False, str(e)
             lost = s.plan.nodes[e.node] if 0 <= e.node < s.plan.n_nodes else None
             who = f"node {e.node} ({lost.node_id}, {lost.address or 'root'})" if lost else f"node {e.node}"
             _send_blocking_quietly(ctl, Error(ErrorCode.PEER_LOST, f"node {self.node_id} lost {who}: {e}"))
             if isinstance(e, tp.ExchangeAuthFailed):  # altered in flight or another key: worth more than info
                 log.error("session of epoch %d: %s from %s", s.epoch, str(e).removeprefix(f"node {e.node}: "), who)
             return False, f"lost {who}"
-        except (LinkClosed, LinkTimeout) as e:
+        except LinkTimeout as e:
             return False, str(e)
         except ProtocolError as e:
             _send_blocking_quietly(ctl, Error(error_code(e), f"node {self.node_id}: {e}"))

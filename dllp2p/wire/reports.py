@@ -125,6 +125,23 @@ class LeftOut:
 
 
 @dataclass(frozen=True)
+class RecoveryStatus:
+    """The answering root's latest recovery (session.recovery.Recovery): a request lost a node (`cause`),
+    was re-planned over the nodes still alive and resumed; the client saw a pause of pause_s seconds."""
+
+    cause: str
+    pause_s: float  # from the last token before the loss to the first after it
+    replayed: int  # tokens prefilled again on the new plan
+    nodes_before: int
+    nodes_after: int
+    at: float  # unix seconds of the resumption
+
+    def __post_init__(self) -> None:
+        _need(min(self.replayed, self.nodes_before, self.nodes_after) >= 0, "negative recovery counts")
+        _need(all(math.isfinite(x) and x >= 0 for x in (self.pause_s, self.at)), "pause and time must be finite and >= 0")
+
+
+@dataclass(frozen=True)
 class ProgressStatus:
     """One step of the answering root's latest set-up (session.progress.Progress): `done` of `total`
     bytes pushed to a worker ("push"), or 0 / 1 engine built ("build")."""
@@ -156,6 +173,8 @@ class StatusReply:
     push: PushStatus | None = dataclasses.field(default=None, metadata=WIRE_OPTIONAL)  # of its latest session
     progress: tuple[ProgressStatus, ...] = dataclasses.field(default=(), metadata=WIRE_OPTIONAL)  # its latest set-up, as root
     left_out: tuple[LeftOut, ...] = dataclasses.field(default=(), metadata=WIRE_OPTIONAL)  # workers it plans without, as root
+    recoveries: int = dataclasses.field(default=0, metadata=WIRE_OPTIONAL)  # requests that lost a node and went on, as root
+    last_recovery: RecoveryStatus | None = dataclasses.field(default=None, metadata=WIRE_OPTIONAL)  # the latest of them
 
     def __post_init__(self) -> None:
         _need(self.seq >= 0 and self.sessions >= 0, "negative seq or session count")
