@@ -51,7 +51,7 @@ def one(model: Path | None, context: int, how: str, steps: int, verbose: bool = 
                   f"before it {gap * 1e3:.1f} ms (x{pause / gap:.0f}); exit {rc}; "
                   f"{'resumed' if 'resumed after' in err else 'NOT resumed'}")
             if verbose:
-                print(err, "".join(line for line in d.logs[1] if "request" in line or "root" in line), sep="\n")
+                print(err, "".join(d.logs[0][-12:]), "".join(d.logs[1][-25:]), sep="\n")
         finally:
             d.stop_all()
 

@@ -3,8 +3,10 @@
     root      the model (loaded once, memory-mapped) -> prompt tokens -> an engine over the compatible
               members as they are at this moment (root.start: Hello, plan, weight push, mesh; the
               JIT engine when the root is alone) -> the generation loop in one worker thread ->
-              TokenChunks through a bounded channel -> Done
-    forward   a connection to the root; the Generate passed on (hops + 1); every answer relayed back
+              TokenChunks (text + the ids it completes) through a bounded channel -> Done
+    forward   a connection to the root; the Generate passed on (hops + 1); every answer relayed back;
+              RootLost (the ids relayed so far) when the root is lost or stops first, for the prompt
+              slot (daemon/prompts.py) to resubmit to the next root as Generate.already
 
 Re-planning: every request that cannot reuse the kept session (below) plans anew over the
 membership of that moment (epoch = the request's number), so a daemon that joined since the last

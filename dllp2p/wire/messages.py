@@ -8,7 +8,9 @@ worker's slice list) -> Need (the sha256s its cache lacks) -> exactly those as W
 WeightsReady; Mesh -> node-to-node connections, each opened by a MeshHello both ways -> Ready; then
 Step after Step; Stop. Error.code names a problem (an error_codes.ErrorCode). Status -> StatusReply,
 again and again on one connection (`dllp2p status`, the daemons' polls). A prompt (client.py):
-Generate -> TokenChunk ... -> Done or Error, one per connection, forwarded to the root with hops + 1.
+Generate -> TokenChunk ... -> Done or Error, one per connection, forwarded to the root with hops + 1
+(and again, with Generate.already = the TokenChunks' ids, to the next root if that one is lost). Goodbye:
+a daemon stopping, to every member, one per connection, no answer.
 Activations and logits travel natively on the mesh sockets (jit/tp_program.py), not as messages.
 """
 
