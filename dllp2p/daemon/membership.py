@@ -196,10 +196,15 @@ class Membership:
 
     # --- leaving: a goodbye heard or said, a root found dead (handover) ---
 
-    async def heard_goodbye(self, bye: Goodbye) -> None:
+    async def heard_goodbye(self, bye: Goodbye, peer: str) -> None:
         """A member is stopping (SIGTERM): out of the table at once, and this incarnation for good (its polls
-        and mDNS records are ignored until it restarts), so the next root is elected now."""
-        if bye.node_id == self.node_id:
+        and mDNS records are ignored until it restarts), so the next root is elected now. Only from the host
+        the member is known at (`peer`: "host:port" of the connection): no member says goodbye for another."""
+        entry = self.members.get(bye.node_id)
+        if bye.node_id == self.node_id or entry is None:
+            return
+        if entry.member.address.rpartition(":")[0] != peer.rpartition(":")[0]:
+            log.warning("%s: a goodbye for node %s, which is at %s: ignored", peer, bye.node_id, entry.member.address)
             return
         log.info("node %s says goodbye (%s)", bye.node_id, bye.reason)
         self._gone.add((bye.node_id, bye.started_at))

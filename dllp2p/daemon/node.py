@@ -251,7 +251,7 @@ class Daemon:
             elif isinstance(first, Generate):
                 await self.prompts.generate(link, first)
             elif isinstance(first, Goodbye):
-                await self.membership.heard_goodbye(first)
+                await self.membership.heard_goodbye(first, peer)
             else:
                 raise UnexpectedMessage(f"a connection must start with Hello, MeshHello, Status, Generate or "
                                         f"Goodbye, not {type(first).__name__}")
