@@ -10,6 +10,7 @@ back-to-back requests fails none of them. Every test counts requests sent, compl
 from __future__ import annotations
 
 import random
+import re
 import signal
 import socket
 import struct
@@ -20,6 +21,7 @@ import trio
 
 import fake_tp
 from dllp2p import wire as P
+from dllp2p.commands import status as status_command
 from dllp2p.daemon.membership import Membership
 from dllp2p.discovery import StaticOptions
 from dllp2p.election import Member, Seen
@@ -86,8 +88,9 @@ def test_a_worker_the_root_lost_leaves_the_membership_at_once_and_a_restart_rejo
 # --- daemons ---
 
 
-def _generate(tokens: tuple[int, ...], steps: int = STEPS) -> P.Generate:
-    return P.Generate("", tokens, False, None, steps, 512, 0.0, 40, 0.95, 0.05, 1.0, None)
+def _generate(tokens: tuple[int, ...], steps: int = STEPS, seed: int | None = None) -> P.Generate:
+    """Greedy, or with a seed sampled (temperature 0.8, top-k 40)."""
+    return P.Generate("", tokens, False, None, steps, 512, 0.0 if seed is None else 0.8, 40, 0.95, 0.05, 1.0, seed)
 
 
 class Tally:
@@ -124,85 +127,101 @@ class Tally:
         return text, done
 
 
-def _cluster(tmp_path, model) -> tuple[Daemons, Tally, dict[tuple[int, ...], str]]:  # noqa: ANN001
-    """Root (d0, weighted plans) alone first: its single-node answers to the prompts are the oracle; then
-    two workers join."""
+def _cluster(tmp_path, model) -> tuple[Daemons, Tally]:  # noqa: ANN001
+    """Root (d0, weighted plans) alone first: its single-node answers to the prompts are the oracle; the
+    two workers are started by the test."""
     d = Daemons(tmp_path, 3, model=model)
     d.start(0, "--plan", "weighted")
     time.sleep(0.05)
-    return d, Tally(), {}
+    return d, Tally()
 
 
-def _kill_mid_generation(tmp_path, model, how: signal.Signals) -> None:  # noqa: ANN001
-    d, tally, _ = _cluster(tmp_path, model)
+def _lose_workers_mid_generation(tmp_path, model, signals: tuple[signal.Signals, ...]) -> None:  # noqa: ANN001
+    """For each signal: both workers up (the lost one started again), a 200-token request, the signal to a
+    random worker at a random token between 10 and 100 -> the root's single-node text, on 2 nodes."""
+    d, tally = _cluster(tmp_path, model)
     prompt = (1, 5, 9, 14)
     try:
         root = d.address(0)
         want, alone = tally.ask(root, _generate(prompt))
         assert alone is not None and alone.nodes == 1, want
         assert alone.generated_tokens > 20, alone  # enough tokens to lose a worker in the middle
-        d.start(1)
-        d.start(2)
-        wait_members(root, 3)
-        assert tally.ask(root, _generate(prompt, 4))[1].nodes == 3  # the session is up (weights pushed)
-        at = random.randint(10, min(100, alone.generated_tokens - 10))
-        victim = random.choice((1, 2))
+        for round_, how in enumerate(signals):
+            for i in (1, 2):
+                if d.procs[i] is None or d.procs[i].poll() is not None:
+                    d.start(i)
+            wait_members(root, 3)
+            assert tally.ask(root, _generate(prompt, 4))[1].nodes == 3  # the session is up (weights pushed)
+            at = random.randint(10, min(100, alone.generated_tokens - 10))
+            victim = random.choice((1, 2))
 
-        def lose(n: int) -> None:
-            if n == at:
-                d.procs[victim].send_signal(how)
+            def lose(n: int) -> None:
+                if n == at:
+                    d.procs[victim].send_signal(how)
 
-        t0 = time.monotonic()
-        got, done = tally.ask(root, _generate(prompt), lose)
-        assert done is not None, f"failed after the {how.name} of worker {victim} at token {at}: {got}"
-        assert got == want, f"{how.name} of worker {victim} at token {at}"
-        assert done.generated_tokens == alone.generated_tokens and done.nodes == 2, done
-        how_lost = "left (shutting down)" if how == signal.SIGTERM else "lost"
-        assert any(line.startswith(f"recovered: worker {d.address(victim)} ") and f") {how_lost};" in line
-                   and "re-planned 3 -> 2 nodes" in line for line in done.stats), done.stats
-        assert d.procs[victim].wait(10) == (0 if how == signal.SIGTERM else -signal.SIGKILL)
-        if how == signal.SIGTERM:  # it left the session, telling the root, before it exited
-            assert any("left the session (SIGTERM)" in line for line in d.logs[victim]), d.logs[victim]
-        reply = status(root)
-        assert reply.recoveries >= 1 and reply.last_recovery is not None, reply
-        assert reply.last_recovery.nodes_before == 3 and reply.last_recovery.pause_s < time.monotonic() - t0
-        # at once, not after the polls' misses: the dead worker is out of the root's membership
-        assert d.address(victim) not in {n.member.address for n in reply.nodes}
-        assert (tally.sent, tally.completed, tally.failed) == (3, 3, 0)
+            t0 = time.monotonic()
+            got, done = tally.ask(root, _generate(prompt), lose)
+            assert done is not None, f"failed after the {how.name} of worker {victim} at token {at}: {got}"
+            assert got == want, f"{how.name} of worker {victim} at token {at}"
+            assert done.generated_tokens == alone.generated_tokens and done.nodes == 2, done
+            how_lost = "left (shutting down)" if how == signal.SIGTERM else "lost"
+            assert any(line.startswith(f"recovered: worker {d.address(victim)} ") and f") {how_lost};" in line
+                       and "re-planned 3 -> 2 nodes" in line for line in done.stats), done.stats
+            if how == signal.SIGSTOP:  # hung, not dead: the step timeout (about a second) noticed it
+                assert status(root).last_recovery.pause_s >= 0.9  # the 1 s floor, not the 30 s socket timeout
+                d.procs[victim].kill()
+            assert d.procs[victim].wait(10) == (0 if how == signal.SIGTERM else -signal.SIGKILL)
+            if how == signal.SIGTERM:  # it left the session, telling the root, before it exited
+                assert any("left the session (SIGTERM)" in line for line in d.logs[victim]), d.logs[victim]
+            reply = status(root)
+            assert reply.recoveries >= round_ + 1 and reply.last_recovery is not None, reply
+            assert reply.last_recovery.nodes_before == 3 and reply.last_recovery.pause_s < time.monotonic() - t0
+            # at once, not after the polls' misses: the dead worker is out of the root's membership
+            assert d.address(victim) not in {n.member.address for n in reply.nodes}
+            survey = status_command.survey(root, key=fake_tp.TEST_KEY)  # `dllp2p status`: JSON, the view's caption
+            assert status_command.to_json(survey)["recoveries"]["last"]["nodes_after"] == 2
+            caption = str(status_command.table(survey).caption)
+            assert re.search(r"\d+ recover(y|ies), the last .* ago: worker .*\(3 -> 2 nodes, paused \d+\.\d\d s\)",
+                             caption), caption
+        n = 1 + 2 * len(signals)
+        assert (tally.sent, tally.completed, tally.failed) == (n, n, 0)
     finally:
         d.stop_all()
 
 
-@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGTERM], ids=["kill-9", "sigterm"])
-def test_a_worker_lost_mid_generation_costs_a_pause_not_the_answer(tmp_path, how):
-    """The random 8-KV-head model, 3 nodes; a worker killed (-9) or told to stop (SIGTERM: it leaves the
-    session, telling the root) at a random token between 10 and 100."""
-    _kill_mid_generation(tmp_path, write_random_llama(tmp_path / "kv8.gguf", SPEC_8KV), how)
+def test_a_worker_lost_mid_generation_costs_a_pause_not_the_answer(tmp_path):
+    """The random 8-KV-head model, 3 nodes; a worker killed (-9), then (started again) one told to stop
+    (SIGTERM: it leaves the session, telling the root), then one frozen (SIGSTOP: a hang, found by the
+    step timeout), each at a random token between 10 and 100."""
+    model = write_random_llama(tmp_path / "kv8.gguf", SPEC_8KV)
+    _lose_workers_mid_generation(tmp_path, model, (signal.SIGKILL, signal.SIGTERM, signal.SIGSTOP))
 
 
 @pytest.mark.slow
 def test_smollm2_loses_a_worker_mid_generation(tmp_path, model_path):
-    """The same on SmolLM2-135M (3 KV heads: 3 nodes, then 2)."""
-    _kill_mid_generation(tmp_path, model_path, signal.SIGKILL)
+    """The same on SmolLM2-135M (3 KV heads: 3 nodes, then 2), kill -9."""
+    _lose_workers_mid_generation(tmp_path, model_path, (signal.SIGKILL,))
 
 
 def test_a_node_killed_and_restarted_during_back_to_back_requests_fails_none(tmp_path):
     """20 requests one after the other through the root; worker 1 killed during the 5th (mid-generation)
     and started again (same state dir, so the same node id) after the 10th: all 20 complete with the
-    single-node answer, the later ones on 3 nodes again."""
+    single-node answer, the later ones on 3 nodes again. Every 4th request is sampled with a seed (the
+    5th too): the resumed sampler draws on from where it was, so its text is the seeded single-node one."""
     model = write_random_llama(tmp_path / "kv8.gguf", SPEC_8KV)
-    d, tally, _ = _cluster(tmp_path, model)
-    prompts = [(1 + i % 5, 5, 9 + i % 3) for i in range(20)]
+    d, tally = _cluster(tmp_path, model)
+    prompts = [((1 + i % 5, 5, 9 + i % 3), 7 if i % 4 == 0 else None) for i in range(20)]
     try:
         root = d.address(0)
-        want = {p: tally.ask(root, _generate(p, 48))[0] for p in set(prompts)}
+        want = {p: tally.ask(root, _generate(p[0], 48, p[1]))[0]
+                for p in set(prompts)}
         d.start(1)
         d.start(2)
         wait_members(root, 3)
         nodes = []
         for i, p in enumerate(prompts):
             lose = (lambda n: d.kill(1) if n == 12 else None) if i == 4 else None
-            got, done = tally.ask(root, _generate(p, 48), lose)
+            got, done = tally.ask(root, _generate(p[0], 48, p[1]), lose)
             assert done is not None and got == want[p], f"request {i}: {got}"
             nodes.append(done.nodes)
             if i == 9:

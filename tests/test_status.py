@@ -52,7 +52,8 @@ def test_status_messages_round_trip():
 
     plan = session_for("pi-2")[0].plan
     full = reply(resources=P.Resources(1 << 26, 8 << 30, 1 << 30, 0.5, 4), links=(P.LinkRtt("pi-2", 0.3, 98.0),),
-                 push=P.PushStatus(plan.epoch, 10, 20, 97.0, False))
+                 push=P.PushStatus(plan.epoch, 10, 20, 97.0, False), recoveries=2,
+                 last_recovery=P.RecoveryStatus("worker 10.0.0.2:7340 (node pi-2) lost", 0.8, 120, 3, 2, 96.0))
     for msg in (P.Status(0), reply(), reply(plan=plan, last_step=None), full):
         [back] = P.FrameDecoder().feed(P.encode(msg))
         assert back == msg

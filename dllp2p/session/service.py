@@ -209,6 +209,8 @@ class RootService:
                 self._settle(request, epoch)
                 if warm is not None and not request.tokens and isinstance(e, ClusterError):
                     log.info("request %d: the kept session failed before its first token (%s); starting afresh", epoch, e)
+                    if e.lost and e.address:  # it died since the last request: out of the membership now
+                        self.on_lost(e.address, str(e))
                     warm, cached = None, ()
                     engine, the_plan, key = await self._engine_usable(loaded.model, g.ctx, workers, self._next_epoch())
                     continue

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import logging
 import socket
-import threading
 import time
 from dataclasses import dataclass, replace
 from functools import partial
@@ -134,20 +133,19 @@ class Worker:
         self.sessions = 0  # sessions ended, however they ended
         self.leaving = ""  # why this worker leaves its sessions (set by leave: "SIGTERM"); "" while it serves
         self._wake: Callable[[], None] | None = None  # wakes the session thread (shuts its sockets' reading down)
-        self._ended = threading.Event()  # set when no session thread runs
+        self._ended: trio.Event | None = None  # set when the session thread has ended
 
     async def leave(self, reason: str, limit: float = 5.0) -> None:
         """Leave the session in progress, if any, telling its root (see the module docstring); returns once
         the session thread has ended, or after `limit` seconds."""
         self.leaving = reason
-        wake = self._wake
-        if wake is None:
+        wake, ended = self._wake, self._ended
+        if wake is None or ended is None:
             return
         log.info("leaving the session of epoch %s: %s", self.active.plan.epoch if self.active else "?", reason)
         wake()
         with trio.move_on_after(limit):
-            while not self._ended.is_set():
-                await trio.sleep(0.01)
+            await ended.wait()
 
     async def control(self, link: TrioLink, hello: Hello) -> None:
         if hello.role != "root":
@@ -386,13 +384,12 @@ class Worker:
             for sock in peers:
                 shutdown(sock)
 
-        self._wake = wake
-        self._ended.clear()
+        self._wake, self._ended = wake, trio.Event()
         try:
             keep, why = await run_in_thread(partial(self._serve_steps, ctl, s, index, tensors, peers, keys), interrupt)
         finally:
-            self._wake = None
             self._ended.set()
+            self._wake = self._ended = None
             ctl.close()
             for sock in peers:
                 if sock is not None:

@@ -64,4 +64,5 @@ from .messages import (
     WeightsReady,
     slice_nbytes,
 )
-from .reports import LinkRtt, NodeStatus, ProgressStatus, PushStatus, Resources, Status, StatusReply, StepStatus
+from .reports import (LinkRtt, NodeStatus, ProgressStatus, PushStatus, RecoveryStatus, Resources, Status, StatusReply,
+                      StepStatus)
