@@ -148,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "recently used files go beyond it (default 4096)")
 
     daemon.add_argument("--drain-s", dest="drain_s", type=int, metavar="S", action=_Given,
-                        help="on SIGTERM (systemctl stop), the seconds the requests it serves as root may take to "
+                        help="on SIGTERM (systemctl stop), the seconds the requests it has taken may take to "
                              "finish before the daemons that forwarded them resume them on the next root (default 30)")
 
     keys = sub.add_parser("key", help="the cluster key: make it (new), print it (show), paste it on another device (set)")

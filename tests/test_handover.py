@@ -126,14 +126,15 @@ def test_the_drain_time_comes_from_file_env_and_flag(tmp_path):
 
 
 async def _fake_root(answers, task_status=trio.TASK_STATUS_IGNORED):
-    """A root on loopback (no key) that answers one Generate with `answers`, then closes the connection."""
+    """A root on loopback (no key) that answers one Generate with `answers` (a number: sleep that long),
+    then closes the connection."""
     from dllp2p.wire.link import TrioLink, receive_one_frame
 
     async def one(stream):
         await receive_one_frame(stream, "t", 5.0)
         link = TrioLink(stream, "t")
         for msg in answers:
-            await link.send(msg)
+            await (trio.sleep(msg) if isinstance(msg, float) else link.send(msg))
         await stream.aclose()
 
     listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
@@ -367,3 +368,29 @@ def test_draining_lets_a_request_finish_within_the_limit_and_hands_back_the_rest
     got = first.sent[0] if answered == "done" else first.sent[0].kind
     assert got == (answered if answered == "done" else ErrorCode.DRAINING) and len(first.sent) == 1
     assert [m.kind for m in second.sent] == [ErrorCode.DRAINING]
+
+
+def test_draining_ends_a_request_it_forwards_too():
+    """A daemon stopping while it relays a request to the root: past the drain time the client gets the
+    text so far and DRAINING (`dllp2p run` asks again; the HTTP API answers 503), not a cut stream."""
+    from types import SimpleNamespace
+
+    from dllp2p.daemon.prompts import PromptSlot
+
+    g = P.Generate("hi", (), False, None, 4, 64, 0.0, 40, 1.0, 0.0, 1.0, None)
+    sink = Sink()
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            address = await nursery.start(_fake_root, [P.TokenChunk("a", (1,)), 30.0])
+            root = election.Member("root", address, 0.5, 3, "c")
+            membership = SimpleNamespace(election=lambda: election.elect([root, _m("me", 1.0)], version=3, cluster="c"))
+            slot = PromptSlot("me", membership, None, trio.Lock(), Timeouts())
+            nursery.start_soon(slot.generate, sink, g)
+            await trio.sleep(0.3)
+            with trio.fail_after(10):
+                await slot.drain(0.2)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    assert sink.sent[0] == P.TokenChunk("a", (1,)) and sink.sent[1].kind is ErrorCode.DRAINING and len(sink.sent) == 2

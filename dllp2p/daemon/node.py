@@ -12,7 +12,7 @@ One TCP port takes four kinds of connection, told apart by their first frame:
     Goodbye    a member stopping (SIGTERM): out of the membership at once (Membership.heard_goodbye)
 
 SIGTERM (systemctl stop/restart): Daemon.leave refuses new prompts (draining), says Goodbye to every
-member, gives the requests it serves as root up to drain_s to finish, then exits.
+member, gives the requests it has taken (as root, or forwarded) up to drain_s to finish, then exits.
 
 With a cluster key (config key_file, clusterkey.py) every connection first passes wire/secure.py's
 handshake (within the hello timeout) and then travels sealed; a peer without the key is dropped without a
@@ -102,7 +102,7 @@ class DaemonConfig:
     cache_dir: Path | None = None  # compiled kernels and packed weights; None: the engine's default
     cache_mb: int = 4096  # size budget of the slice cache (state dir) and of the packed slices (cache dir)
     key: ClusterKey | None = None  # the cluster key; None: this machine only (loopback, no peers, no mDNS)
-    drain_s: float = 30.0  # SIGTERM: how long the requests it serves as root may take to finish before handover
+    drain_s: float = 30.0  # SIGTERM: how long the requests it has taken may take to finish before handover
 
     def __post_init__(self) -> None:
         if not election.CLUSTER.fullmatch(self.cluster):
@@ -203,8 +203,9 @@ class Daemon:
 
     async def leave(self, reason: str) -> None:
         """A graceful stop (SIGTERM): refuse new prompts (draining, retryable), tell every member this node
-        is leaving (the next root is elected at once), then give the requests served here as root up to
-        drain_s to finish; what is left is handed back to the daemons that forwarded it (prompts.py)."""
+        is leaving (the next root is elected at once), then give the requests taken here (served as root,
+        or forwarded) up to drain_s to finish; what is left ends with 'draining', which whoever sent it
+        resumes elsewhere (prompts.py)."""
         log.info("%s: leaving the cluster (the requests in flight get up to %.0f s)", reason, self.config.drain_s)
         self.prompts.draining = True
         await self.membership.goodbye(reason, self.t.hello)
@@ -309,7 +310,7 @@ async def _send_quietly(stream: trio.SocketStream, msg: Error, channel: Channel 
 def main(config: DaemonConfig) -> int:
     """Run the daemon until interrupted (KeyboardInterrupt comes out as itself, not in a group) or sent
     SIGTERM (systemctl stop): then it leaves (Daemon.leave: draining, a Goodbye to every member, the
-    requests it serves as root finished or handed back within drain_s), leaves a worker session in
+    requests taken here finished or handed back within drain_s), leaves a worker session in
     progress (telling its root, which re-plans without it: Worker.leave), shuts down cleanly (mDNS
     goodbye included) and returns 0."""
     async def serve_until_sigterm() -> None:

@@ -10,8 +10,9 @@ as Generate.already; the next root (this node itself, when it is next in line) p
 streams only what follows, so the client's stream simply continues. At most MAX_HANDOVERS times a request.
 
 Draining (the daemon's SIGTERM): new requests are refused with ErrorCode.DRAINING (retryable: a daemon
-forwarding one resubmits it to the next root); those being served get up to `drain_s` seconds to finish,
-then are ended with a DRAINING Error too, which the forwarding daemon (if any) resumes elsewhere.
+forwarding one resubmits it to the next root, `dllp2p run` asks again); those taken here (served as
+root, or forwarded by this daemon) get up to `drain_s` seconds to finish, then are ended with a DRAINING
+Error too, which whoever sent them resumes elsewhere.
 """
 
 from __future__ import annotations
@@ -44,13 +45,31 @@ class PromptSlot:
         self._slot = slot
         self.t = timeouts
         self.draining = False  # stopping: no new request is served here
-        self._serving: set[trio.CancelScope] = set()  # the requests being served here, as root
-        self._idle = trio.Event()  # set whenever _serving is empty
+        self._inflight: set[trio.CancelScope] = set()  # the requests taken here (served as root or forwarded)
+        self._idle = trio.Event()  # set whenever _inflight is empty
         self._idle.set()
 
     async def generate(self, link: TrioLink, g: Generate) -> None:
         """A prompt: served here if this node is root (one request or session at a time), else forwarded,
-        and resubmitted to the next root when the one it went to is lost or stops."""
+        and resubmitted to the next root when the one it went to is lost or stops. While draining: refused
+        (DRAINING); one in flight when drain() runs out of time is ended with DRAINING."""
+        if self.draining:
+            await _send_quietly(link, self._draining_error())
+            return
+        with trio.CancelScope() as scope:
+            self._inflight.add(scope)
+            self._idle = trio.Event() if len(self._inflight) == 1 else self._idle
+            try:
+                await self._generate(link, g)
+            finally:
+                self._inflight.discard(scope)
+                if not self._inflight:
+                    self._idle.set()
+        if scope.cancelled_caught:  # a forwarding daemon (or `dllp2p run`) resumes it elsewhere
+            with trio.CancelScope(shield=True):
+                await _send_quietly(link, self._draining_error("before the request was done"))
+
+    async def _generate(self, link: TrioLink, g: Generate) -> None:
         for _ in range(MAX_HANDOVERS + 1):
             e = self.membership.election()
             if e.root is None or e.root.node_id == self.node_id:
@@ -68,9 +87,6 @@ class PromptSlot:
                                                                f"{MAX_HANDOVERS + 1} roots in a row"))
 
     async def _serve_here(self, link: TrioLink, g: Generate, e: object) -> None:
-        if self.draining:
-            await _send_quietly(link, self._draining_error())
-            return
         ids = await self.root_service.prompt_ids(link, g)  # outside the slot: tokenizing holds up nobody
         if ids is None:
             return
@@ -84,35 +100,25 @@ class PromptSlot:
                 await _send_quietly(link, self._draining_error())
                 return
             workers = [m.address for m in e.succession if m.node_id != self.node_id]  # type: ignore[attr-defined]
-            with trio.CancelScope() as scope:
-                self._serving.add(scope)
-                self._idle = trio.Event() if len(self._serving) == 1 else self._idle
-                try:
-                    await self.root_service.serve(link, g, workers, ids, g.already)
-                finally:
-                    self._serving.discard(scope)
-                    if not self._serving:
-                        self._idle.set()
-            if scope.cancelled_caught:  # drain() ran out of time: the forwarding daemon resumes it elsewhere
-                with trio.CancelScope(shield=True):
-                    await _send_quietly(link, self._draining_error("before the request was done"))
+            await self.root_service.serve(link, g, workers, ids, g.already)
         finally:
             self._slot.release()
 
     def _draining_error(self, when: str = "") -> Error:
-        return Error(ErrorCode.DRAINING, f"root {self.node_id} is stopping{' ' + when if when else ''}; "
+        return Error(ErrorCode.DRAINING, f"node {self.node_id} is stopping{' ' + when if when else ''}; "
                                          "the next root takes the request")
 
     async def drain(self, limit: float) -> None:
-        """(SIGTERM) Refuse new requests; give those being served here `limit` seconds to finish, then end
-        them with a DRAINING Error (a forwarding daemon resumes them on the next root)."""
+        """(SIGTERM) Refuse new requests; give those taken here (served as root, or forwarded) `limit`
+        seconds to finish, then end them with a DRAINING Error: a forwarding daemon resumes one it sent
+        here on the next root; `dllp2p run` asks again (wire.client.ask)."""
         self.draining = True
         with trio.move_on_after(limit):
             await self._idle.wait()
-        if self._serving:
-            log.warning("draining: %d request(s) not done after %.1f s; handed back to their forwarding daemons",
-                        len(self._serving), limit)
-        for scope in list(self._serving):
+        if self._inflight:
+            log.warning("draining: %d request(s) not done after %.1f s; ended with 'draining' (resumed elsewhere "
+                        "by whoever sent them)", len(self._inflight), limit)
+        for scope in list(self._inflight):
             scope.cancel()
         with trio.move_on_after(5.0):
             await self._idle.wait()
