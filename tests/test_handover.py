@@ -278,6 +278,9 @@ def test_the_root_lost_mid_generation_costs_a_pause_not_the_answer(tmp_path, kv8
             completed += got == want
             assert got == want
         assert status(d.address(2)).nodes[0].member.address == d.address(1)  # the new root
+        seen = status(d.address(1))  # the handover, counted where it happened: the daemon the client talks to
+        assert seen.recoveries == 1 and seen.last_recovery.cause.startswith("root "), seen.last_recovery
+        assert seen.last_recovery.replayed > 0 and seen.last_recovery.pause_s > 0
     finally:
         d.stop_all()
     assert (sent, completed, failed) == ((2, 2, 0) if how == "kill" else (1, 1, 0))
@@ -344,6 +347,8 @@ def test_draining_lets_a_request_finish_within_the_limit_and_hands_back_the_rest
     me = _m("me", 1.0)
 
     class Root:
+        handed_over = print
+
         async def prompt_ids(self, link, g):
             return [1, 2]
 
@@ -385,7 +390,7 @@ def test_draining_ends_a_request_it_forwards_too():
             address = await nursery.start(_fake_root, [P.TokenChunk("a", (1,)), 30.0])
             root = election.Member("root", address, 0.5, 3, "c")
             membership = SimpleNamespace(election=lambda: election.elect([root, _m("me", 1.0)], version=3, cluster="c"))
-            slot = PromptSlot("me", membership, None, trio.Lock(), Timeouts())
+            slot = PromptSlot("me", membership, SimpleNamespace(handed_over=print), trio.Lock(), Timeouts())
             nursery.start_soon(slot.generate, sink, g)
             await trio.sleep(0.3)
             with trio.fail_after(10):

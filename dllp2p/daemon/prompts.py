@@ -18,7 +18,9 @@ Error too, which whoever sent them resumes elsewhere.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import replace
+from typing import Callable
 
 import trio
 
@@ -26,8 +28,9 @@ from ..clusterkey import ClusterKey
 from ..config import Timeouts
 from ..error_codes import ErrorCode
 from ..session import service
+from ..session.recovery import Recovery
 from ..wire.link import LinkClosed, TrioLink
-from ..wire.messages import Error, Generate
+from ..wire.messages import Done, Error, Generate, TokenChunk
 from .membership import Membership
 
 log = logging.getLogger("dllp2p.daemon")
@@ -70,19 +73,24 @@ class PromptSlot:
                 await _send_quietly(link, self._draining_error("before the request was done"))
 
     async def _generate(self, link: TrioLink, g: Generate) -> None:
+        watch = _Resumed(link, self.root_service.handed_over)
         for _ in range(MAX_HANDOVERS + 1):
             e = self.membership.election()
             if e.root is None or e.root.node_id == self.node_id:
-                await self._serve_here(link, g, e)
+                await self._serve_here(watch, g, e)
                 return
             log.info("request from %s: forwarded to the root %s (%s)", link.peer, e.root.node_id, e.root.address)
-            lost = await service.forward(link, g, e.root.address, self.node_id, self.t, self.key)
+            lost = await service.forward(watch, g, e.root.address, self.node_id, self.t, self.key)
             if lost is None:
                 return
             log.warning("request from %s: %s after %d tokens; handing it to the next root", link.peer, lost.cause,
                         len(lost.already))
             g = replace(g, already=lost.already)
+            members = len(e.succession)
             await self.membership.root_lost(e.root, left=lost.left, limit=self.t.handover)
+            how = "stopped" if lost.left else "lost"
+            watch.lost(f"root {e.root.node_id} {how}; resumed on the next root", lost, members,
+                       len(self.membership.election().succession))
         await _send_quietly(link, Error(ErrorCode.UNREACHABLE, f"node {self.node_id}: the request lost "
                                                                f"{MAX_HANDOVERS + 1} roots in a row"))
 
@@ -122,6 +130,26 @@ class PromptSlot:
             scope.cancel()
         with trio.move_on_after(5.0):
             await self._idle.wait()
+
+
+class _Resumed:
+    """The client's link, noting the first text after a handover: the pause the client saw (from the last
+    text before the root was lost), reported as a recovery (RootService.handed_over: Status, the log)."""
+
+    def __init__(self, link: TrioLink, report: Callable[[Recovery], None]):
+        self.link, self.peer, self._report = link, link.peer, report
+        self._pending: tuple[str, float, int, int, int] | None = None  # cause, since, replayed, members before, after
+
+    def lost(self, cause: str, lost: service.RootLost, before: int, after: int) -> None:
+        if self._pending is None:  # a second loss before any text: the same pause goes on
+            self._pending = (cause, lost.since, len(lost.already), before, after)
+
+    async def send(self, msg: object) -> None:
+        await self.link.send(msg)
+        if self._pending is not None and isinstance(msg, (TokenChunk, Done)):
+            cause, since, replayed, before, after = self._pending
+            self._pending = None
+            self._report(Recovery(cause, time.monotonic() - since, replayed, before, after, time.time()))
 
 
 async def _send_quietly(link: TrioLink, msg: Error) -> None:

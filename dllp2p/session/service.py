@@ -261,6 +261,13 @@ class RootService:
             log.warning("request %d %s", number, r.line())
         request.reported = len(request.recoveries)
 
+    def handed_over(self, r: Recovery) -> None:
+        """A request this daemon forwarded lost its root and resumed on the next one (daemon/prompts.py):
+        counted and shown with the recoveries it made as root (Status, the log)."""
+        self.recoveries += 1
+        self.last_recovery = r
+        log.warning("request %s", r.line())
+
     async def _stream(self, link: TrioLink, engine: Any, loaded: _Loaded, request: InFlight, steps: int,
                       cached: tuple[int, ...] = ()) -> None:
         """Generate request on engine from where it stands, each text piece sent on link as a TokenChunk with
@@ -360,6 +367,7 @@ class RootLost:
     already: tuple[int, ...]  # every id whose text the client has been sent (Generate.already of the next try)
     cause: str
     left: bool = False  # the root said it is stopping (draining), rather than died or fell silent
+    since: float = 0.0  # time.monotonic() of the last text relayed (or of the start): the client's pause runs from it
 
 
 async def forward(link: TrioLink, g: Generate, root: str, node_id: str, timeouts: Timeouts,
@@ -378,24 +386,25 @@ async def forward(link: TrioLink, g: Generate, root: str, node_id: str, timeouts
         await _send_error(link, Error(ErrorCode.UNREACHABLE, f"node {node_id}: the root is unreachable: {e}"))
         return None
     except (LinkClosed, LinkTimeout) as e:
-        return RootLost(g.already, f"the root {root} is unreachable: {e}")
-    already, resumable = list(g.already), True
+        return RootLost(g.already, f"the root {root} is unreachable: {e}", since=time.monotonic())
+    already, resumable, since = list(g.already), True, time.monotonic()
     try:
         while True:
             try:
                 msg = await up.receive(timeouts.progress if len(already) > len(g.already) else timeouts.build)
             except (LinkClosed, LinkTimeout, ProtocolError) as e:
-                lost = RootLost(tuple(already), f"root {root} failed: {e}")
+                lost = RootLost(tuple(already), f"root {root} failed: {e}", since=since)
                 if resumable:
                     return lost
                 await _send_error(link, Error(ErrorCode.GENERATE, f"node {node_id}: {lost.cause}"))
                 return None
             if isinstance(msg, Error) and msg.kind is ErrorCode.DRAINING and resumable:
-                return RootLost(tuple(already), msg.message, left=True)
+                return RootLost(tuple(already), msg.message, left=True, since=since)
             await link.send(msg)  # LinkClosed: the client went away; closing `up` stops the root
             if not isinstance(msg, TokenChunk):
                 return None
             already.extend(msg.ids)
+            since = time.monotonic()
             resumable = resumable and (bool(msg.ids) or not msg.text)  # a root that sends no ids cannot be resumed
     finally:
         await up.aclose()
