@@ -26,6 +26,7 @@ import trio
 
 from ..clusterkey import ClusterKey
 from ..config import Timeouts
+from ..election import Election
 from ..error_codes import ErrorCode
 from ..session import service
 from ..session.recovery import Recovery
@@ -94,7 +95,7 @@ class PromptSlot:
         await _send_quietly(link, Error(ErrorCode.UNREACHABLE, f"node {self.node_id}: the request lost "
                                                                f"{MAX_HANDOVERS + 1} roots in a row"))
 
-    async def _serve_here(self, link: TrioLink, g: Generate, e: object) -> None:
+    async def _serve_here(self, link: TrioLink, g: Generate, e: Election) -> None:
         ids = await self.root_service.prompt_ids(link, g)  # outside the slot: tokenizing holds up nobody
         if ids is None:
             return
@@ -107,7 +108,7 @@ class PromptSlot:
             if self.draining:  # began while this request waited for the slot
                 await _send_quietly(link, self._draining_error())
                 return
-            workers = [m.address for m in e.succession if m.node_id != self.node_id]  # type: ignore[attr-defined]
+            workers = [m.address for m in e.succession if m.node_id != self.node_id]
             await self.root_service.serve(link, g, workers, ids, g.already)
         finally:
             self._slot.release()
