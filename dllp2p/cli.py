@@ -148,6 +148,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="size budget of each weight cache (received slices, packed slices); the least "
                              "recently used files go beyond it (default 4096)")
 
+    daemon.add_argument("--drain-s", dest="drain_s", type=int, metavar="S", action=_Given,
+                        help="on SIGTERM (systemctl stop), the seconds the requests it has taken may take to "
+                             "finish before the daemons that forwarded them resume them on the next root (default 30)")
+
     keys = sub.add_parser("key", help="the cluster key: make it (new), print it (show), paste it on another device (set)")
     key_sub = keys.add_subparsers(dest="key_command", required=True)
     new = key_sub.add_parser("new", help="write a new random 256-bit cluster key (mode 0600)")
@@ -293,6 +297,8 @@ def config_of_settings(s: dict, environ: Mapping[str, str]) -> DaemonConfig:
         raise ValueError("--threads must be at least 1")
     if s["cache_mb"] < 1:
         raise ValueError("--cache-mb must be at least 1")
+    if s["drain_s"] < 0:
+        raise ValueError("--drain-s must be at least 0")
     model = Path(s["model"]).expanduser() if s.get("model") else _installed_model()
     key_path = clusterkey.configured_path(s["key_file"], environ)
     key = None if key_path is None else clusterkey.load(key_path)
@@ -300,7 +306,8 @@ def config_of_settings(s: dict, environ: Mapping[str, str]) -> DaemonConfig:
                         cluster=s["cluster"], key=key, discovery=s["discovery"], interfaces=tuple(s["interfaces"]),
                         peers=tuple(s["peers"]), model=model, exchange=s["exchange"], policy=s["plan"],
                         api=None if s["api"] in ("", "off") else s["api"], api_ctx=s["api_ctx"],
-                        api_hosts=tuple(s["api_hosts"]), cache_dir=cache_dir(environ), cache_mb=s["cache_mb"])
+                        api_hosts=tuple(s["api_hosts"]), cache_dir=cache_dir(environ), cache_mb=s["cache_mb"],
+                        drain_s=float(s["drain_s"]))
 
 
 def _installed_model() -> Path | None:

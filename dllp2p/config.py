@@ -24,11 +24,13 @@ File: /etc/dllp2p/config.toml (DLLP2P_CONFIG or --config name another), a [daemo
     key_file = "/etc/dllp2p/cluster.key"   # the cluster key (dllp2p key new); "off": none, this machine only
     cache_mb = 4096             # size budget of each cache: the weight slices (state dir) and the packed
                                 # slices (cache dir); the least recently used files go beyond it
+    drain_s = 30                # SIGTERM (systemctl stop): the seconds requests in flight on the root may take
+                                # to finish; then the daemons that forwarded them resume them on the next root
 
 Environment: DLLP2P_HOST, DLLP2P_PORT, DLLP2P_THREADS, DLLP2P_STATE_DIR, DLLP2P_CLUSTER, DLLP2P_DISCOVERY
 (1/0, true/false, yes/no, on/off), DLLP2P_INTERFACES and DLLP2P_PEERS (separated by commas or spaces),
 DLLP2P_LOG_LEVEL, DLLP2P_MODEL, DLLP2P_EXCHANGE, DLLP2P_PLAN, DLLP2P_API, DLLP2P_API_CTX, DLLP2P_API_HOSTS,
-DLLP2P_KEY_FILE, DLLP2P_CACHE_MB.
+DLLP2P_KEY_FILE, DLLP2P_CACHE_MB, DLLP2P_DRAIN_S.
 
 Built once, at the edge: the CLI calls these functions with os.environ and hands the frozen results
 down (DaemonConfig, Timeouts, the cache and state directories); nothing below it reads the environment.
@@ -72,6 +74,7 @@ DAEMON_KEYS: dict[str, type] = {
     "api_hosts": list,
     "key_file": str,
     "cache_mb": int,
+    "drain_s": int,
 }
 DEFAULTS: dict[str, Any] = {
     "host": "0.0.0.0",
@@ -91,6 +94,7 @@ DEFAULTS: dict[str, Any] = {
     "api_hosts": [],  # Host names the API answers to besides IP literals, localhost and its listen host
     "key_file": None,  # the cluster key (clusterkey.py); None: the default path if it exists; "off": none
     "cache_mb": 4096,  # each cache's size budget in MiB (slices in the state dir, packed slices in the cache dir)
+    "drain_s": 30,  # SIGTERM: seconds the requests served as root may take before they are handed over
 }
 EXCHANGES = ("exact", "q8")  # scheduler.EXCHANGES (not imported: this module stays dependency-free)
 POLICIES = ("pow2", "weighted", "pipeline", "hybrid")  # scheduler.POLICIES + pipeline.PIPELINE_POLICIES
@@ -113,6 +117,8 @@ class Timeouts:
     socket: float = 30.0  # SO_RCVTIMEO / SO_SNDTIMEO of mesh sockets: a silent peer fails a step after this
     slot: float = 10.0  # a new session waiting for the previous one to wind down
     send: float = 30.0  # a send waiting for the peer to read (a client that stops reading is dropped)
+    progress: float = 20.0  # a root silent this long mid-stream counts as lost to the daemon forwarding to it
+    handover: float = 10.0  # a daemon whose root was lost waits this long at most for the election to name another
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,8 @@
 """Pure membership and election: who is in the cluster, who is root, who comes next. No I/O, no clocks.
 
     Member        what a daemon announces about itself (mDNS TXT record, or its Status reply)
-    Membership    node id -> Entry(member, sources, last_seen); changed only by apply(table, event)
+    Membership    node id -> Entry(member, sources, last_seen); changed only by apply(table, event):
+                  Seen, Gone (of one source), Left (of the node: a goodbye, or found dead)
     elect         members -> Election(root, succession, excluded)
 
 Rules:
@@ -146,7 +147,17 @@ class Gone:
     address: str = ""  # where the source last saw it (a static poll's address); "" = wherever it is
 
 
-Event = Union[Seen, Gone]
+@dataclass(frozen=True)
+class Left:
+    """This incarnation of a node is gone, whatever source still vouches for it: it said goodbye (SIGTERM),
+    or it was found dead (the root's link closed mid-request and a probe failed). Removes the entry of
+    that start (or an older one); a later incarnation (a restart) is kept."""
+
+    node_id: str
+    started_at: float
+
+
+Event = Union[Seen, Gone, Left]
 Membership = Mapping[str, Entry]
 
 
@@ -168,6 +179,10 @@ def apply(table: Membership, event: Event) -> dict[str, Entry]:
         else:
             sources = (old.sources if old else frozenset()) | {event.source}
             out[event.member.node_id] = Entry(event.member, sources, max(event.at, old.last_seen if old else event.at))
+    elif isinstance(event, Left):
+        old = out.get(event.node_id)
+        if old is not None and "self" not in old.sources and old.member.started_at <= event.started_at:
+            del out[event.node_id]
     else:
         old = out.get(event.node_id)
         # a poll of one address that stopped answering says nothing of the node held at another: a

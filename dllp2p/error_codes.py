@@ -12,7 +12,8 @@ shipped; a code a newer peer sends that this version does not know reads as OTHE
                   disk_full (503: a worker could not store its slices; the root plans without it)
                   leaving (503: a worker shutting down left its session; the root re-plans without it)
     a prompt      generate (the root failed it) 500, unreachable (the root cannot be reached) 503,
-                  forward_loop 500, no_model 503, context_length_exceeded 400, invalid_token 400,
+                  forward_loop 500, no_model 503, draining 503 (the root is stopping: retry),
+                  context_length_exceeded 400, invalid_token 400,
                   invalid_request 400 (a Generate the root refuses)
     HTTP only     bad_http 400, invalid_json 400, invalid_value 400, unsupported_parameter 400,
                   invalid_api_key 401, origin_not_allowed 403, not_found 404, method_not_allowed 405, request_timeout 408,
@@ -48,6 +49,7 @@ class ErrorCode(StrEnum):
     UNREACHABLE = "unreachable"
     FORWARD_LOOP = "forward_loop"
     NO_MODEL = "no_model"
+    DRAINING = "draining"  # the root is stopping (SIGTERM): it takes no new request; retry (the next root takes it)
     CONTEXT_LENGTH = "context_length_exceeded"  # OpenAI's own code for it
     INVALID_TOKEN = "invalid_token"
     INVALID_REQUEST = "invalid_request"
@@ -98,6 +100,7 @@ _HTTP: dict[ErrorCode, int] = {
     ErrorCode.LEAVING: 503,
     ErrorCode.UNREACHABLE: 503,
     ErrorCode.NO_MODEL: 503,
+    ErrorCode.DRAINING: 503,
     ErrorCode.CONTEXT_LENGTH: 400,
     ErrorCode.INVALID_TOKEN: 400,
     ErrorCode.INVALID_REQUEST: 400,
@@ -120,6 +123,7 @@ _HINTS: dict[ErrorCode, str] = {
     ErrorCode.BUSY: "the cluster is serving another prompt; try again when it is done",
     ErrorCode.UNREACHABLE: "the root daemon does not answer; `dllp2p status` shows the members",
     ErrorCode.NO_MODEL: "start the root's daemon with --model PATH",
+    ErrorCode.DRAINING: "the root is stopping; send it again in a moment (the next root takes it)",
     ErrorCode.CONTEXT_LENGTH: "raise --ctx or shorten the prompt",
     ErrorCode.VERSION: "run the same dllp2p version on every device",
     ErrorCode.DISK_FULL: "free space on that device (or lower its --cache-mb); `dllp2p status` shows it left out",

@@ -31,11 +31,11 @@ import trio
 from .. import election
 from ..clusterkey import ClusterKey
 from ..discovery import MdnsOptions, StaticOptions, advertised_addresses, local_facts, poll_static, run_mdns
-from ..election import Member, Seen
-from ..wire.client import ask_status_timed
+from ..election import Left, Member, Seen
+from ..wire.client import ask_status_timed, say_goodbye
 from ..wire.codec import UnexpectedMessage
 from ..wire.link import format_address
-from ..wire.messages import PROTOCOL_VERSION
+from ..wire.messages import PROTOCOL_VERSION, Goodbye
 from ..wire.reports import LinkRtt
 
 log = logging.getLogger("dllp2p.daemon")
@@ -61,6 +61,8 @@ class Membership:
         self._twins_logged: set[tuple[str, str, str]] = set()  # (node id, address, address) logged
         self._mdns: tuple[trio.Nursery, trio.MemorySendChannel, str, int, MdnsOptions] | None = None
         self._mdns_scope: trio.CancelScope | None = None
+        self._events: trio.MemorySendChannel | None = None  # into _apply, for what this node learns itself
+        self._gone: set[tuple[str, float]] = set()  # (node id, started_at) of members that said goodbye
         self._dead: dict[str, tuple[float, float]] = {}  # node id -> (its dead incarnation's started_at, until)
 
     async def start(self, nursery: trio.Nursery, host: str, port: int, *, discovery: bool,
@@ -73,6 +75,7 @@ class Membership:
         self.members = election.apply({}, Seen(self.me, "self", time.time()))
         send, recv = trio.open_memory_channel[election.Event](64)
         nursery.start_soon(self._apply, recv, (nursery, send.clone()) if discovery else None)
+        self._events = send.clone()
         if discovery:
             # mDNS where the daemon listens: the chosen interfaces, else a specific listening address's
             interfaces = interfaces or (() if host in ("0.0.0.0", "::", "") else (host,))
@@ -168,6 +171,8 @@ class Membership:
 
         async with events:
             async for event in events:
+                if isinstance(event, Seen) and (event.member.node_id, event.member.started_at) in self._gone:
+                    continue  # a poll or mDNS record of a member that said goodbye: it is on its way out
                 if (probes is not None and isinstance(event, Seen) and event.source == "mdns"
                         and event.member.node_id not in probed and event.member.node_id != self.node_id):
                     probed.add(event.member.node_id)
@@ -188,6 +193,58 @@ class Membership:
                     if m.node_id not in excluded:
                         log.warning("node %s at %s does not join: %s", m.node_id, m.address, why)
                 excluded = now
+
+    # --- leaving: a goodbye heard or said, a root found dead (handover) ---
+
+    async def heard_goodbye(self, bye: Goodbye, peer: str) -> None:
+        """A member is stopping (SIGTERM): out of the table at once, and this incarnation for good (its polls
+        and mDNS records are ignored until it restarts), so the next root is elected now. Only from the host
+        the member is known at (`peer`: "host:port" of the connection): no member says goodbye for another."""
+        entry = self.members.get(bye.node_id)
+        if bye.node_id == self.node_id or entry is None:
+            return
+        if entry.member.address.rpartition(":")[0] != peer.rpartition(":")[0]:
+            log.warning("%s: a goodbye for node %s, which is at %s: ignored", peer, bye.node_id, entry.member.address)
+            return
+        log.info("node %s says goodbye (%s)", bye.node_id, bye.reason)
+        self._gone.add((bye.node_id, bye.started_at))
+        await self._learn(Left(bye.node_id, bye.started_at))
+
+    async def root_lost(self, root: Member, *, left: bool, limit: float) -> None:
+        """The root went away in the middle of a request forwarded to it: out of the table at once if it said
+        so (left: it answered draining) or if it does not answer a Status now (a link closed by a kill, a
+        silent one); then wait, at most `limit` seconds, for the election to name another root."""
+        if left:
+            self._gone.add((root.node_id, root.started_at))
+            await self._learn(Left(root.node_id, root.started_at))
+        elif not await self._answers(root.address):
+            self.mark_dead(root.address, "the root does not answer after its link to a request failed")
+        with trio.move_on_after(limit):
+            while (e := self.election()).root is not None and e.root.node_id == root.node_id:
+                await trio.sleep(0.02)
+
+    async def goodbye(self, reason: str, limit: float) -> None:
+        """Tell every other member that this node is leaving (a Goodbye each, all at once, within limit)."""
+        assert self.me is not None
+        bye = Goodbye(self.node_id, self.me.started_at, reason)
+        others = [m.address for m in election.members(self.members) if m.node_id != self.node_id]
+        async with trio.open_nursery() as nursery:
+            for address in others:
+                nursery.start_soon(say_goodbye, address, bye, limit, self.key)
+
+    async def _learn(self, event: election.Event) -> None:
+        """An event this node found out itself, applied by _apply like the others."""
+        if self._events is not None:
+            await self._events.send(event)
+
+    async def _answers(self, address: str) -> bool:
+        with trio.move_on_after(self.static.timeout):
+            try:
+                await self._fetch_member(address)
+                return True
+            except (OSError, ValueError):  # LinkClosed, LinkTimeout, ProtocolError
+                pass
+        return False
 
     def mark_dead(self, address: str, cause: str) -> None:
         """The member at address died (the root lost it mid-request): out of the table now, its incarnation

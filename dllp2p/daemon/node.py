@@ -7,7 +7,12 @@ One TCP port takes four kinds of connection, told apart by their first frame:
     MeshHello  a peer node's connection for the activation exchange of a session (handed to the Worker)
     Status     anyone asking what this daemon knows: StatusReply (probes.py), again for every further Status
     Generate   a prompt (`dllp2p run`, `dllp2p chat`): prompts.PromptSlot serves it as the cluster's root
-               (session.service.RootService), or forwards it to the root and relays the tokens back
+               (session.service.RootService), or forwards it to the root and relays the tokens back (and
+               resubmits it to the next root if that one is lost or stops: prompts.py)
+    Goodbye    a member stopping (SIGTERM): out of the membership at once (Membership.heard_goodbye)
+
+SIGTERM (systemctl stop/restart): Daemon.leave refuses new prompts (draining), says Goodbye to every
+member, gives the requests it has taken (as root, or forwarded) up to drain_s to finish, then exits.
 
 With a cluster key (config key_file, clusterkey.py) every connection first passes wire/secure.py's
 handshake (within the hello timeout) and then travels sealed; a peer without the key is dropped without a
@@ -63,7 +68,7 @@ from ..wire.link import (
     receive_one_frame,
     secure_accept,
 )
-from ..wire.messages import Error, Generate, Hello, MeshHello
+from ..wire.messages import Error, Generate, Goodbye, Hello, MeshHello
 from ..wire.reports import Status, StatusReply
 from ..wire.secure import Channel, HandshakeFailed, SecureError
 from ..session.autoplan import NodeFacts
@@ -102,6 +107,7 @@ class DaemonConfig:
     cache_dir: Path | None = None  # compiled kernels and packed weights; None: the engine's default
     cache_mb: int = 4096  # size budget of the slice cache (state dir) and of the packed slices (cache dir)
     key: ClusterKey | None = None  # the cluster key; None: this machine only (loopback, no peers, no mDNS)
+    drain_s: float = 30.0  # SIGTERM: how long the requests it has taken may take to finish before handover
 
     def __post_init__(self) -> None:
         if not election.CLUSTER.fullmatch(self.cluster):
@@ -227,6 +233,16 @@ class Daemon:
     def election(self) -> election.Election:
         return self.membership.election()
 
+    async def leave(self, reason: str) -> None:
+        """A graceful stop (SIGTERM): refuse new prompts (draining, retryable), tell every member this node
+        is leaving (the next root is elected at once), then give the requests taken here (served as root,
+        or forwarded) up to drain_s to finish; what is left ends with 'draining', which whoever sent it
+        resumes elsewhere (prompts.py)."""
+        log.info("%s: leaving the cluster (the requests in flight get up to %.0f s)", reason, self.config.drain_s)
+        self.prompts.draining = True
+        await self.membership.goodbye(reason, self.t.hello)
+        await self.prompts.drain(self.config.drain_s)
+
     def status(self, seq: int) -> StatusReply:
         return status_reply(seq, self.membership, self.worker, self.root_service, self.figures)
 
@@ -267,9 +283,11 @@ class Daemon:
                 await self._status(link, first)
             elif isinstance(first, Generate):
                 await self.prompts.generate(link, first)
+            elif isinstance(first, Goodbye):
+                await self.membership.heard_goodbye(first, peer)
             else:
-                raise UnexpectedMessage(
-                    f"a connection must start with Hello, MeshHello, Status or Generate, not {type(first).__name__}")
+                raise UnexpectedMessage(f"a connection must start with Hello, MeshHello, Status, Generate or "
+                                        f"Goodbye, not {type(first).__name__}")
         except HandshakeFailed as e:  # no answer at all: a peer without the key learns nothing
             host = peer.rpartition(":")[0]  # logged once per host (a scanner does not flood the log)
             log.log(logging.DEBUG if host in self._refused else logging.WARNING, "%s: %s; dropped", peer, e)
@@ -323,14 +341,18 @@ async def _send_quietly(stream: trio.SocketStream, msg: Error, channel: Channel 
 
 def main(config: DaemonConfig) -> int:
     """Run the daemon until interrupted (KeyboardInterrupt comes out as itself, not in a group) or sent
-    SIGTERM (systemctl stop): then it leaves a worker session in progress (telling its root, which
-    re-plans without it: Worker.leave), shuts down cleanly (mDNS goodbye included) and returns 0."""
+    SIGTERM (systemctl stop): then it leaves (Daemon.leave: draining, a Goodbye to every member, the
+    requests taken here finished or handed back within drain_s), leaves a worker session in
+    progress (telling its root, which re-plans without it: Worker.leave), shuts down cleanly (mDNS
+    goodbye included) and returns 0."""
     async def serve_until_sigterm() -> None:
         async with trio.open_nursery() as nursery:
             daemon = Daemon(config)
             await nursery.start(daemon.serve)
             with trio.open_signal_receiver(signal.SIGTERM) as signals:
                 async for _ in signals:
+                    with trio.move_on_after(config.drain_s + 2 * config.timeouts.hello):
+                        await daemon.leave("SIGTERM")
                     log.info("SIGTERM: shutting down")
                     await daemon.worker.leave("SIGTERM")  # a worker's session: its root re-plans without it
                     nursery.cancel_scope.cancel()

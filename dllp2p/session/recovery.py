@@ -113,6 +113,7 @@ class InFlight:
     recoveries: list[Recovery] = field(default_factory=list)  # resumed from, in order
     pending: _Lost | None = None  # lost, not resumed yet
     reported: int = 0  # of the recoveries, those the root service has counted and logged
+    sent: int = 0  # of the tokens, those whose text has gone out (the rest are held by the decoder or stop filter)
 
     def lost(self, cause: str, nodes_before: int) -> None:
         """A node was lost; the request will resume on a new plan (a second loss before resuming adds to
@@ -144,20 +145,25 @@ class InFlight:
         decoder, stops = StreamDecoder(tokenizer), StopFilter(stop)
         for t in already:
             stops.push(decoder.push(t))
-        return cls(list(ids), s, decoder, stops, list(already), last_token_at=time.monotonic())
+        return cls(list(ids), s, decoder, stops, list(already), last_token_at=time.monotonic(), sent=len(already))
 
 
 def produce(engine: Any, request: InFlight, steps: int, stop_ids: Sequence[int], send: trio.MemorySendChannel,
             cached: Sequence[int] = ()) -> None:
-    """(thread) The generation loop for request on engine, from where it stands: each text piece through
-    `send` (blocking while the connection lags), every token appended to request.tokens as it is handed
+    """(thread) The generation loop for request on engine, from where it stands: each text piece and the ids
+    it completes through `send` (blocking while the connection lags), every token appended to request.tokens as it is handed
     on. Ends early at a stop string (stats.stop_reason "stop") or when the receiving side is closed; an
     engine's failure (a lost worker: ClusterError) propagates, request keeping what was streamed."""
     decoder, stops, stats = request.decoder, request.stops, request.stats
+    if stops.stopped:  # resumed after a stop string another root had reached (only its Done was lost)
+        stats.stop_reason = "stop"
+        return
 
     def out(text: str) -> None:
+        """A piece of text, with the ids generated since the last piece (TokenChunk.ids)."""
         if text:
-            trio.from_thread.run(send.send, text)
+            trio.from_thread.run(send.send, (text, tuple(request.tokens[request.sent:])))
+            request.sent = len(request.tokens)
 
     tokens = generate(engine, request.ids, request.sampler, steps, stop_ids, stats, cached=cached,
                       already=tuple(request.tokens))

@@ -49,6 +49,7 @@ from .messages import (
     Done,
     Error,
     Generate,
+    Goodbye,
     Hello,
     Mesh,
     MeshHello,

@@ -4,7 +4,8 @@
                   prompt to the root relays them, `ask` prints them
     ask           the whole exchange for a person's command: first a Status, answered within seconds by
                   any dllp2p daemon (so a port held by something else fails fast and says so), then the
-                  Generate; each piece of text to on_text; -> the Done
+                  Generate; each piece of text to on_text; -> the Done. A daemon lost mid-stream is asked
+                  again (RESUME_S) with the ids received so far (Generate.already): the text continues
     ask_status    one Status -> StatusReply (trio), and its round-trip
 
 Every function takes the cluster key (`key`, None: plain frames, for a daemon without one on this
@@ -21,6 +22,7 @@ failed, or an Error it answered, is DaemonError. All three are ConnectionErrors 
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from typing import Callable, Sequence
 
 import trio
@@ -29,7 +31,7 @@ from ..clusterkey import ClusterKey
 from ..error_codes import ErrorCode
 from .codec import ProtocolError, UnexpectedMessage
 from .link import LinkClosed, LinkTimeout, TrioLink, open_link
-from .messages import ChatTurn, Done, Error, Generate, TokenChunk
+from .messages import ChatTurn, Done, Error, Generate, Goodbye, TokenChunk
 from .reports import Status, StatusReply
 from .secure import HandshakeFailed
 
@@ -86,6 +88,20 @@ async def ask_status_timed(address: str, timeout: float, seq: int = 0,
         detail = reply.message if isinstance(reply, Error) else type(reply).__name__
         raise UnexpectedMessage(f"{address} answered Status with {detail}")
     return reply, rtt
+
+
+async def say_goodbye(address: str, bye: Goodbye, timeout: float, key: ClusterKey | None = None) -> None:
+    """Best effort: bye to the daemon at address, on a connection of its own, within timeout seconds (a
+    member that cannot be told learns it from its polls)."""
+    with trio.move_on_after(timeout):
+        try:
+            link = await open_link(address, timeout, key)
+            try:
+                await link.send(bye)
+            finally:
+                await link.aclose()
+        except (OSError, ProtocolError):  # LinkClosed, LinkTimeout, HandshakeFailed
+            pass
 
 
 def status_blocking(address: str, timeout: float, seq: int = 0,
@@ -156,27 +172,71 @@ async def probe(address: str, connect_timeout: float, answer_timeout: float, key
         raise NotADaemon(f"{address} is not a dllp2p daemon of this version (it answered {detail})")
 
 
+RESUME_S = 30.0  # how long `ask` keeps resuming a stream whose daemon went away (a restart takes seconds)
+
+
 async def ask(address: str, g: Generate, on_text: Callable[[str], None], *, connect_timeout: float = 1.0,
-              probe_timeout: float = 5.0, answer_timeout: float = 900.0, key: ClusterKey | None = None) -> Done:
+              probe_timeout: float = 5.0, answer_timeout: float = 900.0, key: ClusterKey | None = None,
+              resume_s: float = RESUME_S) -> Done:
     """Send g to the daemon at address, handing each piece of text to on_text. -> its Done.
+
+    A daemon lost mid-stream (the root this client talks to directly: killed, or stopping and answering
+    draining) is asked again for up to resume_s seconds (a restart, `systemctl restart`), with the ids
+    of the text received so far as Generate.already: the text goes on where it stopped, without any of
+    it generated twice (the prefix is prefilled in one batch).
 
     Raises NoDaemon, NotADaemon (before the prompt is sent), DaemonError (once the daemon has it)."""
     await probe(address, connect_timeout, probe_timeout, key)
+    already: list[int] = list(g.already)
+    deadline = None
+    while True:
+        try:
+            return await _ask_once(address, g, on_text, already, connect_timeout, answer_timeout, key,
+                                   retrying=deadline is not None)
+        except _Lost as e:
+            deadline = deadline if deadline is not None else trio.current_time() + resume_s
+            if e.ids_missing or trio.current_time() >= deadline:
+                raise DaemonError(str(e), e.code) from None
+            g = replace(g, already=tuple(already))
+            await trio.sleep(min(0.5, max(0.0, deadline - trio.current_time())))
+
+
+class _Lost(DaemonError):
+    """The daemon went away (or is stopping) in the middle of the answer: it can be asked again."""
+
+    def __init__(self, message: str, code: ErrorCode | None = None, ids_missing: bool = False):
+        super().__init__(message, code)
+        self.ids_missing = ids_missing  # a daemon that sent text without ids: the stream cannot be resumed
+
+
+async def _ask_once(address: str, g: Generate, on_text: Callable[[str], None], already: list[int],
+                    connect_timeout: float, answer_timeout: float, key: ClusterKey | None, retrying: bool) -> Done:
+    """One Generate; each chunk's ids appended to `already`. Raises _Lost, NoDaemon, DaemonError."""
     try:
         call = await GenerateCall.open(address, g, connect_timeout, key)
     except (LinkClosed, LinkTimeout, HandshakeFailed) as e:
+        if retrying:  # the daemon may be restarting
+            raise _Lost(f"no dllp2p daemon answers at {address} ({e})", ErrorCode.UNREACHABLE) from None
         raise NoDaemon(f"no dllp2p daemon answers at {address} ({e})") from None
+    resumable = True
     try:
         while True:
             msg = await call.receive(answer_timeout)
             if isinstance(msg, TokenChunk):
                 on_text(msg.text)
+                already.extend(msg.ids)
+                resumable = resumable and (bool(msg.ids) or not msg.text)
             elif isinstance(msg, Done):
                 return msg
             else:
                 hint = msg.kind.hint  # ErrorCode: what the person can do about it
-                raise DaemonError(f"daemon {address}: {msg.message}" + (f" ({hint})" if hint else ""), msg.kind)
-    except (LinkClosed, LinkTimeout, ProtocolError) as e:
+                text = f"daemon {address}: {msg.message}" + (f" ({hint})" if hint else "")
+                if msg.kind is ErrorCode.DRAINING:
+                    raise _Lost(text, msg.kind, not resumable)
+                raise DaemonError(text, msg.kind)
+    except (LinkClosed, LinkTimeout) as e:
+        raise _Lost(f"daemon {address}: {e}", None, not resumable) from None
+    except ProtocolError as e:
         raise DaemonError(f"daemon {address}: {e}") from None
     finally:
         with trio.CancelScope(shield=True):

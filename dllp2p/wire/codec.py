@@ -39,6 +39,7 @@ from .messages import (
     Done,
     Error,
     Generate,
+    Goodbye,
     Hello,
     Mesh,
     MeshHello,
@@ -141,10 +142,11 @@ class MsgType(IntEnum):
     GENERATE = 17
     TOKEN_CHUNK = 18
     DONE = 19
+    GOODBYE = 20
 
 
 Message = Union[Hello, WeightChunk, WeightsReady, Step, Stop, Error,
-                Session, Need, Mesh, MeshHello, Ready, Status, StatusReply, Generate, TokenChunk, Done]
+                Session, Need, Mesh, MeshHello, Ready, Status, StatusReply, Generate, TokenChunk, Done, Goodbye]
 
 MESSAGE_TYPES: dict[MsgType, type] = {
     MsgType.HELLO: Hello,
@@ -163,6 +165,7 @@ MESSAGE_TYPES: dict[MsgType, type] = {
     MsgType.GENERATE: Generate,
     MsgType.TOKEN_CHUNK: TokenChunk,
     MsgType.DONE: Done,
+    MsgType.GOODBYE: Goodbye,
 }
 TYPE_OF: dict[type, MsgType] = {cls: t for t, cls in MESSAGE_TYPES.items()}
 

@@ -8,7 +8,9 @@ worker's slice list) -> Need (the sha256s its cache lacks) -> exactly those as W
 WeightsReady; Mesh -> node-to-node connections, each opened by a MeshHello both ways -> Ready; then
 Step after Step; Stop. Error.code names a problem (an error_codes.ErrorCode). Status -> StatusReply,
 again and again on one connection (`dllp2p status`, the daemons' polls). A prompt (client.py):
-Generate -> TokenChunk ... -> Done or Error, one per connection, forwarded to the root with hops + 1.
+Generate -> TokenChunk ... -> Done or Error, one per connection, forwarded to the root with hops + 1
+(and again, with Generate.already = the TokenChunks' ids, to the next root if that one is lost). Goodbye:
+a daemon stopping, to every member, one per connection, no answer.
 Activations and logits travel natively on the mesh sockets (jit/tp_program.py), not as messages.
 """
 
@@ -298,10 +300,14 @@ class Generate:
     hops: int = 0  # daemons this request has passed through; a forward past MAX_HOPS is refused
     messages: tuple[ChatTurn, ...] = dataclasses.field(default=(), metadata=WIRE_OPTIONAL)
     stop: tuple[str, ...] = dataclasses.field(default=(), metadata=WIRE_OPTIONAL)  # end before any of these texts
+    # a resumption (handover): ids generated and streamed already (the TokenChunks' ids, in order) by a root
+    # that was lost or left; the next root prefills prompt + these, advances the sampler past them and
+    # streams only the text that follows. `steps` counts them.
+    already: tuple[int, ...] = dataclasses.field(default=(), metadata=WIRE_OPTIONAL)
 
     def __post_init__(self) -> None:
         _need(self.steps >= 1 and self.ctx >= 2, f"steps {self.steps} < 1 or ctx {self.ctx} < 2")
-        _need(all(0 <= t <= MAX_TOKEN_ID for t in self.tokens), f"a token id outside 0..{MAX_TOKEN_ID}")
+        _need(all(0 <= t <= MAX_TOKEN_ID for t in self.tokens + self.already), f"a token id outside 0..{MAX_TOKEN_ID}")
         _need(bool(self.prompt) or bool(self.tokens) or bool(self.messages), "an empty prompt")
         _need(0 <= self.hops <= MAX_HOPS, f"hops {self.hops} not in 0..{MAX_HOPS}")
         _need(len(self.stop) <= MAX_STOPS and all(0 < len(s) <= 256 for s in self.stop),
@@ -313,10 +319,29 @@ MAX_STOPS = 8
 
 
 @dataclass(frozen=True)
+class Goodbye:
+    """A daemon leaving the cluster (SIGTERM, `systemctl stop`), sent to every member on a connection of its
+    own: they drop it from their membership at once (this incarnation: started_at), so the next root is
+    elected without waiting for polls or mDNS to miss it. Answered with nothing."""
+
+    node_id: str
+    started_at: float
+    reason: str
+
+    def __post_init__(self) -> None:
+        _need(bool(self.node_id), "node_id is empty")
+        _need(math.isfinite(self.started_at) and self.started_at >= 0, f"start time {self.started_at!r} out of range")
+
+
+@dataclass(frozen=True)
 class TokenChunk:
-    """Root -> asker: the next piece of generated text (whole UTF-8 characters)."""
+    """Root -> asker: the next piece of generated text (whole UTF-8 characters). `ids`: the token ids
+    generated since the previous chunk, whose text this piece completes: the text of all chunks so far is
+    exactly what the root's decoder and stop filter give out for all their ids, so a daemon relaying them
+    can resubmit the request with those ids as Generate.already when the root is lost."""
 
     text: str
+    ids: tuple[int, ...] = dataclasses.field(default=(), metadata=WIRE_OPTIONAL)
 
 
 @dataclass(frozen=True)
