@@ -20,6 +20,7 @@ from typing import Any, Sequence
 from ..costmodel import DeviceFigures, LinkFigures, ModelShape
 from ..planner import RUNNABLE, Choice, plan_for
 from ..scheduler import allowed_nodes
+from ..wire.reports import PlanEstimate
 
 DEFAULT_GBPS = 5.0  # a node that measured nothing (one x86 core's matvec; daemon/figures.py measures)
 DEFAULT_MBPS = 117.0  # Gigabit Ethernet's TCP payload
@@ -85,3 +86,11 @@ def choose_for(shape: ModelShape, config: Any, nodes: Sequence[NodeFacts], excha
     devices, links = figures(order)
     allowed = {k for k in range(1, len(order) + 1) if allowed_nodes(config, k)}
     return plan_for(shape, devices, links, RUNNABLE, (exchange,), ordered=True, allowed=allowed), order
+
+
+def estimates(c: Choice, measured_ms: float) -> tuple[PlanEstimate, ...]:
+    """The ranked candidates of a choice as Status reports them, fastest first; the chosen one carries the
+    measured ms per decoded token of the latest request (0: none yet)."""
+    return tuple(PlanEstimate(p.candidate.label, p.candidate.n_nodes, p.total_ms, p.compute_ms, p.latency_ms,
+                              p.transfer_ms, p.stream_ms, measured_ms if p is c.chosen else 0.0, p is c.chosen,
+                              p.candidate.kind in RUNNABLE) for p in c.ranked)

@@ -56,7 +56,6 @@ from ..config import Timeouts
 from ..error_codes import CodedError, ErrorCode, code_of
 from ..errors import user_facing_errors
 from ..formats import load_model
-from ..planner import RUNNABLE
 from ..prompt import chat_tokens, prompt_tokens
 from ..sampler import SamplerConfig
 from ..pipeline import AnyPlan, build_plan
@@ -68,7 +67,7 @@ from ..wire.link import LinkClosed, LinkTimeout, TrioLink, first_error
 from ..wire.messages import MAX_HOPS, Done, Error, Generate, TokenChunk
 from ..wire.secure import HandshakeFailed
 from ..wire.reports import PlanEstimate
-from .autoplan import PUSH_MIN, NodeFacts, choose_for, model_shape
+from .autoplan import PUSH_MIN, NodeFacts, choose_for, estimates, model_shape
 from .checks import MAX_CTX, MEMORY_SHARE, mem_available
 from .progress import Latest, LogEvents
 from .recovery import MAX_RECOVERIES, InFlight, Recovery, produce
@@ -149,15 +148,7 @@ class RootService:
         if c is None and self.policy == "auto" and self.shape is not None:
             me = self.figures or NodeFacts(self.node_id, float(self.threads))
             c = choose_for(self.shape[0], self.shape[1], [me, *members], self.exchange)[0]
-        if c is None:
-            return ()
-        out = []
-        for p in c.ranked:
-            chosen = p is c.chosen
-            out.append(PlanEstimate(p.candidate.label, p.candidate.n_nodes, p.total_ms, p.compute_ms, p.latency_ms,
-                                    p.transfer_ms, p.stream_ms, self.last_measured_ms if chosen else 0.0, chosen,
-                                    p.candidate.kind in RUNNABLE))
-        return tuple(out)
+        return () if c is None else estimates(c, self.last_measured_ms)
 
     def learn_shape(self) -> None:
         """(thread) The model's shape for previews (the file's header and tensor table; ~0.1 s for SmolLM2)."""
