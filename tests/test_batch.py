@@ -82,18 +82,21 @@ def _script(vocab: int) -> list[list[BatchRow]]:
     ]
 
 
-@pytest.mark.parametrize("threads", [1, 2])
-def test_jit_batch_is_solo(small_model, jit_cache, threads):
-    """Every row's logits bit-identical to its sequence run alone by the single-sequence engine."""
+@pytest.mark.parametrize("family,threads", [("llama", 1), ("llama", 2), ("gemma3", 2)])
+def test_jit_batch_is_solo(small_model, jit_cache, tmp_path, family, threads):
+    """Every row's logits bit-identical to its sequence run alone by the single-sequence engine (gemma3:
+    sliding windows of 16 positions on 2 of 3 layers, a second RoPE table, one KV head)."""
     from dllp2p.jit.engine import JITEngine
+    from family_models import FAMILIES, random_model
 
-    make = lambda **kw: JITEngine(small_model, 160, threads=threads, cache_dir=jit_cache, max_chunk=8, **kw)  # noqa: E731
+    model = small_model if family == "llama" else random_model(tmp_path, family, FAMILIES[family])
+    make = lambda **kw: JITEngine(model, 160, threads=threads, cache_dir=jit_cache, max_chunk=8, **kw)  # noqa: E731
     solo, fast = SoloBatch(make, 4), make(max_seqs=4)
     try:
         assert fast.kv_bytes_per_position == solo.kv_bytes_per_position
-        for step, rows in enumerate(_script(small_model.config.vocab_size)):
+        for step, rows in enumerate(_script(model.config.vocab_size)):
             want, got = solo.forward_batch(rows), fast.forward_batch(rows)
-            assert got.shape == (len(rows), small_model.config.vocab_size)
+            assert got.shape == (len(rows), model.config.vocab_size)
             assert np.array_equal(got, want), f"step {step}"
         solo.copy_prefix(3, 1, 100)
         fast.copy_prefix(3, 1, 100)
