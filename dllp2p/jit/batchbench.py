@@ -12,7 +12,7 @@ aggregate tok/s over the single stream's, the median over rounds of ratios taken
 rewinds every slot to the end of its prompt (start_pos), so no round grows the KV caches.
 
 --rss-positions P (e.g. 2048): afterwards fill max(concurrency) slots with P positions each (prompt chunks,
-untimed) and report the process's RSS before and after, and the KV bytes the engine says it holds
+untimed) and report the process's RSS once the engine is built, before and after, and the KV bytes it holds
 (kv_bytes_per_position x positions): the memory of that many sequences of that length.
 
 `decode_throughput(engine, concurrencies, ...)` is the function `dllp2p bench --concurrency` calls with
@@ -110,12 +110,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     ns = p.parse_args(argv)
     model = load_model(ns.model or default_model_path())
     engine = JITEngine(model, ns.ctx, threads=ns.threads, max_seqs=max(ns.concurrency))
+    built_mb = _rss_mb()
     try:
         result: dict[str, Any] = {"threads": ns.threads, "model": str(ns.model or default_model_path().name),
                                   "decode": decode_throughput(engine, ns.concurrency, ns.tokens, ns.prompt_tokens,
                                                               ns.rounds)}
         if ns.rss_positions:
-            result["memory"] = fill_memory(engine, max(ns.concurrency), min(ns.rss_positions, engine.ctx))
+            result["memory"] = {"rss_engine_built_mb": built_mb,
+                                **fill_memory(engine, max(ns.concurrency), min(ns.rss_positions, engine.ctx))}
     finally:
         engine.close()
     if ns.json:
@@ -127,7 +129,8 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{r['per_stream_tok_s']:6.1f} tok/s per stream, {r['ms_per_step']:.1f} ms/step")
     if "memory" in result:
         m = result["memory"]
-        print(f"  RSS {m['rss_before_mb']:.0f} MB -> {m['rss_after_mb']:.0f} MB with {m['sequences']} sequences x "
+        print(f"  RSS {m['rss_engine_built_mb']:.0f} MB with the engine built, {m['rss_before_mb']:.0f} MB after "
+              f"decoding, {m['rss_after_mb']:.0f} MB with {m['sequences']} sequences x "
               f"{m['positions']} positions (KV {m['kv_mb']:.0f} MB)")
     return 0
 
