@@ -227,29 +227,39 @@ class JITEngine:
     def _run(self, rows: Sequence[BatchRow]) -> np.ndarray:
         """Rows (checked) packed in order into steps of up to max_chunk tokens; a row's logits are read
         after the step holding its last token."""
-        table, mc, b = self._table, self.spec.max_chunk, self._bufs
-        out = np.empty((len(rows), self.config.vocab_size), np.float32)
+        table, mc, b, ctx = self._table, self.spec.max_chunk, self._bufs, self.ctx
+        out = None
         steps = _pack(rows, mc)
         for k, pieces in enumerate(steps):
-            n, wanted = 0, []
+            toks: list[int] = []
+            pos: list[int] = []
+            kv: list[int] = []
+            ends: list[int] = []
+            wanted: list[int] = []
             for r, seq, lo, hi in pieces:
                 row = rows[r]
-                m = hi - lo
-                b["tokens"][n : n + m] = row.tokens[lo:hi]
-                b["row_pos"][n : n + m] = np.arange(row.start_pos + lo, row.start_pos + hi)
-                b["row_kv"][n : n + m] = seq * self.ctx
-                n += m
+                toks.extend(row.tokens[lo:hi])
+                pos.extend(range(row.start_pos + lo, row.start_pos + hi))
+                kv.extend([seq * ctx] * (hi - lo))
                 if hi == len(row.tokens):
-                    b["out_rows"][len(wanted)] = n - 1
+                    ends.append(len(toks) - 1)
                     wanted.append(r)
+            n = len(toks)
+            b["tokens"][:n], b["row_pos"][:n], b["row_kv"][:n] = toks, pos, kv
+            b["out_rows"][: len(ends)] = ends
             table[self._n_slot] = n
             table[self._n_out_slot] = len(wanted)
             self._before_step(last=k == len(steps) - 1)
             self._step(self._table_addr)
             self._after_step()
             logits = self._result(len(wanted))
-            for j, r in enumerate(wanted):
-                out[r] = logits[j] if logits is not None else 0.0
+            if len(steps) == 1 and logits is not None and len(wanted) == len(rows) == wanted[-1] + 1:
+                out = logits.copy()  # one step, rows in order (every decode step): no gather
+            elif wanted:
+                if out is None:
+                    out = np.zeros((len(rows), self.config.vocab_size), np.float32)
+                if logits is not None:
+                    out[wanted] = logits
         for row in rows:
             self._lengths[row.seq] = row.start_pos + len(row.tokens)
         return out
