@@ -157,6 +157,9 @@ def test_cluster_batch_through_a_worker_daemon(small_model, jit_cache, tmp_path)
             best = np.argsort(-w, kind="stable")[:2]
             assert np.array_equal(g[best], w[best]) and set(np.argsort(-g, kind="stable")[:2]) == set(best)
         assert np.array_equal(cluster.forward([5], 8), single.forward_batch([BatchRow(0, (5,), 8)])[0])
+        from dllp2p.jit.batchbench import decode_throughput  # what `bench --concurrency` runs over a cluster
+
+        assert set(decode_throughput(cluster, [1, 4], tokens=2, prompt_len=4, rounds=1, top=1)) == {1, 4}
     finally:
         if cluster is not None:
             cluster.close()

@@ -42,31 +42,33 @@ def _prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[tuple[int, 
     return [tuple(int(t) for t in rng.integers(0, vocab, length)) for _ in range(n)]
 
 
-def _decode(engine: BatchEngine, n: int, prompt_len: int, first: Sequence[int], tokens: int) -> float:
+def _decode(engine: BatchEngine, n: int, prompt_len: int, first: Sequence[int], tokens: int, top: int) -> float:
     """Seconds for `tokens` greedy steps of slots 0..n-1, each resuming at prompt_len with its token in first."""
     toks = list(first[:n])
+    extra = (top,) if top else ()  # a cluster's forward_batch(rows, top): the workers send their best only
     t0 = time.perf_counter()
     for i in range(tokens):
-        logits = engine.forward_batch([BatchRow(s, (toks[s],), prompt_len + i) for s in range(n)])
+        logits = engine.forward_batch([BatchRow(s, (toks[s],), prompt_len + i) for s in range(n)], *extra)
         toks = [int(row.argmax()) for row in logits]
     return time.perf_counter() - t0
 
 
 def decode_throughput(engine: BatchEngine, concurrencies: Sequence[int], tokens: int = 32, prompt_len: int = 32,
-                      rounds: int = 3) -> dict[int, dict[str, float]]:
+                      rounds: int = 3, top: int = 0) -> dict[int, dict[str, float]]:
     """Per concurrency N: aggregate_tok_s, per_stream_tok_s, ms_per_step (medians over rounds) and vs_first
-    (aggregate over concurrencies[0]'s, the median of same-round ratios). engine.max_seqs >= max(N)."""
-    top = max(concurrencies)
-    if top > engine.max_seqs or prompt_len + tokens > engine.ctx:
-        raise ValueError(f"needs {top} slots of {prompt_len + tokens} positions")
-    prompts = _prompts(top, prompt_len, engine.config.vocab_size)
+    (aggregate over concurrencies[0]'s, the median of same-round ratios). engine.max_seqs >= max(N). top > 0:
+    passed to a ClusterEngine's forward_batch (greedy needs 1)."""
+    most = max(concurrencies)
+    if most > engine.max_seqs or prompt_len + tokens > engine.ctx:
+        raise ValueError(f"needs {most} slots of {prompt_len + tokens} positions")
+    prompts = _prompts(most, prompt_len, engine.config.vocab_size)
     logits = engine.forward_batch([BatchRow(s, p, 0) for s, p in enumerate(prompts)])
     first = [int(row.argmax()) for row in logits]
-    _decode(engine, top, prompt_len, first, 2)  # warm-up
+    _decode(engine, most, prompt_len, first, 2, top)  # warm-up
     secs: dict[int, list[float]] = {n: [] for n in concurrencies}
     for _ in range(rounds):
         for n in concurrencies:
-            secs[n].append(_decode(engine, n, prompt_len, first, tokens))
+            secs[n].append(_decode(engine, n, prompt_len, first, tokens, top))
     base = concurrencies[0]
     out = {}
     for n in concurrencies:
