@@ -124,5 +124,7 @@ class StageNode(TPNode):
         except PeerLost as e:
             raise PeerLost(self.link_nodes[e.node], str(e).split(": ", 1)[-1]) from None
 
-    def _result(self):
-        return super()._result() if self._logits else None
+    @property
+    def gets_logits(self) -> bool:
+        """The last stage's leader (the root) only: `index` is this node's place in its stage."""
+        return self._logits and self.index == 0

@@ -312,14 +312,19 @@ class TPNode(JITEngine):
         vocabulary rows are exact, the rest -inf but those, so greedy and top-k (k <= K) sampling read the
         same candidates, values and order as from all logits. Prompt chunks before the last send none."""
         result = self._measured(lambda: JITEngine.forward(self, tokens, start_pos), len(tokens), 1, top)
-        return result if self.index == 0 else None
+        return result if self.gets_logits else None
 
     def forward_batch(self, rows: Sequence[BatchRow], top: int = 0) -> np.ndarray | None:
         """The BatchEngine protocol on every node with the same rows: node 0 gets f32[len(rows), vocab] (with
         top = K: each row's as forward's), the others None."""
         result = self._measured(lambda: JITEngine.forward_batch(self, rows), sum(len(r.tokens) for r in rows),
                                 len(rows), top)
-        return result if self.index == 0 else None
+        return result if self.gets_logits else None
+
+    @property
+    def gets_logits(self) -> bool:
+        """Whether forward returns logits here: node 0 of the plan (the root)."""
+        return self.index == 0
 
     def _measured(self, run, n: int, n_out: int, top: int) -> np.ndarray:
         if not 0 <= top <= MAX_TOP:
@@ -353,7 +358,7 @@ class TPNode(JITEngine):
 
     def _result(self, n_out: int) -> np.ndarray | None:
         """f32[n_out, vocab] on node 0 (the step's wanted rows' logits), None on the others."""
-        if self.index != 0:
+        if not self.gets_logits:
             return None
         full = self._bufs["logits_full"].view(np.float32).reshape(-1, self.config.vocab_size)[:n_out]
         if not self._top:
