@@ -97,6 +97,7 @@ class DaemonConfig:
     cache_dir: Path | None = None  # compiled kernels and packed weights; None: the engine's default
     cache_mb: int = 4096  # size budget of the slice cache (state dir) and of the packed slices (cache dir)
     key: ClusterKey | None = None  # the cluster key; None: this machine only (loopback, no peers, no mDNS)
+    threads_why: str = ""  # how `threads` was chosen (jit/cpus.py), logged at start-up
 
     def __post_init__(self) -> None:
         if not election.CLUSTER.fullmatch(self.cluster):
@@ -168,6 +169,8 @@ class Daemon:
             model = c.model.name if c.model else "none (start it with --model PATH to serve prompts as root)"
             log.info("node %s listening on %s (cluster %s, %d threads, state in %s); model %s", self.node_id,
                      self.address, self.membership.cluster, c.threads, c.state_dir, model)
+            if c.threads_why:
+                log.info("compute threads: %s", c.threads_why)
             if self.key is None:
                 dropped = sorted(set(self.config.peers) - set(c.peers))
                 log.warning("no cluster key: serving this machine only (loopback, no mDNS, no LAN peers%s). To make "
