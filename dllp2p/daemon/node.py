@@ -46,6 +46,7 @@ from ..clusterkey import ClusterKey
 from ..config import DEFAULT_CLUSTER, DEFAULT_PORT, Timeouts
 from ..discovery import StaticOptions
 from ..models import DEFAULT_FILE
+from ..session.rates import RateMeter
 from ..session.service import RootService
 from ..session.slices import SliceCache, node_id
 from ..session.worker import Worker
@@ -129,11 +130,13 @@ class Daemon:
         self._capped: set[str] = set()  # hosts whose connections over the cap were logged
         cluster = config.cluster if config.key is None else config.key.bind(config.cluster)
         self.membership = Membership(self.node_id, cluster, self.started_at, config.static, config.key, self._new_id)
+        meter = RateMeter()  # this node's compute rate, from its steps as worker and as root
         self.worker = Worker(self.node_id, config.threads, float(config.capacity or config.threads), self.t,
                              SliceCache(config.state_dir / "slices", config.cache_mb << 20), self._tp, slot, config.cache_dir,
-                             config.key, known=self._member_addresses)
+                             config.key, known=self._member_addresses, meter=meter)
         self.root_service = RootService(config.model, self.node_id, config.threads, config.policy, self.t, self._tp,
-                                        exchange=config.exchange, cache_dir=config.cache_dir, key=config.key)
+                                        exchange=config.exchange, cache_dir=config.cache_dir, key=config.key,
+                                        meter=meter, rates=lambda: dict(self.membership.rates))
         self.prompts = PromptSlot(self.node_id, self.membership, self.root_service, slot, self.t, config.key)
 
     def _new_id(self) -> str:

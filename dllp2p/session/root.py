@@ -39,7 +39,7 @@ from ..config import Timeouts
 from ..engine import MAX_TOP, ContextFull
 from ..error_codes import ErrorCode
 from ..formats import ModelConfig
-from ..scheduler import Plan, plan
+from ..scheduler import Plan, plan, with_rates
 from ..wire.chunks import weight_chunks
 from ..wire.codec import ProtocolError, encode
 from ..wire.link import (
@@ -159,8 +159,9 @@ class ClusterEngine:
     """Engine protocol (dllp2p/engine.py) over a root TPNode and its workers. Build with connect()."""
 
     def __init__(self, config: ModelConfig, ctx: int, plan_: Plan, node: Any, peers: list[socket.socket | None],
-                 workers: list[Worker], tp: Any, stats: ClusterStats):
+                 workers: list[Worker], tp: Any, stats: ClusterStats, rates: dict[str, float] | None = None):
         self.config = config
+        self.rates = rates or {}  # node id -> the weight the plan was made with (its rate, or its capacity)
         self.ctx = ctx
         self.plan = plan_
         self.stats = stats
@@ -264,15 +265,17 @@ class ClusterEngine:
 
 async def start(model: Any, options: ClusterOptions, ctx: int, threads: int, tp: Any, events: Sink = ignore, *,
                 node_id: str | None = None, epoch: int = ROOT_EPOCH,
-                slices: Callable[[Any, Plan, int], dict[str, Any]] | None = None) -> ClusterEngine:
+                slices: Callable[[Any, Plan, int], dict[str, Any]] | None = None, rate: float = 0.0) -> ClusterEngine:
     """The set-up on the caller's trio loop (ClusterEngine.connect runs it in a trio.run of its own; a
     root daemon on its loop, with its own node id and the request's number as the plan's epoch). `events`
-    gets the set-up's progress (progress.py); `slices`: tp.node_tensors, or a slices.PlanSlices over it."""
+    gets the set-up's progress (progress.py); `slices`: tp.node_tensors, or a slices.PlanSlices over it.
+    `rate`: the root's measured compute rate (session/rates.py): with every worker's (their Hellos), the
+    plan's shares are weighed by speed (scheduler.with_rates); the engine keeps the weights (`rates`)."""
     t0 = time.perf_counter()
     t = options.timeouts
     config: ModelConfig = model.config
     ctx = min(ctx, config.context_length)
-    root = Hello(PROTOCOL_VERSION, node_id or f"root-{secrets.token_hex(4)}", "root", threads, float(threads))
+    root = Hello(PROTOCOL_VERSION, node_id or f"root-{secrets.token_hex(4)}", "root", threads, float(threads), rate=rate)
     workers: list[Worker] = []
     peers: list[socket.socket | None] = []
     node = None
@@ -281,8 +284,9 @@ async def start(model: Any, options: ClusterOptions, ctx: int, threads: int, tp:
         slices = slices or tp.node_tensors
         workers = [w for w in await _gather([partial(hello, a, root, t, options.key) for a in options.workers])
                    if w is not None]
-        the_plan = plan(config, [root.peer("")] + [w.hello.peer(w.address) for w in workers], epoch,
-                        options.policy, exchange=options.exchange, block=tp.split_block(model))
+        members = with_rates([root.peer("")] + [w.hello.peer(w.address) for w in workers],
+                             [root.rate] + [w.hello.rate for w in workers])
+        the_plan = plan(config, members, epoch, options.policy, exchange=options.exchange, block=tp.split_block(model))
         for w in workers:
             w.index = next((n.index for n in the_plan.nodes if n.node_id == w.hello.node_id), -1)
         for w in [w for w in workers if w.index < 0]:
@@ -334,7 +338,8 @@ async def start(model: Any, options: ClusterOptions, ctx: int, threads: int, tp:
         raise
     stats = ClusterStats(the_plan.n_nodes, the_plan.policy, the_plan.exchange, sum(w.received_bytes for w in workers),
                          sum(w.cached for w in workers), time.perf_counter() - t0)
-    return ClusterEngine(config, ctx, the_plan, node, peers, workers, tp, stats)
+    weights = {p.node_id: p.capacity for p in members if p.node_id in {n.node_id for n in the_plan.nodes}}
+    return ClusterEngine(config, ctx, the_plan, node, peers, workers, tp, stats, weights)
 
 
 async def _gather(fns: Sequence[Callable[[], Awaitable[Any]]]) -> list[Any]:

@@ -33,7 +33,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -48,7 +48,7 @@ from ..formats import load_model
 from ..generate import GenerationStats, StopFilter, generate
 from ..prompt import chat_tokens, prompt_tokens
 from ..sampler import Sampler, SamplerConfig
-from ..scheduler import Peer, Plan, plan
+from ..scheduler import Peer, Plan, node_share, plan, rates_moved
 from ..tokenizer import StreamDecoder, Tokenizer
 from ..wire.client import GenerateCall
 from ..wire.codec import ProtocolError
@@ -57,6 +57,7 @@ from ..wire.messages import MAX_HOPS, Done, Error, Generate, TokenChunk
 from ..wire.secure import HandshakeFailed
 from .checks import MAX_CTX, MEMORY_SHARE, mem_available
 from .progress import Latest, LogEvents
+from .rates import RateMeter
 from .root import ClusterError, ClusterOptions, start
 from .slices import PlanSlices
 
@@ -85,6 +86,7 @@ class _Warm:
     plan: Plan
     until: float  # trio.current_time() after which keep_warm closes it
     kv: tuple[int, ...] = ()  # the token ids at the positions its KV cache holds (the last request's)
+    rates: dict = field(default_factory=dict)  # node id -> the weight its plan was made with (rate or capacity)
 
 
 @dataclass
@@ -98,8 +100,11 @@ class RootService:
 
     def __init__(self, model_path: Path | None, node_id: str, threads: int, policy: str, timeouts: Timeouts,
                  tp: Callable[[], Any], exchange: str = "exact", cache_dir: Path | None = None,
-                 key: ClusterKey | None = None):
+                 key: ClusterKey | None = None, meter: RateMeter | None = None,
+                 rates: Callable[[], dict[str, float]] = dict):
         self.model_path = model_path
+        self.meter = meter or RateMeter()  # this node's compute rate (session/rates.py)
+        self.rates = rates  # node id -> the members' rates as their latest Status polls said
         self.key = key  # the cluster key its connections to the workers are made with
         self.node_id = node_id
         self.threads = threads
@@ -193,7 +198,9 @@ class RootService:
         lines = tuple(engine.stats_summary()) if hasattr(engine, "stats_summary") else ()
         if stats.reused_tokens:
             lines += (f"{stats.reused_tokens} of the {len(ids)} prompt tokens were in the kept session's KV cache",)
-        self._warm = _Warm(key, engine, the_plan, trio.current_time() + WARM_S, stats.kv_tokens)
+        self._measure(engine, the_plan, loaded.model.config.n_layers, stats)
+        self._warm = _Warm(key, engine, the_plan, trio.current_time() + WARM_S, stats.kv_tokens,
+                           dict(getattr(engine, "rates", {})))
         await link.send(Done(stats.prompt_tokens, stats.generated_tokens, stats.prefill_tok_s, stats.decode_tok_s,
                              the_plan.n_nodes, self.node_id, lines, stats.stop_reason))
 
@@ -211,10 +218,32 @@ class RootService:
         except BaseExceptionGroup as group:
             raise first_error(group) from None
 
+    def _measure(self, engine: Any, the_plan: Plan, n_layers: int, stats: GenerationStats) -> None:
+        """This node's compute rate from the request's decode steps: its compute ms (a cluster's root: not
+        the exchanges' waits) for its share of the plan; alone, the decode speed itself."""
+        steps = getattr(getattr(engine, "stats", None), "steps", None)
+        if steps is None:
+            self.meter.add_rate(stats.decode_tok_s if stats.generated_tokens > 1 else 0.0)
+            return
+        share = node_share(the_plan, 0, n_layers)
+        for step in steps:
+            self.meter.add_step(share, step.step_ms - step.sync_ms, step.tokens)
+
+    def current_rates(self) -> dict[str, float]:
+        """node id -> the latest measured rate: the members' from their Status polls, this node's own."""
+        return {**self.rates(), self.node_id: self.meter.rate}
+
     def _take_warm(self, key: tuple) -> _Warm | None:
-        """The kept engine if it matches key and has not expired (it is no longer kept: the request owns it)."""
+        """The kept engine if it matches key and has not expired (it is no longer kept: the request owns it),
+        and (the weighted policy) the nodes' shares of the measured rates have not moved beyond
+        scheduler.RATE_TOLERANCE from the weights of its plan (then: re-plan)."""
         w = self._warm
         if w is None or w.key != key or trio.current_time() >= w.until:
+            return None
+        now = self.current_rates()
+        if self.policy == "weighted" and rates_moved(w.rates, now):
+            log.info("the nodes' compute rates moved (plan weights %s, rates now %s): planning again",
+                     _rates(w.rates), _rates({k: now[k] for k in w.rates}))
             return None
         self._warm = None
         if hasattr(w.engine, "fresh_request"):
@@ -270,7 +299,7 @@ class RootService:
                 self._slices = PlanSlices(tp.node_tensors)
             self.progress.clear()
             engine = await start(model, options, ctx, self.threads, tp, self.progress, node_id=self.node_id,
-                                 epoch=epoch, slices=self._slices)
+                                 epoch=epoch, slices=self._slices, rate=self.meter.rate)
             return engine, engine.plan
         from ..jit.engine import JITEngine  # llvmlite: loaded by the first prompt served alone
 
@@ -338,6 +367,10 @@ async def forward(link: TrioLink, g: Generate, root: str, node_id: str, timeouts
                 return
     finally:
         await up.aclose()
+
+
+def _rates(rates: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:.1f}" for k, v in sorted(rates.items()))
 
 
 MAX_TOKEN_BYTES = 256  # no token of any vocabulary spans more bytes: a text over ctx x this cannot fit

@@ -42,7 +42,7 @@ from ..config import Timeouts
 from ..diskcache import disk_full
 from ..error_codes import ErrorCode
 from ..formats import QType
-from ..scheduler import Plan, PlanError, check_plan_fits
+from ..scheduler import Plan, PlanError, check_plan_fits, node_share
 from ..wire.chunks import AssembledSlice, SliceAssembler
 from ..wire.codec import ChunkError, ProtocolError, UnexpectedMessage, error_code
 from ..wire.link import (
@@ -73,6 +73,7 @@ from ..wire.messages import (
     WeightsReady,
 )
 from ..wire.reports import PushStatus, StepStatus
+from .rates import RateMeter
 from .checks import allowed_hosts, check_addresses, check_config, check_shapes, dialed_hosts, mem_available
 from .slices import SliceCache, check_slices, storage_array
 
@@ -109,8 +110,10 @@ class Worker:
 
     def __init__(self, node_id: str, threads: int, capacity: float, timeouts: Timeouts, cache: SliceCache,
                  tp: Callable[[], Any], slot: trio.Lock, cache_dir: Any = None, key: ClusterKey | None = None,
-                 known: Callable[[], set[str]] = set, memory: Callable[[], int | None] = lambda: _meminfo()):
+                 known: Callable[[], set[str]] = set, memory: Callable[[], int | None] = lambda: _meminfo(),
+                 meter: RateMeter | None = None):
         self.node_id = node_id
+        self.meter = meter or RateMeter()  # this node's compute rate, from its steps (sent in Hello)
         self.known = known  # the addresses of the cluster's members: the only ones a plan may make it dial
         self.memory = memory  # bytes this node has available now (None: unknown)
         self.key = key  # the cluster key the mesh connections it dials are made with
@@ -129,7 +132,8 @@ class Worker:
     async def control(self, link: TrioLink, hello: Hello) -> None:
         if hello.role != "root":
             raise UnexpectedMessage(f"a control connection comes from a root, this Hello is from a {hello.role}")
-        await link.send(Hello(PROTOCOL_VERSION, self.node_id, "worker", self.threads, self.capacity))
+        await link.send(Hello(PROTOCOL_VERSION, self.node_id, "worker", self.threads, self.capacity,
+                              rate=self.meter.rate))
         log.info("root %s (node %s) connected", link.peer, hello.node_id)
         while True:
             try:
@@ -379,6 +383,7 @@ class Worker:
             node = tp.TPNode(s.config, s.plan, index, tensors, peers, s.ctx, self.threads, **extra)
             tensors.clear()  # the engine holds its own packed copy
             ctl.send(Ready(s.epoch, self.node_id))
+            share = node_share(s.plan, index, s.config.n_layers)
             seq = 0
             while True:
                 msg = ctl.receive(self.t.idle)
@@ -393,6 +398,7 @@ class Worker:
                 stats = getattr(node, "stats", None) or {}
                 self.last_step = StepStatus(len(msg.tokens), stats.get("step_ms", (time.perf_counter() - t0) * 1e3),
                                             stats.get("sync_ms", 0.0), time.time())
+                self.meter.add_step(share, stats.get("compute_ms", 0.0), len(msg.tokens))
                 seq += 1
         except tp.PeerLost as e:
             lost = s.plan.nodes[e.node] if 0 <= e.node < s.plan.n_nodes else None

@@ -56,9 +56,12 @@ class Hello:
     threads: int
     capacity: float  # relative speed, e.g. measured memory GB/s
     cache_keys: tuple[str, ...] = ()  # sha256 of the weight slices the node holds
+    # measured whole-model decode tokens/s of its recent steps (session/rates.py); 0.0: not measured yet
+    rate: float = dataclasses.field(default=0.0, metadata={"wire_optional": True})
 
     def __post_init__(self) -> None:
         _need(bool(self.node_id), "node_id is empty")
+        _need(math.isfinite(self.rate) and self.rate >= 0, f"rate {self.rate} is not finite and >= 0")
         _need(self.role in ROLES, f"role {self.role!r} is not one of {ROLES}")
         _need(self.threads >= 1, f"threads {self.threads} < 1")
         _need(math.isfinite(self.capacity) and self.capacity > 0, f"capacity {self.capacity} is not finite and > 0")

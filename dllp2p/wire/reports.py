@@ -156,6 +156,7 @@ class StatusReply:
     push: PushStatus | None = dataclasses.field(default=None, metadata=WIRE_OPTIONAL)  # of its latest session
     progress: tuple[ProgressStatus, ...] = dataclasses.field(default=(), metadata=WIRE_OPTIONAL)  # its latest set-up, as root
     left_out: tuple[LeftOut, ...] = dataclasses.field(default=(), metadata=WIRE_OPTIONAL)  # workers it plans without, as root
+    rate: float = dataclasses.field(default=0.0, metadata=WIRE_OPTIONAL)  # its measured compute rate (Hello.rate)
 
     def __post_init__(self) -> None:
         _need(self.seq >= 0 and self.sessions >= 0, "negative seq or session count")
@@ -164,3 +165,4 @@ class StatusReply:
         linked = [link.node_id for link in self.links]
         _need(len(set(linked)) == len(linked), "a link is listed twice")
         _need(sum(n.role == "root" for n in self.nodes) <= 1, "more than one root")
+        _need(math.isfinite(self.rate) and self.rate >= 0, f"rate {self.rate} is not finite and >= 0")
