@@ -118,8 +118,8 @@ class BenchConfig:
 
 def bench_config(ns: argparse.Namespace, err=None) -> BenchConfig:  # noqa: ANN001
     """The flags checked; --threads capped to the cores (a one-line warning on err), or chosen when not given."""
-    for flag, value in (("--threads", 1 if ns.threads is None else ns.threads), ("--prompt-tokens", ns.prompt_tokens), ("--tokens", ns.tokens),
-                        ("--repeats", ns.repeats)):
+    for flag, value in (("--threads", 1 if ns.threads is None else ns.threads), ("--prompt-tokens", ns.prompt_tokens),
+                        ("--tokens", ns.tokens), ("--repeats", ns.repeats)):
         if value < 1:
             raise ValueError(f"{flag} must be at least 1")
     facts = read_cpu_facts(measure_load=ns.threads is None and not getattr(ns, "load", False))

@@ -227,7 +227,8 @@ def chat_config(ns: argparse.Namespace, environ: Mapping[str, str] | None = None
     sampler = _generation_flags(ns)
     daemon = None if ns.local or (ns.model and not ns.daemon) else ns.daemon or DEFAULT_DAEMON
     environ = os.environ if environ is None else environ
-    return ChatConfig(ns.model, ns.system, ns.steps, ns.ctx, sampler, asked_threads(ns.threads), daemon, ns.daemon is None,
+    threads = asked_threads(ns.threads)
+    return ChatConfig(ns.model, ns.system, ns.steps, ns.ctx, sampler, threads, daemon, ns.daemon is None,
                       cache_dir(environ), client_key(ns.key_file, environ) if daemon else None)
 
 
@@ -243,7 +244,8 @@ def run_config(ns: argparse.Namespace, environ: Mapping[str, str] | None = None)
     own = ns.local or ns.workers or ns.engine != "jit" or (ns.model and not ns.daemon)
     daemon = None if own else ns.daemon or DEFAULT_DAEMON
     environ = os.environ if environ is None else environ
-    return RunConfig(ns.model, ns.prompt, ns.steps, ns.ctx, ns.chat, ns.system, ns.engine, sampler, asked_threads(ns.threads),
+    threads = asked_threads(ns.threads)
+    return RunConfig(ns.model, ns.prompt, ns.steps, ns.ctx, ns.chat, ns.system, ns.engine, sampler, threads,
                      tuple(ns.workers), ns.plan, ns.exchange or "exact", ns.stats, daemon, ns.daemon is None,
                      cache_dir(environ), client_key(ns.key_file, environ) if daemon or ns.workers else None)
 

@@ -5,6 +5,8 @@ session given up for a new plan when a node got slower. Fake rates throughout: n
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import trio
 
@@ -123,3 +125,12 @@ def test_kept_session_is_given_up_when_a_node_got_slower():
         assert pow2._take_warm(key) is not None
 
     trio.run(main)
+
+
+def test_run_delay_grows_only_while_waiting_for_a_cpu():
+    from dllp2p.session.rates import run_delay_ms
+
+    a = run_delay_ms()
+    time.sleep(0.3)  # asleep: not waiting for a CPU (only for the wake-up)
+    b = run_delay_ms()
+    assert 0.0 <= a <= b < a + 300.0

@@ -69,6 +69,7 @@ from ..wire.messages import (
     WeightsReady,
 )
 from .progress import BUILD, PUSH, Note, Progress, Sink, ignore
+from .rates import run_delay_ms
 
 ROOT_EPOCH = 0  # a re-plan after a lost node will take the next one
 
@@ -118,6 +119,7 @@ class StepStats:
     sync_ms: float  # of which waiting for and moving activations
     bytes_sent: int  # by the root, this step
     bytes_received: int
+    delay_ms: float = 0.0  # of the step, the root's step thread waited for a CPU (session/rates.py)
 
 
 @dataclass
@@ -199,6 +201,7 @@ class ClusterEngine:
                 w.link.send_frame(frame)
             except (LinkClosed, LinkTimeout) as e:
                 raise self._lost(w, str(e)) from None
+        d0 = run_delay_ms()
         try:
             logits = self._node.forward(tokens, start_pos, top)
         except self._tp.PeerLost as e:
@@ -206,7 +209,8 @@ class ClusterEngine:
             raise self._lost(w, str(e).removeprefix(f"node {e.node}: ")) from None
         s = self._node.stats
         self.stats.steps.append(StepStats(len(tokens), s.get("step_ms", 0.0), s.get("sync_ms", 0.0),
-                                          int(s.get("bytes_sent", 0)), int(s.get("bytes_received", 0))))
+                                          int(s.get("bytes_sent", 0)), int(s.get("bytes_received", 0)),
+                                          run_delay_ms() - d0))
         return logits
 
     def stats_summary(self) -> list[str]:
@@ -275,7 +279,8 @@ async def start(model: Any, options: ClusterOptions, ctx: int, threads: int, tp:
     t = options.timeouts
     config: ModelConfig = model.config
     ctx = min(ctx, config.context_length)
-    root = Hello(PROTOCOL_VERSION, node_id or f"root-{secrets.token_hex(4)}", "root", threads, float(threads), rate=rate)
+    root = Hello(PROTOCOL_VERSION, node_id or f"root-{secrets.token_hex(4)}", "root", threads, float(threads),
+                 rate=rate)
     workers: list[Worker] = []
     peers: list[socket.socket | None] = []
     node = None

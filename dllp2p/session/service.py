@@ -220,14 +220,14 @@ class RootService:
 
     def _measure(self, engine: Any, the_plan: Plan, n_layers: int, stats: GenerationStats) -> None:
         """This node's compute rate from the request's decode steps: its compute ms (a cluster's root: not
-        the exchanges' waits) for its share of the plan; alone, the decode speed itself."""
+        the exchanges' waits, but its waits for a CPU) for its share of the plan; alone, the decode speed."""
         steps = getattr(getattr(engine, "stats", None), "steps", None)
         if steps is None:
             self.meter.add_rate(stats.decode_tok_s if stats.generated_tokens > 1 else 0.0)
             return
         share = node_share(the_plan, 0, n_layers)
         for step in steps:
-            self.meter.add_step(share, step.step_ms - step.sync_ms, step.tokens)
+            self.meter.add_step(share, step.step_ms - step.sync_ms + step.delay_ms, step.tokens)
 
     def current_rates(self) -> dict[str, float]:
         """node id -> the latest measured rate: the members' from their Status polls, this node's own."""

@@ -73,7 +73,7 @@ from ..wire.messages import (
     WeightsReady,
 )
 from ..wire.reports import PushStatus, StepStatus
-from .rates import RateMeter
+from .rates import RateMeter, run_delay_ms
 from .checks import allowed_hosts, check_addresses, check_config, check_shapes, dialed_hosts, mem_available
 from .slices import SliceCache, check_slices, storage_array
 
@@ -393,12 +393,13 @@ class Worker:
                     raise UnexpectedMessage(f"expected Step {seq} of epoch {s.epoch}, got {_describe(msg)}")
                 if msg.start_pos + len(msg.tokens) > s.ctx or max(msg.tokens) >= s.config.vocab_size:
                     raise UnexpectedMessage(f"Step {seq} does not fit the context ({s.ctx}) or vocabulary")
-                t0 = time.perf_counter()
+                t0, d0 = time.perf_counter(), run_delay_ms()
                 node.forward(msg.tokens, msg.start_pos, msg.top)
+                delay = run_delay_ms() - d0
                 stats = getattr(node, "stats", None) or {}
                 self.last_step = StepStatus(len(msg.tokens), stats.get("step_ms", (time.perf_counter() - t0) * 1e3),
                                             stats.get("sync_ms", 0.0), time.time())
-                self.meter.add_step(share, stats.get("compute_ms", 0.0), len(msg.tokens))
+                self.meter.add_step(share, stats.get("compute_ms", 0.0) + delay, len(msg.tokens))
                 seq += 1
         except tp.PeerLost as e:
             lost = s.plan.nodes[e.node] if 0 <= e.node < s.plan.n_nodes else None
