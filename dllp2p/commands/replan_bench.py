@@ -1,6 +1,6 @@
 """Re-planning by measured speed, measured: two daemons on loopback, one sharing its core with a hog.
 
-    python -m dllp2p.commands.replan_bench [--model PATH] [--steps N] [--hogs N] [--json]
+    python -m dllp2p.commands.replan_bench [--model PATH] [--steps N] [--hogs N] [--busy 0|1] [--json]
 
 Two `dllp2p daemon` processes on 127.0.0.1 (each pinned to one CPU with os.sched_setaffinity, one
 thread each, the weighted plan, each other's --peer, a fresh cluster key), then prompts through the
@@ -8,7 +8,7 @@ first, greedy, `--steps` tokens each:
 
     quiet     2 prompts: the first plans by capacity (nothing measured yet), the second by the rates the
               first measured (a re-plan when they differ beyond scheduler.RATE_TOLERANCE)
-    hog       a process spinning on the second daemon's CPU (bench_load.cpu_hog), then
+    hog       a process spinning on the second daemon's CPU (--busy 0: the first's; bench_load.cpu_hog), then
     before    1 prompt on the kept session: the plan made before the hog
     after     (once the daemons' Status polls carry the slower rate) 2 prompts: the root re-plans
 
@@ -102,7 +102,8 @@ def plan_rows(address: str, key: Path) -> dict[str, Any]:
             "root": next((n["id"] for n in nodes if n["role"] == "root"), None)}
 
 
-def run(model: str | None, steps: int, n_hogs: int = 1) -> dict[str, Any]:
+def run(model: str | None, steps: int, n_hogs: int = 1, busy: int = 1) -> dict[str, Any]:
+    """busy: the daemon (0: the one prompts go to, 1: the other) whose CPU the hogs share."""
     cpus = sorted(os.sched_getaffinity(0))
     if len(cpus) < 2:
         raise SystemExit("needs 2 CPUs")
@@ -122,7 +123,7 @@ def run(model: str | None, steps: int, n_hogs: int = 1) -> dict[str, Any]:
             one("quiet")
             with contextlib.ExitStack() as hogs:
                 for _ in range(n_hogs):
-                    hogs.enter_context(cpu_hog(cpus[1]))
+                    hogs.enter_context(cpu_hog(cpus[busy]))
                 time.sleep(0.3)
                 one("before")  # the kept session: the plan made before the hog
                 time.sleep(POLL_S * 1.5)  # the daemons' polls carry the slower rate
@@ -140,7 +141,7 @@ def run(model: str | None, steps: int, n_hogs: int = 1) -> dict[str, Any]:
                     p.wait()
     before = [r["decode_tok_s"] for r in rows if r["phase"] == "before"]
     after = [r["decode_tok_s"] for r in rows if r["phase"] == "after"]
-    return {"rows": rows, "hog_cpu": cpus[1], "hogs": n_hogs, "after_vs_before": after[-1] / before[0]}
+    return {"rows": rows, "hog_cpu": cpus[busy], "hogs": n_hogs, "after_vs_before": after[-1] / before[0]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -151,9 +152,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hogs", type=int, default=1,
                         help="hog processes on the second daemon's CPU (default 1; more where other programs "
                              "already keep both CPUs busy)")
+    parser.add_argument("--busy", type=int, choices=(0, 1), default=1,
+                        help="the daemon whose CPU the hogs share: 0 the first (prompts go to it), 1 the second (default)")
     parser.add_argument("--json", action="store_true")
     ns = parser.parse_args(argv)
-    r = run(ns.model, ns.steps, ns.hogs)
+    r = run(ns.model, ns.steps, ns.hogs, ns.busy)
     if ns.json:
         print(json.dumps(r))
     else:
