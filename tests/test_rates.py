@@ -134,3 +134,33 @@ def test_run_delay_grows_only_while_waiting_for_a_cpu():
     time.sleep(0.3)  # asleep: not waiting for a CPU (only for the wake-up)
     b = run_delay_ms()
     assert 0.0 <= a <= b < a + 300.0
+
+
+def test_root_plans_by_the_rates_in_the_hellos(tmp_path):
+    """Two worker daemons (in threads, tests/fake_tp.py computing) whose meters say 30 and 90, a root at 60:
+    the weighted plan's FFN rows and KV heads follow 2 : 1 : 3, the engine keeps those weights, and the
+    answers are still the whole model's."""
+    from functools import partial
+
+    import fake_tp
+    from test_cluster import T, DaemonThread, generate
+
+    from dllp2p.session.progress import ignore
+    from dllp2p.session.root import ClusterOptions, start
+
+    a, b = DaemonThread(tmp_path / "a"), DaemonThread(tmp_path / "b")
+    try:
+        a.daemon.worker.meter.add_rate(30.0)
+        b.daemon.worker.meter.add_rate(90.0)
+        options = ClusterOptions((a.address, b.address), "weighted", T, key=fake_tp.TEST_KEY)
+        e = trio.run(partial(start, fake_tp.model(), options, 32, 1, fake_tp, ignore, node_id="root", rate=60.0))
+        try:
+            rows = {n.node_id: (n.ffn_rows[1] - n.ffn_rows[0], n.kv_heads[1] - n.kv_heads[0]) for n in e.plan.nodes}
+            assert rows == {"root": (96, 1), a.daemon.node_id: (32, 1), b.daemon.node_id: (128, 2)}
+            assert e.rates == {"root": 60.0, a.daemon.node_id: 30.0, b.daemon.node_id: 90.0}
+            generate(e, fake_tp.model())
+        finally:
+            e.close()
+    finally:
+        a.stop()
+        b.stop()
