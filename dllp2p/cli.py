@@ -298,7 +298,7 @@ def config_of_settings(s: dict, environ: Mapping[str, str]) -> DaemonConfig:
     if not 0 <= s["port"] < 65536:
         raise ValueError("--port must be in 0..65535")
     threads = asked_threads(s["threads"])
-    why = f"{threads} threads, as configured"
+    why, auto = f"{threads} threads, as configured", threads is None
     if threads is None:
         choice = default_thread_choice()
         threads, why = choice.threads, choice.reason
@@ -308,6 +308,7 @@ def config_of_settings(s: dict, environ: Mapping[str, str]) -> DaemonConfig:
     key_path = clusterkey.configured_path(s["key_file"], environ)
     key = None if key_path is None else clusterkey.load(key_path)
     return DaemonConfig(s["host"], s["port"], threads, state_dir(environ, s["state_dir"]), threads_why=why,
+                        threads_auto=auto,
                         cluster=s["cluster"], key=key, discovery=s["discovery"], interfaces=tuple(s["interfaces"]),
                         peers=tuple(s["peers"]), model=model, exchange=s["exchange"], policy=s["plan"],
                         api=None if s["api"] in ("", "off") else s["api"], api_ctx=s["api_ctx"],

@@ -164,3 +164,49 @@ def test_root_plans_by_the_rates_in_the_hellos(tmp_path):
     finally:
         a.stop()
         b.stop()
+
+
+def test_a_daemon_without_configured_threads_chooses_them_per_session(tmp_path, monkeypatch):
+    """threads_auto (no --threads, no config threads): each session's engine gets the count chosen as it
+    starts (the load then, not only the daemon's start's); a configured count stays as it is."""
+    from functools import partial
+    from types import SimpleNamespace
+
+    import fake_tp
+    from test_cluster import T
+
+    from dllp2p.daemon import Daemon, DaemonConfig
+    from dllp2p.jit import engine as jit_engine
+    from dllp2p.jit.cpus import ThreadChoice
+    from dllp2p.session.progress import ignore
+    from dllp2p.session.root import ClusterOptions, start
+
+    built: list[int] = []
+
+    class TPNode(fake_tp.TPNode):
+        def __init__(self, *args, **kwargs):
+            built.append(args[6])  # threads
+            super().__init__(*args, **kwargs)
+
+    tp = SimpleNamespace(**{k: getattr(fake_tp, k) for k in dir(fake_tp) if not k.startswith("__")})
+    tp.TPNode = TPNode
+    counts = iter([1, 3])
+    monkeypatch.setattr(jit_engine, "default_thread_choice", lambda: ThreadChoice(next(counts), "made up"))
+
+    async def main() -> None:
+        auto = Daemon(DaemonConfig("127.0.0.1", 0, 2, tmp_path / "a", timeouts=T, cluster=fake_tp.TEST_CLUSTER,
+                                   key=fake_tp.TEST_KEY, threads_auto=True), tp=tp)
+        fixed = Daemon(DaemonConfig("127.0.0.1", 0, 2, tmp_path / "b", timeouts=T, cluster=fake_tp.TEST_CLUSTER,
+                                    key=fake_tp.TEST_KEY), tp=tp)
+        async with trio.open_nursery() as nursery:
+            addresses = [await nursery.start(d.serve) for d in (auto, fixed)]
+            for _ in range(2):
+                options = ClusterOptions(tuple(addresses), "weighted", T, key=fake_tp.TEST_KEY)
+                e = await start(fake_tp.model(), options, 32, 5, tp, ignore, node_id="root")
+                await trio.to_thread.run_sync(partial(e.forward, [5], 0))
+                await trio.to_thread.run_sync(e.close)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    # per session, in any order: the root's 5, the auto worker's chosen count (1, then 3), the fixed one's 2
+    assert sorted(built[:3]) == [1, 2, 5] and sorted(built[3:]) == [2, 3, 5]

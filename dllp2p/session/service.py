@@ -101,8 +101,9 @@ class RootService:
     def __init__(self, model_path: Path | None, node_id: str, threads: int, policy: str, timeouts: Timeouts,
                  tp: Callable[[], Any], exchange: str = "exact", cache_dir: Path | None = None,
                  key: ClusterKey | None = None, meter: RateMeter | None = None,
-                 rates: Callable[[], dict[str, float]] = dict):
+                 rates: Callable[[], dict[str, float]] = dict, pick_threads: Callable[[], int] | None = None):
         self.model_path = model_path
+        self.pick_threads = pick_threads  # (blocking) the thread count for a request's engine; None: `threads`
         self.meter = meter or RateMeter()  # this node's compute rate (session/rates.py)
         self.rates = rates  # node id -> the members' rates as their latest Status polls said
         self.key = key  # the cluster key its connections to the workers are made with
@@ -291,6 +292,7 @@ class RootService:
 
     async def _engine(self, model: Any, ctx: int, workers: list[str], epoch: int) -> tuple[Any, Plan]:
         """A ClusterEngine over this root and the workers, or a JIT engine when there are none."""
+        threads = await trio.to_thread.run_sync(self.pick_threads) if self.pick_threads else self.threads
         if workers:
             options = ClusterOptions(tuple(workers), self.policy, self.timeouts, exchange=self.exchange,
                                      skip_unreachable=True, cache_dir=self.cache_dir, key=self.key)
@@ -298,15 +300,15 @@ class RootService:
             if self._slices is None:
                 self._slices = PlanSlices(tp.node_tensors)
             self.progress.clear()
-            engine = await start(model, options, ctx, self.threads, tp, self.progress, node_id=self.node_id,
+            engine = await start(model, options, ctx, threads, tp, self.progress, node_id=self.node_id,
                                  epoch=epoch, slices=self._slices, rate=self.meter.rate)
             return engine, engine.plan
         from ..jit.engine import JITEngine  # llvmlite: loaded by the first prompt served alone
 
-        alone = plan(model.config, [Peer(self.node_id, "", self.threads, float(self.threads))], epoch, self.policy,
+        alone = plan(model.config, [Peer(self.node_id, "", threads, float(threads))], epoch, self.policy,
                      exchange=self.exchange)
         extra = {} if self.cache_dir is None else {"cache_dir": self.cache_dir}
-        return await trio.to_thread.run_sync(lambda: JITEngine(model, ctx, self.threads, **extra)), alone
+        return await trio.to_thread.run_sync(lambda: JITEngine(model, ctx, threads, **extra)), alone
 
     @staticmethod
     async def _produce(engine: Any, loaded: _Loaded, ids: list[int], sampler_config: Any, steps: int, stats: Any,

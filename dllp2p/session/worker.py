@@ -111,8 +111,9 @@ class Worker:
     def __init__(self, node_id: str, threads: int, capacity: float, timeouts: Timeouts, cache: SliceCache,
                  tp: Callable[[], Any], slot: trio.Lock, cache_dir: Any = None, key: ClusterKey | None = None,
                  known: Callable[[], set[str]] = set, memory: Callable[[], int | None] = lambda: _meminfo(),
-                 meter: RateMeter | None = None):
+                 meter: RateMeter | None = None, pick_threads: Callable[[], int] | None = None):
         self.node_id = node_id
+        self.pick_threads = pick_threads  # (blocking) the thread count for a session's engine; None: `threads`
         self.meter = meter or RateMeter()  # this node's compute rate, from its steps (sent in Hello)
         self.known = known  # the addresses of the cluster's members: the only ones a plan may make it dial
         self.memory = memory  # bytes this node has available now (None: unknown)
@@ -380,7 +381,8 @@ class Worker:
             extra = {} if self.cache_dir is None else {"cache_dir": self.cache_dir, "cache_budget": self.cache.budget}
             if keys is not None:
                 extra["exchange_keys"] = keys
-            node = tp.TPNode(s.config, s.plan, index, tensors, peers, s.ctx, self.threads, **extra)
+            threads = self.pick_threads() if self.pick_threads else self.threads
+            node = tp.TPNode(s.config, s.plan, index, tensors, peers, s.ctx, threads, **extra)
             tensors.clear()  # the engine holds its own packed copy
             ctl.send(Ready(s.epoch, self.node_id))
             share = node_share(s.plan, index, s.config.n_layers)
