@@ -1,6 +1,7 @@
 """`dllp2p bench`: prefill and decode speed on this machine, against the memory-bandwidth roofline.
 
     dllp2p bench [--model PATH] [--threads N] [--prompt-tokens N] [--tokens N] [--repeats R] [--json]
+    dllp2p bench --load [--model PATH] [--tokens N] [--repeats R] [--json]   (commands/bench_load.py)
 
 What one run is (the same for every engine):
 
@@ -39,6 +40,10 @@ from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 
+from .commands import bench_load
+from .commands.bench_llama import LlamaCpp, llama_cpp_available
+from .jit.cpus import cap_threads, choose_threads, read_cpu_facts
+
 PROMPT_TEXT = (
     "The history of computing is a story of machines that became smaller, cheaper and faster, "
     "until the computers in a single home held more memory than the largest installations of an "
@@ -60,19 +65,16 @@ PAUSE_S = 0.2  # between runs of different engines: lets the other's worker thre
 # arguments
 
 
-def _default_threads() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", metavar="PATH", help="GGUF model path (default: the installed SmolLM2-135M-Instruct)")
     parser.add_argument("--engine", choices=ENGINES, default="jit", help="engine to measure (default jit)")
     parser.add_argument(
-        "--threads", type=int, metavar="N", default=_default_threads(), help="threads for our engine, llama.cpp and the bandwidth "
-        "measurement (default: every core this process may use)"
+        "--threads", type=int, metavar="N", help="threads for our engine, llama.cpp and the bandwidth measurement "
+        "(default: the cores this process may use less those other programs keep busy, as `dllp2p run`)"
+    )
+    parser.add_argument(
+        "--load", action="store_true", help="with a CPU hog pinned to one core: decode speed of the default thread "
+        "count, 1 and 2 threads, then without it the default against one thread per core (commands/bench_load.py)"
     )
     parser.add_argument(
         "--prompt-tokens", type=int, metavar="N", default=DEFAULT_PROMPT_TOKENS,
@@ -107,22 +109,31 @@ class BenchConfig:
     llama_cpp: str
     bandwidth_mib: int
     cache_dir: Any = None  # the JIT's compiled code and packed weights (config.cache_dir); None: its default
+    load: bool = False  # --load: the busy-core comparison of thread counts instead (commands/bench_load.py)
 
     @property
     def ctx(self) -> int:
         return self.prompt_tokens + self.tokens
 
 
-def bench_config(ns: argparse.Namespace) -> BenchConfig:
-    for flag, value in (("--threads", ns.threads), ("--prompt-tokens", ns.prompt_tokens), ("--tokens", ns.tokens),
-                        ("--repeats", ns.repeats)):
+def bench_config(ns: argparse.Namespace, err=None) -> BenchConfig:  # noqa: ANN001
+    """The flags checked; --threads capped to the cores (a one-line warning on err), or chosen when not given."""
+    for flag, value in (("--threads", 1 if ns.threads is None else ns.threads), ("--prompt-tokens", ns.prompt_tokens),
+                        ("--tokens", ns.tokens), ("--repeats", ns.repeats)):
         if value < 1:
             raise ValueError(f"{flag} must be at least 1")
+    facts = read_cpu_facts(measure_load=ns.threads is None and not getattr(ns, "load", False))
+    if ns.threads is None:
+        threads = choose_threads(facts).threads
+    else:
+        threads, warning = cap_threads(ns.threads, facts)
+        if warning:
+            print(f"dllp2p: warning: {warning}", file=err or sys.stderr)
     if ns.bandwidth_mib < 0:
         raise ValueError("--bandwidth-mib must be 0 (skip) or more")
     return BenchConfig(
-        getattr(ns, "model", None), ns.engine, ns.threads, ns.prompt_tokens, ns.tokens, ns.repeats, ns.json,
-        ns.llama_cpp, ns.bandwidth_mib,
+        getattr(ns, "model", None), ns.engine, threads, ns.prompt_tokens, ns.tokens, ns.repeats, ns.json,
+        ns.llama_cpp, ns.bandwidth_mib, load=getattr(ns, "load", False),
     )
 
 
@@ -238,54 +249,6 @@ def make_engine(kind: str, model, ctx: int, threads: int, cache_dir=None):  # no
             raise ValueError(f"the JIT engine is not available ({e}); use --engine reference") from None
         return JITEngine(model, ctx=ctx, threads=threads, **({} if cache_dir is None else {"cache_dir": cache_dir}))
     raise ValueError(f"unknown engine {kind!r}")
-
-
-class LlamaCpp:
-    """llama.cpp through llama-cpp-python, behind the same forward(tokens, start_pos) protocol.
-
-    Only llama_decode runs inside forward (via Llama.eval, in batches of n_batch); the ids come from
-    our prompt, so llama.cpp's tokenizer is never called. Rewinding to position 0 clears its cache.
-    """
-
-    name = "llama.cpp"
-
-    def __init__(self, path: str, ctx: int, threads: int):
-        import llama_cpp
-
-        self._llama_cpp = llama_cpp
-        self.version = getattr(llama_cpp, "__version__", "")
-        self.llm = llama_cpp.Llama(
-            model_path=str(path),
-            n_threads=threads,
-            n_threads_batch=threads,
-            n_ctx=-(-max(ctx, 256) // 256) * 256,
-            n_batch=512,
-            verbose=False,
-        )
-        self.n_vocab = self.llm.n_vocab()
-
-    def forward(self, tokens: Sequence[int], start_pos: int) -> np.ndarray:
-        llm = self.llm
-        if start_pos == 0:
-            llm.reset()
-        elif start_pos != llm.n_tokens:
-            llm.n_tokens = start_pos  # eval() drops cache entries from n_tokens on
-        llm.eval(list(tokens))
-        # eval() keeps no logits unless logits_all; read the last token's row from llama.cpp itself
-        row = self._llama_cpp.llama_get_logits_ith(llm.ctx, -1)
-        return np.ctypeslib.as_array(row, shape=(self.n_vocab,))  # valid until the next forward
-
-    def close(self) -> None:
-        close = getattr(self.llm, "close", None)
-        if close is not None:
-            close()
-        self.llm = None
-
-
-def llama_cpp_available() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("llama_cpp") is not None
 
 
 def start_llama_cpp(path: str, ctx: int, threads: int) -> Contender:
@@ -486,7 +449,9 @@ def main(args: argparse.Namespace, out=None, err=None, cache_dir=None) -> int:  
     from .errors import user_facing_errors
 
     try:
-        cfg = replace(bench_config(args), cache_dir=cache_dir)
+        cfg = replace(bench_config(args, err), cache_dir=cache_dir)
+        if cfg.load:
+            return bench_load.main(cfg, bench_load.BenchTools(make_engine, prompt_ids, timed_run), out, err)
         if cfg.llama_cpp == "on" and not llama_cpp_available():
             raise ValueError("--llama-cpp on needs llama-cpp-python: pip install -e '.[bench]'")
         report = run_bench(cfg)

@@ -19,6 +19,7 @@ from .config import cache_dir, state_dir
 from .daemon import DaemonConfig
 from .errors import user_facing_errors
 from .formats import load_metadata
+from .jit.cpus import cap_threads, read_cpu_facts
 from .models import NoModel, default_model_path
 from .sampler import SamplerConfig
 from .textsafe import SafeFormatter, printable
@@ -50,6 +51,8 @@ class RunConfig:
     key: ClusterKey | None = None  # the cluster key the daemon and workers are reached with
 
 
+THREADS_HELP = ("compute threads (default: one per core this process may use, less the cores other programs keep "
+                "busy; more than the cores are capped, with a warning)")
 KEY_FILE_HELP = ("the cluster key file (default: $DLLP2P_KEY_FILE, config key_file, else /etc/dllp2p/cluster.key "
                  "for root, ~/.config/dllp2p/cluster.key otherwise, if it exists; 'off': none)")
 
@@ -59,7 +62,7 @@ def _add_generation_flags(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--model", help="GGUF model path (default: the installed SmolLM2-135M-Instruct)")
     p.add_argument("--steps", type=int, default=256, help="tokens to generate at most (default 256)")
     p.add_argument("--ctx", type=int, default=2048, help="KV cache positions (default 2048)")
-    p.add_argument("--threads", type=int, help="compute threads (default: one per CPU core)")
+    p.add_argument("--threads", type=int, help=THREADS_HELP)
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
     p.add_argument("--top-k", type=int, default=40, help="0 = off (default 40)")
     p.add_argument("--top-p", type=float, default=0.95, help="1 = off (default 0.95)")
@@ -111,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="address to listen on (default 0.0.0.0: all IPv4)")
     daemon.add_argument("--port", type=int, default=DEFAULT_PORT, action=_Given,
                         help=f"TCP port (default {DEFAULT_PORT}; 0 = any free port)")
-    daemon.add_argument("--threads", type=int, action=_Given, help="compute threads (default: one per CPU core)")
+    daemon.add_argument("--threads", type=int, action=_Given, help=THREADS_HELP)
     daemon.add_argument("--state-dir", action=_Given, help="node id and weight cache (default ~/.local/state/dllp2p)")
     daemon.add_argument("--cluster", action=_Given, help="cluster name: only daemons of the same name join "
                                                          "(default 'default')")
@@ -212,8 +215,6 @@ def _generation_flags(ns: argparse.Namespace) -> SamplerConfig:
         repeat_penalty=ns.repeat_penalty,
         seed=ns.seed,
     )
-    if ns.threads is not None and ns.threads < 1:
-        raise ValueError("--threads must be at least 1")
     if ns.daemon is not None:
         parse_address(ns.daemon)
     if ns.local and ns.daemon:
@@ -239,7 +240,8 @@ def chat_config(ns: argparse.Namespace, environ: Mapping[str, str] | None = None
     sampler = _generation_flags(ns)
     daemon = None if ns.local or (ns.model and not ns.daemon) else ns.daemon or DEFAULT_DAEMON
     environ = os.environ if environ is None else environ
-    return ChatConfig(ns.model, ns.system, ns.steps, ns.ctx, sampler, ns.threads, daemon, ns.daemon is None,
+    threads = asked_threads(ns.threads)
+    return ChatConfig(ns.model, ns.system, ns.steps, ns.ctx, sampler, threads, daemon, ns.daemon is None,
                       cache_dir(environ), client_key(ns.key_file, environ) if daemon else None)
 
 
@@ -255,9 +257,24 @@ def run_config(ns: argparse.Namespace, environ: Mapping[str, str] | None = None)
     own = ns.local or ns.workers or ns.engine != "jit" or (ns.model and not ns.daemon)
     daemon = None if own else ns.daemon or DEFAULT_DAEMON
     environ = os.environ if environ is None else environ
-    return RunConfig(ns.model, ns.prompt, ns.steps, ns.ctx, ns.chat, ns.system, ns.engine, sampler, ns.threads,
+    threads = asked_threads(ns.threads)
+    return RunConfig(ns.model, ns.prompt, ns.steps, ns.ctx, ns.chat, ns.system, ns.engine, sampler, threads,
                      tuple(ns.workers), ns.plan, ns.exchange or "exact", ns.stats, daemon, ns.daemon is None,
                      cache_dir(environ), client_key(ns.key_file, environ) if daemon or ns.workers else None)
+
+
+def asked_threads(asked: int | None, err=None, facts=None) -> int | None:  # noqa: ANN001
+    """--threads (or config threads) checked, and capped to the cores this process can use (affinity mask,
+    cgroup quota) with a one-line warning on err; None (not given) stays None: the engine's default
+    (jit.engine.default_thread_choice) measures the load when it starts."""
+    if asked is None:
+        return None
+    if asked < 1:
+        raise ValueError("--threads must be at least 1")
+    threads, warning = cap_threads(asked, facts or read_cpu_facts(measure_load=False))
+    if warning:
+        print(f"dllp2p: warning: {warning}", file=err or sys.stderr)
+    return threads
 
 
 def key_setting(flag: str | None, environ: Mapping[str, str]) -> str | None:
@@ -289,12 +306,15 @@ def daemon_config(ns: argparse.Namespace, environ: Mapping[str, str] | None = No
 
 
 def config_of_settings(s: dict, environ: Mapping[str, str]) -> DaemonConfig:
-    from .jit.engine import default_threads  # llvmlite: only a daemon's start needs it
+    from .jit.engine import default_thread_choice  # llvmlite: only a daemon's start needs it
 
     if not 0 <= s["port"] < 65536:
         raise ValueError("--port must be in 0..65535")
-    if s["threads"] is not None and s["threads"] < 1:
-        raise ValueError("--threads must be at least 1")
+    threads = asked_threads(s["threads"])
+    why, auto = f"{threads} threads, as configured", threads is None
+    if threads is None:
+        choice = default_thread_choice()
+        threads, why = choice.threads, choice.reason
     if s["cache_mb"] < 1:
         raise ValueError("--cache-mb must be at least 1")
     if s["drain_s"] < 0:
@@ -302,7 +322,8 @@ def config_of_settings(s: dict, environ: Mapping[str, str]) -> DaemonConfig:
     model = Path(s["model"]).expanduser() if s.get("model") else _installed_model()
     key_path = clusterkey.configured_path(s["key_file"], environ)
     key = None if key_path is None else clusterkey.load(key_path)
-    return DaemonConfig(s["host"], s["port"], s["threads"] or default_threads(), state_dir(environ, s["state_dir"]),
+    return DaemonConfig(s["host"], s["port"], threads, state_dir(environ, s["state_dir"]), threads_why=why,
+                        threads_auto=auto,
                         cluster=s["cluster"], key=key, discovery=s["discovery"], interfaces=tuple(s["interfaces"]),
                         peers=tuple(s["peers"]), model=model, exchange=s["exchange"], policy=s["plan"],
                         api=None if s["api"] in ("", "off") else s["api"], api_ctx=s["api_ctx"],

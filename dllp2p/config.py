@@ -6,7 +6,7 @@ File: /etc/dllp2p/config.toml (DLLP2P_CONFIG or --config name another), a [daemo
     [daemon]
     host = "0.0.0.0"            # listening address
     port = 7340
-    threads = 4                 # compute threads (default: one per core)
+    threads = 4                 # compute threads (default: the free cores; more than the cores: capped)
     state_dir = "/var/lib/dllp2p"
     cluster = "home"            # only daemons with the same name join
     discovery = true            # mDNS

@@ -34,7 +34,7 @@ from typing import Sequence, Union
 from .formats import ModelConfig
 from .scheduler import (
     BLOCK_ROWS, DEFAULT_EXCHANGE, NodeSlice, Peer, Plan, PlanError, allowed_nodes, apportion, model_fingerprint,
-    plan,
+    node_share, plan,
 )
 
 PIPELINE_POLICIES = ("pipeline", "hybrid")
@@ -253,3 +253,13 @@ def _shape_key(p: AnyPlan) -> tuple:
     if isinstance(p, Plan):
         return (((0, None), flat(p)),)
     return tuple((s.layers, flat(s.plan)) for s in p.stages)
+
+
+def plan_share(p: AnyPlan, index: int, n_layers: int) -> float:
+    """scheduler.node_share for any plan: a pipeline node's share of its stage's layers, scaled by the
+    stage's part of the layers (the vocabulary's part of the last stage left out: a rate, not a count)."""
+    if isinstance(p, Plan):
+        return node_share(p, index, n_layers)
+    k, j = p.locate(index)
+    l0, l1 = p.stages[k].layers
+    return node_share(p.stages[k].plan, j, n_layers) * (l1 - l0) / n_layers

@@ -360,3 +360,51 @@ def _range(r: object, what: str) -> tuple[int, int]:
     if not (isinstance(r, tuple) and len(r) == 2 and all(isinstance(v, int) and not isinstance(v, bool) for v in r)):
         raise PlanError(f"{what} must be a pair of ints, got {r!r}")
     return r  # type: ignore[return-value]
+
+
+# --- speed: weights from the nodes' measured compute rates (issue 19) ------------------------------------
+
+RATE_TOLERANCE = 0.25  # a node's share of the cluster's speed must move by more than this to re-plan
+
+
+def node_work(p: Plan, index: int, n_layers: int) -> int:
+    """Weights (parameters) node `index` multiplies per token: its rows of every layer's matrices (attn_output
+    and ffn_down by dim_rows in the exact exchange, by its columns in q8) and of the output projection."""
+    n = p.nodes[index]
+    span = lambda r: r[1] - r[0]  # noqa: E731
+    attn = (span(n.q_rows) + 2 * span(n.kv_rows)) * p.dim
+    ffn = 2 * span(n.ffn_rows) * p.dim
+    if p.exchange == "exact":
+        out = span(n.dim_rows) * (p.n_heads * p.head_dim + p.ffn_dim)
+    else:
+        out = p.dim * (span(n.q_rows) + span(n.ffn_rows))
+    return n_layers * (attn + ffn + out) + span(n.vocab_rows) * p.dim
+
+
+def node_share(p: Plan, index: int, n_layers: int) -> float:
+    """Node `index`'s part of the whole model's per-token weights (K/V replicated over nodes counts on
+    each): its compute time / this share = the time it would take for the whole model, so measured rates
+    of nodes holding different shares compare (session/rates.py)."""
+    whole = n_layers * p.dim * (2 * p.n_heads * p.head_dim + 2 * p.n_kv_heads * p.head_dim + 3 * p.ffn_dim)
+    return node_work(p, index, n_layers) / (whole + p.vocab_size * p.dim)
+
+
+def with_rates(peers: Sequence[Peer], rates: Sequence[float]) -> list[Peer]:
+    """The peers with capacity = their measured rate (whole-model tokens/s), when every one has one (> 0);
+    else as they are (capacities of different units never mix in one plan)."""
+    if len(rates) != len(peers) or not all(math.isfinite(r) and r > 0 for r in rates):
+        return list(peers)
+    return [Peer(p.node_id, p.address, p.threads, float(r)) for p, r in zip(peers, rates)]
+
+
+def rates_moved(old: dict[str, float], new: dict[str, float], tolerance: float = RATE_TOLERANCE) -> bool:
+    """Whether a plan made with weights `old` (node id -> its rate, or its capacity when not every node was
+    measured: only the shares count, not the units) should be made again with the rates `new`: every node
+    of old is measured now, and some node's share of the total moved by more than `tolerance` (relative;
+    a weight of 0, never measured, always has). Hysteresis: noise within it keeps the plan."""
+    if not old or not all(new.get(k, 0.0) > 0 for k in old):
+        return False
+    if not all(v > 0 for v in old.values()):
+        return True
+    total_old, total_new = sum(old.values()), sum(new[k] for k in old)
+    return any(abs((new[k] / total_new) / (v / total_old) - 1) > tolerance for k, v in old.items())

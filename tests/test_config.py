@@ -11,6 +11,7 @@ import pytest
 
 from dllp2p.cli import build_parser, daemon_config
 from dllp2p.config import DEFAULTS, ConfigError, from_env, load_file, merge
+from dllp2p.jit.cpus import cap_threads, read_cpu_facts
 
 ROOT_DIR = Path(__file__).parent.parent
 UNIT = ROOT_DIR / "systemd" / "dllp2p.service"
@@ -34,7 +35,8 @@ def config(tmp_path: Path, argv: list[str], env: dict[str, str], text: str = FIL
 
 def test_precedence_file_env_flags(tmp_path):
     c = config(tmp_path, [], {})
-    assert (c.port, c.cluster, c.peers, c.discovery, c.threads) == (7000, "home", ("10.0.0.2:7340", "10.0.0.3:7340"), False, 3)
+    threads = cap_threads(3, read_cpu_facts(measure_load=False))[0]  # 3, or the cores when fewer
+    assert (c.port, c.cluster, c.peers, c.discovery, c.threads) == (7000, "home", ("10.0.0.2:7340", "10.0.0.3:7340"), False, threads)
     assert c.host == "0.0.0.0" and str(c.state_dir) == "/var/lib/dllp2p"  # a default where nothing says
     c = config(tmp_path, [], {"DLLP2P_PORT": "7100", "DLLP2P_PEERS": "10.0.0.9:1, 10.0.0.8:2", "DLLP2P_DISCOVERY": "yes"})
     assert (c.port, c.peers, c.discovery, c.cluster) == (7100, ("10.0.0.9:1", "10.0.0.8:2"), True, "home")

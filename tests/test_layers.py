@@ -48,7 +48,6 @@ MAX_LINES = 500
 # little slack): a debt to pay by splitting them, each with the most it may have until then
 LONG_EXEMPT = {
     "dllp2p/formats/quant.py": 510,
-    "dllp2p/bench.py": 510,
 }
 
 

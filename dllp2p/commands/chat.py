@@ -35,6 +35,7 @@ from ..textsafe import printable
 from ..tokenizer import StreamDecoder, Tokenizer
 from ..wire.client import DaemonError, NoDaemon, ask_blocking, daemon_request, probe
 from ..wire.messages import ChatTurn
+from .run import chosen_threads
 
 COMMANDS = {"/exit": "exit", "/quit": "exit", "/reset": "reset", "/help": "help"}
 
@@ -49,7 +50,8 @@ class Local:
         self.model = load_model(resolve_model(cfg.model))
         self.tokenizer = Tokenizer.from_metadata(self.model.metadata)
         extra = {} if getattr(cfg, "cache_dir", None) is None else {"cache_dir": cfg.cache_dir}
-        self.engine = JITEngine(self.model, cfg.ctx, cfg.threads, **extra)
+        threads = cfg.threads or chosen_threads(sys.stderr)
+        self.engine = JITEngine(self.model, cfg.ctx, threads, **extra)
         self.sampler = Sampler(cfg.sampler)  # one random stream for the session
         self.kv: tuple[int, ...] = ()
 

@@ -40,6 +40,15 @@ def make_engine(kind: str, model: GGUFModel, ctx: int, threads: int | None = Non
     raise ValueError(f"unknown engine {kind!r}")
 
 
+def chosen_threads(err: TextIO = sys.stderr) -> int:
+    """The default thread count (jit/cpus.py: affinity, cgroup quota, the load now), said in one line on err."""
+    from ..jit.engine import default_thread_choice  # llvmlite: loaded when an engine is made here
+
+    choice = default_thread_choice()
+    print(f"dllp2p: compute threads: {choice.reason}", file=err)
+    return choice.threads
+
+
 def run(cfg, out: TextIO = sys.stdout, err: TextIO = sys.stderr,  # noqa: ANN001
         timeouts: ClientTimeouts = ClientTimeouts()) -> int:
     """Through cfg.daemon if it is set (and answers, when cfg.fallback), else in this process."""
@@ -83,8 +92,10 @@ def run_local(cfg, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:  
     if cfg.workers:
         cluster = ClusterOptions(cfg.workers, cfg.plan, exchange=cfg.exchange, cache_dir=cfg.cache_dir,
                                  key=getattr(cfg, "key", None))
-    engine = make_engine("cluster" if cluster else cfg.engine, model, cfg.ctx, cfg.threads, cluster, err,
-                         cfg.cache_dir)
+    threads = cfg.threads
+    if threads is None and (cluster or cfg.engine == "jit"):
+        threads = chosen_threads(err)
+    engine = make_engine("cluster" if cluster else cfg.engine, model, cfg.ctx, threads, cluster, err, cfg.cache_dir)
     stats = GenerationStats()
     decoder = StreamDecoder(tokenizer)
     try:

@@ -195,6 +195,7 @@ def to_json(s: Survey) -> dict[str, Any]:
             "status_rtt_ms": s.rtt_ms.get(m.node_id) if own is not None else None,
             "links": {} if own is None else {link.node_id: link.rtt_ms for link in own.links},
             "push": _push(own.push if own is not None else None),
+            "rate": None if own is None else own.rate,  # whole-model decode tok/s of its compute (rates.py)
         })
     out: dict[str, Any] = {"node": s.reply.node_id, "nodes": nodes}
     out["plan"] = None if plan is None else {"epoch": plan.epoch, "policy": plan.policy, "exchange": plan.exchange,

@@ -54,6 +54,7 @@ from ..clusterkey import ClusterKey
 from ..config import DEFAULT_CLUSTER, DEFAULT_PORT, Timeouts
 from ..discovery import StaticOptions
 from ..models import DEFAULT_FILE
+from ..session.rates import RateMeter
 from ..session.service import RootService
 from ..session.slices import SliceCache, node_id
 from ..session.worker import Worker
@@ -108,6 +109,8 @@ class DaemonConfig:
     cache_mb: int = 4096  # size budget of the slice cache (state dir) and of the packed slices (cache dir)
     key: ClusterKey | None = None  # the cluster key; None: this machine only (loopback, no peers, no mDNS)
     drain_s: float = 30.0  # SIGTERM: how long the requests it has taken may take to finish before handover
+    threads_why: str = ""  # how `threads` was chosen (jit/cpus.py), logged at start-up
+    threads_auto: bool = False  # not configured: chosen again (the load now) for every session's engine
 
     def __post_init__(self) -> None:
         if not election.CLUSTER.fullmatch(self.cluster):
@@ -125,6 +128,7 @@ class Daemon:
 
     def __init__(self, config: DaemonConfig, tp: ModuleType | Any | None = None):
         self.config = config
+        self._threads_now = config.threads  # the count _pick_threads chose last
         self.t = config.timeouts
         self.tp = tp
         self.node_id = node_id(config.state_dir)
@@ -139,12 +143,15 @@ class Daemon:
         self._capped: set[str] = set()  # hosts whose connections over the cap were logged
         cluster = config.cluster if config.key is None else config.key.bind(config.cluster)
         self.membership = Membership(self.node_id, cluster, self.started_at, config.static, config.key, self._new_id)
+        meter = RateMeter()  # this node's compute rate, from its steps as worker and as root
+        pick = self._pick_threads if config.threads_auto else None
         self.worker = Worker(self.node_id, config.threads, float(config.capacity or config.threads), self.t,
                              SliceCache(config.state_dir / "slices", config.cache_mb << 20), self._tp, slot, config.cache_dir,
-                             config.key, known=self._member_addresses)
+                             config.key, known=self._member_addresses, meter=meter, pick_threads=pick)
         self.root_service = RootService(config.model, self.node_id, config.threads, config.policy, self.t, self._tp,
                                         exchange=config.exchange, cache_dir=config.cache_dir, key=config.key,
-                                        on_lost=self.membership.mark_dead)
+                                        on_lost=self.membership.mark_dead, meter=meter,
+                                        rates=lambda: dict(self.membership.rates), pick_threads=pick)
         self.figures: figures.Measured | None = None  # measured by _measure ("auto" plans)
         self.prompts = PromptSlot(self.node_id, self.membership, self.root_service, slot, self.t, config.key)
 
@@ -155,6 +162,17 @@ class Daemon:
         self.node_id = node_id(self.config.state_dir)
         self.worker.node_id = self.root_service.node_id = self.prompts.node_id = self.node_id
         return self.node_id
+
+    def _pick_threads(self) -> int:
+        """(blocking, 0.1 s) The default thread count now (jit/cpus.py: the load as a session starts, not only as
+        the daemon did, e.g. at boot); logged when it differs from the last."""
+        from ..jit.engine import default_thread_choice  # llvmlite, as the engines: loaded by the first session
+
+        choice = default_thread_choice()
+        if choice.threads != self._threads_now:
+            log.info("compute threads now: %s", choice.reason)
+            self._threads_now = choice.threads
+        return choice.threads
 
     def _member_addresses(self) -> set[str]:
         return {m.address for m in election.members(self.membership.members)}
@@ -181,6 +199,8 @@ class Daemon:
             model = c.model.name if c.model else "none (start it with --model PATH to serve prompts as root)"
             log.info("node %s listening on %s (cluster %s, %d threads, state in %s); model %s", self.node_id,
                      self.address, self.membership.cluster, c.threads, c.state_dir, model)
+            if c.threads_why:
+                log.info("compute threads: %s", c.threads_why)
             if self.key is None:
                 dropped = sorted(set(self.config.peers) - set(c.peers))
                 log.warning("no cluster key: serving this machine only (loopback, no mDNS, no LAN peers%s). To make "

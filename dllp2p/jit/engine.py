@@ -31,6 +31,7 @@ from .compiler import (
     DEFAULT_CACHE_DIR, CompiledModule, ObjectCache, compile_module, default_target, llvm_version, load_object,
     sources_digest,
 )
+from .cpus import ThreadChoice, choose_threads, read_cpu_facts
 from .family import LAYER_EXTRAS, layer_extras, rope_table
 from .layout import aligned_zeros
 from .library import build_module
@@ -38,8 +39,14 @@ from .program import LAYER_MATRICES, ProgramSpec, Slots, build_program, max_span
 from .weights import load_packed, thread_layout
 
 
+def default_thread_choice(measure_load: bool = True) -> ThreadChoice:
+    """The thread count for this process and why (cpus.py: affinity mask, cgroup quota, the load measured
+    over cpus.BUSY_SAMPLE_S now unless measure_load is False)."""
+    return choose_threads(read_cpu_facts(measure_load))
+
+
 def default_threads() -> int:
-    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
+    return default_thread_choice().threads
 
 
 def _kernel_type(qtype: QType) -> QType:

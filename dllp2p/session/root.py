@@ -45,6 +45,7 @@ from ..engine import MAX_TOP, BatchRow, ContextFull, check_rows
 from ..error_codes import ErrorCode
 from ..formats import ModelConfig
 from ..pipeline import AnyPlan, build_plan
+from ..scheduler import with_rates
 from ..wire.chunks import weight_chunks
 from ..wire.codec import ProtocolError, encode
 from ..wire.link import (
@@ -75,6 +76,7 @@ from ..wire.messages import (
 )
 from . import autoplan
 from .progress import BUILD, PUSH, Note, Progress, Sink, ignore
+from .rates import run_delay_ms
 from .recovery import StepClock
 
 ROOT_EPOCH = 0  # a re-plan after a lost node will take the next one
@@ -132,6 +134,7 @@ class StepStats:
     sync_ms: float  # of which waiting for and moving activations
     bytes_sent: int  # by the root, this step
     bytes_received: int
+    delay_ms: float = 0.0  # of the step, the root's step thread waited for a CPU (session/rates.py)
 
 
 @dataclass
@@ -174,8 +177,9 @@ class ClusterEngine:
     """Engine protocol (dllp2p/engine.py) over a root TPNode and its workers. Build with connect()."""
 
     def __init__(self, config: ModelConfig, ctx: int, plan_: AnyPlan, node: Any, peers: list[socket.socket | None],
-                 workers: list[Worker], tp: Any, stats: ClusterStats):
+                 workers: list[Worker], tp: Any, stats: ClusterStats, rates: dict[str, float] | None = None):
         self.config = config
+        self.rates = rates or {}  # node id -> the weight the plan was made with (its rate, or its capacity)
         self.ctx = ctx
         self.plan = plan_
         self.stats = stats
@@ -245,7 +249,7 @@ class ClusterEngine:
             except (LinkClosed, LinkTimeout) as e:
                 raise self._lost(w, str(e)) from None
         self._clock.arm(self._peers, n_tokens)
-        t0 = time.perf_counter()
+        t0, d0 = time.perf_counter(), run_delay_ms()
         try:
             logits = run()
         except self._tp.PeerLost as e:
@@ -255,7 +259,8 @@ class ClusterEngine:
         self._clock.measured(n_tokens, time.perf_counter() - t0)
         s = self._node.stats
         self.stats.steps.append(StepStats(n_tokens, s.get("step_ms", 0.0), s.get("sync_ms", 0.0),
-                                          int(s.get("bytes_sent", 0)), int(s.get("bytes_received", 0))))
+                                          int(s.get("bytes_sent", 0)), int(s.get("bytes_received", 0)),
+                                          run_delay_ms() - d0))
         return logits
 
     def stats_summary(self) -> list[str]:
@@ -322,15 +327,18 @@ class ClusterEngine:
 
 async def start(model: Any, options: ClusterOptions, ctx: int, threads: int, tp: Any, events: Sink = ignore, *,
                 node_id: str | None = None, epoch: int = ROOT_EPOCH,
-                slices: Callable[[Any, AnyPlan, int], dict[str, Any]] | None = None) -> ClusterEngine:
+                slices: Callable[[Any, AnyPlan, int], dict[str, Any]] | None = None, rate: float = 0.0) -> ClusterEngine:
     """The set-up on the caller's trio loop (ClusterEngine.connect runs it in a trio.run of its own; a
     root daemon on its loop, with its own node id and the request's number as the plan's epoch). `events`
-    gets the set-up's progress (progress.py); `slices`: tp.plan_tensors, or a slices.PlanSlices over it."""
+    gets the set-up's progress (progress.py); `slices`: tp.plan_tensors, or a slices.PlanSlices over it.
+    `rate`: the root's measured compute rate (session/rates.py): with every worker's (their Hellos), the
+    plan's shares are weighed by speed (scheduler.with_rates); the engine keeps the weights (`rates`)."""
     t0 = time.perf_counter()
     t = options.timeouts
     config: ModelConfig = model.config
     ctx = min(ctx, config.context_length)
-    root = Hello(PROTOCOL_VERSION, node_id or f"root-{secrets.token_hex(4)}", "root", threads, float(threads))
+    root = Hello(PROTOCOL_VERSION, node_id or f"root-{secrets.token_hex(4)}", "root", threads, float(threads),
+                 rate=rate)
     workers: list[Worker] = []
     peers: list[socket.socket | None] = []
     node = None
@@ -346,6 +354,8 @@ async def start(model: Any, options: ClusterOptions, ctx: int, threads: int, tp:
             policy, max_nodes = "weighted", choice.chosen.candidate.n_nodes
             members = [replace(p, capacity=rates[p.node_id]) for p in members]
             events(Note(f"auto plan: {choice.chosen.candidate.label}, predicted {choice.chosen.total_ms:.1f} ms/token"))
+        # the speeds measured from decode steps, where every node has one, weigh the shares (issue 19)
+        members = with_rates(members, [rate] + [w.hello.rate for w in workers])
         the_plan = build_plan(config, members, epoch, policy, exchange=options.exchange, block=tp.split_block(model),
                               max_nodes=max_nodes)
         for w in workers:
@@ -401,7 +411,8 @@ async def start(model: Any, options: ClusterOptions, ctx: int, threads: int, tp:
         raise
     stats = ClusterStats(the_plan.n_nodes, the_plan.policy, the_plan.exchange, sum(w.received_bytes for w in workers),
                          sum(w.cached for w in workers), time.perf_counter() - t0, timeout=t.socket)
-    engine = ClusterEngine(config, ctx, the_plan, node, peers, workers, tp, stats)
+    weights = {p.node_id: p.capacity for p in members if p.node_id in {n.node_id for n in the_plan.nodes}}
+    engine = ClusterEngine(config, ctx, the_plan, node, peers, workers, tp, stats, weights)
     engine.choice = choice
     return engine
 

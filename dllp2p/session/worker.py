@@ -47,7 +47,7 @@ from ..config import Timeouts
 from ..diskcache import disk_full
 from ..error_codes import ErrorCode
 from ..formats import QType
-from ..pipeline import check_fits
+from ..pipeline import check_fits, plan_share
 from ..scheduler import Plan, PlanError, check_plan_fits
 from ..wire.chunks import AssembledSlice, SliceAssembler
 from ..wire.codec import ChunkError, ProtocolError, UnexpectedMessage, error_code
@@ -79,6 +79,7 @@ from ..wire.messages import (
     WeightsReady,
 )
 from ..wire.reports import PushStatus, StepStatus
+from .rates import RateMeter, run_delay_ms
 from .checks import allowed_hosts, check_addresses, check_config, check_shapes, dialed_hosts, mem_available
 from .recovery import StepClock
 from .slices import SliceCache, check_slices, storage_array
@@ -116,8 +117,11 @@ class Worker:
 
     def __init__(self, node_id: str, threads: int, capacity: float, timeouts: Timeouts, cache: SliceCache,
                  tp: Callable[[], Any], slot: trio.Lock, cache_dir: Any = None, key: ClusterKey | None = None,
-                 known: Callable[[], set[str]] = set, memory: Callable[[], int | None] = lambda: _meminfo()):
+                 known: Callable[[], set[str]] = set, memory: Callable[[], int | None] = lambda: _meminfo(),
+                 meter: RateMeter | None = None, pick_threads: Callable[[], int] | None = None):
         self.node_id = node_id
+        self.pick_threads = pick_threads  # (blocking) the thread count for a session's engine; None: `threads`
+        self.meter = meter or RateMeter()  # this node's compute rate, from its steps (sent in Hello)
         self.known = known  # the addresses of the cluster's members: the only ones a plan may make it dial
         self.memory = memory  # bytes this node has available now (None: unknown)
         self.key = key  # the cluster key the mesh connections it dials are made with
@@ -154,7 +158,8 @@ class Worker:
             raise UnexpectedMessage(f"a control connection comes from a root, this Hello is from a {hello.role}")
         f = self.figures
         await link.send(Hello(PROTOCOL_VERSION, self.node_id, "worker", self.threads, self.capacity,
-                              gbps=f.gbps if f else 0.0, disk_gbps=f.disk_gbps if f else 0.0, ram=f.ram if f else 0))
+                              gbps=f.gbps if f else 0.0, disk_gbps=f.disk_gbps if f else 0.0, ram=f.ram if f else 0,
+                              rate=self.meter.rate))
         log.info("root %s (node %s) connected", link.peer, hello.node_id)
         while True:
             try:
@@ -415,9 +420,11 @@ class Worker:
                 extra["exchange_keys"] = keys
             if s.max_seqs > 1:
                 extra["max_seqs"] = s.max_seqs
-            node = tp.plan_node(s.config, s.plan, index, tensors, peers, s.ctx, self.threads, **extra)
+            threads = self.pick_threads() if self.pick_threads else self.threads
+            node = tp.plan_node(s.config, s.plan, index, tensors, peers, s.ctx, threads, **extra)
             tensors.clear()  # the engine holds its own packed copy
             ctl.send(Ready(s.epoch, self.node_id))
+            share = plan_share(s.plan, index, s.config.n_layers)
             seq = 0
             clock = StepClock(self.t.socket)  # a silent peer fails the step within about a second, as at the root
             while True:
@@ -432,17 +439,19 @@ class Worker:
                         or any(max(c[:2]) >= s.max_seqs for c in msg.copies)):
                     raise UnexpectedMessage(f"Step {seq} does not fit the context ({s.ctx}), slots or vocabulary")
                 clock.arm(peers, len(msg.tokens))
-                t0 = time.perf_counter()
+                t0, d0 = time.perf_counter(), run_delay_ms()
                 for src, dst, n in msg.copies:
                     node.copy_prefix(src, dst, n)
                 if msg.rows:
                     node.forward_batch(rows, msg.top)
                 else:
                     node.forward(msg.tokens, msg.start_pos, msg.top)
+                delay = run_delay_ms() - d0
                 clock.measured(len(msg.tokens), time.perf_counter() - t0)
                 stats = getattr(node, "stats", None) or {}
                 self.last_step = StepStatus(len(msg.tokens), stats.get("step_ms", (time.perf_counter() - t0) * 1e3),
                                             stats.get("sync_ms", 0.0), time.time())
+                self.meter.add_step(share, stats.get("compute_ms", 0.0) + delay, len(msg.tokens))
                 seq += 1
         except (tp.PeerLost, LinkClosed) as e:
             if self.leaving:

@@ -65,10 +65,12 @@ class Hello:
     gbps: float = dataclasses.field(default=0.0, metadata=WIRE_OPTIONAL)  # GB/s of weights per token, its kernels
     disk_gbps: float = dataclasses.field(default=0.0, metadata=WIRE_OPTIONAL)  # reading its slice cache's disk
     ram: int = dataclasses.field(default=0, metadata=WIRE_OPTIONAL)  # bytes its weights may use
+    # measured whole-model decode tokens/s of its recent steps (session/rates.py); 0.0: not measured yet
+    rate: float = dataclasses.field(default=0.0, metadata=WIRE_OPTIONAL)
 
     def __post_init__(self) -> None:
         _need(bool(self.node_id), "node_id is empty")
-        _need(all(math.isfinite(x) and x >= 0 for x in (self.gbps, self.disk_gbps)) and self.ram >= 0,
+        _need(all(math.isfinite(x) and x >= 0 for x in (self.gbps, self.disk_gbps, self.rate)) and self.ram >= 0,
               "measured figures must be finite and >= 0")
         _need(self.role in ROLES, f"role {self.role!r} is not one of {ROLES}")
         _need(self.threads >= 1, f"threads {self.threads} < 1")

@@ -203,6 +203,7 @@ class StatusReply:
     plans: tuple[PlanEstimate, ...] = dataclasses.field(default=(), metadata=WIRE_OPTIONAL)  # priced for its latest prompt, as root
     recoveries: int = dataclasses.field(default=0, metadata=WIRE_OPTIONAL)  # requests that lost a node and went on, as root
     last_recovery: RecoveryStatus | None = dataclasses.field(default=None, metadata=WIRE_OPTIONAL)  # the latest of them
+    rate: float = dataclasses.field(default=0.0, metadata=WIRE_OPTIONAL)  # its measured compute rate (Hello.rate)
 
     def __post_init__(self) -> None:
         _need(self.seq >= 0 and self.sessions >= 0, "negative seq or session count")
@@ -211,3 +212,4 @@ class StatusReply:
         linked = [link.node_id for link in self.links]
         _need(len(set(linked)) == len(linked), "a link is listed twice")
         _need(sum(n.role == "root" for n in self.nodes) <= 1, "more than one root")
+        _need(math.isfinite(self.rate) and self.rate >= 0, f"rate {self.rate} is not finite and >= 0")
