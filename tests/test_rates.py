@@ -189,7 +189,7 @@ def test_a_daemon_without_configured_threads_chooses_them_per_session(tmp_path, 
             super().__init__(*args, **kwargs)
 
     tp = SimpleNamespace(**{k: getattr(fake_tp, k) for k in dir(fake_tp) if not k.startswith("__")})
-    tp.TPNode = TPNode
+    tp.TPNode = tp.plan_node = TPNode
     counts = iter([1, 3])
     monkeypatch.setattr(jit_engine, "default_thread_choice", lambda: ThreadChoice(next(counts), "made up"))
 
