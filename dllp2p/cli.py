@@ -21,6 +21,7 @@ from .errors import user_facing_errors
 from .formats import load_metadata
 from .models import NoModel, default_model_path
 from .sampler import SamplerConfig
+from .session.batcher import BatchConfig
 from .textsafe import SafeFormatter, printable
 from .wire.link import format_address, parse_address
 
@@ -139,6 +140,13 @@ def build_parser() -> argparse.ArgumentParser:
     daemon.add_argument("--api-ctx", dest="api_ctx", type=int, metavar="N", action=_Given,
                         help="the context (KV positions) of the API's requests: the longest prompt + reply "
                              "(default 2048)")
+    daemon.add_argument("--max-batch", dest="max_batch", type=int, metavar="N", action=_Given,
+                        help="as root alone: requests generated together, continuous batching (default 8)")
+    daemon.add_argument("--queue", type=int, metavar="N", action=_Given,
+                        help="requests waiting beyond --max-batch, first come first served; more are refused "
+                             "(HTTP 429) (default 16)")
+    daemon.add_argument("--kv-budget-mb", dest="kv_budget_mb", type=int, metavar="MIB", action=_Given,
+                        help="KV cache of all batched requests together (default 0: --max-batch full contexts)")
     daemon.add_argument("--model", action=_Given,
                         help="GGUF model served when this daemon is root (default: the installed SmolLM2)")
 
@@ -284,6 +292,9 @@ def config_of_settings(s: dict, environ: Mapping[str, str]) -> DaemonConfig:
         raise ValueError("--threads must be at least 1")
     if s["cache_mb"] < 1:
         raise ValueError("--cache-mb must be at least 1")
+    if s["max_batch"] < 1 or s["queue"] < 0 or s["kv_budget_mb"] < 0:
+        raise ValueError("--max-batch must be at least 1, --queue and --kv-budget-mb at least 0")
+    batch = BatchConfig(s["max_batch"], s["queue"], s["kv_budget_mb"] << 20)
     model = Path(s["model"]).expanduser() if s.get("model") else _installed_model()
     key_path = clusterkey.configured_path(s["key_file"], environ)
     key = None if key_path is None else clusterkey.load(key_path)
@@ -291,7 +302,8 @@ def config_of_settings(s: dict, environ: Mapping[str, str]) -> DaemonConfig:
                         cluster=s["cluster"], key=key, discovery=s["discovery"], interfaces=tuple(s["interfaces"]),
                         peers=tuple(s["peers"]), model=model, exchange=s["exchange"], policy=s["plan"],
                         api=None if s["api"] in ("", "off") else s["api"], api_ctx=s["api_ctx"],
-                        api_hosts=tuple(s["api_hosts"]), cache_dir=cache_dir(environ), cache_mb=s["cache_mb"])
+                        api_hosts=tuple(s["api_hosts"]), cache_dir=cache_dir(environ), cache_mb=s["cache_mb"],
+                        batch=batch)
 
 
 def _installed_model() -> Path | None:

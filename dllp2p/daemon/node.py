@@ -46,6 +46,7 @@ from ..clusterkey import ClusterKey
 from ..config import DEFAULT_CLUSTER, DEFAULT_PORT, Timeouts
 from ..discovery import StaticOptions
 from ..models import DEFAULT_FILE
+from ..session.batcher import BatchConfig
 from ..session.service import RootService
 from ..session.slices import SliceCache, node_id
 from ..session.worker import Worker
@@ -97,6 +98,7 @@ class DaemonConfig:
     cache_dir: Path | None = None  # compiled kernels and packed weights; None: the engine's default
     cache_mb: int = 4096  # size budget of the slice cache (state dir) and of the packed slices (cache dir)
     key: ClusterKey | None = None  # the cluster key; None: this machine only (loopback, no peers, no mDNS)
+    batch: BatchConfig = field(default_factory=BatchConfig)  # requests served together as root (max_batch, queue, KV)
 
     def __post_init__(self) -> None:
         if not election.CLUSTER.fullmatch(self.cluster):
@@ -132,7 +134,8 @@ class Daemon:
                              SliceCache(config.state_dir / "slices", config.cache_mb << 20), self._tp, slot, config.cache_dir,
                              config.key, known=self._member_addresses)
         self.root_service = RootService(config.model, self.node_id, config.threads, config.policy, self.t, self._tp,
-                                        exchange=config.exchange, cache_dir=config.cache_dir, key=config.key)
+                                        exchange=config.exchange, cache_dir=config.cache_dir, key=config.key,
+                                        batch=config.batch, slot=slot)
         self.prompts = PromptSlot(self.node_id, self.membership, self.root_service, slot, self.t, config.key)
 
     def _new_id(self) -> str:
@@ -178,6 +181,7 @@ class Daemon:
             e = self.membership.election()
             log.info("this node is %s", e.role(self.node_id) if e.root is not None else "alone")
             nursery.start_soon(self.root_service.keep_warm)
+            nursery.start_soon(self.root_service.batching.run)
             if c.api is not None:
                 await self._start_api(nursery)
             task_status.started(self.address)

@@ -34,6 +34,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -44,6 +45,7 @@ from ..clusterkey import ClusterKey
 from ..config import Timeouts
 from ..error_codes import CodedError, ErrorCode, code_of
 from ..errors import user_facing_errors
+from ..engine import kv_bytes_per_position
 from ..formats import load_model
 from ..generate import GenerationStats, StopFilter, generate
 from ..prompt import chat_tokens, prompt_tokens
@@ -55,6 +57,8 @@ from ..wire.codec import ProtocolError
 from ..wire.link import LinkClosed, LinkTimeout, TrioLink, first_error
 from ..wire.messages import MAX_HOPS, Done, Error, Generate, TokenChunk
 from ..wire.secure import HandshakeFailed
+from .batcher import BatchConfig
+from .batching import BatchService, jit_batch_engine
 from .checks import MAX_CTX, MEMORY_SHARE, mem_available
 from .progress import Latest, LogEvents
 from .root import ClusterError, ClusterOptions, start
@@ -98,7 +102,7 @@ class RootService:
 
     def __init__(self, model_path: Path | None, node_id: str, threads: int, policy: str, timeouts: Timeouts,
                  tp: Callable[[], Any], exchange: str = "exact", cache_dir: Path | None = None,
-                 key: ClusterKey | None = None):
+                 key: ClusterKey | None = None, batch: BatchConfig = BatchConfig(), slot: trio.Lock | None = None):
         self.model_path = model_path
         self.key = key  # the cluster key its connections to the workers are made with
         self.node_id = node_id
@@ -116,6 +120,8 @@ class RootService:
         self.last_plan: Plan | None = None  # of the latest request (Status shows it)
         self._warm: _Warm | None = None  # the last request's engine, kept for the next one
         self._left_out: dict[str, _LeftOut] = {}  # address -> a worker planned without for a while (disk full)
+        # requests served alone are batched (batching.py; its run() is a task of the daemon)
+        self.batching = BatchService(batch, node_id, slot, timeouts.idle)
 
     def left_out_now(self) -> list[_LeftOut]:
         """Workers this root plans without at this moment (Status shows them)."""
@@ -148,6 +154,22 @@ class RootService:
             log.warning("request from %s refused: %s", link.peer, e)
             await _send_error(link, Error(code_of(e), f"root {self.node_id}: {e}"))
             return None
+
+    async def serve_batched(self, link: TrioLink, g: Generate, workers: list[str], ids: list[int]) -> bool:
+        """Serve g with the others running on this root alone (continuous batching) if no worker takes part;
+        False: it has workers (serve it in the prompt slot)."""
+        left_out = {x.address for x in self.left_out_now()}
+        if any(w not in left_out for w in workers):
+            return False
+        loaded = await trio.to_thread.run_sync(self._load)
+        model, extra = loaded.model, {} if self.cache_dir is None else {"cache_dir": self.cache_dir}
+        make = partial(jit_batch_engine, model, threads=self.threads, max_seqs=self.batching.cfg.max_batch, **extra)
+        self.batching.attach(make, loaded.tokenizer, g.ctx, kv_bytes_per_position(model.config))
+        self.requests += 1
+        self.last_plan = plan(model.config, [Peer(self.node_id, "", self.threads, float(self.threads))], self.requests,
+                              self.policy, exchange=self.exchange)
+        await self.batching.generate(link, g, ids)
+        return True
 
     async def serve(self, link: TrioLink, g: Generate, workers: list[str], ids: list[int]) -> None:
         """Generate g (its prompt_ids: ids) over this root and `workers` ("host:port" of the compatible
