@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from . import __version__, bench, clusterkey, config, daemon
+from . import __version__, bench, bench_concurrency, clusterkey, config, daemon
 from .clusterkey import ClusterKey
 from .commands import chat, key, run, status
 from .config import DEFAULT_API_PORT, DEFAULT_PORT, EXCHANGES, LOCAL_DAEMON, POLICIES
@@ -79,7 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"dllp2p {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    bench.add_arguments(sub.add_parser("bench", help="measure prefill and decode speed (and llama.cpp's, if installed)"))
+    bench_parser = sub.add_parser("bench", help="measure prefill and decode speed (and llama.cpp's, if installed)")
+    bench.add_arguments(bench_parser)
+    bench_concurrency.add_arguments(bench_parser)
 
     run = sub.add_parser("run", help="generate text from a prompt")
     run.add_argument("--prompt", required=True, help="the prompt text (with --chat: the user's message)")
@@ -366,7 +368,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if ns.command == "chat":
             return chat.chat(chat_config(ns))
         if ns.command == "bench":
-            return bench.main(ns, cache_dir=cache_dir(os.environ))
+            main = bench_concurrency.main if ns.concurrency else bench.main
+            return main(ns, cache_dir=cache_dir(os.environ))
         if ns.command == "daemon":
             settings = daemon_settings(ns)
             cfg = config_of_settings(settings, os.environ)

@@ -232,18 +232,21 @@ def test_concurrent_greedy_streams_equal_their_solo_runs(model, n):
     sinks = [Sink() for _ in reqs]
     sizes = []
 
+    finished, started = [], {}
+
     async def main():
         async with trio.open_nursery() as nursery:
             async def one(i):
-                await trio.sleep(0.01 * i)  # joining while the others run
+                while i and (i - 1 not in started or (svc.steps < started[i - 1] + 2 and svc.busy())):
+                    await trio.sleep(0.001)  # joining 2 steps after the one before, while the others run
+                started[i] = svc.steps
                 ids, steps, ctx, stop = reqs[i]
                 await svc.generate(sinks[i], _gen(ids, steps, ctx, stop), list(ids))
+                finished.append(i)
 
             async def driver():
-                while not svc.busy():
-                    await trio.sleep(0.001)
-                while svc.busy():
-                    if await svc.step():
+                while len(finished) < n:
+                    if svc.busy() and await svc.step():
                         sizes.append(svc.core.last_batch)
                     await trio.sleep(0.001)
 
@@ -312,3 +315,44 @@ def test_refused_beyond_the_queue_and_failed_engines_answer_errors(model):
     trio.run(main)
     assert isinstance(first.got[-1], Done)
     assert isinstance(second.got[-1], Error) and second.got[-1].kind is ErrorCode.RATE_LIMITED
+
+
+def test_status_shows_running_and_queued_requests():
+    """The root's ServingStatus travels in StatusReply (an older reply without it decodes as None) and shows
+    in `status --json` and the live view's caption."""
+    from rich.console import Console
+
+    from dllp2p import wire as P
+    from dllp2p.commands import status
+
+    svc = BatchService(BatchConfig(max_batch=2, queue=4), "root-test")
+    svc.attach(lambda ctx: None, None, 64, 1)
+    for i in range(3):
+        svc.core.submit(Seq(i, _prompt(i, 5), 4, 64))
+    sv = svc.serving()
+    assert (sv.running, sv.queued, sv.max_batch, sv.queue, sv.kv_reserved, sv.kv_budget) == (2, 1, 2, 4, 18, 128)
+    reply = P.StatusReply(1, "root-test", (), None, None, 0, serving=sv)
+    (back,) = P.FrameDecoder().feed(P.encode(reply))
+    assert back == reply
+    old = P.FrameDecoder().feed(P.encode(P.StatusReply(1, "root-test", (), None, None, 0)))[0]
+    assert old.serving is None
+    j = status.to_json(status.Survey("127.0.0.1:1", back))
+    assert j["serving"]["running"] == 2 and j["serving"]["queued"] == 1 and j["serving"]["max_batch"] == 2
+    console = Console(width=200, record=True)
+    console.print(status.table(status.Survey("127.0.0.1:1", back)))
+    assert "requests: 2 running, 1 queued (batch 0 of 2" in console.export_text()
+
+
+def test_bench_concurrency_runs_streams_together_as_alone(model):
+    """`dllp2p bench --concurrency`'s run: N streams in one batch each decode what they decode alone."""
+    from dllp2p.bench_concurrency import decode_run
+
+    m, tok = model
+    batch = SoloBatch(lambda: _engine(m.config, tok, 64), 3)
+    batch.max_seqs, batch.kv_bytes_per_position = 3, 64
+    ps = [_prompt(i, 6 + i) for i in range(3)]
+    seconds, together = decode_run(batch, ps, 5, 64)
+    for p, got in zip(ps, together):
+        _, alone = decode_run(SoloBatch(lambda: _engine(m.config, tok, 64), 1), [p], 5, 64)
+        assert got == alone[0] and len(got) == 5
+    assert seconds > 0

@@ -16,6 +16,8 @@
                 or "worker HOST:PORT (node ID)", "done", "total"}] (bytes pushed; 0 or 1 engine built)
     left_out    {node id: {"address", "code" ("disk_full"), "reason", "until" (unix s)}}: workers the root
                 plans without for now, and why
+    serving     null, or the root's requests served together: {"running", "queued", "batch" (rows of its
+                latest step), "max_batch", "queue" (the queue's bound), "kv_reserved", "kv_budget" (positions)}
     nodes       one entry per member the daemon asked lists, root first, then the succession:
       id, address, role ("root" | "worker"), version (protocol, int), started_at (unix s, float),
       cluster, cores (int), ram (bytes of RAM, int), features (list of str), known_from (list of
@@ -199,6 +201,10 @@ def to_json(s: Survey) -> dict[str, Any]:
                        for p in root.progress]
     out["left_out"] = {x.node_id: {"address": x.address, "code": x.code, "reason": x.reason, "until": x.until}
                        for x in root.left_out}
+    sv = root.serving
+    out["serving"] = None if sv is None else {"running": sv.running, "queued": sv.queued, "batch": sv.batch,
+                                              "max_batch": sv.max_batch, "queue": sv.queue,
+                                              "kv_reserved": sv.kv_reserved, "kv_budget": sv.kv_budget}
     left = out["left_out"]
     for row in nodes:
         row["left_out"] = left.get(row["id"])
@@ -221,6 +227,10 @@ def table(s: Survey | None, error: str | None = None, now: float | None = None, 
             caption += "; set-up: " + ", ".join(
                 f"weights → {p['subject']} {100 * p['done'] / p['total']:.0f}%" if p["task"] == "push"
                 else f"{p['subject']} building its engine" for p in busy)
+        sv = to_json(s)["serving"]
+        if sv is not None and (sv["running"] or sv["queued"]):
+            caption += (f"; requests: {sv['running']} running, {sv['queued']} queued (batch {sv['batch']} of "
+                        f"{sv['max_batch']}, KV {100 * sv['kv_reserved'] / max(1, sv['kv_budget']):.0f}%)")
     t = Table(title="dllp2p cluster", caption=_text(f"{caption} ({hint})" if hint and not error else caption))
     for col in ("node", "role", "address", "version", "started", "slice", "cores / RAM", "rss", "load",
                 "rtt", "weights", "last tok/s"):

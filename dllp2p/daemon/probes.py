@@ -26,7 +26,7 @@ def status_reply(seq: int, membership: Membership, worker, root_service) -> Stat
     left_out = tuple(LeftOut(x.node_id, x.address, str(x.code), x.reason, x.until) for x in root_service.left_out_now())
     return StatusReply(seq, m.node_id, nodes, the_plan, worker.last_step, worker.sessions,
                        resources(m.me.cores if m.me else 1, m.me.ram if m.me else 0), links, worker.push, progress,
-                       left_out)
+                       left_out, root_service.batching.serving())
 
 
 def resources(cores: int, ram: int) -> Resources:

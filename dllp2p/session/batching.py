@@ -40,6 +40,7 @@ from ..sampler import Sampler, SamplerConfig
 from ..tokenizer import StreamDecoder
 from ..wire.link import LinkClosed
 from ..wire.messages import Done, Error, Generate, TokenChunk
+from ..wire.reports import ServingStatus
 from .batcher import BatchConfig, BatchCore, Seq, Step
 
 log = logging.getLogger("dllp2p.daemon")
@@ -63,19 +64,6 @@ class _Stream:
     last: float = 0.0
     failure: Error | None = None
     log: list[str] = field(default_factory=list)
-
-
-@dataclass(frozen=True)
-class Serving:
-    """What Status shows of the batcher now."""
-
-    running: int
-    queued: int
-    batch: int  # rows of the latest step
-    max_batch: int
-    queue: int  # the queue's bound
-    kv_reserved: int  # KV positions spoken for (running sequences' reservations, cached prefixes)
-    kv_budget: int  # positions
 
 
 def jit_batch_engine(model: Any, ctx: int, threads: int, max_seqs: int, cache_dir: Any = None) -> BatchEngine:
@@ -119,11 +107,12 @@ class BatchService:
     def busy(self) -> bool:
         return self.core is not None and self.core.busy()
 
-    def serving(self) -> Serving:
+    def serving(self) -> ServingStatus:
+        """What Status shows of it now."""
         c = self.core
         if c is None:
-            return Serving(0, 0, 0, self.cfg.max_batch, self.cfg.queue, 0, 0)
-        return Serving(len(c.running), len(c.queue), c.last_batch, self.cfg.max_batch, self.cfg.queue, c.reserved(),
+            return ServingStatus(0, 0, 0, self.cfg.max_batch, self.cfg.queue, 0, 0)
+        return ServingStatus(len(c.running), len(c.queue), c.last_batch, self.cfg.max_batch, self.cfg.queue, c.reserved(),
                        c.budget)
 
     # --- one request ---
@@ -151,6 +140,9 @@ class BatchService:
             if stream.failure is not None:
                 await link.send(stream.failure)
                 return
+            log.info("request %d: %d prompt tokens on 1 node, %d generated, batched (%d running)%s", seq.rid,
+                     len(seq.prompt), seq.generated, len(self.core.running),
+                     f" ({seq.cached} of them already in its KV cache)" if seq.cached else "")
             await link.send(self._done(stream, extra))
         except LinkClosed:
             pass  # the client went away: its sequence is cancelled below
@@ -178,12 +170,12 @@ class BatchService:
             while True:
                 if not self.busy():
                     self._give_slot()
-                    with trio.move_on_after(WARM_S if self._engine is not None else math.inf):
+                    with trio.move_on_after(WARM_S if self._engine is not None else math.inf) as idle:
                         await self._wake.wait()
                     self._wake = trio.Event()
-                    if not self.busy():
-                        await self._close()
-                        continue
+                    if idle.cancelled_caught:
+                        await self._close()  # idle for WARM_S: the engine and its cached prefixes go
+                    continue
                 if not await self._take_slot():
                     continue
                 await self.step()

@@ -51,7 +51,8 @@ from .messages import (
     WeightChunk,
     WeightsReady,
 )
-from .reports import LeftOut, LinkRtt, NodeStatus, ProgressStatus, PushStatus, Resources, Status, StatusReply, StepStatus
+from .reports import (LeftOut, LinkRtt, NodeStatus, ProgressStatus, PushStatus, Resources, ServingStatus, Status, StatusReply,
+                      StepStatus)
 
 MAGIC = b"DLP2"
 HEADER = struct.Struct(">4sBBI")  # magic, version, type, body length
@@ -185,7 +186,7 @@ def _fields(cls: type) -> tuple[tuple[str, Any], ...]:
 
 
 for _cls in (*MESSAGE_TYPES.values(), Plan, NodeSlice, SliceInfo, ModelConfig, Member, NodeStatus, StepStatus, Resources,
-             LinkRtt, PushStatus, ProgressStatus, LeftOut, ChatTurn):
+             LinkRtt, PushStatus, ProgressStatus, LeftOut, ServingStatus, ChatTurn):
     _fields(_cls)  # resolve every schema at import: a bad annotation fails here, not mid-stream
 del _cls
 

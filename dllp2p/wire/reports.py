@@ -125,6 +125,23 @@ class LeftOut:
 
 
 @dataclass(frozen=True)
+class ServingStatus:
+    """The answering root's requests served together (session/batching.py), now."""
+
+    running: int  # sequences being generated
+    queued: int  # requests waiting for a slot
+    batch: int  # rows of its latest step
+    max_batch: int
+    queue: int  # the queue's bound (one more request is refused: 429)
+    kv_reserved: int  # KV positions spoken for (running reservations, cached prefixes)
+    kv_budget: int  # KV positions in all
+
+    def __post_init__(self) -> None:
+        _need(min(self.running, self.queued, self.batch, self.queue, self.kv_reserved, self.kv_budget) >= 0
+              and self.max_batch >= 1, "negative serving counts")
+
+
+@dataclass(frozen=True)
 class ProgressStatus:
     """One step of the answering root's latest set-up (session.progress.Progress): `done` of `total`
     bytes pushed to a worker ("push"), or 0 / 1 engine built ("build")."""
@@ -156,6 +173,7 @@ class StatusReply:
     push: PushStatus | None = dataclasses.field(default=None, metadata=WIRE_OPTIONAL)  # of its latest session
     progress: tuple[ProgressStatus, ...] = dataclasses.field(default=(), metadata=WIRE_OPTIONAL)  # its latest set-up, as root
     left_out: tuple[LeftOut, ...] = dataclasses.field(default=(), metadata=WIRE_OPTIONAL)  # workers it plans without, as root
+    serving: ServingStatus | None = dataclasses.field(default=None, metadata=WIRE_OPTIONAL)  # its batched requests, as root
 
     def __post_init__(self) -> None:
         _need(self.seq >= 0 and self.sessions >= 0, "negative seq or session count")
