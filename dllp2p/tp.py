@@ -29,6 +29,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from .diskcache import evict, touch
+from .engine import BatchRow
 from .formats import GGUFModel, ModelConfig, QType
 from .formats.quant import TRAITS
 from .jit.compiler import DEFAULT_CACHE_DIR, sources_digest
@@ -198,9 +199,10 @@ def sealed_bytes(spec: ProgramSpec, part: Partition) -> int:
     return max(tp_buffer_sizes(spec, part).values()) + TAG
 
 
-def messages_per_step(spec: ProgramSpec, part: Partition, n: int = 1) -> tuple[int, int]:
+def messages_per_step(spec: ProgramSpec, part: Partition, n: int = 1, n_out: int = 1) -> tuple[int, int]:
     """(sent, received) exchange messages of this node for one forward of n tokens (each sealed one carries
-    TAG more bytes): per chunk, the embedding swap, the layers' exchanges and the logits to node 0."""
+    TAG more bytes): per chunk, the embedding swap and the layers' exchanges; per wanted row (n_out), the
+    logits to node 0."""
     peers, me = part.n_nodes - 1, part.index
     if not peers:
         return 0, 0
@@ -210,7 +212,7 @@ def messages_per_step(spec: ProgramSpec, part: Partition, n: int = 1) -> tuple[i
     else:
         rounds = 4  # four all-gathers
     per = (1 + spec.config.n_layers * rounds) * peers
-    return chunks * (per + (1 if me else 0)), chunks * (per + (0 if me else peers))
+    return chunks * per + (n_out if me else 0), chunks * per + (0 if me else n_out * peers)
 
 
 class TPNode(JITEngine):
@@ -220,7 +222,7 @@ class TPNode(JITEngine):
 
     def __init__(self, config: ModelConfig, plan: Plan, index: int, tensors: Mapping[str, NodeTensor],
                  peers: Sequence[socket.socket | None], ctx: int, threads: int | None = None, *,
-                 cache_dir: os.PathLike | str | None = DEFAULT_CACHE_DIR, max_chunk: int = 64,
+                 cache_dir: os.PathLike | str | None = DEFAULT_CACHE_DIR, max_chunk: int = 64, max_seqs: int = 1,
                  timeout: float = PEER_TIMEOUT_S, recv_spins: int = RECV_SPINS, cache_budget: int = TP_CACHE_BYTES,
                  exchange_keys: Sequence[tuple[bytes, bytes] | None] | None = None):
         """exchange_keys[j]: (send key, receive key) for peer j (None at this node's index), 32 bytes each,
@@ -229,7 +231,7 @@ class TPNode(JITEngine):
         self.part = part = partition_of(plan, index)
         if len(peers) != part.n_nodes or (peers[index] is not None):
             raise ValueError(f"need one socket per other node of the plan ({part.n_nodes - 1}), None at {index}")
-        self.index, self.plan = index, plan
+        self.index, self.plan, self.max_seqs = index, plan, max_seqs
         self.n_kv_local = part.kv_heads[index][1] - part.kv_heads[index][0]
         self._peers = list(peers)
         self._keys = None if exchange_keys is None else list(exchange_keys)
@@ -269,6 +271,8 @@ class TPNode(JITEngine):
 
     def _extra_buffers(self) -> dict[str, np.ndarray]:
         sizes = tp_buffer_sizes(self.spec, self.part)
+        out_rows = min(self.spec.max_chunk, self.max_seqs)  # logits of a step's wanted rows, one a sequence
+        sizes = {**sizes, "logits_full": out_rows * sizes["logits_full"], "cands": out_rows * sizes["cands"]}
         bufs = {name: aligned_zeros(n, np.uint8) for name, n in sizes.items()}
         fds = aligned_zeros(max(1, self.part.n_nodes), np.int64)
         for j, sock in enumerate(self._peers):
@@ -291,27 +295,37 @@ class TPNode(JITEngine):
         """Every node calls it with the same arguments; node 0 gets the logits of the last token. With
         top = K > 0 the other nodes send only their K best logits (tp_program.logits): node 0's own
         vocabulary rows are exact, the rest -inf but those, so greedy and top-k (k <= K) sampling read the
-        same candidates, values and order as from all logits. Prompt chunks before the last send 1."""
+        same candidates, values and order as from all logits. Prompt chunks before the last send none."""
+        result = self._measured(lambda: JITEngine.forward(self, tokens, start_pos), len(tokens), 1, top)
+        return result if self.index == 0 else None
+
+    def forward_batch(self, rows: Sequence[BatchRow], top: int = 0) -> np.ndarray | None:
+        """The BatchEngine protocol on every node with the same rows: node 0 gets f32[len(rows), vocab] (with
+        top = K: each row's as forward's), the others None."""
+        result = self._measured(lambda: JITEngine.forward_batch(self, rows), sum(len(r.tokens) for r in rows),
+                                len(rows), top)
+        return result if self.index == 0 else None
+
+    def _measured(self, run, n: int, n_out: int, top: int) -> np.ndarray:
         if not 0 <= top <= MAX_TOP:
             raise ValueError(f"top must be 0 (all logits) .. {MAX_TOP}, not {top}")
         t = self._table
         t[self._slots["sync_ns"]] = 0
         self._top = top
         t0 = time.perf_counter()
-        result = super().forward(tokens, start_pos)
+        result = run()
         total = time.perf_counter() - t0
         sync = t[self._slots["sync_ns"]] / 1e9
-        n = len(tokens)
-        sent, received = bytes_per_step(self.spec, self.part, n, top)
+        sent, received = bytes_per_step(self.spec, self.part, n, top, n_out)
         if self.sealed:  # a tag per message
-            m_sent, m_received = messages_per_step(self.spec, self.part, n)
+            m_sent, m_received = messages_per_step(self.spec, self.part, n, n_out)
             sent, received = sent + TAG * m_sent, received + TAG * m_received
         self.stats = {"step_ms": total * 1e3, "sync_ms": sync * 1e3, "compute_ms": (total - sync) * 1e3,
                       "bytes_sent": sent, "bytes_received": received, "tokens": n}
         return result
 
     def _before_step(self, last: bool) -> None:
-        self._table[self._slots["top"]] = self._top if last else 1  # a chunk before the last: logits unused
+        self._table[self._slots["top"]] = self._top
 
     def _after_step(self) -> None:
         err = int(self._table[self._slots["error"]])
@@ -322,18 +336,20 @@ class TPNode(JITEngine):
                                          "(a message altered in flight, or sealed under another key)")
             raise PeerLost(err - 1, "connection closed, reset or timed out during a step")
 
-    def _result(self) -> np.ndarray | None:
+    def _result(self, n_out: int) -> np.ndarray | None:
+        """f32[n_out, vocab] on node 0 (the step's wanted rows' logits), None on the others."""
         if self.index != 0:
             return None
-        full = self._bufs["logits_full"].view(np.float32)
+        full = self._bufs["logits_full"].view(np.float32).reshape(-1, self.config.vocab_size)[:n_out]
         if not self._top:
-            return full.copy()
+            return full
         part = self.part
-        cands = self._bufs["cands"].view(CANDIDATE).reshape(part.n_nodes, MAX_TOP)
-        out = np.full(self.config.vocab_size, -np.inf, np.float32)
+        cands = self._bufs["cands"].view(CANDIDATE).reshape(-1, part.n_nodes, MAX_TOP)
+        out = np.full((n_out, self.config.vocab_size), -np.inf, np.float32)
         v0, v1 = part.vocab_rows[0]
-        out[v0:v1] = full[v0:v1]
-        for j in range(1, part.n_nodes):
-            best = cands[j, : top_of(part, j, self._top)]
-            out[best["index"]] = best["value"]
+        out[:, v0:v1] = full[:, v0:v1]
+        for k in range(n_out):
+            for j in range(1, part.n_nodes):
+                best = cands[k, j, : top_of(part, j, self._top)]
+                out[k, best["index"]] = best["value"]
         return out

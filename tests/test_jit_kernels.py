@@ -311,6 +311,23 @@ def test_matmul_q(lib, qtype, tile, n, rows, nb, data, seed):
     assert (y[mask] == SENTINEL).all()
 
 
+@pytest.mark.parametrize("qtype", QUANT_WEIGHTS)
+def test_matmul_of_many_tiles_is_each_row_alone(lib, qtype):
+    """Several tiles of activation rows (a batch of sequences) walk the weights in blocks of
+    MATMUL_ROW_BLOCK rows: every output bit-identical to that activation row's product alone (n = 1)."""
+    rng = np.random.default_rng(11)
+    rows, k, n, r0 = 200, kk(qtype, 2 * QK), 9, 16
+    m = pack_weights(random_raw(rng, qtype, rows, k), qtype, (rows, k))
+    acts = q8s(lib, random_acts(rng, n, k))
+    fn = lib[KernelSpec(Op.MATMUL, qtype, 4).name]
+    y = np.full((n, rows), SENTINEL, np.float32)
+    fn(P(m.data), P(acts), P(y), k, r0, rows, n, rows)
+    for c in range(n):
+        alone = np.full(rows, SENTINEL, np.float32)
+        fn(P(m.data), P(acts[c:]), P(alone), k, r0, rows, 1, rows)
+        assert np.array_equal(y[c], alone), f"row {c}"
+
+
 # --- float products -----------------------------------------------------------------------------------
 
 @SETTINGS

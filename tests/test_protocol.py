@@ -32,6 +32,8 @@ def _samples() -> list[P.Message]:
                       b"\x01" * 60),
         P.WeightsReady(7, 123456, 3),
         P.Step(7, 0, (1, 2, 3), 0),
+        P.Step(7, 1, (1, 2, 3, 9), 0, 4, rows=((2, 17, 1), (0, 0, 3)), copies=((2, 1, 16),)),  # a batch
+        P.Session(PLAN, CONFIG, 64, SESSION.slices, 8),
         P.Stop(7, "done"),
         P.Error("slice_hash", "blk.0.attn_q.weight: hash mismatch"),
     ]

@@ -4,8 +4,13 @@
     logits = engine.forward(prompt_ids, 0)        # prefill, in chunks of ProgramSpec.max_chunk
     logits = engine.forward([next_id], len(prompt_ids))
 
-Per forward call Python writes the chunk's tokens and position into the table and makes one ctypes
-call (`step`, GIL released); worker threads sit inside the native `worker` loop the whole time.
+    engine = JITEngine(model, ctx=2048, max_seqs=8)  # 8 slots of KV cache (pages touched as used)
+    out = engine.forward_batch([BatchRow(0, (5,), 17), BatchRow(3, tuple(prompt), 0)])  # f32[2, vocab]
+
+Per step Python writes the rows' tokens, positions and slots into the table and makes one ctypes call
+(`step`, GIL released); worker threads sit inside the native `worker` loop the whole time. A batch's rows
+are packed into steps of up to max_chunk tokens (a long prompt chunk spans several); forward(tokens, pos)
+is one row of slot 0.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ..engine import ContextFull
+from ..engine import BatchRow, ContextFull, check_rows, kv_bytes_per_position
 from ..formats import GGUFModel, QType
 from .compiler import (
     DEFAULT_CACHE_DIR, CompiledModule, ObjectCache, compile_module, default_target, llvm_version, load_object,
@@ -56,10 +61,11 @@ class JITEngine:
     """Engine protocol (see dllp2p/engine.py) over JIT-compiled code and `threads` native threads."""
 
     def __init__(self, model: GGUFModel, ctx: int, threads: int | None = None, *,
-                 cache_dir: os.PathLike | str | None = DEFAULT_CACHE_DIR, max_chunk: int = 64):
+                 cache_dir: os.PathLike | str | None = DEFAULT_CACHE_DIR, max_chunk: int = 64, max_seqs: int = 1):
         t0 = time.perf_counter()
         spec = program_spec(model, max_chunk)
         packed = load_packed(model, None if cache_dir is None else Path(cache_dir).expanduser() / "weights")
+        self.max_seqs = max_seqs
         self._start(model.config, ctx, threads, spec, packed, cache_dir, t0)
 
     # --- what a subclass (the tensor-parallel node) changes --------------------------------------------
@@ -86,6 +92,11 @@ class JITEngine:
             raise ValueError("threads must be at least 1")
         if not hasattr(self, "n_kv_local"):
             self.n_kv_local = c.n_kv_heads
+        self.max_seqs = getattr(self, "max_seqs", 1)
+        if self.max_seqs < 1:
+            raise ValueError("max_seqs must be at least 1")
+        self.kv_bytes_per_position = kv_bytes_per_position(c, self.n_kv_local)
+        self._lengths = [0] * self.max_seqs  # positions each slot holds
         self.spec, self.packed = spec, packed
         self.weight_bytes_per_token = packed.bytes_per_token
         t1 = time.perf_counter()
@@ -98,7 +109,7 @@ class JITEngine:
         self._table_addr = self._table.ctypes.data
         slots = self.slots_class(c.n_layers)
         self._slots = slots
-        self._pos_slot, self._n_slot, self._quit_slot = slots["pos"], slots["n"], slots["quit"]
+        self._n_slot, self._n_out_slot, self._quit_slot = slots["n"], slots["n_out"], slots["quit"]
         proto = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
         self._step = proto(self._compiled.address("step"))
         self._kick = proto(self._compiled.address("kick"))
@@ -120,9 +131,12 @@ class JITEngine:
         bufs = {
             "barrier": aligned_zeros(16, np.int64),
             "tokens": aligned_zeros(mc, np.int64),
+            "row_pos": aligned_zeros(mc, np.int64),
+            "row_kv": aligned_zeros(mc, np.int64),
+            "out_rows": aligned_zeros(mc, np.int64),
             "rope": rope_table(self.ctx, c, local=False),
             "rope_local": rope_table(self.ctx if c.rope_base_local is not None else 1, c, local=True),
-            "logits": aligned_zeros(c.vocab_size, np.float32),
+            "logits": aligned_zeros((min(mc, self.max_seqs), c.vocab_size), np.float32),
             "x_t": aligned_zeros(T * priv["x_t"], np.uint8),
             "h_t": aligned_zeros(T * priv["h_t"], np.uint8),
             "xq_t": aligned_zeros(T * priv["xq_t"], np.uint8),
@@ -135,9 +149,10 @@ class JITEngine:
                             ("g", c.ffn_dim), ("u", c.ffn_dim), ("s", c.ffn_dim), ("d", c.dim)):
             bufs[name] = aligned_zeros((mc, width), np.float32)
         for layer in range(c.n_layers):
-            # np.zeros: pages come from the OS on first touch, so an unused context costs no memory
-            bufs[f"{layer}.k_cache"] = np.zeros((self.ctx, self.n_kv_local, c.head_dim), np.float16)
-            bufs[f"{layer}.v_cache"] = np.zeros((self.ctx, self.n_kv_local, c.head_dim), np.float16)
+            # np.zeros: pages come from the OS on first touch, so an unused context or slot costs no memory
+            shape = (self.max_seqs, self.ctx, self.n_kv_local, c.head_dim)
+            bufs[f"{layer}.k_cache"] = np.zeros(shape, np.float16)
+            bufs[f"{layer}.v_cache"] = np.zeros(shape, np.float16)
         return bufs
 
     def _fill_table(self) -> np.ndarray:
@@ -169,6 +184,7 @@ class JITEngine:
     # --- the Engine protocol ---------------------------------------------------------------------------
 
     def forward(self, tokens: Sequence[int], start_pos: int) -> np.ndarray:
+        """The Engine protocol: one sequence, in slot 0."""
         if self._closed:
             raise RuntimeError("engine is closed")
         n = len(tokens)
@@ -176,20 +192,77 @@ class JITEngine:
             raise ValueError("forward needs at least one token")
         if start_pos < 0 or start_pos + n > self.ctx:
             raise ContextFull(f"positions {start_pos}..{start_pos + n - 1} do not fit a context of {self.ctx}")
-        ids = np.asarray(tokens, dtype=np.int64)
-        if ids.min() < 0 or ids.max() >= self.config.vocab_size:
+        ids = [int(t) for t in tokens]
+        if min(ids) < 0 or max(ids) >= self.config.vocab_size:
             raise ValueError(f"token id outside the vocabulary of {self.config.vocab_size}")
-        table, mc = self._table, self.spec.max_chunk
-        toks = self._bufs["tokens"]
-        for lo in range(0, n, mc):
-            chunk = ids[lo : lo + mc]
-            toks[: len(chunk)] = chunk
-            table[self._pos_slot] = start_pos + lo
-            table[self._n_slot] = len(chunk)
-            self._before_step(last=lo + mc >= n)
+        return self._run([BatchRow(0, tuple(ids), start_pos)])[0]
+
+    def forward_batch(self, rows: Sequence[BatchRow]) -> np.ndarray:
+        """The BatchEngine protocol (dllp2p/engine.py): f32[len(rows), vocab], each row's last token's logits,
+        bit-identical to the same sequence run alone."""
+        if self._closed:
+            raise RuntimeError("engine is closed")
+        check_rows(rows, self._lengths, self.ctx, self.config.vocab_size)
+        return self._run(rows)
+
+    def copy_prefix(self, src: int, dst: int, n: int) -> None:
+        """dst's KV positions 0..n-1 := src's, every layer (prefix sharing)."""
+        for s in (src, dst):
+            if not 0 <= s < self.max_seqs:
+                raise ValueError(f"sequence slot {s} outside 0..{self.max_seqs - 1}")
+        if not 0 <= n <= self._lengths[src]:
+            raise ValueError(f"slot {src} holds {self._lengths[src]} positions, not {n}")
+        if src != dst:
+            for layer in range(self.config.n_layers):
+                for name in ("k_cache", "v_cache"):
+                    cache = self._bufs[f"{layer}.{name}"]
+                    cache[dst, :n] = cache[src, :n]
+        self._lengths[dst] = n
+
+    @property
+    def seq_lengths(self) -> tuple[int, ...]:
+        """Positions each slot holds (what forward_batch's rows may continue from)."""
+        return tuple(self._lengths)
+
+    def _run(self, rows: Sequence[BatchRow]) -> np.ndarray:
+        """Rows (checked) packed in order into steps of up to max_chunk tokens; a row's logits are read
+        after the step holding its last token."""
+        table, mc, b, ctx = self._table, self.spec.max_chunk, self._bufs, self.ctx
+        out = None
+        steps = _pack(rows, mc)
+        for k, pieces in enumerate(steps):
+            toks: list[int] = []
+            pos: list[int] = []
+            kv: list[int] = []
+            ends: list[int] = []
+            wanted: list[int] = []
+            for r, seq, lo, hi in pieces:
+                row = rows[r]
+                toks.extend(row.tokens[lo:hi])
+                pos.extend(range(row.start_pos + lo, row.start_pos + hi))
+                kv.extend([seq * ctx] * (hi - lo))
+                if hi == len(row.tokens):
+                    ends.append(len(toks) - 1)
+                    wanted.append(r)
+            n = len(toks)
+            b["tokens"][:n], b["row_pos"][:n], b["row_kv"][:n] = toks, pos, kv
+            b["out_rows"][: len(ends)] = ends
+            table[self._n_slot] = n
+            table[self._n_out_slot] = len(wanted)
+            self._before_step(last=k == len(steps) - 1)
             self._step(self._table_addr)
             self._after_step()
-        return self._result()
+            logits = self._result(len(wanted))
+            if len(steps) == 1 and logits is not None and len(wanted) == len(rows) == wanted[-1] + 1:
+                out = logits.copy()  # one step, rows in order (every decode step): no gather
+            elif wanted:
+                if out is None:
+                    out = np.zeros((len(rows), self.config.vocab_size), np.float32)
+                if logits is not None:
+                    out[wanted] = logits
+        for row in rows:
+            self._lengths[row.seq] = row.start_pos + len(row.tokens)
+        return out
 
     def _before_step(self, last: bool) -> None:
         pass
@@ -197,8 +270,9 @@ class JITEngine:
     def _after_step(self) -> None:
         pass
 
-    def _result(self) -> np.ndarray | None:
-        return self._bufs["logits"].copy()
+    def _result(self, n_out: int) -> np.ndarray | None:
+        """f32[n_out, vocab]: the step's logits (None where this engine gets none: a tensor-parallel worker)."""
+        return self._bufs["logits"][:n_out]
 
     def close(self) -> None:
         if self._closed:
@@ -216,6 +290,24 @@ class JITEngine:
             pass
 
 
+
+
+def _pack(rows: Sequence[BatchRow], max_chunk: int) -> list[list[tuple[int, int, int, int]]]:
+    """Rows' tokens in order, cut into steps of at most max_chunk: per step (row index, slot, lo, hi), the
+    row's tokens [lo, hi); a row longer than a step's room continues in the next."""
+    steps: list[list[tuple[int, int, int, int]]] = [[]]
+    room = max_chunk
+    for r, row in enumerate(rows):
+        lo = 0
+        while lo < len(row.tokens):
+            if room == 0:
+                steps.append([])
+                room = max_chunk
+            hi = min(len(row.tokens), lo + room)
+            steps[-1].append((r, row.seq, lo, hi))
+            room -= hi - lo
+            lo = hi
+    return steps
 
 
 def _compile(spec: ProgramSpec, cache_dir, extra_key: str, build) -> CompiledModule:

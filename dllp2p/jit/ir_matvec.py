@@ -209,17 +209,28 @@ def emit_matvec_q(module: ir.Module, spec: KernelSpec, target: Target) -> None:
     b.ret_void()
 
 
+MATMUL_ROW_BLOCK = 64  # weight rows (4 groups: ~20-60 KB of SmolLM2's) every tile of activation rows takes
+# in turn before the next block, so a step of several tiles (a batch of sequences) streams the weights from
+# memory once, not once per tile; each row's sum is the same whatever the blocking (groups are independent)
+
+
 def emit_matmul_q(module: ir.Module, spec: KernelSpec, target: Target) -> None:
+    """y[t, r0:r1] = W[r0:r1] . x[t] for t < n: tiles of spec.tile activation rows (then single rows), over
+    blocks of MATMUL_ROW_BLOCK weight rows when there is more than one tile."""
     one = _tile_fn(module, spec.qtype, 1, target)
     many = _tile_fn(module, spec.qtype, spec.tile, target)
     fn, b = define(module, spec.name, spec.signature)
     w, x, y, k, r0, r1, n, ldy = fn.args
     xs = b.add(k, b.shl(b.lshr(k, i64(5)), i64(3)))  # act_bytes(k)
     full = b.mul(b.sdiv(n, i64(spec.tile)), i64(spec.tile))
-    with for_range(b, i64(0), full, spec.tile, name="c") as c:
-        b.call(many, [w, gep(b, x, b.mul(c, xs)), xs, gep(b, y, b.mul(c, ldy), F32), ldy, k, r0, r1])
-    with for_range(b, full, n, name="c1") as c:
-        b.call(one, [w, gep(b, x, b.mul(c, xs)), xs, gep(b, y, b.mul(c, ldy), F32), ldy, k, r0, r1])
+    block = b.select(b.icmp_signed(">", n, i64(spec.tile)), i64(MATMUL_ROW_BLOCK), b.sub(r1, r0))
+    block = b.select(b.icmp_signed(">", block, i64(0)), block, i64(1))
+    with for_range(b, r0, r1, block, name="rb") as rb:
+        re = b.select(b.icmp_signed("<", b.add(rb, block), r1), b.add(rb, block), r1)
+        with for_range(b, i64(0), full, spec.tile, name="c") as c:
+            b.call(many, [w, gep(b, x, b.mul(c, xs)), xs, gep(b, y, b.mul(c, ldy), F32), ldy, k, rb, re])
+        with for_range(b, full, n, name="c1") as c:
+            b.call(one, [w, gep(b, x, b.mul(c, xs)), xs, gep(b, y, b.mul(c, ldy), F32), ldy, k, rb, re])
     b.ret_void()
 
 

@@ -5,7 +5,7 @@ Every thread of the node runs the same `forward`: it embeds the chunk's tokens, 
     private  h = rmsnorm(x_t); hq = quantize(h)             each thread keeps its own residual x_t
     split    q, k, v = Wq hq, Wk hq, Wv hq                  16-row groups shared out among threads
     barrier
-    split    (+ biases; per-head q/k norms) rope(k), k, v -> f16 KV cache at pos + i; rope(q)   by chunk row
+    split    (+ biases; per-head q/k norms) rope(k), k, v -> row i's slot of the f16 KV cache at row_pos[i]; rope(q)   by chunk row
     barrier
     split    att[i, group] = attention(...)                 by (row, KV group) pair, strided; a decode
                                                             step (one row) splits by (span, group) pair,
@@ -28,7 +28,12 @@ than 1/sqrt(head_dim) (applied to q), NEOX RoPE (by Q/K rows permuted at pack ti
 second RoPE table for sliding layers, and the sliding window: a sliding layer's row at position p
 attends to [max(0, p - W + 1), p], its spans starting at the span holding the first position.
 
-and finally, for the chunk's last row, h = rmsnorm(x_t) and logits = Wout hq split by vocabulary rows,
+A step's rows may belong to several sequences (continuous batching, issue 18): row i sits at position
+row_pos[i] of the KV slot starting at cache row row_kv[i], and attends to that slot only; the linear layers
+run over all rows at once (the weights streamed once per step). One sequence's chunk: row_pos = pos + i.
+
+and finally, for the rows out_rows[k] (each sequence's last row in the step), h = rmsnorm(x_t) and
+logits[k] = Wout hq split by vocabulary rows,
 then a barrier so the caller sees every thread's logits. Work that is cheap (norms, quantization of a
 vector, residual adds) is repeated by every thread on private buffers instead of paying a barrier.
 
@@ -88,9 +93,11 @@ class ProgramSpec:
 class Slots:
     """Names -> indices in the i64 table. Scalars first, then buffers, then per-layer tensors."""
 
-    SCALARS = ("go", "quit", "pos", "n", "n_threads", "ctx")
+    SCALARS = ("go", "quit", "n", "n_out", "n_threads", "ctx")
     BUFFERS = (
-        "barrier", "tokens", "rope", "rope_local", "logits",
+        # the step's rows: tokens, row_pos (position), row_kv (first cache row of its sequence's slot: slot x
+        # ctx) i64[n]; out_rows i64[n_out]: the rows whose logits are wanted, logits f32[n_out, vocab]
+        "barrier", "tokens", "row_pos", "row_kv", "out_rows", "rope", "rope_local", "logits",
         # private, one region per thread (stride in the *_stride scalar or a constant)
         "x_t", "h_t", "xq_t", "scratch_t", "attp_t",
         # shared between threads
@@ -185,6 +192,14 @@ class _Forward:
     def row(self, base: ir.Value, i: ir.Value, row_bytes: int) -> ir.Value:
         return gep(self.b, base, self.b.mul(i, i64(row_bytes)))
 
+    def at(self, name: str, i: ir.Value) -> ir.Value:
+        """Element i of the i64 buffer `name` (row_pos, row_kv, out_rows, tokens)."""
+        return self.b.load(gep(self.b, self.ptr(name), i, I64), typ=I64)
+
+    def seq_cache(self, cache: ir.Value, i: ir.Value, kvd: int) -> ir.Value:
+        """Chunk row i's sequence's slot of a layer's f16 KV cache (positions 0..ctx-1 of f16[kvd] rows)."""
+        return self.row(cache, self.at("row_kv", i), kvd * 2)
+
     def split(self, total: ir.Value | int) -> tuple[ir.Value, ir.Value]:
         """This thread's share [lo, hi) of range(total), contiguous."""
         b, total = self.b, (i64(total) if isinstance(total, int) else total)
@@ -196,7 +211,7 @@ class _Forward:
 
     def emit(self) -> None:
         b, c = self.b, self.c
-        self.nt, self.pos, self.n, self.ctx = (self.scalar(s) for s in ("n_threads", "pos", "n", "ctx"))
+        self.nt, self.n, self.ctx = (self.scalar(s) for s in ("n_threads", "n", "ctx"))
         x_t, h_t, xq_t = self.private("x_t"), self.private("h_t"), self.private("xq_t")
         scratch = gep(b, self.ptr("scratch_t"), b.mul(b.mul(self.tid, self.ctx), i64(c.n_heads * 4)))
         self.x_t, self.h_t, self.xq_t, self.scratch = x_t, h_t, xq_t, scratch
@@ -241,8 +256,9 @@ class _Forward:
         return r0, r1
 
     def attention(self, layer: int, t: dict, nq: int, nkv: int) -> ir.Value:
-        """Q/K/V for nq query and nkv KV heads from hq (xq_t), RoPE, K/V into the f16 cache at pos + i, then
-        attention; returns `att` f32[n, nq * head_dim]. Ends with a barrier. Shared with tp_program."""
+        """Q/K/V for nq query and nkv KV heads from hq (xq_t), RoPE, K/V into row i's slot of the f16 cache at
+        row_pos[i], then attention of each row against its own slot up to its own position; returns `att`
+        f32[n, nq * head_dim]. Ends with a barrier. Shared with tp_program."""
         b, c, n = self.b, self.c, self.n
         hd = c.head_dim
         qd, kvd = nq * hd, nkv * hd
@@ -257,7 +273,7 @@ class _Forward:
         kc, vc = L("k_cache"), L("v_cache")
         q_scale = c.score_scale * hd**0.5  # the kernel scales by 1/sqrt(hd); any other factor goes on q
         with for_range(b, self.tid, n, self.nt, name="kv") as i:
-            p = b.add(self.pos, i)
+            p = self.at("row_pos", i)
             qrow, krow, vrow = self.row(q, i, qd * 4), self.row(k, i, kvd * 4), self.row(v, i, kvd * 4)
             if c.qkv_bias:
                 for row, name, width in ((qrow, "q_bias", qd), (krow, "k_bias", kvd), (vrow, "v_bias", kvd)):
@@ -269,8 +285,8 @@ class _Forward:
                         head = gep(b, row, b.mul(h, i64(hd * 4)))
                         self.call(Op.RMSNORM, head, w, head, hd, float(c.norm_eps))
             self.call(Op.ROPE, krow, rope, p, nkv, hd, c.rope_dim)
-            self.call(Op.TO_F16, krow, self.row(kc, p, kvd * 2), kvd)
-            self.call(Op.TO_F16, vrow, self.row(vc, p, kvd * 2), kvd)
+            self.call(Op.TO_F16, krow, self.row(self.seq_cache(kc, i, kvd), p, kvd * 2), kvd)
+            self.call(Op.TO_F16, vrow, self.row(self.seq_cache(vc, i, kvd), p, kvd * 2), kvd)
             self.call(Op.ROPE, qrow, rope, p, nq, hd, c.rope_dim)
             if q_scale != 1.0:
                 self.call(Op.SCALE, qrow, qd, float(q_scale))
@@ -319,20 +335,23 @@ class _Forward:
     def attention_spans(self, kc: ir.Value, vc: ir.Value, nq: int, nkv: int, window: int) -> None:
         """One row (a decode step): the threads share out the (span, KV group) pairs, each span's partials
         going to the shared att_po / att_st, then (after a barrier) merge them by head."""
-        b = self.b
+        b, kvd = self.b, nkv * self.c.head_dim
         po, st = self.ptr("att_po"), self.ptr("att_st")
-        lo = self.first_position(self.pos, window)
-        j0, n_spans = self.n_spans(self.pos, lo)
+        pos = self.at("row_pos", i64(0))
+        kc, vc = self.seq_cache(kc, i64(0), kvd), self.seq_cache(vc, i64(0), kvd)
+        lo = self.first_position(pos, window)
+        j0, n_spans = self.n_spans(pos, lo)
         with for_range(b, self.tid, b.mul(n_spans, i64(nkv)), self.nt, name="span") as item:
             j, grp = b.add(j0, b.sdiv(item, i64(nkv))), b.srem(item, i64(nkv))
-            self.span_partial(self.ptr("q"), kc, vc, po, st, j, self.pos, grp, nq, nkv, lo, j0)
+            self.span_partial(self.ptr("q"), kc, vc, po, st, j, pos, grp, nq, nkv, lo, j0)
         self.barrier()
         ha, hb = self.split(nq)
         self.call(Op.ATTENTION_MERGE, po, st, self.ptr("att"), n_spans, nq, self.c.head_dim, ha, hb)
 
     def attention_rows(self, kc: ir.Value, vc: ir.Value, nq: int, nkv: int, window: int) -> None:
-        """Several rows (a prompt chunk): the threads share out the (row, KV group) pairs; each thread computes
-        a pair's spans one after the other into its private attp_t, then merges them."""
+        """Several rows (a prompt chunk, or rows of several sequences, each against its own slot): the threads
+        share out the (row, KV group) pairs; each thread computes a pair's spans one after the other into its
+        private attp_t, then merges them."""
         b, c = self.b, self.c
         qd, gs = nq * c.head_dim, nq // nkv
         spans = b.sdiv(b.add(self.ctx, i64(ATT_SPLIT - 1)), i64(ATT_SPLIT))  # max_spans(ctx)
@@ -340,12 +359,13 @@ class _Forward:
         st = gep(b, po, b.mul(spans, i64(c.q_dim * 4)))
         with for_range(b, self.tid, b.mul(self.n, i64(nkv)), self.nt, name="att") as item:
             i, grp = b.sdiv(item, i64(nkv)), b.srem(item, i64(nkv))
-            p = b.add(self.pos, i)
+            p = self.at("row_pos", i)
             lo = self.first_position(p, window)
             j0, n_spans = self.n_spans(p, lo)
             qrow = self.row(self.ptr("q"), i, qd * 4)
+            kci, vci = self.seq_cache(kc, i, nkv * c.head_dim), self.seq_cache(vc, i, nkv * c.head_dim)
             with for_range(b, j0, b.add(j0, n_spans), name="sp") as j:
-                self.span_partial(qrow, kc, vc, po, st, j, p, grp, nq, nkv, lo, j0)
+                self.span_partial(qrow, kci, vci, po, st, j, p, grp, nq, nkv, lo, j0)
             h0 = b.mul(grp, i64(gs))
             self.call(Op.ATTENTION_MERGE, po, st, self.row(self.ptr("att"), i, qd * 4), n_spans, nq, c.head_dim,
                       h0, b.add(h0, i64(gs)))
@@ -404,13 +424,22 @@ class _Forward:
             self.call(Op.RMSNORM, self.row(y, i, c.dim * 4), w, self.row(self.h_t, i, c.dim * 4), c.dim, float(c.norm_eps))
         self.call(Op.ADD, self.x_t, self.h_t, b.mul(n, i64(c.dim)))
 
-    def logits(self) -> None:
+    def out_rows(self) -> ir.Value:
+        """h_t[k] = rmsnorm(x_t[out_rows[k]]) * output norm, xq_t[k] its quantization, for k < n_out (every
+        thread); returns n_out."""
         b, c = self.b, self.c
-        last = b.sub(self.n, i64(1))
-        self.norm_quantize(self.ptr("output_norm"), last, self.n)
-        xf, xq = self.row(self.h_t, last, c.dim * 4), self.row(self.xq_t, last, act_bytes(c.dim))
-        self.product(self.spec.output_type, self.thread_ptr("output"), xf, xq, self.ptr("logits"), c.vocab_size, c.dim,
-                     i64(1), c.vocab_size)
+        n_out = self.scalar("n_out")
+        with for_range(b, i64(0), n_out, name="lg") as k:
+            self.call(Op.RMSNORM, self.row(self.x_t, self.at("out_rows", k), c.dim * 4), self.ptr("output_norm"),
+                      self.row(self.h_t, k, c.dim * 4), c.dim, float(c.norm_eps))
+        self.call(Op.QUANTIZE, self.h_t, self.xq_t, c.dim, n_out)
+        return n_out
+
+    def logits(self) -> None:
+        """logits[k] = Wout h_t[k] for k < n_out: one product over the wanted rows (weights streamed once)."""
+        c, n_out = self.c, self.out_rows()
+        self.product(self.spec.output_type, self.thread_ptr("output"), self.h_t, self.xq_t, self.ptr("logits"),
+                     c.vocab_size, c.dim, n_out, c.vocab_size)
         self.barrier()
 
 

@@ -121,17 +121,16 @@ class ReduceScatter:
 
 
 
-def bytes_per_step(spec: ProgramSpec, part: Partition, n: int = 1, top: int = 0) -> tuple[int, int]:
+def bytes_per_step(spec: ProgramSpec, part: Partition, n: int = 1, top: int = 0, n_out: int = 1) -> tuple[int, int]:
     """(sent, received) payload bytes of this node for one forward of n tokens, node 0 asking for every
-    node's `top` best logits (0: all) of the last chunk, and for 1 of each chunk before it."""
+    node's `top` best logits (0: all) of n_out rows (a batch's sequences; one for a prompt)."""
     c, me = spec.config, part.index
     g, hd = c.group_size, c.head_dim
     peers = part.n_nodes - 1
-    earlier = -(-n // spec.max_chunk) - 1
 
     def logits_bytes(j: int) -> int:
         v0, v1 = part.vocab_rows[j]
-        return (top_of(part, j, top) * 8 if top else (v1 - v0) * 4) + earlier * top_of(part, j, 1) * 8
+        return n_out * (top_of(part, j, top) * 8 if top else (v1 - v0) * 4)
 
     vocab = [logits_bytes(j) for j in range(part.n_nodes)]
     logits_sent = vocab[me] if me else 0

@@ -458,40 +458,43 @@ class _TPForward(_Forward):
         self.residual(layer, "post_ffn_norm", d_full)
 
     def logits(self) -> None:
+        """Rows out_rows[k], k < n_out: this node's vocabulary rows of their logits, then to node 0 (row by
+        row: whole, or the `top` best); a step without wanted rows (a prompt chunk before the last) sends none."""
         b, c, part = self.b, self.c, self.part
-        last = b.sub(self.n, i64(1))
-        self.norm_quantize(self.ptr("output_norm"), last, self.n)
-        xf, xq = self.row(self.h_t, last, c.dim * 4), self.row(self.xq_t, last, act_bytes(c.dim))
+        n_out = self.out_rows()
         vl = self.v1 - self.v0
-        local = self.ptr("logits")
-        self.product(self.spec.output_type, self.thread_ptr("output"), xf, xq, local, vl, c.dim, i64(1), vl)
+        self.product(self.spec.output_type, self.thread_ptr("output"), self.h_t, self.xq_t, self.ptr("logits"), vl,
+                     c.dim, n_out, vl)
         self.barrier()
         with b.if_then(b.icmp_signed("==", self.tid, i64(0))):
             t0 = self.now_ns()
             top = self.scalar("top")
             everything = b.icmp_signed("==", top, i64(0))
-            cands = self.ptr("cands")
             vl_of = lambda node: part.vocab_rows[node][1] - part.vocab_rows[node][0]  # noqa: E731
             count = lambda node: b.select(b.icmp_signed("<", top, i64(vl_of(node))), top, i64(vl_of(node)))  # noqa: E731
-            if self.me == 0:  # node 0's own slice is always whole; the others' whole or their best
-                full = self.ptr("logits_full")
-                self.copy(full, local, i64(vl * 4))
-                for peer in range(1, part.n_nodes):
+            with for_range(b, i64(0), n_out, name="lx") as k:
+                local = self.row(self.ptr("logits"), k, vl * 4)
+                cands = self.row(self.ptr("cands"), k, part.n_nodes * MAX_TOP * 8)
+                if self.me == 0:  # node 0's own slice is always whole; the others' whole or their best
+                    full = self.row(self.ptr("logits_full"), k, c.vocab_size * 4)
+                    self.copy(full, local, i64(vl * 4))
+                    for peer in range(1, part.n_nodes):
+                        with b.if_else(everything) as (whole, best):
+                            with whole:
+                                v0 = part.vocab_rows[peer][0]
+                                self.transfer(self.recv, peer, gep(b, full, i64(v0 * 4)), i64(vl_of(peer) * 4),
+                                              MSG_WAITALL)
+                            with best:
+                                self.transfer(self.recv, peer, gep(b, cands, i64(peer * MAX_TOP * 8)),
+                                              b.mul(count(peer), i64(8)), MSG_WAITALL)
+                else:
                     with b.if_else(everything) as (whole, best):
                         with whole:
-                            v0 = part.vocab_rows[peer][0]
-                            self.transfer(self.recv, peer, gep(b, full, i64(v0 * 4)), i64(vl_of(peer) * 4), MSG_WAITALL)
+                            self.transfer(self.send, 0, local, i64(vl * 4), MSG_NOSIGNAL)
                         with best:
-                            self.transfer(self.recv, peer, gep(b, cands, i64(peer * MAX_TOP * 8)),
-                                          b.mul(count(peer), i64(8)), MSG_WAITALL)
-            else:
-                with b.if_else(everything) as (whole, best):
-                    with whole:
-                        self.transfer(self.send, 0, local, i64(vl * 4), MSG_NOSIGNAL)
-                    with best:
-                        mine = gep(b, cands, i64(self.me * MAX_TOP * 8))
-                        self.call(Op.TOP_K, local, vl, count(self.me), self.v0, mine)
-                        self.transfer(self.send, 0, mine, b.mul(count(self.me), i64(8)), MSG_NOSIGNAL)
+                            mine = gep(b, cands, i64(self.me * MAX_TOP * 8))
+                            self.call(Op.TOP_K, local, vl, count(self.me), self.v0, mine)
+                            self.transfer(self.send, 0, mine, b.mul(count(self.me), i64(8)), MSG_NOSIGNAL)
             slot = gep(b, self.table, i64(self.slots["sync_ns"]), I64)
             b.store(b.add(b.load(slot, typ=I64), b.sub(self.now_ns(), t0)), slot)
         self.barrier()

@@ -36,7 +36,7 @@ import trio
 
 from ..clusterkey import ClusterKey
 from ..config import Timeouts
-from ..engine import MAX_TOP, ContextFull
+from ..engine import MAX_TOP, BatchRow, ContextFull, check_rows
 from ..error_codes import ErrorCode
 from ..formats import ModelConfig
 from ..scheduler import Plan, plan
@@ -95,6 +95,7 @@ class ClusterOptions:
     # may have died since they were last polled), instead of failing the run (`run --workers`)
     skip_unreachable: bool = False
     key: ClusterKey | None = None  # the cluster key every connection to the workers is made with
+    max_seqs: int = 1  # KV slots on every node: sequences forward_batch may step together
 
 
 @dataclass
@@ -169,7 +170,10 @@ class ClusterEngine:
         self._workers = workers  # in plan order, links blocking
         self._tp = tp
         self._seq = 0
+        self._copies: list[tuple[int, int, int]] = []  # copy_prefix calls the workers make before the next step
         self._closed = False
+        self.max_seqs = getattr(node, "max_seqs", 1)
+        self.kv_bytes_per_position = getattr(node, "kv_bytes_per_position", 0)  # the root's share of the cache
 
     @classmethod
     def connect(cls, model: Any, options: ClusterOptions, ctx: int, threads: int | None = None, *,
@@ -186,12 +190,33 @@ class ClusterEngine:
     max_top = MAX_TOP  # forward(..., top=K): the workers send only their K best logits (TPNode.forward)
 
     def forward(self, tokens: Sequence[int], start_pos: int, top: int = 0) -> np.ndarray:
-        if self._closed:
-            raise ClusterError("the cluster engine is closed")
         tokens = tuple(int(t) for t in tokens)
         if start_pos + len(tokens) > self.ctx:
             raise ContextFull(f"positions {start_pos}..{start_pos + len(tokens) - 1} do not fit the context of {self.ctx}")
-        frame = encode(Step(self.plan.epoch, self._seq, tokens, start_pos, top))
+        return self._step(Step(self.plan.epoch, self._seq, tokens, start_pos, top, copies=self._take_copies()),
+                          lambda: self._node.forward(tokens, start_pos, top), len(tokens))
+
+    def forward_batch(self, rows: Sequence[BatchRow], top: int = 0) -> np.ndarray:
+        """The BatchEngine protocol (dllp2p/engine.py) over the cluster: one Step frame carries every row."""
+        rows = [BatchRow(r.seq, tuple(int(t) for t in r.tokens), r.start_pos) for r in rows]
+        check_rows(rows, self._node.seq_lengths, self.ctx, self.config.vocab_size)
+        step = Step(self.plan.epoch, self._seq, tuple(t for r in rows for t in r.tokens), 0, top,
+                    tuple((r.seq, r.start_pos, len(r.tokens)) for r in rows), self._take_copies())
+        return self._step(step, lambda: self._node.forward_batch(rows, top), len(step.tokens))
+
+    def copy_prefix(self, src: int, dst: int, n: int) -> None:
+        """On the root's cache now, on the workers' before the next step (sent with it)."""
+        self._node.copy_prefix(src, dst, n)
+        self._copies.append((src, dst, n))
+
+    def _take_copies(self) -> tuple[tuple[int, int, int], ...]:
+        copies, self._copies = tuple(self._copies), []
+        return copies
+
+    def _step(self, step: Step, run: Callable[[], np.ndarray], n_tokens: int) -> np.ndarray:
+        if self._closed:
+            raise ClusterError("the cluster engine is closed")
+        frame = encode(step)
         self._seq += 1
         for w in self._workers:
             try:
@@ -199,12 +224,12 @@ class ClusterEngine:
             except (LinkClosed, LinkTimeout) as e:
                 raise self._lost(w, str(e)) from None
         try:
-            logits = self._node.forward(tokens, start_pos, top)
+            logits = run()
         except self._tp.PeerLost as e:
             w = next((w for w in self._workers if w.index == e.node), None)
             raise self._lost(w, str(e).removeprefix(f"node {e.node}: ")) from None
         s = self._node.stats
-        self.stats.steps.append(StepStats(len(tokens), s.get("step_ms", 0.0), s.get("sync_ms", 0.0),
+        self.stats.steps.append(StepStats(n_tokens, s.get("step_ms", 0.0), s.get("sync_ms", 0.0),
                                           int(s.get("bytes_sent", 0)), int(s.get("bytes_received", 0))))
         return logits
 
@@ -291,7 +316,7 @@ async def start(model: Any, options: ClusterOptions, ctx: int, threads: int, tp:
         workers = sorted((w for w in workers if w.index > 0), key=lambda w: w.index)
 
         own = await trio.to_thread.run_sync(slices, model, the_plan, 0)
-        await _gather([partial(_push, w, model, the_plan, ctx, t, slices, events) for w in workers])
+        await _gather([partial(_push, w, model, the_plan, ctx, options.max_seqs, t, slices, events) for w in workers])
 
         for w in workers:
             await w.link.send(Mesh(the_plan.epoch))
@@ -301,7 +326,9 @@ async def start(model: Any, options: ClusterOptions, ctx: int, threads: int, tp:
 
         async def build() -> Any:
             events(Progress(BUILD, "root", 0, 1))
-            extra = {} if options.cache_dir is None else {"cache_dir": options.cache_dir}
+            extra: dict[str, Any] = {} if options.cache_dir is None else {"cache_dir": options.cache_dir}
+            if options.max_seqs > 1:
+                extra["max_seqs"] = options.max_seqs
             if keys is not None:
                 extra["exchange_keys"] = keys
             node = await run_in_thread(lambda: tp.TPNode(config, the_plan, 0, own, peers, ctx, threads, **extra),
@@ -400,12 +427,13 @@ async def _expect(w: Worker, cls: type, timeout: float) -> Any:
     return msg
 
 
-async def _push(w: Worker, model: Any, the_plan: Plan, ctx: int, t: Timeouts, slices: Callable, events: Sink) -> None:
+async def _push(w: Worker, model: Any, the_plan: Plan, ctx: int, max_seqs: int, t: Timeouts, slices: Callable,
+                events: Sink) -> None:
     """Session -> Need -> the missing slices -> WeightsReady."""
     tensors = await trio.to_thread.run_sync(slices, model, the_plan, w.index)
     slices = tuple(SliceInfo(name, name, int(x.qtype), tuple(x.shape), x.sha256) for name, x in tensors.items())
     try:
-        await w.link.send(Session(the_plan, model.config, ctx, slices))
+        await w.link.send(Session(the_plan, model.config, ctx, slices, max_seqs))
         need: Need = await _expect(w, Need, t.transfer)
         by_hash = {x.sha256: x for x in tensors.values()}
         unknown = [h for h in need.sha256s if h not in by_hash]

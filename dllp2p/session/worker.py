@@ -376,6 +376,8 @@ class Worker:
             extra = {} if self.cache_dir is None else {"cache_dir": self.cache_dir, "cache_budget": self.cache.budget}
             if keys is not None:
                 extra["exchange_keys"] = keys
+            if s.max_seqs > 1:
+                extra["max_seqs"] = s.max_seqs
             node = tp.TPNode(s.config, s.plan, index, tensors, peers, s.ctx, self.threads, **extra)
             tensors.clear()  # the engine holds its own packed copy
             ctl.send(Ready(s.epoch, self.node_id))
@@ -386,10 +388,18 @@ class Worker:
                     return True, f"stopped by the root ({msg.reason})"
                 if not isinstance(msg, Step) or msg.epoch != s.epoch or msg.seq != seq:
                     raise UnexpectedMessage(f"expected Step {seq} of epoch {s.epoch}, got {_describe(msg)}")
-                if msg.start_pos + len(msg.tokens) > s.ctx or max(msg.tokens) >= s.config.vocab_size:
-                    raise UnexpectedMessage(f"Step {seq} does not fit the context ({s.ctx}) or vocabulary")
+                rows = msg.batch()
+                if (any(r.start_pos + len(r.tokens) > s.ctx or r.seq >= s.max_seqs for r in rows)
+                        or max(msg.tokens) >= s.config.vocab_size
+                        or any(max(c[:2]) >= s.max_seqs for c in msg.copies)):
+                    raise UnexpectedMessage(f"Step {seq} does not fit the context ({s.ctx}), slots or vocabulary")
                 t0 = time.perf_counter()
-                node.forward(msg.tokens, msg.start_pos, msg.top)
+                for src, dst, n in msg.copies:
+                    node.copy_prefix(src, dst, n)
+                if msg.rows:
+                    node.forward_batch(rows, msg.top)
+                else:
+                    node.forward(msg.tokens, msg.start_pos, msg.top)
                 stats = getattr(node, "stats", None) or {}
                 self.last_step = StepStatus(len(msg.tokens), stats.get("step_ms", (time.perf_counter() - t0) * 1e3),
                                             stats.get("sync_ms", 0.0), time.time())

@@ -20,12 +20,12 @@ import re
 from dataclasses import dataclass
 
 from ..error_codes import ErrorCode
-from ..engine import MAX_TOP
+from ..engine import MAX_TOP, BatchRow
 from ..formats import ModelConfig
 from ..formats.quant import TRAITS, QType
 from ..scheduler import Peer, Plan
 
-PROTOCOL_VERSION = 3  # 2: Plan.exchange; 3: Step.top
+PROTOCOL_VERSION = 4  # 2: Plan.exchange; 3: Step.top; 4: Step.rows, Step.copies, Session.max_seqs
 MAX_CHUNK = 4 << 20  # weight bytes per WeightChunk
 MAX_TOKEN_ID = (1 << 31) - 1  # token ids are int32 in the compiled code; each node checks them against its vocabulary
 
@@ -116,12 +116,31 @@ class Step:
     tokens: tuple[int, ...]
     start_pos: int
     top: int = 0  # the nodes send the root their `top` best logits only (greedy: 1, top-k: k); 0: all
+    # a batch (issue 18): (KV slot, start_pos, token count) per row, `tokens` their concatenation; (): one row
+    # of slot 0 at start_pos
+    rows: tuple[tuple[int, int, int], ...] = dataclasses.field(default=(), metadata={"wire_optional": True})
+    # (src, dst, n): copy_prefix(src, dst, n) on every node before the rows (prefix sharing)
+    copies: tuple[tuple[int, int, int], ...] = dataclasses.field(default=(), metadata={"wire_optional": True})
 
     def __post_init__(self) -> None:
         _need(min(self.epoch, self.seq, self.start_pos) >= 0, "negative epoch, seq or start_pos")
         _need(len(self.tokens) >= 1 and min(self.tokens) >= 0 and max(self.tokens) <= MAX_TOKEN_ID,
               f"tokens must be one or more ids in 0..{MAX_TOKEN_ID}")
         _need(0 <= self.top <= MAX_TOP, f"top {self.top} outside 0..{MAX_TOP}")
+        _need(all(min(r) >= 0 and r[2] >= 1 for r in self.rows), "a row with a negative slot or start, or no tokens")
+        _need(not self.rows or sum(r[2] for r in self.rows) == len(self.tokens), "rows do not add up to the tokens")
+        _need(len({r[0] for r in self.rows}) == len(self.rows), "two rows of one slot")
+        _need(all(min(c) >= 0 for c in self.copies), "a negative copy_prefix argument")
+
+    def batch(self) -> tuple[BatchRow, ...]:
+        """The step's rows (one of slot 0 when it names none)."""
+        if not self.rows:
+            return (BatchRow(0, self.tokens, self.start_pos),)
+        out, at = [], 0
+        for slot, start, n in self.rows:
+            out.append(BatchRow(slot, self.tokens[at : at + n], start))
+            at += n
+        return tuple(out)
 
 
 @dataclass(frozen=True)
@@ -183,6 +202,7 @@ class Session:
     config: ModelConfig
     ctx: int  # KV cache positions
     slices: tuple[SliceInfo, ...]
+    max_seqs: int = dataclasses.field(default=1, metadata={"wire_optional": True})  # KV slots (batched sequences)
 
     def __post_init__(self) -> None:
         c = self.config
@@ -194,6 +214,7 @@ class Session:
               "rope_base and norm_eps must be finite and > 0")
         _need(1 <= self.ctx <= c.context_length, f"ctx {self.ctx} is not in 1..{c.context_length}")
         _need(len(self.slices) >= 1, "a session without tensors")
+        _need(1 <= self.max_seqs <= MAX_SEQS, f"max_seqs {self.max_seqs} outside 1..{MAX_SEQS}")
         names = [s.tensor for s in self.slices]
         _need(len(set(names)) == len(names), "a tensor is listed twice")
 
@@ -252,7 +273,8 @@ class Ready:
         _need(bool(self.node_id), "node_id is empty")
 
 
-WIRE_OPTIONAL = {"wire_optional": True}  # field metadata: may be absent from a body (decoded as its default)
+WIRE_OPTIONAL = {"wire_optional": True}
+MAX_SEQS = 256  # KV slots a session may ask for  # field metadata: may be absent from a body (decoded as its default)
 
 
 CHAT_ROLES = ("system", "user", "assistant")

@@ -1,0 +1,141 @@
+"""Aggregate decode speed of N concurrent sequences through one BatchEngine (issue 18), and memory.
+
+    python -m dllp2p.jit.batchbench [--model PATH] [--threads 2] [--concurrency 1 4 8] [--tokens 32]
+                                    [--prompt-tokens 32] [--rounds 3] [--rss-positions 0] [--json]
+
+What one measurement is: N sequences (slots 0..N-1) each hold a prompt of --prompt-tokens ids (different
+per slot, prefilled untimed in one forward_batch), then --tokens greedy decode steps, every step one
+forward_batch of N one-token rows. Timed: the decode steps only. Reported per N: aggregate tok/s (N x
+tokens / time), per-stream tok/s and ms per step (the latency each stream sees per token), and `vs_1`:
+aggregate tok/s over the single stream's, the median over rounds of ratios taken in the same round
+(concurrencies alternate within a round: a shared machine's speed drifts over minutes). Each round
+rewinds every slot to the end of its prompt (start_pos), so no round grows the KV caches.
+
+--rss-positions P (e.g. 2048): afterwards fill max(concurrency) slots with P positions each (prompt chunks,
+untimed) and report the process's RSS once the engine is built, before and after, and the KV bytes it holds
+(kv_bytes_per_position x positions): the memory of that many sequences of that length.
+
+`decode_throughput(engine, concurrencies, ...)` is the function `dllp2p bench --concurrency` calls with
+any BatchEngine (this node's JIT engine or the cluster's).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import sys
+import time
+from typing import Any, Sequence
+
+import numpy as np
+
+from ..engine import BatchEngine, BatchRow
+from ..formats import load_model
+from ..models import default_model_path
+from .engine import JITEngine
+
+
+def _prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[tuple[int, ...]]:
+    rng = np.random.default_rng(seed)
+    return [tuple(int(t) for t in rng.integers(0, vocab, length)) for _ in range(n)]
+
+
+def _decode(engine: BatchEngine, n: int, prompt_len: int, first: Sequence[int], tokens: int, top: int) -> float:
+    """Seconds for `tokens` greedy steps of slots 0..n-1, each resuming at prompt_len with its token in first."""
+    toks = list(first[:n])
+    extra = (top,) if top else ()  # a cluster's forward_batch(rows, top): the workers send their best only
+    t0 = time.perf_counter()
+    for i in range(tokens):
+        logits = engine.forward_batch([BatchRow(s, (toks[s],), prompt_len + i) for s in range(n)], *extra)
+        toks = [int(row.argmax()) for row in logits]
+    return time.perf_counter() - t0
+
+
+def decode_throughput(engine: BatchEngine, concurrencies: Sequence[int], tokens: int = 32, prompt_len: int = 32,
+                      rounds: int = 3, top: int = 0) -> dict[int, dict[str, float]]:
+    """Per concurrency N: aggregate_tok_s, per_stream_tok_s, ms_per_step (medians over rounds) and vs_first
+    (aggregate over concurrencies[0]'s, the median of same-round ratios). engine.max_seqs >= max(N). top > 0:
+    passed to a ClusterEngine's forward_batch (greedy needs 1)."""
+    most = max(concurrencies)
+    if most > engine.max_seqs or prompt_len + tokens > engine.ctx:
+        raise ValueError(f"needs {most} slots of {prompt_len + tokens} positions")
+    prompts = _prompts(most, prompt_len, engine.config.vocab_size)
+    logits = engine.forward_batch([BatchRow(s, p, 0) for s, p in enumerate(prompts)])
+    first = [int(row.argmax()) for row in logits]
+    _decode(engine, most, prompt_len, first, 2, top)  # warm-up
+    secs: dict[int, list[float]] = {n: [] for n in concurrencies}
+    for _ in range(rounds):
+        for n in concurrencies:
+            secs[n].append(_decode(engine, n, prompt_len, first, tokens, top))
+    base = concurrencies[0]
+    out = {}
+    for n in concurrencies:
+        t = statistics.median(secs[n])
+        out[n] = {"aggregate_tok_s": n * tokens / t, "per_stream_tok_s": tokens / t, "ms_per_step": 1e3 * t / tokens,
+                  "vs_first": statistics.median((n / a) / (base / b) for a, b in zip(secs[n], secs[base]))}
+    return out
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def fill_memory(engine: BatchEngine, n: int, positions: int, chunk: int = 256) -> dict[str, float]:
+    """RSS (MB) before and after slots 0..n-1 hold `positions` positions each (random prompts, in chunks)."""
+    before = _rss_mb()
+    t0 = time.perf_counter()
+    for s, prompt in enumerate(_prompts(n, positions, engine.config.vocab_size, seed=1)):
+        for lo in range(0, positions, chunk):
+            engine.forward_batch([BatchRow(s, prompt[lo : lo + chunk], lo)])
+    return {"sequences": n, "positions": positions, "rss_before_mb": before, "rss_after_mb": _rss_mb(),
+            "kv_mb": n * positions * engine.kv_bytes_per_position / 2**20, "fill_s": time.perf_counter() - t0}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m dllp2p.jit.batchbench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", help="GGUF path (default: the installed SmolLM2-135M-Instruct)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8])
+    p.add_argument("--tokens", type=int, default=32)
+    p.add_argument("--prompt-tokens", type=int, default=32)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--ctx", type=int, default=2048)
+    p.add_argument("--rss-positions", type=int, default=0)
+    p.add_argument("--json", action="store_true")
+    ns = p.parse_args(argv)
+    model = load_model(ns.model or default_model_path())
+    engine = JITEngine(model, ns.ctx, threads=ns.threads, max_seqs=max(ns.concurrency))
+    built_mb = _rss_mb()
+    try:
+        result: dict[str, Any] = {"threads": ns.threads, "model": str(ns.model or default_model_path().name),
+                                  "decode": decode_throughput(engine, ns.concurrency, ns.tokens, ns.prompt_tokens,
+                                                              ns.rounds)}
+        if ns.rss_positions:
+            result["memory"] = {"rss_engine_built_mb": built_mb,
+                                **fill_memory(engine, max(ns.concurrency), min(ns.rss_positions, engine.ctx))}
+    finally:
+        engine.close()
+    if ns.json:
+        print(json.dumps(result))
+        return 0
+    print(f"{result['model']}, {ns.threads} threads, {ns.tokens} decode steps after {ns.prompt_tokens}-token prompts")
+    for n, r in result["decode"].items():
+        print(f"  {n:2d} streams: {r['aggregate_tok_s']:7.1f} tok/s aggregate ({r['vs_first']:.2f}x), "
+              f"{r['per_stream_tok_s']:6.1f} tok/s per stream, {r['ms_per_step']:.1f} ms/step")
+    if "memory" in result:
+        m = result["memory"]
+        print(f"  RSS {m['rss_engine_built_mb']:.0f} MB with the engine built, {m['rss_before_mb']:.0f} MB after "
+              f"decoding, {m['rss_after_mb']:.0f} MB with {m['sequences']} sequences x "
+              f"{m['positions']} positions (KV {m['kv_mb']:.0f} MB)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
