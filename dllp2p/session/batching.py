@@ -61,6 +61,7 @@ class _Stream:
     receive: trio.MemoryReceiveChannel
     submitted: float
     first: float = 0.0  # perf_counter of its first token (0: none yet)
+    most: int = 0  # the largest batch (rows) it was computed in
     last: float = 0.0
     failure: Error | None = None
     log: list[str] = field(default_factory=list)
@@ -156,7 +157,7 @@ class BatchService:
         computed = len(seq.prompt) - seq.cached
         prefill = s.first - s.submitted if s.first else 0.0
         decode = (seq.generated - 1) / (s.last - s.first) if seq.generated > 1 and s.last > s.first else 0.0
-        lines = extra
+        lines = extra + (f"batched: up to {s.most} sequences per step (max_batch {self.cfg.max_batch})",)
         if seq.cached:
             lines += (f"{seq.cached} of the {len(seq.prompt)} prompt tokens were cached (a shared prefix)",)
         return Done(len(seq.prompt), seq.generated, computed / prefill if prefill else 0.0, decode, 1, self.node_id,
@@ -203,6 +204,9 @@ class BatchService:
             await self._close()
             return False
         self.steps += 1
+        for seq in step.seqs:
+            if (stream := self._streams.get(seq.rid)) is not None:
+                stream.most = max(stream.most, len(step.rows))
         self.core.advance(step)
         now = self._clock()
         for stream, token in sampled:

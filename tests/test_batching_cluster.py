@@ -1,0 +1,36 @@
+"""Concurrent API requests through 2 daemons (issue 18): a root with a worker serves them one at a time
+through its prompt slot (the batcher serves a root alone; with workers the cluster path, with its
+recovery, takes them in turn), so each waits its turn and each gets the greedy text it gets when sent
+alone to the same daemons. A random-weight model keeps the weight push and the compile small."""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+
+from dllp2p.formats.synthetic import SyntheticSpec, write_random_llama
+from test_batching_api import complete
+from test_serve import Daemons, free_port, wait_members
+
+CTX = 64
+SPEC = SyntheticSpec(dim=128, n_layers=2, n_heads=4, n_kv_heads=4, ffn_dim=256, vocab_size=300, seed=11)
+
+
+def test_concurrent_requests_through_two_daemons_get_their_solo_text(tmp_path):
+    path = write_random_llama(tmp_path / "random.gguf", SPEC)
+    d = Daemons(tmp_path, 2, model=path)
+    api_port = free_port()
+    try:
+        root = d.start(0, "--api", f"127.0.0.1:{api_port}", "--api-ctx", str(CTX))
+        d.start(1)
+        wait_members(root, 2)
+        reqs = [((40, 41, 42, 43, 44), 12), ((50, 51, 52), 6), ((60, 61, 62, 63, 64, 65, 66), 9)]
+        alone = [complete(api_port, ids, steps) for ids, steps in reqs]
+        with ThreadPoolExecutor(len(reqs)) as pool:
+            answers = list(pool.map(lambda r: complete(api_port, r[0], r[1]), reqs))
+    finally:
+        d.stop_all()
+    assert any("on 2 nodes" in line for line in d.logs[0]), "".join(d.logs[0])
+    for (status, _, got), (_, _, solo) in zip(answers, alone):
+        assert status == 200, json.dumps(got)
+        assert got["choices"][0]["text"] == solo["choices"][0]["text"] and got["usage"] == solo["usage"]
