@@ -203,6 +203,11 @@ class BatchService:
             self._fail_all(Error(code_of(e), f"root {self.node_id}: {e}"))
             await self._close()
             return False
+        except Exception:  # a bug: its requests fail, the daemon serves on
+            log.exception("batch step failed unexpectedly")
+            self._fail_all(Error(ErrorCode.INTERNAL, f"root {self.node_id}: internal error (see its log)"))
+            await self._close()
+            return False
         self.steps += 1
         for seq in step.seqs:
             if (stream := self._streams.get(seq.rid)) is not None:
