@@ -357,3 +357,31 @@ def test_bench_concurrency_runs_streams_together_as_alone(model):
         _, alone = decode_run(SoloBatch(lambda: _engine(m.config, tok, 64), 1), [p], 5, 64)
         assert got == alone[0] and len(got) == 5
     assert seconds > 0
+
+
+def test_a_resumed_request_goes_on_where_the_lost_root_stopped(model):
+    """already (a resumption: tokens the client has from a root that was lost): prefilled after the prompt,
+    their text not sent again; what follows is the rest of the solo run's text."""
+    m, tok = model
+    ids, steps = _prompt(3, 6), 12
+    whole, _ = solo_text(model, ids, steps, 64)
+    tokens = list(generate(_engine(m.config, tok, 64), list(ids), Sampler(SamplerConfig(temperature=0)), steps,
+                           tok.eos_ids))
+    assert len(tokens) > 5
+    dec = StreamDecoder(tok)
+    sent = "".join(dec.push(t) for t in tokens[:5])  # what the lost root had sent for its 5 tokens
+    svc, _ = _service(model, BatchConfig(max_batch=2), ctx=64)
+    sink = Sink()
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(lambda: svc.generate(sink, _gen(ids, steps, 64), list(ids), already=tuple(tokens[:5])))
+            await trio.sleep(0.01)
+            while svc.busy():
+                await svc.step()
+                await trio.sleep(0.001)
+
+    trio.run(main)
+    done = sink.got[-1]
+    assert sent + sink.text() == whole and done.generated_tokens == len(tokens) and done.prompt_tokens == len(ids)
+    assert any(line.startswith("resumed after 5 tokens") for line in done.stats)

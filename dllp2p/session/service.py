@@ -6,6 +6,11 @@
               TokenChunks through a bounded channel -> Done
     forward   a connection to the root; the Generate passed on (hops + 1); every answer relayed back
 
+Many at once: a root alone (no worker takes part) serves its requests together (serve_batched ->
+batching.BatchService: continuous batching over one JIT engine of max_batch sequence slots, a FIFO
+queue, 429 beyond it, prefix sharing); what follows is the path of a root with workers, one request at a
+time in the prompt slot.
+
 Re-planning: every request that cannot reuse the kept session (below) plans anew over the
 membership of that moment (epoch = the request's number), so a daemon that joined since the last
 request takes part in this one as far as the scheduler's policy allows, and one that left is not in it. Workers keep their slices in their
