@@ -147,6 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     daemon.add_argument("--queue", type=int, metavar="N", action=_Given,
                         help="requests waiting beyond --max-batch, first come first served; more are refused "
                              "(HTTP 429) (default 16)")
+    daemon.add_argument("--cluster-batch", dest="cluster_batch", action=_GivenTrue, default=False,
+                        help="as root with workers: batch their requests too (over the tensor-parallel cluster); "
+                             "default: one at a time (the path that recovers from a lost worker mid-request)")
     daemon.add_argument("--kv-budget-mb", dest="kv_budget_mb", type=int, metavar="MIB", action=_Given,
                         help="KV cache of all batched requests together (default 0: --max-batch full contexts)")
     daemon.add_argument("--model", action=_Given,
@@ -193,6 +196,14 @@ class _GivenFalse(_Given):
 
     def __call__(self, parser, namespace, values, option_string=None):  # noqa: ANN001
         super().__call__(parser, namespace, False, option_string)
+
+
+class _GivenTrue(_Given):
+    def __init__(self, *args, **kwargs):  # noqa: ANN002, ANN003
+        super().__init__(*args, nargs=0, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):  # noqa: ANN001
+        super().__call__(parser, namespace, True, option_string)
 
 
 def _generation_flags(ns: argparse.Namespace) -> SamplerConfig:
@@ -296,7 +307,7 @@ def config_of_settings(s: dict, environ: Mapping[str, str]) -> DaemonConfig:
         raise ValueError("--cache-mb must be at least 1")
     if s["max_batch"] < 1 or s["queue"] < 0 or s["kv_budget_mb"] < 0:
         raise ValueError("--max-batch must be at least 1, --queue and --kv-budget-mb at least 0")
-    batch = BatchConfig(s["max_batch"], s["queue"], s["kv_budget_mb"] << 20)
+    batch = BatchConfig(s["max_batch"], s["queue"], s["kv_budget_mb"] << 20, cluster=s["cluster_batch"])
     model = Path(s["model"]).expanduser() if s.get("model") else _installed_model()
     key_path = clusterkey.configured_path(s["key_file"], environ)
     key = None if key_path is None else clusterkey.load(key_path)

@@ -111,7 +111,7 @@ def _service(model, cfg: BatchConfig, ctx: int = 128) -> tuple[BatchService, lis
     m, tok = model
     made: list[SoloBatch] = []
 
-    def make(c: int) -> SoloBatch:
+    async def make(c: int) -> SoloBatch:
         made.append(SoloBatch(lambda: _engine(m.config, tok, c), cfg.max_batch))
         return made[-1]
 

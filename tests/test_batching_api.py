@@ -36,7 +36,7 @@ class Served:
         self.gate.set()
         self.delay = 0.0  # seconds each engine row takes
 
-        def make(ctx: int) -> SoloBatch:
+        async def make(ctx: int) -> SoloBatch:
             def engine():
                 e = _engine(m.config, tok, ctx)
                 forward = e.forward

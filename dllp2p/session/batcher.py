@@ -43,6 +43,7 @@ class BatchConfig:
     queue: int = 16  # requests waiting beyond them, FIFO; one more is refused (HTTP 429)
     kv_budget: int = 0  # bytes of KV cache for every sequence and cached prefix together; 0: max_batch contexts
     chunk: int = 64  # prompt tokens per step, all new sequences together
+    cluster: bool = False  # a root with workers batches too (over a ClusterEngine); else one at a time in the slot
 
     def __post_init__(self) -> None:
         if self.max_batch < 1 or self.queue < 0 or self.kv_budget < 0 or self.chunk < 1:

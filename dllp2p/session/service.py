@@ -161,20 +161,37 @@ class RootService:
             return None
 
     async def serve_batched(self, link: TrioLink, g: Generate, workers: list[str], ids: list[int]) -> bool:
-        """Serve g with the others running on this root alone (continuous batching) if no worker takes part;
-        False: it has workers (serve it in the prompt slot)."""
+        """Serve g together with the others (batching.py) when this root is alone, or over its workers too when
+        BatchConfig.cluster; False: serve it in the prompt slot (a root with workers, by default). A change of
+        workers takes effect when the batcher is idle (the engine is made anew over them)."""
         left_out = {x.address for x in self.left_out_now()}
-        if any(w not in left_out for w in workers):
+        workers = [w for w in workers if w not in left_out]
+        if workers and not self.batching.cfg.cluster:
             return False
         loaded = await trio.to_thread.run_sync(self._load)
-        model, extra = loaded.model, {} if self.cache_dir is None else {"cache_dir": self.cache_dir}
-        make = partial(jit_batch_engine, model, threads=self.threads, max_seqs=self.batching.cfg.max_batch, **extra)
-        self.batching.attach(make, loaded.tokenizer, g.ctx, kv_bytes_per_position(model.config))
+        self.batching.attach(self._batch_engine, loaded.tokenizer, g.ctx, kv_bytes_per_position(loaded.model.config))
+        if not self.batching.busy() and tuple(workers) != self.batching.workers:
+            self.batching.replan(tuple(workers))
         self.requests += 1
-        self.last_plan = plan(model.config, [Peer(self.node_id, "", self.threads, float(self.threads))], self.requests,
-                              self.policy, exchange=self.exchange)
         await self.batching.generate(link, g, ids)
         return True
+
+    async def _batch_engine(self, ctx: int) -> Any:
+        """The batcher's engine: max_batch sequence slots of ctx positions, on this root alone (JIT) or over
+        the batcher's workers (a ClusterEngine, every node holding the slots)."""
+        model, slots = self._load().model, self.batching.cfg.max_batch
+        if not self.batching.workers:
+            extra = {} if self.cache_dir is None else {"cache_dir": self.cache_dir}
+            engine = await trio.to_thread.run_sync(partial(jit_batch_engine, model, ctx, self.threads, slots, **extra))
+            self.last_plan = plan(model.config, [Peer(self.node_id, "", self.threads, float(self.threads))],
+                                  self.requests, self.policy, exchange=self.exchange)
+            self.batching.nodes = 1
+            return engine
+        await self.close_warm()  # a kept session of the slot's path holds the workers
+        engine, self.last_plan, _ = await self._engine_usable(model, ctx, list(self.batching.workers), self.requests,
+                                                              max_seqs=slots)
+        self.batching.nodes = self.last_plan.n_nodes
+        return engine
 
     async def serve(self, link: TrioLink, g: Generate, workers: list[str], ids: list[int]) -> None:
         """Generate g (its prompt_ids: ids) over this root and `workers` ("host:port" of the compatible
@@ -272,12 +289,13 @@ class RootService:
             return chat_tokens(loaded.tokenizer, loaded.model, [Message(t.role, t.content) for t in g.messages])
         return prompt_tokens(loaded.tokenizer, loaded.model, g.prompt, g.chat, g.system)
 
-    async def _engine_usable(self, model: Any, ctx: int, workers: list[str], epoch: int) -> tuple[Any, Plan, tuple]:
+    async def _engine_usable(self, model: Any, ctx: int, workers: list[str], epoch: int,
+                             max_seqs: int = 1) -> tuple[Any, Plan, tuple]:
         """_engine, planning again without a worker that answers disk_full (left out for LEFT_OUT_S, with
         one log line). -> (engine, plan, the warm key of the workers it was made over)."""
         while True:
             try:
-                engine, the_plan = await self._engine(model, ctx, workers, epoch)
+                engine, the_plan = await self._engine(model, ctx, workers, epoch, max_seqs)
                 return engine, the_plan, (tuple(workers), ctx)
             except ClusterError as e:
                 if code_of(e) != ErrorCode.DISK_FULL or e.address not in workers:
@@ -287,11 +305,13 @@ class RootService:
                 log.warning("request %d: %s; planning without it for %.0f s", epoch, e, LEFT_OUT_S)
                 workers = [w for w in workers if w != e.address]
 
-    async def _engine(self, model: Any, ctx: int, workers: list[str], epoch: int) -> tuple[Any, Plan]:
-        """A ClusterEngine over this root and the workers, or a JIT engine when there are none."""
+    async def _engine(self, model: Any, ctx: int, workers: list[str], epoch: int,
+                      max_seqs: int = 1) -> tuple[Any, Plan]:
+        """A ClusterEngine over this root and the workers (max_seqs KV slots on every node), or a JIT engine
+        when there are none."""
         if workers:
             options = ClusterOptions(tuple(workers), self.policy, self.timeouts, exchange=self.exchange,
-                                     skip_unreachable=True, cache_dir=self.cache_dir, key=self.key)
+                                     skip_unreachable=True, cache_dir=self.cache_dir, key=self.key, max_seqs=max_seqs)
             tp = self._tp()
             if self._slices is None:
                 self._slices = PlanSlices(tp.node_tensors)
