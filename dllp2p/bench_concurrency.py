@@ -2,6 +2,7 @@
 session/batcher.py over the root's batch engine) against one stream alone, in the same run.
 
     dllp2p bench --concurrency 4 [--model PATH] [--threads N] [--prompt-tokens N] [--tokens N] [--repeats R] [--json]
+                 [--workers HOST:PORT ...] [--key-file PATH]
 
 One run of k streams: k different prompts of --prompt-tokens ids (bench.PROMPT_TEXT, each rotated by its
 stream number so no prefix is shared) are admitted together and prefilled (not timed), then every
@@ -13,6 +14,8 @@ stream decodes --tokens greedy tokens, all k in each step (timed). Runs alternat
     speedup           aggregate of N streams / one stream's, the median of the runs' ratios
 
 The same engine (max_seqs N) serves both, as the daemon's does: one stream alone is one row per step.
+With --workers, that engine is a tensor-parallel cluster over this process and those daemons (a
+ClusterEngine with N KV slots on every node, as a root daemon with --cluster-batch makes it).
 rss_bytes: this process's peak resident memory at the end (the engine's N slots of ctx positions
 included; --ctx sets them: 2048 with N = 8 is 8 sequences of 2048 tokens).
 """
@@ -37,6 +40,7 @@ from .formats import load_model
 from .models import default_model_path
 from .session.batcher import BatchConfig, BatchCore, Seq
 from .session.batching import jit_batch_engine
+from .session.root import ClusterEngine, ClusterOptions
 from .tokenizer import Tokenizer
 
 
@@ -47,6 +51,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "per-stream decode tok/s)")
     parser.add_argument("--ctx", type=int, metavar="N", default=0,
                         help="with --concurrency: KV positions of each stream's slot (default: prompt + tokens)")
+    parser.add_argument("--workers", nargs="+", metavar="HOST:PORT", default=(),
+                        help="with --concurrency: run over these worker daemons as well (tensor parallel)")
+    parser.add_argument("--key-file", dest="key_file", metavar="PATH",
+                        help="with --workers: the cluster key file (default: as for `dllp2p run`)")
 
 
 @dataclass(frozen=True)
@@ -60,6 +68,8 @@ class ConcurrencyConfig:
     ctx: int
     json: bool
     cache_dir: Any = None
+    workers: tuple[str, ...] = ()
+    key: Any = None  # clusterkey.ClusterKey the connections to the workers are made with
 
     def __post_init__(self) -> None:
         if self.concurrency < 1 or self.threads < 1 or self.prompt_tokens < 1 or self.tokens < 2 or self.repeats < 1:
@@ -101,7 +111,11 @@ def run(cfg: ConcurrencyConfig) -> dict[str, Any]:
     tok = Tokenizer.from_metadata(model.metadata)
     ctx = cfg.ctx or cfg.prompt_tokens + cfg.tokens
     n = cfg.concurrency
-    engine = jit_batch_engine(model, ctx, cfg.threads, n, cfg.cache_dir)
+    if cfg.workers:
+        options = ClusterOptions(tuple(cfg.workers), cache_dir=cfg.cache_dir, key=cfg.key, max_seqs=n)
+        engine = ClusterEngine.connect(model, options, ctx, cfg.threads)
+    else:
+        engine = jit_batch_engine(model, ctx, cfg.threads, n, cfg.cache_dir)
     try:
         ps = prompts(tok, n, cfg.prompt_tokens)
         solo, many = [], []
@@ -119,7 +133,8 @@ def run(cfg: ConcurrencyConfig) -> dict[str, Any]:
         engine.close()
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     ratios = [m / s for m, s in zip(many, solo)]
-    return {"model": str(path), "engine": type(engine).__name__, "threads": cfg.threads, "concurrency": n, "ctx": ctx,
+    return {"model": str(path), "engine": type(engine).__name__, "nodes": getattr(getattr(engine, "plan", None), "n_nodes", 1),
+            "threads": cfg.threads, "concurrency": n, "ctx": ctx,
             "prompt_tokens": cfg.prompt_tokens, "tokens": cfg.tokens, "repeats": cfg.repeats,
             "one_stream_tok_s": statistics.median(solo), "aggregate_tok_s": statistics.median(many),
             "per_stream_tok_s": statistics.median(many) / n, "per_stream_ms_per_token": 1000 * n / statistics.median(many),
@@ -128,7 +143,7 @@ def run(cfg: ConcurrencyConfig) -> dict[str, Any]:
 
 
 def format_report(r: dict[str, Any]) -> str:
-    return (f"{r['model']} ({r['engine']}, {r['threads']} threads, ctx {r['ctx']}): {r['tokens']} greedy tokens after "
+    return (f"{r['model']} ({r['engine']}, {r['nodes']} node(s), {r['threads']} threads, ctx {r['ctx']}): {r['tokens']} greedy tokens after "
             f"{r['prompt_tokens']} prompt tokens, medians of {r['repeats']} alternated runs\n"
             f"  1 stream     {r['one_stream_tok_s']:8.1f} tok/s\n"
             f"  {r['concurrency']} streams {'':<{max(0, 3 - len(str(r['concurrency'])))}}{r['aggregate_tok_s']:8.1f} tok/s "
@@ -137,11 +152,12 @@ def format_report(r: dict[str, Any]) -> str:
             f"  memory       KV {r['kv_bytes'] / 2**20:.0f} MiB, peak RSS {r['rss_bytes'] / 2**20:.0f} MiB")
 
 
-def main(args: argparse.Namespace, out=None, err=None, cache_dir=None) -> int:  # noqa: ANN001
+def main(args: argparse.Namespace, out=None, err=None, cache_dir=None, key=None) -> int:  # noqa: ANN001
+    """`key`: the cluster key (the CLI loads it) for --workers."""
     out, err = out or sys.stdout, err or sys.stderr
     try:
         cfg = ConcurrencyConfig(args.model, args.concurrency, args.threads, args.prompt_tokens, args.tokens,
-                                args.repeats, args.ctx, args.json, cache_dir)
+                                args.repeats, args.ctx, args.json, cache_dir, tuple(args.workers), key)
         report = run(cfg)
     except user_facing_errors() as e:
         print(f"dllp2p: error: {e}", file=err)

@@ -379,8 +379,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if ns.command == "chat":
             return chat.chat(chat_config(ns))
         if ns.command == "bench":
-            main = bench_concurrency.main if ns.concurrency else bench.main
-            return main(ns, cache_dir=cache_dir(os.environ))
+            if ns.concurrency:
+                key = client_key(ns.key_file, os.environ) if ns.workers else None
+                return bench_concurrency.main(ns, cache_dir=cache_dir(os.environ), key=key)
+            return bench.main(ns, cache_dir=cache_dir(os.environ))
         if ns.command == "daemon":
             settings = daemon_settings(ns)
             cfg = config_of_settings(settings, os.environ)
