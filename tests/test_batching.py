@@ -385,3 +385,32 @@ def test_a_resumed_request_goes_on_where_the_lost_root_stopped(model):
     done = sink.got[-1]
     assert sent + sink.text() == whole and done.generated_tokens == len(tokens) and done.prompt_tokens == len(ids)
     assert any(line.startswith("resumed after 5 tokens") for line in done.stats)
+
+
+def test_a_stop_string_completed_by_the_last_token_says_stop(model):
+    """The stop reason of a stream whose stop string ends on its last allowed token is "stop", as solo."""
+    m, tok = model
+    for seed in range(100):  # a prompt whose 6th token ends with a character not shown before it
+        ids = _prompt(seed, 5)
+        tokens = list(generate(_engine(m.config, tok, 64), list(ids), Sampler(SamplerConfig(temperature=0)), 6,
+                               tok.eos_ids))
+        dec = StreamDecoder(tok)
+        texts = [dec.push(t) for t in tokens]
+        if len(tokens) == 6 and texts[-1] and texts[-1][-1] not in "".join(texts[:-1]) + texts[-1][:-1]:
+            break
+    else:
+        pytest.fail("no prompt of 100 fits")
+    stop = (texts[-1][-1],)
+    svc, _ = _service(model, BatchConfig(max_batch=2), ctx=64)
+    sink = Sink()
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(svc.generate, sink, _gen(ids, 6, 64, stop), list(ids))
+            await trio.sleep(0.01)
+            while svc.busy():
+                await svc.step()
+                await trio.sleep(0.001)
+
+    trio.run(main)
+    assert (sink.text(), sink.got[-1].stop_reason) == solo_text(model, ids, 6, 64, stop) == ("".join(texts)[:-1], "stop")

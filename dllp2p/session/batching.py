@@ -266,6 +266,7 @@ class BatchService:
             text = s.stops.push(s.decoder.push(token))
             if s.stops.stopped:
                 self.core.finish(seq, "stop")
+                seq.stop_reason = "stop"  # also when this was its last token (as the solo loop says)
         if seq.state == "done" and seq.stop_reason != "stop":
             text += s.stops.push(s.decoder.flush())
             text += s.stops.flush()
