@@ -20,8 +20,15 @@ CTX = 64
 SPEC = SyntheticSpec(dim=128, n_layers=2, n_heads=4, n_kv_heads=4, ffn_dim=256, vocab_size=300, seed=11)
 
 
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    """The daemons' compiled programs and packed weights: this module's own, shared by its tests."""
+    return tmp_path_factory.mktemp("batching-cluster-cache")
+
+
 @pytest.mark.parametrize("batched", [False, True], ids=["in-turn", "cluster-batch"])
-def test_concurrent_requests_through_two_daemons_get_their_solo_text(tmp_path, batched):
+def test_concurrent_requests_through_two_daemons_get_their_solo_text(tmp_path, batched, cache_dir, monkeypatch):
+    monkeypatch.setenv("DLLP2P_CACHE_DIR", str(cache_dir))  # the daemons inherit it
     path = write_random_llama(tmp_path / "random.gguf", SPEC)
     d = Daemons(tmp_path, 2, model=path)
     api_port = free_port()
