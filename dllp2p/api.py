@@ -31,7 +31,8 @@ API from pages served on loopback origins only; any other Origin gets 403 (a pag
 drive the cluster of whoever visits it, even with a "simple" request that needs no preflight).
 
 Error handling: every client mistake is an error_codes.CodedError answered with its HTTP status in
-OpenAI's error shape {"error": {"message", "type", "param", "code"}}, logged as one line at info, and
+OpenAI's error shape {"error": {"message", "type", "param", "code"}}, logged as one line at info (a 429,
+rate_limit_exceeded: every batch slot of the root runs and its queue is full, with Retry-After), and
 the connection serves on (or is closed after the response where HTTP requires it: a malformed head, a
 body not read); the root's Error frame maps through its ErrorCode the same way. Anything else is a bug:
 logged with its traceback, answered 500 if nothing was sent yet.
@@ -55,7 +56,7 @@ import trio
 
 from .api_access import bearer_ok, cors_headers, host_allowed, is_loopback, local_names, origin_allowed, preflight_headers
 from .api_schema import DEFAULT_CTX, FINISH, MAX_JSON_DEPTH, Answer, error_body, event, parse_json, to_generate
-from .error_codes import CodedError, ErrorCode
+from .error_codes import RETRY_AFTER_S, CodedError, ErrorCode
 from .wire.link import LinkClosed, format_address, parse_address
 from .wire.messages import Done, Error, Generate, TokenChunk
 
@@ -264,8 +265,9 @@ class Connection:
         """e as OpenAI's error body with its status, if a response can still begin."""
         if self.h11.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
             raise _Close()  # a response is under way: nothing more can be said in HTTP
+        retry = [("retry-after", str(RETRY_AFTER_S))] if e.code is ErrorCode.RATE_LIMITED else []
         try:
-            await self.send_json(e.code.http_status, error_body(e), close=close)
+            await self.respond(e.code.http_status, "application/json", json.dumps(error_body(e)).encode(), retry, close)
         except h11.LocalProtocolError:  # no Request parsed yet (a head cut short by the timeout): by hand
             body = json.dumps(error_body(e)).encode()
             status = e.code.http_status

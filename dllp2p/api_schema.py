@@ -286,7 +286,8 @@ class Answer:
     @staticmethod
     def usage(done: Done) -> dict:
         return {"prompt_tokens": done.prompt_tokens, "completion_tokens": done.generated_tokens,
-                "total_tokens": done.prompt_tokens + done.generated_tokens}
+                "total_tokens": done.prompt_tokens + done.generated_tokens,
+                "prompt_tokens_details": {"cached_tokens": done.cached_tokens}}
 
     def whole(self, text: str, done: Done) -> dict:
         reason = FINISH.get(done.stop_reason, "stop")

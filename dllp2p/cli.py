@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from . import __version__, bench, clusterkey, config, daemon
+from . import __version__, bench, bench_concurrency, clusterkey, config, daemon
 from .clusterkey import ClusterKey
 from .commands import chat, key, plan, run, status
 from .config import DEFAULT_API_PORT, DEFAULT_PORT, EXCHANGES, LOCAL_DAEMON, PLANS, POLICIES
@@ -22,6 +22,7 @@ from .formats import load_metadata
 from .jit.cpus import cap_threads, read_cpu_facts
 from .models import NoModel, default_model_path
 from .sampler import SamplerConfig
+from .session.batcher import BatchConfig
 from .textsafe import SafeFormatter, printable
 from .wire.link import format_address, parse_address
 
@@ -81,7 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"dllp2p {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    bench.add_arguments(sub.add_parser("bench", help="measure prefill and decode speed (and llama.cpp's, if installed)"))
+    bench_parser = sub.add_parser("bench", help="measure prefill and decode speed (and llama.cpp's, if installed)")
+    bench.add_arguments(bench_parser)
+    bench_concurrency.add_arguments(bench_parser)
 
     run = sub.add_parser("run", help="generate text from a prompt")
     run.add_argument("--prompt", required=True, help="the prompt text (with --chat: the user's message)")
@@ -143,6 +146,16 @@ def build_parser() -> argparse.ArgumentParser:
     daemon.add_argument("--api-ctx", dest="api_ctx", type=int, metavar="N", action=_Given,
                         help="the context (KV positions) of the API's requests: the longest prompt + reply "
                              "(default 2048)")
+    daemon.add_argument("--max-batch", dest="max_batch", type=int, metavar="N", action=_Given,
+                        help="as root alone: requests generated together, continuous batching (default 8)")
+    daemon.add_argument("--queue", type=int, metavar="N", action=_Given,
+                        help="requests waiting beyond --max-batch, first come first served; more are refused "
+                             "(HTTP 429) (default 16)")
+    daemon.add_argument("--cluster-batch", dest="cluster_batch", action=_GivenTrue, default=False,
+                        help="as root with workers: batch their requests too (over the tensor-parallel cluster); "
+                             "default: one at a time (the path that recovers from a lost worker mid-request)")
+    daemon.add_argument("--kv-budget-mb", dest="kv_budget_mb", type=int, metavar="MIB", action=_Given,
+                        help="KV cache of all batched requests together (default 0: --max-batch full contexts)")
     daemon.add_argument("--model", action=_Given,
                         help="GGUF model served when this daemon is root (default: the installed SmolLM2)")
 
@@ -199,6 +212,14 @@ class _GivenFalse(_Given):
 
     def __call__(self, parser, namespace, values, option_string=None):  # noqa: ANN001
         super().__call__(parser, namespace, False, option_string)
+
+
+class _GivenTrue(_Given):
+    def __init__(self, *args, **kwargs):  # noqa: ANN002, ANN003
+        super().__init__(*args, nargs=0, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):  # noqa: ANN001
+        super().__call__(parser, namespace, True, option_string)
 
 
 def _generation_flags(ns: argparse.Namespace) -> SamplerConfig:
@@ -319,6 +340,9 @@ def config_of_settings(s: dict, environ: Mapping[str, str]) -> DaemonConfig:
         raise ValueError("--cache-mb must be at least 1")
     if s["drain_s"] < 0:
         raise ValueError("--drain-s must be at least 0")
+    if s["max_batch"] < 1 or s["queue"] < 0 or s["kv_budget_mb"] < 0:
+        raise ValueError("--max-batch must be at least 1, --queue and --kv-budget-mb at least 0")
+    batch = BatchConfig(s["max_batch"], s["queue"], s["kv_budget_mb"] << 20, cluster=s["cluster_batch"])
     model = Path(s["model"]).expanduser() if s.get("model") else _installed_model()
     key_path = clusterkey.configured_path(s["key_file"], environ)
     key = None if key_path is None else clusterkey.load(key_path)
@@ -328,7 +352,7 @@ def config_of_settings(s: dict, environ: Mapping[str, str]) -> DaemonConfig:
                         peers=tuple(s["peers"]), model=model, exchange=s["exchange"], policy=s["plan"],
                         api=None if s["api"] in ("", "off") else s["api"], api_ctx=s["api_ctx"],
                         api_hosts=tuple(s["api_hosts"]), cache_dir=cache_dir(environ), cache_mb=s["cache_mb"],
-                        drain_s=float(s["drain_s"]))
+                        drain_s=float(s["drain_s"]), batch=batch)
 
 
 def _installed_model() -> Path | None:
@@ -400,6 +424,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if ns.command == "chat":
             return chat.chat(chat_config(ns))
         if ns.command == "bench":
+            if ns.concurrency:
+                key = client_key(ns.key_file, os.environ) if ns.workers else None
+                return bench_concurrency.main(ns, cache_dir=cache_dir(os.environ), key=key)
             return bench.main(ns, cache_dir=cache_dir(os.environ))
         if ns.command == "daemon":
             settings = daemon_settings(ns)

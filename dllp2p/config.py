@@ -26,11 +26,16 @@ File: /etc/dllp2p/config.toml (DLLP2P_CONFIG or --config name another), a [daemo
                                 # slices (cache dir); the least recently used files go beyond it
     drain_s = 30                # SIGTERM (systemctl stop): the seconds requests in flight on the root may take
                                 # to finish; then the daemons that forwarded them resume them on the next root
+    max_batch = 8               # as root alone: requests generated together (continuous batching)
+    queue = 16                  # requests waiting beyond them (FIFO); more are refused (HTTP 429)
+    kv_budget_mb = 0            # KV cache of all of them together, MiB; 0: max_batch full contexts
+    cluster_batch = false       # as root with workers: batch too (default: one request at a time)
 
 Environment: DLLP2P_HOST, DLLP2P_PORT, DLLP2P_THREADS, DLLP2P_STATE_DIR, DLLP2P_CLUSTER, DLLP2P_DISCOVERY
 (1/0, true/false, yes/no, on/off), DLLP2P_INTERFACES and DLLP2P_PEERS (separated by commas or spaces),
 DLLP2P_LOG_LEVEL, DLLP2P_MODEL, DLLP2P_EXCHANGE, DLLP2P_PLAN, DLLP2P_API, DLLP2P_API_CTX, DLLP2P_API_HOSTS,
-DLLP2P_KEY_FILE, DLLP2P_CACHE_MB, DLLP2P_DRAIN_S.
+DLLP2P_KEY_FILE, DLLP2P_CACHE_MB, DLLP2P_DRAIN_S, DLLP2P_MAX_BATCH, DLLP2P_QUEUE, DLLP2P_KV_BUDGET_MB,
+DLLP2P_CLUSTER_BATCH.
 
 Built once, at the edge: the CLI calls these functions with os.environ and hands the frozen results
 down (DaemonConfig, Timeouts, the cache and state directories); nothing below it reads the environment.
@@ -75,6 +80,10 @@ DAEMON_KEYS: dict[str, type] = {
     "key_file": str,
     "cache_mb": int,
     "drain_s": int,
+    "max_batch": int,
+    "queue": int,
+    "kv_budget_mb": int,
+    "cluster_batch": bool,
 }
 DEFAULTS: dict[str, Any] = {
     "host": "0.0.0.0",
@@ -95,6 +104,10 @@ DEFAULTS: dict[str, Any] = {
     "key_file": None,  # the cluster key (clusterkey.py); None: the default path if it exists; "off": none
     "cache_mb": 4096,  # each cache's size budget in MiB (slices in the state dir, packed slices in the cache dir)
     "drain_s": 30,  # SIGTERM: seconds the requests served as root may take before they are handed over
+    "max_batch": 8,  # as root alone: requests generated together
+    "queue": 16,  # requests waiting beyond them; more get 429
+    "kv_budget_mb": 0,  # their KV cache together; 0: max_batch full contexts
+    "cluster_batch": False,  # as root with workers: batch too
 }
 EXCHANGES = ("exact", "q8")  # scheduler.EXCHANGES (not imported: this module stays dependency-free)
 POLICIES = ("pow2", "weighted", "pipeline", "hybrid")  # scheduler.POLICIES + pipeline.PIPELINE_POLICIES

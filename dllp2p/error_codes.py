@@ -14,7 +14,8 @@ shipped; a code a newer peer sends that this version does not know reads as OTHE
     a prompt      generate (the root failed it) 500, unreachable (the root cannot be reached) 503,
                   forward_loop 500, no_model 503, draining 503 (the root is stopping: retry),
                   context_length_exceeded 400, invalid_token 400,
-                  invalid_request 400 (a Generate the root refuses)
+                  invalid_request 400 (a Generate the root refuses), rate_limit_exceeded 429 (every batch
+                  slot runs and the queue is full: the API adds Retry-After: RETRY_AFTER_S)
     HTTP only     bad_http 400, invalid_json 400, invalid_value 400, unsupported_parameter 400,
                   invalid_api_key 401, origin_not_allowed 403, not_found 404, method_not_allowed 405, request_timeout 408,
                   body_too_large 413, head_too_large 431, too_many_headers 431, internal_error 500
@@ -53,6 +54,7 @@ class ErrorCode(StrEnum):
     CONTEXT_LENGTH = "context_length_exceeded"  # OpenAI's own code for it
     INVALID_TOKEN = "invalid_token"
     INVALID_REQUEST = "invalid_request"
+    RATE_LIMITED = "rate_limit_exceeded"  # the root runs its most requests and its queue is full (OpenAI's code)
     # the HTTP API's own
     BAD_HTTP = "bad_http"
     INVALID_JSON = "invalid_json"
@@ -104,6 +106,7 @@ _HTTP: dict[ErrorCode, int] = {
     ErrorCode.CONTEXT_LENGTH: 400,
     ErrorCode.INVALID_TOKEN: 400,
     ErrorCode.INVALID_REQUEST: 400,
+    ErrorCode.RATE_LIMITED: 429,
     ErrorCode.BAD_HTTP: 400,
     ErrorCode.INVALID_JSON: 400,
     ErrorCode.INVALID_VALUE: 400,
@@ -125,9 +128,14 @@ _HINTS: dict[ErrorCode, str] = {
     ErrorCode.NO_MODEL: "start the root's daemon with --model PATH",
     ErrorCode.DRAINING: "the root is stopping; send it again in a moment (the next root takes it)",
     ErrorCode.CONTEXT_LENGTH: "raise --ctx or shorten the prompt",
+    ErrorCode.RATE_LIMITED: "the root serves its most requests at once and its queue is full; try again shortly "
+                            "(or raise the root's max_batch / queue)",
     ErrorCode.VERSION: "run the same dllp2p version on every device",
     ErrorCode.DISK_FULL: "free space on that device (or lower its --cache-mb); `dllp2p status` shows it left out",
 }
+
+
+RETRY_AFTER_S = 5  # what a 429 (rate_limit_exceeded) tells the client to wait, seconds
 
 
 class CodedError(Exception):

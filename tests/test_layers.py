@@ -30,7 +30,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("wire", ("dllp2p.wire", "dllp2p.discovery")),
     ("session", ("dllp2p.session",)),
     ("daemon/api", ("dllp2p.daemon", "dllp2p.api", "dllp2p.api_schema", "dllp2p.api_access")),
-    ("commands", ("dllp2p.commands", "dllp2p.bench")),
+    ("commands", ("dllp2p.commands", "dllp2p.bench", "dllp2p.bench_concurrency")),
     ("cli", ("dllp2p.cli",)),
 ]
 

@@ -18,6 +18,8 @@
                 plans without for now, and why
     recoveries  {"count", "last": null or {"cause", "pause_s", "replayed", "nodes_before", "nodes_after",
                 "at"}}: the root's requests that lost a node mid-generation and went on (re-planned, resumed)
+    serving     null, or the root's requests served together: {"running", "queued", "batch" (rows of its
+                latest step), "max_batch", "queue" (the queue's bound), "kv_reserved", "kv_budget" (positions)}
     nodes       one entry per member the daemon asked lists, root first, then the succession:
       id, address, role ("root" | "worker"), version (protocol, int), started_at (unix s, float),
       cluster, cores (int), ram (bytes of RAM, int), features (list of str), known_from (list of
@@ -216,6 +218,10 @@ def to_json(s: Survey) -> dict[str, Any]:
     out["recoveries"] = {"count": root.recoveries, "last": None if r is None else {
         "cause": r.cause, "pause_s": r.pause_s, "replayed": r.replayed, "nodes_before": r.nodes_before,
         "nodes_after": r.nodes_after, "at": r.at}}
+    sv = root.serving
+    out["serving"] = None if sv is None else {"running": sv.running, "queued": sv.queued, "batch": sv.batch,
+                                              "max_batch": sv.max_batch, "queue": sv.queue,
+                                              "kv_reserved": sv.kv_reserved, "kv_budget": sv.kv_budget}
     left = out["left_out"]
     for row in nodes:
         row["left_out"] = left.get(row["id"])
@@ -239,6 +245,10 @@ def table(s: Survey | None, error: str | None = None, now: float | None = None, 
                 f"weights → {p['subject']} {100 * p['done'] / p['total']:.0f}%" if p["task"] == "push"
                 else f"{p['subject']} building its engine" for p in busy)
         caption += _recoveries(to_json(s)["recoveries"], now)
+        sv = to_json(s)["serving"]
+        if sv is not None and (sv["running"] or sv["queued"]):
+            caption += (f"; requests: {sv['running']} running, {sv['queued']} queued (batch {sv['batch']} of "
+                        f"{sv['max_batch']}, KV {100 * sv['kv_reserved'] / max(1, sv['kv_budget']):.0f}%)")
     t = Table(title="dllp2p cluster", caption=_text(f"{caption} ({hint})" if hint and not error else caption))
     for col in ("node", "role", "address", "version", "started", "slice", "cores / RAM", "rss", "load",
                 "rtt", "weights", "last tok/s"):

@@ -55,6 +55,7 @@ from ..config import DEFAULT_CLUSTER, DEFAULT_PORT, Timeouts
 from ..discovery import StaticOptions
 from ..models import DEFAULT_FILE
 from ..session.rates import RateMeter
+from ..session.batcher import BatchConfig
 from ..session.service import RootService
 from ..session.slices import SliceCache, node_id
 from ..session.worker import Worker
@@ -111,6 +112,7 @@ class DaemonConfig:
     drain_s: float = 30.0  # SIGTERM: how long the requests it has taken may take to finish before handover
     threads_why: str = ""  # how `threads` was chosen (jit/cpus.py), logged at start-up
     threads_auto: bool = False  # not configured: chosen again (the load now) for every session's engine
+    batch: BatchConfig = field(default_factory=BatchConfig)  # requests served together as root (max_batch, queue, KV)
 
     def __post_init__(self) -> None:
         if not election.CLUSTER.fullmatch(self.cluster):
@@ -151,7 +153,8 @@ class Daemon:
         self.root_service = RootService(config.model, self.node_id, config.threads, config.policy, self.t, self._tp,
                                         exchange=config.exchange, cache_dir=config.cache_dir, key=config.key,
                                         on_lost=self.membership.mark_dead, meter=meter,
-                                        rates=lambda: dict(self.membership.rates), pick_threads=pick)
+                                        rates=lambda: dict(self.membership.rates), pick_threads=pick,
+                                        batch=config.batch, slot=slot)
         self.figures: figures.Measured | None = None  # measured by _measure ("auto" plans)
         self.prompts = PromptSlot(self.node_id, self.membership, self.root_service, slot, self.t, config.key)
 
@@ -213,6 +216,7 @@ class Daemon:
             nursery.start_soon(self.root_service.keep_warm)
             if c.policy == "auto":
                 nursery.start_soon(self._measure)
+            nursery.start_soon(self.root_service.batching.run)
             if c.api is not None:
                 await self._start_api(nursery)
             task_status.started(self.address)

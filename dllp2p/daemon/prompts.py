@@ -1,5 +1,6 @@
-"""A daemon's prompt slot: a Generate is served here when this node is the root (one request or worker
-session at a time: the slot), else forwarded to the root and its answers relayed back.
+"""A daemon's prompt slot: a Generate is served here when this node is the root, else forwarded to the root
+and its answers relayed back. A root alone serves its requests together (session/batching.py, which holds
+the slot while any runs); a root with workers one at a time in the slot (as does a worker session).
 
 Handover (a root lost or stopping mid-request): the daemon that forwarded a request keeps what resuming
 it needs, the Generate and the ids of every TokenChunk relayed (service.forward -> RootLost). When the
@@ -99,6 +100,9 @@ class PromptSlot:
         ids = await self.root_service.prompt_ids(link, g)  # outside the slot: tokenizing holds up nobody
         if ids is None:
             return
+        workers = [m.address for m in e.succession if m.node_id != self.node_id]
+        if await self.root_service.serve_batched(link, g, workers, ids):  # alone: with the others (it takes the slot)
+            return
         with trio.move_on_after(self.t.idle) as waited:
             await self._slot.acquire()
         if waited.cancelled_caught:
@@ -108,7 +112,6 @@ class PromptSlot:
             if self.draining:  # began while this request waited for the slot
                 await _send_quietly(link, self._draining_error())
                 return
-            workers = [m.address for m in e.succession if m.node_id != self.node_id]
             await self.root_service.serve(link, g, workers, ids, g.already)
         finally:
             self._slot.release()

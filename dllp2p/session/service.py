@@ -8,6 +8,11 @@
               RootLost (the ids relayed so far) when the root is lost or stops first, for the prompt
               slot (daemon/prompts.py) to resubmit to the next root as Generate.already
 
+Many at once: a root alone (no worker takes part) serves its requests together (serve_batched ->
+batching.BatchService: continuous batching over one JIT engine of max_batch sequence slots, a FIFO
+queue, 429 beyond it, prefix sharing); what follows is the path of a root with workers, one request at a
+time in the prompt slot.
+
 Re-planning: every request that cannot reuse the kept session (below) plans anew over the
 membership of that moment (epoch = the request's number), so a daemon that joined since the last
 request takes part in this one as far as the scheduler's policy allows, and one that left is not in it. Workers keep their slices in their
@@ -45,6 +50,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -55,6 +61,7 @@ from ..clusterkey import ClusterKey
 from ..config import Timeouts
 from ..error_codes import CodedError, ErrorCode, code_of
 from ..errors import user_facing_errors
+from ..engine import kv_bytes_per_position
 from ..formats import load_model
 from ..prompt import chat_tokens, prompt_tokens
 from ..sampler import SamplerConfig
@@ -68,6 +75,8 @@ from ..wire.messages import MAX_HOPS, Done, Error, Generate, TokenChunk
 from ..wire.secure import HandshakeFailed
 from ..wire.reports import PlanEstimate
 from .autoplan import PUSH_MIN, NodeFacts, choose_for, estimates, model_shape
+from .batcher import BatchConfig
+from .batching import BatchService, jit_batch_engine
 from .checks import MAX_CTX, MEMORY_SHARE, mem_available
 from .progress import Latest, LogEvents
 from .rates import RateMeter
@@ -116,7 +125,8 @@ class RootService:
                  tp: Callable[[], Any], exchange: str = "exact", cache_dir: Path | None = None,
                  key: ClusterKey | None = None, on_lost: Callable[[str, str], None] = lambda address, cause: None,
                  meter: RateMeter | None = None, rates: Callable[[], dict[str, float]] = dict,
-                 pick_threads: Callable[[], int] | None = None):
+                 pick_threads: Callable[[], int] | None = None, batch: BatchConfig = BatchConfig(),
+                 slot: trio.Lock | None = None):
         self.model_path = model_path
         self.on_lost = on_lost  # (address, cause) of a worker lost mid-request: the daemon's membership drops it
         self.pick_threads = pick_threads  # (blocking) the thread count for a request's engine; None: `threads`
@@ -146,6 +156,8 @@ class RootService:
         self._plans = 0  # plans made: every request's and every recovery's (their epochs)
         self.recoveries = 0  # requests that lost a node and went on
         self.last_recovery: Recovery | None = None
+        # requests served alone are batched (batching.py; its run() is a task of the daemon)
+        self.batching = BatchService(batch, node_id, slot, timeouts.idle)
 
     def plan_estimates(self, members: Sequence[NodeFacts] = ()) -> tuple[PlanEstimate, ...]:
         """The candidates the latest "auto" plan priced, fastest first; the chosen one with the measured
@@ -195,6 +207,40 @@ class RootService:
             log.warning("request from %s refused: %s", link.peer, e)
             await _send_error(link, Error(code_of(e), f"root {self.node_id}: {e}"))
             return None
+
+    async def serve_batched(self, link: TrioLink, g: Generate, workers: list[str], ids: list[int]) -> bool:
+        """Serve g together with the others (batching.py) when this root is alone, or over its workers too when
+        BatchConfig.cluster; False: serve it in the prompt slot (a root with workers, by default). A change of
+        workers takes effect when the batcher is idle (the engine is made anew over them)."""
+        left_out = {x.address for x in self.left_out_now()}
+        workers = [w for w in workers if w not in left_out]
+        if workers and not self.batching.cfg.cluster:
+            return False
+        loaded = await trio.to_thread.run_sync(self._load)
+        self.batching.attach(self._batch_engine, loaded.tokenizer, g.ctx, kv_bytes_per_position(loaded.model.config))
+        if not self.batching.busy() and tuple(workers) != self.batching.workers:
+            self.batching.replan(tuple(workers))
+        self.requests += 1
+        await self.batching.generate(link, g, ids, already=g.already)
+        return True
+
+    async def _batch_engine(self, ctx: int) -> Any:
+        """The batcher's engine: max_batch sequence slots of ctx positions, on this root alone (JIT) or over
+        the batcher's workers (a ClusterEngine, every node holding the slots)."""
+        model, slots = self._load().model, self.batching.cfg.max_batch
+        if not self.batching.workers:
+            extra = {} if self.cache_dir is None else {"cache_dir": self.cache_dir}
+            engine = await trio.to_thread.run_sync(partial(jit_batch_engine, model, ctx, self.threads, slots, **extra))
+            policy = "weighted" if self.policy == "auto" else self.policy
+            self.last_plan = build_plan(model.config, [Peer(self.node_id, "", self.threads, float(self.threads))],
+                                        self.requests, policy, exchange=self.exchange)
+            self.batching.nodes = 1
+            return engine
+        await self.close_warm()  # a kept session of the slot's path holds the workers
+        engine, self.last_plan, _ = await self._engine_usable(model, ctx, list(self.batching.workers), self.requests,
+                                                              max_seqs=slots)
+        self.batching.nodes = self.last_plan.n_nodes
+        return engine
 
     async def serve(self, link: TrioLink, g: Generate, workers: list[str], ids: list[int],
                     already: tuple[int, ...] = ()) -> None:
@@ -373,12 +419,13 @@ class RootService:
             return chat_tokens(loaded.tokenizer, loaded.model, [Message(t.role, t.content) for t in g.messages])
         return prompt_tokens(loaded.tokenizer, loaded.model, g.prompt, g.chat, g.system)
 
-    async def _engine_usable(self, model: Any, ctx: int, workers: list[str], epoch: int) -> tuple[Any, AnyPlan, tuple]:
+    async def _engine_usable(self, model: Any, ctx: int, workers: list[str], epoch: int,
+                             max_seqs: int = 1) -> tuple[Any, AnyPlan, tuple]:
         """_engine, planning again without a worker that answers disk_full (left out for LEFT_OUT_S, with
         one log line). -> (engine, plan, the warm key of the workers it was made over)."""
         while True:
             try:
-                engine, the_plan = await self._engine(model, ctx, workers, epoch)
+                engine, the_plan = await self._engine(model, ctx, workers, epoch, max_seqs)
                 return engine, the_plan, (tuple(workers), ctx)
             except ClusterError as e:
                 if code_of(e) != ErrorCode.DISK_FULL or e.address not in workers:
@@ -388,12 +435,14 @@ class RootService:
                 log.warning("request %d: %s; planning without it for %.0f s", epoch, e, LEFT_OUT_S)
                 workers = [w for w in workers if w != e.address]
 
-    async def _engine(self, model: Any, ctx: int, workers: list[str], epoch: int) -> tuple[Any, AnyPlan]:
-        """A ClusterEngine over this root and the workers, or a JIT engine when there are none."""
+    async def _engine(self, model: Any, ctx: int, workers: list[str], epoch: int,
+                      max_seqs: int = 1) -> tuple[Any, AnyPlan]:
+        """A ClusterEngine over this root and the workers (max_seqs KV slots on every node), or a JIT engine
+        when there are none."""
         threads = await trio.to_thread.run_sync(self.pick_threads) if self.pick_threads else self.threads
         if workers:
             options = ClusterOptions(tuple(workers), self.policy, self.timeouts, exchange=self.exchange,
-                                     skip_unreachable=True, cache_dir=self.cache_dir, key=self.key,
+                                     skip_unreachable=True, cache_dir=self.cache_dir, key=self.key, max_seqs=max_seqs,
                                      figures=self.figures, link_mbps=tuple(self._link_mbps.items()))
             tp = self._tp()
             if self._slices is None:

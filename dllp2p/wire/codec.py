@@ -54,7 +54,7 @@ from .messages import (
     WeightsReady,
 )
 from .reports import (LeftOut, LinkRtt, NodeStatus, PlanEstimate, ProgressStatus, PushStatus, RecoveryStatus,
-                      Resources, Status, StatusReply, StepStatus)
+                      Resources, ServingStatus, Status, StatusReply, StepStatus)
 
 MAGIC = b"DLP2"
 HEADER = struct.Struct(">4sBBI")  # magic, version, type, body length
@@ -190,7 +190,8 @@ def _fields(cls: type) -> tuple[tuple[str, Any], ...]:
 
 
 for _cls in (*MESSAGE_TYPES.values(), Plan, NodeSlice, PipelinePlan, Stage, SliceInfo, ModelConfig, Member, NodeStatus,
-             StepStatus, Resources, LinkRtt, PushStatus, ProgressStatus, LeftOut, PlanEstimate, RecoveryStatus, ChatTurn):
+             StepStatus, Resources, LinkRtt, PushStatus, ProgressStatus, LeftOut, PlanEstimate, RecoveryStatus,
+             ServingStatus, ChatTurn):
     _fields(_cls)  # resolve every schema at import: a bad annotation fails here, not mid-stream
 del _cls
 

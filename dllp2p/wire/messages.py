@@ -382,3 +382,4 @@ class Done:
     root: str  # the root's node id
     stats: tuple[str, ...]  # the cluster's per-token statistics lines (empty on one node)
     stop_reason: str = dataclasses.field(default="", metadata=WIRE_OPTIONAL)  # generate.GenerationStats': eos, steps, context
+    cached_tokens: int = dataclasses.field(default=0, metadata=WIRE_OPTIONAL)  # prompt tokens not computed (a shared prefix)

@@ -143,6 +143,20 @@ class RecoveryStatus:
     def __post_init__(self) -> None:
         _need(min(self.replayed, self.nodes_before, self.nodes_after) >= 0, "negative recovery counts")
         _need(all(math.isfinite(x) and x >= 0 for x in (self.pause_s, self.at)), "pause and time must be finite and >= 0")
+class ServingStatus:
+    """The answering root's requests served together (session/batching.py), now."""
+
+    running: int  # sequences being generated
+    queued: int  # requests waiting for a slot
+    batch: int  # rows of its latest step
+    max_batch: int
+    queue: int  # the queue's bound (one more request is refused: 429)
+    kv_reserved: int  # KV positions spoken for (running reservations, cached prefixes)
+    kv_budget: int  # KV positions in all
+
+    def __post_init__(self) -> None:
+        _need(min(self.running, self.queued, self.batch, self.queue, self.kv_reserved, self.kv_budget) >= 0
+              and self.max_batch >= 1, "negative serving counts")
 
 
 @dataclass(frozen=True)
@@ -204,6 +218,7 @@ class StatusReply:
     recoveries: int = dataclasses.field(default=0, metadata=WIRE_OPTIONAL)  # requests that lost a node and went on, as root
     last_recovery: RecoveryStatus | None = dataclasses.field(default=None, metadata=WIRE_OPTIONAL)  # the latest of them
     rate: float = dataclasses.field(default=0.0, metadata=WIRE_OPTIONAL)  # its measured compute rate (Hello.rate)
+    serving: ServingStatus | None = dataclasses.field(default=None, metadata=WIRE_OPTIONAL)  # its batched requests, as root
 
     def __post_init__(self) -> None:
         _need(self.seq >= 0 and self.sessions >= 0, "negative seq or session count")

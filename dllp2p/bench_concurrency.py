@@ -1,0 +1,166 @@
+"""`dllp2p bench --concurrency N`: decode speed of N greedy streams generated together (continuous batching,
+session/batcher.py over the root's batch engine) against one stream alone, in the same run.
+
+    dllp2p bench --concurrency 4 [--model PATH] [--threads N] [--prompt-tokens N] [--tokens N] [--repeats R] [--json]
+                 [--workers HOST:PORT ...] [--key-file PATH]
+
+One run of k streams: k different prompts of --prompt-tokens ids (bench.PROMPT_TEXT, each rotated by its
+stream number so no prefix is shared) are admitted together and prefilled (not timed), then every
+stream decodes --tokens greedy tokens, all k in each step (timed). Runs alternate 1 stream, N streams,
+1, N, ... after one untimed warm-up of each, so both see the same machine state.
+
+    aggregate tok/s   k x tokens / decode time: what the root delivers in all
+    per-stream tok/s  tokens / decode time: what each client sees (its latency: the inverse)
+    speedup           aggregate of N streams / one stream's, the median of the runs' ratios
+
+The same engine (max_seqs N) serves both, as the daemon's does: one stream alone is one row per step.
+With --workers, that engine is a tensor-parallel cluster over this process and those daemons (a
+ClusterEngine with N KV slots on every node, as a root daemon with --cluster-batch makes it).
+rss_bytes: this process's peak resident memory at the end (the engine's N slots of ctx positions
+included; --ctx sets them: 2048 with N = 8 is 8 sequences of 2048 tokens).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .bench import PROMPT_TEXT
+from .engine import kv_bytes_per_position
+from .errors import user_facing_errors
+from .formats import load_model
+from .models import default_model_path
+from .session.batcher import BatchConfig, BatchCore, Seq
+from .session.batching import jit_batch_engine
+from .session.root import ClusterEngine, ClusterOptions
+from .tokenizer import Tokenizer
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """What `dllp2p bench` takes beyond bench.add_arguments'."""
+    parser.add_argument("--concurrency", type=int, metavar="N", default=0,
+                        help="measure N greedy streams generated together against one stream (aggregate and "
+                             "per-stream decode tok/s)")
+    parser.add_argument("--ctx", type=int, metavar="N", default=0,
+                        help="with --concurrency: KV positions of each stream's slot (default: prompt + tokens)")
+    parser.add_argument("--workers", nargs="+", metavar="HOST:PORT", default=(),
+                        help="with --concurrency: run over these worker daemons as well (tensor parallel)")
+    parser.add_argument("--key-file", dest="key_file", metavar="PATH",
+                        help="with --workers: the cluster key file (default: as for `dllp2p run`)")
+
+
+@dataclass(frozen=True)
+class ConcurrencyConfig:
+    model: str | None
+    concurrency: int
+    threads: int
+    prompt_tokens: int
+    tokens: int
+    repeats: int
+    ctx: int
+    json: bool
+    cache_dir: Any = None
+    workers: tuple[str, ...] = ()
+    key: Any = None  # clusterkey.ClusterKey the connections to the workers are made with
+
+    def __post_init__(self) -> None:
+        if self.concurrency < 1 or self.threads < 1 or self.prompt_tokens < 1 or self.tokens < 2 or self.repeats < 1:
+            raise ValueError("--concurrency, --threads, --prompt-tokens, --repeats must be at least 1, --tokens 2")
+        if self.ctx and self.ctx < self.prompt_tokens + self.tokens:
+            raise ValueError(f"--ctx {self.ctx} is under --prompt-tokens + --tokens")
+
+
+def prompts(tokenizer: Tokenizer, n: int, length: int) -> list[tuple[int, ...]]:
+    """n prompts of `length` ids: the paragraph repeated to length, rotated by i (no shared prefix)."""
+    ids = tokenizer.encode(PROMPT_TEXT)
+    base = (ids * (length // len(ids) + 2))
+    return [tuple(base[i: i + length]) for i in range(n)]
+
+
+def decode_run(engine: Any, prompts_: list[tuple[int, ...]], tokens: int, ctx: int) -> tuple[float, list[list[int]]]:
+    """Prefill every prompt together, then decode `tokens` greedy tokens each, all streams in each step.
+    -> (decode seconds, each stream's tokens)."""
+    core = BatchCore(BatchConfig(max_batch=engine.max_seqs, chunk=max(map(len, prompts_)) * len(prompts_)), ctx,
+                     engine.kv_bytes_per_position)
+    seqs = [Seq(i, p, tokens, ctx) for i, p in enumerate(prompts_)]
+    for s in seqs:
+        core.submit(s)
+    t0 = None
+    while (step := core.plan()) is not None:
+        logits = engine.forward_batch(step.rows)  # f32[rows, vocab]
+        core.advance(step)
+        for i, (seq, sample) in enumerate(zip(step.seqs, step.sample)):
+            if sample:
+                core.push(seq, int(np.argmax(logits[i])))
+        if t0 is None:  # the prefill step gave every stream its first token: decoding starts now
+            t0 = time.perf_counter()
+    return time.perf_counter() - t0, [s.tokens[len(s.prompt):] for s in seqs]
+
+
+def run(cfg: ConcurrencyConfig) -> dict[str, Any]:
+    path = cfg.model or default_model_path()
+    model = load_model(path)
+    tok = Tokenizer.from_metadata(model.metadata)
+    ctx = cfg.ctx or cfg.prompt_tokens + cfg.tokens
+    n = cfg.concurrency
+    if cfg.workers:
+        options = ClusterOptions(tuple(cfg.workers), cache_dir=cfg.cache_dir, key=cfg.key, max_seqs=n)
+        engine = ClusterEngine.connect(model, options, ctx, cfg.threads)
+    else:
+        engine = jit_batch_engine(model, ctx, cfg.threads, n, cfg.cache_dir)
+    try:
+        ps = prompts(tok, n, cfg.prompt_tokens)
+        solo, many = [], []
+        decode_run(engine, ps[:1], 4, ctx)  # warm-ups
+        decode_run(engine, ps, 4, ctx)
+        for _ in range(cfg.repeats):
+            t1, one = decode_run(engine, ps[:1], cfg.tokens, ctx)
+            tn, out = decode_run(engine, ps, cfg.tokens, ctx)
+            if out[0] != one[0]:
+                raise AssertionError("stream 0's greedy tokens differ between its solo and its batched run")
+            steps = cfg.tokens - 1  # the first token comes from the prefill
+            solo.append(steps / t1)
+            many.append(n * steps / tn)
+    finally:
+        engine.close()
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    ratios = [m / s for m, s in zip(many, solo)]
+    return {"model": str(path), "engine": type(engine).__name__, "nodes": getattr(getattr(engine, "plan", None), "n_nodes", 1),
+            "threads": cfg.threads, "concurrency": n, "ctx": ctx,
+            "prompt_tokens": cfg.prompt_tokens, "tokens": cfg.tokens, "repeats": cfg.repeats,
+            "one_stream_tok_s": statistics.median(solo), "aggregate_tok_s": statistics.median(many),
+            "per_stream_tok_s": statistics.median(many) / n, "per_stream_ms_per_token": 1000 * n / statistics.median(many),
+            "speedup": statistics.median(ratios), "kv_bytes": n * ctx * kv_bytes_per_position(model.config),
+            "rss_bytes": rss}
+
+
+def format_report(r: dict[str, Any]) -> str:
+    return (f"{r['model']} ({r['engine']}, {r['nodes']} node(s), {r['threads']} threads, ctx {r['ctx']}): {r['tokens']} greedy tokens after "
+            f"{r['prompt_tokens']} prompt tokens, medians of {r['repeats']} alternated runs\n"
+            f"  1 stream     {r['one_stream_tok_s']:8.1f} tok/s\n"
+            f"  {r['concurrency']} streams {'':<{max(0, 3 - len(str(r['concurrency'])))}}{r['aggregate_tok_s']:8.1f} tok/s "
+            f"aggregate, {r['per_stream_tok_s']:.1f} tok/s per stream ({r['per_stream_ms_per_token']:.1f} ms/token)\n"
+            f"  speedup      x{r['speedup']:.2f} (aggregate over one stream, same run)\n"
+            f"  memory       KV {r['kv_bytes'] / 2**20:.0f} MiB, peak RSS {r['rss_bytes'] / 2**20:.0f} MiB")
+
+
+def main(args: argparse.Namespace, out=None, err=None, cache_dir=None, key=None) -> int:  # noqa: ANN001
+    """`key`: the cluster key (the CLI loads it) for --workers."""
+    out, err = out or sys.stdout, err or sys.stderr
+    try:
+        cfg = ConcurrencyConfig(args.model, args.concurrency, args.threads, args.prompt_tokens, args.tokens,
+                                args.repeats, args.ctx, args.json, cache_dir, tuple(args.workers), key)
+        report = run(cfg)
+    except user_facing_errors() as e:
+        print(f"dllp2p: error: {e}", file=err)
+        return 1
+    print(json.dumps(report) if cfg.json else format_report(report), file=out)
+    return 0

@@ -1,0 +1,325 @@
+"""A root's requests served together: the batcher's core (batcher.py) driven over one BatchEngine.
+
+    generate(link, g, ids)   a request: submitted to the core (admitted, queued, or refused with an Error
+                             frame), then its text pieces relayed to link as TokenChunks, then Done
+    run()                    (a task of the daemon) one step after another while any request runs: the
+                             core's Step -> one engine call off the trio loop (its prefix copies, one
+                             forward_batch, each finished row's sampling) -> every stream's new token
+                             decoded, cut at its stop strings, put in its own channel
+
+Each request has its own sampler (and RNG), stop strings, token limit and context; with a greedy
+sampler a stream's tokens are those of its solo run, whatever else runs beside it (the engines compute
+each slot's rows as they would alone). A client that goes away (its link's send fails, or its task is
+cancelled) cancels its sequence: the core frees its slot at the next step.
+
+The slot: the daemon's prompt slot (one worker session or one root's work at a time) is taken when the
+first request arrives and given back when none runs or waits; the engine is kept WARM_S seconds after,
+with its cached prefixes, then closed. A request whose context is over the engine's waits until nothing
+runs, and the engine is made anew with it.
+
+Error handling: an engine failure fails every running request with an Error naming it (the engine is
+closed; the next request makes a new one); a refusal (queue full: rate_limit_exceeded, HTTP 429) goes to
+that request only. Nothing here raises into the daemon.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable
+
+import trio
+
+from ..engine import BatchEngine, SoloBatch
+from ..error_codes import CodedError, ErrorCode, code_of
+from ..errors import user_facing_errors
+from ..generate import StopFilter
+from ..sampler import Sampler, SamplerConfig
+from ..tokenizer import StreamDecoder
+from ..wire.link import LinkClosed
+from ..wire.messages import Done, Error, Generate, TokenChunk
+from ..wire.reports import ServingStatus
+from .batcher import BatchConfig, BatchCore, Seq, Step
+
+log = logging.getLogger("dllp2p.daemon")
+
+WARM_S = 30.0  # an idle engine (and its cached prefixes) is kept this long
+
+
+@dataclass(eq=False)
+class _Stream:
+    """One request as the driver sees it: its sequence, sampling and text, and its clock."""
+
+    seq: Seq
+    sampler: Sampler
+    decoder: StreamDecoder
+    stops: StopFilter
+    eos: frozenset[int]
+    send: trio.MemorySendChannel
+    receive: trio.MemoryReceiveChannel
+    submitted: float
+    prompt: int  # tokens of the prompt (seq.prompt is followed by those of a resumed answer)
+    first: float = 0.0  # perf_counter of its first token (0: none yet)
+    most: int = 0  # the largest batch (rows) it was computed in
+    last: float = 0.0
+    failure: Error | None = None
+    log: list[str] = field(default_factory=list)
+    pending: list[int] = field(default_factory=list)  # ids generated since its last text piece (TokenChunk.ids)
+
+
+def jit_batch_engine(model: Any, ctx: int, threads: int, max_seqs: int, cache_dir: Any = None) -> BatchEngine:
+    """The compiled engine with max_seqs slots of ctx positions; where the JIT has no batched step yet, SoloBatch
+    over one JITEngine per slot."""
+    from ..jit.engine import JITEngine  # llvmlite: loaded by the first prompt served alone
+
+    extra = {} if cache_dir is None else {"cache_dir": cache_dir}
+    if hasattr(JITEngine, "forward_batch"):
+        return JITEngine(model, ctx, threads, max_seqs=max_seqs, **extra)
+    return SoloBatch(lambda: JITEngine(model, ctx, threads, **extra), max_seqs)
+
+
+class BatchService:
+    """Requests of one root served together. `slot`: the daemon's prompt slot (None: none to take);
+    `wait_slot`: how long to wait for it before refusing (busy); `node_id`: named in answers. attach() gives
+    it its engine maker and tokenizer (the root's model, loaded by its first request)."""
+
+    def __init__(self, cfg: BatchConfig, node_id: str, slot: trio.Lock | None = None, wait_slot: float = 600.0,
+                 clock: Callable[[], float] = time.perf_counter):
+        self.cfg, self.node_id = cfg, node_id
+        self.core: BatchCore | None = None
+        self.tokenizer: Any = None
+        self._make: Callable[[int], Awaitable[BatchEngine]] | None = None
+        self.workers: tuple[str, ...] = ()  # of the engine made next (replan)
+        self.nodes = 1  # of the engine's plan (its maker says)
+        self._slot, self._wait_slot, self._clock = slot, wait_slot, clock
+        self._engine: BatchEngine | None = None
+        self._holding = False
+        self._streams: dict[int, _Stream] = {}  # by rid
+        self._rid = 0
+        self._wake = trio.Event()
+        self.steps = 0  # engine steps run (tests: a cancelled sequence is gone within one)
+
+    def attach(self, make_engine: Callable[[int], Awaitable[BatchEngine]], tokenizer: Any, ctx: int,
+               kv_position: int) -> None:
+        """`await make_engine(ctx)`: a BatchEngine of cfg.max_batch slots of ctx positions; kv_position: the
+        bytes of one position of one slot (of the whole model). Once: later calls change nothing."""
+        if self.core is None:
+            self._make, self.tokenizer = make_engine, tokenizer
+            self.core = BatchCore(self.cfg, ctx, kv_position)
+            self.core.rebuilt = True  # no engine yet
+
+    def busy(self) -> bool:
+        return self.core is not None and self.core.busy()
+
+    def replan(self, workers: tuple[str, ...]) -> None:
+        """(idle) The next step makes the engine anew over `workers` (the cached prefixes go with the old one)."""
+        self.workers = workers
+        if self.core is not None:
+            self.core.rebuilt = True
+            self.core.entries.clear()
+
+    def serving(self) -> ServingStatus:
+        """What Status shows of it now."""
+        c = self.core
+        if c is None:
+            return ServingStatus(0, 0, 0, self.cfg.max_batch, self.cfg.queue, 0, 0)
+        return ServingStatus(len(c.running), len(c.queue), c.last_batch, self.cfg.max_batch, self.cfg.queue, c.reserved(),
+                       c.budget)
+
+    # --- one request ---
+
+    async def generate(self, link: Any, g: Generate, ids: list[int], extra: tuple[str, ...] = (),
+                       already: tuple[int, ...] = ()) -> None:
+        """Serve g (its prompt token ids: ids) among the others, answering on link; `extra`: stats lines for Done.
+        already: tokens of its answer the client has from a root that was lost (a resumption): prefilled after
+        the prompt, their text not sent again, counted in its max tokens."""
+        self._rid += 1
+        sampler = SamplerConfig(g.temperature, g.top_k, g.top_p, g.min_p, g.repeat_penalty, seed=g.seed)
+        # (text, the ids it completes): at most steps pieces; the client may lag
+        send, receive = trio.open_memory_channel[tuple[str, tuple[int, ...]]](math.inf)
+        if already and len(already) >= g.steps:
+            await _send_quietly(link, Done(len(ids), len(already), 0.0, 0.0, self.nodes, self.node_id, extra, "steps"))
+            return
+        try:
+            seq = Seq(self._rid, tuple(ids) + tuple(already), g.steps - len(already), g.ctx)
+            stream = _Stream(seq, Sampler(sampler), StreamDecoder(self.tokenizer), StopFilter(g.stop),
+                             frozenset(self.tokenizer.eos_ids), send, receive, self._clock(), prompt=len(ids))
+            for token in already:  # their text is the client's already
+                stream.stops.push(stream.decoder.push(token))
+            stream.sampler.advance(len(already))  # a seeded request draws on as the lost root would have
+            self.core.submit(seq)
+        except (CodedError, ValueError) as e:
+            log.info("request from %s refused: %s", link.peer, e)
+            await _send_quietly(link, Error(code_of(e, ErrorCode.INVALID_REQUEST), f"root {self.node_id}: {e}"))
+            return
+        self._streams[seq.rid] = stream
+        self._wake.set()
+        try:
+            async with receive:
+                async for piece, piece_ids in receive:
+                    await link.send(TokenChunk(piece, piece_ids))
+            if stream.failure is not None:
+                await link.send(stream.failure)
+                return
+            log.info("request %d: %d prompt tokens on %d nodes, %d generated, batched (%d running)%s", seq.rid,
+                     len(seq.prompt), self.nodes, seq.generated, len(self.core.running),
+                     f" ({seq.cached} of them already in its KV cache)" if seq.cached else "")
+            await link.send(self._done(stream, extra))
+        except LinkClosed:
+            pass  # the client went away: its sequence is cancelled below
+        finally:
+            self.core.cancel(seq)  # nothing if it is done
+            self._streams.pop(seq.rid, None)
+            self._wake.set()
+
+    def _done(self, s: _Stream, extra: tuple[str, ...]) -> Done:
+        seq = s.seq
+        already = len(seq.prompt) - s.prompt
+        computed = len(seq.prompt) - seq.cached
+        prefill = s.first - s.submitted if s.first else 0.0
+        decode = (seq.generated - 1) / (s.last - s.first) if seq.generated > 1 and s.last > s.first else 0.0
+        lines = extra + (f"batched: up to {s.most} sequences per step (max_batch {self.cfg.max_batch})",)
+        if seq.cached:
+            lines += (f"{seq.cached} of the {len(seq.prompt)} prompt tokens were cached (a shared prefix)",)
+        if already:
+            lines += (f"resumed after {already} tokens generated by a root that was lost or left",)
+        return Done(s.prompt, already + seq.generated, computed / prefill if prefill else 0.0, decode, self.nodes, self.node_id,
+                    lines, seq.stop_reason, cached_tokens=min(seq.cached, s.prompt))
+
+    # --- the steps ---
+
+    async def run(self) -> None:
+        """(a task of the daemon) Step while requests run; close the engine once idle for WARM_S, and on the way out."""
+        try:
+            while True:
+                if not self.busy():
+                    self._give_slot()
+                    with trio.move_on_after(WARM_S if self._engine is not None else math.inf) as idle:
+                        await self._wake.wait()
+                    self._wake = trio.Event()
+                    if idle.cancelled_caught:
+                        await self._close()  # idle for WARM_S: the engine and its cached prefixes go
+                    continue
+                if not await self._take_slot():
+                    continue
+                await self.step()
+        finally:
+            self._give_slot()
+            with trio.CancelScope(shield=True):
+                self._fail_all(Error(ErrorCode.GENERATE, f"root {self.node_id} is shutting down"))
+                await self._close()
+
+    async def step(self) -> bool:
+        """One step (tests call it directly); False when nothing ran."""
+        step = self.core.plan()
+        if step is None:
+            await trio.sleep(0.01)  # nothing to compute yet (not expected while any request runs)
+            return False
+        try:
+            if self.core.rebuilt or self._engine is None:
+                await self._close()
+                self._engine = await self._make(self.core.ctx)
+                self.core.rebuilt = False
+            sampled = await trio.to_thread.run_sync(self._compute, self._engine, step)
+        except user_facing_errors() as e:
+            log.warning("batch step failed: %s", e)
+            self._fail_all(Error(code_of(e), f"root {self.node_id}: {e}"))
+            await self._close()
+            return False
+        except Exception:  # a bug: its requests fail, the daemon serves on
+            log.exception("batch step failed unexpectedly")
+            self._fail_all(Error(ErrorCode.INTERNAL, f"root {self.node_id}: internal error (see its log)"))
+            await self._close()
+            return False
+        self.steps += 1
+        for seq in step.seqs:
+            if (stream := self._streams.get(seq.rid)) is not None:
+                stream.most = max(stream.most, len(step.rows))
+        self.core.advance(step)
+        now = self._clock()
+        for stream, token in sampled:
+            self._emit(stream, token, now)
+        return True
+
+    def _compute(self, engine: BatchEngine, step: Step) -> list[tuple[_Stream, int]]:
+        """(thread) The step's copies and rows on the engine; each finished row's next token sampled."""
+        for c in step.copies:
+            engine.copy_prefix(c.src, c.dst, c.n)
+        logits = engine.forward_batch(step.rows)  # f32[rows, vocab]
+        out = []
+        for i, (seq, sample) in enumerate(zip(step.seqs, step.sample)):
+            stream = self._streams.get(seq.rid)
+            if sample and stream is not None and seq.state == "running":
+                out.append((stream, stream.sampler(logits[i], seq.tokens)))
+        return out
+
+    def _emit(self, s: _Stream, token: int, now: float) -> None:
+        """token for stream s: its text (if any) to its channel; its channel closed once it is done."""
+        seq = s.seq
+        if seq.state != "running":
+            return
+        if token in s.eos:
+            self.core.finish(seq, "eos")
+            text = ""
+        else:
+            self.core.push(seq, token)
+            s.pending.append(token)
+            s.first, s.last = s.first or now, now
+            text = s.stops.push(s.decoder.push(token))
+            if s.stops.stopped:
+                self.core.finish(seq, "stop")
+                seq.stop_reason = "stop"  # also when this was its last token (as the solo loop says)
+        if seq.state == "done" and seq.stop_reason != "stop":
+            text += s.stops.push(s.decoder.flush())
+            text += s.stops.flush()
+        try:
+            if text:
+                s.send.send_nowait((text, tuple(s.pending)))
+                s.pending.clear()
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            self.core.cancel(seq)  # nobody listens any more
+        if seq.state != "running":
+            s.send.close()
+
+    def _fail_all(self, error: Error) -> None:
+        """Every running and queued request ends with error."""
+        for s in list(self._streams.values()):
+            if s.seq.state in ("running", "queued"):
+                s.failure = error
+                self.core.cancel(s.seq)
+                s.send.close()
+
+    # --- the slot and the engine ---
+
+    async def _take_slot(self) -> bool:
+        if self._holding or self._slot is None:
+            return True
+        with trio.move_on_after(self._wait_slot):
+            await self._slot.acquire()
+            self._holding = True
+            return True
+        self._fail_all(Error(ErrorCode.BUSY, f"node {self.node_id} is busy"))
+        return False
+
+    def _give_slot(self) -> None:
+        if self._holding and self._slot is not None:
+            self._slot.release()
+        self._holding = False
+
+    async def _close(self) -> None:
+        engine, self._engine = self._engine, None
+        if self.core is not None:
+            self.core.entries.clear()  # their KV goes with the engine
+            self.core.rebuilt = True
+        if engine is not None:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(engine.close)
+
+
+async def _send_quietly(link: Any, msg: Any) -> None:
+    try:
+        await link.send(msg)
+    except LinkClosed:
+        pass

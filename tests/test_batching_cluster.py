@@ -1,0 +1,51 @@
+"""Concurrent API requests through 2 daemons (issue 18). By default a root with a worker serves them one at
+a time through its prompt slot (the path that recovers a lost worker mid-request); with --cluster-batch it
+batches them over the tensor-parallel cluster (ClusterEngine.forward_batch, every node holding max_batch
+KV slots). Either way each request gets the greedy text it gets when sent alone to the same daemons. A
+random-weight model keeps the weight push and the compile small."""
+
+from __future__ import annotations
+
+import json
+import re
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from dllp2p.formats.synthetic import SyntheticSpec, write_random_llama
+from test_batching_api import complete
+from test_serve import Daemons, free_port, wait_members
+
+CTX = 64
+SPEC = SyntheticSpec(dim=128, n_layers=2, n_heads=4, n_kv_heads=4, ffn_dim=256, vocab_size=300, seed=11)
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    """The daemons' compiled programs and packed weights: this module's own, shared by its tests."""
+    return tmp_path_factory.mktemp("batching-cluster-cache")
+
+
+@pytest.mark.parametrize("batched", [False, True], ids=["in-turn", "cluster-batch"])
+def test_concurrent_requests_through_two_daemons_get_their_solo_text(tmp_path, batched, cache_dir, monkeypatch):
+    monkeypatch.setenv("DLLP2P_CACHE_DIR", str(cache_dir))  # the daemons inherit it
+    path = write_random_llama(tmp_path / "random.gguf", SPEC)
+    d = Daemons(tmp_path, 2, model=path)
+    api_port = free_port()
+    try:
+        root = d.start(0, "--api", f"127.0.0.1:{api_port}", "--api-ctx", str(CTX), *(["--cluster-batch"] if batched else []))
+        d.start(1)
+        wait_members(root, 2)
+        reqs = [((40, 41, 42, 43, 44), 12), ((50, 51, 52), 6), ((60, 61, 62, 63, 64, 65, 66), 9)]
+        alone = [complete(api_port, ids, steps) for ids, steps in reqs]
+        with ThreadPoolExecutor(len(reqs)) as pool:
+            answers = list(pool.map(lambda r: complete(api_port, r[0], r[1]), reqs))
+    finally:
+        d.stop_all()
+    assert any("on 2 nodes" in line for line in d.logs[0]), "".join(d.logs[0])
+    assert any(re.search(r"on 2 nodes, \d+ generated, batched \([1-9]", line) for line in d.logs[0]) == batched
+    for (status, _, got), (_, _, solo) in zip(answers, alone):
+        assert status == 200, json.dumps(got)
+        assert got["choices"][0]["text"] == solo["choices"][0]["text"]
+        assert got["usage"]["completion_tokens"] == solo["usage"]["completion_tokens"]  # (cached_tokens may differ:
+        # the solo runs left their prompts in the batcher's prefix cache)
