@@ -76,7 +76,7 @@ def test_forward_to_a_root_that_does_not_answer_says_unreachable():
     import trio
 
     from dllp2p.config import Timeouts
-    from dllp2p.session import service as serve
+    from dllp2p.session import forwarding as serve
 
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))
@@ -96,7 +96,7 @@ def test_forward_to_a_root_that_does_not_answer_says_unreachable():
                                                 ([1] * 8, 10, 8, ErrorCode.CONTEXT_LENGTH),
                                                 ([1] * 7, 10, 8, None)])
 def test_the_root_refuses_what_the_client_got_wrong(ids, vocab, ctx, code):
-    from dllp2p.session.service import _check_prompt
+    from dllp2p.session.admission import check_prompt as _check_prompt
 
     if code is None:
         _check_prompt(ids, vocab, ctx)

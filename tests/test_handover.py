@@ -27,7 +27,7 @@ from dllp2p.error_codes import ErrorCode
 from dllp2p.formats.synthetic import write_random_llama
 from dllp2p.generate import generate
 from dllp2p.sampler import Sampler, SamplerConfig
-from dllp2p.session import service
+from dllp2p.session import forwarding
 from test_serve import CLI, KEY_FILE, ROOT_DIR, SPEC_8KV, Daemons, status, wait_members
 
 # --- the generation loop resumed --------------------------------------------------------------------
@@ -158,7 +158,7 @@ def _forward(answers, g):
     async def main():
         async with trio.open_nursery() as nursery:
             address = await nursery.start(_fake_root, answers)
-            lost = await service.forward(sink, g, address, "me", Timeouts(hello=5.0, build=5.0, progress=5.0))
+            lost = await forwarding.forward(sink, g, address, "me", Timeouts(hello=5.0, build=5.0, progress=5.0))
             nursery.cancel_scope.cancel()
         return lost
 

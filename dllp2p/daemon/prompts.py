@@ -3,7 +3,7 @@ and its answers relayed back. A root alone serves its requests together (session
 the slot while any runs); a root with workers one at a time in the slot (as does a worker session).
 
 Handover (a root lost or stopping mid-request): the daemon that forwarded a request keeps what resuming
-it needs, the Generate and the ids of every TokenChunk relayed (service.forward -> RootLost). When the
+it needs, the Generate and the ids of every TokenChunk relayed (forwarding.forward -> RootLost). When the
 root's link closes (kill), it falls silent, or it answers draining (SIGTERM), this daemon takes it out of
 the membership at once (Membership.root_lost: it said so, or a Status to it fails), waits for the
 election to name the next root (Timeouts.handover at most), and resubmits the request there with those ids
@@ -29,7 +29,7 @@ from ..clusterkey import ClusterKey
 from ..config import Timeouts
 from ..election import Election
 from ..error_codes import ErrorCode
-from ..session import service
+from ..session import forwarding, service
 from ..session.recovery import Recovery
 from ..wire.link import LinkClosed, TrioLink
 from ..wire.messages import Done, Error, Generate, TokenChunk
@@ -82,7 +82,7 @@ class PromptSlot:
                 await self._serve_here(watch, g, e)
                 return
             log.info("request from %s: forwarded to the root %s (%s)", link.peer, e.root.node_id, e.root.address)
-            lost = await service.forward(watch, g, e.root.address, self.node_id, self.t, self.key)
+            lost = await forwarding.forward(watch, g, e.root.address, self.node_id, self.t, self.key)
             if lost is None:
                 return
             log.warning("request from %s: %s after %d tokens; handing it to the next root", link.peer, lost.cause,
@@ -144,7 +144,7 @@ class _Resumed:
         self.link, self.peer, self._report = link, link.peer, report
         self._pending: tuple[str, float, int, int, int] | None = None  # cause, since, replayed, members before, after
 
-    def lost(self, cause: str, lost: service.RootLost, before: int, after: int) -> None:
+    def lost(self, cause: str, lost: forwarding.RootLost, before: int, after: int) -> None:
         if self._pending is None:  # a second loss before any text: the same pause goes on
             self._pending = (cause, lost.since, len(lost.already), before, after)
 

@@ -4,7 +4,7 @@
               members as they are at this moment (root.start: Hello, plan, weight push, mesh; the
               JIT engine when the root is alone) -> the generation loop in one worker thread ->
               TokenChunks (text + the ids it completes) through a bounded channel -> Done
-    forward   a connection to the root; the Generate passed on (hops + 1); every answer relayed back;
+    forward   (forwarding.py) a connection to the root; the Generate passed on (hops + 1); every answer relayed back;
               RootLost (the ids relayed so far) when the root is lost or stops first, for the prompt
               slot (daemon/prompts.py) to resubmit to the next root as Generate.already
 
@@ -49,7 +49,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -68,16 +68,13 @@ from ..sampler import SamplerConfig
 from ..pipeline import AnyPlan, build_plan, plan_share
 from ..scheduler import Peer, Plan, rates_moved
 from ..tokenizer import Tokenizer
-from ..wire.client import GenerateCall
-from ..wire.codec import ProtocolError
-from ..wire.link import LinkClosed, LinkTimeout, TrioLink, first_error
-from ..wire.messages import MAX_HOPS, Done, Error, Generate, TokenChunk
-from ..wire.secure import HandshakeFailed
+from ..wire.link import LinkClosed, TrioLink, first_error
+from ..wire.messages import Done, Error, Generate, TokenChunk
 from ..wire.reports import PlanEstimate
 from .autoplan import PUSH_MIN, NodeFacts, choose_for, estimates, model_shape
 from .batcher import BatchConfig
 from .batching import BatchService, jit_batch_engine
-from .checks import MAX_CTX, MEMORY_SHARE, mem_available
+from . import admission
 from .progress import Latest, LogEvents
 from .rates import RateMeter
 from .recovery import MAX_RECOVERIES, InFlight, Recovery, produce
@@ -196,12 +193,12 @@ class RootService:
         outside the prompt slot: a long prompt's tokenization (in a thread) holds up no other request, and a
         text too long for the context in any tokenization is refused before it starts."""
         try:
-            _check_length(g)
+            admission.check_length(g)
             loaded = await trio.to_thread.run_sync(self._load)
             ids = list(g.tokens) or await trio.to_thread.run_sync(self._tokens, loaded, g)
-            _check_prompt(ids, loaded.model.config.vocab_size, g.ctx)
-            _check_vocabulary(g.already, loaded.model.config.vocab_size)
-            _check_ctx(g.ctx, loaded.model.config, await trio.to_thread.run_sync(_meminfo))
+            admission.check_prompt(ids, loaded.model.config.vocab_size, g.ctx)
+            admission.check_vocabulary(g.already, loaded.model.config.vocab_size)
+            admission.check_ctx(g.ctx, loaded.model.config, await trio.to_thread.run_sync(admission.meminfo))
             return ids
         except user_facing_errors() as e:
             log.warning("request from %s refused: %s", link.peer, e)
@@ -470,104 +467,8 @@ class RootService:
             await trio.to_thread.run_sync(produce, engine, request, steps, loaded.tokenizer.eos_ids, send, cached)
 
 
-@dataclass(frozen=True)
-class RootLost:
-    """forward's answer when the root went away before the request was done: what resubmitting it needs."""
-
-    already: tuple[int, ...]  # every id whose text the client has been sent (Generate.already of the next try)
-    cause: str
-    left: bool = False  # the root said it is stopping (draining), rather than died or fell silent
-    since: float = 0.0  # time.monotonic() of the last text relayed (or of the start): the client's pause runs from it
-
-
-async def forward(link: TrioLink, g: Generate, root: str, node_id: str, timeouts: Timeouts,
-                  key: ClusterKey | None = None) -> RootLost | None:
-    """Pass g on to the root daemon at `root` (through the secure channel under key) and relay its answers
-    until Done or Error. -> None once the request has ended here (answered, or refused); RootLost when the
-    root was lost first: its link closed (killed), it was silent for timeouts.progress after its first
-    token (timeouts.build before it), or it answered draining (stopping), with the ids streamed so far."""
-    if g.hops >= MAX_HOPS:
-        await _send_error(link, Error(ErrorCode.FORWARD_LOOP, f"node {node_id}: the request was forwarded {g.hops} times; "
-                                                  "the daemons do not agree on a root"))
-        return None
-    try:
-        up = await GenerateCall.open(root, replace(g, hops=g.hops + 1), timeouts.hello, key)
-    except HandshakeFailed as e:
-        await _send_error(link, Error(ErrorCode.UNREACHABLE, f"node {node_id}: the root is unreachable: {e}"))
-        return None
-    except (LinkClosed, LinkTimeout) as e:
-        return RootLost(g.already, f"the root {root} is unreachable: {e}", since=time.monotonic())
-    already, resumable, since = list(g.already), True, time.monotonic()
-    try:
-        while True:
-            try:
-                msg = await up.receive(timeouts.progress if len(already) > len(g.already) else timeouts.build)
-            except (LinkClosed, LinkTimeout, ProtocolError) as e:
-                lost = RootLost(tuple(already), f"root {root} failed: {e}", since=since)
-                if resumable:
-                    return lost
-                await _send_error(link, Error(ErrorCode.GENERATE, f"node {node_id}: {lost.cause}"))
-                return None
-            if isinstance(msg, Error) and msg.kind is ErrorCode.DRAINING and resumable:
-                return RootLost(tuple(already), msg.message, left=True, since=since)
-            await link.send(msg)  # LinkClosed: the client went away; closing `up` stops the root
-            if not isinstance(msg, TokenChunk):
-                return None
-            already.extend(msg.ids)
-            since = time.monotonic()
-            resumable = resumable and (bool(msg.ids) or not msg.text)  # a root that sends no ids cannot be resumed
-    finally:
-        await up.aclose()
-
-
 def _rates(rates: dict[str, float]) -> str:
     return ", ".join(f"{k} {v:.1f}" for k, v in sorted(rates.items()))
-
-
-MAX_TOKEN_BYTES = 256  # no token of any vocabulary spans more bytes: a text over ctx x this cannot fit
-
-
-def _check_length(g: Generate) -> None:
-    """The cheap check before tokenizing: a prompt of more bytes than ctx tokens could ever hold is refused."""
-    chars = len(g.prompt) + len(g.system or "") + sum(len(t.content) for t in g.messages)
-    if chars > g.ctx * MAX_TOKEN_BYTES or len(g.tokens) >= g.ctx:  # a character is at least one byte
-        n = len(g.tokens) or chars
-        raise CodedError(f"the prompt ({n} {'tokens' if g.tokens else 'characters'}) cannot fit a context of "
-                         f"{g.ctx} tokens", ErrorCode.CONTEXT_LENGTH)
-
-
-def _check_ctx(ctx: int, config: Any, available: int | None) -> None:
-    """A context the root can allocate: within the model's, checks.MAX_CTX and (the whole model's f16 KV
-    cache, as when the root runs alone) the memory available. Else a CodedError (HTTP 400)."""
-    most = min(config.context_length, MAX_CTX)
-    if ctx > most:
-        raise CodedError(f"ctx {ctx} is over this model's {most} positions", ErrorCode.CONTEXT_LENGTH)
-    kv = 2 * config.n_layers * ctx * config.n_kv_heads * config.head_dim * 2
-    if available is not None and kv > available * MEMORY_SHARE:
-        raise CodedError(f"ctx {ctx} needs {kv / 2**20:.0f} MiB of KV cache; this node has {available / 2**20:.0f} MiB "
-                         "available", ErrorCode.CONTEXT_LENGTH)
-
-
-def _meminfo() -> int | None:
-    try:
-        with open("/proc/meminfo") as f:
-            return mem_available(f.read())
-    except OSError:
-        return None
-
-
-def _check_vocabulary(ids: Sequence[int], vocab: int) -> None:
-    bad = next((t for t in ids if not 0 <= t < vocab), None)
-    if bad is not None:
-        raise CodedError(f"token id {bad} is not in the model's vocabulary (0..{vocab - 1})", ErrorCode.INVALID_TOKEN)
-
-
-def _check_prompt(ids: list[int], vocab: int, ctx: int) -> None:
-    """A prompt the root can run, else a CodedError the client caused (HTTP 400)."""
-    _check_vocabulary(ids, vocab)
-    if len(ids) >= ctx:
-        raise CodedError(f"the prompt has {len(ids)} tokens; the context holds {ctx} (fewer prompt tokens, or a "
-                         "larger ctx)", ErrorCode.CONTEXT_LENGTH)
 
 
 async def _send_error(link: TrioLink, msg: Error) -> None:

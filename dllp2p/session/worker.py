@@ -80,7 +80,8 @@ from ..wire.messages import (
 )
 from ..wire.reports import PushStatus, StepStatus
 from .rates import RateMeter, run_delay_ms
-from .checks import allowed_hosts, check_addresses, check_config, check_shapes, dialed_hosts, mem_available
+from . import admission
+from .checks import allowed_hosts, check_addresses, check_config, check_shapes, dialed_hosts
 from .recovery import StepClock
 from .slices import SliceCache, check_slices, storage_array
 
@@ -117,7 +118,7 @@ class Worker:
 
     def __init__(self, node_id: str, threads: int, capacity: float, timeouts: Timeouts, cache: SliceCache,
                  tp: Callable[[], Any], slot: trio.Lock, cache_dir: Any = None, key: ClusterKey | None = None,
-                 known: Callable[[], set[str]] = set, memory: Callable[[], int | None] = lambda: _meminfo(),
+                 known: Callable[[], set[str]] = set, memory: Callable[[], int | None] = admission.meminfo,
                  meter: RateMeter | None = None, pick_threads: Callable[[], int] | None = None):
         self.node_id = node_id
         self.pick_threads = pick_threads  # (blocking) the thread count for a session's engine; None: `threads`
@@ -479,14 +480,6 @@ class Worker:
             if node is not None:
                 node.close()
 
-
-
-def _meminfo() -> int | None:
-    try:
-        with open("/proc/meminfo") as f:
-            return mem_available(f.read())
-    except OSError:
-        return None
 
 
 def _describe(msg: object) -> str:
