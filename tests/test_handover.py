@@ -352,6 +352,9 @@ def test_draining_lets_a_request_finish_within_the_limit_and_hands_back_the_rest
         async def prompt_ids(self, link, g):
             return [1, 2]
 
+        async def serve_batched(self, link, g, workers, ids):
+            return False  # served in the prompt slot, as a root with workers serves
+
         async def serve(self, link, g, workers, ids, already=()):
             await trio.sleep(0.3)
             await link.send("done")

@@ -143,6 +143,9 @@ class RecoveryStatus:
     def __post_init__(self) -> None:
         _need(min(self.replayed, self.nodes_before, self.nodes_after) >= 0, "negative recovery counts")
         _need(all(math.isfinite(x) and x >= 0 for x in (self.pause_s, self.at)), "pause and time must be finite and >= 0")
+
+
+@dataclass(frozen=True)
 class ServingStatus:
     """The answering root's requests served together (session/batching.py), now."""
 
