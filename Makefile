@@ -12,8 +12,11 @@ ARGS ?= --temperature 0 --steps 32
 run: install
 	$(BIN)/dllp2p run --prompt "$(PROMPT)" $(ARGS)
 
+# the suite runs on every core up to 4 (pytest-xdist; a file's tests stay on one worker, so a session
+# fixture such as HF's Gemma model loads once): `make test JOBS=0` runs it in this process only
+JOBS ?= auto --maxprocesses 4
 test: install-test
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n $(JOBS) --dist loadfile $(PYTEST_ARGS)
 
 install: $(VENV)/.installed
 
