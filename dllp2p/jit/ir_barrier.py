@@ -33,7 +33,7 @@ from .irutil import I32, I64, PTR, VOID, define, entry_alloca, for_range, gep, i
 from .specs import KernelSpec, Op
 
 BARRIER_WORDS = 8  # i64 words of a barrier's state (see the module docstring)
-SPINS_BEFORE_SLEEP = 4_000  # default pause iterations before a waiter sleeps (~0.1-0.5 ms; see README)
+SPINS_BEFORE_SLEEP = 1_000  # default pause iterations before a waiter sleeps (~20-50 us; README "Busy devices")
 SYS_FUTEX = {"x86_64": 202, "aarch64": 98, "arm64": 98}
 FUTEX_WAIT_PRIVATE, FUTEX_WAKE_PRIVATE = 128, 129  # FUTEX_WAIT | FUTEX_PRIVATE_FLAG, FUTEX_WAKE | ...
 WAKE_ALL = 0x7FFFFFFF
