@@ -7,7 +7,7 @@ Every thread of the node runs the same `forward`: it embeds the chunk's tokens, 
     barrier
     split    (+ biases; per-head q/k norms) rope(k), k, v -> f16 KV cache at pos + i; rope(q)   by chunk row
     barrier
-    split    att[i, group] = attention(...)                 by (row, KV group) pair, strided; a decode
+    split    att[i, group] = attention(...)                 by (row, KV group) pair; a decode
                                                             step (one row) splits by (span, group) pair,
     (barrier, merge by head: one row)                       then merges the spans' partials by head
     barrier
@@ -15,7 +15,7 @@ Every thread of the node runs the same `forward`: it embeds the chunk's tokens, 
     split    o = Wo aq
     barrier
     private  x_t += o (or rmsnorm(o) * post norm); h = rmsnorm(x_t); hq = quantize(h)
-    split    g, u = Wg hq, Wu hq; s = act(g) * u             each thread on its own rows of g and u
+    split    g, u = Wg hq, Wu hq; s = act(g) * u             a chunk of rows of g, u and s by one thread
     barrier
     private  sq = quantize(s)
     split    d = Wd sq
