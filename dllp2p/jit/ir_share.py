@@ -29,7 +29,7 @@ from typing import Iterator
 
 import llvmlite.ir as ir
 
-from .irutil import I64, entry_alloca, gep, i64
+from .irutil import I64, PTR, entry_alloca, gep, i64
 
 CHUNKS_PER_OP = 16  # an op of many units is cut into about this many chunks
 SITES_PER_LAYER = 12  # bound on the sharing sites a layer emits (program.py: 10, tp_program.py: fewer)
@@ -81,37 +81,19 @@ class Sites:
         self.open.append(site)
         n_chunks = b.sdiv(b.add(total, i64(chunk - 1)), i64(chunk))
         owner = entry_alloca(b, I64, i64(0), "owner.slot")
+        take = _next_chunk(b.module, self.stride)
         fn = b.function
-        next_owner, look, take, run, after = (fn.append_basic_block(f"share{site}.{s}")
-                                              for s in ("owner", "look", "take", "run", "end"))
-        b.branch(next_owner)
-
-        b.position_at_end(next_owner)  # owners tid, tid + 1, ..., wrapping: own chunks first
-        k = b.load(owner, typ=I64)
-        b.store(b.add(k, i64(1)), owner)
-        b.cbranch(b.icmp_signed("<", k, nt), look, after)
-
-        b.position_at_end(look)
-        victim = b.add(tid, k)
-        victim = b.select(b.icmp_signed(">=", victim, nt), b.sub(victim, nt), victim)
-        c0 = b.sdiv(b.mul(victim, n_chunks), nt)
-        c1 = b.sdiv(b.mul(b.add(victim, i64(1)), n_chunks), nt)
-        counter = gep(b, counters, b.add(b.mul(victim, i64(self.stride)), i64(site)), I64)
-        # another's run: read before claiming, so a finished run costs a shared read, not a write
-        left = b.icmp_signed("<", b.add(c0, b.load_atomic(counter, "monotonic", 8, typ=I64)), c1)
-        b.cbranch(b.or_(b.icmp_signed("==", k, i64(0)), left), take, next_owner)
-
-        b.position_at_end(take)
-        claim = b.add(c0, b.atomic_rmw("add", counter, i64(1), "monotonic"))
-        b.cbranch(b.icmp_signed("<", claim, c1), run, next_owner)
-
+        cond, run, after = (fn.append_basic_block(f"share{site}.{s}") for s in ("next", "run", "end"))
+        b.branch(cond)
+        b.position_at_end(cond)
+        claim = b.call(take, [counters, i64(site), tid, nt, n_chunks, owner])
+        b.cbranch(b.icmp_signed(">=", claim, i64(0)), run, after)
         b.position_at_end(run)
         lo = b.mul(claim, i64(chunk))
         end = b.add(lo, i64(chunk))
         hi = b.select(b.icmp_signed("<", end, total), end, total)
         yield lo, hi
-        b.branch(take)
-
+        b.branch(cond)
         b.position_at_end(after)
 
     def reset(self, b: ir.IRBuilder, counters: ir.Value, tid: ir.Value) -> None:
@@ -120,3 +102,47 @@ class Sites:
         for site in self.open:
             b.store(i64(0), gep(b, mine, i64(site), I64))
         self.open.clear()
+
+
+def _next_chunk(module: ir.Module, stride: int) -> ir.Function:
+    """i64 share_next(counters, site, tid, nt, n_chunks, owner i64*): the next chunk this thread computes
+    at a site, or -1 when none is left. *owner (0 at the site's start) counts the runs looked at: run
+    tid + *owner (wrapping), own run first. One small function called from every site (inlined at each,
+    the nested loops made LLVM's optimizer take ~3x as long over a whole model's step)."""
+    name = "share_next"
+    if name in module.globals:
+        return module.globals[name]
+    fn = ir.Function(module, ir.FunctionType(I64, [PTR, I64, I64, I64, I64, PTR]), name)
+    fn.attributes.add("noinline")
+    fn.attributes.add("nounwind")
+    fn.linkage = "internal"
+    counters, site, tid, nt, n_chunks, owner = fn.args
+    b = ir.IRBuilder(fn.append_basic_block("entry"))
+    look, take, move_on, none = (fn.append_basic_block(s) for s in ("look", "take", "move_on", "none"))
+    b.branch(look)
+
+    b.position_at_end(look)
+    k = b.load(owner, typ=I64)
+    b.cbranch(b.icmp_signed("<", k, nt), take, none)
+
+    b.position_at_end(take)
+    victim = b.add(tid, k)
+    victim = b.select(b.icmp_signed(">=", victim, nt), b.sub(victim, nt), victim)
+    c0 = b.sdiv(b.mul(victim, n_chunks), nt)
+    c1 = b.sdiv(b.mul(b.add(victim, i64(1)), n_chunks), nt)
+    counter = gep(b, counters, b.add(b.mul(victim, i64(stride)), site), I64)
+    # another's run: read before claiming, so a finished run costs a shared read, not a write
+    left = b.icmp_signed("<", b.add(c0, b.load_atomic(counter, "monotonic", 8, typ=I64)), c1)
+    with b.if_then(b.or_(b.icmp_signed("==", k, i64(0)), left)):
+        claim = b.add(c0, b.atomic_rmw("add", counter, i64(1), "monotonic"))
+        with b.if_then(b.icmp_signed("<", claim, c1)):
+            b.ret(claim)
+    b.branch(move_on)
+
+    b.position_at_end(move_on)
+    b.store(b.add(k, i64(1)), owner)
+    b.branch(look)
+
+    b.position_at_end(none)
+    b.ret(i64(-1))
+    return fn
