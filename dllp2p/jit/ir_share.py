@@ -32,7 +32,7 @@ import llvmlite.ir as ir
 from .irutil import I64, PTR, entry_alloca, gep, i64
 
 CHUNKS_PER_OP = 16  # an op of many units is cut into about this many chunks
-SITES_PER_LAYER = 12  # bound on the sharing sites a layer emits (program.py: 10, tp_program.py: fewer)
+SITES_PER_LAYER = 12  # bound on the sharing sites a layer emits (program.py and tp_program.py: 10)
 SITES_OUTSIDE = 4  # bound on those outside the layers (the logits)
 
 
