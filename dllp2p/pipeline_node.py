@@ -94,7 +94,7 @@ class StageNode(TPNode):
         out_name = "token_embd.weight" if config.tied_output else "output.weight"
         output = _kernel_type(tensors[out_name].qtype) if self._logits else stand_in
         return ProgramSpec(config, layer_types, embed, output, max_chunk, layers=(l0, l1), embeds=self._embeds,
-                           emits_logits=self._logits)
+                           emits_logits=self._logits, dynamic=self._dynamic)
 
     def _program_key(self) -> str:
         return super()._program_key() + f"|stage {self.links}|" + ",".join(StageSlots.BUFFERS)

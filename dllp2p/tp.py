@@ -229,7 +229,7 @@ class TPNode(JITEngine):
                  peers: Sequence[socket.socket | None], ctx: int, threads: int | None = None, *,
                  cache_dir: os.PathLike | str | None = DEFAULT_CACHE_DIR, max_chunk: int = 64, max_seqs: int = 1,
                  timeout: float = PEER_TIMEOUT_S, recv_spins: int = RECV_SPINS, cache_budget: int = TP_CACHE_BYTES,
-                 exchange_keys: Sequence[tuple[bytes, bytes] | None] | None = None):
+                 exchange_keys: Sequence[tuple[bytes, bytes] | None] | None = None, dynamic: bool = True):
         """exchange_keys[j]: (send key, receive key) for peer j (None at this node's index), 32 bytes each,
         the mirror image of peer j's: every exchange message is sealed (tp_program). None: plain exchange."""
         t0 = time.perf_counter()
@@ -248,6 +248,7 @@ class TPNode(JITEngine):
         for sock in self._peers:
             if sock is not None:
                 prepare_peer_socket(sock, timeout)
+        self._dynamic = dynamic  # chunks taken dynamically by the threads (ir_share.py); False: static split
         spec = self._spec(config, tensors, max_chunk)
         packed = _load_node_weights(config, tensors, cache_dir, cache_budget)
         self._start(config, ctx, threads, spec, packed, cache_dir, t0)
@@ -267,7 +268,7 @@ class TPNode(JITEngine):
         # the node's vocabulary rows of the embedding; of the output projection too when tied
         out_name = "token_embd.weight" if config.tied_output else "output.weight"
         return ProgramSpec(config, layer_types, _kernel_type(tensors["token_embd.weight"].qtype),
-                           _kernel_type(tensors[out_name].qtype), max_chunk)
+                           _kernel_type(tensors[out_name].qtype), max_chunk, dynamic=self._dynamic)
 
     @property
     def sealed(self) -> bool:

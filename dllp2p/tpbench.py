@@ -53,7 +53,7 @@ from .jit.tp_program import RECV_SPINS
 DLLAMA_SHAPE = SyntheticSpec(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, ffn_dim=5632, vocab_size=32000,
                              context_length=4096, qtype=QType.Q4_0, embed_qtype=QType.Q4_0, tied_output=False)
 # Before a cluster's turn: the cluster that ran before has native threads spinning ~10 ms after their
-# last step (program.SPIN_BEFORE_SLEEP) before they sleep; let them, so they do not share the cores.
+# last step (ir_barrier.IDLE_SPINS) before they sleep; let them, so they do not share the cores.
 SETTLE_S = 0.05
 
 

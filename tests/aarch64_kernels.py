@@ -7,7 +7,8 @@ the cost: one small module): activation quantization bit-exact; the matvec of Sm
 Q4_1, Q8_0), a 5-bit, two K-quant and the two IQ4 types (each dot path: 4-bit values, Q8_0's flipped
 bytes, the pair sums of 5/6-bit values, the IQ4 table lookup with `tbl`), at a single-group and a
 multi-group shape with a row range, with the largest products in the last block; and the tile-3 matmul
-of Q4_0, Q8_0, Q6_K and IQ4_XS (3 + 2 activation rows: both the tile and the one-row tail).
+of Q4_0, Q8_0, Q6_K and IQ4_XS (3 + 2 activation rows: both the tile and the one-row tail); the barrier
+(3 threads, spinning and sleeping on the futex: aarch64's system call number).
 Same tolerances as test_jit_kernels.py. Prints one line per check and 'ok N' at the end; any failure
 raises (non-zero exit).
 """
@@ -24,6 +25,7 @@ import numpy as np  # noqa: E402
 
 from dllp2p.formats.quant import QK, QType  # noqa: E402
 from dllp2p.jit import reference as ref  # noqa: E402
+from dllp2p.jit.bench_barrier import run_demo, sleeps  # noqa: E402
 from dllp2p.jit.compiler import default_target  # noqa: E402
 from dllp2p.jit.layout import EXTRA_TYPES, act_bytes, pack_weights  # noqa: E402
 from dllp2p.jit.library import compile_kernels  # noqa: E402
@@ -51,7 +53,7 @@ def main() -> int:
     print(f"target {target.triple} {target.cpu} {target.features} dot_isa={target.dot_isa}", flush=True)
     t0 = time.perf_counter()
     specs = ([KernelSpec(Op.QUANTIZE)] + [KernelSpec(Op.MATVEC, q) for q in MATVEC_TYPES]
-             + [KernelSpec(Op.MATMUL, q, 3) for q in MATMUL_TYPES])
+             + [KernelSpec(Op.MATMUL, q, 3) for q in MATMUL_TYPES] + [KernelSpec(Op.BARRIER_DEMO)])
     lib = compile_kernels(specs, cache_dir=None, target=target)
     print(f"compiled {len(specs)} kernels in {time.perf_counter() - t0:.1f} s", flush=True)
     rng = np.random.default_rng(21)
@@ -89,6 +91,12 @@ def main() -> int:
         assert (y[n] == SENTINEL).all()
         checks += 1
         print(f"matmul x3 {qtype.name} rows={rows} k={k} n={n} within the bound", flush=True)
+    for spins in (0, 1):  # the default spin limit, then every wait on the futex
+        buf, state, _ = run_demo(lib, 3, 100, spins, timeout=120)
+        np.testing.assert_array_equal(buf, ref.barrier_demo(3, 100))
+        assert spins == 0 or sleeps(state) > 0, "no waiter slept with a spin limit of 1"
+    checks += 1
+    print("barrier_demo 3 threads, spinning and on the futex, bit-exact", flush=True)
     print(f"ok {checks} checks in {time.perf_counter() - t0:.1f} s", flush=True)
     return 0
 

@@ -130,7 +130,7 @@ def test_kernels_under_qemu_match_the_numpy_twins(sysroot, tmp_path, cpu):
     isa = "dotprod" if cpu == "cortex-a76" else "neon"
     assert f"{cpu} " in r.stdout and f"dot_isa={isa}" in r.stdout
     m = re.search(r"^ok (\d+) checks", r.stdout, re.M)
-    assert m and int(m.group(1)) == 21 == len(re.findall(r"(within the bound|bit-exact)$", r.stdout, re.M)), r.stdout
+    assert m and int(m.group(1)) == 22 == len(re.findall(r"(within the bound|bit-exact)$", r.stdout, re.M)), r.stdout
 
 
 @pytest.fixture(scope="module")

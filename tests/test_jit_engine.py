@@ -91,19 +91,20 @@ def test_matches_reference_on_5_bit_k_quant_and_iq4_models(tmp_path_factory, cac
 @pytest.mark.parametrize("n_prompt,ctx", [(19, 64), (2 * ATT_SPLIT + 3, 2 * ATT_SPLIT + 40)])
 def test_bit_identical_across_threads_and_chunks(tmp_path_factory, cache_dir, n_prompt, ctx):
     """Threads split rows and heads (a decode step: attention spans), never a sum; the prefill kernels sum in
-    the decode order; a prompt chunk's attention merges the same spans a decode step shares out."""
+    the decode order; a prompt chunk's attention merges the same spans a decode step shares out. Chunks taken
+    dynamically (the default) give what one static piece per thread gives (dynamic=False)."""
     model = _random_model(tmp_path_factory, QType.Q4_1, 2, n_heads=8)
     prompt = list(np.random.default_rng(2).integers(0, model.config.vocab_size, n_prompt))
     results = {}
-    for threads, chunk in ((1, 64), (2, 64), (3, 5), (2, 1)):
-        engine = JITEngine(model, ctx, threads=threads, cache_dir=cache_dir, max_chunk=chunk)
+    for threads, chunk, dynamic in ((1, 64, False), (2, 64, True), (3, 5, True), (2, 1, True), (3, 64, False)):
+        engine = JITEngine(model, ctx, threads=threads, cache_dir=cache_dir, max_chunk=chunk, dynamic=dynamic)
         try:
             first = engine.forward(prompt, 0)
             steps = [engine.forward([9 + i], len(prompt) + i) for i in range(3)]
-            results[threads, chunk] = (first, steps)
+            results[threads, chunk, dynamic] = (first, steps)
         finally:
             engine.close()
-    base = results[1, 64]
+    base = results[1, 64, False]
     for key, (first, steps) in results.items():
         assert np.array_equal(first, base[0]), key
         for got, want in zip(steps, base[1]):

@@ -35,6 +35,7 @@ from dllp2p.jit.compiler import ObjectCache, Target, compile_module, emit_assemb
 from dllp2p.jit.layout import (
     EXTRA_TYPES, G, PACKED_TYPES, chunk_bytes, unit_values, act_bytes, q8_0_bytes, aligned_empty, aligned_zeros, kv_cache, pack_weights, rope_table, unpack_weights,
 )
+from dllp2p.jit.ir_barrier import BARRIER_WORDS
 from dllp2p.jit.irutil import F16, F32, Signature, define, for_range, i64, load, store, vec
 from dllp2p.jit.library import build_module, compile_kernels
 from dllp2p.jit.specs import FLOAT_WEIGHTS, QUANT_WEIGHTS, KernelSpec, Op, all_specs
@@ -699,7 +700,7 @@ def test_barrier_demo_threads(lib, n_threads):
     """Python threads each run barrier_demo (ctypes drops the GIL): every phase reads all the previous phase's
     writes. The same state is reused across rounds (the generation keeps counting)."""
     n_phases = 50
-    state = aligned_zeros(2, np.int64)
+    state = aligned_zeros(BARRIER_WORDS, np.int64)
     fn = lib["barrier_demo"]
     for _ in range(3):
         buf = np.full((n_phases, n_threads), -1, np.int64)

@@ -35,6 +35,7 @@ from .cpus import ThreadChoice, choose_threads, read_cpu_facts
 from .family import LAYER_EXTRAS, layer_extras, rope_table
 from .layout import aligned_zeros
 from .library import build_module
+from .ir_share import counter_words
 from .program import LAYER_MATRICES, ProgramSpec, Slots, build_program, max_spans, private_sizes
 from .weights import load_packed, thread_layout
 
@@ -54,23 +55,24 @@ def _kernel_type(qtype: QType) -> QType:
     return QType.F32 if qtype == QType.BF16 else qtype
 
 
-def program_spec(model: GGUFModel, max_chunk: int = 64) -> ProgramSpec:
+def program_spec(model: GGUFModel, max_chunk: int = 64, dynamic: bool = True) -> ProgramSpec:
     c = model.config
     layer_types = tuple(
         tuple(_kernel_type(model.tensor(f"blk.{i}.{name}.weight").qtype) for name in LAYER_MATRICES)
         for i in range(c.n_layers)
     )
     return ProgramSpec(c, layer_types, _kernel_type(model.tensor("token_embd.weight").qtype),
-                       _kernel_type(model.output_tensor().qtype), max_chunk)
+                       _kernel_type(model.output_tensor().qtype), max_chunk, dynamic=dynamic)
 
 
 class JITEngine:
     """Engine protocol (see dllp2p/engine.py) over JIT-compiled code and `threads` native threads."""
 
     def __init__(self, model: GGUFModel, ctx: int, threads: int | None = None, *,
-                 cache_dir: os.PathLike | str | None = DEFAULT_CACHE_DIR, max_chunk: int = 64, max_seqs: int = 1):
+                 cache_dir: os.PathLike | str | None = DEFAULT_CACHE_DIR, max_chunk: int = 64, max_seqs: int = 1,
+                 dynamic: bool = True):
         t0 = time.perf_counter()
-        spec = program_spec(model, max_chunk)
+        spec = program_spec(model, max_chunk, dynamic)
         packed = load_packed(model, None if cache_dir is None else Path(cache_dir).expanduser() / "weights")
         self.max_seqs = max_seqs
         self._start(model.config, ctx, threads, spec, packed, cache_dir, t0)
@@ -136,7 +138,8 @@ class JITEngine:
         mc = s.max_chunk
         priv = private_sizes(s)
         bufs = {
-            "barrier": aligned_zeros(16, np.int64),
+            "barrier": aligned_zeros(16, np.int64),  # ir_barrier.py's state (BARRIER_WORDS of it used)
+            "chunks": aligned_zeros(counter_words(c.n_layers, T), np.int64),  # ir_share.py's counters
             "tokens": aligned_zeros(mc, np.int64),
             "row_pos": aligned_zeros(mc, np.int64),
             "row_kv": aligned_zeros(mc, np.int64),

@@ -7,7 +7,7 @@ Every thread of the node runs the same `forward`: it embeds the chunk's tokens, 
     barrier
     split    (+ biases; per-head q/k norms) rope(k), k, v -> row i's slot of the f16 KV cache at row_pos[i]; rope(q)   by chunk row
     barrier
-    split    att[i, group] = attention(...)                 by (row, KV group) pair, strided; a decode
+    split    att[i, group] = attention(...)                 by (row, KV group) pair; a decode
                                                             step (one row) splits by (span, group) pair,
     (barrier, merge by head: one row)                       then merges the spans' partials by head
     barrier
@@ -15,7 +15,7 @@ Every thread of the node runs the same `forward`: it embeds the chunk's tokens, 
     split    o = Wo aq
     barrier
     private  x_t += o (or rmsnorm(o) * post norm); h = rmsnorm(x_t); hq = quantize(h)
-    split    g, u = Wg hq, Wu hq; s = act(g) * u             each thread on its own rows of g and u
+    split    g, u = Wg hq, Wu hq; s = act(g) * u             a chunk of rows of g, u and s by one thread
     barrier
     private  sq = quantize(s)
     split    d = Wd sq
@@ -41,13 +41,19 @@ The function reads everything through `table`, an i64 array of scalars and buffe
 slots are fixed by `Slots`: the IR depends only on the model's shapes and tensor types, never on
 addresses, the thread count or the context length, so its compiled code is cached on disk and reused.
 
-Threads: `worker(table, tid)` spins (then sleeps) until the go-counter moves, runs `forward`, and
-loops until `quit` is set; `step(table)` bumps the counter and runs `forward(table, 0)` on the caller's
-thread, returning when all threads have finished the token: one ctypes call per forward step.
+"split" above: each op's work is cut into chunks fixed by its shape and the threads take them from
+per-thread counters, their own first, then what the others have left (ir_share.py), so a descheduled
+thread's share is done by the others; ProgramSpec.dynamic=False shares statically, one piece per thread.
+
+Threads: `worker(table, tid)` spins, then sleeps on a futex, until the go-counter moves, runs `forward`,
+and loops until `quit` is set; `step(table)` bumps the counter (waking sleeping workers, if any) and runs
+`forward(table, 0)` on the caller's thread, returning when all threads have finished the token: one
+ctypes call per forward step. The barriers spin, then sleep on a futex too (ir_barrier.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import llvmlite.ir as ir
@@ -55,12 +61,11 @@ import llvmlite.ir as ir
 from ..formats import ModelConfig, QType
 from .family import LAYER_EXTRAS
 from .ir_attention import ATT_SPLIT
-from .irutil import I32, I64, PTR, VOID, for_range, gep, i64, intrinsic
+from .ir_barrier import emit_step, emit_worker
+from .ir_share import Sites, chunk_units
+from .irutil import I64, PTR, VOID, for_range, gep, i64
 from .layout import G, act_bytes
 from .specs import QUANT_WEIGHTS, KernelSpec, Op
-
-SPIN_BEFORE_SLEEP = 200_000  # pause-loop iterations (~10 ms) before an idle worker starts to sleep
-SLEEP_US = 100
 
 LAYER_MATRICES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 
@@ -79,6 +84,7 @@ class ProgramSpec:
     layers: tuple[int, int] | None = None
     embeds: bool = True  # looks the tokens up; else x_t comes in (receive_residual)
     emits_logits: bool = True  # final norm and logits; else x_t goes out (send_residual)
+    dynamic: bool = True  # chunks taken dynamically by the threads (ir_share.py); False: one static piece each
 
     @property
     def run_layers(self) -> range:
@@ -101,11 +107,11 @@ class ProgramSpec:
 class Slots:
     """Names -> indices in the i64 table. Scalars first, then buffers, then per-layer tensors."""
 
-    SCALARS = ("go", "quit", "n", "n_out", "n_threads", "ctx")
+    SCALARS = ("go", "quit", "n", "n_out", "n_threads", "ctx", "idle")  # idle: i32 count of sleeping workers
     BUFFERS = (
         # the step's rows: tokens, row_pos (position), row_kv (first cache row of its sequence's slot: slot x
         # ctx) i64[n]; out_rows i64[n_out]: the rows whose logits are wanted, logits f32[n_out, vocab]
-        "barrier", "tokens", "row_pos", "row_kv", "out_rows", "rope", "rope_local", "logits",
+        "barrier", "chunks", "tokens", "row_pos", "row_kv", "out_rows", "rope", "rope_local", "logits",
         # private, one region per thread (stride in the *_stride scalar or a constant)
         "x_t", "h_t", "xq_t", "scratch_t", "attp_t",
         # shared between threads
@@ -168,6 +174,7 @@ class _Forward:
         self.fn = ir.Function(module, ir.FunctionType(VOID, [PTR, I64]), "forward")
         self.fn.attributes.add("nounwind")
         self.table, self.tid = self.fn.args
+        self.sites = Sites(spec.config.n_layers, spec.dynamic)
         self.b = ir.IRBuilder(self.fn.append_basic_block("entry"))
         self.k = {s.op if s.op not in (Op.MATVEC, Op.MATMUL, Op.EMBED) else (s.op, s.qtype): module.globals[s.name]
                   for s in spec.kernel_specs()}
@@ -196,6 +203,7 @@ class _Forward:
 
     def barrier(self) -> None:
         self.call(Op.BARRIER, self.ptr("barrier"), self.nt)
+        self.sites.reset(self.b, self.ptr("chunks"), self.tid)
 
     def row(self, base: ir.Value, i: ir.Value, row_bytes: int) -> ir.Value:
         return gep(self.b, base, self.b.mul(i, i64(row_bytes)))
@@ -208,12 +216,16 @@ class _Forward:
         """Chunk row i's sequence's slot of a layer's f16 KV cache (positions 0..ctx-1 of f16[kvd] rows)."""
         return self.row(cache, self.at("row_kv", i), kvd * 2)
 
-    def split(self, total: ir.Value | int) -> tuple[ir.Value, ir.Value]:
-        """This thread's share [lo, hi) of range(total), contiguous."""
-        b, total = self.b, (i64(total) if isinstance(total, int) else total)
-        lo = b.sdiv(b.mul(self.tid, total), self.nt)
-        hi = b.sdiv(b.mul(b.add(self.tid, i64(1)), total), self.nt)
-        return lo, hi
+    def share(self, total: ir.Value | int, chunk: int):
+        """`with self.share(total, chunk) as (lo, hi):` the body runs for each chunk [lo, hi) of range(total)
+        this thread computes (chunks of `chunk` units, taken dynamically, or one static piece: ir_share.py)."""
+        return self.sites.each(self.b, self.ptr("chunks"), self.tid, self.nt, total, chunk)
+
+    @contextlib.contextmanager
+    def items(self, total: ir.Value, name: str):
+        """`with self.items(total, name) as i:` the body runs for each i in range(total) this thread computes."""
+        with self.share(total, 1) as (lo, hi), for_range(self.b, lo, hi, name=name) as i:
+            yield i
 
     # --- the step --------------------------------------------------------------------------------------
 
@@ -255,19 +267,27 @@ class _Forward:
         self.call(Op.QUANTIZE, self.row(self.h_t, rows_from, c.dim * 4), self.row(self.xq_t, rows_from, act_bytes(c.dim)), c.dim, rows)
 
     def product(self, qtype: QType, w: ir.Value, xf: ir.Value, xq: ir.Value, y: ir.Value, rows: int, k: int,
-                n: ir.Value, ldy: int) -> None:
-        """y[i, r] = W[r] . x[i] for i < n, this thread's 16-row groups of r; x as f32 rows xf (stride k)
-        for float weights, as Q8S rows xq (stride act_bytes(k)) for block weights."""
+                n: ir.Value, ldy: int, then=None) -> None:
+        """y[i, r] = W[r] . x[i] for i < n, shared out by chunks of 16-row groups of r; x as f32 rows xf
+        (stride k) for float weights, as Q8S rows xq (stride act_bytes(k)) for block weights. then(r0, r1),
+        if given, emits more work on the same rows [r0, r1) of the chunk (by the thread that computed them)."""
         b = self.b
-        g0, g1 = self.split((rows + G - 1) // G)
-        r0 = b.mul(g0, i64(G))
-        r1 = b.select(b.icmp_signed("<", b.mul(g1, i64(G)), i64(rows)), b.mul(g1, i64(G)), i64(rows))
+        groups = (rows + G - 1) // G
+        with self.share(groups, chunk_units(groups)) as (g0, g1):
+            r0 = b.mul(g0, i64(G))
+            r1 = b.select(b.icmp_signed("<", b.mul(g1, i64(G)), i64(rows)), b.mul(g1, i64(G)), i64(rows))
+            self.rows_product(qtype, w, xf, xq, y, k, r0, r1, n, ldy)
+            if then is not None:
+                then(r0, r1)
+
+    def rows_product(self, qtype: QType, w: ir.Value, xf: ir.Value, xq: ir.Value, y: ir.Value, k: int,
+                     r0: ir.Value, r1: ir.Value, n: ir.Value, ldy: int) -> None:
+        """y[i, r] = W[r] . x[i] for i < n and r in [r0, r1) (see product)."""
         if qtype in QUANT_WEIGHTS:
             self.call((Op.MATMUL, qtype), w, xq, y, k, r0, r1, n, ldy)
         else:
-            with for_range(b, i64(0), n, name="fr") as i:
+            with for_range(self.b, i64(0), n, name="fr") as i:
                 self.call((Op.MATVEC, qtype), w, self.row(xf, i, k * 4), self.row(y, i, ldy * 4), k, r0, r1)
-        return r0, r1
 
     def attention(self, layer: int, t: dict, nq: int, nkv: int) -> ir.Value:
         """Q/K/V for nq query and nkv KV heads from hq (xq_t), RoPE, K/V into row i's slot of the f16 cache at
@@ -286,7 +306,7 @@ class _Forward:
         rope = self.ptr("rope_local" if sliding and c.rope_base_local is not None else "rope")
         kc, vc = L("k_cache"), L("v_cache")
         q_scale = c.score_scale * hd**0.5  # the kernel scales by 1/sqrt(hd); any other factor goes on q
-        with for_range(b, self.tid, n, self.nt, name="kv") as i:
+        with self.items(n, "kv") as i:
             p = self.at("row_pos", i)
             qrow, krow, vrow = self.row(q, i, qd * 4), self.row(k, i, kvd * 4), self.row(v, i, kvd * 4)
             if c.qkv_bias:
@@ -355,12 +375,12 @@ class _Forward:
         kc, vc = self.seq_cache(kc, i64(0), kvd), self.seq_cache(vc, i64(0), kvd)
         lo = self.first_position(pos, window)
         j0, n_spans = self.n_spans(pos, lo)
-        with for_range(b, self.tid, b.mul(n_spans, i64(nkv)), self.nt, name="span") as item:
+        with self.items(b.mul(n_spans, i64(nkv)), "span") as item:
             j, grp = b.add(j0, b.sdiv(item, i64(nkv))), b.srem(item, i64(nkv))
             self.span_partial(self.ptr("q"), kc, vc, po, st, j, pos, grp, nq, nkv, lo, j0)
         self.barrier()
-        ha, hb = self.split(nq)
-        self.call(Op.ATTENTION_MERGE, po, st, self.ptr("att"), n_spans, nq, self.c.head_dim, ha, hb)
+        with self.share(nq, chunk_units(nq)) as (ha, hb):
+            self.call(Op.ATTENTION_MERGE, po, st, self.ptr("att"), n_spans, nq, self.c.head_dim, ha, hb)
 
     def attention_rows(self, kc: ir.Value, vc: ir.Value, nq: int, nkv: int, window: int) -> None:
         """Several rows (a prompt chunk, or rows of several sequences, each against its own slot): the threads
@@ -371,7 +391,7 @@ class _Forward:
         spans = b.sdiv(b.add(self.ctx, i64(ATT_SPLIT - 1)), i64(ATT_SPLIT))  # max_spans(ctx)
         po = gep(b, self.ptr("attp_t"), b.mul(self.tid, b.mul(spans, i64(span_partial_bytes(c)))))
         st = gep(b, po, b.mul(spans, i64(c.q_dim * 4)))
-        with for_range(b, self.tid, b.mul(self.n, i64(nkv)), self.nt, name="att") as item:
+        with self.items(b.mul(self.n, i64(nkv)), "att") as item:
             i, grp = b.sdiv(item, i64(nkv)), b.srem(item, i64(nkv))
             p = self.at("row_pos", i)
             lo = self.first_position(p, window)
@@ -391,17 +411,21 @@ class _Forward:
         W = lambda name: self.thread_ptr(f"{layer}.{name}")  # noqa: E731
         self.norm_quantize(self.ptr(f"{layer}.ffn_norm"), zero, n)
         g, u, s = self.ptr("g"), self.ptr("u"), self.ptr("s")
-        self.product(t["ffn_gate"], W("ffn_gate"), self.h_t, self.xq_t, g, rows, c.dim, n, rows)
-        r0, r1 = self.product(t["ffn_up"], W("ffn_up"), self.h_t, self.xq_t, u, rows, c.dim, n, rows)
-        with for_range(b, zero, n, name="silu") as i:
-            off = b.add(b.mul(i, i64(rows)), r0)
-            self.call(Op.GELU_TANH_MUL if self.c.activation == "gelu_tanh" else Op.SILU_MUL, gep(b, g, off, ir.FloatType()), gep(b, u, off, ir.FloatType()),
-                      gep(b, s, off, ir.FloatType()), b.sub(r1, r0))
+        up = W("ffn_up")
+
+        def up_and_act(r0: ir.Value, r1: ir.Value) -> None:  # the gate's rows of this chunk are done
+            self.rows_product(t["ffn_up"], up, self.h_t, self.xq_t, u, c.dim, r0, r1, n, rows)
+            with for_range(b, zero, n, name="silu") as i:
+                off = b.add(b.mul(i, i64(rows)), r0)
+                self.call(Op.GELU_TANH_MUL if self.c.activation == "gelu_tanh" else Op.SILU_MUL, gep(b, g, off, ir.FloatType()),
+                          gep(b, u, off, ir.FloatType()), gep(b, s, off, ir.FloatType()), b.sub(r1, r0))
+
+        self.product(t["ffn_gate"], W("ffn_gate"), self.h_t, self.xq_t, g, rows, c.dim, n, rows, then=up_and_act)
         self.barrier()
         return s
 
     def layer(self, layer: int) -> None:
-        b, c, spec = self.b, self.c, self.spec
+        c, spec = self.c, self.spec
         t = dict(zip(LAYER_MATRICES, spec.layer_types[layer]))
         L = lambda name: self.ptr(f"{layer}.{name}")  # noqa: E731
         W = lambda name: self.thread_ptr(f"{layer}.{name}")  # noqa: E731
@@ -458,56 +482,10 @@ class _Forward:
 
 
 def _emit_worker(module: ir.Module) -> None:
-    """void worker(i64* table, i64 tid): run `forward` each time `go` moves, until `quit` is set."""
-    forward = module.globals["forward"]
-    usleep = intrinsic(module, "usleep", I32, [I32])
-    pause = intrinsic(module, "llvm.x86.sse2.pause", VOID, []) if module.triple.startswith("x86") else None
-    fn = ir.Function(module, ir.FunctionType(VOID, [PTR, I64]), "worker")
-    table, tid = fn.args
-    b = ir.IRBuilder(fn.append_basic_block("entry"))
-    go, quit_ = gep(b, table, i64(Slots.SCALARS.index("go")), I64), gep(b, table, i64(Slots.SCALARS.index("quit")), I64)
-    seen = b.alloca(I64)
-    spins = b.alloca(I64)
-    b.store(i64(0), seen)
-    wait, spin, nap, run, done = (fn.append_basic_block(s) for s in ("wait", "spin", "nap", "run", "done"))
-    b.store(i64(0), spins)
-    b.branch(wait)
-
-    b.position_at_end(wait)
-    now = b.load_atomic(go, "acquire", 8, typ=I64)
-    b.cbranch(b.icmp_signed("==", now, b.load(seen, typ=I64)), spin, run)
-
-    b.position_at_end(spin)
-    if pause is not None:
-        b.call(pause, [])
-    count = b.add(b.load(spins, typ=I64), i64(1))
-    b.store(count, spins)
-    b.cbranch(b.icmp_signed(">", count, i64(SPIN_BEFORE_SLEEP)), nap, wait)
-
-    b.position_at_end(nap)
-    b.call(usleep, [ir.Constant(I32, SLEEP_US)])
-    b.branch(wait)
-
-    b.position_at_end(run)
-    b.store(now, seen)
-    b.store(i64(0), spins)
-    stop = b.load_atomic(quit_, "acquire", 8, typ=I64)
-    with b.if_then(b.icmp_signed("==", stop, i64(0))):
-        b.call(forward, [table, tid])
-    b.cbranch(b.icmp_signed("==", stop, i64(0)), wait, done)
-
-    b.position_at_end(done)
-    b.ret_void()
+    """void worker(i64* table, i64 tid): run `forward` each time `go` moves, until `quit` is set (ir_barrier.py)."""
+    emit_worker(module, *(Slots.SCALARS.index(name) for name in ("go", "quit", "idle")))
 
 
 def _emit_step(module: ir.Module) -> None:
     """void step(i64* table): wake the workers, run forward as thread 0; void kick(i64* table): wake only."""
-    forward = module.globals["forward"]
-    for name, runs in (("step", True), ("kick", False)):
-        fn = ir.Function(module, ir.FunctionType(VOID, [PTR]), name)
-        (table,) = fn.args
-        b = ir.IRBuilder(fn.append_basic_block("entry"))
-        b.atomic_rmw("add", gep(b, table, i64(Slots.SCALARS.index("go")), I64), i64(1), "seq_cst")
-        if runs:
-            b.call(forward, [table, i64(0)])
-        b.ret_void()
+    emit_step(module, *(Slots.SCALARS.index(name) for name in ("go", "idle")))

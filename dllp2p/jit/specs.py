@@ -29,8 +29,8 @@ a row range [r0, r1) lets threads split the rows; all ints are i64, scalars f32)
     to_f16(x f32[n], out f16[n], n)                                   round to nearest even (numpy astype)
     top_k_f32(x f32[n], n, k, base, out u8[k, 8])       the k largest x (1 <= k <= n), largest first, equal
                     values by lower index first (numpy's stable argsort of -x): (f32 value, i32 index + base)
-    barrier_wait(state i64[2] (count, generation), n_threads)
-    barrier_demo(state i64[2], buf i64[n_phases, n_threads], n_threads, tid, n_phases)
+    barrier_wait(state i64[8] (ir_barrier.py: count, generation, sleepers, spins, ...), n_threads)
+    barrier_demo(state i64[8], buf i64[n_phases, n_threads], n_threads, tid, n_phases)
 """
 
 from __future__ import annotations
