@@ -6,7 +6,6 @@ socket pair, as tests/test_tp.py runs tensor-parallel nodes; the daemons' plumbi
 
 from __future__ import annotations
 
-import threading
 
 import numpy as np
 import pytest
@@ -19,7 +18,7 @@ from dllp2p.pipeline_node import StageNode, plan_node, plan_tensors
 from dllp2p.scheduler import Peer
 from dllp2p.tp import PeerLost
 
-from test_tp import mesh
+from test_tp import Cluster, mesh
 
 PROMPT = [1, 504, 357, 282, 469, 314, 17, 99, 5]  # 9 tokens: chunks of 4, 4 and 1
 
@@ -29,40 +28,14 @@ def cache_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("pipe-cache")
 
 
-class PipelineCluster:
+class PipelineCluster(Cluster):
+    """test_tp's Cluster (every node in a thread of this process, meshed over loopback) for any plan."""
+
     def __init__(self, model, plan: PipelinePlan, cache_dir, ctx: int = 64, max_chunk: int = 4, timeout: float = 20.0):
         self.plan = plan
         self.socks = mesh(plan.n_nodes, timeout)
         self.nodes = [plan_node(model.config, plan, i, plan_tensors(model, plan, i), self.socks[i], ctx, 1,
                                 cache_dir=cache_dir, recv_spins=0, max_chunk=max_chunk) for i in range(plan.n_nodes)]
-
-    def forward(self, tokens, pos, top=0):
-        out, errors = [None] * len(self.nodes), []
-
-        def run(i):
-            try:
-                out[i] = self.nodes[i].forward(tokens, pos, top)
-            except Exception as e:  # noqa: BLE001 - collected and re-raised by the test
-                errors.append(e)
-
-        threads = [threading.Thread(target=run, args=(i,)) for i in range(1, len(self.nodes))]
-        for t in threads:
-            t.start()
-        run(0)
-        for t in threads:
-            t.join(timeout=60)
-        if errors:
-            raise errors[0]
-        assert all(o is None for o in out[1:])
-        return out[0]
-
-    def close(self):
-        for node in self.nodes:
-            node.close()
-        for row in self.socks:
-            for s in row:
-                if s is not None:
-                    s.close()
 
 
 def _peers(n: int) -> list[Peer]:
