@@ -244,14 +244,20 @@ def _three(tmp_path, model, *root_flags) -> Daemons:
     return d
 
 
-@pytest.mark.parametrize("how", ["kill", "sigterm"])
-def test_the_root_lost_mid_generation_costs_a_pause_not_the_answer(tmp_path, kv8, how):
+@pytest.fixture(scope="module")
+def smollm2(model_path):
+    return model_path, _run("--local", "--model", str(model_path))
+
+
+@pytest.mark.parametrize("model_fixture,how", [("kv8", "kill"), ("kv8", "sigterm"),
+                                               pytest.param("smollm2", "kill", marks=pytest.mark.slow)])
+def test_the_root_lost_mid_generation_costs_a_pause_not_the_answer(tmp_path, request, model_fixture, how):
     """The client talks to daemon 1; the root (daemon 0) is killed (-9) or stopped (SIGTERM, drain 0 s:
     the request is handed over at once) after some of the text: the complete output equals one node's,
     `run` exits 0; after the kill, a second request right away through daemon 2 (which may still count the dead
     root: then its forward fails, it drops the root and forwards to the new one) too. Sent / completed / failed
     counted."""
-    model, want = kv8
+    model, want = request.getfixturevalue(model_fixture)  # the random 8-KV model, or SmolLM2
     d = _three(tmp_path, model, "--drain-s", "0")
     sent = completed = failed = 0
     try:
