@@ -397,6 +397,18 @@ def with_rates(peers: Sequence[Peer], rates: Sequence[float]) -> list[Peer]:
     return [Peer(p.node_id, p.address, p.threads, float(r)) for p, r in zip(peers, rates)]
 
 
+def steady_rates(previous: dict[str, float], new: dict[str, float],
+                 tolerance: float = RATE_TOLERANCE) -> dict[str, float]:
+    """The weights to plan `new`'s nodes with: the previous plan's weights of those nodes while their shares
+    have not moved by more than `tolerance` (rates_moved), else `new`. A plan made again (the next request,
+    a re-plan after a lost node) then cuts the same slices, so the workers' slice caches and the compiled
+    programs serve it instead of a push and a compile for every few percent of measurement noise."""
+    kept = {k: previous.get(k, 0.0) for k in new}
+    if new and all(v > 0 for v in kept.values()) and not rates_moved(kept, new, tolerance):
+        return kept
+    return new
+
+
 def rates_moved(old: dict[str, float], new: dict[str, float], tolerance: float = RATE_TOLERANCE) -> bool:
     """Whether a plan made with weights `old` (node id -> its rate, or its capacity when not every node was
     measured: only the shares count, not the units) should be made again with the rates `new`: every node

@@ -210,3 +210,19 @@ def test_a_daemon_without_configured_threads_chooses_them_per_session(tmp_path, 
     trio.run(main)
     # per session, in any order: the root's 5, the auto worker's chosen count (1, then 3), the fixed one's 2
     assert sorted(built[:3]) == [1, 2, 5] and sorted(built[3:]) == [2, 3, 5]
+
+
+def test_a_plan_made_again_keeps_its_weights_while_the_rates_move_within_noise():
+    """steady_rates: the next plan over the same (or fewer) nodes gets the last plan's weights back unless a
+    share moved by more than the tolerance, so it cuts the same slices (cached on the workers, compiled);
+    a node without a previous weight, or one that really slowed down, gets the new rates."""
+    from dllp2p.scheduler import steady_rates
+
+    last = {"root": 60.0, "a": 30.0, "b": 90.0}
+    assert steady_rates(last, {"root": 63.0, "a": 28.0, "b": 95.0}) == last
+    assert steady_rates(last, {"root": 61.0, "b": 88.0}) == {"root": 60.0, "b": 90.0}  # "a" lost: the rest as before
+    slower = {"root": 60.0, "a": 10.0, "b": 90.0}
+    assert steady_rates(last, slower) == slower
+    fresh = {"root": 60.0, "c": 40.0}
+    assert steady_rates(last, fresh) == fresh
+    assert steady_rates({}, fresh) == fresh

@@ -45,7 +45,7 @@ from ..engine import MAX_TOP, BatchRow, ContextFull, check_rows
 from ..error_codes import ErrorCode
 from ..formats import ModelConfig
 from ..pipeline import AnyPlan, build_plan
-from ..scheduler import with_rates
+from ..scheduler import steady_rates, with_rates
 from ..wire.chunks import weight_chunks
 from ..wire.codec import ProtocolError, encode
 from ..wire.link import (
@@ -110,6 +110,7 @@ class ClusterOptions:
     figures: autoplan.NodeFacts | None = None  # the root's measured figures ("auto"); None: assumed
     link_mbps: tuple[tuple[str, float], ...] = ()  # (node id, MB/s) of earlier timed pushes ("auto")
     max_seqs: int = 1  # KV slots on every node: sequences forward_batch may step together
+    weights: tuple[tuple[str, float], ...] = ()  # (node id, weight) the previous plan was made with
 
 
 @dataclass
@@ -310,7 +311,10 @@ async def start(model: Any, options: ClusterOptions, ctx: int, threads: int, tp:
             members = [replace(p, capacity=rates[p.node_id]) for p in members]
             events(Note(f"auto plan: {choice.chosen.candidate.label}, predicted {choice.chosen.total_ms:.1f} ms/token"))
         # the speeds measured from decode steps, where every node has one, weigh the shares (issue 19)
-        members = with_rates(members, [rate] + [w.hello.rate for w in workers])
+        measured = dict(zip([p.node_id for p in members], [rate] + [w.hello.rate for w in workers]))
+        if all(v > 0 for v in measured.values()):  # the last plan's weights while the rates stay within noise
+            measured = steady_rates(dict(options.weights), measured)
+        members = with_rates(members, [measured[p.node_id] for p in members])
         the_plan = build_plan(config, members, epoch, policy, exchange=options.exchange, block=tp.split_block(model),
                               max_nodes=max_nodes)
         for w in workers:

@@ -148,6 +148,7 @@ class RootService:
         self.figures: NodeFacts | None = None  # this machine's measured figures (the daemon sets them)
         self.shape: tuple[Any, Any] | None = None  # (costmodel.ModelShape, ModelConfig) of its model, for previews
         self._link_mbps: dict[str, float] = {}  # node id -> MB/s of the latest timed push to it
+        self._weights: dict[str, float] = {}  # node id -> the weight its latest plan gave it (root.start)
         self.last_choice: Any = None  # planner.Choice of the latest "auto" plan
         self.last_measured_ms = 0.0  # ms per decoded token of the latest request (0: none)
         self._plans = 0  # plans made: every request's and every recovery's (their epochs)
@@ -440,7 +441,8 @@ class RootService:
         if workers:
             options = ClusterOptions(tuple(workers), self.policy, self.timeouts, exchange=self.exchange,
                                      skip_unreachable=True, cache_dir=self.cache_dir, key=self.key, max_seqs=max_seqs,
-                                     figures=self.figures, link_mbps=tuple(self._link_mbps.items()))
+                                     figures=self.figures, link_mbps=tuple(self._link_mbps.items()),
+                                     weights=tuple(self._weights.items()))
             tp = self._tp()
             if self._slices is None:
                 self._slices = PlanSlices(tp.plan_tensors)
@@ -448,6 +450,7 @@ class RootService:
             engine = await start(model, options, ctx, threads, tp, self.progress, node_id=self.node_id,
                                  epoch=epoch, slices=self._slices, rate=self.meter.rate)
             self._link_mbps.update(engine.push_rates(PUSH_MIN) if hasattr(engine, "push_rates") else {})
+            self._weights.update(getattr(engine, "rates", {}))
             self.last_choice, self.last_measured_ms = getattr(engine, "choice", None), 0.0
             return engine, engine.plan
         from ..jit.engine import JITEngine  # llvmlite: loaded by the first prompt served alone
