@@ -250,7 +250,8 @@ def smollm2(model_path):
 
 
 @pytest.mark.parametrize("model_fixture,how", [("kv8", "kill"), ("kv8", "sigterm"),
-                                               pytest.param("smollm2", "kill", marks=pytest.mark.slow)])
+                                               pytest.param("smollm2", "kill", marks=pytest.mark.slow),
+                                               pytest.param("smollm2", "sigterm", marks=pytest.mark.slow)])
 def test_the_root_lost_mid_generation_costs_a_pause_not_the_answer(tmp_path, request, model_fixture, how):
     """The client talks to daemon 1; the root (daemon 0) is killed (-9) or stopped (SIGTERM, drain 0 s:
     the request is handed over at once) after some of the text: the complete output equals one node's,

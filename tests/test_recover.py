@@ -199,8 +199,8 @@ def test_a_worker_lost_mid_generation_costs_a_pause_not_the_answer(tmp_path):
 
 @pytest.mark.slow
 def test_smollm2_loses_a_worker_mid_generation(tmp_path, model_path):
-    """The same on SmolLM2-135M (3 KV heads: 3 nodes, then 2), kill -9."""
-    _lose_workers_mid_generation(tmp_path, model_path, (signal.SIGKILL,))
+    """The same on SmolLM2-135M (3 KV heads: 3 nodes, then 2): kill -9, then SIGTERM."""
+    _lose_workers_mid_generation(tmp_path, model_path, (signal.SIGKILL, signal.SIGTERM))
 
 
 def test_a_node_killed_and_restarted_during_back_to_back_requests_fails_none(tmp_path):
