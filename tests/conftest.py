@@ -9,6 +9,12 @@ import pytest
 
 from dllp2p.models import NoModel, default_model_path
 
+# Hermetic against the machine's own cluster key (an installed service's /etc/dllp2p/cluster.key, or
+# ~/.config/dllp2p/cluster.key): a daemon or command a test starts without --key-file runs unkeyed, as on a
+# fresh machine, instead of picking that key up (which binds its cluster name to the key and makes the
+# test's plain clients strangers). Tests that want a key pass --key-file (the flag wins over this).
+os.environ["DLLP2P_KEY_FILE"] = "off"
+
 
 def _real_model_path() -> Path:
     try:

@@ -39,7 +39,7 @@ class LiveDaemon:
                "--config", str(tmp / "config.toml"), "--plan", "pow2", *extra]
         if model is not None:
             cmd += ["--model", str(model)]
-        env = {"PATH": "/usr/bin:/bin", "DLLP2P_CACHE_DIR": str(tmp / "cache"), "HOME": str(tmp),
+        env = {"PATH": "/usr/bin:/bin", "DLLP2P_CACHE_DIR": str(tmp / "cache"), "HOME": str(tmp), "DLLP2P_KEY_FILE": "off",
                **({"PYTHONPATH": os.environ["PYTHONPATH"]} if "PYTHONPATH" in os.environ else {})}
         self.proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, cwd=ROOT_DIR, env=env)
         self.log: list[str] = []
