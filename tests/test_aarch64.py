@@ -112,7 +112,7 @@ def arm_cache(tmp_path_factory) -> Path:
 def qemu_env(sysroot: Path, cache: Path, target_cpu: str | None = None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "VIRTUAL_ENV", "DLLP2P_"))}
     env.update(QEMU_CPU="max", PYTHONPATH=f"{sysroot / 'site'}:{ROOT}", DLLP2P_CACHE_DIR=str(cache),
-               PYTHONDONTWRITEBYTECODE="1")
+               PYTHONDONTWRITEBYTECODE="1", DLLP2P_KEY_FILE="off")  # not the machine's own key (conftest)
     if target_cpu:
         env[TARGET_ENV] = target_cpu
     return env
