@@ -229,9 +229,7 @@ class RootService:
         if not self.batching.workers:
             extra = {} if self.cache_dir is None else {"cache_dir": self.cache_dir}
             engine = await trio.to_thread.run_sync(partial(jit_batch_engine, model, ctx, self.threads, slots, **extra))
-            policy = "weighted" if self.policy == "auto" else self.policy
-            self.last_plan = build_plan(model.config, [Peer(self.node_id, "", self.threads, float(self.threads))],
-                                        self.requests, policy, exchange=self.exchange)
+            self.last_plan = self._alone_plan(model.config, self.threads, self.requests)
             self.batching.nodes = 1
             return engine
         await self.close_warm()  # a kept session of the slot's path holds the workers
@@ -239,6 +237,12 @@ class RootService:
                                                               max_seqs=slots)
         self.batching.nodes = self.last_plan.n_nodes
         return engine
+
+    def _alone_plan(self, config: Any, threads: int, epoch: int) -> AnyPlan:
+        """The plan of this root serving alone (Status shows it); "auto" alone is a one-node weighted plan."""
+        policy = "weighted" if self.policy == "auto" else self.policy
+        return build_plan(config, [Peer(self.node_id, "", threads, float(threads))], epoch, policy,
+                          exchange=self.exchange)
 
     async def serve(self, link: TrioLink, g: Generate, workers: list[str], ids: list[int],
                     already: tuple[int, ...] = ()) -> None:
@@ -455,9 +459,7 @@ class RootService:
             return engine, engine.plan
         from ..jit.engine import JITEngine  # llvmlite: loaded by the first prompt served alone
 
-        policy = "weighted" if self.policy == "auto" else self.policy
-        alone = build_plan(model.config, [Peer(self.node_id, "", threads, float(threads))], epoch, policy,
-                           exchange=self.exchange)
+        alone = self._alone_plan(model.config, threads, epoch)
         extra = {} if self.cache_dir is None else {"cache_dir": self.cache_dir}
         return await trio.to_thread.run_sync(lambda: JITEngine(model, ctx, threads, **extra)), alone
 
