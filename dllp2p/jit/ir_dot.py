@@ -28,9 +28,11 @@ PREFETCH_AHEAD = 1024
 # and 100-104 % with prefetcht1 (no prefetch: 94-99 %; prefetchnta 87-89 %); Q4_0 / Q4_1 94 / 84 % ->
 # 108-111 / 99-109 %. Whole decode steps: Gemma 3 270M 1.19-1.21x, SmolLM2 1.18-1.19x tokens per second on
 # 1 thread, Gemma 1.14x on 2. Filling L1 ahead of use holds L1 miss buffers the demand loads need; L2 has
-# the deeper queue. Other ISAs (AArch64) keep the L1 hint: not measured there.
-PREFETCH_LOCALITY_X86 = 2
-PREFETCH_LOCALITY_OTHER = 3
+# the deeper queue. That is the decode kernel (one activation row, a pure stream); the matrix-matrix tiles
+# (prefill, batches: compute-bound, each weight line used by several rows) keep the L1 hint, as do other
+# ISAs (AArch64): not measured there.
+PREFETCH_LOCALITY_STREAM_X86 = 2
+PREFETCH_LOCALITY = 3
 PAIR_GROUPS = 1  # row groups walked side by side when decoding; 2 measured no faster on Zen 3 (AVX2)
 TILE_SIG = Signature(tuple((n, k) for n, k in (("w", "p"), ("x", "p"), ("xs", "i"), ("y", "p"), ("ldy", "i"),
                                                  ("k", "i"), ("r0", "i"), ("r1", "i"))))
@@ -109,14 +111,14 @@ def avx2_halves(b: ir.IRBuilder, v: ir.Value) -> list[ir.Value]:
     return [b.shuffle_vector(v, v, mask(range(h * 32, h * 32 + 32))) for h in range(2)]
 
 
-def prefetch(b: ir.IRBuilder, chunk: ir.Value, nbytes: int) -> None:
-    """Prefetch (read; on x86 into L2, elsewhere into all levels) the lines of the chunk PREFETCH_AHEAD
-    bytes past `chunk`."""
+def prefetch(b: ir.IRBuilder, chunk: ir.Value, nbytes: int, stream: bool) -> None:
+    """Prefetch (read) the lines of the chunk PREFETCH_AHEAD bytes past `chunk`: into all cache levels, or
+    with `stream` (the decode kernel's pure weight stream) on x86 into L2 only (see above)."""
     if PREFETCH_AHEAD <= 0:
         return
     fn = intrinsic(b.module, "llvm.prefetch.p0", VOID, [PTR, I32, I32, I32])
     x86 = str(b.module.triple).startswith(("x86_64", "i686", "i386"))
-    locality = PREFETCH_LOCALITY_X86 if x86 else PREFETCH_LOCALITY_OTHER
+    locality = PREFETCH_LOCALITY_STREAM_X86 if stream and x86 else PREFETCH_LOCALITY
     for off in range(0, nbytes, 64):
         b.call(fn, [gep(b, chunk, i64(PREFETCH_AHEAD + off)), i32(0), i32(locality), i32(1)])
 

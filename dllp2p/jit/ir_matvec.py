@@ -172,7 +172,7 @@ def _emit_tile(module: ir.Module, qtype: QType, tile: int, target: Target) -> ir
         with for_range(b, i64(0), nb, name="blk") as blk:
             for g, wg in enumerate(wgs):
                 wc = gep(b, wg, b.mul(blk, i64(cb)))
-                prefetch(b, wc, cb)
+                prefetch(b, wc, cb, stream=tile == 1)
                 dw = b.fpext(load(b, wc, vec(F16, G), i64(qbytes)), V16F32)
                 mw = b.fpext(load(b, wc, vec(F16, G), i64(qbytes + 2 * G)), V16F32) if qtype == QType.Q4_1 else None
                 for t, a in enumerate(accs[g]):

@@ -16,6 +16,8 @@ from .irutil import (
 from .layout import G, chunk_bytes, unit_values
 from .specs import KernelSpec
 
+SUPER_BLOCK_PREFETCH = False  # prefetch K-quant super-blocks when decoding too (the A/B baseline; see below)
+
 # --- Q5_0, Q5_1 and the K-quants (layouts: layout.py, "the 5- and 6-bit and K-quant types") ---------------
 #
 # Per 32 values and 16 rows the kernel loads 4 nibble vectors and one (5-bit) or two (6-bit) high-bit
@@ -267,7 +269,7 @@ def _emit_tile_extra(module: ir.Module, qtype: QType, tile: int, target: Target)
                 xq, dx, sx = act(t, blk)
                 add_v(t, scale, dx, _iq4_dot(b, target, wq, xq, sx))
 
-    # K-quant super-blocks (2-3.4 KB chunks) stream best without software prefetch (the hardware's alone):
+    # Decoding (tile 1), K-quant super-blocks (2-3.4 KB chunks) stream best without software prefetch:
     # measured on the Zen 4 VM as in ir_dot.py, over 131072 x 2048 matrices, Q4_K 95-97 % of membw without,
     # 79 % with prefetcht0 and 90-93 % with prefetcht1 (per chunk or spread over its sub-blocks); Q6_K 83-84 %
     # without, 64-70 % / 68-77 %. In whole Gemma decode steps, none and prefetcht1 spread over the 8
@@ -280,8 +282,8 @@ def _emit_tile_extra(module: ir.Module, qtype: QType, tile: int, target: Target)
             b.store(ir.Constant(V16F32, None), a)
         with for_range(b, i64(0), nu, name="unit") as u:
             wc = gep(b, wg, b.mul(u, i64(cb)))
-            if unit == 32:  # not the 256-value super-blocks: see above
-                prefetch(b, wc, cb)
+            if unit == 32 or tile > 1 or SUPER_BLOCK_PREFETCH:  # not a decode stream of super-blocks: see above
+                prefetch(b, wc, cb, stream=tile == 1)
             body(wc, u)
         for t, a in enumerate(accs):
             store_rows(b, b.load(a, typ=V16F32), gep(b, y, b.mul(ldy, i64(t)), F32), r, r1)
