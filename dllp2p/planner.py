@@ -5,6 +5,8 @@
     choose(predictions, margin)                   the fastest, unless one with fewer nodes is within
                                                   `margin` of it: never a plan predicted slower than a
                                                   plan that uses fewer nodes
+    busy_out(shape, devices, links, exchange, out) the nodes whose CPU wait (another program holds their
+                                                  core) costs the plan more than their share saves
 
 Node 0 is the root and is in every plan (it holds the prompt and samples); the others join fastest
 first (highest GB/s, then index), as scheduler._choose takes peers by capacity. Pure: no I/O.
@@ -16,10 +18,11 @@ candidate_plans): add their kinds to RUNNABLE then.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Collection, Sequence
 
-from .costmodel import Candidate, DeviceFigures, LinkFigures, ModelShape, Prediction, predict, split_layers
+from .costmodel import (Candidate, DeviceFigures, LinkFigures, ModelShape, Prediction, messages, predict,
+                        split_layers)
 
 RUNNABLE = ("tp",)
 MARGIN = 0.02  # a plan with more nodes must be predicted this much faster to be chosen
@@ -102,3 +105,47 @@ def plan_for(shape: ModelShape, devices: Sequence[DeviceFigures], links: Sequenc
     """Price every candidate of `kinds` (candidates' `ordered`, `allowed`) and choose among them."""
     ranked = rank(shape, devices, links, candidates(shape, devices, kinds, exchanges, **which))
     return Choice(choose(ranked, margin), tuple(ranked))
+
+
+# --- busy nodes: left out while their CPU wait costs more than their share saves (issue 19) ---------------
+
+OUT_MARGIN = 0.15  # a node in the plan is left out when its wait costs more than this (of the plan without it)
+BACK_MARGIN = 0.05  # a node left out comes back only when its wait costs less than this: hysteresis
+
+
+def busy_out(shape: ModelShape, devices: Sequence[DeviceFigures], links: Sequence[LinkFigures],
+             exchange: str = "exact", *, out: Collection[int] = (), max_nodes: int | None = None) -> dict[int, float]:
+    """The nodes (indices >= 1; node 0, the root, always runs) to plan without because of their CPU wait
+    (DeviceFigures.wait_ms), each with the wait it adds to a token (ms) when it is in. `out`: the nodes left
+    out now (judged with BACK_MARGIN, the others with OUT_MARGIN: no flapping between the two).
+
+    Tensor parallelism over all the nodes (the first max_nodes of them) is priced as it is (t), without
+    the m busiest other nodes (t_without) and with their waits at 0 (t_quiet), for m = 1, 2, ...: an
+    exchange waits for its busiest node, so two busy nodes are left out together or not at all. Those m
+    are left out when
+        t > max(t_without, t_quiet) + margin * t_without
+    (each with its wait per exchange x the exchanges of a token), i.e. the plan without them is predicted faster by the margin and it is their wait that makes it so: a
+    node that the policy keeps although the cost model would not (a pessimistic latency) is never left
+    out while it is quiet. Of the m that qualify, the one that gains most."""
+    limit = max_nodes or shape.max_nodes
+    everyone = list(range(len(devices)))
+    quiet_all = [replace(d, wait_ms=0.0) for d in devices]
+
+    def t(nodes: list[int], devs: Sequence[DeviceFigures]) -> float:
+        return predict(shape, devs, links, Candidate("tp", (tuple(nodes[:limit]),), (shape.n_layers,), exchange)).total_ms
+
+    busy = sorted((i for i in everyone[1:] if devices[i].wait_ms > 0), key=lambda i: (-devices[i].wait_ms, i))
+    t_all = t(everyone, devices)
+    n_msg = messages(exchange, min(len(everyone), limit), shape.n_layers)
+    best: dict[int, float] = {}
+    best_by = 0.0
+    for m in range(1, len(busy) + 1):
+        group = set(busy[:m])
+        without = t([i for i in everyone if i not in group], devices)
+        quiet = t(everyone, [quiet_all[i] if i in group else d for i, d in enumerate(devices)])
+        margin = BACK_MARGIN if group <= set(out) else OUT_MARGIN
+        by = t_all - max(without, quiet) - margin * without
+        if by > best_by:
+            best_by = by
+            best = {i: n_msg * devices[i].wait_ms for i in group}
+    return best
