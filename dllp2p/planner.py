@@ -115,37 +115,37 @@ BACK_MARGIN = 0.05  # a node left out comes back only when its wait costs less t
 
 def busy_out(shape: ModelShape, devices: Sequence[DeviceFigures], links: Sequence[LinkFigures],
              exchange: str = "exact", *, out: Collection[int] = (), max_nodes: int | None = None) -> dict[int, float]:
-    """The nodes (indices >= 1; node 0, the root, always runs) to plan without because of their CPU wait
-    (DeviceFigures.wait_ms), each with the wait it adds to a token (ms) when it is in. `out`: the nodes left
-    out now (judged with BACK_MARGIN, the others with OUT_MARGIN: no flapping between the two).
+    """The nodes (indices >= 1; node 0, the root, always runs) to plan without because of the CPU waits
+    (DeviceFigures.wait_ms), each with the wait per token (ms) of the plan that includes it. `out`: the nodes
+    left out now (judged with BACK_MARGIN, the others with OUT_MARGIN: no flapping between the two).
 
-    Tensor parallelism over all the nodes (the first max_nodes of them) is priced as it is (t), without
-    the m busiest other nodes (t_without) and with their waits at 0 (t_quiet), for m = 1, 2, ...: an
-    exchange waits for its busiest node, so two busy nodes are left out together or not at all. Those m
-    are left out when
-        t > max(t_without, t_quiet) + margin * t_without
-    (each with its wait per exchange x the exchanges of a token), i.e. the plan without them is predicted faster by the margin and it is their wait that makes it so: a
-    node that the policy keeps although the cost model would not (a pessimistic latency) is never left
-    out while it is quiet. Of the m that qualify, the one that gains most."""
+    Tensor parallelism over all the nodes (the first max_nodes of them), priced with the waits (t) and
+    with every wait at 0 (t_quiet; their difference W is the plan's wait), against the same without G,
+    the m busiest other nodes (m = 1 .. all of them, the busiest first: an exchange waits for its busiest
+    node, so two busy nodes leave together or not at all, and a busy root's wait goes only with every
+    exchange). G is left out when, with margin x t(without G) as the unit,
+        t(all) - t(without G) > margin          the plan without G is predicted faster, and
+        W(without G_{m-1}) - W(without G) > margin   its last node's leaving cures that much wait more,
+    so a node leaves for the waits, never for the rest of the cost model (a quiet node that the policy
+    keeps although a pessimistic latency figure says one node fewer would be faster stays). The
+    smallest such G: the busiest node alone when that is enough."""
     limit = max_nodes or shape.max_nodes
     everyone = list(range(len(devices)))
-    quiet_all = [replace(d, wait_ms=0.0) for d in devices]
+    quiet = [replace(d, wait_ms=0.0) for d in devices]
 
     def t(nodes: list[int], devs: Sequence[DeviceFigures]) -> float:
         return predict(shape, devs, links, Candidate("tp", (tuple(nodes[:limit]),), (shape.n_layers,), exchange)).total_ms
 
-    busy = sorted((i for i in everyone[1:] if devices[i].wait_ms > 0), key=lambda i: (-devices[i].wait_ms, i))
     t_all = t(everyone, devices)
-    n_msg = messages(exchange, min(len(everyone), limit), shape.n_layers)
-    best: dict[int, float] = {}
-    best_by = 0.0
-    for m in range(1, len(busy) + 1):
-        group = set(busy[:m])
-        without = t([i for i in everyone if i not in group], devices)
-        quiet = t(everyone, [quiet_all[i] if i in group else d for i, d in enumerate(devices)])
-        margin = BACK_MARGIN if group <= set(out) else OUT_MARGIN
-        by = t_all - max(without, quiet) - margin * without
-        if by > best_by:
-            best_by = by
-            best = {i: n_msg * devices[i].wait_ms for i in group}
-    return best
+    wait_before = wait_all = t_all - t(everyone, quiet)
+    by_wait = sorted(everyone[1:], key=lambda i: (-devices[i].wait_ms, i))
+    for m in range(1, len(by_wait) + 1):
+        group = by_wait[:m]
+        kept = [i for i in everyone if i not in group]
+        without = t(kept, devices)
+        wait = without - t(kept, quiet)
+        unit = (BACK_MARGIN if set(group) <= set(out) else OUT_MARGIN) * without
+        if t_all - without > unit and wait_before - wait > unit:
+            return {i: wait_all for i in group}
+        wait_before = wait
+    return {}

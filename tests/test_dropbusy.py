@@ -68,7 +68,7 @@ def test_a_nodes_cpu_wait_is_latency_at_every_exchange_of_a_plan_that_includes_i
     ((0.0, 0.0), (), {}),  # quiet: kept, although the cost model prices 2 nodes slower than 1 on these links
     ((0.0, 0.002), (), {}),  # a little wait: within the margin
     ((0.0, 0.035), (), {1: 121 * 0.035}),  # a hog on its core (replan_bench: ~4 ms a token): left out
-    ((0.05, 0.0), (), {}),  # the root's own wait: leaving a quiet worker out would not cure it
+    ((0.05, 0.0), (), {1: 121 * 0.05}),  # a busy root: alone it waits at no exchange
     ((0.0, 0.005), (), {}),  # between the margins: a node in stays in ...
     ((0.0, 0.005), (1,), {1: 121 * 0.005}),  # ... and a node out stays out (hysteresis)
     ((0.0, 0.001), (1,), {}),  # its wait fell below the back margin: taken back
@@ -93,6 +93,15 @@ def test_busy_out_three_nodes():
     assert busy_out(SHAPE, _devices(0.0, 0.0, 0.04), LINKS).keys() == {2}
     # two busy: an exchange waits for the busiest, so they leave together
     assert busy_out(SHAPE, _devices(0.0, 0.03, 0.04), LINKS).keys() == {1, 2}
+    # however slow the links are priced (here: 2 nodes slower than 1 by far), a quiet node is never left out
+    # with a busy one: leaving it too cures no more wait
+    slow_links = [LinkFigures(0.0, 117.0), LinkFigures(5.0, 117.0), LinkFigures(5.0, 117.0)]
+    for wait in (0.01, 0.035, 0.2, 2.0):
+        assert busy_out(SHAPE, _devices(0.0, 0.0, wait), slow_links).keys() <= {2}
+    assert busy_out(SHAPE, _devices(0.0, 0.0, 2.0), slow_links).keys() == {2}  # 15 % of a 305 ms token: 46 ms
+    # a busy root: leaving one quiet worker out would not cure its wait at every exchange; both go
+    left = busy_out(SHAPE, _devices(0.04, 0.0, 0.0), LINKS)
+    assert left == pytest.approx({1: 121 * 0.04, 2: 121 * 0.04})
     # on a fast LAN where a third node pays (low latency, slow nodes), a small wait is worth its share
     fast = [LinkFigures(0.0, 1e4), LinkFigures(0.01, 1e4), LinkFigures(0.01, 1e4)]
     slow = [DeviceFigures(1.0), DeviceFigures(1.0), DeviceFigures(1.0, wait_ms=0.05)]
@@ -190,3 +199,49 @@ def test_root_service_plans_without_a_busy_worker_and_status_says_why():
     keep._judge_busy(model, workers)
     assert keep.left_out_now() == []
     trio.run(service.close_warm)
+
+
+def test_a_root_daemon_leaves_out_the_worker_whose_status_says_it_is_busy(tmp_path):
+    """The daemon path: two worker daemons (tests/fake_tp.py) whose meters were fed decode steps, one quiet
+    and one waiting 0.67 ms for its CPU at each exchange (more than its share saves); the root daemon's Status polls bring their rates and
+    waits (StatusReply.wait_ms -> Membership.waits), and its RootService, asked to (drop_busy), plans
+    without the busy one and says so in its own Status (left_out: code cpu_wait, the wait per token)."""
+    import time
+
+    import fake_tp
+    from test_cluster import T, DaemonThread
+
+    from dllp2p.daemon import Daemon, DaemonConfig
+    from dllp2p.discovery import StaticOptions
+    from dllp2p.wire.client import ask_status
+
+    quiet, busy = DaemonThread(tmp_path / "quiet"), DaemonThread(tmp_path / "busy")
+    try:
+        quiet.daemon.worker.meter.add_step(0.5, 6.0, 1, 0.0, 9)  # half the model in 6 ms, no wait
+        busy.daemon.worker.meter.add_step(0.5, 10.0, 1, 6.0, 9)  # ... in 10 ms, of which 6 waiting for a CPU
+
+        async def main() -> None:
+            root = Daemon(DaemonConfig("127.0.0.1", 0, 1, tmp_path / "root", timeouts=T, cluster=fake_tp.TEST_CLUSTER,
+                                       key=fake_tp.TEST_KEY, peers=(quiet.address, busy.address), policy="weighted",
+                                       static=StaticOptions(interval=0.2), drop_busy=True), tp=fake_tp)
+            async with trio.open_nursery() as nursery:
+                address = await nursery.start(root.serve)
+                deadline = time.monotonic() + 20
+                while len([p for p in root._polled() if p.rate > 0]) < 2:
+                    assert time.monotonic() < deadline, root._polled()
+                    await trio.sleep(0.1)
+                assert {p.address: p.wait_ms for p in root._polled()} == pytest.approx(
+                    {quiet.address: 0.0, busy.address: 6.0 / 9})
+                root.root_service.meter.add_step(0.5, 6.0, 1, 0.0, 9)  # the root's own rate: quiet
+                root.root_service._judge_busy(fake_tp.model(), [quiet.address, busy.address])
+                reply = await ask_status(address, 5.0, 0, fake_tp.TEST_KEY)
+                assert len(reply.left_out) == 1, (reply.left_out, root._polled())
+                [left] = reply.left_out
+                assert (left.node_id, left.address, left.code) == (busy.daemon.node_id, busy.address, "cpu_wait")
+                assert left.reason == "CPU wait 6.0 ms per token" and left.until > time.time() + 20
+                nursery.cancel_scope.cancel()
+
+        trio.run(main)
+    finally:
+        quiet.stop()
+        busy.stop()

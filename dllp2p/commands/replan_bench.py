@@ -15,7 +15,7 @@ before the other, so it is the root), then prompts through the first, greedy, `-
     then the two daemons are stopped and started again (the same state and caches, the hog still running)
     without --keep-busy, as a daemon runs by default:
     measure   1 prompt: nothing measured yet, a plan of both by capacity (the worker measures its CPU wait)
-    dropped   2 prompts: the root leaves the busy worker out (session/busy.py) and decodes alone
+    dropped   3 prompts: the root leaves the busy worker out (session/busy.py) and decodes alone
 
 Printed per prompt: decode tok/s (as `dllp2p run` reports it), the plan's FFN rows per node, the rates
 and CPU waits the daemons report and the workers the root left out; then the ratios, each of medians of
@@ -162,7 +162,7 @@ def run(model: str | None, steps: int, n_hogs: int = 1, busy: int = 1) -> dict[s
         try:
             wait_joined(addresses, key)
             one("measure")
-            for _ in range(2):
+            for _ in range(3):
                 time.sleep(POLL_S * 1.5)  # the worker's CPU wait reaches the root by its Status poll
                 one("dropped")
         finally:

@@ -104,6 +104,6 @@ class BusyNodes:
         backoff = min(before.backoff * 2, self.max_s) if before else self.base_s
         reason = f"CPU wait {per_token_ms:.1f} ms per token"
         self.out[n.node_id] = _Out(Left(n.node_id, n.address, reason, now + backoff), backoff, n.wait_ms)
-        log.warning("%s (node %s) left out of the plan: %s (%.0f us at each of its exchanges, another program "
-                    "holds its CPU), more than its share of the work saves; tried again in %.0f s", n.address,
+        log.warning("%s (node %s) left out of the plan: %s with it (its own: %.0f us at each exchange; another "
+                    "program holds a CPU), more than its share of the work saves; tried again in %.0f s", n.address,
                     n.node_id, reason, n.wait_ms * 1e3, backoff)

@@ -213,11 +213,12 @@ class RootService:
         """Serve g together with the others (batching.py) when this root is alone, or over its workers too when
         BatchConfig.cluster; False: serve it in the prompt slot (a root with workers, by default). A change of
         workers takes effect when the batcher is idle (the engine is made anew over them)."""
+        loaded = await trio.to_thread.run_sync(self._load)
+        self._judge_busy(loaded.model, workers)
         left_out = {x.address for x in self.left_out_now()}
         workers = [w for w in workers if w not in left_out]
         if workers and not self.batching.cfg.cluster:
             return False
-        loaded = await trio.to_thread.run_sync(self._load)
         self.batching.attach(self._batch_engine, loaded.tokenizer, g.ctx, kv_bytes_per_position(loaded.model.config))
         if not self.batching.busy() and tuple(workers) != self.batching.workers:
             self.batching.replan(tuple(workers))
