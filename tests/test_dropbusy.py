@@ -203,7 +203,8 @@ def test_root_service_plans_without_a_busy_worker_and_status_says_why():
 
 def test_a_root_daemon_leaves_out_the_worker_whose_status_says_it_is_busy(tmp_path):
     """The daemon path: two worker daemons (tests/fake_tp.py) whose meters were fed decode steps, one quiet
-    and one waiting 0.67 ms for its CPU at each exchange (more than its share saves); the root daemon's Status polls bring their rates and
+    and one waiting 6 ms for its CPU at each exchange (far more than its share saves, however slow the
+    loaded test machine makes the polls' round trips that price the exchanges' latency); the root daemon's Status polls bring their rates and
     waits (StatusReply.wait_ms -> Membership.waits), and its RootService, asked to (drop_busy), plans
     without the busy one and says so in its own Status (left_out: code cpu_wait, the wait per token)."""
     import time
@@ -218,7 +219,7 @@ def test_a_root_daemon_leaves_out_the_worker_whose_status_says_it_is_busy(tmp_pa
     quiet, busy = DaemonThread(tmp_path / "quiet"), DaemonThread(tmp_path / "busy")
     try:
         quiet.daemon.worker.meter.add_step(0.5, 6.0, 1, 0.0, 9)  # half the model in 6 ms, no wait
-        busy.daemon.worker.meter.add_step(0.5, 10.0, 1, 6.0, 9)  # ... in 10 ms, of which 6 waiting for a CPU
+        busy.daemon.worker.meter.add_step(0.5, 60.0, 1, 54.0, 9)  # ... in 60 ms, of which 54 waiting for a CPU
 
         async def main() -> None:
             root = Daemon(DaemonConfig("127.0.0.1", 0, 1, tmp_path / "root", timeouts=T, cluster=fake_tp.TEST_CLUSTER,
@@ -231,14 +232,14 @@ def test_a_root_daemon_leaves_out_the_worker_whose_status_says_it_is_busy(tmp_pa
                     assert time.monotonic() < deadline, root._polled()
                     await trio.sleep(0.1)
                 assert {p.address: p.wait_ms for p in root._polled()} == pytest.approx(
-                    {quiet.address: 0.0, busy.address: 6.0 / 9})
+                    {quiet.address: 0.0, busy.address: 54.0 / 9})
                 root.root_service.meter.add_step(0.5, 6.0, 1, 0.0, 9)  # the root's own rate: quiet
                 root.root_service._judge_busy(fake_tp.model(), [quiet.address, busy.address])
                 reply = await ask_status(address, 5.0, 0, fake_tp.TEST_KEY)
                 assert len(reply.left_out) == 1, (reply.left_out, root._polled())
                 [left] = reply.left_out
                 assert (left.node_id, left.address, left.code) == (busy.daemon.node_id, busy.address, "cpu_wait")
-                assert left.reason == "CPU wait 6.0 ms per token" and left.until > time.time() + 20
+                assert left.reason == "CPU wait 54.0 ms per token" and left.until > time.time() + 20
                 nursery.cancel_scope.cancel()
 
         trio.run(main)

@@ -384,7 +384,8 @@ class RootService:
 
     def _judge_busy(self, model: Any, workers: list[str]) -> None:
         """Plan without the workers whose CPU wait costs more than their share saves (busy.py), for a while."""
-        polled = [p for p in self.polled() if p.address in workers]
+        other = {x.address for x in self.left_out_now() if x.code != "cpu_wait"}  # out for another reason
+        polled = [p for p in self.polled() if p.address in workers and p.address not in other]
         if self.busy is not None and polled:
             me = Polled(self.node_id, "", self.meter.rate, self.meter.wait_ms)
             for x in self.busy.judge(model_shape(model), self.exchange, me, polled, time.time()):
