@@ -21,8 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any, Collection, Sequence
 
-from .costmodel import (Candidate, DeviceFigures, LinkFigures, ModelShape, Prediction, messages, predict,
-                        split_layers)
+from .costmodel import Candidate, DeviceFigures, LinkFigures, ModelShape, Prediction, predict, split_layers
 
 RUNNABLE = ("tp",)
 MARGIN = 0.02  # a plan with more nodes must be predicted this much faster to be chosen
@@ -134,7 +133,8 @@ def busy_out(shape: ModelShape, devices: Sequence[DeviceFigures], links: Sequenc
     quiet = [replace(d, wait_ms=0.0) for d in devices]
 
     def t(nodes: list[int], devs: Sequence[DeviceFigures]) -> float:
-        return predict(shape, devs, links, Candidate("tp", (tuple(nodes[:limit]),), (shape.n_layers,), exchange)).total_ms
+        cand = Candidate("tp", (tuple(nodes[:limit]),), (shape.n_layers,), exchange)
+        return predict(shape, devs, links, cand).total_ms
 
     t_all = t(everyone, devices)
     wait_before = wait_all = t_all - t(everyone, quiet)

@@ -56,7 +56,8 @@ def test_a_nodes_cpu_wait_is_latency_at_every_exchange_of_a_plan_that_includes_i
     assert both.latency_ms == pytest.approx(busy.latency_ms)
     # alone, the root exchanges nothing: a node that is not in the plan costs nothing
     alone = Candidate("tp", ((0,),), (30,))
-    assert predict(SHAPE, _devices(0.0, 0.03), LINKS[:2], alone).total_ms == predict(SHAPE, _devices(0.0, 0.0), LINKS[:2], alone).total_ms
+    busy_alone, quiet_alone = (predict(SHAPE, _devices(0.0, w), LINKS[:2], alone) for w in (0.03, 0.0))
+    assert busy_alone.total_ms == quiet_alone.total_ms
     with pytest.raises(ValueError):
         DeviceFigures(1.0, wait_ms=-1.0)
 
@@ -204,9 +205,10 @@ def test_root_service_plans_without_a_busy_worker_and_status_says_why():
 def test_a_root_daemon_leaves_out_the_worker_whose_status_says_it_is_busy(tmp_path):
     """The daemon path: two worker daemons (tests/fake_tp.py) whose meters were fed decode steps, one quiet
     and one waiting 6 ms for its CPU at each exchange (far more than its share saves, however slow the
-    loaded test machine makes the polls' round trips that price the exchanges' latency); the root daemon's Status polls bring their rates and
-    waits (StatusReply.wait_ms -> Membership.waits), and its RootService, asked to (drop_busy), plans
-    without the busy one and says so in its own Status (left_out: code cpu_wait, the wait per token)."""
+    loaded test machine makes the polls' round trips that price the exchanges' latency); the root daemon's
+    Status polls bring their rates and waits (StatusReply.wait_ms -> Membership.waits), and its RootService,
+    asked to (drop_busy), plans without the busy one and says so in its own Status (left_out: code cpu_wait,
+    the wait per token)."""
     import time
 
     import fake_tp

@@ -81,7 +81,8 @@ class BusyNodes:
         here = {w.node_id for w in workers}
         self.trial = {k: o for k, o in self.trial.items() if k in here}
         nodes = [root, *(w for w in workers if w.node_id not in self.out)]
-        fresh = {w.node_id for w in nodes[1:] if w.node_id in self.trial and w.wait_ms != self.trial[w.node_id].seen_wait}
+        fresh = {w.node_id for w in nodes[1:]
+                 if w.node_id in self.trial and w.wait_ms != self.trial[w.node_id].seen_wait}
         if len(nodes) > 1 and all(n.rate > 0 for n in nodes):
             judged = [n.node_id not in self.trial or n.node_id in fresh for n in nodes]
             devices = [DeviceFigures(n.rate * shape.weight_bytes / 1e9, wait_ms=n.wait_ms if ok else 0.0)
