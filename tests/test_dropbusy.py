@@ -145,29 +145,32 @@ def _root(wait: float = 0.0) -> Polled:
 
 
 def test_busy_node_left_out_tried_again_and_taken_back():
-    busy = BusyNodes(base_s=30.0, max_s=100.0)
+    busy = BusyNodes(base_s=30.0, max_s=100.0, trial_s=5.0)
     w = lambda wait: Polled("w", "127.0.0.1:9001", RATE * 0.6, wait)  # noqa: E731
-    assert busy.judge(SHAPE, "exact", _root(), [w(0.0)], now=0.0) == []
-    [left] = busy.judge(SHAPE, "exact", _root(), [w(0.03)], now=10.0)
+
+    def judge(wait: float, now: float) -> list:
+        return busy.judge(SHAPE, "exact", _root(), [w(wait)], now=now)
+
+    assert judge(0.0, now=0.0) == []
+    [left] = judge(0.03, now=10.0)
     assert (left.node_id, left.address, left.until) == ("w", "127.0.0.1:9001", 40.0)
     assert left.reason == "CPU wait 3.6 ms per token"
-    assert busy.judge(SHAPE, "exact", _root(), [w(0.03)], now=39.0) == [left]
-    # its time is up: planned again; its wait (stale: it computed nothing since) is not judged
-    assert busy.judge(SHAPE, "exact", _root(), [w(0.03)], now=41.0) == []
-    assert busy.judge(SHAPE, "exact", _root(), [w(0.03)], now=42.0) == []
-    # measured afresh, still busy: out for twice as long
-    [again] = busy.judge(SHAPE, "exact", _root(), [w(0.031)], now=45.0)
-    assert again.until == 105.0
-    for t, wait, until in ((106.0, 0.032, 207.0), (208.0, 0.033, 309.0)):  # ... and again, at most max_s
-        assert busy.judge(SHAPE, "exact", _root(), [w(0.031 if t < 200 else 0.032)], now=t) == []
-        [again] = busy.judge(SHAPE, "exact", _root(), [w(wait)], now=t + 1)
-        assert again.until == until
-    # tried again and quiet now: taken back, and stays in through noise below the out margin
-    assert busy.judge(SHAPE, "exact", _root(), [w(0.033)], now=310.0) == []
-    assert busy.judge(SHAPE, "exact", _root(), [w(0.001)], now=311.0) == []
-    assert busy.judge(SHAPE, "exact", _root(), [w(0.005)], now=312.0) == []
+    assert judge(0.03, now=39.0) == [left]
+    # its time is up: planned again, and not judged for trial_s (its wait, and the root's, are from before)
+    assert judge(0.03, now=41.0) == [] and judge(0.03, now=45.0) == []
+    # measured afresh in that plan, still busy: out for twice as long, then at most max_s
+    assert [x.until for x in judge(0.031, now=46.0)] == [106.0]
+    assert judge(0.031, now=107.0) == []
+    assert [x.until for x in judge(0.04, now=113.0)] == [213.0]
+    # between the margins after a try: out again (a node out comes back only below BACK_MARGIN)
+    assert judge(0.04, now=214.0) == []
+    assert [x.until for x in judge(0.005, now=220.0)] == [320.0]
+    # tried again and quiet now: taken back, and it stays in through noise below the out margin
+    assert judge(0.005, now=321.0) == []
+    assert judge(0.001, now=327.0) == []
+    assert judge(0.005, now=328.0) == []
     # busy again: left out for the base time again
-    assert busy.judge(SHAPE, "exact", _root(), [w(0.03)], now=313.0)[0].until == 343.0
+    assert [x.until for x in judge(0.03, now=329.0)] == [359.0]
 
 
 def test_nothing_is_judged_without_every_nodes_rate():

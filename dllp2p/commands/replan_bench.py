@@ -15,7 +15,8 @@ before the other, so it is the root), then prompts through the first, greedy, `-
     then the two daemons are stopped and started again (the same state and caches, the hog still running)
     without --keep-busy, as a daemon runs by default:
     measure   1 prompt: nothing measured yet, a plan of both by capacity (the worker measures its CPU wait)
-    dropped   3 prompts: the root leaves the busy worker out (session/busy.py) and decodes alone
+    left out  1 prompt: the root leaves the busy worker out (session/busy.py): its first alone (engine built)
+    dropped   3 more prompts alone, the worker still left out
 
 Printed per prompt: decode tok/s (as `dllp2p run` reports it), the plan's FFN rows per node, the rates
 and CPU waits the daemons report and the workers the root left out; then the ratios, each of medians of
@@ -162,9 +163,9 @@ def run(model: str | None, steps: int, n_hogs: int = 1, busy: int = 1) -> dict[s
         try:
             wait_joined(addresses, key)
             one("measure")
-            for _ in range(3):
+            for phase in ("left out", "dropped", "dropped", "dropped"):  # within busy.BASE_S: no retry yet
                 time.sleep(POLL_S * 1.5)  # the worker's CPU wait reaches the root by its Status poll
-                one("dropped")
+                one(phase)
         finally:
             stop_daemons(procs)
     med = {p: statistics.median(r["decode_tok_s"] for r in rows if r["phase"] == p)
@@ -191,8 +192,10 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(r))
     else:
         for row in r["rows"]:
-            print(f"{row['phase']:<7} epoch {row['epoch']}: decode {row['decode_tok_s']:.1f} tok/s, FFN rows "
-                  f"{row['ffn_rows']}, rates {row['rates']} (root {row['root']})")
+            left = f", left out {row['left_out']}" if row["left_out"] else ""
+            print(f"{row['phase']:<8} epoch {row['epoch']}: decode {row['decode_tok_s']:.1f} tok/s, FFN rows "
+                  f"{row['ffn_rows']}, rates {row['rates']}, CPU waits (us per exchange) {row['waits_us']}{left} "
+                  f"(root {row['root']})")
         m = r["tok_s"]
         print(f"{r['hogs']} hog(s) on CPU {r['hog_cpu']}; decode tok/s (medians): quiet {m['quiet']:.1f}, before "
               f"re-planning {m['before']:.1f}, weighted re-plan {m['weighted']:.1f}, busy worker dropped "
