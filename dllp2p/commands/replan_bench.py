@@ -17,11 +17,17 @@ before the other, so it is the root), then prompts through the first, greedy, `-
     measure   1 prompt: nothing measured yet, a plan of both by capacity (the worker measures its CPU wait)
     left out  1 prompt: the root leaves the busy worker out (session/busy.py): its first alone (engine built)
     dropped   3 more prompts alone, the worker still left out
+    then the hog is stopped, and once the worker's time out (busy.BASE_S) is over:
+    tried     1 prompt: the worker planned in again, not judged (busy.TRIAL_S)
+    back      2 prompts: judged with the waits of its quiet steps, it stays in (a try judged busy still,
+              on a slow machine where it measured the hog: "out again", and tried again, 3 times at most)
 
-Printed per prompt: decode tok/s (as `dllp2p run` reports it), the plan's FFN rows per node, the rates
+Printed per prompt: decode tok/s and the nodes that computed it (as `dllp2p run` reports them), the FFN
+rows per node of the root's latest plan (a root alone may show its last cluster plan), the rates
 and CPU waits the daemons report and the workers the root left out; then the ratios, each of medians of
-one run: weighted / before, dropped / before and dropped / weighted. The hog and the daemons are stopped
-however it ends. On a machine that other programs use the figures are noisy: compare within one run.
+one run: weighted / before, dropped / before, dropped / weighted, and back / quiet with the node counts.
+The hog and the daemons are stopped however it ends. On a machine that other programs use the figures are
+noisy: compare within one run.
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..session.busy import TRIAL_S
 from .bench_load import cpu_hog
 
 CLI = [sys.executable, "-m", "dllp2p.cli"]
@@ -109,13 +116,15 @@ def wait_joined(addresses: list[str], key: Path, limit: float = 60.0) -> None:
     raise RuntimeError("the daemons did not find each other")
 
 
-def prompt(address: str, key: Path, steps: int) -> float:
+def prompt(address: str, key: Path, steps: int) -> tuple[float, int]:
+    """(decode tok/s, the nodes that computed it) as `dllp2p run` reports them."""
     r = subprocess.run([*CLI, "run", "--prompt", PROMPT, "--temperature", "0", "--steps", str(steps), "--daemon",
                         address, "--key-file", str(key)], capture_output=True, text=True, timeout=300)
     found = re.search(r"decode ([0-9.]+) tok/s", r.stderr)
-    if r.returncode != 0 or not found:
+    nodes = re.search(r", ([0-9]+) nodes?\)", r.stderr)
+    if r.returncode != 0 or not found or not nodes:
         raise RuntimeError(f"the prompt failed: {r.stderr.strip()[-400:]}")
-    return float(found.group(1))
+    return float(found.group(1)), int(nodes.group(1))
 
 
 def plan_rows(address: str, key: Path) -> dict[str, Any]:
@@ -141,8 +150,8 @@ def run(model: str | None, steps: int, n_hogs: int = 1, busy: int = 1) -> dict[s
         ports = [int(a.rsplit(":", 1)[1]) for a in addresses]
 
         def one(phase: str) -> None:
-            tok_s = prompt(addresses[0], key, steps)
-            rows.append({"phase": phase, "decode_tok_s": tok_s, **plan_rows(addresses[0], key)})
+            tok_s, nodes = prompt(addresses[0], key, steps)
+            rows.append({"phase": phase, "decode_tok_s": tok_s, "nodes": nodes, **plan_rows(addresses[0], key)})
             print(json.dumps(rows[-1]), file=sys.stderr)
 
         try:
@@ -163,16 +172,29 @@ def run(model: str | None, steps: int, n_hogs: int = 1, busy: int = 1) -> dict[s
         try:
             wait_joined(addresses, key)
             one("measure")
-            for phase in ("left out", "dropped", "dropped", "dropped"):  # within busy.BASE_S: no retry yet
-                time.sleep(POLL_S * 1.5)  # the worker's CPU wait reaches the root by its Status poll
+            time.sleep(POLL_S * 1.5)  # the worker's CPU wait reaches the root by its Status poll
+            for phase in ("left out", "dropped", "dropped", "dropped"):  # back to back: within busy.BASE_S
                 one(phase)
+            hogs.close()  # the hog ends; the worker is tried again when its time out is over
+            for _ in range(3):  # a try that measured the hog still (a slow machine): out 60 s, 120 s more
+                left = (status(addresses[0], key).get("left_out") or {}).values()
+                time.sleep(max([0.0, *(x["until"] - time.time() for x in left)]) + 0.5)
+                one("tried")  # planned in again; nothing judged for busy.TRIAL_S
+                time.sleep(TRIAL_S + POLL_S * 1.5)
+                one("back")  # judged with the waits of its steps without the hog: taken back
+                if rows[-1]["nodes"] > 1:
+                    one("back")
+                    break
+                rows[-1]["phase"] = "out again"
         finally:
             stop_daemons(procs)
     med = {p: statistics.median(r["decode_tok_s"] for r in rows if r["phase"] == p)
-           for p in ("quiet", "before", "weighted", "dropped")}
+           for p in ("quiet", "before", "weighted", "dropped", "back") if any(r["phase"] == p for r in rows)}
+    med.setdefault("back", 0.0)
     return {"rows": rows, "hog_cpu": cpus[busy], "hogs": n_hogs, "tok_s": med,
             "weighted_vs_before": med["weighted"] / med["before"], "dropped_vs_before": med["dropped"] / med["before"],
-            "dropped_vs_weighted": med["dropped"] / med["weighted"]}
+            "dropped_vs_weighted": med["dropped"] / med["weighted"], "back_vs_quiet": med["back"] / med["quiet"],
+            "nodes": {p: [r["nodes"] for r in rows if r["phase"] == p] for p in ("dropped", "back")}}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -193,8 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         for row in r["rows"]:
             left = f", left out {row['left_out']}" if row["left_out"] else ""
-            print(f"{row['phase']:<8} epoch {row['epoch']}: decode {row['decode_tok_s']:.1f} tok/s, FFN rows "
-                  f"{row['ffn_rows']}, rates {row['rates']}, CPU waits (us per exchange) {row['waits_us']}{left} "
+            print(f"{row['phase']:<8} epoch {row['epoch']}: decode {row['decode_tok_s']:.1f} tok/s on {row['nodes']} "
+                  f"node(s), latest cluster plan's FFN rows {row['ffn_rows']}, rates {row['rates']}, CPU waits (us per exchange) {row['waits_us']}{left} "
                   f"(root {row['root']})")
         m = r["tok_s"]
         print(f"{r['hogs']} hog(s) on CPU {r['hog_cpu']}; decode tok/s (medians): quiet {m['quiet']:.1f}, before "
@@ -202,6 +224,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{m['dropped']:.1f}")
         print(f"weighted / before {r['weighted_vs_before']:.2f}x, dropped / before {r['dropped_vs_before']:.2f}x, "
               f"dropped / weighted {r['dropped_vs_weighted']:.2f}x")
+        print(f"nodes per prompt: dropped {r['nodes']['dropped']}, back {r['nodes']['back']}; hog stopped: back "
+              f"{m['back']:.1f} tok/s, back / quiet {r['back_vs_quiet']:.2f}x")
     return 0
 
 
