@@ -154,6 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     daemon.add_argument("--cluster-batch", dest="cluster_batch", action=_GivenTrue, default=False,
                         help="as root with workers: batch their requests too (over the tensor-parallel cluster); "
                              "default: one at a time (the path that recovers from a lost worker mid-request)")
+    daemon.add_argument("--keep-busy", dest="drop_busy", action=_GivenFalse, default=True,
+                        help="as root: keep planning with a worker whose CPU another program keeps busy (default: "
+                             "leave it out while its CPU wait costs more than its share saves, try it again later)")
     daemon.add_argument("--kv-budget-mb", dest="kv_budget_mb", type=int, metavar="MIB", action=_Given,
                         help="KV cache of all batched requests together (default 0: --max-batch full contexts)")
     daemon.add_argument("--model", action=_Given,
@@ -352,7 +355,7 @@ def config_of_settings(s: dict, environ: Mapping[str, str]) -> DaemonConfig:
                         peers=tuple(s["peers"]), model=model, exchange=s["exchange"], policy=s["plan"],
                         api=None if s["api"] in ("", "off") else s["api"], api_ctx=s["api_ctx"],
                         api_hosts=tuple(s["api_hosts"]), cache_dir=cache_dir(environ), cache_mb=s["cache_mb"],
-                        drain_s=float(s["drain_s"]), batch=batch)
+                        drain_s=float(s["drain_s"]), batch=batch, drop_busy=s["drop_busy"])
 
 
 def _installed_model() -> Path | None:

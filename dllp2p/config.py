@@ -30,12 +30,13 @@ File: /etc/dllp2p/config.toml (DLLP2P_CONFIG or --config name another), a [daemo
     queue = 16                  # requests waiting beyond them (FIFO); more are refused (HTTP 429)
     kv_budget_mb = 0            # KV cache of all of them together, MiB; 0: max_batch full contexts
     cluster_batch = false       # as root with workers: batch too (default: one request at a time)
+    drop_busy = true            # as root: plan without a worker while its CPU wait costs more than its share saves
 
 Environment: DLLP2P_HOST, DLLP2P_PORT, DLLP2P_THREADS, DLLP2P_STATE_DIR, DLLP2P_CLUSTER, DLLP2P_DISCOVERY
 (1/0, true/false, yes/no, on/off), DLLP2P_INTERFACES and DLLP2P_PEERS (separated by commas or spaces),
 DLLP2P_LOG_LEVEL, DLLP2P_MODEL, DLLP2P_EXCHANGE, DLLP2P_PLAN, DLLP2P_API, DLLP2P_API_CTX, DLLP2P_API_HOSTS,
 DLLP2P_KEY_FILE, DLLP2P_CACHE_MB, DLLP2P_DRAIN_S, DLLP2P_MAX_BATCH, DLLP2P_QUEUE, DLLP2P_KV_BUDGET_MB,
-DLLP2P_CLUSTER_BATCH.
+DLLP2P_CLUSTER_BATCH, DLLP2P_DROP_BUSY.
 
 Built once, at the edge: the CLI calls these functions with os.environ and hands the frozen results
 down (DaemonConfig, Timeouts, the cache and state directories); nothing below it reads the environment.
@@ -84,6 +85,7 @@ DAEMON_KEYS: dict[str, type] = {
     "queue": int,
     "kv_budget_mb": int,
     "cluster_batch": bool,
+    "drop_busy": bool,
 }
 DEFAULTS: dict[str, Any] = {
     "host": "0.0.0.0",
@@ -108,6 +110,7 @@ DEFAULTS: dict[str, Any] = {
     "queue": 16,  # requests waiting beyond them; more get 429
     "kv_budget_mb": 0,  # their KV cache together; 0: max_batch full contexts
     "cluster_batch": False,  # as root with workers: batch too
+    "drop_busy": True,  # as root: leave out a worker whose CPU another program keeps busy (session/busy.py)
 }
 EXCHANGES = ("exact", "q8")  # scheduler.EXCHANGES (not imported: this module stays dependency-free)
 POLICIES = ("pow2", "weighted", "pipeline", "hybrid")  # scheduler.POLICIES + pipeline.PIPELINE_POLICIES

@@ -84,12 +84,15 @@ class DeviceFigures:
     token_ms: float = 0.0  # fixed cost per token
     ram_bytes: float = math.inf  # memory budget for weights (--mem-limit or what is available)
     disk_gbps: float = 0.5  # read speed of its slice cache
+    # CPU wait per exchange: how long, on average, the node was ready to run but waited for a CPU that another
+    # program holds, per exchange of its decode steps (session/rates.py; 0: quiet or not measured)
+    wait_ms: float = 0.0
 
     def __post_init__(self) -> None:
         if not (self.gbps > 0 and self.disk_gbps > 0 and self.ram_bytes > 0):
             raise CostModelError(f"device figures must be > 0: {self}")
-        if self.layer_ms < 0 or self.token_ms < 0:
-            raise CostModelError(f"fixed costs must be >= 0: {self}")
+        if self.layer_ms < 0 or self.token_ms < 0 or not 0 <= self.wait_ms < math.inf:
+            raise CostModelError(f"fixed costs and waits must be finite and >= 0: {self}")
 
 
 @dataclass(frozen=True)
@@ -148,7 +151,7 @@ class Prediction:
 
     candidate: Candidate
     compute_ms: float  # the stages' compute, one after another (each its slowest node's)
-    latency_ms: float  # exchanges x one-way latency (and the hops between stages)
+    latency_ms: float  # exchanges x (one-way latency + the CPU wait of the group's busiest node), hops included
     transfer_ms: float  # bytes / bandwidth on the busiest port of each exchange, crowding included
     stream_ms: float  # disk reads that the other stages' work does not hide
     exchanges: int  # messages in sequence per token
@@ -189,6 +192,16 @@ def group_exchange(shape: ModelShape, exchange: str, k: int, layers: int, last: 
     return 4 * layers + last, layers * per_layer + last * d * 4 * (k - 1)
 
 
+def messages(exchange: str, k: int, layers: int, last: bool = True) -> int:
+    """Messages in sequence per token of a k-node group over `layers` layers (group_exchange's count): the
+    exchanges a node waits at in one decode step (session/rates.py divides its CPU wait by them)."""
+    if k == 1:
+        return 0
+    if exchange == "star":
+        return 4 * layers
+    return (2 if exchange == "q8" and k < 3 else 4) * layers + last
+
+
 def predict(shape: ModelShape, devices: Sequence[DeviceFigures], links: Sequence[LinkFigures],
             cand: Candidate) -> Prediction:
     """Predicted ms per token of `cand` on nodes with these figures (devices[i], links[i]: node i)."""
@@ -223,13 +236,19 @@ def predict(shape: ModelShape, devices: Sequence[DeviceFigures], links: Sequence
         n_msg, nbytes = group_exchange(shape, cand.exchange, k, nl, last)
         link = slowest([links[i] for i in group])
         exchanges += n_msg
-        latency += n_msg * link.rtt_ms / 2
+        # every exchange waits for the group's slowest waker: a node whose CPU another program holds stalls
+        # each of them until it runs again, whatever its share (issue 19)
+        wait = max(devices[i].wait_ms for i in group) if n_msg else 0.0
+        latency += n_msg * (link.rtt_ms / 2 + wait)
+        if wait:
+            notes.append(f"stage {s}: CPU wait {n_msg * wait:.2f} ms a token ({wait * 1e3:.0f} us x {n_msg} exchanges)")
         transfer += link.seconds(nbytes, k - 1 if k > 1 else 0)
         port_bytes = max(port_bytes, nbytes)
         if s:  # the activation (f32, dim) passes from the previous stage
-            hop = slowest([links[i] for i in (cand.stages[s - 1][0], group[0])])
+            ends = (cand.stages[s - 1][0], group[0])
+            hop = slowest([links[i] for i in ends])
             exchanges += 1
-            latency += hop.rtt_ms / 2
+            latency += hop.rtt_ms / 2 + max(devices[i].wait_ms for i in ends)
             transfer += hop.seconds(shape.dim * 4, 0)
     if len(cand.stages) > 1 and 0 not in cand.stages[-1]:  # the last stage's token back to the root
         exchanges += 1

@@ -5,6 +5,8 @@
     choose(predictions, margin)                   the fastest, unless one with fewer nodes is within
                                                   `margin` of it: never a plan predicted slower than a
                                                   plan that uses fewer nodes
+    busy_out(shape, devices, links, exchange, out) the nodes whose CPU wait (another program holds their
+                                                  core) costs the plan more than their share saves
 
 Node 0 is the root and is in every plan (it holds the prompt and samples); the others join fastest
 first (highest GB/s, then index), as scheduler._choose takes peers by capacity. Pure: no I/O.
@@ -16,7 +18,7 @@ candidate_plans): add their kinds to RUNNABLE then.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Collection, Sequence
 
 from .costmodel import Candidate, DeviceFigures, LinkFigures, ModelShape, Prediction, predict, split_layers
@@ -102,3 +104,50 @@ def plan_for(shape: ModelShape, devices: Sequence[DeviceFigures], links: Sequenc
     """Price every candidate of `kinds` (candidates' `ordered`, `allowed`) and choose among them."""
     ranked = rank(shape, devices, links, candidates(shape, devices, kinds, exchanges, **which))
     return Choice(choose(ranked, margin), tuple(ranked))
+
+
+# --- busy nodes: left out while their CPU wait costs more than their share saves (issue 19) ---------------
+
+# a node in the plan is left out when its wait costs more than this (of the plan without it): for SmolLM2 on two
+# 1-thread nodes (5.9 ms a token alone) 9.8 us per exchange, where a hog on its core costs ~35 (4.2 ms a token)
+OUT_MARGIN = 0.2
+BACK_MARGIN = 0.1  # a node left out comes back only when its wait costs less than this: hysteresis (4.9 us)
+
+
+def busy_out(shape: ModelShape, devices: Sequence[DeviceFigures], links: Sequence[LinkFigures],
+             exchange: str = "exact", *, out: Collection[int] = (), max_nodes: int | None = None) -> dict[int, float]:
+    """The nodes (indices >= 1; node 0, the root, always runs) to plan without because of the CPU waits
+    (DeviceFigures.wait_ms), each with the wait per token (ms) of the plan that includes it. `out`: the nodes
+    left out now (judged with BACK_MARGIN, the others with OUT_MARGIN: no flapping between the two).
+
+    Tensor parallelism over all the nodes (the first max_nodes of them), priced with the waits (t) and
+    with every wait at 0 (t_quiet; their difference W is the plan's wait), against the same without G,
+    the m busiest other nodes (m = 1 .. all of them, the busiest first: an exchange waits for its busiest
+    node, so two busy nodes leave together or not at all, and a busy root's wait goes only with every
+    exchange). G is left out when, with margin x t(without G) as the unit,
+        t(all) - t(without G) > margin          the plan without G is predicted faster, and
+        W(without G_{m-1}) - W(without G) > margin   its last node's leaving cures that much wait more,
+    so a node leaves for the waits, never for the rest of the cost model (a quiet node that the policy
+    keeps although a pessimistic latency figure says one node fewer would be faster stays). The
+    smallest such G: the busiest node alone when that is enough."""
+    limit = max_nodes or shape.max_nodes
+    everyone = list(range(len(devices)))
+    quiet = [replace(d, wait_ms=0.0) for d in devices]
+
+    def t(nodes: list[int], devs: Sequence[DeviceFigures]) -> float:
+        cand = Candidate("tp", (tuple(nodes[:limit]),), (shape.n_layers,), exchange)
+        return predict(shape, devs, links, cand).total_ms
+
+    t_all = t(everyone, devices)
+    wait_before = wait_all = t_all - t(everyone, quiet)
+    by_wait = sorted(everyone[1:], key=lambda i: (-devices[i].wait_ms, i))
+    for m in range(1, len(by_wait) + 1):
+        group = by_wait[:m]
+        kept = [i for i in everyone if i not in group]
+        without = t(kept, devices)
+        wait = without - t(kept, quiet)
+        unit = (BACK_MARGIN if set(group) <= set(out) else OUT_MARGIN) * without
+        if t_all - without > unit and wait_before - wait > unit:
+            return {i: wait_all for i in group}
+        wait_before = wait
+    return {}

@@ -14,6 +14,9 @@ from dllp2p.models import NoModel, default_model_path
 # fresh machine, instead of picking that key up (which binds its cluster name to the key and makes the
 # test's plain clients strangers). Tests that want a key pass --key-file (the flag wins over this).
 os.environ["DLLP2P_KEY_FILE"] = "off"
+# And a daemon a test starts keeps the workers it plans with even when the machine is loaded (a parallel run's
+# other tests make every node's CPU wait look like a busy node's); tests of leaving busy nodes out ask for it.
+os.environ["DLLP2P_DROP_BUSY"] = "off"
 
 
 def _real_model_path() -> Path:

@@ -3,18 +3,31 @@
     python -m dllp2p.commands.replan_bench [--model PATH] [--steps N] [--hogs N] [--busy 0|1] [--json]
 
 Two `dllp2p daemon` processes on 127.0.0.1 (each pinned to one CPU with os.sched_setaffinity, one
-thread each, the weighted plan, each other's --peer, a fresh cluster key), then prompts through the
-first, greedy, `--steps` tokens each:
+thread each, the weighted plan, each other's --peer, a fresh cluster key; the first started a second
+before the other, so it is the root), then prompts through the first, greedy, `--steps` tokens each:
 
     quiet     2 prompts: the first plans by capacity (nothing measured yet), the second by the rates the
               first measured (a re-plan when they differ beyond scheduler.RATE_TOLERANCE)
     hog       a process spinning on the second daemon's CPU (--busy 0: the first's; bench_load.cpu_hog), then
     before    1 prompt on the kept session: the plan made before the hog
-    after     (once the daemons' Status polls carry the slower rate) 2 prompts: the root re-plans
+    weighted  (once the daemons' Status polls carry the slower rate) 2 prompts: the root re-plans by the
+              rates (these daemons run with --keep-busy: the worker stays in the plan)
+    then the two daemons are stopped and started again (the same state and caches, the hog still running)
+    without --keep-busy, as a daemon runs by default:
+    measure   1 prompt: nothing measured yet, a plan of both by capacity (the worker measures its CPU wait)
+    left out  1 prompt: the root leaves the busy worker out (session/busy.py): its first alone (engine built)
+    dropped   3 more prompts alone, the worker still left out
+    then the hog is stopped, and once the worker's time out (busy.BASE_S) is over:
+    tried     1 prompt: the worker planned in again, not judged (busy.TRIAL_S)
+    back      2 prompts: judged with the waits of its quiet steps, it stays in (a try judged busy still,
+              on a slow machine where it measured the hog: "out again", and tried again, 3 times at most)
 
-Printed per prompt: decode tok/s (as `dllp2p run` reports it), the plan's FFN rows per node and the
-rates the daemons report. The hog and the daemons are stopped however it ends. On a machine that other
-programs use the figures are noisy: compare before and after within one run.
+Printed per prompt: decode tok/s and the nodes that computed it (as `dllp2p run` reports them), the FFN
+rows per node of the root's latest plan (a root alone may show its last cluster plan), the rates
+and CPU waits the daemons report and the workers the root left out; then the ratios, each of medians of
+one run: weighted / before, dropped / before, dropped / weighted, and back / quiet with the node counts.
+The hog and the daemons are stopped however it ends. On a machine that other programs use the figures are
+noisy: compare within one run.
 """
 
 from __future__ import annotations
@@ -26,6 +39,7 @@ import os
 import re
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -33,6 +47,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..session.busy import TRIAL_S
 from .bench_load import cpu_hog
 
 CLI = [sys.executable, "-m", "dllp2p.cli"]
@@ -50,10 +65,12 @@ def _pinned(cpu: int) -> Any:
     return lambda: os.sched_setaffinity(0, {cpu})
 
 
-def start_daemons(tmp: Path, model: str | None, cpus: list[int]) -> tuple[list[subprocess.Popen], list[str], Path]:
+def start_daemons(tmp: Path, model: str | None, cpus: list[int], keep_busy: bool = True,
+                  ports: list[int] | None = None) -> tuple[list[subprocess.Popen], list[str], Path]:
     key = tmp / "cluster.key"
-    subprocess.run([*CLI, "key", "new", "--out", str(key)], check=True, capture_output=True)
-    ports = [_free_port() for _ in cpus]
+    if not key.exists():
+        subprocess.run([*CLI, "key", "new", "--out", str(key)], check=True, capture_output=True)
+    ports = ports or [_free_port() for _ in cpus]
     addresses = [f"127.0.0.1:{p}" for p in ports]
     procs = []
     for i, (cpu, port) in enumerate(zip(cpus, ports)):
@@ -62,9 +79,25 @@ def start_daemons(tmp: Path, model: str | None, cpus: list[int]) -> tuple[list[s
                "--plan", "weighted", "--api", "off", "--peer", *[a for a in addresses if a != addresses[i]]]
         if model:
             cmd += ["--model", model]
-        log = open(tmp / f"d{i}.log", "w")
-        procs.append(subprocess.Popen(cmd, stdout=log, stderr=log, preexec_fn=_pinned(cpu)))
+        if keep_busy:
+            cmd += ["--keep-busy"]
+        log = open(tmp / f"d{i}.log", "a")
+        env = {**os.environ, "DLLP2P_DROP_BUSY": "on"}  # the default, whatever this process was started with
+        procs.append(subprocess.Popen(cmd, stdout=log, stderr=log, preexec_fn=_pinned(cpu), env=env))
+        if i == 0:
+            time.sleep(1.0)  # the first started is the root (the earliest start wins the election)
     return procs, addresses, key
+
+
+def stop_daemons(procs: list[subprocess.Popen]) -> None:
+    for p in procs:
+        p.send_signal(signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(15)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
 
 
 def status(address: str, key: Path) -> dict:
@@ -83,13 +116,15 @@ def wait_joined(addresses: list[str], key: Path, limit: float = 60.0) -> None:
     raise RuntimeError("the daemons did not find each other")
 
 
-def prompt(address: str, key: Path, steps: int) -> float:
+def prompt(address: str, key: Path, steps: int) -> tuple[float, int]:
+    """(decode tok/s, the nodes that computed it) as `dllp2p run` reports them."""
     r = subprocess.run([*CLI, "run", "--prompt", PROMPT, "--temperature", "0", "--steps", str(steps), "--daemon",
                         address, "--key-file", str(key)], capture_output=True, text=True, timeout=300)
     found = re.search(r"decode ([0-9.]+) tok/s", r.stderr)
-    if r.returncode != 0 or not found:
+    nodes = re.search(r", ([0-9]+) nodes?\)", r.stderr)
+    if r.returncode != 0 or not found or not nodes:
         raise RuntimeError(f"the prompt failed: {r.stderr.strip()[-400:]}")
-    return float(found.group(1))
+    return float(found.group(1)), int(nodes.group(1))
 
 
 def plan_rows(address: str, key: Path) -> dict[str, Any]:
@@ -99,6 +134,8 @@ def plan_rows(address: str, key: Path) -> dict[str, Any]:
     return {"epoch": (s.get("plan") or {}).get("epoch"),
             "ffn_rows": {n["id"]: n["slice"]["ffn_rows"][1] - n["slice"]["ffn_rows"][0] for n in nodes if n["slice"]},
             "rates": {n["id"]: round(n["rate"] or 0.0, 1) for n in nodes},
+            "waits_us": {n["id"]: round((n.get("wait_ms") or 0.0) * 1e3, 1) for n in nodes},
+            "left_out": {k: v["reason"] for k, v in (s.get("left_out") or {}).items()},
             "root": next((n["id"] for n in nodes if n["role"] == "root"), None)}
 
 
@@ -108,40 +145,56 @@ def run(model: str | None, steps: int, n_hogs: int = 1, busy: int = 1) -> dict[s
     if len(cpus) < 2:
         raise SystemExit("needs 2 CPUs")
     rows: list[dict[str, Any]] = []
-    with tempfile.TemporaryDirectory(prefix="dllp2p-replan-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="dllp2p-replan-") as tmp, contextlib.ExitStack() as hogs:
         procs, addresses, key = start_daemons(Path(tmp), model, cpus[:2])
+        ports = [int(a.rsplit(":", 1)[1]) for a in addresses]
+
+        def one(phase: str) -> None:
+            tok_s, nodes = prompt(addresses[0], key, steps)
+            rows.append({"phase": phase, "decode_tok_s": tok_s, "nodes": nodes, **plan_rows(addresses[0], key)})
+            print(json.dumps(rows[-1]), file=sys.stderr)
+
         try:
             wait_joined(addresses, key)
-
-            def one(phase: str) -> None:
-                tok_s = prompt(addresses[0], key, steps)
-                rows.append({"phase": phase, "decode_tok_s": tok_s, **plan_rows(addresses[0], key)})
-                print(json.dumps(rows[-1]), file=sys.stderr)
-
             one("quiet")
             time.sleep(POLL_S * 1.5)
             one("quiet")
-            with contextlib.ExitStack() as hogs:
-                for _ in range(n_hogs):
-                    hogs.enter_context(cpu_hog(cpus[busy]))
-                time.sleep(0.3)
-                one("before")  # the kept session: the plan made before the hog
+            for _ in range(n_hogs):
+                hogs.enter_context(cpu_hog(cpus[busy]))
+            time.sleep(0.3)
+            one("before")  # the kept session: the plan made before the hog
+            for _ in range(2):
                 time.sleep(POLL_S * 1.5)  # the daemons' polls carry the slower rate
-                one("after")
-                time.sleep(POLL_S * 1.5)
-                one("after")
+                one("weighted")
         finally:
-            for p in procs:
-                p.send_signal(signal.SIGTERM)
-            for p in procs:
-                try:
-                    p.wait(15)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait()
-    before = [r["decode_tok_s"] for r in rows if r["phase"] == "before"]
-    after = [r["decode_tok_s"] for r in rows if r["phase"] == "after"]
-    return {"rows": rows, "hog_cpu": cpus[busy], "hogs": n_hogs, "after_vs_before": after[-1] / before[0]}
+            stop_daemons(procs)
+        procs, addresses, key = start_daemons(Path(tmp), model, cpus[:2], keep_busy=False, ports=ports)
+        try:
+            wait_joined(addresses, key)
+            one("measure")
+            time.sleep(POLL_S * 1.5)  # the worker's CPU wait reaches the root by its Status poll
+            for phase in ("left out", "dropped", "dropped", "dropped"):  # back to back: within busy.BASE_S
+                one(phase)
+            hogs.close()  # the hog ends; the worker is tried again when its time out is over
+            for _ in range(3):  # a try that measured the hog still (a slow machine): out 60 s, 120 s more
+                left = (status(addresses[0], key).get("left_out") or {}).values()
+                time.sleep(max([0.0, *(x["until"] - time.time() for x in left)]) + 0.5)
+                one("tried")  # planned in again; nothing judged for busy.TRIAL_S
+                time.sleep(TRIAL_S + POLL_S * 1.5)
+                one("back")  # judged with the waits of its steps without the hog: taken back
+                if rows[-1]["nodes"] > 1:
+                    one("back")
+                    break
+                rows[-1]["phase"] = "out again"
+        finally:
+            stop_daemons(procs)
+    med = {p: statistics.median(r["decode_tok_s"] for r in rows if r["phase"] == p)
+           for p in ("quiet", "before", "weighted", "dropped", "back") if any(r["phase"] == p for r in rows)}
+    med.setdefault("back", 0.0)
+    return {"rows": rows, "hog_cpu": cpus[busy], "hogs": n_hogs, "tok_s": med,
+            "weighted_vs_before": med["weighted"] / med["before"], "dropped_vs_before": med["dropped"] / med["before"],
+            "dropped_vs_weighted": med["dropped"] / med["weighted"], "back_vs_quiet": med["back"] / med["quiet"],
+            "nodes": {p: [r["nodes"] for r in rows if r["phase"] == p] for p in ("dropped", "back")}}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -161,9 +214,18 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(r))
     else:
         for row in r["rows"]:
-            print(f"{row['phase']:<7} epoch {row['epoch']}: decode {row['decode_tok_s']:.1f} tok/s, FFN rows "
-                  f"{row['ffn_rows']}, rates {row['rates']} (root {row['root']})")
-        print(f"after / before re-planning ({r['hogs']} hog(s) on CPU {r['hog_cpu']}): {r['after_vs_before']:.2f}x")
+            left = f", left out {row['left_out']}" if row["left_out"] else ""
+            print(f"{row['phase']:<8} epoch {row['epoch']}: decode {row['decode_tok_s']:.1f} tok/s on {row['nodes']} "
+                  f"node(s), latest cluster plan's FFN rows {row['ffn_rows']}, rates {row['rates']}, CPU waits (us per exchange) {row['waits_us']}{left} "
+                  f"(root {row['root']})")
+        m = r["tok_s"]
+        print(f"{r['hogs']} hog(s) on CPU {r['hog_cpu']}; decode tok/s (medians): quiet {m['quiet']:.1f}, before "
+              f"re-planning {m['before']:.1f}, weighted re-plan {m['weighted']:.1f}, busy worker dropped "
+              f"{m['dropped']:.1f}")
+        print(f"weighted / before {r['weighted_vs_before']:.2f}x, dropped / before {r['dropped_vs_before']:.2f}x, "
+              f"dropped / weighted {r['dropped_vs_weighted']:.2f}x")
+        print(f"nodes per prompt: dropped {r['nodes']['dropped']}, back {r['nodes']['back']}; hog stopped: back "
+              f"{m['back']:.1f} tok/s, back / quiet {r['back_vs_quiet']:.2f}x")
     return 0
 
 

@@ -14,8 +14,8 @@
                 epoch summed over the workers that report one (the root's side of it: what it sent)
     progress    the root's latest set-up as it reports it: [{"task": "push" | "build", "subject": "root"
                 or "worker HOST:PORT (node ID)", "done", "total"}] (bytes pushed; 0 or 1 engine built)
-    left_out    {node id: {"address", "code" ("disk_full"), "reason", "until" (unix s)}}: workers the root
-                plans without for now, and why
+    left_out    {node id: {"address", "code" ("disk_full", "cpu_wait"), "reason", "until" (unix s)}}: workers the
+                root plans without for now, and why ("CPU wait 3.1 ms per token": another program holds its CPU)
     recoveries  {"count", "last": null or {"cause", "pause_s", "replayed", "nodes_before", "nodes_after",
                 "at"}}: the root's requests that lost a node mid-generation and went on (re-planned, resumed)
     serving     null, or the root's requests served together: {"running", "queued", "batch" (rows of its
@@ -198,6 +198,7 @@ def to_json(s: Survey) -> dict[str, Any]:
             "links": {} if own is None else {link.node_id: link.rtt_ms for link in own.links},
             "push": _push(own.push if own is not None else None),
             "rate": None if own is None else own.rate,  # whole-model decode tok/s of its compute (rates.py)
+            "wait_ms": None if own is None else own.wait_ms,  # its CPU wait per exchange (rates.py)
         })
     out: dict[str, Any] = {"node": s.reply.node_id, "nodes": nodes}
     out["plan"] = None if plan is None else {"epoch": plan.epoch, "policy": plan.policy, "exchange": plan.exchange,
@@ -264,7 +265,7 @@ def table(s: Survey | None, error: str | None = None, now: float | None = None, 
             push = {**j["push"], "sent": True}
         t.add_row(
             _text(row["id"] + ("" if row["reachable"] else " (unreachable)")
-                  + ("" if row["left_out"] is None else f" (left out: {row['left_out']['code'].replace('_', ' ')})")),
+                  + ("" if row["left_out"] is None else f" (left out: {_left_why(row['left_out'])})")),
             "[bold]root[/bold]" if row["role"] == "root" else _text(row["role"]),
             _text(row["address"]),
             str(row["version"]),
@@ -386,3 +387,8 @@ def _wait_for_q(keys: TextIO | None, seconds: float) -> bool:
         if ready and os.read(keys.fileno(), 1) in (b"q", b"Q"):
             return True
     return False
+
+
+def _left_why(left: dict) -> str:
+    """Why the root plans without a node, in a few words: its CPU wait as measured, else its error code."""
+    return left["reason"] if left["code"] == "cpu_wait" else left["code"].replace("_", " ")

@@ -58,6 +58,7 @@ class Membership:
         self.members: dict[str, election.Entry] = {}  # node id -> entry, this node included
         self.link_rtt: dict[str, LinkRtt] = {}  # node id -> the latest Status poll's round-trip to it
         self.rates: dict[str, float] = {}  # node id -> the compute rate its latest Status reply said (0: none)
+        self.waits: dict[str, float] = {}  # node id -> the CPU wait per exchange its latest Status reply said
         self._claims_logged: set[str] = set()  # addresses whose claim of this node's id was logged
         self._twins_logged: set[tuple[str, str, str]] = set()  # (node id, address, address) logged
         self._mdns: tuple[trio.Nursery, trio.MemorySendChannel, str, int, MdnsOptions] | None = None
@@ -280,4 +281,5 @@ class Membership:
         if reply.node_id != self.node_id:
             self.link_rtt[reply.node_id] = LinkRtt(reply.node_id, rtt * 1e3, time.time())
             self.rates[reply.node_id] = reply.rate
+            self.waits[reply.node_id] = reply.wait_ms
         return replace(me, address=address)

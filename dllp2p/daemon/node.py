@@ -54,6 +54,7 @@ from ..clusterkey import ClusterKey
 from ..config import DEFAULT_CLUSTER, DEFAULT_PORT, Timeouts
 from ..discovery import StaticOptions
 from ..models import DEFAULT_FILE
+from ..session.busy import Polled
 from ..session.rates import RateMeter
 from ..session.batcher import BatchConfig
 from ..session.service import RootService
@@ -113,6 +114,9 @@ class DaemonConfig:
     threads_why: str = ""  # how `threads` was chosen (jit/cpus.py), logged at start-up
     threads_auto: bool = False  # not configured: chosen again (the load now) for every session's engine
     batch: BatchConfig = field(default_factory=BatchConfig)  # requests served together as root (max_batch, queue, KV)
+    # as root: plan without a worker while its CPU wait costs more than its share saves (session/busy.py); the
+    # CLI's default is on, this one off, so tests' in-process daemons keep their planned node counts
+    drop_busy: bool = False
 
     def __post_init__(self) -> None:
         if not election.CLUSTER.fullmatch(self.cluster):
@@ -154,7 +158,8 @@ class Daemon:
                                         exchange=config.exchange, cache_dir=config.cache_dir, key=config.key,
                                         on_lost=self.membership.mark_dead, meter=meter,
                                         rates=lambda: dict(self.membership.rates), pick_threads=pick,
-                                        batch=config.batch, slot=slot)
+                                        batch=config.batch, slot=slot, polled=self._polled,
+                                        drop_busy=config.drop_busy)
         self.figures: figures.Measured | None = None  # measured by _measure ("auto" plans)
         self.prompts = PromptSlot(self.node_id, self.membership, self.root_service, slot, self.t, config.key)
 
@@ -176,6 +181,13 @@ class Daemon:
             log.info("compute threads now: %s", choice.reason)
             self._threads_now = choice.threads
         return choice.threads
+
+    def _polled(self) -> list[Polled]:
+        """The other members' rates, CPU waits and round trips as their latest Status polls said (busy.py)."""
+        m = self.membership
+        return [Polled(x.node_id, x.address, m.rates.get(x.node_id, 0.0), m.waits.get(x.node_id, 0.0),
+                       m.link_rtt[x.node_id].rtt_ms if x.node_id in m.link_rtt else 0.0)
+                for x in election.members(m.members) if x.node_id != self.node_id]
 
     def _member_addresses(self) -> set[str]:
         return {m.address for m in election.members(self.membership.members)}

@@ -39,7 +39,7 @@ def status_reply(seq: int, membership: Membership, worker, root_service, measure
     last = None if r is None else RecoveryStatus(r.cause[:300], r.pause_s, r.replayed, r.nodes_before,
                                                  r.nodes_after, r.at)
     return StatusReply(seq, m.node_id, nodes, the_plan, worker.last_step, worker.sessions, res, links, worker.push,
-                       progress, left_out, estimates, root_service.recoveries, last, rate=worker.meter.rate,
+                       progress, left_out, estimates, root_service.recoveries, last, rate=worker.meter.rate, wait_ms=worker.meter.wait_ms,
                        serving=root_service.batching.serving())
 
 

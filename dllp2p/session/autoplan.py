@@ -39,6 +39,7 @@ class NodeFacts:
     ram: int = 0  # bytes; 0: unknown
     rtt_ms: float = 0.0  # the root's Hello round trip to it (0 for the root itself)
     mbps: float = 0.0  # a timed push to it; 0: unknown
+    wait_ms: float = 0.0  # its CPU wait per exchange (session/rates.py); 0: quiet or unknown
 
 
 def model_shape(model: Any) -> ModelShape:
@@ -62,7 +63,7 @@ def figures(nodes: Sequence[NodeFacts]) -> tuple[tuple[DeviceFigures, ...], tupl
     for n in nodes:
         gbps = n.gbps or root_gbps
         devices.append(DeviceFigures(gbps=gbps, ram_bytes=float(n.ram) if n.ram else float("inf"),
-                                     disk_gbps=n.disk_gbps or 0.5))
+                                     disk_gbps=n.disk_gbps or 0.5, wait_ms=n.wait_ms))
         links.append(LinkFigures(rtt_ms=n.rtt_ms or DEFAULT_RTT_MS, mbps=n.mbps or DEFAULT_MBPS))
     return tuple(devices), tuple(links)
 

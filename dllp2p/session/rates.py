@@ -1,9 +1,11 @@
 """This node's measured compute rate: what the scheduler weighs its share by (scheduler.with_rates).
 
     d0 = run_delay_ms(); ...step...; delay = run_delay_ms() - d0     # in the thread that runs the step
-    meter.add_step(share, compute_ms + delay, tokens)   # a step of a plan: share = scheduler.node_share
+    meter.add_step(share, compute_ms + delay, tokens, delay, exchanges)   # a step of a plan: share =
+                                                # scheduler.node_share, exchanges = costmodel.messages
     meter.add_rate(tok_s)                       # a decode alone (the whole model: share 1)
     meter.rate                                  # whole-model decode tokens/s, median of the recent steps
+    meter.wait_ms                               # CPU wait per exchange (ms), median of the recent steps
 
 Only one-token (decode) steps count, and only their compute: a TP node's time waiting for and moving
 activations (tp.py's sync_ms) is left out, so a node is not blamed for a slow neighbour. But the time its
@@ -13,12 +15,22 @@ decode's (the scheduler favours a thread that slept), it loses it in waking up f
 the others see as their sync time. (A wait inside the compute is counted twice: a busy node looks a
 little slower than it is.) Its rate falls, and the root's next plan gives it less (service.py re-plans
 when the rates moved beyond scheduler.RATE_TOLERANCE). 0.0: not measured.
+
+A smaller share does not cure that wait: each of a token's ~120 exchanges waits for the node's next turn
+on its CPU whatever its share. So the run delay is kept apart too, per exchange of the step (wait_ms): the
+cost model prices it as latency per exchange of every plan that includes the node (costmodel.DeviceFigures
+.wait_ms), and the root leaves a node out while that costs more than its share saves (planner.busy_out,
+session/busy.py). The median over steps of each step's mean wait per exchange: a step's exchanges mostly
+wake at once and a few wait a time slice, so the mean within a step, the median across steps.
 """
 
 from __future__ import annotations
 
 import statistics
 from collections import deque
+from typing import Any
+
+from ..costmodel import messages
 
 WINDOW = 32  # recent decode steps the median is over
 
@@ -33,15 +45,29 @@ def run_delay_ms() -> float:
         return 0.0
 
 
+def plan_exchanges(p: Any, index: int, n_layers: int) -> int:
+    """The exchanges node `index` takes part in per decode token of plan p (a scheduler Plan: its group's
+    messages; a pipeline plan: its stage's, plus the hand-overs to and from it)."""
+    if not hasattr(p, "stages"):
+        return messages(p.exchange, p.n_nodes, n_layers)
+    k, _ = p.locate(index)
+    l0, l1 = p.stages[k].layers
+    return messages(p.exchange, p.stages[k].plan.n_nodes, l1 - l0, k == len(p.stages) - 1) + 2
+
+
 class RateMeter:
     """Written by the thread that runs steps, read by trio (Hello, Status): deque appends are atomic."""
 
     def __init__(self, window: int = WINDOW):
         self._recent: deque[float] = deque(maxlen=window)
+        self._waits: deque[float] = deque(maxlen=window)  # ms of CPU wait per exchange of recent decode steps
 
-    def add_step(self, share: float, compute_ms: float, tokens: int) -> None:
+    def add_step(self, share: float, compute_ms: float, tokens: int, wait_ms: float = 0.0, exchanges: int = 0) -> None:
+        """compute_ms: the step's compute, its CPU wait (wait_ms) included; exchanges: the step's (0: alone)."""
         if tokens == 1 and share > 0 and compute_ms > 0:
             self._recent.append(share / (compute_ms / 1e3))
+            if exchanges > 0 and wait_ms >= 0:
+                self._waits.append(wait_ms / exchanges)
 
     def add_rate(self, tok_s: float) -> None:
         if tok_s > 0:
@@ -51,3 +77,9 @@ class RateMeter:
     def rate(self) -> float:
         recent = list(self._recent)
         return statistics.median(recent) if recent else 0.0
+
+    @property
+    def wait_ms(self) -> float:
+        """ms a CPU was waited for per exchange, median of the recent decode steps of plans with exchanges."""
+        waits = list(self._waits)
+        return statistics.median(waits) if waits else 0.0

@@ -283,18 +283,20 @@ class ClusterEngine:
 
 async def start(model: Any, options: ClusterOptions, ctx: int, threads: int, tp: Any, events: Sink = ignore, *,
                 node_id: str | None = None, epoch: int = ROOT_EPOCH,
-                slices: Callable[[Any, AnyPlan, int], dict[str, Any]] | None = None, rate: float = 0.0) -> ClusterEngine:
+                slices: Callable[[Any, AnyPlan, int], dict[str, Any]] | None = None, rate: float = 0.0,
+                wait_ms: float = 0.0) -> ClusterEngine:
     """The set-up on the caller's trio loop (ClusterEngine.connect runs it in a trio.run of its own; a
     root daemon on its loop, with its own node id and the request's number as the plan's epoch). `events`
     gets the set-up's progress (progress.py); `slices`: tp.plan_tensors, or a slices.PlanSlices over it.
     `rate`: the root's measured compute rate (session/rates.py): with every worker's (their Hellos), the
-    plan's shares are weighed by speed (scheduler.with_rates); the engine keeps the weights (`rates`)."""
+    plan's shares are weighed by speed (scheduler.with_rates); the engine keeps the weights (`rates`).
+    `wait_ms`: its CPU wait per exchange, priced with the workers' (their Hellos) by the "auto" plan."""
     t0 = time.perf_counter()
     t = options.timeouts
     config: ModelConfig = model.config
     ctx = min(ctx, config.context_length)
     root = Hello(PROTOCOL_VERSION, node_id or f"root-{secrets.token_hex(4)}", "root", threads, float(threads),
-                 rate=rate)
+                 rate=rate, wait_ms=wait_ms)
     workers: list[Worker] = []
     peers: list[socket.socket | None] = []
     node = None
@@ -380,9 +382,9 @@ def _auto(model: Any, options: ClusterOptions, root: Hello, workers: list[Worker
     """The planner's choice (planner.Choice) for these workers and the GB/s it assumed per node id."""
     me = options.figures or autoplan.NodeFacts(root.node_id, root.capacity)
     pushed = dict(options.link_mbps)
-    facts = [replace(me, node_id=root.node_id, capacity=root.capacity, rtt_ms=0.0)]
+    facts = [replace(me, node_id=root.node_id, capacity=root.capacity, rtt_ms=0.0, wait_ms=root.wait_ms)]
     facts += [autoplan.NodeFacts(w.hello.node_id, w.hello.capacity, w.hello.gbps, w.hello.disk_gbps, w.hello.ram,
-                                 w.rtt_ms, pushed.get(w.hello.node_id, 0.0)) for w in workers]
+                                 w.rtt_ms, pushed.get(w.hello.node_id, 0.0), w.hello.wait_ms) for w in workers]
     choice, order = autoplan.choose(model, facts, options.exchange)
     devices, _ = autoplan.figures(order)
     return choice, {n.node_id: d.gbps for n, d in zip(order, devices)}

@@ -76,7 +76,8 @@ from .batcher import BatchConfig
 from .batching import BatchService, jit_batch_engine
 from . import admission
 from .progress import Latest, LogEvents
-from .rates import RateMeter
+from .busy import BusyNodes, Polled
+from .rates import RateMeter, plan_exchanges
 from .recovery import MAX_RECOVERIES, InFlight, Recovery, produce
 from .root import ClusterError, ClusterOptions, start
 from .slices import PlanSlices
@@ -94,7 +95,7 @@ class _LeftOut:
 
     node_id: str
     address: str
-    code: ErrorCode
+    code: ErrorCode | str  # "cpu_wait": left out while its CPU is busy (busy.py)
     reason: str
     until: float
 
@@ -123,12 +124,14 @@ class RootService:
                  key: ClusterKey | None = None, on_lost: Callable[[str, str], None] = lambda address, cause: None,
                  meter: RateMeter | None = None, rates: Callable[[], dict[str, float]] = dict,
                  pick_threads: Callable[[], int] | None = None, batch: BatchConfig = BatchConfig(),
-                 slot: trio.Lock | None = None):
+                 slot: trio.Lock | None = None, polled: Callable[[], list[Polled]] = list, drop_busy: bool = False):
         self.model_path = model_path
         self.on_lost = on_lost  # (address, cause) of a worker lost mid-request: the daemon's membership drops it
         self.pick_threads = pick_threads  # (blocking) the thread count for a request's engine; None: `threads`
         self.meter = meter or RateMeter()  # this node's compute rate (session/rates.py)
         self.rates = rates  # node id -> the members' rates as their latest Status polls said
+        self.polled = polled  # the members' rates and CPU waits by their latest Status polls (busy.py)
+        self.busy = BusyNodes() if drop_busy else None  # workers left out while their CPU is busy
         self.key = key  # the cluster key its connections to the workers are made with
         self.node_id = node_id
         self.threads = threads
@@ -210,11 +213,12 @@ class RootService:
         """Serve g together with the others (batching.py) when this root is alone, or over its workers too when
         BatchConfig.cluster; False: serve it in the prompt slot (a root with workers, by default). A change of
         workers takes effect when the batcher is idle (the engine is made anew over them)."""
+        loaded = await trio.to_thread.run_sync(self._load)
+        self._judge_busy(loaded.model, workers)
         left_out = {x.address for x in self.left_out_now()}
         workers = [w for w in workers if w not in left_out]
         if workers and not self.batching.cfg.cluster:
             return False
-        loaded = await trio.to_thread.run_sync(self._load)
         self.batching.attach(self._batch_engine, loaded.tokenizer, g.ctx, kv_bytes_per_position(loaded.model.config))
         if not self.batching.busy() and tuple(workers) != self.batching.workers:
             self.batching.replan(tuple(workers))
@@ -268,6 +272,7 @@ class RootService:
         sampler = SamplerConfig(g.temperature, g.top_k, g.top_p, g.min_p, g.repeat_penalty, seed=g.seed)
         loaded = await trio.to_thread.run_sync(self._load)
         request = InFlight.resume(loaded.tokenizer, ids, sampler, g.stop, already)
+        self._judge_busy(loaded.model, workers)
         left_out = {x.address for x in self.left_out_now()}
         workers = [w for w in workers if w not in left_out]
         key = (tuple(workers), g.ctx)
@@ -372,9 +377,19 @@ class RootService:
         if steps is None:
             self.meter.add_rate(stats.decode_tok_s if stats.generated_tokens > 1 else 0.0)
             return
-        share = plan_share(the_plan, 0, n_layers)
+        share, exchanges = plan_share(the_plan, 0, n_layers), plan_exchanges(the_plan, 0, n_layers)
         for step in steps:
-            self.meter.add_step(share, step.step_ms - step.sync_ms + step.delay_ms, step.tokens)
+            self.meter.add_step(share, step.step_ms - step.sync_ms + step.delay_ms, step.tokens, step.delay_ms,
+                                exchanges)
+
+    def _judge_busy(self, model: Any, workers: list[str]) -> None:
+        """Plan without the workers whose CPU wait costs more than their share saves (busy.py), for a while."""
+        other = {x.address for x in self.left_out_now() if x.code != "cpu_wait"}  # out for another reason
+        polled = [p for p in self.polled() if p.address in workers and p.address not in other]
+        if self.busy is not None and polled:
+            me = Polled(self.node_id, "", self.meter.rate, self.meter.wait_ms)
+            for x in self.busy.judge(model_shape(model), self.exchange, me, polled, time.time()):
+                self._left_out[x.address] = _LeftOut(x.node_id, x.address, "cpu_wait", x.reason, x.until)
 
     def current_rates(self) -> dict[str, float]:
         """node id -> the latest measured rate: the members' from their Status polls, this node's own."""
@@ -452,7 +467,7 @@ class RootService:
                 self._slices = PlanSlices(tp.plan_tensors)
             self.progress.clear()
             engine = await start(model, options, ctx, threads, tp, self.progress, node_id=self.node_id,
-                                 epoch=epoch, slices=self._slices, rate=self.meter.rate)
+                                 epoch=epoch, slices=self._slices, rate=self.meter.rate, wait_ms=self.meter.wait_ms)
             self._link_mbps.update(engine.push_rates(PUSH_MIN) if hasattr(engine, "push_rates") else {})
             self._weights.update(getattr(engine, "rates", {}))
             self.last_choice, self.last_measured_ms = getattr(engine, "choice", None), 0.0

@@ -79,7 +79,7 @@ from ..wire.messages import (
     WeightsReady,
 )
 from ..wire.reports import PushStatus, StepStatus
-from .rates import RateMeter, run_delay_ms
+from .rates import RateMeter, plan_exchanges, run_delay_ms
 from . import admission
 from .checks import allowed_hosts, check_addresses, check_config, check_shapes, dialed_hosts
 from .recovery import StepClock
@@ -160,7 +160,7 @@ class Worker:
         f = self.figures
         await link.send(Hello(PROTOCOL_VERSION, self.node_id, "worker", self.threads, self.capacity,
                               gbps=f.gbps if f else 0.0, disk_gbps=f.disk_gbps if f else 0.0, ram=f.ram if f else 0,
-                              rate=self.meter.rate))
+                              rate=self.meter.rate, wait_ms=self.meter.wait_ms))
         log.info("root %s (node %s) connected", link.peer, hello.node_id)
         while True:
             try:
@@ -426,6 +426,7 @@ class Worker:
             tensors.clear()  # the engine holds its own packed copy
             ctl.send(Ready(s.epoch, self.node_id))
             share = plan_share(s.plan, index, s.config.n_layers)
+            exchanges = plan_exchanges(s.plan, index, s.config.n_layers)
             seq = 0
             clock = StepClock(self.t.socket)  # a silent peer fails the step within about a second, as at the root
             while True:
@@ -452,7 +453,7 @@ class Worker:
                 stats = getattr(node, "stats", None) or {}
                 self.last_step = StepStatus(len(msg.tokens), stats.get("step_ms", (time.perf_counter() - t0) * 1e3),
                                             stats.get("sync_ms", 0.0), time.time())
-                self.meter.add_step(share, stats.get("compute_ms", 0.0) + delay, len(msg.tokens))
+                self.meter.add_step(share, stats.get("compute_ms", 0.0) + delay, len(msg.tokens), delay, exchanges)
                 seq += 1
         except (tp.PeerLost, LinkClosed) as e:
             if self.leaving:

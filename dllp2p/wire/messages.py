@@ -67,10 +67,13 @@ class Hello:
     ram: int = dataclasses.field(default=0, metadata=WIRE_OPTIONAL)  # bytes its weights may use
     # measured whole-model decode tokens/s of its recent steps (session/rates.py); 0.0: not measured yet
     rate: float = dataclasses.field(default=0.0, metadata=WIRE_OPTIONAL)
+    # ms it waited for a CPU per exchange of those steps (RateMeter.wait_ms); 0.0: quiet or not measured
+    wait_ms: float = dataclasses.field(default=0.0, metadata=WIRE_OPTIONAL)
 
     def __post_init__(self) -> None:
         _need(bool(self.node_id), "node_id is empty")
-        _need(all(math.isfinite(x) and x >= 0 for x in (self.gbps, self.disk_gbps, self.rate)) and self.ram >= 0,
+        _need(all(math.isfinite(x) and x >= 0 for x in (self.gbps, self.disk_gbps, self.rate, self.wait_ms))
+              and self.ram >= 0,
               "measured figures must be finite and >= 0")
         _need(self.role in ROLES, f"role {self.role!r} is not one of {ROLES}")
         _need(self.threads >= 1, f"threads {self.threads} < 1")

@@ -222,6 +222,7 @@ class StatusReply:
     last_recovery: RecoveryStatus | None = dataclasses.field(default=None, metadata=WIRE_OPTIONAL)  # the latest of them
     rate: float = dataclasses.field(default=0.0, metadata=WIRE_OPTIONAL)  # its measured compute rate (Hello.rate)
     serving: ServingStatus | None = dataclasses.field(default=None, metadata=WIRE_OPTIONAL)  # its batched requests, as root
+    wait_ms: float = dataclasses.field(default=0.0, metadata=WIRE_OPTIONAL)  # its CPU wait per exchange (Hello.wait_ms)
 
     def __post_init__(self) -> None:
         _need(self.seq >= 0 and self.sessions >= 0, "negative seq or session count")
@@ -231,3 +232,4 @@ class StatusReply:
         _need(len(set(linked)) == len(linked), "a link is listed twice")
         _need(sum(n.role == "root" for n in self.nodes) <= 1, "more than one root")
         _need(math.isfinite(self.rate) and self.rate >= 0, f"rate {self.rate} is not finite and >= 0")
+        _need(math.isfinite(self.wait_ms) and self.wait_ms >= 0, f"wait_ms {self.wait_ms} is not finite and >= 0")
