@@ -1,14 +1,16 @@
 """`--plan auto` choosing pipeline and hybrid plans (session/autoplan.py, planner.choose's handicap): pure
 choices on figures derived from the model's own shape (a node too small for the model, links slow or fast),
-the plan the root builds being the one priced, the 10 % margin, the stated figures (`plan_figures`), and a
-live root daemon that runs the pipeline it chose, its text equal to one node's."""
+the plan the root builds being the one priced, the 10 % margin, the stated figures (`plan_figures`), and
+live daemons: a root that runs the pipeline it chose, its text equal to one node's, and re-plans around a
+worker lost from it."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
+import signal
 import subprocess
-import time
 
 import pytest
 
@@ -23,6 +25,7 @@ from dllp2p.session import autoplan
 from dllp2p.wire.reports import PlanEstimate, StatusReply
 
 Q4_0 = 18 / 32  # bytes per weight
+STEPS = 40  # greedy tokens of the live test's requests
 
 
 def _config(n_layers: int, n_heads: int, n_kv_heads: int) -> ModelConfig:
@@ -170,38 +173,58 @@ def test_plan_and_status_say_which_kind_was_chosen_and_why():
 
 
 @pytest.mark.slow
-def test_a_root_daemon_with_plan_auto_runs_the_pipeline_it_chose(tmp_path):
-    """Two daemons on loopback; the root's plan_figures (config file) state for both nodes what makes a
-    pipeline fastest for this model (derived from its shape, as the first test: 80 % of the model per node,
-    a slow disk, 5 ms links); the root runs the 2-stage pipeline, its text equal to one node's, and `plan`
-    and `status` say so."""
-    from test_serve import CLI, KEY_FILE, ROOT_DIR, SPEC_8KV, Daemons, dllp2p_run, status, wait_members
+def test_a_worker_lost_from_a_chosen_pipeline_is_planned_around(tmp_path):
+    """Three daemons on loopback; a 3-layer model and figures the root's config states for every node
+    (plan_figures: 40 % of the model's bytes per node, a slow disk, 5 ms links) under which auto chooses a
+    3-stage pipeline over all three, and tensor parallelism over two (derived below from the model's shape).
+    The root runs the pipeline, its text equal to its own single-node answer; `plan` and the log say why.
+    Then the first stage's worker (not the root's neighbour) killed (-9) mid-generation: the request re-plans
+    over the two left (re-priced: a tensor-parallel plan) and its whole text still equals one node's."""
+    from test_recover import Tally, _generate
+    from test_serve import CLI, KEY_FILE, ROOT_DIR, SPEC_8KV, Daemons, status, wait_members
     from dllp2p.formats import load_model
     from dllp2p.formats.synthetic import write_random_llama
 
-    model = write_random_llama(tmp_path / "kv8.gguf", SPEC_8KV)
-    shape = autoplan.model_shape(load_model(model))
-    stated = f"ram_mb={0.8 * shape.weight_bytes / (1 << 20):.4f} disk_gbps=0.001 rtt_ms=5 mbps=100 gbps=5"
-    nodes = [autoplan.Assume.of(tuple(config.parse_plan_figures(stated).items())).apply(n) for n in _nodes(2)]
-    assert autoplan.choose_for(shape, load_model(model).config, nodes, "exact")[0].chosen.candidate.kind == \
-        "pipeline"  # what the figures make of this model (the first test's reasoning)
+    model = write_random_llama(tmp_path / "kv8x3.gguf", dataclasses.replace(SPEC_8KV, n_layers=3))
+    loaded = load_model(model)
+    shape = autoplan.model_shape(loaded)
+    stated = f"ram_mb={0.4 * shape.weight_bytes / (1 << 20):.4f} disk_gbps=0.001 rtt_ms=5 mbps=100 gbps=5"
+    assume = autoplan.Assume.of(tuple(config.parse_plan_figures(stated).items()))
+    kinds = [autoplan.choose_for(shape, loaded.config, [assume.apply(n) for n in _nodes(k)], "exact")[0].chosen
+             for k in (3, 2)]
+    assert [c.candidate.label for c in kinds] == ["pipeline 1+1+1", "tp 2 exact"]  # what the figures make of it
     conf = tmp_path / "root.toml"
     conf.write_text(f'[daemon]\nplan_figures = "{stated}"\n')
-    d = Daemons(tmp_path, 2, model=model)
-    prompt = ["--prompt", "hello there", "--steps", "8"]
+    d, tally = Daemons(tmp_path, 3, model=model), Tally()
+    prompt = (1, 5, 9, 14)
     try:
-        want = dllp2p_run(*prompt, "--local", "--model", str(model)).stdout
         root = d.start(0, "--plan", "auto", "--config", str(conf))
-        time.sleep(0.05)
+        want, alone = tally.ask(root, _generate(prompt, STEPS))
+        assert alone is not None and alone.nodes == 1 and alone.generated_tokens > 20, want
         d.start(1)
-        wait_members(root, 2)
-        got = dllp2p_run(*prompt, "--daemon", d.address(1), "--stats")
-        assert got.stdout == want and ", 2 nodes)" in got.stderr, got.stderr
+        d.start(2)
+        wait_members(root, 3)
+        text, done = tally.ask(root, _generate(prompt, STEPS))
+        assert text == want and done.nodes == 3, done
         plan = status(root).plan
-        assert isinstance(plan, PipelinePlan) and plan.policy == "pipeline" and plan.n_nodes == 2
+        assert isinstance(plan, PipelinePlan) and [s.layers for s in plan.stages] == [(0, 1), (1, 2), (2, 3)]
         doc = json.loads(subprocess.run([*CLI, "plan", "--port", root.rsplit(":", 1)[1], "--json", "--key-file",
                                          KEY_FILE], capture_output=True, text=True, timeout=30, cwd=ROOT_DIR).stdout)
-        assert doc["why"].startswith("chose pipeline 1+1: predicted "), doc
-        assert any("auto plan: chose pipeline 1+1" in line for line in d.logs[0]), d.logs[0]
+        assert doc["why"].startswith("chose pipeline 1+1+1: predicted "), doc
+        assert any("auto plan: chose pipeline 1+1+1" in line for line in d.logs[0]), d.logs[0]
+        first = plan.stages[0].plan.nodes[0].node_id
+        victim = next(i for i in (1, 2) if status(d.address(i)).node_id == first)
+        at = 10
+
+        def lose(n: int) -> None:
+            if n == at:
+                d.procs[victim].send_signal(signal.SIGKILL)
+
+        got, done = tally.ask(root, _generate(prompt, STEPS), lose)
+        assert done is not None and got == want, got
+        assert done.nodes == 2 and any(f"recovered: worker {d.address(victim)} " in line and
+                                       "re-planned 3 -> 2 nodes" in line for line in done.stats), done.stats
+        assert status(root).plan.policy == "weighted"  # re-priced over the two left: tensor parallel
+        assert (tally.sent, tally.completed, tally.failed) == (3, 3, 0)
     finally:
         d.stop_all()
