@@ -12,16 +12,19 @@ import random
 import signal
 import subprocess
 
+import msgpack
 import pytest
 
 from dllp2p import config
 from dllp2p.commands import plan as plan_command
+from dllp2p.commands import status as status_command
 from dllp2p.costmodel import Candidate, ModelShape, Prediction
 from dllp2p.formats import ModelConfig
 from dllp2p.pipeline import PipelinePlan, build_plan
 from dllp2p.planner import PIPELINE_MARGIN, candidate_of, choose, why
 from dllp2p.scheduler import Peer
 from dllp2p.session import autoplan
+from dllp2p.wire.codec import HEADER, MsgType, decode_body, encode
 from dllp2p.wire.reports import PlanEstimate, StatusReply
 
 Q4_0 = 18 / 32  # bytes per weight
@@ -166,10 +169,26 @@ def test_plan_and_status_say_which_kind_was_chosen_and_why():
     est = [PlanEstimate("pipeline 1+1", 2, 5.0, 4.0, 1.0, 0.0, 0.0, 6.0, True, True, "pipeline"),
            PlanEstimate("tp 1 exact", 1, 40.0, 4.0, 0.0, 0.0, 36.0, 0.0, False, True, "tp"),
            PlanEstimate("tp 2 exact", 2, 30.0, 2.0, 28.0, 0.0, 0.0, 0.0, False, True, "tp")]
-    doc = plan_command.to_json(StatusReply(0, "root-1", (), None, None, 0, plans=tuple(est)))
+    reply = StatusReply(0, "root-1", (), None, None, 0, plans=tuple(est))
+    assert decode_body(MsgType.STATUS_REPLY, encode(reply)[HEADER.size:]) == reply
+    old = msgpack.unpackb(encode(reply)[HEADER.size:])  # a root before PlanEstimate.kind: decoded as "tp"
+    for row in old["plans"]:
+        del row["kind"]
+    assert decode_body(MsgType.STATUS_REPLY, msgpack.packb(old)).plans[1] == est[1]
+    doc = plan_command.to_json(reply)
     assert doc["why"] == "chose pipeline 1+1: predicted 5.0 ms/token against 30.0 for the best tensor-parallel " \
                          "plan (tp 2 exact)"
     assert doc["why"] in plan_command.render(doc)
+    survey = status_command.Survey("127.0.0.1:1", dataclasses.replace(reply, plan=_pipeline_plan()))
+    assert status_command.to_json(survey)["plan"]["why"] == doc["why"]
+    assert f"plan pipeline ({doc['why']})" in str(status_command.table(survey).caption)
+
+
+def _pipeline_plan() -> PipelinePlan:
+    peers = [Peer("root-1", "", 1, 1.0), Peer("w1", "h:1", 1, 1.0)]
+    p = build_plan(_config(2, 8, 8), peers, 0, "pipeline")
+    assert isinstance(p, PipelinePlan)
+    return p
 
 
 @pytest.mark.slow
