@@ -355,7 +355,8 @@ def config_of_settings(s: dict, environ: Mapping[str, str]) -> DaemonConfig:
                         peers=tuple(s["peers"]), model=model, exchange=s["exchange"], policy=s["plan"],
                         api=None if s["api"] in ("", "off") else s["api"], api_ctx=s["api_ctx"],
                         api_hosts=tuple(s["api_hosts"]), cache_dir=cache_dir(environ), cache_mb=s["cache_mb"],
-                        drain_s=float(s["drain_s"]), batch=batch, drop_busy=s["drop_busy"])
+                        drain_s=float(s["drain_s"]), batch=batch, drop_busy=s["drop_busy"],
+                        plan_figures=tuple(config.parse_plan_figures(s["plan_figures"]).items()))
 
 
 def _installed_model() -> Path | None:

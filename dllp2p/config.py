@@ -31,12 +31,14 @@ File: /etc/dllp2p/config.toml (DLLP2P_CONFIG or --config name another), a [daemo
     kv_budget_mb = 0            # KV cache of all of them together, MiB; 0: max_batch full contexts
     cluster_batch = false       # as root with workers: batch too (default: one request at a time)
     drop_busy = true            # as root: plan without a worker while its CPU wait costs more than its share saves
+    plan_figures = "rtt_ms=0.3"  # as root with plan auto: figures stated for every node and link in place of
+                                # the measured ones (gbps, disk_gbps, ram_mb, rtt_ms, mbps; tests, odd LANs)
 
 Environment: DLLP2P_HOST, DLLP2P_PORT, DLLP2P_THREADS, DLLP2P_STATE_DIR, DLLP2P_CLUSTER, DLLP2P_DISCOVERY
 (1/0, true/false, yes/no, on/off), DLLP2P_INTERFACES and DLLP2P_PEERS (separated by commas or spaces),
 DLLP2P_LOG_LEVEL, DLLP2P_MODEL, DLLP2P_EXCHANGE, DLLP2P_PLAN, DLLP2P_API, DLLP2P_API_CTX, DLLP2P_API_HOSTS,
 DLLP2P_KEY_FILE, DLLP2P_CACHE_MB, DLLP2P_DRAIN_S, DLLP2P_MAX_BATCH, DLLP2P_QUEUE, DLLP2P_KV_BUDGET_MB,
-DLLP2P_CLUSTER_BATCH, DLLP2P_DROP_BUSY.
+DLLP2P_CLUSTER_BATCH, DLLP2P_DROP_BUSY, DLLP2P_PLAN_FIGURES.
 
 Built once, at the edge: the CLI calls these functions with os.environ and hands the frozen results
 down (DaemonConfig, Timeouts, the cache and state directories); nothing below it reads the environment.
@@ -86,6 +88,7 @@ DAEMON_KEYS: dict[str, type] = {
     "kv_budget_mb": int,
     "cluster_batch": bool,
     "drop_busy": bool,
+    "plan_figures": str,
 }
 DEFAULTS: dict[str, Any] = {
     "host": "0.0.0.0",
@@ -111,10 +114,12 @@ DEFAULTS: dict[str, Any] = {
     "kv_budget_mb": 0,  # their KV cache together; 0: max_batch full contexts
     "cluster_batch": False,  # as root with workers: batch too
     "drop_busy": True,  # as root: leave out a worker whose CPU another program keeps busy (session/busy.py)
+    "plan_figures": "",  # "auto" plans: figures stated in place of measured ones (parse_plan_figures); "": none
 }
 EXCHANGES = ("exact", "q8")  # scheduler.EXCHANGES (not imported: this module stays dependency-free)
 POLICIES = ("pow2", "weighted", "pipeline", "hybrid")  # scheduler.POLICIES + pipeline.PIPELINE_POLICIES
-PLANS = ("auto", *POLICIES)  # "auto": planner.py picks how many nodes (a weighted plan of that many)
+PLANS = ("auto", *POLICIES)  # "auto": planner.py picks the plan (tensor parallel over k nodes, pipeline, hybrid)
+PLAN_FIGURES = ("gbps", "disk_gbps", "ram_mb", "rtt_ms", "mbps")  # session/autoplan.Assume's, ram in MiB
 
 
 class ConfigError(ValueError):
@@ -202,8 +207,28 @@ def check(settings: Mapping[str, Any], where: str) -> dict[str, Any]:
             raise ConfigError(f"{where}: log_level {value!r} is not one of {', '.join(LOG_LEVELS)}")
         if key == "exchange" and value not in EXCHANGES:
             raise ConfigError(f"{where}: exchange {value!r} is not one of {', '.join(EXCHANGES)}")
+        if key == "plan_figures":
+            parse_plan_figures(value, where)
         if key == "plan" and value not in PLANS:
             raise ConfigError(f"{where}: plan {value!r} is not one of {', '.join(PLANS)}")
+        out[key] = value
+    return out
+
+
+def parse_plan_figures(text: str, where: str = "plan_figures") -> dict[str, float]:
+    """"rtt_ms=20, ram_mb=1.5" -> {"rtt_ms": 20.0, "ram_mb": 1.5}: PLAN_FIGURES keys, finite numbers > 0,
+    separated by commas or spaces ("" -> {}). Raises ConfigError naming `where`."""
+    out: dict[str, float] = {}
+    for item in text.replace(",", " ").split():
+        key, eq, raw = item.partition("=")
+        if key not in PLAN_FIGURES or not eq:
+            raise ConfigError(f"{where}: {item!r} is not NAME=NUMBER with NAME one of {', '.join(PLAN_FIGURES)}")
+        try:
+            value = float(raw)
+        except ValueError:
+            value = -1.0
+        if not 0 < value < float("inf"):
+            raise ConfigError(f"{where}: {key}={raw!r} is not a number > 0")
         out[key] = value
     return out
 

@@ -2,29 +2,35 @@
 
     candidates(shape, devices, kinds, exchanges)  every plan worth pricing on these nodes
     rank(shape, devices, links, cands)            their Predictions, fastest first
-    choose(predictions, margin)                   the fastest, unless one with fewer nodes is within
+    choose(predictions, margin, handicap)         the fastest, unless one with fewer nodes is within
                                                   `margin` of it: never a plan predicted slower than a
-                                                  plan that uses fewer nodes
+                                                  plan that uses fewer nodes; pipeline and hybrid plans
+                                                  compete with their time x (1 + handicap)
+    why(rows)                                     one line: which kind was chosen, against the best
+                                                  tensor-parallel plan (or pipeline) it beat
     busy_out(shape, devices, links, exchange, out) the nodes whose CPU wait (another program holds their
                                                   core) costs the plan more than their share saves
 
 Node 0 is the root and is in every plan (it holds the prompt and samples); the others join fastest
 first (highest GB/s, then index), as scheduler._choose takes peers by capacity. Pure: no I/O.
 
-Which kinds run today is RUNNABLE: tensor parallelism. Pipeline and hybrid plans are priced (`dllp2p
-plan --explain` shows them) and become choosable when the engine runs them (the "pipe" branch's
-candidate_plans): add their kinds to RUNNABLE then.
+Every kind runs (RUNNABLE): a root with `--plan auto` builds the pipeline or hybrid plan the model
+priced (session/autoplan.py). Their figures are rougher than tensor parallelism's (a stage's hand-off,
+the stages' imbalance), so a root chooses one only when it is predicted PIPELINE_MARGIN faster than the
+best tensor-parallel plan: choose's `handicap`.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import Any, Collection, Sequence
 
 from .costmodel import Candidate, DeviceFigures, LinkFigures, ModelShape, Prediction, predict, split_layers
 
-RUNNABLE = ("tp",)
+RUNNABLE = ("tp", "pipeline", "hybrid")
 MARGIN = 0.02  # a plan with more nodes must be predicted this much faster to be chosen
+PIPELINE_MARGIN = 0.10  # a pipeline or hybrid plan must be predicted this much faster than tensor parallelism
 
 
 def node_order(devices: Sequence[DeviceFigures]) -> list[int]:
@@ -80,14 +86,41 @@ def rank(shape: ModelShape, devices: Sequence[DeviceFigures], links: Sequence[Li
     return [preds[i] for i in order]
 
 
-def choose(preds: Sequence[Prediction], margin: float = MARGIN) -> Prediction:
-    """The fastest feasible prediction, or the one with the fewest nodes within `margin` of it."""
+def score(p: Prediction, handicap: float = 0.0) -> float:
+    """What a prediction competes with: its ms per token, x (1 + handicap) for a pipeline or hybrid plan."""
+    return p.total_ms if p.candidate.kind == "tp" else p.total_ms * (1 + handicap)
+
+
+def choose(preds: Sequence[Prediction], margin: float = MARGIN, handicap: float = 0.0) -> Prediction:
+    """The fastest feasible prediction, or the one with the fewest nodes within `margin` of it; each
+    competes with its score (pipelines and hybrids handicapped)."""
     ok = [p for p in preds if p.feasible]
     if not ok:
         raise ValueError("no candidate fits the nodes' memory")
-    best = min(ok, key=lambda p: p.total_ms)
-    near = [p for p in ok if p.total_ms <= best.total_ms * (1 + margin)]
-    return min(near, key=lambda p: (p.candidate.n_nodes, p.total_ms))
+    best = min(score(p, handicap) for p in ok)
+    near = [p for p in ok if score(p, handicap) <= best * (1 + margin)]
+    return min(near, key=lambda p: (p.candidate.n_nodes, score(p, handicap)))
+
+
+def why(rows: Sequence[tuple[str, str, float, bool]], handicap: float = PIPELINE_MARGIN) -> str:
+    """One line on the choice among rows (kind, label, predicted ms per token, chosen): the chosen plan's
+    time against the best tensor-parallel one's (a pipeline or hybrid chosen), or against the fastest
+    pipeline or hybrid that was not `handicap` faster. "" when none is chosen."""
+    chosen = next((r for r in rows if r[3]), None)
+    if chosen is None:
+        return ""
+    kind, label, ms, _ = chosen
+    best = {k: min((r for r in rows if (r[0] == "tp") == (k == "tp") and math.isfinite(r[2])),
+                   key=lambda r: r[2], default=None) for k in ("tp", "pipe")}
+    line = f"chose {label}: predicted {ms:.1f} ms/token"
+    if kind != "tp":
+        tp = best["tp"]
+        return line + (f" against {tp[2]:.1f} for the best tensor-parallel plan ({tp[1]})" if tp else "")
+    pipe = best["pipe"]
+    if pipe is not None and pipe[2] < ms:
+        line += (f"; {pipe[1]} predicted {pipe[2]:.1f}, not {100 * handicap:.0f} % faster (a pipeline's figures "
+                 f"are rougher)")
+    return line
 
 
 @dataclass(frozen=True)
@@ -100,10 +133,10 @@ class Choice:
 
 def plan_for(shape: ModelShape, devices: Sequence[DeviceFigures], links: Sequence[LinkFigures],
              kinds: Sequence[str] = RUNNABLE, exchanges: Sequence[str] = ("exact",),
-             margin: float = MARGIN, **which: Any) -> Choice:
+             margin: float = MARGIN, handicap: float = 0.0, **which: Any) -> Choice:
     """Price every candidate of `kinds` (candidates' `ordered`, `allowed`) and choose among them."""
     ranked = rank(shape, devices, links, candidates(shape, devices, kinds, exchanges, **which))
-    return Choice(choose(ranked, margin), tuple(ranked))
+    return Choice(choose(ranked, margin, handicap), tuple(ranked))
 
 
 # --- busy nodes: left out while their CPU wait costs more than their share saves (issue 19) ---------------

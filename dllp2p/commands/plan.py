@@ -10,7 +10,8 @@ members (their speeds taken as its own until their Hellos tell). --explain adds 
 (compute, exchange latency, bytes over bandwidth, disk streaming) and every node's measured figures.
 
 --json prints {"root": id, "plans": [{label, nodes, predicted_ms, compute_ms, latency_ms, transfer_ms,
-stream_ms, measured_ms, chosen, runnable}, ...], "figures": {node id: {gbps, disk_gbps, ram_available}}}.
+stream_ms, measured_ms, chosen, runnable, kind}, ...], "why": the choice in a line (planner.why),
+"figures": {node id: {gbps, disk_gbps, ram_available}}}.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import math
 from typing import Any
 
 from ..clusterkey import ClusterKey
+from ..planner import why
 from ..textsafe import printable
 from ..wire.reports import StatusReply
 from .status import StatusError, ask
@@ -57,10 +59,16 @@ def to_json(reply: StatusReply, figures: dict[str, dict[str, float]] | None = No
         row = dataclasses.asdict(p)
         row["predicted_ms"] = None if math.isinf(p.predicted_ms) else p.predicted_ms
         plans.append(row)
-    out: dict[str, Any] = {"root": reply.node_id, "plans": plans}
+    out: dict[str, Any] = {"root": reply.node_id, "plans": plans, "why": choice_line(reply)}
     if figures is not None:
         out["figures"] = figures
     return out
+
+
+def choice_line(reply: StatusReply) -> str:
+    """Which plan the root chose and why (planner.why): its predicted ms/token against the best
+    tensor-parallel plan's, or the fastest pipeline's that was not enough faster ("" before any)."""
+    return why([(p.kind, p.label, p.predicted_ms, p.chosen) for p in reply.plans])
 
 
 def _ms(x: float | None) -> str:
@@ -84,6 +92,8 @@ def render(doc: dict[str, Any], explain: bool = False) -> str:
             row += "".join(f" {p[k]:>9.1f}" for k in ("compute_ms", "latency_ms", "transfer_ms", "stream_ms"))
         lines.append(row)
     lines.append("* chosen; measured: the latest request's decode, per token")
+    if doc.get("why"):
+        lines.append(printable(doc["why"]))
     if explain and doc.get("figures"):
         lines.append("measured figures (0: not measured; the planner then assumes):")
         for node, f in doc["figures"].items():

@@ -6,10 +6,13 @@ Makes `nodes` network namespaces joined by a bridge (as tests/test_lan.py does),
 Llama-shaped model (Q4_0, not a real model: its tokens mean nothing), and for each link profile shapes
 every node's link with tc (tbf at the profile's rate; the profile's added one-way delay with netem
 under it where the kernel has netem). Then it measures each candidate with k = 1..nodes daemons (the
-weighted plan over all k: what auto's "tp k" is), and `--plan auto` with all of them, each as a greedy
-`dllp2p run` of `steps` tokens through the root; decode ms/token from the run's own figure.
+weighted plan over all k: what auto's "tp k" is; `--plan pipeline` over k >= 2 and `--plan hybrid` over
+k >= 4: auto's pipelines and hybrids), and `--plan auto` with all of them (its plan_figures from
+--plan-figures), each as a greedy `dllp2p run` of `steps` tokens through the root; decode ms/token from
+the run's own figure.
 
-It prints per profile the measured ms/token of every candidate, auto's choice and its ms/token, and
+It prints per profile the measured ms/token of every candidate, auto's choice (why: `dllp2p plan`) and
+its ms/token, and
 whether the choice is within 10 % of the best candidate and not slower than the best with fewer nodes.
 Timings need a quiet machine with a core per daemon; on a shared one they say little.
 """
@@ -17,6 +20,7 @@ Timings need a quiet machine with a core per daemon; on a shared one they say li
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import subprocess
@@ -89,7 +93,8 @@ class Lan:
 class Cluster:
     """k daemons, node 0 (started first: the root) with `plan`; the others poll it and each other."""
 
-    def __init__(self, lan: Lan, k: int, plan: str, model: Path, key: Path, tmp: Path, cache: Path):
+    def __init__(self, lan: Lan, k: int, plan: str, model: Path, key: Path, tmp: Path, cache: Path,
+                 plan_figures: str = ""):
         self.lan, self.procs = lan, []
         peers = [f"{address(i)}:{PORT}" for i in range(k)]
         for i in range(k):
@@ -97,7 +102,7 @@ class Cluster:
                    "--api", "off", "--cluster", f"plan-bench-{lan.tag}", "--state-dir", str(tmp / f"{plan}{k}-{i}"),
                    "--key-file", str(key), "--model", str(model), "--plan", plan,
                    *(["--peer", *[p for j, p in enumerate(peers) if j != i]] if k > 1 else [])]
-            env = {**os.environ, "DLLP2P_CACHE_DIR": str(cache)}
+            env = {**os.environ, "DLLP2P_CACHE_DIR": str(cache), "DLLP2P_PLAN_FIGURES": plan_figures}
             p = subprocess.Popen(["ip", "netns", "exec", lan.names[i], *cmd], stderr=subprocess.PIPE, text=True,
                                  env=env)
             if "listening on" not in p.stderr.readline():
@@ -116,6 +121,15 @@ class Cluster:
             raise RuntimeError(f"no decode figure in: {p.stderr}")
         return 1e3 / float(found.group(1)), int(nodes.group(1)) if nodes else 1
 
+    def why(self, key: Path) -> str:
+        """How the root chose its plan (`dllp2p plan --json`: planner.why)."""
+        p = sh("ip", "netns", "exec", self.lan.names[0], *CLI, "plan", "--host", address(0), "--port", str(PORT),
+               "--json", "--key-file", str(key), check=False)
+        try:
+            return json.loads(p.stdout).get("why", "")
+        except ValueError:
+            return ""
+
     def close(self) -> None:
         for p in self.procs:
             p.terminate()
@@ -131,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--nodes", type=int, default=3)
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--profiles", nargs="+", default=list(PROFILES), choices=list(PROFILES))
+    ap.add_argument("--plan-figures", default="", help="the auto root's plan_figures (config.py), e.g. 'ram_mb=30'")
     args = ap.parse_args(argv)
     tmp = Path(tempfile.mkdtemp(prefix="dllp2p-plan-bench-"))
     model = write_random_llama(tmp / "model.gguf", SPEC)
@@ -142,28 +157,33 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for name in args.profiles:
             what = lan.shape(*PROFILES[name])
-            measured = {}
-            for k in range(1, args.nodes + 1):
-                c = Cluster(lan, k, "weighted", model, key, tmp, cache)
+            measured: dict[tuple[str, int], float] = {}  # (plan, nodes) -> ms/token
+            runs = [("weighted", k) for k in range(1, args.nodes + 1)]
+            runs += [("pipeline", k) for k in range(2, min(args.nodes, SPEC.n_layers) + 1)]
+            runs += [("hybrid", k) for k in range(4, args.nodes + 1)]  # stages of 2-node groups
+            for plan, k in runs:
+                c = Cluster(lan, k, plan, model, key, tmp, cache)
                 try:
                     c.run(4, key)  # warm: weights pushed, programs compiled
-                    measured[k] = c.run(args.steps, key)[0]
+                    measured[plan, k] = c.run(args.steps, key)[0]
                 finally:
                     c.close()
-            c = Cluster(lan, args.nodes, "auto", model, key, tmp, cache)
+            c = Cluster(lan, args.nodes, "auto", model, key, tmp, cache, args.plan_figures)
             try:
                 c.run(4, key)
                 auto_ms, auto_k = c.run(args.steps, key)
+                why = c.why(key)
             finally:
                 c.close()
             best = min(measured.values())
-            fewer = min([v for k, v in measured.items() if k < auto_k], default=float("inf"))
+            fewer = min([v for (_, k), v in measured.items() if k < auto_k], default=float("inf"))
             within = auto_ms <= 1.1 * best
             not_slower = auto_ms <= 1.1 * fewer
             ok &= within and not_slower
-            row = ", ".join(f"{k} node{'s' if k > 1 else ''} {v:.1f}" for k, v in measured.items())
-            print(f"{name} ({what}): measured ms/token {row}; auto chose {auto_k} node(s): {auto_ms:.1f} ms/token "
-                  f"({auto_ms / best:.2f}x the best; within 10 %: {within}; not slower than fewer nodes: {not_slower})")
+            row = ", ".join(f"{'tp' if p == 'weighted' else p} {k} {v:.1f}" for (p, k), v in measured.items())
+            print(f"{name} ({what}): measured ms/token {row}; auto {why or f'chose {auto_k} node(s)'}; measured "
+                  f"{auto_ms:.1f} ms/token ({auto_ms / best:.2f}x the best; within 10 %: {within}; not slower than "
+                  f"fewer nodes: {not_slower})")
     finally:
         lan.close()
     return 0 if ok else 1

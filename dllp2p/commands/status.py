@@ -9,7 +9,8 @@
 `dllp2p status --json` prints to_json:
 
     node        the id of the daemon asked
-    plan        null, or {"epoch", "policy", "exchange", "nodes"}: the session in progress (latest epoch any node reports)
+    plan        null, or {"epoch", "policy", "exchange", "nodes", "why"}: the session in progress (latest epoch any
+                node reports); why: how an "auto" root chose it (planner.why), else ""
     push        null, or {"epoch", "done", "total", "fraction", "nodes"}: the weight push of that plan's
                 epoch summed over the workers that report one (the root's side of it: what it sent)
     progress    the root's latest set-up as it reports it: [{"task": "push" | "build", "subject": "root"
@@ -63,6 +64,7 @@ from typing import Any, Iterator, TextIO
 from ..clusterkey import ClusterKey
 from ..config import LOCAL_DAEMON
 from ..pipeline import AnyPlan, PipelinePlan
+from ..planner import why
 from ..scheduler import NodeSlice
 from ..textsafe import printable
 from ..wire.client import status_blocking
@@ -213,6 +215,8 @@ def to_json(s: Survey) -> dict[str, Any]:
     root = next((s.own(m.member.node_id) for m in s.reply.nodes if m.role == "root"), None) or s.reply
     out["progress"] = [{"task": p.task, "subject": p.subject, "done": p.done, "total": p.total}
                        for p in root.progress]
+    if out["plan"] is not None:  # how an "auto" root chose it (planner.why; "" for the other policies)
+        out["plan"]["why"] = why([(p.kind, p.label, p.predicted_ms, p.chosen) for p in root.plans])
     out["left_out"] = {x.node_id: {"address": x.address, "code": x.code, "reason": x.reason, "until": x.until}
                        for x in root.left_out}
     r = root.last_recovery
@@ -245,6 +249,9 @@ def table(s: Survey | None, error: str | None = None, now: float | None = None, 
             caption += "; set-up: " + ", ".join(
                 f"weights → {p['subject']} {100 * p['done'] / p['total']:.0f}%" if p["task"] == "push"
                 else f"{p['subject']} building its engine" for p in busy)
+        plan_ = to_json(s)["plan"]
+        if plan_ is not None and plan_["why"]:
+            caption += f"; plan {plan_['policy']} ({plan_['why']})"
         caption += _recoveries(to_json(s)["recoveries"], now)
         sv = to_json(s)["serving"]
         if sv is not None and (sv["running"] or sv["queued"]):

@@ -74,7 +74,7 @@ from ..wire.link import (
 from ..wire.messages import Error, Generate, Goodbye, Hello, MeshHello
 from ..wire.reports import Status, StatusReply
 from ..wire.secure import Channel, HandshakeFailed, SecureError
-from ..session.autoplan import NodeFacts
+from ..session.autoplan import Assume, NodeFacts
 from . import figures
 from .membership import Membership
 from .probes import status_reply
@@ -117,6 +117,7 @@ class DaemonConfig:
     # as root: plan without a worker while its CPU wait costs more than its share saves (session/busy.py); the
     # CLI's default is on, this one off, so tests' in-process daemons keep their planned node counts
     drop_busy: bool = False
+    plan_figures: tuple[tuple[str, float], ...] = ()  # (config.PLAN_FIGURES name, value) stated for "auto" plans
 
     def __post_init__(self) -> None:
         if not election.CLUSTER.fullmatch(self.cluster):
@@ -160,6 +161,7 @@ class Daemon:
                                         rates=lambda: dict(self.membership.rates), pick_threads=pick,
                                         batch=config.batch, slot=slot, polled=self._polled,
                                         drop_busy=config.drop_busy)
+        self.root_service.assume = Assume.of(config.plan_figures)  # in place of the measured figures ("auto")
         self.figures: figures.Measured | None = None  # measured by _measure ("auto" plans)
         self.prompts = PromptSlot(self.node_id, self.membership, self.root_service, slot, self.t, config.key)
 
@@ -216,6 +218,9 @@ class Daemon:
                      self.address, self.membership.cluster, c.threads, c.state_dir, model)
             if c.threads_why:
                 log.info("compute threads: %s", c.threads_why)
+            if c.plan_figures and c.policy == "auto":
+                log.info("plan auto: stated figures for every node in place of the measured ones: %s",
+                         ", ".join(f"{k}={v:g}" for k, v in c.plan_figures))
             if self.key is None:
                 dropped = sorted(set(self.config.peers) - set(c.peers))
                 log.warning("no cluster key: serving this machine only (loopback, no mDNS, no LAN peers%s). To make "

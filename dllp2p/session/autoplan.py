@@ -6,10 +6,22 @@ What the root knows when it plans (session/root.py, after the Hellos):
               round trip (sent -> answered, on the fresh link)
     links     MB/s: the latest weight push to that node when it moved at least PUSH_MIN bytes
               (RootService remembers them by node id), else DEFAULT_MBPS (Gigabit Ethernet)
-The model's shape comes from its file's tensor sizes (the bytes a token reads). The candidates are
-tensor-parallel plans over the first k nodes in the scheduler's own order (scheduler._choose), so the
-chosen k is exactly the plan scheduler.plan(..., "weighted", max_nodes=k) makes; root.py gives that
-plan the same GB/s as capacities, so the slices are the shares the model priced.
+    assumed   Assume: figures a root's config (`plan_figures`) states for every node and link in place
+              of the measured ones (a LAN whose latency the Hello's round trip through Python overstates;
+              tests that make a loopback look like a slow LAN or small machines)
+The model's shape comes from its file's tensor sizes (the bytes a token reads). The candidates:
+
+    tp        tensor-parallel plans over the first k nodes in the scheduler's own order
+              (scheduler._choose): the chosen k is exactly the plan scheduler.plan(..., "weighted",
+              max_nodes=k) makes; root.py gives that plan the same GB/s as capacities, so the slices are
+              the shares the model priced
+    pipeline  pipeline.stage_plan's plans over the first k >= 2 nodes (one per stage, layers by GB/s)
+    hybrid    stage_plan's plans of groups of g >= 2 over the first k nodes
+              each priced as built (planner.candidate_of): the root's stage last, the stage split its own;
+              recipe() says how root.py builds the chosen one again (pipeline.build_plan), the same plan
+
+A pipeline or hybrid plan is chosen only when predicted planner.PIPELINE_MARGIN faster than the best
+tensor-parallel one (its figures are rougher); why() says which, and against what.
 """
 
 from __future__ import annotations
@@ -17,9 +29,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from ..costmodel import DeviceFigures, LinkFigures, ModelShape
-from ..planner import RUNNABLE, Choice, plan_for
-from ..scheduler import allowed_nodes
+from ..costmodel import Candidate, DeviceFigures, LinkFigures, ModelShape
+from ..pipeline import stage_plan
+from ..planner import PIPELINE_MARGIN, RUNNABLE, Choice, candidate_of, candidates, rank, why
+from ..planner import choose as pick
+from ..scheduler import Peer, PlanError, allowed_nodes
 from ..wire.reports import PlanEstimate
 
 DEFAULT_GBPS = 5.0  # a node that measured nothing (one x86 core's matvec; daemon/figures.py measures)
@@ -40,6 +54,34 @@ class NodeFacts:
     rtt_ms: float = 0.0  # the root's Hello round trip to it (0 for the root itself)
     mbps: float = 0.0  # a timed push to it; 0: unknown
     wait_ms: float = 0.0  # its CPU wait per exchange (session/rates.py); 0: quiet or unknown
+
+
+@dataclass(frozen=True)
+class Assume:
+    """Figures stated for every node (root included) in place of what was measured; 0: measured.
+    ram in bytes; rtt_ms and mbps of every node's port."""
+
+    gbps: float = 0.0
+    disk_gbps: float = 0.0
+    ram: int = 0
+    rtt_ms: float = 0.0
+    mbps: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not all(x >= 0 and x == x and x != float("inf") for x in (self.gbps, self.disk_gbps, self.ram,
+                                                                     self.rtt_ms, self.mbps)):
+            raise ValueError(f"assumed plan figures must be finite and >= 0: {self}")
+
+    @classmethod
+    def of(cls, pairs: Sequence[tuple[str, float]]) -> Assume:
+        """From the config's plan_figures (config.PLAN_FIGURES names: ram in MiB)."""
+        given = dict(pairs)
+        ram = given.pop("ram_mb", 0.0)
+        return cls(**given, ram=int(ram * (1 << 20)))
+
+    def apply(self, n: NodeFacts) -> NodeFacts:
+        return NodeFacts(n.node_id, n.capacity, self.gbps or n.gbps, self.disk_gbps or n.disk_gbps,
+                         self.ram or n.ram, self.rtt_ms or n.rtt_ms, self.mbps or n.mbps)
 
 
 def model_shape(model: Any) -> ModelShape:
@@ -64,7 +106,7 @@ def figures(nodes: Sequence[NodeFacts]) -> tuple[tuple[DeviceFigures, ...], tupl
         gbps = n.gbps or root_gbps
         devices.append(DeviceFigures(gbps=gbps, ram_bytes=float(n.ram) if n.ram else float("inf"),
                                      disk_gbps=n.disk_gbps or 0.5, wait_ms=n.wait_ms))
-        links.append(LinkFigures(rtt_ms=n.rtt_ms or DEFAULT_RTT_MS, mbps=n.mbps or DEFAULT_MBPS))
+        links.append(LinkFigures(rtt_ms=n.rtt_ms or DEFAULT_RTT_MS, mbps=n.mbps or DEFAULT_MBPS))  # root: its port
     return tuple(devices), tuple(links)
 
 
@@ -77,16 +119,58 @@ def scheduler_order(nodes: Sequence[NodeFacts]) -> list[NodeFacts]:
 
 
 def choose(model: Any, nodes: Sequence[NodeFacts], exchange: str) -> tuple[Choice, list[NodeFacts]]:
-    """The planner's choice over tensor-parallel plans of the first k nodes (in scheduler order)."""
+    """The planner's choice over the plans of the first k nodes (in scheduler order)."""
     return choose_for(model_shape(model), model.config, nodes, exchange)
 
 
-def choose_for(shape: ModelShape, config: Any, nodes: Sequence[NodeFacts], exchange: str) -> tuple[Choice, list[NodeFacts]]:
-    """choose, for a model known by its shape and config (a root's preview before any prompt)."""
+def choose_for(shape: ModelShape, config: Any, nodes: Sequence[NodeFacts], exchange: str,
+               kinds: Sequence[str] = RUNNABLE) -> tuple[Choice, list[NodeFacts]]:
+    """choose, for a model known by its shape and config (a root's preview before any prompt). -> the
+    choice and the nodes in the order its candidates index them (node 0: the root)."""
     order = scheduler_order(nodes)
     devices, links = figures(order)
     allowed = {k for k in range(1, len(order) + 1) if allowed_nodes(config, k)}
-    return plan_for(shape, devices, links, RUNNABLE, (exchange,), ordered=True, allowed=allowed), order
+    cands = candidates(shape, devices, ("tp",), (exchange,), ordered=True, allowed=allowed) if "tp" in kinds else []
+    cands += staged_candidates(config, order, devices, exchange, kinds)
+    ranked = rank(shape, devices, links, cands)
+    return Choice(pick(ranked, handicap=PIPELINE_MARGIN), tuple(ranked)), order
+
+
+def staged_candidates(config: Any, order: Sequence[NodeFacts], devices: Sequence[DeviceFigures], exchange: str,
+                      kinds: Sequence[str] = RUNNABLE) -> list[Candidate]:
+    """The pipeline and hybrid plans stage_plan makes over the first k nodes of `order` (capacities: the
+    GB/s in `devices`), as Candidates indexed like `order`. Pure."""
+    peers = [Peer(n.node_id, "", 1, d.gbps) for n, d in zip(order, devices)]
+    ids = [n.node_id for n in order]
+    out: list[Candidate] = []
+    for k in range(2, len(order) + 1):
+        tries = [("pipeline", 1)] if "pipeline" in kinds else []
+        tries += [("hybrid", g) for g in range(2, k // 2 + 1)] if "hybrid" in kinds else []
+        for policy, g in tries:
+            try:
+                p = stage_plan(config, peers, 0, policy, group=g, max_nodes=k, model="auto", exchange=exchange)
+            except PlanError:  # more stages than layers, a group the heads cannot split
+                continue
+            if p.n_nodes != k:  # stage_plan keeps no more stages than layers: priced at a smaller k already
+                continue
+            out.append(candidate_of(p, ids, config.n_layers))
+    return out
+
+
+def recipe(c: Candidate) -> tuple[str, int, dict[str, int]]:
+    """(policy, max_nodes, options) for pipeline.build_plan to make the plan candidate `c` priced again,
+    over the same nodes with the same capacities (GB/s): "weighted" for tp; stage_plan's groups are the
+    root's stage's size (the last stage; the first may be smaller)."""
+    if c.kind == "tp":
+        return "weighted", c.n_nodes, {}
+    if c.kind == "pipeline":
+        return "pipeline", c.n_nodes, {}
+    return "hybrid", c.n_nodes, {"group": len(c.stages[-1])}
+
+
+def reason(c: Choice) -> str:
+    """planner.why of a choice: the chosen plan's predicted ms/token against the best of the other kind."""
+    return why([(p.candidate.kind, p.candidate.label, p.total_ms, p is c.chosen) for p in c.ranked])
 
 
 def estimates(c: Choice, measured_ms: float) -> tuple[PlanEstimate, ...]:
@@ -94,4 +178,4 @@ def estimates(c: Choice, measured_ms: float) -> tuple[PlanEstimate, ...]:
     measured ms per decoded token of the latest request (0: none yet)."""
     return tuple(PlanEstimate(p.candidate.label, p.candidate.n_nodes, p.total_ms, p.compute_ms, p.latency_ms,
                               p.transfer_ms, p.stream_ms, measured_ms if p is c.chosen else 0.0, p is c.chosen,
-                              p.candidate.kind in RUNNABLE) for p in c.ranked)
+                              p.candidate.kind in RUNNABLE, p.candidate.kind) for p in c.ranked)

@@ -109,6 +109,7 @@ class ClusterOptions:
     key: ClusterKey | None = None  # the cluster key every connection to the workers is made with
     figures: autoplan.NodeFacts | None = None  # the root's measured figures ("auto"); None: assumed
     link_mbps: tuple[tuple[str, float], ...] = ()  # (node id, MB/s) of earlier timed pushes ("auto")
+    assume: autoplan.Assume = autoplan.Assume()  # figures stated for every node in place of measured ones
     max_seqs: int = 1  # KV slots on every node: sequences forward_batch may step together
     weights: tuple[tuple[str, float], ...] = ()  # (node id, weight) the previous plan was made with
 
@@ -305,20 +306,21 @@ async def start(model: Any, options: ClusterOptions, ctx: int, threads: int, tp:
         slices = slices or tp.plan_tensors
         workers = [w for w in await _gather([partial(hello, a, root, t, options.key) for a in options.workers])
                    if w is not None]
-        policy, max_nodes, choice = options.policy, None, None
+        policy, max_nodes, choice, extra = options.policy, None, None, {}
         members = [root.peer("")] + [w.hello.peer(w.address) for w in workers]
-        if policy == "auto":  # the cost model's node count; slices by the GB/s it assumed for each node
+        if policy == "auto":  # the cost model's plan; slices (or layers) by the GB/s it assumed for each node
             choice, rates = _auto(model, options, root, workers)
-            policy, max_nodes = "weighted", choice.chosen.candidate.n_nodes
+            policy, max_nodes, extra = autoplan.recipe(choice.chosen.candidate)
             members = [replace(p, capacity=rates[p.node_id]) for p in members]
-            events(Note(f"auto plan: {choice.chosen.candidate.label}, predicted {choice.chosen.total_ms:.1f} ms/token"))
-        # the speeds measured from decode steps, where every node has one, weigh the shares (issue 19)
-        measured = dict(zip([p.node_id for p in members], [rate] + [w.hello.rate for w in workers]))
-        if all(v > 0 for v in measured.values()):  # the last plan's weights while the rates stay within noise
-            measured = steady_rates(dict(options.weights), measured)
-        members = with_rates(members, [measured[p.node_id] for p in members])
+            events(Note(f"auto plan: {autoplan.reason(choice)}"))
+        if choice is None or policy == "weighted":  # (an auto pipeline keeps the layer split it priced)
+            # the speeds measured from decode steps, where every node has one, weigh the shares (issue 19)
+            measured = dict(zip([p.node_id for p in members], [rate] + [w.hello.rate for w in workers]))
+            if all(v > 0 for v in measured.values()):  # the last plan's weights while the rates stay within noise
+                measured = steady_rates(dict(options.weights), measured)
+            members = with_rates(members, [measured[p.node_id] for p in members])
         the_plan = build_plan(config, members, epoch, policy, exchange=options.exchange, block=tp.split_block(model),
-                              max_nodes=max_nodes)
+                              max_nodes=max_nodes, **extra)
         for w in workers:
             w.index = next((n.index for n in the_plan.nodes if n.node_id == w.hello.node_id), -1)
         for w in [w for w in workers if w.index < 0]:
@@ -385,7 +387,7 @@ def _auto(model: Any, options: ClusterOptions, root: Hello, workers: list[Worker
     facts = [replace(me, node_id=root.node_id, capacity=root.capacity, rtt_ms=0.0, wait_ms=root.wait_ms)]
     facts += [autoplan.NodeFacts(w.hello.node_id, w.hello.capacity, w.hello.gbps, w.hello.disk_gbps, w.hello.ram,
                                  w.rtt_ms, pushed.get(w.hello.node_id, 0.0), w.hello.wait_ms) for w in workers]
-    choice, order = autoplan.choose(model, facts, options.exchange)
+    choice, order = autoplan.choose(model, [options.assume.apply(f) for f in facts], options.exchange)
     devices, _ = autoplan.figures(order)
     return choice, {n.node_id: d.gbps for n, d in zip(order, devices)}
 

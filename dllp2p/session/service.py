@@ -71,7 +71,7 @@ from ..tokenizer import Tokenizer
 from ..wire.link import LinkClosed, TrioLink, first_error
 from ..wire.messages import Done, Error, Generate, TokenChunk
 from ..wire.reports import PlanEstimate
-from .autoplan import PUSH_MIN, NodeFacts, choose_for, estimates, model_shape
+from .autoplan import PUSH_MIN, Assume, NodeFacts, choose_for, estimates, model_shape
 from .batcher import BatchConfig
 from .batching import BatchService, jit_batch_engine
 from . import admission
@@ -149,6 +149,7 @@ class RootService:
         self._warm: _Warm | None = None  # the last request's engine, kept for the next one
         self._left_out: dict[str, _LeftOut] = {}  # address -> a worker planned without for a while (disk full)
         self.figures: NodeFacts | None = None  # this machine's measured figures (the daemon sets them)
+        self.assume = Assume()  # figures its config states for every node in place of measured ones (plan_figures)
         self.shape: tuple[Any, Any] | None = None  # (costmodel.ModelShape, ModelConfig) of its model, for previews
         self._link_mbps: dict[str, float] = {}  # node id -> MB/s of the latest timed push to it
         self._weights: dict[str, float] = {}  # node id -> the weight its latest plan gave it (root.start)
@@ -167,7 +168,8 @@ class RootService:
         c = self.last_choice
         if c is None and self.policy == "auto" and self.shape is not None:
             me = self.figures or NodeFacts(self.node_id, float(self.threads))
-            c = choose_for(self.shape[0], self.shape[1], [me, *members], self.exchange)[0]
+            facts = [self.assume.apply(n) for n in (me, *members)]
+            c = choose_for(self.shape[0], self.shape[1], facts, self.exchange)[0]
         return () if c is None else estimates(c, self.last_measured_ms)
 
     def learn_shape(self) -> None:
@@ -460,7 +462,7 @@ class RootService:
         if workers:
             options = ClusterOptions(tuple(workers), self.policy, self.timeouts, exchange=self.exchange,
                                      skip_unreachable=True, cache_dir=self.cache_dir, key=self.key, max_seqs=max_seqs,
-                                     figures=self.figures, link_mbps=tuple(self._link_mbps.items()),
+                                     figures=self.figures, link_mbps=tuple(self._link_mbps.items()), assume=self.assume,
                                      weights=tuple(self._weights.items()))
             tp = self._tp()
             if self._slices is None:

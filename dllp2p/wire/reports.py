@@ -192,6 +192,7 @@ class PlanEstimate:
     measured_ms: float  # of the plan that ran, per decoded token (0: not run or not yet)
     chosen: bool
     runnable: bool  # a kind this version runs (planner.RUNNABLE); the others are priced only
+    kind: str = dataclasses.field(default="tp", metadata=WIRE_OPTIONAL)  # costmodel.KINDS: tp, pipeline, hybrid
 
     def __post_init__(self) -> None:
         _need(bool(self.label) and self.nodes >= 1, "a plan estimate without label or nodes")
