@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -24,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import fake_tp
 from dllp2p.formats import QType, load_model
 from dllp2p.formats.synthetic import SyntheticSpec, write_random_llama, write_random_model
 from dllp2p.jit.family import arranged
@@ -123,15 +125,14 @@ def test_a_root_streams_its_pushes_and_an_idle_worker_gives_its_engine_back(tmp_
     far below the model's bytes (before: all of them, the whole map hashed). The worker: once the session
     ends (the root closes it), its resident set falls from what it was in the session by at least half the
     slice bytes it held (its engine's packed copy, KV, buffers; malloc_trim; measured here: ~85 % of them)."""
-    import fake_tp
-    from test_serve import CLI, free_port
-
     path = write_random_model(tmp_path / "big.gguf", BIG, raw=True)
     model_bytes = path.stat().st_size
     key = fake_tp.write_key(tmp_path)
     env = {**os.environ, "DLLP2P_CACHE_DIR": str(tmp_path / "cache")}
-    port = free_port()
-    worker = subprocess.Popen([*CLI, "daemon", "--host", "127.0.0.1", "--port", str(port), "--threads", "1",
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    worker = subprocess.Popen([sys.executable, "-m", "dllp2p.cli", "daemon", "--host", "127.0.0.1", "--port", str(port), "--threads", "1",
                                "--state-dir", str(tmp_path / "w"), "--no-discovery", "--cluster", "test-memory",
                                "--api", "off", "--key-file", str(key)],
                               stderr=subprocess.PIPE, text=True, cwd=ROOT_DIR, env=env)
