@@ -34,6 +34,7 @@ import numpy as np
 from ..diskcache import evict, touch, write_atomically
 from ..formats import GGUFModel, ModelConfig, QType
 from ..formats.quant import dequantize
+from ..memory import release
 from .family import arranged, layer_extra_names
 from .compiler import sources_digest
 from .layout import PackedMatrix, aligned_empty, pack_weights
@@ -76,14 +77,16 @@ def pack(names: list[str], tensor: Callable[[str], object], out_name: str) -> Pa
     matrices, norms = {}, {}
     for name in names:
         t = tensor(name)
+        data = t.data
         if len(t.shape) == 1:
             arr = aligned_empty(t.shape, np.float32)
-            arr[...] = dequantize(t.data, t.qtype, t.shape)
+            arr[...] = dequantize(data, t.qtype, t.shape)
             norms[name] = arr
         elif t.qtype == QType.BF16:
-            matrices[name] = pack_weights(dequantize(t.data, t.qtype, t.shape), QType.F32, t.shape)
+            matrices[name] = pack_weights(dequantize(data, t.qtype, t.shape), QType.F32, t.shape)
         else:
-            matrices[name] = pack_weights(t.data, t.qtype, t.shape)
+            matrices[name] = pack_weights(data, t.qtype, t.shape)
+        release(data)  # a view of the model's map: its pages leave the resident set (memory.release)
     layers = sum(m.nbytes for n, m in matrices.items() if n.startswith("blk."))
     out = matrices[out_name].nbytes if out_name in matrices else 0  # none in a pipeline stage before the last
     return PackedModel(matrices, norms, layers + out + sum(a.nbytes for a in norms.values()))
@@ -130,7 +133,8 @@ def cached(path: Path, names: set[str], pack: Callable[[], PackedModel]) -> Pack
     except OSError as e:
         log.warning("packed weights not cached at %s: %s", path, e)
         return packed  # a read-only or full disk costs start-up time, nothing else
-    return _open(path, names) or packed
+    del packed  # the file holds it now: mapping it back beside the copy would double the resident peak
+    return _open(path, names) or pack()
 
 
 def _layout(packed: PackedModel) -> tuple[bytes, list[bytes | memoryview]]:
@@ -174,6 +178,16 @@ def _write(path: Path, packed: PackedModel) -> None:
     write_atomically(path, [MAGIC + struct.pack("<Q", len(header)) + digest.digest(), *parts])
 
 
+def _digest(body: np.ndarray, piece: int = 16 << 20) -> bytes:
+    """sha256 of a mapped file's bytes, read piece by piece, each piece's pages released once hashed: the
+    check does not fault the whole file in at once (the engine's steps read it again)."""
+    digest = hashlib.sha256()
+    for at in range(0, len(body), piece):
+        digest.update(memoryview(body[at:at + piece]))
+        release(body[at:at + piece])
+    return digest.digest()
+
+
 def _open(path: Path, names: set[str]) -> PackedModel | None:
     """The mapped file, or None when it is absent (silently) or damaged in any way (one log line)."""
     try:
@@ -186,7 +200,7 @@ def _open(path: Path, names: set[str]) -> PackedModel | None:
             if _blob_start(n) > size:
                 raise ValueError(f"{size} bytes, shorter than its index")
         raw = np.memmap(path, dtype=np.uint8, mode="r")
-        if hashlib.sha256(memoryview(raw[_prefix():])).digest() != head[len(MAGIC) + 8:]:
+        if _digest(raw[_prefix():]) != head[len(MAGIC) + 8:]:
             raise ValueError("content does not match its sha256")
         meta = json.loads(bytes(raw[_prefix() : _prefix() + n]))
         if meta.get("version") != LAYOUT_VERSION:

@@ -47,6 +47,7 @@ from ..config import Timeouts
 from ..diskcache import disk_full
 from ..error_codes import ErrorCode
 from ..formats import QType
+from ..memory import trim
 from ..pipeline import check_fits, plan_share
 from ..scheduler import Plan, PlanError, check_plan_fits
 from ..wire.chunks import AssembledSlice, SliceAssembler
@@ -222,6 +223,8 @@ class Worker:
             active.close()
             self._slot.release()
             self.sessions += 1
+            tensors = None  # the received slices, the engine and its KV cache go back to the system
+            trim()
 
     async def _check_addresses(self, plan: Plan, index: int, root_host: str) -> None:
         """check_addresses; hosts named otherwise than the members (a name, an IP) are compared resolved."""
@@ -243,7 +246,7 @@ class Worker:
     async def _weights(self, link: TrioLink, s: Session) -> dict[str, Any] | None:
         """Need -> WeightChunks -> WeightsReady. -> the node's tensors, or None if the root stopped."""
         sizes = {si.sha256: si.nbytes for si in s.slices}
-        have: dict[str, bytes] = await trio.to_thread.run_sync(self._lookup, sizes)
+        have: dict[str, Any] = await trio.to_thread.run_sync(self._lookup, sizes)
         cached = len(have)
         want = set(sizes) - set(have)
         total = sum(sizes[sha] for sha in want)
@@ -259,15 +262,16 @@ class Worker:
             if not isinstance(msg, WeightChunk) or msg.epoch != s.epoch or msg.sha256 not in want:
                 raise UnexpectedMessage(f"expected a WeightChunk of a needed slice, got {_describe(msg)}")
             try:
-                part = await trio.to_thread.run_sync(self._take_chunk, assembler, msg, sizes[msg.sha256], full)
+                took = await trio.to_thread.run_sync(self._take_chunk, assembler, msg, sizes[msg.sha256], full)
             except ChunkError as e:  # SliceHashMismatch included: the slice is dropped, may come again
                 log.warning("dropped a weight slice: %s", e)
                 partial.pop(msg.sha256, None)
                 self.push = replace(self.push, done=min(total, done + sum(partial.values())))
                 await link.send(Error(error_code(e), f"node {self.node_id}: {e}"))
                 continue
-            if part is not None:
-                have[part.sha256] = part.data
+            if took is not None:
+                part, data = took
+                have[part.sha256] = data  # the cache's file, mapped, where it was stored: the bytes go
                 want.discard(part.sha256)
                 partial.pop(part.sha256, None)
                 done += sizes[part.sha256]
@@ -288,30 +292,30 @@ class Worker:
             for si in s.slices
         }
 
-    def _lookup(self, sizes: dict[str, int]) -> dict[str, bytes]:
-        out = {}
-        for sha, nbytes in sizes.items():
-            data = self.cache.load(sha, nbytes)
-            if data is not None:
-                out[sha] = data
-        return out
+    def _lookup(self, sizes: dict[str, int]) -> dict[str, Any]:  # (thread) cached slices, mapped
+        found = {sha: self.cache.mapped(sha, nbytes) for sha, nbytes in sizes.items()}
+        return {sha: data for sha, data in found.items() if data is not None}
 
     def _take_chunk(self, assembler: SliceAssembler, chunk: WeightChunk, nbytes: int,
-                    full: list[OSError]) -> AssembledSlice | None:
-        """(thread) Add a chunk; a finished slice is verified and stored. -> the slice when finished. A full
-        disk is appended to `full` (nothing more is stored); another failing write only costs the cache."""
+                    full: list[OSError]) -> tuple[AssembledSlice, Any] | None:
+        """(thread) Add a chunk; a finished slice is verified and stored. -> (the slice, its data: a map of its
+        stored file, else its bytes) when finished. A full disk goes to `full` (nothing more is stored)."""
         if chunk.total != nbytes:
             raise ChunkError(f"{chunk.tensor}: {chunk.total} bytes announced, the session says {nbytes}")
         part = assembler.add(chunk)
-        if part is not None and not full:
+        if part is None:
+            return None
+        if not full:
             try:
                 self.cache.store(part.sha256, part.data, keep=self._session_slices())
+                stored = self.cache.mapped(part.sha256, nbytes, verify=False)  # just written from verified bytes
+                return part, part.data if stored is None else stored
             except OSError as e:
                 if disk_full(e):
                     full.append(e)
                 else:
                     log.warning("slice %s not cached: %s", part.sha256[:16], e)
-        return part
+        return part, part.data
 
     def _session_slices(self) -> frozenset[str]:
         a = self.active
@@ -424,6 +428,7 @@ class Worker:
             threads = self.pick_threads() if self.pick_threads else self.threads
             node = tp.plan_node(s.config, s.plan, index, tensors, peers, s.ctx, threads, **extra)
             tensors.clear()  # the engine holds its own packed copy
+            trim()  # what the build allocated and freed goes back to the system (memory.trim)
             ctl.send(Ready(s.epoch, self.node_id))
             share = plan_share(s.plan, index, s.config.n_layers)
             exchanges = plan_exchanges(s.plan, index, s.config.n_layers)
@@ -482,12 +487,10 @@ class Worker:
                 node.close()
 
 
-
 def _describe(msg: object) -> str:
     if isinstance(msg, (Step, WeightChunk, Mesh, Stop)):
         return f"{type(msg).__name__} of epoch {msg.epoch}"
     return type(msg).__name__
-
 
 
 def _send_blocking_quietly(link: BlockingLink, msg: Error) -> None:
