@@ -170,7 +170,7 @@ def test_cluster_batch_through_a_worker_daemon(small_model, jit_cache, tmp_path)
 
 def test_decode_throughput_bench_runs(small_model, jit_cache):
     """The benchmark `bench --concurrency` calls: its figures hang together (speed itself is not tested)."""
-    from dllp2p.jit.batchbench import decode_throughput, fill_memory
+    from dllp2p.jit.batchbench import decode_throughput, fill_memory, in_cache_steps
     from dllp2p.jit.engine import JITEngine
 
     engine = JITEngine(small_model, 64, threads=1, cache_dir=jit_cache, max_chunk=8, max_seqs=2)
@@ -181,6 +181,10 @@ def test_decode_throughput_bench_runs(small_model, jit_cache):
             assert f["aggregate_tok_s"] == pytest.approx(n * f["per_stream_tok_s"]) and f["ms_per_step"] > 0
         with pytest.raises(ValueError):
             decode_throughput(engine, [3], tokens=2, prompt_len=4)  # more streams than slots
+        before = engine.forward_batch([BatchRow(0, (5,), 4)])
+        c = in_cache_steps(engine, [1, 2], tokens=2, prompt_len=4, rounds=1)
+        assert set(c) == {1, 2} and all(f["ms_streamed"] > 0 and f["ms_in_cache"] > 0 for f in c.values())
+        assert np.array_equal(engine.forward_batch([BatchRow(0, (5,), 4)]), before)  # its real weights are back
         m = fill_memory(engine, 2, 20, chunk=8)
         assert engine.seq_lengths == (20, 20) and m["kv_mb"] == 2 * 20 * engine.kv_bytes_per_position / 2**20
     finally:

@@ -314,19 +314,24 @@ def test_matmul_q(lib, qtype, tile, n, rows, nb, data, seed):
 
 @pytest.mark.parametrize("qtype", QUANT_WEIGHTS)
 def test_matmul_of_many_tiles_is_each_row_alone(lib, qtype):
-    """Several tiles of activation rows (a batch of sequences) walk the weights in blocks of
-    MATMUL_ROW_BLOCK rows: every output bit-identical to that activation row's product alone (n = 1)."""
+    """Any number of activation rows (a batch of sequences: full tiles, then one tile of the rows left, in
+    blocks of MATMUL_ROW_BLOCK weight rows when that makes more than one pass): every output bit-identical
+    to that activation row's product alone (n = 1), for the tiles of 4 and 8."""
     rng = np.random.default_rng(11)
-    rows, k, n, r0 = 200, kk(qtype, 2 * QK), 9, 16
+    rows, k, most, r0 = 200, kk(qtype, 2 * QK), 13, 16
     m = pack_weights(random_raw(rng, qtype, rows, k), qtype, (rows, k))
-    acts = q8s(lib, random_acts(rng, n, k))
-    fn = lib[KernelSpec(Op.MATMUL, qtype, 4).name]
-    y = np.full((n, rows), SENTINEL, np.float32)
-    fn(P(m.data), P(acts), P(y), k, r0, rows, n, rows)
-    for c in range(n):
-        alone = np.full(rows, SENTINEL, np.float32)
-        fn(P(m.data), P(acts[c:]), P(alone), k, r0, rows, 1, rows)
-        assert np.array_equal(y[c], alone), f"row {c}"
+    acts = q8s(lib, random_acts(rng, most, k))
+    alone = np.full((most, rows), SENTINEL, np.float32)
+    one = lib[KernelSpec(Op.MATMUL, qtype, 4).name]
+    for c in range(most):
+        one(P(m.data), P(acts[c:]), P(alone[c]), k, r0, rows, 1, rows)
+    for tile in (4, 8):
+        fn = lib[KernelSpec(Op.MATMUL, qtype, tile).name]
+        for n in (2, 3, 4, 7, 8, 9, 13):
+            y = np.full((n, rows), SENTINEL, np.float32)
+            fn(P(m.data), P(acts), P(y), k, r0, rows, n, rows)
+            for c in range(n):
+                assert np.array_equal(y[c], alone[c]), f"tile {tile}, {n} rows: row {c}"
 
 
 # --- float products -----------------------------------------------------------------------------------

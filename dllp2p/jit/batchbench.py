@@ -1,7 +1,7 @@
 """Aggregate decode speed of N concurrent sequences through one BatchEngine (issue 18), and memory.
 
     python -m dllp2p.jit.batchbench [--model PATH] [--threads 2] [--concurrency 1 4 8] [--tokens 32]
-                                    [--prompt-tokens 32] [--rounds 3] [--rss-positions 0] [--json]
+                                    [--prompt-tokens 32] [--rounds 3] [--rss-positions 0] [--in-cache] [--json]
 
 What one measurement is: N sequences (slots 0..N-1) each hold a prompt of --prompt-tokens ids (different
 per slot, prefilled untimed in one forward_batch), then --tokens greedy decode steps, every step one
@@ -14,6 +14,13 @@ rewinds every slot to the end of its prompt (start_pos), so no round grows the K
 --rss-positions P (e.g. 2048): afterwards fill max(concurrency) slots with P positions each (prompt chunks,
 untimed) and report the process's RSS once the engine is built, before and after, and the KV bytes it holds
 (kv_bytes_per_position x positions): the memory of that many sequences of that length.
+
+--in-cache: afterwards the same decode steps with every layer's matrices replaced by layer 0's (the engine's
+table re-pointed, nothing copied: one layer's 2.2 MB of SmolLM2 stays in the caches), alternating with the
+real ones round by round: ms per step with the weights streamed from memory and with them in cache (compute,
+barriers and attention; the output projection, 31 % of SmolLM2's bytes, still streams), per N. What the
+N-row step costs beyond the 1-row one when memory is not the limit: the bound on the N-stream speed-up.
+Its logits are meaningless (the tokens fed are the real run's), its time is not.
 
 `decode_throughput(engine, concurrencies, ...)` is the function `dllp2p bench --concurrency` calls with
 any BatchEngine (this node's JIT engine or the cluster's).
@@ -35,6 +42,7 @@ from ..engine import BatchEngine, BatchRow
 from ..formats import load_model
 from ..models import default_model_path
 from .engine import JITEngine
+from .program import LAYER_MATRICES
 
 
 def _prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[tuple[int, ...]]:
@@ -78,6 +86,30 @@ def decode_throughput(engine: BatchEngine, concurrencies: Sequence[int], tokens:
     return out
 
 
+def in_cache_steps(engine: JITEngine, concurrencies: Sequence[int], tokens: int = 16, prompt_len: int = 32,
+                   rounds: int = 3) -> dict[int, dict[str, float]]:
+    """Per N: ms_streamed and ms_in_cache, the median ms per decode step with the real weights and with every
+    layer reading layer 0's matrices (see --in-cache), alternating within each round. Needs
+    decode_throughput's prefill done (slots 0..max(N)-1 hold prompt_len positions)."""
+    names = [f"{layer}.{m}" for layer in range(engine.config.n_layers) for m in LAYER_MATRICES]
+    idx = np.array([engine._slots[name] for name in names])
+    table = engine._table
+    real = table[idx].copy()
+    layer0 = np.array([table[engine._slots["0." + name.split(".", 1)[1]]] for name in names])
+    first = [1] * max(concurrencies)
+    secs: dict[tuple[int, str], list[float]] = {}
+    try:
+        for _ in range(rounds):
+            for n in concurrencies:
+                for kind, pointers in (("ms_streamed", real), ("ms_in_cache", layer0)):
+                    table[idx] = pointers
+                    secs.setdefault((n, kind), []).append(_decode(engine, n, prompt_len, first, tokens, 0))
+    finally:
+        table[idx] = real
+    return {n: {kind: 1e3 * statistics.median(secs[(n, kind)]) / tokens for kind in ("ms_streamed", "ms_in_cache")}
+            for n in concurrencies}
+
+
 def _rss_mb() -> float:
     with open("/proc/self/status") as f:
         for line in f:
@@ -108,6 +140,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--ctx", type=int, default=2048)
     p.add_argument("--rss-positions", type=int, default=0)
+    p.add_argument("--in-cache", action="store_true", help="also time the steps with one layer's weights in cache")
     p.add_argument("--json", action="store_true")
     ns = p.parse_args(argv)
     model = load_model(ns.model or default_model_path())
@@ -117,6 +150,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         result: dict[str, Any] = {"threads": ns.threads, "model": str(ns.model or default_model_path().name),
                                   "decode": decode_throughput(engine, ns.concurrency, ns.tokens, ns.prompt_tokens,
                                                               ns.rounds)}
+        if ns.in_cache:
+            result["in_cache"] = in_cache_steps(engine, ns.concurrency, ns.tokens, ns.prompt_tokens, ns.rounds)
         if ns.rss_positions:
             result["memory"] = {"rss_engine_built_mb": built_mb,
                                 **fill_memory(engine, max(ns.concurrency), min(ns.rss_positions, engine.ctx))}
@@ -129,6 +164,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     for n, r in result["decode"].items():
         print(f"  {n:2d} streams: {r['aggregate_tok_s']:7.1f} tok/s aggregate ({r['vs_first']:.2f}x), "
               f"{r['per_stream_tok_s']:6.1f} tok/s per stream, {r['ms_per_step']:.1f} ms/step")
+    for n, r in result.get("in_cache", {}).items():
+        print(f"  {n:2d} rows per step: {r['ms_streamed']:.2f} ms with the weights streamed, {r['ms_in_cache']:.2f} ms "
+              f"with one layer's in cache")
     if "memory" in result:
         m = result["memory"]
         print(f"  RSS {m['rss_engine_built_mb']:.0f} MB with the engine built, {m['rss_before_mb']:.0f} MB after "

@@ -214,23 +214,42 @@ MATMUL_ROW_BLOCK = 64  # weight rows (4 groups: ~20-60 KB of SmolLM2's) every ti
 # memory once, not once per tile; each row's sum is the same whatever the blocking (groups are independent)
 
 
+def matmul_tiles(tile: int) -> tuple[int, ...]:
+    """The tile sizes a matmul kernel of spec.tile `tile` compiles and uses: the tile, then the powers of two
+    below it, largest first (the rows left after the full tiles, fewer than `tile`, are one tile of each
+    power in their binary form: 7 rows with tile 8 are tiles of 4, 2 and 1)."""
+    return (tile,) + tuple(2**i for i in reversed(range(tile.bit_length())) if 2**i < tile)
+
+
 def emit_matmul_q(module: ir.Module, spec: KernelSpec, target: Target) -> None:
-    """y[t, r0:r1] = W[r0:r1] . x[t] for t < n: tiles of spec.tile activation rows (then single rows), over
-    blocks of MATMUL_ROW_BLOCK weight rows when there is more than one tile."""
-    one = _tile_fn(module, spec.qtype, 1, target)
-    many = _tile_fn(module, spec.qtype, spec.tile, target)
+    """y[t, r0:r1] = W[r0:r1] . x[t] for t < n: tiles of spec.tile activation rows, then the rows left in tiles
+    of matmul_tiles(spec.tile), over blocks of MATMUL_ROW_BLOCK weight rows when that makes more than one
+    pass. Every row's result is the same for any tile (the tile's rows share the weight loads; each row's
+    arithmetic is the 1-row kernel's), so the blocking and the tiles are free to follow n: a batch of 2, 3
+    or 8 sequences reads each weight from memory once per step, as a batch of 4 does."""
+    sizes = matmul_tiles(spec.tile)
+    tiles = {t: _tile_fn(module, spec.qtype, t, target) for t in sizes}
     fn, b = define(module, spec.name, spec.signature)
     w, x, y, k, r0, r1, n, ldy = fn.args
     xs = b.add(k, b.shl(b.lshr(k, i64(5)), i64(3)))  # act_bytes(k)
     full = b.mul(b.sdiv(n, i64(spec.tile)), i64(spec.tile))
-    block = b.select(b.icmp_signed(">", n, i64(spec.tile)), i64(MATMUL_ROW_BLOCK), b.sub(r1, r0))
+    rest = b.sub(n, full)
+    passes = b.sdiv(n, i64(spec.tile))
+    for t in sizes[1:]:
+        passes = b.add(passes, b.zext(b.icmp_signed("!=", b.and_(rest, i64(t)), i64(0)), n.type))
+    block = b.select(b.icmp_signed(">", passes, i64(1)), i64(MATMUL_ROW_BLOCK), b.sub(r1, r0))
     block = b.select(b.icmp_signed(">", block, i64(0)), block, i64(1))
+
+    def call(t: int, c: ir.Value, rb: ir.Value, re: ir.Value) -> None:
+        b.call(tiles[t], [w, gep(b, x, b.mul(c, xs)), xs, gep(b, y, b.mul(c, ldy), F32), ldy, k, rb, re])
+
     with for_range(b, r0, r1, block, name="rb") as rb:
         re = b.select(b.icmp_signed("<", b.add(rb, block), r1), b.add(rb, block), r1)
         with for_range(b, i64(0), full, spec.tile, name="c") as c:
-            b.call(many, [w, gep(b, x, b.mul(c, xs)), xs, gep(b, y, b.mul(c, ldy), F32), ldy, k, rb, re])
-        with for_range(b, full, n, name="c1") as c:
-            b.call(one, [w, gep(b, x, b.mul(c, xs)), xs, gep(b, y, b.mul(c, ldy), F32), ldy, k, rb, re])
+            call(spec.tile, c, rb, re)
+        for t in sizes[1:]:  # rows full + (the bits of rest above t) onwards
+            with b.if_then(b.icmp_signed("!=", b.and_(rest, i64(t)), i64(0))):
+                call(t, b.add(full, b.and_(rest, i64(~(2 * t - 1)))), rb, re)
     b.ret_void()
 
 

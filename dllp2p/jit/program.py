@@ -79,7 +79,7 @@ class ProgramSpec:
     embed_type: QType
     output_type: QType
     max_chunk: int = 64  # tokens per forward call (prefill chunk)
-    matmul_tile: int = 4
+    matmul_tile: int = 8  # most activation rows per pass over a matrix (ir_matvec.emit_matmul_q: 8, 4, 2, 1)
     # a pipeline stage's program (jit/tp_stage.py): its layers [l0, l1) (None: all; layer_types () outside)
     layers: tuple[int, int] | None = None
     embeds: bool = True  # looks the tokens up; else x_t comes in (receive_residual)
