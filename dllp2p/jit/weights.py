@@ -185,9 +185,9 @@ def _open(path: Path, names: set[str]) -> PackedModel | None:
             size = os.fstat(f.fileno()).st_size
             if _blob_start(n) > size:
                 raise ValueError(f"{size} bytes, shorter than its index")
-        raw = np.memmap(path, dtype=np.uint8, mode="r")
-        if hashlib.sha256(memoryview(raw[_prefix():])).digest() != head[len(MAGIC) + 8:]:
+        if _file_sha256(path, _prefix()) != head[len(MAGIC) + 8:]:
             raise ValueError("content does not match its sha256")
+        raw = np.memmap(path, dtype=np.uint8, mode="r")
         meta = json.loads(bytes(raw[_prefix() : _prefix() + n]))
         if meta.get("version") != LAYOUT_VERSION:
             raise ValueError(f"layout version {meta.get('version')}")
@@ -212,6 +212,18 @@ def _open(path: Path, names: set[str]) -> PackedModel | None:
             blob = blob.view(np.float32 if qtype == QType.F32 else np.float16).reshape(rows, k)
         matrices[name] = PackedMatrix(qtype, rows, k, blob)
     return PackedModel(matrices, norms, int(meta["bytes_per_token"]), path)
+
+
+def _file_sha256(path: Path, start: int, block: int = 8 << 20) -> bytes:
+    """sha256 of the file from `start`, read through one buffer: the pages go to the page cache only, never
+    into this process (a streaming node's file may be larger than its memory budget: ir_stream.py)."""
+    digest, buf = hashlib.sha256(), bytearray(block)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        f.seek(start)
+        while n := f.readinto(buf):
+            digest.update(view[:n])
+    return digest.digest()
 
 
 @dataclass
