@@ -229,10 +229,13 @@ class TPNode(JITEngine):
                  peers: Sequence[socket.socket | None], ctx: int, threads: int | None = None, *,
                  cache_dir: os.PathLike | str | None = DEFAULT_CACHE_DIR, max_chunk: int = 64, max_seqs: int = 1,
                  timeout: float = PEER_TIMEOUT_S, recv_spins: int = RECV_SPINS, cache_budget: int = TP_CACHE_BYTES,
-                 exchange_keys: Sequence[tuple[bytes, bytes] | None] | None = None, dynamic: bool = True):
+                 exchange_keys: Sequence[tuple[bytes, bytes] | None] | None = None, dynamic: bool = True,
+                 mem_limit: int | None = None):
         """exchange_keys[j]: (send key, receive key) for peer j (None at this node's index), 32 bytes each,
-        the mirror image of peer j's: every exchange message is sealed (tp_program). None: plain exchange."""
+        the mirror image of peer j's: every exchange message is sealed (tp_program). None: plain exchange.
+        mem_limit: the node's memory budget in bytes; a share beyond it streams (jit/ir_stream.py)."""
         t0 = time.perf_counter()
+        self.mem_limit = mem_limit
         self.part = part = partition_of(plan, index)
         if len(peers) != self._n_links(part) or peers[index] is not None or None in peers[part.n_nodes:]:
             raise ValueError(f"need one socket per other node of the plan ({part.n_nodes - 1}), None at {index}")

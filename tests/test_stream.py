@@ -180,3 +180,47 @@ def test_runs_in_a_memory_cgroup_below_its_size(big_model, cache_dir):
     assert r["ahead"] >= 1
     # what the engine adds to the interpreter's own resident memory stays within the budget + OVERHEAD
     assert r["peak"] - r["base"] <= budget + OVERHEAD, (r, budget)
+
+
+@pytest.fixture(scope="module")
+def small_model(tmp_path_factory):
+    """3 layers: the fewest that stream with a layer read ahead (two programs compile in the TP test)."""
+    spec = SyntheticSpec(dim=256, n_layers=3, ffn_dim=768, n_heads=8, n_kv_heads=2, vocab_size=300, qtype=QType.Q4_0)
+    return load_model(write_random_llama(tmp_path_factory.mktemp("stream-small") / "m.gguf", spec))
+
+
+def test_a_tensor_parallel_node_streams_its_share(small_model, cache_dir):
+    """Two tensor-parallel nodes over a socket pair, node 1 over its budget: the unlimited single node's
+    logits, bit for bit; node 1 streams, node 0 (no budget) does not."""
+    import socket as socketlib
+
+    from dllp2p.scheduler import Peer, plan
+    from dllp2p.tp import TPNode, node_tensors
+
+    model = small_model
+    single = JITEngine(model, 64, threads=1, cache_dir=cache_dir)
+    p = plan(model.config, [Peer(f"n{i}", f"127.0.0.1:{7000 + i}", 1, 1.0) for i in range(2)], epoch=1, policy="pow2")
+    a, b = socketlib.socketpair()
+    tensors = [node_tensors(model, p, i) for i in range(2)]
+    share = sum(t.data.nbytes for t in tensors[1].values())
+    nodes = [TPNode(model.config, p, 0, tensors[0], [None, a], 64, 1, cache_dir=cache_dir),
+             TPNode(model.config, p, 1, tensors[1], [b, None], 64, 1, cache_dir=cache_dir, mem_limit=share // 2)]
+    try:
+        assert nodes[0].stream is None and nodes[1].stream is not None
+        logits, want = None, single.forward(PROMPT, 0)
+        ids = []
+        for i in range(10):
+            tokens, pos = (PROMPT, 0) if i == 0 else ([ids[-1]], len(PROMPT) + i - 1)
+            worker = threading.Thread(target=nodes[1].forward, args=(tokens, pos))
+            worker.start()
+            logits = nodes[0].forward(tokens, pos)
+            worker.join(timeout=60)
+            if i:
+                want = single.forward(tokens, pos)
+            assert np.array_equal(logits, want), i
+            ids.append(int(logits.argmax()))
+    finally:
+        for n in (*nodes, single):
+            n.close()
+        a.close()
+        b.close()
