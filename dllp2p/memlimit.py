@@ -62,6 +62,21 @@ def default_mem_limit(facts: MemoryFacts) -> tuple[int | None, str]:
     return None, "no cgroup limit or MemAvailable found"
 
 
+def engine_options(**options: object) -> dict[str, object]:
+    """The engine keywords that are set (cache_dir=..., mem_limit=...): None leaves the engine's default, and
+    an engine (or a test's stand-in) that does not take a keyword is not handed it unset."""
+    return {k: v for k, v in options.items() if v is not None}
+
+
+def mem_budget(setting: str) -> tuple[int | None, str]:
+    """(bytes or None, why) of a `mem_limit` setting: "auto" -> default_mem_limit of this machine now, else
+    parse_mem_limit (ValueError names the bad value)."""
+    if setting.strip().lower() == "auto":
+        return default_mem_limit(read_memory_facts())
+    value = parse_mem_limit(setting)
+    return value, "none (mem_limit off)" if value is None else f"{value >> 20} MiB, as configured"
+
+
 def read_memory_facts(proc: Path = Path("/proc/self"), root: Path = CGROUP_ROOT) -> MemoryFacts:
     return MemoryFacts(_cgroup_limit(proc, root), _meminfo_available(proc.parent / "meminfo"))
 

@@ -224,3 +224,63 @@ def test_a_tensor_parallel_node_streams_its_share(small_model, cache_dir):
             n.close()
         a.close()
         b.close()
+
+
+@pytest.mark.parametrize("text,want", [("1500M", 1500 << 20), ("1.5G", 3 << 29), ("1.5GiB", 3 << 29), ("800", 800 << 20),
+                                       ("64k", 64 << 10), ("off", None), ("0", None), (" OFF ", None)])
+def test_mem_limit_parses(text, want):
+    from dllp2p.memlimit import parse_mem_limit
+
+    assert parse_mem_limit(text) == want
+
+
+def test_mem_limit_refuses_what_is_not_a_size():
+    from dllp2p.config import ConfigError, check
+    from dllp2p.memlimit import parse_mem_limit
+
+    for bad in ("lots", "1.5X", "-3G", ""):
+        with pytest.raises(ValueError):
+            parse_mem_limit(bad)
+    with pytest.raises(ConfigError, match="mem_limit|size"):
+        check({"mem_limit": "1.5X"}, "test")
+    assert check({"mem_limit": "auto"}, "test") == {"mem_limit": "auto"}
+
+
+def test_default_budget_from_cgroup_v1_v2_and_meminfo(tmp_path):
+    from dllp2p.memlimit import PROCESS_RESERVE, MemoryFacts, default_mem_limit, read_memory_facts
+
+    proc, root = tmp_path / "proc" / "self", tmp_path / "cg"
+    proc.mkdir(parents=True)
+    (proc.parent / "meminfo").write_text("MemTotal: 100 kB\nMemAvailable: 2097152 kB\n")
+    (proc / "cgroup").write_text("4:memory:/a/b\n0::/x/y\n")
+    v1 = root / "memory" / "a" / "b"
+    v1.mkdir(parents=True)
+    (v1 / "memory.stat").write_text("cache 0\nhierarchical_memory_limit 9223372036854771712\n")
+    v2 = root / "unified" / "x" / "y"
+    v2.mkdir(parents=True)
+    (root / "unified" / "cgroup.controllers").write_text("memory\n")
+    (v2 / "memory.max").write_text("max\n")
+    (v2.parent / "memory.max").write_text(f"{3 << 30}\n")  # a parent's limit binds its children
+    facts = read_memory_facts(proc, root)
+    assert facts == MemoryFacts(3 << 30, 2 << 30)
+    (v1 / "memory.stat").write_text(f"hierarchical_memory_limit {1 << 30}\n")
+    assert read_memory_facts(proc, root).cgroup_limit == 1 << 30  # the tightest of v1 and v2
+    assert default_mem_limit(MemoryFacts(1 << 30, 2 << 30))[0] == (1 << 30) - PROCESS_RESERVE
+    assert default_mem_limit(MemoryFacts(None, 2 << 30))[0] == (2 << 30) - PROCESS_RESERVE
+    assert default_mem_limit(MemoryFacts(None, None))[0] is None
+
+
+def test_cli_mem_limit_reaches_the_configs(tmp_path):
+    from dllp2p import cli
+
+    ns = cli.build_parser().parse_args(["run", "--prompt", "x", "--local", "--mem-limit", "1G"])
+    assert cli.run_config(ns, {}).mem_limit == 1 << 30
+    ns = cli.build_parser().parse_args(["run", "--prompt", "x", "--local", "--mem-limit", "off"])
+    assert cli.run_config(ns, {}).mem_limit is None
+    ns = cli.build_parser().parse_args(["daemon", "--mem-limit", "700M", "--port", "0"])
+    conf = tmp_path / "config.toml"
+    conf.write_text('[daemon]\nmem_limit = "1.5G"\n')
+    assert cli.daemon_settings(ns, {"DLLP2P_CONFIG": str(conf)})["mem_limit"] == "700M"  # the flag wins
+    ns = cli.build_parser().parse_args(["daemon", "--port", "0"])
+    assert cli.daemon_settings(ns, {"DLLP2P_CONFIG": str(conf)})["mem_limit"] == "1.5G"
+    assert cli.daemon_settings(ns, {"DLLP2P_CONFIG": str(conf), "DLLP2P_MEM_LIMIT": "off"})["mem_limit"] == "off"

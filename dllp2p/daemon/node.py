@@ -113,6 +113,8 @@ class DaemonConfig:
     threads_why: str = ""  # how `threads` was chosen (jit/cpus.py), logged at start-up
     threads_auto: bool = False  # not configured: chosen again (the load now) for every session's engine
     batch: BatchConfig = field(default_factory=BatchConfig)  # requests served together as root (max_batch, queue, KV)
+    mem_limit: int | None = None  # bytes its engines may use (--mem-limit); a share beyond it streams from disk
+    mem_limit_why: str = ""  # where mem_limit came from, logged at start-up
 
     def __post_init__(self) -> None:
         if not election.CLUSTER.fullmatch(self.cluster):
@@ -149,12 +151,13 @@ class Daemon:
         pick = self._pick_threads if config.threads_auto else None
         self.worker = Worker(self.node_id, config.threads, float(config.capacity or config.threads), self.t,
                              SliceCache(config.state_dir / "slices", config.cache_mb << 20), self._tp, slot, config.cache_dir,
-                             config.key, known=self._member_addresses, meter=meter, pick_threads=pick)
+                             config.key, known=self._member_addresses, meter=meter, pick_threads=pick,
+                             mem_limit=config.mem_limit)
         self.root_service = RootService(config.model, self.node_id, config.threads, config.policy, self.t, self._tp,
                                         exchange=config.exchange, cache_dir=config.cache_dir, key=config.key,
                                         on_lost=self.membership.mark_dead, meter=meter,
                                         rates=lambda: dict(self.membership.rates), pick_threads=pick,
-                                        batch=config.batch, slot=slot)
+                                        batch=config.batch, slot=slot, mem_limit=config.mem_limit)
         self.figures: figures.Measured | None = None  # measured by _measure ("auto" plans)
         self.prompts = PromptSlot(self.node_id, self.membership, self.root_service, slot, self.t, config.key)
 
@@ -204,6 +207,8 @@ class Daemon:
                      self.address, self.membership.cluster, c.threads, c.state_dir, model)
             if c.threads_why:
                 log.info("compute threads: %s", c.threads_why)
+            if c.mem_limit_why:
+                log.info("memory budget: %s", c.mem_limit_why)
             if self.key is None:
                 dropped = sorted(set(self.config.peers) - set(c.peers))
                 log.warning("no cluster key: serving this machine only (loopback, no mDNS, no LAN peers%s). To make "
