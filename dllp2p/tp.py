@@ -41,7 +41,7 @@ from .jit.specs import QUANT_WEIGHTS
 from .jit.tp_partition import RS_MIN_NODES, Partition, TPSlots, bytes_per_step, top_of, tp_buffer_sizes
 from .jit.tp_program import MAX_TOP, RECV_SPINS, build_tp_program
 from .jit.tp_seal import AUTH_FAILED, KEY_BYTES, TAG
-from .jit.weights import LAYOUT_VERSION, PackedModel, cached, execution_order, pack
+from .jit.weights import LAYOUT_VERSION, PackedModel, cached, execution_order, pack, pack_into
 from .scheduler import BLOCK_ROWS, Plan
 
 TP_CACHE_BYTES = 4096 << 20  # default budget of a cache dir's packed slice sets (tp-*.bin): DaemonConfig.cache_mb
@@ -175,7 +175,10 @@ def _load_node_weights(config: ModelConfig, tensors: Mapping[str, NodeTensor],
         return packed()
     ident = "|".join(f"{n}={t.sha256}" for n, t in sorted(tensors.items())) + f"|{LAYOUT_VERSION}|{sources_digest()}"
     path = Path(cache_dir).expanduser() / "weights" / f"tp-{hashlib.sha256(ident.encode()).hexdigest()[:32]}.bin"
-    weights = cached(path, set(tensors), packed)
+    tied = config.tied_output
+    order = [n for n in execution_order(config, output=not tied) if n in tensors]
+    weights = cached(path, set(tensors), packed,
+                     lambda p: pack_into(p, order, tensors.__getitem__, "token_embd.weight" if tied else "output.weight"))
     touch(path)
     evict(path.parent.glob("tp-*.bin"), budget, keep=[path])  # a file still mapped elsewhere stays readable
     return weights

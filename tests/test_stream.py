@@ -284,3 +284,17 @@ def test_cli_mem_limit_reaches_the_configs(tmp_path):
     ns = cli.build_parser().parse_args(["daemon", "--port", "0"])
     assert cli.daemon_settings(ns, {"DLLP2P_CONFIG": str(conf)})["mem_limit"] == "1.5G"
     assert cli.daemon_settings(ns, {"DLLP2P_CONFIG": str(conf), "DLLP2P_MEM_LIMIT": "off"})["mem_limit"] == "off"
+
+
+def test_packing_into_the_file_one_tensor_at_a_time_writes_the_same_file(model, tmp_path):
+    """pack_into (a tensor in memory at a time) and _write(pack(...)) (all at once) make the same bytes."""
+    from dllp2p.jit.family import arranged
+    from dllp2p.jit.weights import _write, execution_order, pack, pack_into
+
+    c = model.config
+    order = execution_order(c, not c.tied_output)
+    tensor = arranged(model.tensor, c)
+    _write(tmp_path / "whole.bin", pack(order, tensor, "output.weight"))
+    pack_into(tmp_path / "streamed.bin", order, tensor, "output.weight")
+    assert (tmp_path / "whole.bin").read_bytes() == (tmp_path / "streamed.bin").read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["streamed.bin", "whole.bin"]  # no body file left

@@ -34,7 +34,8 @@ run over all rows at once (the weights streamed once per step). One sequence's c
 
 and finally, for the rows out_rows[k] (each sequence's last row in the step), h = rmsnorm(x_t) and
 logits[k] = Wout hq split by vocabulary rows,
-then a barrier so the caller sees every thread's logits. Work that is cheap (norms, quantization of a
+then a barrier so the caller sees every thread's logits. A node over its memory budget streams its
+weights: after each layer thread 0 drops its pages and reads ahead (ir_stream.py; a no-op slot otherwise). Work that is cheap (norms, quantization of a
 vector, residual adds) is repeated by every thread on private buffers instead of paying a barrier.
 
 The function reads everything through `table`, an i64 array of scalars and buffer addresses whose

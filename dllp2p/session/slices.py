@@ -79,6 +79,31 @@ class SliceCache:
         touch(path)
         return data
 
+    def mapped(self, sha256: str, nbytes: int, verify: bool = True) -> np.ndarray | None:
+        """The slice as a read-only mapping of its file (u8[nbytes]: page cache, not this process's memory,
+        so a share larger than the memory budget can be packed: jit/ir_stream.py), or None if absent or (with
+        verify: its sha256 read through the page cache) damaged, as load()."""
+        path = self.path(sha256)
+        try:
+            if path.stat().st_size != nbytes or nbytes == 0:
+                raise ValueError(f"{path.stat().st_size} bytes, expected {nbytes}")
+            if verify:
+                digest = hashlib.sha256()
+                with open(path, "rb", buffering=0) as f:
+                    while chunk := f.read(8 << 20):
+                        digest.update(chunk)
+                if digest.hexdigest() != sha256:
+                    raise ValueError("content does not match its hash")
+            data = np.memmap(path, dtype=np.uint8, mode="r")
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as e:
+            log.warning("cache file %s is damaged (%s); dropping it", path, e)
+            path.unlink(missing_ok=True)
+            return None
+        touch(path)
+        return data
+
     def store(self, sha256: str, data: bytes, keep: frozenset[str] | set[str] = frozenset()) -> None:
         """Store a slice, then evict the least recently used beyond the budget (never one in `keep`: the
         session's). On a full disk, every slice but those in `keep` goes and the write is tried once more;

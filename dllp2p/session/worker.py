@@ -244,7 +244,7 @@ class Worker:
     async def _weights(self, link: TrioLink, s: Session) -> dict[str, Any] | None:
         """Need -> WeightChunks -> WeightsReady. -> the node's tensors, or None if the root stopped."""
         sizes = {si.sha256: si.nbytes for si in s.slices}
-        have: dict[str, bytes] = await trio.to_thread.run_sync(self._lookup, sizes)
+        have: dict[str, Any] = await trio.to_thread.run_sync(self._lookup, sizes)
         cached = len(have)
         want = set(sizes) - set(have)
         total = sum(sizes[sha] for sha in want)
@@ -268,7 +268,7 @@ class Worker:
                 await link.send(Error(error_code(e), f"node {self.node_id}: {e}"))
                 continue
             if part is not None:
-                have[part.sha256] = part.data
+                have[part.sha256] = part.data if (m := self.cache.mapped(part.sha256, len(part.data), False)) is None else m
                 want.discard(part.sha256)
                 partial.pop(part.sha256, None)
                 done += sizes[part.sha256]
@@ -289,10 +289,10 @@ class Worker:
             for si in s.slices
         }
 
-    def _lookup(self, sizes: dict[str, int]) -> dict[str, bytes]:
+    def _lookup(self, sizes: dict[str, int]) -> dict[str, Any]:
         out = {}
         for sha, nbytes in sizes.items():
-            data = self.cache.load(sha, nbytes)
+            data = self.cache.mapped(sha, nbytes)  # page cache, not this process's memory
             if data is not None:
                 out[sha] = data
         return out
