@@ -16,12 +16,17 @@ is held to its limit.
 
 from __future__ import annotations
 
+import ctypes
+import logging
+import mmap
 import os
 import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+log = logging.getLogger("dllp2p.memlimit")
+MADV_WILLNEED, MADV_DONTNEED = 3, 4  # the same on x86-64 and aarch64
 PROCESS_RESERVE = 192 << 20  # the interpreter, numpy, llvmlite, the compiled step, a session's own buffers
 UNLIMITED = 1 << 60  # a cgroup limit at or beyond this is no limit (v1 writes 2^63 - 4096)
 CGROUP_ROOT = Path("/sys/fs/cgroup")
@@ -60,6 +65,25 @@ def default_mem_limit(facts: MemoryFacts) -> tuple[int | None, str]:
     if facts.available is not None:
         return max(64 << 20, facts.available - PROCESS_RESERVE), f"available memory {facts.available >> 20} MiB"
     return None, "no cgroup limit or MemAvailable found"
+
+
+def advise(ranges, advice: int) -> None:  # noqa: ANN001 - (address, bytes) pairs
+    """madvise each (address, bytes) range through libc, the start rounded down to a page (the length up);
+    failures are logged at debug level: advice, not a requirement."""
+    fn = ctypes.CDLL(None, use_errno=True).madvise
+    fn.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    for addr, size in ranges:
+        start = addr - addr % mmap.PAGESIZE
+        if size > 0 and fn(start, size + addr - start, advice) != 0:
+            log.debug("madvise(%#x, %d, %d) failed: errno %d", start, size, advice, ctypes.get_errno())
+
+
+def release_pages(arrays) -> None:  # noqa: ANN001 - numpy arrays mapped from files
+    """Drop the pages of these file-mapped arrays from this process (MADV_DONTNEED: they stay in the page
+    cache while memory allows; touched again, they are mapped again). A root whose model file exceeds its
+    budget calls it on the GGUF's tensors once its cluster is set up (cutting and hashing the slices read
+    them all)."""
+    advise([(a.ctypes.data, a.nbytes) for a in arrays if a.nbytes], MADV_DONTNEED)
 
 
 def engine_options(**options: object) -> dict[str, object]:

@@ -28,6 +28,7 @@ import numpy as np
 
 from ..engine import BatchRow, ContextFull, check_rows, kv_bytes_per_position
 from ..formats import GGUFModel, QType
+from ..memlimit import MADV_DONTNEED, MADV_WILLNEED, advise
 from .compiler import (
     DEFAULT_CACHE_DIR, CompiledModule, ObjectCache, compile_module, default_target, llvm_version, load_object,
     sources_digest,
@@ -37,7 +38,7 @@ from .family import LAYER_EXTRAS, layer_extras, rope_table
 from .layout import aligned_zeros
 from .library import build_module
 from .ir_share import counter_words
-from .ir_stream import MADV_DONTNEED, MADV_WILLNEED, StreamPlan, advise, madvise_number, page_range, stream_plan, stream_table
+from .ir_stream import StreamPlan, madvise_number, page_range, stream_plan, stream_table
 from .program import LAYER_MATRICES, ProgramSpec, Slots, build_program, max_spans, private_sizes
 from .weights import load_packed, thread_layout
 

@@ -25,8 +25,6 @@ mapped, never what they hold). Linux only (the syscall numbers below); elsewhere
 
 from __future__ import annotations
 
-import ctypes
-import logging
 import mmap
 from dataclasses import dataclass
 from typing import Sequence
@@ -34,13 +32,11 @@ from typing import Sequence
 import llvmlite.ir as ir
 import numpy as np
 
+from ..memlimit import MADV_DONTNEED, MADV_WILLNEED
 from .irutil import I64, PTR, VOID, gep, i64
-
-log = logging.getLogger("dllp2p.jit")
 
 STREAM_WORDS = 4  # i64 per layer in the stream buffer: drop address, drop bytes, fetch address, fetch bytes
 SYS_MADVISE = {"x86_64": 28, "aarch64": 233, "arm64": 233}
-MADV_WILLNEED, MADV_DONTNEED = 3, 4  # the same on x86-64 and aarch64
 
 
 def madvise_number(triple: str) -> int | None:
@@ -135,17 +131,3 @@ def _after_layer_fn(module: ir.Module, number: int) -> ir.Function:
             b.call(sys, [i64(number), addr, size, i64(advice)])  # errors ignored: advice, not a requirement
     b.ret_void()
     return fn
-
-
-# --- the Python side: the same advice before the first step ----------------------------------------------
-
-
-def advise(ranges: Sequence[tuple[int, int]], advice: int) -> None:
-    """madvise each (address, bytes) range from Python (libc's wrapper): the engine drops every layer once
-    the file is mapped and reads the first d ahead, before the first step."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    fn = libc.madvise
-    fn.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-    for addr, size in ranges:
-        if size > 0 and fn(addr, size, advice) != 0:
-            log.debug("madvise(%#x, %d, %d) failed: errno %d", addr, size, advice, ctypes.get_errno())

@@ -59,7 +59,7 @@ import trio
 from ..chat import Message
 from ..clusterkey import ClusterKey
 from ..config import Timeouts
-from ..memlimit import engine_options
+from ..memlimit import engine_options, release_pages
 from ..error_codes import CodedError, ErrorCode, code_of
 from ..errors import user_facing_errors
 from ..engine import kv_bytes_per_position
@@ -458,12 +458,20 @@ class RootService:
             self._link_mbps.update(engine.push_rates(PUSH_MIN) if hasattr(engine, "push_rates") else {})
             self._weights.update(getattr(engine, "rates", {}))
             self.last_choice, self.last_measured_ms = getattr(engine, "choice", None), 0.0
+            self._release(model)
             return engine, engine.plan
         from ..jit.engine import JITEngine  # llvmlite: loaded by the first prompt served alone
 
         alone = self._alone_plan(model.config, threads, epoch)
         extra = engine_options(cache_dir=self.cache_dir, mem_limit=self.mem_limit)
-        return await trio.to_thread.run_sync(lambda: JITEngine(model, ctx, threads, **extra)), alone
+        engine = await trio.to_thread.run_sync(lambda: JITEngine(model, ctx, threads, **extra))
+        self._release(model)
+        return engine, alone
+
+    def _release(self, model: Any) -> None:
+        """A model file larger than the budget: its pages leave this process once the engines are built."""
+        if self.mem_limit is not None and model.path.stat().st_size > self.mem_limit:
+            release_pages([t.data for t in model.tensors.values()])
 
     @staticmethod
     async def _produce(engine: Any, loaded: _Loaded, request: InFlight, steps: int, send: trio.MemorySendChannel,
