@@ -38,7 +38,7 @@ from .family import LAYER_EXTRAS, layer_extras, rope_table
 from .layout import aligned_zeros
 from .library import build_module
 from .ir_share import counter_words
-from .ir_stream import StreamPlan, madvise_number, page_range, stream_plan, stream_table
+from .ir_stream import STREAM_WORDS, StreamPlan, madvise_number, page_range, stream_plan, stream_table
 from .program import LAYER_MATRICES, ProgramSpec, Slots, build_program, max_spans, private_sizes
 from .weights import load_packed, thread_layout
 
@@ -226,13 +226,11 @@ class JITEngine:
             log.warning("memory budget %d MB is below what streaming needs (%d MB: resident %d, 2 layers of %d, "
                         "buffers %d); streaming 1 layer ahead", budget >> 20, plan.expected_peak >> 20,
                         plan.resident >> 20, plan.layer_bytes >> 20, plan.other >> 20)
-        ranges = [page_range(*spans[layer]) if layer in spans else (0, 0) for layer in range(self.config.n_layers)]
-        self._stream_buf = stream_table([r for r in ranges if r[1]], plan.ahead)
-        table = np.zeros((self.config.n_layers, self._stream_buf.shape[1]), np.int64)
-        table[list(layers)] = self._stream_buf
-        self._stream_buf = table
-        advise(ranges, MADV_DONTNEED)
-        advise([ranges[layers[i % len(layers)]] for i in range(plan.ahead)], MADV_WILLNEED)
+        run = [page_range(*spans[layer]) for layer in layers]  # a pipeline stage's layers wrap to its first
+        self._stream_buf = np.zeros((self.config.n_layers, STREAM_WORDS), np.int64)  # read by the compiled step
+        self._stream_buf[layers.start:layers.stop] = stream_table(run, plan.ahead)
+        advise(run, MADV_DONTNEED)
+        advise(run[:plan.ahead], MADV_WILLNEED)
         self._table[self._slots["stream"]] = self._stream_buf.ctypes.data
         log.info("streaming %d MB of layers from %s within %d MB: %d layers read ahead", sum(layer_bytes) >> 20,
                  self.packed.path, budget >> 20, plan.ahead)
