@@ -78,14 +78,6 @@ def advise(ranges, advice: int) -> None:  # noqa: ANN001 - (address, bytes) pair
             log.debug("madvise(%#x, %d, %d) failed: errno %d", start, size, advice, ctypes.get_errno())
 
 
-def release_pages(arrays) -> None:  # noqa: ANN001 - numpy arrays mapped from files
-    """Drop the pages of these file-mapped arrays from this process (MADV_DONTNEED: they stay in the page
-    cache while memory allows; touched again, they are mapped again). A root whose model file exceeds its
-    budget calls it on the GGUF's tensors once its cluster is set up (cutting and hashing the slices read
-    them all)."""
-    advise([(a.ctypes.data, a.nbytes) for a in arrays if a.nbytes], MADV_DONTNEED)
-
-
 def engine_options(**options: object) -> dict[str, object]:
     """The engine keywords that are set (cache_dir=..., mem_limit=...): None leaves the engine's default, and
     an engine (or a test's stand-in) that does not take a keyword is not handed it unset."""

@@ -24,17 +24,18 @@ import struct
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 
 from .diskcache import evict, touch
 from .engine import BatchRow
 from .formats import GGUFModel, ModelConfig, QType
+from .formats.cuts import PIECE_BYTES, Cut
 from .formats.quant import TRAITS
 from .jit.compiler import DEFAULT_CACHE_DIR, sources_digest
 from .jit.engine import JITEngine, _kernel_type
-from .jit.family import LAYER_EXTRAS, arranged, layer_extras
+from .jit.family import LAYER_EXTRAS, arranged_rows, layer_extras
 from .jit.layout import CANDIDATE, aligned_zeros
 from .jit.program import LAYER_MATRICES, ProgramSpec
 from .jit.specs import QUANT_WEIGHTS
@@ -77,6 +78,41 @@ class NodeTensor:
     data: np.ndarray  # ggml storage of the slice: u8[rows, row_bytes] for block types, f32/f16/u16 otherwise
     sha256: str
 
+    @property
+    def nbytes(self) -> int:
+        return int(self.data.nbytes)
+
+    def pieces(self, limit: int = PIECE_BYTES) -> Iterator[np.ndarray]:
+        """The storage's bytes in order, u8[n] pieces of at most `limit` bytes (as CutTensor.pieces)."""
+        flat = np.ascontiguousarray(self.data).reshape(-1).view(np.uint8)
+        for offset in range(0, max(1, len(flat)), limit):
+            yield flat[offset:offset + limit]
+
+
+@dataclass(frozen=True)
+class CutTensor:
+    """A node's slice as a recipe (formats.cuts.Cut) with NodeTensor's fields: its storage is cut from the
+    model's memory map when asked for (`data`: all of it, a view or a fresh copy each time; `pieces`: piece
+    by piece, the map's pages released behind), so what a root remembers of a plan's slices (their hashes:
+    session/slices.PlanSlices) holds no weights, and it pushes a worker's slices without holding them."""
+
+    name: str
+    qtype: QType
+    shape: tuple[int, ...]  # of the slice
+    cut: Cut
+    sha256: str
+
+    @property
+    def data(self) -> np.ndarray:
+        return self.cut.array()
+
+    @property
+    def nbytes(self) -> int:
+        return self.cut.nbytes
+
+    def pieces(self, limit: int = PIECE_BYTES) -> Iterator[np.ndarray]:
+        return self.cut.pieces(limit)
+
 
 def partition_of(plan: Plan, index: int) -> Partition:
     nodes = plan.nodes
@@ -107,10 +143,6 @@ def slice_ranges(config: ModelConfig, part: Partition) -> dict[str, tuple[str, t
     }
 
 
-def _digest(data: np.ndarray) -> str:
-    return hashlib.sha256(np.ascontiguousarray(data).view(np.uint8).reshape(-1)).hexdigest()
-
-
 def split_block(model: GGUFModel) -> int:
     """The `block` a plan for this model needs (scheduler.plan): the largest block, in values, of the
     tensors a plan may cut by columns (attn_output, ffn_down: the q8 exchange), at least BLOCK_ROWS.
@@ -121,23 +153,27 @@ def split_block(model: GGUFModel) -> int:
 
 
 def node_tensors(model: GGUFModel, plan: Plan, index: int, layers: tuple[int, int] | None = None,
-                 embed: bool = True, output: bool = True) -> dict[str, NodeTensor]:
-    """What node `index` of `plan` holds: row slices (views of the memory map, copies for Q/K rows of NEOX
-    models: family.arranged) and column slices (copies), with their sha256. The layers' extra vectors
-    (family.LAYER_EXTRAS): biases cut like their matrix's rows, q/k and post norms whole. A pipeline
-    stage's node (pipeline.py) holds only `layers` [l0, l1), the embedding's rows if it looks tokens up,
-    the final norm and output projection (a tied one: the embedding's rows) if it makes the logits."""
+                 embed: bool = True, output: bool = True) -> dict[str, CutTensor]:
+    """What node `index` of `plan` holds: row slices, column slices, Q/K rows of NEOX models in the order the
+    programs read them (family.arranged_rows), as CutTensors with their sha256 (hashed piece by piece from
+    the memory map, its pages released behind). The layers' extra vectors (family.LAYER_EXTRAS): biases cut
+    like their matrix's rows, q/k and post norms whole. A pipeline stage's node (pipeline.py) holds only
+    `layers` [l0, l1), the embedding's rows if it looks tokens up, the final norm and output projection
+    (a tied one: the embedding's rows) if it makes the logits."""
     c = model.config
     part = partition_of(plan, index)
     cuts = slice_ranges(c, part)
-    tensor = arranged(model.tensor, c)
-    out: dict[str, NodeTensor] = {}
+    out: dict[str, CutTensor] = {}
 
-    def add(name: str, source: str, cut: tuple[str, tuple[int, int]] | None) -> None:
-        t = tensor(source)
-        if cut is not None:
-            t = t.rows(*cut[1]) if cut[0] == "rows" else t.columns(*cut[1])
-        out[name] = NodeTensor(name, t.qtype, tuple(t.shape), t.data, _digest(t.data))
+    def add(name: str, source: str, how: tuple[str, tuple[int, int]] | None) -> None:
+        t = model.tensor(source)
+        cut = Cut.whole(t)
+        order = arranged_rows(source, t.shape[0], c)
+        if order is not None:
+            cut = cut.ordered(order)
+        if how is not None:
+            cut = cut.row_range(*how[1]) if how[0] == "rows" else cut.column_range(*how[1])
+        out[name] = CutTensor(name, t.qtype, cut.shape, cut, cut.sha256())
 
     if embed or (output and c.tied_output):  # its vocabulary rows: embedding and tied output
         add("token_embd.weight", "token_embd.weight", cuts["output"])

@@ -19,7 +19,7 @@ PACKAGE = Path(__file__).parent.parent / "dllp2p"
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("formats", ("dllp2p", "dllp2p.config", "dllp2p.memlimit", "dllp2p.diskcache", "dllp2p.error_codes", "dllp2p.formats", "dllp2p.tokenizer",
                  "dllp2p.vocab", "dllp2p.chat", "dllp2p.textsafe",
-                 "dllp2p.models", "dllp2p.engine")),
+                 "dllp2p.models", "dllp2p.engine", "dllp2p.memory")),
     ("jit", ("dllp2p.jit",)),
     # the Plan is data the tensor-parallel engine executes (tp.py imports it), so it sits below the engines
     ("scheduler/election", ("dllp2p.scheduler", "dllp2p.pipeline", "dllp2p.election", "dllp2p.costmodel",

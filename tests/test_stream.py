@@ -298,17 +298,3 @@ def test_packing_into_the_file_one_tensor_at_a_time_writes_the_same_file(model, 
     pack_into(tmp_path / "streamed.bin", order, tensor, "output.weight")
     assert (tmp_path / "whole.bin").read_bytes() == (tmp_path / "streamed.bin").read_bytes()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["streamed.bin", "whole.bin"]  # no body file left
-
-
-def test_release_pages_drops_a_mapped_file_from_the_process(tmp_path):
-    """What a root over its budget does to the GGUF once set up: the pages leave VmRSS, the data stays."""
-    from dllp2p.memlimit import release_pages
-
-    path = tmp_path / "blob"
-    path.write_bytes(np.arange(1 << 20, dtype=np.uint32).tobytes())
-    arr = np.memmap(path, dtype=np.uint32, mode="r")
-    total = int(arr.sum(dtype=np.uint64))  # every page touched
-    assert mapped_bytes(path) >= 4 << 20
-    release_pages([arr[: 1 << 19], arr[1 << 19:]])
-    assert mapped_bytes(path) <= 2 * 4096
-    assert int(arr.sum(dtype=np.uint64)) == total

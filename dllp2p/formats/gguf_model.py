@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from ..memory import release
 from .arch import ACTIVATIONS, FAMILIES, ROPE_SCALING_LLAMA3, ROPE_SCALING_NONE, Family
 from .gguf_container import ModelFileError, _check_header, _Header, _parse, _type_name
 from .quant import TRAITS, QType, dequantize
@@ -178,6 +179,13 @@ class GGUFModel:
 
     def output_tensor(self) -> Tensor:
         return self.tensor("token_embd.weight" if self.config.tied_output else "output.weight")
+
+    def release(self) -> None:
+        """Drop the file's pages from this process's resident set (memory.release; they stay in the page
+        cache): once an engine holds its packed copy and a root has cut its workers' slices, nothing here
+        reads them until the next plan."""
+        for t in self.tensors.values():
+            release(t.data)
 
 
 def load_model(path: os.PathLike | str) -> GGUFModel:

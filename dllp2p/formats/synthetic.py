@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from .arch import FAMILIES
-from .quant import QType, quantize
+from .quant import TRAITS, QType, quantize
 
 
 @dataclass(frozen=True)
@@ -67,13 +67,16 @@ def _tokenizer_fields(vocab_size: int) -> tuple[list[str], list[int]]:
     return tokens, types
 
 
-def random_tensors(spec: SyntheticSpec) -> dict[str, tuple[np.ndarray, QType]]:
-    """name -> (f32 values in numpy (rows, cols) order, storage type). Scaled to keep activations sane."""
+def random_tensors(spec: SyntheticSpec, raw: bool = False) -> dict[str, tuple[np.ndarray, QType]]:
+    """name -> (f32 values in numpy (rows, cols) order, storage type). Scaled to keep activations sane.
+    raw: the matrices are zero-stride placeholders of their shape (write_random_model(raw=True))."""
     rng = np.random.default_rng(spec.seed)
     family = FAMILIES[spec.arch]
     d, hd = spec.dim, spec.head_dim
 
     def mat(rows: int, cols: int) -> np.ndarray:
+        if raw:
+            return np.broadcast_to(np.float32(0), (rows, cols))
         return (rng.standard_normal((rows, cols)) / np.sqrt(cols)).astype(np.float32)
 
     def norm(n: int = d) -> np.ndarray:
@@ -83,7 +86,8 @@ def random_tensors(spec: SyntheticSpec) -> dict[str, tuple[np.ndarray, QType]]:
         return dict(spec.qtypes).get(name, spec.qtype)
 
     out: dict[str, tuple[np.ndarray, QType]] = {
-        "token_embd.weight": (rng.standard_normal((spec.vocab_size, d)).astype(np.float32), spec.embed_qtype),
+        "token_embd.weight": (np.broadcast_to(np.float32(0), (spec.vocab_size, d)) if raw else
+                              rng.standard_normal((spec.vocab_size, d)).astype(np.float32), spec.embed_qtype),
     }
     for i in range(spec.n_layers):
         p = f"blk.{i}."
@@ -132,14 +136,22 @@ def llama3_rope_factors(
     return divisor.astype(np.float32)
 
 
-def write_random_model(path: str | Path, spec: SyntheticSpec = SyntheticSpec()) -> Path:
-    """Write a random-weight GGUF of spec.arch at `path` and return the path."""
+def write_random_model(path: str | Path, spec: SyntheticSpec = SyntheticSpec(), raw: bool = False) -> Path:
+    """Write a random-weight GGUF of spec.arch at `path` and return the path. raw: the block-quantized
+    matrices are random bytes, not quantized values (their scales may be anything, NaN included): a model
+    for tests that move or cut weights, never run them, written fast at any size."""
     import gguf
 
-    w = _writer(Path(path), spec)
-    for name, (values, qtype) in random_tensors(spec).items():
-        raw = quantize(values, qtype)
-        w.add_tensor(name, raw, raw_shape=raw.shape, raw_dtype=gguf.GGMLQuantizationType(int(qtype)))
+    path = Path(path)
+    w = _writer(path, spec)
+    noise = np.random.default_rng(spec.seed + 1)
+    for name, (values, qtype) in random_tensors(spec, raw).items():
+        if raw and TRAITS[qtype].block_values > 1:
+            rows, cols = values.shape
+            data = np.frombuffer(noise.bytes(rows * TRAITS[qtype].row_bytes(cols)), np.uint8).reshape(rows, -1)
+        else:
+            data = quantize(values, qtype)
+        w.add_tensor(name, data, raw_shape=data.shape, raw_dtype=gguf.GGMLQuantizationType(int(qtype)))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

@@ -60,22 +60,31 @@ _PER_HEAD = ("attn_q.weight", "attn_k.weight", "attn_q.bias", "attn_k.bias")
 _HEAD_VECTORS = ("attn_q_norm.weight", "attn_k_norm.weight")
 
 
+def arranged_rows(name: str, rows: int, config: ModelConfig) -> np.ndarray | None:
+    """i64[rows]: the order in which the programs read tensor `name`'s rows (of `rows`): the adjacent-pair
+    order for NEOX models' Q/K rows, biases and q/k norms; None for every other tensor (as it is)."""
+    if not config.rope_neox:
+        return None
+    order = neox_head_order(config.head_dim, config.rope_dim)
+    suffix = name.split(".", 2)[-1] if name.startswith("blk.") else ""
+    if suffix in _PER_HEAD:
+        heads = rows // config.head_dim
+        return (np.arange(heads)[:, None] * config.head_dim + order[None, :]).reshape(-1)
+    if suffix in _HEAD_VECTORS:
+        return order
+    return None
+
+
 def arranged(tensor: Callable[[str], Tensor], config: ModelConfig) -> Callable[[str], Tensor]:
     """tensor(name) as the programs read it: Q/K rows (and biases, q/k norms) in adjacent-pair order for
-    NEOX models (a copy of those tensors), every other tensor as it is."""
+    NEOX models (a copy of those tensors: arranged_rows), every other tensor as it is."""
     if not config.rope_neox:
         return tensor
-    order = neox_head_order(config.head_dim, config.rope_dim)
 
     def get(name: str) -> Tensor:
         t = tensor(name)
-        suffix = name.split(".", 2)[-1] if name.startswith("blk.") else ""
-        if suffix in _PER_HEAD:
-            heads = t.shape[0] // config.head_dim
-            rows = (np.arange(heads)[:, None] * config.head_dim + order[None, :]).reshape(-1)
-        elif suffix in _HEAD_VECTORS:
-            rows = order
-        else:
+        rows = arranged_rows(name, t.shape[0], config)
+        if rows is None:
             return t
         return Tensor(t.name, t.qtype, t.shape, np.ascontiguousarray(t.data[rows]))
 

@@ -34,6 +34,7 @@ import numpy as np
 from ..diskcache import evict, touch, write_atomically
 from ..formats import GGUFModel, ModelConfig, QType
 from ..formats.quant import dequantize
+from ..memory import release
 from .family import arranged, layer_extra_names
 from .compiler import sources_digest
 from .layout import PackedMatrix, aligned_empty, pack_weights
@@ -76,14 +77,16 @@ def pack(names: list[str], tensor: Callable[[str], object], out_name: str) -> Pa
     matrices, norms = {}, {}
     for name in names:
         t = tensor(name)
+        data = t.data
         if len(t.shape) == 1:
             arr = aligned_empty(t.shape, np.float32)
-            arr[...] = dequantize(t.data, t.qtype, t.shape)
+            arr[...] = dequantize(data, t.qtype, t.shape)
             norms[name] = arr
         elif t.qtype == QType.BF16:
-            matrices[name] = pack_weights(dequantize(t.data, t.qtype, t.shape), QType.F32, t.shape)
+            matrices[name] = pack_weights(dequantize(data, t.qtype, t.shape), QType.F32, t.shape)
         else:
-            matrices[name] = pack_weights(t.data, t.qtype, t.shape)
+            matrices[name] = pack_weights(data, t.qtype, t.shape)
+        release(data)  # a view of the model's map: its pages leave the resident set (memory.release)
     layers = sum(m.nbytes for n, m in matrices.items() if n.startswith("blk."))
     out = matrices[out_name].nbytes if out_name in matrices else 0  # none in a pipeline stage before the last
     return PackedModel(matrices, norms, layers + out + sum(a.nbytes for a in norms.values()))
@@ -177,6 +180,7 @@ def cached(path: Path, names: set[str], pack: Callable[[], PackedModel],
         if write is None:
             packed = pack()
             _write(path, packed)
+            del packed  # the file holds it now: mapping it back beside the copy would double the resident peak
         else:
             write(path)
     except OSError as e:

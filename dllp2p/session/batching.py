@@ -37,6 +37,7 @@ from ..memlimit import engine_options
 from ..error_codes import CodedError, ErrorCode, code_of
 from ..errors import user_facing_errors
 from ..generate import StopFilter
+from ..memory import trim
 from ..sampler import Sampler, SamplerConfig
 from ..tokenizer import StreamDecoder
 from ..wire.link import LinkClosed
@@ -318,6 +319,8 @@ class BatchService:
         if engine is not None:
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(engine.close)
+                del engine
+                await trio.to_thread.run_sync(trim)  # its buffers go back to the system (memory.trim)
 
 
 async def _send_quietly(link: Any, msg: Any) -> None:

@@ -61,20 +61,8 @@ from ..wire.link import (
     shutdown,
 )
 from ..wire.secure import HandshakeFailed, exchange_keys
-from ..wire.messages import (
-    PROTOCOL_VERSION,
-    Error,
-    Hello,
-    Mesh,
-    MeshHello,
-    Need,
-    Ready,
-    Session,
-    SliceInfo,
-    Step,
-    Stop,
-    WeightsReady,
-)
+from ..wire.messages import (MAX_CHUNK, PROTOCOL_VERSION, Error, Hello, Mesh, MeshHello, Need, Ready, Session,
+                             SliceInfo, Step, Stop, WeightsReady)
 from . import autoplan
 from .cluster_stats import ClusterStats, StepStats
 from .progress import BUILD, PUSH, Note, Progress, Sink, ignore
@@ -467,17 +455,20 @@ async def _push(w: Worker, model: Any, the_plan: AnyPlan, ctx: int, max_seqs: in
         unknown = [h for h in need.sha256s if h not in by_hash]
         if unknown:
             raise ClusterError(f"{w.name} asked for a slice it was not given ({unknown[0][:16]}..)")
-        total, done = sum(by_hash[h].data.nbytes for h in need.sha256s), 0
+        total, done = sum(by_hash[h].nbytes for h in need.sha256s), 0
         t0 = time.perf_counter()
         if total:
             events(Progress(PUSH, w.name, 0, total))
-        for h in need.sha256s:
-            x = by_hash[h]
-            data = np.ascontiguousarray(x.data)
-            for chunk in weight_chunks(the_plan.epoch, x.name, x.name, x.qtype, tuple(x.shape), data, h):
-                await w.link.send(chunk)
-                done += len(chunk.data)
-                events(Progress(PUSH, w.name, done, total))
+        for h in need.sha256s:  # each slice cut from the model's map piece by piece (tp.CutTensor.pieces)
+            x, start = by_hash[h], 0
+            pieces = x.pieces(MAX_CHUNK)
+            while (piece := await trio.to_thread.run_sync(next, pieces, None)) is not None:
+                for chunk in weight_chunks(the_plan.epoch, x.name, x.name, x.qtype, tuple(x.shape), piece, h,
+                                           start=start, total=x.nbytes):
+                    await w.link.send(chunk)
+                    done += len(chunk.data)
+                    events(Progress(PUSH, w.name, done, total))
+                start += len(piece)
         ready: WeightsReady = await _expect(w, WeightsReady, t.transfer)
     except (LinkClosed, LinkTimeout) as e:
         raise ClusterError(f"{w.name}: {_said(w.address, e)}") from None

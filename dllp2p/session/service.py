@@ -59,11 +59,12 @@ import trio
 from ..chat import Message
 from ..clusterkey import ClusterKey
 from ..config import Timeouts
-from ..memlimit import engine_options, release_pages
+from ..memlimit import engine_options
 from ..error_codes import CodedError, ErrorCode, code_of
 from ..errors import user_facing_errors
 from ..engine import kv_bytes_per_position
 from ..formats import load_model
+from ..memory import trim
 from ..prompt import chat_tokens, prompt_tokens
 from ..sampler import SamplerConfig
 from ..pipeline import AnyPlan, build_plan, plan_share
@@ -230,6 +231,7 @@ class RootService:
         if not self.batching.workers:
             extra = engine_options(cache_dir=self.cache_dir, mem_limit=self.mem_limit)
             engine = await trio.to_thread.run_sync(partial(jit_batch_engine, model, ctx, self.threads, slots, **extra))
+            await trio.to_thread.run_sync(_settle_memory, model)
             self.last_plan = self._alone_plan(model.config, self.threads, self.requests)
             self.batching.nodes = 1
             return engine
@@ -403,6 +405,8 @@ class RootService:
         w, self._warm = self._warm, None
         if w is not None:
             await trio.to_thread.run_sync(w.engine.close)
+            del w
+            await trio.to_thread.run_sync(trim)  # its buffers go back to the system (memory.trim)
 
     async def keep_warm(self) -> None:
         """(a task of the daemon) Close the kept engine once it has waited WARM_S; close it on the way out."""
@@ -455,23 +459,18 @@ class RootService:
             self.progress.clear()
             engine = await start(model, options, ctx, threads, tp, self.progress, node_id=self.node_id,
                                  epoch=epoch, slices=self._slices, rate=self.meter.rate)
+            await trio.to_thread.run_sync(_settle_memory, model)
             self._link_mbps.update(engine.push_rates(PUSH_MIN) if hasattr(engine, "push_rates") else {})
             self._weights.update(getattr(engine, "rates", {}))
             self.last_choice, self.last_measured_ms = getattr(engine, "choice", None), 0.0
-            self._release(model)
             return engine, engine.plan
         from ..jit.engine import JITEngine  # llvmlite: loaded by the first prompt served alone
 
         alone = self._alone_plan(model.config, threads, epoch)
         extra = engine_options(cache_dir=self.cache_dir, mem_limit=self.mem_limit)
         engine = await trio.to_thread.run_sync(lambda: JITEngine(model, ctx, threads, **extra))
-        self._release(model)
+        await trio.to_thread.run_sync(_settle_memory, model)
         return engine, alone
-
-    def _release(self, model: Any) -> None:
-        """A model file larger than the budget: its pages leave this process once the engines are built."""
-        if self.mem_limit is not None and model.path.stat().st_size > self.mem_limit:
-            release_pages([t.data for t in model.tensors.values()])
 
     @staticmethod
     async def _produce(engine: Any, loaded: _Loaded, request: InFlight, steps: int, send: trio.MemorySendChannel,
@@ -480,6 +479,13 @@ class RootService:
         through `send` (blocking when the connection lags). `cached`: what the engine's KV cache holds."""
         async with send:
             await trio.to_thread.run_sync(produce, engine, request, steps, loaded.tokenizer.eos_ids, send, cached)
+
+
+def _settle_memory(model: Any) -> None:
+    """(thread) Once an engine is built: the model file's pages leave the resident set (the engine holds its
+    packed copy; a worker's slices are cut from the map again when pushed) with the set-up's garbage."""
+    model.release()
+    trim()
 
 
 def _rates(rates: dict[str, float]) -> str:

@@ -3,7 +3,8 @@
     node_id      this node's stable id, <state dir>/node_id, made once
     SliceCache   a worker's weight slices on disk, content-addressed: <state dir>/slices/<sha256> holds one
                  slice's raw ggml bytes, written atomically (diskcache: temporary file, fsync, rename, fsync
-                 of the directory), verified again when read (size, sha256); a file that fails is deleted
+                 of the directory), verified again when read (size, sha256) and read as a map of the file
+                 (mapped: a session's engine packs from it, no copy in memory); a file that fails is deleted
                  with one log line (and asked for again: the worker's Need names it). Kept within a size
                  budget (DaemonConfig.cache_mb), the least recently used slices going first; a full disk
                  (ENOSPC, EDQUOT) first evicts every slice the session does not use, then raises
@@ -16,6 +17,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import mmap
+import os
 import re
 import secrets
 import socket
@@ -27,6 +30,7 @@ import numpy as np
 from ..diskcache import disk_full, evict, touch, write_atomically
 from ..formats import QType
 from ..formats.quant import TRAITS
+from ..memory import release
 from ..pipeline import with_epoch
 from ..scheduler import Plan
 from ..wire.messages import SliceInfo
@@ -80,21 +84,22 @@ class SliceCache:
         return data
 
     def mapped(self, sha256: str, nbytes: int, verify: bool = True) -> np.ndarray | None:
-        """The slice as a read-only mapping of its file (u8[nbytes]: page cache, not this process's memory,
-        so a share larger than the memory budget can be packed: jit/ir_stream.py), or None if absent or (with
-        verify: its sha256 read through the page cache) damaged, as load()."""
+        """The slice as u8[nbytes] over a read-only map of its file, or None if absent or damaged (then
+        deleted, as load). Not read into memory: packing it releases its pages (memory.release), so a
+        worker holds no second copy of its slices beside its engine's. verify: hash it first, piece by
+        piece (its pages released behind); False only for a file this process just stored from bytes it
+        verified."""
         path = self.path(sha256)
         try:
-            if path.stat().st_size != nbytes or nbytes == 0:
-                raise ValueError(f"{path.stat().st_size} bytes, expected {nbytes}")
-            if verify:
-                digest = hashlib.sha256()
-                with open(path, "rb", buffering=0) as f:
-                    while chunk := f.read(8 << 20):
-                        digest.update(chunk)
-                if digest.hexdigest() != sha256:
-                    raise ValueError("content does not match its hash")
-            data = np.memmap(path, dtype=np.uint8, mode="r")
+            with open(path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                if size != nbytes:
+                    raise ValueError(f"{size} bytes, expected {nbytes}")
+                if not nbytes:
+                    return np.zeros(0, np.uint8)
+                data = np.frombuffer(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ), np.uint8)
+            if verify and _digest(data) != sha256:
+                raise ValueError("content does not match its hash")
         except FileNotFoundError:
             return None
         except (OSError, ValueError) as e:
@@ -124,6 +129,14 @@ class SliceCache:
 
     def keys(self) -> list[str]:
         return sorted(p.name for p in self._files())
+
+
+def _digest(data: np.ndarray, piece: int = 16 << 20) -> str:
+    h = hashlib.sha256()
+    for at in range(0, len(data), piece):
+        h.update(data[at:at + piece])
+        release(data[at:at + piece])
+    return h.hexdigest()
 
 
 def _write_atomically(path: Path, data: bytes) -> None:

@@ -48,6 +48,7 @@ from ..memlimit import engine_options
 from ..diskcache import disk_full
 from ..error_codes import ErrorCode
 from ..formats import QType
+from ..memory import trim
 from ..pipeline import check_fits, plan_share
 from ..scheduler import Plan, PlanError, check_plan_fits
 from ..wire.chunks import AssembledSlice, SliceAssembler
@@ -223,6 +224,8 @@ class Worker:
             active.close()
             self._slot.release()
             self.sessions += 1
+            tensors = None  # the received slices, the engine and its KV cache go back to the system
+            trim()
 
     async def _check_addresses(self, plan: Plan, index: int, root_host: str) -> None:
         """check_addresses; hosts named otherwise than the members (a name, an IP) are compared resolved."""
@@ -267,8 +270,9 @@ class Worker:
                 self.push = replace(self.push, done=min(total, done + sum(partial.values())))
                 await link.send(Error(error_code(e), f"node {self.node_id}: {e}"))
                 continue
-            if part is not None:
-                have[part.sha256] = part.data if (m := self.cache.mapped(part.sha256, len(part.data), False)) is None else m
+            if part is not None:  # the cache's file, mapped, where it was stored: the received bytes go
+                mapped = None if full else self.cache.mapped(part.sha256, len(part.data), verify=False)
+                have[part.sha256] = part.data if mapped is None else mapped
                 want.discard(part.sha256)
                 partial.pop(part.sha256, None)
                 done += sizes[part.sha256]
@@ -290,12 +294,9 @@ class Worker:
         }
 
     def _lookup(self, sizes: dict[str, int]) -> dict[str, Any]:
-        out = {}
-        for sha, nbytes in sizes.items():
-            data = self.cache.mapped(sha, nbytes)  # page cache, not this process's memory
-            if data is not None:
-                out[sha] = data
-        return out
+        """(thread) The cached slices, as maps of their files (SliceCache.mapped)."""
+        found = {sha: self.cache.mapped(sha, nbytes) for sha, nbytes in sizes.items()}
+        return {sha: data for sha, data in found.items() if data is not None}
 
     def _take_chunk(self, assembler: SliceAssembler, chunk: WeightChunk, nbytes: int,
                     full: list[OSError]) -> AssembledSlice | None:
@@ -426,6 +427,7 @@ class Worker:
             threads = self.pick_threads() if self.pick_threads else self.threads
             node = tp.plan_node(s.config, s.plan, index, tensors, peers, s.ctx, threads, **extra)
             tensors.clear()  # the engine holds its own packed copy
+            trim()  # what the build allocated and freed goes back to the system (memory.trim)
             ctl.send(Ready(s.epoch, self.node_id))
             share = plan_share(s.plan, index, s.config.n_layers)
             seq = 0
@@ -483,12 +485,10 @@ class Worker:
                 node.close()
 
 
-
 def _describe(msg: object) -> str:
     if isinstance(msg, (Step, WeightChunk, Mesh, Stop)):
         return f"{type(msg).__name__} of epoch {msg.epoch}"
     return type(msg).__name__
-
 
 
 def _send_blocking_quietly(link: BlockingLink, msg: Error) -> None:

@@ -21,14 +21,20 @@ def weight_chunks(
     data: bytes | memoryview,
     sha256: str,
     chunk_size: int = MAX_CHUNK,
+    *,
+    start: int = 0,
+    total: int | None = None,
 ) -> Iterator[WeightChunk]:
-    """One slice's raw bytes -> WeightChunks of at most chunk_size bytes, in order (no copies)."""
+    """One slice's raw bytes -> WeightChunks of at most chunk_size bytes, in order (no copies). Or a piece
+    of it: `data` is bytes [start, start + len(data)) of a slice of `total` bytes (a root cutting a slice
+    from the model's map piece by piece: formats/cuts.py)."""
     if not 0 < chunk_size <= MAX_CHUNK:
         raise ValueError(f"chunk size {chunk_size} is not in 1..{MAX_CHUNK}")
     view = memoryview(data).cast("B")
+    total = len(view) if total is None else total
     for offset in range(0, len(view), chunk_size):
         part = view[offset : offset + chunk_size]
-        yield WeightChunk(epoch, tensor, slice_id, int(qtype), tuple(shape), offset, len(view), sha256, part)
+        yield WeightChunk(epoch, tensor, slice_id, int(qtype), tuple(shape), start + offset, total, sha256, part)
 
 
 @dataclass(frozen=True)
