@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from dllp2p.formats import QType, load_model
-from dllp2p.formats.synthetic import SyntheticSpec, write_random_llama
+from dllp2p.formats.synthetic import SyntheticSpec, write_random_llama, write_random_q4_0
 from dllp2p.jit.engine import JITEngine
 from dllp2p.jit.ir_stream import StreamPlan, page_range, stream_plan, stream_table
 from dllp2p.memlimit import MemoryCgroup, cgroup_unavailable
@@ -141,8 +141,8 @@ print(json.dumps({"ids": ids, "base": base, "peak": peak[0], "ahead": e.stream.a
 @pytest.fixture(scope="module")
 def big_model(tmp_path_factory):
     """16 layers of ~5 MB (packed ~81 MB): more than the child's cgroup may hold beside its interpreter."""
-    spec = SyntheticSpec(dim=1024, n_layers=16, ffn_dim=2048, n_heads=8, n_kv_heads=2, vocab_size=512, qtype=QType.Q4_0)
-    return load_model(write_random_llama(tmp_path_factory.mktemp("stream-big") / "m.gguf", spec))
+    spec = SyntheticSpec(dim=1024, n_layers=16, ffn_dim=2048, n_heads=8, n_kv_heads=2, vocab_size=512)
+    return load_model(write_random_q4_0(tmp_path_factory.mktemp("stream-big") / "m.gguf", spec))  # blocks drawn: fast
 
 
 CGROUP_LIMIT = 60 << 20  # charged: the child's anonymous memory and the file pages it reads in (the packed

@@ -168,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ram-mb", type=int, default=1536, help="each daemon's cgroup limit, running from RAM")
     ap.add_argument("--stream-mb", type=int, help="each daemon's cgroup limit when streaming (default: 60 %% of "
                                                   "a node's share + the process's reserve)")
+    ap.add_argument("--configs", nargs="+", choices=("ram", "stream"), default=["ram", "stream"],
+                    help="which configurations to run (default both)")
     ap.add_argument("--dir", type=Path, help="where the model and caches go (kept); default: a temporary dir")
     args = ap.parse_args(argv)
     why = cgroup_unavailable()
@@ -194,7 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     lan = Lan(args.nodes)
     ok = True
     try:
-        for name, mb in (("from RAM", args.ram_mb), ("streaming", stream_mb)):
+        for name, mb in [c for c in (("from RAM", args.ram_mb), ("streaming", stream_mb))
+                         if ("ram" if c[0] == "from RAM" else "stream") in args.configs]:
             evict([model, *(p for p in tmp.glob("*/**/*") if p.is_file())])
             d = Daemons(lan, model, key, tmp, mb << 20, name[:4])
             try:
