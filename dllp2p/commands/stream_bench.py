@@ -10,8 +10,8 @@ directory (or --dir, kept for a rerun), and greedy-decodes a prompt three ways:
 - one node in this process's namespace, no limit (`dllp2p run --local --mem-limit off`): the reference text;
 - `nodes` daemons in network namespaces on one bridge (plan_bench.Lan), a pow2 plan, each daemon in its
   own memory cgroup (memlimit.MemoryCgroup) of `--ram-mb` (default 1536): its share fits, it runs from RAM;
-- the same daemons (their slice and packed caches kept) in cgroups of `--stream-mb` (default: 60 % of a
-  node's share + the process's reserve): `--mem-limit` is what `auto` makes of the cgroup's limit (the
+- the same daemons (their slice and packed caches kept) in cgroups of `--stream-mb` (default: 90 % of a
+  node's share, at least STREAM_FLOOR_MB): `--mem-limit` is what `auto` makes of the cgroup's limit (the
   limit less memlimit.PROCESS_RESERVE; given explicitly, as `ip netns exec` hides /sys/fs/cgroup); the
   share does not fit, it streams (jit/ir_stream.py).
 
@@ -41,6 +41,9 @@ from ..memlimit import PROCESS_RESERVE, MemoryCgroup, cgroup_unavailable
 from .plan_bench import CLI, PORT, Lan, address
 
 PROMPT = "The weights stream from the disk"
+# the least cgroup a streaming daemon of this model gets by default: 474 MiB cgroups (0.6 x a 16-layer
+# share + the reserve) saw daemons OOM-killed during set-up with ~480 MiB anonymous memory; 700 MiB ran
+STREAM_FLOOR_MB = 700
 
 
 def sh(*cmd: str, timeout: float = 60, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -166,8 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--layers", type=int, default=32, help="Llama 2 7B has 32 (default); fewer to fit the time")
     ap.add_argument("--steps", type=int, default=16, help="greedy tokens per measured run (default 16)")
     ap.add_argument("--ram-mb", type=int, default=1536, help="each daemon's cgroup limit, running from RAM")
-    ap.add_argument("--stream-mb", type=int, help="each daemon's cgroup limit when streaming (default: 60 %% of "
-                                                  "a node's share + the process's reserve)")
+    ap.add_argument("--stream-mb", type=int, help="each daemon's cgroup limit when streaming (default: 90 %% of "
+                                                  f"a node's share, at least {STREAM_FLOOR_MB})")
     ap.add_argument("--configs", nargs="+", choices=("ram", "stream"), default=["ram", "stream"],
                     help="which configurations to run (default both)")
     ap.add_argument("--dir", type=Path, help="where the model and caches go (kept); default: a temporary dir")
@@ -185,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"model: {model} ({model.stat().st_size / 1e9:.2f} GB, {time.perf_counter() - t0:.0f} s to write)")
     size = model.stat().st_size
     share = size // args.nodes
-    stream_mb = args.stream_mb or int(0.6 * share / 2**20 + PROCESS_RESERVE / 2**20)
+    stream_mb = args.stream_mb or max(int(0.9 * share / 2**20), STREAM_FLOOR_MB)
     key = tmp / "cluster.key"
     if not key.exists():
         sh(*CLI, "key", "new", "--out", str(key))
