@@ -21,6 +21,7 @@ place); a full disk only costs the cache (one log line).
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -125,7 +126,8 @@ def pack_into(path: Path, names: list[str], tensor: Callable[[str], object], out
         digest = hashlib.sha256(header + pad)
         for chunk in _chunks(body):
             digest.update(chunk)
-        write_atomically(path, [MAGIC + struct.pack("<Q", len(header)) + digest.digest() + header + pad, *_chunks(body)])
+        head = MAGIC + struct.pack("<Q", len(header)) + digest.digest() + header + pad
+        write_atomically(path, itertools.chain([head], _chunks(body)))  # a chunk at a time, never a list of them
     finally:
         body.unlink(missing_ok=True)
 
