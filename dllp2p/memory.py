@@ -18,8 +18,8 @@ import ctypes
 import ctypes.util
 import gc
 import mmap
+
 import numpy as np
-from numpy.lib.array_utils import byte_bounds
 
 PAGE = mmap.PAGESIZE
 
@@ -78,6 +78,13 @@ def _writable(m: mmap.mmap) -> bool:
         return True
 
 
+def _bounds(a: np.ndarray) -> tuple[int, int]:
+    """[low, high) addresses of the bytes a (any strides) spans."""
+    start = a.__array_interface__["data"][0]
+    ends = [(n - 1) * s for n, s in zip(a.shape, a.strides)]
+    return start + sum(e for e in ends if e < 0), start + sum(e for e in ends if e > 0) + a.itemsize
+
+
 def release(array: np.ndarray) -> bool:
     """Drop the whole pages `array` (a view of a read-only file mapping) lies on from the resident set.
     Pages at either end shared with neighbouring data go too: harmless, they are read again if touched.
@@ -85,7 +92,7 @@ def release(array: np.ndarray) -> bool:
     m = _mapping_of(array)
     if m is None or array.nbytes == 0 or not hasattr(m, "madvise"):
         return False
-    low, high = byte_bounds(array)
+    low, high = _bounds(array)
     with memoryview(m) as view:
         base = np.frombuffer(view, np.uint8).ctypes.data
     lo = (low - base) // PAGE * PAGE
@@ -95,12 +102,3 @@ def release(array: np.ndarray) -> bool:
     except (OSError, ValueError):
         return False
     return True
-
-
-def release_all(m: mmap.mmap) -> None:
-    """Drop every resident page of a read-only mapping (as release, for all of it)."""
-    if not _writable(m) and hasattr(m, "madvise"):
-        try:
-            m.madvise(mmap.MADV_DONTNEED)
-        except (OSError, ValueError):
-            pass

@@ -1,10 +1,11 @@
 """Resident memory of a root and a worker daemon, during and after a session.
 
-    python -m dllp2p.commands.mem_bench [--model PATH ...] [--steps N] [--wait S] [--json]
+    python -m dllp2p.commands.mem_bench [--model PATH ...] [--steps N] [--wait S] [--code DIR] [--json]
 
 Two `dllp2p daemon` processes on 127.0.0.1 (one thread each, the pow2 plan: both nodes take part, each
 other's --peer, a fresh cluster key, fresh state dirs: the worker's slice cache is empty, so the root
-pushes its slices). The first, started first, is the root and has the model; the worker has none. One
+pushes its slices; a fresh cache dir: kernels compiled and weights packed afresh, as on a first run).
+The first, started first, is the root and has the model; the worker has none. One
 greedy prompt of `--steps` tokens goes to the root; /proc/PID/status of both is read:
 
     idle      after both started and found each other
@@ -14,7 +15,8 @@ greedy prompt of `--steps` tokens goes to the root; /proc/PID/status of both is 
     peak      VmHWM at the end: the most either ever held
 
 Default models: the random distributed-llama-shaped one (8 KV heads, tpbench.random_model_path: written
-once to /tmp) and the installed SmolLM2. Figures in MiB; `model bytes` is the GGUF's size.
+once to /tmp) and the installed SmolLM2. Figures in MiB; `MiB` is the GGUF's size. `--code DIR` runs the
+daemons from another checkout (PYTHONPATH), e.g. the code before a change: compare the two tables.
 """
 
 from __future__ import annotations
@@ -40,9 +42,9 @@ from .replan_bench import CLI, PROMPT, _free_port, wait_joined
 MIB = 1 << 20
 
 
-def _start(tmp: Path, model: str) -> tuple[list[subprocess.Popen], list[str], Path]:
+def _start(tmp: Path, model: str, env: dict[str, str]) -> tuple[list[subprocess.Popen], list[str], Path]:
     key = tmp / "cluster.key"
-    subprocess.run([*CLI, "key", "new", "--out", str(key)], check=True, capture_output=True)
+    subprocess.run([*CLI, "key", "new", "--out", str(key)], check=True, capture_output=True, env=env, cwd=tmp)
     addresses = [f"127.0.0.1:{_free_port()}" for _ in range(2)]
     procs = []
     for i, address in enumerate(addresses):
@@ -52,14 +54,18 @@ def _start(tmp: Path, model: str) -> tuple[list[subprocess.Popen], list[str], Pa
         if i == 0:
             cmd += ["--model", model]
         log = open(tmp / f"d{i}.log", "w")
-        procs.append(subprocess.Popen(cmd, stdout=log, stderr=log))
+        procs.append(subprocess.Popen(cmd, stdout=log, stderr=log, env=env, cwd=tmp))
         time.sleep(1.0)  # the first started is the root
     return procs, addresses, key
 
 
-def measure(model: str, steps: int, wait: float) -> dict[str, Any]:
+def measure(model: str, steps: int, wait: float, code: str | None = None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="dllp2p-mem-") as tmp:
-        procs, addresses, key = _start(Path(tmp), model)
+        # cold: compiled and packed afresh; the daemons run from `code` (else this checkout), started in tmp:
+        # `python -m` puts its working directory before PYTHONPATH
+        env = {**os.environ, "DLLP2P_CACHE_DIR": str(Path(tmp) / "cache"),
+               "PYTHONPATH": str(Path(code or Path(__file__).parent.parent.parent).resolve())}
+        procs, addresses, key = _start(Path(tmp), model, env)
         pids = {"root": procs[0].pid, "worker": procs[1].pid}
         try:
             wait_joined(addresses, key)
@@ -80,7 +86,7 @@ def measure(model: str, steps: int, wait: float) -> dict[str, Any]:
             sampler.start()
             r = subprocess.run([*CLI, "run", "--prompt", PROMPT, "--temperature", "0", "--steps", str(steps),
                                 "--daemon", addresses[0], "--key-file", str(key)],
-                               capture_output=True, text=True, timeout=600)
+                               capture_output=True, text=True, timeout=600, env=env, cwd=tmp)
             running.clear()
             sampler.join()
             if r.returncode != 0:
@@ -110,12 +116,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", nargs="*", help="GGUF models (default: the random 8-KV model and SmolLM2)")
     parser.add_argument("--steps", type=int, default=32, help="tokens of the prompt's answer (default 32)")
     parser.add_argument("--wait", type=float, default=WARM_S + 10, help="seconds after the prompt until 'released'")
+    parser.add_argument("--code", metavar="DIR", help="run the daemons from this checkout (their PYTHONPATH), e.g. "
+                                                      "one of the code before a change, to compare with this one")
     parser.add_argument("--json", action="store_true")
     ns = parser.parse_args(argv)
     models = ns.model
     if not models:
         models = [str(random_model_path()), str(default_model_path())]
-    results = [measure(m, ns.steps, ns.wait) for m in models]
+    results = [measure(m, ns.steps, ns.wait, ns.code) for m in models]
     if ns.json:
         print(json.dumps(results))
         return 0

@@ -8,9 +8,9 @@
                  with one log line (and asked for again: the worker's Need names it). Kept within a size
                  budget (DaemonConfig.cache_mb), the least recently used slices going first; a full disk
                  (ENOSPC, EDQUOT) first evicts every slice the session does not use, then raises
-    PlanSlices   a root's node_tensors (the slices and their sha256) per plan shape: hashing every slice
-                 of a 100 MB model takes a while, and every request with the same members has the same
-                 plan but for its epoch, so each plan shape is sliced and hashed once
+    PlanSlices   a root's node_tensors (the slices as recipes, tp.CutTensor, and their sha256: no weights)
+                 per plan shape: hashing every slice of a 100 MB model takes a while, and every request with
+                 the same members has the same plan but for its epoch, so each plan shape is hashed once
 """
 
 from __future__ import annotations

@@ -263,16 +263,16 @@ class Worker:
             if not isinstance(msg, WeightChunk) or msg.epoch != s.epoch or msg.sha256 not in want:
                 raise UnexpectedMessage(f"expected a WeightChunk of a needed slice, got {_describe(msg)}")
             try:
-                part = await trio.to_thread.run_sync(self._take_chunk, assembler, msg, sizes[msg.sha256], full)
+                took = await trio.to_thread.run_sync(self._take_chunk, assembler, msg, sizes[msg.sha256], full)
             except ChunkError as e:  # SliceHashMismatch included: the slice is dropped, may come again
                 log.warning("dropped a weight slice: %s", e)
                 partial.pop(msg.sha256, None)
                 self.push = replace(self.push, done=min(total, done + sum(partial.values())))
                 await link.send(Error(error_code(e), f"node {self.node_id}: {e}"))
                 continue
-            if part is not None:  # the cache's file, mapped, where it was stored: the received bytes go
-                mapped = None if full else self.cache.mapped(part.sha256, len(part.data), verify=False)
-                have[part.sha256] = part.data if mapped is None else mapped
+            if took is not None:
+                part, data = took
+                have[part.sha256] = data  # the cache's file, mapped, where it was stored: the bytes go
                 want.discard(part.sha256)
                 partial.pop(part.sha256, None)
                 done += sizes[part.sha256]
@@ -293,27 +293,30 @@ class Worker:
             for si in s.slices
         }
 
-    def _lookup(self, sizes: dict[str, int]) -> dict[str, Any]:
-        """(thread) The cached slices, as maps of their files (SliceCache.mapped)."""
+    def _lookup(self, sizes: dict[str, int]) -> dict[str, Any]:  # (thread) cached slices, mapped
         found = {sha: self.cache.mapped(sha, nbytes) for sha, nbytes in sizes.items()}
         return {sha: data for sha, data in found.items() if data is not None}
 
     def _take_chunk(self, assembler: SliceAssembler, chunk: WeightChunk, nbytes: int,
-                    full: list[OSError]) -> AssembledSlice | None:
-        """(thread) Add a chunk; a finished slice is verified and stored. -> the slice when finished. A full
-        disk is appended to `full` (nothing more is stored); another failing write only costs the cache."""
+                    full: list[OSError]) -> tuple[AssembledSlice, Any] | None:
+        """(thread) Add a chunk; a finished slice is verified and stored. -> (the slice, its data: a map of its
+        stored file, else its bytes) when finished. A full disk goes to `full` (nothing more is stored)."""
         if chunk.total != nbytes:
             raise ChunkError(f"{chunk.tensor}: {chunk.total} bytes announced, the session says {nbytes}")
         part = assembler.add(chunk)
-        if part is not None and not full:
+        if part is None:
+            return None
+        if not full:
             try:
                 self.cache.store(part.sha256, part.data, keep=self._session_slices())
+                stored = self.cache.mapped(part.sha256, nbytes, verify=False)  # just written from verified bytes
+                return part, part.data if stored is None else stored
             except OSError as e:
                 if disk_full(e):
                     full.append(e)
                 else:
                     log.warning("slice %s not cached: %s", part.sha256[:16], e)
-        return part
+        return part, part.data
 
     def _session_slices(self) -> frozenset[str]:
         a = self.active
@@ -418,12 +421,10 @@ class Worker:
         tp = self._tp()
         node = None
         try:
-            extra = engine_options(mem_limit=self.mem_limit, cache_dir=self.cache_dir,
+            extra = engine_options(mem_limit=self.mem_limit, cache_dir=self.cache_dir, max_seqs=s.max_seqs if s.max_seqs > 1 else None,
                                    cache_budget=None if self.cache_dir is None else self.cache.budget)
             if keys is not None:
                 extra["exchange_keys"] = keys
-            if s.max_seqs > 1:
-                extra["max_seqs"] = s.max_seqs
             threads = self.pick_threads() if self.pick_threads else self.threads
             node = tp.plan_node(s.config, s.plan, index, tensors, peers, s.ctx, threads, **extra)
             tensors.clear()  # the engine holds its own packed copy
