@@ -20,6 +20,7 @@ from .daemon import DaemonConfig
 from .errors import user_facing_errors
 from .formats import load_metadata
 from .jit.cpus import cap_threads, read_cpu_facts
+from .memlimit import mem_budget
 from .models import NoModel, default_model_path
 from .sampler import SamplerConfig
 from .session.batcher import BatchConfig
@@ -50,8 +51,11 @@ class RunConfig:
     fallback: bool = False  # run in this process if no daemon listens at `daemon` (the default one, not named)
     cache_dir: Path | None = None  # compiled kernels and packed weights (config.cache_dir)
     key: ClusterKey | None = None  # the cluster key the daemon and workers are reached with
+    mem_limit: int | None = None  # bytes this process's engine may use (--mem-limit); beyond it, weights stream
 
 
+MEM_LIMIT_HELP = ("memory the engine may use: a size (1500M, 1.5G; a bare number is MiB), 'off', or 'auto' (the "
+                  "default: the cgroup's limit, else the RAM available, less 192 MiB); weights beyond it stream from disk")
 THREADS_HELP = ("compute threads (default: one per core this process may use, less the cores other programs keep "
                 "busy; more than the cores are capped, with a warning)")
 KEY_FILE_HELP = ("the cluster key file (default: $DLLP2P_KEY_FILE, config key_file, else /etc/dllp2p/cluster.key "
@@ -91,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generation_flags(run, "the prompt")
     run.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     run.add_argument("--system", help="system prompt for --chat")
+    run.add_argument("--mem-limit", dest="mem_limit", default="auto", metavar="SIZE", help=MEM_LIMIT_HELP)
     run.add_argument("--engine", choices=["jit", "reference"], default="jit",
                      help="jit: compiled for this CPU (default); reference: the slow numpy oracle")
     run.add_argument("--workers", nargs="+", metavar="HOST:PORT", default=[],
@@ -163,6 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="GGUF model served when this daemon is root (default: the installed SmolLM2)")
 
     daemon.add_argument("--key-file", dest="key_file", action=_Given, help=KEY_FILE_HELP)
+    daemon.add_argument("--mem-limit", dest="mem_limit", metavar="SIZE", action=_Given, help=MEM_LIMIT_HELP)
     daemon.add_argument("--cache-mb", dest="cache_mb", type=int, metavar="MIB", action=_Given,
                         help="size budget of each weight cache (received slices, packed slices); the least "
                              "recently used files go beyond it (default 4096)")
@@ -284,7 +290,8 @@ def run_config(ns: argparse.Namespace, environ: Mapping[str, str] | None = None)
     threads = asked_threads(ns.threads)
     return RunConfig(ns.model, ns.prompt, ns.steps, ns.ctx, ns.chat, ns.system, ns.engine, sampler, threads,
                      tuple(ns.workers), ns.plan, ns.exchange or "exact", ns.stats, daemon, ns.daemon is None,
-                     cache_dir(environ), client_key(ns.key_file, environ) if daemon or ns.workers else None)
+                     cache_dir(environ), client_key(ns.key_file, environ) if daemon or ns.workers else None,
+                     None if daemon else mem_budget(ns.mem_limit)[0])
 
 
 def asked_threads(asked: int | None, err=None, facts=None) -> int | None:  # noqa: ANN001
@@ -349,6 +356,7 @@ def config_of_settings(s: dict, environ: Mapping[str, str]) -> DaemonConfig:
     model = Path(s["model"]).expanduser() if s.get("model") else _installed_model()
     key_path = clusterkey.configured_path(s["key_file"], environ)
     key = None if key_path is None else clusterkey.load(key_path)
+    mem_limit, mem_why = mem_budget(s["mem_limit"])
     return DaemonConfig(s["host"], s["port"], threads, state_dir(environ, s["state_dir"]), threads_why=why,
                         threads_auto=auto,
                         cluster=s["cluster"], key=key, discovery=s["discovery"], interfaces=tuple(s["interfaces"]),
@@ -356,7 +364,8 @@ def config_of_settings(s: dict, environ: Mapping[str, str]) -> DaemonConfig:
                         api=None if s["api"] in ("", "off") else s["api"], api_ctx=s["api_ctx"],
                         api_hosts=tuple(s["api_hosts"]), cache_dir=cache_dir(environ), cache_mb=s["cache_mb"],
                         drain_s=float(s["drain_s"]), batch=batch, drop_busy=s["drop_busy"],
-                        plan_figures=tuple(config.parse_plan_figures(s["plan_figures"]).items()))
+                        plan_figures=tuple(config.parse_plan_figures(s["plan_figures"]).items()),
+                        mem_limit=mem_limit, mem_limit_why=mem_why)
 
 
 def _installed_model() -> Path | None:

@@ -33,12 +33,14 @@ File: /etc/dllp2p/config.toml (DLLP2P_CONFIG or --config name another), a [daemo
     drop_busy = true            # as root: plan without a worker while its CPU wait costs more than its share saves
     plan_figures = "rtt_ms=0.3"  # as root with plan auto: figures stated for every node and link in place of
                                 # the measured ones (gbps, disk_gbps, ram_mb, rtt_ms, mbps; tests, odd LANs)
+    mem_limit = "auto"          # memory its engines may use: "auto" (the cgroup's limit, else the RAM available,
+                                # less 192 MiB), "off", or a size ("1500M", "1.5G"); a share beyond it streams from disk
 
 Environment: DLLP2P_HOST, DLLP2P_PORT, DLLP2P_THREADS, DLLP2P_STATE_DIR, DLLP2P_CLUSTER, DLLP2P_DISCOVERY
 (1/0, true/false, yes/no, on/off), DLLP2P_INTERFACES and DLLP2P_PEERS (separated by commas or spaces),
 DLLP2P_LOG_LEVEL, DLLP2P_MODEL, DLLP2P_EXCHANGE, DLLP2P_PLAN, DLLP2P_API, DLLP2P_API_CTX, DLLP2P_API_HOSTS,
 DLLP2P_KEY_FILE, DLLP2P_CACHE_MB, DLLP2P_DRAIN_S, DLLP2P_MAX_BATCH, DLLP2P_QUEUE, DLLP2P_KV_BUDGET_MB,
-DLLP2P_CLUSTER_BATCH, DLLP2P_DROP_BUSY, DLLP2P_PLAN_FIGURES.
+DLLP2P_CLUSTER_BATCH, DLLP2P_DROP_BUSY, DLLP2P_PLAN_FIGURES, DLLP2P_MEM_LIMIT.
 
 Built once, at the edge: the CLI calls these functions with os.environ and hands the frozen results
 down (DaemonConfig, Timeouts, the cache and state directories); nothing below it reads the environment.
@@ -55,6 +57,8 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
+
+from .memlimit import parse_mem_limit
 
 DEFAULT_PATH = Path("/etc/dllp2p/config.toml")
 DEFAULT_PORT = 7340  # a daemon's control port (TCP): sessions, mesh, Status, Generate
@@ -89,6 +93,7 @@ DAEMON_KEYS: dict[str, type] = {
     "cluster_batch": bool,
     "drop_busy": bool,
     "plan_figures": str,
+    "mem_limit": str,
 }
 DEFAULTS: dict[str, Any] = {
     "host": "0.0.0.0",
@@ -115,6 +120,7 @@ DEFAULTS: dict[str, Any] = {
     "cluster_batch": False,  # as root with workers: batch too
     "drop_busy": True,  # as root: leave out a worker whose CPU another program keeps busy (session/busy.py)
     "plan_figures": "",  # "auto" plans: figures stated in place of measured ones (parse_plan_figures); "": none
+    "mem_limit": "auto",  # its engines' memory budget (memlimit.py): "auto" (cgroup limit / available RAM), "off", "1.5G"
 }
 EXCHANGES = ("exact", "q8")  # scheduler.EXCHANGES (not imported: this module stays dependency-free)
 POLICIES = ("pow2", "weighted", "pipeline", "hybrid")  # scheduler.POLICIES + pipeline.PIPELINE_POLICIES
@@ -209,6 +215,11 @@ def check(settings: Mapping[str, Any], where: str) -> dict[str, Any]:
             raise ConfigError(f"{where}: exchange {value!r} is not one of {', '.join(EXCHANGES)}")
         if key == "plan_figures":
             parse_plan_figures(value, where)
+        if key == "mem_limit" and value.strip().lower() != "auto":
+            try:
+                parse_mem_limit(value)
+            except ValueError as e:
+                raise ConfigError(f"{where}: {e}") from None
         if key == "plan" and value not in PLANS:
             raise ConfigError(f"{where}: plan {value!r} is not one of {', '.join(PLANS)}")
         out[key] = value

@@ -42,7 +42,7 @@ from .jit.specs import QUANT_WEIGHTS
 from .jit.tp_partition import RS_MIN_NODES, Partition, TPSlots, bytes_per_step, top_of, tp_buffer_sizes
 from .jit.tp_program import MAX_TOP, RECV_SPINS, build_tp_program
 from .jit.tp_seal import AUTH_FAILED, KEY_BYTES, TAG
-from .jit.weights import LAYOUT_VERSION, PackedModel, cached, execution_order, pack
+from .jit.weights import LAYOUT_VERSION, PackedModel, cached, execution_order, pack, pack_into
 from .scheduler import BLOCK_ROWS, Plan
 
 TP_CACHE_BYTES = 4096 << 20  # default budget of a cache dir's packed slice sets (tp-*.bin): DaemonConfig.cache_mb
@@ -211,7 +211,10 @@ def _load_node_weights(config: ModelConfig, tensors: Mapping[str, NodeTensor],
         return packed()
     ident = "|".join(f"{n}={t.sha256}" for n, t in sorted(tensors.items())) + f"|{LAYOUT_VERSION}|{sources_digest()}"
     path = Path(cache_dir).expanduser() / "weights" / f"tp-{hashlib.sha256(ident.encode()).hexdigest()[:32]}.bin"
-    weights = cached(path, set(tensors), packed)
+    tied = config.tied_output
+    order = [n for n in execution_order(config, output=not tied) if n in tensors]
+    weights = cached(path, set(tensors), packed,
+                     lambda p: pack_into(p, order, tensors.__getitem__, "token_embd.weight" if tied else "output.weight"))
     touch(path)
     evict(path.parent.glob("tp-*.bin"), budget, keep=[path])  # a file still mapped elsewhere stays readable
     return weights
@@ -265,10 +268,13 @@ class TPNode(JITEngine):
                  peers: Sequence[socket.socket | None], ctx: int, threads: int | None = None, *,
                  cache_dir: os.PathLike | str | None = DEFAULT_CACHE_DIR, max_chunk: int = 64, max_seqs: int = 1,
                  timeout: float = PEER_TIMEOUT_S, recv_spins: int = RECV_SPINS, cache_budget: int = TP_CACHE_BYTES,
-                 exchange_keys: Sequence[tuple[bytes, bytes] | None] | None = None, dynamic: bool = True):
+                 exchange_keys: Sequence[tuple[bytes, bytes] | None] | None = None, dynamic: bool = True,
+                 mem_limit: int | None = None):
         """exchange_keys[j]: (send key, receive key) for peer j (None at this node's index), 32 bytes each,
-        the mirror image of peer j's: every exchange message is sealed (tp_program). None: plain exchange."""
+        the mirror image of peer j's: every exchange message is sealed (tp_program). None: plain exchange.
+        mem_limit: the node's memory budget in bytes; a share beyond it streams (jit/ir_stream.py)."""
         t0 = time.perf_counter()
+        self.mem_limit = mem_limit
         self.part = part = partition_of(plan, index)
         if len(peers) != self._n_links(part) or peers[index] is not None or None in peers[part.n_nodes:]:
             raise ValueError(f"need one socket per other node of the plan ({part.n_nodes - 1}), None at {index}")

@@ -17,7 +17,7 @@ PACKAGE = Path(__file__).parent.parent / "dllp2p"
 
 # bottom to top; a module may import its own layer and the ones below. Prefixes name packages.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("formats", ("dllp2p", "dllp2p.config", "dllp2p.diskcache", "dllp2p.error_codes", "dllp2p.formats", "dllp2p.tokenizer",
+    ("formats", ("dllp2p", "dllp2p.config", "dllp2p.memlimit", "dllp2p.diskcache", "dllp2p.error_codes", "dllp2p.formats", "dllp2p.tokenizer",
                  "dllp2p.vocab", "dllp2p.chat", "dllp2p.textsafe",
                  "dllp2p.models", "dllp2p.engine", "dllp2p.memory")),
     ("jit", ("dllp2p.jit",)),

@@ -12,6 +12,7 @@ from typing import TextIO
 
 from ..config import ClientTimeouts
 from ..engine import Engine
+from ..memlimit import engine_options
 from ..formats import GGUFModel, load_model
 from ..generate import GenerationStats, generate
 from ..models import resolve_model
@@ -26,8 +27,9 @@ from .progress import RichEvents
 
 
 def make_engine(kind: str, model: GGUFModel, ctx: int, threads: int | None = None,
-                cluster: ClusterOptions | None = None, err: TextIO = sys.stderr, cache_dir=None) -> Engine:  # noqa: ANN001
-    extra = {} if cache_dir is None else {"cache_dir": cache_dir}
+                cluster: ClusterOptions | None = None, err: TextIO = sys.stderr, cache_dir=None,  # noqa: ANN001
+                mem_limit: int | None = None) -> Engine:
+    extra = engine_options(cache_dir=cache_dir, mem_limit=mem_limit)
     if kind == "reference":
         return ReferenceEngine(model, ctx, keep_weights=True)
     if kind == "jit":
@@ -91,11 +93,12 @@ def run_local(cfg, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:  
     cluster = None
     if cfg.workers:
         cluster = ClusterOptions(cfg.workers, cfg.plan, exchange=cfg.exchange, cache_dir=cfg.cache_dir,
-                                 key=getattr(cfg, "key", None))
+                                 key=getattr(cfg, "key", None), mem_limit=getattr(cfg, "mem_limit", None))
     threads = cfg.threads
     if threads is None and (cluster or cfg.engine == "jit"):
         threads = chosen_threads(err)
-    engine = make_engine("cluster" if cluster else cfg.engine, model, cfg.ctx, threads, cluster, err, cfg.cache_dir)
+    engine = make_engine("cluster" if cluster else cfg.engine, model, cfg.ctx, threads, cluster, err, cfg.cache_dir,
+                         getattr(cfg, "mem_limit", None))
     stats = GenerationStats()
     decoder = StreamDecoder(tokenizer)
     try:

@@ -118,6 +118,8 @@ class DaemonConfig:
     # CLI's default is on, this one off, so tests' in-process daemons keep their planned node counts
     drop_busy: bool = False
     plan_figures: tuple[tuple[str, float], ...] = ()  # (config.PLAN_FIGURES name, value) stated for "auto" plans
+    mem_limit: int | None = None  # bytes its engines may use (--mem-limit); a share beyond it streams from disk
+    mem_limit_why: str = ""  # where mem_limit came from, logged at start-up
 
     def __post_init__(self) -> None:
         if not election.CLUSTER.fullmatch(self.cluster):
@@ -154,13 +156,14 @@ class Daemon:
         pick = self._pick_threads if config.threads_auto else None
         self.worker = Worker(self.node_id, config.threads, float(config.capacity or config.threads), self.t,
                              SliceCache(config.state_dir / "slices", config.cache_mb << 20), self._tp, slot, config.cache_dir,
-                             config.key, known=self._member_addresses, meter=meter, pick_threads=pick)
+                             config.key, known=self._member_addresses, meter=meter, pick_threads=pick,
+                             mem_limit=config.mem_limit)
         self.root_service = RootService(config.model, self.node_id, config.threads, config.policy, self.t, self._tp,
                                         exchange=config.exchange, cache_dir=config.cache_dir, key=config.key,
                                         on_lost=self.membership.mark_dead, meter=meter,
                                         rates=lambda: dict(self.membership.rates), pick_threads=pick,
                                         batch=config.batch, slot=slot, polled=self._polled,
-                                        drop_busy=config.drop_busy)
+                                        drop_busy=config.drop_busy, mem_limit=config.mem_limit)
         self.root_service.assume = Assume.of(config.plan_figures)  # in place of the measured figures ("auto")
         self.figures: figures.Measured | None = None  # measured by _measure ("auto" plans)
         self.prompts = PromptSlot(self.node_id, self.membership, self.root_service, slot, self.t, config.key)
@@ -221,6 +224,8 @@ class Daemon:
             if c.plan_figures and c.policy == "auto":
                 log.info("plan auto: stated figures for every node in place of the measured ones: %s",
                          ", ".join(f"{k}={v:g}" for k, v in c.plan_figures))
+            if c.mem_limit_why:
+                log.info("memory budget: %s", c.mem_limit_why)
             if self.key is None:
                 dropped = sorted(set(self.config.peers) - set(c.peers))
                 log.warning("no cluster key: serving this machine only (loopback, no mDNS, no LAN peers%s). To make "

@@ -143,6 +143,26 @@ def write_random_model(path: str | Path, spec: SyntheticSpec = SyntheticSpec(), 
     import gguf
 
     path = Path(path)
+    w = _writer(path, spec)
+    noise = np.random.default_rng(spec.seed + 1)
+    for name, (values, qtype) in random_tensors(spec, raw).items():
+        if raw and TRAITS[qtype].block_values > 1:
+            rows, cols = values.shape
+            data = np.frombuffer(noise.bytes(rows * TRAITS[qtype].row_bytes(cols)), np.uint8).reshape(rows, -1)
+        else:
+            data = quantize(values, qtype)
+        w.add_tensor(name, data, raw_shape=data.shape, raw_dtype=gguf.GGMLQuantizationType(int(qtype)))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def _writer(path: Path, spec: SyntheticSpec):  # noqa: ANN202 - a gguf.GGUFWriter (gguf imported lazily)
+    """A GGUFWriter at `path` with spec's metadata and tokenizer added, no tensors yet."""
+    import gguf
+
     family = FAMILIES[spec.arch]
     w = gguf.GGUFWriter(path, spec.arch)
     w.add_name(f"random weights {spec.arch} {spec.dim}d {spec.n_layers}L (not a trained model)")
@@ -175,17 +195,51 @@ def write_random_model(path: str | Path, spec: SyntheticSpec = SyntheticSpec(), 
     w.add_bos_token_id(256)
     w.add_eos_token_id(257)
     w.add_add_bos_token(False)
-    noise = np.random.default_rng(spec.seed + 1)
-    for name, (values, qtype) in random_tensors(spec, raw).items():
-        if raw and TRAITS[qtype].block_values > 1:
-            rows, cols = values.shape
-            data = np.frombuffer(noise.bytes(rows * TRAITS[qtype].row_bytes(cols)), np.uint8).reshape(rows, -1)
+    return w
+
+
+Q4_0_BLOCK = np.dtype([("d", "<f2"), ("qs", "u1", 16)])  # ggml's block_q4_0: 32 values (q - 8) * d
+
+
+def write_random_q4_0(path: str | Path, spec: SyntheticSpec) -> Path:
+    """A random-weight Llama GGUF (spec.arch 'llama', untied) whose matrices, embedding and output included,
+    are Q4_0 drawn directly as blocks (uniform 4-bit values, one f16 scale per matrix chosen so a row's dot
+    with a unit vector is ~1), written one tensor at a time: a 7B-shaped file (~3.8 GB) within about one
+    tensor's memory and without quantizing any floats. Not a trained model: its tokens mean nothing."""
+    import gguf
+
+    path = Path(path)
+    rng = np.random.default_rng(spec.seed)
+    d, hd = spec.dim, spec.head_dim
+    shapes = {"token_embd.weight": (spec.vocab_size, d)}
+    for i in range(spec.n_layers):
+        p = f"blk.{i}."
+        shapes |= {p + "attn_norm.weight": (d,), p + "attn_q.weight": (spec.n_heads * hd, d),
+                   p + "attn_k.weight": (spec.n_kv_heads * hd, d), p + "attn_v.weight": (spec.n_kv_heads * hd, d),
+                   p + "attn_output.weight": (d, spec.n_heads * hd), p + "ffn_norm.weight": (d,),
+                   p + "ffn_gate.weight": (spec.ffn_dim, d), p + "ffn_up.weight": (spec.ffn_dim, d),
+                   p + "ffn_down.weight": (d, spec.ffn_dim)}
+    shapes |= {"output_norm.weight": (d,), "output.weight": (spec.vocab_size, d)}
+    w = _writer(path, spec)
+    for name, shape in shapes.items():
+        if len(shape) == 1:
+            w.add_tensor_info(name, shape, np.dtype(np.float32), shape[0] * 4)
         else:
-            data = quantize(values, qtype)
-        w.add_tensor(name, data, raw_shape=data.shape, raw_dtype=gguf.GGMLQuantizationType(int(qtype)))
+            w.add_tensor_info(name, (shape[0], shape[1] // 32 * Q4_0_BLOCK.itemsize), np.dtype(np.uint8),
+                              shape[0] * shape[1] // 32 * Q4_0_BLOCK.itemsize, raw_dtype=gguf.GGMLQuantizationType.Q4_0)
     w.write_header_to_file()
     w.write_kv_data_to_file()
-    w.write_tensors_to_file()
+    w.write_ti_data_to_file()
+    for name, shape in shapes.items():
+        if len(shape) == 1:
+            w.write_tensor_data((1.0 + 0.1 * rng.standard_normal(shape[0])).astype(np.float32))
+            continue
+        rows, k = shape
+        blocks = np.empty(rows * k // 32, Q4_0_BLOCK)
+        scale = 1.0 if name == "token_embd.weight" else 1.0 / np.sqrt(k)
+        blocks["d"] = np.float16(scale / np.sqrt(21.25))  # E[(q - 8)^2] = 21.25 for q uniform in 0..15
+        blocks["qs"] = rng.integers(0, 256, (blocks.size, 16), dtype=np.uint8)
+        w.write_tensor_data(blocks.view(np.uint8).reshape(rows, -1))
     w.close()
     return path
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import logging
 import os
 import threading
 import time
@@ -27,6 +28,7 @@ import numpy as np
 
 from ..engine import BatchRow, ContextFull, check_rows, kv_bytes_per_position
 from ..formats import GGUFModel, QType
+from ..memlimit import MADV_DONTNEED, MADV_WILLNEED, advise
 from .compiler import (
     DEFAULT_CACHE_DIR, CompiledModule, ObjectCache, compile_module, default_target, llvm_version, load_object,
     sources_digest,
@@ -36,8 +38,11 @@ from .family import LAYER_EXTRAS, layer_extras, rope_table
 from .layout import aligned_zeros
 from .library import build_module
 from .ir_share import counter_words
+from .ir_stream import STREAM_WORDS, StreamPlan, madvise_number, page_range, stream_plan, stream_table
 from .program import LAYER_MATRICES, ProgramSpec, Slots, build_program, max_spans, private_sizes
 from .weights import load_packed, thread_layout
+
+log = logging.getLogger("dllp2p.jit")
 
 
 def default_thread_choice(measure_load: bool = True) -> ThreadChoice:
@@ -70,8 +75,11 @@ class JITEngine:
 
     def __init__(self, model: GGUFModel, ctx: int, threads: int | None = None, *,
                  cache_dir: os.PathLike | str | None = DEFAULT_CACHE_DIR, max_chunk: int = 64, max_seqs: int = 1,
-                 dynamic: bool = True):
+                 dynamic: bool = True, mem_limit: int | None = None):
+        """mem_limit: this engine's memory budget in bytes (weights, KV cache, buffers); packed weights beyond
+        it are streamed from their cache file layer by layer (ir_stream.py). None: no budget."""
         t0 = time.perf_counter()
+        self.mem_limit = mem_limit
         spec = program_spec(model, max_chunk, dynamic)
         packed = load_packed(model, None if cache_dir is None else Path(cache_dir).expanduser() / "weights")
         self.max_seqs = max_seqs
@@ -119,6 +127,7 @@ class JITEngine:
         slots = self.slots_class(c.n_layers)
         self._slots = slots
         self._n_slot, self._n_out_slot, self._quit_slot = slots["n"], slots["n_out"], slots["quit"]
+        self.stream = self._setup_stream(getattr(self, "mem_limit", None))
         proto = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
         self._step = proto(self._compiled.address("step"))
         self._kick = proto(self._compiled.address("kick"))
@@ -194,6 +203,38 @@ class JITEngine:
             for name in layer_extras(c):  # biases, q/k norms, post norms: f32 vectors (this node's rows)
                 table[slots[f"{layer}.{name}"]] = addr(norms[p + LAYER_EXTRAS[name]])
         return table
+
+    def _setup_stream(self, budget: int | None) -> StreamPlan | None:
+        """The stream plan when the packed weights exceed `budget` (and are mapped from their cache file):
+        every layer's pages dropped, the first d read ahead, the table's stream slot set; else None."""
+        layers = self.spec.run_layers
+        names = {layer: [f"blk.{layer}.{n}.weight" for n in LAYER_MATRICES] for layer in layers}
+        m = self.packed.matrices
+        spans = {layer: (min(m[n].data.ctypes.data for n in ns), max(m[n].data.ctypes.data + m[n].nbytes for n in ns))
+                 for layer, ns in names.items()}
+        mapped = sum(a.nbytes for a in self.packed.norms.values()) + sum(x.nbytes for x in m.values())
+        layer_bytes = [sum(m[n].nbytes for n in ns) for ns in names.values()]
+        other = sum(a.nbytes for a in self._bufs.values())
+        plan = stream_plan(layer_bytes, mapped - sum(layer_bytes), other, budget)
+        if plan is None:
+            return None
+        if self.packed.path is None or madvise_number(default_target().triple) is None:
+            log.warning("weights of %d MB exceed the memory budget of %d MB but cannot stream here (%s): held in memory",
+                        mapped >> 20, budget >> 20, "not in a cache file" if self.packed.path is None else "not Linux")
+            return None
+        if plan.expected_peak > budget:
+            log.warning("memory budget %d MB is below what streaming needs (%d MB: resident %d, 2 layers of %d, "
+                        "buffers %d); streaming 1 layer ahead", budget >> 20, plan.expected_peak >> 20,
+                        plan.resident >> 20, plan.layer_bytes >> 20, plan.other >> 20)
+        run = [page_range(*spans[layer]) for layer in layers]  # a pipeline stage's layers wrap to its first
+        self._stream_buf = np.zeros((self.config.n_layers, STREAM_WORDS), np.int64)  # read by the compiled step
+        self._stream_buf[layers.start:layers.stop] = stream_table(run, plan.ahead)
+        advise(run, MADV_DONTNEED)
+        advise(run[:plan.ahead], MADV_WILLNEED)
+        self._table[self._slots["stream"]] = self._stream_buf.ctypes.data
+        log.info("streaming %d MB of layers from %s within %d MB: %d layers read ahead", sum(layer_bytes) >> 20,
+                 self.packed.path, budget >> 20, plan.ahead)
+        return plan
 
     # --- the Engine protocol ---------------------------------------------------------------------------
 

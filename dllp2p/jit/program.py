@@ -34,7 +34,8 @@ run over all rows at once (the weights streamed once per step). One sequence's c
 
 and finally, for the rows out_rows[k] (each sequence's last row in the step), h = rmsnorm(x_t) and
 logits[k] = Wout hq split by vocabulary rows,
-then a barrier so the caller sees every thread's logits. Work that is cheap (norms, quantization of a
+then a barrier so the caller sees every thread's logits. A node over its memory budget streams its
+weights: after each layer thread 0 drops its pages and reads ahead (ir_stream.py; a no-op slot otherwise). Work that is cheap (norms, quantization of a
 vector, residual adds) is repeated by every thread on private buffers instead of paying a barrier.
 
 The function reads everything through `table`, an i64 array of scalars and buffer addresses whose
@@ -63,6 +64,7 @@ from .family import LAYER_EXTRAS
 from .ir_attention import ATT_SPLIT
 from .ir_barrier import emit_step, emit_worker
 from .ir_share import Sites, chunk_units
+from .ir_stream import emit_after_layer
 from .irutil import I64, PTR, VOID, for_range, gep, i64
 from .layout import G, act_bytes
 from .specs import QUANT_WEIGHTS, KernelSpec, Op
@@ -117,6 +119,7 @@ class Slots:
         # shared between threads
         "q", "k", "v", "att", "att_po", "att_st", "o", "g", "u", "s", "d",
         "embed", "output", "output_norm",
+        "stream",  # i64[n_layers, 4] of madvise ranges, or 0: this node does not stream (ir_stream.py)
     )
     PER_LAYER = ("attn_norm", "ffn_norm", "k_cache", "v_cache") + LAYER_MATRICES + tuple(LAYER_EXTRAS)
 
@@ -244,6 +247,7 @@ class _Forward:
             self.receive_residual()  # a pipeline stage's program only (jit/tp_stage.py), as send_residual
         for layer in self.spec.run_layers:
             self.layer(layer)
+            emit_after_layer(b, self.table, self.tid, self.slots["stream"], layer)  # streaming only
         if self.spec.emits_logits:
             self.logits()
         else:

@@ -21,6 +21,7 @@ place); a full disk only costs the cache (one log line).
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -92,6 +93,51 @@ def pack(names: list[str], tensor: Callable[[str], object], out_name: str) -> Pa
     return PackedModel(matrices, norms, layers + out + sum(a.nbytes for a in norms.values()))
 
 
+def pack_into(path: Path, names: list[str], tensor: Callable[[str], object], out_name: str) -> None:
+    """pack(), written to `path` one tensor at a time instead of held: each packed tensor goes to a body file
+    beside it and is freed, so packing a share larger than memory needs one tensor's memory (a streaming node:
+    ir_stream.py). The file is the one _write makes (norms first, then the matrices in `names` order): the
+    body is read back twice (its sha256, then the copy behind the header), through the page cache."""
+    index: dict[str, list] = {}
+    layers = out = norms = offset = 0
+    body = path.with_name(f".{path.name}.body")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        flat = [n for n in names if len(tensor(n).shape) == 1]  # the norms first, as _layout puts them
+        with open(body, "wb") as f:
+            for name in flat + [n for n in names if n not in set(flat)]:
+                one = pack([name], tensor, out_name)
+                if name in one.norms:
+                    blob, meta = one.norms[name], ["norm", one.norms[name].shape[0], 0]
+                    norms += blob.nbytes
+                else:
+                    m = one.matrices[name]
+                    blob, meta = m.data, [m.qtype.name, m.rows, m.k]
+                    layers += m.nbytes if name.startswith("blk.") else 0
+                    out += m.nbytes if name == out_name else 0
+                data = memoryview(np.ascontiguousarray(blob).view(np.uint8).reshape(-1))
+                f.write(bytes(offset - f.tell()))
+                index[name] = [offset, data.nbytes, *meta]
+                f.write(data)
+                offset += -(-data.nbytes // BLOB_ALIGN) * BLOB_ALIGN
+            f.write(bytes(offset - f.tell()))
+        header = json.dumps({"version": LAYOUT_VERSION, "bytes_per_token": layers + out + norms, "index": index}).encode()
+        pad = bytes(_blob_start(len(header)) - _prefix() - len(header))
+        digest = hashlib.sha256(header + pad)
+        for chunk in _chunks(body):
+            digest.update(chunk)
+        head = MAGIC + struct.pack("<Q", len(header)) + digest.digest() + header + pad
+        write_atomically(path, itertools.chain([head], _chunks(body)))  # a chunk at a time, never a list of them
+    finally:
+        body.unlink(missing_ok=True)
+
+
+def _chunks(path: Path, block: int = 8 << 20):
+    with open(path, "rb", buffering=0) as f:
+        while chunk := f.read(block):
+            yield chunk
+
+
 def pack_model(model: GGUFModel) -> PackedModel:
     c = model.config
     return pack(execution_order(c, not c.tied_output), arranged(model.tensor, c),
@@ -115,25 +161,33 @@ def load_packed(model: GGUFModel, cache_dir: os.PathLike | str | None,
     if cache_dir is None:
         return pack_model(model)
     path = Path(cache_dir).expanduser() / f"{cache_key(model)}.bin"
-    packed = cached(path, set(execution_order(model.config, not model.config.tied_output)), lambda: pack_model(model))
+    c = model.config
+    order, out = execution_order(c, not c.tied_output), "token_embd.weight" if c.tied_output else "output.weight"
+    packed = cached(path, set(order), lambda: pack_model(model),
+                    lambda p: pack_into(p, order, arranged(model.tensor, c), out))
     touch(path)
     evict(path.parent.glob("[0-9a-f]*.bin"), budget, keep=[path])
     return packed
 
 
-def cached(path: Path, names: set[str], pack: Callable[[], PackedModel]) -> PackedModel:
+def cached(path: Path, names: set[str], pack: Callable[[], PackedModel],
+           write: Callable[[Path], None] | None = None) -> PackedModel:
     """The PackedModel in the cache file `path` if it is there, intact and holds exactly `names`; else
-    pack(), stored at `path` and mapped back (a tensor-parallel node keys its file by its slices' hashes)."""
+    written there by write(path) (pack_into: one tensor in memory at a time) and mapped back, or where that
+    fails, pack() in memory (a tensor-parallel node keys its file by its slices' hashes)."""
     mapped = _open(path, names)
     if mapped is not None:
         return mapped
-    packed = pack()
     try:
-        _write(path, packed)
+        if write is None:
+            packed = pack()
+            _write(path, packed)
+            del packed  # the file holds it now: mapping it back beside the copy would double the resident peak
+        else:
+            write(path)
     except OSError as e:
         log.warning("packed weights not cached at %s: %s", path, e)
-        return packed  # a read-only or full disk costs start-up time, nothing else
-    del packed  # the file holds it now: mapping it back beside the copy would double the resident peak
+        return pack()  # a read-only or full disk costs start-up time (and memory), nothing else
     return _open(path, names) or pack()
 
 
@@ -178,16 +232,6 @@ def _write(path: Path, packed: PackedModel) -> None:
     write_atomically(path, [MAGIC + struct.pack("<Q", len(header)) + digest.digest(), *parts])
 
 
-def _digest(body: np.ndarray, piece: int = 16 << 20) -> bytes:
-    """sha256 of a mapped file's bytes, read piece by piece, each piece's pages released once hashed: the
-    check does not fault the whole file in at once (the engine's steps read it again)."""
-    digest = hashlib.sha256()
-    for at in range(0, len(body), piece):
-        digest.update(memoryview(body[at:at + piece]))
-        release(body[at:at + piece])
-    return digest.digest()
-
-
 def _open(path: Path, names: set[str]) -> PackedModel | None:
     """The mapped file, or None when it is absent (silently) or damaged in any way (one log line)."""
     try:
@@ -199,9 +243,9 @@ def _open(path: Path, names: set[str]) -> PackedModel | None:
             size = os.fstat(f.fileno()).st_size
             if _blob_start(n) > size:
                 raise ValueError(f"{size} bytes, shorter than its index")
-        raw = np.memmap(path, dtype=np.uint8, mode="r")
-        if _digest(raw[_prefix():]) != head[len(MAGIC) + 8:]:
+        if _file_sha256(path, _prefix()) != head[len(MAGIC) + 8:]:
             raise ValueError("content does not match its sha256")
+        raw = np.memmap(path, dtype=np.uint8, mode="r")
         meta = json.loads(bytes(raw[_prefix() : _prefix() + n]))
         if meta.get("version") != LAYOUT_VERSION:
             raise ValueError(f"layout version {meta.get('version')}")
@@ -226,6 +270,18 @@ def _open(path: Path, names: set[str]) -> PackedModel | None:
             blob = blob.view(np.float32 if qtype == QType.F32 else np.float16).reshape(rows, k)
         matrices[name] = PackedMatrix(qtype, rows, k, blob)
     return PackedModel(matrices, norms, int(meta["bytes_per_token"]), path)
+
+
+def _file_sha256(path: Path, start: int, block: int = 8 << 20) -> bytes:
+    """sha256 of the file from `start`, read through one buffer: the pages go to the page cache only, never
+    into this process (a streaming node's file may be larger than its memory budget: ir_stream.py)."""
+    digest, buf = hashlib.sha256(), bytearray(block)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        f.seek(start)
+        while n := f.readinto(buf):
+            digest.update(view[:n])
+    return digest.digest()
 
 
 @dataclass

@@ -33,6 +33,7 @@ from typing import Any, Awaitable, Callable
 import trio
 
 from ..engine import BatchEngine, SoloBatch
+from ..memlimit import engine_options
 from ..error_codes import CodedError, ErrorCode, code_of
 from ..errors import user_facing_errors
 from ..generate import StopFilter
@@ -70,12 +71,13 @@ class _Stream:
     pending: list[int] = field(default_factory=list)  # ids generated since its last text piece (TokenChunk.ids)
 
 
-def jit_batch_engine(model: Any, ctx: int, threads: int, max_seqs: int, cache_dir: Any = None) -> BatchEngine:
+def jit_batch_engine(model: Any, ctx: int, threads: int, max_seqs: int, cache_dir: Any = None,
+                     mem_limit: int | None = None) -> BatchEngine:
     """The compiled engine with max_seqs slots of ctx positions; where the JIT has no batched step yet, SoloBatch
     over one JITEngine per slot."""
     from ..jit.engine import JITEngine  # llvmlite: loaded by the first prompt served alone
 
-    extra = {} if cache_dir is None else {"cache_dir": cache_dir}
+    extra = engine_options(cache_dir=cache_dir, mem_limit=mem_limit)
     if hasattr(JITEngine, "forward_batch"):
         return JITEngine(model, ctx, threads, max_seqs=max_seqs, **extra)
     return SoloBatch(lambda: JITEngine(model, ctx, threads, **extra), max_seqs)

@@ -41,6 +41,7 @@ import trio
 
 from ..clusterkey import ClusterKey
 from ..config import Timeouts
+from ..memlimit import engine_options
 from ..engine import MAX_TOP, BatchRow, ContextFull, check_rows
 from ..error_codes import ErrorCode
 from ..formats import ModelConfig
@@ -90,6 +91,7 @@ class ClusterOptions:
     policy: str = "pow2"  # "pow2" or "weighted" (tensor parallel), "pipeline" or "hybrid" (pipeline.py), or "auto"
     timeouts: Timeouts = field(default_factory=Timeouts)
     cache_dir: Any = None  # the root engine's cache (kernels, packed weights); None: the engine's default
+    mem_limit: int | None = None  # the root engine's memory budget, bytes: a share beyond it streams (ir_stream.py)
     exchange: str = "exact"  # scheduler.EXCHANGES
     # a worker that cannot be reached or refuses the Hello is planned without (a root daemon's members
     # may have died since they were last polled), instead of failing the run (`run --workers`)
@@ -327,7 +329,7 @@ async def start(model: Any, options: ClusterOptions, ctx: int, threads: int, tp:
 
         async def build() -> Any:
             events(Progress(BUILD, "root", 0, 1))
-            extra: dict[str, Any] = {} if options.cache_dir is None else {"cache_dir": options.cache_dir}
+            extra = engine_options(cache_dir=options.cache_dir, mem_limit=options.mem_limit)
             if options.max_seqs > 1:
                 extra["max_seqs"] = options.max_seqs
             if keys is not None:

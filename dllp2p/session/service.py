@@ -59,6 +59,7 @@ import trio
 from ..chat import Message
 from ..clusterkey import ClusterKey
 from ..config import Timeouts
+from ..memlimit import engine_options
 from ..error_codes import CodedError, ErrorCode, code_of
 from ..errors import user_facing_errors
 from ..engine import kv_bytes_per_position
@@ -125,8 +126,9 @@ class RootService:
                  key: ClusterKey | None = None, on_lost: Callable[[str, str], None] = lambda address, cause: None,
                  meter: RateMeter | None = None, rates: Callable[[], dict[str, float]] = dict,
                  pick_threads: Callable[[], int] | None = None, batch: BatchConfig = BatchConfig(),
-                 slot: trio.Lock | None = None, polled: Callable[[], list[Polled]] = list, drop_busy: bool = False):
-        self.model_path = model_path
+                 slot: trio.Lock | None = None, polled: Callable[[], list[Polled]] = list, drop_busy: bool = False,
+                 mem_limit: int | None = None):
+        self.model_path, self.mem_limit = model_path, mem_limit  # mem_limit: its engines' budget (ir_stream.py)
         self.on_lost = on_lost  # (address, cause) of a worker lost mid-request: the daemon's membership drops it
         self.pick_threads = pick_threads  # (blocking) the thread count for a request's engine; None: `threads`
         self.meter = meter or RateMeter()  # this node's compute rate (session/rates.py)
@@ -234,7 +236,7 @@ class RootService:
         the batcher's workers (a ClusterEngine, every node holding the slots)."""
         model, slots = self._load().model, self.batching.cfg.max_batch
         if not self.batching.workers:
-            extra = {} if self.cache_dir is None else {"cache_dir": self.cache_dir}
+            extra = engine_options(cache_dir=self.cache_dir, mem_limit=self.mem_limit)
             engine = await trio.to_thread.run_sync(partial(jit_batch_engine, model, ctx, self.threads, slots, **extra))
             await trio.to_thread.run_sync(_settle_memory, model)
             self.last_plan = self._alone_plan(model.config, self.threads, self.requests)
@@ -466,6 +468,7 @@ class RootService:
         if workers:
             options = ClusterOptions(tuple(workers), self.policy, self.timeouts, exchange=self.exchange,
                                      skip_unreachable=True, cache_dir=self.cache_dir, key=self.key, max_seqs=max_seqs,
+                                     mem_limit=self.mem_limit,
                                      figures=self.figures, link_mbps=tuple(self._link_mbps.items()), assume=self.assume,
                                      weights=tuple(self._weights.items()))
             tp = self._tp()
@@ -482,7 +485,7 @@ class RootService:
         from ..jit.engine import JITEngine  # llvmlite: loaded by the first prompt served alone
 
         alone = self._alone_plan(model.config, threads, epoch)
-        extra = {} if self.cache_dir is None else {"cache_dir": self.cache_dir}
+        extra = engine_options(cache_dir=self.cache_dir, mem_limit=self.mem_limit)
         engine = await trio.to_thread.run_sync(lambda: JITEngine(model, ctx, threads, **extra))
         await trio.to_thread.run_sync(_settle_memory, model)
         return engine, alone

@@ -44,6 +44,7 @@ import trio
 
 from ..clusterkey import ClusterKey
 from ..config import Timeouts
+from ..memlimit import engine_options
 from ..diskcache import disk_full
 from ..error_codes import ErrorCode
 from ..formats import QType
@@ -120,8 +121,8 @@ class Worker:
     def __init__(self, node_id: str, threads: int, capacity: float, timeouts: Timeouts, cache: SliceCache,
                  tp: Callable[[], Any], slot: trio.Lock, cache_dir: Any = None, key: ClusterKey | None = None,
                  known: Callable[[], set[str]] = set, memory: Callable[[], int | None] = admission.meminfo,
-                 meter: RateMeter | None = None, pick_threads: Callable[[], int] | None = None):
-        self.node_id = node_id
+                 meter: RateMeter | None = None, pick_threads: Callable[[], int] | None = None, mem_limit: int | None = None):
+        self.node_id, self.mem_limit = node_id, mem_limit  # mem_limit: its engines' budget, bytes (ir_stream.py)
         self.pick_threads = pick_threads  # (blocking) the thread count for a session's engine; None: `threads`
         self.meter = meter or RateMeter()  # this node's compute rate, from its steps (sent in Hello)
         self.known = known  # the addresses of the cluster's members: the only ones a plan may make it dial
@@ -420,11 +421,10 @@ class Worker:
         tp = self._tp()
         node = None
         try:
-            extra = {} if self.cache_dir is None else {"cache_dir": self.cache_dir, "cache_budget": self.cache.budget}
+            extra = engine_options(mem_limit=self.mem_limit, cache_dir=self.cache_dir, max_seqs=s.max_seqs if s.max_seqs > 1 else None,
+                                   cache_budget=None if self.cache_dir is None else self.cache.budget)
             if keys is not None:
                 extra["exchange_keys"] = keys
-            if s.max_seqs > 1:
-                extra["max_seqs"] = s.max_seqs
             threads = self.pick_threads() if self.pick_threads else self.threads
             node = tp.plan_node(s.config, s.plan, index, tensors, peers, s.ctx, threads, **extra)
             tensors.clear()  # the engine holds its own packed copy
