@@ -49,7 +49,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -70,12 +69,14 @@ from ..sampler import SamplerConfig
 from ..pipeline import AnyPlan, build_plan, plan_share
 from ..scheduler import Peer, Plan, rates_moved
 from ..tokenizer import Tokenizer
-from ..wire.link import LinkClosed, TrioLink, first_error
+from ..wire.link import TrioLink, first_error
 from ..wire.messages import Done, Error, Generate, TokenChunk
 from ..wire.reports import PlanEstimate
 from .autoplan import PUSH_MIN, Assume, NodeFacts, choose_for, estimates, model_shape
 from .batcher import BatchConfig
 from .batching import BatchService, jit_batch_engine
+from .forwarding import _send_error
+from .records import _LeftOut, _Loaded, _Warm
 from . import admission
 from .progress import Latest, LogEvents
 from .busy import BusyNodes, Polled
@@ -89,33 +90,6 @@ log = logging.getLogger("dllp2p.daemon")
 CHANNEL = 16  # text pieces between the generation thread and the connection
 WARM_S = 30.0  # how long a finished request's engine is kept for the next one
 LEFT_OUT_S = 600.0  # how long a worker that answered disk_full is planned without
-
-
-@dataclass(frozen=True)
-class _LeftOut:
-    """A worker the root plans without until `until` (time.time()), and why."""
-
-    node_id: str
-    address: str
-    code: ErrorCode | str  # "cpu_wait": left out while its CPU is busy (busy.py)
-    reason: str
-    until: float
-
-
-@dataclass(frozen=True)
-class _Warm:
-    key: tuple  # (workers, ctx): what the next request must match to reuse the engine
-    engine: Any
-    plan: AnyPlan
-    until: float  # trio.current_time() after which keep_warm closes it
-    kv: tuple[int, ...] = ()  # the token ids at the positions its KV cache holds (the last request's)
-    rates: dict = field(default_factory=dict)  # node id -> the weight its plan was made with (rate or capacity)
-
-
-@dataclass
-class _Loaded:
-    model: Any  # formats.GGUFModel
-    tokenizer: Any  # tokenizer.Tokenizer
 
 
 class RootService:
@@ -508,10 +482,3 @@ def _settle_memory(model: Any) -> None:
 
 def _rates(rates: dict[str, float]) -> str:
     return ", ".join(f"{k} {v:.1f}" for k, v in sorted(rates.items()))
-
-
-async def _send_error(link: TrioLink, msg: Error) -> None:
-    try:
-        await link.send(msg)
-    except LinkClosed:
-        pass

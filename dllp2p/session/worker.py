@@ -488,9 +488,8 @@ class Worker:
 
 
 def _describe(msg: object) -> str:
-    if isinstance(msg, (Step, WeightChunk, Mesh, Stop)):
-        return f"{type(msg).__name__} of epoch {msg.epoch}"
-    return type(msg).__name__
+    epoch = f" of epoch {msg.epoch}" if isinstance(msg, (Step, WeightChunk, Mesh, Stop)) else ""
+    return type(msg).__name__ + epoch
 
 
 def _send_blocking_quietly(link: BlockingLink, msg: Error) -> None:
