@@ -5,11 +5,18 @@ few tokens, many times.
 
 Why one process: on a shared VM, decode speed moves by 10-30 % from one process to the next (and over
 minutes), which swamps a 3 % difference between two builds run as separate `dllp2p bench` processes. Here
-both builds' engines live in one process, map the same packed-weights file (the same page-cache pages)
-and take turns: a round runs every variant once, K timed decode steps each, in an order that alternates
-from round to round, and the figure is the median over rounds of the paired ratio variant / baseline
-(the first variant) taken within a round, with its quartiles and a 95 % confidence interval of that
-median (order statistics of the binomial), and how many rounds the variant was the faster.
+both builds' engines live in one process and take turns: a round runs every variant once, K timed decode
+steps each, in an order that alternates from round to round, and the figure is the median over rounds of
+the paired ratio variant / baseline (the first variant) taken within a round, with its quartiles, a 95 %
+confidence interval of that median (order statistics of the binomial) and how many rounds the variant won.
+
+The same weights: every variant's engine gets one PackedModel, one mapping of one packed file. Each build
+keys its packed file by its own sources, so run alone each maps a different file, and how much of a file's
+page cache sits in 2 MiB folios (mapped by 2 MiB page-table entries) depends on how that file was written
+and read back: here one file had 28 of its 92 MiB so mapped, another none, and the same build was ~18 %
+slower per token (thread CPU time, 1 thread) on the second (variant suffix `+own`: the build's own file).
+That alone can make one build look 6 % slower than another in separate processes. The files mapped and
+their 2 MiB share are printed.
 
 The old build: `--old REV` is a git revision of the repository holding this file (`git archive REV
 dllp2p`), or a directory holding a `dllp2p` package; it is copied to a temporary directory as a package
@@ -24,12 +31,15 @@ turn starts with one untimed step (the fresh threads' first), then times K steps
 One turn: the prompt (--prompt-tokens ids) was prefilled once; each turn decodes K steps from the end of
 the prompt, feeding the same fixed token ids (a greedy run's, taken once from the first variant) and taking
 argmax of the logits as `dllp2p bench` does, so every turn does the same work at the same positions.
-Figures per turn: tokens / time (`dllp2p bench`'s decode tok/s) and the median step time (robust to a
-neighbour's burst); both are reported as paired ratios.
+Figures per turn, each reported as paired ratios: tokens / time (`dllp2p bench`'s decode tok/s, the
+acceptance figure), the median step time (robust to a neighbour's burst), and the calling thread's CPU
+time per step (time.thread_time: time descheduled is not counted, so on a busy machine it still resolves
+a few per cent at 1 thread; at 2 threads it includes spinning at barriers).
 
-Variants: `old`, `rev:REV` (another revision, imported as --old's), `new` (this build, default settings), `static` (this build, ProgramSpec.dynamic=False:
-one static piece per thread), `spins=N` (this build, barrier spin limit N), `chunks=N` (this build with
-ir_share.CHUNKS_PER_OP = N when the program is emitted; recompiled once, cached).
+Variants: `old`; `rev:REV` (another revision, imported as --old's); `new` (this build, default settings);
+`static` (this build, ProgramSpec.dynamic=False: one static piece per thread); `spins=N` (this build,
+barrier spin limit N); `chunks=N` (this build with ir_share.CHUNKS_PER_OP = N when the program is
+emitted; compiled into its own cache directory); any of them + `+own` (see above).
 """
 
 from __future__ import annotations
@@ -63,7 +73,7 @@ from . import ir_share
 from .compiler import DEFAULT_CACHE_DIR
 from .engine import JITEngine
 from .weights import load_packed
-from .ir_barrier import SPINS
+from .ir_barrier import SLEEPS, SPINS
 
 OLD_PACKAGE = "dllp2p_old"
 REPO = Path(__file__).resolve().parent.parent.parent  # the checkout holding this package
@@ -129,12 +139,14 @@ class Variant:
     rates: list[float] = field(default_factory=list)  # tokens / s per turn
     medians: list[float] = field(default_factory=list)  # median step seconds per turn
     cpu: list[float] = field(default_factory=list)  # the calling thread's CPU seconds per step, per turn
+    sleeps: list[float] = field(default_factory=list)  # barrier waits that slept on the futex, per step
 
 
-def build_variant(name: str, model_path: str, ctx: int, threads: int, old_pkg, packed, tmp: Path) -> Any:  # noqa: ANN001
+def build_variant(name: str, model_path: str, ctx: int, threads: int, old_pkg, packed, tmp: Path,  # noqa: ANN001
+                  cache: Path) -> Any:
     """The engine of variant `name`, its weights the PackedModel `packed` (the same mapping for every
     variant) unless the name ends in `+own` (the build's own packed file, as it runs on its own). `rev:REV`
-    is another revision's build, imported like --old's (into tmp)."""
+    is another revision's build, imported like --old's (into tmp). cache: the JIT cache directory."""
     name, own = name.removesuffix("+own"), name.endswith("+own")
     if name == "old" or name.startswith("rev:"):
         if name == "old" and old_pkg is None:
@@ -143,9 +155,9 @@ def build_variant(name: str, model_path: str, ctx: int, threads: int, old_pkg, p
         old_engine = importlib.import_module(f"{pkg.__name__}.jit.engine")
         old_formats = importlib.import_module(f"{pkg.__name__}.formats")
         with _weights(old_engine, None if own else packed):
-            return old_engine.JITEngine(old_formats.load_model(model_path), ctx, threads=threads)
+            return old_engine.JITEngine(old_formats.load_model(model_path), ctx, threads=threads, cache_dir=cache)
     with _weights(engine_module, None if own else packed):
-        return _build_new(name, load_model(model_path), ctx, threads)
+        return _build_new(name, load_model(model_path), ctx, threads, cache)
 
 
 @contextlib.contextmanager
@@ -162,24 +174,30 @@ def _weights(module, packed):  # noqa: ANN001
         module.load_packed = saved
 
 
-def _build_new(name: str, model, ctx: int, threads: int) -> JITEngine:  # noqa: ANN001
+def _build_new(name: str, model, ctx: int, threads: int, cache: Path) -> JITEngine:  # noqa: ANN001
     if name == "new":
-        return JITEngine(model, ctx, threads=threads)
+        return JITEngine(model, ctx, threads=threads, cache_dir=cache)
     if name == "static":
-        return JITEngine(model, ctx, threads=threads, dynamic=False)
+        return JITEngine(model, ctx, threads=threads, dynamic=False, cache_dir=cache)
     key, _, value = name.partition("=")
     if key == "spins":
-        engine = JITEngine(model, ctx, threads=threads)
+        engine = JITEngine(model, ctx, threads=threads, cache_dir=cache)
         engine._bufs["barrier"][SPINS // 8] = int(value)
         return engine
+    own_code = cache / "ab" / re.sub(r"\W", "_", name)  # the code cache's key ignores CHUNKS_PER_OP
     if key == "chunks":
         saved = ir_share.CHUNKS_PER_OP
         ir_share.CHUNKS_PER_OP = int(value)
         try:
-            return JITEngine(model, ctx, threads=threads)
+            return JITEngine(model, ctx, threads=threads, cache_dir=own_code)
         finally:
             ir_share.CHUNKS_PER_OP = saved
     raise SystemExit(f"unknown variant {name!r}")
+
+
+def barrier_sleeps(engine) -> int:  # noqa: ANN001
+    """FUTEX_WAITs the engine's barrier waiters made so far (ir_barrier.py's counter; 0 for a build without)."""
+    return int(engine._bufs["barrier"][SLEEPS // 8]) if engine._bufs["barrier"].size > SLEEPS // 8 + 1 else 0
 
 
 def turn(engine, feed: list[int], start: int, clock: Callable[[], float] = time.perf_counter) -> tuple[list[float], float]:  # noqa: ANN001
@@ -262,6 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tokens", type=int, default=32, help="timed decode steps per turn")
     ap.add_argument("--rounds", type=int, default=60)
     ap.add_argument("--prompt-tokens", type=int, default=32)
+    ap.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR, help="JIT cache (default %(default)s)")
     args = ap.parse_args(argv)
     names = args.variants.split(",")
     model_path = str(args.model or default_model_path())
@@ -269,11 +288,12 @@ def main(argv: list[str] | None = None) -> int:
     ctx = args.prompt_tokens + args.tokens + 2
     with tempfile.TemporaryDirectory(prefix="dllp2p-ab-") as tmp:
         old_pkg = import_old(args.old, Path(tmp)) if args.old else None
-        packed = load_packed(load_model(model_path), DEFAULT_CACHE_DIR / "weights")
+        cache = args.cache_dir.expanduser()
+        packed = load_packed(load_model(model_path), cache / "weights")
         variants = []
         for name in names:
             t0 = time.perf_counter()
-            engine = build_variant(name, model_path, ctx, args.threads, old_pkg, packed, Path(tmp))
+            engine = build_variant(name, model_path, ctx, args.threads, old_pkg, packed, Path(tmp), cache)
             engine.forward(prompt, 0)
             park(engine)
             variants.append(Variant(name, engine))
@@ -292,7 +312,9 @@ def main(argv: list[str] | None = None) -> int:
             for r in range(args.rounds):
                 order = variants if r % 2 == 0 else variants[::-1]
                 for v in order:
+                    s0 = barrier_sleeps(v.engine)
                     times, cpu = turn(v.engine, feed, len(prompt))
+                    v.sleeps.append((barrier_sleeps(v.engine) - s0) / len(times))
                     v.rates.append(len(times) / sum(times))
                     v.medians.append(statistics.median(times))
                     v.cpu.append(cpu / len(times))
@@ -306,7 +328,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.rounds} rounds (order alternating); tok/s median over turns:")
     for v in variants:
         print(f"  {v.name:12s} {statistics.median(v.rates):8.1f} tok/s  (turns {min(v.rates):.0f}-{max(v.rates):.0f}),"
-              f"  median step {statistics.median(v.medians) * 1e3:.3f} ms, thread 0 CPU {statistics.median(v.cpu) * 1e3:.3f} ms/step")
+              f"  median step {statistics.median(v.medians) * 1e3:.3f} ms, thread 0 CPU {statistics.median(v.cpu) * 1e3:.3f} ms/step,"
+              f" futex sleeps {statistics.median(v.sleeps):.1f}/step")
     for v in variants[1:]:
         print(f"{v.name} / {base.name}, paired by round:")
         print(f"  tok/s:              {describe([a / b for a, b in zip(v.rates, base.rates)])}")
