@@ -161,6 +161,7 @@ class JITEngine:
             "xq_t": aligned_zeros(T * priv["xq_t"], np.uint8),
             "scratch_t": aligned_zeros(T * priv["scratch_t"] * self.ctx, np.uint8),
             "attp_t": aligned_zeros(T * priv["attp_t"] * max_spans(self.ctx), np.uint8),
+            "s_t": aligned_zeros(T * priv["s_t"], np.uint8),
             "att_po": aligned_zeros((max_spans(self.ctx), c.q_dim), np.float32),
             "att_st": aligned_zeros((max_spans(self.ctx), c.n_heads, 2), np.float32),
         }

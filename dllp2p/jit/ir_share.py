@@ -32,14 +32,20 @@ import llvmlite.ir as ir
 from .irutil import I64, PTR, entry_alloca, gep, i64
 
 CHUNKS_PER_OP = 16  # an op of many units is cut into about this many chunks
-SITES_PER_LAYER = 12  # bound on the sharing sites a layer emits (program.py and tp_program.py: 10)
+SITES_PER_LAYER = 14  # bound on the sharing sites a layer emits (program.py and tp_program.py: 12)
 SITES_OUTSIDE = 4  # bound on those outside the layers (the logits)
 
 
-def chunk_units(total: int) -> int:
+CHUNK_WEIGHTS = 1 << 18  # at most this many weights per chunk (a large op, the logits: finer chunks)
+
+
+def chunk_units(total: int, unit_weights: int = 0) -> int:
     """Units per chunk of an op of `total` units (known when the program is emitted): about
-    CHUNKS_PER_OP chunks, at least one unit each."""
-    return max(1, -(-total // CHUNKS_PER_OP))
+    CHUNKS_PER_OP chunks, at least one unit each; with unit_weights (weights a unit reads), at most
+    CHUNK_WEIGHTS weights a chunk, so that what is left of a large op when one thread runs out of chunks
+    (SmolLM2's logits: 28 MiB in 16 chunks, ~0.1 ms each) is shorter than a barrier's spin before it sleeps."""
+    units = max(1, -(-total // CHUNKS_PER_OP))
+    return max(1, min(units, CHUNK_WEIGHTS // unit_weights)) if unit_weights else units
 
 
 def site_stride(n_layers: int) -> int:

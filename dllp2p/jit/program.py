@@ -16,35 +16,30 @@ Every thread of the node runs the same `forward`: it embeds the chunk's tokens, 
     barrier
     private  x_t += o (or rmsnorm(o) * post norm); h = rmsnorm(x_t); hq = quantize(h)
     split    g, u = Wg hq, Wu hq; s = act(g) * u             a chunk of rows of g, u and s by one thread
-    barrier
+    barrier                                                 (decode: g, then u; barrier; private s)
     private  sq = quantize(s)
     split    d = Wd sq
     barrier
     private  x_t += d (or rmsnorm(d) * post norm)
 
-Model families (formats/arch.py) are the config's flat switches, read here while emitting: QKV biases,
-per-head q/k RMSNorm, post-sublayer norms, SiLU or GELU-tanh, an embedding scale, a score scale other
-than 1/sqrt(head_dim) (applied to q), NEOX RoPE (by Q/K rows permuted at pack time: family.py), a
-second RoPE table for sliding layers, and the sliding window: a sliding layer's row at position p
-attends to [max(0, p - W + 1), p], its spans starting at the span holding the first position.
+Model families (formats/arch.py) are the config's flat switches read while emitting: QKV biases, q/k
+RMSNorm, post-sublayer norms, SiLU or GELU-tanh, an embedding scale, a score scale (applied to q), NEOX
+RoPE (Q/K rows permuted at pack time: family.py), a second RoPE table and the window W of sliding layers
+(a row at position p attends to [max(0, p - W + 1), p]).
 
-A step's rows may belong to several sequences (continuous batching, issue 18): row i sits at position
-row_pos[i] of the KV slot starting at cache row row_kv[i], and attends to that slot only; the linear layers
-run over all rows at once (the weights streamed once per step). One sequence's chunk: row_pos = pos + i.
+A step's rows may belong to several sequences (continuous batching): row i sits at position row_pos[i]
+of the KV slot at cache row row_kv[i] and attends to it only; the linear layers take all rows at once.
 
-and finally, for the rows out_rows[k] (each sequence's last row in the step), h = rmsnorm(x_t) and
-logits[k] = Wout hq split by vocabulary rows,
-then a barrier so the caller sees every thread's logits. A node over its memory budget streams its
-weights: after each layer thread 0 drops its pages and reads ahead (ir_stream.py; a no-op slot otherwise). Work that is cheap (norms, quantization of a
-vector, residual adds) is repeated by every thread on private buffers instead of paying a barrier.
+and finally, for the rows out_rows[k] (each sequence's last row), h = rmsnorm(x_t), logits[k] = Wout hq
+split by vocabulary rows, a barrier. Cheap work (norms, quantizing a vector, residual adds) is repeated by
+every thread instead of a barrier. A node over its memory budget streams its weights (ir_stream.py).
 
 The function reads everything through `table`, an i64 array of scalars and buffer addresses whose
 slots are fixed by `Slots`: the IR depends only on the model's shapes and tensor types, never on
 addresses, the thread count or the context length, so its compiled code is cached on disk and reused.
 
-"split" above: each op's work is cut into chunks fixed by its shape and the threads take them from
-per-thread counters, their own first, then what the others have left (ir_share.py), so a descheduled
-thread's share is done by the others; ProgramSpec.dynamic=False shares statically, one piece per thread.
+"split": each op's work is cut into chunks fixed by its shape, which the threads take from per-thread
+counters, their own first, then the others' leftovers (ir_share.py; ProgramSpec.dynamic=False: static).
 
 Threads: `worker(table, tid)` spins, then sleeps on a futex, until the go-counter moves, runs `forward`,
 and loops until `quit` is set; `step(table)` bumps the counter (waking sleeping workers, if any) and runs
@@ -115,7 +110,7 @@ class Slots:
         # ctx) i64[n]; out_rows i64[n_out]: the rows whose logits are wanted, logits f32[n_out, vocab]
         "barrier", "chunks", "tokens", "row_pos", "row_kv", "out_rows", "rope", "rope_local", "logits",
         # private, one region per thread (stride in the *_stride scalar or a constant)
-        "x_t", "h_t", "xq_t", "scratch_t", "attp_t",
+        "x_t", "h_t", "xq_t", "scratch_t", "attp_t", "s_t",
         # shared between threads
         "q", "k", "v", "att", "att_po", "att_st", "o", "g", "u", "s", "d",
         "embed", "output", "output_norm",
@@ -147,6 +142,7 @@ def private_sizes(spec: ProgramSpec) -> dict[str, int]:
         "xq_t": spec.max_chunk * act_bytes(widest),
         "scratch_t": c.n_heads * 4,  # x ctx
         "attp_t": span_partial_bytes(c),  # x max_spans(ctx)
+        "s_t": c.ffn_dim * 4,  # a decode step's act(g) * u, f32[ffn rows] (gated_ffn)
     }
 
 
@@ -277,9 +273,8 @@ class _Forward:
         if given, emits more work on the same rows [r0, r1) of the chunk (by the thread that computed them)."""
         b = self.b
         groups = (rows + G - 1) // G
-        with self.share(groups, chunk_units(groups)) as (g0, g1):
-            r0 = b.mul(g0, i64(G))
-            r1 = b.select(b.icmp_signed("<", b.mul(g1, i64(G)), i64(rows)), b.mul(g1, i64(G)), i64(rows))
+        with self.share(groups, chunk_units(groups, G * k)) as (g0, g1):
+            r0, r1 = b.mul(g0, i64(G)), b.select(b.icmp_signed("<", b.mul(g1, i64(G)), i64(rows)), b.mul(g1, i64(G)), i64(rows))
             self.rows_product(qtype, w, xf, xq, y, k, r0, r1, n, ldy)
             if then is not None:
                 then(r0, r1)
@@ -409,24 +404,34 @@ class _Forward:
                       h0, b.add(h0, i64(gs)))
 
     def gated_ffn(self, layer: int, t: dict, rows: int) -> ir.Value:
-        """h = rmsnorm(x_t); s = act(Wg h) * (Wu h) (SiLU or GELU-tanh) for `rows` FFN rows (all of them, or a tensor-parallel
-        node's) -> s f32[n, rows]. Ends with a barrier. Shared with tp_program."""
+        """h = rmsnorm(x_t); s = act(Wg h) * (Wu h) (SiLU or GELU-tanh) for `rows` FFN rows (all, or a tensor-parallel
+        node's) -> s f32[n, rows]: shared `s`, or for one row (decode) this thread's s_t. Ends with a barrier.
+        Several rows: a chunk of Wg rows, then the same rows of Wu and act by the thread that computed them.
+        One row: Wg, then Wu, each its own site (chunks alternating between two matrices cost ~8 % of a 1-thread
+        decode step: bench_ab.py), then every thread the whole row's act into s_t (it quantizes s whole anyway)."""
         b, c, n, zero = self.b, self.c, self.n, i64(0)
         W = lambda name: self.thread_ptr(f"{layer}.{name}")  # noqa: E731
         self.norm_quantize(self.ptr(f"{layer}.ffn_norm"), zero, n)
-        g, u, s = self.ptr("g"), self.ptr("u"), self.ptr("s")
-        up = W("ffn_up")
+        g, u, s, s_t, up = self.ptr("g"), self.ptr("u"), self.ptr("s"), self.private("s_t"), W("ffn_up")
+        act = Op.GELU_TANH_MUL if self.c.activation == "gelu_tanh" else Op.SILU_MUL
 
         def up_and_act(r0: ir.Value, r1: ir.Value) -> None:  # the gate's rows of this chunk are done
             self.rows_product(t["ffn_up"], up, self.h_t, self.xq_t, u, c.dim, r0, r1, n, rows)
             with for_range(b, zero, n, name="silu") as i:
                 off = b.add(b.mul(i, i64(rows)), r0)
-                self.call(Op.GELU_TANH_MUL if self.c.activation == "gelu_tanh" else Op.SILU_MUL, gep(b, g, off, ir.FloatType()),
-                          gep(b, u, off, ir.FloatType()), gep(b, s, off, ir.FloatType()), b.sub(r1, r0))
+                self.call(act, *(gep(b, buf, off, ir.FloatType()) for buf in (g, u, s)), b.sub(r1, r0))
 
-        self.product(t["ffn_gate"], W("ffn_gate"), self.h_t, self.xq_t, g, rows, c.dim, n, rows, then=up_and_act)
-        self.barrier()
-        return s
+        one_row = b.icmp_signed("==", n, i64(1))
+        with b.if_else(one_row) as (decode, several):
+            with decode:
+                self.product(t["ffn_gate"], W("ffn_gate"), self.h_t, self.xq_t, g, rows, c.dim, n, rows)
+                self.product(t["ffn_up"], up, self.h_t, self.xq_t, u, rows, c.dim, n, rows)
+                self.barrier()
+                self.call(act, g, u, s_t, rows)
+            with several:
+                self.product(t["ffn_gate"], W("ffn_gate"), self.h_t, self.xq_t, g, rows, c.dim, n, rows, then=up_and_act)
+                self.barrier()
+        return b.select(one_row, s_t, s)
 
     def layer(self, layer: int) -> None:
         c, spec = self.c, self.spec
