@@ -325,3 +325,9 @@ def sources_digest() -> str:
     for path in sorted(root.rglob("*.py")):
         h.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
     return h.hexdigest()
+
+
+# Taken when the compiler is imported (with the modules that emit the IR), not at the first compile: files
+# replaced under a running process (an upgrade, a checkout) must not key the code it compiled from the old
+# ones (found: a program cached that way under the new sources' key crashed the next process that loaded it).
+sources_digest()
