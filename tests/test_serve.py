@@ -5,8 +5,10 @@ lists (no mDNS), the real engines. The daemons and the commands hold the tests' 
 
 from __future__ import annotations
 
+import atexit
 import re
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -28,7 +30,9 @@ from dllp2p.formats.synthetic import SyntheticSpec, write_random_llama
 
 ROOT_DIR = Path(__file__).parent.parent
 CLI = [sys.executable, "-m", "dllp2p.cli"]
-KEY_FILE = str(fake_tp.write_key(Path(tempfile.mkdtemp(prefix="dllp2p-test-key-"))))
+_KEY_DIR = tempfile.mkdtemp(prefix="dllp2p-test-key-")
+atexit.register(shutil.rmtree, _KEY_DIR, True)  # the key file this module's daemons share, gone at exit
+KEY_FILE = str(fake_tp.write_key(Path(_KEY_DIR)))
 SPEC_8KV = SyntheticSpec(dim=256, n_layers=2, n_heads=8, n_kv_heads=8, ffn_dim=512, vocab_size=300, seed=5)
 
 

@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -186,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"fewer nodes: {not_slower})")
     finally:
         lan.close()
+        shutil.rmtree(tmp, ignore_errors=True)  # the model, key and caches it wrote
     return 0 if ok else 1
 
 

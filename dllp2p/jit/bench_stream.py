@@ -17,6 +17,7 @@ A node whose weights fit its budget runs the unlimited engine's code path (its s
 from __future__ import annotations
 
 import argparse
+import shutil
 import statistics
 import tempfile
 import time
@@ -72,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
               f"tokens equal the unlimited engine's: {tokens[name] == tokens['no budget']}")
     for e in engines.values():
         e.close()
+    shutil.rmtree(tmp, ignore_errors=True)  # the model and its packed files
     return 0
 
 
