@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -37,7 +36,7 @@ from ..memory import resident
 from ..models import default_model_path
 from ..tpbench import random_model_path
 from ..session.service import WARM_S
-from .replan_bench import CLI, PROMPT, _free_port, wait_joined
+from .replan_bench import CLI, PROMPT, _free_port, stop_daemons, wait_joined
 
 MIB = 1 << 20
 
@@ -99,14 +98,7 @@ def measure(model: str, steps: int, wait: float, code: str | None = None) -> dic
                 rss, hwm = resident(pid)
                 rows[role]["released"], rows[role]["peak"] = rss / MIB, hwm / MIB
         finally:
-            for p in procs:
-                p.send_signal(signal.SIGTERM)
-            for p in procs:
-                try:
-                    p.wait(15)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait()
+            stop_daemons(procs)
     return {"model": Path(model).name, "model_mib": os.path.getsize(model) / MIB, "rows": rows}
 
 

@@ -66,22 +66,9 @@ class SliceCache:
         return self.directory / sha256
 
     def load(self, sha256: str, nbytes: int) -> bytes | None:
-        """The slice's bytes, or None if absent or damaged (a damaged file is deleted)."""
-        path = self.path(sha256)
-        try:
-            if path.stat().st_size != nbytes:
-                raise ValueError(f"{path.stat().st_size} bytes, expected {nbytes}")
-            data = path.read_bytes()
-            if hashlib.sha256(data).hexdigest() != sha256:
-                raise ValueError("content does not match its hash")
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError) as e:
-            log.warning("cache file %s is damaged (%s); dropping it", path, e)
-            path.unlink(missing_ok=True)
-            return None
-        touch(path)
-        return data
+        """The slice's bytes, or None if absent or damaged (a damaged file is deleted): mapped's, copied."""
+        data = self.mapped(sha256, nbytes)
+        return None if data is None else data.tobytes()
 
     def mapped(self, sha256: str, nbytes: int, verify: bool = True) -> np.ndarray | None:
         """The slice as u8[nbytes] over a read-only map of its file, or None if absent or damaged (then
@@ -95,9 +82,8 @@ class SliceCache:
                 size = os.fstat(f.fileno()).st_size
                 if size != nbytes:
                     raise ValueError(f"{size} bytes, expected {nbytes}")
-                if not nbytes:
-                    return np.zeros(0, np.uint8)
-                data = np.frombuffer(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ), np.uint8)
+                data = (np.frombuffer(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ), np.uint8) if nbytes
+                        else np.zeros(0, np.uint8))  # an empty file cannot be mapped; its hash is still checked
             if verify and _digest(data) != sha256:
                 raise ValueError("content does not match its hash")
         except FileNotFoundError:
