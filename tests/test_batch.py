@@ -189,3 +189,22 @@ def test_decode_throughput_bench_runs(small_model, jit_cache):
         assert engine.seq_lengths == (20, 20) and m["kv_mb"] == 2 * 20 * engine.kv_bytes_per_position / 2**20
     finally:
         engine.close()
+
+
+def test_ab_throughput_takes_turns(small_model, jit_cache):
+    """batchbench --old's core on two engines (here of the same build): figures per engine and N, the paired
+    ratio against the first engine, and each engine parked and restarted between turns computes as before."""
+    from dllp2p.jit.batchbench import ab_throughput
+    from dllp2p.jit.engine import JITEngine
+
+    engines = {name: JITEngine(small_model, 64, threads=2, cache_dir=jit_cache, max_chunk=8, max_seqs=2)
+               for name in ("old", "new")}
+    try:
+        r = ab_throughput(engines, [1, 2], tokens=2, prompt_len=4, rounds=2)
+        assert set(r) == {"old", "new"} and all(set(f) == {1, 2} for f in r.values())
+        assert r["old"][2]["vs_old"] == 1.0 and r["new"][1]["vs_first"] == 1.0 and r["new"][2]["vs_old"] > 0
+        a, b = (e.forward_batch([BatchRow(0, (5,), 4), BatchRow(1, (6,), 4)]) for e in engines.values())
+        assert np.array_equal(a, b)  # both engines' threads run again and agree
+    finally:
+        for e in engines.values():
+            e.close()

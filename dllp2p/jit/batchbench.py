@@ -2,6 +2,7 @@
 
     python -m dllp2p.jit.batchbench [--model PATH] [--threads 2] [--concurrency 1 4 8] [--tokens 32]
                                     [--prompt-tokens 32] [--rounds 3] [--rss-positions 0] [--in-cache] [--json]
+                                    [--old REV]
 
 What one measurement is: N sequences (slots 0..N-1) each hold a prompt of --prompt-tokens ids (different
 per slot, prefilled untimed in one forward_batch), then --tokens greedy decode steps, every step one
@@ -22,6 +23,13 @@ barriers and attention; the output projection, 31 % of SmolLM2's bytes, still st
 N-row step costs beyond the 1-row one when memory is not the limit: the bound on the N-stream speed-up.
 Its logits are meaningless (the tokens fed are the real run's), its time is not.
 
+--old REV (a git revision of this checkout, or a directory holding a dllp2p package): the same decode figures
+for that build's engine and this one's in the same process (bench_ab.import_old; one mapping of the packed
+weights), taking turns: every round runs each N on each build, the builds' order alternating round by round,
+each build's worker threads parked outside its turns. Adds per N the old build's step time over this one's, the
+median of same-round ratios (> 1: this build is faster). A shared machine's speed drifts by 10-30 % between
+processes; this ratio does not.
+
 `decode_throughput(engine, concurrencies, ...)` is the function `dllp2p bench --concurrency` calls with
 any BatchEngine (this node's JIT engine or the cluster's).
 """
@@ -29,11 +37,14 @@ any BatchEngine (this node's JIT engine or the cluster's).
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import resource
 import statistics
 import sys
+import tempfile
 import time
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -41,6 +52,9 @@ import numpy as np
 from ..engine import BatchEngine, BatchRow
 from ..formats import load_model
 from ..models import default_model_path
+from . import engine as engine_module
+from .bench_ab import _weights, import_old, park, unpark
+from .compiler import DEFAULT_CACHE_DIR
 from .engine import JITEngine
 from .program import LAYER_MATRICES
 
@@ -84,6 +98,54 @@ def decode_throughput(engine: BatchEngine, concurrencies: Sequence[int], tokens:
         out[n] = {"aggregate_tok_s": n * tokens / t, "per_stream_tok_s": tokens / t, "ms_per_step": 1e3 * t / tokens,
                   "vs_first": statistics.median((n / a) / (base / b) for a, b in zip(secs[n], secs[base]))}
     return out
+
+
+def ab_throughput(engines: dict[str, Any], concurrencies: Sequence[int], tokens: int = 32, prompt_len: int = 32,
+                  rounds: int = 3) -> dict[str, dict[int, dict[str, float]]]:
+    """decode_throughput's figures per engine (several builds', see --old), their turns alternating: a round runs
+    each N on each engine, the engines' order reversed every other round, an engine parked outside its turns.
+    Adds `vs_<first engine's name>` per N: that engine's step time over this one's (median of same-round ratios)."""
+    names, most = list(engines), max(concurrencies)
+    first: dict[str, list[int]] = {}
+    for name, engine in engines.items():
+        prompts = _prompts(most, prompt_len, engine.config.vocab_size)
+        first[name] = [int(row.argmax()) for row in engine.forward_batch([BatchRow(s, p, 0) for s, p in enumerate(prompts)])]
+        _decode(engine, most, prompt_len, first[name], 2, 0)  # warm-up
+        park(engine)
+    secs: dict[tuple[str, int], list[float]] = {(name, n): [] for name in names for n in concurrencies}
+    try:
+        for r in range(rounds):
+            for n in concurrencies:
+                for name in names if r % 2 == 0 else names[::-1]:
+                    unpark(engines[name])
+                    _decode(engines[name], n, prompt_len, first[name], 1, 0)  # the fresh threads' first step
+                    secs[(name, n)].append(_decode(engines[name], n, prompt_len, first[name], tokens, 0))
+                    park(engines[name])
+    finally:
+        for engine in engines.values():
+            unpark(engine)
+    out: dict[str, dict[int, dict[str, float]]] = {}
+    base, n0 = names[0], concurrencies[0]
+    for name in names:
+        out[name] = {}
+        for n in concurrencies:
+            t, mine = statistics.median(secs[(name, n)]), secs[(name, n)]
+            out[name][n] = {"aggregate_tok_s": n * tokens / t, "per_stream_tok_s": tokens / t, "ms_per_step": 1e3 * t / tokens,
+                            "vs_first": statistics.median((n / a) / (n0 / b) for a, b in zip(mine, secs[(name, n0)])),
+                            f"vs_{base}": statistics.median(b / a for a, b in zip(mine, secs[(base, n)]))}
+    return out
+
+
+def _ab_engines(old: str, tmp: Path, model_path, ctx: int, threads: int, max_seqs: int) -> dict[str, Any]:
+    """{"old": the build `old`'s JITEngine, "new": this build's}, both on one mapping of the packed weights."""
+    pkg = import_old(old, tmp)
+    old_engine, old_formats = (importlib.import_module(f"{pkg.__name__}.{m}") for m in ("jit.engine", "formats"))
+    cache = DEFAULT_CACHE_DIR.expanduser()
+    packed = engine_module.load_packed(load_model(model_path), cache / "weights")
+    with _weights(old_engine, packed):
+        old = old_engine.JITEngine(old_formats.load_model(model_path), ctx, threads=threads, max_seqs=max_seqs)
+    with _weights(engine_module, packed):
+        return {"old": old, "new": JITEngine(load_model(model_path), ctx, threads=threads, max_seqs=max_seqs)}
 
 
 def in_cache_steps(engine: JITEngine, concurrencies: Sequence[int], tokens: int = 16, prompt_len: int = 32,
@@ -142,7 +204,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--rss-positions", type=int, default=0)
     p.add_argument("--in-cache", action="store_true", help="also time the steps with one layer's weights in cache")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--old", help="also this git revision's (or directory's) build, A/B in the same process")
     ns = p.parse_args(argv)
+    if ns.old:
+        return _main_ab(ns)
     model = load_model(ns.model or default_model_path())
     engine = JITEngine(model, ns.ctx, threads=ns.threads, max_seqs=max(ns.concurrency))
     built_mb = _rss_mb()
@@ -172,6 +237,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"  RSS {m['rss_engine_built_mb']:.0f} MB with the engine built, {m['rss_before_mb']:.0f} MB after "
               f"decoding, {m['rss_after_mb']:.0f} MB with {m['sequences']} sequences x "
               f"{m['positions']} positions (KV {m['kv_mb']:.0f} MB)")
+    return 0
+
+
+def _main_ab(ns: argparse.Namespace) -> int:
+    with tempfile.TemporaryDirectory(prefix="dllp2p-batchbench-") as tmp:
+        engines = _ab_engines(ns.old, Path(tmp), ns.model or default_model_path(), ns.ctx, ns.threads,
+                              max(ns.concurrency))
+        try:
+            result = ab_throughput(engines, ns.concurrency, ns.tokens, ns.prompt_tokens, ns.rounds)
+        finally:
+            for engine in engines.values():
+                engine.close()
+    if ns.json:
+        print(json.dumps({"threads": ns.threads, "old": ns.old, "decode": result}))
+        return 0
+    print(f"{ns.threads} threads, {ns.tokens} decode steps after {ns.prompt_tokens}-token prompts, {ns.rounds} rounds, "
+          f"old = {ns.old}, new = this build (same process, alternating)")
+    for n in ns.concurrency:
+        new, old = result["new"][n], result["old"][n]
+        print(f"  {n:2d} streams: new {new['aggregate_tok_s']:7.1f} tok/s aggregate ({new['vs_first']:.2f}x), "
+              f"{new['ms_per_step']:.2f} ms/step; old {old['aggregate_tok_s']:7.1f} ({old['vs_first']:.2f}x), "
+              f"{old['ms_per_step']:.2f} ms/step; old/new step time {new['vs_old']:.3f}")
     return 0
 
 

@@ -170,7 +170,7 @@ class JITEngine:
             bufs[name] = aligned_zeros((mc, width), np.float32)
         for layer in s.run_layers:
             # np.zeros: pages come from the OS on first touch, so an unused context or slot costs no memory
-            shape = (self.max_seqs, self.ctx, self.n_kv_local, c.head_dim)
+            shape = (self.max_seqs, self.n_kv_local, self.ctx, c.head_dim)  # head-major: program.kv_head
             bufs[f"{layer}.k_cache"] = np.zeros(shape, np.float16)
             bufs[f"{layer}.v_cache"] = np.zeros(shape, np.float16)
         return bufs
@@ -272,7 +272,7 @@ class JITEngine:
             for layer in range(self.config.n_layers):
                 for name in ("k_cache", "v_cache"):
                     cache = self._bufs[f"{layer}.{name}"]
-                    cache[dst, :n] = cache[src, :n]
+                    cache[dst, :, :n] = cache[src, :, :n]
         self._lengths[dst] = n
 
     @property

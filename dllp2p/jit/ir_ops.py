@@ -18,18 +18,6 @@ from .specs import KernelSpec
 V16F32 = vec(F32, 16)
 
 
-
-
-def _exp(b: ir.IRBuilder, v: ir.Value) -> ir.Value:
-    n = v.type.count if isinstance(v.type, ir.VectorType) else 0
-    name = f"llvm.exp.v{n}f32" if n else "llvm.exp.f32"
-    return b.call(intrinsic(b.module, name, v.type, [v.type]), [v])
-
-
-
-
-
-
 def emit_rmsnorm(module: ir.Module, spec: KernelSpec, target: Target) -> None:
     fn, b = define(module, spec.name, spec.signature)
     x, w, out, n, eps = fn.args
@@ -142,13 +130,16 @@ def widen_f16(b: ir.IRBuilder, raw: ir.Value, native: bool) -> ir.Value:
 
 
 def emit_silu_mul(module: ir.Module, spec: KernelSpec, target: Target) -> None:
+    """out = silu(gate) * up = gate / (1 + exp(-gate)) * up, 16 lanes at a time. exp by vexp (plain vector IR,
+    clamped: no inf, no NaN), not llvm.exp, which x86 lowers to one libm expf call per lane: with it this
+    kernel took ~6 % of a batched decode step's CPU time (perf, SmolLM2, 4 rows), ~3x what vexp takes."""
     fn, b = define(module, spec.name, spec.signature)
     gate, up, out, n = fn.args
 
     def body(i, width):
         g = load(b, gate, fvec(width), i, F32)
-        sig = b.fdiv(fconst(1.0, width), b.fadd(fconst(1.0, width), _exp(b, b.fsub(fconst(0.0, width), g))))
-        store(b, b.fmul(b.fmul(g, sig), load(b, up, fvec(width), i, F32)), out, i, F32)
+        act = b.fdiv(g, b.fadd(fconst(1.0, width), vexp(b, b.fsub(fconst(0.0, width), g))))
+        store(b, b.fmul(act, load(b, up, fvec(width), i, F32)), out, i, F32)
 
     vector_loop(b, n, 16, body)
     b.ret_void()

@@ -177,7 +177,8 @@ def rope_table(ctx: int, rope_dim: int, base: float) -> np.ndarray:
 
 def kv_cache(ctx: int, n_kv_heads: int, head_dim: int) -> np.ndarray:
     """f16[ctx, n_kv_heads, head_dim], zeroed: K or V for every position, one token's row contiguous
-    (attention_f16kv reads it; to_f16 writes a new row)."""
+    (attention_f16kv reads it; to_f16 writes a new row). The engine's slots are head-major instead,
+    f16[n_kv_heads, ctx, head_dim] (program.kv_head): each head is this with n_kv_heads = 1."""
     return aligned_zeros((ctx, n_kv_heads, head_dim), np.float16)
 
 

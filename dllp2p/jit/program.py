@@ -27,8 +27,8 @@ RMSNorm, post-sublayer norms, SiLU or GELU-tanh, an embedding scale, a score sca
 RoPE (Q/K rows permuted at pack time: family.py), a second RoPE table and the window W of sliding layers
 (a row at position p attends to [max(0, p - W + 1), p]).
 
-A step's rows may belong to several sequences (continuous batching): row i sits at position row_pos[i]
-of the KV slot at cache row row_kv[i] and attends to it only; the linear layers take all rows at once.
+A step's rows may belong to several sequences (continuous batching): row i sits at position row_pos[i] of the
+KV slot at cache row row_kv[i] (head-major: kv_head) and attends to it only; the linear layers take all rows.
 
 and finally, for the rows out_rows[k] (each sequence's last row), h = rmsnorm(x_t), logits[k] = Wout hq
 split by vocabulary rows, a barrier. Cheap work (norms, quantizing a vector, residual adds) is repeated by
@@ -41,15 +41,15 @@ addresses, the thread count or the context length, so its compiled code is cache
 "split": each op's work is cut into chunks fixed by its shape, which the threads take from per-thread
 counters, their own first, then the others' leftovers (ir_share.py; ProgramSpec.dynamic=False: static).
 
-Threads: `worker(table, tid)` spins, then sleeps on a futex, until the go-counter moves, runs `forward`,
-and loops until `quit` is set; `step(table)` bumps the counter (waking sleeping workers, if any) and runs
-`forward(table, 0)` on the caller's thread, returning when all threads have finished the token: one
-ctypes call per forward step. The barriers spin, then sleep on a futex too (ir_barrier.py).
+Threads: `worker(table, tid)` spins, then sleeps on a futex, until the go-counter moves, runs `forward`, and
+loops until `quit` is set; `step(table)` bumps the counter (waking workers) and runs `forward(table, 0)` on the
+caller's thread until all threads are done: one ctypes call per step. Barriers spin, then sleep (ir_barrier.py).
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 from dataclasses import dataclass
 
 import llvmlite.ir as ir
@@ -212,8 +212,14 @@ class _Forward:
         return self.b.load(gep(self.b, self.ptr(name), i, I64), typ=I64)
 
     def seq_cache(self, cache: ir.Value, i: ir.Value, kvd: int) -> ir.Value:
-        """Chunk row i's sequence's slot of a layer's f16 KV cache (positions 0..ctx-1 of f16[kvd] rows)."""
+        """Chunk row i's sequence's slot of a layer's f16 KV cache, f16[n_kv, ctx, hd] (kvd = n_kv * hd)."""
         return self.row(cache, self.at("row_kv", i), kvd * 2)
+
+    def kv_head(self, slot: ir.Value, g: ir.Value | int) -> ir.Value:
+        """KV head g's f16[ctx, hd] in a slot: head-major, so attention (one KV head at a time) reads one run
+        (a position's heads side by side, it read 128 of every 384 bytes: README, continuous batching)."""
+        b = self.b
+        return gep(b, slot, b.mul(b.mul(i64(g) if isinstance(g, int) else g, self.ctx), i64(self.c.head_dim * 2)))
 
     def share(self, total: ir.Value | int, chunk: int):
         """`with self.share(total, chunk) as (lo, hi):` the body runs for each chunk [lo, hi) of range(total)
@@ -268,9 +274,8 @@ class _Forward:
 
     def product(self, qtype: QType, w: ir.Value, xf: ir.Value, xq: ir.Value, y: ir.Value, rows: int, k: int,
                 n: ir.Value, ldy: int, then=None) -> None:
-        """y[i, r] = W[r] . x[i] for i < n, shared out by chunks of 16-row groups of r; x as f32 rows xf
-        (stride k) for float weights, as Q8S rows xq (stride act_bytes(k)) for block weights. then(r0, r1),
-        if given, emits more work on the same rows [r0, r1) of the chunk (by the thread that computed them)."""
+        """y[i, r] = W[r] . x[i] for i < n, shared out by chunks of 16-row groups of r; x as f32 rows xf (stride k)
+        or Q8S rows xq (block weights). then(r0, r1): more work on the chunk's rows by the same thread."""
         b = self.b
         groups = (rows + G - 1) // G
         with self.share(groups, chunk_units(groups, G * k)) as (g0, g1):
@@ -289,11 +294,9 @@ class _Forward:
                 self.call((Op.MATVEC, qtype), w, self.row(xf, i, k * 4), self.row(y, i, ldy * 4), k, r0, r1)
 
     def attention(self, layer: int, t: dict, nq: int, nkv: int) -> ir.Value:
-        """Q/K/V for nq query and nkv KV heads from hq (xq_t), RoPE, K/V into row i's slot of the f16 cache at
-        row_pos[i], then attention of each row against its own slot up to its own position; returns `att`
-        f32[n, nq * head_dim]. Ends with a barrier. Shared with tp_program."""
-        b, c, n = self.b, self.c, self.n
-        hd = c.head_dim
+        """Q/K/V for nq query and nkv KV heads from hq (xq_t), RoPE, K/V into row i's slot of the f16 cache at row_pos[i],
+        attention of each row against its slot up to its position -> `att` f32[n, nq * hd]; a barrier. tp_program's too."""
+        b, c, n, hd = self.b, self.c, self.n, self.c.head_dim
         qd, kvd = nq * hd, nkv * hd
         L = lambda name: self.ptr(f"{layer}.{name}")  # noqa: E731
         q, k, v, att = self.ptr("q"), self.ptr("k"), self.ptr("v"), self.ptr("att")
@@ -318,8 +321,8 @@ class _Forward:
                         head = gep(b, row, b.mul(h, i64(hd * 4)))
                         self.call(Op.RMSNORM, head, w, head, hd, float(c.norm_eps))
             self.call(Op.ROPE, krow, rope, p, nkv, hd, c.rope_dim)
-            self.call(Op.TO_F16, krow, self.row(self.seq_cache(kc, i, kvd), p, kvd * 2), kvd)
-            self.call(Op.TO_F16, vrow, self.row(self.seq_cache(vc, i, kvd), p, kvd * 2), kvd)
+            for (cache, row), g in itertools.product(((kc, krow), (vc, vrow)), range(nkv)):  # head g -> its position p
+                self.call(Op.TO_F16, gep(b, row, i64(g * hd * 4)), self.row(self.kv_head(self.seq_cache(cache, i, kvd), g), p, hd * 2), hd)
             self.call(Op.ROPE, qrow, rope, p, nq, hd, c.rope_dim)
             if q_scale != 1.0:
                 self.call(Op.SCALE, qrow, qd, float(q_scale))
@@ -338,23 +341,21 @@ class _Forward:
         """The first position a row at p attends to: 0, or max(0, p - window + 1) in a sliding layer."""
         if not window:
             return i64(0)
-        b = self.b
-        lo = b.sub(p, i64(window - 1))
-        return b.select(b.icmp_signed(">", lo, i64(0)), lo, i64(0))
+        lo = self.b.sub(p, i64(window - 1))
+        return self.b.select(self.b.icmp_signed(">", lo, i64(0)), lo, i64(0))
 
     def n_spans(self, p: ir.Value, lo: ir.Value) -> tuple[ir.Value, ir.Value]:
-        """(first span, number of spans) of a row at position p attending to [lo, p]: positions cut at
-        multiples of ATT_SPLIT, spans lo // ATT_SPLIT .. p // ATT_SPLIT."""
+        """(first span, number of spans) of a row at p attending to [lo, p]: spans lo // ATT_SPLIT .. p // ATT_SPLIT."""
         b = self.b
         j0 = b.sdiv(lo, i64(ATT_SPLIT))
         return j0, b.sub(b.add(b.sdiv(p, i64(ATT_SPLIT)), i64(1)), j0)
 
     def span_partial(self, qrow: ir.Value, kc: ir.Value, vc: ir.Value, po: ir.Value, st: ir.Value, j: ir.Value,
                      p: ir.Value, grp: ir.Value, nq: int, nkv: int, lo: ir.Value, j0: ir.Value) -> None:
-        """Span j's partials, for the heads of (local) KV group grp, of the row at position p attending to
-        [lo, p] -> slots j - j0 of po, st. Both attention paths make exactly these calls, so a row's result
-        does not depend on the path."""
-        b, c = self.b, self.c
+        """Span j's partials, for the heads of (local) KV group grp, of the row at position p attending to [lo, p]
+        -> slots j - j0 of po, st. Both attention paths make exactly these calls, so a row's result does not depend
+        on the path. kc, vc: the row's slots; the kernel sees the group alone (its heads, one KV head: kv_head)."""
+        b, hd = self.b, self.c.head_dim
         gs = nq // nkv  # local query heads per local KV head (a share of a group when KV is replicated)
         start = b.mul(j, i64(ATT_SPLIT))
         t0 = b.select(b.icmp_signed(">", lo, start), lo, start)
@@ -362,12 +363,13 @@ class _Forward:
         t1 = b.select(b.icmp_signed("<", end, last), end, last)
         h0 = b.mul(grp, i64(gs))
         slot = b.sub(j, j0)
-        self.call(Op.ATTENTION, qrow, kc, vc, self.row(po, slot, nq * c.head_dim * 4), self.row(st, slot, nq * 8),
-                  self.scratch, t0, t1, nq, nkv, c.head_dim, self.ctx, h0, b.add(h0, i64(gs)))
+        out = gep(b, self.row(po, slot, nq * hd * 4), b.mul(h0, i64(hd * 4)))
+        stats = gep(b, self.row(st, slot, nq * 8), b.mul(h0, i64(8)))
+        self.call(Op.ATTENTION, gep(b, qrow, b.mul(h0, i64(hd * 4))), self.kv_head(kc, grp), self.kv_head(vc, grp),
+                  out, stats, self.scratch, t0, t1, gs, 1, hd, self.ctx, 0, gs)
 
     def attention_spans(self, kc: ir.Value, vc: ir.Value, nq: int, nkv: int, window: int) -> None:
-        """One row (a decode step): the threads share out the (span, KV group) pairs, each span's partials
-        going to the shared att_po / att_st, then (after a barrier) merge them by head."""
+        """One row (a decode step): the threads share out (span, KV group) pairs into att_po / att_st, then merge by head."""
         b, kvd = self.b, nkv * self.c.head_dim
         po, st = self.ptr("att_po"), self.ptr("att_st")
         pos = self.at("row_pos", i64(0))
@@ -382,9 +384,8 @@ class _Forward:
             self.call(Op.ATTENTION_MERGE, po, st, self.ptr("att"), n_spans, nq, self.c.head_dim, ha, hb)
 
     def attention_rows(self, kc: ir.Value, vc: ir.Value, nq: int, nkv: int, window: int) -> None:
-        """Several rows (a prompt chunk, or rows of several sequences, each against its own slot): the threads
-        share out the (row, KV group) pairs; each thread computes a pair's spans one after the other into its
-        private attp_t, then merges them."""
+        """Several rows (a prompt chunk, or rows of several sequences, each against its own slot): the threads share
+        out the (row, KV group) pairs; a pair's spans go one after the other into private attp_t, then merge."""
         b, c = self.b, self.c
         qd, gs = nq * c.head_dim, nq // nkv
         spans = b.sdiv(b.add(self.ctx, i64(ATT_SPLIT - 1)), i64(ATT_SPLIT))  # max_spans(ctx)
@@ -404,11 +405,10 @@ class _Forward:
                       h0, b.add(h0, i64(gs)))
 
     def gated_ffn(self, layer: int, t: dict, rows: int) -> ir.Value:
-        """h = rmsnorm(x_t); s = act(Wg h) * (Wu h) (SiLU or GELU-tanh) for `rows` FFN rows (all, or a tensor-parallel
-        node's) -> s f32[n, rows]: shared `s`, or for one row (decode) this thread's s_t. Ends with a barrier.
-        Several rows: a chunk of Wg rows, then the same rows of Wu and act by the thread that computed them.
-        One row: Wg, then Wu, each its own site (chunks alternating between two matrices cost ~8 % of a 1-thread
-        decode step: bench_ab.py), then every thread the whole row's act into s_t (it quantizes s whole anyway)."""
+        """h = rmsnorm(x_t); s = act(Wg h) * (Wu h) (SiLU or GELU-tanh) for `rows` FFN rows (all, or a TP node's) ->
+        s f32[n, rows]: shared `s`, or for one row this thread's s_t. Ends with a barrier. Several rows: a chunk of
+        Wg rows, then the same rows of Wu and act by the same thread. One row: Wg, then Wu, each its own site
+        (alternating chunks cost ~8 % of a 1-thread decode step: bench_ab.py), then every thread act into s_t."""
         b, c, n, zero = self.b, self.c, self.n, i64(0)
         W = lambda name: self.thread_ptr(f"{layer}.{name}")  # noqa: E731
         self.norm_quantize(self.ptr(f"{layer}.ffn_norm"), zero, n)

@@ -46,8 +46,8 @@ def _need(ok: bool, problem: str) -> None:
 
 
 def kv_bytes(config: ModelConfig, node: NodeSlice, ctx: int, layers: int | None = None) -> int:
-    """Bytes of the node's KV cache: K and V, f16[ctx, its kv heads, head_dim] per layer (jit/layout.kv_cache)
-    of its `layers` (all of the model's, or its pipeline stage's)."""
+    """Bytes of the node's KV cache: K and V, f16[its kv heads, ctx, head_dim] per layer and sequence slot
+    (jit/engine.py) of its `layers` (all of the model's, or its pipeline stage's)."""
     kv0, kv1 = node.kv_heads
     return 2 * (config.n_layers if layers is None else layers) * ctx * (kv1 - kv0) * config.head_dim * 2
 
