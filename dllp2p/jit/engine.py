@@ -39,7 +39,8 @@ from .layout import aligned_zeros
 from .library import build_module
 from .ir_share import counter_words
 from .ir_stream import STREAM_WORDS, StreamPlan, madvise_number, page_range, stream_plan, stream_table
-from .program import LAYER_MATRICES, ProgramSpec, Slots, build_program, max_spans, private_sizes
+from .program import LAYER_MATRICES, ProgramSpec, Slots, build_program, private_sizes
+from .program_attention import max_spans
 from .weights import load_packed, thread_layout
 
 log = logging.getLogger("dllp2p.jit")

@@ -48,6 +48,21 @@ ATT_MAX_SHARE = 3  # heads of a group that share each widened K/V vector (more w
 ATT_UNROLLED_HD = (64,)  # head dims that get their own copy of the body, hd a constant (+0.5 s compile each)
 
 
+ATT_NEXT_PREFETCH = 64  # positions of the next item's K and V prefetched as an item starts (program_attention.py)
+
+
+def prefetch_positions(b: ir.IRBuilder, k_head: ir.Value, v_head: ir.Value, t0: ir.Value, t1: ir.Value, hd: int) -> None:
+    """Read hints (into L2) for the K and V rows of positions [t0, min(t1, t0 + ATT_NEXT_PREFETCH)) of one KV head
+    (f16[ctx, hd] each, head-major): the start of the attention call a thread makes next, whose first lines the
+    kernel's own prefetch (ATT_PREFETCH positions ahead of the one it reads) never covers. No effect on results."""
+    fn = intrinsic(b.module, "llvm.prefetch.p0", ir.VoidType(), [PTR, I32, I32, I32])
+    end = b.add(t0, i64(ATT_NEXT_PREFETCH))
+    end = b.select(b.icmp_signed("<", end, t1), end, t1)
+    with for_range(b, b.mul(t0, i64(hd * 2)), b.mul(end, i64(hd * 2)), 64, name="pfn") as off:
+        for head in (k_head, v_head):
+            b.call(fn, [gep(b, head, off), i32(0), i32(2), i32(1)])
+
+
 def emit_attention(module: ir.Module, spec: KernelSpec, target: Target) -> None:
     """Heads [h0, h1), positions [t0, t1): the span's unnormalized softmax partial, KV head = h / (n_heads / n_kv):
     s_t = q . k_t / sqrt(hd), m = max_t s_t, e_t = exp(s_t - m); out[h] = sum_t e_t v_t, stats[h] = (m, sum_t e_t).

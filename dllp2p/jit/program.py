@@ -56,8 +56,8 @@ import llvmlite.ir as ir
 
 from ..formats import ModelConfig, QType
 from .family import LAYER_EXTRAS
-from .ir_attention import ATT_SPLIT
 from .ir_barrier import emit_step, emit_worker
+from .program_attention import AttentionSteps, span_partial_bytes
 from .ir_share import Sites, chunk_units
 from .ir_stream import emit_after_layer
 from .irutil import I64, PTR, VOID, for_range, gep, i64
@@ -146,17 +146,6 @@ def private_sizes(spec: ProgramSpec) -> dict[str, int]:
     }
 
 
-def max_spans(ctx: int) -> int:
-    """Attention spans (ATT_SPLIT positions each) a row at the last position of a ctx-long cache has."""
-    return -(-ctx // ATT_SPLIT)
-
-
-def span_partial_bytes(c: ModelConfig) -> int:
-    """Bytes of one span's attention partials for all heads: out f32[n_heads, hd] then stats f32[n_heads, 2]
-    (att_po and att_st hold max_spans of each, shared; attp_t one such pair of arrays per thread)."""
-    return (c.q_dim + 2 * c.n_heads) * 4
-
-
 def build_program(module: ir.Module, spec: ProgramSpec) -> None:
     """Add forward, worker and step to a module that already holds spec.kernel_specs()."""
     _Forward(module, spec).emit()
@@ -164,7 +153,7 @@ def build_program(module: ir.Module, spec: ProgramSpec) -> None:
     _emit_step(module)
 
 
-class _Forward:
+class _Forward(AttentionSteps):
     """Emits `void forward(i64* table, i64 tid)`; see the module docstring for what it computes."""
 
     def __init__(self, module: ir.Module, spec: ProgramSpec):
@@ -210,16 +199,6 @@ class _Forward:
     def at(self, name: str, i: ir.Value) -> ir.Value:
         """Element i of the i64 buffer `name` (row_pos, row_kv, out_rows, tokens)."""
         return self.b.load(gep(self.b, self.ptr(name), i, I64), typ=I64)
-
-    def seq_cache(self, cache: ir.Value, i: ir.Value, kvd: int) -> ir.Value:
-        """Chunk row i's sequence's slot of a layer's f16 KV cache, f16[n_kv, ctx, hd] (kvd = n_kv * hd)."""
-        return self.row(cache, self.at("row_kv", i), kvd * 2)
-
-    def kv_head(self, slot: ir.Value, g: ir.Value | int) -> ir.Value:
-        """KV head g's f16[ctx, hd] in a slot: head-major, so attention (one KV head at a time) reads one run
-        (a position's heads side by side, it read 128 of every 384 bytes: README, continuous batching)."""
-        b = self.b
-        return gep(b, slot, b.mul(b.mul(i64(g) if isinstance(g, int) else g, self.ctx), i64(self.c.head_dim * 2)))
 
     def share(self, total: ir.Value | int, chunk: int):
         """`with self.share(total, chunk) as (lo, hi):` the body runs for each chunk [lo, hi) of range(total)
@@ -336,73 +315,6 @@ class _Forward:
                 self.attention_rows(kc, vc, nq, nkv, window)
         self.barrier()
         return att
-
-    def first_position(self, p: ir.Value, window: int) -> ir.Value:
-        """The first position a row at p attends to: 0, or max(0, p - window + 1) in a sliding layer."""
-        if not window:
-            return i64(0)
-        lo = self.b.sub(p, i64(window - 1))
-        return self.b.select(self.b.icmp_signed(">", lo, i64(0)), lo, i64(0))
-
-    def n_spans(self, p: ir.Value, lo: ir.Value) -> tuple[ir.Value, ir.Value]:
-        """(first span, number of spans) of a row at p attending to [lo, p]: spans lo // ATT_SPLIT .. p // ATT_SPLIT."""
-        b = self.b
-        j0 = b.sdiv(lo, i64(ATT_SPLIT))
-        return j0, b.sub(b.add(b.sdiv(p, i64(ATT_SPLIT)), i64(1)), j0)
-
-    def span_partial(self, qrow: ir.Value, kc: ir.Value, vc: ir.Value, po: ir.Value, st: ir.Value, j: ir.Value,
-                     p: ir.Value, grp: ir.Value, nq: int, nkv: int, lo: ir.Value, j0: ir.Value) -> None:
-        """Span j's partials, for the heads of (local) KV group grp, of the row at position p attending to [lo, p]
-        -> slots j - j0 of po, st. Both attention paths make exactly these calls, so a row's result does not depend
-        on the path. kc, vc: the row's slots; the kernel sees the group alone (its heads, one KV head: kv_head)."""
-        b, hd = self.b, self.c.head_dim
-        gs = nq // nkv  # local query heads per local KV head (a share of a group when KV is replicated)
-        start = b.mul(j, i64(ATT_SPLIT))
-        t0 = b.select(b.icmp_signed(">", lo, start), lo, start)
-        end, last = b.add(start, i64(ATT_SPLIT)), b.add(p, i64(1))
-        t1 = b.select(b.icmp_signed("<", end, last), end, last)
-        h0 = b.mul(grp, i64(gs))
-        slot = b.sub(j, j0)
-        out = gep(b, self.row(po, slot, nq * hd * 4), b.mul(h0, i64(hd * 4)))
-        stats = gep(b, self.row(st, slot, nq * 8), b.mul(h0, i64(8)))
-        self.call(Op.ATTENTION, gep(b, qrow, b.mul(h0, i64(hd * 4))), self.kv_head(kc, grp), self.kv_head(vc, grp),
-                  out, stats, self.scratch, t0, t1, gs, 1, hd, self.ctx, 0, gs)
-
-    def attention_spans(self, kc: ir.Value, vc: ir.Value, nq: int, nkv: int, window: int) -> None:
-        """One row (a decode step): the threads share out (span, KV group) pairs into att_po / att_st, then merge by head."""
-        b, kvd = self.b, nkv * self.c.head_dim
-        po, st = self.ptr("att_po"), self.ptr("att_st")
-        pos = self.at("row_pos", i64(0))
-        kc, vc = self.seq_cache(kc, i64(0), kvd), self.seq_cache(vc, i64(0), kvd)
-        lo = self.first_position(pos, window)
-        j0, n_spans = self.n_spans(pos, lo)
-        with self.items(b.mul(n_spans, i64(nkv)), "span") as item:
-            j, grp = b.add(j0, b.sdiv(item, i64(nkv))), b.srem(item, i64(nkv))
-            self.span_partial(self.ptr("q"), kc, vc, po, st, j, pos, grp, nq, nkv, lo, j0)
-        self.barrier()
-        with self.share(nq, chunk_units(nq)) as (ha, hb):
-            self.call(Op.ATTENTION_MERGE, po, st, self.ptr("att"), n_spans, nq, self.c.head_dim, ha, hb)
-
-    def attention_rows(self, kc: ir.Value, vc: ir.Value, nq: int, nkv: int, window: int) -> None:
-        """Several rows (a prompt chunk, or rows of several sequences, each against its own slot): the threads share
-        out the (row, KV group) pairs; a pair's spans go one after the other into private attp_t, then merge."""
-        b, c = self.b, self.c
-        qd, gs = nq * c.head_dim, nq // nkv
-        spans = b.sdiv(b.add(self.ctx, i64(ATT_SPLIT - 1)), i64(ATT_SPLIT))  # max_spans(ctx)
-        po = gep(b, self.ptr("attp_t"), b.mul(self.tid, b.mul(spans, i64(span_partial_bytes(c)))))
-        st = gep(b, po, b.mul(spans, i64(c.q_dim * 4)))
-        with self.items(b.mul(self.n, i64(nkv)), "att") as item:
-            i, grp = b.sdiv(item, i64(nkv)), b.srem(item, i64(nkv))
-            p = self.at("row_pos", i)
-            lo = self.first_position(p, window)
-            j0, n_spans = self.n_spans(p, lo)
-            qrow = self.row(self.ptr("q"), i, qd * 4)
-            kci, vci = self.seq_cache(kc, i, nkv * c.head_dim), self.seq_cache(vc, i, nkv * c.head_dim)
-            with for_range(b, j0, b.add(j0, n_spans), name="sp") as j:
-                self.span_partial(qrow, kci, vci, po, st, j, p, grp, nq, nkv, lo, j0)
-            h0 = b.mul(grp, i64(gs))
-            self.call(Op.ATTENTION_MERGE, po, st, self.row(self.ptr("att"), i, qd * 4), n_spans, nq, c.head_dim,
-                      h0, b.add(h0, i64(gs)))
 
     def gated_ffn(self, layer: int, t: dict, rows: int) -> ir.Value:
         """h = rmsnorm(x_t); s = act(Wg h) * (Wu h) (SiLU or GELU-tanh) for `rows` FFN rows (all, or a TP node's) ->
