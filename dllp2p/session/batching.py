@@ -66,6 +66,7 @@ class _Stream:
     prompt: int  # tokens of the prompt (seq.prompt is followed by those of a resumed answer)
     first: float = 0.0  # perf_counter of its first token (0: none yet)
     most: int = 0  # the largest batch (rows) it was computed in
+    flights: int = 1  # the most steps in flight (pipelined groups) when one of its steps completed
     last: float = 0.0
     failure: Error | None = None
     log: list[str] = field(default_factory=list)
@@ -168,8 +169,9 @@ class BatchService:
             if stream.failure is not None:
                 await link.send(stream.failure)
                 return
-            log.info("request %d: %d prompt tokens on %d nodes, %d generated, batched (%d running)%s", seq.rid,
+            log.info("request %d: %d prompt tokens on %d nodes, %d generated, batched (%d running)%s%s", seq.rid,
                      len(seq.prompt), self.nodes, seq.generated, len(self.core.running),
+                     f", up to {stream.flights} steps in flight" if stream.flights > 1 else "",
                      f" ({seq.cached} of them already in its KV cache)" if seq.cached else "")
             await link.send(self._done(stream, extra))
         except LinkClosed:
@@ -185,7 +187,8 @@ class BatchService:
         computed = len(seq.prompt) - seq.cached
         prefill = s.first - s.submitted if s.first else 0.0
         decode = (seq.generated - 1) / (s.last - s.first) if seq.generated > 1 and s.last > s.first else 0.0
-        lines = extra + (f"batched: up to {s.most} sequences per step (max_batch {self.cfg.max_batch})",)
+        lines = extra + (f"batched: up to {s.most} sequences per step (max_batch {self.cfg.max_batch})"
+                         + (f", up to {s.flights} steps in flight (pipelined groups)" if s.flights > 1 else ""),)
         if seq.cached:
             lines += (f"{seq.cached} of the {len(seq.prompt)} prompt tokens were cached (a shared prefix)",)
         if already:
@@ -252,6 +255,7 @@ class BatchService:
         for seq in step.seqs:
             if (stream := self._streams.get(seq.rid)) is not None:
                 stream.most = max(stream.most, len(step.rows))
+                stream.flights = max(stream.flights, len(self._flying) + 1)
         self.core.advance(step)
         now = self._clock()
         for stream, token in sampled:
