@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from dllp2p.engine import SoloBatch
 from dllp2p.session.batcher import BatchConfig, BatchCore, Seq, groups
 from dllp2p.session.batching import BatchService
-from dllp2p.wire.messages import Done
+from dllp2p.wire.messages import Done, Error
 
 from test_batching import Sink, _engine, _gen, _prompt, model, solo_text  # noqa: F401 (model: a fixture)
 
@@ -158,3 +158,70 @@ def test_pipelined_greedy_streams_equal_their_solo_runs(model, depth, n, groups_
         assert (sink.text(), done.stop_reason) == solo_text(model, ids, steps, ctx)
     assert len(made) == 1 and made[0].most == (1 if groups_ == 1 else depth)
     assert not made[0].pending and not svc.core.running
+
+
+def test_bench_concurrency_decodes_the_same_in_groups_as_in_one_batch(model):  # noqa: F811
+    """`dllp2p bench --concurrency N --plan pipeline`'s third run: N streams in groups, steps in flight."""
+    from dllp2p.bench_concurrency import decode_run
+
+    m, tok = model
+    ps = [_prompt(i, 6 + i) for i in range(5)]
+
+    def engine(depth: int) -> Pipelined:
+        e = Pipelined(SoloBatch(lambda: _engine(m.config, tok, 64), 5), depth)
+        e.kv_bytes_per_position = 64
+        return e
+
+    _, one_batch = decode_run(engine(1), ps, 6, 64)
+    grouped = engine(3)
+    seconds, in_groups = decode_run(grouped, ps, 6, 64, groups=3)
+    assert in_groups == one_batch and all(len(t) == 6 for t in in_groups) and seconds > 0
+    assert grouped.most == 3 and not grouped.pending
+
+
+class Failing(Pipelined):
+    """Its 6th completion fails as a lost worker does (ClusterError is a ConnectionError)."""
+
+    completed = 0
+
+    def complete(self, ticket):
+        self.completed += 1
+        if self.completed > 5:
+            raise ConnectionError("worker lost")
+        return super().complete(ticket)
+
+
+def test_an_engine_lost_with_steps_in_flight_fails_their_requests_and_the_next_request_runs(model):  # noqa: F811
+    """complete() raises (a worker lost) while 2 steps are in flight: both requests end with an Error, nothing
+    stays in flight, and the next request runs on a new engine and gets its solo text."""
+    m, tok = model
+    made: list[Pipelined] = []
+
+    async def make(c: int) -> Pipelined:
+        made.append((Failing if not made else Pipelined)(SoloBatch(lambda: _engine(m.config, tok, c), 4), 2))
+        return made[-1]
+
+    svc = BatchService(BatchConfig(max_batch=4, chunk=12), "root-test", clock=trio.current_time)
+    svc.attach(make, tok, 64, 64)
+    first, second, after = Sink(), Sink(), Sink()
+    ids = [_prompt(1, 4), _prompt(2, 5), _prompt(3, 3)]
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            async def driver():
+                while not (after.got and isinstance(after.got[-1], (Done, Error))):
+                    if svc.busy():
+                        await svc.step()
+                    await trio.sleep(0.001)
+
+            nursery.start_soon(driver)
+            nursery.start_soon(svc.generate, first, _gen(ids[0], 30, 64), list(ids[0]))
+            nursery.start_soon(svc.generate, second, _gen(ids[1], 30, 64), list(ids[1]))
+            while not (first.got and isinstance(first.got[-1], Error) and isinstance(second.got[-1], Error)):
+                await trio.sleep(0.001)
+            await svc.generate(after, _gen(ids[2], 8, 64), list(ids[2]))
+
+    trio.run(main)
+    assert "worker lost" in first.got[-1].message and "worker lost" in second.got[-1].message
+    assert isinstance(after.got[-1], Done) and (after.text(), after.got[-1].stop_reason) == solo_text(model, ids[2], 8, 64)
+    assert len(made) == 2 and not svc.core.running and not any(s.flying for s in svc.core.running)

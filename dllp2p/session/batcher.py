@@ -195,7 +195,7 @@ class BatchCore:
     def plan(self) -> Step | None:
         """The next step, or None when no sequence runs."""
         self._admit_queued()
-        step = self._step(self.running)
+        step = self._step([s for s in self.running if s.state == "running" and not s.flying])
         self.last_batch = len(step.rows) if step else 0
         return step
 

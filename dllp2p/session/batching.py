@@ -293,8 +293,10 @@ class BatchService:
             for c in step.copies:
                 engine.copy_prefix(c.src, c.dst, c.n)
             self._flying.append((step, engine.submit(step.rows)))
-        step, ticket = self._flying.popleft()
-        return step, self._sample(step, engine.complete(ticket))
+        step, ticket = self._flying[0]
+        logits = engine.complete(ticket)  # (if it fails, the step is landed with the others: _close)
+        self._flying.popleft()
+        return step, self._sample(step, logits)
 
     def _compute(self, engine: BatchEngine, step: Step) -> list[tuple[_Stream, int]]:
         """(thread) The step's copies and rows on the engine; each finished row's next token sampled."""
