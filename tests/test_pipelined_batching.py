@@ -225,3 +225,39 @@ def test_an_engine_lost_with_steps_in_flight_fails_their_requests_and_the_next_r
     assert "worker lost" in first.got[-1].message and "worker lost" in second.got[-1].message
     assert isinstance(after.got[-1], Done) and (after.text(), after.got[-1].stop_reason) == solo_text(model, ids[2], 8, 64)
     assert len(made) == 2 and not svc.core.running and not any(s.flying for s in svc.core.running)
+
+
+def test_a_new_engine_without_stages_after_a_pipeline_steps_one_batch(model):  # noqa: F811
+    """The members changed while idle (replan): the engine made next has no stages (a root alone), and the
+    next requests run on it as one batch, with their solo text."""
+    m, tok = model
+    made: list = []
+
+    async def make(c: int):
+        inner = SoloBatch(lambda: _engine(m.config, tok, c), 4)
+        made.append(Pipelined(inner, 2) if not made else inner)
+        return made[-1]
+
+    svc = BatchService(BatchConfig(max_batch=4, chunk=12), "root-test", clock=trio.current_time)
+    svc.attach(make, tok, 64, 64)
+    ids = [_prompt(1, 4), _prompt(2, 5), _prompt(3, 3), _prompt(4, 6)]
+    sinks = [Sink() for _ in ids]
+
+    async def batch(which):
+        async with trio.open_nursery() as nursery:
+            for i in which:
+                nursery.start_soon(svc.generate, sinks[i], _gen(ids[i], 9, 64), list(ids[i]))
+            await trio.sleep(0.001)
+            while svc.busy():
+                await svc.step()
+                await trio.sleep(0.001)
+
+    async def main():
+        await batch([0, 1])
+        svc.replan(("another",))
+        await batch([2, 3])
+
+    trio.run(main)
+    for i, sink in zip(ids, sinks):
+        assert isinstance(sink.got[-1], Done) and (sink.text(), sink.got[-1].stop_reason) == solo_text(model, i, 9, 64)
+    assert len(made) == 2 and isinstance(made[1], SoloBatch) and made[0].most == 2

@@ -222,6 +222,14 @@ class BatchService:
     async def step(self) -> bool:
         """One step (tests call it directly); False when nothing ran. Over a pipeline plan of s stages (the
         engine's `depth`), up to s groups' steps are in flight, one completed per call (_pipelined_step)."""
+        if not self._flying and (self.core.rebuilt or self._engine is None) and self.core.busy():
+            try:  # made before the plan: its depth says how to step (plan() may still grow the context)
+                await self._close()
+                self._engine = await self._make(self.core.ctx)
+                self.core.rebuilt = False
+            except Exception as e:
+                await self._failed(e)
+                return False
         if self._flying or self._groups() > 1:
             return await self._pipelined_step()
         step = self.core.plan()
@@ -288,13 +296,17 @@ class BatchService:
         return True
 
     def _submit_complete(self, engine: Any, steps: list[Step]) -> tuple[Step, list[tuple[_Stream, int]]]:
-        """(thread) Each step's copies and rows submitted in turn; then the oldest in flight completed, sampled."""
+        """(thread) Each step's copies and rows submitted in turn; then the oldest in flight completed, sampled.
+        An engine without submit (made anew after the groups were planned: the context grew) runs each at
+        its completion."""
+        pipelined = hasattr(engine, "submit")
         for step in steps:
             for c in step.copies:
                 engine.copy_prefix(c.src, c.dst, c.n)
-            self._flying.append((step, engine.submit(step.rows)))
+            self._flying.append((step, engine.submit(step.rows) if pipelined else step.rows))
         step, ticket = self._flying[0]
-        logits = engine.complete(ticket)  # (if it fails, the step is landed with the others: _close)
+        # (if it fails, the step is landed with the others: _close)
+        logits = engine.complete(ticket) if pipelined else engine.forward_batch(ticket)
         self._flying.popleft()
         return step, self._sample(step, logits)
 
