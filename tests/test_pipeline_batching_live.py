@@ -13,7 +13,6 @@ import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-import pytest
 
 from dllp2p.formats import load_model
 from dllp2p.formats.synthetic import SyntheticSpec, write_random_llama
