@@ -204,8 +204,8 @@ def build_plan(config: ModelConfig, peers: Sequence[Peer], epoch: int, policy: s
     if policy not in PIPELINE_POLICIES:
         return plan(config, peers, epoch, policy, **options)
     group = options.pop("group", DEFAULT_GROUP)
-    if len(peers) < 2 or config.n_layers < 2:
-        return plan(config, peers, epoch, "pow2", max_nodes=1, **options)
+    if len(peers) < 2 or config.n_layers < 2:  # (a max_nodes the caller passed is 1 here, whatever it said)
+        return plan(config, peers, epoch, "pow2", **{**options, "max_nodes": 1})
     if policy == "hybrid" and len(peers) <= group:  # one group would be one stage: a pipeline of them
         return stage_plan(config, peers, epoch, "pipeline", **options)
     return stage_plan(config, peers, epoch, policy, group=group, **options)

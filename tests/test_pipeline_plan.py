@@ -100,6 +100,8 @@ def test_candidate_plans():
 def test_build_plan_dispatches_and_falls_back():
     assert isinstance(build_plan(SMOLLM2, _peers(1, 1), 0, "weighted"), Plan)
     alone = build_plan(SMOLLM2, _peers(1), 0, "pipeline")  # the root alone: a one-node tensor-parallel plan
+    # as session/root.start asks for it (max_nodes=None) when the only worker is gone: the same plan
+    assert build_plan(SMOLLM2, _peers(1), 0, "pipeline", max_nodes=None) == alone
     assert isinstance(alone, Plan) and alone.n_nodes == 1
     two = build_plan(SMOLLM2, _peers(1, 1), 0, "hybrid")  # one group of 2 would be a single stage
     assert isinstance(two, PipelinePlan) and two.policy == "pipeline" and two.n_nodes == 2
