@@ -20,7 +20,12 @@ from dllp2p.session.batcher import BatchConfig, BatchCore, Seq, groups
 from dllp2p.session.batching import BatchService
 from dllp2p.wire.messages import Done, Error
 
-from test_batching import Sink, _engine, _gen, _prompt, model, solo_text  # noqa: F401 (model: a fixture)
+from test_batching import Sink, _engine, _gen, _prompt, random_model, solo_text
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return random_model(tmp_path_factory)
 
 # --- the grouping ------------------------------------------------------------------------------------------
 
