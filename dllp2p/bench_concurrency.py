@@ -2,7 +2,7 @@
 session/batcher.py over the root's batch engine) against one stream alone, in the same run.
 
     dllp2p bench --concurrency 4 [--model PATH] [--threads N] [--prompt-tokens N] [--tokens N] [--repeats R] [--json]
-                 [--workers HOST:PORT ...] [--key-file PATH]
+                 [--workers HOST:PORT ... [--plan pow2|weighted|pipeline|hybrid]] [--key-file PATH]
 
 One run of k streams: k different prompts of --prompt-tokens ids (bench.PROMPT_TEXT, each rotated by its
 stream number so no prefix is shared) are admitted together and prefilled (not timed), then every
@@ -16,6 +16,10 @@ stream decodes --tokens greedy tokens, all k in each step (timed). Runs alternat
 The same engine (max_seqs N) serves both, as the daemon's does: one stream alone is one row per step.
 With --workers, that engine is a tensor-parallel cluster over this process and those daemons (a
 ClusterEngine with N KV slots on every node, as a root daemon with --cluster-batch makes it).
+With --plan pipeline (or hybrid) the N streams run a third way in each round: in groups, one step per stage
+in flight (as a root daemon's batcher does over a pipeline plan: BatchCore.plan_groups, ClusterEngine.submit /
+complete), so the stages work on different groups at once; the N-stream figures above are then the groups',
+and `one_batch_tok_s` / `groups_gain` say what one batch of N (pipeline_groups = 1) makes and their ratio.
 rss_bytes: this process's peak resident memory at the end (the engine's N slots of ctx positions
 included; --ctx sets them: 2048 with N = 8 is 8 sequences of 2048 tokens).
 """
@@ -28,6 +32,7 @@ import resource
 import statistics
 import sys
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,6 +58,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="with --concurrency: KV positions of each stream's slot (default: prompt + tokens)")
     parser.add_argument("--workers", nargs="+", metavar="HOST:PORT", default=(),
                         help="with --concurrency: run over these worker daemons as well (tensor parallel)")
+    parser.add_argument("--plan", dest="cluster_plan", choices=("pow2", "weighted", "pipeline", "hybrid"),
+                        default="pow2", help="with --workers: the plan (pipeline, hybrid: also N streams in groups, "
+                                             "one step per stage in flight, against one batch)")
     parser.add_argument("--key-file", dest="key_file", metavar="PATH",
                         help="with --workers: the cluster key file (default: as for `dllp2p run`)")
 
@@ -70,6 +78,7 @@ class ConcurrencyConfig:
     cache_dir: Any = None
     workers: tuple[str, ...] = ()
     key: Any = None  # clusterkey.ClusterKey the connections to the workers are made with
+    plan: str = "pow2"  # with workers: ClusterOptions.policy
 
     def __post_init__(self) -> None:
         if self.concurrency < 1 or self.threads < 1 or self.prompt_tokens < 1 or self.tokens < 2 or self.repeats < 1:
@@ -85,8 +94,10 @@ def prompts(tokenizer: Tokenizer, n: int, length: int) -> list[tuple[int, ...]]:
     return [tuple(base[i: i + length]) for i in range(n)]
 
 
-def decode_run(engine: Any, prompts_: list[tuple[int, ...]], tokens: int, ctx: int) -> tuple[float, list[list[int]]]:
-    """Prefill every prompt together, then decode `tokens` greedy tokens each, all streams in each step.
+def decode_run(engine: Any, prompts_: list[tuple[int, ...]], tokens: int, ctx: int,
+               groups: int = 1) -> tuple[float, list[list[int]]]:
+    """Prefill every prompt together, then decode `tokens` greedy tokens each: all streams in each step, or
+    (groups > 1: an engine with submit/complete) in up to `groups` groups whose steps are in flight at once.
     -> (decode seconds, each stream's tokens)."""
     core = BatchCore(BatchConfig(max_batch=engine.max_seqs, chunk=max(map(len, prompts_)) * len(prompts_)), ctx,
                      engine.kv_bytes_per_position)
@@ -94,8 +105,19 @@ def decode_run(engine: Any, prompts_: list[tuple[int, ...]], tokens: int, ctx: i
     for s in seqs:
         core.submit(s)
     t0 = None
-    while (step := core.plan()) is not None:
-        logits = engine.forward_batch(step.rows)  # f32[rows, vocab]
+    flying: deque = deque()  # (step, ticket) submitted, oldest first
+    while True:
+        if t0 is None or groups == 1:  # the prefill: one step of every prompt
+            if (step := core.plan()) is None:
+                break
+            logits = engine.forward_batch(step.rows)  # f32[rows, vocab]
+        else:
+            for new in core.plan_groups(groups, len(flying)):
+                flying.append((new, engine.submit(new.rows)))
+            if not flying:
+                break
+            step, ticket = flying.popleft()
+            logits = engine.complete(ticket)
         core.advance(step)
         for i, (seq, sample) in enumerate(zip(step.seqs, step.sample)):
             if sample:
@@ -112,28 +134,37 @@ def run(cfg: ConcurrencyConfig) -> dict[str, Any]:
     ctx = cfg.ctx or cfg.prompt_tokens + cfg.tokens
     n = cfg.concurrency
     if cfg.workers:
-        options = ClusterOptions(tuple(cfg.workers), cache_dir=cfg.cache_dir, key=cfg.key, max_seqs=n)
+        options = ClusterOptions(tuple(cfg.workers), cfg.plan, cache_dir=cfg.cache_dir, key=cfg.key, max_seqs=n)
         engine = ClusterEngine.connect(model, options, ctx, cfg.threads)
     else:
         engine = jit_batch_engine(model, ctx, cfg.threads, n, cfg.cache_dir)
+    depth = getattr(engine, "depth", 1) if n > 1 else 1  # a pipeline's stages: groups in flight
     try:
         ps = prompts(tok, n, cfg.prompt_tokens)
-        solo, many = [], []
+        solo, many, batch = [], [], []
         decode_run(engine, ps[:1], 4, ctx)  # warm-ups
-        decode_run(engine, ps, 4, ctx)
+        decode_run(engine, ps, 4, ctx, depth)
+        steps = cfg.tokens - 1  # the first token comes from the prefill
         for _ in range(cfg.repeats):
             t1, one = decode_run(engine, ps[:1], cfg.tokens, ctx)
-            tn, out = decode_run(engine, ps, cfg.tokens, ctx)
+            tn, out = decode_run(engine, ps, cfg.tokens, ctx, depth)
+            if depth > 1:
+                tb, out_b = decode_run(engine, ps, cfg.tokens, ctx)
+                if out_b != out:
+                    raise AssertionError("the streams' greedy tokens differ between groups in flight and one batch")
+                batch.append(n * steps / tb)
             if out[0] != one[0]:
                 raise AssertionError("stream 0's greedy tokens differ between its solo and its batched run")
-            steps = cfg.tokens - 1  # the first token comes from the prefill
             solo.append(steps / t1)
             many.append(n * steps / tn)
     finally:
         engine.close()
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     ratios = [m / s for m, s in zip(many, solo)]
+    grouped = {"groups": depth, "one_batch_tok_s": statistics.median(batch),
+               "groups_gain": statistics.median([m / b for m, b in zip(many, batch)])} if batch else {"groups": 1}
     return {"model": str(path), "engine": type(engine).__name__, "nodes": getattr(getattr(engine, "plan", None), "n_nodes", 1),
+            "plan": getattr(getattr(engine, "plan", None), "policy", "alone"), **grouped,
             "threads": cfg.threads, "concurrency": n, "ctx": ctx,
             "prompt_tokens": cfg.prompt_tokens, "tokens": cfg.tokens, "repeats": cfg.repeats,
             "one_stream_tok_s": statistics.median(solo), "aggregate_tok_s": statistics.median(many),
@@ -143,11 +174,16 @@ def run(cfg: ConcurrencyConfig) -> dict[str, Any]:
 
 
 def format_report(r: dict[str, Any]) -> str:
-    return (f"{r['model']} ({r['engine']}, {r['nodes']} node(s), {r['threads']} threads, ctx {r['ctx']}): {r['tokens']} greedy tokens after "
-            f"{r['prompt_tokens']} prompt tokens, medians of {r['repeats']} alternated runs\n"
+    pad = ' ' * max(0, 3 - len(str(r['concurrency'])))
+    groups = (f" in {r['groups']} groups in flight" if r["groups"] > 1 else "")
+    batch = (f"  {r['concurrency']} streams {pad}{r['one_batch_tok_s']:8.1f} tok/s aggregate as one batch "
+             f"(pipeline_groups 1); groups in flight x{r['groups_gain']:.2f} over it (same run)\n" if r["groups"] > 1 else "")
+    return (f"{r['model']} ({r['engine']}, {r['nodes']} node(s), {r['plan']} plan, {r['threads']} threads, ctx {r['ctx']}): "
+            f"{r['tokens']} greedy tokens after {r['prompt_tokens']} prompt tokens, medians of {r['repeats']} alternated runs\n"
             f"  1 stream     {r['one_stream_tok_s']:8.1f} tok/s\n"
-            f"  {r['concurrency']} streams {'':<{max(0, 3 - len(str(r['concurrency'])))}}{r['aggregate_tok_s']:8.1f} tok/s "
-            f"aggregate, {r['per_stream_tok_s']:.1f} tok/s per stream ({r['per_stream_ms_per_token']:.1f} ms/token)\n"
+            f"  {r['concurrency']} streams {pad}{r['aggregate_tok_s']:8.1f} tok/s "
+            f"aggregate{groups}, {r['per_stream_tok_s']:.1f} tok/s per stream ({r['per_stream_ms_per_token']:.1f} ms/token)\n"
+            f"{batch}"
             f"  speedup      x{r['speedup']:.2f} (aggregate over one stream, same run)\n"
             f"  memory       KV {r['kv_bytes'] / 2**20:.0f} MiB, peak RSS {r['rss_bytes'] / 2**20:.0f} MiB")
 
@@ -157,7 +193,8 @@ def main(args: argparse.Namespace, out=None, err=None, cache_dir=None, key=None)
     out, err = out or sys.stdout, err or sys.stderr
     try:
         cfg = ConcurrencyConfig(args.model, args.concurrency, args.threads, args.prompt_tokens, args.tokens,
-                                args.repeats, args.ctx, args.json, cache_dir, tuple(args.workers), key)
+                                args.repeats, args.ctx, args.json, cache_dir, tuple(args.workers), key,
+                                args.cluster_plan)
         report = run(cfg)
     except user_facing_errors() as e:
         print(f"dllp2p: error: {e}", file=err)

@@ -350,9 +350,10 @@ def config_of_settings(s: dict, environ: Mapping[str, str]) -> DaemonConfig:
         raise ValueError("--cache-mb must be at least 1")
     if s["drain_s"] < 0:
         raise ValueError("--drain-s must be at least 0")
-    if s["max_batch"] < 1 or s["queue"] < 0 or s["kv_budget_mb"] < 0:
-        raise ValueError("--max-batch must be at least 1, --queue and --kv-budget-mb at least 0")
-    batch = BatchConfig(s["max_batch"], s["queue"], s["kv_budget_mb"] << 20, cluster=s["cluster_batch"])
+    if s["max_batch"] < 1 or s["queue"] < 0 or s["kv_budget_mb"] < 0 or s["pipeline_groups"] < 0:
+        raise ValueError("--max-batch must be at least 1, --queue, --kv-budget-mb and pipeline_groups at least 0")
+    batch = BatchConfig(s["max_batch"], s["queue"], s["kv_budget_mb"] << 20, cluster=s["cluster_batch"],
+                        groups=s["pipeline_groups"])
     model = Path(s["model"]).expanduser() if s.get("model") else _installed_model()
     key_path = clusterkey.configured_path(s["key_file"], environ)
     key = None if key_path is None else clusterkey.load(key_path)

@@ -30,6 +30,8 @@ File: /etc/dllp2p/config.toml (DLLP2P_CONFIG or --config name another), a [daemo
     queue = 16                  # requests waiting beyond them (FIFO); more are refused (HTTP 429)
     kv_budget_mb = 0            # KV cache of all of them together, MiB; 0: max_batch full contexts
     cluster_batch = false       # as root with workers: batch too (default: one request at a time)
+    pipeline_groups = 0         # with cluster_batch over a pipeline plan: groups of requests in flight at once
+                                # (0: one per stage, so every stage works; 1: one batch, as a tensor-parallel plan)
     drop_busy = true            # as root: plan without a worker while its CPU wait costs more than its share saves
     plan_figures = "rtt_ms=0.3"  # as root with plan auto: figures stated for every node and link in place of
                                 # the measured ones (gbps, disk_gbps, ram_mb, rtt_ms, mbps; tests, odd LANs)
@@ -40,7 +42,7 @@ Environment: DLLP2P_HOST, DLLP2P_PORT, DLLP2P_THREADS, DLLP2P_STATE_DIR, DLLP2P_
 (1/0, true/false, yes/no, on/off), DLLP2P_INTERFACES and DLLP2P_PEERS (separated by commas or spaces),
 DLLP2P_LOG_LEVEL, DLLP2P_MODEL, DLLP2P_EXCHANGE, DLLP2P_PLAN, DLLP2P_API, DLLP2P_API_CTX, DLLP2P_API_HOSTS,
 DLLP2P_KEY_FILE, DLLP2P_CACHE_MB, DLLP2P_DRAIN_S, DLLP2P_MAX_BATCH, DLLP2P_QUEUE, DLLP2P_KV_BUDGET_MB,
-DLLP2P_CLUSTER_BATCH, DLLP2P_DROP_BUSY, DLLP2P_PLAN_FIGURES, DLLP2P_MEM_LIMIT.
+DLLP2P_CLUSTER_BATCH, DLLP2P_PIPELINE_GROUPS, DLLP2P_DROP_BUSY, DLLP2P_PLAN_FIGURES, DLLP2P_MEM_LIMIT.
 
 Built once, at the edge: the CLI calls these functions with os.environ and hands the frozen results
 down (DaemonConfig, Timeouts, the cache and state directories); nothing below it reads the environment.
@@ -91,6 +93,7 @@ DAEMON_KEYS: dict[str, type] = {
     "queue": int,
     "kv_budget_mb": int,
     "cluster_batch": bool,
+    "pipeline_groups": int,
     "drop_busy": bool,
     "plan_figures": str,
     "mem_limit": str,
@@ -118,6 +121,7 @@ DEFAULTS: dict[str, Any] = {
     "queue": 16,  # requests waiting beyond them; more get 429
     "kv_budget_mb": 0,  # their KV cache together; 0: max_batch full contexts
     "cluster_batch": False,  # as root with workers: batch too
+    "pipeline_groups": 0,  # with cluster_batch over a pipeline plan: groups in flight (0: one per stage)
     "drop_busy": True,  # as root: leave out a worker whose CPU another program keeps busy (session/busy.py)
     "plan_figures": "",  # "auto" plans: figures stated in place of measured ones (parse_plan_figures); "": none
     "mem_limit": "auto",  # its engines' memory budget (memlimit.py): "auto" (cgroup limit / available RAM), "off", "1.5G"

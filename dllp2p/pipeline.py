@@ -17,8 +17,11 @@ bit-identical to one node's.
 The plan's nodes, flattened (`PipelinePlan.nodes`), are what the session layer connects and pushes
 slices to, index 0 the root: the root, then stage 0's nodes, stage 1's, ..., the last stage's others.
 
-Policies: "pipeline" (one node per stage, layers split by capacity), "hybrid" (stages of `group` nodes,
-tensor-parallel inside; the last one may be smaller). candidate_plans enumerates tensor-parallel,
+Policies: "pipeline" (one node per stage), "hybrid" (stages of `group` nodes, tensor-parallel inside;
+the last one may be smaller). Layers are split so that every stage streams the same weights per unit of
+its capacity, the last stage's output projection counted (stage_weights): with several requests in
+flight the slowest stage sets the pace, and the root's stage also holds the vocabulary's rows (SmolLM2's
+output projection weighs as much as 8 of its 30 layers; Gemma 3 270M's more than all 18). candidate_plans enumerates tensor-parallel,
 pipeline and hybrid plans over the first k peers for the cost model (plan helper) to choose from.
 
 Errors: PlanError (scheduler.py), also raised when a PipelinePlan is built invalid (e.g. off the wire).
@@ -181,8 +184,8 @@ def stage_plan(config: ModelConfig, peers: Sequence[Peer], epoch: int, policy: s
     if len(groups) < 2:
         raise PlanError(f"a {policy} plan needs at least 2 stages; {len(chosen)} node(s) give {len(groups)}")
     groups.reverse()  # the root's group is the last stage
-    weights = [sum((Fraction(p.capacity) for p in g), Fraction(0)) for g in groups]
-    counts = apportion(config.n_layers, weights)
+    counts = apportion(config.n_layers, stage_weights(config, [sum((Fraction(p.capacity) for p in g), Fraction(0))
+                                                               for g in groups]))
     model = model if model is not None else model_fingerprint(config)
     stages, start = [], 0
     for g, count in zip(groups, counts):
@@ -196,6 +199,24 @@ def stage_plan(config: ModelConfig, peers: Sequence[Peer], epoch: int, policy: s
     return PipelinePlan(epoch, model, policy, config.n_layers, tuple(stages))
 
 
+def output_layers(config: ModelConfig) -> Fraction:
+    """The output projection (vocab x dim) in layers' worth of weights (q, k, v, o, gate, up, down), by
+    count: the bytes per weight of the file's types are not in the config."""
+    q, kv = config.n_heads * config.head_dim, config.n_kv_heads * config.head_dim
+    return Fraction(config.vocab_size * config.dim, config.dim * (2 * q + 2 * kv) + 3 * config.dim * config.ffn_dim)
+
+
+def stage_weights(config: ModelConfig, capacities: Sequence[Fraction]) -> list[Fraction]:
+    """The stages' shares of the layers (for apportion) so that each stage's weights, the last stage's
+    output projection included, are in proportion to its capacity: layers_k + X [k last] = T cap_k with
+    T = (n_layers + X) / sum(cap). A last stage whose output alone exceeds its part gets the least (1
+    layer: apportion's floor; its share here is a token 1/1000)."""
+    x = output_layers(config)
+    t = (config.n_layers + x) / sum(capacities, Fraction(0))
+    last = len(capacities) - 1
+    return [max(c * t - (x if k == last else 0), Fraction(1, 1000)) for k, c in enumerate(capacities)]
+
+
 def build_plan(config: ModelConfig, peers: Sequence[Peer], epoch: int, policy: str = "pow2", **options) -> AnyPlan:
     """The plan of a policy: scheduler.POLICIES' tensor-parallel Plan, or PIPELINE_POLICIES' PipelinePlan,
     which falls back to a tensor-parallel plan of the root alone when there is one peer (or one layer),
@@ -204,8 +225,8 @@ def build_plan(config: ModelConfig, peers: Sequence[Peer], epoch: int, policy: s
     if policy not in PIPELINE_POLICIES:
         return plan(config, peers, epoch, policy, **options)
     group = options.pop("group", DEFAULT_GROUP)
-    if len(peers) < 2 or config.n_layers < 2:
-        return plan(config, peers, epoch, "pow2", max_nodes=1, **options)
+    if len(peers) < 2 or config.n_layers < 2:  # (a max_nodes the caller passed is 1 here, whatever it said)
+        return plan(config, peers, epoch, "pow2", **{**options, "max_nodes": 1})
     if policy == "hybrid" and len(peers) <= group:  # one group would be one stage: a pipeline of them
         return stage_plan(config, peers, epoch, "pipeline", **options)
     return stage_plan(config, peers, epoch, policy, group=group, **options)

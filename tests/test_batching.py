@@ -52,6 +52,11 @@ class HashEngine:
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
+    return random_model(tmp_path_factory)
+
+
+def random_model(tmp_path_factory):
+    """A 1-layer random-weight model and its tokenizer (test_pipelined_batching.py's fixture too)."""
     spec = SyntheticSpec(n_layers=1, dim=64, n_heads=2, n_kv_heads=2, ffn_dim=64, vocab_size=VOCAB)
     m = load_model(write_random_llama(tmp_path_factory.mktemp("batching") / "random.gguf", spec))
     return m, Tokenizer.from_metadata(m.metadata)

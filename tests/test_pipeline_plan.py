@@ -25,12 +25,15 @@ def _peers(*capacities: float) -> list[Peer]:
     return [Peer(f"n{i}", f"10.0.0.{i}:9999", 2, c) for i, c in enumerate(capacities)]
 
 
+# SmolLM2's output projection (49152 x 576) weighs as much as 8 of its layers (pipeline.output_layers), and
+# the root's stage, the last, holds it: every stage streams (its layers + 8 if last) in proportion to its
+# capacity, T = (30 + 8) / sum(capacities) layers per unit.
 @pytest.mark.parametrize("n,caps,want_layers", [
-    (2, (1, 1), [(0, 15), (15, 30)]),
-    (3, (1, 1, 1), [(0, 10), (10, 20), (20, 30)]),
-    (2, (1, 2), [(0, 20), (20, 30)]),  # n1 (capacity 2) is stage 0, the root the last
+    (2, (1, 1), [(0, 19), (19, 30)]),  # T = 19: 19 and 19 - 8
+    (3, (1, 1, 1), [(0, 13), (13, 26), (26, 30)]),  # T = 12.67: 12.67, 12.67, 4.67 -> 13, 13, 4
+    (2, (1, 2), [(0, 25), (25, 30)]),  # n1 (capacity 2) is stage 0, the root the last: 25.3 and 12.67 - 8
 ])
-def test_pipeline_layers_by_capacity_root_last(n, caps, want_layers):
+def test_pipeline_layers_by_capacity_output_counted_root_last(n, caps, want_layers):
     p = stage_plan(SMOLLM2, _peers(*caps), epoch=3, policy="pipeline")
     assert [s.layers for s in p.stages] == want_layers
     assert all(s.plan.n_nodes == 1 for s in p.stages)
@@ -67,8 +70,9 @@ def _two_stages(**change) -> dict:
 
 @pytest.mark.parametrize("change,match", [
     (lambda f: {"stages": (Stage((0, 14), f["stages"][0].plan), f["stages"][1])}, "do not follow"),
-    (lambda f: {"stages": (f["stages"][0], Stage((15, 29), f["stages"][1].plan))}, "end at layer 29"),
-    (lambda f: {"stages": (f["stages"][0], Stage((15, 30), f["stages"][0].plan))}, "two stages"),
+    (lambda f: {"stages": (f["stages"][0], Stage((f["stages"][1].layers[0], 29), f["stages"][1].plan))},
+     "end at layer 29"),
+    (lambda f: {"stages": (f["stages"][0], Stage(f["stages"][1].layers, f["stages"][0].plan))}, "two stages"),
     (lambda f: {"stages": ()}, "no stages"),
     (lambda f: {"policy": "pow2"}, "unknown policy"),
     (lambda f: {"epoch": 9}, "epoch 0"),
@@ -100,6 +104,8 @@ def test_candidate_plans():
 def test_build_plan_dispatches_and_falls_back():
     assert isinstance(build_plan(SMOLLM2, _peers(1, 1), 0, "weighted"), Plan)
     alone = build_plan(SMOLLM2, _peers(1), 0, "pipeline")  # the root alone: a one-node tensor-parallel plan
+    # as session/root.start asks for it (max_nodes=None) when the only worker is gone: the same plan
+    assert build_plan(SMOLLM2, _peers(1), 0, "pipeline", max_nodes=None) == alone
     assert isinstance(alone, Plan) and alone.n_nodes == 1
     two = build_plan(SMOLLM2, _peers(1, 1), 0, "hybrid")  # one group of 2 would be a single stage
     assert isinstance(two, PipelinePlan) and two.policy == "pipeline" and two.n_nodes == 2
@@ -112,16 +118,16 @@ def test_build_plan_dispatches_and_falls_back():
 def test_a_worker_checks_a_stage_session():
     """A stage's node refuses slices of layers outside its stage, and sizes its KV cache by its layers."""
     p = stage_plan(SMOLLM2, [Peer("r", "", 1, 1.0), Peer("w", "127.0.0.1:1", 1, 1.0)], 1, "pipeline")
-    assert p.stages[0].layers == (0, 15) and p.nodes[1].node_id == "w"
+    assert p.stages[0].layers == (0, 19) and p.nodes[1].node_id == "w"
 
     def session(*layers: int) -> Session:
         return Session(p, SMOLLM2, 64, tuple(SliceInfo(f"blk.{i}.attn_norm.weight", "n", int(QType.F32), (SMOLLM2.dim,),
                                                        f"{i:064x}") for i in layers))
 
-    check_shapes(session(0, 14), 1)
-    with pytest.raises(SessionRefused, match=r"blk.15.attn_norm.weight: not a layer of this node's stage \[0, 15\)"):
-        check_shapes(session(0, 15), 1)
+    check_shapes(session(0, 18), 1)
+    with pytest.raises(SessionRefused, match=r"blk.19.attn_norm.weight: not a layer of this node's stage \[0, 19\)"):
+        check_shapes(session(0, 19), 1)
     whole = kv_bytes(SMOLLM2, p.nodes[1], 64)
-    check_config(session(0), 1, int(whole * 0.6))  # 15 of 30 layers' KV cache fits where all 30 would not
+    check_config(session(0), 1, int(whole * 0.75))  # 19 of 30 layers' KV cache fits where all 30 would not
     with pytest.raises(SessionRefused, match="available"):
-        check_config(session(0), 1, int(whole * 0.4))
+        check_config(session(0), 1, int(whole * 0.6))

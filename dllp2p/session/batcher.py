@@ -10,6 +10,9 @@ next step computes. Pure (no I/O, no trio, no engine): session/batching.py drive
     push()       a sampled token for a sequence (finished at its step limit or its context)
     finish()     a sequence ended by its sampler's caller (end of turn, a stop string)
     cancel()     its client went away: its slot is free at the next plan()
+    plan_groups(stages, in_flight)
+                 (a pipeline plan) the next steps of the sequences not in flight, as groups (groups()),
+                 each marked in flight until advance(): the driver keeps up to `stages` steps in flight
 
 Slots: the engine's `max_batch` sequence slots (BatchEngine.max_seqs). A running sequence holds one. A
 finished sequence's slot stays filled as a cache entry (its tokens at the positions its KV holds) while no
@@ -24,6 +27,12 @@ the budget (checked by plan(); entries are evicted, least recently used first, t
 Fairness: every running sequence's decode token is in every step; new sequences' prompt tokens share
 BatchConfig.chunk per step, oldest first, so a long prompt cannot hold back the running decodes and
 queued requests are admitted in arrival order (no starvation).
+
+Groups (a pipeline of s stages): the running sequences are stepped in up to s groups, each step submitted
+before the previous ones complete, so each stage works on another group. A sequence is in at most one
+step in flight (its next token is sampled when its step completes); between steps it may change groups
+(its KV slot is its own whatever group it is in). A cancelled sequence whose step is in flight keeps its
+slot until that step lands (advance()), so no new sequence is copied into a slot still being written.
 """
 
 from __future__ import annotations
@@ -44,9 +53,10 @@ class BatchConfig:
     kv_budget: int = 0  # bytes of KV cache for every sequence and cached prefix together; 0: max_batch contexts
     chunk: int = 64  # prompt tokens per step, all new sequences together
     cluster: bool = False  # a root with workers batches too (over a ClusterEngine); else one at a time in the slot
+    groups: int = 0  # steps kept in flight over a pipeline plan: 0 its stages, 1 one batch (pipeline_groups)
 
     def __post_init__(self) -> None:
-        if self.max_batch < 1 or self.queue < 0 or self.kv_budget < 0 or self.chunk < 1:
+        if self.max_batch < 1 or self.queue < 0 or self.kv_budget < 0 or self.chunk < 1 or self.groups < 0:
             raise ValueError(f"bad batch config {self}")
 
 
@@ -71,6 +81,8 @@ class Seq:
     generated: int = 0
     state: str = "new"  # new, queued, running, done, gone
     stop_reason: str = ""  # once done: steps, context, or what finish() was told (eos, stop)
+    flying: bool = False  # in a step submitted and not yet advanced (plan_groups)
+    planned: int = 0  # plan count when last given a row (plan_groups: the longest waiting go first)
 
     def __post_init__(self) -> None:
         if not self.prompt or len(self.prompt) >= self.ctx or self.steps < 1:
@@ -182,8 +194,32 @@ class BatchCore:
 
     def plan(self) -> Step | None:
         """The next step, or None when no sequence runs."""
+        self._admit_queued()
+        step = self._step([s for s in self.running if s.state == "running" and not s.flying])
+        self.last_batch = len(step.rows) if step else 0
+        return step
+
+    def plan_groups(self, stages: int, in_flight: int) -> list[Step]:
+        """(pipelined) The steps to submit now, `in_flight` steps being submitted and not yet advanced: the
+        ready sequences (running, not in flight; the longest waiting first) in groups (groups()), each one
+        step whose sequences are in flight until advance(). The prefix copies go with the first."""
+        self._admit_queued()
+        ready = sorted((s for s in self.running if s.state == "running" and not s.flying), key=lambda s: s.planned)
+        steps = []
+        for group in groups(ready, len(self.running), in_flight, stages):
+            step = self._step(group)
+            if step is not None:
+                steps.append(step)
+                for seq in step.seqs:
+                    seq.flying, seq.planned = True, self._plans
+        if steps:
+            self.last_batch = max(len(s.rows) for s in steps)
+        return steps
+
+    def _admit_queued(self) -> None:
         self._plans += 1
-        self.running = [s for s in self.running if s.state == "running"]  # the cancelled ones' slots are free
+        # the cancelled ones' slots are free, once no step in flight writes them
+        self.running = [s for s in self.running if s.state == "running" or s.flying]
         while self.queue and self._admit(self.queue[0]):
             self.queue.popleft()
         if self.queue and not self.running and self.queue[0].ctx > self.ctx:
@@ -191,30 +227,38 @@ class BatchCore:
             while self.queue and self._admit(self.queue[0]):
                 self.queue.popleft()
         assert self.reserved() <= self.budget, (self.reserved(), self.budget)
+
+    def _step(self, group: list[Seq]) -> Step | None:
+        """A step of `group`'s rows (running sequences, none in flight), the pending copies first."""
         rows, seqs, sample = [], [], []
         budget = self.cfg.chunk
-        for seq in self.running:  # decodes first: each running sequence's next token
+        for seq in group:  # decodes first: each running sequence's next token
             if seq.prefilled:
                 rows.append(BatchRow(seq.slot, (seq.tokens[-1],), seq.held))
                 seqs.append(seq)
                 sample.append(True)
-        for seq in self.running:  # then prompt chunks, oldest first, within the chunk budget
+        for seq in group:  # then prompt chunks, oldest first, within the chunk budget
             if not seq.prefilled and budget > 0:
                 n = min(budget, len(seq.tokens) - seq.held)
                 budget -= n
                 rows.append(BatchRow(seq.slot, tuple(seq.tokens[seq.held: seq.held + n]), seq.held))
                 seqs.append(seq)
                 sample.append(seq.held + n == len(seq.tokens))
-        copies, self._copies = tuple(self._copies), []
-        self.last_batch = len(rows)
         if not rows:
             return None
+        copies, self._copies = tuple(self._copies), []
         return Step(copies, tuple(rows), tuple(seqs), tuple(sample))
 
     def advance(self, step: Step) -> None:
-        """The engine ran `step`: each row's positions are in its slot."""
+        """The engine ran `step`: each row's positions are in its slot (its sequences are no longer in flight)."""
         for row, seq in zip(step.rows, step.seqs):
             seq.held = row.start_pos + len(row.tokens)
+            seq.flying = False
+
+    def land(self, step: Step) -> None:
+        """`step` will never run (its engine failed): its sequences are no longer in flight."""
+        for seq in step.seqs:
+            seq.flying = False
 
     # --- admission ---
 
@@ -273,6 +317,25 @@ class BatchCore:
             if n > best[1]:
                 best = (slot, n)
         return best
+
+
+def groups(ready: list[Seq], running: int, in_flight: int, stages: int) -> list[list[Seq]]:
+    """The groups to submit now: `ready` (the sequences not in flight, in the order they should go) split
+    as evenly as possible into k = min(stages - in_flight, len(ready)) groups of at most
+    ceil(running / stages) each; the rest wait for the next completion. So the pipeline keeps up to
+    `stages` groups of about equal size in flight, and one that came back too large is evened out.
+    Pure (works on any list)."""
+    k = min(stages - in_flight, len(ready))
+    if k <= 0:
+        return []
+    take = min(len(ready), k * -(-running // stages))
+    base, extra = divmod(take, k)
+    out, i = [], 0
+    for g in range(k):
+        n = base + (g < extra)
+        out.append(ready[i: i + n])
+        i += n
+    return out
 
 
 def _common(a, b, most: int) -> int:  # noqa: ANN001

@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
@@ -65,6 +66,7 @@ class _Stream:
     prompt: int  # tokens of the prompt (seq.prompt is followed by those of a resumed answer)
     first: float = 0.0  # perf_counter of its first token (0: none yet)
     most: int = 0  # the largest batch (rows) it was computed in
+    flights: int = 1  # the most steps in flight (pipelined groups) when one of its steps completed
     last: float = 0.0
     failure: Error | None = None
     log: list[str] = field(default_factory=list)
@@ -103,6 +105,7 @@ class BatchService:
         self._rid = 0
         self._wake = trio.Event()
         self.steps = 0  # engine steps run (tests: a cancelled sequence is gone within one)
+        self._flying: deque[tuple[Step, Any]] = deque()  # (pipelined) steps submitted, not completed: (step, ticket)
 
     def attach(self, make_engine: Callable[[int], Awaitable[BatchEngine]], tokenizer: Any, ctx: int,
                kv_position: int) -> None:
@@ -166,8 +169,9 @@ class BatchService:
             if stream.failure is not None:
                 await link.send(stream.failure)
                 return
-            log.info("request %d: %d prompt tokens on %d nodes, %d generated, batched (%d running)%s", seq.rid,
+            log.info("request %d: %d prompt tokens on %d nodes, %d generated, batched (%d running)%s%s", seq.rid,
                      len(seq.prompt), self.nodes, seq.generated, len(self.core.running),
+                     f", up to {stream.flights} steps in flight" if stream.flights > 1 else "",
                      f" ({seq.cached} of them already in its KV cache)" if seq.cached else "")
             await link.send(self._done(stream, extra))
         except LinkClosed:
@@ -183,7 +187,8 @@ class BatchService:
         computed = len(seq.prompt) - seq.cached
         prefill = s.first - s.submitted if s.first else 0.0
         decode = (seq.generated - 1) / (s.last - s.first) if seq.generated > 1 and s.last > s.first else 0.0
-        lines = extra + (f"batched: up to {s.most} sequences per step (max_batch {self.cfg.max_batch})",)
+        lines = extra + (f"batched: up to {s.most} sequences per step (max_batch {self.cfg.max_batch})"
+                         + (f", up to {s.flights} steps in flight (pipelined groups)" if s.flights > 1 else ""),)
         if seq.cached:
             lines += (f"{seq.cached} of the {len(seq.prompt)} prompt tokens were cached (a shared prefix)",)
         if already:
@@ -215,7 +220,18 @@ class BatchService:
                 await self._close()
 
     async def step(self) -> bool:
-        """One step (tests call it directly); False when nothing ran."""
+        """One step (tests call it directly); False when nothing ran. Over a pipeline plan of s stages (the
+        engine's `depth`), up to s groups' steps are in flight, one completed per call (_pipelined_step)."""
+        if not self._flying and (self.core.rebuilt or self._engine is None) and self.core.busy():
+            try:  # made before the plan: its depth says how to step (plan() may still grow the context)
+                await self._close()
+                self._engine = await self._make(self.core.ctx)
+                self.core.rebuilt = False
+            except Exception as e:
+                await self._failed(e)
+                return False
+        if self._flying or self._groups() > 1:
+            return await self._pipelined_step()
         step = self.core.plan()
         if step is None:
             await trio.sleep(0.01)  # nothing to compute yet (not expected while any request runs)
@@ -226,31 +242,82 @@ class BatchService:
                 self._engine = await self._make(self.core.ctx)
                 self.core.rebuilt = False
             sampled = await trio.to_thread.run_sync(self._compute, self._engine, step)
-        except user_facing_errors() as e:
+        except Exception as e:
+            await self._failed(e)
+            return False
+        self._finish_step(step, sampled)
+        return True
+
+    async def _failed(self, e: Exception) -> None:
+        """The engine failed (a lost worker, ...): every request fails with it, the engine is closed."""
+        if isinstance(e, user_facing_errors()):
             log.warning("batch step failed: %s", e)
             self._fail_all(Error(code_of(e), f"root {self.node_id}: {e}"))
-            await self._close()
-            return False
-        except Exception:  # a bug: its requests fail, the daemon serves on
-            log.exception("batch step failed unexpectedly")
+        else:  # a bug: its requests fail, the daemon serves on
+            log.error("batch step failed unexpectedly", exc_info=e)
             self._fail_all(Error(ErrorCode.INTERNAL, f"root {self.node_id}: internal error (see its log)"))
-            await self._close()
-            return False
+        await self._close()
+
+    def _finish_step(self, step: Step, sampled: list[tuple[_Stream, int]]) -> None:
         self.steps += 1
         for seq in step.seqs:
             if (stream := self._streams.get(seq.rid)) is not None:
                 stream.most = max(stream.most, len(step.rows))
+                stream.flights = max(stream.flights, len(self._flying) + 1)
         self.core.advance(step)
         now = self._clock()
         for stream, token in sampled:
             self._emit(stream, token, now)
+
+    def _groups(self) -> int:
+        """Steps to keep in flight: the engine's depth (a pipeline's stages) unless the config says (1: one batch)."""
+        depth = getattr(self._engine, "depth", 1)
+        return min(depth, self.cfg.groups) if self.cfg.groups else depth
+
+    async def _pipelined_step(self) -> bool:
+        """(a pipeline plan) Submit the steps of the groups not in flight (BatchCore.plan_groups), then complete
+        the oldest step in flight and sample its rows, in one engine call off the loop. False when nothing ran."""
+        steps = self.core.plan_groups(self._groups(), len(self._flying))
+        if not steps and not self._flying:
+            await trio.sleep(0.01)
+            return False
+        try:
+            if self.core.rebuilt:  # the queue's head needs a larger context (nothing runs): a new engine
+                await self._close()
+                self._engine = await self._make(self.core.ctx)
+                self.core.rebuilt = False
+            done, sampled = await trio.to_thread.run_sync(self._submit_complete, self._engine, steps)
+        except Exception as e:
+            for step in steps:
+                self.core.land(step)
+            await self._failed(e)
+            return False
+        self._finish_step(done, sampled)
         return True
+
+    def _submit_complete(self, engine: Any, steps: list[Step]) -> tuple[Step, list[tuple[_Stream, int]]]:
+        """(thread) Each step's copies and rows submitted in turn; then the oldest in flight completed, sampled.
+        An engine without submit (made anew after the groups were planned: the context grew) runs each at
+        its completion."""
+        pipelined = hasattr(engine, "submit")
+        for step in steps:
+            for c in step.copies:
+                engine.copy_prefix(c.src, c.dst, c.n)
+            self._flying.append((step, engine.submit(step.rows) if pipelined else step.rows))
+        step, ticket = self._flying[0]
+        # (if it fails, the step is landed with the others: _close)
+        logits = engine.complete(ticket) if pipelined else engine.forward_batch(ticket)
+        self._flying.popleft()
+        return step, self._sample(step, logits)
 
     def _compute(self, engine: BatchEngine, step: Step) -> list[tuple[_Stream, int]]:
         """(thread) The step's copies and rows on the engine; each finished row's next token sampled."""
         for c in step.copies:
             engine.copy_prefix(c.src, c.dst, c.n)
-        logits = engine.forward_batch(step.rows)  # f32[rows, vocab]
+        return self._sample(step, engine.forward_batch(step.rows))
+
+    def _sample(self, step: Step, logits: Any) -> list[tuple[_Stream, int]]:
+        """(thread) logits: f32[rows, vocab] of step -> each finished row's next token."""
         out = []
         for i, (seq, sample) in enumerate(zip(step.seqs, step.sample)):
             stream = self._streams.get(seq.rid)
@@ -312,6 +379,9 @@ class BatchService:
         self._holding = False
 
     async def _close(self) -> None:
+        for step, _ in self._flying:  # (a failure) their tickets go with the engine
+            self.core.land(step)
+        self._flying.clear()
         engine, self._engine = self._engine, None
         if self.core is not None:
             self.core.entries.clear()  # their KV goes with the engine

@@ -31,10 +31,11 @@ from __future__ import annotations
 import secrets
 import socket
 import time
+from collections import deque
 from dataclasses import dataclass, field, replace
 from functools import partial
 from types import ModuleType
-from typing import Any, Awaitable, Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import trio
@@ -49,40 +50,18 @@ from ..pipeline import AnyPlan, build_plan
 from ..scheduler import steady_rates, with_rates
 from ..wire.chunks import weight_chunks
 from ..wire.codec import ProtocolError, encode
-from ..wire.link import (
-    LinkClosed,
-    LinkTimeout,
-    MeshRefused,
-    TrioLink,
-    dial_mesh,
-    first_error,
-    open_link,
-    run_in_thread,
-    shutdown,
-)
-from ..wire.secure import HandshakeFailed, exchange_keys
-from ..wire.messages import (MAX_CHUNK, PROTOCOL_VERSION, Error, Hello, Mesh, MeshHello, Need, Ready, Session,
+from ..wire.link import LinkClosed, LinkTimeout, TrioLink, run_in_thread, shutdown
+from ..wire.secure import exchange_keys
+from ..wire.messages import (MAX_CHUNK, PROTOCOL_VERSION, Error, Hello, Mesh, Need, Ready, Session,
                              SliceInfo, Step, Stop, WeightsReady)
 from . import autoplan
 from .cluster_stats import ClusterStats, StepStats
 from .progress import BUILD, PUSH, Note, Progress, Sink, ignore
 from .rates import run_delay_ms
 from .recovery import StepClock
+from .handshake import ClusterError, Worker, _dial, _expect, _gather, _hello, _hello_or_skip, _said
 
 ROOT_EPOCH = 0  # a re-plan after a lost node will take the next one
-
-
-class ClusterError(ConnectionError):
-    """A worker refused, failed or was lost; the message names it. `code`: the ErrorCode the worker
-    answered with, if any (DISK_FULL: service.py plans without it); `address`, `node_id`: which worker."""
-
-    def __init__(self, message: str, code: ErrorCode | None = None, address: str = "", node_id: str = "",
-                 lost: bool = False, recoverable: bool = True):
-        super().__init__(message)
-        if code is not None:
-            self.code = code
-        self.address, self.node_id = address, node_id
-        self.lost, self.recoverable = lost, recoverable  # lost mid-generation; worth a re-plan without it
 
 
 @dataclass(frozen=True)
@@ -104,22 +83,6 @@ class ClusterOptions:
     weights: tuple[tuple[str, float], ...] = ()  # (node id, weight) the previous plan was made with
 
 
-@dataclass
-class Worker:
-    address: str
-    hello: Hello
-    link: Any  # TrioLink during set-up, BlockingLink after
-    index: int = -1  # in the plan; -1: left out
-    received_bytes: int = 0  # weight bytes pushed to it
-    cached: int = 0  # slices it had already
-    rtt_ms: float = 0.0  # Hello sent -> its Hello received
-    push_s: float = 0.0  # Need received -> WeightsReady received, when it received bytes
-
-    @property
-    def name(self) -> str:
-        return f"worker {self.address} (node {self.hello.node_id})"
-
-
 class ClusterEngine:
     """Engine protocol (dllp2p/engine.py) over a root TPNode and its workers. Build with connect()."""
 
@@ -136,6 +99,7 @@ class ClusterEngine:
         self._tp = tp
         self._seq = 0
         self._copies: list[tuple[int, int, int]] = []  # copy_prefix calls the workers make before the next step
+        self._tickets: deque[Callable[[], np.ndarray]] = deque()  # steps submitted, not completed, oldest first
         self._closed = False
         self._clock = StepClock(stats.timeout)  # the mesh sockets' receive timeout per step
         self.choice: Any = None  # planner.Choice when the plan was "auto"
@@ -170,11 +134,30 @@ class ClusterEngine:
 
     def forward_batch(self, rows: Sequence[BatchRow], top: int = 0) -> np.ndarray:
         """The BatchEngine protocol (dllp2p/engine.py) over the cluster: one Step frame carries every row."""
+        return self.complete(self.submit(rows, top))
+
+    @property
+    def depth(self) -> int:
+        """Steps worth keeping in flight (submit before complete): a pipeline's stages, else 1."""
+        return len(getattr(self.plan, "stages", ())) or 1
+
+    def submit(self, rows: Sequence[BatchRow], top: int = 0) -> Callable[[], np.ndarray]:
+        """forward_batch's first half: the Step goes to the workers now (a pipeline's first stage starts on
+        it). -> its ticket for complete(). Tickets are completed in the order submitted; each slot in at most
+        one step in flight (the rows' start positions are checked against what the completed steps hold)."""
         rows = [BatchRow(r.seq, tuple(int(t) for t in r.tokens), r.start_pos) for r in rows]
         check_rows(rows, self._node.seq_lengths, self.ctx, self.config.vocab_size)
         step = Step(self.plan.epoch, self._seq, tuple(t for r in rows for t in r.tokens), 0, top,
                     tuple((r.seq, r.start_pos, len(r.tokens)) for r in rows), self._take_copies())
-        return self._step(step, lambda: self._node.forward_batch(rows, top), len(step.tokens))
+        self._send(step)
+        self._tickets.append(ticket := partial(self._run, lambda: self._node.forward_batch(rows, top), len(step.tokens)))
+        return ticket
+
+    def complete(self, ticket: Callable[[], np.ndarray]) -> np.ndarray:
+        """forward_batch's second half: the root's own program for the oldest submitted step -> its logits."""
+        if not self._tickets or self._tickets.popleft() is not ticket:
+            raise ValueError("steps are completed in the order they were submitted")
+        return ticket()
 
     def copy_prefix(self, src: int, dst: int, n: int) -> None:
         """On the root's cache now, on the workers' before the next step (sent with it)."""
@@ -186,6 +169,12 @@ class ClusterEngine:
         return copies
 
     def _step(self, step: Step, run: Callable[[], np.ndarray], n_tokens: int) -> np.ndarray:
+        if self._tickets:
+            raise ValueError("a step is in flight: complete it first")
+        self._send(step)
+        return self._run(run, n_tokens)
+
+    def _send(self, step: Step) -> None:
         if self._closed:
             raise ClusterError("the cluster engine is closed")
         frame = encode(step)
@@ -195,6 +184,10 @@ class ClusterEngine:
                 w.link.send_frame(frame)
             except (LinkClosed, LinkTimeout) as e:
                 raise self._lost(w, str(e)) from None
+
+    def _run(self, run: Callable[[], np.ndarray], n_tokens: int) -> np.ndarray:
+        if self._closed:
+            raise ClusterError("the cluster engine is closed")
         self._clock.arm(self._peers, n_tokens)
         t0, d0 = time.perf_counter(), run_delay_ms()
         try:
@@ -382,71 +375,6 @@ def _auto(model: Any, options: ClusterOptions, root: Hello, workers: list[Worker
     return choice, {n.node_id: d.gbps for n, d in zip(order, devices)}
 
 
-async def _gather(fns: Sequence[Callable[[], Awaitable[Any]]]) -> list[Any]:
-    """Run fns concurrently; -> their results in order. The first failure cancels the rest and is raised."""
-    results: list[Any] = [None] * len(fns)
-
-    async def one(i: int) -> None:
-        results[i] = await fns[i]()
-
-    try:
-        async with trio.open_nursery() as nursery:
-            for i in range(len(fns)):
-                nursery.start_soon(one, i)
-    except BaseExceptionGroup as group:
-        raise first_error(group) from None
-    return results
-
-
-async def _hello_or_skip(address: str, root: Hello, t: Timeouts, key: ClusterKey | None, *,
-                         events: Sink) -> Worker | None:
-    try:
-        return await _hello(address, root, t, key)
-    except ClusterError as e:
-        events(Note(f"{e}; planning without it"))
-        return None
-
-
-async def _hello(address: str, root: Hello, t: Timeouts, key: ClusterKey | None = None) -> Worker:
-    try:
-        link = await open_link(address, t.hello, key)
-    except (LinkClosed, LinkTimeout, HandshakeFailed) as e:
-        raise ClusterError(f"worker {address}: {_said(address, e)}") from None
-    try:
-        t0 = time.perf_counter()
-        await link.send(root)
-        reply = await link.receive(t.hello)
-        rtt_ms = (time.perf_counter() - t0) * 1e3
-        if isinstance(reply, Error):
-            raise ClusterError(f"worker {address} refused: {reply.message}")
-        if not isinstance(reply, Hello) or reply.role != "worker":
-            raise ClusterError(f"worker {address} answered {type(reply).__name__} {getattr(reply, 'role', '')}, "
-                               f"not a worker's Hello")
-    except (LinkClosed, LinkTimeout, ProtocolError) as e:
-        await link.aclose()
-        hint = " (it may hold a cluster key: give this side one, --key-file)" if key is None and isinstance(
-            e, LinkClosed) else ""
-        raise ClusterError(f"worker {address}: {_said(address, e)}{hint}") from None
-    except BaseException:
-        await link.aclose()
-        raise
-    return Worker(address, reply, link, rtt_ms=rtt_ms)
-
-
-async def _expect(w: Worker, cls: type, timeout: float) -> Any:
-    try:
-        msg = await w.link.receive(timeout)
-    except (LinkClosed, LinkTimeout, ProtocolError) as e:
-        raise ClusterError(f"{w.name}: {_said(w.address, e)}") from None
-    if isinstance(msg, Error):
-        code = ErrorCode.parse(str(msg.code))  # passed on only where the root acts on it (a full disk)
-        raise ClusterError(f"{w.name}: {msg.message}", code if code == ErrorCode.DISK_FULL else None,
-                           w.address, w.hello.node_id)
-    if not isinstance(msg, cls):
-        raise ClusterError(f"{w.name} sent {type(msg).__name__} where {cls.__name__} was expected")
-    return msg
-
-
 async def _push(w: Worker, model: Any, the_plan: AnyPlan, ctx: int, max_seqs: int, t: Timeouts, slices: Callable,
                 events: Sink) -> None:
     """Session -> Need -> the missing slices -> WeightsReady."""
@@ -478,17 +406,3 @@ async def _push(w: Worker, model: Any, the_plan: AnyPlan, ctx: int, max_seqs: in
         raise ClusterError(f"{w.name}: {_said(w.address, e)}") from None
     w.received_bytes, w.cached = ready.received_bytes, ready.cached
     w.push_s = time.perf_counter() - t0 if total else 0.0
-
-
-async def _dial(w: Worker, the_plan: AnyPlan, root_id: str, t: Timeouts,
-                key: ClusterKey | None = None) -> tuple[socket.socket, bytes | None]:
-    hello = MeshHello(the_plan.epoch, root_id, 0, w.index)
-    try:
-        return await dial_mesh(w.address, hello, t.mesh, t.socket, key)
-    except (LinkClosed, LinkTimeout, MeshRefused, ProtocolError) as e:
-        raise ClusterError(f"{w.name}: mesh connection failed: {_said(w.address, e)}") from None
-
-
-def _said(address: str, e: BaseException) -> str:
-    """e's message without the address it starts with (the worker is named already)."""
-    return str(e).removeprefix(f"{address}: ").removeprefix(f"{address} ")
