@@ -22,10 +22,9 @@ from dllp2p.config import Timeouts
 from dllp2p.daemon import Daemon, DaemonConfig
 from dllp2p.discovery import StaticOptions
 from dllp2p.election import Member
-from dllp2p.session.root import ClusterError
 from dllp2p.wire import PROTOCOL_VERSION, Status, StatusReply, TokenChunk, encode
 from dllp2p.wire.client import ask_status
-from dllp2p.wire.link import LinkClosed, LinkTimeout, open_link
+from dllp2p.wire.link import LinkClosed, LinkTimeout
 from dllp2p.wire.secure import HandshakeFailed
 
 T = Timeouts(hello=3, idle=5, transfer=5, mesh=3, build=5, socket=3, slot=1)
