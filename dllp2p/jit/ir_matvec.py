@@ -146,6 +146,15 @@ def _block_dots(b, target, qtype, wc, xq, biased: bool = True) -> ir.Value:
     return b.add(acc[0], acc[1])
 
 
+# Tile sizes (activation rows) whose weight stream is prefetched in software. Tiles of 2 and 4 rows (batched
+# decode steps) go without: the hardware prefetchers keep up with a tile that spends 2-4 rows' work on each
+# byte, and the prefetches only took issue slots. Measured 2026-12-07 on the quiet Zen 4 VM, same process,
+# builds alternating (`python -m dllp2p.jit.batchbench --old REV --threads 2 --concurrency 1 2 4 8
+# --prompt-tokens 128 --rounds 11`, SmolLM2): steps of 2 / 4 rows 1.06x / 1.08x faster without; 8 rows
+# 0.98x (kept: prefill's tiles are mostly 8 rows); 4096 B ahead instead of 1024: +4 % at 4 rows, 8192 B: none.
+TILE_PREFETCH = frozenset({1, 8})
+
+
 def _emit_tile(module: ir.Module, qtype: QType, tile: int, target: Target) -> ir.Function:
     """Internal f(w, x, xs, y, ldy, k, r0, r1): y[t, r0:r1] = W[r0:r1] . x[t] for t < tile; x rows xs bytes apart.
 
@@ -172,7 +181,8 @@ def _emit_tile(module: ir.Module, qtype: QType, tile: int, target: Target) -> ir
         with for_range(b, i64(0), nb, name="blk") as blk:
             for g, wg in enumerate(wgs):
                 wc = gep(b, wg, b.mul(blk, i64(cb)))
-                prefetch(b, wc, cb, stream=tile == 1)
+                if tile in TILE_PREFETCH:
+                    prefetch(b, wc, cb, stream=tile == 1)
                 dw = b.fpext(load(b, wc, vec(F16, G), i64(qbytes)), V16F32)
                 mw = b.fpext(load(b, wc, vec(F16, G), i64(qbytes + 2 * G)), V16F32) if qtype == QType.Q4_1 else None
                 for t, a in enumerate(accs[g]):
