@@ -760,15 +760,18 @@ def test_extra_types_select_the_dot_instruction(qtype, cpu, features, isa):
 @pytest.mark.parametrize("qtype", [QType.Q8_0, QType.Q5_0, QType.Q4_K])
 def test_decode_kernels_prefetch_into_l2_and_tiles_into_l1(qtype):
     """ir_dot.py's measured choice (Zen 4): the decode matvec prefetches its weight stream into L2
-    (prefetcht1), K-quant super-blocks not at all; the matmul tiles (prefill) keep prefetcht0."""
+    (prefetcht1), K-quant super-blocks not at all; the 8-row matmul tiles (prefill) keep prefetcht0; the
+    Q4_0/Q4_1/Q8_0 tiles of 2 and 4 rows (batched decode) have none (ir_matvec.TILE_PREFETCH)."""
     t = Target("x86_64-unknown-linux-gnu", "znver4", "+avx512f,+avx512bw,+avx512vl,+avx512dq,+avx512vnni,+avx2,+fma,+f16c")
     matvec = emit_assembly(build_module([KernelSpec(Op.MATVEC, qtype)], t), t)
-    matmul = emit_assembly(build_module([KernelSpec(Op.MATMUL, qtype, 4)], t), t)
+    matmul = emit_assembly(build_module([KernelSpec(Op.MATMUL, qtype, 8)], t), t)
     if qtype == QType.Q4_K:
         assert "prefetch" not in matvec
     else:
         assert "prefetcht1" in matvec and "prefetcht0" not in matvec
-    assert "prefetcht0" in matmul  # the 4-row tile's (the module's 1-row tile has none: checked above)
+    assert "prefetcht0" in matmul  # the 8-row tile's (the module's 1-row tile has none: checked above)
+    if qtype == QType.Q8_0:
+        assert "prefetcht0" not in emit_assembly(build_module([KernelSpec(Op.MATMUL, qtype, 4)], t), t)
 
 
 # Features to switch off, per dot path, to make the host compile that path (x86's, or AArch64's plain NEON).
