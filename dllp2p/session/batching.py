@@ -224,9 +224,7 @@ class BatchService:
         engine's `depth`), up to s groups' steps are in flight, one completed per call (_pipelined_step)."""
         if not self._flying and (self.core.rebuilt or self._engine is None) and self.core.busy():
             try:  # made before the plan: its depth says how to step (plan() may still grow the context)
-                await self._close()
-                self._engine = await self._make(self.core.ctx)
-                self.core.rebuilt = False
+                await self._remake()
             except Exception as e:
                 await self._failed(e)
                 return False
@@ -238,15 +236,19 @@ class BatchService:
             return False
         try:
             if self.core.rebuilt or self._engine is None:
-                await self._close()
-                self._engine = await self._make(self.core.ctx)
-                self.core.rebuilt = False
+                await self._remake()
             sampled = await trio.to_thread.run_sync(self._compute, self._engine, step)
         except Exception as e:
             await self._failed(e)
             return False
         self._finish_step(step, sampled)
         return True
+
+    async def _remake(self) -> None:
+        """A new engine for the core's context (the old one closed first: its memory goes before)."""
+        await self._close()
+        self._engine = await self._make(self.core.ctx)
+        self.core.rebuilt = False
 
     async def _failed(self, e: Exception) -> None:
         """The engine failed (a lost worker, ...): every request fails with it, the engine is closed."""
@@ -283,9 +285,7 @@ class BatchService:
             return False
         try:
             if self.core.rebuilt:  # the queue's head needs a larger context (nothing runs): a new engine
-                await self._close()
-                self._engine = await self._make(self.core.ctx)
-                self.core.rebuilt = False
+                await self._remake()
             done, sampled = await trio.to_thread.run_sync(self._submit_complete, self._engine, steps)
         except Exception as e:
             for step in steps:

@@ -52,7 +52,7 @@ class Worker:
         return f"worker {self.address} (node {self.hello.node_id})"
 
 
-async def _gather(fns: Sequence[Callable[[], Awaitable[Any]]]) -> list[Any]:
+async def gather(fns: Sequence[Callable[[], Awaitable[Any]]]) -> list[Any]:
     """Run fns concurrently; -> their results in order. The first failure cancels the rest and is raised."""
     results: list[Any] = [None] * len(fns)
 
@@ -68,20 +68,20 @@ async def _gather(fns: Sequence[Callable[[], Awaitable[Any]]]) -> list[Any]:
     return results
 
 
-async def _hello_or_skip(address: str, root: Hello, t: Timeouts, key: ClusterKey | None, *,
+async def say_hello_or_skip(address: str, root: Hello, t: Timeouts, key: ClusterKey | None, *,
                          events: Sink) -> Worker | None:
     try:
-        return await _hello(address, root, t, key)
+        return await say_hello(address, root, t, key)
     except ClusterError as e:
         events(Note(f"{e}; planning without it"))
         return None
 
 
-async def _hello(address: str, root: Hello, t: Timeouts, key: ClusterKey | None = None) -> Worker:
+async def say_hello(address: str, root: Hello, t: Timeouts, key: ClusterKey | None = None) -> Worker:
     try:
         link = await open_link(address, t.hello, key)
     except (LinkClosed, LinkTimeout, HandshakeFailed) as e:
-        raise ClusterError(f"worker {address}: {_said(address, e)}") from None
+        raise ClusterError(f"worker {address}: {said(address, e)}") from None
     try:
         t0 = time.perf_counter()
         await link.send(root)
@@ -96,18 +96,18 @@ async def _hello(address: str, root: Hello, t: Timeouts, key: ClusterKey | None 
         await link.aclose()
         hint = " (it may hold a cluster key: give this side one, --key-file)" if key is None and isinstance(
             e, LinkClosed) else ""
-        raise ClusterError(f"worker {address}: {_said(address, e)}{hint}") from None
+        raise ClusterError(f"worker {address}: {said(address, e)}{hint}") from None
     except BaseException:
         await link.aclose()
         raise
     return Worker(address, reply, link, rtt_ms=rtt_ms)
 
 
-async def _expect(w: Worker, cls: type, timeout: float) -> Any:
+async def expect(w: Worker, cls: type, timeout: float) -> Any:
     try:
         msg = await w.link.receive(timeout)
     except (LinkClosed, LinkTimeout, ProtocolError) as e:
-        raise ClusterError(f"{w.name}: {_said(w.address, e)}") from None
+        raise ClusterError(f"{w.name}: {said(w.address, e)}") from None
     if isinstance(msg, Error):
         code = ErrorCode.parse(str(msg.code))  # passed on only where the root acts on it (a full disk)
         raise ClusterError(f"{w.name}: {msg.message}", code if code == ErrorCode.DISK_FULL else None,
@@ -117,15 +117,15 @@ async def _expect(w: Worker, cls: type, timeout: float) -> Any:
     return msg
 
 
-async def _dial(w: Worker, the_plan: AnyPlan, root_id: str, t: Timeouts,
+async def dial(w: Worker, the_plan: AnyPlan, root_id: str, t: Timeouts,
                 key: ClusterKey | None = None) -> tuple[socket.socket, bytes | None]:
     hello = MeshHello(the_plan.epoch, root_id, 0, w.index)
     try:
         return await dial_mesh(w.address, hello, t.mesh, t.socket, key)
     except (LinkClosed, LinkTimeout, MeshRefused, ProtocolError) as e:
-        raise ClusterError(f"{w.name}: mesh connection failed: {_said(w.address, e)}") from None
+        raise ClusterError(f"{w.name}: mesh connection failed: {said(w.address, e)}") from None
 
 
-def _said(address: str, e: BaseException) -> str:
+def said(address: str, e: BaseException) -> str:
     """e's message without the address it starts with (the worker is named already)."""
     return str(e).removeprefix(f"{address}: ").removeprefix(f"{address} ")

@@ -59,7 +59,7 @@ from .cluster_stats import ClusterStats, StepStats
 from .progress import BUILD, PUSH, Note, Progress, Sink, ignore
 from .rates import run_delay_ms
 from .recovery import StepClock
-from .handshake import ClusterError, Worker, _dial, _expect, _gather, _hello, _hello_or_skip, _said
+from .handshake import ClusterError, Worker, dial, expect, gather, said, say_hello, say_hello_or_skip
 
 ROOT_EPOCH = 0  # a re-plan after a lost node will take the next one
 
@@ -285,9 +285,9 @@ async def start(model: Any, options: ClusterOptions, ctx: int, threads: int, tp:
     peers: list[socket.socket | None] = []
     node = None
     try:
-        hello = partial(_hello_or_skip, events=events) if options.skip_unreachable else _hello
+        hello = partial(say_hello_or_skip, events=events) if options.skip_unreachable else say_hello
         slices = slices or tp.plan_tensors
-        workers = [w for w in await _gather([partial(hello, a, root, t, options.key) for a in options.workers])
+        workers = [w for w in await gather([partial(hello, a, root, t, options.key) for a in options.workers])
                    if w is not None]
         policy, max_nodes, choice, extra = options.policy, None, None, {}
         members = [root.peer("")] + [w.hello.peer(w.address) for w in workers]
@@ -312,11 +312,11 @@ async def start(model: Any, options: ClusterOptions, ctx: int, threads: int, tp:
         workers = sorted((w for w in workers if w.index > 0), key=lambda w: w.index)
 
         own = await trio.to_thread.run_sync(slices, model, the_plan, 0)
-        await _gather([partial(_push, w, model, the_plan, ctx, options.max_seqs, t, slices, events) for w in workers])
+        await gather([partial(_push, w, model, the_plan, ctx, options.max_seqs, t, slices, events) for w in workers])
 
         for w in workers:
             await w.link.send(Mesh(the_plan.epoch))
-        dialed = await _gather([partial(_dial, w, the_plan, root.node_id, t, options.key) for w in workers])
+        dialed = await gather([partial(dial, w, the_plan, root.node_id, t, options.key) for w in workers])
         peers = [None, *(sock for sock, _ in dialed)]
         keys = exchange_keys([None, *(exporter for _, exporter in dialed)], 0)  # None: plain (no cluster key)
 
@@ -334,10 +334,10 @@ async def start(model: Any, options: ClusterOptions, ctx: int, threads: int, tp:
 
         async def ready(w: Worker) -> None:
             events(Progress(BUILD, w.name, 0, 1))
-            await _expect(w, Ready, t.build)
+            await expect(w, Ready, t.build)
             events(Progress(BUILD, w.name, 1, 1))
 
-        built = await _gather([build, *(partial(ready, w) for w in workers)])
+        built = await gather([build, *(partial(ready, w) for w in workers)])
         node = built[0]
         for w in workers:
             blocking = w.link.blocking(t.socket)
@@ -382,7 +382,7 @@ async def _push(w: Worker, model: Any, the_plan: AnyPlan, ctx: int, max_seqs: in
     slices = tuple(SliceInfo(name, name, int(x.qtype), tuple(x.shape), x.sha256) for name, x in tensors.items())
     try:
         await w.link.send(Session(the_plan, model.config, ctx, slices, max_seqs))
-        need: Need = await _expect(w, Need, t.transfer)
+        need: Need = await expect(w, Need, t.transfer)
         by_hash = {x.sha256: x for x in tensors.values()}
         unknown = [h for h in need.sha256s if h not in by_hash]
         if unknown:
@@ -401,8 +401,8 @@ async def _push(w: Worker, model: Any, the_plan: AnyPlan, ctx: int, max_seqs: in
                     done += len(chunk.data)
                     events(Progress(PUSH, w.name, done, total))
                 start += len(piece)
-        ready: WeightsReady = await _expect(w, WeightsReady, t.transfer)
+        ready: WeightsReady = await expect(w, WeightsReady, t.transfer)
     except (LinkClosed, LinkTimeout) as e:
-        raise ClusterError(f"{w.name}: {_said(w.address, e)}") from None
+        raise ClusterError(f"{w.name}: {said(w.address, e)}") from None
     w.received_bytes, w.cached = ready.received_bytes, ready.cached
     w.push_s = time.perf_counter() - t0 if total else 0.0
