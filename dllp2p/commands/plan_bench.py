@@ -33,6 +33,7 @@ from pathlib import Path
 
 from ..config import DEFAULT_PORT
 from ..formats.synthetic import SyntheticSpec, write_random_llama
+from .replan_bench import stop_daemons
 
 PROFILES = {  # name: (tbf rate, added one-way delay or "")
     "fast": ("10gbit", ""),
@@ -139,13 +140,7 @@ class Cluster:
             return ""
 
     def close(self) -> None:
-        for p in self.procs:
-            p.terminate()
-        for p in self.procs:
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop_daemons(self.procs)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -40,6 +40,7 @@ from pathlib import Path
 from ..formats.synthetic import SyntheticSpec, write_random_q4_0
 from ..memlimit import PROCESS_RESERVE, MemoryCgroup, cgroup_unavailable
 from .plan_bench import CLI, PORT, Lan, address
+from .replan_bench import stop_daemons
 
 PROMPT = "The weights stream from the disk"
 # the least cgroup a streaming daemon gets by default: the process itself peaks at ~130 MiB of anonymous
@@ -152,14 +153,7 @@ class Daemons:
         return p.stdout, _decode(p.stderr), nodes
 
     def close(self) -> None:
-        for p in self.procs:
-            p.terminate()
-        for p in self.procs:
-            try:
-                p.wait(20)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        stop_daemons(self.procs)
         for cg in self.groups:
             cg.__exit__(None, None, None)
 
