@@ -116,13 +116,26 @@ def _avx2_block_dots(b: ir.IRBuilder, qtype: QType, wc: ir.Value, xq: ir.Value, 
     return b.shuffle_vector(wide[0], wide[1], mask(range(16)))
 
 
-def _block_dots(b, target, qtype, wc, xq, biased: bool = True) -> ir.Value:
+def _high_nibbles(b: ir.IRBuilder, v: ir.Value, lo_mask: ir.Value) -> ir.Value:
+    """<64 x i8> v >> 4 as a 16-bit shift and a mask (`vpsrlw` + `vpand`, which any vector pipe runs) rather
+    than the byte shift LLVM lowers to `vgf2p8affineqb`, which competes with the dot instructions on Zen 4."""
+    v16 = vec(ir.IntType(16), 32)
+    shifted = b.bitcast(b.lshr(b.bitcast(v, v16), splat_const(ir.IntType(16), 32, 4)), V64I8)
+    return b.and_(shifted, lo_mask)
+
+
+def _block_dots(b, target, qtype, wc, xq, biased: bool = True, init: ir.Value | None = None, chains: int = 2,
+                shift16: bool = False) -> ir.Value:
     """<16 x i32> integer dots of one packed block chunk `wc` with the 32 activation bytes at xq: raw u8
-    sums, or for Q8_0 on AVX2 with biased=False the signed dot itself."""
+    sums, or for Q8_0 on AVX2 with biased=False the signed dot itself; plus `init` (<16 x i32>, added exactly)
+    when given. chains: independent accumulators the dot instructions alternate between (1 saves an add and
+    a zeroing; 2 halves the dependency chain, which a tile of few rows needs to keep the unit busy). shift16: the
+    high nibbles by _high_nibbles (tiles of several rows, compute-bound) instead of a byte shift."""
     if target.dot_isa == "avx2":
-        return _avx2_block_dots(b, qtype, wc, xq, signed_q8=not biased)
+        dot = _avx2_block_dots(b, qtype, wc, xq, signed_q8=not biased)
+        return dot if init is None else b.add(dot, init)
     zero = ir.Constant(V16I32, None)
-    acc = [zero, zero]
+    acc = [zero if init is None else init, zero]
     if qtype == QType.Q8_0 and target.is_aarch64:  # u8 q + 128 -> s8 q; signed dots (+ the bias if asked)
         flip = splat_const(I8, 64, -128)
         for j in range(8):
@@ -136,14 +149,15 @@ def _block_dots(b, target, qtype, wc, xq, biased: bool = True) -> ir.Value:
         return b.add(dot, splat(b, b.mul(sx, i32(128)), 16))
     if qtype == QType.Q8_0:
         for j in range(8):
-            acc[j % 2] = dot4(b, target, acc[j % 2], load(b, wc, V64I8, i64(64 * j)), bcast4(b, xq, i64(4 * j)))
+            acc[j % chains] = dot4(b, target, acc[j % chains], load(b, wc, V64I8, i64(64 * j)), bcast4(b, xq, i64(4 * j)))
     else:
         lo_mask, four = splat_const(I8, 64, 15), splat_const(I8, 64, 4)
+        hi = (lambda v: _high_nibbles(b, v, lo_mask)) if shift16 else (lambda v: b.lshr(v, four))
         for j in range(4):
             v = load(b, wc, V64I8, i64(64 * j))
             acc[0] = dot4(b, target, acc[0], b.and_(v, lo_mask), bcast4(b, xq, i64(4 * j)), wmax=15)
-            acc[1] = dot4(b, target, acc[1], b.lshr(v, four), bcast4(b, xq, i64(16 + 4 * j)), wmax=15)
-    return b.add(acc[0], acc[1])
+            acc[1 % chains] = dot4(b, target, acc[1 % chains], hi(v), bcast4(b, xq, i64(16 + 4 * j)), wmax=15)
+    return acc[0] if chains == 1 else b.add(acc[0], acc[1])
 
 
 # Tile sizes (activation rows) whose weight stream is prefetched in software. Tiles of 2 and 4 rows (batched
@@ -152,7 +166,11 @@ def _block_dots(b, target, qtype, wc, xq, biased: bool = True) -> ir.Value:
 # builds alternating (`python -m dllp2p.jit.batchbench --old REV --threads 2 --concurrency 1 2 4 8
 # --prompt-tokens 128 --rounds 11`, SmolLM2): steps of 2 / 4 rows 1.06x / 1.08x faster without; 8 rows
 # 0.98x (kept: prefill's tiles are mostly 8 rows); 4096 B ahead instead of 1024: +4 % at 4 rows, 8192 B: none.
+# Tried 2026-12-07 the same way, and left out: the tiles of 2 / 4 rows prefetching into L2 (prefetcht1) 0.97x;
+# prefetchnta in the tiles of 2 / 4 / 8 (to keep the weight stream out of the L3 that holds the KV caches) 1.03x
+# by paired ratios but no change in the medians: noise.
 TILE_PREFETCH = frozenset({1, 8})
+TILE_ONE_CHAIN = 8  # tiles of this many rows or more: one accumulator chain per block (see _block_dots)
 
 
 def _emit_tile(module: ir.Module, qtype: QType, tile: int, target: Target) -> ir.Function:
@@ -171,6 +189,27 @@ def _emit_tile(module: ir.Module, qtype: QType, tile: int, target: Target) -> ir
         offset = None  # the AVX2 and AArch64 Q8_0 dots are signed already (_block_dots(..., biased=False))
     per_iter = PAIR_GROUPS if tile == 1 else 1
     accs = [[entry_alloca(b, V16F32, name=f"acc{g}_{t}") for t in range(tile)] for g in range(per_iter)]
+    chains = 1 if tile >= TILE_ONE_CHAIN else 2
+    # Per activation row and block, what every row group adds the same way, worked out once per call: the
+    # integer dot's starting value -offset * s_x (exact: the bias the 1-row kernel subtracted after the dot), or
+    # Q4_1's f32 d_x * s_x (the same two roundings as before). The tile then loads it broadcast, no scalar work.
+    pre_t = F32 if qtype == QType.Q4_1 else I32
+    has_term = qtype == QType.Q4_1 or offset is not None
+
+    def block_term(xt: ir.Value, blk: ir.Value) -> ir.Value:
+        """Activation row xt's term of block blk: Q4_1's d_x * s_x (f32), else -offset * s_x (i32)."""
+        sx = load(b, gep(b, xt, s_off), I32, blk, I32)
+        if qtype == QType.Q4_1:
+            return b.fmul(load(b, gep(b, xt, d_off), F32, blk, F32), b.sitofp(sx, F32))
+        return b.mul(sx, i32(-offset))
+
+    pre = None
+    if tile > 1 and has_term:  # (1 row: worked out in the loop, the decode kernel as measured)
+        pre = b.alloca(pre_t, size=b.mul(nb, i64(tile)), name="pre")
+        for t in range(tile):
+            xt = gep(b, x, b.mul(xs, i64(t)))
+            with for_range(b, i64(0), nb, name=f"pre{t}") as blk:
+                store(b, block_term(xt, blk), pre, b.add(b.mul(nb, i64(t)), blk), pre_t)
 
     def groups(rs: list[ir.Value]) -> None:
         """y rows of the groups starting at each r in rs, over all blocks."""
@@ -187,14 +226,17 @@ def _emit_tile(module: ir.Module, qtype: QType, tile: int, target: Target) -> ir
                 mw = b.fpext(load(b, wc, vec(F16, G), i64(qbytes + 2 * G)), V16F32) if qtype == QType.Q4_1 else None
                 for t, a in enumerate(accs[g]):
                     xt = gep(b, x, b.mul(xs, i64(t)))
-                    dot = _block_dots(b, target, qtype, wc, gep(b, xt, b.shl(blk, i64(5))), biased=offset is not None)
                     dx = load(b, gep(b, xt, d_off), F32, blk, F32)
-                    sx = load(b, gep(b, xt, s_off), I32, blk, I32)
-                    if offset is not None:
-                        dot = b.sub(dot, splat(b, b.mul(sx, i32(offset)), 16))
+                    if pre is not None:
+                        pv = load(b, pre, pre_t, b.add(b.mul(nb, i64(t)), blk), pre_t)
+                    else:
+                        pv = block_term(xt, blk) if has_term else None
+                    init = splat(b, pv, 16) if offset is not None else None  # - offset * s_x
+                    dot = _block_dots(b, target, qtype, wc, gep(b, xt, b.shl(blk, i64(5))), biased=offset is not None,
+                                      init=init, chains=chains, shift16=tile > 1)
                     acc = b.load(a, typ=V16F32)
                     if mw is not None:  # + m_w * (d_x * s_x)
-                        acc = fmuladd(b, mw, splat(b, b.fmul(dx, b.sitofp(sx, F32)), 16), acc)
+                        acc = fmuladd(b, mw, splat(b, pv, 16), acc)
                     acc = fmuladd(b, dw, b.fmul(splat(b, dx, 16), b.sitofp(dot, V16F32)), acc)
                     b.store(acc, a)
         for g, r in enumerate(rs):

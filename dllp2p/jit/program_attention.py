@@ -13,7 +13,8 @@ pair's spans one after the other into the thread's private attp_t, then its merg
 the same attention calls per span (`span_partial`), so a row's result depends neither on the path nor on the
 thread count. As an item starts, the thread prefetches the first ATT_NEXT_PREFETCH positions of the next
 item's K and V (ir_attention.prefetch_positions): the kernel's own prefetch, ATT_PREFETCH positions ahead of
-what it reads, leaves a call's first lines to wait on memory.
+what it reads, leaves a call's first lines to wait on memory; for the same reason a row's next span's first
+positions are prefetched before each span (several rows).
 """
 
 from __future__ import annotations
@@ -137,6 +138,10 @@ class AttentionSteps:
             qrow = self.row(self.ptr("q"), i, qd * 4)
             kci, vci = self.seq_cache(kc, i, kvd), self.seq_cache(vc, i, kvd)
             with for_range(b, j0, b.add(j0, n_spans), name="sp") as j:
+                jn = b.add(j, i64(1))
+                with b.if_then(b.icmp_signed("<", jn, b.add(j0, n_spans))):  # the next span's first positions
+                    prefetch_positions(b, self.kv_head(kci, grp), self.kv_head(vci, grp), *self.span_range(jn, p, lo),
+                                       self.c.head_dim)
                 self.span_partial(qrow, kci, vci, po, st, j, p, grp, nq, nkv, lo, j0)
             h0 = b.mul(grp, i64(gs))
             self.call(Op.ATTENTION_MERGE, po, st, self.row(self.ptr("att"), i, qd * 4), n_spans, nq, c.head_dim,
