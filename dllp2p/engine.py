@@ -63,6 +63,9 @@ class BatchEngine(Protocol):
     ctx: int       # KV cache positions of each slot
     max_seqs: int  # slots
     kv_bytes_per_position: int  # one position of one slot (a KV budget in bytes is the caller's to enforce)
+    # (optional, default 0) a step of at most this many one-token rows is short, pure compute: a server may run
+    # it on its event loop instead of handing it to a thread (session/batching.py)
+    inline_rows: int
 
     def forward_batch(self, rows: Sequence[BatchRow]) -> np.ndarray:
         """f32[len(rows), vocab]: the logits of each row's last token (rows' seqs distinct).

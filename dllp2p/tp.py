@@ -263,6 +263,7 @@ class TPNode(JITEngine):
     """One node's engine. peers[j]: a connected blocking socket to node j (None at this node's index)."""
 
     slots_class = TPSlots
+    talks_to_peers = True
 
     def __init__(self, config: ModelConfig, plan: Plan, index: int, tensors: Mapping[str, NodeTensor],
                  peers: Sequence[socket.socket | None], ctx: int, threads: int | None = None, *,

@@ -419,3 +419,78 @@ def test_a_stop_string_completed_by_the_last_token_says_stop(model):
 
     trio.run(main)
     assert (sink.text(), sink.got[-1].stop_reason) == solo_text(model, ids, 6, 64, stop) == ("".join(texts)[:-1], "stop")
+
+
+def test_short_decode_steps_of_an_inline_engine_run_on_the_loop(model):
+    """An engine with inline_rows (a local JIT engine's: dllp2p/jit/engine.py) has its decode steps of at most that
+    many rows run on the serving loop's thread, prompt chunks and bigger steps in a worker thread; the streams'
+    texts are the same either way (their solo runs')."""
+    reqs = [(_prompt(40 + i, 5 + 3 * i), 6 + i, 64) for i in range(3)]
+    svc, _ = _service(model, BatchConfig(max_batch=4, chunk=8), ctx=64)
+    where: list[tuple[int, bool, bool]] = []  # (rows, one token each, on the loop's thread)
+    sinks = [Sink() for _ in reqs]
+
+    async def clients():
+        async with trio.open_nursery() as nursery:
+            for (ids, steps, ctx), sink in zip(reqs, sinks):
+                nursery.start_soon(svc.generate, sink, _gen(ids, steps, ctx), list(ids))
+
+    _serve_traced(svc, 2, lambda rows, on_loop: where.append((len(rows), all(len(r.tokens) == 1 for r in rows), on_loop)),
+                  clients)
+    for (ids, steps, ctx), sink in zip(reqs, sinks):
+        assert sink.text() == solo_text(model, ids, steps, ctx)[0]
+    assert all(on_loop == (rows <= 2 and decode) for rows, decode, on_loop in where), where
+    assert any(on_loop for *_, on_loop in where) and not all(on_loop for *_, on_loop in where)
+
+
+def test_an_engine_whose_inline_step_is_slow_steps_in_a_thread_after(model, monkeypatch):
+    """One inline step over INLINE_MAX_S (a slow device, a big model): that engine's later steps go to a thread."""
+    import time
+
+    from dllp2p.session import batching
+
+    monkeypatch.setattr(batching, "INLINE_MAX_S", 0.02)
+    svc, _ = _service(model, BatchConfig(max_batch=2, chunk=8), ctx=64)
+    on_loop: list[bool] = []
+    sink = Sink()
+
+    def trace(rows, here: bool) -> None:
+        on_loop.append(here)
+        if here and sum(on_loop) == 2:
+            time.sleep(0.03)  # the second inline step is slow
+
+    async def client():
+        await svc.generate(sink, _gen(_prompt(7, 4), 8, 64), list(_prompt(7, 4)))
+
+    _serve_traced(svc, 2, trace, client)
+    assert sink.text() == solo_text(model, _prompt(7, 4), 8, 64)[0]
+    assert on_loop[:3] == [False, True, True] and not any(on_loop[3:]) and len(on_loop) >= 5, on_loop
+
+
+def _serve_traced(svc: BatchService, inline_rows: int, trace, clients) -> None:
+    """Run svc (its engine made once, with inline_rows) until `await clients()` returns; before each step the
+    engine calls trace(rows, whether it runs on the serving loop's thread)."""
+    import threading
+
+    async def main():
+        loop_thread = threading.get_ident()
+        engine = await svc._make(64)
+        engine.inline_rows = inline_rows
+        forward = engine.forward_batch
+
+        def traced(rows):
+            trace(rows, threading.get_ident() == loop_thread)
+            return forward(rows)
+
+        engine.forward_batch = traced
+
+        async def made(ctx: int):
+            return engine
+
+        svc._make = made
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(svc.run)
+            await clients()
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)

@@ -71,8 +71,16 @@ def program_spec(model: GGUFModel, max_chunk: int = 64, dynamic: bool = True) ->
                        _kernel_type(model.output_tensor().qtype), max_chunk, dynamic=dynamic)
 
 
+# BatchEngine.inline_rows of a local engine: a decode step of up to 8 rows takes ~2-8 ms of compute here
+# (SmolLM2, 2 threads). Run on the serving loop it saves the two thread hand-offs of trio.to_thread per step
+# (~0.5 ms per token measured through the daemon on the 2-vCPU VM: the other vCPU is asleep or spinning, and
+# waking a thread across vCPUs is slow in a VM).
+INLINE_ROWS = 8
+
 class JITEngine:
     """Engine protocol (see dllp2p/engine.py) over JIT-compiled code and `threads` native threads."""
+
+    talks_to_peers = False  # whether a step exchanges with other nodes (a tensor-parallel node's does: tp.TPNode)
 
     def __init__(self, model: GGUFModel, ctx: int, threads: int | None = None, *,
                  cache_dir: os.PathLike | str | None = DEFAULT_CACHE_DIR, max_chunk: int = 64, max_seqs: int = 1,
@@ -129,6 +137,10 @@ class JITEngine:
         self._slots = slots
         self._n_slot, self._n_out_slot, self._quit_slot = slots["n"], slots["n_out"], slots["quit"]
         self.stream = self._setup_stream(getattr(self, "mem_limit", None))
+        # decode steps of up to this many rows may run on the caller's event loop (BatchEngine.inline_rows): pure
+        # compute of a few ms on this engine's threads. Not when layers stream from disk, nor on a tensor-parallel
+        # node (TPNode: its step exchanges with peers and may wait on them)
+        self.inline_rows = INLINE_ROWS if self.stream is None and not self.talks_to_peers else 0
         proto = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
         self._step = proto(self._compiled.address("step"))
         self._kick = proto(self._compiled.address("kick"))

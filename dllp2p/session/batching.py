@@ -85,6 +85,10 @@ def jit_batch_engine(model: Any, ctx: int, threads: int, max_seqs: int, cache_di
     return SoloBatch(lambda: JITEngine(model, ctx, threads, **extra), max_seqs)
 
 
+INLINE_MAX_S = 0.025  # an engine whose inline step took longer runs its steps in a thread from then on: the
+# loop (other clients, status, the cluster's control links) waits for an inline step; SmolLM2's take 2-8 ms here
+
+
 class BatchService:
     """Requests of one root served together. `slot`: the daemon's prompt slot (None: none to take);
     `wait_slot`: how long to wait for it before refusing (busy); `node_id`: named in answers. attach() gives
@@ -106,6 +110,7 @@ class BatchService:
         self._wake = trio.Event()
         self.steps = 0  # engine steps run (tests: a cancelled sequence is gone within one)
         self._flying: deque[tuple[Step, Any]] = deque()  # (pipelined) steps submitted, not completed: (step, ticket)
+        self._inline_off: Any = None  # the engine whose steps no longer run inline (one was too slow)
 
     def attach(self, make_engine: Callable[[int], Awaitable[BatchEngine]], tokenizer: Any, ctx: int,
                kv_position: int) -> None:
@@ -237,12 +242,26 @@ class BatchService:
         try:
             if self.core.rebuilt or self._engine is None:
                 await self._remake()
-            sampled = await trio.to_thread.run_sync(self._compute, self._engine, step)
+            if self._inline(step):
+                t0 = time.perf_counter()
+                sampled = self._compute(self._engine, step)
+                if time.perf_counter() - t0 > INLINE_MAX_S:  # a slow device or model: the loop must not wait
+                    self._inline_off = self._engine
+            else:
+                sampled = await trio.to_thread.run_sync(self._compute, self._engine, step)
         except Exception as e:
             await self._failed(e)
             return False
         self._finish_step(step, sampled)
+        await trio.lowlevel.checkpoint()  # (after an inline step) the loop's other tasks run between steps
         return True
+
+    def _inline(self, step: Step) -> bool:
+        """Run `step` on this loop rather than a thread: a decode step (one token per row) of a local engine
+        that says it is short (BatchEngine.inline_rows), which spares each token two thread hand-offs."""
+        if self._inline_off is self._engine:  # one of its inline steps took longer than INLINE_MAX_S
+            return False
+        return len(step.rows) <= getattr(self._engine, "inline_rows", 0) and all(len(r.tokens) == 1 for r in step.rows)
 
     async def _remake(self) -> None:
         """A new engine for the core's context (the old one closed first: its memory goes before)."""
