@@ -210,6 +210,31 @@ def test_quantize_bit_exact(lib, n, nb, seed):
     assert (s == q.reshape(-1, QK).astype(np.int32).sum(1)).all() and np.abs(q.astype(np.int32)).max() <= 127
 
 
+@SETTINGS
+@given(nb=st.integers(1, 40), data=st.data(), seed=seeds)
+def test_quantize_part_bit_exact(lib, nb, data, seed):
+    """Blocks [b0, b1) of a row: exactly quantize_f32_q8s's bytes there (q, d, s sections), nothing else written;
+    the pieces of a row quantized in any cut give the whole row's bytes."""
+    k = nb * QK
+    x = random_acts(np.random.default_rng(seed), 1, k)[0]
+    want = ref.quantize_f32_q8s(x[None])[0]
+    b0 = data.draw(st.integers(0, nb - 1))
+    b1 = data.draw(st.integers(b0 + 1, nb))
+    out = np.full(act_bytes(k) + 64, 0xA5, np.uint8)
+    lib["quantize_part_f32_q8s"](P(x), P(out), k, b0, b1)
+    mine = np.zeros(act_bytes(k), bool)  # the bytes of blocks [b0, b1): q, then d (f32), then s (i32)
+    mine[b0 * QK: b1 * QK] = True
+    mine[k + 4 * b0: k + 4 * b1] = True
+    mine[k + 4 * nb + 4 * b0: k + 4 * nb + 4 * b1] = True
+    np.testing.assert_array_equal(out[: act_bytes(k)][mine], want[mine])
+    assert (out[: act_bytes(k)][~mine] == 0xA5).all() and (out[act_bytes(k):] == 0xA5).all()
+    cuts = sorted({0, nb, *data.draw(st.lists(st.integers(1, nb), max_size=4))})
+    whole = np.zeros(act_bytes(k), np.uint8)
+    for lo, hi in zip(cuts, cuts[1:]):
+        lib["quantize_part_f32_q8s"](P(x), P(whole), k, lo, hi)
+    np.testing.assert_array_equal(whole, want)
+
+
 def test_quantize_ties_round_away_from_zero(lib):
     x = np.zeros((1, 64), np.float32)
     x[0, :6] = [127, 2.5, -2.5, 0.5, -0.5, 126.5]  # d = 1: q = x rounded

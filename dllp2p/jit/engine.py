@@ -35,7 +35,7 @@ from .compiler import (
 )
 from .cpus import ThreadChoice, choose_threads, read_cpu_facts
 from .family import LAYER_EXTRAS, layer_extras, rope_table
-from .layout import aligned_zeros
+from .layout import act_bytes, aligned_zeros
 from .library import build_module
 from .ir_share import counter_words
 from .ir_stream import STREAM_WORDS, StreamPlan, madvise_number, page_range, stream_plan, stream_table
@@ -181,6 +181,8 @@ class JITEngine:
         for name, width in (("q", c.q_dim), ("k", c.kv_dim), ("v", c.kv_dim), ("att", c.q_dim), ("o", c.dim),
                             ("g", c.ffn_dim), ("u", c.ffn_dim), ("s", c.ffn_dim), ("d", c.dim)):
             bufs[name] = aligned_zeros((mc, width), np.float32)
+        bufs["sq"] = aligned_zeros(mc * act_bytes(c.ffn_dim), np.uint8)  # act(g) * u quantized (several rows)
+        bufs["aq"] = aligned_zeros(mc * act_bytes(c.q_dim), np.uint8)  # attention's output quantized (several rows)
         for layer in s.run_layers:
             # np.zeros: pages come from the OS on first touch, so an unused context or slot costs no memory
             shape = (self.max_seqs, self.n_kv_local, self.ctx, c.head_dim)  # head-major: program.kv_head

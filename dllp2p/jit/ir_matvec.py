@@ -23,26 +23,44 @@ from .specs import KernelSpec
 
 # --- activation quantization ----------------------------------------------------------------------------
 
-def emit_quantize(module: ir.Module, spec: KernelSpec, target: Target) -> None:
-    fn, b = define(module, spec.name, spec.signature)
-    x, out, k, n = fn.args
+def _quantize_block(b: ir.IRBuilder, xr: ir.Value, orow: ir.Value, k: ir.Value, blk: ir.Value) -> None:
+    """Block blk of a Q8S row of k values: xr f32[k] -> orow (layout.py): q, d and the exact sum s."""
+    module = b.module
     v32f, v32i8 = vec(F32, QK), vec(I8, QK)
     fabs = intrinsic(module, "llvm.fabs.v32f32", v32f, [v32f])
     rnd = intrinsic(module, "llvm.round.v32f32", v32f, [v32f])  # halves away from zero, like C roundf
     nb = b.lshr(k, i64(5))
-    row_bytes = b.add(k, b.shl(nb, i64(3)))
+    v = load(b, xr, v32f, b.shl(blk, i64(5)), F32)
+    amax = hmax(b, module, b.call(fabs, [v]))
+    d = b.fdiv(amax, ir.Constant(F32, 127.0))
+    inv = b.select(b.fcmp_ordered("!=", d, ir.Constant(F32, 0.0)), b.fdiv(ir.Constant(F32, 1.0), d), ir.Constant(F32, 0.0))
+    q = b.fptosi(b.call(rnd, [b.fmul(v, splat(b, inv, QK))]), v32i8)
+    store(b, q, orow, b.shl(blk, i64(5)))
+    store(b, d, gep(b, orow, k), blk, F32)
+    store(b, hsum(b, b.sext(q, vec(I32, QK))), gep(b, orow, b.add(k, b.shl(nb, i64(2)))), blk, I32)
+
+
+def emit_quantize(module: ir.Module, spec: KernelSpec, target: Target) -> None:
+    """n rows of k f32 values (stride k) -> n Q8S rows (stride act_bytes(k))."""
+    fn, b = define(module, spec.name, spec.signature)
+    x, out, k, n = fn.args
+    row_bytes = b.add(k, b.shl(b.lshr(k, i64(5)), i64(3)))
     with for_range(b, i64(0), n, name="row") as row:
         xr = gep(b, x, b.mul(row, k), F32)
         orow = gep(b, out, b.mul(row, row_bytes))
-        with for_range(b, i64(0), nb, name="blk") as blk:
-            v = load(b, xr, v32f, b.shl(blk, i64(5)), F32)
-            amax = hmax(b, module, b.call(fabs, [v]))
-            d = b.fdiv(amax, ir.Constant(F32, 127.0))
-            inv = b.select(b.fcmp_ordered("!=", d, ir.Constant(F32, 0.0)), b.fdiv(ir.Constant(F32, 1.0), d), ir.Constant(F32, 0.0))
-            q = b.fptosi(b.call(rnd, [b.fmul(v, splat(b, inv, QK))]), v32i8)
-            store(b, q, orow, b.shl(blk, i64(5)))
-            store(b, d, gep(b, orow, k), blk, F32)
-            store(b, hsum(b, b.sext(q, vec(I32, QK))), gep(b, orow, b.add(k, b.shl(nb, i64(2)))), blk, I32)
+        with for_range(b, i64(0), b.lshr(k, i64(5)), name="blk") as blk:
+            _quantize_block(b, xr, orow, k, blk)
+    b.ret_void()
+
+
+def emit_quantize_part(module: ir.Module, spec: KernelSpec, target: Target) -> None:
+    """Blocks [b0, b1) of one Q8S row of k values, x f32[k] -> out (the row's other blocks untouched): the
+    same bytes quantize_f32_q8s writes there, so a row can be quantized piece by piece by the threads that
+    computed its pieces (program.py, the FFN of several rows)."""
+    fn, b = define(module, spec.name, spec.signature)
+    x, out, k, b0, b1 = fn.args
+    with for_range(b, b0, b1, name="blk") as blk:
+        _quantize_block(b, x, out, k, blk)
     b.ret_void()
 
 

@@ -19,7 +19,7 @@ import llvmlite.ir as ir
 
 from .compiler import DEFAULT_CACHE_DIR, CompiledModule, ObjectCache, Target, compile_module, default_target
 from .ir_barrier import emit_barrier, emit_barrier_demo
-from .ir_matvec import emit_matmul_q, emit_matvec_f, emit_matvec_q, emit_quantize, emit_quantize_q8_0
+from .ir_matvec import emit_matmul_q, emit_matvec_f, emit_matvec_q, emit_quantize, emit_quantize_part, emit_quantize_q8_0
 from .ir_matvec_extra import emit_embed_extra
 from .layout import EXTRA_TYPES
 from .ir_attention import emit_attention, emit_attention_merge
@@ -33,6 +33,7 @@ _CTYPES = {"p": ctypes.c_void_p, "i": ctypes.c_int64, "f": ctypes.c_float}
 
 _EMITTERS: dict[Op, Callable] = {
     Op.QUANTIZE: emit_quantize,
+    Op.QUANTIZE_PART: emit_quantize_part,
     Op.QUANTIZE_Q8_0: emit_quantize_q8_0,
     Op.ADD_Q8_0: emit_add_q8_0,
     Op.MATMUL: emit_matmul_q,

@@ -89,7 +89,7 @@ class ProgramSpec:
 
     def kernel_specs(self) -> tuple[KernelSpec, ...]:
         types = {t for lt in self.layer_types for t in lt} | {self.output_type}
-        specs = [KernelSpec(Op.QUANTIZE), KernelSpec(Op.QUANTIZE_Q8_0), KernelSpec(Op.ADD_Q8_0),
+        specs = [KernelSpec(Op.QUANTIZE), KernelSpec(Op.QUANTIZE_PART), KernelSpec(Op.QUANTIZE_Q8_0), KernelSpec(Op.ADD_Q8_0),
                  KernelSpec(Op.EMBED, self.embed_type)]
         for t in sorted(types, key=lambda t: t.value):
             specs.append(KernelSpec(Op.MATVEC, t))
@@ -112,7 +112,7 @@ class Slots:
         # private, one region per thread (stride in the *_stride scalar or a constant)
         "x_t", "h_t", "xq_t", "scratch_t", "attp_t", "s_t",
         # shared between threads
-        "q", "k", "v", "att", "att_po", "att_st", "o", "g", "u", "s", "d",
+        "q", "k", "v", "att", "att_po", "att_st", "aq", "o", "g", "u", "s", "sq", "d",
         "embed", "output", "output_norm",
         "stream",  # i64[n_layers, 4] of madvise ranges, or 0: this node does not stream (ir_stream.py)
     )
@@ -316,7 +316,14 @@ class _Forward(AttentionSteps):
         self.barrier()
         return att
 
-    def gated_ffn(self, layer: int, t: dict, rows: int) -> ir.Value:
+    def ffn_quantized_in_chunks(self, rows: int) -> bool:
+        """Whether the FFN of several rows can quantize act(g) * u chunk by chunk into the shared `sq` (each
+        chunk of the gate's 16-row groups a whole number of 32-value blocks; dynamic sharing: a static piece per
+        thread need not be): then no thread re-reads and re-quantizes all of s."""
+        groups = (rows + G - 1) // G
+        return self.spec.dynamic and rows % 32 == 0 and chunk_units(groups, G * self.c.dim) * G % 32 == 0
+
+    def gated_ffn(self, layer: int, t: dict, rows: int, sq: ir.Value | None = None) -> ir.Value:
         """h = rmsnorm(x_t); s = act(Wg h) * (Wu h) (SiLU or GELU-tanh) for `rows` FFN rows (all, or a TP node's) ->
         s f32[n, rows]: shared `s`, or for one row this thread's s_t. Ends with a barrier. Several rows: a chunk of
         Wg rows, then the same rows of Wu and act by the same thread. One row: Wg, then Wu, each its own site
@@ -332,6 +339,9 @@ class _Forward(AttentionSteps):
             with for_range(b, zero, n, name="silu") as i:
                 off = b.add(b.mul(i, i64(rows)), r0)
                 self.call(act, *(gep(b, buf, off, ir.FloatType()) for buf in (g, u, s)), b.sub(r1, r0))
+                if sq is not None:  # this chunk's blocks of row i's quantized s (see ffn_quantized_in_chunks)
+                    self.call(Op.QUANTIZE_PART, self.row(s, i, rows * 4), self.row(sq, i, act_bytes(rows)), rows,
+                              b.sdiv(r0, i64(32)), b.sdiv(r1, i64(32)))
 
         one_row = b.icmp_signed("==", n, i64(1))
         with b.if_else(one_row) as (decode, several):
@@ -356,18 +366,34 @@ class _Forward(AttentionSteps):
         # attention block
         self.norm_quantize(L("attn_norm"), zero, n)
         att = self.attention(layer, t, c.n_heads, c.n_kv_heads)
-        self.call(Op.QUANTIZE, att, self.xq_t, qd, n)
+        if self.att_quantized_by_groups(c.n_heads, c.n_kv_heads):  # several rows: quantized into aq already
+            one_row = self.b.icmp_signed("==", n, i64(1))
+            with self.b.if_then(one_row):
+                self.call(Op.QUANTIZE, att, self.xq_t, qd, n)
+            aq = self.b.select(one_row, self.xq_t, self.ptr("aq"))
+        else:
+            self.call(Op.QUANTIZE, att, self.xq_t, qd, n)
+            aq = self.xq_t
         o = self.ptr("o")
-        self.product(t["attn_output"], W("attn_output"), att, self.xq_t, o, c.dim, qd, n, c.dim)
+        self.product(t["attn_output"], W("attn_output"), att, aq, o, c.dim, qd, n, c.dim)
         self.barrier()
 
         # feed-forward block
         self.residual(layer, "post_attn_norm", o)
         f = c.ffn_dim
-        s = self.gated_ffn(layer, t, f)
-        self.call(Op.QUANTIZE, s, self.xq_t, f, n)
         d = self.ptr("d")
-        self.product(t["ffn_down"], W("ffn_down"), s, self.xq_t, d, c.dim, f, n, c.dim)
+        if self.ffn_quantized_in_chunks(f):  # several rows: the chunks quantized s into the shared sq already
+            sq = self.ptr("sq")
+            s = self.gated_ffn(layer, t, f, sq)
+            one_row = self.b.icmp_signed("==", n, i64(1))
+            with self.b.if_then(one_row):
+                self.call(Op.QUANTIZE, s, self.xq_t, f, n)
+            xq = self.b.select(one_row, self.xq_t, sq)
+        else:
+            s = self.gated_ffn(layer, t, f)
+            self.call(Op.QUANTIZE, s, self.xq_t, f, n)
+            xq = self.xq_t
+        self.product(t["ffn_down"], W("ffn_down"), s, xq, d, c.dim, f, n, c.dim)
         self.barrier()
         self.residual(layer, "post_ffn_norm", d)
 

@@ -25,6 +25,7 @@ from ..formats import ModelConfig
 from .ir_attention import ATT_SPLIT, prefetch_positions
 from .ir_share import chunk_units
 from .irutil import for_range, gep, i64
+from .layout import act_bytes
 from .specs import Op
 
 
@@ -42,6 +43,13 @@ def span_partial_bytes(c: ModelConfig) -> int:
 class AttentionSteps:
     """Emits the attention of a step's rows; mixed into program._Forward, whose b, c, n, ctx, tid, scratch,
     ptr, at, row, call, barrier, share and items it uses."""
+
+    att_exchanged = False  # (tp_program) a node exchanges attention's output: it quantizes it itself
+
+    def att_quantized_by_groups(self, nq: int, nkv: int) -> bool:
+        """Whether attention_rows quantizes each (row, KV group) pair's output into the shared `aq` as it ends
+        (a group's heads a whole number of 32-value blocks): then no thread re-reads and re-quantizes all of att."""
+        return (nq // nkv) * self.c.head_dim % 32 == 0 and not self.att_exchanged
 
     def seq_cache(self, cache: ir.Value, i: ir.Value, kvd: int) -> ir.Value:
         """Chunk row i's sequence's slot of a layer's f16 KV cache, f16[n_kv, ctx, hd] (kvd = n_kv * hd)."""
@@ -146,3 +154,7 @@ class AttentionSteps:
             h0 = b.mul(grp, i64(gs))
             self.call(Op.ATTENTION_MERGE, po, st, self.row(self.ptr("att"), i, qd * 4), n_spans, nq, c.head_dim,
                       h0, b.add(h0, i64(gs)))
+            if self.att_quantized_by_groups(nq, nkv):  # the group's blocks of row i's quantized att (shared aq)
+                blocks = gs * c.head_dim // 32
+                self.call(Op.QUANTIZE_PART, self.row(self.ptr("att"), i, qd * 4), self.row(self.ptr("aq"), i, act_bytes(qd)),
+                          qd, b.mul(grp, i64(blocks)), b.mul(b.add(grp, i64(1)), i64(blocks)))

@@ -48,6 +48,7 @@ FLOAT_WEIGHTS = (QType.F32, QType.F16)
 
 class Op(enum.Enum):
     QUANTIZE = "quantize"
+    QUANTIZE_PART = "quantize_part"
     QUANTIZE_Q8_0 = "quantize_q8_0"
     ADD_Q8_0 = "add_q8_0"
     MATVEC = "matvec"
@@ -74,6 +75,7 @@ def _sig(spec: str) -> Signature:
 
 _SIGNATURES = {
     Op.QUANTIZE: _sig("x:p out:p k:i n:i"),
+    Op.QUANTIZE_PART: _sig("x:p out:p k:i b0:i b1:i"),
     Op.QUANTIZE_Q8_0: _sig("x:p out:p k:i n:i"),
     Op.ADD_Q8_0: _sig("x:p q:p k:i n:i"),
     Op.MATVEC: _sig("w:p x:p y:p k:i r0:i r1:i"),
@@ -115,6 +117,8 @@ class KernelSpec:
         w = self.qtype.name.lower() if self.qtype is not None else ""
         if self.op == Op.QUANTIZE:
             return "quantize_f32_q8s"
+        if self.op == Op.QUANTIZE_PART:
+            return "quantize_part_f32_q8s"
         if self.op == Op.QUANTIZE_Q8_0:
             return "quantize_f32_q8_0"
         if self.op == Op.MATVEC:
@@ -140,7 +144,7 @@ class KernelSpec:
 
 def all_specs(matmul_tile: int = 4) -> tuple[KernelSpec, ...]:
     """Every kernel this package offers, for compiling as one module."""
-    specs = [KernelSpec(Op.QUANTIZE), KernelSpec(Op.QUANTIZE_Q8_0), KernelSpec(Op.ADD_Q8_0)]
+    specs = [KernelSpec(Op.QUANTIZE), KernelSpec(Op.QUANTIZE_PART), KernelSpec(Op.QUANTIZE_Q8_0), KernelSpec(Op.ADD_Q8_0)]
     specs += [KernelSpec(Op.MATVEC, q) for q in QUANT_WEIGHTS + FLOAT_WEIGHTS]
     specs += [KernelSpec(Op.MATMUL, q, matmul_tile) for q in QUANT_WEIGHTS]
     specs += [KernelSpec(Op.EMBED, q) for q in QUANT_WEIGHTS + FLOAT_WEIGHTS]

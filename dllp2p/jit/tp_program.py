@@ -84,6 +84,7 @@ def build_tp_program(module: ir.Module, spec: ProgramSpec, part: Partition, seal
 
 
 class _TPForward(_Forward):
+    att_exchanged = True  # attention's output is quantized for the exchange (layer_q8/layer_exact), not into aq
     def __init__(self, module: ir.Module, spec: ProgramSpec, part: Partition, sealed: bool = False):
         super().__init__(module, spec)
         self.part = part
@@ -221,12 +222,11 @@ class _TPForward(_Forward):
         receives theirs into their sections; after a barrier every thread adds all sections to its x_t in
         node order. Every node adds the same bytes in the same order, so x stays identical on all nodes.
         With post norms the sum goes to the thread's private h_t (zeroed first) and x_t += rmsnorm(h_t) * w."""
-        c, row, b = self.c, q8_0_bytes(self.c.dim), self.b
+        c, b = self.c, self.b
         if self.part.n_nodes == 1:  # alone: the partial is the whole output, added exactly
             self.residual(layer, post_norm, partial)
             return
-        post = c.post_norms
-        if post:
+        if post := c.post_norms:
             memset = intrinsic(self.m, "llvm.memset.p0.i64", VOID, [PTR, ir.IntType(8), I64, ir.IntType(1)])
             b.call(memset, [self.h_t, ir.Constant(ir.IntType(8), 0), b.mul(self.n, i64(c.dim * 4)),
                             ir.Constant(ir.IntType(1), 0)])
