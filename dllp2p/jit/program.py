@@ -7,17 +7,18 @@ Every thread of the node runs the same `forward`: it embeds the chunk's tokens, 
     barrier
     split    (+ biases; per-head q/k norms) rope(k), k, v -> row i's slot of the f16 KV cache at row_pos[i]; rope(q)   by chunk row
     barrier
-    split    att[i, group] = attention(...)                 by (row, KV group) pair; a decode
+    split    att[i, group] = attention(...)                 by (row, KV group) pair, which quantizes its
+                                                            blocks of att into the shared aq; a decode
                                                             step (one row) splits by (span, group) pair,
     (barrier, merge by head: one row)                       then merges the spans' partials by head
     barrier
-    private  aq = quantize(att)
+    (private aq = quantize(att): one row)
     split    o = Wo aq
     barrier
     private  x_t += o (or rmsnorm(o) * post norm); h = rmsnorm(x_t); hq = quantize(h)
-    split    g, u = Wg hq, Wu hq; s = act(g) * u             a chunk of rows of g, u and s by one thread
+    split    g, u = Wg hq, Wu hq; s = act(g) * u; sq = quantize(s)   a chunk of rows of g, u, s, sq by one thread
     barrier                                                 (decode: g, then u; barrier; private s)
-    private  sq = quantize(s)
+    (private sq = quantize(s): one row, or static sharing)
     split    d = Wd sq
     barrier
     private  x_t += d (or rmsnorm(d) * post norm)
