@@ -147,6 +147,11 @@ def private_sizes(spec: ProgramSpec) -> dict[str, int]:
     }
 
 
+def product_chunk(rows: int, k: int) -> int:
+    """16-row groups per chunk of a product over a rows x k matrix (_Forward.product shares them out so)."""
+    return chunk_units((rows + G - 1) // G, G * k)
+
+
 def build_program(module: ir.Module, spec: ProgramSpec) -> None:
     """Add forward, worker and step to a module that already holds spec.kernel_specs()."""
     _Forward(module, spec).emit()
@@ -258,7 +263,7 @@ class _Forward(AttentionSteps):
         or Q8S rows xq (block weights). then(r0, r1): more work on the chunk's rows by the same thread."""
         b = self.b
         groups = (rows + G - 1) // G
-        with self.share(groups, chunk_units(groups, G * k)) as (g0, g1):
+        with self.share(groups, product_chunk(rows, k)) as (g0, g1):
             r0, r1 = b.mul(g0, i64(G)), b.select(b.icmp_signed("<", b.mul(g1, i64(G)), i64(rows)), b.mul(g1, i64(G)), i64(rows))
             self.rows_product(qtype, w, xf, xq, y, k, r0, r1, n, ldy)
             if then is not None:
@@ -321,8 +326,7 @@ class _Forward(AttentionSteps):
         """Whether the FFN of several rows can quantize act(g) * u chunk by chunk into the shared `sq` (each
         chunk of the gate's 16-row groups a whole number of 32-value blocks; dynamic sharing: a static piece per
         thread need not be): then no thread re-reads and re-quantizes all of s."""
-        groups = (rows + G - 1) // G
-        return self.spec.dynamic and rows % 32 == 0 and chunk_units(groups, G * self.c.dim) * G % 32 == 0
+        return self.spec.dynamic and rows % 32 == 0 and product_chunk(rows, self.c.dim) * G % 32 == 0
 
     def gated_ffn(self, layer: int, t: dict, rows: int, sq: ir.Value | None = None) -> ir.Value:
         """h = rmsnorm(x_t); s = act(Wg h) * (Wu h) (SiLU or GELU-tanh) for `rows` FFN rows (all, or a TP node's) ->
@@ -367,14 +371,8 @@ class _Forward(AttentionSteps):
         # attention block
         self.norm_quantize(L("attn_norm"), zero, n)
         att = self.attention(layer, t, c.n_heads, c.n_kv_heads)
-        if self.att_quantized_by_groups(c.n_heads, c.n_kv_heads):  # several rows: quantized into aq already
-            one_row = self.b.icmp_signed("==", n, i64(1))
-            with self.b.if_then(one_row):
-                self.call(Op.QUANTIZE, att, self.xq_t, qd, n)
-            aq = self.b.select(one_row, self.xq_t, self.ptr("aq"))
-        else:
-            self.call(Op.QUANTIZE, att, self.xq_t, qd, n)
-            aq = self.xq_t
+        fused = self.att_quantized_by_groups(c.n_heads, c.n_kv_heads)  # several rows: quantized into aq already
+        aq = self.quantized(att, qd, self.ptr("aq") if fused else None)
         o = self.ptr("o")
         self.product(t["attn_output"], W("attn_output"), att, aq, o, c.dim, qd, n, c.dim)
         self.barrier()
@@ -383,20 +381,24 @@ class _Forward(AttentionSteps):
         self.residual(layer, "post_attn_norm", o)
         f = c.ffn_dim
         d = self.ptr("d")
-        if self.ffn_quantized_in_chunks(f):  # several rows: the chunks quantized s into the shared sq already
-            sq = self.ptr("sq")
-            s = self.gated_ffn(layer, t, f, sq)
-            one_row = self.b.icmp_signed("==", n, i64(1))
-            with self.b.if_then(one_row):
-                self.call(Op.QUANTIZE, s, self.xq_t, f, n)
-            xq = self.b.select(one_row, self.xq_t, sq)
-        else:
-            s = self.gated_ffn(layer, t, f)
-            self.call(Op.QUANTIZE, s, self.xq_t, f, n)
-            xq = self.xq_t
+        sq = self.ptr("sq") if self.ffn_quantized_in_chunks(f) else None  # several rows: the chunks quantize s
+        s = self.gated_ffn(layer, t, f, sq)
+        xq = self.quantized(s, f, sq)
         self.product(t["ffn_down"], W("ffn_down"), s, xq, d, c.dim, f, n, c.dim)
         self.barrier()
         self.residual(layer, "post_ffn_norm", d)
+
+    def quantized(self, y: ir.Value, k: int, shared: ir.Value | None) -> ir.Value:
+        """The Q8S rows of y f32[n, k] a product takes: this thread's xq_t := quantize(y); or, when the step's
+        several rows were quantized into `shared` where they were computed, that (one row: xq_t still)."""
+        b = self.b
+        if shared is None:
+            self.call(Op.QUANTIZE, y, self.xq_t, k, self.n)
+            return self.xq_t
+        one_row = b.icmp_signed("==", self.n, i64(1))
+        with b.if_then(one_row):
+            self.call(Op.QUANTIZE, y, self.xq_t, k, self.n)
+        return b.select(one_row, self.xq_t, shared)
 
     def residual(self, layer: int, post_norm: str, y: ir.Value) -> None:
         """x_t += y f32[n, dim], or with post norms x_t += rmsnorm(y) * the layer's post_norm weight (each

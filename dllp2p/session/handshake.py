@@ -69,7 +69,7 @@ async def gather(fns: Sequence[Callable[[], Awaitable[Any]]]) -> list[Any]:
 
 
 async def say_hello_or_skip(address: str, root: Hello, t: Timeouts, key: ClusterKey | None, *,
-                         events: Sink) -> Worker | None:
+                            events: Sink) -> Worker | None:
     try:
         return await say_hello(address, root, t, key)
     except ClusterError as e:
@@ -118,7 +118,7 @@ async def expect(w: Worker, cls: type, timeout: float) -> Any:
 
 
 async def dial(w: Worker, the_plan: AnyPlan, root_id: str, t: Timeouts,
-                key: ClusterKey | None = None) -> tuple[socket.socket, bytes | None]:
+               key: ClusterKey | None = None) -> tuple[socket.socket, bytes | None]:
     hello = MeshHello(the_plan.epoch, root_id, 0, w.index)
     try:
         return await dial_mesh(w.address, hello, t.mesh, t.socket, key)
