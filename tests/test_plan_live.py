@@ -85,6 +85,24 @@ def test_measured_figures_are_cached(tmp_path):
     assert later.at > m.at
 
 
+def test_a_corrupt_figures_file_is_measured_again_not_believed(tmp_path):
+    """Figures the planner would weigh nodes by: a file with NaN, Infinity, a negative, a string or a bool in
+    place of a number is no cache hit (measured again), nor is a file that is not JSON; a sound one is."""
+    good = {"gbps": 7.5, "disk_gbps": 0.4, "ram": 1, "threads": 1, "cpu": figures.cpu_name(), "at": 1000.0}
+    path = tmp_path / figures.FILE
+    for field, bad in (("gbps", "NaN"), ("gbps", "Infinity"), ("disk_gbps", "-Infinity"), ("disk_gbps", "-1"),
+                       ("gbps", '"7.5"'), ("disk_gbps", "true"), ("at", "NaN")):
+        text = json.dumps(good).replace(f'"{field}": {json.dumps(good[field])}', f'"{field}": {bad}')
+        assert bad in text
+        path.write_text(text)
+        assert figures.cached(1, None, tmp_path, now=2000.0) is None, (field, bad)
+    path.write_text(json.dumps(good)[:-5])
+    assert figures.cached(1, None, tmp_path, now=2000.0) is None
+    path.write_text(json.dumps(good))
+    hit = figures.cached(1, None, tmp_path, now=2000.0)
+    assert hit is not None and (hit.gbps, hit.disk_gbps) == (7.5, 0.4)
+
+
 def test_plan_command_renders_what_a_root_reports():
     est = [P.PlanEstimate("tp 2 exact", 2, 10.0, 6.0, 3.0, 1.0, 0.0, 11.0, True, True),
            P.PlanEstimate("tp 1 exact", 1, 12.0, 12.0, 0.0, 0.0, 0.0, 0.0, False, True),

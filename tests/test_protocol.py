@@ -36,6 +36,7 @@ def _samples() -> list[P.Message]:
         P.Session(PLAN, CONFIG, 64, SESSION.slices, 8),
         P.Stop(7, "done"),
         P.Error("slice_hash", "blk.0.attn_q.weight: hash mismatch"),
+        P.Error("peer_lost", "node w1 lost node 2 (w2, 10.0.0.3:7000): timed out", 2),
     ]
 
 

@@ -26,7 +26,10 @@ from dllp2p.daemon.membership import Membership
 from dllp2p.discovery import StaticOptions
 from dllp2p.election import Member, Seen
 from dllp2p.formats.synthetic import write_random_llama
+from dllp2p.session.handshake import Worker
 from dllp2p.session.recovery import StepClock
+from dllp2p.session.root import ClusterEngine
+from dllp2p.wire.link import LinkClosed
 from dllp2p.wire.client import GenerateCall
 from test_serve import SPEC_8KV, Daemons, status, wait_members
 
@@ -83,6 +86,71 @@ def test_a_worker_the_root_lost_leaves_the_membership_at_once_and_a_restart_rejo
     restarted = Member("node-b", "127.0.0.1:2", 5.0, P.PROTOCOL_VERSION, "c")
     trio.run(feed, Seen(restarted, "static", 6.0))
     assert {x.node_id for x in m.election().succession} == {"root-a", "node-b"}
+
+
+class _Link:
+    """A worker's control link after a failed step: poll() gives `msg` once `after` seconds have passed
+    (None before), or raises LinkClosed (`closed`: the process died)."""
+
+    def __init__(self, msg: P.Error | None = None, after: float = 0.0, closed: bool = False):
+        self.msg, self.closed, self.at = msg, closed, time.monotonic() + after
+
+    def poll(self, timeout: float):  # noqa: ANN201
+        if self.closed:
+            raise LinkClosed("closed the connection")
+        wait = self.at - time.monotonic()
+        if self.msg is None or wait > timeout:
+            time.sleep(timeout)
+            return None
+        time.sleep(max(0.0, wait))
+        msg, self.msg = self.msg, None
+        return msg
+
+    def close(self) -> None:
+        pass
+
+
+def _engine_losing(*links: _Link) -> tuple[ClusterEngine, list[Worker]]:
+    workers = [Worker(f"127.0.0.1:{9000 + i}", P.Hello(P.PROTOCOL_VERSION, f"w{i}", "worker", 1, 1.0), link, index=i)
+               for i, link in enumerate(links, start=1)]
+    engine = ClusterEngine.__new__(ClusterEngine)
+    engine._workers, engine._peers, engine._node, engine._closed = workers, [], None, False
+    engine._clock = StepClock(30.0)
+    engine._clock.measured(1, 0.01)
+    engine._clock.arm([], 1)  # 1 s, as after a few fast steps
+    return engine, workers
+
+
+def _peer_lost(node: int) -> P.Error:
+    return P.Error("peer_lost", f"node w? lost node {node}: timed out", node)
+
+
+def test_a_worker_that_reports_a_frozen_peer_is_not_blamed_for_it():
+    """3 nodes, worker 2 frozen: worker 1, waiting on it, dropped out of the step first, so the root's
+    suspect is worker 1; worker 1 says (now, or later within the step timeout) that it lost node 2: worker 2
+    is named, not the survivor. Without a report the suspect stays the culprit."""
+    for after in (0.0, 0.6):
+        engine, (w1, w2) = _engine_losing(_Link(_peer_lost(2), after), _Link())
+        e = engine._lost(w1, "timed out")
+        assert e.lost and e.address == w2.address and "lost node 2" in str(e), (after, e)
+    engine, (w1, w2) = _engine_losing(_Link(), _Link(_peer_lost(2), 0.1))  # the root timed out on the frozen one
+    assert engine._lost(w2, "timed out").address == w2.address
+    t0 = time.monotonic()
+    engine, (w1, w2) = _engine_losing(_Link(), _Link())
+    assert engine._lost(w1, "timed out").address == w1.address  # nobody says otherwise: the suspect
+    assert time.monotonic() - t0 < 2.5  # waited at most about the step timeout (1 s) for a word
+
+
+def test_a_dead_or_lone_suspect_is_named_without_waiting():
+    t0 = time.monotonic()
+    engine, (w1, w2) = _engine_losing(_Link(closed=True), _Link())
+    assert engine._lost(w1, "reset").address == w1.address
+    engine, (w1,) = _engine_losing(_Link())
+    assert engine._lost(w1, "timed out").address == w1.address
+    assert time.monotonic() - t0 < 1.0  # 0.2 s a silent worker, no more
+    engine, (w1, w2) = _engine_losing(_Link(P.Error("leaving", "node w2 is leaving the cluster (SIGTERM)")),
+                                      _Link(_peer_lost(1)))
+    assert engine._lost(w2, "reset").address == w1.address  # leaving says it all
 
 
 # --- daemons ---

@@ -21,6 +21,7 @@ process). Errors: a figure that cannot be measured is 0 (unknown); the planner t
 from __future__ import annotations
 
 import json
+import math
 import os
 import statistics
 import time
@@ -125,11 +126,17 @@ def cached(threads: int, cache_dir: Path | None, state_dir: Path, now: float | N
     cpu = cpu_name()
     try:
         old = Measured(**json.loads(((cache_dir or state_dir) / FILE).read_text()))
-        if old.cpu == cpu and old.threads == threads and 0 <= now - old.at < MAX_AGE_S and old.gbps > 0:
-            return Measured(old.gbps, old.disk_gbps, ram_budget(), threads, cpu, old.at)
+        if (old.cpu == cpu and old.threads == threads and _plausible(old.gbps, old.disk_gbps, old.at)
+                and 0 <= now - old.at < MAX_AGE_S and old.gbps > 0):
+            return Measured(float(old.gbps), float(old.disk_gbps), ram_budget(), threads, cpu, float(old.at))
     except (OSError, ValueError, TypeError):
         pass
     return None
+
+
+def _plausible(*numbers: object) -> bool:
+    """Every one a finite non-negative number (a file edited or corrupted by hand: NaN, Infinity, "3", true)."""
+    return all(type(x) in (int, float) and math.isfinite(x) and x >= 0 for x in numbers)
 
 
 def measure(threads: int, cache_dir: Path | None, state_dir: Path, now: float | None = None) -> Measured:

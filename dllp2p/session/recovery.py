@@ -47,6 +47,11 @@ class StepClock:
         self._per_token: deque[float] = deque(maxlen=STEP_WINDOW)  # seconds per token of recent steps
         self._armed = 0.0  # the timeout the sockets have now
 
+    @property
+    def armed(self) -> float:
+        """The receive timeout the sockets have now (0: not armed yet)."""
+        return self._armed
+
     def timeout(self, n: int) -> float:
         if not self._per_token:
             return self.ceiling

@@ -19,8 +19,10 @@ any engine.
 Error handling: every failure that involves a worker is a ClusterError (a ConnectionError, so the CLI
 shows it as one line) naming it, "worker HOST:PORT (node ID)". A failure mid-generation closes
 everything: the workers see Stop or a closed connection and go back to idle. Its ClusterError has
-`lost` set and names the lost worker (`address`, `node_id`): one whose connection closed without a
-word, or that said it is leaving (ErrorCode.LEAVING), else the one whose socket failed; a root daemon
+`lost` set and names the lost worker (`address`, `node_id`): one that said it is leaving
+(ErrorCode.LEAVING), else one the other workers say they lost (Error.node: a worker waiting on a frozen
+peer falls silent too, and may be the socket that failed here), else one whose connection closed without
+a word, else the one whose socket failed; a root daemon
 re-plans without it and resumes (service.py, recovery.py), unless `recoverable` is False (a message
 that failed authentication: not a death). A step's receive timeout follows the measured step times
 (recovery.StepClock), so a silent worker fails the step within about a second, not the socket timeout.
@@ -58,7 +60,7 @@ from . import autoplan
 from .cluster_stats import ClusterStats, StepStats
 from .progress import BUILD, PUSH, Note, Progress, Sink, ignore
 from .rates import run_delay_ms
-from .recovery import StepClock
+from .recovery import STEP_FLOOR_S, StepClock
 from .handshake import ClusterError, Worker, dial, expect, gather, said, say_hello, say_hello_or_skip
 
 ROOT_EPOCH = 0  # a re-plan after a lost node will take the next one
@@ -236,30 +238,51 @@ class ClusterEngine:
                 w.link.close()
 
     def _lost(self, suspect: Worker | None, reason: str, recoverable: bool = True) -> ClusterError:
-        """Name the failed worker: one that said it is leaving, else one whose connection closed without a
-        word, else the suspect. -> a ClusterError with `lost` set, naming it."""
-        words: list[str] = []
-        silent_dead: list[Worker] = []
-        leaving: list[Worker] = []
-        for w in self._workers:
-            try:
-                msg = w.link.poll(0.2)
-            except (LinkClosed, ProtocolError):
-                silent_dead.append(w)
-                continue
-            if isinstance(msg, Error):
-                words.append(msg.message)
-                if ErrorCode.parse(str(msg.code)) == ErrorCode.LEAVING:
-                    leaving.append(w)
+        """Name the failed worker: one that said it is leaving, else one the other workers say they lost, else
+        one whose connection closed without a word, else the suspect. (A worker waiting on a frozen peer
+        falls silent too: the root may time out on it, or see it drop out of the step, before it reports
+        whom it waited on.) -> a ClusterError with `lost` set, naming it."""
+        said, silent_dead = self._hear(suspect)
         self._release()
-        culprit = (leaving[0] if leaving else suspect if suspect in silent_dead or not silent_dead
-                   else silent_dead[0])
+        def told(w: Worker, code: ErrorCode) -> bool:
+            return any(x is w and ErrorCode.parse(str(msg.code)) == code for x, msg in said)
+        leaving = [w for w in self._workers if told(w, ErrorCode.LEAVING)]
+        named = [w for w in self._workers if not any(x is w for x, _ in said) and any(
+            ErrorCode.parse(str(msg.code)) == ErrorCode.PEER_LOST and msg.node == w.index for _, msg in said)]
+        culprit = (leaving[0] if leaving else named[0] if named
+                   else suspect if suspect in silent_dead or not silent_dead else silent_dead[0])
         who = culprit.name if culprit else "a node"
-        said = f"; the other nodes said: {'; '.join(words)}" if words else ""
-        return ClusterError(f"{who} was lost during generation ({reason}){said}",
+        heard = f"; the other nodes said: {'; '.join(msg.message for _, msg in said)}" if said else ""
+        return ClusterError(f"{who} was lost during generation ({reason}){heard}",
                             ErrorCode.LEAVING if culprit is not None and culprit in leaving else None,
                             culprit.address if culprit else "", culprit.hello.node_id if culprit else "",
                             lost=True, recoverable=recoverable)
+
+    def _hear(self, suspect: Worker | None) -> tuple[list[tuple[Worker, Error]], list[Worker]]:
+        """The workers' last words after a failed step -> (their Errors, those whose connection closed without
+        one). Each is listened to for 0.2 s; while the suspect is open and silent and no one has named a node
+        they lost, the silent ones are listened to on, up to the step timeout (their clocks run like this one)."""
+        said: list[tuple[Worker, Error]] = []
+        silent_dead: list[Worker] = []
+        quiet = list(self._workers)
+        patience = time.monotonic() + max(STEP_FLOOR_S, self._clock.armed)
+        wait = 0.2
+        while quiet:
+            for w in list(quiet):
+                try:
+                    msg = w.link.poll(wait)
+                except (LinkClosed, ProtocolError):
+                    silent_dead.append(w)
+                    quiet.remove(w)
+                    continue
+                if isinstance(msg, Error):
+                    said.append((w, msg))
+                    quiet.remove(w)
+            wait = 0.05
+            if (any(msg.node >= 0 for _, msg in said) or not any(w is suspect for w in quiet)
+                    or len(self._workers) < 2 or time.monotonic() >= patience):
+                break
+        return said, silent_dead
 
 
 # --- set-up (trio) --------------------------------------------------------------------------------

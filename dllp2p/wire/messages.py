@@ -176,9 +176,12 @@ class Error:
 
     code: str  # an ErrorCode's value (built with the member; a plain str on the wire and once decoded)
     message: str
+    # PEER_LOST: the plan index of the node the sender lost (the root tells the dead from those waiting on it)
+    node: int = dataclasses.field(default=-1, metadata=WIRE_OPTIONAL)
 
     def __post_init__(self) -> None:
         _need(isinstance(self.code, str) and bool(self.code), "error code is empty")
+        _need(self.node >= -1, f"node {self.node} < -1")
         object.__setattr__(self, "code", str(self.code))  # the wire carries plain strings
 
     @property
