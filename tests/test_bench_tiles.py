@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from dllp2p.formats.quant import QType
 from dllp2p.jit import bench_tiles
 
 
@@ -22,4 +23,5 @@ def test_command_prints_the_peak_and_each_types_shares(capsys):
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("dot peak: 1 thread") and "2 threads at once" in out[0]
     assert [line.split()[0] for line in out[1:]] == ["Q4_0", "Q8_0"]
-    assert all("1 rows" in line and "3 rows" in line and "%" in line for line in out[1:])
+    assert all("1 rows" in line and "3 rows" in line and "%" in line and "arithmetic alone" in line for line in out[1:])
+    assert bench_tiles.tile_ops(QType.Q4_1)["fma"] == 2 * bench_tiles.tile_ops(QType.Q4_0)["fma"]  # its minimum
