@@ -469,8 +469,7 @@ class Worker:
                 return False, str(e)
             lost = s.plan.nodes[e.node] if 0 <= e.node < s.plan.n_nodes else None
             who = f"node {e.node} ({lost.node_id}, {lost.address or 'root'})" if lost else f"node {e.node}"
-            _send_blocking_quietly(ctl, Error(ErrorCode.PEER_LOST, f"node {self.node_id} lost {who}: {e}",
-                                                   max(-1, e.node)))
+            _send_blocking_quietly(ctl, Error(ErrorCode.PEER_LOST, f"node {self.node_id} lost {who}: {e}", max(-1, e.node)))
             if isinstance(e, tp.ExchangeAuthFailed):  # altered in flight or another key: worth more than info
                 log.error("session of epoch %d: %s from %s", s.epoch, str(e).removeprefix(f"node {e.node}: "), who)
             return False, f"lost {who}"
