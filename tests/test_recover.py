@@ -110,14 +110,15 @@ class _Link:
         pass
 
 
-def _engine_losing(*links: _Link) -> tuple[ClusterEngine, list[Worker]]:
+def _engine_losing(*links: _Link, first_step: bool = False) -> tuple[ClusterEngine, list[Worker]]:
     workers = [Worker(f"127.0.0.1:{9000 + i}", P.Hello(P.PROTOCOL_VERSION, f"w{i}", "worker", 1, 1.0), link, index=i)
                for i, link in enumerate(links, start=1)]
     engine = ClusterEngine.__new__(ClusterEngine)
     engine._workers, engine._peers, engine._node, engine._closed = workers, [], None, False
     engine._clock = StepClock(30.0)
-    engine._clock.measured(1, 0.01)
-    engine._clock.arm([], 1)  # 1 s, as after a few fast steps
+    if not first_step:
+        engine._clock.measured(1, 0.01)
+    engine._clock.arm([], 1)  # 1 s, as after a few fast steps; the first step: the 30 s socket timeout
     return engine, workers
 
 
@@ -139,6 +140,10 @@ def test_a_worker_that_reports_a_frozen_peer_is_not_blamed_for_it():
     engine, (w1, w2) = _engine_losing(_Link(), _Link())
     assert engine._lost(w1, "timed out").address == w1.address  # nobody says otherwise: the suspect
     assert time.monotonic() - t0 < 2.5  # waited at most about the step timeout (1 s) for a word
+    t0 = time.monotonic()
+    engine, (w1, w2) = _engine_losing(_Link(), _Link(), first_step=True)
+    assert engine._lost(w1, "timed out").address == w1.address
+    assert 2.5 < time.monotonic() - t0 < 4.5  # the first step's 30 s timeout: at most 3 s more
 
 
 def test_a_dead_or_lone_suspect_is_named_without_waiting():

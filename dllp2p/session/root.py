@@ -261,11 +261,12 @@ class ClusterEngine:
     def _hear(self, suspect: Worker | None) -> tuple[list[tuple[Worker, Error]], list[Worker]]:
         """The workers' last words after a failed step -> (their Errors, those whose connection closed without
         one). Each is listened to for 0.2 s; while the suspect is open and silent and no one has named a node
-        they lost, the silent ones are listened to on, up to the step timeout (their clocks run like this one)."""
+        they lost, the silent ones are listened to on, up to the step timeout (their clocks run like this one; at most
+        3 s: the first step's timeout is the 30 s socket one)."""
         said: list[tuple[Worker, Error]] = []
         silent_dead: list[Worker] = []
         quiet = list(self._workers)
-        patience = time.monotonic() + max(STEP_FLOOR_S, self._clock.armed)
+        patience = time.monotonic() + max(STEP_FLOOR_S, min(self._clock.armed, 3 * STEP_FLOOR_S))
         wait = 0.2
         while quiet:
             for w in list(quiet):
