@@ -109,29 +109,23 @@ def tile_ops(qtype: QType) -> dict[str, int]:
     return {"dot": 64, "mul": 8, "fma": 16 if qtype == QType.Q4_1 else 8}
 
 
-def arithmetic_macs(qtype: QType, iterations: int = 1_000_000) -> float:
+def arithmetic_macs(qtype: QType) -> float:
     """Multiply-adds per second, one thread, of tile_ops(qtype) alone: the rate the tiles' arithmetic allows."""
     ops = tile_ops(qtype)
     fn, _compiled = peak_function(ops)
-    buf = (np.arange(8 * 64) % 97).astype(np.uint8)
-    best = float("inf")
-    for _ in range(3):
-        t0 = time.perf_counter()
-        fn(iterations, buf.ctypes.data)
-        best = min(best, time.perf_counter() - t0)
-    return iterations * ops["dot"] * MACS_PER_DOT / best
+    return peak_macs(fn, 1, 1_000_000, ops["dot"])[0]
 
 
-def peak_macs(fn, threads: int, iterations: int = 5_000_000) -> list[float]:
-    """Multiply-adds per second of the dot loop fn (peak_function's), per thread, `threads` running at once
-    (best of 3)."""
+def peak_macs(fn, threads: int, iterations: int = 5_000_000, dots: int = CHAINS * DEPTH) -> list[float]:
+    """Multiply-adds per second of the dot loop fn (peak_function's, `dots` dots an iteration), per thread,
+    `threads` running at once (best of 3)."""
     buf = (np.arange(8 * 64) % 97).astype(np.uint8)
     best = [0.0] * threads
 
     def run(k: int) -> None:
         t0 = time.perf_counter()
         fn(iterations, buf.ctypes.data)
-        best[k] = max(best[k], iterations * CHAINS * DEPTH * MACS_PER_DOT / (time.perf_counter() - t0))
+        best[k] = max(best[k], iterations * dots * MACS_PER_DOT / (time.perf_counter() - t0))
 
     for _ in range(3):
         workers = [threading.Thread(target=run, args=(k,)) for k in range(threads)]

@@ -244,11 +244,9 @@ class ClusterEngine:
         whom it waited on.) -> a ClusterError with `lost` set, naming it."""
         said, silent_dead = self._hear(suspect)
         self._release()
-        def told(w: Worker, code: ErrorCode) -> bool:
-            return any(x is w and ErrorCode.parse(str(msg.code)) == code for x, msg in said)
-        leaving = [w for w in self._workers if told(w, ErrorCode.LEAVING)]
-        named = [w for w in self._workers if not any(x is w for x, _ in said) and any(
-            ErrorCode.parse(str(msg.code)) == ErrorCode.PEER_LOST and msg.node == w.index for _, msg in said)]
+        leaving = [w for w, msg in said if msg.kind == ErrorCode.LEAVING]
+        lost = {msg.node for _, msg in said if msg.kind == ErrorCode.PEER_LOST}
+        named = [w for w in self._workers if w.index in lost and not any(w is x for x, _ in said)]
         culprit = (leaving[0] if leaving else named[0] if named
                    else suspect if suspect in silent_dead or not silent_dead else silent_dead[0])
         who = culprit.name if culprit else "a node"
@@ -261,8 +259,8 @@ class ClusterEngine:
     def _hear(self, suspect: Worker | None) -> tuple[list[tuple[Worker, Error]], list[Worker]]:
         """The workers' last words after a failed step -> (their Errors, those whose connection closed without
         one). Each is listened to for 0.2 s; while the suspect is open and silent and no one has named a node
-        they lost, the silent ones are listened to on, up to the step timeout (their clocks run like this one; at most
-        3 s: the first step's timeout is the 30 s socket one)."""
+        they lost, the silent ones are listened to on, up to the step timeout (their clocks run like this
+        one; at most 3 s: the first step's timeout is the 30 s socket one)."""
         said: list[tuple[Worker, Error]] = []
         silent_dead: list[Worker] = []
         quiet = list(self._workers)
