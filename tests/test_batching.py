@@ -443,28 +443,31 @@ def test_short_decode_steps_of_an_inline_engine_run_on_the_loop(model):
     assert any(on_loop for *_, on_loop in where) and not all(on_loop for *_, on_loop in where)
 
 
-def test_an_engine_whose_inline_step_is_slow_steps_in_a_thread_after(model, monkeypatch):
-    """One inline step over INLINE_MAX_S (a slow device, a big model): that engine's later steps go to a thread."""
+def test_inline_steps_go_to_a_thread_after_a_streak_of_slow_ones_and_come_back(model, monkeypatch):
+    """A slow inline step alone (a hiccup) changes nothing; INLINE_STREAK (3) in a row over INLINE_MAX_S (a slow
+    device, a big model, a busy machine) send that engine's decode steps to a thread; 3 fast ones there (under half
+    the limit) bring them back to the loop. The text is the solo run's throughout."""
     import time
 
     from dllp2p.session import batching
 
     monkeypatch.setattr(batching, "INLINE_MAX_S", 0.02)
+    assert batching.INLINE_STREAK == 3
     svc, _ = _service(model, BatchConfig(max_batch=2, chunk=8), ctx=64)
     on_loop: list[bool] = []
     sink = Sink()
 
     def trace(rows, here: bool) -> None:
         on_loop.append(here)
-        if here and sum(on_loop) == 2:
-            time.sleep(0.03)  # the second inline step is slow
+        if here and sum(on_loop) in (2, 4, 5, 6):  # the 2nd inline step alone, then the 4th to 6th
+            time.sleep(0.03)
 
     async def client():
-        await svc.generate(sink, _gen(_prompt(7, 4), 8, 64), list(_prompt(7, 4)))
+        await svc.generate(sink, _gen(_prompt(7, 4), 16, 64), list(_prompt(7, 4)))
 
     _serve_traced(svc, 2, trace, client)
-    assert sink.text() == solo_text(model, _prompt(7, 4), 8, 64)[0]
-    assert on_loop[:3] == [False, True, True] and not any(on_loop[3:]) and len(on_loop) >= 5, on_loop
+    assert sink.text() == solo_text(model, _prompt(7, 4), 16, 64)[0]
+    assert on_loop[:10] == [False] + [True] * 6 + [False] * 3 and all(on_loop[10:]) and len(on_loop) >= 12, on_loop
 
 
 def _serve_traced(svc: BatchService, inline_rows: int, trace, clients) -> None:

@@ -85,8 +85,11 @@ def jit_batch_engine(model: Any, ctx: int, threads: int, max_seqs: int, cache_di
     return SoloBatch(lambda: JITEngine(model, ctx, threads, **extra), max_seqs)
 
 
-INLINE_MAX_S = 0.025  # an engine whose inline step took longer runs its steps in a thread from then on: the
-# loop (other clients, status, the cluster's control links) waits for an inline step; SmolLM2's take 2-8 ms here
+INLINE_MAX_S = 0.025  # an engine whose inline steps take longer runs its steps in a thread: the loop (other
+# clients, status, the cluster's control links) waits for an inline step; SmolLM2's take 2-8 ms here
+INLINE_STREAK = 3  # consecutive decode steps over INLINE_MAX_S that move them off the loop, or (in the thread)
+# under half of it that bring them back: one slow step (a page-fault storm, the VM's hiccup, a burst of other work on
+# a shared device) no longer costs every later token of that engine its two thread hand-offs (~0.5 ms here)
 
 
 class BatchService:
@@ -110,7 +113,8 @@ class BatchService:
         self._wake = trio.Event()
         self.steps = 0  # engine steps run (tests: a cancelled sequence is gone within one)
         self._flying: deque[tuple[Step, Any]] = deque()  # (pipelined) steps submitted, not completed: (step, ticket)
-        self._inline_off: Any = None  # the engine whose steps no longer run inline (one was too slow)
+        self._inline_off: Any = None  # the engine whose steps no longer run inline (INLINE_STREAK were too slow)
+        self._streak = 0  # consecutive decode steps against the present choice (slow inline, fast in the thread)
 
     def attach(self, make_engine: Callable[[int], Awaitable[BatchEngine]], tokenizer: Any, ctx: int,
                kv_position: int) -> None:
@@ -242,13 +246,15 @@ class BatchService:
         try:
             if self.core.rebuilt or self._engine is None:
                 await self._remake()
+            engine = self._engine
             if self._inline(step):
                 t0 = time.perf_counter()
-                sampled = self._compute(self._engine, step)
-                if time.perf_counter() - t0 > INLINE_MAX_S:  # a slow device or model: the loop must not wait
-                    self._inline_off = self._engine
+                sampled = self._compute(engine, step)
+                self._judge_inline(engine, time.perf_counter() - t0 > INLINE_MAX_S)
             else:
-                sampled = await trio.to_thread.run_sync(self._compute, self._engine, step)
+                sampled, took = await trio.to_thread.run_sync(self._timed_compute, engine, step)
+                if self._inline_off is engine and self._decode_step(step, engine):
+                    self._judge_inline(engine, took < INLINE_MAX_S / 2)
         except Exception as e:
             await self._failed(e)
             return False
@@ -259,15 +265,37 @@ class BatchService:
     def _inline(self, step: Step) -> bool:
         """Run `step` on this loop rather than a thread: a decode step (one token per row) of a local engine
         that says it is short (BatchEngine.inline_rows), which spares each token two thread hand-offs."""
-        if self._inline_off is self._engine:  # one of its inline steps took longer than INLINE_MAX_S
+        if self._inline_off is self._engine:  # INLINE_STREAK of its inline steps in a row took over INLINE_MAX_S
             return False
-        return len(step.rows) <= getattr(self._engine, "inline_rows", 0) and all(len(r.tokens) == 1 for r in step.rows)
+        return self._decode_step(step, self._engine)
+
+    @staticmethod
+    def _decode_step(step: Step, engine: Any) -> bool:
+        """A decode step (one token per row) of at most the engine's inline_rows."""
+        return len(step.rows) <= getattr(engine, "inline_rows", 0) and all(len(r.tokens) == 1 for r in step.rows)
+
+    def _judge_inline(self, engine: Any, against: bool) -> None:
+        """A decode step of `engine` went against the present choice (slow on the loop, or fast in the thread) or
+        not; INLINE_STREAK in a row turn the choice over."""
+        self._streak = self._streak + 1 if against else 0
+        if self._streak < INLINE_STREAK:
+            return
+        self._streak = 0
+        if self._inline_off is engine:
+            self._inline_off = None
+            log.info("decode steps run on the serving loop again (%d in a row took under %.1f ms)", INLINE_STREAK,
+                     INLINE_MAX_S * 500)
+        else:
+            self._inline_off = engine
+            log.info("decode steps run in a thread from now on (%d in a row took over %.0f ms)", INLINE_STREAK,
+                     INLINE_MAX_S * 1000)
 
     async def _remake(self) -> None:
         """A new engine for the core's context (the old one closed first: its memory goes before)."""
         await self._close()
         self._engine = await self._make(self.core.ctx)
         self.core.rebuilt = False
+        self._streak = 0
 
     async def _failed(self, e: Exception) -> None:
         """The engine failed (a lost worker, ...): every request fails with it, the engine is closed."""
@@ -328,6 +356,11 @@ class BatchService:
         logits = engine.complete(ticket) if pipelined else engine.forward_batch(ticket)
         self._flying.popleft()
         return step, self._sample(step, logits)
+
+    def _timed_compute(self, engine: BatchEngine, step: Step) -> tuple[list[tuple[_Stream, int]], float]:
+        """(thread) _compute and its seconds."""
+        t0 = time.perf_counter()
+        return self._compute(engine, step), time.perf_counter() - t0
 
     def _compute(self, engine: BatchEngine, step: Step) -> list[tuple[_Stream, int]]:
         """(thread) The step's copies and rows on the engine; each finished row's next token sampled."""
