@@ -33,6 +33,15 @@ PREFETCH_AHEAD = 1024
 # ISAs (AArch64): not measured there.
 PREFETCH_LOCALITY_STREAM_X86 = 2
 PREFETCH_LOCALITY = 3
+# x86, the matrix-matrix tiles of 4 and 8 rows (batched decode steps; prefill's tiles are 8 rows): 8 KB ahead,
+# into L2. At 1024 B ahead into L1 (the decode kernel's distance, their hint until 2026-12-07) the 4-row tiles
+# went faster without any prefetch; but a tile spends 4-8 rows' work on each weight byte, so 1 KB is ~40 ns ahead
+# of its use, under the memory's latency, and two cores' 4-row tiles streamed 33.5 GB/s where the decode kernel
+# pulls 41. Measured on the Zen 4 VM (batchbench --old, same process, builds alternating, 11 rounds, SmolLM2,
+# 2 threads), old / new step time: 4 rows 1.10 / 1.13 / 1.08 (8 KB), 1.11 (4 KB), 1.10 (16 KB); 8 rows 1.09 / 1.11
+# (8 KB), 1.08 (4 KB), 1.07 (16 KB); prefetcht0 4 KB ahead at 4 rows 1.00; the 2-row tile with it 0.92-1.04 (left
+# without). Other ISAs keep the old hint (not measured there).
+TILE_PREFETCH_AHEAD_X86 = 8192
 PAIR_GROUPS = 1  # row groups walked side by side when decoding; 2 measured no faster on Zen 3 (AVX2)
 TILE_SIG = Signature(tuple((n, k) for n, k in (("w", "p"), ("x", "p"), ("xs", "i"), ("y", "p"), ("ldy", "i"),
                                                  ("k", "i"), ("r0", "i"), ("r1", "i"))))
@@ -111,16 +120,18 @@ def avx2_halves(b: ir.IRBuilder, v: ir.Value) -> list[ir.Value]:
     return [b.shuffle_vector(v, v, mask(range(h * 32, h * 32 + 32))) for h in range(2)]
 
 
-def prefetch(b: ir.IRBuilder, chunk: ir.Value, nbytes: int, stream: bool) -> None:
+def prefetch(b: ir.IRBuilder, chunk: ir.Value, nbytes: int, stream: bool, tile: bool = False) -> None:
     """Prefetch (read) the lines of the chunk PREFETCH_AHEAD bytes past `chunk`: into all cache levels, or
-    with `stream` (the decode kernel's pure weight stream) on x86 into L2 only (see above)."""
+    with `stream` (the decode kernel's pure weight stream) on x86 into L2 only; with `tile` (a Q4_0 / Q4_1 / Q8_0
+    matrix-matrix tile) on x86 TILE_PREFETCH_AHEAD_X86 bytes ahead into L2 (see above)."""
     if PREFETCH_AHEAD <= 0:
         return
     fn = intrinsic(b.module, "llvm.prefetch.p0", VOID, [PTR, I32, I32, I32])
     x86 = str(b.module.triple).startswith(("x86_64", "i686", "i386"))
-    locality = PREFETCH_LOCALITY_STREAM_X86 if stream and x86 else PREFETCH_LOCALITY
+    locality = PREFETCH_LOCALITY_STREAM_X86 if (stream or tile) and x86 else PREFETCH_LOCALITY
+    ahead = TILE_PREFETCH_AHEAD_X86 if tile and x86 else PREFETCH_AHEAD
     for off in range(0, nbytes, 64):
-        b.call(fn, [gep(b, chunk, i64(PREFETCH_AHEAD + off)), i32(0), i32(locality), i32(1)])
+        b.call(fn, [gep(b, chunk, i64(ahead + off)), i32(0), i32(locality), i32(1)])
 
 
 def store_rows(b: ir.IRBuilder, v: ir.Value, y: ir.Value, r: ir.Value, r1: ir.Value) -> None:
