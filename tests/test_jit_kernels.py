@@ -786,28 +786,23 @@ def test_extra_types_select_the_dot_instruction(qtype, cpu, features, isa):
 @pytest.mark.parametrize("qtype", [QType.Q8_0, QType.Q5_0, QType.Q4_K])
 def test_prefetch_hints_per_kernel(qtype):
     """ir_dot.py's measured choices (Zen 4): the decode matvec prefetches its weight stream into L2 (prefetcht1),
-    K-quant super-blocks not at all; the Q4_0/Q4_1/Q8_0 tiles of 4 and 8 rows (batched decode, prefill) 8 KB
-    ahead into L2 (ir_dot.TILE_PREFETCH_AHEAD_X86), of 2 rows none; the other types' tiles keep prefetcht0."""
+    K-quant super-blocks not at all; every type's tiles of 4 and 8 rows (batched decode, prefill) 8 KB ahead into
+    L2 (ir_dot.TILE_PREFETCH_AHEAD_X86); the 2-row tile: Q4_0/Q4_1/Q8_0 none, the other types prefetcht0."""
     t = Target("x86_64-unknown-linux-gnu", "znver4", "+avx512f,+avx512bw,+avx512vl,+avx512dq,+avx512vnni,+avx2,+fma,+f16c")
     matvec = emit_assembly(build_module([KernelSpec(Op.MATVEC, qtype)], t), t)
-    matmul = emit_assembly(build_module([KernelSpec(Op.MATMUL, qtype, 8)], t), t)
     if qtype == QType.Q4_K:
         assert "prefetch" not in matvec
     else:
         assert "prefetcht1" in matvec and "prefetcht0" not in matvec
-    if qtype != QType.Q8_0:
-        assert "prefetcht0" in matmul  # the 8-row tile's
-        return
-    assert "prefetcht1" in matmul and "prefetcht0" not in matmul
     ir_text = str(build_module([KernelSpec(Op.MATMUL, qtype, 8)], t))
     bodies = {m.group(1): m.group(2) for m in re.finditer(r'define internal void @"?(_tile_\w+)"?\((.*?)\n}', ir_text, re.S)}
     for tile in (8, 4, 2):
-        body = bodies[f"_tile_q8_0_q8s_x{tile}"]
-        hints = re.findall(r"call void @\"?llvm\.prefetch\.p0\"?\(ptr [^,]+, i32 0, i32 (\d), i32 1\)", body)
+        body = bodies[f"_tile_{qtype.name.lower()}_q8s_x{tile}"]
+        hints = set(re.findall(r"call void @\"?llvm\.prefetch\.p0\"?\(ptr [^,]+, i32 0, i32 (\d), i32 1\)", body))
         if tile == 2:
-            assert not hints
+            assert hints == (set() if qtype == QType.Q8_0 else {"3"}), hints
         else:  # into L2, the first line of a chunk 8 KB past it (the chunk's other lines 64 B apart after it)
-            assert hints and set(hints) == {"2"} and f"i64 {ir_dot.TILE_PREFETCH_AHEAD_X86}" in body
+            assert hints == {"2"} and f"i64 {ir_dot.TILE_PREFETCH_AHEAD_X86}" in body, hints
 
 
 # Features to switch off, per dot path, to make the host compile that path (x86's, or AArch64's plain NEON).

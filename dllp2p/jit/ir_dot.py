@@ -40,7 +40,8 @@ PREFETCH_LOCALITY = 3
 # pulls 41. Measured on the Zen 4 VM (batchbench --old, same process, builds alternating, 11 rounds, SmolLM2,
 # 2 threads), old / new step time: 4 rows 1.10 / 1.13 / 1.08 (8 KB), 1.11 (4 KB), 1.10 (16 KB); 8 rows 1.09 / 1.11
 # (8 KB), 1.08 (4 KB), 1.07 (16 KB); prefetcht0 4 KB ahead at 4 rows 1.00; the 2-row tile with it 0.92-1.04 (left
-# without). Other ISAs keep the old hint (not measured there).
+# without). The K-quant / 5-bit / IQ4 tiles too (ir_matvec_extra.py: Gemma 3's 4 / 8-row steps 1.07 / 1.07-1.09x).
+# Other ISAs keep the old hint (not measured there).
 TILE_PREFETCH_AHEAD_X86 = 8192
 PAIR_GROUPS = 1  # row groups walked side by side when decoding; 2 measured no faster on Zen 3 (AVX2)
 TILE_SIG = Signature(tuple((n, k) for n, k in (("w", "p"), ("x", "p"), ("xs", "i"), ("y", "p"), ("ldy", "i"),
@@ -122,8 +123,8 @@ def avx2_halves(b: ir.IRBuilder, v: ir.Value) -> list[ir.Value]:
 
 def prefetch(b: ir.IRBuilder, chunk: ir.Value, nbytes: int, stream: bool, tile: bool = False) -> None:
     """Prefetch (read) the lines of the chunk PREFETCH_AHEAD bytes past `chunk`: into all cache levels, or
-    with `stream` (the decode kernel's pure weight stream) on x86 into L2 only; with `tile` (a Q4_0 / Q4_1 / Q8_0
-    matrix-matrix tile) on x86 TILE_PREFETCH_AHEAD_X86 bytes ahead into L2 (see above)."""
+    with `stream` (the decode kernel's pure weight stream) on x86 into L2 only; with `tile` (a matrix-matrix tile
+    of 4 or 8 rows, any type) on x86 TILE_PREFETCH_AHEAD_X86 bytes ahead into L2 (see above)."""
     if PREFETCH_AHEAD <= 0:
         return
     fn = intrinsic(b.module, "llvm.prefetch.p0", VOID, [PTR, I32, I32, I32])

@@ -283,7 +283,9 @@ def _emit_tile_extra(module: ir.Module, qtype: QType, tile: int, target: Target)
         with for_range(b, i64(0), nu, name="unit") as u:
             wc = gep(b, wg, b.mul(u, i64(cb)))
             if unit == 32 or tile > 1 or SUPER_BLOCK_PREFETCH:  # not a decode stream of super-blocks: see above
-                prefetch(b, wc, cb, stream=tile == 1)
+                # tiles of 4 and 8 rows on x86: 8 KB ahead into L2 as ir_matvec's (Gemma 3, same process: 4 / 8-row
+                # steps 1.07 / 1.07-1.09x faster; prefill 1903-1937 against 1818-1839 tok/s)
+                prefetch(b, wc, cb, stream=tile == 1, tile=tile in (4, 8) and target.is_x86)
             body(wc, u)
         for t, a in enumerate(accs):
             store_rows(b, b.load(a, typ=V16F32), gep(b, y, b.mul(ldy, i64(t)), F32), r, r1)
