@@ -82,10 +82,11 @@ def _script(vocab: int) -> list[list[BatchRow]]:
     ]
 
 
-@pytest.mark.parametrize("family,threads", [("llama", 1), ("llama", 2), ("gemma3", 2)])
+@pytest.mark.parametrize("family,threads", [("llama", 1), ("llama", 2), ("gemma3", 2), ("qwen2", 2)])
 def test_jit_batch_is_solo(small_model, jit_cache, tmp_path, family, threads):
     """Every row's logits bit-identical to its sequence run alone by the single-sequence engine (gemma3:
-    sliding windows of 16 positions on 2 of 3 layers, a second RoPE table, one KV head)."""
+    sliding windows of 16 positions on 2 of 3 layers, a second RoPE table, one KV head, q/k norms; qwen2: QKV
+    biases, NEOX RoPE)."""
     from dllp2p.jit.engine import JITEngine
     from family_models import FAMILIES, random_model
 
