@@ -785,24 +785,33 @@ def test_extra_types_select_the_dot_instruction(qtype, cpu, features, isa):
 
 @pytest.mark.parametrize("qtype", [QType.Q8_0, QType.Q5_0, QType.Q4_K])
 def test_prefetch_hints_per_kernel(qtype):
-    """ir_dot.py's measured choices (Zen 4): the decode matvec prefetches its weight stream into L2 (prefetcht1),
-    K-quant super-blocks not at all; every type's tiles of 4 and 8 rows (batched decode, prefill) 8 KB ahead into
-    L2 (ir_dot.TILE_PREFETCH_AHEAD_X86); the 2-row tile: Q4_0/Q4_1/Q8_0 none, the other types prefetcht0."""
-    t = Target("x86_64-unknown-linux-gnu", "znver4", "+avx512f,+avx512bw,+avx512vl,+avx512dq,+avx512vnni,+avx2,+fma,+f16c")
-    matvec = emit_assembly(build_module([KernelSpec(Op.MATVEC, qtype)], t), t)
+    """ir_dot.py's measured choices: the decode matvec prefetches its weight stream into L2 (prefetcht1), K-quant
+    super-blocks not at all; every type's tiles of 4 rows, and of 8 with AVX-512 VNNI, 8 KB ahead into L2
+    (ir_dot.tile_prefetch 'far'); AVX2's 8-row tiles 1 KB ahead into L1 (compute-bound there); the 2-row tile:
+    Q4_0/Q4_1/Q8_0 none, the other types prefetcht0."""
+    z4 = Target("x86_64-unknown-linux-gnu", "znver4", "+avx512f,+avx512bw,+avx512vl,+avx512dq,+avx512vnni,+avx2,+fma,+f16c")
+    z3 = Target("x86_64-unknown-linux-gnu", "znver3", "+avx2,+fma,+f16c")
+    matvec = emit_assembly(build_module([KernelSpec(Op.MATVEC, qtype)], z4), z4)
     if qtype == QType.Q4_K:
         assert "prefetch" not in matvec
     else:
         assert "prefetcht1" in matvec and "prefetcht0" not in matvec
-    ir_text = str(build_module([KernelSpec(Op.MATMUL, qtype, 8)], t))
-    bodies = {m.group(1): m.group(2) for m in re.finditer(r'define internal void @"?(_tile_\w+)"?\((.*?)\n}', ir_text, re.S)}
-    for tile in (8, 4, 2):
-        body = bodies[f"_tile_{qtype.name.lower()}_q8s_x{tile}"]
-        hints = set(re.findall(r"call void @\"?llvm\.prefetch\.p0\"?\(ptr [^,]+, i32 0, i32 (\d), i32 1\)", body))
-        if tile == 2:
-            assert hints == (set() if qtype == QType.Q8_0 else {"3"}), hints
-        else:  # into L2, the first line of a chunk 8 KB past it (the chunk's other lines 64 B apart after it)
-            assert hints == {"2"} and f"i64 {ir_dot.TILE_PREFETCH_AHEAD_X86}" in body, hints
+    far, near, none = ("2", True), ("3", False), None
+    want = {z4: {8: far, 4: far, 2: none if qtype == QType.Q8_0 else near},
+            z3: {8: near, 4: far, 2: none if qtype == QType.Q8_0 else near}}
+    for t, tiles in want.items():
+        ir_text = str(build_module([KernelSpec(Op.MATMUL, qtype, 8)], t))
+        bodies = {m.group(1): m.group(2) for m in re.finditer(r'define internal void @"?(_tile_\w+)"?\((.*?)\n}', ir_text, re.S)}
+        for tile, hint in tiles.items():
+            body = bodies[f"_tile_{qtype.name.lower()}_q8s_x{tile}"]
+            hints = set(re.findall(r"call void @\"?llvm\.prefetch\.p0\"?\(ptr [^,]+, i32 0, i32 (\d), i32 1\)", body))
+            where = f"{t.cpu} {qtype.name} x{tile}: {hints}"
+            if hint is None:
+                assert not hints, where
+            else:  # 'far': the first line of a chunk 8 KB past it (the chunk's other lines 64 B apart after it)
+                assert hints == {hint[0]}, where
+                if hint[1]:
+                    assert f"i64 {ir_dot.TILE_PREFETCH_AHEAD_X86}" in body, where
 
 
 # Features to switch off, per dot path, to make the host compile that path (x86's, or AArch64's plain NEON).

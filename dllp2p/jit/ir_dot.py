@@ -41,7 +41,7 @@ PREFETCH_LOCALITY = 3
 # 2 threads), old / new step time: 4 rows 1.10 / 1.13 / 1.08 (8 KB), 1.11 (4 KB), 1.10 (16 KB); 8 rows 1.09 / 1.11
 # (8 KB), 1.08 (4 KB), 1.07 (16 KB); prefetcht0 4 KB ahead at 4 rows 1.00; the 2-row tile with it 0.92-1.04 (left
 # without). The K-quant / 5-bit / IQ4 tiles too (ir_matvec_extra.py: Gemma 3's 4 / 8-row steps 1.07 / 1.07-1.09x).
-# Other ISAs keep the old hint (not measured there).
+# AVX2 code keeps the old hint in its 8-row tiles, other ISAs in all (tile_prefetch below).
 TILE_PREFETCH_AHEAD_X86 = 8192
 PAIR_GROUPS = 1  # row groups walked side by side when decoding; 2 measured no faster on Zen 3 (AVX2)
 TILE_SIG = Signature(tuple((n, k) for n, k in (("w", "p"), ("x", "p"), ("xs", "i"), ("y", "p"), ("ldy", "i"),
@@ -133,6 +133,20 @@ def prefetch(b: ir.IRBuilder, chunk: ir.Value, nbytes: int, stream: bool, tile: 
     ahead = TILE_PREFETCH_AHEAD_X86 if tile and x86 else PREFETCH_AHEAD
     for off in range(0, nbytes, 64):
         b.call(fn, [gep(b, chunk, i64(ahead + off)), i32(0), i32(locality), i32(1)])
+
+
+def tile_prefetch(target: Target, tile: int) -> str | None:
+    """How a tile of `tile` activation rows prefetches its weights (prefetch above): 'stream' (the decode kernel),
+    'far' (x86: TILE_PREFETCH_AHEAD_X86 ahead into L2), 'near' (PREFETCH_AHEAD into L1), or None.
+    x86's tiles of 4 rows, and of 8 with AVX-512 VNNI, go 'far' (Zen 4: 4- and 8-row steps 1.08-1.13x faster).
+    AVX2 code, timed on the same Zen 4 (DLLP2P_TARGET_CPU=znver3, batchbench --old): 4 rows 1.11-1.12x, 8 rows
+    0.97-0.98x (its 8-row tile, twice the instructions a dot, is compute-bound), so its 8-row tile stays 'near',
+    as do other ISAs' (not measured). Tiles of 2 rows have none (ir_matvec.py; 'far' 0.92-1.04x, 4 KB 0.98-1.00x)."""
+    if tile == 1:
+        return "stream"
+    if target.is_x86 and (tile == 4 or (tile == 8 and target.dot_isa == "avx512vnni")):
+        return "far"
+    return "near" if tile == 8 else None
 
 
 def store_rows(b: ir.IRBuilder, v: ir.Value, y: ir.Value, r: ir.Value, r1: ir.Value) -> None:

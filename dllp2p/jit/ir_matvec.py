@@ -12,7 +12,9 @@ import llvmlite.ir as ir
 
 from ..formats.quant import QK, QType
 from .compiler import Target
-from .ir_dot import V16I32, V64I8, V16F32, PAIR_GROUPS, TILE_SIG, dot4, bcast4, avx2_halves, prefetch, store_rows
+from .ir_dot import (
+    V16I32, V64I8, V16F32, PAIR_GROUPS, TILE_SIG, dot4, bcast4, avx2_halves, prefetch, store_rows, tile_prefetch,
+)
 from .ir_matvec_extra import _emit_tile_extra
 from .irutil import (
     F16, F32, I32, I8, define, entry_alloca, fmuladd, for_range, gep, hmax, hsum, i32, i64, intrinsic, load, mask,
@@ -178,18 +180,12 @@ def _block_dots(b, target, qtype, wc, xq, biased: bool = True, init: ir.Value | 
     return acc[0] if chains == 1 else b.add(acc[0], acc[1])
 
 
-# Tile sizes (activation rows) whose weight stream is prefetched in software. Tiles of 2 and 4 rows (batched
-# decode steps) go without: the hardware prefetchers keep up with a tile that spends 2-4 rows' work on each
-# byte, and the prefetches only took issue slots. Measured 2026-12-07 on the quiet Zen 4 VM, same process,
-# builds alternating (`python -m dllp2p.jit.batchbench --old REV --threads 2 --concurrency 1 2 4 8
-# --prompt-tokens 128 --rounds 11`, SmolLM2): steps of 2 / 4 rows 1.06x / 1.08x faster without; 8 rows
-# 0.98x (kept: prefill's tiles are mostly 8 rows); 4096 B ahead instead of 1024: +4 % at 4 rows, 8192 B: none.
-# Tried 2026-12-07 the same way, and left out: the tiles of 2 / 4 rows prefetching into L2 (prefetcht1) 0.97x;
-# prefetchnta in the tiles of 2 / 4 / 8 (to keep the weight stream out of the L3 that holds the KV caches) 1.03x
-# by paired ratios but no change in the medians: noise.
-TILE_PREFETCH = frozenset({1, 8})
-TILE_PREFETCH_X86 = frozenset({1, 4, 8})  # 2026-12-07, later: the tiles of 4 and 8 rows 8 KB ahead into L2, not 1 KB
-# into L1 (ir_dot.TILE_PREFETCH_AHEAD_X86): 4- and 8-row steps 1.08-1.13x faster; the 2-row tile still without
+# Which tiles prefetch their weight stream in software, and how: ir_dot.tile_prefetch. History (Zen 4 VM, same
+# process, builds alternating: `python -m dllp2p.jit.batchbench --old REV --threads 2 --concurrency 1 2 4 8
+# --prompt-tokens 128 --rounds 11`, SmolLM2): with the decode kernel's hint (1 KB ahead into L1) the tiles of 2 / 4
+# rows ran 1.06x / 1.08x faster without it, so they went without (2026-12-07); into L2 (prefetcht1) at 1 KB 0.97x;
+# prefetchnta in the tiles of 2 / 4 / 8 noise. The distance was what was wrong: 8 KB ahead into L2 made the 4- and
+# 8-row steps 1.08-1.13x faster (later that day; the 2-row tile still goes without).
 TILE_ONE_CHAIN = 8  # tiles of this many rows or more: one accumulator chain per block (see _block_dots)
 
 
@@ -240,8 +236,8 @@ def _emit_tile(module: ir.Module, qtype: QType, tile: int, target: Target) -> ir
         with for_range(b, i64(0), nb, name="blk") as blk:
             for g, wg in enumerate(wgs):
                 wc = gep(b, wg, b.mul(blk, i64(cb)))
-                if tile in (TILE_PREFETCH_X86 if target.is_x86 else TILE_PREFETCH):
-                    prefetch(b, wc, cb, stream=tile == 1, tile=tile > 1)
+                if (how := tile_prefetch(target, tile)) is not None:
+                    prefetch(b, wc, cb, stream=how == "stream", tile=how == "far")
                 dw = b.fpext(load(b, wc, vec(F16, G), i64(qbytes)), V16F32)
                 mw = b.fpext(load(b, wc, vec(F16, G), i64(qbytes + 2 * G)), V16F32) if qtype == QType.Q4_1 else None
                 for t, a in enumerate(accs[g]):

@@ -8,7 +8,7 @@ import llvmlite.ir as ir
 
 from ..formats.quant import IQ4_VALUES, QType
 from .compiler import Target
-from .ir_dot import V16I32, V64I8, V16F32, TILE_SIG, dot4, bcast4, avx2_halves, prefetch, store_rows
+from .ir_dot import V16I32, V64I8, V16F32, TILE_SIG, dot4, bcast4, avx2_halves, prefetch, store_rows, tile_prefetch
 from .irutil import (
     F16, F32, I32, I64, I8, define, entry_alloca, fmuladd, for_range, gep, hsum, i32, i64, intrinsic, load, mask,
     splat, splat_const, store, vec,
@@ -283,9 +283,9 @@ def _emit_tile_extra(module: ir.Module, qtype: QType, tile: int, target: Target)
         with for_range(b, i64(0), nu, name="unit") as u:
             wc = gep(b, wg, b.mul(u, i64(cb)))
             if unit == 32 or tile > 1 or SUPER_BLOCK_PREFETCH:  # not a decode stream of super-blocks: see above
-                # tiles of 4 and 8 rows on x86: 8 KB ahead into L2 as ir_matvec's (Gemma 3, same process: 4 / 8-row
-                # steps 1.07 / 1.07-1.09x faster; prefill 1903-1937 against 1818-1839 tok/s)
-                prefetch(b, wc, cb, stream=tile == 1, tile=tile in (4, 8) and target.is_x86)
+                # the tiles of 4 and 8 rows 'far' where ir_matvec's are (Gemma 3 on Zen 4, same process: 4 / 8-row
+                # steps 1.07 / 1.07-1.09x faster; prefill 1903-1937 against 1818-1839 tok/s); the others 1 KB ahead
+                prefetch(b, wc, cb, stream=tile == 1, tile=tile > 1 and tile_prefetch(target, tile) == "far")
             body(wc, u)
         for t, a in enumerate(accs):
             store_rows(b, b.load(a, typ=V16F32), gep(b, y, b.mul(ldy, i64(t)), F32), r, r1)
