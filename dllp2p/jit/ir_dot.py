@@ -34,14 +34,14 @@ PREFETCH_AHEAD = 1024
 PREFETCH_LOCALITY_STREAM_X86 = 2
 PREFETCH_LOCALITY = 3
 # x86, the matrix-matrix tiles of 4 and 8 rows (batched decode steps; prefill's tiles are 8 rows): 8 KB ahead,
-# into L2. At 1024 B ahead into L1 (the decode kernel's distance, their hint until 2026-12-07) the 4-row tiles
-# went faster without any prefetch; but a tile spends 4-8 rows' work on each weight byte, so 1 KB is ~40 ns ahead
-# of its use, under the memory's latency, and two cores' 4-row tiles streamed 33.5 GB/s where the decode kernel
-# pulls 41. Measured on the Zen 4 VM (batchbench --old, same process, builds alternating, 11 rounds, SmolLM2,
-# 2 threads), old / new step time: 4 rows 1.10 / 1.13 / 1.08 (8 KB), 1.11 (4 KB), 1.10 (16 KB); 8 rows 1.09 / 1.11
-# (8 KB), 1.08 (4 KB), 1.07 (16 KB); prefetcht0 4 KB ahead at 4 rows 1.00; the 2-row tile with it 0.92-1.04 (left
-# without). The K-quant / 5-bit / IQ4 tiles too (ir_matvec_extra.py: Gemma 3's 4 / 8-row steps 1.07 / 1.07-1.09x).
-# AVX2 code keeps the old hint in its 8-row tiles, other ISAs in all (tile_prefetch below).
+# into L2 (tile_prefetch's 'far'). 1 KB ahead (the decode kernel's distance) is ~40 ns ahead of a tile that spends
+# 4-8 rows' work on each weight byte, under the memory's latency: two cores' 4-row tiles streamed 33.5 GB/s where the
+# decode kernel pulls 41. Zen 4 VM, batchbench --old (same process, builds alternating, 11 rounds, SmolLM2, 2
+# threads), old / new step time: 4 rows 1.10 / 1.13 / 1.08 (8 KB), 1.11 (4 KB), 1.10 (16 KB); 8 rows 1.09 / 1.11
+# (8 KB), 1.08 (4 KB), 1.07 (16 KB); prefetcht0 4 KB ahead at 4 rows 1.00; the 2-row tile 0.92-1.04 (4 KB:
+# 0.98-1.00), left without. The K-quant / 5-bit / IQ4 tiles too (Gemma 3's 4 / 8-row steps 1.07 / 1.07-1.09x).
+# AVX2 code timed on the same VM (DLLP2P_TARGET_CPU=znver3): 4 rows 1.11-1.14x, 8 rows 0.97-0.98x, so its 8-row
+# tiles keep 'near'. Other ISAs: 'near' (not measured).
 TILE_PREFETCH_AHEAD_X86 = 8192
 PAIR_GROUPS = 1  # row groups walked side by side when decoding; 2 measured no faster on Zen 3 (AVX2)
 TILE_SIG = Signature(tuple((n, k) for n, k in (("w", "p"), ("x", "p"), ("xs", "i"), ("y", "p"), ("ldy", "i"),
@@ -121,27 +121,25 @@ def avx2_halves(b: ir.IRBuilder, v: ir.Value) -> list[ir.Value]:
     return [b.shuffle_vector(v, v, mask(range(h * 32, h * 32 + 32))) for h in range(2)]
 
 
-def prefetch(b: ir.IRBuilder, chunk: ir.Value, nbytes: int, stream: bool, tile: bool = False) -> None:
-    """Prefetch (read) the lines of the chunk PREFETCH_AHEAD bytes past `chunk`: into all cache levels, or
-    with `stream` (the decode kernel's pure weight stream) on x86 into L2 only; with `tile` (a matrix-matrix tile
-    of 4 or 8 rows, any type) on x86 TILE_PREFETCH_AHEAD_X86 bytes ahead into L2 (see above)."""
+def prefetch(b: ir.IRBuilder, chunk: ir.Value, nbytes: int, how: str) -> None:
+    """Read hints for the lines of the chunk some bytes past `chunk`, `how` as tile_prefetch says: 'near'
+    PREFETCH_AHEAD into all cache levels; on x86 'stream' (the decode kernel's pure weight stream) as far into L2
+    only, 'far' (matrix-matrix tiles) TILE_PREFETCH_AHEAD_X86 into L2 (see above); elsewhere all as 'near'."""
     if PREFETCH_AHEAD <= 0:
         return
     fn = intrinsic(b.module, "llvm.prefetch.p0", VOID, [PTR, I32, I32, I32])
     x86 = str(b.module.triple).startswith(("x86_64", "i686", "i386"))
-    locality = PREFETCH_LOCALITY_STREAM_X86 if (stream or tile) and x86 else PREFETCH_LOCALITY
-    ahead = TILE_PREFETCH_AHEAD_X86 if tile and x86 else PREFETCH_AHEAD
+    locality = PREFETCH_LOCALITY_STREAM_X86 if how != "near" and x86 else PREFETCH_LOCALITY
+    ahead = TILE_PREFETCH_AHEAD_X86 if how == "far" and x86 else PREFETCH_AHEAD
     for off in range(0, nbytes, 64):
         b.call(fn, [gep(b, chunk, i64(ahead + off)), i32(0), i32(locality), i32(1)])
 
 
 def tile_prefetch(target: Target, tile: int) -> str | None:
-    """How a tile of `tile` activation rows prefetches its weights (prefetch above): 'stream' (the decode kernel),
-    'far' (x86: TILE_PREFETCH_AHEAD_X86 ahead into L2), 'near' (PREFETCH_AHEAD into L1), or None.
-    x86's tiles of 4 rows, and of 8 with AVX-512 VNNI, go 'far' (Zen 4: 4- and 8-row steps 1.08-1.13x faster).
-    AVX2 code, timed on the same Zen 4 (DLLP2P_TARGET_CPU=znver3, batchbench --old): 4 rows 1.11-1.12x, 8 rows
-    0.97-0.98x (its 8-row tile, twice the instructions a dot, is compute-bound), so its 8-row tile stays 'near',
-    as do other ISAs' (not measured). Tiles of 2 rows have none (ir_matvec.py; 'far' 0.92-1.04x, 4 KB 0.98-1.00x)."""
+    """How a Q4_0 / Q4_1 / Q8_0 tile of `tile` activation rows prefetches its weights (prefetch's `how`), or None:
+    'stream' for the decode kernel; on x86 'far' for 4 rows, and for 8 with AVX-512 VNNI (AVX2's 8-row tile, twice
+    the instructions a dot, is compute-bound and keeps 'near'; measurements above); 'near' for other 8-row tiles;
+    none for 2 rows (ir_matvec.py)."""
     if tile == 1:
         return "stream"
     if target.is_x86 and (tile == 4 or (tile == 8 and target.dot_isa == "avx512vnni")):

@@ -184,8 +184,7 @@ def _block_dots(b, target, qtype, wc, xq, biased: bool = True, init: ir.Value | 
 # process, builds alternating: `python -m dllp2p.jit.batchbench --old REV --threads 2 --concurrency 1 2 4 8
 # --prompt-tokens 128 --rounds 11`, SmolLM2): with the decode kernel's hint (1 KB ahead into L1) the tiles of 2 / 4
 # rows ran 1.06x / 1.08x faster without it, so they went without (2026-12-07); into L2 (prefetcht1) at 1 KB 0.97x;
-# prefetchnta in the tiles of 2 / 4 / 8 noise. The distance was what was wrong: 8 KB ahead into L2 made the 4- and
-# 8-row steps 1.08-1.13x faster (later that day; the 2-row tile still goes without).
+# prefetchnta in the tiles of 2 / 4 / 8 noise. The distance was what was wrong (later that day: ir_dot.py).
 TILE_ONE_CHAIN = 8  # tiles of this many rows or more: one accumulator chain per block (see _block_dots)
 
 
@@ -237,7 +236,7 @@ def _emit_tile(module: ir.Module, qtype: QType, tile: int, target: Target) -> ir
             for g, wg in enumerate(wgs):
                 wc = gep(b, wg, b.mul(blk, i64(cb)))
                 if (how := tile_prefetch(target, tile)) is not None:
-                    prefetch(b, wc, cb, stream=how == "stream", tile=how == "far")
+                    prefetch(b, wc, cb, how)
                 dw = b.fpext(load(b, wc, vec(F16, G), i64(qbytes)), V16F32)
                 mw = b.fpext(load(b, wc, vec(F16, G), i64(qbytes + 2 * G)), V16F32) if qtype == QType.Q4_1 else None
                 for t, a in enumerate(accs[g]):

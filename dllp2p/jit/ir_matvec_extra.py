@@ -283,9 +283,9 @@ def _emit_tile_extra(module: ir.Module, qtype: QType, tile: int, target: Target)
         with for_range(b, i64(0), nu, name="unit") as u:
             wc = gep(b, wg, b.mul(u, i64(cb)))
             if unit == 32 or tile > 1 or SUPER_BLOCK_PREFETCH:  # not a decode stream of super-blocks: see above
-                # the tiles of 4 and 8 rows 'far' where ir_matvec's are (Gemma 3 on Zen 4, same process: 4 / 8-row
-                # steps 1.07 / 1.07-1.09x faster; prefill 1903-1937 against 1818-1839 tok/s); the others 1 KB ahead
-                prefetch(b, wc, cb, stream=tile == 1, tile=tile > 1 and tile_prefetch(target, tile) == "far")
+                # as ir_matvec's tiles, but 'near' where those have none (Gemma 3 on Zen 4, 'far' in the 4- and
+                # 8-row tiles: steps 1.07 / 1.07-1.09x faster; prefill 1903-1937 against 1818-1839 tok/s)
+                prefetch(b, wc, cb, tile_prefetch(target, tile) or "near")
             body(wc, u)
         for t, a in enumerate(accs):
             store_rows(b, b.load(a, typ=V16F32), gep(b, y, b.mul(ldy, i64(t)), F32), r, r1)
