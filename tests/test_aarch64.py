@@ -15,7 +15,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -24,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from ports import free_port
 from dllp2p.jit.compiler import (
     AARCH64_TRIPLE, TARGET_ENV, Target, TargetError, emit_assembly, host_target, parse_target, target_from_env,
 )
@@ -144,12 +144,6 @@ def x86_run(model_file: Path, tmp: Path) -> str:
                        capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
     assert r.returncode == 0, r.stderr
     return r.stdout
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def cluster_status(port: int) -> dict | None:

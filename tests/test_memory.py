@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -26,6 +25,7 @@ import numpy as np
 import pytest
 
 import fake_tp
+from ports import free_port
 from dllp2p.formats import QType, load_model
 from dllp2p.formats.synthetic import SyntheticSpec, write_random_llama, write_random_model
 from dllp2p.jit.family import arranged
@@ -128,9 +128,7 @@ def test_a_root_streams_its_pushes_and_an_idle_worker_gives_its_engine_back(tmp_
     model_bytes = path.stat().st_size
     key = fake_tp.write_key(tmp_path)
     env = {**os.environ, "DLLP2P_CACHE_DIR": str(tmp_path / "cache")}
-    with socket.socket() as free:
-        free.bind(("127.0.0.1", 0))
-        port = free.getsockname()[1]
+    port = free_port()
     worker = subprocess.Popen([sys.executable, "-m", "dllp2p.cli", "daemon", "--host", "127.0.0.1", "--port", str(port),
                                "--threads", "1",
                                "--state-dir", str(tmp_path / "w"), "--no-discovery", "--cluster", "test-memory",

@@ -22,6 +22,7 @@ import pytest
 import trio
 
 import fake_tp
+from ports import free_port
 from dllp2p import wire as P
 from dllp2p.cli import build_parser, run_config
 from dllp2p.config import LOCAL_DAEMON
@@ -34,12 +35,6 @@ _KEY_DIR = tempfile.mkdtemp(prefix="dllp2p-test-key-")
 atexit.register(shutil.rmtree, _KEY_DIR, True)  # the key file this module's daemons share, gone at exit
 KEY_FILE = str(fake_tp.write_key(Path(_KEY_DIR)))
 SPEC_8KV = SyntheticSpec(dim=256, n_layers=2, n_heads=8, n_kv_heads=8, ffn_dim=512, vocab_size=300, seed=5)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Daemons:
