@@ -56,13 +56,60 @@ def apply_repeat_penalty(logits: np.ndarray, recent: Sequence[int], penalty: flo
 
 
 def candidate_probs(logits: np.ndarray, cfg: SamplerConfig) -> tuple[np.ndarray, np.ndarray]:
-    """f32[vocab] -> (token ids, probabilities summing to 1), most likely first, after all filters."""
+    """f32[vocab] -> (token ids, probabilities summing to 1), most likely first, after all filters: what
+    candidate_probs_sorted returns (its test oracle), without sorting the whole vocabulary.
+
+    A stable sort of 49k logits costs ~4.5 ms, more than a decode step of SmolLM2, and every sampled token
+    of every stream paid it (2026-12-07: default sampling ran at 121 tok/s where greedy ran at 287). The
+    filters only ever keep a prefix of that order, so only the prefix is sorted: top-k's k best; without
+    top-k, the tokens min-p can keep or that reach top-p's mass, found by a threshold on the logits. The
+    probabilities' normalizer over the whole vocabulary (top-k off) is summed in index order, not sorted
+    order: the same values to the last bit or so. A plain temperature draw over everything, or logits
+    with NaN or infinities where the cut falls, take the sorted way."""
+    n, t = len(logits), cfg.temperature
+    if n == 0 or (cfg.top_k <= 0 and cfg.top_p >= 1.0 and cfg.min_p <= 0.0):
+        return candidate_probs_sorted(logits, cfg)
+    hi = float(np.max(logits))
+    if not np.isfinite(hi):
+        return candidate_probs_sorted(logits, cfg)
+    if 0 < cfg.top_k < n:
+        order = _best(logits, hi, cfg.top_k)
+        if order is None:
+            return candidate_probs_sorted(logits, cfg)
+        z = logits[order].astype(np.float64) / t
+        p = np.exp(z - z[0])
+        p /= p.sum()
+        return _cut(order, p, cfg)
+    if cfg.top_k > 0:  # top-k covers everything: the sorted way is as cheap as any
+        return candidate_probs_sorted(logits, cfg)
+    e_all = np.exp(logits.astype(np.float64) / t - hi / t)  # the normalizer's terms, index order
+    total = e_all.sum()
+    # min-p keeps p >= min_p * p_best, i.e. logits >= hi + t * ln(min_p): a bound on the prefix (with slack);
+    # top-p alone: the floor is lowered until the logits above it hold top-p's mass (counted, not sorted)
+    gap = -t * np.log(cfg.min_p) + 1e-3 * (1.0 + abs(hi)) if cfg.min_p > 0.0 else t
+    while cfg.min_p <= 0.0 and e_all[logits >= hi - gap].sum() < (cfg.top_p + 1e-9) * total:
+        if gap > 1e30:  # the mass is where -inf logits are: nothing to gain
+            return candidate_probs_sorted(logits, cfg)
+        gap *= 1.5
+    order = _prefix(logits, hi - gap)
+    if order is None:
+        return candidate_probs_sorted(logits, cfg)
+    return _cut(order, e_all[order] / total, cfg)
+
+
+def candidate_probs_sorted(logits: np.ndarray, cfg: SamplerConfig) -> tuple[np.ndarray, np.ndarray]:
+    """candidate_probs the obvious way: the whole vocabulary sorted (numpy's stable order), then the filters."""
     order = np.argsort(-logits, kind="stable")
     if cfg.top_k > 0:
         order = order[: cfg.top_k]
     z = logits[order].astype(np.float64) / cfg.temperature
     p = np.exp(z - z[0])
     p /= p.sum()
+    return _cut(order, p, cfg)
+
+
+def _cut(order: np.ndarray, p: np.ndarray, cfg: SamplerConfig) -> tuple[np.ndarray, np.ndarray]:
+    """The top-p and min-p filters on candidates in order (p: their probabilities), renormalized."""
     if cfg.top_p < 1.0:
         keep = int(np.searchsorted(np.cumsum(p), cfg.top_p) + 1)
         order, p = order[:keep], p[:keep]
@@ -70,6 +117,38 @@ def candidate_probs(logits: np.ndarray, cfg: SamplerConfig) -> tuple[np.ndarray,
         keep_mask = p >= cfg.min_p * p[0]
         order, p = order[keep_mask], p[keep_mask]
     return order, p / p.sum()
+
+
+def _prefix(logits: np.ndarray, floor: float) -> np.ndarray | None:
+    """The ids of logits >= floor in numpy's stable descending order: a prefix of argsort(-logits, "stable")
+    (None where NaN could break that)."""
+    ids = np.flatnonzero(logits >= floor)  # ascending ids: the stable sort below keeps ties in id order
+    order = ids[np.argsort(-logits[ids], kind="stable")]
+    return order if np.isfinite(floor) else None
+
+
+def _best(logits: np.ndarray, hi: float, k: int) -> np.ndarray | None:
+    """The first k of argsort(-logits, kind="stable") (k < len(logits), hi = the max): the ids at or above a
+    floor under the max, lowered until k of them pass, then the k best of those, ties to the lowest ids.
+    None where that cannot be settled this way (fewer than k finite logits, NaN)."""
+    gap = 4.0
+    while True:
+        ids = np.flatnonzero(logits >= hi - gap)
+        if len(ids) >= k:
+            break
+        if not np.isfinite(hi - gap * 4.0) or gap > 1e30:
+            return None
+        gap *= 4.0
+    vals = logits[ids]
+    if len(ids) > k:
+        v = np.partition(vals, len(ids) - k)[len(ids) - k]  # the k-th best value
+        above = vals > v
+        ties = np.flatnonzero(vals == v)[: k - int(above.sum())]
+        keep = np.sort(np.concatenate([np.flatnonzero(above), ties]))
+        ids, vals = ids[keep], vals[keep]
+    if len(ids) != k:
+        return None
+    return ids[np.argsort(-vals, kind="stable")]
 
 
 class Sampler:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dllp2p.sampler import Sampler, SamplerConfig, apply_repeat_penalty, candidate_probs
+from dllp2p.sampler import Sampler, SamplerConfig, apply_repeat_penalty, candidate_probs, candidate_probs_sorted
 
 LOGITS = np.log(np.array([0.05, 0.5, 0.2, 0.15, 0.1], dtype=np.float64)).astype(np.float32)
 
@@ -78,3 +78,54 @@ def test_repeat_penalty():
 def test_bad_settings_are_rejected(bad):
     with pytest.raises(ValueError):
         SamplerConfig(**bad)
+
+
+def _vocab_logits(rng, n, kind):
+    """Logits shaped like a language model's (a few tokens far above a long tail), flat ones, ones in a
+    coarse grid (many ties, also at any cut), and ones with -inf (a cluster's rows but their best)."""
+    if kind == "peaked":
+        x = rng.standard_normal(n) * 2.0
+        x[rng.integers(0, n, 30)] += rng.uniform(5, 15, 30)
+    elif kind == "flat":
+        x = rng.standard_normal(n) * 0.01
+    elif kind == "ties":
+        x = np.round(rng.standard_normal(n) * 2.0) / 2.0
+    else:
+        x = np.full(n, -np.inf)
+        x[rng.choice(n, 100, replace=False)] = rng.standard_normal(100)
+    return x.astype(np.float32)
+
+
+@pytest.mark.parametrize("kind", ["peaked", "flat", "ties", "inf"])
+def test_fast_candidates_match_the_sorted_twin(kind):
+    """candidate_probs sorts only the prefix the filters can keep; candidate_probs_sorted sorts everything.
+    Same ids in the same order; the same probabilities (to the last bits where top-k is off: the normalizer
+    is summed in another order)."""
+    rng = np.random.default_rng(11)
+    configs = [SamplerConfig(), SamplerConfig(temperature=1.0, top_k=40, top_p=1.0, min_p=0.05),
+               SamplerConfig(temperature=0.3, top_k=5, top_p=0.5, min_p=0.0),
+               SamplerConfig(temperature=1.5, top_k=0, top_p=0.9, min_p=0.0),
+               SamplerConfig(temperature=0.7, top_k=0, top_p=1.0, min_p=0.1),
+               SamplerConfig(temperature=2.0, top_k=0, top_p=0.99, min_p=0.01),
+               SamplerConfig(temperature=1.0, top_k=64, top_p=0.95, min_p=0.0),
+               SamplerConfig(temperature=1.0, top_k=0, top_p=1e-9, min_p=0.0)]
+    for trial in range(6):
+        logits = _vocab_logits(rng, 5000, kind)
+        for c in configs:
+            ids, p = candidate_probs(logits, c)
+            ids_s, p_s = candidate_probs_sorted(logits, c)
+            np.testing.assert_array_equal(ids, ids_s, err_msg=f"{kind} {c}")
+            if c.top_k:
+                np.testing.assert_array_equal(p, p_s)
+            else:
+                np.testing.assert_allclose(p, p_s, rtol=1e-12, atol=0)
+
+
+def test_fast_candidates_fall_back_on_nan_and_small_vocabularies():
+    logits = np.array([0.5, np.nan, 2.0, 1.0], np.float32)
+    c = SamplerConfig(top_k=2)
+    for a, b in zip(candidate_probs(logits, c), candidate_probs_sorted(logits, c)):
+        np.testing.assert_array_equal(a, b)
+    for c in (SamplerConfig(top_k=4), SamplerConfig(top_k=9)):  # top-k >= the vocabulary
+        for a, b in zip(candidate_probs(LOGITS, c), candidate_probs_sorted(LOGITS, c)):
+            np.testing.assert_array_equal(a, b)
