@@ -129,3 +129,7 @@ def test_fast_candidates_fall_back_on_nan_and_small_vocabularies():
     for c in (SamplerConfig(top_k=4), SamplerConfig(top_k=9)):  # top-k >= the vocabulary
         for a, b in zip(candidate_probs(LOGITS, c), candidate_probs_sorted(LOGITS, c)):
             np.testing.assert_array_equal(a, b)
+    few = np.full(1000, -np.inf, np.float32)  # fewer finite logits than top-k: -inf ones fill it, by id
+    few[[7, 500, 3]] = [1.0, 2.0, 1.0]
+    ids, p = candidate_probs(few, SamplerConfig(top_k=5, top_p=1.0, min_p=0.0))
+    assert ids.tolist() == [500, 3, 7, 0, 1] and p[3:].tolist() == [0.0, 0.0]
