@@ -35,7 +35,7 @@ from .compiler import (
 )
 from .cpus import ThreadChoice, choose_threads, read_cpu_facts
 from .family import LAYER_EXTRAS, layer_extras, rope_table
-from .layout import act_bytes, aligned_zeros
+from .layout import act_bytes, aligned_zeros, lazy_zeros
 from .library import build_module
 from .ir_share import counter_words
 from .ir_stream import STREAM_WORDS, StreamPlan, madvise_number, page_range, stream_plan, stream_table
@@ -184,10 +184,10 @@ class JITEngine:
         bufs["sq"] = aligned_zeros(mc * act_bytes(c.ffn_dim), np.uint8)  # act(g) * u quantized (several rows)
         bufs["aq"] = aligned_zeros(mc * act_bytes(c.q_dim), np.uint8)  # attention's output quantized (several rows)
         for layer in s.run_layers:
-            # np.zeros: pages come from the OS on first touch, so an unused context or slot costs no memory
+            # pages come from the OS on first write, 4 KiB at a time: an unused context or slot costs no memory
             shape = (self.max_seqs, self.n_kv_local, self.ctx, c.head_dim)  # head-major: program.kv_head
-            bufs[f"{layer}.k_cache"] = np.zeros(shape, np.float16)
-            bufs[f"{layer}.v_cache"] = np.zeros(shape, np.float16)
+            bufs[f"{layer}.k_cache"] = lazy_zeros(shape, np.float16)
+            bufs[f"{layer}.v_cache"] = lazy_zeros(shape, np.float16)
         return bufs
 
     def _fill_table(self) -> np.ndarray:
