@@ -16,7 +16,7 @@ class GenerationStats:
     prompt_tokens: int = 0
     generated_tokens: int = 0
     prefill_s: float = 0.0
-    decode_s: float = 0.0  # time of the forward passes after the prefill
+    decode_s: float = 0.0  # time of the forward passes after the prefill, and of sampling each token
     stop_reason: str = ""  # "eos", "steps", "context", or "stop" (a stop string; set by the caller)
     reused_tokens: int = 0  # prompt tokens whose KV entries the engine already held (not computed again)
     kv_tokens: tuple[int, ...] = ()  # after the run: the ids at the positions the engine's KV cache holds
@@ -95,7 +95,9 @@ def generate(
     held = len(history)  # the KV cache holds the ids history[:held]
     try:
         for i in range(len(already), max_tokens):
+            t0 = clock()
             token = sampler(logits, history)
+            stats.decode_s += clock() - t0  # what a token costs is its forward and its draw
             if token in stop_ids:
                 stats.stop_reason = "eos"
                 return
