@@ -21,6 +21,7 @@ import logging
 import os
 import threading
 import time
+import weakref
 from pathlib import Path
 from typing import Sequence
 
@@ -150,6 +151,8 @@ class JITEngine:
         for t in self._workers:
             t.start()
         self._closed = False
+        self._stop_workers = weakref.finalize(self, _stop_workers, self._table, self._quit_slot, self._kick,
+                                              self._workers, self._compiled)
         self.timings = {"pack_s": t1 - t0, "compile_s": t2 - t1, "from_cache": self._compiled.stats.from_cache,
                         "total_s": time.perf_counter() - t0}
 
@@ -349,18 +352,19 @@ class JITEngine:
         if self._closed:
             return
         self._closed = True
-        self._table[self._quit_slot] = 1
-        self._kick(self._table_addr)
-        for t in self._workers:
-            t.join()
-
-    def __del__(self) -> None:  # threads hold no Python objects, but must not spin forever
-        try:
-            self.close()
-        except Exception:
-            pass
+        self._stop_workers()
 
 
+def _stop_workers(table: np.ndarray, quit_slot: int, kick, workers: list[threading.Thread], code) -> None:
+    """The worker threads told to quit and joined; until then table and code (the compiled module, whose
+    machine code they run) stay alive. An engine's weakref.finalize: called by close(), when the engine is
+    collected, or at interpreter exit before modules are torn down. (A __del__ ran too late there: a child
+    process that never closed its engine died of SIGSEGV after its last line, its threads spinning on freed
+    memory or running unmapped code, 2026-12-07.)"""
+    table[quit_slot] = 1
+    kick(table.ctypes.data)
+    for t in workers:
+        t.join()
 
 
 def _pack(rows: Sequence[BatchRow], max_chunk: int) -> list[list[tuple[int, int, int, int]]]:
