@@ -111,29 +111,6 @@ def test_bit_identical_across_threads_and_chunks(tmp_path_factory, cache_dir, n_
             assert np.array_equal(got, want), key
 
 
-def test_an_engine_nobody_closes_stops_its_threads(tmp_path_factory, cache_dir):
-    """Collected without close(), an engine's worker threads are told to quit and joined (weakref.finalize,
-    which also runs at interpreter exit, before the modules it needs are torn down); close() after that, or
-    twice, is harmless."""
-    import gc
-
-    model = _random_model(tmp_path_factory, QType.Q4_0, 2)
-    engine = JITEngine(model, 32, threads=3, cache_dir=cache_dir)
-    engine.forward([1, 2, 3], 0)
-    workers = list(engine._workers)
-    assert len(workers) == 2 and all(t.is_alive() for t in workers)
-    assert engine._stop_workers.atexit
-    del engine
-    gc.collect()
-    for t in workers:
-        t.join(timeout=10)
-        assert not t.is_alive()
-    again = JITEngine(model, 32, threads=2, cache_dir=cache_dir)
-    again.close()
-    again.close()
-    assert not again._workers[0].is_alive()
-
-
 def test_rewind_overwrites_cache(tmp_path_factory, cache_dir):
     model = _random_model(tmp_path_factory, QType.Q4_0, 2)
     engine = JITEngine(model, 32, threads=2, cache_dir=cache_dir)

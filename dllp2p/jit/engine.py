@@ -21,7 +21,6 @@ import logging
 import os
 import threading
 import time
-import weakref
 from pathlib import Path
 from typing import Sequence
 
@@ -36,7 +35,7 @@ from .compiler import (
 )
 from .cpus import ThreadChoice, choose_threads, read_cpu_facts
 from .family import LAYER_EXTRAS, layer_extras, rope_table
-from .layout import act_bytes, aligned_zeros, lazy_zeros
+from .layout import act_bytes, aligned_zeros
 from .library import build_module
 from .ir_share import counter_words
 from .ir_stream import STREAM_WORDS, StreamPlan, madvise_number, page_range, stream_plan, stream_table
@@ -151,8 +150,6 @@ class JITEngine:
         for t in self._workers:
             t.start()
         self._closed = False
-        self._stop_workers = weakref.finalize(self, _stop_workers, self._table, self._quit_slot, self._kick,
-                                              self._workers, self._compiled)
         self.timings = {"pack_s": t1 - t0, "compile_s": t2 - t1, "from_cache": self._compiled.stats.from_cache,
                         "total_s": time.perf_counter() - t0}
 
@@ -187,10 +184,10 @@ class JITEngine:
         bufs["sq"] = aligned_zeros(mc * act_bytes(c.ffn_dim), np.uint8)  # act(g) * u quantized (several rows)
         bufs["aq"] = aligned_zeros(mc * act_bytes(c.q_dim), np.uint8)  # attention's output quantized (several rows)
         for layer in s.run_layers:
-            # pages come from the OS on first write, 4 KiB at a time: an unused context or slot costs no memory
+            # np.zeros: pages come from the OS on first touch, so an unused context or slot costs no memory
             shape = (self.max_seqs, self.n_kv_local, self.ctx, c.head_dim)  # head-major: program.kv_head
-            bufs[f"{layer}.k_cache"] = lazy_zeros(shape, np.float16)
-            bufs[f"{layer}.v_cache"] = lazy_zeros(shape, np.float16)
+            bufs[f"{layer}.k_cache"] = np.zeros(shape, np.float16)
+            bufs[f"{layer}.v_cache"] = np.zeros(shape, np.float16)
         return bufs
 
     def _fill_table(self) -> np.ndarray:
@@ -352,19 +349,18 @@ class JITEngine:
         if self._closed:
             return
         self._closed = True
-        self._stop_workers()
+        self._table[self._quit_slot] = 1
+        self._kick(self._table_addr)
+        for t in self._workers:
+            t.join()
+
+    def __del__(self) -> None:  # threads hold no Python objects, but must not spin forever
+        try:
+            self.close()
+        except Exception:
+            pass
 
 
-def _stop_workers(table: np.ndarray, quit_slot: int, kick, workers: list[threading.Thread], code) -> None:
-    """The worker threads told to quit and joined; until then table and code (the compiled module, whose
-    machine code they run) stay alive. An engine's weakref.finalize: called by close(), when the engine is
-    collected, or at interpreter exit before modules are torn down. (A __del__ ran too late there: a child
-    process that never closed its engine died of SIGSEGV after its last line, its threads spinning on freed
-    memory or running unmapped code, 2026-12-07.)"""
-    table[quit_slot] = 1
-    kick(table.ctypes.data)
-    for t in workers:
-        t.join()
 
 
 def _pack(rows: Sequence[BatchRow], max_chunk: int) -> list[list[tuple[int, int, int, int]]]:
