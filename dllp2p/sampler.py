@@ -64,8 +64,8 @@ def candidate_probs(logits: np.ndarray, cfg: SamplerConfig) -> tuple[np.ndarray,
     filters only ever keep a prefix of that order, so only the prefix is sorted: top-k's k best; without
     top-k, the tokens min-p can keep or that reach top-p's mass, found by a threshold on the logits. The
     probabilities' normalizer over the whole vocabulary (top-k off) is summed in index order, not sorted
-    order: the same values to the last bit or so. A plain temperature draw over everything, or logits
-    with NaN or infinities where the cut falls, take the sorted way."""
+    order: the same values to the last bit or so. A plain temperature draw over everything, a NaN or +inf
+    logit, or fewer finite logits than top-k take the sorted way."""
     n, t = len(logits), cfg.temperature
     if n == 0 or (cfg.top_k <= 0 and cfg.top_p >= 1.0 and cfg.min_p <= 0.0):
         return candidate_probs_sorted(logits, cfg)
@@ -76,10 +76,7 @@ def candidate_probs(logits: np.ndarray, cfg: SamplerConfig) -> tuple[np.ndarray,
         order = _best(logits, hi, cfg.top_k)
         if order is None:
             return candidate_probs_sorted(logits, cfg)
-        z = logits[order].astype(np.float64) / t
-        p = np.exp(z - z[0])
-        p /= p.sum()
-        return _cut(order, p, cfg)
+        return _cut(order, _softmax(logits, order, t), cfg)
     if cfg.top_k > 0:  # top-k covers everything: the sorted way is as cheap as any
         return candidate_probs_sorted(logits, cfg)
     e_all = np.exp(logits.astype(np.float64) / t - hi / t)  # the normalizer's terms, index order
@@ -92,8 +89,6 @@ def candidate_probs(logits: np.ndarray, cfg: SamplerConfig) -> tuple[np.ndarray,
             return candidate_probs_sorted(logits, cfg)
         gap *= 1.5
     order = _prefix(logits, hi - gap)
-    if order is None:
-        return candidate_probs_sorted(logits, cfg)
     return _cut(order, e_all[order] / total, cfg)
 
 
@@ -102,10 +97,14 @@ def candidate_probs_sorted(logits: np.ndarray, cfg: SamplerConfig) -> tuple[np.n
     order = np.argsort(-logits, kind="stable")
     if cfg.top_k > 0:
         order = order[: cfg.top_k]
-    z = logits[order].astype(np.float64) / cfg.temperature
+    return _cut(order, _softmax(logits, order, cfg.temperature), cfg)
+
+
+def _softmax(logits: np.ndarray, order: np.ndarray, t: float) -> np.ndarray:
+    """f64 probabilities of the candidates `order` (best first) at temperature t, normalized over them."""
+    z = logits[order].astype(np.float64) / t
     p = np.exp(z - z[0])
-    p /= p.sum()
-    return _cut(order, p, cfg)
+    return p / p.sum()
 
 
 def _cut(order: np.ndarray, p: np.ndarray, cfg: SamplerConfig) -> tuple[np.ndarray, np.ndarray]:
@@ -119,26 +118,25 @@ def _cut(order: np.ndarray, p: np.ndarray, cfg: SamplerConfig) -> tuple[np.ndarr
     return order, p / p.sum()
 
 
-def _prefix(logits: np.ndarray, floor: float) -> np.ndarray | None:
-    """The ids of logits >= floor in numpy's stable descending order: a prefix of argsort(-logits, "stable")
-    (None where NaN could break that)."""
+def _prefix(logits: np.ndarray, floor: float) -> np.ndarray:
+    """The ids of logits >= floor in numpy's stable descending order: a prefix of argsort(-logits, "stable")."""
     ids = np.flatnonzero(logits >= floor)  # ascending ids: the stable sort below keeps ties in id order
-    order = ids[np.argsort(-logits[ids], kind="stable")]
-    return order if np.isfinite(floor) else None
+    return ids[np.argsort(-logits[ids], kind="stable")]
 
 
 def _best(logits: np.ndarray, hi: float, k: int) -> np.ndarray | None:
     """The first k of argsort(-logits, kind="stable") (k < len(logits), hi = the max): the ids at or above a
     floor under the max, lowered until k of them pass (then every finite one), then the k best of those,
-    ties to the lowest ids. None where that cannot be settled this way (fewer than k finite logits, NaN)."""
+    ties to the lowest ids. None where fewer than k logits are finite (the logits hold no NaN: hi is finite)."""
     gap = 4.0
-    while True:  # each try is a pass over the logits (~20 us); an overshoot makes a bigger partition
-        ids = np.flatnonzero(logits >= hi - gap) if gap < 64.0 else np.flatnonzero(logits > -np.inf)
-        if len(ids) >= k or gap >= 64.0:
-            break
+    ids = np.flatnonzero(logits >= hi - gap)
+    while len(ids) < k and gap < 64.0:  # each try is a pass (~20 us); an overshoot makes a bigger partition
         gap *= 1.5
+        ids = np.flatnonzero(logits >= hi - gap)
     if len(ids) < k:
-        return None
+        ids = np.flatnonzero(logits > -np.inf)
+        if len(ids) < k:
+            return None
     vals = logits[ids]
     if len(ids) > k:
         v = np.partition(vals, len(ids) - k)[len(ids) - k]  # the k-th best value
@@ -146,8 +144,6 @@ def _best(logits: np.ndarray, hi: float, k: int) -> np.ndarray | None:
         ties = np.flatnonzero(vals == v)[: k - int(above.sum())]
         keep = np.sort(np.concatenate([np.flatnonzero(above), ties]))
         ids, vals = ids[keep], vals[keep]
-    if len(ids) != k:
-        return None
     return ids[np.argsort(-vals, kind="stable")]
 
 
