@@ -111,6 +111,28 @@ def test_bit_identical_across_threads_and_chunks(tmp_path_factory, cache_dir, n_
             assert np.array_equal(got, want), key
 
 
+def test_worker_threads_hold_what_they_read_until_they_quit(tmp_path_factory, cache_dir):
+    """Whatever becomes of the engine object, memory its native threads read (the KV slots, the code) is not
+    freed while they run: the threads hold it, and let go once close() has stopped them."""
+    import gc
+    import weakref
+
+    model = _random_model(tmp_path_factory, QType.Q4_0, 2)
+    engine = JITEngine(model, 32, threads=3, cache_dir=cache_dir)
+    engine.forward([1, 2, 3], 0)
+    refs = [weakref.ref(engine._bufs["0.k_cache"]), weakref.ref(engine._compiled)]
+    workers = list(engine._workers)
+    engine._bufs, engine._compiled = {}, None  # the engine lets go of them (as teardown at exit may)
+    gc.collect()
+    assert all(r() is not None for r in refs) and all(t.is_alive() for t in workers)
+    engine.close()
+    for t in workers:
+        t.join(timeout=10)
+        assert not t.is_alive()
+    gc.collect()
+    assert all(r() is None for r in refs)
+
+
 def test_rewind_overwrites_cache(tmp_path_factory, cache_dir):
     model = _random_model(tmp_path_factory, QType.Q4_0, 2)
     engine = JITEngine(model, 32, threads=2, cache_dir=cache_dir)

@@ -164,3 +164,39 @@ def test_a_root_streams_its_pushes_and_an_idle_worker_gives_its_engine_back(tmp_
     assert grew < model_bytes // 4, f"the root grew {grew >> 20} MiB pushing a {model_bytes >> 20} MiB model"
     assert in_session - after >= share // 2, (
         f"the idle worker holds {after >> 20} MiB, {in_session >> 20} MiB in the session; its slices {share >> 20} MiB")
+
+
+def _resident_bytes(a: np.ndarray) -> int:
+    """Bytes of a's pages in memory now (mincore over the pages a spans)."""
+    import ctypes
+    page = os.sysconf("SC_PAGE_SIZE")
+    lo = a.ctypes.data // page * page
+    n = (a.ctypes.data + a.nbytes - lo + page - 1) // page
+    vec = (ctypes.c_ubyte * n)()
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    assert libc.mincore(ctypes.c_void_p(lo), ctypes.c_size_t(n * page), vec) == 0, os.strerror(ctypes.get_errno())
+    return sum(v & 1 for v in vec) * page
+
+
+def test_kv_slots_take_memory_as_rows_are_written(qwen, tmp_path):
+    """An engine of 8 slots x 2048 positions (4 MiB a layer's K or V) after a 5-token prompt in slot 0 holds
+    about a page per KV head of each: np.zeros of that size asked for transparent huge pages, and a
+    write then brought in 2 MiB at once (25 MiB of KV for one 100-token SmolLM2 prompt, 2048 positions)."""
+    from dllp2p.engine import BatchRow
+    from dllp2p.jit.engine import JITEngine
+
+    c = qwen.config
+    engine = JITEngine(qwen, 4096, threads=1, cache_dir=tmp_path, max_seqs=8)
+    try:
+        engine.forward_batch([BatchRow(0, (1, 2, 3, 4, 5), 0)])
+        page = os.sysconf("SC_PAGE_SIZE")
+        for layer in range(c.n_layers):
+            for name in ("k_cache", "v_cache"):
+                cache = engine._bufs[f"{layer}.{name}"]
+                assert cache.nbytes >= 4 << 20  # numpy asks huge pages for 4 MiB or more
+                held = _resident_bytes(cache)  # (before anything reads the rest: a read maps pages too)
+                assert held <= c.n_kv_heads * 2 * page, (layer, name, held)
+                assert np.all(np.any(cache[0, :, :5] != 0, axis=-1))  # the rows were written there
+    finally:
+        engine.close()

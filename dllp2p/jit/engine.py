@@ -35,7 +35,7 @@ from .compiler import (
 )
 from .cpus import ThreadChoice, choose_threads, read_cpu_facts
 from .family import LAYER_EXTRAS, layer_extras, rope_table
-from .layout import act_bytes, aligned_zeros
+from .layout import act_bytes, aligned_zeros, lazy_zeros
 from .library import build_module
 from .ir_share import counter_words
 from .ir_stream import STREAM_WORDS, StreamPlan, madvise_number, page_range, stream_plan, stream_table
@@ -145,7 +145,11 @@ class JITEngine:
         self._step = proto(self._compiled.address("step"))
         self._kick = proto(self._compiled.address("kick"))
         worker = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_int64)(self._compiled.address("worker"))
-        self._workers = [threading.Thread(target=worker, args=(self._table_addr, tid), daemon=True,
+        # what the native threads read through the table: theirs to hold while they run, whatever becomes of
+        # the engine object (collected, torn down at exit, its attributes replaced) before they have quit
+        held = (self._compiled, self._table, dict(self._bufs), self.packed, self._layout,
+                getattr(self, "_stream_buf", None))
+        self._workers = [threading.Thread(target=_run_worker, args=(worker, self._table_addr, tid, held), daemon=True,
                                           name=f"dllp2p-jit-{tid}") for tid in range(1, self.threads)]
         for t in self._workers:
             t.start()
@@ -184,10 +188,10 @@ class JITEngine:
         bufs["sq"] = aligned_zeros(mc * act_bytes(c.ffn_dim), np.uint8)  # act(g) * u quantized (several rows)
         bufs["aq"] = aligned_zeros(mc * act_bytes(c.q_dim), np.uint8)  # attention's output quantized (several rows)
         for layer in s.run_layers:
-            # np.zeros: pages come from the OS on first touch, so an unused context or slot costs no memory
+            # pages come from the OS on first write, 4 KiB at a time: an unused context or slot costs no memory
             shape = (self.max_seqs, self.n_kv_local, self.ctx, c.head_dim)  # head-major: program.kv_head
-            bufs[f"{layer}.k_cache"] = np.zeros(shape, np.float16)
-            bufs[f"{layer}.v_cache"] = np.zeros(shape, np.float16)
+            bufs[f"{layer}.k_cache"] = lazy_zeros(shape, np.float16)
+            bufs[f"{layer}.v_cache"] = lazy_zeros(shape, np.float16)
         return bufs
 
     def _fill_table(self) -> np.ndarray:
@@ -361,6 +365,14 @@ class JITEngine:
             pass
 
 
+
+
+def _run_worker(worker, table_addr: int, tid: int, held: tuple) -> None:
+    """A native worker thread: the compiled `worker` loop of thread tid until the table's `quit` is set. `held`
+    (the code, the table, the buffers, the weights) is referenced by this frame for as long as the loop runs, so
+    no memory the thread can reach is freed or unmapped under it (the KV slots are mappings of their own, which
+    an unmap makes fault at once: layout.lazy_zeros)."""
+    worker(table_addr, tid)
 
 
 def _pack(rows: Sequence[BatchRow], max_chunk: int) -> list[list[tuple[int, int, int, int]]]:
