@@ -10,16 +10,19 @@ tiles reach for 1, 2, 4 and 8 activation rows (continuous batching's steps, issu
    shape, small enough to stay in L2 (1536 x 576 is SmolLM2's FFN gate: 0.5 MB of Q4_1), one thread: the best of
    5 timings of `reps` calls, as multiply-adds per second and as a share of the one-thread peak.
 3. What the tiles' arithmetic allows: the dots with the block scales' multiplies and multiply-adds in their
-   proportion (tile_ops), in the same loop of independent chains. On Zen 4 the dots and the multiply-adds
-   share their pipes (12 dots + 12 multiply-adds take as long as 24 dots); multiplies go beside them.
+   proportion (tile_ops), in the same loop of independent chains. On Zen 4 the dots, the multiplies and the
+   multiply-adds share their pipes (64 dots + 16 of either take as long as 80 dots); adds and conversions go
+   beside them (64 dots + 16 adds or 8 int -> float conversions: 0.96-0.98x the dots alone).
 
 Measured on the 2-vCPU Zen 4 VM (2026-12-07): peak 3.66 G dots/s per core (234 G multiply-adds), 464-469 G on
 two; Q4_1 44 / 62 / 67 / 69 % at 1 / 2 / 4 / 8 rows, Q8_0 26 / 59 / 73 / 73 %. (1 row is the decode kernel,
 made to stream weights from memory, not to reach the peak.) Again 2026-12-07 08:55 (peak 231-234 G), two runs:
-Q4_1 62-69 % at 8 rows, its arithmetic alone 80 %; Q8_0 65-69 % / 86-89 %: the 8-row tiles run at 75-86 % of
-what their arithmetic allows. Issuing each weight vector's dots for all the rows in turn (instead of row after
-row, 8 dependent dots each) changed nothing (same process, paired: 0.97-1.01x): the out-of-order core already
-overlaps the rows; the rest is the conversions, the broadcast loads and the loop's address arithmetic.
+Q4_1 62-69 % at 8 rows, its arithmetic alone 80 %; Q8_0 65-69 % / 86-89 %. Issuing each weight vector's dots
+for all the rows in turn (instead of row after row, 8 dependent dots each) changed nothing (same process,
+paired: 0.97-1.01x): the out-of-order core already overlaps the rows. Those arithmetic figures were wrong: the
+multiplies' chains started from a constant 0, LLVM dropped them, and the mixed loop spilled registers.
+Corrected (2026-12-07 evening, two runs): Q4_1's arithmetic 73 % (64 dots + 8 multiplies + 16 multiply-adds,
+88 slots a block and 8 rows), its 8-row tile 61-69 % in L2, 84-95 % of that; Q8_0 81 %, its tile 73-74 %.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from .library import compile_kernels
 from .specs import KernelSpec, Op
 
 CHAINS, DEPTH = 12, 4  # accumulators, dots per accumulator per iteration
+MIX_CHAINS = 6  # accumulators per kind when several kinds share the loop
 MACS_PER_DOT = 64  # 16 lanes x 4 byte products
 V16F32 = vec(F32, 16)
 
@@ -49,8 +53,11 @@ V16F32 = vec(F32, 16)
 def peak_function(ops: dict[str, int] | None = None):
     """i64 peak(i64 iterations, i8* 8 x 64 bytes): per iteration CHAINS x DEPTH dots, or `ops` (counts of "dot",
     "mul", "fma": 512-bit dots, f32 multiplies and multiply-adds), each kind spread over up to CHAINS independent
-    accumulators so that only the rate the core issues them at limits the loop, not their latency; returns a
-    lane of the dots' sum (and of the floats' bits)."""
+    accumulators (MIX_CHAINS each when there are several kinds, so that all of them and their sources fit the 32
+    vector registers: spilled, the loop measured the stack) so that only the rate the core issues them at limits
+    the loop, not their latency; returns a lane of the dots' sum (and of the floats' bits). The float chains
+    start from loaded values near 1 and multiply by such: a product chain from a constant 0 stays 0, and LLVM
+    dropped it (the multiplies then looked free)."""
     ops = ops or {"dot": CHAINS * DEPTH}
     target = default_target()
     module = ir.Module(name="peak")
@@ -59,34 +66,38 @@ def peak_function(ops: dict[str, int] | None = None):
     n, buf = fn.args
     b = ir.IRBuilder(fn.append_basic_block("entry"))
     ptr = b.bitcast(buf, V64I8.as_pointer())
-    vals = [b.load(b.gep(ptr, [ir.Constant(I64, j)]), align=1) for j in range(8)]
-    small = ir.Constant(V16I32, [7] * 16)  # floats 0..7: no operand or result is ever subnormal (no slow path)
-    floats = [b.sitofp(b.and_(b.bitcast(v, V16I32), small), V16F32) for v in vals]
+    mixed = len([count for count in ops.values() if count]) > 1
+    chains, sources = (MIX_CHAINS, 4) if mixed else (CHAINS, 8)
+    vals = [b.load(b.gep(ptr, [ir.Constant(I64, j)]), align=1) for j in range(sources)]
+    # floats 1 + (0..7) * 2^-24: no operand or result is ever subnormal or overflows (no slow path)
+    small, one = ir.Constant(V16I32, [7] * 16), ir.Constant(V16F32, [1.0] * 16)
+    ulp = ir.Constant(V16F32, [2.0**-24] * 16)
+    floats = [b.fadd(one, b.fmul(b.sitofp(b.and_(b.bitcast(v, V16I32), small), V16F32), ulp)) for v in vals]
     entry, loop, done = b.block, fn.append_basic_block("loop"), fn.append_basic_block("done")
     b.branch(loop)
     b.position_at_end(loop)
     i = b.phi(I64)
     kinds = {kind: V16I32 if kind == "dot" else V16F32 for kind, count in ops.items() if count}
-    accs = {kind: [b.phi(typ) for _ in range(min(CHAINS, ops[kind]))] for kind, typ in kinds.items()}
+    accs = {kind: [b.phi(typ) for _ in range(min(chains, ops[kind]))] for kind, typ in kinds.items()}
     new = {kind: list(phis) for kind, phis in accs.items()}
     for kind in kinds:
         for j in range(ops[kind]):
             c, d = j % len(new[kind]), j // len(new[kind])  # chain, depth
             acc = new[kind][c]
             if kind == "dot":
-                acc = dot4(b, target, acc, vals[(c + d) % 8], vals[(c + 3 * d + 1) % 8], wmax=127)
+                acc = dot4(b, target, acc, vals[(c + d) % sources], vals[(c + 3 * d + 1) % sources], wmax=127)
             elif kind == "mul":
-                acc = b.fmul(acc, floats[j % 8])
+                acc = b.fmul(acc, floats[j % sources])
             else:
-                acc = fmuladd(b, floats[j % 8], floats[(j + 1) % 8], acc)
+                acc = fmuladd(b, floats[j % sources], floats[(j + 1) % sources], acc)
             new[kind][c] = acc
     nxt = b.add(i, ir.Constant(I64, 1))
     b.cbranch(b.icmp_unsigned("<", nxt, n), loop, done)
     i.add_incoming(ir.Constant(I64, 0), entry)
     i.add_incoming(nxt, loop)
     for kind, typ in kinds.items():
-        for acc, value in zip(accs[kind], new[kind]):
-            acc.add_incoming(ir.Constant(typ, None), entry)
+        for j, (acc, value) in enumerate(zip(accs[kind], new[kind])):
+            acc.add_incoming(ir.Constant(typ, None) if kind == "dot" else floats[j % sources], entry)
             acc.add_incoming(value, loop)
     b.position_at_end(done)
     total = ir.Constant(I64, 0)
@@ -103,9 +114,9 @@ def peak_function(ops: dict[str, int] | None = None):
 def tile_ops(qtype: QType) -> dict[str, int]:
     """The arithmetic that shares the dot instruction's issue slots in one 32-weight block of a 16-row group, per
     activation row, in the matmul tiles (ir_matvec._emit_tile, AVX512-VNNI): 8 dots, the block scale's multiply
-    (x d_x) and multiply-add (x d_w), Q4_1 one more multiply-add (its minimum). Left out: the conversion, the
-    4-bit unpack and the loads, which run beside them (with the conversions added, this loop runs slower than
-    the tiles themselves: it would not be a bound)."""
+    (x d_x) and multiply-add (x d_w), Q4_1 one more multiply-add (m_w x d_x s_x). Those three products of the
+    scales are distinct per weight row, block and activation row, so no arrangement needs fewer. Left out: the
+    conversion, the 4-bit unpack and the loads, which run beside them."""
     return {"dot": 64, "mul": 8, "fma": 16 if qtype == QType.Q4_1 else 8}
 
 
