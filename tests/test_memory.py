@@ -200,3 +200,19 @@ def test_kv_slots_take_memory_as_rows_are_written(qwen, tmp_path):
                 assert np.all(np.any(cache[0, :, :5] != 0, axis=-1))  # the rows were written there
     finally:
         engine.close()
+
+
+def test_lazy_zeros_are_zeroed_aligned_and_refuse_clearly():
+    """layout.lazy_zeros: zeros of the shape and dtype asked, writable, page-aligned, no page in memory until
+    written; a size the system cannot map is a MemoryError that says what was asked (as np.zeros would be)."""
+    from dllp2p.jit.layout import lazy_zeros
+
+    a = lazy_zeros((4, 3, 1024), np.float16)
+    assert a.shape == (4, 3, 1024) and a.dtype == np.float16 and a.flags.writeable
+    assert a.ctypes.data % os.sysconf("SC_PAGE_SIZE") == 0
+    assert _resident_bytes(a) == 0
+    a[2, 1, 5] = 3.0
+    assert _resident_bytes(a) == os.sysconf("SC_PAGE_SIZE") and float(a.sum()) == 3.0
+    assert lazy_zeros((0, 8), np.float32).shape == (0, 8)
+    with pytest.raises(MemoryError, match="cannot map 288230376151711744 bytes"):
+        lazy_zeros((1 << 40, 1 << 18), np.uint8)

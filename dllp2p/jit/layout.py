@@ -84,14 +84,17 @@ def lazy_zeros(shape, dtype) -> np.ndarray:
     sequence and head for SmolLM2 at 2048 positions, held 25 MiB for one 100-token prompt and 259 MiB for
     eight (2026-12-07), where their rows are 2.3 / 18 MiB (now 2.8 / 22.5 MiB). Page-aligned (64-byte too)."""
     dtype = np.dtype(dtype)
-    n = max(1, int(np.prod(shape, dtype=np.int64)) * dtype.itemsize)
-    m = mmap.mmap(-1, n, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    try:
+        m = mmap.mmap(-1, max(1, nbytes), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    except OSError as e:  # as np.zeros would say it
+        raise MemoryError(f"cannot map {nbytes} bytes for a {dtype} array of shape {tuple(shape)}: {e.strerror}") from e
     if hasattr(mmap, "MADV_NOHUGEPAGE"):
         try:
             m.madvise(mmap.MADV_NOHUGEPAGE)
         except OSError:  # a kernel without transparent huge pages
             pass
-    return np.frombuffer(m, np.uint8, count=int(np.prod(shape, dtype=np.int64)) * dtype.itemsize).view(dtype).reshape(shape)
+    return np.frombuffer(m, np.uint8, count=nbytes).view(dtype).reshape(shape)
 
 
 @dataclass(frozen=True)
