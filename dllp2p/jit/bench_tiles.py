@@ -66,8 +66,8 @@ def peak_function(ops: dict[str, int] | None = None):
     n, buf = fn.args
     b = ir.IRBuilder(fn.append_basic_block("entry"))
     ptr = b.bitcast(buf, V64I8.as_pointer())
-    mixed = len([count for count in ops.values() if count]) > 1
-    chains, sources = (MIX_CHAINS, 4) if mixed else (CHAINS, 8)
+    kinds = {kind: V16I32 if kind == "dot" else V16F32 for kind, count in ops.items() if count}
+    chains, sources = (MIX_CHAINS, 4) if len(kinds) > 1 else (CHAINS, 8)
     vals = [b.load(b.gep(ptr, [ir.Constant(I64, j)]), align=1) for j in range(sources)]
     # floats 1 + (0..7) * 2^-24: no operand or result is ever subnormal or overflows (no slow path)
     small, one = ir.Constant(V16I32, [7] * 16), ir.Constant(V16F32, [1.0] * 16)
@@ -77,7 +77,6 @@ def peak_function(ops: dict[str, int] | None = None):
     b.branch(loop)
     b.position_at_end(loop)
     i = b.phi(I64)
-    kinds = {kind: V16I32 if kind == "dot" else V16F32 for kind, count in ops.items() if count}
     accs = {kind: [b.phi(typ) for _ in range(min(chains, ops[kind]))] for kind, typ in kinds.items()}
     new = {kind: list(phis) for kind, phis in accs.items()}
     for kind in kinds:
