@@ -1,7 +1,7 @@
 """Aggregate decode speed of N concurrent sequences through one BatchEngine (issue 18), and memory.
 
     python -m dllp2p.jit.batchbench [--model PATH] [--threads 2] [--concurrency 1 4 8] [--tokens 32]
-                                    [--prompt-tokens 32] [--rounds 3] [--rss-positions 0] [--in-cache] [--json]
+                                    [--prompt-tokens 32] [--rounds 3] [--rss-positions 0] [--in-cache] [--ceiling] [--json]
                                     [--old REV]
 
 What one measurement is: N sequences (slots 0..N-1) each hold a prompt of --prompt-tokens ids (different
@@ -22,6 +22,12 @@ real ones round by round: ms per step with the weights streamed from memory and 
 barriers and attention; the output projection, 31 % of SmolLM2's bytes, still streams), per N. What the
 N-row step costs beyond the 1-row one when memory is not the limit: the bound on the N-stream speed-up.
 Its logits are meaningless (the tokens fed are the real run's), its time is not.
+
+--ceiling: afterwards this CPU's peak rates, measured then on the same threads (jit/ceiling.py); what one row's
+multiply-adds cost at them per step (an N-row step's are N times that, and no engine's step here goes under
+them); the ceiling that sets on any number of streams' speed-up over one stream (each round's one-stream step
+over that cost, the median over rounds); and per N the share of the peak the measured N-row step runs at. A
+target above the ceiling is out of physical reach in that run.
 
 --old REV (a git revision of this checkout, or a directory holding a dllp2p package): the same decode figures
 for that build's engine and this one's in the same process (bench_ab.import_old; one mapping of the packed
@@ -54,6 +60,7 @@ from ..formats import load_model
 from ..models import default_model_path
 from . import engine as engine_module
 from .bench_ab import _weights, import_old, park, unpark
+from .ceiling import FLOAT_TYPES, ceiling, floor_seconds, measure_rates, step_work
 from .compiler import DEFAULT_CACHE_DIR
 from .engine import JITEngine
 from .program import LAYER_MATRICES
@@ -96,8 +103,28 @@ def decode_throughput(engine: BatchEngine, concurrencies: Sequence[int], tokens:
     for n in concurrencies:
         t = statistics.median(secs[n])
         out[n] = {"aggregate_tok_s": n * tokens / t, "per_stream_tok_s": tokens / t, "ms_per_step": 1e3 * t / tokens,
-                  "vs_first": statistics.median((n / a) / (base / b) for a, b in zip(secs[n], secs[base]))}
+                  "vs_first": statistics.median((n / a) / (base / b) for a, b in zip(secs[n], secs[base])),
+                  "rounds_ms_per_step": [1e3 * a / tokens for a in secs[n]]}
     return out
+
+
+def ceiling_figures(engine: JITEngine, decode: dict[int, dict[str, Any]], tokens: int, prompt_len: int,
+                    threads: int) -> dict[str, Any]:
+    """--ceiling (jit/ceiling.py): this CPU's peak rates measured now on `threads` threads; what one row's
+    multiply-adds cost at them per step (row_floor_ms: every term is linear in the rows, so N rows cost N times
+    it); the ceiling on any number of streams' speed-up, the median over rounds of that round's one-stream step
+    (decode_throughput's figures began with N = 1) over row_floor_ms; per N > 1 the share of the peak its measured
+    step runs at (N x row_floor_ms / step)."""
+    spec = engine.spec
+    rates = measure_rates({q for types in spec.layer_types for q in types} | {spec.output_type}, threads)
+    row_floor_ms = 1e3 * floor_seconds(step_work(spec, 1, range(prompt_len, prompt_len + tokens)), rates)
+    one = decode[1]["rounds_ms_per_step"]
+    return {"threads": threads, "f32_fma_per_s": rates.fma_per_s,
+            "macs_per_s": {q.name: v for q, v in rates.macs_per_s.items() if q not in FLOAT_TYPES},
+            "row_floor_ms": row_floor_ms, "one_stream_ms": statistics.median(one),
+            "ceiling": statistics.median(ceiling(t1, row_floor_ms) for t1 in one),
+            "by_streams": {n: {"measured": r["vs_first"], "share_of_peak": n * row_floor_ms / r["ms_per_step"]}
+                           for n, r in decode.items() if n > 1}}
 
 
 def ab_throughput(engines: dict[str, Any], concurrencies: Sequence[int], tokens: int = 32, prompt_len: int = 32,
@@ -203,9 +230,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--ctx", type=int, default=2048)
     p.add_argument("--rss-positions", type=int, default=0)
     p.add_argument("--in-cache", action="store_true", help="also time the steps with one layer's weights in cache")
+    p.add_argument("--ceiling", action="store_true",
+                   help="also the speed-up this CPU's arithmetic allows at its peak rates (needs 1 among --concurrency)")
     p.add_argument("--json", action="store_true")
     p.add_argument("--old", help="also this git revision's (or directory's) build, A/B in the same process")
     ns = p.parse_args(argv)
+    if ns.ceiling and (ns.old or ns.concurrency[0] != 1):
+        p.error("--ceiling needs --concurrency to start with 1 (the one-stream steps it compares with) and no --old")
     if ns.old:
         return _main_ab(ns)
     model = load_model(ns.model or default_model_path())
@@ -215,6 +246,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         result: dict[str, Any] = {"threads": ns.threads, "model": str(ns.model or default_model_path().name),
                                   "decode": decode_throughput(engine, ns.concurrency, ns.tokens, ns.prompt_tokens,
                                                               ns.rounds)}
+        if ns.ceiling:
+            result["ceiling"] = ceiling_figures(engine, result["decode"], ns.tokens, ns.prompt_tokens, ns.threads)
         if ns.in_cache:
             result["in_cache"] = in_cache_steps(engine, ns.concurrency, ns.tokens, ns.prompt_tokens, ns.rounds)
         if ns.rss_positions:
@@ -229,6 +262,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     for n, r in result["decode"].items():
         print(f"  {n:2d} streams: {r['aggregate_tok_s']:7.1f} tok/s aggregate ({r['vs_first']:.2f}x), "
               f"{r['per_stream_tok_s']:6.1f} tok/s per stream, {r['ms_per_step']:.1f} ms/step")
+    if "ceiling" in result:
+        c = result["ceiling"]
+        rates = ", ".join(f"{name} {v / 1e9:.0f} G" for name, v in c["macs_per_s"].items())
+        print(f"  one row's multiply-adds at this CPU's peak ({c['threads']} threads at once: {rates} in the tiles' "
+              f"arithmetic, f32 {c['f32_fma_per_s'] / 1e9:.0f} G a second): {c['row_floor_ms']:.3f} ms a step; one "
+              f"stream's step {c['one_stream_ms']:.2f} ms: at most {c['ceiling']:.2f}x for any number of streams")
+        print("  " + "; ".join(f"{n} streams {r['measured']:.2f}x, their step at {100 * r['share_of_peak']:.0f} % of "
+                               "that peak" for n, r in c["by_streams"].items()))
     for n, r in result.get("in_cache", {}).items():
         print(f"  {n:2d} rows per step: {r['ms_streamed']:.2f} ms with the weights streamed, {r['ms_in_cache']:.2f} ms "
               f"with one layer's in cache")
