@@ -231,6 +231,32 @@ def test_second_start_uses_compile_cache(tmp_path_factory, cache_dir):
     assert again.timings["from_cache"]
 
 
+def test_layers_of_one_signature_share_one_function(tmp_path_factory):
+    """forward calls a function per layer, one emitted for all the layers of a signature (their weight types,
+    sliding or not: program.py), so the program does not grow with the layers: 2 and 8 llama layers give the
+    same one function and a forward longer only by the calls; Gemma 3's sliding and global layers take two.
+    Results through these functions are checked by the tests above (reference, threads, chunkings)."""
+    from dllp2p.jit.compiler import default_target
+    from dllp2p.jit.engine import program_spec
+    from dllp2p.jit.library import build_module
+    from dllp2p.jit.program import build_program
+
+    def instructions(n_layers: int, **kw) -> dict[str, int]:
+        spec = SyntheticSpec(qtype=QType.Q4_0, n_kv_heads=2, n_layers=n_layers, **kw)
+        path = tmp_path_factory.mktemp("layers") / f"random-{n_layers}.gguf"
+        program = program_spec(load_model(write_random_llama(path, spec)))
+        module = build_module(program.kernel_specs(), default_target())
+        build_program(module, program)
+        return {f.name: sum(len(b.instructions) for b in f.blocks) for f in module.functions
+                if f.blocks and (f.name == "forward" or f.name.startswith("_layer"))}
+
+    two, eight = instructions(2), instructions(8)
+    assert set(two) == set(eight) == {"forward", "_layer0"} and two["_layer0"] == eight["_layer0"]
+    assert eight["forward"] - two["forward"] < 6 * 20 < two["_layer0"]  # a call and a streaming check a layer
+    gemma = instructions(8, arch="gemma3", sliding_window=4, key_length=64)
+    assert set(gemma) == {"forward", "_layer0", "_layer1"}
+
+
 README_PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time"]
 MARGIN = 1.0  # logits; above the JIT's measured deviation from float32 (<= 0.9 on these prompts)
 

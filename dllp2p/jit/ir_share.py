@@ -14,7 +14,9 @@ each thread does its own run and finds the others' empty (one read each).
 
 The counters: i64, one per (thread, sharing site), `counters[tid * stride + site]` with stride =
 `site_stride(n_layers)` (thread regions on separate cache lines); every site of the program (one op
-instance: layer 3's Wq product, ...) has its own. They are zeroed by their owner right after the barrier
+instance: layer 3's Wq product, ...) has its own: a layer's k-th site is layer * SITES_PER_LAYER + k (the
+layer a run-time value in the layer's function, program.py), the sites outside the layers come after all
+of theirs. They are zeroed by their owner right after the barrier
 that follows the site (`Sites.reset`; every thread has passed that barrier, so nobody reads them until the
 next step): no barrier of their own. The engine allocates them zeroed.
 
@@ -64,10 +66,38 @@ class Sites:
 
     def __init__(self, n_layers: int, dynamic: bool):
         self.dynamic = dynamic
+        self.n_layers = n_layers
         self.stride = site_stride(n_layers)
-        self.limit = SITES_PER_LAYER * n_layers + SITES_OUTSIDE
-        self.used = 0
-        self.open: list[int] = []  # sites emitted since the last barrier
+        self.outside = 0  # sites emitted outside the layers
+        self.base: ir.Value | None = None  # in a layer's function: its first site's number (run time)
+        self.in_layer = 0  # sites emitted in that function so far
+        self.open: list[int] = []  # sites emitted since the last barrier (in a layer's function: after base)
+
+    @contextlib.contextmanager
+    def layer_function(self, b: ir.IRBuilder, layer: ir.Value) -> Iterator[None]:
+        """Number the sites emitted in the with-block as those of layer `layer` (a run-time value): the body of
+        a function every layer of one signature calls (program.py). b must be in that function's entry block
+        (every site's number is worked out from what it computes there). No site may be open across its edges."""
+        assert not self.open and self.base is None, "a sharing site open across a layer function's edge"
+        self.base, self.in_layer = b.mul(layer, i64(SITES_PER_LAYER)), 0
+        try:
+            yield
+        finally:
+            assert not self.open, "a layer function ends with a sharing site open (no barrier after it)"
+            self.base = None
+
+    def _next_site(self) -> int:
+        if self.base is not None:
+            assert self.in_layer < SITES_PER_LAYER, f"more than {SITES_PER_LAYER} sharing sites in a layer: raise it"
+            self.in_layer += 1
+            return self.in_layer - 1
+        assert self.outside < SITES_OUTSIDE, f"more than {SITES_OUTSIDE} sharing sites outside the layers: raise it"
+        self.outside += 1
+        return SITES_PER_LAYER * self.n_layers + self.outside - 1
+
+    def _index(self, b: ir.IRBuilder, site: int) -> ir.Value:
+        """A site's counter index: its number, after base in a layer's function."""
+        return i64(site) if self.base is None else b.add(self.base, i64(site))
 
     @contextlib.contextmanager
     def each(self, b: ir.IRBuilder, counters: ir.Value, tid: ir.Value, nt: ir.Value, total: ir.Value | int,
@@ -81,18 +111,16 @@ class Sites:
             with b.if_then(b.icmp_signed("<", lo, hi)):
                 yield lo, hi
             return
-        site = self.used
-        self.used += 1
-        assert site < self.limit, f"more than {self.limit} sharing sites: raise ir_share.SITES_PER_LAYER"
+        site = self._next_site()
         self.open.append(site)
         n_chunks = b.sdiv(b.add(total, i64(chunk - 1)), i64(chunk))
         owner = entry_alloca(b, I64, i64(0), "owner.slot")
         take = _next_chunk(b.module, self.stride)
         fn = b.function
-        cond, run, after = (fn.append_basic_block(f"share{site}.{s}") for s in ("next", "run", "end"))
+        cond, run, after = (fn.append_basic_block(f"share.{s}") for s in ("next", "run", "end"))
         b.branch(cond)
         b.position_at_end(cond)
-        claim = b.call(take, [counters, i64(site), tid, nt, n_chunks, owner])
+        claim = b.call(take, [counters, self._index(b, site), tid, nt, n_chunks, owner])
         b.cbranch(b.icmp_signed(">=", claim, i64(0)), run, after)
         b.position_at_end(run)
         lo = b.mul(claim, i64(chunk))
@@ -106,7 +134,7 @@ class Sites:
         """After a barrier: zero this thread's counters of the sites emitted since the previous one."""
         mine = gep(b, counters, b.mul(tid, i64(self.stride)), I64)
         for site in self.open:
-            b.store(i64(0), gep(b, mine, i64(site), I64))
+            b.store(i64(0), gep(b, mine, self._index(b, site), I64))
         self.open.clear()
 
 

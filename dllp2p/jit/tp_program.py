@@ -85,6 +85,7 @@ def build_tp_program(module: ir.Module, spec: ProgramSpec, part: Partition, seal
 
 class _TPForward(_Forward):
     att_exchanged = True  # attention's output is quantized for the exchange (layer_q8/layer_exact), not into aq
+    FUNCTION_STATE = _Forward.FUNCTION_STATE + ("_slot_done", "_slot_spins")  # each function's, for transfer
     def __init__(self, module: ir.Module, spec: ProgramSpec, part: Partition, sealed: bool = False):
         super().__init__(module, spec)
         self.part = part
@@ -335,11 +336,10 @@ class _TPForward(_Forward):
 
     # --- the step --------------------------------------------------------------------------------------
 
-    def emit(self) -> None:
+    def enter_function(self) -> None:
         with self.b.goto_entry_block():
-            self._slot_done = self.b.alloca(I64)
-            self._slot_spins = self.b.alloca(I64)
-        super().emit()
+            self._slot_done, self._slot_spins = self.b.alloca(I64), self.b.alloca(I64)
+        super().enter_function()
 
     def embed(self) -> None:
         """The node holds only its vocabulary rows of the embedding (the tied output's own slice). Thread 0
