@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Iterable, Mapping, Sequence
 
 from ..formats import ModelConfig
+from ..formats.gguf_model import expected_shapes
 from ..formats.quant import QType
 from .bench_tiles import CHAINS, DEPTH, MACS_PER_DOT, peak_function, peak_macs, tile_ops
 from .program import LAYER_MATRICES, ProgramSpec
@@ -54,13 +55,6 @@ class Rates:
     fma_per_s: float
 
 
-def matrix_shapes(c: ModelConfig) -> dict[str, tuple[int, int]]:
-    """(rows, k) of each of LAYER_MATRICES: y = W x with W rows x k."""
-    return {"attn_q": (c.q_dim, c.dim), "attn_k": (c.kv_dim, c.dim), "attn_v": (c.kv_dim, c.dim),
-            "attn_output": (c.dim, c.q_dim), "ffn_gate": (c.ffn_dim, c.dim), "ffn_up": (c.ffn_dim, c.dim),
-            "ffn_down": (c.dim, c.ffn_dim)}
-
-
 def attended(c: ModelConfig, layer: int, position: int) -> int:
     """Positions a row at `position` attends to in `layer`: position + 1, or at most the sliding window."""
     return min(position + 1, c.sliding_window) if c.is_sliding(layer) else position + 1
@@ -70,14 +64,15 @@ def step_work(spec: ProgramSpec, rows: int, positions: Sequence[int]) -> StepWor
     """The multiply-adds of a decode step of `rows` rows over all layers and the output projection, attention's
     averaged over steps at each of `positions` (every row at that position)."""
     c = spec.config
-    shapes = matrix_shapes(c)
+    shapes = expected_shapes(c)  # the model file's tensors, (rows, k) for y = W x
     macs: dict[QType, int] = {}
     for layer in spec.run_layers:
         for name, qtype in zip(LAYER_MATRICES, spec.layer_types[layer]):
-            r, k = shapes[name]
+            r, k = shapes[f"blk.{layer}.{name}.weight"]
             macs[qtype] = macs.get(qtype, 0) + r * k * rows
     if spec.emits_logits:
-        macs[spec.output_type] = macs.get(spec.output_type, 0) + c.vocab_size * c.dim * rows
+        r, k = shapes["token_embd.weight"]  # the output projection's shape, tied or not
+        macs[spec.output_type] = macs.get(spec.output_type, 0) + r * k * rows
     seen = sum(attended(c, layer, p) for p in positions for layer in spec.run_layers) / len(positions)
     return StepWork(rows, macs, rows * c.n_heads * 2 * c.head_dim * seen)
 

@@ -41,7 +41,7 @@ addresses, the thread count or the context length, so its compiled code is cache
 
 A layer is a call of `_layer<k>(table, tid, layer)`, one function for all the layers of a signature (weight
 types, sliding or not), its slots and sharing sites worked out from the index at run time: the same kernel
-calls as the layer inlined, so the same results, and LLVM optimizes one layer, not 30 (SmolLM2: 6.4 -> 2.4 s).
+calls as the layer inlined, so the same results, and LLVM optimizes one layer, not 30 (SmolLM2: 6.2 -> 2.6 s).
 
 "split": each op's work is cut into chunks fixed by its shape, which the threads take from per-thread
 counters, their own first, then the others' leftovers (ir_share.py; ProgramSpec.dynamic=False: static).
@@ -288,7 +288,6 @@ class _Forward(AttentionSteps):
         saved = {name: getattr(self, name) for name in self.FUNCTION_STATE}
         self.table, self.tid, index = fn.args
         self.b = ir.IRBuilder(fn.append_basic_block("entry"))
-        self.layer_at = None  # the entry's loads are of per-step slots
         try:
             self.enter_function()
             self.layer_at = (layer, index)
