@@ -21,7 +21,14 @@ in flight (as a root daemon's batcher does over a pipeline plan: BatchCore.plan_
 complete), so the stages work on different groups at once; the N-stream figures above are then the groups',
 and `one_batch_tok_s` / `groups_gain` say what one batch of N (pipeline_groups = 1) makes and their ratio.
 rss_bytes: this process's peak resident memory at the end (the engine's N slots of ctx positions
-included; --ctx sets them: 2048 with N = 8 is 8 sequences of 2048 tokens).
+included; --ctx sets them: 2048 with N = 8 is 8 sequences of 2048 tokens); with llama.cpp in the run, the peak
+before llama.cpp is loaded, after a full-length warm-up of the N streams.
+
+llama.cpp (on one node, when llama-cpp-python is installed and --llama-cpp is not off: bench's flag) runs the
+same GGUF, prompts and greedy picks on the same threads in the same process, as a batch engine
+(commands/bench_llama.LlamaCppBatch: its N sequences in one llama_decode a step, as llama-server's parallel
+slots), alternating with ours run by run (ours 1, ours N, llama.cpp 1, llama.cpp N, ...): its one-stream and
+aggregate tok/s and speedup, and ours over its aggregate and one stream.
 """
 
 from __future__ import annotations
@@ -34,11 +41,12 @@ import sys
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
 from .bench import PROMPT_TEXT
+from .commands.bench_llama import LlamaCppBatch, llama_cpp_available
 from .engine import kv_bytes_per_position
 from .errors import user_facing_errors
 from .formats import load_model
@@ -79,6 +87,7 @@ class ConcurrencyConfig:
     workers: tuple[str, ...] = ()
     key: Any = None  # clusterkey.ClusterKey the connections to the workers are made with
     plan: str = "pow2"  # with workers: ClusterOptions.policy
+    llama_cpp: str = "off"  # auto | on | off: llama.cpp's batched decode in the same run (one node only)
 
     def __post_init__(self) -> None:
         if self.concurrency < 1 or self.threads < 1 or self.prompt_tokens < 1 or self.tokens < 2 or self.repeats < 1:
@@ -127,7 +136,9 @@ def decode_run(engine: Any, prompts_: list[tuple[int, ...]], tokens: int, ctx: i
     return time.perf_counter() - t0, [s.tokens[len(s.prompt):] for s in seqs]
 
 
-def run(cfg: ConcurrencyConfig) -> dict[str, Any]:
+def run(cfg: ConcurrencyConfig, llama_factory: Callable[..., Any] | None = None) -> dict[str, Any]:
+    """The report. llama_factory(path, ctx, threads, max_seqs, kv_bytes_per_position) -> a batch engine with a
+    `version` (tests); None: LlamaCppBatch, as cfg.llama_cpp says."""
     path = cfg.model or default_model_path()
     model = load_model(path)
     tok = Tokenizer.from_metadata(model.metadata)
@@ -139,11 +150,19 @@ def run(cfg: ConcurrencyConfig) -> dict[str, Any]:
     else:
         engine = jit_batch_engine(model, ctx, cfg.threads, n, cfg.cache_dir)
     depth = getattr(engine, "depth", 1) if n > 1 else 1  # a pipeline's stages: groups in flight
+    llama, llama_error = None, None
     try:
         ps = prompts(tok, n, cfg.prompt_tokens)
-        solo, many, batch = [], [], []
-        decode_run(engine, ps[:1], 4, ctx)  # warm-ups
-        decode_run(engine, ps, 4, ctx, depth)
+        solo, many, batch, l_solo, l_many, agree = [], [], [], [], [], []
+        wants_llama = llama_factory is not None or _wants_llama_cpp(cfg)
+        decode_run(engine, ps[:1], 4, ctx)  # warm-ups (all the N streams' positions, before llama.cpp loads)
+        decode_run(engine, ps, cfg.tokens if wants_llama else 4, ctx, depth)
+        rss = _peak_rss()
+        if wants_llama:
+            llama, llama_error = _start_llama_cpp(cfg, path, ctx, n, engine.kv_bytes_per_position, llama_factory)
+        if llama is not None:
+            decode_run(llama, ps[:1], 4, ctx)
+            decode_run(llama, ps, 4, ctx)
         steps = cfg.tokens - 1  # the first token comes from the prefill
         for _ in range(cfg.repeats):
             t1, one = decode_run(engine, ps[:1], cfg.tokens, ctx)
@@ -157,20 +176,75 @@ def run(cfg: ConcurrencyConfig) -> dict[str, Any]:
                 raise AssertionError("stream 0's greedy tokens differ between its solo and its batched run")
             solo.append(steps / t1)
             many.append(n * steps / tn)
+            if llama is not None:
+                t1, _ = decode_run(llama, ps[:1], cfg.tokens, ctx)
+                tn, theirs = decode_run(llama, ps, cfg.tokens, ctx)
+                l_solo.append(steps / t1)
+                l_many.append(n * steps / tn)
+                agree.append(_agreeing(out[0], theirs[0]))
     finally:
         engine.close()
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        if llama is not None:
+            llama.close()
+    if llama is None:
+        rss = _peak_rss()
     ratios = [m / s for m, s in zip(many, solo)]
     grouped = {"groups": depth, "one_batch_tok_s": statistics.median(batch),
                "groups_gain": statistics.median([m / b for m, b in zip(many, batch)])} if batch else {"groups": 1}
-    return {"model": str(path), "engine": type(engine).__name__, "nodes": getattr(getattr(engine, "plan", None), "n_nodes", 1),
-            "plan": getattr(getattr(engine, "plan", None), "policy", "alone"), **grouped,
-            "threads": cfg.threads, "concurrency": n, "ctx": ctx,
-            "prompt_tokens": cfg.prompt_tokens, "tokens": cfg.tokens, "repeats": cfg.repeats,
-            "one_stream_tok_s": statistics.median(solo), "aggregate_tok_s": statistics.median(many),
-            "per_stream_tok_s": statistics.median(many) / n, "per_stream_ms_per_token": 1000 * n / statistics.median(many),
-            "speedup": statistics.median(ratios), "kv_bytes": n * ctx * kv_bytes_per_position(model.config),
-            "rss_bytes": rss}
+    report = {"model": str(path), "engine": type(engine).__name__, "nodes": getattr(getattr(engine, "plan", None), "n_nodes", 1),
+              "plan": getattr(getattr(engine, "plan", None), "policy", "alone"), **grouped,
+              "threads": cfg.threads, "concurrency": n, "ctx": ctx,
+              "prompt_tokens": cfg.prompt_tokens, "tokens": cfg.tokens, "repeats": cfg.repeats,
+              "one_stream_tok_s": statistics.median(solo), "aggregate_tok_s": statistics.median(many),
+              "per_stream_tok_s": statistics.median(many) / n, "per_stream_ms_per_token": 1000 * n / statistics.median(many),
+              "speedup": statistics.median(ratios), "kv_bytes": n * ctx * kv_bytes_per_position(model.config),
+              "rss_bytes": rss, "llama_cpp": None}
+    if llama_error:
+        report["llama_cpp_error"] = llama_error
+    if llama is not None:
+        report["llama_cpp"] = {
+            "version": llama.version, "one_stream_tok_s": statistics.median(l_solo),
+            "aggregate_tok_s": statistics.median(l_many), "per_stream_tok_s": statistics.median(l_many) / n,
+            "speedup": statistics.median([m / s for m, s in zip(l_many, l_solo)]),
+            "one_stream_tok_s_runs": l_solo, "aggregate_tok_s_runs": l_many,
+            "greedy_agree_tokens": min(agree)}  # stream 0's first tokens, ours and theirs, in the N-stream runs
+        report["aggregate_vs_llama_cpp"] = statistics.median([m / t for m, t in zip(many, l_many)])
+        report["one_stream_vs_llama_cpp"] = statistics.median([s / t for s, t in zip(solo, l_solo)])
+    return report
+
+
+def _wants_llama_cpp(cfg: ConcurrencyConfig) -> bool:
+    """llama.cpp in the run: `on`, or `auto` with llama-cpp-python installed; one node only."""
+    if cfg.llama_cpp == "off" or (cfg.llama_cpp == "auto" and not llama_cpp_available()):
+        return False
+    if cfg.workers:
+        if cfg.llama_cpp == "on":
+            raise ValueError("--llama-cpp on compares one node: it cannot run with --workers")
+        return False
+    return True
+
+
+def _start_llama_cpp(cfg: ConcurrencyConfig, path: Any, ctx: int, n: int, kv_bytes: int,
+                     factory: Callable[..., Any] | None) -> tuple[Any, str | None]:
+    """(llama.cpp's batch engine, None), or with `auto` (None, why it did not start)."""
+    try:
+        return (factory or LlamaCppBatch)(str(path), ctx, cfg.threads, n, kv_bytes), None
+    except Exception as e:  # noqa: BLE001 (llama.cpp's loader raises anything; `on` makes it the user's error)
+        if cfg.llama_cpp == "on":
+            raise ValueError(f"llama.cpp could not run {path}: {e}") from None
+        return None, f"{type(e).__name__}: {e}"
+
+
+def _agreeing(a: list[int], b: list[int]) -> int:
+    """How many first tokens a and b share."""
+    k = 0
+    while k < min(len(a), len(b)) and a[k] == b[k]:
+        k += 1
+    return k
+
+
+def _peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def format_report(r: dict[str, Any]) -> str:
@@ -185,7 +259,21 @@ def format_report(r: dict[str, Any]) -> str:
             f"aggregate{groups}, {r['per_stream_tok_s']:.1f} tok/s per stream ({r['per_stream_ms_per_token']:.1f} ms/token)\n"
             f"{batch}"
             f"  speedup      x{r['speedup']:.2f} (aggregate over one stream, same run)\n"
-            f"  memory       KV {r['kv_bytes'] / 2**20:.0f} MiB, peak RSS {r['rss_bytes'] / 2**20:.0f} MiB")
+            f"  memory       KV {r['kv_bytes'] / 2**20:.0f} MiB, peak RSS {r['rss_bytes'] / 2**20:.0f} MiB"
+            f"{_llama_lines(r)}")
+
+
+def _llama_lines(r: dict[str, Any]) -> str:
+    lc = r.get("llama_cpp")
+    if lc:
+        return (f"\n  llama.cpp    {lc['version']}: 1 stream {lc['one_stream_tok_s']:.1f} tok/s, {r['concurrency']} streams "
+                f"{lc['aggregate_tok_s']:.1f} tok/s aggregate ({lc['per_stream_tok_s']:.1f} per stream), "
+                f"speedup x{lc['speedup']:.2f}\n"
+                f"  ours / llama.cpp: aggregate x{r['aggregate_vs_llama_cpp']:.2f}, one stream x{r['one_stream_vs_llama_cpp']:.2f} "
+                f"(stream 0's greedy tokens agree for {lc['greedy_agree_tokens']} of {r['tokens']})")
+    if r.get("llama_cpp_error"):
+        return f"\n  llama.cpp    failed to start: {r['llama_cpp_error']}"
+    return ""
 
 
 def main(args: argparse.Namespace, out=None, err=None, cache_dir=None, key=None) -> int:  # noqa: ANN001
@@ -194,7 +282,7 @@ def main(args: argparse.Namespace, out=None, err=None, cache_dir=None, key=None)
     try:
         cfg = ConcurrencyConfig(args.model, args.concurrency, args.threads, args.prompt_tokens, args.tokens,
                                 args.repeats, args.ctx, args.json, cache_dir, tuple(args.workers), key,
-                                args.cluster_plan)
+                                args.cluster_plan, getattr(args, "llama_cpp", "off"))
         report = run(cfg)
     except user_facing_errors() as e:
         print(f"dllp2p: error: {e}", file=err)
