@@ -94,6 +94,8 @@ class ConcurrencyConfig:
             raise ValueError("--concurrency, --threads, --prompt-tokens, --repeats must be at least 1, --tokens 2")
         if self.ctx and self.ctx < self.prompt_tokens + self.tokens:
             raise ValueError(f"--ctx {self.ctx} is under --prompt-tokens + --tokens")
+        if self.workers and self.llama_cpp == "on":
+            raise ValueError("--llama-cpp on compares one node: it cannot run with --workers")
 
 
 def prompts(tokenizer: Tokenizer, n: int, length: int) -> list[tuple[int, ...]]:
@@ -215,13 +217,9 @@ def run(cfg: ConcurrencyConfig, llama_factory: Callable[..., Any] | None = None)
 
 def _wants_llama_cpp(cfg: ConcurrencyConfig) -> bool:
     """llama.cpp in the run: `on`, or `auto` with llama-cpp-python installed; one node only."""
-    if cfg.llama_cpp == "off" or (cfg.llama_cpp == "auto" and not llama_cpp_available()):
+    if cfg.llama_cpp == "off" or cfg.workers:
         return False
-    if cfg.workers:
-        if cfg.llama_cpp == "on":
-            raise ValueError("--llama-cpp on compares one node: it cannot run with --workers")
-        return False
-    return True
+    return cfg.llama_cpp == "on" or llama_cpp_available()
 
 
 def _start_llama_cpp(cfg: ConcurrencyConfig, path: Any, ctx: int, n: int, kv_bytes: int,

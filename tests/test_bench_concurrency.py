@@ -66,7 +66,7 @@ def test_llama_cpp_runs_alternate_with_ours_and_give_ratios(model_path, monkeypa
 
 
 @pytest.mark.parametrize("setting,workers,expect", [
-    ("off", (), False), ("on", (), True), ("auto", ("127.0.0.1:1",), False),
+    ("off", (), False), ("on", (), True), ("auto", ("127.0.0.1:1",), False), ("off", ("127.0.0.1:1",), False),
 ])
 def test_when_llama_cpp_runs(setting, workers, expect):
     cfg = ConcurrencyConfig(None, 2, 1, 4, 4, 1, 0, False, workers=workers, llama_cpp=setting)
@@ -74,9 +74,8 @@ def test_when_llama_cpp_runs(setting, workers, expect):
 
 
 def test_llama_cpp_on_with_workers_is_a_clear_error():
-    cfg = ConcurrencyConfig(None, 2, 1, 4, 4, 1, 0, False, workers=("127.0.0.1:1",), llama_cpp="on")
-    with pytest.raises(ValueError, match="cannot run with --workers"):
-        bench_concurrency._wants_llama_cpp(cfg)
+    with pytest.raises(ValueError, match="cannot run with --workers"):  # before any worker is connected
+        ConcurrencyConfig(None, 2, 1, 4, 4, 1, 0, False, workers=("127.0.0.1:1",), llama_cpp="on")
 
 
 def test_llama_cpp_that_fails_to_start_is_reported_or_an_error(model_path):
