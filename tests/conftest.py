@@ -17,6 +17,14 @@ os.environ["DLLP2P_KEY_FILE"] = "off"
 # And a daemon a test starts keeps the workers it plans with even when the machine is loaded (a parallel run's
 # other tests make every node's CPU wait look like a busy node's); tests of leaving busy nodes out ask for it.
 os.environ["DLLP2P_DROP_BUSY"] = "off"
+# Under pytest-xdist (`make test`: one worker a core, up to 4) every core already runs a worker, so the BLAS and
+# torch thread pools of a worker only fight the others for cores, and their threads spin while they wait: HF's
+# greedy oracle took 17-19 s a prompt beside one busy core with 2 torch threads, 9 s with 1. One thread each
+# (set before numpy is first imported: OpenBLAS reads it when it loads). A run in one process keeps them all.
+PARALLEL_WORKER = bool(os.environ.get("PYTEST_XDIST_WORKER"))
+if PARALLEL_WORKER:
+    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(var, "1")
 
 
 def _real_model_path() -> Path:
@@ -43,7 +51,7 @@ def hf_model(model_path):
     """HF transformers' own implementation, loading the same GGUF: the independent oracle."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    torch.set_num_threads(1 if PARALLEL_WORKER else max(1, os.cpu_count() or 1))
     return transformers.AutoModelForCausalLM.from_pretrained(
         str(model_path.parent), gguf_file=model_path.name, dtype=torch.float32
     ).eval()
