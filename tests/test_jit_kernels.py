@@ -177,6 +177,21 @@ def test_pack_extra_types_sizes_and_cut_blocks(qtype):
             pack_weights(raw[:, : raw.shape[1] // 2 + 2], qtype, (21, unit + 64))
 
 
+@pytest.mark.parametrize("qtype", [q for q in PACKED_TYPES if q not in FLOAT_WEIGHTS])
+def test_packing_in_slices_gives_the_bytes_of_one_pass(qtype, monkeypatch):
+    """pack_weights packs a slice of 16-row groups at a time (layout.PACK_SLICE_BYTES, to bound its memory): slices
+    of 1, 2 or 3 groups, the last one short and padded, give the bytes of one pass over the whole matrix."""
+    from dllp2p.jit import layout
+
+    rows, k = 53, 2 * unit_values(qtype)
+    raw = quantize(np.random.default_rng(5).standard_normal((rows, k)).astype(np.float32), qtype)
+    whole = pack_weights(raw, qtype, (rows, k)).data
+    assert layout.PACK_SLICE_BYTES >= raw.nbytes  # one slice: the whole matrix
+    for groups in (1, 2, 3):
+        monkeypatch.setattr(layout, "PACK_SLICE_BYTES", groups * G * raw.shape[1])
+        np.testing.assert_array_equal(pack_weights(raw, qtype, (rows, k)).data, whole)
+
+
 @pytest.mark.parametrize("qtype", FLOAT_WEIGHTS)
 def test_pack_unpack_float(qtype):
     raw = quantize(np.random.default_rng(1).standard_normal((7, 64)).astype(np.float32), qtype)
