@@ -95,14 +95,17 @@ def test_jit_batch_is_solo(small_model, jit_cache, tmp_path, family, threads):
     solo, fast = SoloBatch(make, 4), make(max_seqs=4)
     try:
         assert fast.kv_bytes_per_position == solo.kv_bytes_per_position
+        kept = []  # every step's result, and a copy: a later step must not write into an earlier one's array
         for step, rows in enumerate(_script(model.config.vocab_size)):
             want, got = solo.forward_batch(rows), fast.forward_batch(rows)
             assert got.shape == (len(rows), model.config.vocab_size)
             assert np.array_equal(got, want), f"step {step}"
+            kept.append((got, got.copy()))
         solo.copy_prefix(3, 1, 100)
         fast.copy_prefix(3, 1, 100)
         rows = [BatchRow(1, (21, 22), 100), BatchRow(3, (23,), 143)]
         assert np.array_equal(fast.forward_batch(rows), solo.forward_batch(rows))
+        assert all(np.array_equal(got, copy) for got, copy in kept)
         with pytest.raises(ContextFull):
             fast.forward_batch([BatchRow(0, (1,), 7), BatchRow(3, (1,) * 17, 144)])
         with pytest.raises(ValueError):
