@@ -116,19 +116,25 @@ class BenchConfig:
         return self.prompt_tokens + self.tokens
 
 
+def resolve_threads(threads: int | None, err=None, measure_load: bool = True) -> int:  # noqa: ANN001
+    """--threads capped to the cores (a one-line warning on err), or when not given chosen as the daemon chooses
+    (jit/cpus.choose_threads: the cores this process may use, less those busy with others)."""
+    facts = read_cpu_facts(measure_load=threads is None and measure_load)
+    if threads is None:
+        return choose_threads(facts).threads
+    threads, warning = cap_threads(threads, facts)
+    if warning:
+        print(f"dllp2p: warning: {warning}", file=err or sys.stderr)
+    return threads
+
+
 def bench_config(ns: argparse.Namespace, err=None) -> BenchConfig:  # noqa: ANN001
     """The flags checked; --threads capped to the cores (a one-line warning on err), or chosen when not given."""
     for flag, value in (("--threads", 1 if ns.threads is None else ns.threads), ("--prompt-tokens", ns.prompt_tokens),
                         ("--tokens", ns.tokens), ("--repeats", ns.repeats)):
         if value < 1:
             raise ValueError(f"{flag} must be at least 1")
-    facts = read_cpu_facts(measure_load=ns.threads is None and not getattr(ns, "load", False))
-    if ns.threads is None:
-        threads = choose_threads(facts).threads
-    else:
-        threads, warning = cap_threads(ns.threads, facts)
-        if warning:
-            print(f"dllp2p: warning: {warning}", file=err or sys.stderr)
+    threads = resolve_threads(ns.threads, err, measure_load=not getattr(ns, "load", False))
     if ns.bandwidth_mib < 0:
         raise ValueError("--bandwidth-mib must be 0 (skip) or more")
     return BenchConfig(

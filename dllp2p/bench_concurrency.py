@@ -45,7 +45,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .bench import PROMPT_TEXT
+from .bench import PROMPT_TEXT, resolve_threads
 from .commands.bench_llama import LlamaCppBatch, llama_cpp_available
 from .engine import kv_bytes_per_position
 from .errors import user_facing_errors
@@ -278,7 +278,10 @@ def main(args: argparse.Namespace, out=None, err=None, cache_dir=None, key=None)
     """`key`: the cluster key (the CLI loads it) for --workers."""
     out, err = out or sys.stdout, err or sys.stderr
     try:
-        cfg = ConcurrencyConfig(args.model, args.concurrency, args.threads, args.prompt_tokens, args.tokens,
+        if args.threads is not None and args.threads < 1:
+            raise ValueError("--threads must be at least 1")
+        threads = resolve_threads(args.threads, err)
+        cfg = ConcurrencyConfig(args.model, args.concurrency, threads, args.prompt_tokens, args.tokens,
                                 args.repeats, args.ctx, args.json, cache_dir, tuple(args.workers), key,
                                 args.cluster_plan, getattr(args, "llama_cpp", "off"))
         report = run(cfg)

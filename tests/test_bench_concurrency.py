@@ -99,14 +99,20 @@ def test_the_cli_flag_reaches_the_config(monkeypatch):
     seen = []
 
     def run(cfg):
-        seen.append(cfg.llama_cpp)
+        seen.append((cfg.llama_cpp, cfg.threads))
         raise ValueError("stop here")
 
     monkeypatch.setattr(bench_concurrency, "run", run)
     for setting in ("off", "on"):
         ns = p.parse_args(["--concurrency", "2", "--llama-cpp", setting, "--threads", "1"])
         assert bench_concurrency.main(ns, out=io.StringIO(), err=io.StringIO()) == 1
-    assert seen == ["off", "on"]
+    assert seen == [("off", 1), ("on", 1)]
+    # no --threads: chosen as the daemon chooses (it was None, and the config's check raised a TypeError)
+    assert bench_concurrency.main(p.parse_args(["--concurrency", "2"]), out=io.StringIO(), err=io.StringIO()) == 1
+    assert isinstance(seen[-1][1], int) and seen[-1][1] >= 1
+    err = io.StringIO()
+    assert bench_concurrency.main(p.parse_args(["--concurrency", "2", "--threads", "0"]), out=io.StringIO(), err=err) == 1
+    assert "--threads must be at least 1" in err.getvalue() and len(seen) == 3
 
 
 def test_llama_cpp_batch_steps_sequences_as_alone(model_path):
