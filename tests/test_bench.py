@@ -153,6 +153,40 @@ def test_membw_small_buffer():
     assert bw.nbytes % STEP == 0 and bw.checksum == bw.nbytes // 8  # every word was read
 
 
+def test_bandwidth_is_timed_on_the_reading_threads_clocks(monkeypatch):
+    """A pass lasts from the first reader's start to the last one's finish, whenever the calling thread gets a core
+    back: here it wakes 25 ms after each pass has begun (as when the readers hold every core), and each pass's
+    readers take 30 ms; timed from the caller's side, as it was, a pass looked 6x faster than it is."""
+    import ctypes
+    import threading
+    import time
+
+    from dllp2p.jit import membw
+
+    def kernel(src, n, out):  # the stub reader: the checksum the real one would make over words of 1, in 30 ms
+        ctypes.c_int64.from_address(out).value = n // 8
+        time.sleep(0.03)
+
+    made: list[threading.Barrier] = []
+
+    class LateCaller(threading.Barrier):  # the first barrier made is the one that starts a pass
+        def __init__(self, *args):
+            super().__init__(*args)
+            made.append(self)
+
+        def wait(self, timeout=None):
+            index = super().wait(timeout)
+            if self is made[0] and threading.current_thread() is threading.main_thread():
+                time.sleep(0.025)
+            return index
+
+    monkeypatch.setattr(membw, "stream_kernel", lambda cache_dir=None: kernel)
+    monkeypatch.setattr(membw.threading, "Barrier", LateCaller)
+    bw = measure_bandwidth(threads=2, nbytes=1 << 20, runs=3)
+    for rate in bw.runs_gb_s:
+        assert 0.5 < rate / (bw.nbytes / 0.03 / 1e9) < 1.1, bw.runs_gb_s
+
+
 def test_jit_engine_reports_its_own_bytes(tiny_path):
     pytest.importorskip("dllp2p.jit.engine")
     rc, out, err = run_main(["--model", str(tiny_path), *FAST, "--engine", "jit", "--bandwidth-mib", "0", "--json"])

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import threading
 import time
 from dataclasses import dataclass
 
@@ -32,7 +31,7 @@ from ..formats import load_model
 from ..formats.quant import quantize
 from .compiler import DEFAULT_CACHE_DIR
 from .layout import G, PACKED_TYPES, PackedMatrix, act_bytes, aligned_zeros, pack_weights, unit_values
-from .membw import STEP, stream_kernel
+from .membw import STEP, parallel_passes, stream_kernel
 from .library import compile_kernels
 from .specs import KernelSpec, Op
 
@@ -91,30 +90,12 @@ def plan_calls(lib, mats: list[PackedMatrix], n_threads: int, keep: list) -> lis
 
 
 def time_passes(per_thread: list[list[Call]], reps: int) -> list[float]:
-    """Seconds per pass, one number per rep, all threads running their calls between two barriers."""
-    n = len(per_thread)
-    start = threading.Barrier(n + 1)
-    end = threading.Barrier(n + 1)
+    """Seconds per pass, one number per rep, all threads running their calls between two barriers, timed on the
+    threads' own clocks (membw.parallel_passes)."""
+    def calls(cs: list[Call]):
+        return lambda: [c.fn(*c.args) for c in cs]
 
-    def worker(calls: list[Call]) -> None:
-        for _ in range(reps):
-            start.wait()
-            for c in calls:
-                c.fn(*c.args)
-            end.wait()
-
-    threads = [threading.Thread(target=worker, args=(calls,)) for calls in per_thread]
-    for t in threads:
-        t.start()
-    times = []
-    for _ in range(reps):
-        start.wait()
-        t0 = time.perf_counter()
-        end.wait()
-        times.append(time.perf_counter() - t0)
-    for t in threads:
-        t.join()
-    return times
+    return parallel_passes([calls(cs) for cs in per_thread], reps)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -150,7 +150,7 @@ def pack_weights(raw: np.ndarray, qtype: QType, shape: tuple[int, int]) -> Packe
         raise ValueError(f"{qtype.name} rows of {k} values: not whole {unit}-value blocks (a column slice of a "
                          f"{qtype.name} matrix must start and end on a multiple of {unit})")
     row_bytes = TRAITS[qtype].row_bytes(k)
-    raw = np.ascontiguousarray(raw, dtype=np.uint8).reshape(rows, row_bytes)  # a view of the model's map
+    raw = np.ascontiguousarray(raw, dtype=np.uint8).reshape(rows, row_bytes)  # a view of the map (a column slice: a copy)
     groups, per_group = -(-rows // G), k // unit * chunk_bytes(qtype)
     step = max(1, PACK_SLICE_BYTES // (G * row_bytes))  # groups a slice
     data = aligned_empty(groups * per_group, np.uint8)
