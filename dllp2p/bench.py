@@ -116,6 +116,11 @@ class BenchConfig:
         return self.prompt_tokens + self.tokens
 
 
+def agreeing_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many first tokens two greedy runs share."""
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
 def resolve_threads(threads: int | None, err=None, measure_load: bool = True) -> int:  # noqa: ANN001
     """--threads capped to the cores (a one-line warning on err), or when not given chosen as the daemon chooses
     (jit/cpus.choose_threads: the cores this process may use, less those busy with others)."""
@@ -380,7 +385,7 @@ def run_bench(cfg: BenchConfig, llama_factory: Callable[[str, int, int], Contend
         if report.get("roofline_tok_s"):
             theirs["roofline_pct"] = 100.0 * theirs["decode_tok_s"] / report["roofline_tok_s"]
         a, b = ours.runs[0].generated, other.runs[0].generated
-        report["greedy_agree_tokens"] = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        report["greedy_agree_tokens"] = agreeing_prefix(a, b)
     return report
 
 

@@ -45,7 +45,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .bench import PROMPT_TEXT, resolve_threads
+from .bench import PROMPT_TEXT, agreeing_prefix, resolve_threads
 from .commands.bench_llama import LlamaCppBatch, llama_cpp_available
 from .engine import kv_bytes_per_position
 from .errors import user_facing_errors
@@ -183,7 +183,7 @@ def run(cfg: ConcurrencyConfig, llama_factory: Callable[..., Any] | None = None)
                 tn, theirs = decode_run(llama, ps, cfg.tokens, ctx)
                 l_solo.append(steps / t1)
                 l_many.append(n * steps / tn)
-                agree.append(_agreeing(out[0], theirs[0]))
+                agree.append(agreeing_prefix(out[0], theirs[0]))
     finally:
         engine.close()
         if llama is not None:
@@ -231,14 +231,6 @@ def _start_llama_cpp(cfg: ConcurrencyConfig, path: Any, ctx: int, n: int, kv_byt
         if cfg.llama_cpp == "on":
             raise ValueError(f"llama.cpp could not run {path}: {e}") from None
         return None, f"{type(e).__name__}: {e}"
-
-
-def _agreeing(a: list[int], b: list[int]) -> int:
-    """How many first tokens a and b share."""
-    k = 0
-    while k < min(len(a), len(b)) and a[k] == b[k]:
-        k += 1
-    return k
 
 
 def _peak_rss() -> int:

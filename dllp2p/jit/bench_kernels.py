@@ -24,6 +24,7 @@ import argparse
 import statistics
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
@@ -92,8 +93,11 @@ def plan_calls(lib, mats: list[PackedMatrix], n_threads: int, keep: list) -> lis
 def time_passes(per_thread: list[list[Call]], reps: int) -> list[float]:
     """Seconds per pass, one number per rep, all threads running their calls between two barriers, timed on the
     threads' own clocks (membw.parallel_passes)."""
-    def calls(cs: list[Call]):
-        return lambda: [c.fn(*c.args) for c in cs]
+    def calls(cs: list[Call]) -> Callable[[], None]:
+        def run() -> None:
+            for c in cs:
+                c.fn(*c.args)
+        return run
 
     return parallel_passes([calls(cs) for cs in per_thread], reps)
 

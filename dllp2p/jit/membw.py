@@ -9,9 +9,10 @@ pass: it is the same read-only stream a matvec over packed weights is.
 
 T Python threads each run the kernel over their own contiguous slice of one buffer (ctypes releases
 the GIL during the call), between two barriers; a run's bandwidth is the buffer's bytes over the
-time from the first thread's start to the last thread's finish, as the threads read the clock. The buffer (1 GiB by default: far larger
-than any last-level cache) is written once by the thread that later reads each slice, so every
-page is mapped (and, on NUMA machines, local) before timing. One untimed pass warms up; the result
+time from the first thread's start to the last thread's finish, as the threads read the clock
+(parallel_passes). The buffer (1 GiB by default: far larger than any last-level cache) is written
+once by the thread that later reads each slice, so every page is mapped (and, on NUMA machines,
+local) before timing. One untimed pass warms up; the result
 is the median of the runs, in GB/s (1e9 bytes per second).
 """
 
@@ -25,8 +26,8 @@ import threading
 import time
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Callable
 from pathlib import Path
+from typing import Callable
 
 import llvmlite.ir as ir
 import numpy as np
@@ -183,7 +184,9 @@ def measure_bandwidth(
     outs = np.zeros((threads, 8), np.int64)  # one cache line per thread: no false sharing
 
     def first_touch(lo: int, hi: int) -> Callable[[], None]:  # by the thread that later reads the slice
-        return lambda: words.__setitem__(slice(lo // 8, hi // 8), 1)
+        def touch() -> None:
+            words[lo // 8 : hi // 8] = 1
+        return touch
 
     def reader(t: int, lo: int, hi: int) -> Callable[[], None]:
         out = outs[t].ctypes.data
