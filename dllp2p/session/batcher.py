@@ -7,6 +7,7 @@ next step computes. Pure (no I/O, no trio, no engine): session/batching.py drive
                  returns the next Step: the prefix copies to make first, then one BatchRow per running
                  sequence (a decode token, or its next prompt chunk), or None when nothing runs
     advance()    after the engine ran the step: what each slot's KV cache now holds
+    rewind()     the engine was lost (a worker died): every running sequence's KV is computed again
     push()       a sampled token for a sequence (finished at its step limit or its context)
     finish()     a sequence ended by its sampler's caller (end of turn, a stop string)
     cancel()     its client went away: its slot is free at the next plan()
@@ -96,7 +97,9 @@ class Seq:
 
     @property
     def prefilled(self) -> bool:
-        return self.held >= len(self.prompt)
+        """Its slot holds every token but the last sampled one (its decode row computes that): the prompt, once
+        prefilled, and what was generated; after rewind() it computes them all again as prompt chunks."""
+        return self.held >= len(self.tokens) - (1 if self.generated else 0)
 
 
 @dataclass
@@ -147,12 +150,14 @@ class BatchCore:
         return sum(s.reserve for s in self.running) + sum(len(e.tokens) for e in self.entries.values())
 
     def busy(self) -> bool:
-        return bool(self.running or self.queue)
+        """Any request queued or running (a cancelled one only while a step in flight still writes its slot)."""
+        return bool(self.queue) or any(s.state == "running" or s.flying for s in self.running)
 
     # --- requests ---
 
     def submit(self, seq: Seq) -> None:
         """Admit seq now, or queue it; raises QueueFull (queue at its bound) or CodedError (it can never fit)."""
+        self._drop_gone()
         if not self.queue and not self.running and seq.ctx > self.ctx:
             self._grow(seq.ctx)
         if self.cfg.kv_budget and seq.reserve > self.budget:
@@ -216,10 +221,13 @@ class BatchCore:
             self.last_batch = max(len(s.rows) for s in steps)
         return steps
 
+    def _drop_gone(self) -> None:
+        """The cancelled sequences' slots are free, once no step in flight writes them."""
+        self.running = [s for s in self.running if s.state == "running" or s.flying]
+
     def _admit_queued(self) -> None:
         self._plans += 1
-        # the cancelled ones' slots are free, once no step in flight writes them
-        self.running = [s for s in self.running if s.state == "running" or s.flying]
+        self._drop_gone()
         while self.queue and self._admit(self.queue[0]):
             self.queue.popleft()
         if self.queue and not self.running and self.queue[0].ctx > self.ctx:
@@ -259,6 +267,16 @@ class BatchCore:
         """`step` will never run (its engine failed): its sequences are no longer in flight."""
         for seq in step.seqs:
             seq.flying = False
+
+    def rewind(self) -> None:
+        """The engine is gone with every slot's KV (a worker was lost): the next engine is made anew, and each
+        running sequence computes again, as prompt chunks, all it had (prompt and tokens generated) before its
+        next token. Cache entries and pending copies go; reservations stay as they were."""
+        for seq in self.running:
+            seq.held, seq.flying = 0, False
+        self.entries.clear()
+        self._copies.clear()
+        self.rebuilt = True
 
     # --- admission ---
 

@@ -103,10 +103,18 @@ async def say_hello(address: str, root: Hello, t: Timeouts, key: ClusterKey | No
     return Worker(address, reply, link, rtt_ms=rtt_ms)
 
 
+def dropped(w: Worker, e: BaseException, what: str = "") -> ClusterError:
+    """A connected worker's link closed or timed out while the session was set up: the ClusterError names it
+    and is `lost` (a root serving requests together plans again without it: session/batching.py)."""
+    return ClusterError(f"{w.name}: {what}{said(w.address, e)}", address=w.address, node_id=w.hello.node_id, lost=True)
+
+
 async def expect(w: Worker, cls: type, timeout: float) -> Any:
     try:
         msg = await w.link.receive(timeout)
-    except (LinkClosed, LinkTimeout, ProtocolError) as e:
+    except (LinkClosed, LinkTimeout) as e:
+        raise dropped(w, e) from None
+    except ProtocolError as e:
         raise ClusterError(f"{w.name}: {said(w.address, e)}") from None
     if isinstance(msg, Error):
         code = ErrorCode.parse(str(msg.code))  # passed on only where the root acts on it (a full disk)
@@ -122,7 +130,9 @@ async def dial(w: Worker, the_plan: AnyPlan, root_id: str, t: Timeouts,
     hello = MeshHello(the_plan.epoch, root_id, 0, w.index)
     try:
         return await dial_mesh(w.address, hello, t.mesh, t.socket, key)
-    except (LinkClosed, LinkTimeout, MeshRefused, ProtocolError) as e:
+    except (LinkClosed, LinkTimeout) as e:
+        raise dropped(w, e, "mesh connection failed: ") from None
+    except (MeshRefused, ProtocolError) as e:
         raise ClusterError(f"{w.name}: mesh connection failed: {said(w.address, e)}") from None
 
 

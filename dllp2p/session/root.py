@@ -61,7 +61,7 @@ from .cluster_stats import ClusterStats, StepStats
 from .progress import BUILD, PUSH, Note, Progress, Sink, ignore
 from .rates import run_delay_ms
 from .recovery import STEP_FLOOR_S, StepClock
-from .handshake import ClusterError, Worker, dial, expect, gather, said, say_hello, say_hello_or_skip
+from .handshake import ClusterError, Worker, dial, dropped, expect, gather, say_hello, say_hello_or_skip
 
 ROOT_EPOCH = 0  # a re-plan after a lost node will take the next one
 
@@ -425,6 +425,6 @@ async def _push(w: Worker, model: Any, the_plan: AnyPlan, ctx: int, max_seqs: in
                 start += len(piece)
         ready: WeightsReady = await expect(w, WeightsReady, t.transfer)
     except (LinkClosed, LinkTimeout) as e:
-        raise ClusterError(f"{w.name}: {said(w.address, e)}") from None
+        raise dropped(w, e) from None
     w.received_bytes, w.cached = ready.received_bytes, ready.cached
     w.push_s = time.perf_counter() - t0 if total else 0.0

@@ -136,7 +136,8 @@ class RootService:
         self.recoveries = 0  # requests that lost a node and went on
         self.last_recovery: Recovery | None = None
         # requests served alone are batched (batching.py; its run() is a task of the daemon)
-        self.batching = BatchService(batch, node_id, slot, timeouts.idle)
+        self.batching = BatchService(batch, node_id, slot, timeouts.idle, on_lost=self._batch_lost,
+                                     on_recovered=self._batch_recovered)
 
     def plan_estimates(self, members: Sequence[NodeFacts] = ()) -> tuple[PlanEstimate, ...]:
         """The candidates the latest "auto" plan priced, fastest first; the chosen one with the measured
@@ -309,16 +310,30 @@ class RootService:
                          number: int) -> list[str]:
         """A worker was lost mid-request (e names it): the daemon is told (on_lost), the request notes the
         loss (its pause runs from its last token). -> the workers to plan over now."""
-        how = "left (shutting down)" if code_of(e) == ErrorCode.LEAVING else "lost"
-        cause = f"worker {e.address} (node {e.node_id}) {how}" if e.address else "a node lost"
-        detail = str(e)
-        request.lost(cause, before.n_nodes)
-        if e.address:
-            self.on_lost(e.address, detail)
+        request.lost(self._lost_worker(e), before.n_nodes)
         left = [w for w in workers if w != e.address]
         log.warning("request %d: %s after %d tokens; re-planning over %d workers and resuming",
-                    number, detail, len(request.tokens), len(left))
+                    number, e, len(request.tokens), len(left))
         return left
+
+    def _lost_worker(self, e: ClusterError) -> str:
+        """A worker lost mid-generation: the daemon is told (on_lost, its membership drops it). -> the cause."""
+        how = "left (shutting down)" if code_of(e) == ErrorCode.LEAVING else "lost"
+        if e.address:
+            self.on_lost(e.address, str(e))
+        return f"worker {e.address} (node {e.node_id}) {how}" if e.address else "a node lost"
+
+    async def _batch_lost(self, e: Exception) -> tuple[str, tuple[str, ...]] | None:
+        """A batched step failed with e (batching.py): a worker lost -> (the cause, the workers to go on over)."""
+        if not (isinstance(e, ClusterError) and e.lost and e.recoverable):
+            return None
+        return self._lost_worker(e), tuple(w for w in self.batching.workers if w != e.address)
+
+    def _batch_recovered(self, r: Recovery) -> None:
+        """A batched request's first token after a loss: counted and shown as the slot's recoveries are."""
+        self.recoveries += 1
+        self.last_recovery = r
+        log.warning("batched request %s", r.line())
 
     def _settle(self, request: InFlight, number: int) -> None:
         """Count and log the request's recoveries that have resumed (their pause is known) since last time."""
