@@ -190,6 +190,7 @@ def run(cfg: ConcurrencyConfig, llama_factory: Callable[..., Any] | None = None)
             llama.close()
     if llama is None:
         rss = _peak_rss()
+    bound = _ceiling(engine, cfg, [1 / s for s in solo], n / statistics.median(many))  # (its loops' compile after the RSS)
     ratios = [m / s for m, s in zip(many, solo)]
     grouped = {"groups": depth, "one_batch_tok_s": statistics.median(batch),
                "groups_gain": statistics.median([m / b for m, b in zip(many, batch)])} if batch else {"groups": 1}
@@ -200,7 +201,7 @@ def run(cfg: ConcurrencyConfig, llama_factory: Callable[..., Any] | None = None)
               "one_stream_tok_s": statistics.median(solo), "aggregate_tok_s": statistics.median(many),
               "per_stream_tok_s": statistics.median(many) / n, "per_stream_ms_per_token": 1000 * n / statistics.median(many),
               "speedup": statistics.median(ratios), "kv_bytes": n * ctx * kv_bytes_per_position(model.config),
-              "rss_bytes": rss, "llama_cpp": None}
+              "rss_bytes": rss, "llama_cpp": None, "ceiling": bound}
     if llama_error:
         report["llama_cpp_error"] = llama_error
     if llama is not None:
@@ -213,6 +214,20 @@ def run(cfg: ConcurrencyConfig, llama_factory: Callable[..., Any] | None = None)
         report["aggregate_vs_llama_cpp"] = statistics.median([m / t for m, t in zip(many, l_many)])
         report["one_stream_vs_llama_cpp"] = statistics.median([s / t for s, t in zip(solo, l_solo)])
     return report
+
+
+def _ceiling(engine: Any, cfg: ConcurrencyConfig, one_step_s: list[float], many_step_s: float) -> dict[str, float] | None:
+    """(one node, the JIT engine) The most any number of streams can give over one on this CPU in this run
+    (jit/ceiling.py: one stream's step over what one row's multiply-adds cost at the peak rates measured now on
+    the same threads; the median over the runs), and the share of that peak the N-stream step ran at."""
+    spec = getattr(engine, "spec", None)
+    if cfg.workers or spec is None:
+        return None
+    from .jit.ceiling import ceiling, row_floor
+
+    _, row_floor_s = row_floor(spec, cfg.threads, range(cfg.prompt_tokens, cfg.prompt_tokens + cfg.tokens))
+    return {"row_floor_ms": 1e3 * row_floor_s, "ceiling": statistics.median(ceiling(t, row_floor_s) for t in one_step_s),
+            "share_of_peak": cfg.concurrency * row_floor_s / many_step_s}
 
 
 def _wants_llama_cpp(cfg: ConcurrencyConfig) -> bool:
@@ -250,7 +265,16 @@ def format_report(r: dict[str, Any]) -> str:
             f"{batch}"
             f"  speedup      x{r['speedup']:.2f} (aggregate over one stream, same run)\n"
             f"  memory       KV {r['kv_bytes'] / 2**20:.0f} MiB, peak RSS {r['rss_bytes'] / 2**20:.0f} MiB"
-            f"{_llama_lines(r)}")
+            f"{_ceiling_line(r)}{_llama_lines(r)}")
+
+
+def _ceiling_line(r: dict[str, Any]) -> str:
+    c = r.get("ceiling")
+    if not c:
+        return ""
+    return (f"\n  ceiling      x{c['ceiling']:.2f} for any number of streams on this CPU now: one row's multiply-adds at "
+            f"its peak rates (measured in this run) take {c['row_floor_ms']:.3f} ms a step; the {r['concurrency']}-stream "
+            f"step ran at {c['share_of_peak']:.0%} of that peak")
 
 
 def _llama_lines(r: dict[str, Any]) -> str:

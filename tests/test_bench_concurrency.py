@@ -138,3 +138,17 @@ def test_llama_cpp_batch_steps_sequences_as_alone(model_path):
             eng.copy_prefix(0, 1, 2)
     finally:
         eng.close()
+
+
+def test_one_node_reports_the_ceiling_that_bounds_the_speedup(model_path, tmp_path):
+    """On one node the JIT engine's run adds jit/ceiling.py's bound: one stream's step over what one row's
+    multiply-adds cost at the peak rates measured in the run. No measured speed-up may pass it, no step may run
+    above the peak, and it is the one-stream step of the run over that floor."""
+    cfg = ConcurrencyConfig(str(model_path), 2, 1, 6, 5, 3, 0, False, cache_dir=tmp_path, llama_cpp="off")
+    r = bench_concurrency.run(cfg)
+    c = r["ceiling"]
+    assert r["engine"] == "JITEngine" and c["row_floor_ms"] > 0
+    assert r["speedup"] < c["ceiling"] and 0 < c["share_of_peak"] < 1
+    assert c["ceiling"] == pytest.approx(1e3 / r["one_stream_tok_s"] / c["row_floor_ms"])
+    assert c["share_of_peak"] == pytest.approx(2 * c["row_floor_ms"] / r["per_stream_ms_per_token"])
+    assert f"ceiling      x{c['ceiling']:.2f} for any number of streams" in bench_concurrency.format_report(r)

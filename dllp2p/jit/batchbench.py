@@ -60,7 +60,7 @@ from ..formats import load_model
 from ..models import default_model_path
 from . import engine as engine_module
 from .bench_ab import _weights, import_old, park, unpark
-from .ceiling import FLOAT_TYPES, ceiling, floor_seconds, measure_rates, step_work
+from .ceiling import FLOAT_TYPES, ceiling, row_floor
 from .compiler import DEFAULT_CACHE_DIR
 from .engine import JITEngine
 from .program import LAYER_MATRICES
@@ -115,9 +115,8 @@ def ceiling_figures(engine: JITEngine, decode: dict[int, dict[str, Any]], tokens
     it); the ceiling on any number of streams' speed-up, the median over rounds of that round's one-stream step
     (decode_throughput's figures began with N = 1) over row_floor_ms; per N > 1 the share of the peak its measured
     step runs at (N x row_floor_ms / step)."""
-    spec = engine.spec
-    rates = measure_rates({q for types in spec.layer_types for q in types} | {spec.output_type}, threads)
-    row_floor_ms = 1e3 * floor_seconds(step_work(spec, 1, range(prompt_len, prompt_len + tokens)), rates)
+    rates, row_floor_s = row_floor(engine.spec, threads, range(prompt_len, prompt_len + tokens))
+    row_floor_ms = 1e3 * row_floor_s
     one = decode[1]["rounds_ms_per_step"]
     return {"threads": threads, "f32_fma_per_s": rates.fma_per_s,
             "macs_per_s": {q.name: v for q, v in rates.macs_per_s.items() if q not in FLOAT_TYPES},

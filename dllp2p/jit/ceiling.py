@@ -109,3 +109,10 @@ def ceiling(one_stream_step_s: float, row_floor_s: float) -> float:
     """The most N streams can give over one stream whose step takes one_stream_step_s, for any N: N rows cost at
     least N x row_floor_s (floor_seconds of a 1-row StepWork), so N x one_stream_step_s / (N x row_floor_s)."""
     return one_stream_step_s / row_floor_s
+
+
+def row_floor(spec: ProgramSpec, threads: int, positions: Sequence[int]) -> tuple[Rates, float]:
+    """This CPU's peak rates for spec's weight types, measured now on `threads` threads, and what one row's
+    multiply-adds cost at them per decode step over `positions` (seconds, the mean over those positions)."""
+    rates = measure_rates({q for types in spec.layer_types for q in types} | {spec.output_type}, threads)
+    return rates, floor_seconds(step_work(spec, 1, positions), rates)
