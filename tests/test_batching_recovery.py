@@ -11,11 +11,14 @@ from __future__ import annotations
 import pytest
 import trio
 
+from dllp2p import wire as P
 from dllp2p.engine import SoloBatch
+from dllp2p.error_codes import ErrorCode
 from dllp2p.session.batcher import BatchConfig, BatchCore, Seq
 from dllp2p.session.batching import BatchService
-from dllp2p.session.handshake import ClusterError
+from dllp2p.session.handshake import ClusterError, Worker, expect
 from dllp2p.session.recovery import MAX_RECOVERIES
+from dllp2p.wire.link import LinkClosed, LinkTimeout
 from dllp2p.wire.messages import Done, Error
 from test_batching import Sink, _engine, _gen, _prompt, random_model, solo_text
 from test_pipelined_batching import Pipelined
@@ -169,3 +172,31 @@ def test_a_cancelled_sequence_frees_its_slot_for_the_next_request_without_a_step
     late = Seq(2, (7, 8), 10, 64)
     core.submit(late)
     assert late.state == "running" and late.slot == gone.slot and core.running == [late]
+
+
+class _Link:
+    """A worker's link during set-up that fails its next receive with `error`, or answers `reply`."""
+
+    def __init__(self, error=None, reply=None):
+        self.error, self.reply = error, reply
+
+    async def receive(self, timeout):
+        if self.error is not None:
+            raise self.error
+        return self.reply
+
+
+@pytest.mark.parametrize("error", [LinkClosed("closed"), LinkTimeout("timed out")], ids=["closed", "timeout"])
+def test_a_worker_dropped_while_the_engine_is_set_up_is_a_lost_worker_named(error):
+    """Its link closing or timing out during set-up (Need, WeightsReady; the push and the mesh dial alike) is a
+    `lost` ClusterError naming it, so the batcher plans again without it; an Error it answers is not."""
+    hello = P.Hello(P.PROTOCOL_VERSION, "w1", "worker", 1, 1.0)
+    w = Worker("127.0.0.1:9001", hello, _Link(error))
+    with pytest.raises(ClusterError) as caught:
+        trio.run(expect, w, P.Need, 1.0)
+    e = caught.value
+    assert e.lost and e.recoverable and (e.address, e.node_id) == ("127.0.0.1:9001", "w1") and "w1" in str(e)
+    answered = Worker("127.0.0.1:9001", hello, _Link(reply=Error(ErrorCode.BUSY, "busy")))
+    with pytest.raises(ClusterError) as caught:
+        trio.run(expect, answered, P.Need, 1.0)
+    assert not caught.value.lost
