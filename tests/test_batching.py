@@ -349,6 +349,53 @@ def test_status_shows_running_and_queued_requests():
     assert "requests: 2 running, 1 queued (batch 0 of 2" in console.export_text()
 
 
+def test_status_shows_the_tokens_a_second_of_the_latest_steps_and_the_requests_served(model):
+    """serving(): tok_s counts the tokens sampled over the steps of the last RATE_WINDOW_S seconds (2 streams, a
+    step every 10 ms: 200 tok/s), 0 once no step ran for that long; `served` the requests answered. The live
+    view's caption shows both."""
+    from rich.console import Console
+
+    from dllp2p import wire as P
+    from dllp2p.commands import status
+    from dllp2p.session.batching import RATE_WINDOW_S
+
+    now = [100.0]
+    m, tok = model
+
+    async def make(c: int) -> SoloBatch:
+        return SoloBatch(lambda: _engine(m.config, tok, c), 2)
+
+    svc = BatchService(BatchConfig(max_batch=2, chunk=16), "root-test", clock=lambda: now[0])
+    svc.attach(make, tok, 64, 64)
+    sinks, seen = [Sink(), Sink()], []
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            for i, sink in enumerate(sinks):
+                nursery.start_soon(svc.generate, sink, _gen(_prompt(60 + i, 4), 12, 64), list(_prompt(60 + i, 4)))
+            await trio.sleep(0.01)
+            while svc.busy():
+                await svc.step()
+                now[0] += 0.01
+                seen.append(svc.serving())
+                await trio.sleep(0.001)
+
+    trio.run(main)
+    both = [sv for sv in seen if sv.running == 2 and sv.tok_s]
+    assert both and all(sv.tok_s == pytest.approx(200) for sv in both[1:]), [sv.tok_s for sv in seen]
+    assert svc.served == 2 and svc.serving().served == 2
+    now[0] += RATE_WINDOW_S + 0.1
+    assert svc.serving().tok_s == 0
+    busy = both[-1]
+    reply = P.StatusReply(1, "root-test", (), None, None, 0, serving=busy)
+    (back,) = P.FrameDecoder().feed(P.encode(reply))
+    assert back == reply
+    console = Console(width=240, record=True)
+    console.print(status.table(status.Survey("127.0.0.1:1", back)))
+    text = " ".join(console.export_text().split())  # (the caption wraps at the table's width)
+    assert "requests: 2 running, 0 queued (batch 2 of 2, KV 25%), 200 tok/s" in text, text
+
+
 def test_bench_concurrency_runs_streams_together_as_alone(model):
     """`dllp2p bench --concurrency`'s run: N streams in one batch each decode what they decode alone."""
     from dllp2p.bench_concurrency import decode_run
@@ -449,10 +496,10 @@ def test_inline_steps_go_to_a_thread_after_a_streak_of_slow_ones_and_come_back(m
     the limit) bring them back to the loop. The text is the solo run's throughout."""
     import time
 
-    from dllp2p.session import batching
+    from dllp2p.session import inline
 
-    monkeypatch.setattr(batching, "INLINE_MAX_S", 0.02)
-    assert batching.INLINE_STREAK == 3
+    monkeypatch.setattr(inline, "INLINE_MAX_S", 0.02)
+    assert inline.INLINE_STREAK == 3
     svc, _ = _service(model, BatchConfig(max_batch=2, chunk=8), ctx=64)
     on_loop: list[bool] = []
     sink = Sink()

@@ -20,7 +20,9 @@
     recoveries  {"count", "last": null or {"cause", "pause_s", "replayed", "nodes_before", "nodes_after",
                 "at"}}: the root's requests that lost a node mid-generation and went on (re-planned, resumed)
     serving     null, or the root's requests served together: {"running", "queued", "batch" (rows of its
-                latest step), "max_batch", "queue" (the queue's bound), "kv_reserved", "kv_budget" (positions)}
+                latest step), "max_batch", "queue" (the queue's bound), "kv_reserved", "kv_budget" (positions),
+                "tok_s" (tokens generated a second, all requests together, over the last 2 s; 0: none),
+                "served" (requests answered since the daemon started)}
     nodes       one entry per member the daemon asked lists, root first, then the succession:
       id, address, role ("root" | "worker"), version (protocol, int), started_at (unix s, float),
       cluster, cores (int), ram (bytes of RAM, int), features (list of str), known_from (list of
@@ -226,7 +228,8 @@ def to_json(s: Survey) -> dict[str, Any]:
     sv = root.serving
     out["serving"] = None if sv is None else {"running": sv.running, "queued": sv.queued, "batch": sv.batch,
                                               "max_batch": sv.max_batch, "queue": sv.queue,
-                                              "kv_reserved": sv.kv_reserved, "kv_budget": sv.kv_budget}
+                                              "kv_reserved": sv.kv_reserved, "kv_budget": sv.kv_budget,
+                                              "tok_s": sv.tok_s, "served": sv.served}
     left = out["left_out"]
     for row in nodes:
         row["left_out"] = left.get(row["id"])
@@ -256,7 +259,10 @@ def table(s: Survey | None, error: str | None = None, now: float | None = None, 
         sv = to_json(s)["serving"]
         if sv is not None and (sv["running"] or sv["queued"]):
             caption += (f"; requests: {sv['running']} running, {sv['queued']} queued (batch {sv['batch']} of "
-                        f"{sv['max_batch']}, KV {100 * sv['kv_reserved'] / max(1, sv['kv_budget']):.0f}%)")
+                        f"{sv['max_batch']}, KV {100 * sv['kv_reserved'] / max(1, sv['kv_budget']):.0f}%)"
+                        + (f", {sv['tok_s']:.0f} tok/s" if sv["tok_s"] else ""))
+        if sv is not None and sv["served"]:
+            caption += f"; {sv['served']} requests served"
     t = Table(title="dllp2p cluster", caption=_text(f"{caption} ({hint})" if hint and not error else caption))
     for col in ("node", "role", "address", "version", "started", "slice", "cores / RAM", "rss", "load",
                 "rtt", "weights", "last tok/s"):

@@ -49,11 +49,13 @@ from ..wire.link import LinkClosed
 from ..wire.messages import Done, Error, Generate, TokenChunk
 from ..wire.reports import ServingStatus
 from .batcher import BatchConfig, BatchCore, Seq, Step
+from .inline import InlineChoice
 from .recovery import MAX_RECOVERIES, Recovery
 
 log = logging.getLogger("dllp2p.daemon")
 
 WARM_S = 30.0  # an idle engine (and its cached prefixes) is kept this long
+RATE_WINDOW_S = 2.0  # Status's tokens a second are those of the steps in the last this many seconds
 
 
 @dataclass(eq=False)
@@ -92,13 +94,6 @@ def jit_batch_engine(model: Any, ctx: int, threads: int, max_seqs: int, cache_di
     return SoloBatch(lambda: JITEngine(model, ctx, threads, **extra), max_seqs)
 
 
-INLINE_MAX_S = 0.025  # an engine whose inline steps take longer runs its steps in a thread: the loop (other
-# clients, status, the cluster's control links) waits for an inline step; SmolLM2's take 2-8 ms here
-INLINE_STREAK = 3  # consecutive decode steps over INLINE_MAX_S that move them off the loop, or (in the thread)
-# under half of it that bring them back: one slow step (a page-fault storm, the VM's hiccup, a burst of other work on
-# a shared device) no longer costs every later token of that engine its two thread hand-offs (~0.5 ms here)
-
-
 class BatchService:
     """Requests of one root served together. `slot`: the daemon's prompt slot (None: none to take);
     `wait_slot`: how long to wait for it before refusing (busy); `node_id`: named in answers. attach() gives
@@ -112,6 +107,8 @@ class BatchService:
         # on_lost(e): a step failed with e; a worker lost -> (the cause, the workers to go on over), else None
         self._on_lost, self._on_recovered = on_lost, on_recovered
         self._losses = 0  # losses recovered from since the last step that ran
+        self._recent: deque[tuple[float, int]] = deque(maxlen=256)  # (clock, tokens sampled) of the latest steps
+        self.served = 0  # requests answered (Done)
         self.core: BatchCore | None = None
         self.tokenizer: Any = None
         self._make: Callable[[int], Awaitable[BatchEngine]] | None = None
@@ -125,8 +122,7 @@ class BatchService:
         self._wake = trio.Event()
         self.steps = 0  # engine steps run (tests: a cancelled sequence is gone within one)
         self._flying: deque[tuple[Step, Any]] = deque()  # (pipelined) steps submitted, not completed: (step, ticket)
-        self._inline_off: Any = None  # the engine whose steps no longer run inline (INLINE_STREAK were too slow)
-        self._streak = 0  # consecutive decode steps against the present choice (slow inline, fast in the thread)
+        self._where = InlineChoice()  # its decode steps on this loop or in a thread (inline.py)
 
     def attach(self, make_engine: Callable[[int], Awaitable[BatchEngine]], tokenizer: Any, ctx: int,
                kv_position: int) -> None:
@@ -153,7 +149,17 @@ class BatchService:
         if c is None:
             return ServingStatus(0, 0, 0, self.cfg.max_batch, self.cfg.queue, 0, 0)
         running = sum(s.state == "running" for s in c.running)  # (a cancelled one leaves at the next plan)
-        return ServingStatus(running, len(c.queue), c.last_batch, self.cfg.max_batch, self.cfg.queue, c.reserved(), c.budget)
+        return ServingStatus(running, len(c.queue), c.last_batch, self.cfg.max_batch, self.cfg.queue, c.reserved(), c.budget,
+                             self._rate(), self.served)
+
+    def _rate(self) -> float:
+        """Tokens generated a second over the steps of the last RATE_WINDOW_S seconds (0: fewer than two)."""
+        now = self._clock()
+        while self._recent and self._recent[0][0] < now - RATE_WINDOW_S:
+            self._recent.popleft()
+        if len(self._recent) < 2 or self._recent[-1][0] <= self._recent[0][0]:
+            return 0.0
+        return sum(n for _, n in list(self._recent)[1:]) / (self._recent[-1][0] - self._recent[0][0])
 
     # --- one request ---
 
@@ -195,6 +201,7 @@ class BatchService:
                      f", up to {stream.flights} steps in flight" if stream.flights > 1 else "",
                      f" ({seq.cached} of them already in its KV cache)" if seq.cached else "")
             await link.send(self._done(stream, extra))
+            self.served += 1
         except LinkClosed:
             pass  # the client went away: its sequence is cancelled below
         finally:
@@ -260,14 +267,13 @@ class BatchService:
             if self.core.rebuilt or self._engine is None:
                 await self._remake()
             engine = self._engine
-            if self._inline(step):
+            if self._where.inline(step.rows, engine):
                 t0 = time.perf_counter()
                 sampled = self._compute(engine, step)
-                self._judge_inline(engine, time.perf_counter() - t0 > INLINE_MAX_S)
+                self._where.ran_inline(engine, time.perf_counter() - t0)
             else:
                 sampled, took = await trio.to_thread.run_sync(self._timed_compute, engine, step)
-                if self._inline_off is engine and self._decode_step(step, engine):
-                    self._judge_inline(engine, took < INLINE_MAX_S / 2)
+                self._where.ran_in_thread(step.rows, engine, took)
         except Exception as e:
             await self._failed(e)
             return False
@@ -275,40 +281,12 @@ class BatchService:
         await trio.lowlevel.checkpoint()  # (after an inline step) the loop's other tasks run between steps
         return True
 
-    def _inline(self, step: Step) -> bool:
-        """Run `step` on this loop rather than a thread: a decode step (one token per row) of a local engine
-        that says it is short (BatchEngine.inline_rows), which spares each token two thread hand-offs."""
-        if self._inline_off is self._engine:  # INLINE_STREAK of its inline steps in a row took over INLINE_MAX_S
-            return False
-        return self._decode_step(step, self._engine)
-
-    @staticmethod
-    def _decode_step(step: Step, engine: Any) -> bool:
-        """A decode step (one token per row) of at most the engine's inline_rows."""
-        return len(step.rows) <= getattr(engine, "inline_rows", 0) and all(len(r.tokens) == 1 for r in step.rows)
-
-    def _judge_inline(self, engine: Any, against: bool) -> None:
-        """A decode step of `engine` went against the present choice (slow on the loop, or fast in the thread) or
-        not; INLINE_STREAK in a row turn the choice over."""
-        self._streak = self._streak + 1 if against else 0
-        if self._streak < INLINE_STREAK:
-            return
-        self._streak = 0
-        if self._inline_off is engine:
-            self._inline_off = None
-            log.info("decode steps run on the serving loop again (%d in a row took under %.1f ms)", INLINE_STREAK,
-                     INLINE_MAX_S * 500)
-        else:
-            self._inline_off = engine
-            log.info("decode steps run in a thread from now on (%d in a row took over %.0f ms)", INLINE_STREAK,
-                     INLINE_MAX_S * 1000)
-
     async def _remake(self) -> None:
         """A new engine for the core's context (the old one closed first: its memory goes before)."""
         await self._close()
         self._engine = await self._make(self.core.ctx)
         self.core.rebuilt = False
-        self._streak = 0
+        self._where.reset()
 
     async def _failed(self, e: Exception) -> None:
         """The engine failed: a worker lost costs the running requests a pause (_recover); anything else (or
@@ -348,6 +326,7 @@ class BatchService:
     def _finish_step(self, step: Step, sampled: list[tuple[_Stream, int]]) -> None:
         self.steps += 1
         self._losses = 0
+        self._recent.append((self._clock(), len(sampled)))
         for seq in step.seqs:
             if (stream := self._streams.get(seq.rid)) is not None:
                 stream.most = max(stream.most, len(step.rows))

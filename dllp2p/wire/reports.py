@@ -156,10 +156,14 @@ class ServingStatus:
     queue: int  # the queue's bound (one more request is refused: 429)
     kv_reserved: int  # KV positions spoken for (running reservations, cached prefixes)
     kv_budget: int  # KV positions in all
+    tok_s: float = dataclasses.field(default=0.0, metadata=WIRE_OPTIONAL)  # tokens generated a second, all requests
+    # together, over its latest steps (0: none in the last STEPS_WINDOW_S seconds)
+    served: int = dataclasses.field(default=0, metadata=WIRE_OPTIONAL)  # requests answered since it started
 
     def __post_init__(self) -> None:
-        _need(min(self.running, self.queued, self.batch, self.queue, self.kv_reserved, self.kv_budget) >= 0
+        _need(min(self.running, self.queued, self.batch, self.queue, self.kv_reserved, self.kv_budget, self.served) >= 0
               and self.max_batch >= 1, "negative serving counts")
+        _need(math.isfinite(self.tok_s) and self.tok_s >= 0, "tok_s must be finite and >= 0")
 
 
 @dataclass(frozen=True)
