@@ -118,14 +118,18 @@ def test_a_loss_while_replaying_is_one_pause(model):
 
 
 def test_a_failure_that_is_no_lost_worker_and_a_loss_too_many_fail_the_requests(model):
-    """on_lost says None (not a worker lost): the requests end with the engine's Error at once. Every engine
+    """on_lost says None (not a worker lost), or fails: the requests end with the engine's Error at once. Every engine
     lost at its first step: after MAX_RECOVERIES losses in a row they end with an Error too."""
     async def never(e):
         return None
 
-    sinks, made, _, counted, _ = _serve(model, REQS, [12, 0], lost=never)
-    assert all(isinstance(s.got[-1], Error) and "lost" in s.got[-1].message for s in sinks)
-    assert len(made) == 1 and not counted
+    async def broken(e):
+        raise RuntimeError("a bug in the re-planning")
+
+    for hook in (never, broken):  # (a hook that fails is no recovery either: nothing escapes into the daemon)
+        sinks, made, _, counted, _ = _serve(model, REQS, [12, 0], lost=hook)
+        assert all(isinstance(s.got[-1], Error) and "lost" in s.got[-1].message for s in sinks)
+        assert len(made) == 1 and not counted
     sinks, made, _, counted, calls = _serve(model, REQS, [12] + [1] * MAX_RECOVERIES + [0])
     assert all(isinstance(s.got[-1], Error) for s in sinks)
     assert len(calls) == MAX_RECOVERIES and len(made) == MAX_RECOVERIES + 1 and not counted

@@ -306,7 +306,11 @@ class BatchService:
         every running sequence computes again what its slot held. False: not a loss, or one too many."""
         if self._on_lost is None or self._losses >= MAX_RECOVERIES or not self.core.running:
             return False
-        lost = await self._on_lost(e)
+        try:
+            lost = await self._on_lost(e)
+        except Exception as hook_error:  # a bug there: the requests fail with e, the daemon serves on
+            log.error("re-planning after a lost worker failed", exc_info=hook_error)
+            return False
         if lost is None:
             return False
         cause, workers = lost
