@@ -53,6 +53,39 @@ def test_concurrent_requests_through_two_daemons_get_their_solo_text(tmp_path, b
         # the solo runs left their prompts in the batcher's prefix cache)
 
 
+def test_2_4_and_8_requests_joining_and_leaving_at_different_times_through_two_daemons(tmp_path, cache_dir,
+                                                                                      monkeypatch):
+    """--cluster-batch over a tensor-parallel pair: 2, 4 and 8 concurrent API requests of different prompt and
+    answer lengths, joining 4 ms apart (so they join and leave a running batch at different steps), each get the
+    greedy text of the same request sent alone, and of one node (the JIT engine in this process)."""
+    from test_pipeline_batching_live import CTX as LONG_CTX, one_node_text
+
+    monkeypatch.setenv("DLLP2P_CACHE_DIR", str(cache_dir))
+    path = write_random_llama(tmp_path / "random.gguf", SPEC)
+    d = Daemons(tmp_path, 2, model=path)
+    api_port = free_port()
+    reqs = [(tuple(range(30 + 7 * i, 33 + 8 * i)), 5 + 4 * i) for i in range(8)]  # prompts of 3-10 ids, 5-33 tokens
+    got: dict[int, list] = {}
+    try:
+        root = d.start(0, "--api", f"127.0.0.1:{api_port}", "--api-ctx", str(LONG_CTX), "--cluster-batch")
+        d.start(1)
+        wait_members(root, 2)
+        alone = [complete(api_port, ids, steps) for ids, steps in reqs]
+        for n in (2, 4, 8):
+            with ThreadPoolExecutor(n) as pool:
+                got[n] = list(pool.map(lambda a: complete(api_port, *a[1], delay=0.004 * a[0]), enumerate(reqs[:n])))
+    finally:
+        d.stop_all()
+    log = "".join(d.logs[0])
+    assert re.search(r"on 2 nodes, \d+ generated, batched \([2-7] running\)", log), log
+    for (ids, steps), (code, _, solo) in zip(reqs, alone):
+        assert code == 200 and solo["choices"][0]["text"] == one_node_text(path, cache_dir, ids, steps)
+    for n, answers in got.items():
+        for (code, _, answer), (_, _, solo) in zip(answers, alone):
+            assert code == 200, (n, answer)
+            assert answer["choices"][0]["text"] == solo["choices"][0]["text"], n
+            assert answer["usage"]["completion_tokens"] == solo["usage"]["completion_tokens"], n
+
 def test_a_worker_killed_under_batched_requests_costs_a_pause_not_the_answers(tmp_path, cache_dir, monkeypatch):
     """--cluster-batch over a tensor-parallel pair: the worker is killed (-9) while two long greedy requests run
     together; the root goes on alone, computing each running request's KV again, and each gets the text of one
