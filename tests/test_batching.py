@@ -544,3 +544,69 @@ def _serve_traced(svc: BatchService, inline_rows: int, trace, clients) -> None:
             nursery.cancel_scope.cancel()
 
     trio.run(main)
+
+
+def test_batched_decode_steps_of_one_row_feed_the_rate_meter_and_the_cluster_figures_do_not_pile_up():
+    """rates.batched_step: a one-row decode step feeds the node's rate meter as the prompt slot's steps do (a cluster
+    engine's per-step figures, with the plan's share; a local engine's step time); steps of several rows or tokens
+    do not. A cluster engine's figures are taken every step, so a batcher's long-lived engine holds none."""
+    from types import SimpleNamespace
+
+    from dllp2p.engine import BatchRow
+    from dllp2p.formats.synthetic import SyntheticSpec
+    from dllp2p.pipeline import build_plan
+    from dllp2p.scheduler import Peer
+    from dllp2p.session.cluster_stats import StepStats
+    from dllp2p.session.rates import RateMeter, batched_step
+
+    config = load_model_config(SyntheticSpec(n_layers=2, dim=64, n_heads=4, n_kv_heads=2, ffn_dim=64, vocab_size=VOCAB))
+    plan = build_plan(config, [Peer("a", "", 1, 1.0), Peer("b", "", 1, 1.0)], 1, "pow2")
+    one, two = (BatchRow(0, (5,), 3),), (BatchRow(0, (5,), 3), BatchRow(1, (6,), 4))
+    cluster = SimpleNamespace(stats=SimpleNamespace(steps=[]))
+    meter = RateMeter()
+    cluster.stats.steps.append(StepStats(1, 4.0, 1.5, 0, 0, 0.5))
+    batched_step(meter, cluster, one, 0.004, plan, config.n_layers)
+    assert meter.rate == pytest.approx(0.5 / 3e-3) and cluster.stats.steps == []  # share 1/2 over 2.5 + 0.5 ms
+    for _ in range(1000):
+        cluster.stats.steps.append(StepStats(2, 6.0, 1.0, 0, 0))
+        batched_step(meter, cluster, two, 0.006, plan, config.n_layers)
+    assert cluster.stats.steps == [] and meter.rate == pytest.approx(0.5 / 3e-3)  # 2 rows: not a decode rate
+    local = SimpleNamespace()
+    alone = RateMeter()
+    batched_step(alone, local, one, 0.004, None, config.n_layers)
+    batched_step(alone, local, (BatchRow(0, (5, 6, 7), 0),), 0.01, None, config.n_layers)  # a prompt chunk: not
+    assert alone.rate == pytest.approx(250)
+
+
+def load_model_config(spec):
+    """The ModelConfig of a random model of `spec` (written to a temporary file)."""
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as d:
+        return load_model(write_random_llama(Path(d) / "m.gguf", spec)).config
+
+
+def test_the_driver_tells_on_step_of_every_step_with_its_rows_and_time(model):
+    """BatchService calls on_step(engine, rows, seconds) after each step it ran (the root's rate meter hangs there)."""
+    m, tok = model
+    seen = []
+
+    async def make(c: int) -> SoloBatch:
+        return SoloBatch(lambda: _engine(m.config, tok, c), 2)
+
+    svc = BatchService(BatchConfig(max_batch=2, chunk=16), "root-test", clock=trio.current_time,
+                       on_step=lambda engine, rows, seconds: seen.append((engine, len(rows), seconds)))
+    svc.attach(make, tok, 64, 64)
+    sink = Sink()
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(svc.generate, sink, _gen(_prompt(70, 4), 5, 64), list(_prompt(70, 4)))
+            await trio.sleep(0.01)
+            while svc.busy():
+                await svc.step()
+                await trio.sleep(0.001)
+
+    trio.run(main)
+    assert len(seen) == svc.steps == 5 and all(isinstance(e, SoloBatch) and n == 1 and s > 0 for e, n, s in seen)

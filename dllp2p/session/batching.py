@@ -102,10 +102,11 @@ class BatchService:
     def __init__(self, cfg: BatchConfig, node_id: str, slot: trio.Lock | None = None, wait_slot: float = 600.0,
                  clock: Callable[[], float] = time.perf_counter,
                  on_lost: Callable[[Exception], Awaitable[tuple[str, tuple[str, ...]] | None]] | None = None,
-                 on_recovered: Callable[[Recovery], None] = lambda r: None):
+                 on_recovered: Callable[[Recovery], None] = lambda r: None,
+                 on_step: Callable[[Any, Any, float], None] = lambda engine, rows, seconds: None):
         self.cfg, self.node_id = cfg, node_id
         # on_lost(e): a step failed with e; a worker lost -> (the cause, the workers to go on over), else None
-        self._on_lost, self._on_recovered = on_lost, on_recovered
+        self._on_lost, self._on_recovered, self._on_step = on_lost, on_recovered, on_step  # on_step: (engine, rows, s)
         self._losses = 0  # losses recovered from since the last step that ran
         self._recent: deque[tuple[float, int]] = deque(maxlen=256)  # (clock, tokens sampled) of the latest steps
         self.served = 0  # requests answered (Done)
@@ -270,14 +271,14 @@ class BatchService:
             if self._where.inline(step.rows, engine):
                 t0 = time.perf_counter()
                 sampled = self._compute(engine, step)
-                self._where.ran_inline(engine, time.perf_counter() - t0)
+                self._where.ran_inline(engine, took := time.perf_counter() - t0)
             else:
                 sampled, took = await trio.to_thread.run_sync(self._timed_compute, engine, step)
                 self._where.ran_in_thread(step.rows, engine, took)
         except Exception as e:
             await self._failed(e)
             return False
-        self._finish_step(step, sampled)
+        self._finish_step(step, sampled, took)
         await trio.lowlevel.checkpoint()  # (after an inline step) the loop's other tasks run between steps
         return True
 
@@ -327,10 +328,14 @@ class BatchService:
                     len(self.core.running))
         return True
 
-    def _finish_step(self, step: Step, sampled: list[tuple[_Stream, int]]) -> None:
+    def _finish_step(self, step: Step, sampled: list[tuple[_Stream, int]], seconds: float = 0.0) -> None:
         self.steps += 1
         self._losses = 0
         self._recent.append((self._clock(), len(sampled)))
+        try:
+            self._on_step(self._engine, step.rows, seconds)
+        except Exception as e:  # a bug in the rates' bookkeeping costs no request
+            log.error("a step's figures were not recorded", exc_info=e)
         for seq in step.seqs:
             if (stream := self._streams.get(seq.rid)) is not None:
                 stream.most = max(stream.most, len(step.rows))

@@ -31,6 +31,7 @@ from collections import deque
 from typing import Any
 
 from ..costmodel import messages
+from ..pipeline import plan_share
 
 WINDOW = 32  # recent decode steps the median is over
 
@@ -83,3 +84,22 @@ class RateMeter:
         """ms a CPU was waited for per exchange, median of the recent decode steps of plans with exchanges."""
         waits = list(self._waits)
         return statistics.median(waits) if waits else 0.0
+
+
+def batched_step(meter: RateMeter, engine: Any, rows: Any, seconds: float, plan: Any, n_layers: int) -> None:
+    """A root's batched step (session/batching.py) of `rows` that took `seconds`. A decode step of one row counts
+    as the prompt slot's decode steps do (service.py's _measure): a cluster engine's per-step figures (plan: its
+    plan), else the step's time as the whole model's rate; steps of several rows or tokens do not. A cluster
+    engine's figures are taken (its stats.steps emptied): a batcher's engine lives as long as requests come."""
+    steps = getattr(getattr(engine, "stats", None), "steps", None)
+    taken = list(steps) if isinstance(steps, list) else []
+    if isinstance(steps, list):
+        steps.clear()
+    if len(rows) != 1 or len(rows[0].tokens) != 1:
+        return
+    if not isinstance(steps, list):
+        meter.add_rate(1 / seconds if seconds > 0 else 0.0)
+    elif plan is not None:
+        share, exchanges = plan_share(plan, 0, n_layers), plan_exchanges(plan, 0, n_layers)
+        for st in taken:
+            meter.add_step(share, st.step_ms - st.sync_ms + st.delay_ms, st.tokens, st.delay_ms, exchanges)

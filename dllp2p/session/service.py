@@ -80,7 +80,7 @@ from .records import _LeftOut, _Loaded, _Warm
 from . import admission
 from .progress import Latest, LogEvents
 from .busy import BusyNodes, Polled
-from .rates import RateMeter, plan_exchanges
+from .rates import RateMeter, batched_step, plan_exchanges
 from .recovery import MAX_RECOVERIES, InFlight, Recovery, produce
 from .root import ClusterError, ClusterOptions, start
 from .slices import PlanSlices
@@ -137,7 +137,7 @@ class RootService:
         self.last_recovery: Recovery | None = None
         # requests served alone are batched (batching.py; its run() is a task of the daemon)
         self.batching = BatchService(batch, node_id, slot, timeouts.idle, on_lost=self._batch_lost,
-                                     on_recovered=self._batch_recovered)
+                                     on_recovered=lambda r: self._count(r, "batched request"), on_step=self._batch_stepped)
 
     def plan_estimates(self, members: Sequence[NodeFacts] = ()) -> tuple[PlanEstimate, ...]:
         """The candidates the latest "auto" plan priced, fastest first; the chosen one with the measured
@@ -329,26 +329,26 @@ class RootService:
             return None
         return self._lost_worker(e), tuple(w for w in self.batching.workers if w != e.address)
 
-    def _batch_recovered(self, r: Recovery) -> None:
-        """A batched request's first token after a loss: counted and shown as the slot's recoveries are."""
+    def _batch_stepped(self, engine: Any, rows: Any, seconds: float) -> None:
+        """A batched step ran: a decode step of one row feeds this node's rate meter (rates.batched_step)."""
+        batched_step(self.meter, engine, rows, seconds, self.last_plan, self._load().model.config.n_layers)
+
+    def _count(self, r: Recovery, what: str) -> None:
+        """A request that lost a node went on: counted (Status) and logged."""
         self.recoveries += 1
         self.last_recovery = r
-        log.warning("batched request %s", r.line())
+        log.warning("%s %s", what, r.line())
 
     def _settle(self, request: InFlight, number: int) -> None:
         """Count and log the request's recoveries that have resumed (their pause is known) since last time."""
         for r in request.recoveries[request.reported:]:
-            self.recoveries += 1
-            self.last_recovery = r
-            log.warning("request %d %s", number, r.line())
+            self._count(r, f"request {number}")
         request.reported = len(request.recoveries)
 
     def handed_over(self, r: Recovery) -> None:
         """A request this daemon forwarded lost its root and resumed on the next one (daemon/prompts.py):
         counted and shown with the recoveries it made as root (Status, the log)."""
-        self.recoveries += 1
-        self.last_recovery = r
-        log.warning("request %s", r.line())
+        self._count(r, "request")
 
     async def _stream(self, link: TrioLink, engine: Any, loaded: _Loaded, request: InFlight, steps: int,
                       cached: tuple[int, ...] = ()) -> None:
