@@ -331,7 +331,8 @@ class RootService:
 
     def _batch_stepped(self, engine: Any, rows: Any, seconds: float) -> None:
         """A batched step ran: a decode step of one row feeds this node's rate meter (rates.batched_step)."""
-        batched_step(self.meter, engine, rows, seconds, self.last_plan, self._load().model.config.n_layers)
+        loaded = self._loaded  # (the batcher's engine was made from it)
+        batched_step(self.meter, engine, rows, seconds, self.last_plan, loaded.model.config.n_layers if loaded else 0)
 
     def _count(self, r: Recovery, what: str) -> None:
         """A request that lost a node went on: counted (Status) and logged."""
