@@ -70,6 +70,13 @@ class RateMeter:
             if exchanges > 0 and wait_ms >= 0:
                 self._waits.append(wait_ms / exchanges)
 
+    def add_plan_steps(self, steps: Any, plan: Any, n_layers: int) -> None:
+        """A cluster root's steps (cluster_stats.StepStats) of `plan`: each one's compute, not its exchanges'
+        waits but its waits for a CPU, for the root's share of the plan."""
+        share, exchanges = plan_share(plan, 0, n_layers), plan_exchanges(plan, 0, n_layers)
+        for st in steps:
+            self.add_step(share, st.step_ms - st.sync_ms + st.delay_ms, st.tokens, st.delay_ms, exchanges)
+
     def add_rate(self, tok_s: float) -> None:
         if tok_s > 0:
             self._recent.append(tok_s)
@@ -100,6 +107,4 @@ def batched_step(meter: RateMeter, engine: Any, rows: Any, seconds: float, plan:
     if not isinstance(steps, list):
         meter.add_rate(1 / seconds if seconds > 0 else 0.0)
     elif plan is not None:
-        share, exchanges = plan_share(plan, 0, n_layers), plan_exchanges(plan, 0, n_layers)
-        for st in taken:
-            meter.add_step(share, st.step_ms - st.sync_ms + st.delay_ms, st.tokens, st.delay_ms, exchanges)
+        meter.add_plan_steps(taken, plan, n_layers)

@@ -66,7 +66,7 @@ from ..formats import load_model
 from ..memory import trim
 from ..prompt import chat_tokens, prompt_tokens
 from ..sampler import SamplerConfig
-from ..pipeline import AnyPlan, build_plan, plan_share
+from ..pipeline import AnyPlan, build_plan
 from ..scheduler import Peer, Plan, rates_moved
 from ..tokenizer import Tokenizer
 from ..wire.link import TrioLink, first_error
@@ -80,7 +80,7 @@ from .records import _LeftOut, _Loaded, _Warm
 from . import admission
 from .progress import Latest, LogEvents
 from .busy import BusyNodes, Polled
-from .rates import RateMeter, batched_step, plan_exchanges
+from .rates import RateMeter, batched_step
 from .recovery import MAX_RECOVERIES, InFlight, Recovery, produce
 from .root import ClusterError, ClusterOptions, start
 from .slices import PlanSlices
@@ -373,10 +373,7 @@ class RootService:
         if steps is None:
             self.meter.add_rate(stats.decode_tok_s if stats.generated_tokens > 1 else 0.0)
             return
-        share, exchanges = plan_share(the_plan, 0, n_layers), plan_exchanges(the_plan, 0, n_layers)
-        for step in steps:
-            self.meter.add_step(share, step.step_ms - step.sync_ms + step.delay_ms, step.tokens, step.delay_ms,
-                                exchanges)
+        self.meter.add_plan_steps(steps, the_plan, n_layers)
 
     def _judge_busy(self, model: Any, workers: list[str]) -> None:
         """Plan without the workers whose CPU wait costs more than their share saves (busy.py), for a while."""
