@@ -14,7 +14,8 @@ import trio
 import fake_tp
 from dllp2p.formats.quant import QType
 from dllp2p.scheduler import Peer, plan
-from dllp2p.session.checks import SessionRefused, allowed_hosts, check_addresses, check_config, check_shapes, expected_shape
+from dllp2p.session.checks import (MEMORY_SHARE, SessionRefused, allowed_hosts, check_addresses, check_config,
+                                   check_shapes, expected_shape, kv_bytes)
 from dllp2p.wire import codec, limits
 from dllp2p.wire.link import LinkTimeout, TrioLink
 from dllp2p.wire.messages import PROTOCOL_VERSION, Generate, Session, SliceInfo, Step
@@ -109,6 +110,11 @@ def test_the_worker_checks_shapes_sizes_and_addresses():
         check_shapes(bad, 1)
     with pytest.raises(SessionRefused, match="available"):
         check_config(s, 1, 1000)
+    kv = kv_bytes(CFG, s.plan.nodes[1], s.ctx)  # one slot's KV: a batching root's session holds max_seqs of them
+    enough = int((kv + sum(x.nbytes for x in s.slices)) / MEMORY_SHARE) + 1
+    check_config(s, 1, enough)
+    with pytest.raises(SessionRefused, match=r"x 8 slots and 3 slices need .* MiB available"):
+        check_config(dataclasses.replace(s, max_seqs=8), 1, enough)
     with pytest.raises(SessionRefused, match="maximum"):
         check_config(dataclasses.replace(s, config=dataclasses.replace(CFG, context_length=1 << 24), ctx=1 << 24), 1, None)
     check_addresses(s.plan, 1, allowed_hosts(set(), "127.0.0.1"))  # the root's own host

@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 
 import fake_tp
+from pages import resident_bytes
 from ports import free_port
 from dllp2p.formats import QType, load_model
 from dllp2p.formats.synthetic import SyntheticSpec, write_random_llama, write_random_model
@@ -166,19 +167,6 @@ def test_a_root_streams_its_pushes_and_an_idle_worker_gives_its_engine_back(tmp_
         f"the idle worker holds {after >> 20} MiB, {in_session >> 20} MiB in the session; its slices {share >> 20} MiB")
 
 
-def _resident_bytes(a: np.ndarray) -> int:
-    """Bytes of a's pages in memory now (mincore over the pages a spans)."""
-    import ctypes
-    page = os.sysconf("SC_PAGE_SIZE")
-    lo = a.ctypes.data // page * page
-    n = (a.ctypes.data + a.nbytes - lo + page - 1) // page
-    vec = (ctypes.c_ubyte * n)()
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
-    assert libc.mincore(ctypes.c_void_p(lo), ctypes.c_size_t(n * page), vec) == 0, os.strerror(ctypes.get_errno())
-    return sum(v & 1 for v in vec) * page
-
-
 def test_kv_slots_take_memory_as_rows_are_written(qwen, tmp_path):
     """An engine of 8 slots x 2048 positions (4 MiB a layer's K or V) after a 5-token prompt in slot 0 holds
     about a page per KV head of each: np.zeros of that size asked for transparent huge pages, and a
@@ -195,7 +183,7 @@ def test_kv_slots_take_memory_as_rows_are_written(qwen, tmp_path):
             for name in ("k_cache", "v_cache"):
                 cache = engine._bufs[f"{layer}.{name}"]
                 assert cache.nbytes >= 4 << 20  # numpy asks huge pages for 4 MiB or more
-                held = _resident_bytes(cache)  # (before anything reads the rest: a read maps pages too)
+                held = resident_bytes(cache)  # (before anything reads the rest: a read maps pages too)
                 assert held <= c.n_kv_heads * 2 * page, (layer, name, held)
                 assert np.all(np.any(cache[0, :, :5] != 0, axis=-1))  # the rows were written there
     finally:
@@ -210,9 +198,9 @@ def test_lazy_zeros_are_zeroed_aligned_and_refuse_clearly():
     a = lazy_zeros((4, 3, 1024), np.float16)
     assert a.shape == (4, 3, 1024) and a.dtype == np.float16 and a.flags.writeable
     assert a.ctypes.data % os.sysconf("SC_PAGE_SIZE") == 0
-    assert _resident_bytes(a) == 0
+    assert resident_bytes(a) == 0
     a[2, 1, 5] = 3.0
-    assert _resident_bytes(a) == os.sysconf("SC_PAGE_SIZE") and float(a.sum()) == 3.0
+    assert resident_bytes(a) == os.sysconf("SC_PAGE_SIZE") and float(a.sum()) == 3.0
     assert lazy_zeros((0, 8), np.float32).shape == (0, 8)
     with pytest.raises(MemoryError, match="cannot map 288230376151711744 bytes"):
         lazy_zeros((1 << 40, 1 << 18), np.uint8)

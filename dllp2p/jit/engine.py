@@ -18,6 +18,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import logging
+import mmap
 import os
 import threading
 import time
@@ -35,7 +36,7 @@ from .compiler import (
 )
 from .cpus import ThreadChoice, choose_threads, read_cpu_facts
 from .family import LAYER_EXTRAS, layer_extras, rope_table
-from .layout import act_bytes, aligned_zeros, lazy_zeros
+from .layout import act_bytes, aligned_zeros, drop_pages, lazy_zeros
 from .library import build_module
 from .ir_share import counter_words
 from .ir_stream import STREAM_WORDS, StreamPlan, madvise_number, page_range, stream_plan, stream_table
@@ -76,6 +77,8 @@ def program_spec(model: GGUFModel, max_chunk: int = 64, dynamic: bool = True) ->
 # (~0.5 ms per token measured through the daemon on the 2-vCPU VM: the other vCPU is asleep or spinning, and
 # waking a thread across vCPUs is slow in a VM).
 INLINE_ROWS = 8
+DROP_PAGES = 4  # a slot's KV pages past what it holds go back to the OS from this many a head's run (_holds)
+
 
 class JITEngine:
     """Engine protocol (see dllp2p/engine.py) over JIT-compiled code and `threads` native threads."""
@@ -123,6 +126,7 @@ class JITEngine:
             raise ValueError("max_seqs must be at least 1")
         self.kv_bytes_per_position = kv_bytes_per_position(c, self.n_kv_local)
         self._lengths = [0] * self.max_seqs  # positions each slot holds
+        self._high = [0] * self.max_seqs  # positions of each slot whose KV pages rows have written
         self.spec, self.packed = spec, packed
         self.weight_bytes_per_token = packed.bytes_per_token
         t1 = time.perf_counter()
@@ -131,6 +135,7 @@ class JITEngine:
         t2 = time.perf_counter()
         self._bufs = self._allocate()
         self._bufs.update(self._extra_buffers())
+        self._kv = [b for name, b in self._bufs.items() if name.endswith((".k_cache", ".v_cache"))]
         self._table = self._fill_table()
         self._table_addr = self._table.ctypes.data
         slots = self.slots_class(c.n_layers)
@@ -288,11 +293,10 @@ class JITEngine:
         if not 0 <= n <= self._lengths[src]:
             raise ValueError(f"slot {src} holds {self._lengths[src]} positions, not {n}")
         if src != dst:
-            for layer in range(self.config.n_layers):
-                for name in ("k_cache", "v_cache"):
-                    cache = self._bufs[f"{layer}.{name}"]
-                    cache[dst, :, :n] = cache[src, :, :n]
+            for cache in self._kv:  # every layer this engine runs (a pipeline stage's only), K and V
+                cache[dst, :, :n] = cache[src, :, :n]
         self._lengths[dst] = n
+        self._holds(dst, n)
 
     @property
     def seq_lengths(self) -> tuple[int, ...]:
@@ -337,7 +341,24 @@ class JITEngine:
                     out[wanted] = logits
         for row in rows:
             self._lengths[row.seq] = row.start_pos + len(row.tokens)
+            self._holds(row.seq, self._lengths[row.seq])
         return out
+
+    def _holds(self, slot: int, n: int) -> None:
+        """slot's KV holds n positions now. Where earlier rows wrote DROP_PAGES or more pages of each head's run
+        past them (a rewind, a slot taken over, or freed: copy_prefix(s, s, 0)), those pages go back to the OS:
+        the caches take about the memory of what their slots hold, which a KV budget counts
+        (session/batcher.py), not of the most they ever held. Fewer are kept (a madvise costs ~40 us here, one
+        a head's run), but not when the slot holds nothing now (one a layer's K or V)."""
+        high = self._high[slot]
+        run = self.config.head_dim * 2  # bytes of one position of one head (f16)
+        if high <= n or n > 0 and (high - n) * run < DROP_PAGES * mmap.PAGESIZE:
+            self._high[slot] = max(high, n)
+            return
+        self._high[slot] = n
+        for cache in self._kv:  # f16[max_seqs, n_kv_local, ctx, head_dim]
+            for part in ([cache[slot]] if n == 0 else [cache[slot, h, n:] for h in range(cache.shape[1])]):
+                drop_pages(part)
 
     def _before_step(self, last: bool) -> None:
         pass

@@ -34,6 +34,7 @@ import mmap
 import numpy as np
 
 from ..formats import quant as fq
+from ..memlimit import MADV_DONTNEED, advise
 from ..formats.quant import BLOCK_DTYPES, QK, TRAITS, QType
 
 G = 16  # rows interleaved per group: one 512-bit vector of i32 lanes
@@ -95,6 +96,22 @@ def lazy_zeros(shape, dtype) -> np.ndarray:
         except OSError:  # a kernel without transparent huge pages
             pass
     return np.frombuffer(m, np.uint8, count=nbytes).view(dtype).reshape(shape)
+
+
+def drop_pages(view: np.ndarray) -> int:
+    """Give the OS back the whole pages inside `view`, a C-contiguous part of a lazy_zeros array: they read as
+    zeros again and take no memory until written (MADV_DONTNEED on a private anonymous mapping). The pages
+    its ends share with the values around it are kept. -> bytes given back (what was asked: pages never
+    written were not held)."""
+    if not view.flags.c_contiguous:
+        raise ValueError("drop_pages needs a C-contiguous view")
+    lo = view.ctypes.data
+    start = -(-lo // mmap.PAGESIZE) * mmap.PAGESIZE
+    end = (lo + view.nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
+    if end <= start:
+        return 0
+    advise([(start, end - start)], MADV_DONTNEED)
+    return end - start
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,10 @@ copy_prefix into a free slot. Either way at least the prompt's last token is com
 KV budget: every running sequence reserves, when admitted, the positions it can ever fill
 (min(prompt + max tokens, its context)); a cache entry the positions it holds. Their sum never exceeds
 the budget (checked by plan(); entries are evicted, least recently used first, to admit a request).
+A slot no sequence or entry counts any more (an entry evicted, a sequence cancelled) gets a copy of
+nothing into itself (Copy(slot, slot, 0)) before the next step's rows, and an engine whose memory follows
+what its slots hold (JITEngine: the pages past them go back to the OS, as after a rewind) then takes the
+memory of the budget, not of the most its slots ever held.
 
 Fairness: every running sequence's decode token is in every step; new sequences' prompt tokens share
 BatchConfig.chunk per step, oldest first, so a long prompt cannot hold back the running decodes and
@@ -222,8 +226,16 @@ class BatchCore:
         return steps
 
     def _drop_gone(self) -> None:
-        """The cancelled sequences' slots are free, once no step in flight writes them."""
-        self.running = [s for s in self.running if s.state == "running" or s.flying]
+        """The cancelled sequences' slots are free, once no step in flight writes them, and their KV dropped."""
+        keep = [s for s in self.running if s.state == "running" or s.flying]
+        self._drop([s.slot for s in self.running if s not in keep and s.held])
+        self.running = keep
+
+    def _drop(self, slots: list[int]) -> None:
+        """Slots whose KV no sequence or entry counts any more: a copy of nothing into each before the next
+        step's rows, so the engine holds nothing there (JITEngine gives the pages back to the OS, and the KV
+        budget bounds the memory the caches take, not just what they are said to hold)."""
+        self._copies.extend(Copy(slot, slot, 0) for slot in slots)
 
     def _admit_queued(self) -> None:
         self._plans += 1
@@ -311,6 +323,7 @@ class BatchCore:
         for e in evict:
             del self.entries[e.slot]
             free.append(e.slot)
+        self._drop([e.slot for e in evict])
         if take_over:
             del self.entries[src]
             seq.slot = src
