@@ -151,3 +151,55 @@ def test_the_kv_budget_bounds_the_memory_the_caches_take(make):
         while len(want) < 6:
             want.append(int(np.argmax(solo.forward_batch([BatchRow(0, (want[-1],), solo.seq_lengths[0])])[0])))
         assert got[name] == want, name
+
+
+def test_a_default_budget_takes_no_more_than_the_memory_holds():
+    """BatchCore.set_memory: with no kv_budget, the budget is max_batch contexts or the positions the node's
+    memory holds, whichever is less, but never under one context or what is reserved already."""
+    core = BatchCore(BatchConfig(max_batch=4, queue=4, chunk=64), ctx=100, kv_position=10)
+    assert core.budget == 400
+    a, b, c = (Seq(i, (i + 1,) * 50, 40, 100) for i in range(3))  # 90 positions each
+    core.submit(a)
+    core.submit(b)
+    core.set_memory(150)  # memory for 150 positions: 180 are reserved already
+    assert core.budget == 180 and core.reserved() == 180
+    core.submit(c)
+    assert c.state == "queued"
+    core.set_memory(50)
+    assert core.budget == 180  # what is reserved stays within the budget
+    core.cancel(a)
+    core.cancel(b)
+    core.plan()
+    assert core.budget == 100 and c.state == "running"  # one context at least
+    core.set_memory(10_000)
+    assert core.budget == 400
+    explicit = BatchCore(BatchConfig(max_batch=4, kv_budget=300 * 10), ctx=100, kv_position=10)
+    explicit.set_memory(150)
+    assert explicit.budget == 300  # a budget set in the config is the config's
+
+
+def test_a_root_alone_sizes_its_default_budget_to_its_memory(make, monkeypatch):
+    """BatchService measures the memory available as it makes its engine (admission.meminfo): where it holds
+    fewer than max_batch contexts of KV, the budget (Status) is what it holds, and a request beyond it waits."""
+    import trio
+
+    from dllp2p.session import batching
+    from dllp2p.session.batching import BatchService
+    from dllp2p.session.checks import MEMORY_SHARE
+
+    engine = make(4, ctx=256)
+    per_position = engine.kv_bytes_per_position
+
+    async def engine_for(ctx: int):  # noqa: ANN202
+        return engine
+
+    monkeypatch.setattr(batching, "meminfo", lambda: int(600 * per_position / MEMORY_SHARE) + 1)
+    svc = BatchService(BatchConfig(max_batch=4, queue=4, chunk=256), "root-test")
+    svc.attach(engine_for, None, 256, per_position)
+    assert svc.serving().kv_budget == 4 * 256
+    trio.run(svc._remake)
+    assert svc.serving().kv_budget == 600
+    first, second, third = (Seq(i, (i + 1,) * 200, 50, 256) for i in range(3))  # 250 positions each
+    for seq in (first, second, third):
+        svc.core.submit(seq)
+    assert [s.state for s in (first, second, third)] == ["running", "running", "queued"]

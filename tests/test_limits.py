@@ -115,6 +115,11 @@ def test_the_worker_checks_shapes_sizes_and_addresses():
     check_config(s, 1, enough)
     with pytest.raises(SessionRefused, match=r"x 8 slots and 3 slices need .* MiB available"):
         check_config(dataclasses.replace(s, max_seqs=8), 1, enough)
+    check_config(dataclasses.replace(s, max_seqs=8, kv_positions=s.ctx), 1, enough)  # the root's budget: one context
+    with pytest.raises(SessionRefused, match=rf"\({s.ctx + 1} positions in 8 slots\) and 3 slices"):
+        check_config(dataclasses.replace(s, max_seqs=8, kv_positions=s.ctx + 1), 1, enough)  # one more
+    with pytest.raises(ValueError, match="kv_positions"):
+        dataclasses.replace(s, max_seqs=2, kv_positions=2 * s.ctx + 1)
     with pytest.raises(SessionRefused, match="maximum"):
         check_config(dataclasses.replace(s, config=dataclasses.replace(CFG, context_length=1 << 24), ctx=1 << 24), 1, None)
     check_addresses(s.plan, 1, allowed_hosts(set(), "127.0.0.1"))  # the root's own host

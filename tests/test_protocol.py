@@ -34,6 +34,7 @@ def _samples() -> list[P.Message]:
         P.Step(7, 0, (1, 2, 3), 0),
         P.Step(7, 1, (1, 2, 3, 9), 0, 4, rows=((2, 17, 1), (0, 0, 3)), copies=((2, 1, 16),)),  # a batch
         P.Session(PLAN, CONFIG, 64, SESSION.slices, 8),
+        P.Session(PLAN, CONFIG, 64, SESSION.slices, 8, 100),  # a batching root's KV budget: 100 positions
         P.Stop(7, "done"),
         P.Error("slice_hash", "blk.0.attn_q.weight: hash mismatch"),
         P.Error("peer_lost", "node w1 lost node 2 (w2, 10.0.0.3:7000): timed out", 2),

@@ -135,7 +135,6 @@ class JITEngine:
         t2 = time.perf_counter()
         self._bufs = self._allocate()
         self._bufs.update(self._extra_buffers())
-        self._kv = [b for name, b in self._bufs.items() if name.endswith((".k_cache", ".v_cache"))]
         self._table = self._fill_table()
         self._table_addr = self._table.ctypes.data
         slots = self.slots_class(c.n_layers)
@@ -343,6 +342,11 @@ class JITEngine:
             self._lengths[row.seq] = row.start_pos + len(row.tokens)
             self._holds(row.seq, self._lengths[row.seq])
         return out
+
+    @property
+    def _kv(self) -> list[np.ndarray]:
+        """The KV caches of every layer this engine runs, K and V: f16[max_seqs, n_kv_local, ctx, head_dim]."""
+        return [b for name, b in self._bufs.items() if name.endswith((".k_cache", ".v_cache"))]
 
     def _holds(self, slot: int, n: int) -> None:
         """slot's KV holds n positions now. Where earlier rows wrote DROP_PAGES or more pages of each head's run

@@ -24,6 +24,8 @@ copy_prefix into a free slot. Either way at least the prompt's last token is com
 KV budget: every running sequence reserves, when admitted, the positions it can ever fill
 (min(prompt + max tokens, its context)); a cache entry the positions it holds. Their sum never exceeds
 the budget (checked by plan(); entries are evicted, least recently used first, to admit a request).
+With no kv_budget set, the budget is max_batch full contexts, or what the node's memory holds when its
+driver says (set_memory: a root alone, measured as its engine is made), whichever is less.
 A slot no sequence or entry counts any more (an entry evicted, a sequence cancelled) gets a copy of
 nothing into itself (Copy(slot, slot, 0)) before the next step's rows, and an engine whose memory follows
 what its slots hold (JITEngine: the pages past them go back to the OS, as after a rewind) then takes the
@@ -138,6 +140,7 @@ class BatchCore:
 
     def __init__(self, cfg: BatchConfig, ctx: int, kv_position: int):
         self.cfg, self.ctx, self.kv_position = cfg, ctx, kv_position
+        self.memory = 0  # KV positions this node's memory holds (0: unknown): a default budget takes no more
         self._set_budget()
         self.running: list[Seq] = []  # admission order
         self.queue: deque[Seq] = deque()
@@ -162,6 +165,7 @@ class BatchCore:
     def submit(self, seq: Seq) -> None:
         """Admit seq now, or queue it; raises QueueFull (queue at its bound) or CodedError (it can never fit)."""
         self._drop_gone()
+        self._set_budget()
         if not self.queue and not self.running and seq.ctx > self.ctx:
             self._grow(seq.ctx)
         if self.cfg.kv_budget and seq.reserve > self.budget:
@@ -240,6 +244,7 @@ class BatchCore:
     def _admit_queued(self) -> None:
         self._plans += 1
         self._drop_gone()
+        self._set_budget()
         while self.queue and self._admit(self.queue[0]):
             self.queue.popleft()
         if self.queue and not self.running and self.queue[0].ctx > self.ctx:
@@ -299,9 +304,19 @@ class BatchCore:
         self.entries.clear()
         self._copies.clear()
 
+    def set_memory(self, positions: int) -> None:
+        """The KV positions this node's memory holds now (0: unknown): a default budget takes no more."""
+        self.memory = positions
+        self._set_budget()
+
     def _set_budget(self) -> None:
-        cfg = self.cfg
-        self.budget = cfg.kv_budget // self.kv_position if cfg.kv_budget else cfg.max_batch * self.ctx  # positions
+        """The budget in positions: kv_budget's, else max_batch contexts, or fewer where `memory` holds fewer
+        (but one context, and what is reserved already: a request admitted is never over budget)."""
+        cfg, full = self.cfg, self.cfg.max_batch * self.ctx
+        if cfg.kv_budget:
+            self.budget = cfg.kv_budget // self.kv_position
+        else:
+            self.budget = max(self.ctx, min(full, self.memory), self.reserved()) if self.memory else full
 
     def _admit(self, seq: Seq) -> bool:
         """Give seq a slot (and a shared prefix) if one is free and the budget allows; False if not now."""

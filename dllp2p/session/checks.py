@@ -62,10 +62,11 @@ def check_config(s: Session, index: int, mem_available: int | None, max_ctx: int
         _need(1 <= value <= bound, f"model config {name} {value} is not in 1..{bound}")
     _need(c.n_heads % c.n_kv_heads == 0, f"{c.n_heads} heads cannot be grouped over {c.n_kv_heads} KV heads")
     _need(s.ctx <= max_ctx, f"ctx {s.ctx} is over this node's maximum of {max_ctx} positions")
-    if mem_available is not None:  # the KV of every slot, full (a batching root's default budget: max_batch contexts)
-        kv = kv_bytes(c, s.plan.nodes[index], s.ctx * s.max_seqs, _stage_layers(s, index))
+    if mem_available is not None:  # the KV the root's budget lets every slot hold together (default: all full)
+        kv = kv_bytes(c, s.plan.nodes[index], s.kv_positions or s.ctx * s.max_seqs, _stage_layers(s, index))
         need = kv + sum(si.nbytes for si in s.slices)
-        slots = f" x {s.max_seqs} slots" if s.max_seqs > 1 else ""
+        slots = "" if s.max_seqs == 1 else f" x {s.max_seqs} slots" if not s.kv_positions else \
+            f" ({s.kv_positions} positions in {s.max_seqs} slots)"
         _need(need <= mem_available * MEMORY_SHARE,
               f"ctx {s.ctx}{slots} and {len(s.slices)} slices need {need / 2**20:.0f} MiB; this node has "
               f"{mem_available / 2**20:.0f} MiB available")

@@ -219,7 +219,7 @@ class RootService:
             return engine
         await self.close_warm()  # a kept session of the slot's path holds the workers
         engine, self.last_plan, _ = await self._engine_usable(model, ctx, list(self.batching.workers), self.requests,
-                                                              max_seqs=slots)
+                                                              max_seqs=(slots, min(self.batching.core.budget, slots * ctx)))
         self.batching.nodes = self.last_plan.n_nodes
         return engine
 
@@ -432,9 +432,10 @@ class RootService:
         return prompt_tokens(loaded.tokenizer, loaded.model, g.prompt, g.chat, g.system)
 
     async def _engine_usable(self, model: Any, ctx: int, workers: list[str], epoch: int,
-                             max_seqs: int = 1) -> tuple[Any, AnyPlan, tuple]:
+                             max_seqs: tuple[int, int] = (1, 0)) -> tuple[Any, AnyPlan, tuple]:
         """_engine, planning again without a worker that answers disk_full (left out for LEFT_OUT_S, with
-        one log line). -> (engine, plan, the warm key of the workers it was made over)."""
+        one log line); max_seqs: (KV slots, KV positions all hold together; 0: that many contexts).
+        -> (engine, plan, the warm key of the workers it was made over)."""
         while True:
             try:
                 engine, the_plan = await self._engine(model, ctx, workers, epoch, max_seqs)
@@ -448,14 +449,14 @@ class RootService:
                 workers = [w for w in workers if w != e.address]
 
     async def _engine(self, model: Any, ctx: int, workers: list[str], epoch: int,
-                      max_seqs: int = 1) -> tuple[Any, AnyPlan]:
+                      max_seqs: tuple[int, int] = (1, 0)) -> tuple[Any, AnyPlan]:
         """A ClusterEngine over this root and the workers (max_seqs KV slots on every node), or a JIT engine
         when there are none."""
         threads = await trio.to_thread.run_sync(self.pick_threads) if self.pick_threads else self.threads
         if workers:
             options = ClusterOptions(tuple(workers), self.policy, self.timeouts, exchange=self.exchange,
-                                     skip_unreachable=True, cache_dir=self.cache_dir, key=self.key, max_seqs=max_seqs,
-                                     mem_limit=self.mem_limit,
+                                     skip_unreachable=True, cache_dir=self.cache_dir, key=self.key, max_seqs=max_seqs[0],
+                                     mem_limit=self.mem_limit, kv_positions=max_seqs[1],
                                      figures=self.figures, link_mbps=tuple(self._link_mbps.items()), assume=self.assume,
                                      weights=tuple(self._weights.items()))
             tp = self._tp()

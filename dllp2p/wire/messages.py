@@ -222,6 +222,8 @@ class Session:
     ctx: int  # KV cache positions
     slices: tuple[SliceInfo, ...]
     max_seqs: int = dataclasses.field(default=1, metadata={"wire_optional": True})  # KV slots (batched sequences)
+    # KV positions all slots may hold together (the root's KV budget; 0: max_seqs full contexts)
+    kv_positions: int = dataclasses.field(default=0, metadata={"wire_optional": True})
 
     def __post_init__(self) -> None:
         c = self.config
@@ -234,6 +236,8 @@ class Session:
         _need(1 <= self.ctx <= c.context_length, f"ctx {self.ctx} is not in 1..{c.context_length}")
         _need(len(self.slices) >= 1, "a session without tensors")
         _need(1 <= self.max_seqs <= MAX_SEQS, f"max_seqs {self.max_seqs} outside 1..{MAX_SEQS}")
+        _need(0 <= self.kv_positions <= self.ctx * self.max_seqs,
+              f"kv_positions {self.kv_positions} outside 0..{self.ctx * self.max_seqs} (ctx x max_seqs)")
         names = [s.tensor for s in self.slices]
         _need(len(set(names)) == len(names), "a tensor is listed twice")
 
