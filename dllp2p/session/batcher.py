@@ -25,7 +25,7 @@ KV budget: every running sequence reserves, when admitted, the positions it can 
 (min(prompt + max tokens, its context)); a cache entry the positions it holds. Their sum never exceeds
 the budget (checked by plan(); entries are evicted, least recently used first, to admit a request).
 With no kv_budget set, the budget is max_batch full contexts, or what the node's memory holds when its
-driver says (set_memory: a root alone, measured as its engine is made), whichever is less.
+driver says (set_memory: measured as the root's engine is made), whichever is less.
 A slot no sequence or entry counts any more (an entry evicted, a sequence cancelled) gets a copy of
 nothing into itself (Copy(slot, slot, 0)) before the next step's rows, and an engine whose memory follows
 what its slots hold (JITEngine: the pages past them go back to the OS, as after a rewind) then takes the

@@ -285,20 +285,22 @@ class BatchService:
         return True
 
     async def _remake(self) -> None:
-        """A new engine for the core's context (the old one closed first: its memory goes before). Alone, the
-        default KV budget is then at most what this node's memory holds (admission.meminfo x MEMORY_SHARE):
-        more requests wait in the queue rather than the kernel's OOM killer ending the daemon (workers check
-        their share of the budget when the session starts: checks.check_config)."""
+        """A new engine for the core's context (the old one closed first: its memory goes before). The default
+        KV budget is then at most what this node's memory holds of the engine's KV (admission.meminfo x
+        MEMORY_SHARE over its bytes a position: a cluster root's share): more requests wait in the queue
+        rather than the kernel's OOM killer ending the daemon (workers check their share of the budget when
+        the session starts: checks.check_config)."""
         await self._close()
         self._engine = await self._make(self.core.ctx)
         self.core.rebuilt = False
         self._where.reset()
-        available = None if self.workers else await trio.to_thread.run_sync(meminfo)
-        self.core.set_memory(0 if available is None else int(available * MEMORY_SHARE) // self.core.kv_position)
+        available = await trio.to_thread.run_sync(meminfo)
+        per = getattr(self._engine, "kv_bytes_per_position", 0) or self.core.kv_position  # this node's share
+        self.core.set_memory(0 if available is None else int(available * MEMORY_SHARE) // per)
         if self.core.memory and self.core.memory < self.cfg.max_batch * self.core.ctx and not self.cfg.kv_budget:
             log.info("KV budget: %d positions, what %.0f MiB of available memory holds (max_batch %d contexts of "
                      "%d would take %.0f MiB)", max(self.core.ctx, self.core.memory), available / 2**20,
-                     self.cfg.max_batch, self.core.ctx, self.cfg.max_batch * self.core.ctx * self.core.kv_position / 2**20)
+                     self.cfg.max_batch, self.core.ctx, self.cfg.max_batch * self.core.ctx * per / 2**20)
 
     async def _failed(self, e: Exception) -> None:
         """The engine failed: a worker lost costs the running requests a pause (_recover); anything else (or
