@@ -2,7 +2,9 @@
 over one worker daemon runs a 2-stage pipeline (the worker: layer 0; the root: layer 1 and the logits) and
 keeps 2 groups of requests in flight, so the worker computes one group's next step while the root computes
 the other's. Concurrent greedy requests of different lengths joining at different times each get the text
-they get alone through the same daemons, and the text of one node (the JIT engine in this process). A worker
+they get alone through the same daemons, and the text of one node (the JIT engine in this process); one that
+shares its first tokens with a running one gets them by a prefix copy on each stage (a stage's engine holds
+only its layers' KV: the copy used to look for all of them, and the step failed with HTTP 500). A worker
 killed while groups are in flight costs the running requests a pause, not their answers: the root goes on alone
 (the KV of every running request computed again) and each gets the text of an undisturbed run, its Done
 reporting the recovery, Status counting it; the next request is served without the worker. The pure grouping
@@ -26,6 +28,7 @@ from test_serve import Daemons, free_port, status, wait_members
 
 CTX = 512  # room for requests long enough to lose the worker in the middle of
 SPEC = SyntheticSpec(dim=128, n_layers=2, n_heads=4, n_kv_heads=4, ffn_dim=256, vocab_size=300, seed=11)
+SHARED = [((80, 81, 82, 83, 84, 85), 200), ((80, 81, 82, 83, 90), 20)]  # the second joins while the first runs
 LONG = (0, 2)  # the requests the worker dies under: their greedy runs go on for 480 tokens (the second's ends at 132)
 
 
@@ -60,6 +63,8 @@ def test_concurrent_requests_through_a_two_stage_pipeline_get_their_solo_text(tm
         alone = [complete(api_port, ids, steps) for ids, steps in reqs]
         with ThreadPoolExecutor(len(reqs)) as pool:  # joining 0, 4, 8, 12 ms after the first (a step: ~1 ms)
             answers = list(pool.map(lambda a: complete(api_port, *a[1], delay=0.004 * a[0]), enumerate(reqs)))
+        with ThreadPoolExecutor(2) as pool:  # the second shares 4 tokens with the first, running: a prefix copy
+            shared = list(pool.map(lambda a: complete(api_port, *a[1], delay=0.02 * a[0]), enumerate(SHARED)))
         with ThreadPoolExecutor(2) as pool:  # two long requests; the worker dies while they run
             long = [pool.submit(complete, api_port, ids, 480) for ids, _ in (reqs[i] for i in LONG)]
             deadline = time.monotonic() + 20
@@ -78,6 +83,10 @@ def test_concurrent_requests_through_a_two_stage_pipeline_get_their_solo_text(tm
         assert code == 200, json.dumps(got)
         assert got["choices"][0]["text"] == solo["choices"][0]["text"]
         assert got["usage"]["completion_tokens"] == solo["usage"]["completion_tokens"]
+    for (ids, steps), (code, _, got) in zip(SHARED, shared):  # (each stage copied only the layers it holds)
+        assert code == 200, json.dumps(got)
+        assert got["choices"][0]["text"] == one_node_text(path, cache_dir, ids, steps)
+    assert shared[1][2]["usage"]["prompt_tokens_details"]["cached_tokens"] == 4, shared[1][2]["usage"]
     for (ids, steps), (_, _, solo) in list(zip(reqs, alone))[:2]:
         assert solo["choices"][0]["text"] == one_node_text(path, cache_dir, ids, steps)
     assert [code for code, _, _ in lost] == [200, 200], lost
