@@ -161,6 +161,11 @@ def test_cluster_batch_through_a_worker_daemon(small_model, jit_cache, tmp_path)
             best = np.argsort(-w, kind="stable")[:2]
             assert np.array_equal(g[best], w[best]) and set(np.argsort(-g, kind="stable")[:2]) == set(best)
         assert np.array_equal(cluster.forward([5], 8), single.forward_batch([BatchRow(0, (5,), 8)])[0])
+        for engine in (cluster, single):  # slot 3 dropped on every node (BatchCore: an entry evicted), then new
+            engine.copy_prefix(3, 3, 0)
+        assert cluster._node.seq_lengths[3] == single.seq_lengths[3] == 0
+        rows = [BatchRow(3, (30, 31, 32), 0)]
+        assert np.array_equal(cluster.forward_batch(rows), single.forward_batch(rows))
         from dllp2p.jit.batchbench import decode_throughput  # what `bench --concurrency` runs over a cluster
 
         assert set(decode_throughput(cluster, [1, 4], tokens=2, prompt_len=4, rounds=1, top=1)) == {1, 4}
