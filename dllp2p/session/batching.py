@@ -297,10 +297,11 @@ class BatchService:
         available = await trio.to_thread.run_sync(meminfo)
         per = getattr(self._engine, "kv_bytes_per_position", 0) or self.core.kv_position  # this node's share
         self.core.set_memory(0 if available is None else int(available * MEMORY_SHARE) // per)
-        if self.core.memory and self.core.memory < self.cfg.max_batch * self.core.ctx and not self.cfg.kv_budget:
+        full = self.cfg.max_batch * self.core.ctx
+        if self.core.budget < full and not self.cfg.kv_budget:  # (a budget set in the config is the config's)
             log.info("KV budget: %d positions, what %.0f MiB of available memory holds (max_batch %d contexts of "
-                     "%d would take %.0f MiB)", max(self.core.ctx, self.core.memory), available / 2**20,
-                     self.cfg.max_batch, self.core.ctx, self.cfg.max_batch * self.core.ctx * per / 2**20)
+                     "%d would take %.0f MiB)", self.core.budget, available / 2**20, self.cfg.max_batch,
+                     self.core.ctx, full * per / 2**20)
 
     async def _failed(self, e: Exception) -> None:
         """The engine failed: a worker lost costs the running requests a pause (_recover); anything else (or

@@ -335,7 +335,7 @@ async def start(model: Any, options: ClusterOptions, ctx: int, threads: int, tp:
         workers = sorted((w for w in workers if w.index > 0), key=lambda w: w.index)
 
         own = await trio.to_thread.run_sync(slices, model, the_plan, 0)
-        await gather([partial(_push, w, model, the_plan, ctx, (options.max_seqs, options.kv_positions), t, slices, events) for w in workers])
+        await gather([partial(_push, w, model, the_plan, ctx, options, t, slices, events) for w in workers])
 
         for w in workers:
             await w.link.send(Mesh(the_plan.epoch))
@@ -398,13 +398,13 @@ def _auto(model: Any, options: ClusterOptions, root: Hello, workers: list[Worker
     return choice, {n.node_id: d.gbps for n, d in zip(order, devices)}
 
 
-async def _push(w: Worker, model: Any, the_plan: AnyPlan, ctx: int, kv: tuple[int, int], t: Timeouts, slices: Callable,
+async def _push(w: Worker, model: Any, the_plan: AnyPlan, ctx: int, options: ClusterOptions, t: Timeouts, slices: Callable,
                 events: Sink) -> None:
     """Session -> Need -> the missing slices -> WeightsReady."""
     tensors = await trio.to_thread.run_sync(slices, model, the_plan, w.index)
     slices = tuple(SliceInfo(name, name, int(x.qtype), tuple(x.shape), x.sha256) for name, x in tensors.items())
     try:
-        await w.link.send(Session(the_plan, model.config, ctx, slices, *kv))  # kv: (max_seqs, kv_positions)
+        await w.link.send(Session(the_plan, model.config, ctx, slices, options.max_seqs, options.kv_positions))
         need: Need = await expect(w, Need, t.transfer)
         by_hash = {x.sha256: x for x in tensors.values()}
         unknown = [h for h in need.sha256s if h not in by_hash]

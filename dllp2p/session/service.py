@@ -218,8 +218,8 @@ class RootService:
             self.batching.nodes = 1
             return engine
         await self.close_warm()  # a kept session of the slot's path holds the workers
-        engine, self.last_plan, _ = await self._engine_usable(model, ctx, list(self.batching.workers), self.requests,
-                                                              max_seqs=(slots, min(self.batching.core.budget, slots * ctx)))
+        engine, self.last_plan, _ = await self._engine_usable(
+            model, ctx, list(self.batching.workers), self.requests, slots, min(self.batching.core.budget, slots * ctx))
         self.batching.nodes = self.last_plan.n_nodes
         return engine
 
@@ -432,13 +432,12 @@ class RootService:
         return prompt_tokens(loaded.tokenizer, loaded.model, g.prompt, g.chat, g.system)
 
     async def _engine_usable(self, model: Any, ctx: int, workers: list[str], epoch: int,
-                             max_seqs: tuple[int, int] = (1, 0)) -> tuple[Any, AnyPlan, tuple]:
+                             max_seqs: int = 1, kv_positions: int = 0) -> tuple[Any, AnyPlan, tuple]:
         """_engine, planning again without a worker that answers disk_full (left out for LEFT_OUT_S, with
-        one log line); max_seqs: (KV slots, KV positions all hold together; 0: that many contexts).
-        -> (engine, plan, the warm key of the workers it was made over)."""
+        one log line). -> (engine, plan, the warm key of the workers it was made over)."""
         while True:
             try:
-                engine, the_plan = await self._engine(model, ctx, workers, epoch, max_seqs)
+                engine, the_plan = await self._engine(model, ctx, workers, epoch, max_seqs, kv_positions)
                 return engine, the_plan, (tuple(workers), ctx)
             except ClusterError as e:
                 if code_of(e) != ErrorCode.DISK_FULL or e.address not in workers:
@@ -449,14 +448,14 @@ class RootService:
                 workers = [w for w in workers if w != e.address]
 
     async def _engine(self, model: Any, ctx: int, workers: list[str], epoch: int,
-                      max_seqs: tuple[int, int] = (1, 0)) -> tuple[Any, AnyPlan]:
-        """A ClusterEngine over this root and the workers (max_seqs KV slots on every node), or a JIT engine
-        when there are none."""
+                      max_seqs: int = 1, kv_positions: int = 0) -> tuple[Any, AnyPlan]:
+        """A ClusterEngine over this root and the workers (max_seqs KV slots on every node, kv_positions of
+        them together: the batcher's budget; 0: max_seqs contexts), or a JIT engine when there are none."""
         threads = await trio.to_thread.run_sync(self.pick_threads) if self.pick_threads else self.threads
         if workers:
             options = ClusterOptions(tuple(workers), self.policy, self.timeouts, exchange=self.exchange,
-                                     skip_unreachable=True, cache_dir=self.cache_dir, key=self.key, max_seqs=max_seqs[0],
-                                     mem_limit=self.mem_limit, kv_positions=max_seqs[1],
+                                     skip_unreachable=True, cache_dir=self.cache_dir, key=self.key, max_seqs=max_seqs,
+                                     mem_limit=self.mem_limit, kv_positions=kv_positions,
                                      figures=self.figures, link_mbps=tuple(self._link_mbps.items()), assume=self.assume,
                                      weights=tuple(self._weights.items()))
             tp = self._tp()
